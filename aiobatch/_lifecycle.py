@@ -1,0 +1,248 @@
+"""The batch lifecycle as data, and a pure object that checks observations against it.
+
+Theory of operation
+-------------------
+The server owns a batch's status; we only *observe* it, by polling. Between two polls a
+batch may pass through several statuses (``validating`` and then ``completed``), so an
+observation is legal when the observed status is *reachable* from the current one
+through the transition table, not only when it is one step away. Seeing the same status
+again is a no-op. Anything else (a move backwards, a move out of a terminal status) is
+the server's fault and raises :class:`~aiobatch.errors.UnexpectedTransitionError`,
+leaving the machine as it was.
+
+A cancel is a *local* request: it does not change the status (the server does that when
+it answers ``cancelling``), it only records that we asked. A batch may still finish as
+``completed``, ``failed`` or ``expired`` after we asked: the request can race the end of
+processing. Asking to cancel a batch that has already finished is the caller's fault and
+raises :class:`~aiobatch.errors.InvalidTransitionError`.
+
+This module owns every transition rule. It does no IO, knows no clock and imports no
+asyncio: :data:`TRANSITIONS` is plain data, and the diagram in the README is generated
+from it (``python -m aiobatch._lifecycle``).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+
+import attrs
+
+from .errors import InvalidTransitionError, UnexpectedTransitionError, UnknownStatusError
+
+__all__ = [
+    "ACTIVE",
+    "REACHABLE",
+    "TERMINAL",
+    "TRANSITIONS",
+    "BatchLifecycle",
+    "BatchStatus",
+    "Transition",
+    "mermaid_diagram",
+]
+
+
+class BatchStatus(str, enum.Enum):
+    """Every status a batch can have; the values are the wire strings."""
+
+    VALIDATING = "validating"
+    FAILED = "failed"
+    IN_PROGRESS = "in_progress"
+    FINALIZING = "finalizing"
+    COMPLETED = "completed"
+    EXPIRED = "expired"
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+    #: Portkey-managed batching: uploading the input file to the provider failed.
+    FILE_UPLOAD_FAILED = "file_upload_failed"
+    #: Portkey-managed batching: the provider refused to start the batch job.
+    BATCH_START_FAILED = "batch_start_failed"
+
+    @property
+    def is_terminal(self) -> bool:
+        """Whether the batch can never change again."""
+        return self in TERMINAL
+
+    @classmethod
+    def parse(cls, value: object) -> BatchStatus:
+        """Return the status for a wire string.
+
+        Raises:
+            UnknownStatusError: the value is not a status we know.
+        """
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            try:
+                return _BY_VALUE[value]
+            except KeyError:
+                pass
+        raise UnknownStatusError(value)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+_BY_VALUE: Mapping[str, BatchStatus] = {s.value: s for s in BatchStatus}
+
+_S = BatchStatus
+
+#: The statuses a batch never leaves.
+TERMINAL: frozenset[BatchStatus] = frozenset(
+    {
+        _S.COMPLETED,
+        _S.FAILED,
+        _S.EXPIRED,
+        _S.CANCELLED,
+        _S.FILE_UPLOAD_FAILED,
+        _S.BATCH_START_FAILED,
+    }
+)
+
+#: The statuses in which a batch still changes.
+ACTIVE: frozenset[BatchStatus] = frozenset(set(BatchStatus) - TERMINAL)
+
+#: Direct moves the server may make, status -> statuses one step away.
+#:
+#: The documented graph (reference/batch-api.md §1.8) plus the moves a tolerant client
+#: must accept because the documentation is silent and real servers make them:
+#: a batch may expire or be cancelled in any active status, ``in_progress`` and
+#: ``finalizing`` may fail, a ``cancelling`` batch may still end as completed, failed or
+#: expired (the cancel raced the end), and Portkey's two failure statuses end a
+#: batch that Portkey was still validating or starting.
+TRANSITIONS: Mapping[BatchStatus, frozenset[BatchStatus]] = {
+    _S.VALIDATING: frozenset(
+        {
+            _S.IN_PROGRESS,
+            _S.FAILED,
+            _S.CANCELLING,
+            _S.EXPIRED,
+            _S.FILE_UPLOAD_FAILED,
+            _S.BATCH_START_FAILED,
+        }
+    ),
+    _S.IN_PROGRESS: frozenset(
+        {
+            _S.FINALIZING,
+            _S.EXPIRED,
+            _S.CANCELLING,
+            _S.FAILED,
+            _S.FILE_UPLOAD_FAILED,
+            _S.BATCH_START_FAILED,
+        }
+    ),
+    _S.FINALIZING: frozenset({_S.COMPLETED, _S.EXPIRED, _S.FAILED, _S.CANCELLING}),
+    _S.CANCELLING: frozenset({_S.CANCELLED, _S.COMPLETED, _S.FAILED, _S.EXPIRED}),
+    _S.COMPLETED: frozenset(),
+    _S.FAILED: frozenset(),
+    _S.EXPIRED: frozenset(),
+    _S.CANCELLED: frozenset(),
+    _S.FILE_UPLOAD_FAILED: frozenset(),
+    _S.BATCH_START_FAILED: frozenset(),
+}
+
+
+def _closure(table: Mapping[BatchStatus, frozenset[BatchStatus]]) -> dict[BatchStatus, frozenset[BatchStatus]]:
+    reachable: dict[BatchStatus, frozenset[BatchStatus]] = {}
+    for start in table:
+        seen: set[BatchStatus] = set()
+        todo = list(table[start])
+        while todo:
+            nxt = todo.pop()
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.extend(table[nxt])
+        reachable[start] = frozenset(seen)
+    return reachable
+
+
+#: Statuses reachable in one or more moves, status -> statuses. Computed from TRANSITIONS.
+REACHABLE: Mapping[BatchStatus, frozenset[BatchStatus]] = _closure(TRANSITIONS)
+
+
+@attrs.frozen
+class Transition:
+    """One accepted change of status."""
+
+    previous: BatchStatus
+    current: BatchStatus
+
+    @property
+    def skipped(self) -> bool:
+        """Whether the batch passed through statuses we did not see."""
+        return self.current not in TRANSITIONS[self.previous]
+
+
+@attrs.define
+class BatchLifecycle:
+    """The status of one batch as we have observed it.
+
+    Args:
+        status: the status first seen (``validating`` right after create).
+        batch_id: used in error messages only.
+    """
+
+    status: BatchStatus = BatchStatus.VALIDATING
+    batch_id: str | None = None
+    cancel_requested: bool = False
+
+    @property
+    def is_terminal(self) -> bool:
+        """Whether the batch has finished."""
+        return self.status in TERMINAL
+
+    def observe(self, observed: BatchStatus | str) -> Transition | None:
+        """Accept a status reported by the server.
+
+        Returns:
+            The transition, or None when the status did not change.
+
+        Raises:
+            UnknownStatusError: the status string is not one we know.
+            UnexpectedTransitionError: the batch cannot reach that status from its
+                current one; the state is left unchanged.
+        """
+        new = BatchStatus.parse(observed)
+        old = self.status
+        if new is old:
+            return None
+        if new not in REACHABLE[old]:
+            who = f"batch {self.batch_id}" if self.batch_id else "a batch"
+            why = "it has already finished" if old in TERMINAL else "that is a move backwards"
+            raise UnexpectedTransitionError(
+                f"the server reported {who} as {new.value!r} after {old.value!r}, "
+                f"which is impossible ({why}); the server is at fault",
+                batch_id=self.batch_id,
+                current=old.value,
+                observed=new.value,
+            )
+        self.status = new
+        return Transition(old, new)
+
+    def request_cancel(self) -> None:
+        """Record that we asked the server to cancel this batch.
+
+        Raises:
+            InvalidTransitionError: the batch has already finished.
+        """
+        if self.status in TERMINAL:
+            who = f"batch {self.batch_id}" if self.batch_id else "the batch"
+            raise InvalidTransitionError(
+                f"cannot cancel {who}: it has already finished as {self.status.value!r}"
+            )
+        self.cancel_requested = True
+
+
+def mermaid_diagram() -> str:
+    """Return the transition table as a Mermaid state diagram."""
+    lines = ["stateDiagram-v2", "    [*] --> validating"]
+    for source, targets in TRANSITIONS.items():
+        for target in sorted(targets, key=list(BatchStatus).index):
+            lines.append(f"    {source.value} --> {target.value}")
+    for status in sorted(TERMINAL, key=list(BatchStatus).index):
+        lines.append(f"    {status.value} --> [*]")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    print(mermaid_diagram())

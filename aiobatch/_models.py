@@ -1,0 +1,255 @@
+"""Frozen wire models for the Batch and Files APIs.
+
+These classes hold data only; they never parse. Every wire quirk (nulls, unknown
+fields, the shape of result lines) lives in :mod:`aiobatch._convert`. Timestamps are
+integer Unix seconds, as OpenAI sends them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import attrs
+
+from ._lifecycle import TERMINAL, BatchStatus
+
+__all__ = [
+    "Batch",
+    "BatchError",
+    "BatchErrors",
+    "BatchPage",
+    "BatchRequest",
+    "BatchUsage",
+    "ErrorBody",
+    "File",
+    "FileDeleted",
+    "FilePage",
+    "InputTokensDetails",
+    "LineError",
+    "LineResponse",
+    "OutputTokensDetails",
+    "RequestCounts",
+    "ResultError",
+    "ResultHTTPError",
+    "ResultLine",
+    "ResultSuccess",
+]
+
+
+@attrs.frozen
+class RequestCounts:
+    """How many of a batch's requests are done."""
+
+    total: int = 0
+    completed: int = 0
+    failed: int = 0
+
+
+@attrs.frozen
+class InputTokensDetails:
+    """Breakdown of input tokens."""
+
+    cached_tokens: int = 0
+
+
+@attrs.frozen
+class OutputTokensDetails:
+    """Breakdown of output tokens."""
+
+    reasoning_tokens: int = 0
+
+
+@attrs.frozen
+class BatchUsage:
+    """Token usage of a whole batch (batches created after 2025-09-07)."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    total_tokens: int = 0
+    input_tokens_details: InputTokensDetails | None = None
+    output_tokens_details: OutputTokensDetails | None = None
+
+
+@attrs.frozen
+class BatchError:
+    """One reason a batch failed validation (``errors.data[]``)."""
+
+    code: str | None = None
+    message: str | None = None
+    param: str | None = None
+    #: 1-based line of the input file, when the error is about one line.
+    line: int | None = None
+
+
+@attrs.frozen
+class BatchErrors:
+    """The ``errors`` object of a failed batch."""
+
+    data: tuple[BatchError, ...] = ()
+    object: str = "list"
+
+
+@attrs.frozen
+class Batch:
+    """A snapshot of one batch, as the server reported it."""
+
+    id: str
+    endpoint: str
+    input_file_id: str
+    completion_window: str
+    status: BatchStatus
+    created_at: int
+    object: Literal["batch"] = "batch"
+    model: str | None = None
+    errors: BatchErrors | None = None
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    in_progress_at: int | None = None
+    expires_at: int | None = None
+    finalizing_at: int | None = None
+    completed_at: int | None = None
+    failed_at: int | None = None
+    expired_at: int | None = None
+    cancelling_at: int | None = None
+    cancelled_at: int | None = None
+    request_counts: RequestCounts | None = None
+    usage: BatchUsage | None = None
+    metadata: Mapping[str, str] | None = None
+
+    @property
+    def is_terminal(self) -> bool:
+        """Whether the batch has finished and will not change again."""
+        return self.status in TERMINAL
+
+
+@attrs.frozen
+class BatchPage:
+    """One page of ``GET /v1/batches``."""
+
+    data: tuple[Batch, ...]
+    has_more: bool
+    first_id: str | None = None
+    last_id: str | None = None
+    object: str = "list"
+
+
+@attrs.frozen
+class File:
+    """A file stored by the server."""
+
+    id: str
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+    object: Literal["file"] = "file"
+    status: str | None = None
+    expires_at: int | None = None
+    status_details: str | None = None
+
+
+@attrs.frozen
+class FilePage:
+    """One page of ``GET /v1/files``."""
+
+    data: tuple[File, ...]
+    has_more: bool
+    first_id: str | None = None
+    last_id: str | None = None
+    object: str = "list"
+
+
+@attrs.frozen
+class FileDeleted:
+    """The answer to ``DELETE /v1/files/{id}``."""
+
+    id: str
+    deleted: bool
+    object: str = "file"
+
+
+@attrs.frozen
+class ErrorBody:
+    """OpenAI's error envelope, ``{"error": {...}}``, unwrapped."""
+
+    message: str
+    type: str | None = None
+    param: str | None = None
+    code: str | None = None
+
+
+@attrs.frozen
+class BatchRequest:
+    """One line of a batch input file."""
+
+    custom_id: str
+    url: str
+    body: Mapping[str, Any]
+    method: str = "POST"
+
+
+@attrs.frozen
+class LineResponse:
+    """The HTTP result of one request in a batch."""
+
+    status_code: int
+    body: Any = None
+    request_id: str | None = None
+
+
+@attrs.frozen
+class LineError:
+    """Why a request in a batch was never executed (e.g. ``batch_expired``)."""
+
+    code: str | None
+    message: str | None
+
+
+@attrs.frozen
+class ResultSuccess:
+    """A request that succeeded (HTTP 2xx); found in the output file."""
+
+    custom_id: str
+    response: LineResponse
+    id: str | None = None
+    kind: Literal["success"] = "success"
+
+    @property
+    def body(self) -> Any:
+        """The response body of the request."""
+        return self.response.body
+
+
+@attrs.frozen
+class ResultHTTPError:
+    """A request the endpoint answered with an HTTP error; found in the error file."""
+
+    custom_id: str
+    response: LineResponse
+    id: str | None = None
+    kind: Literal["http_error"] = "http_error"
+
+    @property
+    def status_code(self) -> int:
+        """The HTTP status the endpoint answered with."""
+        return self.response.status_code
+
+
+@attrs.frozen
+class ResultError:
+    """A request that produced no HTTP response (expired, cancelled...); in the error file."""
+
+    custom_id: str
+    error: LineError
+    id: str | None = None
+    kind: Literal["error"] = "error"
+
+    @property
+    def code(self) -> str | None:
+        """The error code, such as ``batch_expired``."""
+        return self.error.code
+
+
+#: One line of a batch output or error file.
+ResultLine = ResultSuccess | ResultHTTPError | ResultError

@@ -1,0 +1,246 @@
+"""Every error aiobatch raises, as one tree.
+
+Each error says who is at fault: the caller (bad input, an illegal request), the
+server (an impossible transition, a malformed body) or the network. No message or
+repr ever contains an API key.
+
+::
+
+    AiobatchError
+    ├── TransportError                 the network: the request may or may not have arrived
+    │   ├── ConnectError               could not connect; the request was never sent
+    │   └── TransportTimeoutError      no answer in time (also a builtin TimeoutError)
+    ├── APIStatusError                 the server answered with an HTTP error status
+    │   ├── BadRequestError            400
+    │   ├── AuthenticationError        401
+    │   ├── PermissionDeniedError      403
+    │   ├── NotFoundError              404
+    │   ├── ConflictError              409
+    │   ├── UnprocessableEntityError   422
+    │   ├── RateLimitError             429, with ``retry_after``
+    │   └── ServerError                5xx
+    ├── DecodeError                    the server sent a body we cannot read (server's fault)
+    │   └── UnknownStatusError         a batch status string we do not know (also a StateError)
+    ├── StateError                     the batch lifecycle was violated
+    │   ├── InvalidTransitionError     the caller asked for something illegal (cancel a finished batch)
+    │   ├── UnexpectedTransitionError  the server reported an impossible move (the server's fault)
+    │   └── UnknownStatusError
+    └── WaitTimeoutError               a wait passed its deadline (also a builtin TimeoutError)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = [
+    "APIStatusError",
+    "AiobatchError",
+    "AuthenticationError",
+    "BadRequestError",
+    "ConflictError",
+    "ConnectError",
+    "DecodeError",
+    "InvalidTransitionError",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "RateLimitError",
+    "ServerError",
+    "StateError",
+    "TransportError",
+    "TransportTimeoutError",
+    "UnexpectedTransitionError",
+    "UnknownStatusError",
+    "UnprocessableEntityError",
+    "WaitTimeoutError",
+    "status_error_class",
+]
+
+
+class AiobatchError(Exception):
+    """The root of every error aiobatch raises."""
+
+
+class TransportError(AiobatchError):
+    """The request failed in the network; it may have reached the server.
+
+    Attributes:
+        method: the HTTP method of the failed request.
+        url: the URL of the failed request (it never carries credentials).
+    """
+
+    def __init__(self, message: str, *, method: str = "", url: str = "") -> None:
+        super().__init__(message)
+        self.method = method
+        self.url = url
+
+
+class ConnectError(TransportError):
+    """No connection could be made, so the request was never sent."""
+
+
+class TransportTimeoutError(TransportError, TimeoutError):
+    """No complete answer arrived in time; the server may have acted on the request."""
+
+
+class APIStatusError(AiobatchError):
+    """The server answered with an HTTP error status.
+
+    Attributes:
+        status_code: the HTTP status.
+        request_id: the server's ``x-request-id``, when it sent one.
+        body: the decoded JSON body, or the raw text when it was not JSON.
+        error_type, error_code, error_param: fields of OpenAI's ``{"error": {...}}``
+            envelope, when the body had one.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int,
+        request_id: str | None = None,
+        body: Any = None,
+        error_type: str | None = None,
+        error_code: str | None = None,
+        error_param: str | None = None,
+        method: str = "",
+        url: str = "",
+    ) -> None:
+        self.message = message
+        self.status_code = status_code
+        self.request_id = request_id
+        self.body = body
+        self.error_type = error_type
+        self.error_code = error_code
+        self.error_param = error_param
+        self.method = method
+        self.url = url
+        where = f" ({method} {url})" if method else ""
+        rid = f" [request id {request_id}]" if request_id else ""
+        super().__init__(f"HTTP {status_code}{where}: {message}{rid}")
+
+
+class BadRequestError(APIStatusError):
+    """400: the server rejected the request as malformed (the caller's fault)."""
+
+
+class AuthenticationError(APIStatusError):
+    """401: missing or wrong credentials."""
+
+
+class PermissionDeniedError(APIStatusError):
+    """403: the credentials may not do this."""
+
+
+class NotFoundError(APIStatusError):
+    """404: no such batch or file (or it is not visible to this key)."""
+
+
+class ConflictError(APIStatusError):
+    """409: the server could not apply the request now (lock timeout, conflicting state)."""
+
+
+class UnprocessableEntityError(APIStatusError):
+    """422: the request was well formed but could not be processed."""
+
+
+class RateLimitError(APIStatusError):
+    """429: slow down.
+
+    Attributes:
+        retry_after: seconds the server asked us to wait, when it said so.
+    """
+
+    def __init__(self, message: str, *, retry_after: float | None = None, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.retry_after = retry_after
+
+
+class ServerError(APIStatusError):
+    """5xx: the server failed; the request may or may not have been applied."""
+
+
+_STATUS_CLASSES: Mapping[int, type[APIStatusError]] = {
+    400: BadRequestError,
+    401: AuthenticationError,
+    403: PermissionDeniedError,
+    404: NotFoundError,
+    409: ConflictError,
+    422: UnprocessableEntityError,
+    429: RateLimitError,
+}
+
+
+def status_error_class(status_code: int) -> type[APIStatusError]:
+    """Return the error class for an HTTP error status."""
+    if status_code >= 500:
+        return ServerError
+    return _STATUS_CLASSES.get(status_code, APIStatusError)
+
+
+class DecodeError(AiobatchError):
+    """The server sent a body that does not match the wire schema (the server's fault).
+
+    Attributes:
+        what: what was being decoded (``"Batch"``, ``"output line 17"``...).
+        path: where in the body the problem is (``"$.request_counts.total"``), if known.
+        detail: what was wrong there.
+    """
+
+    def __init__(self, what: str, detail: str, *, path: str | None = None) -> None:
+        self.what = what
+        self.path = path
+        self.detail = detail
+        where = f" at {path}" if path else ""
+        super().__init__(f"cannot decode {what}{where}: {detail}")
+
+
+class StateError(AiobatchError):
+    """The batch lifecycle was violated."""
+
+
+class InvalidTransitionError(StateError):
+    """The caller asked for a move the lifecycle forbids, such as cancelling a finished batch."""
+
+
+class UnexpectedTransitionError(StateError):
+    """The server reported a status the batch cannot reach from where it was (server's fault).
+
+    Attributes:
+        batch_id: the batch, when known.
+        current: the status the batch was in.
+        observed: the status the server reported.
+    """
+
+    def __init__(self, message: str, *, batch_id: str | None, current: str, observed: str) -> None:
+        super().__init__(message)
+        self.batch_id = batch_id
+        self.current = current
+        self.observed = observed
+
+
+class UnknownStatusError(DecodeError, StateError):
+    """The server sent a batch status string that aiobatch does not know.
+
+    Attributes:
+        value: the status string as the server sent it.
+    """
+
+    def __init__(self, value: object, *, what: str = "batch status", path: str | None = None):
+        self.value = value
+        super().__init__(what, f"unknown batch status {value!r}", path=path)
+
+
+class WaitTimeoutError(AiobatchError, TimeoutError):
+    """A wait for a batch passed its deadline before the batch reached a terminal status.
+
+    Attributes:
+        batch_id: the batch waited for.
+        last_status: the last status seen.
+    """
+
+    def __init__(self, message: str, *, batch_id: str, last_status: str) -> None:
+        super().__init__(message)
+        self.batch_id = batch_id
+        self.last_status = last_status
