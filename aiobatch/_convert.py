@@ -132,7 +132,7 @@ def _make_converter(*, detailed: bool) -> cattrs.Converter:
         return hook
 
     conv.register_structure_hook_factory(attrs.has, attrs_guard)
-    conv.register_structure_hook(ResultLine, _structure_result_line)  # type: ignore[arg-type]
+    conv.register_structure_hook(ResultLine, _structure_result_line)
     conv.register_unstructure_hook(BatchStatus, lambda s: s.value)
     return conv
 
@@ -195,7 +195,7 @@ def structure(data: Any, cls: type[T], *, what: str | None = None) -> T:
     try:
         return _FAST.structure(data, cls)
     except Exception as fast_exc:
-        name = what or getattr(cls, "__name__", str(cls))
+        name: str = what or str(getattr(cls, "__name__", cls))
         try:
             _DETAILED.structure(data, cls)
         except Exception as exc:

@@ -142,7 +142,9 @@ TRANSITIONS: Mapping[BatchStatus, frozenset[BatchStatus]] = {
 }
 
 
-def _closure(table: Mapping[BatchStatus, frozenset[BatchStatus]]) -> dict[BatchStatus, frozenset[BatchStatus]]:
+def _closure(
+    table: Mapping[BatchStatus, frozenset[BatchStatus]],
+) -> dict[BatchStatus, frozenset[BatchStatus]]:
     reachable: dict[BatchStatus, frozenset[BatchStatus]] = {}
     for start in table:
         seen: set[BatchStatus] = set()

@@ -22,7 +22,7 @@ repr ever contains an API key.
     ├── DecodeError                    the server sent a body we cannot read (server's fault)
     │   └── UnknownStatusError         a batch status string we do not know (also a StateError)
     ├── StateError                     the batch lifecycle was violated
-    │   ├── InvalidTransitionError     the caller asked for something illegal (cancel a finished batch)
+    │   ├── InvalidTransitionError     the caller asked for an illegal move (cancel when finished)
     │   ├── UnexpectedTransitionError  the server reported an impossible move (the server's fault)
     │   └── UnknownStatusError
     └── WaitTimeoutError               a wait passed its deadline (also a builtin TimeoutError)

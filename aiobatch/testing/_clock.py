@@ -6,7 +6,7 @@ import asyncio
 import heapq
 import itertools
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 
 __all__ = ["VirtualClock"]
 
@@ -92,10 +92,8 @@ class VirtualClock:
             yield self
         finally:
             driver.cancel()
-            try:
+            with suppress(asyncio.CancelledError):
                 await driver
-            except asyncio.CancelledError:
-                pass
 
     async def _drive(self) -> None:
         while True:
