@@ -46,6 +46,7 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+_MAPPING_ORIGINS: tuple[Any, ...] = (Mapping, dict)
 
 
 def _strict_int(value: Any, _: Any) -> int:
@@ -118,7 +119,7 @@ def _make_converter(*, detailed: bool) -> cattrs.Converter:
         return hook
 
     conv.register_structure_hook_factory(
-        lambda tp: typing.get_origin(tp) in (Mapping, dict, typing.Mapping), mapping_factory
+        lambda tp: typing.get_origin(tp) in _MAPPING_ORIGINS, mapping_factory
     )
 
     def attrs_guard(tp: Any) -> Callable[[Any, Any], Any]:
