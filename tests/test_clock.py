@@ -1,0 +1,88 @@
+"""The virtual clock: sleepers wake in time order, only when time moves."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiobatch._clock import Clock, SystemClock
+from aiobatch.testing import VirtualClock
+
+
+def test_both_clocks_satisfy_the_protocol() -> None:
+    """SystemClock and VirtualClock are Clocks."""
+    assert isinstance(SystemClock(), Clock)
+    assert isinstance(VirtualClock(), Clock)
+
+
+async def test_sleepers_wake_only_when_time_reaches_them() -> None:
+    """advance() wakes exactly the sleepers whose time has come."""
+    clock = VirtualClock(start=100.0)
+    woke: list[float] = []
+
+    async def sleeper(seconds: float) -> None:
+        await clock.sleep(seconds)
+        woke.append(clock.now())
+
+    tasks = [asyncio.ensure_future(sleeper(s)) for s in (5, 1, 3)]
+    await asyncio.sleep(0)
+    assert clock.next_wakeup == 101.0
+    clock.advance(2)
+    await asyncio.sleep(0)
+    assert woke == [102.0]
+    clock.advance(10)
+    await asyncio.gather(*tasks)
+    assert woke == [102.0, 112.0, 112.0]
+    assert clock.next_wakeup is None
+
+
+async def test_run_for_wakes_in_order_at_their_own_times() -> None:
+    """run_for() steps through wake-ups so each sleeper sees its own wake time."""
+    clock = VirtualClock(start=0.0)
+    seen: list[tuple[str, float]] = []
+
+    async def chain(name: str, step: float) -> None:
+        for _ in range(3):
+            await clock.sleep(step)
+            seen.append((name, clock.now()))
+
+    tasks = [asyncio.ensure_future(chain("a", 2)), asyncio.ensure_future(chain("b", 5))]
+    await clock.run_for(10)
+    assert [t for n, t in seen if n == "a"] == [2, 4, 6]
+    assert [t for n, t in seen if n == "b"] == [5, 10]
+    assert clock.now() == 10
+    await clock.run_for(5)
+    await asyncio.gather(*tasks)
+    assert [t for n, t in seen if n == "b"] == [5, 10, 15]
+
+
+async def test_auto_advance_runs_many_sleepers_without_wall_time() -> None:
+    """Inside auto_advance, a thousand staggered sleepers finish at their virtual times."""
+    clock = VirtualClock(start=0.0)
+
+    async def nap(i: int) -> float:
+        await clock.sleep(i % 10 + 1)
+        await clock.sleep(60)
+        return clock.now()
+
+    async with clock.auto_advance():
+        ends = await asyncio.gather(*(nap(i) for i in range(1000)))
+    assert ends == [i % 10 + 61 for i in range(1000)]
+    assert clock.now() == 70
+
+
+async def test_time_never_goes_backwards() -> None:
+    """advance_to an earlier time leaves the clock where it is."""
+    clock = VirtualClock(start=50.0)
+    clock.advance_to(10.0)
+    assert clock.now() == 50.0
+    assert clock.monotonic() == 50.0
+
+
+async def test_cancelled_sleeper_is_forgotten() -> None:
+    """A cancelled sleep does not keep a wake-up pending."""
+    clock = VirtualClock(start=0.0)
+    task = asyncio.ensure_future(clock.sleep(5))
+    await asyncio.sleep(0)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert clock.next_wakeup is None

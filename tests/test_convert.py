@@ -1,0 +1,287 @@
+"""The converter: wire JSON <-> models, and one typed error for anything malformed."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from aiobatch._convert import (
+    decode,
+    decode_json,
+    decode_result_line,
+    encode_request_line,
+    parse_error_body,
+    structure,
+    to_wire,
+)
+from aiobatch._lifecycle import BatchStatus
+from aiobatch._models import (
+    Batch,
+    BatchPage,
+    BatchRequest,
+    File,
+    FileDeleted,
+    FilePage,
+    ResultError,
+    ResultHTTPError,
+    ResultSuccess,
+)
+from aiobatch.errors import DecodeError, UnknownStatusError
+
+MODELS = [Batch, BatchPage, File, FilePage, FileDeleted]
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+ts = st.integers(min_value=0, max_value=4_000_000_000)
+opt_ts = st.none() | ts
+ident = st.text(alphabet="abcdef0123456789_", min_size=1, max_size=12)
+
+batch_json = st.fixed_dictionaries(
+    {
+        "id": ident.map(lambda s: "batch_" + s),
+        "object": st.just("batch"),
+        "endpoint": st.sampled_from(["/v1/chat/completions", "/v1/embeddings", "/v1/responses"]),
+        "input_file_id": ident.map(lambda s: "file-" + s),
+        "completion_window": st.just("24h"),
+        "status": st.sampled_from([s.value for s in BatchStatus]),
+        "created_at": ts,
+        "model": st.none() | st.text(max_size=10),
+        "errors": st.none()
+        | st.fixed_dictionaries(
+            {
+                "object": st.just("list"),
+                "data": st.lists(
+                    st.fixed_dictionaries(
+                        {
+                            "code": st.text(max_size=10),
+                            "message": st.text(max_size=10),
+                            "param": st.none() | st.text(max_size=5),
+                            "line": st.none() | st.integers(1, 10**6),
+                        }
+                    ),
+                    max_size=3,
+                ).map(tuple),
+            }
+        ),
+        "output_file_id": st.none() | ident,
+        "error_file_id": st.none() | ident,
+        "in_progress_at": opt_ts,
+        "expires_at": opt_ts,
+        "finalizing_at": opt_ts,
+        "completed_at": opt_ts,
+        "failed_at": opt_ts,
+        "expired_at": opt_ts,
+        "cancelling_at": opt_ts,
+        "cancelled_at": opt_ts,
+        "request_counts": st.none()
+        | st.fixed_dictionaries(
+            {
+                "total": st.integers(0, 50_000),
+                "completed": st.integers(0, 50_000),
+                "failed": st.integers(0, 50_000),
+            }
+        ),
+        "usage": st.none()
+        | st.fixed_dictionaries(
+            {
+                "input_tokens": st.integers(0, 10**9),
+                "output_tokens": st.integers(0, 10**9),
+                "total_tokens": st.integers(0, 10**9),
+                "input_tokens_details": st.fixed_dictionaries(
+                    {"cached_tokens": st.integers(0, 10**6)}
+                ),
+                "output_tokens_details": st.fixed_dictionaries(
+                    {"reasoning_tokens": st.integers(0, 10**6)}
+                ),
+            }
+        ),
+        "metadata": st.none()
+        | st.dictionaries(st.text(max_size=8), st.text(max_size=8), max_size=4),
+    }
+)
+
+
+def _lists(obj: Any) -> Any:
+    """JSON has lists where our models have tuples."""
+    if isinstance(obj, dict):
+        return {k: _lists(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_lists(v) for v in obj]
+    return obj
+
+
+@given(batch_json)
+def test_batch_round_trips(data: dict[str, Any]) -> None:
+    """Any schema-valid batch decodes and encodes back to the same JSON."""
+    wire = _lists(data)
+    batch = decode(json.dumps(wire), Batch)
+    assert batch.status is BatchStatus(wire["status"])
+    assert _lists(to_wire(batch)) == wire
+
+
+@given(
+    batch_json,
+    st.dictionaries(
+        st.text(min_size=1, max_size=6).map(lambda s: "x_" + s), json_values, max_size=3
+    ),
+)
+def test_unknown_fields_are_ignored(data: dict[str, Any], extra: dict[str, Any]) -> None:
+    """Fields the models do not know are ignored, not errors."""
+    wire = _lists(data)
+    assert decode(json.dumps({**wire, **extra}), Batch) == decode(json.dumps(wire), Batch)
+
+
+@pytest.mark.parametrize("model", MODELS)
+@given(value=json_values)
+def test_arbitrary_json_raises_only_decode_error(model: type[Any], value: Any) -> None:
+    """Whatever JSON arrives, decoding either succeeds or raises DecodeError."""
+    try:
+        structure(value, model)
+    except DecodeError as exc:
+        assert str(exc).startswith(f"cannot decode {model.__name__}")
+
+
+@given(value=json_values)
+def test_arbitrary_json_result_line_raises_only_decode_error(value: Any) -> None:
+    """Arbitrary JSON as a result line decodes or raises DecodeError, nothing else."""
+    try:
+        decode_result_line(json.dumps(value))
+    except DecodeError:
+        pass
+
+
+@given(st.binary(max_size=40))
+def test_arbitrary_bytes_raise_only_decode_error(raw: bytes) -> None:
+    """Bytes that are not JSON raise DecodeError, never ValueError or UnicodeDecodeError."""
+    try:
+        decode(raw, Batch)
+    except DecodeError:
+        pass
+
+
+def _batch(**over: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "id": "batch_1",
+        "object": "batch",
+        "endpoint": "/v1/chat/completions",
+        "input_file_id": "file-1",
+        "completion_window": "24h",
+        "status": "validating",
+        "created_at": 1_700_000_000,
+    }
+    base.update(over)
+    return base
+
+
+@pytest.mark.parametrize(
+    ("body", "path"),
+    [
+        (_batch(created_at="yesterday"), "$.created_at"),
+        (
+            _batch(request_counts={"total": 1, "completed": "1", "failed": 0}),
+            "$.request_counts.completed",
+        ),
+        (_batch(errors={"object": "list", "data": {"code": "x"}}), "$.errors.data"),
+        (_batch(metadata={"k": 1}), "$.metadata"),
+        (_batch(created_at=True), "$.created_at"),
+        ({k: v for k, v in _batch().items() if k != "endpoint"}, "$.endpoint"),
+    ],
+)
+def test_decode_error_names_the_field(body: dict[str, Any], path: str) -> None:
+    """A malformed field is reported with its path in the body."""
+    with pytest.raises(DecodeError) as info:
+        decode(json.dumps(body), Batch)
+    assert info.value.path is not None
+    assert info.value.path.startswith(path)
+    assert path in str(info.value)
+
+
+def test_unknown_status_in_a_body_is_typed() -> None:
+    """An unknown status string in a batch body raises UnknownStatusError at $.status."""
+    with pytest.raises(UnknownStatusError) as info:
+        decode(json.dumps(_batch(status="Validating")), Batch)
+    assert info.value.value == "Validating"
+    assert info.value.path == "$.status"
+
+
+def test_documented_nulls_are_accepted() -> None:
+    """Every nullable Batch field may be null, as real responses send them."""
+    nullable = [
+        "model", "errors", "output_file_id", "error_file_id", "in_progress_at", "expires_at",
+        "finalizing_at", "completed_at", "failed_at", "expired_at", "cancelling_at",
+        "cancelled_at", "request_counts", "usage", "metadata",
+    ]  # fmt: skip
+    batch = decode(json.dumps(_batch(**dict.fromkeys(nullable))), Batch)
+    assert all(getattr(batch, name) is None for name in nullable)
+
+
+def test_result_lines_are_a_tagged_union() -> None:
+    """2xx responses are successes, other statuses HTTP errors, no response an error line."""
+    ok = decode_result_line(
+        '{"id":"batch_req_1","custom_id":"a","response":{"status_code":200,"request_id":"r","body":{"x":1}},"error":null}'
+    )
+    bad = decode_result_line(
+        '{"id":"batch_req_2","custom_id":"b","response":{"status_code":429,"request_id":"r","body":{}},"error":null}'
+    )
+    gone = decode_result_line(
+        '{"id":"batch_req_3","custom_id":"c","response":null,"error":{"code":"batch_expired","message":"late"}}'
+    )
+    assert isinstance(ok, ResultSuccess) and ok.body == {"x": 1}
+    assert isinstance(bad, ResultHTTPError) and bad.status_code == 429
+    assert isinstance(gone, ResultError) and gone.code == "batch_expired"
+    for line in (ok, bad, gone):
+        assert decode_result_line(json.dumps(to_wire(line))) == line
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        '{"custom_id":"a","response":null,"error":null}',
+        '{"response":{"status_code":200,"body":{}}}',
+        '{"custom_id":"a","response":{"status_code":"200"}}',
+        "[1,2]",
+        '{"custom_id":"a"',
+    ],
+)
+def test_bad_result_lines_raise_decode_error(line: str) -> None:
+    """A result line with neither response nor error, or malformed, is a DecodeError."""
+    with pytest.raises(DecodeError):
+        decode_result_line(line, what="output line 3")
+
+
+def test_error_envelope_is_unwrapped() -> None:
+    """OpenAI's {"error": {...}} envelope is read; other shapes give None."""
+    body = parse_error_body(
+        {"error": {"message": "nope", "type": "invalid_request_error", "param": None, "code": "x"}}
+    )
+    assert body is not None and (body.message, body.code) == ("nope", "x")
+    assert parse_error_body({"status": "failure", "message": "Something went wrong"}) is None
+    assert parse_error_body("text") is None
+
+
+def test_request_line_encoding_is_compact_json() -> None:
+    """An input line encodes to one JSON object with the four wire fields."""
+    line = encode_request_line(BatchRequest("r1", "/v1/embeddings", {"model": "m", "input": "é"}))
+    assert b"\n" not in line
+    assert json.loads(line) == {
+        "custom_id": "r1",
+        "method": "POST",
+        "url": "/v1/embeddings",
+        "body": {"model": "m", "input": "é"},
+    }
+
+
+def test_decode_json_reports_a_snippet() -> None:
+    """Invalid JSON errors quote the start of the body."""
+    with pytest.raises(DecodeError, match="<html>"):
+        decode_json(b"<html>oops</html>", what="Batch")
