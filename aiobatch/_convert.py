@@ -91,7 +91,7 @@ def _make_converter(*, detailed: bool) -> cattrs.Converter:
     conv.register_structure_hook(str, _strict_str)
     conv.register_structure_hook(bool, _strict_bool)
     conv.register_structure_hook(BatchStatus, _status)
-    conv.register_structure_hook(Any, lambda v, _: v)
+    conv.register_structure_hook_func(lambda t: t is Any, lambda v, _: v)
 
     def tuple_factory(tp: Any) -> Callable[[Any, Any], Any]:
         (item,) = typing.get_args(tp)[:1]

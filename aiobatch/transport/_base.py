@@ -9,7 +9,7 @@ exception type.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from typing import Protocol, runtime_checkable
 
 import attrs
@@ -126,18 +126,26 @@ class Response:
             self._content = b"".join(parts)
         return self._content
 
-    async def iter_chunks(self) -> AsyncIterator[bytes]:
-        """The body in chunks as they arrive; closes the response at the end."""
+    async def iter_chunks(self) -> AsyncGenerator[bytes, None]:
+        """The body in chunks as they arrive; closes the response at the end.
+
+        Closing the generator early (``aclose()``, or leaving an ``async for`` by
+        ``break`` inside ``contextlib.aclosing``) releases the connection too.
+        """
         if self._content is not None:
             if self._content:
                 yield self._content
             return
         assert self._chunks is not None
+        chunks = self._chunks
         try:
-            async for chunk in self._chunks:
+            async for chunk in chunks:
                 if chunk:
                     yield chunk
         finally:
+            closer = getattr(chunks, "aclose", None)
+            if closer is not None:
+                await closer()
             await self.aclose()
 
     async def aclose(self) -> None:
