@@ -1,5 +1,35 @@
-"""Test helpers that are part of the product: a virtual clock and a fake batch service."""
+"""Test helpers that are part of the product: a virtual clock and a fake batch service.
+
+:class:`FakeBatchService` is an in-memory OpenAI-compatible Batch and Files API with a
+simulated lifecycle on an injected clock (:class:`VirtualClock` in tests), a pluggable
+:data:`Responder` for the results, and :class:`Fault` injection.
+"""
 
 from ._clock import VirtualClock
+from ._config import FakeConfig, LineErrorRule
+from ._faults import Fault, FaultKind, FaultPlan, FiredFault
+from ._responder import (
+    DefaultResponder,
+    Responder,
+    ResponderResult,
+    current_line_time,
+    estimate_tokens,
+)
+from ._service import FakeBatchService, RecordedRequest
 
-__all__ = ["VirtualClock"]
+__all__ = [
+    "DefaultResponder",
+    "FakeBatchService",
+    "FakeConfig",
+    "Fault",
+    "FaultKind",
+    "FaultPlan",
+    "FiredFault",
+    "LineErrorRule",
+    "RecordedRequest",
+    "Responder",
+    "ResponderResult",
+    "VirtualClock",
+    "current_line_time",
+    "estimate_tokens",
+]

@@ -1,0 +1,755 @@
+"""The fake batch service: an in-memory, OpenAI-compatible Batch and Files API.
+
+:class:`FakeBatchService` answers :class:`~aiobatch.transport.Request` objects the way
+OpenAI's ``/v1/files`` and ``/v1/batches`` endpoints do (shapes, status codes, error
+bodies, the lifecycle and its timestamps), on an injected clock, with fault
+injection. Hand it to a client with :meth:`FakeBatchService.transport` (no sockets)
+or serve it over HTTP with the testing app.
+
+Example::
+
+    clock = VirtualClock()
+    service = FakeBatchService(clock=clock, config=FakeConfig(validation_seconds=5))
+    transport = service.transport()
+    ...  # drive your code with `transport`, move `clock`, inspect `service`
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import deque
+from collections.abc import AsyncIterator, Mapping
+from fnmatch import fnmatchcase
+from typing import Any
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+import attrs
+
+from .._clock import Clock, SystemClock
+from .._convert import to_wire
+from .._models import Batch, BatchError, BatchPage, File, FileDeleted, FilePage
+from ..errors import TransportError
+from ..transport import InMemoryTransport, Multipart, Request, Response
+from ._config import FakeConfig
+from ._engine import BatchRecord, CancelRefused, Engine, FileRecord
+from ._faults import Fault, FaultKind, FaultPlan
+from ._responder import DefaultResponder, Responder
+from ._validate import ENDPOINTS
+from ._wire import error_envelope, http_error_body, json_bytes
+
+__all__ = ["FakeBatchService", "RecordedRequest"]
+
+#: Purposes accepted by ``POST /v1/files``.
+UPLOAD_PURPOSES: tuple[str, ...] = (
+    "assistants",
+    "batch",
+    "fine-tune",
+    "vision",
+    "user_data",
+    "evals",
+)
+
+_MIN_EXPIRY, _MAX_EXPIRY = 3600, 2_592_000
+_METADATA_PAIRS, _METADATA_KEY, _METADATA_VALUE = 16, 64, 512
+
+_NO_KEY = (
+    "You didn't provide an API key. You need to provide your API key in an Authorization "
+    "header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
+)
+
+
+@attrs.frozen
+class RecordedRequest:
+    """One request the service received, as kept in :attr:`FakeBatchService.requests`.
+
+    Attributes:
+        method: the HTTP method.
+        path: the path after ``/v1`` (``/batches/batch_abc/cancel``).
+        params: the query parameters.
+        status: the status answered, or None when the connection was dropped.
+        request_id: the ``x-request-id`` of the answer (also set for dropped ones).
+        fault: the kind of injected fault that hit the request, if any.
+        at: the service clock's time when the request arrived.
+    """
+
+    method: str
+    path: str
+    params: Mapping[str, str]
+    status: int | None
+    request_id: str
+    fault: FaultKind | None
+    at: float
+
+
+class _Reply(Exception):
+    """Raised inside a handler to answer early with an error response."""
+
+    def __init__(self, status: int, body: dict[str, Any]) -> None:
+        super().__init__(status)
+        self.status = status
+        self.body = body
+
+
+def _bad(message: str, *, param: str | None = None, code: str | None = None) -> _Reply:
+    return _Reply(400, error_envelope(message, param=param, code=code))
+
+
+def _not_found(message: str, *, param: str | None = None, code: str | None = None) -> _Reply:
+    return _Reply(404, error_envelope(message, param=param, code=code))
+
+
+def _route(url: str) -> tuple[str, dict[str, str]]:
+    """The path after the last ``/v1`` segment, and the query of ``url``."""
+    parts = urlsplit(url)
+    segments = [unquote(s) for s in parts.path.split("/") if s]
+    if "v1" in segments:
+        cut = len(segments) - 1 - segments[::-1].index("v1")
+        segments = segments[cut + 1 :]
+    return "/" + "/".join(segments), dict(parse_qsl(parts.query))
+
+
+def _mask(key: str) -> str:
+    """Show a key as OpenAI does in errors: never the whole key."""
+    if len(key) < 12:
+        return "*" * len(key)
+    return f"{key[:3]}{'*' * (len(key) - 7)}{key[-4:]}"
+
+
+def _int_param(params: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+    raw = params.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise _bad(
+            f"Invalid '{name}': expected an integer, but got {raw!r} instead.",
+            param=name,
+            code="invalid_type",
+        ) from None
+    if not low <= value <= high:
+        raise _bad(
+            f"Invalid '{name}': integer out of range. Expected a value between {low} and "
+            f"{high}, but got {value} instead.",
+            param=name,
+            code="integer_out_of_range",
+        )
+    return value
+
+
+def _required_str(data: Mapping[str, Any], name: str) -> str:
+    if name not in data or data[name] is None:
+        raise _bad(
+            f"Missing required parameter: '{name}'.",
+            param=name,
+            code="missing_required_parameter",
+        )
+    value = data[name]
+    if not isinstance(value, str):
+        raise _bad(
+            f"Invalid type for '{name}': expected a string, but got "
+            f"{type(value).__name__} instead.",
+            param=name,
+            code="invalid_type",
+        )
+    return value
+
+
+def _check_metadata(raw: Any) -> dict[str, str] | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise _bad(
+            "Invalid type for 'metadata': expected an object, "
+            f"but got {type(raw).__name__} instead.",
+            param="metadata",
+            code="invalid_type",
+        )
+    if len(raw) > _METADATA_PAIRS:
+        raise _bad(
+            f"Invalid 'metadata': too many properties. Expected an object with at most "
+            f"{_METADATA_PAIRS} properties, but got an object with {len(raw)} properties "
+            "instead.",
+            param="metadata",
+            code="object_above_max_properties",
+        )
+    for key, value in raw.items():
+        if len(key) > _METADATA_KEY:
+            raise _bad(
+                f"Invalid 'metadata': key too long. Expected keys of at most {_METADATA_KEY} "
+                f"characters, but got a key with {len(key)} characters instead.",
+                param="metadata",
+                code="string_above_max_length",
+            )
+        if not isinstance(value, str):
+            raise _bad(
+                f"Invalid type for 'metadata.{key}': expected a string, but got "
+                f"{type(value).__name__} instead.",
+                param=f"metadata.{key}",
+                code="invalid_type",
+            )
+        if len(value) > _METADATA_VALUE:
+            raise _bad(
+                f"Invalid 'metadata.{key}': string too long. Expected a string with maximum "
+                f"length {_METADATA_VALUE}, but got a string with length {len(value)} instead.",
+                param=f"metadata.{key}",
+                code="string_above_max_length",
+            )
+    return dict(raw)
+
+
+def _check_expiry(anchor: Any, seconds: Any, *, param: str) -> int:
+    """Validate an ``{anchor, seconds}`` expiration policy; returns the seconds."""
+    if anchor != "created_at":
+        raise _bad(
+            f"Invalid value for '{param}.anchor': {anchor!r}. Supported values are: 'created_at'.",
+            param=f"{param}.anchor",
+            code="invalid_value",
+        )
+    if isinstance(seconds, str) and seconds.strip().lstrip("-").isdigit():
+        seconds = int(seconds)
+    if isinstance(seconds, bool) or not isinstance(seconds, int):
+        raise _bad(
+            f"Invalid type for '{param}.seconds': expected an integer.",
+            param=f"{param}.seconds",
+            code="invalid_type",
+        )
+    if not _MIN_EXPIRY <= seconds <= _MAX_EXPIRY:
+        raise _bad(
+            f"Invalid '{param}.seconds': expected a value between {_MIN_EXPIRY} and "
+            f"{_MAX_EXPIRY}, but got {seconds} instead.",
+            param=f"{param}.seconds",
+            code="integer_out_of_range",
+        )
+    return seconds
+
+
+async def _chunks(data: bytes, size: int) -> AsyncIterator[bytes]:
+    view = memoryview(data)
+    for start in range(0, len(data), size):
+        yield bytes(view[start : start + size])
+
+
+class FakeBatchService:
+    """An in-memory OpenAI-compatible Batch and Files API for tests.
+
+    Args:
+        clock: the time source; batches advance as it moves (a
+            :class:`~aiobatch.testing.VirtualClock` in tests). Defaults to real time.
+        config: timings, limits and per-line errors (see :class:`FakeConfig`).
+        responder: answers each request line (see :data:`Responder`); defaults to
+            :class:`DefaultResponder` on this service's clock.
+        api_key: when set, only ``Authorization: Bearer <api_key>`` is accepted;
+            when None, any bearer token is. (``api-key`` and ``x-portkey-api-key``
+            headers are accepted in place of the bearer token.)
+        seed: seeds ids, fault probabilities and the ``ratio`` of line-error rules.
+
+    Attributes:
+        clock: the service's clock.
+        config: the service's configuration.
+        responder: the line responder in use.
+        faults: the fault-injection rules; add :class:`Fault` rules at any time.
+    """
+
+    def __init__(
+        self,
+        *,
+        clock: Clock | None = None,
+        config: FakeConfig | None = None,
+        responder: Responder | None = None,
+        api_key: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.clock: Clock = clock if clock is not None else SystemClock()
+        self.config: FakeConfig = config if config is not None else FakeConfig()
+        self.responder: Responder = (
+            responder if responder is not None else DefaultResponder(clock=self.clock)
+        )
+        self._api_key = api_key
+        self.faults: FaultPlan = FaultPlan(seed=seed)
+        self._engine = Engine(
+            clock=self.clock, config=self.config, responder=self.responder, seed=seed
+        )
+        self._request_ids = random.Random(f"{seed}/request-ids")
+        self._log: deque[RecordedRequest] = deque(maxlen=self.config.request_log_size)
+
+    def __repr__(self) -> str:
+        engine = self._engine
+        return (
+            f"FakeBatchService(batches={len(engine.batch_order)}, "
+            f"files={len(engine.file_order)}, clock={self.clock!r})"
+        )
+
+    def transport(self, *, timeout: float | None = None) -> InMemoryTransport:
+        """An in-memory transport that hands requests to this service.
+
+        Args:
+            timeout: default seconds per request, on this service's clock.
+
+        Returns:
+            The transport.
+        """
+        return InMemoryTransport(self.handle, clock=self.clock, timeout=timeout)
+
+    # -- introspection -----------------------------------------------------------------------
+
+    @property
+    def batch_ids(self) -> list[str]:
+        """Every batch id created, oldest first."""
+        return list(self._engine.batch_order)
+
+    @property
+    def file_ids(self) -> list[str]:
+        """Ids of the files not deleted (uploads and result files), oldest first."""
+        files = self._engine.files
+        return [fid for fid in self._engine.file_order if not files[fid].deleted]
+
+    @property
+    def requests(self) -> tuple[RecordedRequest, ...]:
+        """The requests received, oldest first (at most ``config.request_log_size``)."""
+        return tuple(self._log)
+
+    def request_count(self, method: str | None = None, path: str = "*") -> int:
+        """How many logged requests match a method and a path pattern.
+
+        Args:
+            method: the method, or None for any.
+            path: a shell-style pattern for the path after ``/v1`` (``"/batches"``).
+
+        Returns:
+            The number of matching requests (dropped and faulted ones included).
+        """
+        wanted = method.upper() if method is not None else None
+        pattern = path[3:] if path.startswith("/v1/") else path
+        return sum(
+            1
+            for r in self._log
+            if (wanted is None or r.method == wanted) and fnmatchcase(r.path, pattern)
+        )
+
+    async def get_batch(self, batch_id: str) -> Batch:
+        """The batch as a client would see it now (moves the simulation to ``clock.now()``).
+
+        Args:
+            batch_id: the batch.
+
+        Returns:
+            The batch.
+
+        Raises:
+            KeyError: no such batch.
+        """
+        engine = self._engine
+        async with engine.lock:
+            now = engine.now()
+            await engine.advance(now)
+            return await engine.snapshot(engine.batches[batch_id], now)
+
+    def file_content(self, file_id: str) -> bytes:
+        """The content of a stored file.
+
+        Args:
+            file_id: the file.
+
+        Returns:
+            The bytes.
+
+        Raises:
+            KeyError: no such file, or it was deleted or has expired.
+        """
+        record = self._engine.get_file(file_id, self._engine.now())
+        if record is None:
+            raise KeyError(file_id)
+        return record.content
+
+    def fail_next_batches(
+        self,
+        code: str,
+        *,
+        count: int = 1,
+        message: str | None = None,
+        param: str | None = None,
+        line: int | None = None,
+    ) -> None:
+        """Make the next ``count`` created batches fail validation with ``code``.
+
+        The create call still succeeds; the batch goes ``failed`` at the end of
+        ``validating`` with ``errors.data == [{code, message, param, line}]``.
+
+        Args:
+            code: the error code (``token_limit_exceeded``, ``invalid_json_line``...).
+            count: how many batches.
+            message: the message; a default for the code when None.
+            param: the ``param`` of the error.
+            line: the ``line`` of the error.
+        """
+        engine = self._engine
+        text = message if message is not None else engine.default_forced_message(code)
+        for _ in range(count):
+            engine.forced.append(BatchError(code=code, message=text, param=param, line=line))
+
+    async def enqueued_tokens(self, model: str) -> int:
+        """Estimated tokens of the validated, unfinished batches of ``model`` now.
+
+        Args:
+            model: the model.
+
+        Returns:
+            The tokens counted against ``config.enqueued_token_limits`` (moves the
+            simulation to ``clock.now()`` first).
+        """
+        engine = self._engine
+        async with engine.lock:
+            await engine.advance(engine.now())
+            return engine.enqueued_tokens(model)
+
+    # -- the HTTP surface -----------------------------------------------------------------------
+
+    async def handle(self, request: Request) -> Response:
+        """Answer one request, as OpenAI's ``/v1/files`` and ``/v1/batches`` would.
+
+        Args:
+            request: the request; its URL path is routed on what follows the last
+                ``/v1`` segment.
+
+        Returns:
+            The response (``GET /files/{id}/content`` is streamed in chunks).
+
+        Raises:
+            TransportError: an injected fault dropped the connection.
+        """
+        method = request.method.upper()
+        path, query = _route(request.url)
+        params = {**query, **request.params}
+        request_id = f"req_{self._request_ids.getrandbits(128):032x}"
+        at = self.clock.now()
+        fault = self.faults.take(method, path)
+        kind = fault.kind if fault is not None else None
+        # The request takes effect when it arrives; a fault's delay holds back the answer.
+        response: Response | None = None
+        if fault is not None and kind is FaultKind.HTTP:
+            response = self._fault_response(fault, request_id)
+        elif kind is not FaultKind.DROP_BEFORE:
+            response = await self._dispatch(method, path, params, request, request_id)
+        if response is not None and kind is FaultKind.MALFORMED:
+            body = await response.read()
+            headers = {"content-type": "application/json", "x-request-id": request_id}
+            response = Response(200, headers, body[: len(body) // 2] or b"{")
+        dropped = kind is FaultKind.DROP_BEFORE or kind is FaultKind.DROP_AFTER
+        status = None if dropped or response is None else response.status
+        self._log.append(RecordedRequest(method, path, params, status, request_id, kind, at))
+        if fault is not None and fault.delay > 0:
+            await self.clock.sleep(fault.delay)
+        if response is None or dropped:
+            if response is not None:
+                await response.aclose()
+            when = "after" if kind is FaultKind.DROP_AFTER else "before"
+            effect = (
+                "the request took effect, its answer is lost"
+                if kind is FaultKind.DROP_AFTER
+                else "the request had no effect"
+            )
+            raise TransportError(
+                f"the fake service dropped the connection {when} processing the request "
+                f"(injected fault: {effect})",
+                method=method,
+                url=request.url,
+            )
+        return response
+
+    def _json(self, status: int, data: Any, request_id: str) -> Response:
+        headers = {"content-type": "application/json", "x-request-id": request_id}
+        return Response(status, headers, json_bytes(data))
+
+    def _fault_response(self, fault: Fault, request_id: str) -> Response:
+        headers = {"content-type": "application/json", "x-request-id": request_id}
+        if fault.retry_after is not None:
+            headers["retry-after"] = f"{fault.retry_after:g}"
+        if fault.retry_after_ms is not None:
+            headers["retry-after-ms"] = f"{fault.retry_after_ms:g}"
+        if fault.should_retry is not None:
+            headers["x-should-retry"] = "true" if fault.should_retry else "false"
+        body = http_error_body(fault.status, message=fault.message)
+        return Response(fault.status, headers, json_bytes(body))
+
+    def _check_auth(self, request: Request) -> None:
+        """Raise a 401 reply unless the request carries an accepted key."""
+        headers = request.headers
+        scheme, _, value = headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            token: str | None = value.strip()
+        else:
+            token = headers.get("api-key") or headers.get("x-portkey-api-key") or None
+        if token is None:
+            raise _Reply(401, error_envelope(_NO_KEY))
+        if self._api_key is not None and token != self._api_key:
+            message = (
+                f"Incorrect API key provided: {_mask(token)}. You can find your API key at "
+                "https://platform.openai.com/account/api-keys."
+            )
+            raise _Reply(401, error_envelope(message, code="invalid_api_key"))
+
+    async def _dispatch(
+        self, method: str, path: str, params: Mapping[str, str], request: Request, request_id: str
+    ) -> Response:
+        parts = path.strip("/").split("/")
+        engine = self._engine
+        try:
+            self._check_auth(request)
+            async with engine.lock:
+                now = engine.now()
+                await engine.advance(now)
+                result = await self._route(method, parts, params, request, now)
+        except _Reply as reply:
+            return self._json(reply.status, reply.body, request_id)
+        if isinstance(result, bytes):
+            headers = {"content-type": "application/octet-stream", "x-request-id": request_id}
+            return Response(200, headers, chunks=_chunks(result, self.config.chunk_size))
+        return self._json(200, result, request_id)
+
+    async def _route(
+        self,
+        method: str,
+        parts: list[str],
+        params: Mapping[str, str],
+        request: Request,
+        now: float,
+    ) -> Any:
+        """Run the handler for a path; returns JSON-ready data or file bytes."""
+        head, count = parts[0], len(parts)
+        if head == "files":
+            if count == 1 and method == "POST":
+                return self._upload(request, now)
+            if count == 1 and method == "GET":
+                return self._list_files(params, now)
+            if count == 2 and method == "GET":
+                return to_wire(self._file(parts[1], now).model())
+            if count == 2 and method == "DELETE":
+                file = self._file(parts[1], now)
+                self._engine.delete_file(file)
+                return to_wire(FileDeleted(id=file.id, deleted=True))
+            if count == 3 and parts[2] == "content" and method == "GET":
+                return self._file(parts[1], now).content
+        elif head == "batches":
+            if count == 1 and method == "POST":
+                return await self._create_batch(request, now)
+            if count == 1 and method == "GET":
+                return await self._list_batches(params, now)
+            if count == 2 and method == "GET":
+                return await self._engine.snapshot_wire(self._batch(parts[1]), now)
+            if count == 3 and parts[2] == "cancel" and method == "POST":
+                record = self._batch(parts[1])
+                try:
+                    await self._engine.cancel(record, now)
+                except CancelRefused as refused:
+                    raise _bad(
+                        f"Cannot cancel batch {record.id}: it has already finished with "
+                        f"status '{refused.status.value}'."
+                    ) from None
+                return await self._engine.snapshot_wire(record, now)
+        raise _not_found(f"Invalid URL ({method} /v1/{'/'.join(parts)})")
+
+    # -- files ------------------------------------------------------------------------------
+
+    def _file(self, file_id: str, now: float) -> FileRecord:
+        record = self._engine.get_file(file_id, now)
+        if record is None:
+            raise _not_found(f"No such File object: {file_id}", param="id")
+        return record
+
+    def _upload(self, request: Request, now: float) -> dict[str, Any]:
+        body = request.body
+        if not isinstance(body, Multipart):
+            raise _bad("POST /v1/files needs a multipart/form-data body with 'file' and 'purpose'.")
+        fields = dict(body.fields)
+        purpose = fields.get("purpose")
+        if purpose is None:
+            raise _bad(
+                "Missing required parameter: 'purpose'.",
+                param="purpose",
+                code="missing_required_parameter",
+            )
+        if purpose not in UPLOAD_PURPOSES:
+            supported = ", ".join(repr(p) for p in UPLOAD_PURPOSES)
+            raise _bad(
+                f"Invalid value for 'purpose': {purpose!r}. Supported values are: {supported}.",
+                param="purpose",
+                code="invalid_value",
+            )
+        parts = [part for name, part in body.files if name == "file"]
+        if not parts:
+            raise _bad(
+                "Missing required parameter: 'file'.",
+                param="file",
+                code="missing_required_parameter",
+            )
+        part = parts[0]
+        config = self.config
+        if purpose == "batch" and not part.filename.lower().endswith(".jsonl"):
+            raise _bad("Invalid file format for Batch API. Must be .jsonl")
+        size = part.size()
+        limit = config.max_batch_file_bytes if purpose == "batch" else config.max_file_bytes
+        if size > limit:
+            what = "Batch API input files" if purpose == "batch" else "files"
+            raise _bad(
+                f"File is too large: {size:,} bytes. The maximum size of {what} is "
+                f"{limit:,} bytes.",
+                param="file",
+                code="file_too_large",
+            )
+        anchor = fields.get("expires_after[anchor]")
+        seconds = fields.get("expires_after[seconds]")
+        if anchor is not None or seconds is not None:
+            lifetime: int | None = _check_expiry(anchor, seconds, param="expires_after")
+        elif purpose == "batch":
+            lifetime = config.batch_file_expiry_seconds
+        else:
+            lifetime = None
+        expires_at = int(now) + lifetime if lifetime is not None else None
+        record = self._engine.add_file(
+            filename=part.filename,
+            purpose=purpose,
+            content=part.read(),
+            now=now,
+            expires_at=expires_at,
+        )
+        return to_wire(record.model())  # type: ignore[no-any-return]
+
+    def _list_files(self, params: Mapping[str, str], now: float) -> Any:
+        limit = _int_param(params, "limit", 10_000, 1, 10_000)
+        order = params.get("order", "desc")
+        if order not in ("asc", "desc"):
+            raise _bad(
+                f"Invalid value for 'order': {order!r}. Supported values are: 'asc', 'desc'.",
+                param="order",
+                code="invalid_value",
+            )
+        purpose = params.get("purpose")
+        engine = self._engine
+        ids = engine.file_order
+        after = params.get("after")
+        if after is not None:
+            if after not in engine.file_index:
+                raise _bad(f"Invalid 'after': no file with id {after!r}.", param="after")
+            cursor = engine.file_index[after]
+            indices = range(cursor + 1, len(ids)) if order == "asc" else range(cursor - 1, -1, -1)
+        else:
+            indices = range(len(ids)) if order == "asc" else range(len(ids) - 1, -1, -1)
+        page: list[File] = []
+        has_more = False
+        for index in indices:
+            record = engine.get_file(ids[index], now)
+            if record is None or (purpose is not None and record.purpose != purpose):
+                continue
+            if len(page) == limit:
+                has_more = True
+                break
+            page.append(record.model())
+        return to_wire(
+            FilePage(
+                data=tuple(page),
+                has_more=has_more,
+                first_id=page[0].id if page else None,
+                last_id=page[-1].id if page else None,
+            )
+        )
+
+    # -- batches ----------------------------------------------------------------------------
+
+    def _batch(self, batch_id: str) -> BatchRecord:
+        record = self._engine.batches.get(batch_id)
+        if record is None:
+            raise _not_found(f"No batch found with id '{batch_id}'.", code="batch_not_found")
+        return record
+
+    async def _create_batch(self, request: Request, now: float) -> dict[str, Any]:
+        data = _json_object(request)
+        input_file_id = _required_str(data, "input_file_id")
+        endpoint = _required_str(data, "endpoint")
+        if endpoint not in ENDPOINTS:
+            supported = ", ".join(repr(e) for e in ENDPOINTS)
+            raise _bad(
+                f"Invalid value: {endpoint!r}. Supported values are: {supported}.",
+                param="endpoint",
+                code="invalid_value",
+            )
+        window = _required_str(data, "completion_window")
+        if window != "24h":
+            raise _bad(
+                f"Invalid value: {window!r}. Supported values are: '24h'.",
+                param="completion_window",
+                code="invalid_value",
+            )
+        metadata = _check_metadata(data.get("metadata"))
+        output_expiry: int | None = None
+        raw_expiry = data.get("output_expires_after")
+        if raw_expiry is not None:
+            if not isinstance(raw_expiry, dict):
+                raise _bad(
+                    "Invalid type for 'output_expires_after': expected an object.",
+                    param="output_expires_after",
+                    code="invalid_type",
+                )
+            output_expiry = _check_expiry(
+                raw_expiry.get("anchor"), raw_expiry.get("seconds"), param="output_expires_after"
+            )
+        input_file = self._engine.get_file(input_file_id, now)
+        if input_file is None:
+            raise _not_found(f"No such File object: {input_file_id}", param="input_file_id")
+        if input_file.purpose != "batch":
+            raise _bad(
+                f"The input file {input_file_id} has purpose {input_file.purpose!r}; a batch "
+                "needs a file uploaded with purpose 'batch'.",
+                param="input_file_id",
+            )
+        record = self._engine.create_batch(
+            endpoint=endpoint,
+            input_file=input_file,
+            completion_window=window,
+            metadata=metadata,
+            output_expiry_seconds=output_expiry,
+            now=now,
+        )
+        return await self._engine.snapshot_wire(record, now)
+
+    async def _list_batches(self, params: Mapping[str, str], now: float) -> Any:
+        limit = _int_param(params, "limit", 20, 1, 100)
+        engine = self._engine
+        after = params.get("after")
+        if after is not None:
+            if after not in engine.batch_index:
+                raise _bad(f"Invalid 'after': no batch with id {after!r}.", param="after")
+            start = engine.batch_index[after] - 1
+        else:
+            start = len(engine.batch_order) - 1
+        stop = max(-1, start - limit)
+        records = [engine.batches[engine.batch_order[i]] for i in range(start, stop, -1)]
+        data = [await engine.snapshot_wire(record, now) for record in records]
+        # The envelope comes from the converter; the items are the cached wire forms.
+        page = to_wire(
+            BatchPage(
+                data=(),
+                has_more=stop >= 0,
+                first_id=records[0].id if records else None,
+                last_id=records[-1].id if records else None,
+            )
+        )
+        page["data"] = data
+        return page
+
+
+def _json_object(request: Request) -> dict[str, Any]:
+    body = request.body
+    if isinstance(body, Multipart) or not body:
+        raise _bad("The request needs a JSON body.")
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise _bad(
+            "We could not parse the JSON body of your request. The API expects a JSON "
+            "payload, but what was sent was not valid JSON."
+        ) from None
+    if not isinstance(data, dict):
+        raise _bad("The JSON body of the request must be an object.")
+    return data

@@ -1,0 +1,171 @@
+"""Shared fixtures: a virtual clock and a raw-request driver for the fake batch service."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import pytest
+
+from aiobatch.testing import FakeBatchService, FakeConfig, VirtualClock
+from aiobatch.transport import FilePart, Multipart, Request, Response
+
+BASE_URL = "http://fake.local/v1"
+API_KEY = "sk-test-0123456789abcdef"
+
+
+def chat_line(
+    custom_id: str,
+    text: str = "hello",
+    *,
+    model: str = "gpt-4o-mini",
+    url: str = "/v1/chat/completions",
+    **body: Any,
+) -> dict[str, Any]:
+    """One chat-completions input line."""
+    return {
+        "custom_id": custom_id,
+        "method": "POST",
+        "url": url,
+        "body": {"model": model, "messages": [{"role": "user", "content": text}], **body},
+    }
+
+
+def jsonl(lines: Iterable[Mapping[str, Any] | str]) -> bytes:
+    """Encode lines (objects, or raw strings kept as they are) as a JSONL file."""
+    out = [line if isinstance(line, str) else json.dumps(line) for line in lines]
+    return ("\n".join(out) + "\n").encode() if out else b""
+
+
+class FakeApi:
+    """Sends raw :class:`Request` objects to a fake service and decodes the answers."""
+
+    def __init__(self, service: FakeBatchService, *, key: str | None = API_KEY) -> None:
+        self.service = service
+        self.key = key
+
+    def headers(self) -> dict[str, str]:
+        """The auth headers sent with every request."""
+        return {"Authorization": f"Bearer {self.key}"} if self.key is not None else {}
+
+    async def raw(
+        self,
+        method: str,
+        path: str,
+        *,
+        json_body: Any = None,
+        body: bytes | Multipart | None = None,
+        params: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Response:
+        """Send one request; ``path`` is relative to the ``/v1`` base URL."""
+        if json_body is not None:
+            body = json.dumps(json_body).encode()
+        request = Request(
+            method,
+            BASE_URL + path,
+            params=dict(params or {}),
+            headers=dict(headers) if headers is not None else self.headers(),
+            body=body,
+        )
+        return await self.service.handle(request)
+
+    async def call(self, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
+        """Send one request and decode its JSON body."""
+        response = await self.raw(method, path, **kwargs)
+        return response.status, json.loads(await response.read())
+
+    async def ok(self, method: str, path: str, **kwargs: Any) -> Any:
+        """Send one request that must succeed; returns its decoded body."""
+        status, data = await self.call(method, path, **kwargs)
+        assert status == 200, data
+        return data
+
+    async def upload(
+        self, content: bytes, *, filename: str = "input.jsonl", purpose: str = "batch"
+    ) -> dict[str, Any]:
+        """Upload a file; returns the File object."""
+        form = Multipart(
+            fields=(("purpose", purpose),),
+            files=(("file", FilePart(filename, content=content)),),
+        )
+        data: dict[str, Any] = await self.ok("POST", "/files", body=form)
+        return data
+
+    async def create(
+        self, input_file_id: str, *, endpoint: str = "/v1/chat/completions", **extra: Any
+    ) -> dict[str, Any]:
+        """Create a batch; returns the Batch object."""
+        payload = {
+            "input_file_id": input_file_id,
+            "endpoint": endpoint,
+            "completion_window": "24h",
+            **extra,
+        }
+        data: dict[str, Any] = await self.ok("POST", "/batches", json_body=payload)
+        return data
+
+    async def submit(
+        self,
+        lines: Iterable[Mapping[str, Any] | str],
+        *,
+        endpoint: str = "/v1/chat/completions",
+        **extra: Any,
+    ) -> dict[str, Any]:
+        """Upload ``lines`` and create a batch from them."""
+        uploaded = await self.upload(jsonl(lines))
+        return await self.create(uploaded["id"], endpoint=endpoint, **extra)
+
+    async def batch(self, batch_id: str) -> dict[str, Any]:
+        """Retrieve a batch."""
+        data: dict[str, Any] = await self.ok("GET", f"/batches/{batch_id}")
+        return data
+
+    async def content(self, file_id: str) -> bytes:
+        """Download a file's content."""
+        response = await self.raw("GET", f"/files/{file_id}/content")
+        assert response.status == 200
+        return await response.read()
+
+    async def lines(self, file_id: str | None) -> list[dict[str, Any]]:
+        """The decoded lines of a result file ([] for a null file id)."""
+        if file_id is None:
+            return []
+        return [json.loads(line) for line in (await self.content(file_id)).splitlines()]
+
+
+@pytest.fixture
+def clock() -> VirtualClock:
+    """A virtual clock at a fixed start time."""
+    return VirtualClock(start=1_750_000_000.0)
+
+
+@pytest.fixture
+def make_api(clock: VirtualClock) -> Callable[..., FakeApi]:
+    """Build a fake service on ``clock`` (config fields as keyword arguments) and a driver."""
+
+    def make(
+        *,
+        responder: Any = None,
+        api_key: str | None = None,
+        seed: int = 0,
+        key: str | None = API_KEY,
+        **config: Any,
+    ) -> FakeApi:
+        service = FakeBatchService(
+            clock=clock,
+            config=FakeConfig(**config),
+            responder=responder,
+            api_key=api_key,
+            seed=seed,
+        )
+        return FakeApi(service, key=key)
+
+    return make
+
+
+@pytest.fixture
+def api(make_api: Callable[..., FakeApi]) -> FakeApi:
+    """A driver for a fake service with the default configuration."""
+    return make_api()
