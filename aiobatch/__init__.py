@@ -1,0 +1,93 @@
+"""aiobatch: a pure-asyncio driver for OpenAI-compatible Batch APIs.
+
+The public surface is this package plus :mod:`aiobatch.errors`,
+:mod:`aiobatch.transport` and :mod:`aiobatch.testing`; every other module is private
+and re-exported here.
+"""
+
+from __future__ import annotations
+
+from ._client import CREATE_KEY_METADATA, BatchClient
+from ._clock import Clock, SystemClock
+from ._lifecycle import (
+    ACTIVE,
+    REACHABLE,
+    TERMINAL,
+    TRANSITIONS,
+    BatchLifecycle,
+    BatchStatus,
+    Transition,
+)
+from ._models import (
+    Batch,
+    BatchError,
+    BatchErrors,
+    BatchPage,
+    BatchRequest,
+    BatchUsage,
+    ErrorBody,
+    File,
+    FileDeleted,
+    FilePage,
+    InputTokensDetails,
+    LineError,
+    LineResponse,
+    OutputTokensDetails,
+    RequestCounts,
+    ResultError,
+    ResultHTTPError,
+    ResultLine,
+    ResultSuccess,
+)
+from ._provider import DEFAULT_BASE_URL, OpenAIProvider, Secret
+from ._retry import RetryPolicy, is_retry_testing, set_retry_testing
+
+__all__ = [
+    "ACTIVE",
+    "Batch",
+    "BatchClient",
+    "BatchError",
+    "BatchErrors",
+    "BatchLifecycle",
+    "BatchPage",
+    "BatchRequest",
+    "BatchStatus",
+    "BatchUsage",
+    "CREATE_KEY_METADATA",
+    "Clock",
+    "DEFAULT_BASE_URL",
+    "ErrorBody",
+    "File",
+    "FileDeleted",
+    "FilePage",
+    "InputTokensDetails",
+    "LineError",
+    "LineResponse",
+    "OpenAIProvider",
+    "OutputTokensDetails",
+    "REACHABLE",
+    "RequestCounts",
+    "ResultError",
+    "ResultHTTPError",
+    "ResultLine",
+    "ResultSuccess",
+    "RetryPolicy",
+    "Secret",
+    "SystemClock",
+    "TERMINAL",
+    "TRANSITIONS",
+    "Transition",
+    "is_retry_testing",
+    "set_retry_testing",
+]
+
+
+def __getattr__(name: str) -> str:
+    if name == "__version__":
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return version("aiobatch")
+        except PackageNotFoundError:  # running from a source tree that is not installed
+            return "0+unknown"
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

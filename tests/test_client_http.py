@@ -1,0 +1,563 @@
+"""BatchClient against small hand-written handlers: error mapping, streaming, secrets.
+
+The fake batch service plays the server in ``test_client.py``; here a few lines of
+handler produce exact bytes and statuses that the service has no reason to send
+(non-JSON errors, chunk boundaries in the middle of lines, secrets echoed back).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import pickle
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from contextlib import aclosing
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import aiobatch
+from aiobatch import BatchClient, OpenAIProvider, RetryPolicy, Secret, set_retry_testing
+from aiobatch.errors import (
+    APIStatusError,
+    AuthenticationError,
+    BadRequestError,
+    ConflictError,
+    DecodeError,
+    NotFoundError,
+    PermissionDeniedError,
+    RateLimitError,
+    ServerError,
+    TransportError,
+    UnexpectedTransitionError,
+    UnprocessableEntityError,
+)
+from aiobatch.testing import VirtualClock
+from aiobatch.transport import InMemoryTransport, Request, Response
+
+KEY = "sk-test-0123456789abcdefSECRET"
+BASE = "https://api.example.test/v1"
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+@pytest.fixture(autouse=True)
+def _no_global_testing_mode() -> Iterator[None]:
+    """Every test starts and ends with the global retry testing mode off."""
+    with set_retry_testing(False):
+        yield
+
+
+def make_client(handler: Handler, *, retry: RetryPolicy | None = None) -> BatchClient:
+    return BatchClient(
+        api_key=KEY,
+        base_url=BASE,
+        transport=InMemoryTransport(handler),
+        retry=retry or RetryPolicy.for_testing(max_attempts=3),
+        clock=VirtualClock(),
+    )
+
+
+def json_response(status: int, data: Any, headers: Mapping[str, str] | None = None) -> Response:
+    return Response(
+        status, {"content-type": "application/json", **(headers or {})}, json.dumps(data).encode()
+    )
+
+
+def envelope(message: str, code: str | None = "some_code") -> dict[str, Any]:
+    return {
+        "error": {"message": message, "type": "invalid_request_error", "param": "p", "code": code}
+    }
+
+
+def streamed(parts: list[bytes], released: list[bool]) -> Response:
+    async def chunks() -> AsyncIterator[bytes]:
+        for part in parts:
+            yield part
+
+    async def release() -> None:
+        released.append(True)
+
+    return Response(200, {}, chunks=chunks(), release=release)
+
+
+# --- provider and secrets ----------------------------------------------------------------
+
+
+def test_secret_never_shows_its_value() -> None:
+    """A Secret's repr, str and format are masked; reveal() gives the value."""
+    secret = Secret(KEY)
+    for text in (repr(secret), str(secret), f"{secret}", f"{secret!r}", repr([secret])):
+        assert KEY not in text
+    assert secret.reveal() == KEY
+    assert secret == Secret(KEY)
+    assert secret != Secret("other")
+    assert hash(secret) == hash(Secret(KEY))
+    with pytest.raises(TypeError):
+        pickle.dumps(secret)
+    with pytest.raises(TypeError):
+        Secret(123)  # type: ignore[arg-type]
+
+
+def test_provider_urls_and_headers() -> None:
+    """The provider joins paths onto the base URL and sends auth, org and project headers."""
+    provider = OpenAIProvider(
+        api_key=KEY, base_url=BASE + "/", organization="org-1", project="proj-1"
+    )
+    assert provider.url("/batches") == BASE + "/batches"
+    assert provider.url("files/f1") == BASE + "/files/f1"
+    assert provider.headers() == {
+        "authorization": f"Bearer {KEY}",
+        "openai-organization": "org-1",
+        "openai-project": "proj-1",
+    }
+    assert OpenAIProvider().headers() == {}
+    assert KEY not in repr(provider)
+    assert KEY not in str(provider)
+
+
+def test_provider_from_env() -> None:
+    """from_env takes what is not given from the OPENAI_* variables, arguments winning."""
+    env = {
+        "OPENAI_API_KEY": KEY,
+        "OPENAI_BASE_URL": "http://localhost:8080/v1",
+        "OPENAI_ORG_ID": "org-env",
+        "OPENAI_PROJECT_ID": "proj-env",
+    }
+    provider = OpenAIProvider.from_env(environ=env)
+    assert provider.api_key == Secret(KEY)
+    assert provider.base_url == "http://localhost:8080/v1"
+    assert (provider.organization, provider.project) == ("org-env", "proj-env")
+    other = OpenAIProvider.from_env(api_key="sk-arg", base_url=BASE, environ=env)
+    assert other.api_key == Secret("sk-arg")
+    assert other.base_url == BASE
+    bare = OpenAIProvider.from_env(environ={})
+    assert bare.api_key is None
+    assert bare.base_url == aiobatch.DEFAULT_BASE_URL
+
+
+def test_client_takes_provider_or_its_parts() -> None:
+    """Passing a provider and provider arguments together is refused."""
+    with pytest.raises(TypeError, match="either provider"):
+        BatchClient(provider=OpenAIProvider(), api_key=KEY, transport=InMemoryTransport(_never))
+
+
+async def test_default_transport_is_aiohttp_and_closed_with_the_client() -> None:
+    """Without a transport the client makes an AiohttpTransport and closes it."""
+    from aiobatch.transport import AiohttpTransport
+
+    async with BatchClient(api_key=KEY, base_url=BASE) as client:
+        assert isinstance(client._transport, AiohttpTransport)
+    assert "closed" in repr(client._transport)
+
+
+async def test_passed_transport_stays_open() -> None:
+    """A transport the caller passed in is not closed by the client."""
+    seen: list[Request] = []
+
+    async def handler(request: Request) -> Response:
+        seen.append(request)
+        return json_response(200, {"id": "file-1", "object": "file", "deleted": True})
+
+    transport = InMemoryTransport(handler)
+    async with BatchClient(api_key=KEY, base_url=BASE, transport=transport):
+        pass
+    await make_client(handler).delete_file("file-1")
+    async with BatchClient(api_key=KEY, base_url=BASE, transport=transport) as client:
+        await client.delete_file("file-1")
+    assert len(seen) == 2
+
+
+async def _never(request: Request) -> Response:
+    raise AssertionError("no request expected")
+
+
+async def test_requests_carry_auth_and_never_show_it() -> None:
+    """Each request carries the bearer key; reprs of client and request do not."""
+    seen: list[Request] = []
+
+    async def handler(request: Request) -> Response:
+        seen.append(request)
+        return json_response(200, {"id": "file-1", "object": "file", "deleted": True})
+
+    client = make_client(handler)
+    await client.delete_file("file-1")
+    (request,) = seen
+    assert request.method == "DELETE"
+    assert request.url == BASE + "/files/file-1"
+    assert request.headers["authorization"] == f"Bearer {KEY}"
+    for text in (repr(client), str(client), repr(client.provider), repr(request)):
+        assert KEY not in text
+
+
+async def test_ids_are_quoted_in_paths() -> None:
+    """An id with a slash or a space cannot change the path it is put in."""
+    seen: list[str] = []
+
+    async def handler(request: Request) -> Response:
+        seen.append(request.url)
+        return json_response(404, envelope("nope"))
+
+    client = make_client(handler)
+    with pytest.raises(NotFoundError):
+        await client.retrieve_batch("../files x")
+    assert seen == [BASE + "/batches/..%2Ffiles%20x"]
+    with pytest.raises(ValueError, match="non-empty"):
+        await client.retrieve_batch("")
+
+
+# --- error mapping -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "cls"),
+    [
+        (400, BadRequestError),
+        (401, AuthenticationError),
+        (403, PermissionDeniedError),
+        (404, NotFoundError),
+        (409, ConflictError),
+        (418, APIStatusError),
+        (422, UnprocessableEntityError),
+        (429, RateLimitError),
+        (500, ServerError),
+        (503, ServerError),
+    ],
+)
+async def test_error_status_maps_to_error_class(status: int, cls: type[APIStatusError]) -> None:
+    """Each status becomes its error class with the envelope's fields and the request id."""
+
+    async def handler(request: Request) -> Response:
+        return json_response(status, envelope(f"failed with {status}"), {"x-request-id": "req_42"})
+
+    with pytest.raises(cls) as info:
+        await make_client(handler, retry=RetryPolicy.never()).retrieve_batch("batch_1")
+    err = info.value
+    assert type(err) is cls
+    assert err.status_code == status
+    assert err.message == f"failed with {status}"
+    assert err.request_id == "req_42"
+    assert (err.error_type, err.error_code, err.error_param) == (
+        "invalid_request_error",
+        "some_code",
+        "p",
+    )
+    assert (err.method, err.url) == ("GET", BASE + "/batches/batch_1")
+    assert "req_42" in str(err)
+    assert err.body == envelope(f"failed with {status}")
+
+
+async def test_non_json_error_body_becomes_the_message() -> None:
+    """A plain-text error body is kept as the message (trimmed) and as the body."""
+
+    async def handler(request: Request) -> Response:
+        return Response(502, {}, b"<html>Bad gateway</html>")
+
+    with pytest.raises(ServerError) as info:
+        await make_client(handler, retry=RetryPolicy.never()).retrieve_batch("b")
+    assert info.value.message == "<html>Bad gateway</html>"
+    assert info.value.request_id is None
+
+
+async def test_error_without_envelope_or_body() -> None:
+    """An empty error body gives a message naming the status."""
+
+    async def handler(request: Request) -> Response:
+        return Response(404, {}, b"")
+
+    with pytest.raises(NotFoundError, match="HTTP 404"):
+        await make_client(handler).retrieve_batch("b")
+
+
+async def test_portkey_style_error_body_is_kept() -> None:
+    """A JSON body that is not OpenAI's envelope is kept whole on the error."""
+    body = {"status": "failure", "message": "Something went wrong"}
+
+    async def handler(request: Request) -> Response:
+        return json_response(500, body)
+
+    with pytest.raises(ServerError) as info:
+        await make_client(handler, retry=RetryPolicy.never()).retrieve_batch("b")
+    assert info.value.body == body
+
+
+async def test_rate_limit_past_the_cap_is_raised_with_retry_after() -> None:
+    """A 429 asking for longer than max_retry_after is raised at once with retry_after."""
+    seen: list[Request] = []
+
+    async def handler(request: Request) -> Response:
+        seen.append(request)
+        return json_response(
+            429, envelope("slow down", "rate_limit_exceeded"), {"retry-after": "600"}
+        )
+
+    clock = VirtualClock()
+    client = BatchClient(
+        api_key=KEY, base_url=BASE, transport=InMemoryTransport(handler), clock=clock
+    )
+    with pytest.raises(RateLimitError) as info:
+        await client.retrieve_batch("b")
+    assert info.value.retry_after == 600.0
+    assert len(seen) == 1
+    assert clock.now() == VirtualClock().now()
+
+
+async def test_undecodable_success_body_is_a_decode_error() -> None:
+    """A 200 whose body is not a Batch raises DecodeError naming what was decoded."""
+
+    async def handler(request: Request) -> Response:
+        return json_response(200, {"id": "batch_1", "status": "validating"})
+
+    with pytest.raises(DecodeError, match="Batch"):
+        await make_client(handler).retrieve_batch("batch_1")
+
+
+async def test_echoed_key_is_scrubbed_from_errors(caplog: pytest.LogCaptureFixture) -> None:
+    """A server echoing the key in its error message does not put it in our exception."""
+
+    async def handler(request: Request) -> Response:
+        if request.method == "GET":
+            return json_response(401, envelope(f"Incorrect API key provided: {KEY}."))
+        return Response(500, {}, f"bad key {KEY}".encode())
+
+    client = make_client(handler)
+    with caplog.at_level(logging.DEBUG, logger="aiobatch"):
+        with pytest.raises(AuthenticationError) as info:
+            await client.retrieve_batch("b")
+        assert KEY not in str(info.value)
+        assert KEY not in info.value.message
+        assert "***" in info.value.message
+        assert KEY not in repr(info.value.body)
+        with pytest.raises(ServerError) as info2:
+            await client.cancel_batch("b")
+        assert KEY not in str(info2.value)
+        assert KEY not in repr(info2.value.body)
+    for record in caplog.records:
+        assert KEY not in record.getMessage()
+        assert KEY not in repr(record.__dict__)
+
+
+# --- streaming files ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("parts", "lines"),
+    [
+        ([b"a\nb\n"], [b"a", b"b"]),
+        ([b"a\nb"], [b"a", b"b"]),
+        ([b"ab", b"c\nde", b"f\n", b"g"], [b"abc", b"def", b"g"]),
+        ([b"a\r\n", b"b\r", b"\n"], [b"a", b"b"]),
+        ([b"a\n\nb\n"], [b"a", b"", b"b"]),
+        ([b"\n"], [b""]),
+        ([], []),
+        ([b"x" * 100_000 + b"\n", b"y"], [b"x" * 100_000, b"y"]),
+    ],
+)
+async def test_file_lines_split_across_chunks(parts: list[bytes], lines: list[bytes]) -> None:
+    """Lines are split on newlines whatever the chunk boundaries, without their line ends."""
+    released: list[bool] = []
+
+    async def handler(request: Request) -> Response:
+        assert request.url == BASE + "/files/file-1/content"
+        return streamed(parts, released)
+
+    got = [line async for line in make_client(handler).iter_file_lines("file-1")]
+    assert got == lines
+    assert released == [True]
+
+
+async def test_stopping_early_closes_the_response() -> None:
+    """Closing the line iterator after one line releases the streamed response."""
+    released: list[bool] = []
+    produced: list[int] = []
+
+    async def handler(request: Request) -> Response:
+        async def chunks() -> AsyncIterator[bytes]:
+            for i in range(1000):
+                produced.append(i)
+                yield b"line %d\n" % i
+
+        async def release() -> None:
+            released.append(True)
+
+        return Response(200, {}, chunks=chunks(), release=release)
+
+    client = make_client(handler)
+    async with aclosing(client.iter_file_lines("file-1")) as lines:
+        async for line in lines:
+            assert line == b"line 0"
+            break
+    assert released == [True]
+    assert len(produced) < 5
+    released.clear()
+    async with aclosing(client.iter_results("file-1")) as results:
+        with pytest.raises(DecodeError):
+            await results.__anext__()
+    assert released == [True]
+
+
+async def test_bad_result_line_names_file_and_line() -> None:
+    """A line that does not decode raises DecodeError with the file id and line number."""
+    good = {
+        "id": "r1",
+        "custom_id": "a",
+        "response": {"status_code": 200, "body": {}},
+        "error": None,
+    }
+    content = (json.dumps(good) + "\n\n" + '{"custom_id": "b"}\n').encode()
+    released: list[bool] = []
+
+    async def handler(request: Request) -> Response:
+        return streamed([content], released)
+
+    got = []
+
+    async def consume() -> None:
+        async for item in make_client(handler).iter_results("file-9"):
+            got.append(item)
+
+    with pytest.raises(DecodeError, match=r"line 3 of file file-9"):
+        await consume()
+    assert [r.custom_id for r in got] == ["a"]
+    assert released == [True]
+
+
+async def test_download_is_atomic(tmp_path: Path) -> None:
+    """A download that breaks midway leaves the old file untouched and no temp file."""
+    target = tmp_path / "out.jsonl"
+    target.write_bytes(b"old")
+
+    async def handler(request: Request) -> Response:
+        async def chunks() -> AsyncIterator[bytes]:
+            yield b"partial"
+            raise TransportError("connection reset")
+
+        return Response(200, {}, chunks=chunks())
+
+    with pytest.raises(TransportError):
+        await make_client(handler).download_file("file-1", target)
+    assert target.read_bytes() == b"old"
+    assert os.listdir(tmp_path) == ["out.jsonl"]
+
+
+async def test_download_error_status_leaves_nothing(tmp_path: Path) -> None:
+    """A 404 on download raises NotFoundError and creates no file."""
+
+    async def handler(request: Request) -> Response:
+        return json_response(404, envelope("No such File object"))
+
+    with pytest.raises(NotFoundError):
+        await make_client(handler).download_file("file-1", tmp_path / "x.jsonl")
+    assert os.listdir(tmp_path) == []
+
+
+# --- create without room for the key -----------------------------------------------------
+
+
+async def test_full_metadata_means_no_key_and_no_blind_resend() -> None:
+    """With 16 metadata pairs no key fits, so an ambiguous failure is raised, not re-sent."""
+    seen: list[Request] = []
+
+    async def handler(request: Request) -> Response:
+        seen.append(request)
+        return json_response(500, envelope("oops", None))
+
+    metadata = {f"k{i}": "v" for i in range(16)}
+    with pytest.raises(ServerError):
+        await make_client(handler).create_batch("file-1", "/v1/chat/completions", metadata=metadata)
+    assert len(seen) == 1
+    sent = json.loads(seen[0].body)  # type: ignore[arg-type]
+    assert sent["metadata"] == metadata
+
+
+async def test_full_metadata_still_retries_safe_failures() -> None:
+    """Without a key, a 429 (refused, so safe) is still retried."""
+    statuses = [429, 200]
+    batch = {
+        "id": "batch_1",
+        "object": "batch",
+        "endpoint": "/v1/chat/completions",
+        "input_file_id": "file-1",
+        "completion_window": "24h",
+        "status": "validating",
+        "created_at": 1,
+    }
+
+    async def handler(request: Request) -> Response:
+        status = statuses.pop(0)
+        return json_response(status, batch if status == 200 else envelope("slow"))
+
+    metadata = {f"k{i}": "v" for i in range(16)}
+    got = await make_client(handler).create_batch("file-1", "/v1/embeddings", metadata=metadata)
+    assert got.id == "batch_1"
+    assert statuses == []
+
+
+# --- wait and the lifecycle --------------------------------------------------------------
+
+
+def batch_json(status: str) -> dict[str, Any]:
+    return {
+        "id": "batch_1",
+        "object": "batch",
+        "endpoint": "/v1/chat/completions",
+        "input_file_id": "file-1",
+        "completion_window": "24h",
+        "status": status,
+        "created_at": 1,
+    }
+
+
+async def test_wait_rejects_a_backwards_move() -> None:
+    """wait() checks every poll with the lifecycle: in_progress then validating is an error."""
+    statuses = ["in_progress", "validating"]
+
+    async def handler(request: Request) -> Response:
+        return json_response(200, batch_json(statuses.pop(0)))
+
+    clock = VirtualClock()
+    client = BatchClient(
+        api_key=KEY, base_url=BASE, transport=InMemoryTransport(handler), clock=clock
+    )
+    async with clock.auto_advance():
+        with pytest.raises(UnexpectedTransitionError) as info:
+            await client.wait("batch_1", poll_interval=1.0)
+    assert (info.value.current, info.value.observed) == ("in_progress", "validating")
+
+
+async def test_wait_polls_on_a_growing_schedule() -> None:
+    """Polls start at poll_interval and grow by half up to max_interval."""
+    statuses = ["validating"] * 5 + ["completed"]
+    times: list[float] = []
+    clock = VirtualClock()
+
+    async def handler(request: Request) -> Response:
+        times.append(clock.now())
+        return json_response(200, batch_json(statuses.pop(0)))
+
+    client = BatchClient(
+        api_key=KEY, base_url=BASE, transport=InMemoryTransport(handler), clock=clock
+    )
+    async with clock.auto_advance():
+        batch = await client.wait("batch_1", poll_interval=2.0, max_interval=5.0)
+    assert batch.status is aiobatch.BatchStatus.COMPLETED
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert gaps == [2.0, 3.0, 4.5, 5.0, 5.0]
+
+
+# --- the public surface ------------------------------------------------------------------
+
+
+def test_public_surface() -> None:
+    """aiobatch exports a sorted __all__ whose names all exist, and a version."""
+    assert aiobatch.__all__ == sorted(aiobatch.__all__)
+    for name in aiobatch.__all__:
+        assert getattr(aiobatch, name) is not None
+    for name in ("BatchClient", "RetryPolicy", "OpenAIProvider", "BatchStatus", "TERMINAL"):
+        assert name in aiobatch.__all__
+    assert isinstance(aiobatch.__version__, str)
+    with pytest.raises(AttributeError):
+        aiobatch.no_such_name  # noqa: B018

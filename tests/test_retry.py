@@ -1,0 +1,502 @@
+"""The retry policy: what is retried, how long it waits, the loop, and testing mode."""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import AsyncIterator, Iterator
+
+import attrs
+import backoff
+import pytest
+
+import aiobatch
+from aiobatch._retry import (
+    RetryPolicy,
+    RetryState,
+    is_ambiguous,
+    is_retry_testing,
+    parse_retry_after,
+    poll_intervals,
+    retry_reason,
+    set_retry_testing,
+)
+from aiobatch.errors import ConnectError, TransportError, TransportTimeoutError
+from aiobatch.testing import VirtualClock
+from aiobatch.transport import InMemoryTransport, Request, Response
+
+NOW = 1_750_000_000.0
+URL = "https://api.example.test/v1/batches"
+
+
+@pytest.fixture(autouse=True)
+def _no_global_testing_mode() -> Iterator[None]:
+    """Every test starts and ends with the global testing mode off."""
+    with set_retry_testing(False):
+        yield
+
+
+class RecordingClock(VirtualClock):
+    """A virtual clock that records every sleep."""
+
+    def __init__(self) -> None:
+        super().__init__(NOW)
+        self.sleeps: list[float] = []
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        await super().sleep(seconds)
+
+
+def scripted(*outcomes: object) -> tuple[InMemoryTransport, list[Request]]:
+    """A transport answering with ``outcomes`` in turn (status, (status, headers), or error)."""
+    queue = list(outcomes)
+    seen: list[Request] = []
+
+    async def handler(request: Request) -> Response:
+        seen.append(request)
+        outcome = queue.pop(0)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        if isinstance(outcome, tuple):
+            status, headers = outcome
+            return Response(status, headers, b"{}")
+        assert isinstance(outcome, int)
+        return Response(outcome, {}, b"{}")
+
+    return InMemoryTransport(handler), seen
+
+
+def no_jitter(**kwargs: object) -> RetryPolicy:
+    return RetryPolicy(jitter=None, **kwargs)  # type: ignore[arg-type]
+
+
+# --- what is retryable -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("error", "retryable"),
+    [
+        (ConnectError("refused"), True),
+        (TransportTimeoutError("slow"), True),
+        (TransportError("reset"), True),
+        (ValueError("a bug"), False),
+        (TimeoutError("not from a transport"), False),
+    ],
+)
+def test_retry_reason_for_errors(error: BaseException, retryable: bool) -> None:
+    """Every transport failure is retryable; exceptions from elsewhere are not."""
+    assert (retry_reason(error=error) is not None) is retryable
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "retryable"),
+    [
+        (200, {}, False),
+        (400, {}, False),
+        (401, {}, False),
+        (403, {}, False),
+        (404, {}, False),
+        (422, {}, False),
+        (408, {}, True),
+        (409, {}, True),
+        (429, {}, True),
+        (500, {}, True),
+        (502, {}, True),
+        (503, {}, True),
+        (504, {}, True),
+        (529, {}, True),
+        (400, {"x-should-retry": "true"}, True),
+        (400, {"x-should-retry": "TRUE"}, True),
+        (503, {"x-should-retry": "false"}, False),
+        (429, {"x-should-retry": " False "}, False),
+        (503, {"x-should-retry": "maybe"}, True),
+        (404, {"x-should-retry": "maybe"}, False),
+        (200, {"x-should-retry": "true"}, False),
+    ],
+)
+def test_retry_reason_for_statuses(status: int, headers: dict[str, str], retryable: bool) -> None:
+    """408, 409, 429 and 5xx are retried; x-should-retry overrides; successes never are."""
+    assert (retry_reason(status=status, headers=headers) is not None) is retryable
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "ambiguous"),
+    [
+        (ConnectError("refused"), None, False),
+        (TransportTimeoutError("slow"), None, True),
+        (TransportError("reset after send"), None, True),
+        (None, 500, True),
+        (None, 503, True),
+        (None, 429, False),
+        (None, 409, False),
+        (None, 400, False),
+    ],
+)
+def test_is_ambiguous(error: BaseException | None, status: int | None, ambiguous: bool) -> None:
+    """Only failures that may have reached the server and acted count as ambiguous."""
+    assert is_ambiguous(error, status) is ambiguous
+
+
+# --- retry hints -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ({}, None),
+        ({"retry-after-ms": "1500"}, 1.5),
+        ({"retry-after-ms": "12.5"}, 0.0125),
+        ({"retry-after-ms": "250", "retry-after": "9"}, 0.25),
+        ({"retry-after-ms": "soon", "retry-after": "9"}, 9.0),
+        ({"retry-after-ms": "nan", "retry-after": "4"}, 4.0),
+        ({"retry-after": "2"}, 2.0),
+        ({"retry-after": " 2.5 "}, 2.5),
+        ({"retry-after": "inf"}, None),
+        ({"retry-after": "later"}, None),
+        ({"retry-after": "Sun, 15 Jun 2025 15:07:40 GMT"}, 60.0),
+        ({"retry-after": "Sun, 15 Jun 2025 15:07:40 -0000"}, 60.0),
+        ({"retry-after": "Sun, 15 Jun 2025 15:05:40 GMT"}, -60.0),
+    ],
+)
+def test_parse_retry_after(headers: dict[str, str], expected: float | None) -> None:
+    """retry-after-ms wins, then retry-after as seconds, then as an HTTP date from now."""
+    # NOW is 2025-06-15 15:06:40 UTC
+    assert parse_retry_after(headers, now=NOW) == (
+        pytest.approx(expected) if expected is not None else None
+    )
+
+
+# --- delays ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("retries_taken", "expected"),
+    [(0, 1.0), (1, 2.0), (2, 4.0), (3, 8.0), (4, 16.0), (5, 30.0), (6, 30.0), (10_000, 30.0)],
+)
+def test_backoff_delay_is_capped_exponential(retries_taken: int, expected: float) -> None:
+    """Without jitter the delay doubles from initial_delay up to max_delay."""
+    assert no_jitter().backoff_delay(retries_taken) == expected
+
+
+def test_backoff_delay_follows_the_policy_fields() -> None:
+    """initial_delay, exp_base and max_delay shape the schedule."""
+    policy = no_jitter(initial_delay=0.5, exp_base=3.0, max_delay=10.0)
+    assert [policy.backoff_delay(n) for n in range(4)] == [0.5, 1.5, 4.5, 10.0]
+
+
+def test_full_jitter_stays_between_zero_and_the_delay() -> None:
+    """The default jitter (backoff.full_jitter) draws from [0, delay]."""
+    random.seed(7)
+    policy = RetryPolicy()
+    assert policy.jitter is backoff.full_jitter
+    samples = [policy.backoff_delay(2) for _ in range(500)]
+    assert all(0.0 <= s <= 4.0 for s in samples)
+    assert max(samples) - min(samples) > 2.0  # it does spread
+
+
+def test_jitter_never_pushes_past_max_delay() -> None:
+    """A jitter that adds time (backoff.random_jitter) is clamped to max_delay."""
+    random.seed(3)
+    policy = RetryPolicy(jitter=backoff.random_jitter, max_delay=30.0)
+    assert all(policy.backoff_delay(10) == 30.0 for _ in range(50))
+    assert all(1.0 <= policy.backoff_delay(0) <= 2.0 for _ in range(50))
+
+
+@pytest.mark.parametrize(
+    ("headers", "retries_taken", "expected"),
+    [
+        (None, 0, 1.0),
+        (None, 3, 8.0),
+        ({"retry-after": "5"}, 0, 5.0),
+        ({"retry-after": "5"}, 4, 5.0),
+        ({"retry-after-ms": "250"}, 2, 0.25),
+        ({"retry-after": "120"}, 0, 120.0),
+        ({"retry-after": "120.5"}, 0, None),
+        ({"retry-after-ms": "600000"}, 0, None),
+        ({"retry-after": "0"}, 1, 2.0),
+        ({"retry-after": "-3"}, 1, 2.0),
+        ({"retry-after": "garbage"}, 2, 4.0),
+        ({"retry-after": "Sun, 15 Jun 2025 15:07:40 GMT"}, 0, 60.0),
+        ({"retry-after": "Sun, 15 Jun 2025 15:09:40 GMT"}, 0, None),
+    ],
+)
+def test_compute_delay(
+    headers: dict[str, str] | None, retries_taken: int, expected: float | None
+) -> None:
+    """A positive hint up to 120 s is honoured, a longer one stops retries, else backoff."""
+    delay = no_jitter().compute_delay(retries_taken, headers, now=NOW)
+    assert delay == (pytest.approx(expected) if expected is not None else None)
+
+
+def test_max_retry_after_is_configurable() -> None:
+    """max_retry_after sets the longest server hint honoured."""
+    policy = no_jitter(max_retry_after=10.0)
+    assert policy.compute_delay(0, {"retry-after": "10"}) == 10.0
+    assert policy.compute_delay(0, {"retry-after": "11"}) is None
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"max_attempts": 0},
+        {"initial_delay": -1.0},
+        {"max_delay": float("nan")},
+        {"timeout": -5.0},
+        {"max_retry_after": -1.0},
+    ],
+)
+def test_policy_rejects_nonsense(kwargs: dict[str, float]) -> None:
+    """Impossible settings fail at construction, not at the first retry."""
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        RetryPolicy(**kwargs)  # type: ignore[arg-type]
+
+
+def test_policy_is_frozen_and_keyword_only() -> None:
+    """A policy cannot change after construction and takes keywords only."""
+    policy = RetryPolicy()
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        policy.max_attempts = 1  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        RetryPolicy(3)  # type: ignore[call-arg]
+    assert RetryPolicy.never().max_attempts == 1
+
+
+def test_poll_intervals_grow_to_the_maximum() -> None:
+    """Poll intervals start at the initial value and grow by half up to the maximum."""
+    nxt = poll_intervals(4.0, 20.0)
+    assert [nxt() for _ in range(6)] == [4.0, 6.0, 9.0, 13.5, 20.0, 20.0]
+    with pytest.raises(ValueError, match="positive"):
+        poll_intervals(0.0, 10.0)
+
+
+# --- the loop ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def clock() -> AsyncIterator[RecordingClock]:
+    """A recording virtual clock that moves by itself whenever the loop is idle."""
+    c = RecordingClock()
+    async with c.auto_advance():
+        yield c
+
+
+async def test_loop_retries_server_errors_with_backoff(clock: RecordingClock) -> None:
+    """Two 503s then a 200: the 200 comes back after waits of 1 s and 2 s of virtual time."""
+    transport, seen = scripted(503, 503, 200)
+    response = await no_jitter().send(transport, Request("GET", URL), clock=clock)
+    assert response.status == 200
+    assert len(seen) == 3
+    assert clock.sleeps == [1.0, 2.0]
+    assert clock.now() == NOW + 3.0
+
+
+async def test_loop_honours_retry_after(clock: RecordingClock) -> None:
+    """A 429 with retry-after-ms waits exactly what the server asked."""
+    transport, _ = scripted((429, {"retry-after-ms": "7500"}), (429, {"retry-after": "3"}), 200)
+    response = await no_jitter().send(transport, Request("POST", URL), clock=clock)
+    assert response.status == 200
+    assert clock.sleeps == [7.5, 3.0]
+
+
+async def test_loop_gives_up_at_once_when_retry_after_is_too_long(clock: RecordingClock) -> None:
+    """A 429 asking for more than max_retry_after comes back unretried, for the caller."""
+    transport, seen = scripted((429, {"retry-after": "600"}), 200)
+    response = await no_jitter().send(transport, Request("GET", URL), clock=clock)
+    assert response.status == 429
+    assert len(seen) == 1
+    assert clock.sleeps == []
+
+
+async def test_loop_does_not_retry_client_errors(clock: RecordingClock) -> None:
+    """A 400 is returned at once."""
+    transport, seen = scripted(400, 200)
+    response = await no_jitter().send(transport, Request("GET", URL), clock=clock)
+    assert response.status == 400
+    assert len(seen) == 1
+
+
+async def test_loop_honours_x_should_retry(clock: RecordingClock) -> None:
+    """x-should-retry: true retries a 400; false stops on a 503."""
+    transport, seen = scripted((400, {"x-should-retry": "true"}), 200)
+    assert (await no_jitter().send(transport, Request("GET", URL), clock=clock)).status == 200
+    assert len(seen) == 2
+    transport, seen = scripted((503, {"x-should-retry": "false"}), 200)
+    assert (await no_jitter().send(transport, Request("GET", URL), clock=clock)).status == 503
+    assert len(seen) == 1
+
+
+async def test_loop_returns_the_last_response_when_attempts_run_out(clock: RecordingClock) -> None:
+    """With max_attempts=3 three 500s are sent and the last one comes back."""
+    transport, seen = scripted(500, 500, 500, 200)
+    policy = no_jitter(max_attempts=3)
+    response = await policy.send(transport, Request("GET", URL), clock=clock)
+    assert response.status == 500
+    assert len(seen) == 3
+    assert clock.sleeps == [1.0, 2.0]
+
+
+async def test_loop_raises_the_last_network_error(clock: RecordingClock) -> None:
+    """Network failures are retried, and the last one is raised when attempts run out."""
+    transport, seen = scripted(ConnectError("a"), TransportTimeoutError("b"), ConnectError("c"))
+    policy = no_jitter(max_attempts=3)
+    with pytest.raises(ConnectError, match="c"):
+        await policy.send(transport, Request("GET", URL), clock=clock)
+    assert len(seen) == 3
+
+
+async def test_loop_does_not_retry_foreign_exceptions(clock: RecordingClock) -> None:
+    """An exception that is not a TransportError propagates on the first attempt."""
+    calls: list[Request] = []
+
+    class Broken:
+        async def send(self, request: Request, *, stream: bool = False) -> Response:
+            calls.append(request)
+            raise RuntimeError("a bug in a transport")
+
+        async def aclose(self) -> None:
+            return None
+
+    with pytest.raises(RuntimeError):
+        await RetryPolicy().send(Broken(), Request("GET", URL), clock=clock)
+    assert len(calls) == 1
+
+
+async def test_loop_respects_the_overall_timeout(clock: RecordingClock) -> None:
+    """A retry whose wait would end past the policy timeout is not made."""
+    transport, seen = scripted(503, 503, 503, 200)
+    policy = no_jitter(timeout=2.5)
+    response = await policy.send(transport, Request("GET", URL), clock=clock)
+    assert response.status == 503
+    assert len(seen) == 2  # waited 1 s; 1 + 2 > 2.5 so no third attempt
+    assert clock.sleeps == [1.0]
+
+
+async def test_loop_closes_a_streamed_error_before_retrying(clock: RecordingClock) -> None:
+    """A streamed retryable response is released before the next attempt."""
+    released: list[int] = []
+    statuses = [503, 200]
+
+    async def handler(request: Request) -> Response:
+        status = statuses.pop(0)
+
+        async def chunks() -> AsyncIterator[bytes]:
+            yield b"x"
+
+        async def release() -> None:
+            released.append(status)
+
+        return Response(status, {}, chunks=chunks(), release=release)
+
+    response = await no_jitter().send(
+        InMemoryTransport(handler), Request("GET", URL), clock=clock, stream=True
+    )
+    assert response.status == 200
+    assert released == [503]
+    await response.aclose()
+
+
+async def test_each_retry_is_logged_without_secrets(
+    clock: RecordingClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each retry logs method, path, attempt, delay and reason at INFO; no headers or query."""
+    transport, _ = scripted(ConnectError("x"), (429, {"retry-after": "2"}), 200)
+    request = Request(
+        "GET", URL, params={"after": "batch_9"}, headers={"Authorization": "Bearer sk-secret"}
+    )
+    with caplog.at_level(logging.INFO, logger="aiobatch"):
+        await no_jitter().send(transport, request, clock=clock)
+    records = [r for r in caplog.records if r.name == "aiobatch"]
+    assert [r.levelno for r in records] == [logging.INFO, logging.INFO]
+    first, second = records
+    assert first.getMessage() == (
+        "retrying GET /v1/batches (attempt 1 of 6 failed: ConnectError) in 1.000s"
+    )
+    assert (second.attempt, second.delay, second.reason) == (2, 2.0, "HTTP 429")  # type: ignore[attr-defined]
+    assert (second.http_method, second.path) == ("GET", "/v1/batches")  # type: ignore[attr-defined]
+    for record in records:
+        text = record.getMessage() + repr(record.__dict__)
+        assert "sk-secret" not in text
+        assert "batch_9" not in text
+
+
+async def test_retry_state_counts_attempts(clock: RecordingClock) -> None:
+    """RetryState records each failure and stops at max_attempts."""
+    state = RetryState(no_jitter(max_attempts=2), clock, "POST", URL)
+    assert await state.backoff(error=TransportError("x")) is True
+    assert await state.backoff(error=TransportError("x")) is False
+    assert state.attempts == 2
+    assert "POST" in repr(state)
+
+
+# --- testing mode ------------------------------------------------------------------------
+
+
+async def test_for_testing_zeroes_waits_but_keeps_decisions(clock: RecordingClock) -> None:
+    """for_testing() retries the same failures with zero waits and the given attempts."""
+    policy = RetryPolicy.for_testing(max_attempts=3)
+    transport, seen = scripted(503, (429, {"retry-after": "30"}), 503, 200)
+    response = await policy.send(transport, Request("GET", URL), clock=clock)
+    assert response.status == 503
+    assert len(seen) == 3
+    assert clock.sleeps == [0.0, 0.0]
+    assert clock.now() == NOW
+    transport, seen = scripted((429, {"retry-after": "600"}), 200)
+    assert (await policy.send(transport, Request("GET", URL), clock=clock)).status == 429
+    assert len(seen) == 1
+
+
+async def test_global_testing_mode_zeroes_every_policy(clock: RecordingClock) -> None:
+    """set_retry_testing(True) zeroes the waits of any policy while the block runs."""
+    assert not is_retry_testing()
+    with set_retry_testing(True):
+        assert is_retry_testing()
+        transport, seen = scripted(503, 503, 200)
+        assert (await RetryPolicy().send(transport, Request("GET", URL), clock=clock)).status == 200
+        assert len(seen) == 3
+        assert clock.sleeps == [0.0, 0.0]
+    assert not is_retry_testing()
+    transport, _ = scripted(503, 200)
+    await no_jitter().send(transport, Request("GET", URL), clock=clock)
+    assert clock.sleeps[-1] == 1.0
+
+
+async def test_global_testing_mode_caps_attempts(clock: RecordingClock) -> None:
+    """max_attempts in testing mode caps every policy's attempts."""
+    with set_retry_testing(True, max_attempts=1):
+        transport, seen = scripted(503, 200)
+        assert (await RetryPolicy().send(transport, Request("GET", URL), clock=clock)).status == 503
+        assert len(seen) == 1
+
+
+def test_global_testing_mode_nests_and_restores() -> None:
+    """Each context restores the mode that was in force before it."""
+    with set_retry_testing(True, max_attempts=2):
+        with set_retry_testing(False):
+            assert not is_retry_testing()
+            with set_retry_testing(True, max_attempts=1):
+                assert is_retry_testing()
+            assert not is_retry_testing()
+        assert is_retry_testing()
+        state = RetryState(RetryPolicy(), VirtualClock(), "GET", URL)
+        assert state.max_attempts == 2
+    assert not is_retry_testing()
+
+
+def test_global_testing_mode_switches_without_a_with_block() -> None:
+    """Called plainly, set_retry_testing switches at once and stays switched."""
+    set_retry_testing(True)
+    try:
+        assert is_retry_testing()
+    finally:
+        set_retry_testing(False)
+    assert not is_retry_testing()
+    with pytest.raises(ValueError, match="max_attempts"):
+        set_retry_testing(True, max_attempts=0)
+
+
+def test_testing_switch_is_public() -> None:
+    """The switch and the policy are importable from the package root."""
+    assert aiobatch.set_retry_testing is set_retry_testing
+    assert aiobatch.is_retry_testing is is_retry_testing
+    assert aiobatch.RetryPolicy is RetryPolicy
