@@ -1,0 +1,501 @@
+"""The ``aiobatch`` command line: thin commands over the library and its fake server.
+
+Every subcommand is one :class:`Command` in :data:`COMMANDS`: a function that adds its
+arguments to a parser and a function that runs it and returns the exit status. To add
+a subcommand, write those two functions and register them with :func:`command`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import re
+import signal
+import sys
+from collections.abc import Callable, Sequence
+
+import attrs
+
+from ._clock import SystemClock
+from .testing._app import run_fake_server
+from .testing._config import FakeConfig, LineErrorRule
+from .testing._faults import Fault
+from .testing._service import FakeBatchService
+
+__all__ = [
+    "COMMANDS",
+    "Command",
+    "build_fake_service",
+    "build_parser",
+    "command",
+    "describe",
+    "duration",
+    "fault_rules",
+    "main",
+    "serve",
+]
+
+
+@attrs.frozen
+class Command:
+    """One subcommand.
+
+    Attributes:
+        name: what the user types (``fake-server``).
+        help: one line for ``aiobatch --help``.
+        configure: adds the subcommand's arguments to its parser.
+        run: runs it with the parsed arguments; returns the exit status.
+        description: the longer text for ``aiobatch <name> --help``.
+    """
+
+    name: str
+    help: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+    description: str | None = None
+
+
+#: Every subcommand, by name, in the order ``--help`` lists them.
+COMMANDS: dict[str, Command] = {}
+
+
+def command(
+    name: str,
+    help: str,
+    configure: Callable[[argparse.ArgumentParser], None],
+    *,
+    description: str | None = None,
+) -> Callable[[Callable[[argparse.Namespace], int]], Callable[[argparse.Namespace], int]]:
+    """Register the decorated function as the ``run`` of subcommand ``name``.
+
+    Args:
+        name: the subcommand.
+        help: one line for ``aiobatch --help``.
+        configure: adds the subcommand's arguments.
+        description: longer text for the subcommand's own ``--help``.
+
+    Returns:
+        A decorator that registers and returns the function unchanged.
+    """
+
+    def register(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        COMMANDS[name] = Command(name, help, configure, run, description)
+        return run
+
+    return register
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser for ``aiobatch`` with every registered subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="aiobatch",
+        description="Drive OpenAI-compatible Batch APIs, or serve a fake one for testing.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for cmd in COMMANDS.values():
+        sub = subparsers.add_parser(
+            cmd.name,
+            help=cmd.help,
+            description=cmd.description or cmd.help,
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
+        cmd.configure(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``aiobatch`` with ``argv`` (default: ``sys.argv[1:]``).
+
+    Args:
+        argv: the arguments after the program name.
+
+    Returns:
+        The exit status: 0 on success, 2 on a usage error.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    return COMMANDS[args.command].run(args)
+
+
+# -- argument types --------------------------------------------------------------------
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def duration(text: str) -> float:
+    """Seconds from ``"90"``, ``"1.5s"``, ``"250ms"``, ``"10m"``, ``"24h"`` or ``"2d"``."""
+    match = _DURATION.match(text)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (try 30, 1.5s, 10m, 24h)")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def rate(text: str) -> float:
+    """A probability in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def non_negative(text: str) -> float:
+    """A number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def statuses(text: str) -> tuple[int, ...]:
+    """HTTP error statuses from ``"429,500,503"``."""
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of statuses: {text!r}") from None
+    if not values or any(not 400 <= v <= 599 for v in values):
+        raise argparse.ArgumentTypeError(f"statuses must be 400-599, got {text!r}")
+    return values
+
+
+def port(text: str) -> int:
+    """A TCP port (0 picks a free one)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port: {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be 0-65535, got {text}")
+    return value
+
+
+# -- fake-server -----------------------------------------------------------------------
+
+
+def _fake_server_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = FakeConfig()
+    net = parser.add_argument_group("network")
+    net.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    net.add_argument("--port", type=port, default=8000, help="port to listen on (0: any free)")
+    net.add_argument(
+        "--access-log", action="store_true", help="print one line per request to stderr"
+    )
+    net.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on every request (default: no check)",
+    )
+
+    timing = parser.add_argument_group("timings (durations: 30, 1.5s, 250ms, 10m, 24h)")
+    timing.add_argument(
+        "--validation-seconds",
+        type=duration,
+        default=defaults.validation_seconds,
+        help="time a batch spends in 'validating'",
+    )
+    timing.add_argument(
+        "--lines-per-second",
+        type=non_negative,
+        default=defaults.lines_per_second,
+        help="processing speed in 'in_progress' (0: lines never finish)",
+    )
+    timing.add_argument(
+        "--finalizing-seconds",
+        type=duration,
+        default=defaults.finalizing_seconds,
+        help="time a batch spends in 'finalizing'",
+    )
+    timing.add_argument(
+        "--cancel-seconds",
+        type=duration,
+        default=defaults.cancel_seconds,
+        help="time a batch spends in 'cancelling'",
+    )
+    timing.add_argument(
+        "--completion-window",
+        type=duration,
+        default=defaults.completion_window_seconds,
+        help="time from creation until an unfinished batch expires",
+    )
+
+    faults = parser.add_argument_group(
+        "faults (each request draws from a generator seeded with --seed)"
+    )
+    faults.add_argument(
+        "--fault-rate",
+        type=rate,
+        default=0.0,
+        help="share of requests answered with an HTTP error from --fault-statuses",
+    )
+    faults.add_argument(
+        "--fault-statuses",
+        type=statuses,
+        default=(429, 500, 503),
+        help="comma-separated error statuses for --fault-rate, equally likely",
+    )
+    faults.add_argument(
+        "--retry-after",
+        type=non_negative,
+        default=None,
+        help="seconds sent in 'retry-after' with injected 429 and 503 answers",
+    )
+    faults.add_argument(
+        "--drop-rate",
+        type=rate,
+        default=0.0,
+        help="share of requests whose connection is dropped without an answer",
+    )
+    faults.add_argument(
+        "--drop-after",
+        action="store_true",
+        help="drop connections after the request took effect (default: before)",
+    )
+    faults.add_argument(
+        "--slow",
+        type=duration,
+        default=0.0,
+        metavar="SECONDS",
+        help="delay answers by this long (see --slow-rate)",
+    )
+    faults.add_argument(
+        "--slow-rate", type=rate, default=1.0, help="share of requests delayed by --slow"
+    )
+    faults.add_argument(
+        "--malformed-rate",
+        type=rate,
+        default=0.0,
+        help="share of requests answered 200 with a truncated JSON body",
+    )
+    faults.add_argument(
+        "--line-error-rate",
+        type=rate,
+        default=0.0,
+        help="share of batch lines that fail with HTTP 500 in the error file",
+    )
+    faults.add_argument(
+        "--fault-path",
+        default="*",
+        help="only break requests whose path after /v1 matches this pattern (e.g. /batches*)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed for ids, faults and results")
+
+
+def build_fake_service(args: argparse.Namespace) -> FakeBatchService:
+    """The fake service the ``fake-server`` arguments describe, on the real clock.
+
+    Args:
+        args: the parsed ``fake-server`` arguments.
+
+    Returns:
+        The service, its fault rules armed.
+    """
+
+    line_errors = (
+        (LineErrorRule(status=500, ratio=args.line_error_rate),) if args.line_error_rate else ()
+    )
+    config = FakeConfig(
+        validation_seconds=args.validation_seconds,
+        lines_per_second=args.lines_per_second,
+        finalizing_seconds=args.finalizing_seconds,
+        cancel_seconds=args.cancel_seconds,
+        completion_window_seconds=args.completion_window,
+        line_errors=line_errors,
+    )
+    service = FakeBatchService(
+        clock=SystemClock(), config=config, api_key=args.api_key, seed=args.seed
+    )
+    for fault in fault_rules(args):
+        service.faults.add(fault)
+    return service
+
+
+def fault_rules(args: argparse.Namespace) -> list[Fault]:
+    """The fault rules for the ``fake-server`` fault flags, in the order they are checked.
+
+    Args:
+        args: the parsed ``fake-server`` arguments.
+
+    Returns:
+        The rules; empty when no fault flag is set.
+    """
+    path = args.fault_path
+    rules: list[Fault] = []
+    if args.drop_rate:
+        rules.append(
+            Fault.drop(after=args.drop_after, path=path, times=None, probability=args.drop_rate)
+        )
+    if args.fault_rate:
+        # First match wins, so rule i fires with the conditional probability that makes
+        # every status equally likely and their total exactly --fault-rate.
+        share = args.fault_rate / len(args.fault_statuses)
+        for i, status in enumerate(args.fault_statuses):
+            retry_after = args.retry_after if status in (429, 503) else None
+            rules.append(
+                Fault.http(
+                    status,
+                    retry_after=retry_after,
+                    path=path,
+                    times=None,
+                    probability=min(1.0, share / (1.0 - i * share)),
+                )
+            )
+    if args.malformed_rate:
+        rules.append(Fault.malformed(path=path, times=None, probability=args.malformed_rate))
+    if args.slow:
+        rules.append(Fault.slow(args.slow, path=path, times=None, probability=args.slow_rate))
+    return rules
+
+
+def describe(service: FakeBatchService, *, key_required: bool) -> str:
+    """One line on how ``service`` behaves, for the start-up banner."""
+    c = service.config
+    faults = len(service.faults)
+    return (
+        f"validating {c.validation_seconds:g}s, {c.lines_per_second:g} lines/s, "
+        f"finalizing {c.finalizing_seconds:g}s, cancelling {c.cancel_seconds:g}s, "
+        f"window {c.completion_window_seconds:g}s; "
+        f"{faults} fault rule{'' if faults == 1 else 's'}; "
+        f"api key {'required' if key_required else 'not checked'}"
+    )
+
+
+@command(
+    "fake-server",
+    "serve a fake OpenAI-compatible Batch API over HTTP",
+    _fake_server_arguments,
+    description=(
+        "Serve the aiobatch fake batch service over HTTP in real time, with the endpoints "
+        "of OpenAI's Files and Batch APIs under /v1. Point any OpenAI-compatible client "
+        "at the printed base URL. Stop with Ctrl-C or SIGTERM."
+    ),
+)
+def fake_server(args: argparse.Namespace) -> int:
+    """Run ``aiobatch fake-server``: serve until Ctrl-C or SIGTERM."""
+    service = build_fake_service(args)
+    try:
+        return asyncio.run(
+            serve(
+                service,
+                host=args.host,
+                port=args.port,
+                access_log=args.access_log,
+                banner=describe(service, key_required=args.api_key is not None),
+            )
+        )
+    except KeyboardInterrupt:  # a second Ctrl-C, or no signal handlers on this platform
+        print("stopped", flush=True)
+        return 0
+
+
+async def serve(
+    service: FakeBatchService,
+    *,
+    host: str,
+    port: int,
+    access_log: bool = False,
+    banner: str | None = None,
+) -> int:
+    """Serve ``service`` until SIGINT or SIGTERM; print the base URL once listening.
+
+    Args:
+        service: the fake service.
+        host: the address to listen on.
+        port: the port (0 picks a free one).
+        access_log: log one line per request to stderr.
+        banner: a line printed under the URL.
+
+    Returns:
+        The exit status: 0 after a clean stop, 1 when the server could not start.
+    """
+    logger = None
+    if access_log:
+        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+        logger = logging.getLogger("aiohttp.access")
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    installed: list[signal.Signals] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        # Not on Windows' proactor loop; there Ctrl-C raises KeyboardInterrupt instead.
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, stop.set)
+            installed.append(sig)
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                base_url = await stack.enter_async_context(
+                    run_fake_server(service, host=host, port=port, access_log=logger)
+                )
+            except OSError as exc:
+                print(
+                    f"aiobatch fake-server: cannot listen on {host}:{port}: {exc}", file=sys.stderr
+                )
+                return 1
+            print(f"aiobatch fake server listening on {base_url}", flush=True)
+            if banner:
+                print(f"  {banner}", flush=True)
+            print("Press Ctrl-C to stop.", flush=True)
+            await stop.wait()
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+    print("stopped", flush=True)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover - ``python -m aiobatch._cli``
+    sys.exit(main())
+
+
+# -- demo ------------------------------------------------------------------------------
+
+
+def _demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batches", type=int, default=50, help="batches to run at once")
+    parser.add_argument("--lines", type=int, default=20, help="requests per batch")
+    parser.add_argument(
+        "--fault-rate", type=rate, default=0.05, help="share of API calls answered 429/503"
+    )
+    parser.add_argument(
+        "--line-error-rate", type=rate, default=0.02, help="share of requests that fail"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="makes the run repeatable")
+
+
+@command(
+    "demo",
+    "run many batches end to end against the built-in fake (no key, no network)",
+    _demo_arguments,
+    description=(
+        "Write request files, upload them, create the batches, poll each until it "
+        "finishes and stream back every result, concurrently, through the real client, "
+        "against the in-memory fake service on a virtual clock."
+    ),
+)
+def _demo(args: argparse.Namespace) -> int:
+    from ._demo import all_accounted, format_report, run_demo
+
+    if args.batches < 1 or args.lines < 1:
+        print("aiobatch demo: --batches and --lines must be at least 1", file=sys.stderr)
+        return 2
+    report = asyncio.run(
+        run_demo(
+            batches=args.batches,
+            lines=args.lines,
+            fault_rate=args.fault_rate,
+            line_error_rate=args.line_error_rate,
+            seed=args.seed,
+        )
+    )
+    print(format_report(report))
+    return 0 if all_accounted(report) else 1

@@ -1,0 +1,335 @@
+"""Real HTTP over one pooled :class:`aiohttp.ClientSession`.
+
+The transport turns our :class:`~aiobatch.transport.Request` into an aiohttp call and the
+answer back into our :class:`~aiobatch.transport.Response`. No aiohttp type crosses the
+seam: every aiohttp, asyncio and OS exception is translated in one place
+(:class:`_map_exceptions`) into the :mod:`aiobatch.errors` tree, chained with
+``raise ... from exc``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from contextlib import ExitStack
+from types import TracebackType
+from typing import IO, Any
+
+import aiohttp
+
+from ..errors import ConnectError, TransportError, TransportTimeoutError
+from ._base import Multipart, Request, Response
+
+__all__ = ["AiohttpTransport"]
+
+CHUNK_SIZE = 64 * 1024
+
+
+class _map_exceptions:  # named like a function: used as `with _map_exceptions(...)`
+    """Translate aiohttp / asyncio / OS exceptions into :mod:`aiobatch.errors`.
+
+    The most specific class wins: a failure to connect (the request never left) is a
+    :class:`ConnectError`, a timeout a :class:`TransportTimeoutError`, anything else a
+    :class:`TransportError` (the request may have reached the server). Messages name the
+    method and URL and never the headers, which carry credentials.
+    """
+
+    __slots__ = ("_method", "_url")
+
+    def __init__(self, method: str, url: str) -> None:
+        self._method = method
+        self._url = url
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is None or isinstance(exc, TransportError):
+            return
+        mapped = _translate(exc, self._method, self._url)
+        if mapped is not None:
+            raise mapped from exc
+
+
+def _translate(exc: BaseException, method: str, url: str) -> TransportError | None:
+    """The aiobatch error for ``exc``, or None when it is not a network error."""
+    url = _safe_url(url)
+    where = f"{method} {url}"
+    # Order matters: ConnectionTimeoutError is also a TimeoutError, and
+    # ClientConnectorError is also an OSError.
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return ConnectError(f"connect timeout ({where})", method=method, url=url)
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return ConnectError(f"cannot connect ({where}): {_detail(exc)}", method=method, url=url)
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return TransportTimeoutError(f"timed out ({where})", method=method, url=url)
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return TransportError(f"server disconnected ({where})", method=method, url=url)
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return TransportError(f"broken response body ({where})", method=method, url=url)
+    if isinstance(exc, (aiohttp.ClientError, OSError)):
+        return TransportError(f"network error ({where}): {_detail(exc)}", method=method, url=url)
+    return None
+
+
+def _detail(exc: BaseException) -> str:
+    """A short description of ``exc`` that cannot contain request headers."""
+    if isinstance(exc, aiohttp.ClientResponseError):
+        # Its str() and repr() carry request_info (URL with query, headers): keep the message.
+        return f"{type(exc).__name__}: {exc.status} {exc.message}"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return f"{type(exc).__name__}: {exc.os_error}"
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{type(exc).__name__}: {exc.strerror}"
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _safe_url(url: str) -> str:
+    """``url`` without user info (``user:password@``), if it has any."""
+    scheme, sep, rest = url.partition("://")
+    if sep and "@" in rest.split("/", 1)[0]:
+        rest = rest.split("@", 1)[1]
+        return f"{scheme}://{rest}"
+    return url
+
+
+class _Chunks:
+    """The body of a streamed response as an async iterator of ``chunk_size`` pieces.
+
+    Like ``resp.content.iter_chunked(chunk_size)``, with errors mapped.
+    """
+
+    __slots__ = ("_content", "_method", "_size", "_url")
+
+    def __init__(self, resp: aiohttp.ClientResponse, method: str, url: str, size: int) -> None:
+        self._content = resp.content
+        self._method = method
+        self._url = url
+        self._size = size
+
+    def __aiter__(self) -> _Chunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        with _map_exceptions(self._method, self._url):
+            chunk = await self._content.read(self._size)
+        if not chunk:
+            raise StopAsyncIteration
+        return chunk
+
+
+class AiohttpTransport:
+    """Send requests over HTTP with one pooled :class:`aiohttp.ClientSession`.
+
+    The session is created on the first :meth:`send` (inside the running event loop)
+    unless one is borrowed with ``session``; a borrowed session stays open when the
+    transport closes, and its connector settings (``limit``...) are the caller's.
+
+    Timeouts: ``timeout`` bounds a whole exchange (connecting, sending, reading the
+    answer); ``Request.timeout`` overrides it per request. For a streamed response
+    (``send(..., stream=True)``) the timeout instead bounds each wait for data, so a large
+    download is never cut off while bytes keep arriving. ``connect_timeout`` bounds
+    opening one TCP/TLS connection (waiting for a free slot in the pool does not count).
+
+    Args:
+        session: a session to borrow instead of creating one.
+        limit: the most connections open at once (0 = no limit).
+        limit_per_host: the most connections open to one host (0 = no limit).
+        timeout: default seconds per exchange; None waits forever.
+        connect_timeout: seconds to open a connection; None waits forever.
+        chunk_size: bytes per chunk of a streamed body.
+        ssl_context: TLS settings for ``https`` URLs (None = the default verification).
+        trust_env: read proxy settings from the environment, like aiohttp does.
+        follow_redirects: follow 3xx answers. Off by default: a redirect to another
+            host would carry credential headers with it.
+    """
+
+    def __init__(
+        self,
+        *,
+        session: aiohttp.ClientSession | None = None,
+        limit: int = 100,
+        limit_per_host: int = 0,
+        timeout: float | None = 600.0,
+        connect_timeout: float | None = 5.0,
+        chunk_size: int = CHUNK_SIZE,
+        ssl_context: ssl.SSLContext | None = None,
+        trust_env: bool = False,
+        follow_redirects: bool = False,
+    ) -> None:
+        if chunk_size <= 0:
+            raise ValueError("chunk_size must be positive")
+        self._session = session
+        self._owns_session = session is None
+        self._limit = limit
+        self._limit_per_host = limit_per_host
+        self._connect_timeout = connect_timeout
+        self._chunk_size = chunk_size
+        self._ssl_context = ssl_context
+        self._trust_env = trust_env
+        self._follow_redirects = follow_redirects
+        self._closed = False
+        self._default_timeout = self._client_timeout(timeout, stream=False)
+        self._default_stream_timeout = self._client_timeout(timeout, stream=True)
+        self._timeouts: dict[tuple[float, bool], aiohttp.ClientTimeout] = {}
+
+    def _client_timeout(self, seconds: float | None, *, stream: bool) -> aiohttp.ClientTimeout:
+        if stream:
+            return aiohttp.ClientTimeout(sock_read=seconds, sock_connect=self._connect_timeout)
+        return aiohttp.ClientTimeout(total=seconds, sock_connect=self._connect_timeout)
+
+    def _timeout_for(self, seconds: float | None, stream: bool) -> aiohttp.ClientTimeout:
+        if seconds is None:
+            return self._default_stream_timeout if stream else self._default_timeout
+        key = (seconds, stream)
+        found = self._timeouts.get(key)
+        if found is None:
+            if len(self._timeouts) > 64:
+                self._timeouts.clear()
+            found = self._timeouts[key] = self._client_timeout(seconds, stream=stream)
+        return found
+
+    def _open_session(self) -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(
+            limit=self._limit,
+            limit_per_host=self._limit_per_host,
+            ssl=self._ssl_context if self._ssl_context is not None else True,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=self._default_timeout,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            trust_env=self._trust_env,
+        )
+        return self._session
+
+    async def send(self, request: Request, *, stream: bool = False) -> Response:
+        """Send ``request`` and return the answer, whatever its status.
+
+        Args:
+            request: what to send. A :class:`Multipart` body's file parts are streamed
+                from their ``path``.
+            stream: return before reading the body; the caller reads
+                :meth:`Response.iter_chunks` and must close the response.
+
+        Returns:
+            The response, its body read unless ``stream`` is true.
+
+        Raises:
+            ConnectError: the request was never sent (no connection could be made).
+            TransportTimeoutError: no complete answer in time.
+            TransportError: any other network failure; the server may have acted.
+        """
+        if self._closed:
+            raise TransportError(
+                "transport is closed", method=request.method, url=_safe_url(request.url)
+            )
+        session = self._session
+        if session is None:
+            session = self._open_session()
+        elif session.closed:  # a borrowed session closed by its owner
+            raise TransportError(
+                "the borrowed aiohttp session is closed",
+                method=request.method,
+                url=_safe_url(request.url),
+            )
+        files: ExitStack | None = None
+        data: Any = request.body
+        if isinstance(data, Multipart):
+            files = ExitStack()
+            data = _form(data, files)
+        method, url = request.method, request.url
+        try:
+            with _map_exceptions(method, url):
+                resp = await session.request(
+                    method,
+                    url,
+                    params=request.params or None,
+                    headers=request.headers,
+                    data=data,
+                    timeout=self._timeout_for(request.timeout, stream),
+                    allow_redirects=self._follow_redirects,
+                )
+        except BaseException:
+            if files is not None:
+                files.close()
+            raise
+        if stream:
+            return Response(
+                resp.status,
+                resp.headers,
+                chunks=_Chunks(resp, method, url, self._chunk_size),
+                release=_Releaser(resp, files),
+            )
+        try:
+            with _map_exceptions(method, url):
+                content = await resp.read()
+        finally:
+            resp.release()
+            if files is not None:
+                files.close()
+        return Response(resp.status, resp.headers, content)
+
+    async def aclose(self) -> None:
+        """Close the session if this transport created it. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        session, self._session = self._session, None
+        if session is not None and self._owns_session:
+            await session.close()
+
+    async def __aenter__(self) -> AiohttpTransport:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        owner = "own" if self._owns_session else "borrowed"
+        state = "closed" if self._closed else "open"
+        return f"AiohttpTransport({owner} session, {state})"
+
+
+class _Releaser:
+    """Release a streamed response's connection, then close the files it uploaded."""
+
+    __slots__ = ("_files", "_resp")
+
+    def __init__(self, resp: aiohttp.ClientResponse, files: ExitStack | None) -> None:
+        self._resp = resp
+        self._files = files
+
+    async def __call__(self) -> None:
+        try:
+            self._resp.release()
+        finally:
+            if self._files is not None:
+                self._files.close()
+
+
+def _form(body: Multipart, files: ExitStack) -> aiohttp.FormData:
+    """Encode ``body``; file parts with a path are opened here and streamed by aiohttp."""
+    form = aiohttp.FormData(default_to_multipart=True)
+    for name, value in body.fields:
+        form.add_field(name, value)
+    for name, part in body.files:
+        content: bytes | IO[bytes]
+        if part.path is not None:
+            content = files.enter_context(open(part.path, "rb"))  # noqa: SIM115
+        else:
+            assert part.content is not None
+            content = part.content
+        form.add_field(name, content, filename=part.filename, content_type=part.content_type)
+    return form
