@@ -499,3 +499,22 @@ def _demo(args: argparse.Namespace) -> int:
     )
     print(format_report(report))
     return 0 if all_accounted(report) else 1
+
+
+# -- diagram ---------------------------------------------------------------------------
+
+
+def _no_arguments(parser: argparse.ArgumentParser) -> None:
+    del parser
+
+
+@command(
+    "diagram",
+    "print the batch lifecycle as a Mermaid state diagram, generated from the table",
+    _no_arguments,
+)
+def _diagram(args: argparse.Namespace) -> int:
+    from ._lifecycle import mermaid_diagram
+
+    print(mermaid_diagram())
+    return 0

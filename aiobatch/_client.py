@@ -569,7 +569,7 @@ class BatchClient:
 
     async def wait(
         self,
-        batch_id: str,
+        batch: str | Batch,
         *,
         poll_interval: float = 5.0,
         max_interval: float = 60.0,
@@ -583,7 +583,8 @@ class BatchClient:
         returned, not raised: inspect ``batch.status``.
 
         Args:
-            batch_id: the batch.
+            batch: the batch id, or a Batch just returned by the server (such as the
+                answer to :meth:`create_batch`), which then counts as the first poll.
             poll_interval: seconds before the second poll.
             max_interval: the longest pause between polls.
             timeout: seconds to wait in all; None waits as long as it takes.
@@ -595,7 +596,11 @@ class BatchClient:
         clock = self._clock
         deadline = None if timeout is None else clock.monotonic() + timeout
         intervals = poll_intervals(poll_interval, max_interval)
-        batch = await self.retrieve_batch(batch_id)
+        if isinstance(batch, str):
+            batch_id = batch
+            batch = await self.retrieve_batch(batch_id)
+        else:
+            batch_id = batch.id
         lifecycle = BatchLifecycle(status=batch.status, batch_id=batch_id)
         while not batch.is_terminal:
             delay = intervals()

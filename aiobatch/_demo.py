@@ -113,7 +113,7 @@ async def run_demo(
         async def one(batch_no: int, path: Path) -> None:
             uploaded = await client.upload_file(path)
             batch = await client.create_batch(uploaded.id, ENDPOINT)
-            batch = await client.wait(batch.id, poll_interval=10.0, max_interval=60.0)
+            batch = await client.wait(batch, poll_interval=10.0, max_interval=60.0)
             statuses[batch.status.value] += 1
             for file_id in (batch.output_file_id, batch.error_file_id):
                 if file_id is None:

@@ -18,7 +18,7 @@ raises :class:`~aiobatch.errors.InvalidTransitionError`.
 
 This module owns every transition rule. It does no IO, knows no clock and imports no
 asyncio: :data:`TRANSITIONS` is plain data, and the diagram in the README is generated
-from it (``python -m aiobatch._lifecycle``).
+from it (``aiobatch diagram`` prints it).
 """
 
 from __future__ import annotations
@@ -244,7 +244,3 @@ def mermaid_diagram() -> str:
     for status in sorted(TERMINAL, key=list(BatchStatus).index):
         lines.append(f"    {status.value} --> [*]")
     return "\n".join(lines)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    print(mermaid_diagram())

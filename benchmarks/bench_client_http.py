@@ -101,7 +101,7 @@ async def run_aiobatch(base: str, batches: int, poll: float) -> int:
         async def one(n: int) -> None:
             uploaded = await client.upload_file(request_file(n), filename=f"b{n}.jsonl")
             batch = await client.create_batch(uploaded.id, ENDPOINT)
-            batch = await client.wait(batch.id, poll_interval=poll, max_interval=poll)
+            batch = await client.wait(batch, poll_interval=poll, max_interval=poll)
             assert batch.output_file_id is not None, batch
             await client.file_content(batch.output_file_id)
 

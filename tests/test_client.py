@@ -5,6 +5,7 @@ Time is a VirtualClock shared by the client and the service; nothing waits on wa
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Iterator
@@ -270,6 +271,23 @@ async def test_wait_until_completed_then_read_results(
     assert target.read_bytes() == service.file_content(done.output_file_id)
     assert written == target.stat().st_size
     assert sorted(p.name for p in target.parent.iterdir()) == ["results.jsonl"]
+
+
+async def test_wait_on_a_batch_object_skips_the_first_retrieve(
+    client: BatchClient, service: FakeBatchService, clock: VirtualClock
+) -> None:
+    """wait(batch) takes the given snapshot as its first poll: one GET fewer than wait(id)."""
+    by_object = await new_batch(client, lines=2)
+    by_id = await new_batch(client, lines=2)
+    async with clock.auto_advance():
+        done_object, done_id = await asyncio.gather(
+            client.wait(by_object, poll_interval=3.0, max_interval=3.0),
+            client.wait(by_id.id, poll_interval=3.0, max_interval=3.0),
+        )
+    assert done_object.status is done_id.status is BatchStatus.COMPLETED
+    polls_object = service.request_count("GET", f"/batches/{by_object.id}")
+    polls_id = service.request_count("GET", f"/batches/{by_id.id}")
+    assert polls_object == polls_id - 1
 
 
 async def test_wait_returns_failed_batches(

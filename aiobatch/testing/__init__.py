@@ -2,9 +2,13 @@
 
 :class:`FakeBatchService` is an in-memory OpenAI-compatible Batch and Files API with a
 simulated lifecycle on an injected clock (:class:`VirtualClock` in tests), a pluggable
-:data:`Responder` for the results, and :class:`Fault` injection.
+:data:`Responder` for the results, and :class:`Fault` injection. :func:`make_app` and
+:func:`run_fake_server` serve it over real HTTP; :func:`set_retry_testing` makes every
+retry wait zero.
 """
 
+from .._retry import set_retry_testing
+from ._app import make_app, run_fake_server
 from ._clock import VirtualClock
 from ._config import FakeConfig, LineErrorRule
 from ._faults import Fault, FaultKind, FaultPlan, FiredFault
@@ -32,4 +36,7 @@ __all__ = [
     "VirtualClock",
     "current_line_time",
     "estimate_tokens",
+    "make_app",
+    "run_fake_server",
+    "set_retry_testing",
 ]
