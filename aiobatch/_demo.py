@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from ._retry import RetryPolicy
 from .testing._clock import VirtualClock
 from .testing._config import FakeConfig, LineErrorRule
 from .testing._faults import Fault
+from .testing._requests import chat_requests
 from .testing._service import FakeBatchService
 
 __all__ = ["DemoReport", "run_demo"]
@@ -50,18 +50,7 @@ class DemoReport:
 
 def _write_requests(folder: Path, batch_no: int, lines: int) -> Path:
     path = folder / f"requests-{batch_no:04d}.jsonl"
-    with path.open("w", encoding="utf-8") as fh:
-        for line_no in range(lines):
-            request = {
-                "custom_id": f"b{batch_no}-r{line_no}",
-                "method": "POST",
-                "url": ENDPOINT,
-                "body": {
-                    "model": "gpt-4o-mini",
-                    "messages": [{"role": "user", "content": f"Say hello to #{line_no}."}],
-                },
-            }
-            fh.write(json.dumps(request) + "\n")
+    path.write_bytes(chat_requests(lines, prefix=f"b{batch_no}", endpoint=ENDPOINT))
     return path
 
 

@@ -29,20 +29,11 @@ import aiohttp
 import openai
 
 from aiobatch import BatchClient, RetryPolicy
+from aiobatch.testing import chat_requests
 from aiobatch.transport import AiohttpTransport, Request, Response
 
 ENDPOINT = "/v1/chat/completions"
 KEY = "sk-bench"
-
-
-def request_file(batch_no: int, lines: int = 10) -> bytes:
-    """A JSONL file of ``lines`` chat requests."""
-    rows = []
-    for i in range(lines):
-        body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": f"hi {i}"}]}
-        row = {"custom_id": f"b{batch_no}-{i}", "method": "POST", "url": ENDPOINT, "body": body}
-        rows.append(json.dumps(row))
-    return ("\n".join(rows) + "\n").encode()
 
 
 def free_port() -> int:
@@ -99,7 +90,9 @@ async def run_aiobatch(base: str, batches: int, poll: float) -> int:
     ) as client:
 
         async def one(n: int) -> None:
-            uploaded = await client.upload_file(request_file(n), filename=f"b{n}.jsonl")
+            uploaded = await client.upload_file(
+                chat_requests(10, prefix=f"b{n}"), filename=f"b{n}.jsonl"
+            )
             batch = await client.create_batch(uploaded.id, ENDPOINT)
             batch = await client.wait(batch, poll_interval=poll, max_interval=poll)
             assert batch.output_file_id is not None, batch
@@ -121,7 +114,7 @@ async def run_aiohttp(base: str, batches: int, poll: float) -> int:
             nonlocal count
             form = aiohttp.FormData()
             form.add_field("purpose", "batch")
-            form.add_field("file", request_file(n), filename=f"b{n}.jsonl")
+            form.add_field("file", chat_requests(10, prefix=f"b{n}"), filename=f"b{n}.jsonl")
             async with session.post(f"{base}/files", data=form) as resp:
                 file_id = json.loads(await resp.read())["id"]
             count += 1
@@ -157,7 +150,7 @@ async def run_openai(base: str, batches: int, poll: float) -> int:
 
         async def one(n: int) -> None:
             uploaded = await client.files.create(
-                file=(f"b{n}.jsonl", request_file(n)), purpose="batch"
+                file=(f"b{n}.jsonl", chat_requests(10, prefix=f"b{n}")), purpose="batch"
             )
             batch = await client.batches.create(
                 input_file_id=uploaded.id, endpoint=ENDPOINT, completion_window="24h"

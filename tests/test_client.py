@@ -18,14 +18,12 @@ from aiobatch import (
     CREATE_KEY_METADATA,
     Batch,
     BatchClient,
-    BatchRequest,
     BatchStatus,
     File,
     FileDeleted,
     RetryPolicy,
     set_retry_testing,
 )
-from aiobatch._convert import encode_request_line
 from aiobatch.errors import (
     AiobatchError,
     APIStatusError,
@@ -41,7 +39,7 @@ from aiobatch.errors import (
     UnprocessableEntityError,
     WaitTimeoutError,
 )
-from aiobatch.testing import FakeBatchService, FakeConfig, Fault, VirtualClock
+from aiobatch.testing import FakeBatchService, FakeConfig, Fault, VirtualClock, chat_requests
 from aiobatch.transport import InMemoryTransport, Multipart, Request, Response
 
 KEY = "sk-proj-TESTKEY-0123456789abcdefghijklmnop"
@@ -50,20 +48,6 @@ ENDPOINT = "/v1/chat/completions"
 CONFIG = FakeConfig(
     validation_seconds=10.0, lines_per_second=1.0, finalizing_seconds=5.0, cancel_seconds=20.0
 )
-
-
-def jsonl(n: int, prefix: str = "req") -> bytes:
-    lines = [
-        encode_request_line(
-            BatchRequest(
-                custom_id=f"{prefix}-{i}",
-                url=ENDPOINT,
-                body={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": f"q{i}"}]},
-            )
-        )
-        for i in range(n)
-    ]
-    return b"\n".join(lines) + b"\n"
 
 
 @pytest.fixture(autouse=True)
@@ -109,7 +93,7 @@ async def client(service: FakeBatchService, clock: VirtualClock) -> AsyncIterato
 
 
 async def new_batch(client: BatchClient, lines: int = 3, **kwargs: object) -> Batch:
-    uploaded = await client.upload_file(jsonl(lines))
+    uploaded = await client.upload_file(chat_requests(lines))
     return await client.create_batch(uploaded.id, ENDPOINT, **kwargs)  # type: ignore[arg-type]
 
 
@@ -125,14 +109,14 @@ async def test_file_endpoints_round_trip(
 ) -> None:
     """Upload (bytes and path), retrieve, list, content and delete all work on the fake."""
     path = tmp_path / "requests.jsonl"
-    path.write_bytes(jsonl(2, "p"))
-    from_bytes = await client.upload_file(jsonl(3), filename="mine.jsonl")
+    path.write_bytes(chat_requests(2, prefix="p"))
+    from_bytes = await client.upload_file(chat_requests(3), filename="mine.jsonl")
     from_path = await client.upload_file(path, expires_after_seconds=7200)
     assert isinstance(from_bytes, File)
     assert (from_bytes.filename, from_bytes.purpose, from_bytes.bytes) == (
         "mine.jsonl",
         "batch",
-        len(jsonl(3)),
+        len(chat_requests(3)),
     )
     assert from_path.filename == "requests.jsonl"
     assert from_path.expires_at == from_path.created_at + 7200
@@ -160,7 +144,7 @@ async def test_upload_from_a_path_is_streamed(
 ) -> None:
     """A path upload hands the transport a FilePart with the path, not the bytes."""
     path = tmp_path / "big.jsonl"
-    path.write_bytes(jsonl(5))
+    path.write_bytes(chat_requests(5))
     seen: list[Request] = []
 
     async def handler(request: Request) -> Response:
@@ -183,7 +167,7 @@ async def test_file_lines_are_streamed(service: FakeBatchService) -> None:
     async with BatchClient(
         api_key=KEY, base_url=BASE, transport=small_chunks.transport(), clock=service.clock
     ) as c:
-        content = jsonl(20)
+        content = chat_requests(20)
         uploaded = await c.upload_file(content)
         lines = [line async for line in c.iter_file_lines(uploaded.id)]
         assert lines == content.splitlines()
@@ -199,7 +183,7 @@ async def test_batch_endpoints_round_trip(
     client: BatchClient, service: FakeBatchService, clock: VirtualClock
 ) -> None:
     """Create, retrieve, list (all pages and one page) and cancel work on the fake."""
-    uploaded = await client.upload_file(jsonl(3))
+    uploaded = await client.upload_file(chat_requests(3))
     created = [
         await client.create_batch(
             uploaded.id,
@@ -422,7 +406,7 @@ async def test_create_whose_response_is_lost_makes_one_batch(
     client: BatchClient, service: FakeBatchService, clock: VirtualClock
 ) -> None:
     """The create took effect but its answer was lost: the batch is found, not re-created."""
-    uploaded = await client.upload_file(jsonl(2))
+    uploaded = await client.upload_file(chat_requests(2))
     service.faults.add(Fault.drop(after=True, method="POST", path="/batches"))
     async with clock.auto_advance():
         batch = await client.create_batch(uploaded.id, ENDPOINT, metadata={"job": "a"})
@@ -446,7 +430,7 @@ async def test_create_5xx_after_processing_makes_one_batch(
         return response
 
     client = make_client(service, clock, transport=InMemoryTransport(handler))
-    uploaded = await client.upload_file(jsonl(2))
+    uploaded = await client.upload_file(chat_requests(2))
     async with clock.auto_advance():
         batch = await client.create_batch(uploaded.id, ENDPOINT)
     assert broken == [200]
@@ -468,7 +452,7 @@ async def test_create_that_did_not_take_effect_is_sent_again(
     client: BatchClient, service: FakeBatchService, clock: VirtualClock, fault: Fault
 ) -> None:
     """A create refused or lost before processing is re-sent (after a look) and makes one batch."""
-    uploaded = await client.upload_file(jsonl(2))
+    uploaded = await client.upload_file(chat_requests(2))
     service.faults.add(fault)
     async with clock.auto_advance():
         batch = await client.create_batch(uploaded.id, ENDPOINT)
@@ -481,7 +465,7 @@ async def test_create_that_timed_out_is_looked_up_then_sent_again(
 ) -> None:
     """A create that timed out (never processed) is looked for, then re-sent: one batch."""
     client = make_client(service, clock, timeout=5.0)
-    uploaded = await client.upload_file(jsonl(2))
+    uploaded = await client.upload_file(chat_requests(2))
     service.faults.add(Fault.slow(60, method="POST", path="/batches"))
     async with clock.auto_advance():
         batch = await client.create_batch(uploaded.id, ENDPOINT)
@@ -493,7 +477,7 @@ async def test_create_with_a_garbled_answer_returns_the_batch(
     client: BatchClient, service: FakeBatchService
 ) -> None:
     """A 200 create whose body is cut off is found by its key instead of raising."""
-    uploaded = await client.upload_file(jsonl(2))
+    uploaded = await client.upload_file(chat_requests(2))
     service.faults.add(Fault.malformed(method="POST", path="/batches"))
     batch = await client.create_batch(uploaded.id, ENDPOINT)
     assert service.batch_ids == [batch.id]
@@ -503,7 +487,7 @@ async def test_create_keeps_a_key_the_caller_chose(
     client: BatchClient, service: FakeBatchService, clock: VirtualClock
 ) -> None:
     """A caller-provided aiobatch_create_key is sent as is and used for the look-up."""
-    uploaded = await client.upload_file(jsonl(2))
+    uploaded = await client.upload_file(chat_requests(2))
     service.faults.add(Fault.drop(after=True, method="POST", path="/batches"))
     async with clock.auto_advance():
         batch = await client.create_batch(
@@ -521,7 +505,7 @@ async def test_create_lookup_stops_at_older_batches(
     client: BatchClient, service: FakeBatchService, clock: VirtualClock
 ) -> None:
     """The look-up reads newest-first pages and stops at batches older than the first send."""
-    uploaded = await client.upload_file(jsonl(1))
+    uploaded = await client.upload_file(chat_requests(1))
     for _ in range(250):
         await client.create_batch(uploaded.id, ENDPOINT)
     clock.advance(3600)
@@ -538,7 +522,7 @@ async def test_create_lookup_finds_the_batch_beyond_the_first_page(
     client: BatchClient, service: FakeBatchService, clock: VirtualClock
 ) -> None:
     """Batches made by others after ours push it to a later page; the look-up still finds it."""
-    uploaded = await client.upload_file(jsonl(1))
+    uploaded = await client.upload_file(chat_requests(1))
     others = make_client(service, clock, retry=RetryPolicy.never())
     made: list[str] = []
 
@@ -563,7 +547,7 @@ async def test_ambiguous_create_without_room_for_a_key_is_raised(
     client: BatchClient, service: FakeBatchService
 ) -> None:
     """With full metadata a lost create answer is raised, never re-sent."""
-    uploaded = await client.upload_file(jsonl(1))
+    uploaded = await client.upload_file(chat_requests(1))
     service.faults.add(Fault.drop(after=True, method="POST", path="/batches"))
     with pytest.raises(TransportError):
         await client.create_batch(uploaded.id, ENDPOINT, metadata={f"k{i}": "v" for i in range(16)})
@@ -576,7 +560,7 @@ async def test_create_gives_up_after_the_last_attempt(
 ) -> None:
     """When every attempt fails and no batch carries the key, the last error is raised."""
     client = make_client(service, clock, retry=RetryPolicy.for_testing(max_attempts=3))
-    uploaded = await client.upload_file(jsonl(1))
+    uploaded = await client.upload_file(chat_requests(1))
     service.faults.add(Fault.http(503, method="POST", path="/batches", times=None))
     with pytest.raises(ServerError) as info:
         await client.create_batch(uploaded.id, ENDPOINT)
@@ -596,7 +580,7 @@ async def test_key_is_absent_from_reprs_logs_and_errors(
     errors: list[BaseException] = []
     with caplog.at_level(logging.DEBUG):
         async with clock.auto_advance():
-            uploaded = await client.upload_file(jsonl(2))
+            uploaded = await client.upload_file(chat_requests(2))
             service.faults.add(Fault.http(429, retry_after=1))
             service.faults.add(Fault.drop(after=True, method="POST", path="/batches"))
             service.faults.add(Fault.http(503, path="/batches/*"))

@@ -11,8 +11,15 @@ import pytest
 from pytest_aiohttp import AiohttpServer
 
 from aiobatch.errors import ConnectError, TransportError
-from aiobatch.testing import FakeBatchService, FakeConfig, Fault, VirtualClock
-from aiobatch.testing._app import make_app, run_fake_server
+from aiobatch.testing import (
+    FakeBatchService,
+    FakeConfig,
+    Fault,
+    VirtualClock,
+    chat_requests,
+    make_app,
+    run_fake_server,
+)
 from aiobatch.transport import AiohttpTransport, FilePart, Multipart, Request, Response
 
 KEY = "sk-test"
@@ -162,21 +169,6 @@ CONFIG = FakeConfig(
 )
 
 
-def _lines(n: int) -> bytes:
-    return b"".join(
-        json.dumps(
-            {
-                "custom_id": f"req-{i}",
-                "method": "POST",
-                "url": "/v1/chat/completions",
-                "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
-            }
-        ).encode()
-        + b"\n"
-        for i in range(n)
-    )
-
-
 class Api:
     """A few lines of plumbing: JSON calls against the served fake through the transport."""
 
@@ -256,7 +248,7 @@ async def api(
 
 async def test_upload_retrieve_and_download_a_file(api: Api, tmp_path: Path) -> None:
     """An upload streamed from disk is stored exactly and downloads back in several chunks."""
-    content = _lines(1000)  # > 64 KiB: more than one client chunk
+    content = chat_requests(1000)  # > 64 KiB: more than one client chunk
     uploaded = await api.upload(content, tmp_path)
     assert uploaded["object"] == "file"
     assert (uploaded["purpose"], uploaded["bytes"], uploaded["filename"]) == (
@@ -276,7 +268,7 @@ async def test_upload_retrieve_and_download_a_file(api: Api, tmp_path: Path) -> 
 
 async def test_batch_lifecycle_over_http(api: Api, clock: VirtualClock, tmp_path: Path) -> None:
     """validating -> in_progress -> finalizing -> completed as the clock moves; output downloads."""
-    uploaded = await api.upload(_lines(4), tmp_path)
+    uploaded = await api.upload(chat_requests(4), tmp_path)
     batch = await api.create(uploaded["id"])
     assert batch["status"] == "validating"
     assert batch["expires_at"] == batch["created_at"] + 86_400
@@ -300,7 +292,7 @@ async def test_batch_lifecycle_over_http(api: Api, clock: VirtualClock, tmp_path
 
 async def test_list_batches_pages_newest_first(api: Api, tmp_path: Path) -> None:
     """GET /batches pages with limit and after, newest first, until has_more is false."""
-    uploaded = await api.upload(_lines(1), tmp_path)
+    uploaded = await api.upload(chat_requests(1), tmp_path)
     created = [(await api.create(uploaded["id"]))["id"] for _ in range(5)]
     seen: list[str] = []
     params = {"limit": "2"}
@@ -317,7 +309,7 @@ async def test_list_batches_pages_newest_first(api: Api, tmp_path: Path) -> None
 
 async def test_cancel_over_http(api: Api, clock: VirtualClock, tmp_path: Path) -> None:
     """POST /batches/{id}/cancel answers cancelling; the batch is cancelled after cancel_seconds."""
-    uploaded = await api.upload(_lines(100), tmp_path)
+    uploaded = await api.upload(chat_requests(100), tmp_path)
     batch = await api.create(uploaded["id"])
     clock.advance(12)
     status, cancelling = await api.call("POST", f"/batches/{batch['id']}/cancel")
@@ -356,7 +348,7 @@ async def test_dropped_connection_fault_is_a_disconnect(
     api: Api, service: FakeBatchService, tmp_path: Path
 ) -> None:
     """A drop fault reaches the client as TransportError (not ConnectError) and has no effect."""
-    uploaded = await api.upload(_lines(1), tmp_path)
+    uploaded = await api.upload(chat_requests(1), tmp_path)
     service.faults.add(Fault.drop(method="POST", path="/batches"))
     with pytest.raises(TransportError) as info:
         await api.create(uploaded["id"])
@@ -369,7 +361,7 @@ async def test_drop_after_fault_took_effect(
     api: Api, service: FakeBatchService, tmp_path: Path
 ) -> None:
     """A drop-after fault loses the answer, but the batch was created: the double-pay hazard."""
-    uploaded = await api.upload(_lines(1), tmp_path)
+    uploaded = await api.upload(chat_requests(1), tmp_path)
     service.faults.add(Fault.drop(after=True, method="POST", path="/batches"))
     with pytest.raises(TransportError):
         await api.create(uploaded["id"])

@@ -12,8 +12,15 @@ from openai import AsyncOpenAI
 from openai.types import Batch, FileObject
 from pytest_aiohttp import AiohttpServer
 
-from aiobatch.testing import FakeBatchService, FakeConfig, Fault, LineErrorRule, VirtualClock
-from aiobatch.testing._app import make_app
+from aiobatch.testing import (
+    FakeBatchService,
+    FakeConfig,
+    Fault,
+    LineErrorRule,
+    VirtualClock,
+    chat_requests,
+    make_app,
+)
 
 KEY = "sk-test"
 CONFIG = FakeConfig(
@@ -23,21 +30,6 @@ CONFIG = FakeConfig(
     cancel_seconds=30,
     line_errors=(LineErrorRule(status=400, predicate=lambda custom_id: custom_id == "req-3"),),
 )
-
-
-def _lines(n: int) -> bytes:
-    return b"".join(
-        json.dumps(
-            {
-                "custom_id": f"req-{i}",
-                "method": "POST",
-                "url": "/v1/chat/completions",
-                "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
-            }
-        ).encode()
-        + b"\n"
-        for i in range(n)
-    )
 
 
 @pytest.fixture
@@ -67,7 +59,7 @@ async def client(base_url: str) -> AsyncIterator[AsyncOpenAI]:
 
 async def _upload(client: AsyncOpenAI, tmp_path: Path, lines: int = 4) -> FileObject:
     path = tmp_path / "input.jsonl"
-    path.write_bytes(_lines(lines))
+    path.write_bytes(chat_requests(lines))
     return await client.files.create(file=path, purpose="batch")
 
 
@@ -89,10 +81,10 @@ async def test_files_create_and_retrieve(client: AsyncOpenAI, tmp_path: Path) ->
         "input.jsonl",
         "processed",
     )
-    assert uploaded.bytes == len(_lines(4))
+    assert uploaded.bytes == len(chat_requests(4))
     assert await client.files.retrieve(uploaded.id) == uploaded
     content = await client.files.content(uploaded.id)
-    assert content.content == _lines(4)
+    assert content.content == chat_requests(4)
 
 
 async def test_batches_create_and_retrieve_through_the_lifecycle(

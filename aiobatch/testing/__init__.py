@@ -12,6 +12,7 @@ from ._app import make_app, run_fake_server
 from ._clock import VirtualClock
 from ._config import FakeConfig, LineErrorRule
 from ._faults import Fault, FaultKind, FaultPlan, FiredFault
+from ._requests import chat_requests
 from ._responder import (
     DefaultResponder,
     Responder,
@@ -34,6 +35,7 @@ __all__ = [
     "Responder",
     "ResponderResult",
     "VirtualClock",
+    "chat_requests",
     "current_line_time",
     "estimate_tokens",
     "make_app",
