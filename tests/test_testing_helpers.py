@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from aiobatch import BatchClient
 from aiobatch.testing import FakeBatchService, VirtualClock, chat_requests
 
 
@@ -24,8 +25,6 @@ async def test_chat_requests_pass_the_fakes_validation() -> None:
     """A file from chat_requests is a batch the fake service completes without errors."""
     clock = VirtualClock()
     service = FakeBatchService(clock=clock)
-    from aiobatch import BatchClient
-
     async with BatchClient(
         api_key="sk-t", base_url="http://fake/v1", transport=service.transport(), clock=clock
     ) as client:
