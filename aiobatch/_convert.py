@@ -21,9 +21,16 @@ from typing import Any, TypeVar
 import attrs
 import cattrs
 import cattrs.gen
+from cattrs.errors import (
+    AttributeValidationNote,
+    ClassValidationError,
+    IterableValidationError,
+    IterableValidationNote,
+)
 
-from ._lifecycle import BatchStatus
+from ._lifecycle import KNOWN, BatchStatus
 from ._models import (
+    Batch,
     BatchRequest,
     ErrorBody,
     LineError,
@@ -39,10 +46,12 @@ __all__ = [
     "decode",
     "decode_json",
     "decode_result_line",
+    "encode_create_batch",
     "encode_request_line",
     "parse_error_body",
     "structure",
     "to_wire",
+    "upload_form_fields",
 ]
 
 T = TypeVar("T")
@@ -76,12 +85,36 @@ def _strict_bool(value: Any, _: Any) -> bool:
 
 
 def _status(value: Any, _: Any) -> BatchStatus:
+    if value is BatchStatus.UNKNOWN:  # set by _unknown_status below, with raw_status
+        return value
     return BatchStatus.parse(value)
+
+
+#: Where an unknown status string is parked while a Batch is built (never a wire key).
+_RAW_STATUS_KEY = "\x00raw_status"
+
+
+def _unknown_status(value: Any) -> Any:
+    """Turn an unknown status string into UNKNOWN, keeping the string in raw_status."""
+    if isinstance(value, dict):
+        status = value.get("status")
+        if isinstance(status, str) and status not in _KNOWN_VALUES:
+            return {**value, "status": BatchStatus.UNKNOWN, _RAW_STATUS_KEY: status}
+    return value
+
+
+_KNOWN_VALUES = frozenset(s.value for s in KNOWN)
 
 
 def _is_homogeneous_tuple(tp: Any) -> bool:
     args = typing.get_args(tp)
     return typing.get_origin(tp) is tuple and len(args) == 2 and args[1] is Ellipsis
+
+
+def _noted(exc: Exception, note: Any) -> Exception:
+    notes = [*getattr(exc, "__notes__", []), note]
+    setattr(exc, "__notes__", notes)  # noqa: B010 - add_note() is 3.11+ and takes str only
+    return exc
 
 
 def _make_converter(*, detailed: bool) -> cattrs.Converter:
@@ -100,7 +133,18 @@ def _make_converter(*, detailed: bool) -> cattrs.Converter:
         def hook(value: Any, _: Any) -> tuple[Any, ...]:
             if not isinstance(value, list):
                 raise TypeError(f"expected a list, got {type(value).__name__}")
-            return tuple(item_hook(v, item) for v in value)
+            if not detailed:
+                return tuple(item_hook(v, item) for v in value)
+            out = []
+            for index, v in enumerate(value):
+                try:
+                    out.append(item_hook(v, item))
+                except Exception as exc:
+                    note = IterableValidationNote(f"Structuring item @ index {index}", index, item)
+                    raise IterableValidationError(
+                        f"While structuring {tp!r}", [_noted(exc, note)], tp
+                    ) from None
+            return tuple(out)
 
         return hook
 
@@ -123,40 +167,67 @@ def _make_converter(*, detailed: bool) -> cattrs.Converter:
     )
 
     def attrs_guard(tp: Any) -> Callable[[Any, Any], Any]:
-        inner = cattrs.gen.make_dict_structure_fn(tp, conv)
+        if tp is Batch:
+            renames = {"raw_status": cattrs.gen.override(rename=_RAW_STATUS_KEY)}
+            inner = cattrs.gen.make_dict_structure_fn(tp, conv, **renames)  # type: ignore[arg-type]
+        else:
+            inner = cattrs.gen.make_dict_structure_fn(tp, conv)
 
         def hook(value: Any, _: Any) -> Any:
             if not isinstance(value, dict):
                 raise TypeError(f"expected an object, got {type(value).__name__}")
-            return inner(value)
+            return inner(_unknown_status(value) if tp is Batch else value)
 
         return hook
 
     conv.register_structure_hook_factory(attrs.has, attrs_guard)
-    conv.register_structure_hook(ResultLine, _structure_result_line)
+    conv.register_structure_hook(ResultLine, _result_line_hook(conv, detailed=detailed))
     conv.register_unstructure_hook(BatchStatus, lambda s: s.value)
+    plain_batch = cattrs.gen.make_dict_unstructure_fn(Batch, conv)
+
+    def unstructure_batch(batch: Batch) -> dict[str, Any]:
+        data = plain_batch(batch)
+        raw = data.pop("raw_status")
+        if raw is not None:
+            data["status"] = raw
+        return data
+
+    conv.register_unstructure_hook(Batch, unstructure_batch)
     return conv
 
 
-def _structure_result_line(value: Any, _: Any) -> ResultLine:
-    if not isinstance(value, dict):
-        raise TypeError(f"expected an object, got {type(value).__name__}")
-    custom_id = _strict_str(value.get("custom_id"), str) if "custom_id" in value else None
-    if custom_id is None:
-        raise KeyError("custom_id")
-    line_id = value.get("id")
-    if line_id is not None:
-        line_id = _strict_str(line_id, str)
-    response = value.get("response")
-    error = value.get("error")
-    if response is not None:
-        resp = _FAST.structure(response, LineResponse)
-        if 200 <= resp.status_code < 300:
-            return ResultSuccess(custom_id=custom_id, response=resp, id=line_id)
-        return ResultHTTPError(custom_id=custom_id, response=resp, id=line_id)
-    if error is not None:
-        return ResultError(custom_id=custom_id, error=_FAST.structure(error, LineError), id=line_id)
-    raise ValueError("a result line needs a response or an error, and this one has neither")
+def _result_line_hook(conv: cattrs.Converter, *, detailed: bool) -> Callable[[Any, Any], Any]:
+    """Structure the untagged union of result lines, naming the failing field."""
+
+    def field(value: dict[str, Any], name: str, tp: Any) -> Any:
+        try:
+            if name not in value:
+                raise KeyError(name)
+            return conv.structure(value[name], tp)
+        except Exception as exc:
+            if not detailed:
+                raise
+            note = AttributeValidationNote(f"Structuring result line @ attribute {name}", name, tp)
+            raise ClassValidationError(
+                "While structuring a result line", [_noted(exc, note)], ResultSuccess
+            ) from None
+
+    def hook(value: Any, _: Any) -> ResultLine:
+        if not isinstance(value, dict):
+            raise TypeError(f"expected an object, got {type(value).__name__}")
+        custom_id: str = field(value, "custom_id", str)
+        line_id: str | None = field(value, "id", str | None) if "id" in value else None
+        if value.get("response") is not None:
+            resp: LineResponse = field(value, "response", LineResponse)
+            if 200 <= resp.status_code < 300:
+                return ResultSuccess(custom_id=custom_id, response=resp, id=line_id)
+            return ResultHTTPError(custom_id=custom_id, response=resp, id=line_id)
+        if value.get("error") is not None:
+            error: LineError = field(value, "error", LineError)
+            return ResultError(custom_id=custom_id, error=error, id=line_id)
+        raise ValueError("a result line needs a response or an error, and this one has neither")
+
+    return hook
 
 
 _FAST = _make_converter(detailed=False)
@@ -200,11 +271,10 @@ def structure(data: Any, cls: type[T], *, what: str | None = None) -> T:
         try:
             _DETAILED.structure(data, cls)
         except Exception as exc:
+            path, detail = _describe(exc)
             status_error = _find_unknown_status(exc)
             if status_error is not None:
-                path = "$.status" if isinstance(data, dict) and "status" in data else None
                 raise UnknownStatusError(status_error.value, what=name, path=path) from exc
-            path, detail = _describe(exc)
             raise DecodeError(name, detail, path=path) from exc
         path, detail = _describe(fast_exc)  # pragma: no cover - the two converters agree
         raise DecodeError(name, detail, path=path) from fast_exc  # pragma: no cover
@@ -228,7 +298,7 @@ def decode_json(body: bytes | str, *, what: str) -> Any:
     """
     try:
         return json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         snippet = body[:80] if isinstance(body, str) else body[:80].decode("utf-8", "replace")
         raise DecodeError(what, f"not valid JSON ({exc}); body starts {snippet!r}") from exc
 
@@ -290,3 +360,39 @@ def encode_request_line(request: BatchRequest) -> bytes:
         separators=(",", ":"),
         ensure_ascii=False,
     ).encode()
+
+
+def encode_create_batch(
+    input_file_id: str,
+    endpoint: str,
+    *,
+    completion_window: str = "24h",
+    metadata: Mapping[str, str] | None = None,
+    output_expires_after_seconds: int | None = None,
+) -> bytes:
+    """The JSON body of ``POST /batches``."""
+    payload: dict[str, Any] = {
+        "input_file_id": input_file_id,
+        "endpoint": endpoint,
+        "completion_window": completion_window,
+        "metadata": dict(metadata) if metadata else None,
+    }
+    if output_expires_after_seconds is not None:
+        payload["output_expires_after"] = {
+            "anchor": "created_at",
+            "seconds": int(output_expires_after_seconds),
+        }
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def upload_form_fields(
+    purpose: str, expires_after_seconds: int | None = None
+) -> tuple[tuple[str, str], ...]:
+    """The plain form fields of ``POST /files`` (nested fields in bracket notation)."""
+    fields: tuple[tuple[str, str], ...] = (("purpose", purpose),)
+    if expires_after_seconds is not None:
+        fields += (
+            ("expires_after[anchor]", "created_at"),
+            ("expires_after[seconds]", str(int(expires_after_seconds))),
+        )
+    return fields

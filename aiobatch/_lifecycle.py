@@ -32,6 +32,7 @@ from .errors import InvalidTransitionError, UnexpectedTransitionError, UnknownSt
 
 __all__ = [
     "ACTIVE",
+    "KNOWN",
     "REACHABLE",
     "TERMINAL",
     "TRANSITIONS",
@@ -57,6 +58,12 @@ class BatchStatus(str, enum.Enum):
     FILE_UPLOAD_FAILED = "file_upload_failed"
     #: Portkey-managed batching: the provider refused to start the batch job.
     BATCH_START_FAILED = "batch_start_failed"
+    #: A status string this version of aiobatch does not know. It is never a state of
+    #: the machine: a :class:`~aiobatch.Batch` decoded with it keeps the server's string
+    #: in ``raw_status``, and :meth:`BatchLifecycle.observe` raises
+    #: :class:`~aiobatch.errors.UnknownStatusError` for it, so one odd batch in a list
+    #: never breaks the list, yet tracking that batch is never silently wrong.
+    UNKNOWN = "unknown"
 
     @property
     def is_terminal(self) -> bool:
@@ -70,20 +77,20 @@ class BatchStatus(str, enum.Enum):
         Raises:
             UnknownStatusError: the value is not a status we know.
         """
-        if isinstance(value, cls):
+        if isinstance(value, cls) and value is not BatchStatus.UNKNOWN:
             return value
-        if isinstance(value, str):
+        if isinstance(value, str) and not isinstance(value, cls):
             try:
                 return _BY_VALUE[value]
             except KeyError:
                 pass
-        raise UnknownStatusError(value)
+        raise UnknownStatusError(value.value if isinstance(value, cls) else value)
 
     def __str__(self) -> str:
         return self.value
 
 
-_BY_VALUE: Mapping[str, BatchStatus] = {s.value: s for s in BatchStatus}
+_BY_VALUE: Mapping[str, BatchStatus] = {s.value: s for s in BatchStatus if s.value != "unknown"}
 
 _S = BatchStatus
 
@@ -99,8 +106,11 @@ TERMINAL: frozenset[BatchStatus] = frozenset(
     }
 )
 
+#: Every status of the machine (all but UNKNOWN).
+KNOWN: frozenset[BatchStatus] = frozenset(_BY_VALUE.values())
+
 #: The statuses in which a batch still changes.
-ACTIVE: frozenset[BatchStatus] = frozenset(set(BatchStatus) - TERMINAL)
+ACTIVE: frozenset[BatchStatus] = KNOWN - TERMINAL
 
 #: Direct moves the server may make, status -> statuses one step away.
 #:
@@ -175,6 +185,10 @@ class Transition:
         return self.current not in TRANSITIONS[self.previous]
 
 
+def _parse_status(value: BatchStatus | str) -> BatchStatus:
+    return BatchStatus.parse(value)
+
+
 @attrs.define
 class BatchLifecycle:
     """The status of one batch as we have observed it.
@@ -184,7 +198,7 @@ class BatchLifecycle:
         batch_id: used in error messages only.
     """
 
-    status: BatchStatus = BatchStatus.VALIDATING
+    status: BatchStatus = attrs.field(default=BatchStatus.VALIDATING, converter=_parse_status)
     batch_id: str | None = None
     cancel_requested: bool = False
 

@@ -116,11 +116,19 @@ class Batch:
     request_counts: RequestCounts | None = None
     usage: BatchUsage | None = None
     metadata: Mapping[str, str] | None = None
+    #: The status string exactly as the server sent it, when ``status`` does not say it
+    #: (``status`` is then :attr:`BatchStatus.UNKNOWN`); None otherwise.
+    raw_status: str | None = None
 
     @property
     def is_terminal(self) -> bool:
         """Whether the batch has finished and will not change again."""
         return self.status in TERMINAL
+
+    @property
+    def wire_status(self) -> str:
+        """The status string as the server sent it."""
+        return self.raw_status if self.raw_status is not None else self.status.value
 
 
 @attrs.frozen

@@ -13,10 +13,12 @@ from aiobatch._convert import (
     decode,
     decode_json,
     decode_result_line,
+    encode_create_batch,
     encode_request_line,
     parse_error_body,
     structure,
     to_wire,
+    upload_form_fields,
 )
 from aiobatch._lifecycle import BatchStatus
 from aiobatch._models import (
@@ -206,12 +208,97 @@ def test_decode_error_names_the_field(body: dict[str, Any], path: str) -> None:
     assert path in str(info.value)
 
 
-def test_unknown_status_in_a_body_is_typed() -> None:
-    """An unknown status string in a batch body raises UnknownStatusError at $.status."""
+def test_unknown_status_decodes_and_keeps_the_servers_string() -> None:
+    """An unknown status decodes as UNKNOWN with the original kept, and encodes back."""
+    batch = decode(json.dumps(_batch(status="scheduled")), Batch)
+    assert batch.status is BatchStatus.UNKNOWN
+    assert batch.raw_status == "scheduled"
+    assert batch.wire_status == "scheduled"
+    assert not batch.is_terminal
+    wire = to_wire(batch)
+    assert wire["status"] == "scheduled"
+    assert "raw_status" not in wire
+
+
+def test_known_status_has_no_raw_status_and_servers_cannot_set_it() -> None:
+    """raw_status is None for known statuses, even if the body carries a raw_status key."""
+    batch = decode(json.dumps(_batch(status="in_progress", raw_status="completed")), Batch)
+    assert batch.status is BatchStatus.IN_PROGRESS
+    assert batch.raw_status is None
+    assert batch.wire_status == "in_progress"
+
+
+def test_one_unknown_status_does_not_break_a_list_page() -> None:
+    """A page with one batch in an unknown status decodes; that batch is marked UNKNOWN."""
+    page = {"data": [_batch(), _batch(id="batch_2", status="stopping")], "has_more": False}
+    decoded = decode(json.dumps(page), BatchPage)
+    assert [b.status for b in decoded.data] == [BatchStatus.VALIDATING, BatchStatus.UNKNOWN]
+    assert decoded.data[1].raw_status == "stopping"
+
+
+def test_a_non_string_status_is_a_typed_error_with_its_path() -> None:
+    """A status that is not even a string is an UnknownStatusError naming where it was."""
+    page = {"data": [_batch(), _batch(status=5)], "has_more": False}
     with pytest.raises(UnknownStatusError) as info:
-        decode(json.dumps(_batch(status="Validating")), Batch)
-    assert info.value.value == "Validating"
-    assert info.value.path == "$.status"
+        decode(json.dumps(page), BatchPage)
+    assert info.value.path == "$.data[1].status"
+
+
+def test_page_errors_name_the_item_index() -> None:
+    """A bad field inside a list page is reported with the item's index."""
+    page = {"data": [_batch(), _batch(created_at="x")], "has_more": False}
+    with pytest.raises(DecodeError) as info:
+        decode(json.dumps(page), BatchPage)
+    assert info.value.path == "$.data[1].created_at"
+
+
+@pytest.mark.parametrize(
+    ("line", "path"),
+    [
+        ('{"custom_id":"c","response":{"status_code":"x"}}', "$.response.status_code"),
+        ('{"response":{"status_code":200}}', "$.custom_id"),
+        ('{"custom_id":"c","id":5,"error":{"code":"x","message":"m"}}', "$.id"),
+        ('{"custom_id":"c","error":{"code":1,"message":"m"}}', "$.error.code"),
+    ],
+)
+def test_result_line_errors_name_the_field(line: str, path: str) -> None:
+    """A malformed result line is reported with the path of the bad field."""
+    with pytest.raises(DecodeError) as info:
+        decode_result_line(line, what="output line 9")
+    assert info.value.path == path
+    assert str(info.value).startswith("cannot decode output line 9 at " + path)
+
+
+@pytest.mark.parametrize("body", [b"[" * 100_000, b'{"a":' * 100_000])
+def test_deeply_nested_json_is_a_decode_error(body: bytes) -> None:
+    """JSON nested past the recursion limit raises DecodeError, not RecursionError."""
+    with pytest.raises(DecodeError):
+        decode(body, Batch)
+    with pytest.raises(DecodeError):
+        decode_result_line(body)
+
+
+def test_create_body_and_upload_fields_have_the_wire_shape() -> None:
+    """The create body and upload form fields are encoded as the API documents them."""
+    body = json.loads(
+        encode_create_batch(
+            "file-1", "/v1/embeddings", metadata={"k": "v"}, output_expires_after_seconds=3600
+        )
+    )
+    assert body == {
+        "input_file_id": "file-1",
+        "endpoint": "/v1/embeddings",
+        "completion_window": "24h",
+        "metadata": {"k": "v"},
+        "output_expires_after": {"anchor": "created_at", "seconds": 3600},
+    }
+    assert json.loads(encode_create_batch("f", "/v1/responses"))["metadata"] is None
+    assert upload_form_fields("batch") == (("purpose", "batch"),)
+    assert upload_form_fields("batch", 86400) == (
+        ("purpose", "batch"),
+        ("expires_after[anchor]", "created_at"),
+        ("expires_after[seconds]", "86400"),
+    )
 
 
 def test_documented_nulls_are_accepted() -> None:

@@ -11,6 +11,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from aiobatch._lifecycle import (
     ACTIVE,
+    KNOWN,
     REACHABLE,
     TERMINAL,
     TRANSITIONS,
@@ -27,7 +28,29 @@ from aiobatch.errors import (
 )
 
 S = BatchStatus
-ALL = list(BatchStatus)
+ALL = [s for s in BatchStatus if s is not S.UNKNOWN]
+
+# An oracle written by hand, independent of TRANSITIONS: every status a batch can be seen
+# in after each status (the closure the table must produce). "Finished" statuses can
+# follow any active one (a batch may expire, fail or be cancelled at any time; a
+# cancel may lose the race with the end); nothing follows a finished one; and no active
+# status follows one that comes later in validating -> in_progress -> finalizing,
+# nor follows cancelling.
+_PORTKEY = {S.FILE_UPLOAD_FAILED, S.BATCH_START_FAILED}
+EXPECTED_REACHABLE: dict[BatchStatus, set[BatchStatus]] = {
+    S.VALIDATING: {S.IN_PROGRESS, S.FINALIZING, S.CANCELLING, S.COMPLETED, S.FAILED,
+                   S.EXPIRED, S.CANCELLED} | _PORTKEY,
+    S.IN_PROGRESS: {S.FINALIZING, S.CANCELLING, S.COMPLETED, S.FAILED, S.EXPIRED,
+                    S.CANCELLED} | _PORTKEY,
+    S.FINALIZING: {S.CANCELLING, S.COMPLETED, S.FAILED, S.EXPIRED, S.CANCELLED},
+    S.CANCELLING: {S.CANCELLED, S.COMPLETED, S.FAILED, S.EXPIRED},
+    S.COMPLETED: set(),
+    S.FAILED: set(),
+    S.EXPIRED: set(),
+    S.CANCELLED: set(),
+    S.FILE_UPLOAD_FAILED: set(),
+    S.BATCH_START_FAILED: set(),
+}  # fmt: skip
 
 # The documented graph (reference/batch-api.md §1.8): every edge must be in the table.
 DOCUMENTED_EDGES = {
@@ -46,7 +69,7 @@ DOCUMENTED_EDGES = {
 
 def test_status_values_are_the_wire_strings() -> None:
     """Every status of the OpenAI enum and Portkey's two extra ones exist, by wire value."""
-    assert {s.value for s in S} == {
+    assert {s.value for s in KNOWN} == {
         "validating",
         "failed",
         "in_progress",
@@ -70,8 +93,9 @@ def test_terminal_set() -> None:
         "file_upload_failed",
         "batch_start_failed",
     }
-    assert set(S) == ACTIVE | TERMINAL
+    assert ACTIVE | TERMINAL == KNOWN == set(ALL)
     assert not ACTIVE & TERMINAL
+    assert S.UNKNOWN not in KNOWN
     for status in TERMINAL:
         assert TRANSITIONS[status] == frozenset()
         assert REACHABLE[status] == frozenset()
@@ -79,9 +103,14 @@ def test_terminal_set() -> None:
 
 def test_table_covers_every_status_and_the_documented_graph() -> None:
     """The table has a row for every status and contains every documented edge."""
-    assert set(TRANSITIONS) == set(S)
+    assert set(TRANSITIONS) == KNOWN
     edges = {(a, b) for a, targets in TRANSITIONS.items() for b in targets}
     assert edges >= DOCUMENTED_EDGES
+
+
+def test_reachability_matches_the_hand_written_oracle() -> None:
+    """The closure of the table is exactly the reachability written out by hand."""
+    assert {k: set(v) for k, v in REACHABLE.items()} == EXPECTED_REACHABLE
 
 
 def test_every_active_status_can_finish() -> None:
@@ -98,7 +127,7 @@ def test_observe_every_pair(start: BatchStatus, observed: BatchStatus) -> None:
     if observed is start:
         assert machine.observe(observed.value) is None
         assert machine.status is start
-    elif observed in REACHABLE[start]:
+    elif observed in EXPECTED_REACHABLE[start]:
         transition = machine.observe(observed.value)
         assert transition is not None
         assert (transition.previous, transition.current) == (start, observed)
@@ -139,7 +168,9 @@ def test_move_out_of_terminal_is_rejected() -> None:
     assert machine.status is S.COMPLETED
 
 
-@pytest.mark.parametrize("value", ["Validating", "done", "", "submitted", 3, None, ["completed"]])
+@pytest.mark.parametrize(
+    "value", ["Validating", "done", "", "submitted", "unknown", S.UNKNOWN, 3, None, ["completed"]]
+)
 def test_unknown_status_is_a_typed_error(value: object) -> None:
     """An unknown status raises UnknownStatusError (a StateError and a DecodeError)."""
     machine = BatchLifecycle(S.IN_PROGRESS)
@@ -147,8 +178,17 @@ def test_unknown_status_is_a_typed_error(value: object) -> None:
         machine.observe(value)  # type: ignore[arg-type]
     assert isinstance(info.value, StateError)
     assert isinstance(info.value, DecodeError)
-    assert info.value.value == value
+    assert info.value.value == (value.value if isinstance(value, S) else value)
     assert machine.status is S.IN_PROGRESS
+
+
+def test_machine_is_built_from_wire_strings_and_refuses_unknown() -> None:
+    """BatchLifecycle parses a wire string as its start status and rejects unknown ones."""
+    assert BatchLifecycle("in_progress").status is S.IN_PROGRESS  # type: ignore[arg-type]
+    with pytest.raises(UnknownStatusError):
+        BatchLifecycle("scheduled")  # type: ignore[arg-type]
+    with pytest.raises(UnknownStatusError):
+        BatchLifecycle(S.UNKNOWN)
 
 
 def test_cancel_request_is_local_and_the_batch_may_still_finish() -> None:
@@ -195,7 +235,7 @@ def test_any_sequence_of_observations_only_moves_forward(seq: list[BatchStatus])
             assert machine.status is accepted[-1]
             continue
         if machine.status is not accepted[-1]:
-            assert machine.status in REACHABLE[accepted[-1]]
+            assert machine.status in EXPECTED_REACHABLE[accepted[-1]]
             accepted.append(machine.status)
     assert len(accepted) == len(set(accepted))
 
@@ -215,7 +255,7 @@ class LifecycleModel(RuleBasedStateMachine):
         before = self.machine.status
         if observed is before:
             assert self.machine.observe(observed) is None
-        elif observed in REACHABLE[before]:
+        elif observed in EXPECTED_REACHABLE[before]:
             self.machine.observe(observed)
             self.history.append(observed)
         else:
