@@ -1,9 +1,12 @@
 """The seam between aiobatch and the network: one small protocol, our own message types.
 
 A transport sends a :class:`Request` and returns a :class:`Response`; it knows nothing of
-providers, retries or batches. Errors leave a transport only as
+providers, retries or batches. Network failures leave a transport only as
 :class:`~aiobatch.errors.TransportError` (or its subclasses), never as a backend's own
-exception type.
+exception type. A file part whose path does not exist raises :class:`FileNotFoundError`
+before anything is sent (the caller's fault, never retried). The in-memory transport
+passes a handler's own bugs through unchanged: a crash in a fake must be loud, not
+retried as if the network had failed.
 """
 
 from __future__ import annotations
@@ -170,6 +173,7 @@ class Transport(Protocol):
         """Send one request.
 
         Raises:
+            FileNotFoundError: a file part's path does not exist; nothing was sent.
             ConnectError: the request was never sent.
             TransportTimeoutError: no complete answer in time.
             TransportError: anything else that went wrong in the network.
