@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncGenerator, AsyncIterator
+from email.utils import formatdate
 from pathlib import Path
 from typing import Any, cast
 
+import aiohttp
 import pytest
 from pytest_aiohttp import AiohttpServer
 
-from aiobatch.errors import ConnectError, TransportError
+from aiobatch.errors import ConnectError, TransportError, TransportTimeoutError
 from aiobatch.testing import (
     FakeBatchService,
     FakeConfig,
@@ -411,3 +414,82 @@ async def test_app_survives_a_client_hanging_up_mid_download(
     await chunks.aclose()
     again = await transport.send(Request("GET", str(server.make_url("/v1/ping"))))
     assert await again.read() == b"pong"
+
+
+async def test_date_header_comes_from_the_service_clock(
+    api: Api, clock: VirtualClock, tmp_path: Path
+) -> None:
+    """Over HTTP the date header is the service clock's, not aiohttp's wall-clock one."""
+    clock.advance(12.5)
+    expected = formatdate(clock.now(), usegmt=True)
+    uploaded = await api.upload(chat_requests(1), tmp_path)
+    for path, stream in (("/batches", False), (f"/files/{uploaded['id']}/content", True)):
+        response = await api.transport.send(
+            Request("GET", api.base_url + path, headers=AUTH), stream=stream
+        )
+        await response.read()
+        assert response.headers["date"] == expected
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{api.base_url}/batches", headers=AUTH) as raw,
+    ):
+        assert raw.headers.getall("Date") == [expected]  # exactly one, ours
+
+
+class Watched:
+    """Wraps a service: events for a request reaching it and for its handler ending."""
+
+    def __init__(self, service: FakeBatchService) -> None:
+        self.service = service
+        self.arrived = asyncio.Event()
+        self.finished = asyncio.Event()
+
+    async def handle(self, request: Request) -> Response:
+        self.arrived.set()
+        try:
+            return await self.service.handle(request)
+        finally:
+            self.finished.set()
+
+
+@pytest.mark.parametrize("act_after_delay", [False, True])
+async def test_create_that_times_out_takes_effect_on_the_server(
+    aiohttp_server: AiohttpServer,
+    service: FakeBatchService,
+    clock: VirtualClock,
+    transport: AiohttpTransport,
+    tmp_path: Path,
+    act_after_delay: bool,
+) -> None:
+    """A slow create the client gave up on still makes its batch: on arrival, or after the delay."""
+    watched = Watched(service)
+    server = await aiohttp_server(make_app(watched))
+    api = Api(transport, str(server.make_url("/v1")))
+    uploaded = await api.upload(chat_requests(1), tmp_path)
+    watched.arrived.clear()
+    watched.finished.clear()
+    service.faults.add(
+        Fault.slow(60, act_after_delay=act_after_delay, method="POST", path="/batches")
+    )
+    body = json.dumps(
+        {
+            "input_file_id": uploaded["id"],
+            "endpoint": "/v1/chat/completions",
+            "completion_window": "24h",
+        }
+    ).encode()
+    start = clock.now()
+    send = asyncio.ensure_future(
+        transport.send(
+            Request("POST", f"{api.base_url}/batches", headers=AUTH, body=body, timeout=0.05)
+        )
+    )
+    await watched.arrived.wait()  # the service now sleeps on the virtual clock
+    with pytest.raises(TransportTimeoutError):
+        await send
+    assert len(service.batch_ids) == (0 if act_after_delay else 1)
+    clock.advance(60)
+    await watched.finished.wait()
+    (batch_id,) = service.batch_ids
+    batch = await service.get_batch(batch_id)
+    assert batch.created_at == int(start + 60 if act_after_delay else start)

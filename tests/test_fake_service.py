@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
+from email.utils import formatdate, parsedate_to_datetime
 
 import pytest
 from conftest import API_KEY, BASE_URL, FakeApi, chat_line, jsonl
 
-from aiobatch.testing import FakeBatchService, FakeConfig, VirtualClock
+from aiobatch.testing import FakeBatchService, FakeConfig, Fault, VirtualClock
 from aiobatch.transport import FilePart, Multipart, Request
 
 ERROR_KEYS = {"message", "type", "param", "code"}
@@ -104,6 +105,36 @@ async def test_every_response_has_request_id_and_content_type(api: FakeApi) -> N
     assert re.fullmatch(r"req_[0-9a-f]{32}", unauthorised.headers["x-request-id"])
     ids.add(unauthorised.headers["x-request-id"])
     assert len(ids) == 4
+
+
+async def test_every_response_has_a_date_from_the_service_clock(
+    api: FakeApi, clock: VirtualClock
+) -> None:
+    """JSON, error, streamed and faulted answers carry an RFC 7231 date on the service clock."""
+    uploaded = await api.upload(jsonl([chat_line("a")]))
+    clock.advance(3600.7)
+    expected = formatdate(clock.now(), usegmt=True)
+    assert expected.endswith(" GMT")
+    responses = [
+        await api.raw("GET", "/batches"),
+        await api.raw("GET", "/batches/batch_nope"),
+        await api.raw("GET", f"/files/{uploaded['id']}/content"),
+        await FakeApi(api.service, key=None).raw("GET", "/batches"),
+    ]
+    api.service.faults.add(Fault.http(429))
+    responses.append(await api.raw("GET", "/batches"))
+    for response in responses:
+        assert response.headers["date"] == expected
+        assert parsedate_to_datetime(response.headers["date"]).timestamp() == int(clock.now())
+
+
+async def test_date_is_taken_when_a_slow_answer_leaves(api: FakeApi, clock: VirtualClock) -> None:
+    """A slow fault's answer is dated at the end of the delay, when it is sent."""
+    api.service.faults.add(Fault.slow(90, path="/batches"))
+    start = clock.now()
+    async with clock.auto_advance():
+        response = await api.raw("GET", "/batches")
+    assert response.headers["date"] == formatdate(start + 90, usegmt=True)
 
 
 async def test_routes_on_path_after_last_v1_segment(api: FakeApi) -> None:

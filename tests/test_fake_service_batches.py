@@ -377,3 +377,45 @@ async def test_cancel_unknown_batch_is_404(api: FakeApi) -> None:
     status, body = await api.call("POST", "/batches/batch_nope/cancel")
     assert status == 404
     assert body["error"]["code"] == "batch_not_found"
+
+
+# -- status overrides ------------------------------------------------------------------------
+
+
+async def test_override_status_reports_an_unknown_status(api: FakeApi, clock: VirtualClock) -> None:
+    """override_status makes retrieve, list and cancel report any string as the status."""
+    first = await api.submit([chat_line("a")])
+    second = await api.submit([chat_line("b")])
+    api.service.override_status(first["id"], "scheduled")
+    assert (await api.batch(first["id"]))["status"] == "scheduled"
+    assert (await api.batch(second["id"]))["status"] == "validating"
+    listed = {b["id"]: b["status"] for b in (await api.ok("GET", "/batches"))["data"]}
+    assert listed == {first["id"]: "scheduled", second["id"]: "validating"}
+    cancelled = await api.ok("POST", f"/batches/{first['id']}/cancel")
+    assert cancelled["status"] == "scheduled"
+    assert cancelled["cancelling_at"] is not None  # the simulation went on underneath
+    assert (await api.service.get_batch(first["id"])).status.value == "cancelling"
+
+
+async def test_override_status_can_be_removed(api: FakeApi, clock: VirtualClock) -> None:
+    """None restores the real status, which has kept moving meanwhile."""
+    batch = await api.submit([chat_line("a")])
+    api.service.override_status(batch["id"], "batch_queued")
+    clock.advance(3600)
+    overridden = await api.batch(batch["id"])
+    assert overridden["status"] == "batch_queued"
+    assert overridden["completed_at"] is not None
+    api.service.override_status(batch["id"], None)
+    assert (await api.batch(batch["id"]))["status"] == "completed"
+
+
+async def test_override_status_checks_its_arguments(api: FakeApi) -> None:
+    """An unknown batch is a KeyError, an empty status a ValueError."""
+    batch = await api.submit([chat_line("a")])
+    with pytest.raises(KeyError):
+        api.service.override_status("batch_nope", "scheduled")
+    with pytest.raises(KeyError):
+        api.service.override_status("batch_nope", None)
+    with pytest.raises(ValueError, match="non-empty"):
+        api.service.override_status(batch["id"], "")
+    assert (await api.batch(batch["id"]))["status"] == "validating"

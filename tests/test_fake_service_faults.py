@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 
@@ -127,6 +128,7 @@ async def test_slow_fault_trips_a_client_timeout(api: FakeApi, clock: VirtualClo
             Request("GET", f"{BASE_URL}/batches", headers=api.headers())
         )
     assert response.status == 200
+    await transport.aclose()
 
 
 async def test_slow_create_that_times_out_still_creates_the_batch(
@@ -142,13 +144,90 @@ async def test_slow_create_that_times_out_still_creates_the_batch(
         headers=api.headers(),
         body=json.dumps({"input_file_id": file_id, **CREATE}).encode(),
     )
-    async with clock.auto_advance():
-        with pytest.raises(TransportTimeoutError):
-            await transport.send(request)
+    start = clock.now()
+    task = asyncio.ensure_future(transport.send(request))
+    await clock.run_for(5)
+    with pytest.raises(TransportTimeoutError):
+        await task
     assert len(api.service.batch_ids) == 1
     (record,) = [r for r in api.service.requests if r.path == "/batches"]
     assert record.status == 200
     assert record.fault is FaultKind.SLOW
+    assert record.at == start
+    assert transport.abandoned == 1  # the service is still holding back the answer
+    await clock.run_for(55)
+    assert transport.abandoned == 0
+    assert len(api.service.batch_ids) == 1
+    await transport.aclose()
+
+
+async def _create_request(api: FakeApi) -> Request:
+    file_id = await _input_file(api)
+    return Request(
+        "POST",
+        f"{BASE_URL}/batches",
+        headers=api.headers(),
+        body=json.dumps({"input_file_id": file_id, **CREATE}).encode(),
+    )
+
+
+async def test_late_commit_takes_effect_only_after_the_delay(
+    api: FakeApi, clock: VirtualClock
+) -> None:
+    """act_after_delay: the client times out first, the batch appears when the delay ends."""
+    request = await _create_request(api)
+    api.service.faults.add(Fault.slow(60, act_after_delay=True, method="POST", path="/batches"))
+    transport = api.service.transport(timeout=5)
+    start = clock.now()
+    task = asyncio.ensure_future(transport.send(request))
+    await clock.run_for(5)
+    with pytest.raises(TransportTimeoutError):
+        await task
+    assert api.service.batch_ids == []
+    assert api.service.request_count("POST", "/batches") == 0  # not processed yet
+    await clock.run_for(54)
+    assert api.service.batch_ids == []
+    await clock.run_for(1)
+    (batch_id,) = api.service.batch_ids
+    assert (await api.batch(batch_id))["created_at"] == int(start + 60)
+    (record,) = [r for r in api.service.requests if r.path == "/batches"]
+    assert (record.status, record.fault, record.at) == (200, FaultKind.SLOW, start)
+    assert transport.abandoned == 0
+    await transport.aclose()
+
+
+async def test_late_commit_answers_a_patient_client(api: FakeApi, clock: VirtualClock) -> None:
+    """act_after_delay with no client timeout: the answer is the batch made at the end."""
+    request = await _create_request(api)
+    api.service.faults.add(Fault.slow(60, act_after_delay=True, method="POST", path="/batches"))
+    start = clock.now()
+    async with clock.auto_advance():
+        response = await api.service.handle(request)
+    assert response.status == 200
+    assert json.loads(await response.read())["created_at"] == int(start + 60)
+    assert clock.now() == start + 60
+
+
+async def test_late_commit_then_drop(api: FakeApi, clock: VirtualClock) -> None:
+    """drop(after=True, act_after_delay=True): the batch appears at the end, the answer is lost."""
+    request = await _create_request(api)
+    api.service.faults.add(
+        Fault.drop(after=True, delay=30, act_after_delay=True, method="POST", path="/batches")
+    )
+    task = asyncio.ensure_future(api.service.handle(request))
+    await clock.run_for(29)
+    assert api.service.batch_ids == []
+    await clock.run_for(1)
+    with pytest.raises(TransportError):
+        await task
+    assert len(api.service.batch_ids) == 1
+
+
+def test_act_after_delay_defaults_to_off() -> None:
+    """Fault.slow keeps processing on arrival unless act_after_delay is asked for."""
+    assert Fault.slow(5).act_after_delay is False
+    assert Fault.slow(5, act_after_delay=True).act_after_delay is True
+    assert Fault.malformed(delay=1, act_after_delay=True).act_after_delay is True
 
 
 async def test_malformed_fault_sends_truncated_json_after_acting(api: FakeApi) -> None:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
-from collections.abc import AsyncGenerator, AsyncIterator
+import traceback
+import tracemalloc
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -484,3 +487,214 @@ def test_chunk_size_must_be_positive() -> None:
     """A zero chunk size is refused at construction."""
     with pytest.raises(ValueError, match="chunk_size"):
         AiohttpTransport(chunk_size=0)
+
+
+# -- credentials never ride along in exception chains -------------------------------------
+
+
+def _assert_no_secret(err: BaseException) -> None:
+    """The secret is in no message, repr, chained exception or formatted traceback."""
+    assert SECRET not in str(err)
+    assert SECRET not in repr(err)
+    assert SECRET not in repr(err.__cause__)
+    assert SECRET not in repr(err.__context__)
+    assert SECRET not in "".join(traceback.format_exception(err))
+
+
+async def test_redirect_loop_error_does_not_chain_the_request_headers(
+    aiohttp_server: AiohttpServer,
+) -> None:
+    """TooManyRedirects holds request_info (headers): not chained; status and hops in our text."""
+
+    async def loop(request: web.Request) -> web.Response:
+        raise web.HTTPFound("/v1/batches/x")
+
+    server = await aiohttp_server(_app(web.get("/v1/batches/x", loop)))
+    async with AiohttpTransport(follow_redirects=True) as t:
+        with pytest.raises(TransportError) as info:
+            await t.send(
+                Request(
+                    "GET",
+                    str(server.make_url("/v1/batches/x")),
+                    headers={"Authorization": f"Bearer {SECRET}"},
+                )
+            )
+    err = info.value
+    assert not isinstance(err, ConnectError)
+    assert err.__cause__ is None
+    assert err.__context__ is None
+    assert "TooManyRedirects" in str(err)
+    assert "302" in str(err)
+    _assert_no_secret(err)
+
+
+async def test_garbled_answer_error_does_not_chain_the_request_headers(
+    unused_tcp_port: int, transport: AiohttpTransport
+) -> None:
+    """An unparsable status line (aiohttp's ClientResponseError) is not chained either."""
+
+    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 twohundred OK\r\ncontent-length: 0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+
+    server = await asyncio.start_server(garbage, "127.0.0.1", unused_tcp_port)
+    try:
+        with pytest.raises(TransportError) as info:
+            await transport.send(
+                Request(
+                    "GET",
+                    f"http://127.0.0.1:{unused_tcp_port}/v1/batches",
+                    headers={"Authorization": f"Bearer {SECRET}"},
+                )
+            )
+    finally:
+        server.close()
+        await server.wait_closed()
+    err = info.value
+    assert err.__cause__ is None
+    assert err.__context__ is None
+    assert "ClientResponseError" in str(err)
+    _assert_no_secret(err)
+
+
+async def test_ordinary_errors_keep_their_cause(
+    unused_tcp_port: int, transport: AiohttpTransport
+) -> None:
+    """Errors without request info stay chained (useful for debugging) and hold no secret."""
+    with pytest.raises(ConnectError) as info:
+        await transport.send(
+            Request(
+                "GET",
+                f"http://127.0.0.1:{unused_tcp_port}/",
+                headers={"Authorization": f"Bearer {SECRET}"},
+            )
+        )
+    assert isinstance(info.value.__cause__, aiohttp.ClientConnectorError)
+    _assert_no_secret(info.value)
+
+
+# -- uploads from a path -------------------------------------------------------------------
+
+
+async def test_missing_upload_file_fails_before_sending(
+    aiohttp_server: AiohttpServer, transport: AiohttpTransport, tmp_path: Path
+) -> None:
+    """A file part whose path does not exist: FileNotFoundError, not a retryable network error."""
+    hits: list[str] = []
+
+    async def upload(request: web.Request) -> web.Response:
+        hits.append(request.path)
+        return web.json_response({})
+
+    server = await aiohttp_server(_app(web.post("/v1/files", upload)))
+    present = tmp_path / "present.jsonl"
+    present.write_bytes(b"{}\n")
+    missing = tmp_path / "missing.jsonl"
+    body = Multipart(
+        files=(
+            ("file", FilePart("present.jsonl", path=present)),
+            ("file", FilePart("missing.jsonl", path=missing)),
+        )
+    )
+    with pytest.raises(FileNotFoundError, match="does not exist") as info:
+        await transport.send(Request("POST", str(server.make_url("/v1/files")), body=body))
+    assert not isinstance(info.value, TransportError)
+    assert info.value.filename == str(missing)
+    assert hits == []
+    assert _open_fds_for(present) in (0, None)
+
+
+# -- constant memory, measured -------------------------------------------------------------
+
+BIG = 24 * 1024 * 1024  # bytes moved by the memory tests
+BLOCK = 1024 * 1024
+
+
+def _block(index: int) -> bytes:
+    """A 1 MiB block that differs from every other one."""
+    return hashlib.sha256(b"%d" % index).digest() * (BLOCK // 32)
+
+
+@contextlib.contextmanager
+def _traced() -> Iterator[list[int]]:
+    """Trace Python allocations in the block; yields a list that receives the peak bytes."""
+    peak: list[int] = []
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        yield peak
+        peak.append(tracemalloc.get_traced_memory()[1])
+    finally:
+        tracemalloc.stop()
+
+
+async def test_upload_from_a_path_streams_in_constant_memory(
+    aiohttp_server: AiohttpServer, tmp_path: Path
+) -> None:
+    """A 24 MiB upload from a path peaks far below its size in memory; the bytes arrive exact."""
+    path = tmp_path / "big.jsonl"
+    sent = hashlib.sha256()
+    with path.open("wb") as fh:
+        for index in range(BIG // BLOCK):
+            block = _block(index)
+            sent.update(block)
+            fh.write(block)
+
+    async def sink(request: web.Request) -> web.Response:
+        received = hashlib.sha256()
+        size = 0
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            assert isinstance(part, aiohttp.BodyPartReader)
+            if part.filename is None:
+                await part.release()
+                continue
+            while chunk := await part.read_chunk(64 * 1024):
+                received.update(chunk)
+                size += len(chunk)
+        return web.json_response({"sha256": received.hexdigest(), "bytes": size})
+
+    server = await aiohttp_server(_app(web.post("/v1/files", sink)))
+    body = Multipart(
+        fields=(("purpose", "batch"),), files=(("file", FilePart("big.jsonl", path=path)),)
+    )
+    async with AiohttpTransport() as t:
+        with _traced() as peak:
+            response = await t.send(Request("POST", str(server.make_url("/v1/files")), body=body))
+            answer = json.loads(await response.read())
+    assert answer == {"sha256": sent.hexdigest(), "bytes": BIG}
+    assert peak[0] < BIG / 5, f"peak {peak[0]:,} bytes for a {BIG:,}-byte upload"
+
+
+async def test_streamed_download_in_constant_memory(aiohttp_server: AiohttpServer) -> None:
+    """A 24 MiB download through iter_chunks peaks far below its size; the bytes arrive exact."""
+    sent = hashlib.sha256()
+
+    async def source(request: web.Request) -> web.StreamResponse:
+        out = web.StreamResponse(headers={"Content-Length": str(BIG)})
+        await out.prepare(request)
+        for index in range(BIG // BLOCK):
+            block = _block(index)
+            sent.update(block)
+            for start in range(0, BLOCK, 64 * 1024):
+                await out.write(block[start : start + 64 * 1024])
+        await out.write_eof()
+        return out
+
+    server = await aiohttp_server(_app(web.get("/v1/files/f/content", source)))
+    received = hashlib.sha256()
+    size = 0
+    async with AiohttpTransport() as t:
+        with _traced() as peak:
+            response = await t.send(
+                Request("GET", str(server.make_url("/v1/files/f/content"))), stream=True
+            )
+            async for chunk in response.iter_chunks():
+                received.update(chunk)
+                size += len(chunk)
+    assert size == BIG
+    assert received.hexdigest() == sent.hexdigest()
+    assert peak[0] < BIG / 5, f"peak {peak[0]:,} bytes for a {BIG:,}-byte download"

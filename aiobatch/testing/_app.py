@@ -6,6 +6,12 @@ body bytes or a parsed multipart form), the service answers, and its
 :class:`~aiobatch.transport.Response` goes back out, streamed when its body is a stream.
 When the service raises :class:`~aiobatch.errors.TransportError` (a simulated network
 failure) the app drops the TCP connection without answering.
+
+The service's headers go out as they are; its ``date`` header (from the service's
+clock, which may be virtual) is kept, since aiohttp adds its own only when there is
+none. As on a real server, a handler keeps running when its client hangs up (aiohttp's
+``handler_cancellation`` is off), so a request whose client timed out still takes
+effect (see ``Fault.slow(..., act_after_delay=True)``).
 """
 
 from __future__ import annotations
@@ -180,6 +186,7 @@ async def run_fake_server(
         make_app(service),
         access_log=access_log,
         handle_signals=False,
+        handler_cancellation=False,
         shutdown_timeout=shutdown_timeout,
     )
     await runner.setup()

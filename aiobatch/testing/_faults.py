@@ -11,6 +11,7 @@ Example::
     service.faults.add(Fault.http(429, retry_after=2, method="POST", path="/batches"))
     service.faults.add(Fault.drop(after=True, method="POST", path="/batches"))
     service.faults.add(Fault.slow(30, path="/files/*/content", times=None))
+    service.faults.add(Fault.slow(30, act_after_delay=True, method="POST", path="/batches"))
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ class FaultKind(str, enum.Enum):
     DROP_BEFORE = "drop_before"
     #: Process the request, then drop the connection: it took effect, the answer is lost.
     DROP_AFTER = "drop_after"
-    #: Process the request, then answer normally ``delay`` seconds later.
+    #: Answer normally, ``delay`` seconds late: processed on arrival, or only after the
+    #: delay when ``act_after_delay`` is set (a late commit).
     SLOW = "slow"
     #: Process the request, then answer 200 with the body cut in half (invalid JSON).
     MALFORMED = "malformed"
@@ -79,9 +81,15 @@ class Fault:
         retry_after_ms: milliseconds for the ``retry-after-ms`` header.
         should_retry: value of the ``x-should-retry`` header, when not None.
         delay: seconds on the service clock between the request's arrival and its
-            answer (or dropped connection), for every kind. A request that takes effect
-            (``SLOW``, ``MALFORMED``, ``DROP_AFTER``) does so on arrival, so a client
-            that times out during the delay has still changed the server's state.
+            answer (or dropped connection), for every kind.
+        act_after_delay: when the delay is spent, for the kinds whose request takes
+            effect (``SLOW``, ``MALFORMED``, ``DROP_AFTER``). False (the default): the
+            request is processed on arrival and only its answer waits, so a client that
+            times out during the delay has *already* changed the server's state. True:
+            the service waits first and processes the request only then, the way a
+            loaded server commits late, so the effect appears ``delay`` seconds after
+            arrival, possibly long after the client gave up (and after the client
+            looked for it).
         message: the error message of an ``HTTP`` fault (a default when None).
     """
 
@@ -96,6 +104,7 @@ class Fault:
     should_retry: bool | None = None
     delay: float = 0.0
     message: str | None = None
+    act_after_delay: bool = False
 
     def matches(self, method: str, path: str) -> bool:
         """Whether a request with this method and path (after ``/v1``) is targeted.
@@ -169,6 +178,7 @@ class Fault:
         times: int | None = 1,
         probability: float = 1.0,
         delay: float = 0.0,
+        act_after_delay: bool = False,
     ) -> Fault:
         """Drop the connection: ``handle`` raises :class:`~aiobatch.errors.TransportError`.
 
@@ -180,13 +190,21 @@ class Fault:
             times: how many requests to break; None for every one.
             probability: the chance that a matching request is broken.
             delay: seconds to wait before dropping.
+            act_after_delay: with ``after``, process the request at the end of the
+                delay rather than on arrival.
 
         Returns:
             The rule.
         """
         kind = FaultKind.DROP_AFTER if after else FaultKind.DROP_BEFORE
         return cls(
-            kind, method=method, path=path, times=times, probability=probability, delay=delay
+            kind,
+            method=method,
+            path=path,
+            times=times,
+            probability=probability,
+            delay=delay,
+            act_after_delay=act_after_delay,
         )
 
     @classmethod
@@ -194,18 +212,26 @@ class Fault:
         cls,
         delay: float,
         *,
+        act_after_delay: bool = False,
         method: str | None = None,
         path: str = "*",
         times: int | None = 1,
         probability: float = 1.0,
     ) -> Fault:
-        """Process the request on arrival and answer it ``delay`` seconds later.
+        """Answer the request ``delay`` seconds late.
 
-        A client whose timeout is shorter gives up, but the request has taken effect
-        (a slow ``POST /batches`` still creates its batch).
+        By default the request is processed on arrival and only the answer waits: a
+        client whose timeout is shorter gives up, but the request has already taken
+        effect (a slow ``POST /batches`` has created its batch by the time the client
+        sees the timeout). With ``act_after_delay=True`` the service waits first and
+        processes the request at the end of the delay (a late commit): the batch
+        appears ``delay`` seconds after the request arrived, whether or not the client
+        is still waiting, like a loaded server that keeps working on a request whose
+        client hung up.
 
         Args:
             delay: seconds on the service clock before the answer.
+            act_after_delay: process the request after the delay instead of on arrival.
             method: the method to match, or None for any.
             path: the path pattern to match.
             times: how many requests to slow; None for every one.
@@ -221,6 +247,7 @@ class Fault:
             times=times,
             probability=probability,
             delay=delay,
+            act_after_delay=act_after_delay,
         )
 
     @classmethod
@@ -232,6 +259,7 @@ class Fault:
         times: int | None = 1,
         probability: float = 1.0,
         delay: float = 0.0,
+        act_after_delay: bool = False,
     ) -> Fault:
         """Process the request, then answer 200 with a truncated (invalid) JSON body.
 
@@ -241,6 +269,8 @@ class Fault:
             times: how many requests to break; None for every one.
             probability: the chance that a matching request is broken.
             delay: seconds to wait before answering.
+            act_after_delay: process the request at the end of the delay rather than
+                on arrival.
 
         Returns:
             The rule.
@@ -252,6 +282,7 @@ class Fault:
             times=times,
             probability=probability,
             delay=delay,
+            act_after_delay=act_after_delay,
         )
 
 

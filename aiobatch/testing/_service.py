@@ -20,6 +20,7 @@ import json
 import random
 from collections import deque
 from collections.abc import AsyncIterator, Mapping
+from email.utils import formatdate
 from fnmatch import fnmatchcase
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -80,6 +81,21 @@ class RecordedRequest:
     request_id: str
     fault: FaultKind | None
     at: float
+
+
+@attrs.define(slots=True)
+class _Answer:
+    """A response before it is dated and sent: status, headers and the whole body."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    #: send the body in ``config.chunk_size`` chunks (file content).
+    stream: bool = False
+
+
+def _json_headers(request_id: str) -> dict[str, str]:
+    return {"content-type": "application/json", "x-request-id": request_id}
 
 
 class _Reply(Exception):
@@ -389,6 +405,34 @@ class FakeBatchService:
         for _ in range(count):
             engine.forced.append(BatchError(code=code, message=text, param=param, line=line))
 
+    def override_status(self, batch_id: str, status: str | None) -> None:
+        """Make a batch report ``status`` in every answer, whatever its real state.
+
+        For testing how a client copes with a status it does not know (a provider's
+        own, such as ``"scheduled"``): retrieve, list, create and cancel answers carry
+        the string as the batch's ``status``, while the simulation goes on underneath
+        (counts, timestamps and result files move as usual, and :meth:`get_batch`
+        still returns the real state). ``None`` removes the override.
+
+        Args:
+            batch_id: the batch.
+            status: the status string to report (any non-empty string, known or not),
+                or None to report the real status again.
+
+        Raises:
+            KeyError: no such batch.
+            ValueError: ``status`` is an empty string.
+        """
+        if batch_id not in self._engine.batches:
+            raise KeyError(batch_id)
+        overrides = self._engine.status_overrides
+        if status is None:
+            overrides.pop(batch_id, None)
+            return
+        if not isinstance(status, str) or not status:
+            raise ValueError(f"a status override must be a non-empty string, got {status!r}")
+        overrides[batch_id] = status
+
     async def enqueued_tokens(self, model: str) -> int:
         """Estimated tokens of the validated, unfinished batches of ``model`` now.
 
@@ -409,6 +453,13 @@ class FakeBatchService:
     async def handle(self, request: Request) -> Response:
         """Answer one request, as OpenAI's ``/v1/files`` and ``/v1/batches`` would.
 
+        Every response carries a ``date`` header (RFC 7231) from the service's clock,
+        taken when the answer leaves, so a client can read the server's time from it.
+
+        A request is processed on arrival, unless a :class:`Fault` with
+        ``act_after_delay`` holds it back first; :attr:`requests` records each request
+        once it has been processed (with its arrival time).
+
         Args:
             request: the request; its URL path is routed on what follows the last
                 ``/v1`` segment.
@@ -426,24 +477,26 @@ class FakeBatchService:
         at = self.clock.now()
         fault = self.faults.take(method, path)
         kind = fault.kind if fault is not None else None
-        # The request takes effect when it arrives; a fault's delay holds back the answer.
-        response: Response | None = None
+        delay = fault.delay if fault is not None else 0.0
+        # By default the request takes effect when it arrives and a fault's delay holds
+        # back the answer; with act_after_delay the delay comes first (a late commit).
+        late = fault is not None and fault.act_after_delay and delay > 0
+        if late:
+            await self.clock.sleep(delay)
+        answer: _Answer | None = None
         if fault is not None and kind is FaultKind.HTTP:
-            response = self._fault_response(fault, request_id)
+            answer = self._fault_answer(fault, request_id)
         elif kind is not FaultKind.DROP_BEFORE:
-            response = await self._dispatch(method, path, params, request, request_id)
-        if response is not None and kind is FaultKind.MALFORMED:
-            body = await response.read()
-            headers = {"content-type": "application/json", "x-request-id": request_id}
-            response = Response(200, headers, body[: len(body) // 2] or b"{")
+            answer = await self._dispatch(method, path, params, request, request_id)
+        if answer is not None and kind is FaultKind.MALFORMED:
+            body = answer.body
+            answer = _Answer(200, _json_headers(request_id), body[: len(body) // 2] or b"{")
         dropped = kind is FaultKind.DROP_BEFORE or kind is FaultKind.DROP_AFTER
-        status = None if dropped or response is None else response.status
+        status = None if dropped or answer is None else answer.status
         self._log.append(RecordedRequest(method, path, params, status, request_id, kind, at))
-        if fault is not None and fault.delay > 0:
-            await self.clock.sleep(fault.delay)
-        if response is None or dropped:
-            if response is not None:
-                await response.aclose()
+        if delay > 0 and not late:
+            await self.clock.sleep(delay)
+        if answer is None or dropped:
             when = "after" if kind is FaultKind.DROP_AFTER else "before"
             effect = (
                 "the request took effect, its answer is lost"
@@ -456,14 +509,23 @@ class FakeBatchService:
                 method=method,
                 url=request.url,
             )
-        return response
+        return self._respond(answer)
 
-    def _json(self, status: int, data: Any, request_id: str) -> Response:
-        headers = {"content-type": "application/json", "x-request-id": request_id}
-        return Response(status, headers, json_bytes(data))
+    def _respond(self, answer: _Answer) -> Response:
+        """The Response for ``answer``, dated now on the service clock (RFC 7231 ``date``)."""
+        headers = answer.headers
+        headers["date"] = formatdate(self.clock.now(), usegmt=True)
+        if answer.stream:
+            return Response(
+                answer.status, headers, chunks=_chunks(answer.body, self.config.chunk_size)
+            )
+        return Response(answer.status, headers, answer.body)
 
-    def _fault_response(self, fault: Fault, request_id: str) -> Response:
-        headers = {"content-type": "application/json", "x-request-id": request_id}
+    def _json(self, status: int, data: Any, request_id: str) -> _Answer:
+        return _Answer(status, _json_headers(request_id), json_bytes(data))
+
+    def _fault_answer(self, fault: Fault, request_id: str) -> _Answer:
+        headers = _json_headers(request_id)
         if fault.retry_after is not None:
             headers["retry-after"] = f"{fault.retry_after:g}"
         if fault.retry_after_ms is not None:
@@ -471,7 +533,7 @@ class FakeBatchService:
         if fault.should_retry is not None:
             headers["x-should-retry"] = "true" if fault.should_retry else "false"
         body = http_error_body(fault.status, message=fault.message)
-        return Response(fault.status, headers, json_bytes(body))
+        return _Answer(fault.status, headers, json_bytes(body))
 
     def _check_auth(self, request: Request) -> None:
         """Raise a 401 reply unless the request carries an accepted key."""
@@ -492,7 +554,7 @@ class FakeBatchService:
 
     async def _dispatch(
         self, method: str, path: str, params: Mapping[str, str], request: Request, request_id: str
-    ) -> Response:
+    ) -> _Answer:
         parts = path.strip("/").split("/")
         engine = self._engine
         try:
@@ -505,7 +567,7 @@ class FakeBatchService:
             return self._json(reply.status, reply.body, request_id)
         if isinstance(result, bytes):
             headers = {"content-type": "application/octet-stream", "x-request-id": request_id}
-            return Response(200, headers, chunks=_chunks(result, self.config.chunk_size))
+            return _Answer(200, headers, result, stream=True)
         return self._json(200, result, request_id)
 
     async def _route(

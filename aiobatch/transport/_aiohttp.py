@@ -3,57 +3,76 @@
 The transport turns our :class:`~aiobatch.transport.Request` into an aiohttp call and the
 answer back into our :class:`~aiobatch.transport.Response`. No aiohttp type crosses the
 seam: every aiohttp, asyncio and OS exception is translated in one place
-(:class:`_map_exceptions`) into the :mod:`aiobatch.errors` tree, chained with
-``raise ... from exc``.
+(:func:`_guarded`) into the :mod:`aiobatch.errors` tree, chained with ``raise ... from
+exc`` unless the exception holds the request's headers (then not chained at all).
 """
 
 from __future__ import annotations
 
 import asyncio
 import ssl
+from collections.abc import Awaitable
 from contextlib import ExitStack
 from types import TracebackType
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import aiohttp
 
 from ..errors import ConnectError, TransportError, TransportTimeoutError
 from ._base import Multipart, Request, Response
+from ._memory import check_upload_files
 
 __all__ = ["AiohttpTransport"]
 
 CHUNK_SIZE = 64 * 1024
 
+_T = TypeVar("_T")
 
-class _map_exceptions:  # named like a function: used as `with _map_exceptions(...)`
-    """Translate aiohttp / asyncio / OS exceptions into :mod:`aiobatch.errors`.
+
+async def _guarded(awaitable: Awaitable[_T], method: str, url: str) -> _T:
+    """Await ``awaitable``, translating aiohttp / asyncio / OS exceptions.
 
     The most specific class wins: a failure to connect (the request never left) is a
     :class:`ConnectError`, a timeout a :class:`TransportTimeoutError`, anything else a
     :class:`TransportError` (the request may have reached the server). Messages name the
     method and URL and never the headers, which carry credentials.
+
+    The aiohttp exception is kept as ``__cause__`` unless it carries the request
+    (``ClientResponseError`` and its subclasses hold ``request_info`` with every request
+    header, API key included): then the error is raised outside the ``except`` block,
+    so the aiohttp exception is neither its ``__cause__`` nor its ``__context__``, and
+    the useful part (type, status, message) is in our message instead.
     """
-
-    __slots__ = ("_method", "_url")
-
-    def __init__(self, method: str, url: str) -> None:
-        self._method = method
-        self._url = url
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if exc is None or isinstance(exc, TransportError):
-            return
-        mapped = _translate(exc, self._method, self._url)
-        if mapped is not None:
+    error: TransportError
+    try:
+        return await awaitable
+    except TransportError:
+        raise
+    except Exception as exc:
+        mapped = _translate(exc, method, url)
+        if mapped is None:
+            raise
+        if not _carries_request(exc):
             raise mapped from exc
+        error = mapped
+    raise error
+
+
+def _carries_request(exc: BaseException) -> bool:
+    """Whether ``exc`` or an exception chained to it holds the request (its headers)."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        current = todo.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, aiohttp.ClientResponseError):
+            return True
+        if getattr(current, "request_info", None) is not None:
+            return True
+        todo += (current.__cause__, current.__context__)
+    return False
 
 
 def _translate(exc: BaseException, method: str, url: str) -> TransportError | None:
@@ -80,8 +99,18 @@ def _translate(exc: BaseException, method: str, url: str) -> TransportError | No
 def _detail(exc: BaseException) -> str:
     """A short description of ``exc`` that cannot contain request headers."""
     if isinstance(exc, aiohttp.ClientResponseError):
-        # Its str() and repr() carry request_info (URL with query, headers): keep the message.
-        return f"{type(exc).__name__}: {exc.status} {exc.message}"
+        # Its str() and repr() carry request_info (URL with query, headers): rebuild the
+        # useful part from the status, the message and the redirects followed.
+        bits = [str(exc.status)] if exc.status else []
+        if exc.message:
+            bits.append(str(exc.message))
+        if exc.history:
+            hops = len(exc.history)
+            bits.append(
+                f"after {hops} redirect{'s' if hops != 1 else ''} "
+                f"(last status {exc.history[-1].status})"
+            )
+        return f"{type(exc).__name__}: {' '.join(bits)}" if bits else type(exc).__name__
     if isinstance(exc, aiohttp.ClientConnectorError):
         return f"{type(exc).__name__}: {exc.os_error}"
     if isinstance(exc, OSError) and exc.strerror:
@@ -117,8 +146,7 @@ class _Chunks:
         return self
 
     async def __anext__(self) -> bytes:
-        with _map_exceptions(self._method, self._url):
-            chunk = await self._content.read(self._size)
+        chunk = await _guarded(self._content.read(self._size), self._method, self._url)
         if not chunk:
             raise StopAsyncIteration
         return chunk
@@ -222,6 +250,7 @@ class AiohttpTransport:
             The response, its body read unless ``stream`` is true.
 
         Raises:
+            FileNotFoundError: a file part's ``path`` does not exist (nothing was sent).
             ConnectError: the request was never sent (no connection could be made).
             TransportTimeoutError: no complete answer in time.
             TransportError: any other network failure; the server may have acted.
@@ -230,6 +259,7 @@ class AiohttpTransport:
             raise TransportError(
                 "transport is closed", method=request.method, url=_safe_url(request.url)
             )
+        check_upload_files(request)
         session = self._session
         if session is None:
             session = self._open_session()
@@ -243,11 +273,15 @@ class AiohttpTransport:
         data: Any = request.body
         if isinstance(data, Multipart):
             files = ExitStack()
-            data = _form(data, files)
+            try:
+                data = _form(data, files)
+            except BaseException:
+                files.close()
+                raise
         method, url = request.method, request.url
         try:
-            with _map_exceptions(method, url):
-                resp = await session.request(
+            resp = await _guarded(
+                session.request(
                     method,
                     url,
                     params=request.params or None,
@@ -255,7 +289,10 @@ class AiohttpTransport:
                     data=data,
                     timeout=self._timeout_for(request.timeout, stream),
                     allow_redirects=self._follow_redirects,
-                )
+                ),
+                method,
+                url,
+            )
         except BaseException:
             if files is not None:
                 files.close()
@@ -268,8 +305,7 @@ class AiohttpTransport:
                 release=_Releaser(resp, files),
             )
         try:
-            with _map_exceptions(method, url):
-                content = await resp.read()
+            content = await _guarded(resp.read(), method, url)
         finally:
             resp.release()
             if files is not None:
