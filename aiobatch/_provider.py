@@ -11,7 +11,7 @@ from __future__ import annotations
 import hmac
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, overload
 
 import attrs
 
@@ -39,6 +39,27 @@ class Secret:
         """The secret value itself (put it in a header, never in a message)."""
         return self._value
 
+    @overload
+    def redact(self, text: str) -> str: ...
+
+    @overload
+    def redact(self, text: bytes) -> bytes: ...
+
+    def redact(self, text: str | bytes) -> str | bytes:
+        """``text`` with every occurrence of the secret replaced by ``***``.
+
+        For text built from what a server sent (an error body, a body that failed to
+        decode), which may echo the key back. A value shorter than 4 characters is not a
+        real secret and is left alone: masking it would garble ordinary text.
+        """
+        value = self._value
+        if len(value) < _MIN_REDACTED:
+            return text
+        if isinstance(text, bytes):
+            needle = value.encode()
+            return text.replace(needle, b"***") if needle in text else text
+        return text.replace(value, "***") if value in text else text
+
     def __repr__(self) -> str:
         return "Secret('***')"
 
@@ -63,10 +84,31 @@ class Secret:
         return bool(self._value)
 
 
+#: Secrets shorter than this are not masked by :meth:`Secret.redact`.
+_MIN_REDACTED = 4
+
+
 def _to_secret(value: str | Secret | None) -> Secret | None:
-    if value is None or isinstance(value, Secret):
+    """Wrap an API key, dropping whitespace around it (a key read from a file often
+    ends with a newline) and refusing control characters, which no header may carry."""
+    if value is None:
+        return None
+    text = value.reveal() if isinstance(value, Secret) else value
+    stripped = text.strip()
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in stripped):
+        raise ValueError("the API key contains a control character (the key is not shown)")
+    if isinstance(value, Secret) and stripped == text:
         return value
-    return Secret(value)
+    return Secret(stripped)
+
+
+class _Headers(dict[str, str]):
+    """Request headers whose repr shows names only: values may hold credentials."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "{" + ", ".join(f"{name!r}: '***'" for name in self) + "}"
 
 
 def _strip_slash(value: str) -> str:
@@ -81,8 +123,9 @@ class OpenAIProvider:
     The constructor reads no environment; :meth:`from_env` does.
 
     Args:
-        api_key: the API key (a str is wrapped in a :class:`Secret`); None sends no
-            ``Authorization`` header (for local servers that need none).
+        api_key: the API key (a str is wrapped in a :class:`Secret`; whitespace around
+            it is dropped); None sends no ``Authorization`` header (for local servers
+            that need none).
         base_url: the API root, e.g. ``https://api.openai.com/v1``.
         organization: sent as ``OpenAI-Organization`` when set.
         project: sent as ``OpenAI-Project`` when set.
@@ -92,17 +135,6 @@ class OpenAIProvider:
     base_url: str = attrs.field(default=DEFAULT_BASE_URL, converter=_strip_slash)
     organization: str | None = None
     project: str | None = None
-    _headers: Mapping[str, str] = attrs.field(init=False, repr=False, eq=False)
-
-    def __attrs_post_init__(self) -> None:
-        headers: dict[str, str] = {}
-        if self.api_key:
-            headers["authorization"] = f"Bearer {self.api_key.reveal()}"
-        if self.organization:
-            headers["openai-organization"] = self.organization
-        if self.project:
-            headers["openai-project"] = self.project
-        object.__setattr__(self, "_headers", headers)
 
     @classmethod
     def from_env(
@@ -141,5 +173,16 @@ class OpenAIProvider:
         return f"{self.base_url}/{path}"
 
     def headers(self) -> Mapping[str, str]:
-        """The headers every request carries (lower-case names; do not mutate)."""
-        return self._headers
+        """The headers every request carries (lower-case names), made afresh on each call.
+
+        The provider keeps no revealed key (so ``attrs.asdict(provider)`` shows none);
+        the mapping's repr masks every value.
+        """
+        headers = _Headers()
+        if self.api_key:
+            headers["authorization"] = f"Bearer {self.api_key.reveal()}"
+        if self.organization:
+            headers["openai-organization"] = self.organization
+        if self.project:
+            headers["openai-project"] = self.project
+        return headers

@@ -18,6 +18,15 @@ A :class:`RetryPolicy` is frozen data plus pure functions:
   otherwise capped exponential backoff with jitter, computed from ``backoff``'s wait
   generator (:func:`backoff.expo`) and jitter functions.
 
+A logical call has a budget: :attr:`RetryPolicy.timeout` seconds from its first attempt,
+waits *and* attempts included (and, for a caller with a deadline such as a wait for a
+batch, no later than that deadline). No retry is made whose wait would reach the end of
+the budget, and each attempt's timeout is cut to what is left of it
+(:meth:`RetryState.bound`), so a hanging server cannot stretch a call past it.
+:func:`is_ambiguous` says whether a failure may have taken effect and
+:func:`may_commit_late` whether it may still take effect later; the client's create and
+delete use both.
+
 The loop itself (:class:`RetryState`, :meth:`RetryPolicy.send`) is ours, not
 ``backoff``'s decorators: those call :func:`asyncio.sleep` directly, and aiobatch sleeps
 through an injected :class:`~aiobatch.Clock` so tests never wait on wall time. This is
@@ -25,8 +34,9 @@ the only module that imports ``backoff``.
 
 Testing mode
 ------------
-Two switches turn every wait into zero while keeping every *decision* (what is retried,
-how many attempts, when a too-long ``retry-after`` gives up) unchanged:
+Two switches turn every wait into zero (the client's create settle included) while
+keeping every *decision* (what is retried, how many attempts, when a too-long
+``retry-after`` gives up) unchanged:
 
 * per policy: ``RetryPolicy.for_testing(max_attempts=3)``;
 * globally, stamina-style: ``set_retry_testing(True, max_attempts=None)`` switches at
@@ -47,6 +57,7 @@ import email.utils
 import itertools
 import logging
 import math
+import random
 import threading
 from collections.abc import Callable, Mapping
 from types import TracebackType
@@ -68,6 +79,8 @@ __all__ = [
     "RetryState",
     "is_ambiguous",
     "is_retry_testing",
+    "may_commit_late",
+    "parse_http_date",
     "parse_retry_after",
     "poll_intervals",
     "retry_reason",
@@ -144,6 +157,23 @@ def is_ambiguous(error: BaseException | None = None, status: int | None = None) 
     return status is not None and status >= 500
 
 
+#: Gateway statuses: a proxy gave up waiting for a server that may still finish the work.
+_GATEWAY_STATUSES: frozenset[int] = frozenset({502, 504})
+
+
+def may_commit_late(error: BaseException | None = None, status: int | None = None) -> bool:
+    """Whether the server may still be working on a failed request, and act on it later.
+
+    True for a timeout or a connection lost after sending (a server keeps running its
+    handler after the client has gone) and for a gateway error (502, 504: the proxy gave
+    up, the server behind it may not have). Looking such a request's effect up at once
+    can miss it: wait a while first.
+    """
+    if error is not None:
+        return is_ambiguous(error)
+    return status in _GATEWAY_STATUSES
+
+
 # --- how long to wait --------------------------------------------------------------------
 
 
@@ -183,13 +213,32 @@ def parse_retry_after(headers: Mapping[str, str] | None, *, now: float) -> float
     value = _finite(text)
     if value is not None:
         return value
+    when = parse_http_date(text)
+    return None if when is None else when - now
+
+
+def parse_http_date(text: str | None) -> float | None:
+    """Read an HTTP date (``Wed, 21 Oct 2015 07:28:00 GMT``) as Unix seconds.
+
+    Args:
+        text: the header value, or None.
+
+    Returns:
+        The time, or None when there is no value or it does not parse.
+    """
+    if not text:
+        return None
     try:
-        when = email.utils.parsedate_to_datetime(text)
-    except (TypeError, ValueError, IndexError):
+        when = email.utils.parsedate_to_datetime(text.strip())
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
     if when.tzinfo is None:  # "-0000": the zone is unknown; HTTP dates are always GMT
         when = when.replace(tzinfo=datetime.timezone.utc)
-    return when.timestamp() - now
+    try:
+        value = when.timestamp()
+    except (OverflowError, OSError, ValueError):  # pragma: no cover - absurd years
+        return None
+    return value if math.isfinite(value) else None
 
 
 _UNSET: Jitter = lambda value: value  # noqa: E731 - sentinel meaning "the policy's jitter"
@@ -205,8 +254,10 @@ class RetryPolicy:
 
     Args:
         max_attempts: attempts per logical call, the first included (1 = never retry).
-        timeout: seconds one logical call may take, waits included; None = no limit.
-            A retry whose wait would end past it is not made.
+        timeout: seconds one logical call may take, waits and attempts included; None
+            = no limit. A retry whose wait would end past it is not made, and each
+            attempt's timeout is cut to what is left (a request that leaves its timeout
+            to the transport's default, such as an upload, keeps that default).
         initial_delay: the first backoff delay, before jitter.
         max_delay: the cap on any backoff delay (also after jitter).
         exp_base: the growth factor of the backoff.
@@ -297,8 +348,23 @@ class RetryPolicy:
         *,
         clock: Clock,
         stream: bool = False,
+        deadline: float | None = None,
+        state: RetryState | None = None,
     ) -> Response:
         """Send ``request``, retrying what this policy retries.
+
+        Each attempt's timeout is cut to what is left of :attr:`timeout` (and of
+        ``deadline``), so the call ends within its budget, waits and attempts included.
+
+        Args:
+            transport: sends each attempt.
+            request: the request.
+            clock: measures the budget and sleeps.
+            stream: ask the transport for a streamed body.
+            deadline: a ``clock.monotonic()`` time that no attempt or wait may pass, on
+                top of :attr:`timeout` (e.g. the end of a wait for a batch).
+            state: the book-keeping to use, for a caller that wants to inspect it
+                afterwards (:attr:`RetryState.ambiguous`); default a new one.
 
         Returns:
             The first response that is a success or not worth retrying, or the last
@@ -307,21 +373,17 @@ class RetryPolicy:
         Raises:
             TransportError: the last network failure, when it was not retried.
         """
-        started = clock.monotonic()
-        state: RetryState | None = None
+        if state is None:
+            state = RetryState(self, clock, request.method, request.url, deadline=deadline)
         while True:
             try:
-                response = await transport.send(request, stream=stream)
+                response = await transport.send(state.bound(request), stream=stream)
             except TransportError as exc:
-                if state is None:
-                    state = RetryState(self, clock, request.method, request.url, started=started)
                 if not await state.backoff(error=exc):
                     raise
                 continue
             if response.status < 400:
                 return response
-            if state is None:
-                state = RetryState(self, clock, request.method, request.url, started=started)
             if not await state.backoff(response=response):
                 return response
             await response.aclose()
@@ -394,10 +456,15 @@ def is_retry_testing() -> bool:
 
 
 class RetryState:
-    """The book-keeping of one logical call: attempts made, time spent.
+    """The book-keeping of one logical call: attempts made, time spent, time left.
 
     Callers that need their own loop (the client's create, which must look before it
     re-sends) drive this directly; everyone else uses :meth:`RetryPolicy.send`.
+
+    The call's budget ends at :attr:`deadline`: the policy's :attr:`~RetryPolicy.timeout`
+    after ``started``, or the explicit ``deadline`` when that comes first. No retry is
+    made whose wait would reach it, and :meth:`bound` cuts each attempt's timeout to
+    what is left.
 
     Args:
         policy: the rules.
@@ -405,9 +472,22 @@ class RetryState:
         method: the HTTP method, for the log.
         url: the URL, for the log (only its path is logged).
         started: ``clock.monotonic()`` when the first attempt began (default: now).
+        deadline: a ``clock.monotonic()`` time the call must not pass, on top of the
+            policy's timeout; None for none.
     """
 
-    __slots__ = ("_url", "attempts", "clock", "method", "policy", "started")
+    __slots__ = (
+        "_budget_end",
+        "_hard_end",
+        "_url",
+        "ambiguous",
+        "attempts",
+        "clock",
+        "deadline",
+        "method",
+        "policy",
+        "started",
+    )
 
     def __init__(
         self,
@@ -417,14 +497,23 @@ class RetryState:
         url: str,
         *,
         started: float | None = None,
+        deadline: float | None = None,
     ) -> None:
         self.policy = policy
         self.clock = clock
         self.method = method
         self._url = url
         self.started = clock.monotonic() if started is None else started
+        self._budget_end = None if policy.timeout is None else self.started + policy.timeout
+        self._hard_end = deadline
+        ends = [end for end in (self._budget_end, deadline) if end is not None]
+        #: The ``clock.monotonic()`` time the call's budget ends, or None for no limit.
+        self.deadline: float | None = min(ends) if ends else None
         #: Attempts that have failed so far.
         self.attempts = 0
+        #: Whether a failed attempt may have reached the server and taken effect
+        #: (see :func:`is_ambiguous`).
+        self.ambiguous = False
 
     @property
     def max_attempts(self) -> int:
@@ -433,6 +522,38 @@ class RetryState:
         if mode is not None and mode.max_attempts is not None:
             return min(self.policy.max_attempts, mode.max_attempts)
         return self.policy.max_attempts
+
+    @property
+    def testing(self) -> bool:
+        """Whether waits are zeroed (the policy's or the global testing mode)."""
+        return self.policy.testing or _TESTING is not None
+
+    def remaining(self) -> float | None:
+        """Seconds left before :attr:`deadline` (may be negative), or None for no limit."""
+        if self.deadline is None:
+            return None
+        return self.deadline - self.clock.monotonic()
+
+    def bound(self, request: Request) -> Request:
+        """``request`` with its timeout cut to what is left of the budget.
+
+        A request without a timeout of its own (it leaves the time to the transport's
+        default, as uploads do: their length depends on the file) is cut only by an
+        explicit ``deadline``, not by the policy's timeout.
+        """
+        timeout = request.timeout
+        now: float | None = None
+        if timeout is not None and self._budget_end is not None:
+            now = self.clock.monotonic()
+            timeout = min(timeout, self._budget_end - now)
+        if self._hard_end is not None:
+            now = self.clock.monotonic() if now is None else now
+            left = self._hard_end - now
+            timeout = left if timeout is None else min(timeout, left)
+        if timeout == request.timeout:
+            return request
+        assert timeout is not None
+        return attrs.evolve(request, timeout=max(timeout, 0.0))
 
     def next_delay(
         self, *, error: BaseException | None = None, response: Response | None = None
@@ -446,8 +567,10 @@ class RetryState:
         headers = response.headers if response is not None else None
         if error is not None:
             reason = retry_reason(error=error)
+            self.ambiguous = self.ambiguous or is_ambiguous(error)
         elif response is not None:
             reason = retry_reason(status=response.status, headers=headers)
+            self.ambiguous = self.ambiguous or is_ambiguous(status=response.status)
         else:
             reason = None
         if reason is None or self.attempts >= self.max_attempts:
@@ -456,27 +579,14 @@ class RetryState:
         delay = policy.compute_delay(self.attempts - 1, headers, now=self.clock.now())
         if delay is None:
             return None
-        if policy.testing or _TESTING is not None:
+        if self.testing:
             delay = 0.0
-        if (
-            policy.timeout is not None
-            and self.clock.monotonic() - self.started + delay > policy.timeout
-        ):
+        if self.deadline is not None and self.clock.monotonic() + delay >= self.deadline:
             return None
         return delay, reason
 
-    async def backoff(
-        self, *, error: BaseException | None = None, response: Response | None = None
-    ) -> bool:
-        """Record one failed attempt; when another should follow, log and wait.
-
-        Returns:
-            Whether the caller should try again.
-        """
-        decision = self.next_delay(error=error, response=response)
-        if decision is None:
-            return False
-        delay, reason = decision
+    async def wait(self, delay: float, reason: str) -> None:
+        """Log the coming retry and sleep ``delay`` seconds on the clock."""
         if logger.isEnabledFor(logging.INFO):
             path = urlsplit(self._url).path
             logger.info(
@@ -496,6 +606,19 @@ class RetryState:
                 },
             )
         await self.clock.sleep(delay)
+
+    async def backoff(
+        self, *, error: BaseException | None = None, response: Response | None = None
+    ) -> bool:
+        """Record one failed attempt; when another should follow, log and wait.
+
+        Returns:
+            Whether the caller should try again.
+        """
+        decision = self.next_delay(error=error, response=response)
+        if decision is None:
+            return False
+        await self.wait(*decision)
         return True
 
     def __repr__(self) -> str:
@@ -505,18 +628,48 @@ class RetryState:
 # --- polling schedules -------------------------------------------------------------------
 
 
-def poll_intervals(initial: float, maximum: float, *, factor: float = 1.5) -> Callable[[], float]:
+def poll_intervals(
+    initial: float,
+    maximum: float,
+    *,
+    factor: float = 1.5,
+    jitter: float = 0.0,
+    rng: random.Random | None = None,
+) -> Callable[[], float]:
     """A schedule of poll intervals: ``initial``, growing by ``factor`` up to ``maximum``.
+
+    With ``jitter``, each interval is shortened by a random factor drawn uniformly from
+    ``[1 - jitter, 1]`` (so ``maximum`` stays the longest), and pollers started together
+    drift apart instead of polling in lockstep.
+
+    Args:
+        initial: the first interval, in seconds.
+        maximum: the longest interval.
+        factor: the growth per poll.
+        jitter: the relative spread, from 0 (none) to 1.
+        rng: the random source (seed one for a reproducible schedule).
 
     Returns:
         A function returning the next interval on each call.
     """
     if initial <= 0 or maximum <= 0:
         raise ValueError("poll intervals must be positive")
-    waits = backoff.expo(base=factor, factor=initial, max_value=max(initial, maximum))
+    if not 0.0 <= jitter <= 1.0:
+        raise ValueError(f"jitter must be within [0, 1], got {jitter!r}")
+    top = max(initial, maximum)
+    waits = backoff.expo(base=factor, factor=initial, max_value=top)
     next(waits)
+    if not jitter:
 
-    def next_interval() -> float:
-        return float(next(waits))
+        def next_interval() -> float:
+            return float(next(waits))
 
-    return next_interval
+        return next_interval
+
+    draw = (rng or random.Random()).uniform
+    low = 1.0 - jitter
+
+    def next_jittered() -> float:
+        return float(next(waits)) * draw(low, 1.0)
+
+    return next_jittered

@@ -25,7 +25,11 @@ repr ever contains an API key.
     │   ├── InvalidTransitionError     the caller asked for an illegal move (cancel when finished)
     │   ├── UnexpectedTransitionError  the server reported an impossible move (the server's fault)
     │   └── UnknownStatusError
-    └── WaitTimeoutError               a wait passed its deadline (also a builtin TimeoutError)
+    ├── WaitTimeoutError               a wait passed its deadline (also a builtin TimeoutError)
+    ├── AmbiguousCreateError           a create may or may not have made a batch: look its
+    │                                  ``create_key`` up later (never re-sent blindly)
+    ├── LookupIncompleteError          a create-key lookup could not prove the batch absent
+    └── ClosedError                    the client was used after it was closed (the caller's fault)
 """
 
 from __future__ import annotations
@@ -36,12 +40,15 @@ from typing import Any
 __all__ = [
     "APIStatusError",
     "AiobatchError",
+    "AmbiguousCreateError",
     "AuthenticationError",
     "BadRequestError",
+    "ClosedError",
     "ConflictError",
     "ConnectError",
     "DecodeError",
     "InvalidTransitionError",
+    "LookupIncompleteError",
     "NotFoundError",
     "PermissionDeniedError",
     "RateLimitError",
@@ -244,3 +251,48 @@ class WaitTimeoutError(AiobatchError, TimeoutError):
         super().__init__(message)
         self.batch_id = batch_id
         self.last_status = last_status
+
+
+class AmbiguousCreateError(AiobatchError):
+    """A create may or may not have made a batch, and aiobatch could not tell which.
+
+    The create's answer was lost (a timeout, a dropped connection, a 5xx, an unreadable
+    200) and looking its key up did not settle it: the lookup failed, could not prove the
+    batch absent, or attempts ran out. It was not sent again, so at most one batch
+    exists. Look the key up later with
+    :meth:`BatchClient.find_created_batch(create_key) <aiobatch.BatchClient.find_created_batch>`
+    before creating again. The failure behind it is ``__cause__``.
+
+    Attributes:
+        create_key: the ``aiobatch_create_key`` the create carried in its metadata, or
+            None when the metadata had no room for one.
+    """
+
+    def __init__(self, message: str, *, create_key: str | None) -> None:
+        super().__init__(message)
+        self.create_key = create_key
+
+
+class LookupIncompleteError(AiobatchError):
+    """A lookup of a create key could not prove that no batch carries it.
+
+    The batch list was not walked far enough: the page limit was reached, the server
+    does not list newest first, or there was no lower bound on the batch's creation
+    time. A batch with the key may exist further down the list.
+
+    Attributes:
+        create_key: the key looked up.
+        reason: why the walk was not conclusive.
+    """
+
+    def __init__(self, message: str, *, create_key: str, reason: str) -> None:
+        super().__init__(message)
+        self.create_key = create_key
+        self.reason = reason
+
+
+class ClosedError(AiobatchError):
+    """The client (or its transport) was used after it was closed; nothing was sent.
+
+    The caller's fault, and never retried.
+    """

@@ -10,8 +10,10 @@ import json
 import logging
 from collections.abc import AsyncIterator, Iterator
 from contextlib import aclosing
+from email.utils import formatdate
 from pathlib import Path
 
+import attrs
 import pytest
 
 from aiobatch import (
@@ -24,18 +26,25 @@ from aiobatch import (
     RetryPolicy,
     set_retry_testing,
 )
+from aiobatch._client import DEFAULT_CREATE_SETTLE
+from aiobatch._convert import to_wire
 from aiobatch.errors import (
     AiobatchError,
+    AmbiguousCreateError,
     APIStatusError,
     AuthenticationError,
     BadRequestError,
+    ClosedError,
     ConflictError,
     DecodeError,
+    LookupIncompleteError,
     NotFoundError,
+    PermissionDeniedError,
     RateLimitError,
     ServerError,
     TransportError,
     TransportTimeoutError,
+    UnknownStatusError,
     UnprocessableEntityError,
     WaitTimeoutError,
 )
@@ -265,8 +274,8 @@ async def test_wait_on_a_batch_object_skips_the_first_retrieve(
     by_id = await new_batch(client, lines=2)
     async with clock.auto_advance():
         done_object, done_id = await asyncio.gather(
-            client.wait(by_object, poll_interval=3.0, max_interval=3.0),
-            client.wait(by_id.id, poll_interval=3.0, max_interval=3.0),
+            client.wait(by_object, poll_interval=3.0, max_interval=3.0, jitter=0),
+            client.wait(by_id.id, poll_interval=3.0, max_interval=3.0, jitter=0),
         )
     assert done_object.status is done_id.status is BatchStatus.COMPLETED
     polls_object = service.request_count("GET", f"/batches/{by_object.id}")
@@ -298,7 +307,8 @@ async def test_wait_times_out_on_the_virtual_clock(
             await client.wait(batch.id, poll_interval=1.0, timeout=7.0)
     assert info.value.batch_id == batch.id
     assert info.value.last_status == "validating"
-    assert clock.now() - start == 7.0
+    # The last poll starts early enough (10% of the timeout) to end by the deadline.
+    assert 6.29 <= clock.now() - start <= 7.0
     assert isinstance(info.value, TimeoutError)
 
 
@@ -460,17 +470,76 @@ async def test_create_that_did_not_take_effect_is_sent_again(
     assert service.request_count("POST", "/batches") == (fault.times or 1) + 1
 
 
-async def test_create_that_timed_out_is_looked_up_then_sent_again(
+async def test_create_that_timed_out_after_taking_effect_is_found_not_resent(
     service: FakeBatchService, clock: VirtualClock
 ) -> None:
-    """A create that timed out (never processed) is looked for, then re-sent: one batch."""
+    """A create processed on arrival whose answer came too late is found after the settle."""
     client = make_client(service, clock, timeout=5.0)
     uploaded = await client.upload_file(chat_requests(2))
     service.faults.add(Fault.slow(60, method="POST", path="/batches"))
+    start = clock.now()
     async with clock.auto_advance():
         batch = await client.create_batch(uploaded.id, ENDPOINT)
     assert service.batch_ids == [batch.id]
-    assert service.request_count("GET", "/batches") == 1  # the look before re-sending
+    assert service.request_count("POST", "/batches") == 1  # never re-sent
+    (look,) = [r for r in service.requests if (r.method, r.path) == ("GET", "/batches")]
+    assert look.at - start >= 5.0 + DEFAULT_CREATE_SETTLE  # the timeout, then the settle
+
+
+async def test_create_the_server_commits_late_is_found_after_the_settle(
+    service: FakeBatchService, clock: VirtualClock
+) -> None:
+    """A create committed at 8 s after a 5 s timeout is found by the lookup after the settle."""
+    client = make_client(service, clock, timeout=5.0)
+    uploaded = await client.upload_file(chat_requests(2))
+    service.faults.add(Fault.slow(8, act_after_delay=True, method="POST", path="/batches"))
+    async with clock.auto_advance():
+        batch = await client.create_batch(uploaded.id, ENDPOINT)
+    assert service.batch_ids == [batch.id]
+    assert batch.created_at == int(clock.now()) - 7  # committed at 8 s, found at 15 s
+    assert service.request_count("POST", "/batches") == 1
+
+
+@pytest.mark.parametrize(
+    ("resend_commits_late", "kept"),
+    [(True, "first attempt"), (False, "re-send")],
+    ids=["late-commit-is-earliest", "re-send-is-earliest"],
+)
+async def test_late_commit_after_the_lookup_leaves_one_live_batch(
+    service: FakeBatchService,
+    clock: VirtualClock,
+    caplog: pytest.LogCaptureFixture,
+    resend_commits_late: bool,
+    kept: str,
+) -> None:
+    """A first attempt committed after its lookup is cancelled or kept: one live batch remains."""
+    client = make_client(service, clock, timeout=5.0)
+    uploaded = await client.upload_file(chat_requests(2))
+    start = clock.now()
+    # The first attempt times out at 5 s; the lookup at 15 s (after the settle) finds
+    # nothing, so the create is sent again; the server commits the first attempt at 18 s.
+    service.faults.add(Fault.slow(18, act_after_delay=True, method="POST", path="/batches"))
+    # The re-send (at 15 s) answers at 19 s, committed then or on arrival; the check
+    # after it sees both batches and keeps the earliest.
+    resend = Fault.slow(4, act_after_delay=resend_commits_late, method="POST", path="/batches")
+    service.faults.add(resend)
+    with caplog.at_level(logging.WARNING, logger="aiobatch"):
+        async with clock.auto_advance():
+            batch = await client.create_batch(uploaded.id, ENDPOINT)
+            await clock.sleep(60)  # the cancel completes
+    assert service.request_count("POST", "/batches") == 2
+    batches = [await service.get_batch(i) for i in service.batch_ids]
+    assert len(batches) == 2
+    keys = {(b.metadata or {}).get(CREATE_KEY_METADATA) for b in batches}
+    assert keys == {(batch.metadata or {}).get(CREATE_KEY_METADATA)}
+    live = [b for b in batches if b.status is not BatchStatus.CANCELLED]
+    assert [b.id for b in live] == [batch.id]
+    assert batch.created_at == min(b.created_at for b in batches)  # the earliest is kept
+    first_attempt = batches[0] if batches[0].created_at - start == 18 else batches[1]
+    assert (batch.id == first_attempt.id) is (kept == "first attempt")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(f"keeping {batch.id}" in m for m in warnings)
+    assert all(KEY not in m for m in warnings)
 
 
 async def test_create_with_a_garbled_answer_returns_the_batch(
@@ -506,8 +575,9 @@ async def test_create_lookup_stops_at_older_batches(
 ) -> None:
     """The look-up reads newest-first pages and stops at batches older than the first send."""
     uploaded = await client.upload_file(chat_requests(1))
-    for _ in range(250):
+    for i in range(250):
         await client.create_batch(uploaded.id, ENDPOINT)
+        clock.advance(i % 2)
     clock.advance(3600)
     service.faults.add(Fault.drop(method="POST", path="/batches"))
     lists_before = service.request_count("GET", "/batches")
@@ -515,7 +585,9 @@ async def test_create_lookup_stops_at_older_batches(
         batch = await client.create_batch(uploaded.id, ENDPOINT)
     assert len(service.batch_ids) == 251
     assert service.batch_ids[-1] == batch.id
-    assert service.request_count("GET", "/batches") - lists_before == 1
+    # One page for the lookup before the re-send, one for the check after it (a first
+    # attempt committed late would show up there); both stop at the hour-old batches.
+    assert service.request_count("GET", "/batches") - lists_before == 2
 
 
 async def test_create_lookup_finds_the_batch_beyond_the_first_page(
@@ -546,11 +618,14 @@ async def test_create_lookup_finds_the_batch_beyond_the_first_page(
 async def test_ambiguous_create_without_room_for_a_key_is_raised(
     client: BatchClient, service: FakeBatchService
 ) -> None:
-    """With full metadata a lost create answer is raised, never re-sent."""
+    """With full metadata a lost create answer is raised at once, never re-sent."""
     uploaded = await client.upload_file(chat_requests(1))
     service.faults.add(Fault.drop(after=True, method="POST", path="/batches"))
-    with pytest.raises(TransportError):
+    with pytest.raises(AmbiguousCreateError) as info:
         await client.create_batch(uploaded.id, ENDPOINT, metadata={f"k{i}": "v" for i in range(16)})
+    assert info.value.create_key is None
+    assert isinstance(info.value.__cause__, TransportError)
+    assert "no room" in str(info.value)
     assert service.request_count("POST", "/batches") == 1
     assert len(service.batch_ids) == 1
 
@@ -558,15 +633,35 @@ async def test_ambiguous_create_without_room_for_a_key_is_raised(
 async def test_create_gives_up_after_the_last_attempt(
     service: FakeBatchService, clock: VirtualClock
 ) -> None:
-    """When every attempt fails and no batch carries the key, the last error is raised."""
+    """Only 503s and no batch with the key: AmbiguousCreateError with the key, from the last 503."""
     client = make_client(service, clock, retry=RetryPolicy.for_testing(max_attempts=3))
     uploaded = await client.upload_file(chat_requests(1))
     service.faults.add(Fault.http(503, method="POST", path="/batches", times=None))
-    with pytest.raises(ServerError) as info:
+    with pytest.raises(AmbiguousCreateError) as info:
         await client.create_batch(uploaded.id, ENDPOINT)
-    assert info.value.request_id == service.requests[-2].request_id  # the final look came last
+    cause = info.value.__cause__
+    assert isinstance(cause, ServerError)
+    assert cause.request_id == service.requests[-2].request_id  # the final look came last
+    assert info.value.create_key is not None
+    assert f"find_created_batch({info.value.create_key!r})" in str(info.value)
     assert service.batch_ids == []
     assert service.request_count("POST", "/batches") == 3
+    assert service.request_count("GET", "/batches") == 3  # one look after each 503
+    assert await client.find_created_batch(info.value.create_key) is None
+
+
+async def test_non_ambiguous_failures_are_raised_as_they_are(
+    service: FakeBatchService, clock: VirtualClock
+) -> None:
+    """A create refused (400) or never sent (connect error) raises its own error, no lookup."""
+    client = make_client(service, clock, retry=RetryPolicy.for_testing(max_attempts=2))
+    with pytest.raises(NotFoundError):
+        await client.create_batch("file-missing", ENDPOINT)
+    service.faults.add(Fault.http(429, method="POST", path="/batches", times=None))
+    uploaded = await client.upload_file(chat_requests(1))
+    with pytest.raises(RateLimitError):
+        await client.create_batch(uploaded.id, ENDPOINT)
+    assert service.request_count("GET", "/batches") == 0
 
 
 # --- secrets -----------------------------------------------------------------------------
@@ -605,3 +700,402 @@ async def test_key_is_absent_from_reprs_logs_and_errors(
     for text in texts:
         assert KEY not in text
         assert KEY[::-1] not in text
+
+
+# --- the create-key lookup: found, proved absent, unknown --------------------------------
+
+
+def flood_after_first_create(
+    service: FakeBatchService, others: int, *, server_clock: VirtualClock | None = None
+) -> InMemoryTransport:
+    """A transport whose first create takes effect, is followed by ``others`` creates of
+    someone else, and then loses its answer."""
+    done: list[bool] = []
+
+    async def handler(request: Request) -> Response:
+        if request.method == "POST" and request.url.endswith("/batches") and not done:
+            done.append(True)
+            await service.handle(request)
+            body = json.loads(request.body)  # type: ignore[arg-type]
+            for i in range(others):
+                other = json.dumps({**body, "metadata": {"other": str(i)}}).encode()
+                await service.handle(Request("POST", request.url, {}, request.headers, other))
+            raise TransportError("connection reset after the create", method="POST")
+        return await service.handle(request)
+
+    return InMemoryTransport(handler, clock=service.clock)
+
+
+async def keyed(service: FakeBatchService, key: str | None) -> list[Batch]:
+    batches = [await service.get_batch(i) for i in service.batch_ids]
+    return [b for b in batches if (b.metadata or {}).get(CREATE_KEY_METADATA) == key]
+
+
+async def test_lookup_that_runs_out_of_pages_raises_instead_of_resending(
+    service: FakeBatchService, clock: VirtualClock
+) -> None:
+    """Ours pushed past the page limit by 2000 newer batches: raised with the key, not re-sent."""
+    client = make_client(service, clock, transport=flood_after_first_create(service, 2000))
+    uploaded = await client.upload_file(chat_requests(1))
+    async with clock.auto_advance():
+        with pytest.raises(AmbiguousCreateError) as info:
+            await client.create_batch(uploaded.id, ENDPOINT)
+    key = info.value.create_key
+    assert key is not None
+    assert isinstance(info.value.__cause__, TransportError)
+    assert "could not prove it absent" in str(info.value)
+    assert service.request_count("POST", "/batches") == 2001  # ours once, never re-sent
+    assert service.request_count("GET", "/batches") == 20
+    (ours,) = await keyed(service, key)
+    with pytest.raises(LookupIncompleteError) as lookup:
+        await client.find_created_batch(key)
+    assert lookup.value.create_key == key
+    found = await client.find_created_batch(key, max_pages=30)
+    assert found is not None
+    assert found.id == ours.id
+
+
+async def test_lookup_finds_the_batch_within_the_page_limit(
+    service: FakeBatchService, clock: VirtualClock
+) -> None:
+    """1500 batches made after ours are read through (16 pages) and ours is returned."""
+    client = make_client(service, clock, transport=flood_after_first_create(service, 1500))
+    uploaded = await client.upload_file(chat_requests(1))
+    async with clock.auto_advance():
+        batch = await client.create_batch(uploaded.id, ENDPOINT)
+    assert [b.id for b in await keyed(service, (batch.metadata or {})[CREATE_KEY_METADATA])] == [
+        batch.id
+    ]
+    assert service.request_count("GET", "/batches") == 16
+
+
+async def test_lookup_uses_the_server_clock_not_the_client_clock(
+    clock: VirtualClock,
+) -> None:
+    """A server 20 minutes behind the client: the date header bounds the walk, ours is found."""
+    server_clock = VirtualClock(clock.now() - 1200)
+    service = FakeBatchService(clock=server_clock, config=CONFIG, api_key=KEY)
+    transport = flood_after_first_create(service, 150)
+    client = make_client(service, clock, transport=transport, retry=RetryPolicy.for_testing())
+    uploaded = await client.upload_file(chat_requests(1))
+    async with clock.auto_advance():
+        batch = await client.create_batch(uploaded.id, ENDPOINT)
+    assert len(await keyed(service, (batch.metadata or {})[CREATE_KEY_METADATA])) == 1
+    assert service.request_count("POST", "/batches") == 151
+
+
+async def test_lookup_of_a_server_listing_oldest_first_is_inconclusive(
+    service: FakeBatchService, clock: VirtualClock
+) -> None:
+    """A server listing oldest first cannot prove absence: the create raises, never re-sent."""
+
+    async def handler(request: Request) -> Response:
+        if request.method == "GET" and request.url.endswith("/batches"):
+            ids = service.batch_ids  # oldest first
+            limit = int(request.params.get("limit", "20"))
+            after = request.params.get("after")
+            start = ids.index(after) + 1 if after else 0
+            chunk = ids[start : start + limit]
+            data = [to_wire(await service.get_batch(i)) for i in chunk]
+            body = {"object": "list", "data": data, "has_more": start + limit < len(ids)}
+            return Response(
+                200, {"date": formatdate(clock.now(), usegmt=True)}, json.dumps(body).encode()
+            )
+        return await service.handle(request)
+
+    client = make_client(service, clock, transport=InMemoryTransport(handler, clock=clock))
+    uploaded = await client.upload_file(chat_requests(1))
+    for i in range(2050):
+        await client.create_batch(uploaded.id, ENDPOINT)
+        clock.advance(i % 2)
+    clock.advance(3600)
+    service.faults.add(Fault.drop(after=True, method="POST", path="/batches"))
+    async with clock.auto_advance():
+        with pytest.raises(AmbiguousCreateError, match="newest first"):
+            await client.create_batch(uploaded.id, ENDPOINT)
+    assert len(service.batch_ids) == 2051
+
+
+async def test_repeat_lookups_of_one_create_are_incremental(
+    service: FakeBatchService, clock: VirtualClock
+) -> None:
+    """In a 503 storm each lookup after the first stops where the previous one started."""
+    client = make_client(service, clock, retry=RetryPolicy(max_attempts=4, jitter=None))
+    uploaded = await client.upload_file(chat_requests(1))
+    for _ in range(250):  # one per 0.1 s, all within the margin of the server-time bound
+        await client.create_batch(uploaded.id, ENDPOINT)
+        clock.advance(0.1)
+    service.faults.add(Fault.http(503, method="POST", path="/batches", times=None))
+    before = service.request_count("GET", "/batches")
+    async with clock.auto_advance():
+        with pytest.raises(AmbiguousCreateError):
+            await client.create_batch(uploaded.id, ENDPOINT)
+    assert service.request_count("POST", "/batches") == 250 + 4
+    assert service.request_count("GET", "/batches") - before == 3 + 1 + 1 + 1
+
+
+async def test_lookup_failure_keeps_the_create_key(
+    service: FakeBatchService, clock: VirtualClock
+) -> None:
+    """A lookup refused with 403 after a lost answer raises AmbiguousCreateError with the key."""
+    client = make_client(service, clock, retry=RetryPolicy.for_testing())
+    uploaded = await client.upload_file(chat_requests(1))
+    service.faults.add(Fault.drop(after=True, method="POST", path="/batches"))
+    service.faults.add(Fault.http(403, method="GET", path="/batches", times=None))
+    async with clock.auto_advance():
+        with pytest.raises(AmbiguousCreateError) as info:
+            await client.create_batch(uploaded.id, ENDPOINT)
+    assert isinstance(info.value.__cause__, PermissionDeniedError)
+    assert "TransportError" in str(info.value)  # the create's own failure is named
+    assert len(await keyed(service, info.value.create_key)) == 1
+    assert service.request_count("POST", "/batches") == 1
+
+
+async def test_lookup_ignores_other_batches_with_unknown_statuses(
+    service: FakeBatchService, clock: VirtualClock
+) -> None:
+    """Another batch with an unknown status neither breaks the list nor the lookup."""
+
+    async def handler(request: Request) -> Response:
+        response = await service.handle(request)
+        if request.method == "GET" and request.url.endswith("/batches"):
+            body = json.loads(await response.read())
+            if body["data"]:
+                body["data"][-1] = {**body["data"][-1], "status": "scheduled"}
+            return Response(200, response.headers, json.dumps(body).encode())
+        return response
+
+    client = make_client(service, clock, transport=InMemoryTransport(handler, clock=clock))
+    uploaded = await client.upload_file(chat_requests(1))
+    older = await client.create_batch(uploaded.id, ENDPOINT)
+    listed = [b async for b in client.list_batches()]
+    assert (listed[-1].id, listed[-1].status, listed[-1].raw_status) == (
+        older.id,
+        BatchStatus.UNKNOWN,
+        "scheduled",
+    )
+    service.faults.add(Fault.drop(after=True, method="POST", path="/batches"))
+    async with clock.auto_advance():
+        batch = await client.create_batch(uploaded.id, ENDPOINT)
+    assert service.batch_ids == [older.id, batch.id]
+
+
+async def test_garbled_or_too_deep_create_answer_is_looked_up(
+    service: FakeBatchService, clock: VirtualClock
+) -> None:
+    """A 200 create too deeply nested to parse is found by key, or raised as ambiguous."""
+    bomb = b'{"id":' + b"[" * 50_000 + b"]" * 50_000 + b"}"
+
+    async def handler(request: Request) -> Response:
+        response = await service.handle(request)
+        if request.method == "POST" and request.url.endswith("/batches"):
+            return Response(200, response.headers, bomb)
+        return response
+
+    client = make_client(service, clock, transport=InMemoryTransport(handler, clock=clock))
+    uploaded = await client.upload_file(chat_requests(1))
+    batch = await client.create_batch(uploaded.id, ENDPOINT)
+    assert service.batch_ids == [batch.id]
+    service.faults.add(Fault.http(403, method="GET", path="/batches"))
+    with pytest.raises(AmbiguousCreateError, match="answered 200") as info:
+        await client.create_batch(uploaded.id, ENDPOINT)
+    assert isinstance(info.value.__cause__, PermissionDeniedError)
+    assert len(service.batch_ids) == 2
+    assert service.request_count("POST", "/batches") == 2
+
+
+async def test_server_that_drops_metadata_disables_re_sends(
+    service: FakeBatchService, clock: VirtualClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server dropping metadata is noticed once; a lost create answer then raises."""
+
+    async def handler(request: Request) -> Response:
+        if request.method == "POST" and request.url.endswith("/batches"):
+            body = json.loads(request.body)  # type: ignore[arg-type]
+            body.pop("metadata", None)
+            request = attrs.evolve(request, body=json.dumps(body).encode())
+        return await service.handle(request)
+
+    client = make_client(service, clock, transport=InMemoryTransport(handler, clock=clock))
+    uploaded = await client.upload_file(chat_requests(1))
+    with caplog.at_level(logging.WARNING, logger="aiobatch"):
+        await client.create_batch(uploaded.id, ENDPOINT)
+        await client.create_batch(uploaded.id, ENDPOINT)
+    assert [r.getMessage() for r in caplog.records].count(caplog.records[0].getMessage()) == 1
+    assert "did not return the metadata" in caplog.records[0].getMessage()
+    service.faults.add(Fault.drop(after=True, method="POST", path="/batches"))
+    with pytest.raises(AmbiguousCreateError, match="does not keep batch metadata"):
+        await client.create_batch(uploaded.id, ENDPOINT)
+    assert len(service.batch_ids) == 3
+    assert service.request_count("GET", "/batches") == 0
+
+
+async def test_a_journaled_key_is_resumed_with_find_created_batch(
+    client: BatchClient, service: FakeBatchService
+) -> None:
+    """A caller's key is not looked up before sending; find_created_batch(key) resumes."""
+    uploaded = await client.upload_file(chat_requests(1))
+    meta = {CREATE_KEY_METADATA: "journal-1"}
+    first = await client.create_batch(uploaded.id, ENDPOINT, metadata=meta)
+    found = await client.find_created_batch("journal-1")
+    assert found is not None
+    assert found.id == first.id
+    assert await client.find_created_batch("journal-2") is None
+    await client.create_batch(uploaded.id, ENDPOINT, metadata=meta)
+    assert len(service.batch_ids) == 2  # as documented: the key alone does not dedupe
+    found = await client.find_created_batch("journal-1")
+    assert found is not None
+    assert found.id == first.id  # of two batches with one key, the earliest
+
+
+# --- time budgets, deadlines, closed clients ---------------------------------------------
+
+
+async def test_policy_timeout_bounds_attempts_not_just_waits(
+    service: FakeBatchService, clock: VirtualClock
+) -> None:
+    """RetryPolicy(timeout=10): slow answers are cut at 10 s in all, not 3 x 120 s."""
+    client = make_client(service, clock, retry=RetryPolicy(timeout=10.0, jitter=None))
+    batch = await new_batch(client)
+    service.faults.add(Fault.slow(100, method="GET", path="/batches/*", times=3))
+    start = clock.monotonic()
+    async with clock.auto_advance():
+        with pytest.raises(TransportTimeoutError):
+            await client.retrieve_batch(batch.id)
+    assert clock.monotonic() - start == 10.0
+    assert service.request_count("GET", f"/batches/{batch.id}") == 1
+
+
+async def test_wait_deadline_bounds_slow_polls(
+    client: BatchClient, service: FakeBatchService, clock: VirtualClock
+) -> None:
+    """wait(timeout=30) ends by 30 s even when every poll hangs for 100 s."""
+    batch = await new_batch(client)
+    service.faults.add(Fault.slow(100, method="GET", path="/batches/*", times=None))
+    start = clock.monotonic()
+    async with clock.auto_advance():
+        with pytest.raises(WaitTimeoutError) as info:
+            await client.wait(batch, timeout=30, poll_interval=1)
+    assert clock.monotonic() - start <= 30.0
+    assert isinstance(info.value.__cause__, TransportTimeoutError)
+    assert info.value.last_status == "validating"
+
+
+async def test_create_budget_bounds_attempts_and_lookups(
+    service: FakeBatchService, clock: VirtualClock
+) -> None:
+    """A 30 s budget bounds a hanging create and its lookups; the key is raised within it."""
+    client = make_client(service, clock, retry=RetryPolicy(timeout=30.0, jitter=None))
+    uploaded = await client.upload_file(chat_requests(1))
+    service.faults.add(Fault.slow(1000, act_after_delay=True, method="POST", path="/batches"))
+    service.faults.add(Fault.slow(1000, method="GET", path="/batches", times=None))
+    start = clock.monotonic()
+    async with clock.auto_advance():
+        with pytest.raises(AmbiguousCreateError) as info:
+            await client.create_batch(uploaded.id, ENDPOINT)
+        assert clock.monotonic() - start <= 30.0
+        assert isinstance(info.value.__cause__, TransportTimeoutError)
+        await clock.sleep(1000)  # the server finally commits the one create it got
+    assert [b.id for b in await keyed(service, info.value.create_key)] == service.batch_ids
+    assert len(service.batch_ids) == 1
+
+
+async def test_closed_client_raises_without_sending_or_sleeping(
+    service: FakeBatchService, clock: VirtualClock
+) -> None:
+    """After aclose() every call raises ClosedError at once: nothing sent, no retry."""
+    client = make_client(service, clock)
+    await client.aclose()
+    assert client.closed
+    before = len(service.requests)
+    for call in (
+        client.create_batch("file-1", ENDPOINT),
+        client.retrieve_batch("batch_1"),
+        client.upload_file(b"x"),
+        client.delete_file("file-1"),
+    ):
+        with pytest.raises(ClosedError, match="closed"):
+            await call
+    with pytest.raises(ClosedError):
+        await anext(client.iter_file_lines("file-1"))
+    assert len(service.requests) == before
+    assert clock.now() == VirtualClock().now()
+
+
+# --- files: lost answers -----------------------------------------------------------------
+
+
+async def test_delete_whose_answer_was_lost_reports_deleted(
+    client: BatchClient, service: FakeBatchService, clock: VirtualClock
+) -> None:
+    """The DELETE took effect and its answer was lost; the retry's 404 means it worked."""
+    uploaded = await client.upload_file(chat_requests(1))
+    service.faults.add(Fault.drop(after=True, method="DELETE", path="/files/*"))
+    async with clock.auto_advance():
+        deleted = await client.delete_file(uploaded.id)
+    assert deleted == FileDeleted(id=uploaded.id, deleted=True)
+    assert uploaded.id not in service.file_ids
+    with pytest.raises(NotFoundError):
+        await client.delete_file(uploaded.id)  # without a lost answer a 404 is a 404
+
+
+async def test_upload_whose_answer_was_lost_warns_of_an_extra_copy(
+    client: BatchClient,
+    service: FakeBatchService,
+    clock: VirtualClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An upload retried after a lost answer may leave a second file: a WARNING says so."""
+    service.faults.add(Fault.drop(after=True, method="POST", path="/files"))
+    with caplog.at_level(logging.WARNING, logger="aiobatch"):
+        async with clock.auto_advance():
+            uploaded = await client.upload_file(chat_requests(1), filename="in.jsonl")
+    assert len(service.file_ids) == 2
+    (record,) = caplog.records
+    assert uploaded.id in record.getMessage()
+    assert "extra copy" in record.getMessage()
+
+
+# --- wait: jitter and unknown statuses ---------------------------------------------------
+
+
+async def test_waits_started_together_do_not_poll_in_step(
+    client: BatchClient, service: FakeBatchService, clock: VirtualClock
+) -> None:
+    """Twenty waits started at once spread their polls (10% jitter) instead of bunching."""
+    batches = [await new_batch(client, lines=30) for _ in range(20)]
+    start = clock.now()
+    async with clock.auto_advance():
+        await asyncio.gather(
+            *(client.wait(b, poll_interval=10.0, max_interval=10.0) for b in batches)
+        )
+    first_polls = []
+    for b in batches:
+        polls = [r.at for r in service.requests if r.path == f"/batches/{b.id}"]
+        first_polls.append(polls[0] - start)
+    assert all(9.0 <= t <= 10.0 for t in first_polls)
+    assert len(set(first_polls)) == len(first_polls)
+
+
+async def test_wait_raises_for_an_unknown_status_naming_it(
+    service: FakeBatchService, clock: VirtualClock
+) -> None:
+    """A poll with a status aiobatch does not know raises UnknownStatusError naming it."""
+    rename: list[str] = []
+
+    async def handler(request: Request) -> Response:
+        response = await service.handle(request)
+        if request.method == "GET" and "/batches/" in request.url and rename:
+            body = {**json.loads(await response.read()), "status": rename[0]}
+            return Response(200, response.headers, json.dumps(body).encode())
+        return response
+
+    client = make_client(service, clock, transport=InMemoryTransport(handler, clock=clock))
+    batch = await new_batch(client)
+    rename.append("scheduled")
+    async with clock.auto_advance():
+        with pytest.raises(UnknownStatusError) as info:
+            await client.wait(batch, poll_interval=1.0)
+        assert info.value.value == "scheduled"
+        with pytest.raises(UnknownStatusError, match="scheduled"):
+            await client.wait(batch.id)

@@ -12,21 +12,25 @@ import json
 import logging
 import os
 import pickle
+import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 
 import aiobatch
 from aiobatch import BatchClient, OpenAIProvider, RetryPolicy, Secret, set_retry_testing
 from aiobatch.errors import (
+    AmbiguousCreateError,
     APIStatusError,
     AuthenticationError,
     BadRequestError,
     ConflictError,
     DecodeError,
+    LookupIncompleteError,
     NotFoundError,
     PermissionDeniedError,
     RateLimitError,
@@ -466,8 +470,10 @@ async def test_full_metadata_means_no_key_and_no_blind_resend() -> None:
         return json_response(500, envelope("oops", None))
 
     metadata = {f"k{i}": "v" for i in range(16)}
-    with pytest.raises(ServerError):
+    with pytest.raises(AmbiguousCreateError) as info:
         await make_client(handler).create_batch("file-1", "/v1/chat/completions", metadata=metadata)
+    assert info.value.create_key is None
+    assert isinstance(info.value.__cause__, ServerError)
     assert len(seen) == 1
     sent = json.loads(seen[0].body)  # type: ignore[arg-type]
     assert sent["metadata"] == metadata
@@ -542,7 +548,7 @@ async def test_wait_polls_on_a_growing_schedule() -> None:
         api_key=KEY, base_url=BASE, transport=InMemoryTransport(handler), clock=clock
     )
     async with clock.auto_advance():
-        batch = await client.wait("batch_1", poll_interval=2.0, max_interval=5.0)
+        batch = await client.wait("batch_1", poll_interval=2.0, max_interval=5.0, jitter=0)
     assert batch.status is aiobatch.BatchStatus.COMPLETED
     gaps = [b - a for a, b in itertools.pairwise(times)]
     assert gaps == [2.0, 3.0, 4.5, 5.0, 5.0]
@@ -561,3 +567,182 @@ def test_public_surface() -> None:
     assert isinstance(aiobatch.__version__, str)
     with pytest.raises(AttributeError):
         aiobatch.no_such_name  # noqa: B018
+
+
+# --- secrets: decode errors, provider state, traceback locals ----------------------------
+
+
+async def echo_headers(request: Request) -> Response:
+    """A misconfigured proxy answering 200 with the request headers as text."""
+    text = "\n".join(f"{k}: {v}" for k, v in request.headers.items())
+    return Response(200, {"content-type": "text/plain"}, text.encode())
+
+
+async def echo_in_a_field(request: Request) -> Response:
+    """A 200 batch whose created_at echoes the authorization header (wrong type)."""
+    body = {**batch_json("validating"), "created_at": request.headers["authorization"]}
+    return json_response(200, body)
+
+
+def traceback_text(exc: BaseException) -> str:
+    """The exception as a traceback with every frame's locals, as pytest -l or Sentry show."""
+    return "".join(traceback.TracebackException.from_exception(exc, capture_locals=True).format())
+
+
+@pytest.mark.parametrize("handler", [echo_headers, echo_in_a_field], ids=["text", "field"])
+async def test_success_body_echoing_the_key_gives_a_scrubbed_decode_error(
+    handler: Handler,
+) -> None:
+    """A 200 body echoing the key gives a DecodeError without it, its chain or its locals."""
+    with pytest.raises(DecodeError) as info:
+        await make_client(handler).retrieve_batch("batch_1")
+    err = info.value
+    assert "***" in str(err)
+    for text in (str(err), repr(err), err.detail, traceback_text(err)):
+        assert KEY not in text
+    assert err.__cause__ is None
+
+
+async def test_result_line_echoing_the_key_is_scrubbed() -> None:
+    """iter_results: a bad line holding the key raises a DecodeError without it."""
+
+    async def handler(request: Request) -> Response:
+        return streamed([json.dumps({"custom_id": 7, "note": KEY}).encode() + b"\n"], [])
+
+    client = make_client(handler)
+    with pytest.raises(DecodeError, match="line 1 of file file-1") as info:
+        async for _ in client.iter_results("file-1"):
+            pass
+    assert KEY not in traceback_text(info.value)
+
+
+async def test_key_is_not_in_provider_fields_client_state_or_locals() -> None:
+    """attrs.asdict(provider), vars(client) and a 401's traceback locals hold no key."""
+
+    async def unauthorized(request: Request) -> Response:
+        return Response(401, {}, b"not json at all")
+
+    client = make_client(unauthorized)
+    assert KEY not in repr(attrs.asdict(client.provider))
+    assert KEY not in repr(vars(client))
+    assert KEY not in repr(client.provider.headers())
+    with pytest.raises(AuthenticationError) as info:
+        await client.retrieve_batch("batch_1")
+    assert KEY not in traceback_text(info.value)
+    assert client.provider.headers()["authorization"] == f"Bearer {KEY}"
+
+
+def test_secret_redacts_text_and_bytes() -> None:
+    """Secret.redact masks every occurrence in str and bytes; short values are left alone."""
+    secret = Secret(KEY)
+    assert secret.redact(f"a {KEY} b {KEY}") == "a *** b ***"
+    assert secret.redact(f"x{KEY}".encode()) == b"x***"
+    text = "nothing here"
+    assert secret.redact(text) is text
+    assert Secret("ab").redact("abc ab") == "abc ab"
+
+
+def test_key_whitespace_is_dropped_and_control_characters_refused() -> None:
+    """Whitespace around a key is dropped; a control character inside it is refused unshown."""
+    provider = OpenAIProvider(api_key=f"  {KEY}\n", base_url=BASE)
+    assert provider.headers()["authorization"] == f"Bearer {KEY}"
+    assert OpenAIProvider(api_key=Secret(KEY + "\n")).api_key == Secret(KEY)
+    with pytest.raises(ValueError, match="control character") as info:
+        OpenAIProvider(api_key=KEY[:5] + "\r\n" + KEY[5:])
+    assert KEY[5:] not in str(info.value)
+
+
+# --- long lines --------------------------------------------------------------------------
+
+
+async def test_long_line_and_many_short_lines_across_odd_chunks() -> None:
+    """A 3 MB line, short lines and CRLFs split at odd (prime) chunk sizes come out whole."""
+    lines = [b"a", b"x" * 3_000_000, *[b"line %d" % i for i in range(2000)], b"", b"tail"]
+    content = b"\n".join(lines[:-1]) + b"\r\n" + lines[-1]
+    expected = [*lines[:-2], b"", b"tail"]
+    for size in (1, 7, 65_537):
+        if size == 1:
+            data = content[:20_000] + b"\n"  # byte by byte: keep it small
+            want = data[:-1].split(b"\n")
+        else:
+            data, want = content, expected
+        parts = [data[i : i + size] for i in range(0, len(data), size)]
+
+        async def handler(request: Request, parts: list[bytes] = parts) -> Response:
+            return streamed(parts, [])
+
+        got = [line async for line in make_client(handler).iter_file_lines("file-1")]
+        assert got == want, size
+
+
+# --- the create-key lookup on hand-built lists -------------------------------------------
+
+
+def listing(batches: list[dict[str, Any]], *, date: str | None = None) -> Handler:
+    """A GET /batches handler serving ``batches`` (in the given order) 100 per page."""
+
+    async def handler(request: Request) -> Response:
+        after = request.params.get("after")
+        start = next(i for i, b in enumerate(batches) if b["id"] == after) + 1 if after else 0
+        chunk = batches[start : start + int(request.params["limit"])]
+        body = {"object": "list", "data": chunk, "has_more": start + len(chunk) < len(batches)}
+        return json_response(200, body, {"date": date} if date else None)
+
+    return handler
+
+
+def keyed_batch(n: int, created_at: int, key: str | None = None) -> dict[str, Any]:
+    meta = {"aiobatch_create_key": key} if key else {"n": str(n)}
+    return {
+        **batch_json("in_progress"),
+        "id": f"batch_{n}",
+        "created_at": created_at,
+        "metadata": meta,
+    }
+
+
+async def test_find_created_batch_outcomes() -> None:
+    """find_created_batch: the earliest twin, None when proved absent, else an error."""
+    batches = [keyed_batch(n, 10_000 - n) for n in range(350)]
+    batches[120] = keyed_batch(120, 10_000 - 120, "k1")
+    batches[121] = keyed_batch(121, 10_000 - 121, "k1")
+    client = make_client(listing(batches))
+    found = await client.find_created_batch("k1")
+    assert found is not None
+    assert found.id == "batch_121"
+    assert await client.find_created_batch("k2") is None  # 4 pages, the whole list
+    with pytest.raises(LookupIncompleteError) as info:
+        await client.find_created_batch("k2", max_pages=2)
+    assert info.value.create_key == "k2"
+    assert "no bound" in info.value.reason
+    assert await client.find_created_batch("k2", since=10_000 - 150, max_pages=2) is None
+
+
+async def test_lookup_without_a_date_header_walks_to_the_end() -> None:
+    """Without a date header a short list is read to its end; a long one makes the create raise."""
+    posts: list[Request] = []
+    history = [keyed_batch(n, 10_000 - n) for n in range(150)]
+    list_handler = listing(history)
+
+    async def handler(request: Request) -> Response:
+        if request.method == "POST":
+            posts.append(request)
+            if len(posts) == 1:
+                raise TransportError("connection reset", method="POST")
+            return json_response(
+                200, {**batch_json("validating"), "metadata": json.loads(request.body)["metadata"]}
+            )  # type: ignore[arg-type]
+        return await list_handler(request)
+
+    client = make_client(handler)
+    clock = client.clock
+    assert isinstance(clock, VirtualClock)
+    async with clock.auto_advance():
+        batch = await client.create_batch("file-1", "/v1/chat/completions")
+        assert batch.metadata is not None
+        assert len(posts) == 2
+        history.extend(keyed_batch(n, 9_000 - n) for n in range(150, 2500))
+        posts.clear()
+        with pytest.raises(AmbiguousCreateError, match="no server date"):
+            await client.create_batch("file-1", "/v1/chat/completions")
+    assert len(posts) == 1

@@ -16,6 +16,8 @@ from aiobatch._retry import (
     RetryState,
     is_ambiguous,
     is_retry_testing,
+    may_commit_late,
+    parse_http_date,
     parse_retry_after,
     poll_intervals,
     retry_reason,
@@ -500,3 +502,111 @@ def test_testing_switch_is_public() -> None:
     assert aiobatch.set_retry_testing is set_retry_testing
     assert aiobatch.is_retry_testing is is_retry_testing
     assert aiobatch.RetryPolicy is RetryPolicy
+
+
+# --- budgets, deadlines and what a failure may have done ---------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("Sun, 15 Jun 2025 15:06:40 GMT", 1_750_000_000.0),
+        ("Sunday, 15-Jun-25 15:06:40 GMT", 1_750_000_000.0),
+        ("Sun Jun 15 15:06:40 2025", 1_750_000_000.0),
+        ("", None),
+        (None, None),
+        ("yesterday", None),
+    ],
+)
+def test_parse_http_date(text: str | None, expected: float | None) -> None:
+    """HTTP dates in the three RFC 9110 forms parse to Unix seconds; junk gives None."""
+    assert parse_http_date(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "late"),
+    [
+        (TransportTimeoutError("t"), None, True),
+        (TransportError("reset"), None, True),
+        (ConnectError("refused"), None, False),
+        (None, 504, True),
+        (None, 502, True),
+        (None, 500, False),
+        (None, 503, False),
+        (None, 429, False),
+    ],
+)
+def test_may_commit_late(error: BaseException | None, status: int | None, late: bool) -> None:
+    """Timeouts, lost connections and gateway errors leave the server possibly still working."""
+    assert may_commit_late(error, status) is late
+
+
+def test_retry_state_cuts_attempt_timeouts_to_the_budget() -> None:
+    """bound() cuts attempt timeouts to the budget; no-timeout requests only to a deadline."""
+    clock = VirtualClock(NOW)
+    state = RetryState(no_jitter(timeout=100.0), clock, "GET", URL)
+    request = Request("GET", URL, timeout=120.0)
+    assert state.bound(request).timeout == 100.0
+    clock.advance(70)
+    assert state.bound(request).timeout == 30.0
+    assert state.remaining() == 30.0
+    assert state.bound(Request("GET", URL)).timeout is None  # uploads keep the default
+    short = Request("GET", URL, timeout=5.0)
+    assert state.bound(short) is short
+    clock.advance(40)
+    assert state.bound(request).timeout == 0.0
+    hard = RetryState(no_jitter(timeout=None), clock, "GET", URL, deadline=clock.now() + 8)
+    assert hard.bound(Request("GET", URL)).timeout == 8.0
+    assert hard.deadline == clock.now() + 8
+    assert RetryState(no_jitter(timeout=None), clock, "GET", URL).remaining() is None
+
+
+async def test_loop_bounds_slow_attempts_by_the_policy_timeout(clock: RecordingClock) -> None:
+    """Hanging answers are cut so the whole call ends at the policy's 10 s timeout."""
+
+    async def hang(request: Request) -> Response:
+        await clock.sleep(1000)
+        return Response(200, {}, b"{}")
+
+    with pytest.raises(TransportTimeoutError):
+        await no_jitter(timeout=10.0).send(
+            InMemoryTransport(hang, clock=clock), Request("GET", URL, timeout=120.0), clock=clock
+        )
+    assert clock.now() == NOW + 10.0
+
+
+async def test_loop_honours_an_explicit_deadline(clock: RecordingClock) -> None:
+    """A deadline shorter than the policy's budget ends the call, waits included."""
+    transport, seen = scripted(503, 503, 503, 200)
+    response = await no_jitter().send(
+        transport, Request("GET", URL), clock=clock, deadline=clock.monotonic() + 2.5
+    )
+    assert response.status == 503
+    assert len(seen) == 2
+    assert clock.sleeps == [1.0]
+
+
+async def test_retry_state_records_ambiguous_failures(clock: RecordingClock) -> None:
+    """state.ambiguous says whether any failed attempt may have taken effect."""
+    state = RetryState(RetryPolicy.for_testing(), clock, "DELETE", URL)
+    transport, _ = scripted(429, 200)
+    await no_jitter().send(transport, Request("DELETE", URL), clock=clock, state=state)
+    assert state.ambiguous is False
+    transport, _ = scripted(TransportError("reset"), 404)
+    state = RetryState(RetryPolicy.for_testing(), clock, "DELETE", URL)
+    response = await no_jitter().send(transport, Request("DELETE", URL), clock=clock, state=state)
+    assert (response.status, state.ambiguous, state.attempts) == (404, True, 2)
+
+
+def test_poll_intervals_with_jitter_stay_within_bounds() -> None:
+    """Jittered intervals stay within [1 - jitter, 1] x nominal and repeat with a seed."""
+    nxt = poll_intervals(4.0, 20.0, jitter=0.2, rng=random.Random(7))
+    got = [nxt() for _ in range(50)]
+    plain = poll_intervals(4.0, 20.0)
+    for value, nominal in zip(got, (plain() for _ in range(50)), strict=True):
+        assert 0.8 * nominal <= value <= nominal
+    assert len(set(got[5:])) == 45  # at the maximum they still differ
+    again = poll_intervals(4.0, 20.0, jitter=0.2, rng=random.Random(7))
+    assert [again() for _ in range(50)] == got
+    with pytest.raises(ValueError, match="jitter"):
+        poll_intervals(1.0, 2.0, jitter=1.5)
