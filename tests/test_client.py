@@ -1099,3 +1099,19 @@ async def test_wait_raises_for_an_unknown_status_naming_it(
         assert info.value.value == "scheduled"
         with pytest.raises(UnknownStatusError, match="scheduled"):
             await client.wait(batch.id)
+
+
+async def test_create_through_a_closed_shared_transport_fails_at_once(
+    service: FakeBatchService, clock: VirtualClock
+) -> None:
+    """A create on a transport closed by its owner raises ClosedError: no wait, no lookup."""
+    transport = service.transport()
+    client = BatchClient(
+        api_key=KEY, base_url="http://fake.local/v1", transport=transport, clock=clock
+    )
+    await transport.aclose()
+    start = clock.now()
+    with pytest.raises(ClosedError):
+        await client.create_batch("file-x", "/v1/chat/completions")
+    assert clock.now() == start
+    assert service.requests == ()

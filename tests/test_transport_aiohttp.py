@@ -18,7 +18,7 @@ import pytest
 from aiohttp import web
 from pytest_aiohttp import AiohttpRawServer, AiohttpServer
 
-from aiobatch.errors import ConnectError, TransportError, TransportTimeoutError
+from aiobatch.errors import ClosedError, ConnectError, TransportError, TransportTimeoutError
 from aiobatch.transport import (
     AiohttpTransport,
     FilePart,
@@ -411,7 +411,7 @@ async def test_cancellation_passes_through(
 
 
 async def test_aclose_is_idempotent_and_final(aiohttp_server: AiohttpServer) -> None:
-    """aclose twice is fine; a send after it raises TransportError."""
+    """aclose twice is fine; a send after it raises ClosedError."""
 
     async def ok(request: web.Request) -> web.Response:
         return web.Response(text="ok")
@@ -422,7 +422,7 @@ async def test_aclose_is_idempotent_and_final(aiohttp_server: AiohttpServer) -> 
     await t.aclose()
     await t.aclose()
     assert "closed" in repr(t)
-    with pytest.raises(TransportError):
+    with pytest.raises(ClosedError):
         await t.send(Request("GET", str(server.make_url("/"))))
 
 
@@ -464,12 +464,12 @@ async def test_many_concurrent_requests_share_the_pool(aiohttp_server: AiohttpSe
     assert [await r.read() for r in responses] == [str(i).encode() for i in range(50)]
 
 
-async def test_closed_borrowed_session_is_a_transport_error() -> None:
-    """A borrowed session closed by its owner: TransportError, not aiohttp's RuntimeError."""
+async def test_closed_borrowed_session_is_a_closed_error() -> None:
+    """A borrowed session closed by its owner: ClosedError (not retried), not a RuntimeError."""
     session = aiohttp.ClientSession()
     await session.close()
     t = AiohttpTransport(session=session)
-    with pytest.raises(TransportError, match="session is closed"):
+    with pytest.raises(ClosedError, match="session is closed"):
         await t.send(Request("GET", "http://127.0.0.1:9/"))
 
 

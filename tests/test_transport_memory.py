@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from aiobatch.errors import TransportError, TransportTimeoutError
+from aiobatch.errors import ClosedError, TransportError, TransportTimeoutError
 from aiobatch.testing import VirtualClock
 from aiobatch.transport import (
     FilePart,
@@ -240,7 +240,7 @@ async def test_closed_transport_refuses_requests() -> None:
     transport = InMemoryTransport(echo)
     await transport.aclose()
     await transport.aclose()
-    with pytest.raises(TransportError, match="closed"):
+    with pytest.raises(ClosedError, match="closed"):
         await transport.send(Request("GET", "http://fake/v1/x"))
 
 

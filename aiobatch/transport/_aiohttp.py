@@ -18,7 +18,7 @@ from typing import IO, Any, TypeVar
 
 import aiohttp
 
-from ..errors import ConnectError, TransportError, TransportTimeoutError
+from ..errors import ClosedError, ConnectError, TransportError, TransportTimeoutError
 from ._base import Multipart, Request, Response
 from ._memory import check_upload_files
 
@@ -254,20 +254,20 @@ class AiohttpTransport:
             ConnectError: the request was never sent (no connection could be made).
             TransportTimeoutError: no complete answer in time.
             TransportError: any other network failure; the server may have acted.
+            ClosedError: the transport, or a borrowed session, is closed (never retried).
         """
         if self._closed:
-            raise TransportError(
-                "transport is closed", method=request.method, url=_safe_url(request.url)
+            raise ClosedError(
+                f"the transport is closed ({request.method} {_safe_url(request.url)})"
             )
         check_upload_files(request)
         session = self._session
         if session is None:
             session = self._open_session()
         elif session.closed:  # a borrowed session closed by its owner
-            raise TransportError(
-                "the borrowed aiohttp session is closed",
-                method=request.method,
-                url=_safe_url(request.url),
+            raise ClosedError(
+                f"the borrowed aiohttp session is closed ({request.method} "
+                f"{_safe_url(request.url)})"
             )
         files: ExitStack | None = None
         data: Any = request.body

@@ -12,7 +12,7 @@ import os
 from collections.abc import Awaitable, Callable
 
 from .._clock import Clock, SystemClock
-from ..errors import TransportError, TransportTimeoutError
+from ..errors import ClosedError, TransportError, TransportTimeoutError
 from ._base import Multipart, Request, Response
 
 __all__ = ["InMemoryTransport"]
@@ -82,10 +82,11 @@ class InMemoryTransport:
             FileNotFoundError: a file part's ``path`` does not exist (nothing was sent).
             TransportTimeoutError: no answer within the timeout, on the clock; the
                 handler keeps running.
-            TransportError: the transport is closed, or the handler raised one.
+            ClosedError: the transport is closed (never retried).
+            TransportError: the handler raised one (a simulated network failure).
         """
         if self._closed:
-            raise TransportError("transport is closed", method=request.method, url=request.url)
+            raise ClosedError(f"the transport is closed ({request.method} {request.url})")
         check_upload_files(request)
         timeout = request.timeout if request.timeout is not None else self._timeout
         if timeout is None:
