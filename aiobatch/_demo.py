@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import tempfile
 import time
 from pathlib import Path
@@ -46,6 +47,7 @@ class DemoReport:
     faults_injected: int
     simulated_seconds: float
     wall_seconds: float
+    warnings: int = 0
 
 
 def _write_requests(folder: Path, batch_no: int, lines: int) -> Path:
@@ -90,6 +92,10 @@ async def run_demo(
     statuses: collections.Counter[str] = collections.Counter()
     outcome: collections.Counter[str] = collections.Counter()
     start_time = clock.now()
+    counter = _WarningCounter()
+    logger = logging.getLogger("aiobatch")
+    logger.addHandler(counter)
+    propagate, logger.propagate = logger.propagate, False
 
     async with BatchClient(
         api_key="sk-demo",
@@ -113,10 +119,14 @@ async def run_demo(
                     elif isinstance(result, ResultHTTPError | ResultError):
                         outcome["failed"] += 1
 
-        with tempfile.TemporaryDirectory(prefix="aiobatch-demo-") as tmp:
-            paths = [_write_requests(Path(tmp), n, lines) for n in range(batches)]
-            async with clock.auto_advance():
-                await asyncio.gather(*(one(n, p) for n, p in enumerate(paths)))
+        try:
+            with tempfile.TemporaryDirectory(prefix="aiobatch-demo-") as tmp:
+                paths = [_write_requests(Path(tmp), n, lines) for n in range(batches)]
+                async with clock.auto_advance():
+                    await asyncio.gather(*(one(n, p) for n, p in enumerate(paths)))
+        finally:
+            logger.removeHandler(counter)
+            logger.propagate = propagate
 
     return DemoReport(
         batches=batches,
@@ -128,7 +138,19 @@ async def run_demo(
         faults_injected=len(service.faults.fired),
         simulated_seconds=clock.now() - start_time,
         wall_seconds=time.perf_counter() - started,
+        warnings=counter.count,
     )
+
+
+class _WarningCounter(logging.Handler):
+    """Counts the library's warnings (an upload retried after a lost answer, say)."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.WARNING)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += 1
 
 
 def format_report(report: DemoReport) -> str:
@@ -143,6 +165,11 @@ def format_report(report: DemoReport) -> str:
         f"time:      {report.simulated_seconds / 60:.1f} simulated minutes "
         f"in {report.wall_seconds:.2f} s of wall time",
     ]
+    if report.warnings:
+        lines.append(
+            f"warnings:  {report.warnings} (e.g. an upload retried after an answer that may "
+            "have been lost can leave an extra file copy)"
+        )
     missing = report.requests - report.succeeded - report.failed
     lines.append("all results accounted for" if missing == 0 else f"MISSING {missing} results")
     return "\n".join(lines)
