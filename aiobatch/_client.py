@@ -7,52 +7,22 @@ no wire format itself: every body goes through :mod:`aiobatch._convert`.
 
 Safe creates
 ------------
-Creating a batch is never blindly re-sent. Each logical create carries a key in its
-metadata (``aiobatch_create_key``). After an *ambiguous* failure (a timeout, a
-connection lost after sending, a 5xx, a 2xx whose body cannot be read: the server may
-have made the batch) the client
-
-1. waits for the server to settle: at least the backoff delay, and at least
-   ``create_settle`` seconds after a failure the server may still be working on (a
-   timeout, a lost connection, a 502/504), since a server keeps running its handler
-   after the client has gone and may commit the batch late;
-2. looks the key up in the batch list, newest first. The walk has three outcomes:
-
-   * *found*: the batch is returned and nothing is sent again;
-   * *proved absent*: the walk went down, in non-increasing ``created_at`` order, past a
-     lower bound on the batch's possible ``created_at`` in *server time* (the list
-     response's ``date`` header, minus the time measured since the first send, minus a
-     margin), or to the end of the list, or down to the newest batch an earlier lookup
-     of the same create had already proved clear. Only then is the create sent again,
-     with the same key;
-   * *unknown* (the page limit was reached, the server does not list newest first, no
-     ``date`` header to bound the walk): nothing is sent again and
-     :class:`~aiobatch.errors.AmbiguousCreateError` is raised with the key.
-
-Every failure after an ambiguous attempt (the lookup failing, attempts running out)
-raises :class:`~aiobatch.errors.AmbiguousCreateError` carrying ``create_key``, chained
-to its cause. When a create succeeds after an ambiguous attempt, the key is looked up
-once more: if the server committed an earlier attempt late, every batch with the key
-but the earliest created is cancelled (free while ``validating``) with a WARNING, and
-the earliest is returned. A server that does not echo ``metadata`` makes lookups
-impossible: the client notices on the first create, logs a WARNING once, and from then
-on raises :class:`~aiobatch.errors.AmbiguousCreateError` instead of re-sending.
+``create_batch`` never blindly re-sends a create: after a failure that may have made
+the batch it settles, looks the create's key up, and sends again only when the lookup
+proved no batch carries it. The machinery, and its theory of operation, live in
+:mod:`aiobatch._create`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
 import tempfile
 import types
-import uuid
-from collections.abc import AsyncGenerator, Iterable, Mapping
-from typing import Any, Literal, NoReturn, TypeVar
+from collections.abc import AsyncGenerator, Mapping
+from typing import Any, NoReturn, TypeVar
 from urllib.parse import quote
-
-import attrs
 
 from ._clock import Clock, SystemClock
 from ._convert import (
@@ -63,26 +33,21 @@ from ._convert import (
     parse_error_body,
     upload_form_fields,
 )
-from ._lifecycle import BatchLifecycle, BatchStatus
+from ._create import CREATE_KEY_METADATA, LOOKUP_MAX_PAGES, Creator, describe, keyed_metadata
+from ._lifecycle import BatchLifecycle
 from ._models import Batch, BatchPage, File, FileDeleted, FilePage, ResultLine
 from ._provider import OpenAIProvider, Secret, _Headers
 from ._retry import (
     RETRYABLE_STATUSES,
     RetryPolicy,
     RetryState,
-    is_ambiguous,
-    may_commit_late,
-    parse_http_date,
     parse_retry_after,
     poll_intervals,
 )
 from .errors import (
-    AiobatchError,
-    AmbiguousCreateError,
     APIStatusError,
     ClosedError,
     DecodeError,
-    LookupIncompleteError,
     RateLimitError,
     TransportError,
     UnknownStatusError,
@@ -91,29 +56,16 @@ from .errors import (
 )
 from .transport._base import FilePart, Multipart, Request, Response, Transport
 
+# CREATE_KEY_METADATA lives in ._create; the package takes it from here.
 __all__ = ["CREATE_KEY_METADATA", "DEFAULT_CREATE_SETTLE", "BatchClient"]
 
 T = TypeVar("T")
 
 logger = logging.getLogger("aiobatch")
 
-#: The metadata key that tags each logical create with a client-made key.
-CREATE_KEY_METADATA = "aiobatch_create_key"
-
 #: Seconds to wait, after a create the server may still be working on, before looking
 #: its key up (see :class:`BatchClient`).
 DEFAULT_CREATE_SETTLE = 10.0
-
-#: OpenAI's metadata limit: pairs.
-_METADATA_MAX_PAIRS = 16
-
-#: The most list pages one key lookup reads, and the batches per page.
-_LOOKUP_MAX_PAGES = 20
-_LOOKUP_PAGE_SIZE = 100
-#: Seconds taken off the server-time lower bound of a create's ``created_at``: the
-#: ``date`` header and ``created_at`` may come from different hosts, whose clocks may
-#: disagree a little (``created_at`` is also truncated to whole seconds).
-_LOOKUP_MARGIN = 30.0
 
 #: How much of a wait's timeout is kept for its last poll (at most _FINAL_POLL_MAX s).
 _FINAL_POLL_SHARE = 0.1
@@ -126,22 +78,6 @@ def _quote(object_id: str) -> str:
     if not object_id:
         raise ValueError("an object id must be a non-empty string")
     return quote(object_id, safe="%:@")
-
-
-def _carries(batch: Batch, key: str) -> bool:
-    return bool(batch.metadata) and batch.metadata.get(CREATE_KEY_METADATA) == key  # type: ignore[union-attr]
-
-
-def _earliest(batches: Iterable[Batch]) -> Batch:
-    """The earliest created batch; on a tie the one listed last (lists are newest first)."""
-    return min(reversed(list(batches)), key=lambda b: b.created_at)
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    if len(text) > 200:
-        text = text[:197] + "..."
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _redact_error(error: DecodeError, secret: Secret) -> DecodeError:
@@ -158,39 +94,6 @@ def _redact_error(error: DecodeError, secret: Secret) -> DecodeError:
     error.__context__ = None
     error.__suppress_context__ = True
     return error.with_traceback(None)
-
-
-@attrs.frozen
-class _Scan:
-    """What one walk of the batch list found."""
-
-    outcome: Literal["found", "absent", "unknown"]
-    #: Every batch carrying the key that the walk saw, in list order.
-    matches: tuple[Batch, ...]
-    #: The first batch of a walk that was newest first (a later walk may stop there).
-    newest_id: str | None
-    #: How the walk ended.
-    reason: str
-
-
-class _Create:
-    """The state of one logical create."""
-
-    __slots__ = ("ambiguous", "cause", "key", "lost", "sent", "state", "stop_at")
-
-    def __init__(self, key: str | None, state: RetryState) -> None:
-        self.key = key
-        self.state = state
-        #: Whether an attempt may have made the batch.
-        self.ambiguous = False
-        #: The last failure that made the create ambiguous, and what it means.
-        self.cause: BaseException | None = None
-        self.lost = ""
-        #: Attempts sent so far (two or more can make twins).
-        self.sent = 0
-        #: The newest batch of the last walk that proved the key absent: everything
-        #: from there down has been checked, so the next walk may stop there.
-        self.stop_at: str | None = None
 
 
 class BatchClient:
@@ -258,15 +161,24 @@ class BatchClient:
         self._retry = retry if retry is not None else RetryPolicy()
         self._clock: Clock = clock if clock is not None else SystemClock()
         self._timeout = timeout
-        self._create_settle = float(create_settle)
         self._closed = False
-        # Whether the server keeps batch metadata (None: not seen yet). When it does
-        # not, a create whose answer is lost can never be looked up.
-        self._echoes_metadata: bool | None = None
         headers = _Headers(provider.headers())
         self._headers: Mapping[str, str] = headers
         self._json_headers: Mapping[str, str] = _Headers(
             {**headers, "content-type": "application/json"}
+        )
+        self._creates = Creator(
+            transport=transport,
+            check_open=self._check_open,
+            fetch=self._fetch,
+            status_error=self._status_error,
+            decode=self._decode,
+            cancel=self.cancel_batch,
+            retry=self._retry,
+            clock=self._clock,
+            settle=float(create_settle),
+            server=provider.base_url,
+            logger=logger,
         )
 
     # --- plumbing --------------------------------------------------------------------------
@@ -689,10 +601,7 @@ class BatchClient:
                 found nor proved absent; ``create_key`` says what to look up later.
             ClosedError: the client is closed.
         """
-        meta = dict(metadata) if metadata else {}
-        key = meta.get(CREATE_KEY_METADATA)
-        if key is None and len(meta) < _METADATA_MAX_PAIRS:
-            key = meta[CREATE_KEY_METADATA] = uuid.uuid4().hex
+        meta, key = keyed_metadata(metadata)
         body = encode_create_batch(
             input_file_id,
             endpoint,
@@ -702,337 +611,10 @@ class BatchClient:
         )
         request = self._request("POST", "/batches", body=body, timeout=self._timeout)
         self._check_open()
-        create = _Create(key, RetryState(self._retry, self._clock, request.method, request.url))
-        try:
-            return await self._create(request, create)
-        except AmbiguousCreateError:
-            raise
-        except Exception as exc:
-            if not create.ambiguous:
-                raise
-            raise self._ambiguous(create, f"then {_describe(exc)}") from exc
-        except asyncio.CancelledError:
-            if create.ambiguous:
-                logger.warning(
-                    "a create was cancelled after an attempt whose answer was lost; a batch "
-                    "may exist: look up create key %s with find_created_batch()",
-                    key,
-                )
-            raise
-
-    def _ambiguous(self, create: _Create, why: str) -> AmbiguousCreateError:
-        lost = create.lost or "an attempt's answer was lost"
-        if create.key is None:
-            advice = (
-                "the metadata had no room for an aiobatch_create_key, so it cannot be "
-                "looked up: check your batch list before creating again"
-            )
-        else:
-            advice = (
-                f"look the key up later with find_created_batch({create.key!r}) before "
-                "creating again"
-            )
-        return AmbiguousCreateError(
-            f"a create may have made a batch: {lost}, {why}. It was never sent again "
-            f"without proof that no batch carried its key; {advice}",
-            create_key=create.key,
-        )
-
-    async def _create(self, request: Request, create: _Create) -> Batch:
-        """The create loop: send, and after an ambiguous failure settle, look, re-send."""
-        state = create.state
-        clock = self._clock
-        while True:
-            self._check_open()
-            error: TransportError | None = None
-            response: Response | None = None
-            create.sent += 1
-            try:
-                response = await self._transport.send(state.bound(request))
-            except TransportError as exc:
-                error = exc
-            else:
-                if response.status < 400:
-                    return await self._created(response, create)
-            status = response.status if response is not None else None
-            decision = state.next_delay(error=error, response=response)
-            cause: AiobatchError
-            if error is not None:
-                cause = error
-            else:
-                assert response is not None
-                cause = await self._status_error(response, request)
-            if not is_ambiguous(error, status):
-                if decision is not None:
-                    await state.wait(*decision)
-                    continue
-                if create.ambiguous:  # an earlier attempt may still have made it
-                    found = await self._look_up(create)
-                    if found is not None:
-                        return found
-                    raise self._ambiguous(create, f"then {_describe(cause)}") from cause
-                raise cause
-            create.ambiguous = True
-            create.cause = cause
-            create.lost = f"an attempt's answer was lost ({_describe(cause)})"
-            if create.key is None:
-                raise self._ambiguous(create, "and there is no key to look it up by") from cause
-            if self._echoes_metadata is False:
-                raise self._ambiguous(
-                    create,
-                    "and this server does not keep batch metadata, so the key cannot be found",
-                ) from cause
-            late = may_commit_late(error, status) and not state.testing
-            settle = self._create_settle if late else 0.0
-            left = state.remaining()
-            if decision is not None:
-                delay = max(decision[0], settle)
-                if left is not None and delay >= left:
-                    decision = None  # no time left for another attempt after the wait
-                else:
-                    await state.wait(delay, decision[1])
-            if decision is None:
-                if left is not None:
-                    if left <= 0:
-                        raise self._ambiguous(
-                            create, "and no time was left to look it up"
-                        ) from cause
-                    settle = min(settle, left / 2)
-                if settle > 0:
-                    await clock.sleep(settle)
-            found = await self._look_up(create)
-            if found is not None:
-                return found
-            if decision is None:
-                raise self._ambiguous(
-                    create, "no batch carried its key yet, and no attempt or time was left"
-                ) from cause
-
-    async def _created(self, response: Response, create: _Create) -> Batch:
-        """A 2xx create: decode it (or, if unreadable, find it); check for a late twin."""
-        try:
-            batch = self._decode(await response.read(), Batch)
-        except Exception as exc:  # any failure: the server said 2xx, so a batch exists
-            create.ambiguous = True
-            create.cause = exc
-            create.lost = (
-                f"the server answered {response.status}, so a batch exists, but its body "
-                f"could not be read ({_describe(exc)})"
-            )
-            if create.key is None:
-                raise self._ambiguous(create, "and there is no key to look it up by") from exc
-            if self._echoes_metadata is False:
-                raise self._ambiguous(
-                    create, "and this server does not keep batch metadata"
-                ) from exc
-            found = await self._look_up(create)
-            if found is None:
-                raise self._ambiguous(create, "yet no listed batch carries its key") from exc
-            return found
-        key = create.key
-        if key is None:
-            return batch
-        if not _carries(batch, key):
-            self._no_metadata()
-            return batch
-        self._echoes_metadata = True
-        if not create.ambiguous:
-            return batch
-        # An earlier attempt may have been committed after its lookup: look once more.
-        try:
-            scan = await self._scan(
-                key,
-                first_send=create.state.started,
-                stop_at=create.stop_at,
-                deadline=create.state.deadline,
-            )
-        except AiobatchError as exc:
-            logger.warning(
-                "create key %s: batch %s was made after an attempt whose answer was lost, and "
-                "checking for a second batch from that attempt failed (%s); look the key up "
-                "with find_created_batch() to be sure",
-                key,
-                batch.id,
-                type(exc).__name__,
-            )
-            return batch
-        if scan.outcome == "unknown":
-            logger.warning(
-                "create key %s: batch %s was made after an attempt whose answer was lost, and "
-                "the check for a second batch was inconclusive (%s)",
-                key,
-                batch.id,
-                scan.reason,
-            )
-        return await self._keep_one(key, scan.matches, batch)
-
-    def _no_metadata(self) -> None:
-        if self._echoes_metadata is not False:
-            logger.warning(
-                "the server at %s did not return the metadata of a created batch, so a "
-                "create whose answer is lost cannot be looked up: such a create will raise "
-                "AmbiguousCreateError instead of being sent again",
-                self._provider.base_url,
-            )
-        self._echoes_metadata = False
-
-    async def _look_up(self, create: _Create) -> Batch | None:
-        """Look the create's key up: the batch, None when proved absent; else raise."""
-        assert create.key is not None
-        scan = await self._scan(
-            create.key,
-            first_send=create.state.started,
-            stop_at=create.stop_at,
-            deadline=create.state.deadline,
-            twins=create.sent > 1,  # one attempt cannot have made two batches
-        )
-        if scan.outcome == "unknown":
-            raise self._ambiguous(
-                create, f"and the lookup could not prove it absent ({scan.reason})"
-            ) from create.cause
-        if scan.outcome == "absent":
-            create.stop_at = scan.newest_id
-            return None
-        return await self._keep_one(create.key, scan.matches)
-
-    async def _keep_one(
-        self, key: str, matches: Iterable[Batch], made: Batch | None = None
-    ) -> Batch:
-        """Keep the earliest batch carrying the key; cancel the others (late commits)."""
-        batches = list(matches)
-        if made is not None and all(b.id != made.id for b in batches):
-            batches.append(made)
-        if len(batches) == 1:
-            return batches[0]
-        kept = _earliest(batches)
-        extras = [b for b in batches if b.id != kept.id]
-        logger.warning(
-            "create key %s: the server made %d batches for one create (it finished an "
-            "attempt after the client had given up on it); keeping %s, the earliest, and "
-            "cancelling %s",
-            key,
-            len(batches),
-            kept.id,
-            ", ".join(b.id for b in extras),
-        )
-        for extra in extras:
-            if extra.is_terminal or extra.status is BatchStatus.CANCELLING:
-                continue
-            try:
-                await self.cancel_batch(extra.id)
-            except AiobatchError as exc:
-                logger.warning(
-                    "could not cancel batch %s, a second batch for create key %s (%s): "
-                    "cancel it by hand",
-                    extra.id,
-                    key,
-                    type(exc).__name__,
-                )
-        return kept
-
-    async def _scan(
-        self,
-        key: str,
-        *,
-        since: float | None = None,
-        first_send: float | None = None,
-        stop_at: str | None = None,
-        deadline: float | None = None,
-        max_pages: int = _LOOKUP_MAX_PAGES,
-        twins: bool = True,
-    ) -> _Scan:
-        """Walk the batch list newest first, collecting the batches that carry ``key``.
-
-        The walk stops (and can prove the key absent) at the end of the list, at
-        ``stop_at`` (a batch an earlier walk started from, everything below it checked)
-        or at the end of a page holding a batch older than a lower bound on the key's
-        ``created_at``: ``since``, or the server's ``date`` minus the time since
-        ``first_send`` (``clock.monotonic()`` before the first create was sent) minus a
-        margin. Stopping early needs the list to be newest first, which is checked on
-        every batch and must be shown (some batch older than the one before it), not
-        assumed: a list that is oldest first starts with old batches too. With
-        ``twins`` a match does not end the walk: other batches carrying the key are
-        looked for down to the same stopping points.
-        """
-        clock = self._clock
-        matches: list[Batch] = []
-        newest_id: str | None = None
-        newest_first = True  # no batch so far was newer than the one before it
-        descended = False  # and at least one was older: the order is shown, not assumed
-        previous: int | None = None
-        bound = since
-        after: str | None = None
-
-        def done(reason: str, *, ordered: bool | None = None) -> _Scan:
-            if ordered is None:
-                ordered = newest_first and descended
-            return _Scan(
-                "found" if matches else "absent",
-                tuple(matches),
-                newest_id if ordered else None,
-                reason,
-            )
-
-        for _ in range(max_pages):
-            params = {"limit": str(_LOOKUP_PAGE_SIZE)}
-            if after is not None:
-                params["after"] = after
-            page, response = await self._fetch(
-                BatchPage, "GET", "/batches", params=params, deadline=deadline
-            )
-            if first_send is not None:
-                server_now = parse_http_date(response.headers.get("date"))
-                if server_now is not None:
-                    elapsed = clock.monotonic() - first_send
-                    floor = server_now - elapsed - _LOOKUP_MARGIN
-                    bound = floor if bound is None else max(bound, floor)
-            passed = False
-            for batch in page.data:
-                if newest_id is None:
-                    newest_id = batch.id
-                if previous is not None:
-                    if batch.created_at > previous:
-                        newest_first = False
-                    elif batch.created_at < previous:
-                        descended = True
-                previous = batch.created_at
-                if newest_first and batch.id == stop_at:
-                    # The order below was shown by the walk that set stop_at.
-                    return done("reached the batches an earlier lookup checked", ordered=True)
-                if _carries(batch, key):
-                    matches.append(batch)
-                    if not twins:
-                        return done("found")
-                if bound is not None and batch.created_at < bound:
-                    passed = True
-            if not page.data:
-                if page.has_more:
-                    return _Scan("unknown", tuple(matches), None, "an empty page claims more")
-                return done("read the whole list")
-            if not page.has_more:
-                return done("read the whole list")
-            # Past the bound, with the whole page (and all before) in newest-first order:
-            # every batch further down is older still.
-            if passed and newest_first and descended:
-                return done("passed the earliest time the batch can have been made")
-            if matches and bound is None and stop_at is None:
-                return done("found, with no bound to look further for twins")
-            after = page.data[-1].id
-        if matches:
-            return done(f"found within the {max_pages}-page limit")
-        if not newest_first:
-            reason = "the server does not list batches newest first"
-        elif bound is None:
-            reason = (
-                f"read {max_pages} pages; with no server date there is no bound on the "
-                "batch's creation time"
-            )
-        else:
-            reason = f"read {max_pages} pages without passing the batch's earliest creation time"
-        return _Scan("unknown", (), None, reason)
+        return await self._creates.create(request, key)
 
     async def find_created_batch(
-        self, create_key: str, *, since: float | None = None, max_pages: int = _LOOKUP_MAX_PAGES
+        self, create_key: str, *, since: float | None = None, max_pages: int = LOOKUP_MAX_PAGES
     ) -> Batch | None:
         """Find the batch a create tagged with ``create_key`` made, if any.
 
@@ -1056,15 +638,7 @@ class BatchClient:
             LookupIncompleteError: the walk could not prove the key absent (the page
                 limit came first, or the server does not list newest first).
         """
-        scan = await self._scan(create_key, since=since, max_pages=max_pages)
-        if scan.outcome == "unknown":
-            raise LookupIncompleteError(
-                f"no batch with create key {create_key!r} in the part of the list read, but "
-                f"one may exist further down: {scan.reason}",
-                create_key=create_key,
-                reason=scan.reason,
-            )
-        return _earliest(scan.matches) if scan.matches else None
+        return await self._creates.find(create_key, since=since, max_pages=max_pages)
 
     async def retrieve_batch(self, batch_id: str) -> Batch:
         """Get a batch (``GET /batches/{id}``)."""
@@ -1195,7 +769,7 @@ class BatchClient:
             status = last.wire_status if last is not None else "unknown"
             raise WaitTimeoutError(
                 f"batch {batch_id} still {status!r} at the deadline; the last poll failed: "
-                f"{_describe(exc)}",
+                f"{describe(exc)}",
                 batch_id=batch_id,
                 last_status=status,
             ) from exc
