@@ -59,6 +59,8 @@ _MAPPING_ORIGINS: tuple[Any, ...] = (Mapping, dict)
 
 
 def _strict_int(value: Any, _: Any) -> int:
+    if type(value) is int:  # the common case, first
+        return value
     if isinstance(value, bool) or not isinstance(value, int):
         if isinstance(value, float) and value.is_integer():
             return int(value)
@@ -73,6 +75,8 @@ def _strict_float(value: Any, _: Any) -> float:
 
 
 def _strict_str(value: Any, _: Any) -> str:
+    if type(value) is str:
+        return value
     if not isinstance(value, str):
         raise TypeError(f"expected a string, got {type(value).__name__} {value!r:.60}")
     return value
@@ -172,6 +176,10 @@ def _make_converter(*, detailed: bool) -> cattrs.Converter:
             inner = cattrs.gen.make_dict_structure_fn(tp, conv, **renames)  # type: ignore[arg-type]
         else:
             inner = cattrs.gen.make_dict_structure_fn(tp, conv)
+        if not detailed and tp is not Batch:
+            # A non-object fails inside the generated function (TypeError), and the
+            # detailed converter then says what was wrong: no guard on the fast path.
+            return inner
 
         def hook(value: Any, _: Any) -> Any:
             if not isinstance(value, dict):
@@ -179,6 +187,16 @@ def _make_converter(*, detailed: bool) -> cattrs.Converter:
             return inner(_unknown_status(value) if tp is Batch else value)
 
         return hook
+
+    def optional_scalar(strict: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+        def hook(value: Any, tp: Any) -> Any:
+            return None if value is None else strict(value, tp)
+
+        return hook
+
+    # Nullable scalars are most of a Batch: one hook call each, not a union dispatch.
+    conv.register_structure_hook(int | None, optional_scalar(_strict_int))
+    conv.register_structure_hook(str | None, optional_scalar(_strict_str))
 
     conv.register_structure_hook_factory(attrs.has, attrs_guard)
     conv.register_structure_hook(ResultLine, _result_line_hook(conv, detailed=detailed))
