@@ -7,8 +7,9 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import pytest
+from pytest_aiohttp import AiohttpServer
 
-from aiobatch.testing import FakeBatchService, FakeConfig, VirtualClock
+from aiobatch.testing import FakeBatchService, FakeConfig, VirtualClock, make_app
 from aiobatch.transport import FilePart, Multipart, Request, Response
 
 BASE_URL = "http://fake.local/v1"
@@ -139,6 +140,13 @@ class FakeApi:
 def clock() -> VirtualClock:
     """A virtual clock at a fixed start time."""
     return VirtualClock(start=1_750_000_000.0)
+
+
+@pytest.fixture
+async def base_url(aiohttp_server: AiohttpServer, service: FakeBatchService) -> str:
+    """The test module's ``service`` served over HTTP on loopback; its ``/v1`` base URL."""
+    server = await aiohttp_server(make_app(service))
+    return str(server.make_url("/v1"))
 
 
 @pytest.fixture

@@ -67,11 +67,6 @@ def _no_global_testing_mode() -> Iterator[None]:
 
 
 @pytest.fixture
-def clock() -> VirtualClock:
-    return VirtualClock()
-
-
-@pytest.fixture
 def service(clock: VirtualClock) -> FakeBatchService:
     return FakeBatchService(clock=clock, config=CONFIG, api_key=KEY)
 

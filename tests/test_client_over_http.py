@@ -14,7 +14,6 @@ from email.utils import parsedate_to_datetime
 from pathlib import Path
 
 import pytest
-from pytest_aiohttp import AiohttpServer
 
 from aiobatch import (
     CREATE_KEY_METADATA,
@@ -32,7 +31,6 @@ from aiobatch.testing import (
     FaultKind,
     VirtualClock,
     chat_requests,
-    make_app,
 )
 from aiobatch.transport import AiohttpTransport, Request
 
@@ -49,22 +47,9 @@ CONTENT = chat_requests(10)
 
 
 @pytest.fixture
-def clock() -> VirtualClock:
-    """The clock shared by the service and the client."""
-    return VirtualClock()
-
-
-@pytest.fixture
 def service(clock: VirtualClock) -> FakeBatchService:
     """The fake service, accepting only KEY."""
     return FakeBatchService(clock=clock, config=CONFIG, api_key=KEY)
-
-
-@pytest.fixture
-async def base_url(aiohttp_server: AiohttpServer, service: FakeBatchService) -> str:
-    """The service's app on a loopback port; its /v1 base URL."""
-    server = await aiohttp_server(make_app(service))
-    return str(server.make_url("/v1"))
 
 
 @pytest.fixture

@@ -232,11 +232,6 @@ class Api:
 
 
 @pytest.fixture
-def clock() -> VirtualClock:
-    return VirtualClock()
-
-
-@pytest.fixture
 def service(clock: VirtualClock) -> FakeBatchService:
     return FakeBatchService(clock=clock, config=CONFIG, api_key=KEY)
 

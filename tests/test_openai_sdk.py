@@ -10,7 +10,6 @@ import openai
 import pytest
 from openai import AsyncOpenAI
 from openai.types import Batch, FileObject
-from pytest_aiohttp import AiohttpServer
 
 from aiobatch.testing import (
     FakeBatchService,
@@ -19,7 +18,6 @@ from aiobatch.testing import (
     LineErrorRule,
     VirtualClock,
     chat_requests,
-    make_app,
 )
 
 KEY = "sk-test"
@@ -33,19 +31,8 @@ CONFIG = FakeConfig(
 
 
 @pytest.fixture
-def clock() -> VirtualClock:
-    return VirtualClock()
-
-
-@pytest.fixture
 def service(clock: VirtualClock) -> FakeBatchService:
     return FakeBatchService(clock=clock, config=CONFIG, api_key=KEY)
-
-
-@pytest.fixture
-async def base_url(aiohttp_server: AiohttpServer, service: FakeBatchService) -> str:
-    server = await aiohttp_server(make_app(service))
-    return str(server.make_url("/v1"))
 
 
 @pytest.fixture
