@@ -7,8 +7,9 @@ and re-exported here.
 
 from __future__ import annotations
 
-from ._client import CREATE_KEY_METADATA, BatchClient
+from ._client import BatchClient
 from ._clock import Clock, SystemClock
+from ._create import CREATE_KEY_METADATA
 from ._lifecycle import (
     ACTIVE,
     REACHABLE,

@@ -33,7 +33,7 @@ from ._convert import (
     parse_error_body,
     upload_form_fields,
 )
-from ._create import CREATE_KEY_METADATA, LOOKUP_MAX_PAGES, Creator, describe, keyed_metadata
+from ._create import LOOKUP_MAX_PAGES, Creator, describe, keyed_metadata
 from ._lifecycle import BatchLifecycle
 from ._models import Batch, BatchPage, File, FileDeleted, FilePage, ResultLine
 from ._provider import OpenAIProvider, Secret, _Headers
@@ -56,8 +56,7 @@ from .errors import (
 )
 from .transport._base import FilePart, Multipart, Request, Response, Transport
 
-# CREATE_KEY_METADATA lives in ._create; the package takes it from here.
-__all__ = ["CREATE_KEY_METADATA", "DEFAULT_CREATE_SETTLE", "BatchClient"]
+__all__ = ["DEFAULT_CREATE_SETTLE", "BatchClient"]
 
 T = TypeVar("T")
 
