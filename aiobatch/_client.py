@@ -80,19 +80,23 @@ def _quote(object_id: str) -> str:
 
 
 def _redact_error(error: DecodeError, secret: Secret) -> DecodeError:
-    """Mask the secret in a decode error's texts, and cut what could still hold it."""
-    error.what = secret.redact(error.what)
-    error.detail = secret.redact(error.detail)
+    """A copy of a decode error with the secret masked in every text, and nothing chained.
+
+    A new exception object, never the caught one: re-raising the caught one would bring
+    back the frames (and their locals, the raw body among them) it was caught with.
+    """
+    cls = type(error)
+    copy = cls.__new__(cls)
+    copy.__dict__.update(error.__dict__)
+    copy.what = secret.redact(error.what)
+    copy.detail = secret.redact(error.detail)
     if error.path is not None:
-        error.path = secret.redact(error.path)
-    if isinstance(error, UnknownStatusError) and isinstance(error.value, str):
-        error.value = secret.redact(error.value)
-    error.args = tuple(secret.redact(a) if isinstance(a, str) else a for a in error.args)
-    # The chained exceptions and the frames below hold the raw body: drop them.
-    error.__cause__ = None
-    error.__context__ = None
-    error.__suppress_context__ = True
-    return error.with_traceback(None)
+        copy.path = secret.redact(error.path)
+    if isinstance(copy, UnknownStatusError) and isinstance(copy.value, str):
+        copy.value = secret.redact(copy.value)
+    copy.args = tuple(secret.redact(a) if isinstance(a, str) else a for a in error.args)
+    copy.__suppress_context__ = True
+    return copy
 
 
 class BatchClient:
@@ -516,14 +520,16 @@ class BatchClient:
                 number += 1
                 if not line.strip():
                     continue
+                scrubbed: DecodeError | None = None
                 try:
                     result = decode_result_line(line, what=f"line {number} of file {file_id}")
                 except DecodeError as exc:
-                    error = self._scrubbed(exc, line)
-                    if error is exc:
+                    scrubbed = self._scrubbed(exc, line)
+                    if scrubbed is exc:
                         raise
+                if scrubbed is not None:  # raised out here: nothing holding the line chained
                     del line
-                    raise error from None
+                    raise scrubbed
                 yield result
 
     async def download_file(self, file_id: str, path: str | os.PathLike[str]) -> int:

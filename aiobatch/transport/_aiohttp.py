@@ -55,7 +55,13 @@ async def _guarded(awaitable: Awaitable[_T], method: str, url: str) -> _T:
         if not _carries_request(exc):
             raise mapped from exc
         error = mapped
-    raise error
+    try:
+        raise error
+    except TransportError:
+        # Python 3.10 chains the exception thrown into this coroutine even out here:
+        # cut it, then re-raise (a bare raise chains nothing new).
+        error.__context__ = None
+        raise
 
 
 def _carries_request(exc: BaseException) -> bool:
