@@ -33,7 +33,7 @@ from ._convert import (
     parse_error_body,
     upload_form_fields,
 )
-from ._create import LOOKUP_MAX_PAGES, Creator, describe, keyed_metadata
+from ._create import LOOKUP_MAX_PAGES, Creator, keyed_metadata
 from ._lifecycle import BatchLifecycle
 from ._models import Batch, BatchPage, File, FileDeleted, FilePage, ResultLine
 from ._provider import OpenAIProvider, Secret, _Headers
@@ -52,6 +52,7 @@ from .errors import (
     TransportError,
     UnknownStatusError,
     WaitTimeoutError,
+    describe,
     status_error_class,
 )
 from .transport._base import FilePart, Multipart, Request, Response, Transport

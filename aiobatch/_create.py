@@ -90,6 +90,7 @@ from .errors import (
     APIStatusError,
     LookupIncompleteError,
     TransportError,
+    describe,
 )
 from .transport._base import Request, Response, Transport
 
@@ -98,7 +99,6 @@ __all__ = [
     "LOOKUP_MAX_PAGES",
     "Creator",
     "Fetch",
-    "describe",
     "keyed_metadata",
 ]
 
@@ -117,14 +117,6 @@ _LOOKUP_PAGE_SIZE = 100
 #: ``date`` header and ``created_at`` may come from different hosts, whose clocks may
 #: disagree a little (``created_at`` is also truncated to whole seconds).
 _LOOKUP_MARGIN = 30.0
-
-
-def describe(exc: BaseException) -> str:
-    """An exception's type and (cut) message, for an error message or a log line."""
-    text = str(exc)
-    if len(text) > 200:
-        text = text[:197] + "..."
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def keyed_metadata(metadata: Mapping[str, str] | None) -> tuple[dict[str, str], str | None]:

@@ -296,3 +296,14 @@ class ClosedError(AiobatchError):
 
     The caller's fault, and never retried.
     """
+
+
+def describe(exc: BaseException) -> str:
+    """An exception's type and (cut) message, for an error message or a log line.
+
+    Not part of the public surface (not in ``__all__``): aiobatch's own messages use it.
+    """
+    text = str(exc)
+    if len(text) > 200:
+        text = text[:197] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
