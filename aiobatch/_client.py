@@ -48,7 +48,6 @@ from .errors import (
     APIStatusError,
     ClosedError,
     DecodeError,
-    RateLimitError,
     TransportError,
     UnknownStatusError,
     WaitTimeoutError,
@@ -72,6 +71,18 @@ _FINAL_POLL_SHARE = 0.1
 _FINAL_POLL_MAX = 10.0
 
 _NO_PARAMS: Mapping[str, str] = types.MappingProxyType({})
+
+
+class _Keep:
+    """The type of :data:`_KEEP`: "leave this option as it is"."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<keep>"
+
+
+_KEEP = _Keep()
 
 
 def _quote(object_id: str) -> str:
@@ -165,7 +176,9 @@ class BatchClient:
         self._retry = retry if retry is not None else RetryPolicy()
         self._clock: Clock = clock if clock is not None else SystemClock()
         self._timeout = timeout
+        self._create_settle = float(create_settle)
         self._closed = False
+        self._parent: BatchClient | None = None
         headers = _Headers(provider.headers())
         self._headers: Mapping[str, str] = headers
         self._json_headers: Mapping[str, str] = _Headers(
@@ -204,8 +217,9 @@ class BatchClient:
 
     @property
     def closed(self) -> bool:
-        """Whether :meth:`aclose` was called; every call then raises ClosedError."""
-        return self._closed
+        """Whether :meth:`aclose` was called (on this client, or on the one it was made
+        from with :meth:`with_options`); every call then raises ClosedError."""
+        return self._closed or (self._parent is not None and self._parent.closed)
 
     async def aclose(self) -> None:
         """Close the client, and the transport if the client created it. Safe to call twice.
@@ -226,8 +240,34 @@ class BatchClient:
         return f"BatchClient(base_url={self._provider.base_url!r}, transport={self._transport!r})"
 
     def _check_open(self) -> None:
-        if self._closed:
+        if self._closed or (self._parent is not None and self._parent.closed):
             raise ClosedError("the client is closed; make a new BatchClient")
+
+    def with_options(
+        self, *, retry: RetryPolicy | None = None, timeout: float | _Keep | None = _KEEP
+    ) -> BatchClient:
+        """A client for the same provider, over the same transport and clock, with other
+        options (like the official SDK's ``with_options``).
+
+        The new client shares this one's transport and never closes it; closing this
+        client closes it too (its calls then raise
+        :class:`~aiobatch.errors.ClosedError`). The fleet uses it to make single
+        attempts under its own request budget.
+
+        Args:
+            retry: the retry policy of the new client (default: this one's).
+            timeout: seconds per control request (default: this one's).
+        """
+        child = BatchClient(
+            provider=self._provider,
+            transport=self._transport,
+            retry=retry if retry is not None else self._retry,
+            clock=self._clock,
+            timeout=self._timeout if isinstance(timeout, _Keep) else timeout,
+            create_settle=self._create_settle,
+        )
+        child._parent = self
+        return child
 
     def _request(
         self,
@@ -334,11 +374,9 @@ class BatchClient:
             "error_param": envelope.param if envelope else None,
             "method": request.method,
             "url": request.url,
+            "retry_after": parse_retry_after(response.headers, now=self._clock.now()),
         }
-        cls = status_error_class(status)
-        if cls is RateLimitError:
-            fields["retry_after"] = parse_retry_after(response.headers, now=self._clock.now())
-        return cls(message, **fields)
+        return status_error_class(status)(message, **fields)
 
     async def _raise_for_status(self, response: Response, request: Request) -> NoReturn:
         """Turn an error response into the matching :class:`APIStatusError`."""

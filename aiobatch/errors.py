@@ -99,6 +99,8 @@ class APIStatusError(AiobatchError):
         body: the decoded JSON body, or the raw text when it was not JSON.
         error_type, error_code, error_param: fields of OpenAI's ``{"error": {...}}``
             envelope, when the body had one.
+        retry_after: seconds the server asked us to wait (``retry-after-ms`` /
+            ``retry-after``), when it said so; any status may carry it (a 503 often does).
     """
 
     def __init__(
@@ -113,8 +115,10 @@ class APIStatusError(AiobatchError):
         error_param: str | None = None,
         method: str = "",
         url: str = "",
+        retry_after: float | None = None,
     ) -> None:
         self.message = message
+        self.retry_after = retry_after
         self.status_code = status_code
         self.request_id = request_id
         self.body = body
@@ -153,15 +157,7 @@ class UnprocessableEntityError(APIStatusError):
 
 
 class RateLimitError(APIStatusError):
-    """429: slow down.
-
-    Attributes:
-        retry_after: seconds the server asked us to wait, when it said so.
-    """
-
-    def __init__(self, message: str, *, retry_after: float | None = None, **kwargs: Any) -> None:
-        super().__init__(message, **kwargs)
-        self.retry_after = retry_after
+    """429: slow down; ``retry_after`` says for how long, when the server said so."""
 
 
 class ServerError(APIStatusError):

@@ -1110,3 +1110,44 @@ async def test_create_through_a_closed_shared_transport_fails_at_once(
         await client.create_batch("file-x", "/v1/chat/completions")
     assert clock.now() == start
     assert service.requests == ()
+
+
+async def test_with_options_shares_transport_and_follows_parent_close() -> None:
+    """with_options makes a client over the same transport whose retry policy differs and
+    which is closed when its parent is."""
+    clock = VirtualClock()
+    service = FakeBatchService(clock=clock)
+    service.faults.add(Fault.http(503, path="/batches/*", times=1))
+    async with BatchClient(
+        api_key="sk-test",
+        base_url="http://fake/v1",
+        transport=service.transport(),
+        clock=clock,
+        retry=RetryPolicy.for_testing(max_attempts=3),
+    ) as parent:
+        single = parent.with_options(retry=RetryPolicy.never())
+        uploaded = await parent.upload_file(chat_requests(2))
+        created = await parent.create_batch(uploaded.id, "/v1/chat/completions")
+        with pytest.raises(ServerError):
+            await single.retrieve_batch(created.id)
+        assert (await single.retrieve_batch(created.id)).id == created.id
+    assert single.closed
+    with pytest.raises(ClosedError):
+        await single.retrieve_batch(created.id)
+
+
+async def test_status_errors_carry_retry_after_for_any_status() -> None:
+    """A 503 with retry-after surfaces the server's wait on the error, like a 429 does."""
+    clock = VirtualClock()
+    service = FakeBatchService(clock=clock)
+    service.faults.add(Fault.http(503, retry_after=7, path="/batches", times=1))
+    async with BatchClient(
+        api_key="sk-test",
+        base_url="http://fake/v1",
+        transport=service.transport(),
+        clock=clock,
+        retry=RetryPolicy.never(),
+    ) as client:
+        with pytest.raises(ServerError) as caught:
+            await client.list_batches_page()
+    assert caught.value.retry_after == 7
