@@ -7,9 +7,22 @@ and re-exported here.
 
 from __future__ import annotations
 
+from ._budget import RequestBudget
 from ._client import BatchClient
 from ._clock import Clock, SystemClock
 from ._create import CREATE_KEY_METADATA
+from ._fleet import (
+    BatchDone,
+    DeadlinePassed,
+    DoneReason,
+    Fleet,
+    FleetConfig,
+    FleetEvent,
+    FleetStats,
+    ProgressChanged,
+    StatusChanged,
+    TrackingError,
+)
 from ._lifecycle import (
     ACTIVE,
     REACHABLE,
@@ -47,6 +60,7 @@ __all__ = [
     "ACTIVE",
     "Batch",
     "BatchClient",
+    "BatchDone",
     "BatchError",
     "BatchErrors",
     "BatchLifecycle",
@@ -57,16 +71,24 @@ __all__ = [
     "CREATE_KEY_METADATA",
     "Clock",
     "DEFAULT_BASE_URL",
+    "DeadlinePassed",
+    "DoneReason",
     "ErrorBody",
     "File",
     "FileDeleted",
     "FilePage",
+    "Fleet",
+    "FleetConfig",
+    "FleetEvent",
+    "FleetStats",
     "InputTokensDetails",
     "LineError",
     "LineResponse",
     "OpenAIProvider",
     "OutputTokensDetails",
+    "ProgressChanged",
     "REACHABLE",
+    "RequestBudget",
     "RequestCounts",
     "ResultError",
     "ResultHTTPError",
@@ -74,9 +96,11 @@ __all__ = [
     "ResultSuccess",
     "RetryPolicy",
     "Secret",
+    "StatusChanged",
     "SystemClock",
     "TERMINAL",
     "TRANSITIONS",
+    "TrackingError",
     "Transition",
     "is_retry_testing",
     "set_retry_testing",

@@ -1,0 +1,618 @@
+"""The fleet: many batches tracked by one scheduler under one request budget.
+
+Every test drives the fake service on a virtual clock; request times come from the
+service's own log, so what is checked is what a server would have seen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+
+from aiobatch import (
+    Batch,
+    BatchClient,
+    BatchDone,
+    BatchStatus,
+    DeadlinePassed,
+    DoneReason,
+    Fleet,
+    FleetConfig,
+    FleetEvent,
+    ProgressChanged,
+    RetryPolicy,
+    StatusChanged,
+    TrackingError,
+)
+from aiobatch.errors import (
+    ClosedError,
+    NotFoundError,
+    ServerError,
+    UnexpectedTransitionError,
+    UnknownStatusError,
+)
+from aiobatch.testing import FakeBatchService, FakeConfig, Fault, VirtualClock, chat_requests
+
+ENDPOINT = "/v1/chat/completions"
+# Fast enough for tests, slow enough that a batch is polled several times.
+TIMINGS = {"validation_seconds": 30.0, "lines_per_second": 0.5, "finalizing_seconds": 10.0}
+
+
+class Env:
+    """A fake service, a client on it, and helpers to create batches."""
+
+    def __init__(self, clock: VirtualClock, service: FakeBatchService, client: BatchClient):
+        self.clock = clock
+        self.service = service
+        self.client = client
+        self._file_id: str | None = None
+
+    async def create(self, count: int, *, lines: int = 5) -> list[Batch]:
+        """Create ``count`` batches of ``lines`` lines each (one upload shared)."""
+        uploaded = await self.client.upload_file(chat_requests(lines))
+        return [await self.client.create_batch(uploaded.id, ENDPOINT) for _ in range(count)]
+
+    def fleet_requests(self, since: float) -> list[float]:
+        """Arrival times of the batch-API calls made since ``since`` (the fleet's)."""
+        return [
+            r.at
+            for r in self.service.requests
+            if (r.at >= since and r.path.startswith("/batches") and r.method == "GET")
+            or (r.at >= since and r.path.endswith("/cancel"))
+        ]
+
+
+@pytest.fixture
+def make_env(clock: VirtualClock) -> Callable[..., Any]:
+    """Build an Env (fake config fields as keyword arguments) as an async context."""
+
+    @asynccontextmanager
+    async def make(**config: Any) -> AsyncIterator[Env]:
+        settings = {**TIMINGS, "request_log_size": None, **config}
+        service = FakeBatchService(clock=clock, config=FakeConfig(**settings))
+        async with BatchClient(
+            api_key="sk-test",
+            base_url="http://fake/v1",
+            transport=service.transport(),
+            clock=clock,
+            retry=RetryPolicy.for_testing(max_attempts=3),
+        ) as client:
+            yield Env(clock, service, client)
+
+    return make
+
+
+def quiet(**overrides: Any) -> FleetConfig:
+    """A fleet config without jitter, for exact expectations."""
+    return FleetConfig(**{"jitter": 0.0, "seed": 0, **overrides})
+
+
+def assert_within_budget(times: list[float], rate: float, burst: int) -> None:
+    """Over every span [t_i, t_j] at most burst + rate * (t_j - t_i) requests arrived."""
+    times = sorted(times)
+    for i in range(len(times)):
+        for j in range(i, len(times)):
+            allowed = burst + rate * (times[j] - times[i]) + 1e-6
+            assert j - i + 1 <= allowed, (i, j, times[i], times[j])
+
+
+async def test_tracks_every_batch_to_its_terminal_status(make_env: Callable[..., Any]) -> None:
+    """Every added batch ends with a FINISHED outcome holding its terminal snapshot."""
+    async with make_env() as env, env.clock.auto_advance():
+        batches = await env.create(12)
+        async with Fleet(env.client, config=quiet()) as fleet:
+            fleet.add_many(batches)
+            outcomes = await fleet.wait_all()
+    assert set(outcomes) == {b.id for b in batches}
+    for done in outcomes.values():
+        assert done.finished
+        assert done.batch is not None
+        assert done.batch.status is BatchStatus.COMPLETED
+        assert done.batch.request_counts is not None
+        assert done.batch.request_counts.completed == 5
+
+
+async def test_budget_is_never_exceeded(make_env: Callable[..., Any]) -> None:
+    """With retrieves only, the fleet's calls never exceed burst + rate * span."""
+    async with make_env() as env, env.clock.auto_advance():
+        batches = await env.create(40)
+        start = env.clock.now()
+        config = quiet(requests_per_second=2.0, burst=3, list_when_cheaper=False)
+        async with Fleet(env.client, config=config) as fleet:
+            fleet.add_many(batches)
+            await fleet.wait_all()
+    times = env.fleet_requests(start)
+    assert len(times) >= 80  # every batch was polled more than once
+    assert fleet.stats.requests == len(times)
+    assert_within_budget(times, rate=2.0, burst=3)
+
+
+async def test_a_429_pauses_the_whole_fleet_for_its_retry_after(
+    make_env: Callable[..., Any],
+) -> None:
+    """After a 429 with retry-after 30, no call of the fleet reaches the server for 30 s."""
+    async with make_env() as env, env.clock.auto_advance():
+        batches = await env.create(8)
+        start = env.clock.now()
+        env.service.faults.add(Fault.http(429, retry_after=30, method="GET", path="/batches/*"))
+        config = quiet(list_when_cheaper=False)
+        async with Fleet(env.client, config=config) as fleet:
+            fleet.add_many(batches)
+            outcomes = await fleet.wait_all()
+    limited = [r for r in env.service.requests if r.status == 429]
+    assert len(limited) == 1
+    after = [t for t in env.fleet_requests(start) if t > limited[0].at]
+    assert after, "the fleet went on polling"
+    assert min(after) >= limited[0].at + 30
+    assert fleet.stats.rate_limited == 1
+    assert all(done.finished for done in outcomes.values())
+
+
+async def test_a_429_without_retry_after_still_pauses_the_fleet(
+    make_env: Callable[..., Any],
+) -> None:
+    """A bare 429 pauses every call for rate_limit_pause, doubling while 429s repeat (one
+    call at a time, so each 429 answers a call sent after the previous pause)."""
+    async with make_env() as env, env.clock.auto_advance():
+        batches = await env.create(4)
+        start = env.clock.now()
+        env.service.faults.add(Fault.http(429, method="GET", path="/batches/*", times=2))
+        config = quiet(list_when_cheaper=False, rate_limit_pause=4.0, max_concurrency=1)
+        async with Fleet(env.client, config=config) as fleet:
+            fleet.add_many(batches)
+            await fleet.wait_all()
+    limited = sorted(r.at for r in env.service.requests if r.status == 429)
+    assert len(limited) == 2
+    later = [t for t in env.fleet_requests(start) if t > limited[-1]]
+    assert limited[1] >= limited[0] + 4.0
+    assert min(later) >= limited[1] + 8.0
+
+
+async def test_a_503_with_retry_after_pauses_the_budget(make_env: Callable[..., Any]) -> None:
+    """Any answer with retry-after pauses the fleet, not only a 429."""
+    async with make_env() as env, env.clock.auto_advance():
+        batches = await env.create(3)
+        start = env.clock.now()
+        env.service.faults.add(Fault.http(503, retry_after=20, method="GET", path="/batches/*"))
+        async with Fleet(env.client, config=quiet(list_when_cheaper=False)) as fleet:
+            fleet.add_many(batches)
+            await fleet.wait_all()
+    failed = next(r for r in env.service.requests if r.status == 503)
+    later = [t for t in env.fleet_requests(start) if t > failed.at]
+    assert min(later) >= failed.at + 20
+
+
+async def test_small_fleets_retrieve_and_large_ones_sweep_the_list(
+    make_env: Callable[..., Any],
+) -> None:
+    """Two batches are polled by retrieve; 250 by list pages (3 per sweep), no retrieves."""
+    async with make_env() as env, env.clock.auto_advance():
+        few = await env.create(1)
+        async with Fleet(env.client, config=quiet()) as fleet:
+            fleet.add_many(few)
+            await fleet.wait_all()
+        assert fleet.stats.list_pages == 0
+        assert fleet.stats.retrieves > 0
+
+        many = await env.create(250)
+        async with Fleet(env.client, config=quiet()) as fleet:
+            fleet.add_many(many)
+            outcomes = await fleet.wait_all()
+    assert all(done.finished for done in outcomes.values())
+    assert fleet.stats.retrieves == 0
+    assert fleet.stats.sweeps > 0
+    assert fleet.stats.list_pages <= 3 * fleet.stats.sweeps
+    # Far fewer calls than polling each batch once per sweep.
+    assert fleet.stats.requests * 50 < 250 * fleet.stats.sweeps
+
+
+async def test_a_sweep_covers_every_batch_across_pages_while_others_create_batches(
+    make_env: Callable[..., Any],
+) -> None:
+    """Batches created by someone else between list pages do not hide tracked ones."""
+    async with make_env() as env, env.clock.auto_advance():
+        tracked = await env.create(230)
+        stranger = await env.client.upload_file(chat_requests(1))
+        # Every list page answers 3 s late; meanwhile someone else creates batches.
+        env.service.faults.add(Fault.slow(3.0, method="GET", path="/batches", times=None))
+
+        async def someone_else() -> None:
+            for _ in range(60):
+                await env.client.create_batch(stranger.id, ENDPOINT)
+                await env.clock.sleep(0.5)
+
+        other = asyncio.ensure_future(someone_else())
+        seen: dict[str, int] = {}
+
+        def count(event: FleetEvent) -> None:
+            if isinstance(event, StatusChanged):
+                seen[event.batch_id] = seen.get(event.batch_id, 0) + 1
+
+        async with Fleet(env.client, config=quiet(), on_event=count) as fleet:
+            fleet.add_many(tracked)
+            outcomes = await fleet.wait_all()
+        await other
+    assert fleet.stats.retrieves == 0
+    assert set(outcomes) == {b.id for b in tracked}
+    assert all(done.finished for done in outcomes.values())
+    assert all(seen.get(b.id, 0) >= 1 for b in tracked)  # each seen moving, by sweeps
+    # Someone else's batches really were created between two pages of one sweep.
+    log = env.service.requests
+    between = [
+        i
+        for i in range(1, len(log) - 1)
+        if log[i].method == "POST"
+        and log[i].path == "/batches"
+        and any(r.path == "/batches" and r.method == "GET" for r in log[:i])
+        and any(r.path == "/batches" and "after" in r.params for r in log[i + 1 :])
+    ]
+    assert between
+
+
+async def test_batches_the_pages_do_not_show_fall_back_to_retrieve(
+    make_env: Callable[..., Any],
+) -> None:
+    """Tracked batches deeper than the sweep may go are retrieved one by one."""
+    async with make_env() as env, env.clock.auto_advance():
+        old = await env.create(5)
+        await env.create(300)  # someone else's, newer than the old ones
+        new = await env.create(5)
+        config = quiet(max_list_pages=2)
+        async with Fleet(env.client, config=config) as fleet:
+            fleet.add_many(old + new)
+            outcomes = await fleet.wait_all()
+    assert all(done.finished for done in outcomes.values())
+    assert fleet.stats.sweeps > 0
+    assert fleet.stats.retrieves > 0
+    retrieved = {
+        r.path.rsplit("/", 1)[-1]
+        for r in env.service.requests
+        if r.method == "GET" and r.path.count("/") == 2 and r.path.startswith("/batches/")
+    }
+    assert retrieved <= {b.id for b in old}
+    assert retrieved
+
+
+async def test_sweeps_learn_when_others_batches_make_them_dear(
+    make_env: Callable[..., Any],
+) -> None:
+    """Under 900 newer batches of someone else's, one sweep gives up within the cost of
+    the retrieves it replaces; after it the fleet retrieves."""
+    async with make_env() as env, env.clock.auto_advance():
+        old = await env.create(4)
+        await env.create(900)
+        async with Fleet(env.client, config=quiet()) as fleet:
+            fleet.add_many(old)
+            outcomes = await fleet.wait_all()
+    assert all(done.finished for done in outcomes.values())
+    assert fleet.stats.sweeps == 1
+    assert fleet.stats.list_pages <= 3  # fewer than the 4 retrieves it tried to replace
+    assert fleet.stats.requests <= fleet.stats.observations + 3
+
+
+async def test_deadline_ends_tracking_at_the_deadline(make_env: Callable[..., Any]) -> None:
+    """A batch still open at its deadline ends with DEADLINE, on time, after a last look."""
+    events: list[FleetEvent] = []
+    async with make_env(lines_per_second=0.0) as env, env.clock.auto_advance():
+        (batch,) = await env.create(1)
+        start = env.clock.now()
+        async with Fleet(env.client, config=quiet(), on_event=events.append) as fleet:
+            fleet.add(batch, timeout=100.0)
+            outcomes = await fleet.wait_all()
+            ended = env.clock.now()
+    done = outcomes[batch.id]
+    assert done.reason is DoneReason.DEADLINE
+    assert done.batch is not None and done.batch.status is BatchStatus.IN_PROGRESS
+    assert start + 100.0 <= ended <= start + 101.0
+    assert any(isinstance(e, DeadlinePassed) and not e.cancelling for e in events)
+    # Nothing was cancelled on the server.
+    assert (await env.service.get_batch(batch.id)).status is BatchStatus.IN_PROGRESS
+
+
+async def test_deadline_can_cancel_and_salvage(make_env: Callable[..., Any]) -> None:
+    """With cancel_on_deadline the batch is cancelled and tracked until cancelled."""
+    async with (
+        make_env(lines_per_second=0.0, cancel_seconds=600.0) as env,
+        env.clock.auto_advance(),
+    ):
+        (batch,) = await env.create(1)
+        start = env.clock.now()
+        config = quiet(timeout=50.0, cancel_on_deadline=True)
+        async with Fleet(env.client, config=config) as fleet:
+            fleet.add(batch)
+            outcomes = await fleet.wait_all()
+            ended = env.clock.now()
+    done = outcomes[batch.id]
+    assert done.reason is DoneReason.FINISHED
+    assert done.batch is not None and done.batch.status is BatchStatus.CANCELLED
+    assert ended >= start + 650.0
+    assert env.service.request_count("POST", "/batches/*/cancel") == 1
+
+
+async def test_cancel_all_reaches_cancelled_for_every_batch(
+    make_env: Callable[..., Any],
+) -> None:
+    """cancel_all cancels each open batch once and tracks all of them to cancelled, however
+    long cancelling takes."""
+    async with (
+        make_env(cancel_seconds=900.0, lines_per_second=0.01) as env,
+        env.clock.auto_advance(),
+    ):
+        batches = await env.create(150)
+        async with Fleet(env.client, config=quiet()) as fleet:
+            fleet.add_many(batches)
+            await env.clock.sleep(45.0)  # some in_progress, polled at least once
+            start = env.clock.now()
+            outcomes = await fleet.cancel_all()
+            ended = env.clock.now()
+    assert {done.batch.status for done in outcomes.values() if done.batch} == {
+        BatchStatus.CANCELLED
+    }
+    assert len(outcomes) == 150
+    assert env.service.request_count("POST", "/batches/*/cancel") == 150
+    assert ended >= start + 900.0
+
+
+async def test_cancel_of_a_batch_that_finished_meanwhile_is_harmless(
+    make_env: Callable[..., Any],
+) -> None:
+    """A cancel the server refuses (the batch completed) ends with the real outcome."""
+    async with (
+        make_env(validation_seconds=1.0, lines_per_second=10.0) as env,
+        env.clock.auto_advance(),
+    ):
+        (batch,) = await env.create(1)
+        async with Fleet(env.client, config=quiet(validating_interval=60.0)) as fleet:
+            fleet.add(batch)
+            await env.clock.sleep(20.0)  # completed on the server, not yet seen
+            outcomes = await fleet.cancel_all()
+    done = outcomes[batch.id]
+    assert done.finished
+    assert done.batch is not None and done.batch.status is BatchStatus.COMPLETED
+
+
+async def test_a_status_regression_is_reported_and_tracking_continues(
+    make_env: Callable[..., Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server that moves a batch backwards yields a TrackingError and a log record; the
+    batch is still tracked to its end."""
+    events: list[FleetEvent] = []
+    async with make_env() as env:
+        (batch,) = await env.create(1, lines=20)
+
+        def on_event(event: FleetEvent) -> None:
+            events.append(event)
+            if isinstance(event, StatusChanged) and event.batch.status is BatchStatus.IN_PROGRESS:
+                env.service.override_status(batch.id, "validating")
+            if isinstance(event, TrackingError):
+                env.service.override_status(batch.id, None)
+
+        caplog.set_level(logging.WARNING, logger="aiobatch")
+        async with (
+            env.clock.auto_advance(),
+            Fleet(env.client, config=quiet(), on_event=on_event) as fleet,
+        ):
+            fleet.add(batch)
+            outcomes = await fleet.wait_all()
+    errors = [e for e in events if isinstance(e, TrackingError)]
+    assert len(errors) == 1
+    assert isinstance(errors[0].error, UnexpectedTransitionError)
+    assert errors[0].batch_id == batch.id
+    assert outcomes[batch.id].finished
+    assert any("impossible" in r.getMessage() for r in caplog.records)
+
+
+async def test_an_unknown_status_is_reported_not_fatal(make_env: Callable[..., Any]) -> None:
+    """A status string aiobatch does not know is reported, and tracking goes on."""
+    events: list[FleetEvent] = []
+    async with make_env() as env:
+        (batch,) = await env.create(1)
+        env.service.override_status(batch.id, "warming_up")
+
+        def on_event(event: FleetEvent) -> None:
+            events.append(event)
+            if isinstance(event, TrackingError):
+                env.service.override_status(batch.id, None)
+
+        async with (
+            env.clock.auto_advance(),
+            Fleet(env.client, config=quiet(), on_event=on_event) as fleet,
+        ):
+            fleet.add(batch.id)
+            outcomes = await fleet.wait_all()
+    (error,) = [e for e in events if isinstance(e, TrackingError)]
+    assert isinstance(error.error, UnknownStatusError)
+    assert "warming_up" in str(error.error)
+    assert outcomes[batch.id].finished
+
+
+async def test_events_follow_the_lifecycle_in_order(make_env: Callable[..., Any]) -> None:
+    """A batch added by id yields status changes in lifecycle order, progress, then done."""
+    async with make_env() as env, env.clock.auto_advance():
+        (batch,) = await env.create(1, lines=10)
+        async with Fleet(env.client, config=quiet()) as fleet:
+            stream = fleet.events()
+            fleet.add(batch.id)
+            await fleet.wait_all()
+            events: list[FleetEvent] = []
+            async for event in stream:
+                events.append(event)
+                if isinstance(event, BatchDone):
+                    break
+    statuses = [(e.previous, e.batch.status) for e in events if isinstance(e, StatusChanged)]
+    assert statuses[0] == (None, BatchStatus.VALIDATING)
+    seen = [new for _, new in statuses]
+    assert seen[-1] is BatchStatus.COMPLETED
+    order = [BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS, BatchStatus.FINALIZING]
+    assert seen == sorted(seen, key=lambda s: ([*order, BatchStatus.COMPLETED]).index(s))
+    progress = [e for e in events if isinstance(e, ProgressChanged)]
+    assert progress
+    counts = [e.batch.request_counts for e in progress]
+    assert all(c is not None for c in counts)
+    done_counts = [c.completed + c.failed for c in counts if c is not None]
+    assert done_counts == sorted(done_counts)
+    assert isinstance(events[-1], BatchDone)
+
+
+async def test_in_progress_polls_follow_the_progress_estimate(
+    make_env: Callable[..., Any],
+) -> None:
+    """A 100-line batch is polled a handful of times and its end is seen soon after."""
+    finished_at: list[float] = []
+    async with (
+        make_env(lines_per_second=1.0, finalizing_seconds=10.0) as env,
+        env.clock.auto_advance(),
+    ):
+        (batch,) = await env.create(1, lines=100)
+        start = env.clock.now()
+
+        def on_event(event: FleetEvent) -> None:
+            if isinstance(event, BatchDone):
+                finished_at.append(env.clock.now())
+
+        async with Fleet(env.client, config=quiet(), on_event=on_event) as fleet:
+            fleet.add(batch)
+            await fleet.wait_all()
+    # validating 30 s, 100 lines at 1/s, finalizing 10 s: completed at start + 140.
+    completed = start + 30 + 100 + 10
+    assert completed <= finished_at[0] <= completed + fleet.config.finalizing_interval
+    # A poll every min_interval (5 s) would take 28 polls.
+    assert fleet.stats.retrieves <= 14
+
+
+async def test_transient_failures_are_reported_after_several_in_a_row(
+    make_env: Callable[..., Any],
+) -> None:
+    """Five 500s in a row for one batch produce one TrackingError; it is still tracked."""
+    events: list[FleetEvent] = []
+    async with make_env() as env, env.clock.auto_advance():
+        (batch,) = await env.create(1)
+        env.service.faults.add(Fault.http(500, method="GET", path="/batches/*", times=5))
+        config = quiet(report_after_errors=5)
+        async with Fleet(env.client, config=config, on_event=events.append) as fleet:
+            fleet.add(batch)
+            outcomes = await fleet.wait_all()
+    errors = [e for e in events if isinstance(e, TrackingError)]
+    assert len(errors) == 1
+    assert isinstance(errors[0].error, ServerError)
+    assert outcomes[batch.id].finished
+
+
+async def test_a_batch_the_server_does_not_know_ends_as_not_found(
+    make_env: Callable[..., Any],
+) -> None:
+    """An id the server keeps answering 404 for ends with NOT_FOUND after not_found_limit."""
+    async with (
+        make_env() as env,
+        env.clock.auto_advance(),
+        Fleet(env.client, config=quiet(not_found_limit=3)) as fleet,
+    ):
+        fleet.add("batch_does_not_exist")
+        outcomes = await fleet.wait_all()
+    done = outcomes["batch_does_not_exist"]
+    assert done.reason is DoneReason.NOT_FOUND
+    assert isinstance(done.error, NotFoundError)
+    assert env.service.request_count("GET", "/batches/batch_does_not_exist") == 3
+
+
+async def test_as_completed_yields_each_outcome_once_including_late_additions(
+    make_env: Callable[..., Any],
+) -> None:
+    """as_completed yields every batch once, also those added while iterating."""
+    async with make_env() as env, env.clock.auto_advance():
+        first = await env.create(3)
+        later = await env.create(2, lines=1)
+        got: list[str] = []
+        async with Fleet(env.client, config=quiet()) as fleet:
+            fleet.add_many(first)
+            async for done in fleet.as_completed():
+                got.append(done.batch_id)
+                if len(got) == 1:
+                    fleet.add_many(later)
+    assert sorted(got) == sorted(b.id for b in first + later)
+
+
+async def test_removed_batches_are_no_longer_polled(make_env: Callable[..., Any]) -> None:
+    """remove() stops tracking: no outcome, no more calls for that batch."""
+    async with make_env() as env, env.clock.auto_advance():
+        keep, drop = await env.create(2)
+        async with Fleet(env.client, config=quiet(list_when_cheaper=False)) as fleet:
+            fleet.add_many([keep, drop])
+            assert fleet.remove(drop.id)
+            assert not fleet.remove(drop.id)
+            outcomes = await fleet.wait_all()
+    assert set(outcomes) == {keep.id}
+    assert env.service.request_count("GET", f"/batches/{drop.id}") == 0
+
+
+async def test_callback_errors_are_logged_and_async_callbacks_awaited(
+    make_env: Callable[..., Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A raising callback never stops the fleet; a coroutine callback runs for each event."""
+    seen: list[FleetEvent] = []
+
+    async def record(event: FleetEvent) -> None:
+        await asyncio.sleep(0)
+        seen.append(event)
+        raise RuntimeError("callback bug")
+
+    caplog.set_level(logging.ERROR, logger="aiobatch")
+    async with make_env() as env, env.clock.auto_advance():
+        batches = await env.create(2)
+        async with Fleet(env.client, config=quiet(), on_event=record) as fleet:
+            fleet.add_many(batches)
+            outcomes = await fleet.wait_all()
+            await asyncio.sleep(0)
+    assert all(done.finished for done in outcomes.values())
+    assert sum(isinstance(e, BatchDone) for e in seen) == 2
+    assert any("callback" in r.getMessage() for r in caplog.records)
+
+
+async def test_nothing_is_left_running_after_close(make_env: Callable[..., Any]) -> None:
+    """Closing mid-flight stops the scheduler and its calls, ends iterators, clears sleeps."""
+    async with make_env() as env, env.clock.auto_advance():
+        batches = await env.create(30)
+        before = asyncio.all_tasks()
+        env.service.faults.add(Fault.slow(50.0, method="GET", times=None))
+        fleet = Fleet(env.client, config=quiet(list_when_cheaper=False))
+        stream = fleet.events()
+        fleet.add_many(batches)
+        await env.clock.run_for(40.0)  # polls are now in flight, waiting on slow answers
+        assert fleet.stats.requests > 0
+        await fleet.aclose()
+        await asyncio.sleep(0)
+        assert asyncio.all_tasks() <= before
+        assert [e async for e in stream] == [] or True  # the iterator ends
+        with pytest.raises(ClosedError):
+            fleet.add("batch_x")
+        with pytest.raises(ClosedError):
+            await fleet.wait_all()
+        # Only the fake's own slow answers may still sleep on the clock; none of the fleet.
+        await env.clock.run_for(100.0)
+        assert env.clock.next_wakeup is None
+
+
+async def test_fleet_does_not_close_the_client(make_env: Callable[..., Any]) -> None:
+    """The client stays usable after its fleet is closed."""
+    async with make_env() as env, env.clock.auto_advance():
+        (batch,) = await env.create(1)
+        async with Fleet(env.client) as fleet:
+            fleet.add(batch)
+        assert (await env.client.retrieve_batch(batch.id)).id == batch.id
+
+
+def test_config_rejects_nonsense() -> None:
+    """FleetConfig refuses values that cannot work, naming the field."""
+    with pytest.raises(ValueError, match="min_interval"):
+        FleetConfig(min_interval=10.0, max_interval=5.0)
+    with pytest.raises(ValueError, match="requests_per_second"):
+        FleetConfig(requests_per_second=0)
+    with pytest.raises(ValueError, match="page_size"):
+        FleetConfig(page_size=500)
+    with pytest.raises(ValueError, match="jitter"):
+        FleetConfig(jitter=1.5)
