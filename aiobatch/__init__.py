@@ -10,6 +10,7 @@ from __future__ import annotations
 from ._budget import RequestBudget
 from ._client import BatchClient
 from ._clock import Clock, SystemClock
+from ._convert import STATUS_ALIASES
 from ._create import CREATE_KEY_METADATA
 from ._fleet import (
     BatchDone,
@@ -25,6 +26,7 @@ from ._fleet import (
 )
 from ._lifecycle import (
     ACTIVE,
+    MEANINGS,
     REACHABLE,
     TERMINAL,
     TRANSITIONS,
@@ -53,11 +55,30 @@ from ._models import (
     ResultLine,
     ResultSuccess,
 )
-from ._provider import DEFAULT_BASE_URL, OpenAIProvider, Secret
+from ._provider import (
+    AZURE_API_VERSION_V1,
+    AZURE_LIMITS,
+    DEFAULT_BASE_URL,
+    OPENAI_LIMITS,
+    PORTKEY_BASE_URL,
+    PROVIDER_NAMES,
+    AzureOpenAIProvider,
+    CompatibleProvider,
+    Limits,
+    OpenAIProvider,
+    PortkeyProvider,
+    Provider,
+    Quirks,
+    Secret,
+    provider_from_env,
+)
 from ._retry import RetryPolicy, is_retry_testing, set_retry_testing
 
 __all__ = [
     "ACTIVE",
+    "AZURE_API_VERSION_V1",
+    "AZURE_LIMITS",
+    "AzureOpenAIProvider",
     "Batch",
     "BatchClient",
     "BatchDone",
@@ -70,6 +91,7 @@ __all__ = [
     "BatchUsage",
     "CREATE_KEY_METADATA",
     "Clock",
+    "CompatibleProvider",
     "DEFAULT_BASE_URL",
     "DeadlinePassed",
     "DoneReason",
@@ -82,11 +104,19 @@ __all__ = [
     "FleetEvent",
     "FleetStats",
     "InputTokensDetails",
+    "Limits",
     "LineError",
     "LineResponse",
+    "MEANINGS",
+    "OPENAI_LIMITS",
     "OpenAIProvider",
     "OutputTokensDetails",
+    "PORTKEY_BASE_URL",
+    "PROVIDER_NAMES",
+    "PortkeyProvider",
     "ProgressChanged",
+    "Provider",
+    "Quirks",
     "REACHABLE",
     "RequestBudget",
     "RequestCounts",
@@ -95,6 +125,7 @@ __all__ = [
     "ResultLine",
     "ResultSuccess",
     "RetryPolicy",
+    "STATUS_ALIASES",
     "Secret",
     "StatusChanged",
     "SystemClock",
@@ -103,6 +134,7 @@ __all__ = [
     "TrackingError",
     "Transition",
     "is_retry_testing",
+    "provider_from_env",
     "set_retry_testing",
 ]
 

@@ -15,13 +15,16 @@ import re
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import attrs
 
 from ._clock import SystemClock
 from .testing._app import run_fake_server
 from .testing._config import FakeConfig, LineErrorRule
+from .testing._dialects import DIALECT_NAMES, FakeDialect
 from .testing._faults import Fault
+from .testing._ratelimit import RateLimit
 from .testing._service import FakeBatchService
 
 __all__ = [
@@ -31,9 +34,11 @@ __all__ = [
     "build_parser",
     "command",
     "describe",
+    "dialect",
     "duration",
     "fault_rules",
     "main",
+    "rate_limit",
     "serve",
 ]
 
@@ -169,6 +174,28 @@ def statuses(text: str) -> tuple[int, ...]:
     return values
 
 
+def positive(text: str) -> float:
+    """A finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
+
+
+def count(text: str) -> int:
+    """An integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
 def port(text: str) -> int:
     """A TCP port (0 picks a free one)."""
     try:
@@ -194,7 +221,28 @@ def _fake_server_arguments(parser: argparse.ArgumentParser) -> None:
     net.add_argument(
         "--api-key",
         default=None,
-        help="require 'Authorization: Bearer KEY' on every request (default: no check)",
+        help=(
+            "require KEY on every request, in the dialect's header (openai: "
+            "'Authorization: Bearer KEY'; portkey: x-portkey-api-key; azure: api-key); "
+            "default: any key"
+        ),
+    )
+    net.add_argument(
+        "--dialect",
+        choices=DIALECT_NAMES,
+        default="openai",
+        help=(
+            "the provider to play: its auth headers, paths and error shapes, and its quirks "
+            "(portkey: /batches/{id}/output; azure: /openai/... paths with api-version or "
+            "/openai/v1/..., uploads pending for 2 s, no expiry, empty error files)"
+        ),
+    )
+    net.add_argument(
+        "--quirks",
+        type=quirk_names,
+        default=(),
+        metavar="LIST",
+        help=f"comma-separated body quirks: {', '.join(QUIRKS)}",
     )
 
     timing = parser.add_argument_group("timings (durations: 30, 1.5s, 250ms, 10m, 24h)")
@@ -288,6 +336,27 @@ def _fake_server_arguments(parser: argparse.ArgumentParser) -> None:
         default="*",
         help="only break requests whose path after /v1 matches this pattern (e.g. /batches*)",
     )
+    limits = parser.add_argument_group("rate limit (429 beyond it, with retry-after headers)")
+    limits.add_argument(
+        "--rate-limit",
+        type=positive,
+        default=None,
+        metavar="RPS",
+        help="refuse requests beyond this many per second with 429 (unset: unlimited)",
+    )
+    limits.add_argument(
+        "--burst",
+        type=count,
+        default=None,
+        metavar="N",
+        help="requests allowed at once after a quiet spell (unset: RPS rounded up)",
+    )
+    limits.add_argument(
+        "--rate-limit-path",
+        default="*",
+        metavar="PATTERN",
+        help="only limit requests whose path after /v1 matches this pattern (e.g. /batches*)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed for ids, faults and results")
 
 
@@ -311,13 +380,73 @@ def build_fake_service(args: argparse.Namespace) -> FakeBatchService:
         cancel_seconds=args.cancel_seconds,
         completion_window_seconds=args.completion_window,
         line_errors=line_errors,
+        rate_limit=rate_limit(args),
     )
     service = FakeBatchService(
-        clock=SystemClock(), config=config, api_key=args.api_key, seed=args.seed
+        clock=SystemClock(),
+        config=config,
+        api_key=args.api_key,
+        seed=args.seed,
+        dialect=dialect(args),
     )
     for fault in fault_rules(args):
         service.faults.add(fault)
     return service
+
+
+def rate_limit(args: argparse.Namespace) -> RateLimit | None:
+    """The rate limit the ``fake-server`` flags ask for.
+
+    Args:
+        args: the parsed ``fake-server`` arguments.
+
+    Returns:
+        The limit, or None without ``--rate-limit``.
+
+    Raises:
+        ValueError: ``--burst`` or ``--rate-limit-path`` without ``--rate-limit``.
+    """
+    if args.rate_limit is None:
+        if args.burst is not None or args.rate_limit_path != "*":
+            raise ValueError("--burst and --rate-limit-path need --rate-limit")
+        return None
+    if args.burst is None:
+        return RateLimit(args.rate_limit, path=args.rate_limit_path)
+    return RateLimit(args.rate_limit, burst=args.burst, path=args.rate_limit_path)
+
+
+#: ``--quirks`` names -> the FakeDialect switch each turns on.
+QUIRKS: dict[str, str] = {
+    "ms-timestamps": "ms_timestamps",
+    "iso-timestamps": "iso_timestamps",
+    "capitalised-statuses": "capitalised_statuses",
+    "null-request-counts": "null_request_counts",
+}
+
+
+def quirk_names(text: str) -> tuple[str, ...]:
+    """A comma-separated list of ``--quirks`` names."""
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in QUIRKS]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown quirk {unknown[0]!r}: expected some of {', '.join(QUIRKS)}"
+        )
+    return names
+
+
+def dialect(args: argparse.Namespace) -> FakeDialect:
+    """The dialect the ``--dialect`` and ``--quirks`` flags ask for.
+
+    Args:
+        args: the parsed ``fake-server`` arguments.
+
+    Returns:
+        The dialect, with that provider's default quirks plus the ones named.
+    """
+    base = FakeDialect.of(args.dialect)
+    switches: dict[str, Any] = {QUIRKS[name]: True for name in args.quirks}
+    return attrs.evolve(base, **switches) if switches else base
 
 
 def fault_rules(args: argparse.Namespace) -> list[Fault]:
@@ -361,11 +490,18 @@ def describe(service: FakeBatchService, *, key_required: bool) -> str:
     """One line on how ``service`` behaves, for the start-up banner."""
     c = service.config
     faults = len(service.faults)
+    limit = c.rate_limit
+    if limit is None:
+        limited = "no rate limit"
+    else:
+        where = "" if limit.path == "*" else f" on {limit.path}"
+        limited = f"rate limit {limit.requests_per_second:g} req/s, burst {limit.burst}{where}"
     return (
+        f"{service.dialect.name} dialect; "
         f"validating {c.validation_seconds:g}s, {c.lines_per_second:g} lines/s, "
         f"finalizing {c.finalizing_seconds:g}s, cancelling {c.cancel_seconds:g}s, "
         f"window {c.completion_window_seconds:g}s; "
-        f"{faults} fault rule{'' if faults == 1 else 's'}; "
+        f"{faults} fault rule{'' if faults == 1 else 's'}; {limited}; "
         f"api key {'required' if key_required else 'not checked'}"
     )
 
@@ -382,7 +518,11 @@ def describe(service: FakeBatchService, *, key_required: bool) -> str:
 )
 def fake_server(args: argparse.Namespace) -> int:
     """Run ``aiobatch fake-server``: serve until Ctrl-C or SIGTERM."""
-    service = build_fake_service(args)
+    try:
+        service = build_fake_service(args)
+    except ValueError as exc:
+        print(f"aiobatch fake-server: error: {exc}", file=sys.stderr)
+        return 2
     try:
         return asyncio.run(
             serve(

@@ -27,6 +27,7 @@ from urllib.parse import quote
 from ._clock import Clock, SystemClock
 from ._convert import (
     decode,
+    decode_batch_output_line,
     decode_json,
     decode_result_line,
     encode_create_batch,
@@ -35,8 +36,8 @@ from ._convert import (
 )
 from ._create import LOOKUP_MAX_PAGES, Creator, keyed_metadata
 from ._lifecycle import BatchLifecycle
-from ._models import Batch, BatchPage, File, FileDeleted, FilePage, ResultLine
-from ._provider import OpenAIProvider, Secret, _Headers
+from ._models import Batch, BatchErrors, BatchPage, File, FileDeleted, FilePage, ResultLine
+from ._provider import OpenAIProvider, Provider, Secret, _Headers, provider_from_env
 from ._retry import (
     RETRYABLE_STATUSES,
     RetryPolicy,
@@ -48,8 +49,12 @@ from .errors import (
     APIStatusError,
     ClosedError,
     DecodeError,
+    FileProcessingError,
+    FileWaitTimeoutError,
+    NoOutputError,
     TransportError,
     UnknownStatusError,
+    UnsupportedError,
     WaitTimeoutError,
     describe,
     status_error_class,
@@ -72,6 +77,9 @@ _FINAL_POLL_MAX = 10.0
 
 _NO_PARAMS: Mapping[str, str] = types.MappingProxyType({})
 
+#: Default seconds :meth:`BatchClient.wait_for_file` waits for an upload to be processed.
+DEFAULT_FILE_WAIT = 600.0
+
 
 class _Keep:
     """The type of :data:`_KEEP`: "leave this option as it is"."""
@@ -91,7 +99,7 @@ def _quote(object_id: str) -> str:
     return quote(object_id, safe="%:@")
 
 
-def _redact_error(error: DecodeError, secret: Secret) -> DecodeError:
+def _redact_error(error: DecodeError, secrets: tuple[Secret, ...]) -> DecodeError:
     """A copy of a decode error with the secret masked in every text, and nothing chained.
 
     A new exception object, never the caught one: re-raising the caught one would bring
@@ -100,15 +108,52 @@ def _redact_error(error: DecodeError, secret: Secret) -> DecodeError:
     cls = type(error)
     copy = cls.__new__(cls)
     copy.__dict__.update(error.__dict__)
-    copy.what = secret.redact(error.what)
-    copy.detail = secret.redact(error.detail)
+    copy.what = _redact(secrets, error.what)
+    copy.detail = _redact(secrets, error.detail)
     if error.path is not None:
-        copy.path = secret.redact(error.path)
+        copy.path = _redact(secrets, error.path)
     if isinstance(copy, UnknownStatusError) and isinstance(copy.value, str):
-        copy.value = secret.redact(copy.value)
-    copy.args = tuple(secret.redact(a) if isinstance(a, str) else a for a in error.args)
+        copy.value = _redact(secrets, copy.value)
+    copy.args = tuple(_redact(secrets, a) if isinstance(a, str) else a for a in error.args)
     copy.__suppress_context__ = True
     return copy
+
+
+def _redact(secrets: tuple[Secret, ...], text: str) -> str:
+    for secret in secrets:
+        text = secret.redact(text)
+    return text
+
+
+async def _lines(response: Response) -> AsyncGenerator[bytes, None]:
+    """A streamed body's lines, without their line ends; closes the response at the end.
+
+    A last line without a newline is yielded too. Each byte is looked at a bounded
+    number of times, however long a line is and however the chunks cut it.
+    """
+    try:
+        pending: list[bytes] = []  # the start of a line cut by chunk boundaries
+        async for chunk in response.iter_chunks():
+            lines = chunk.split(b"\n")
+            if len(lines) == 1:
+                pending.append(chunk)
+                continue
+            if pending:
+                pending.append(lines[0])
+                lines[0] = b"".join(pending)
+                pending.clear()
+            tail = lines.pop()
+            if tail:
+                pending.append(tail)
+            for line in lines:
+                yield line[:-1] if line.endswith(b"\r") else line
+        if pending:
+            last = b"".join(pending)
+            pending.clear()
+            if last:
+                yield last[:-1] if last.endswith(b"\r") else last
+    finally:
+        await response.aclose()
 
 
 class BatchClient:
@@ -127,7 +172,13 @@ class BatchClient:
         base_url: the API root; default ``$OPENAI_BASE_URL`` or OpenAI's.
         organization: the ``OpenAI-Organization`` header.
         project: the ``OpenAI-Project`` header.
-        provider: a ready provider instead of the four arguments above.
+        provider: where requests go: a provider object (:class:`~aiobatch.OpenAIProvider`,
+            :class:`~aiobatch.PortkeyProvider`, :class:`~aiobatch.AzureOpenAIProvider`,
+            :class:`~aiobatch.CompatibleProvider` or your own
+            :class:`~aiobatch.Provider`), or a name (``"openai"``, ``"portkey"``,
+            ``"azure"``, ``"compatible"``) filled from the environment by
+            :func:`~aiobatch.provider_from_env`, with the four arguments above where
+            they apply. None is ``"openai"``.
         transport: how requests travel; default a new
             :class:`~aiobatch.transport.AiohttpTransport`, closed with the client.
             A transport passed in stays open (it may be shared).
@@ -151,7 +202,7 @@ class BatchClient:
         base_url: str | None = None,
         organization: str | None = None,
         project: str | None = None,
-        provider: OpenAIProvider | None = None,
+        provider: Provider | str | None = None,
         transport: Transport | None = None,
         retry: RetryPolicy | None = None,
         clock: Clock | None = None,
@@ -162,11 +213,26 @@ class BatchClient:
             provider = OpenAIProvider.from_env(
                 api_key=api_key, base_url=base_url, organization=organization, project=project
             )
+        elif isinstance(provider, str):
+            provider = provider_from_env(
+                provider,
+                api_key=api_key,
+                base_url=base_url,
+                organization=organization,
+                project=project,
+            )
         elif api_key is not None or base_url is not None or organization or project:
             raise TypeError("pass either provider or api_key/base_url/organization/project")
+        elif not isinstance(provider, Provider):
+            raise TypeError(
+                f"provider must be a provider object or a name, not {type(provider).__name__}"
+            )
         if not create_settle >= 0:
             raise ValueError(f"create_settle must be >= 0, got {create_settle!r}")
-        self._provider = provider
+        self._provider: Provider = provider
+        self._secrets = tuple(provider.secrets)
+        query = provider.params()
+        self._query: Mapping[str, str] | None = dict(query) if query else None
         self._owns_transport = transport is None
         if transport is None:
             from .transport._aiohttp import AiohttpTransport
@@ -201,7 +267,7 @@ class BatchClient:
     # --- plumbing --------------------------------------------------------------------------
 
     @property
-    def provider(self) -> OpenAIProvider:
+    def provider(self) -> Provider:
         """The provider requests go to."""
         return self._provider
 
@@ -279,6 +345,8 @@ class BatchClient:
         timeout: float | None = None,
     ) -> Request:
         headers = self._json_headers if isinstance(body, bytes) else self._headers
+        if self._query is not None:
+            params = {**self._query, **params}
         return Request(method, self._provider.url(path), params, headers, body, timeout)
 
     async def _send(
@@ -311,6 +379,8 @@ class BatchClient:
         params: Mapping[str, str] = _NO_PARAMS,
         deadline: float | None = None,
     ) -> tuple[T, Response]:
+        if self._query is not None:
+            params = {**self._query, **params}
         request = Request(
             method, self._provider.url(path), params, self._headers, None, self._timeout
         )
@@ -341,17 +411,16 @@ class BatchClient:
         raise error
 
     def _scrubbed(self, error: DecodeError, raw: bytes | str) -> DecodeError:
-        """``error`` itself, or (when the body held the API key) a redacted copy of it."""
-        secret = self._provider.api_key
-        if secret is None or secret.redact(raw) is raw:
+        """``error`` itself, or (when the body held an API key) a redacted copy of it."""
+        if not any(secret.redact(raw) is not raw for secret in self._secrets):
             return error
-        return _redact_error(error, secret)
+        return _redact_error(error, self._secrets)
 
     async def _status_error(self, response: Response, request: Request) -> APIStatusError:
         """The :class:`APIStatusError` for an error response (the API key masked)."""
         raw = await response.read()
-        if self._provider.api_key is not None:
-            raw = self._provider.api_key.redact(raw)
+        for secret in self._secrets:
+            raw = secret.redact(raw)
         status = response.status
         body: Any
         try:
@@ -391,8 +460,15 @@ class BatchClient:
         purpose: str = "batch",
         filename: str | None = None,
         expires_after_seconds: int | None = None,
+        wait_processed: bool | None = None,
+        processing_timeout: float = DEFAULT_FILE_WAIT,
     ) -> File:
         """Upload a file (``POST /files``). A path is streamed, never read whole.
+
+        On a provider whose uploads are usable only once ``processed`` (Azure: see
+        :attr:`Quirks.wait_for_processed_file <aiobatch.Quirks.wait_for_processed_file>`)
+        the call then waits for that with :meth:`wait_for_file`, so the file it returns
+        can go straight into :meth:`create_batch`.
 
         An upload is retried like any call. Uploads cannot be looked up reliably (file
         names need not be unique), so when an attempt's answer was lost and a retry
@@ -406,9 +482,17 @@ class BatchClient:
             filename: the name the server records; default the path's base name, or
                 ``input.jsonl`` for bytes.
             expires_after_seconds: delete the file this long after its creation.
+            wait_processed: wait until the file is ``processed``; None (the default)
+                waits when the provider needs it.
+            processing_timeout: seconds that wait may take.
 
         Returns:
             The stored file.
+
+        Raises:
+            FileProcessingError: the server marked the file ``error``.
+            FileWaitTimeoutError: it was still not ``processed`` after
+                ``processing_timeout`` seconds.
         """
         if isinstance(file, bytes | bytearray | memoryview):
             part = FilePart(filename=filename or "input.jsonl", content=bytes(file))
@@ -430,7 +514,69 @@ class BatchClient:
                 uploaded.filename,
                 uploaded.id,
             )
+        if wait_processed is None:
+            wait_processed = self._provider.quirks.wait_for_processed_file
+        if wait_processed:
+            uploaded = await self.wait_for_file(uploaded, timeout=processing_timeout)
         return uploaded
+
+    async def wait_for_file(
+        self,
+        file: str | File,
+        *,
+        timeout: float = DEFAULT_FILE_WAIT,
+        poll_interval: float = 1.0,
+        max_interval: float = 10.0,
+    ) -> File:
+        """Poll a file until it is ``processed`` (Azure answers an upload ``pending``).
+
+        A file already ``processed`` (or with no status, as some compatible servers
+        send) is returned at once, without a request. Polls go through the client's
+        clock; intervals grow from ``poll_interval`` to ``max_interval``.
+
+        Args:
+            file: the file id, or the File the upload returned.
+            timeout: seconds to wait in all.
+            poll_interval: seconds before the first poll.
+            max_interval: the longest pause between polls.
+
+        Returns:
+            The file, ``processed``.
+
+        Raises:
+            FileProcessingError: the server marked the file ``error`` (its
+                ``status_details`` say why) or ``deleted``.
+            FileWaitTimeoutError: still not ``processed`` at the deadline.
+        """
+        clock = self._clock
+        deadline = clock.monotonic() + timeout
+        intervals = poll_intervals(poll_interval, max_interval, jitter=0.0)
+        current = file if isinstance(file, File) else await self.retrieve_file(file)
+        while True:
+            status = current.status
+            if status is None or status == "processed":
+                return current
+            if status in ("error", "deleted"):
+                details = f": {current.status_details}" if current.status_details else ""
+                raise FileProcessingError(
+                    f"file {current.id} ended {status!r} instead of 'processed'{details}; "
+                    "upload it again",
+                    file_id=current.id,
+                    status=status,
+                    status_details=current.status_details,
+                )
+            room = deadline - clock.monotonic()
+            if room <= 0:
+                raise FileWaitTimeoutError(
+                    f"file {current.id} still {status!r} after {timeout:g}s",
+                    file_id=current.id,
+                    status=status,
+                    status_details=current.status_details,
+                )
+            await clock.sleep(min(intervals(), room))
+            current = await self._call(
+                File, "GET", f"/files/{_quote(current.id)}", deadline=deadline
+            )
 
     async def retrieve_file(self, file_id: str) -> File:
         """Get one file's metadata (``GET /files/{id}``)."""
@@ -522,29 +668,9 @@ class BatchClient:
         chunks cut it.
         """
         response = await self._open_content(file_id)
-        try:
-            pending: list[bytes] = []  # the start of a line cut by chunk boundaries
-            async for chunk in response.iter_chunks():
-                lines = chunk.split(b"\n")
-                if len(lines) == 1:
-                    pending.append(chunk)
-                    continue
-                if pending:
-                    pending.append(lines[0])
-                    lines[0] = b"".join(pending)
-                    pending.clear()
-                tail = lines.pop()
-                if tail:
-                    pending.append(tail)
-                for line in lines:
-                    yield line[:-1] if line.endswith(b"\r") else line
-            if pending:
-                last = b"".join(pending)
-                pending.clear()
-                if last:
-                    yield last[:-1] if last.endswith(b"\r") else last
-        finally:
-            await response.aclose()
+        async with contextlib.aclosing(_lines(response)) as lines:
+            async for line in lines:
+                yield line
 
     async def iter_results(self, file_id: str) -> AsyncGenerator[ResultLine, None]:
         """The decoded lines of a batch output or error file, streamed; blank lines skipped.
@@ -569,6 +695,59 @@ class BatchClient:
                 if scrubbed is not None:  # raised out here: nothing holding the line chained
                     del line
                     raise scrubbed
+                yield result
+
+    async def iter_batch_output(self, batch: str | Batch) -> AsyncGenerator[ResultLine, None]:
+        """A finished batch's output lines, streamed in one call (Portkey's
+        ``GET /batches/{id}/output``), in constant memory; blank lines skipped.
+
+        It saves the retrieve that finding ``output_file_id`` takes elsewhere. The
+        output file holds the successful requests only: read the error file
+        (``error_file_id``) with :meth:`iter_results` for the rest.
+
+        Raises:
+            UnsupportedError: the provider has no such endpoint (only Portkey does; see
+                :attr:`Quirks.batch_output_endpoint <aiobatch.Quirks.batch_output_endpoint>`);
+                nothing is sent. Elsewhere, read ``output_file_id`` with
+                :meth:`iter_results`.
+            NoOutputError: the batch has no output file and the gateway answered with
+                the batch's errors instead (it failed validation); ``errors`` holds them.
+            DecodeError: a line does not decode; the message names the line.
+        """
+        batch_id = batch.id if isinstance(batch, Batch) else batch
+        if not self._provider.quirks.batch_output_endpoint:
+            raise UnsupportedError(
+                f"the {self._provider.name} provider has no /batches/{{id}}/output endpoint "
+                "(Portkey's); read the batch's output_file_id with iter_results()"
+            )
+        request = self._request("GET", f"/batches/{_quote(batch_id)}/output", timeout=self._timeout)
+        response = await self._send(request, stream=True)
+        number = 0
+        async with contextlib.aclosing(_lines(response)) as lines:
+            async for line in lines:
+                number += 1
+                if not line.strip():
+                    continue
+                scrubbed: DecodeError | None = None
+                try:
+                    result = decode_batch_output_line(
+                        line, what=f"line {number} of the output of batch {batch_id}"
+                    )
+                except DecodeError as exc:
+                    scrubbed = self._scrubbed(exc, line)
+                    if scrubbed is exc:
+                        raise
+                if scrubbed is not None:
+                    del line
+                    raise scrubbed
+                if isinstance(result, BatchErrors):
+                    first = result.data[0].message if result.data else None
+                    raise NoOutputError(
+                        f"batch {batch_id} has no output file; the gateway sent its errors"
+                        + (f": {first}" if first else ""),
+                        batch_id=batch_id,
+                        errors=result,
+                    )
                 yield result
 
     async def download_file(self, file_id: str, path: str | os.PathLike[str]) -> int:
@@ -773,7 +952,7 @@ class BatchClient:
             batch = await self._poll(batch_id, deadline, None)
         else:
             batch_id = batch.id
-        lifecycle = BatchLifecycle(status=batch.wire_status, batch_id=batch_id)
+        lifecycle = BatchLifecycle(status=batch.lifecycle_status, batch_id=batch_id)
         final = False
         while not batch.is_terminal:
             delay = intervals()
@@ -786,7 +965,7 @@ class BatchClient:
                     final = True
             await clock.sleep(delay)
             batch = await self._poll(batch_id, deadline, batch)
-            lifecycle.observe(batch.wire_status)
+            lifecycle.observe(batch.lifecycle_status)
         return batch
 
     @staticmethod

@@ -5,6 +5,28 @@ value, unknown fields (ignored), the untagged union of result lines (told apart 
 ``response``/``error`` and the HTTP status), strict scalar types (a string is never
 silently turned into a number).
 
+Provider quirks, absorbed here so that no caller ever sees them:
+
+* timestamps in milliseconds (Vertex AI, Bedrock and Cohere through Portkey) are told
+  apart by magnitude: a value of at least 10^11 is milliseconds (10^11 seconds is the
+  year 5138, 10^11 milliseconds is March 1973), and is floored to seconds;
+* timestamps as ISO-8601 strings (Azure's 2024 preview API versions), with any number
+  of fraction digits (Azure sends seven) and a ``Z`` or ``+hh:mm`` offset; a time with
+  no offset is read as UTC;
+* capitalised or CamelCase statuses (``"Validating"``, ``"InProgress"``), the American
+  spellings ``canceling`` / ``canceled``, and the statuses gateways pass through from
+  other providers (:data:`STATUS_ALIASES`), mapped onto the state machine with the
+  server's string kept in ``Batch.raw_status``; a string that maps to nothing decodes
+  as ``BatchStatus.UNKNOWN``, its string kept the same way;
+* null ``request_counts`` fields (Azure, while validating) read as 0, and a missing
+  or null ``completion_window`` as None (Vertex AI through Portkey);
+* error bodies that are not OpenAI's envelope: Portkey's ``{"status": "failure",
+  "message": ...}``, Azure API Management's ``{"statusCode": 401, "message": ...}``
+  and ``{"detail": ...}`` from small compatible servers (see :func:`parse_error_body`).
+
+The common OpenAI path pays for none of this: a timestamp that is a plain int below
+10^11 and a status that is a known wire string take the same single check as before.
+
 Two cattrs converters with the same hooks are kept: a fast one for the common path,
 and one with detailed validation that runs only after the fast one failed, to say
 exactly which field was wrong. Whatever goes wrong, callers see one
@@ -14,8 +36,11 @@ exactly which field was wrong. Whatever goes wrong, callers see one
 from __future__ import annotations
 
 import json
+import math
+import re
 import typing
 from collections.abc import Callable, Mapping
+from datetime import datetime, timezone
 from typing import Any, TypeVar
 
 import attrs
@@ -31,10 +56,13 @@ from cattrs.errors import (
 from ._lifecycle import KNOWN, BatchStatus
 from ._models import (
     Batch,
+    BatchErrors,
     BatchRequest,
     ErrorBody,
+    File,
     LineError,
     LineResponse,
+    RequestCounts,
     ResultError,
     ResultHTTPError,
     ResultLine,
@@ -43,11 +71,14 @@ from ._models import (
 from .errors import DecodeError, UnknownStatusError
 
 __all__ = [
+    "STATUS_ALIASES",
     "decode",
+    "decode_batch_output_line",
     "decode_json",
     "decode_result_line",
     "encode_create_batch",
     "encode_request_line",
+    "map_status",
     "parse_error_body",
     "structure",
     "to_wire",
@@ -88,26 +119,159 @@ def _strict_bool(value: Any, _: Any) -> bool:
     return value
 
 
+#: A timestamp at least this large is in milliseconds (see the module notes).
+_MS_THRESHOLD = 10**11
+
+_ISO_8601 = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:[.,]\d+)?"
+    r"\s*(?:([Zz])|([+-])(\d{2}):?(\d{2}))?"
+)
+
+
+def _timestamp(value: Any, _: Any) -> int:
+    """Unix seconds from seconds, milliseconds or an ISO-8601 string."""
+    if type(value) is int and value < _MS_THRESHOLD:  # OpenAI's case, first
+        return value
+    return _unusual_timestamp(value)
+
+
+def _unusual_timestamp(value: Any) -> int:
+    if isinstance(value, str):
+        return _iso_seconds(value)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(
+            f"expected a Unix timestamp or an ISO-8601 time, got {type(value).__name__} "
+            f"{value!r:.60}"
+        )
+    if isinstance(value, float) and not math.isfinite(value):
+        raise TypeError(f"expected a Unix timestamp, got {value!r}")
+    if abs(value) >= _MS_THRESHOLD:
+        return math.floor(value / 1000) if isinstance(value, float) else value // 1000
+    return math.floor(value)
+
+
+def _iso_seconds(text: str) -> int:
+    match = _ISO_8601.fullmatch(text.strip())
+    if match is None:
+        raise TypeError(f"expected a Unix timestamp or an ISO-8601 time, got {text!r:.60}")
+    year, month, day, hour, minute, second = (int(g) for g in match.groups()[:6])
+    try:
+        moment = datetime(year, month, day, hour, minute, second, tzinfo=timezone.utc)
+    except ValueError as exc:
+        raise TypeError(f"not a valid time: {text!r:.60} ({exc})") from None
+    offset = 0
+    sign = match.group(8)
+    if sign is not None:
+        offset = int(match.group(9)) * 3600 + int(match.group(10)) * 60
+        offset = -offset if sign == "-" else offset
+    return int(moment.timestamp()) - offset  # the fraction is dropped: floored
+
+
+def _optional_timestamp(value: Any, _: Any) -> int | None:
+    if value is None:
+        return None
+    if type(value) is int and value < _MS_THRESHOLD:
+        return value
+    return _unusual_timestamp(value)
+
+
+def _count(value: Any, tp: Any) -> int:
+    """A request count; null (Azure, while validating) is 0."""
+    if type(value) is int:
+        return value
+    if value is None:
+        return 0
+    return _strict_int(value, tp)
+
+
+def _object_tag(default: str) -> Callable[[Any, Any], str]:
+    """The ``object`` field of a model: the constant it is, whatever a compatible server
+    sent (null, nothing, or another tag: the endpoint said what the object is)."""
+
+    def hook(value: Any, _: Any) -> str:
+        return default
+
+    return hook
+
+
+#: Per-class field hooks for the provider quirks (see the module notes).
+_FIELD_HOOKS: dict[type, dict[str, Callable[[Any, Any], Any]]] = {
+    Batch: {
+        "created_at": _timestamp,
+        "object": _object_tag("batch"),
+        **dict.fromkeys(
+            (
+                "in_progress_at",
+                "expires_at",
+                "finalizing_at",
+                "completed_at",
+                "failed_at",
+                "expired_at",
+                "cancelling_at",
+                "cancelled_at",
+            ),
+            _optional_timestamp,
+        ),
+    },
+    File: {
+        "created_at": _timestamp,
+        "expires_at": _optional_timestamp,
+        "object": _object_tag("file"),
+    },
+    RequestCounts: {"total": _count, "completed": _count, "failed": _count},
+}
+
+
 def _status(value: Any, _: Any) -> BatchStatus:
-    if value is BatchStatus.UNKNOWN:  # set by _unknown_status below, with raw_status
+    if type(value) is BatchStatus:  # set by _normalise_batch below, with raw_status
         return value
     return BatchStatus.parse(value)
 
 
-#: Where an unknown status string is parked while a Batch is built (never a wire key).
+#: Where the server's status string is parked while a Batch is built (never a wire key).
 _RAW_STATUS_KEY = "\x00raw_status"
 
+_S = BatchStatus
 
-def _unknown_status(value: Any) -> Any:
-    """Turn an unknown status string into UNKNOWN, keeping the string in raw_status."""
-    if isinstance(value, dict):
-        status = value.get("status")
-        if isinstance(status, str) and status not in _KNOWN_VALUES:
-            return {**value, "status": BatchStatus.UNKNOWN, _RAW_STATUS_KEY: status}
-    return value
-
+#: Status strings (after CamelCase and capitals are folded to snake_case) that are not
+#: OpenAI's but mean one of its statuses. Bedrock's pass through Portkey snake-cased
+#: (reference/batch-api.md §3.5); the American spellings come from Anthropic-style
+#: servers. ``partially_completed`` is a finished batch with some failed requests:
+#: ``completed``, the failures in the error file. ``stopping`` / ``stopped`` are a
+#: cancel in progress / done (LiteLLM maps them the same way).
+STATUS_ALIASES: Mapping[str, BatchStatus] = {
+    "submitted": _S.VALIDATING,
+    "scheduled": _S.VALIDATING,
+    "stopping": _S.CANCELLING,
+    "stopped": _S.CANCELLED,
+    "partially_completed": _S.COMPLETED,
+    "canceling": _S.CANCELLING,
+    "canceled": _S.CANCELLED,
+}
 
 _KNOWN_VALUES = frozenset(s.value for s in KNOWN)
+_CAMEL_HUMP = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
+
+
+def map_status(text: str) -> BatchStatus:
+    """The status a provider's status string stands for; UNKNOWN when none."""
+    if text in _KNOWN_VALUES:
+        return _S(text)
+    key = _CAMEL_HUMP.sub("_", text.strip()).replace("-", "_").replace(" ", "_").lower()
+    if key in _KNOWN_VALUES:
+        return _S(key)
+    return STATUS_ALIASES.get(key, _S.UNKNOWN)
+
+
+def _normalise_batch(value: dict[str, Any]) -> dict[str, Any]:
+    """The slow path of a Batch body: map a foreign status (keeping the server's string
+    in raw_status) and fill in a missing completion_window."""
+    status = value.get("status")
+    if isinstance(status, str) and status not in _KNOWN_VALUES:
+        value = {**value, "status": map_status(status), _RAW_STATUS_KEY: status}
+    if "completion_window" not in value:
+        value = {**value, "completion_window": None}
+    return value
 
 
 def _is_homogeneous_tuple(tp: Any) -> bool:
@@ -171,12 +335,26 @@ def _make_converter(*, detailed: bool) -> cattrs.Converter:
     )
 
     def attrs_guard(tp: Any) -> Callable[[Any, Any], Any]:
+        overrides: dict[str, Any] = {
+            name: cattrs.gen.override(struct_hook=hook)
+            for name, hook in _FIELD_HOOKS.get(tp, {}).items()
+        }
         if tp is Batch:
-            renames = {"raw_status": cattrs.gen.override(rename=_RAW_STATUS_KEY)}
-            inner = cattrs.gen.make_dict_structure_fn(tp, conv, **renames)  # type: ignore[arg-type]
-        else:
-            inner = cattrs.gen.make_dict_structure_fn(tp, conv)
-        if not detailed and tp is not Batch:
+            overrides["raw_status"] = cattrs.gen.override(rename=_RAW_STATUS_KEY)
+        inner = cattrs.gen.make_dict_structure_fn(tp, conv, **overrides)
+        if tp is Batch:
+            known = _KNOWN_VALUES
+
+            def batch_hook(value: Any, _: Any) -> Any:
+                if not isinstance(value, dict):
+                    raise TypeError(f"expected an object, got {type(value).__name__}")
+                status = value.get("status")
+                if type(status) is str and status in known and "completion_window" in value:
+                    return inner(value)  # the common case: nothing to normalise
+                return inner(_normalise_batch(value))
+
+            return batch_hook
+        if not detailed:
             # A non-object fails inside the generated function (TypeError), and the
             # detailed converter then says what was wrong: no guard on the fast path.
             return inner
@@ -184,7 +362,7 @@ def _make_converter(*, detailed: bool) -> cattrs.Converter:
         def hook(value: Any, _: Any) -> Any:
             if not isinstance(value, dict):
                 raise TypeError(f"expected an object, got {type(value).__name__}")
-            return inner(_unknown_status(value) if tp is Batch else value)
+            return inner(value)
 
         return hook
 
@@ -332,8 +510,50 @@ def decode_result_line(line: bytes | str, *, what: str = "result line") -> Resul
     return structure(decode_json(line, what=what), ResultLine, what=what)  # type: ignore[arg-type]
 
 
+def decode_batch_output_line(
+    line: bytes | str, *, what: str = "batch output line"
+) -> ResultLine | BatchErrors:
+    """Parse one line of Portkey's ``GET /batches/{id}/output``.
+
+    The gateway streams the output file, except for a batch with no output file and
+    ``errors``: then it answers with the ``errors`` object itself, as JSON, and status
+    200 (reference/batch-api.md §3.2). That object (``{"object": "list", "data": [...]}``,
+    no ``custom_id``) is returned as :class:`BatchErrors`.
+    """
+    data = decode_json(line, what=what)
+    if isinstance(data, dict) and "custom_id" not in data and isinstance(data.get("data"), list):
+        return structure(data, BatchErrors, what=what)
+    return structure(data, ResultLine, what=what)  # type: ignore[arg-type]
+
+
+def _text(value: Any) -> str | None:
+    """A field of an error envelope as text: strings as they are, numbers (Azure sends
+    ``"code": 401`` as often as ``"401"``) as their digits, anything else dropped."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
 def parse_error_body(data: Any) -> ErrorBody | None:
-    """Read OpenAI's ``{"error": {...}}`` envelope; None when the body has another shape."""
+    """Read an error body's message (and type, code, param when it has them).
+
+    The shapes understood, in order:
+
+    * OpenAI's ``{"error": {"message", "type", "param", "code"}}`` (Azure's is the same
+      with fewer keys, ``{"error": {"code": "401", "message": ...}}``; Portkey's wrapped
+      provider errors add a top-level ``"provider"``);
+    * ``{"error": "text"}``;
+    * Portkey's gateway failures ``{"status": "failure", "message": ...}`` (500 from the
+      batches handler, 401 for a bad Portkey key), read with ``type`` ``"failure"``;
+    * Azure API Management's ``{"statusCode": 401, "message": ...}``, its status as the
+      ``code``;
+    * ``{"detail": "text"}`` from small compatible servers (FastAPI's default).
+
+    Returns:
+        The envelope, or None when the body has none of these shapes.
+    """
     if not isinstance(data, dict):
         return None
     inner = data.get("error")
@@ -341,9 +561,22 @@ def parse_error_body(data: Any) -> ErrorBody | None:
         try:
             return _FAST.structure(inner, ErrorBody)
         except Exception:
-            return ErrorBody(message=inner["message"])
+            return ErrorBody(
+                message=inner["message"],
+                type=_text(inner.get("type")),
+                param=_text(inner.get("param")),
+                code=_text(inner.get("code")),
+            )
     if isinstance(inner, str):
         return ErrorBody(message=inner)
+    message = data.get("message")
+    if isinstance(message, str):
+        if data.get("status") == "failure":
+            return ErrorBody(message=message, type="failure")
+        return ErrorBody(message=message, code=_text(data.get("statusCode", data.get("code"))))
+    detail = data.get("detail")
+    if isinstance(detail, str):
+        return ErrorBody(message=detail)
     return None
 
 

@@ -33,6 +33,7 @@ from .errors import InvalidTransitionError, UnexpectedTransitionError, UnknownSt
 __all__ = [
     "ACTIVE",
     "KNOWN",
+    "MEANINGS",
     "REACHABLE",
     "TERMINAL",
     "TRANSITIONS",
@@ -70,6 +71,11 @@ class BatchStatus(str, enum.Enum):
         """Whether the batch can never change again."""
         return self in TERMINAL
 
+    @property
+    def meaning(self) -> str:
+        """What the status means for the batch and its requests (see :data:`MEANINGS`)."""
+        return MEANINGS[self]
+
     @classmethod
     def parse(cls, value: object) -> BatchStatus:
         """Return the status for a wire string.
@@ -105,6 +111,37 @@ TERMINAL: frozenset[BatchStatus] = frozenset(
         _S.BATCH_START_FAILED,
     }
 )
+
+#: What each status means, in one sentence: the table behind :attr:`BatchStatus.meaning`
+#: and :attr:`Batch.outcome <aiobatch.Batch.outcome>`.
+#:
+#: ``file_upload_failed`` and ``batch_start_failed`` come from Portkey-managed batching
+#: only (Portkey holds the file and submits the job to the provider itself,
+#: reference/batch-api.md §3.3). Both are terminal and end the batch before any request
+#: ran: there is no output and nothing was billed, and the same input can be submitted
+#: again in a new batch.
+MEANINGS: Mapping[BatchStatus, str] = {
+    _S.VALIDATING: "the input file is being validated; no request has run yet",
+    _S.FAILED: "the input failed validation (see errors); no request ran",
+    _S.IN_PROGRESS: "the requests are running",
+    _S.FINALIZING: "every request is done; the result files are being written",
+    _S.COMPLETED: ("finished: successes are in the output file, failed requests in the error file"),
+    _S.EXPIRED: (
+        "the completion window ended first: finished requests are in the output file, "
+        "the rest in the error file as batch_expired"
+    ),
+    _S.CANCELLING: "a cancel was accepted; requests in flight are draining",
+    _S.CANCELLED: ("cancelled: requests that finished are in the output file, the rest never ran"),
+    _S.FILE_UPLOAD_FAILED: (
+        "Portkey validated the input but could not upload it to the provider; no request "
+        "ran and nothing was billed: submit the input again"
+    ),
+    _S.BATCH_START_FAILED: (
+        "Portkey uploaded the input but the provider refused to start the batch job; no "
+        "request ran and nothing was billed: submit the input again"
+    ),
+    _S.UNKNOWN: "a status this version of aiobatch does not know (see Batch.raw_status)",
+}
 
 #: Every status of the machine (all but UNKNOWN).
 KNOWN: frozenset[BatchStatus] = frozenset(_BY_VALUE.values())

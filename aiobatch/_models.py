@@ -1,8 +1,9 @@
 """Frozen wire models for the Batch and Files APIs.
 
 These classes hold data only; they never parse. Every wire quirk (nulls, unknown
-fields, the shape of result lines) lives in :mod:`aiobatch._convert`. Timestamps are
-integer Unix seconds, as OpenAI sends them.
+fields, the shape of result lines, the millisecond and ISO-8601 timestamps and the
+capitalised or foreign statuses some providers send) lives in :mod:`aiobatch._convert`.
+Timestamps are integer Unix seconds, whatever the provider sent.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any, Literal
 
 import attrs
 
-from ._lifecycle import TERMINAL, BatchStatus
+from ._lifecycle import MEANINGS, TERMINAL, BatchStatus
 
 __all__ = [
     "Batch",
@@ -97,7 +98,8 @@ class Batch:
     id: str
     endpoint: str
     input_file_id: str
-    completion_window: str
+    #: ``"24h"``; None when the server did not say (Vertex AI through Portkey sends null).
+    completion_window: str | None
     status: BatchStatus
     created_at: int
     object: Literal["batch"] = "batch"
@@ -116,8 +118,11 @@ class Batch:
     request_counts: RequestCounts | None = None
     usage: BatchUsage | None = None
     metadata: Mapping[str, str] | None = None
-    #: The status string exactly as the server sent it, when ``status`` does not say it
-    #: (``status`` is then :attr:`BatchStatus.UNKNOWN`); None otherwise.
+    #: The status string exactly as the server sent it, when it is not ``status.value``:
+    #: a provider's spelling mapped onto the state machine (``"Validating"``,
+    #: ``"InProgress"``, ``"submitted"``, ``"stopped"``, ``"partially_completed"``...), or
+    #: a string aiobatch does not know (``status`` is then :attr:`BatchStatus.UNKNOWN`);
+    #: None when the server sent ``status.value`` itself.
     raw_status: str | None = None
 
     @property
@@ -129,6 +134,34 @@ class Batch:
     def wire_status(self) -> str:
         """The status string as the server sent it."""
         return self.raw_status if self.raw_status is not None else self.status.value
+
+    @property
+    def lifecycle_status(self) -> BatchStatus | str:
+        """What to hand :meth:`BatchLifecycle.observe <aiobatch.BatchLifecycle.observe>`:
+        ``status``, or the server's string when it is UNKNOWN (so that observing it
+        raises an :class:`~aiobatch.errors.UnknownStatusError` that names it)."""
+        status = self.status
+        if status is BatchStatus.UNKNOWN and self.raw_status is not None:
+            return self.raw_status
+        return status
+
+    @property
+    def outcome(self) -> str:
+        """What the batch's status means, in one sentence, with the server's first error
+        message when there is one (``failed``, Portkey's ``file_upload_failed`` and
+        ``batch_start_failed``). The meanings are :data:`aiobatch.MEANINGS`."""
+        text = MEANINGS[self.status]
+        if self.raw_status is not None and self.status is not BatchStatus.UNKNOWN:
+            text = f"{text} (the server said {self.raw_status!r})"
+        elif self.status is BatchStatus.UNKNOWN:
+            text = f"{text}: {self.raw_status!r}"
+        errors = self.errors.data if self.errors is not None else ()
+        if errors and errors[0].message:
+            first = errors[0]
+            code = f"{first.code}: " if first.code else ""
+            more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+            text = f"{text}; {code}{first.message}{more}"
+        return text
 
 
 @attrs.frozen

@@ -29,6 +29,14 @@ repr ever contains an API key.
     ├── AmbiguousCreateError           a create may or may not have made a batch: look its
     │                                  ``create_key`` up later (never re-sent blindly)
     ├── LookupIncompleteError          a create-key lookup could not prove the batch absent
+    ├── FileProcessingError            an uploaded file ended in ``error`` instead of ``processed``
+    │   └── FileWaitTimeoutError       ... or was still not ``processed`` at the deadline
+    │                                  (also a builtin TimeoutError)
+    ├── NoOutputError                  the batch has no output to stream (Portkey's ``/output``
+    │                                  answered with the batch's errors instead)
+    ├── UnsupportedError               the provider has no such endpoint (the caller's fault)
+    ├── ConfigurationError             bad provider settings: unknown name, missing endpoint or
+    │                                  key (the caller's fault; also a builtin ValueError)
     └── ClosedError                    the client was used after it was closed (the caller's fault)
 """
 
@@ -44,11 +52,15 @@ __all__ = [
     "AuthenticationError",
     "BadRequestError",
     "ClosedError",
+    "ConfigurationError",
     "ConflictError",
     "ConnectError",
     "DecodeError",
+    "FileProcessingError",
+    "FileWaitTimeoutError",
     "InvalidTransitionError",
     "LookupIncompleteError",
+    "NoOutputError",
     "NotFoundError",
     "PermissionDeniedError",
     "RateLimitError",
@@ -59,6 +71,7 @@ __all__ = [
     "UnexpectedTransitionError",
     "UnknownStatusError",
     "UnprocessableEntityError",
+    "UnsupportedError",
     "WaitTimeoutError",
     "status_error_class",
 ]
@@ -285,6 +298,57 @@ class LookupIncompleteError(AiobatchError):
         super().__init__(message)
         self.create_key = create_key
         self.reason = reason
+
+
+class FileProcessingError(AiobatchError):
+    """An uploaded file did not become usable: the server marked it ``error`` (or it was
+    deleted) instead of ``processed``, so no batch can be made from it.
+
+    Attributes:
+        file_id: the file.
+        status: the file's last status (``error``, ``pending``...).
+        status_details: the server's explanation, when it gave one.
+    """
+
+    def __init__(
+        self, message: str, *, file_id: str, status: str | None, status_details: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.file_id = file_id
+        self.status = status
+        self.status_details = status_details
+
+
+class FileWaitTimeoutError(FileProcessingError, TimeoutError):
+    """An uploaded file was still not ``processed`` when the wait for it ran out of time."""
+
+
+class NoOutputError(AiobatchError):
+    """A batch has no output to stream.
+
+    Portkey's ``GET /batches/{id}/output`` answers a batch without an output file with
+    the batch's ``errors`` object instead of JSONL: the batch failed validation.
+
+    Attributes:
+        batch_id: the batch.
+        errors: the batch's :class:`~aiobatch.BatchErrors`, when the server sent them.
+    """
+
+    def __init__(self, message: str, *, batch_id: str, errors: Any = None) -> None:
+        super().__init__(message)
+        self.batch_id = batch_id
+        self.errors = errors
+
+
+class UnsupportedError(AiobatchError):
+    """The provider has no such endpoint (e.g. Portkey's ``/batches/{id}/output`` asked of
+    OpenAI); nothing was sent. The caller's fault."""
+
+
+class ConfigurationError(AiobatchError, ValueError):
+    """A provider cannot be built from what it was given: an unknown provider name, a
+    missing Azure endpoint or key, a Portkey key without a provider or config... The
+    message says what is missing and where it is read from. The caller's fault."""
 
 
 class ClosedError(AiobatchError):

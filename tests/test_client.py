@@ -856,7 +856,7 @@ async def test_lookup_ignores_other_batches_with_unknown_statuses(
         if request.method == "GET" and request.url.endswith("/batches"):
             body = json.loads(await response.read())
             if body["data"]:
-                body["data"][-1] = {**body["data"][-1], "status": "scheduled"}
+                body["data"][-1] = {**body["data"][-1], "status": "frobnicating"}
             return Response(200, response.headers, json.dumps(body).encode())
         return response
 
@@ -867,7 +867,7 @@ async def test_lookup_ignores_other_batches_with_unknown_statuses(
     assert (listed[-1].id, listed[-1].status, listed[-1].raw_status) == (
         older.id,
         BatchStatus.UNKNOWN,
-        "scheduled",
+        "frobnicating",
     )
     service.faults.add(Fault.drop(after=True, method="POST", path="/batches"))
     async with clock.auto_advance():
@@ -1087,12 +1087,12 @@ async def test_wait_raises_for_an_unknown_status_naming_it(
 
     client = make_client(service, clock, transport=InMemoryTransport(handler, clock=clock))
     batch = await new_batch(client)
-    rename.append("scheduled")
+    rename.append("frobnicating")
     async with clock.auto_advance():
         with pytest.raises(UnknownStatusError) as info:
             await client.wait(batch, poll_interval=1.0)
-        assert info.value.value == "scheduled"
-        with pytest.raises(UnknownStatusError, match="scheduled"):
+        assert info.value.value == "frobnicating"
+        with pytest.raises(UnknownStatusError, match="frobnicating"):
             await client.wait(batch.id)
 
 

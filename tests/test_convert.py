@@ -210,13 +210,13 @@ def test_decode_error_names_the_field(body: dict[str, Any], path: str) -> None:
 
 def test_unknown_status_decodes_and_keeps_the_servers_string() -> None:
     """An unknown status decodes as UNKNOWN with the original kept, and encodes back."""
-    batch = decode(json.dumps(_batch(status="scheduled")), Batch)
+    batch = decode(json.dumps(_batch(status="frobnicating")), Batch)
     assert batch.status is BatchStatus.UNKNOWN
-    assert batch.raw_status == "scheduled"
-    assert batch.wire_status == "scheduled"
+    assert batch.raw_status == "frobnicating"
+    assert batch.wire_status == "frobnicating"
     assert not batch.is_terminal
     wire = to_wire(batch)
-    assert wire["status"] == "scheduled"
+    assert wire["status"] == "frobnicating"
     assert "raw_status" not in wire
 
 
@@ -230,10 +230,10 @@ def test_known_status_has_no_raw_status_and_servers_cannot_set_it() -> None:
 
 def test_one_unknown_status_does_not_break_a_list_page() -> None:
     """A page with one batch in an unknown status decodes; that batch is marked UNKNOWN."""
-    page = {"data": [_batch(), _batch(id="batch_2", status="stopping")], "has_more": False}
+    page = {"data": [_batch(), _batch(id="batch_2", status="JOB_STATE_X")], "has_more": False}
     decoded = decode(json.dumps(page), BatchPage)
     assert [b.status for b in decoded.data] == [BatchStatus.VALIDATING, BatchStatus.UNKNOWN]
-    assert decoded.data[1].raw_status == "stopping"
+    assert decoded.data[1].raw_status == "JOB_STATE_X"
 
 
 def test_a_non_string_status_is_a_typed_error_with_its_path() -> None:
@@ -352,7 +352,8 @@ def test_error_envelope_is_unwrapped() -> None:
         {"error": {"message": "nope", "type": "invalid_request_error", "param": None, "code": "x"}}
     )
     assert body is not None and (body.message, body.code) == ("nope", "x")
-    assert parse_error_body({"status": "failure", "message": "Something went wrong"}) is None
+    assert parse_error_body({"status": "failure", "detail": 5}) is None
+    assert parse_error_body({"unrelated": True}) is None
     assert parse_error_body("text") is None
 
 

@@ -32,6 +32,11 @@ def test_public_classes_are_reachable_from_their_package() -> None:
     assert aiobatch.transport.AiohttpTransport.__name__ == "AiohttpTransport"
     assert aiobatch.testing.FakeBatchService.__name__ == "FakeBatchService"
     assert issubclass(aiobatch.errors.RateLimitError, aiobatch.errors.APIStatusError)
+    for provider in ("OpenAIProvider", "PortkeyProvider", "AzureOpenAIProvider"):
+        assert provider in aiobatch.__all__
+    assert "CompatibleProvider" in aiobatch.__all__
+    assert "FakeDialect" in aiobatch.testing.__all__
+    assert issubclass(aiobatch.errors.ConfigurationError, ValueError)
 
 
 def test_package_ships_py_typed() -> None:

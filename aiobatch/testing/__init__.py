@@ -2,16 +2,20 @@
 
 :class:`FakeBatchService` is an in-memory OpenAI-compatible Batch and Files API with a
 simulated lifecycle on an injected clock (:class:`VirtualClock` in tests), a pluggable
-:data:`Responder` for the results, and :class:`Fault` injection. :func:`make_app` and
-:func:`run_fake_server` serve it over real HTTP; :func:`set_retry_testing` makes every
-retry wait zero.
+:data:`Responder` for the results, :class:`Fault` injection, an optional
+server-side :class:`RateLimit`, and a :class:`FakeDialect` per provider (OpenAI,
+Portkey, Azure OpenAI: their headers, paths, error shapes and quirks).
+:func:`make_app` and :func:`run_fake_server` serve it over real HTTP;
+:func:`set_retry_testing` makes every retry wait zero.
 """
 
 from .._retry import set_retry_testing
 from ._app import make_app, run_fake_server
 from ._clock import VirtualClock
 from ._config import FakeConfig, LineErrorRule
+from ._dialects import DIALECT_NAMES, FakeDialect
 from ._faults import Fault, FaultKind, FaultPlan, FiredFault
+from ._ratelimit import Admission, RateLimit, RateLimiter
 from ._requests import chat_requests
 from ._responder import (
     DefaultResponder,
@@ -23,14 +27,19 @@ from ._responder import (
 from ._service import FakeBatchService, RecordedRequest
 
 __all__ = [
+    "Admission",
+    "DIALECT_NAMES",
     "DefaultResponder",
     "FakeBatchService",
     "FakeConfig",
+    "FakeDialect",
     "Fault",
     "FaultKind",
     "FaultPlan",
     "FiredFault",
     "LineErrorRule",
+    "RateLimit",
+    "RateLimiter",
     "RecordedRequest",
     "Responder",
     "ResponderResult",

@@ -9,6 +9,8 @@ from typing import Any
 
 import attrs
 
+from ._ratelimit import RateLimit
+
 __all__ = ["FakeConfig", "LineErrorRule"]
 
 
@@ -92,9 +94,24 @@ class FakeConfig:
     batch still running ``completion_window_seconds`` after creation expires. A cancel
     holds the batch in ``cancelling`` for ``cancel_seconds``.
 
+    ``processing_seconds`` gives each batch its own speed: when set, a batch that goes
+    ``in_progress`` with ``n`` lines spends ``processing_seconds(batch_id, n)`` seconds
+    there (its lines evenly spread over that time), whatever ``lines_per_second`` says.
+    Batch ids are seeded, so a hook such as ``lambda batch_id, lines:
+    random.Random(batch_id).uniform(60, 7200)`` makes batches finish at random times
+    that are the same on every run.
+
+    ``rate_limit`` makes the service refuse requests beyond a rate with ``429`` (see
+    :class:`~aiobatch.testing.RateLimit`).
+
     Attributes:
         validation_seconds: time in ``validating``.
         lines_per_second: processing speed in ``in_progress``.
+        processing_seconds: ``(batch_id, lines) -> seconds`` in ``in_progress`` for
+            that batch, overriding ``lines_per_second``; called once per batch, when it
+            starts processing. ``0`` finishes every line at once, ``math.inf`` never
+            finishes one; a negative or NaN answer is a ``ValueError``. None (the
+            default): every batch runs at ``lines_per_second``.
         finalizing_seconds: time in ``finalizing``.
         cancel_seconds: time in ``cancelling``.
         completion_window_seconds: time from creation to expiry (``expires_at``);
@@ -120,6 +137,8 @@ class FakeConfig:
         chunk_size: bytes per chunk of a streamed file download.
         request_log_size: how many requests :attr:`FakeBatchService.requests` keeps
             (oldest dropped first); None keeps all.
+        rate_limit: a token-bucket limit on the requests the service receives
+            (``429`` beyond it); None (the default) is unlimited.
     """
 
     validation_seconds: float = attrs.field(default=1.0, validator=_non_negative)
@@ -140,3 +159,5 @@ class FakeConfig:
     output_file_expiry_seconds: int = attrs.field(default=2_592_000, validator=_positive)
     chunk_size: int = attrs.field(default=64 * 1024, validator=_positive)
     request_log_size: int | None = 100_000
+    processing_seconds: Callable[[str, int], float] | None = None
+    rate_limit: RateLimit | None = None

@@ -7,10 +7,11 @@ validation, end of processing, expiry, end of finalizing, end of cancelling), ke
 one heap for the whole service. Before answering a request the service fires, in time
 order, every event due by the clock's ``now()``; between events a batch's progress is
 a pure function of time (line *i* of an ``in_progress`` batch is done ``(i + 1) /
-lines_per_second`` after ``in_progress_at``). Firing in global time order keeps the
-batches consistent with each other (the enqueued-token limit sees exactly the
-batches running at that instant), and ``now`` never moves backwards, so no status,
-count or timestamp ever does.
+rate`` after ``in_progress_at``, where ``rate`` is ``lines_per_second`` or the batch's
+own speed from ``processing_seconds``, fixed when it starts processing). Firing in
+global time order keeps the batches consistent with each other (the enqueued-token
+limit sees exactly the batches running at that instant), and ``now`` never moves
+backwards, so no status, count or timestamp ever does.
 
 Line results come from the responder the first time they are needed (an observed
 count, a cancel, the end of processing) and are cached, so a line's answer never
@@ -110,6 +111,8 @@ class BatchRecord:
     created_at: float
     expires_at: float
     forced_error: BatchError | None = None
+    #: the terminal status a forced error ends the batch in (Portkey has two of its own).
+    forced_status: BatchStatus = _S.FAILED
     status: BatchStatus = _S.VALIDATING
     model: str | None = None
     in_progress_at: float | None = None
@@ -125,6 +128,9 @@ class BatchRecord:
     #: lines processed when processing stopped early (cancel, expiry); None otherwise.
     stop_at: int | None = None
     total: int = 0
+    #: lines per second in ``in_progress``, fixed when the batch starts processing
+    #: (``config.lines_per_second``, or from ``config.processing_seconds``); 0 = never.
+    rate: float = 0.0
     completed: int = 0
     failed: int = 0
     input_tokens: int = 0
@@ -174,9 +180,20 @@ class Engine:
     """Files and batches of one fake service, advanced lazily on ``clock``."""
 
     def __init__(
-        self, *, clock: Clock, config: FakeConfig, responder: Responder, seed: int
+        self,
+        *,
+        clock: Clock,
+        config: FakeConfig,
+        responder: Responder,
+        seed: int,
+        expire_batches: bool = True,
+        empty_error_file: bool = False,
     ) -> None:
         self.clock = clock
+        #: whether unfinished batches expire at ``expires_at`` (Azure's do not).
+        self.expire_batches = expire_batches
+        #: whether a batch with no failed line still gets an (empty) error file (Azure).
+        self.empty_error_file = empty_error_file
         self.config = config
         self.responder = responder
         self.seed = seed
@@ -192,7 +209,7 @@ class Engine:
         self._tick = itertools.count()
         self._enqueued: dict[str, int] = defaultdict(int)
         self._last_now = -math.inf
-        self.forced: deque[BatchError] = deque()
+        self.forced: deque[tuple[BatchError, BatchStatus]] = deque()
         #: batch id -> the status string its answers report instead of the real one.
         self.status_overrides: dict[str, str] = {}
 
@@ -280,8 +297,9 @@ class Engine:
             input_content=input_file.content,
             created_at=now,
             expires_at=now + self.config.completion_window_seconds,
-            forced_error=self.forced.popleft() if self.forced else None,
         )
+        if self.forced:
+            record.forced_error, record.forced_status = self.forced.popleft()
         self.batches[record.id] = record
         self.batch_index[record.id] = len(self.batch_order)
         self.batch_order.append(record.id)
@@ -372,7 +390,7 @@ class Engine:
 
     def _processing_end(self, record: BatchRecord) -> float:
         assert record.in_progress_at is not None
-        rate = self.config.lines_per_second
+        rate = record.rate
         if rate <= 0:
             return math.inf
         return record.in_progress_at + record.total / rate
@@ -380,9 +398,9 @@ class Engine:
     def _next_event(self, record: BatchRecord) -> float | None:
         status = record.status
         if status is _S.VALIDATING:
-            return min(record.created_at + self.config.validation_seconds, record.expires_at)
+            return min(record.created_at + self.config.validation_seconds, self._expiry(record))
         if status is _S.IN_PROGRESS:
-            return min(self._processing_end(record), record.expires_at)
+            return min(self._processing_end(record), self._expiry(record))
         if status is _S.FINALIZING:
             assert record.finalizing_at is not None
             return record.finalizing_at + self.config.finalizing_seconds
@@ -390,6 +408,10 @@ class Engine:
             assert record.cancelling_at is not None
             return record.cancelling_at + self.config.cancel_seconds
         return None
+
+    def _expiry(self, record: BatchRecord) -> float:
+        """When an unfinished batch expires: ``expires_at``, or never (Azure)."""
+        return record.expires_at if self.expire_batches else math.inf
 
     def _schedule(self, record: BatchRecord) -> None:
         record.version += 1
@@ -400,12 +422,12 @@ class Engine:
     async def _fire(self, record: BatchRecord, when: float) -> None:
         status = record.status
         if status is _S.VALIDATING:
-            if record.created_at + self.config.validation_seconds < record.expires_at:
+            if record.created_at + self.config.validation_seconds < self._expiry(record):
                 self._validate(record, when)
             else:
                 await self._stop_early(record, when, _S.EXPIRED)
         elif status is _S.IN_PROGRESS:
-            if self._processing_end(record) < record.expires_at:
+            if self._processing_end(record) < self._expiry(record):
                 await self._ensure(record, record.total)
                 record.status = _S.FINALIZING
                 record.finalizing_at = when
@@ -429,7 +451,7 @@ class Engine:
 
     def _validate(self, record: BatchRecord, when: float) -> None:
         if record.forced_error is not None:
-            self._fail(record, when, (record.forced_error,))
+            self._fail(record, when, (record.forced_error,), status=record.forced_status)
             return
         parsed = self._parse(record)
         if parsed.errors:
@@ -453,11 +475,34 @@ class Engine:
         record.in_progress_at = when
         record.requests = parsed.requests
         record.total = len(parsed.requests)
+        record.rate = self._rate(record)
         record.model = model
         record.input_content = b""
 
-    def _fail(self, record: BatchRecord, when: float, errors: tuple[BatchError, ...]) -> None:
-        record.status = _S.FAILED
+    def _rate(self, record: BatchRecord) -> float:
+        """The processing speed of a batch that starts ``in_progress`` now."""
+        hook = self.config.processing_seconds
+        if hook is None:
+            return self.config.lines_per_second
+        seconds = float(hook(record.id, record.total))
+        if not seconds >= 0:
+            raise ValueError(
+                f"processing_seconds({record.id!r}, {record.total}) must be >= 0 "
+                f"(math.inf: never finishes), got {seconds!r}"
+            )
+        if seconds == 0 or record.total == 0:
+            return math.inf
+        return record.total / seconds
+
+    def _fail(
+        self,
+        record: BatchRecord,
+        when: float,
+        errors: tuple[BatchError, ...],
+        *,
+        status: BatchStatus = _S.FAILED,
+    ) -> None:
+        record.status = status
         record.failed_at = when
         record.errors = errors
         record.input_content = b""
@@ -467,9 +512,11 @@ class Engine:
             return record.stop_at
         if record.status is _S.IN_PROGRESS:
             assert record.in_progress_at is not None
-            rate = self.config.lines_per_second
+            rate = record.rate
             if rate <= 0 or when <= record.in_progress_at:
                 return 0
+            if rate == math.inf:
+                return record.total
             return min(record.total, int((when - record.in_progress_at) * rate + 1e-9))
         if record.status is _S.FINALIZING:
             return record.total
@@ -478,7 +525,7 @@ class Engine:
     def _line_time(self, record: BatchRecord, index: int) -> float:
         """When line ``index`` finished processing."""
         start = record.in_progress_at
-        rate = self.config.lines_per_second
+        rate = record.rate
         if start is None or rate <= 0:
             return record.created_at
         return start + (index + 1) / rate
@@ -583,7 +630,7 @@ class Engine:
     def _result_file(
         self, record: BatchRecord, kind: str, lines: list[tuple[str, bytes]], when: float
     ) -> str | None:
-        if not lines:
+        if not lines and not (kind == "error" and self.empty_error_file):
             return None
         if self.config.shuffle_output:
             lines.sort(key=lambda item: item[0])

@@ -40,6 +40,19 @@ class FaultKind(str, enum.Enum):
     SLOW = "slow"
     #: Process the request, then answer 200 with the body cut in half (invalid JSON).
     MALFORMED = "malformed"
+    #: Not an injected fault: the service's rate limit (``FakeConfig.rate_limit``)
+    #: answered 429 and the request had no effect. Only seen in
+    #: :attr:`RecordedRequest.fault <aiobatch.testing.RecordedRequest.fault>`; a
+    #: :class:`Fault` cannot have this kind.
+    RATE_LIMITED = "rate_limited"
+
+
+def _injectable(_: object, attribute: attrs.Attribute[Any], value: FaultKind) -> None:
+    if value is FaultKind.RATE_LIMITED:
+        raise ValueError(
+            "FaultKind.RATE_LIMITED marks requests refused by FakeConfig.rate_limit; "
+            "inject a 429 with Fault.http(429, ...) instead"
+        )
 
 
 def _upper(method: str | None) -> str | None:
@@ -93,7 +106,7 @@ class Fault:
         message: the error message of an ``HTTP`` fault (a default when None).
     """
 
-    kind: FaultKind
+    kind: FaultKind = attrs.field(validator=_injectable)
     method: str | None = attrs.field(default=None, converter=_upper)
     path: str = attrs.field(default="*", converter=_normalise_path)
     times: int | None = attrs.field(default=1, validator=_times)

@@ -29,12 +29,15 @@ import attrs
 
 from .._clock import Clock, SystemClock
 from .._convert import to_wire
-from .._models import Batch, BatchError, BatchPage, File, FileDeleted, FilePage
+from .._lifecycle import BatchStatus
+from .._models import Batch, BatchError, BatchErrors, BatchPage, FileDeleted, FilePage
 from ..errors import TransportError
 from ..transport import InMemoryTransport, Multipart, Request, Response
 from ._config import FakeConfig
+from ._dialects import FakeDialect
 from ._engine import BatchRecord, CancelRefused, Engine, FileRecord
 from ._faults import Fault, FaultKind, FaultPlan
+from ._ratelimit import RateLimiter
 from ._responder import DefaultResponder, Responder
 from ._validate import ENDPOINTS
 from ._wire import error_envelope, http_error_body, json_bytes
@@ -54,10 +57,17 @@ UPLOAD_PURPOSES: tuple[str, ...] = (
 _MIN_EXPIRY, _MAX_EXPIRY = 3600, 2_592_000
 _METADATA_PAIRS, _METADATA_KEY, _METADATA_VALUE = 16, 64, 512
 
-_NO_KEY = (
-    "You didn't provide an API key. You need to provide your API key in an Authorization "
-    "header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
-)
+#: The statuses :meth:`FakeBatchService.fail_next_batches` can end a batch in, and the
+#: default message of each Portkey-only one.
+_FORCED_STATUSES: dict[BatchStatus, str | None] = {
+    BatchStatus.FAILED: None,
+    BatchStatus.FILE_UPLOAD_FAILED: (
+        "The input file was validated, but uploading it to the provider failed."
+    ),
+    BatchStatus.BATCH_START_FAILED: (
+        "The input file was uploaded to the provider, but starting the batch job failed."
+    ),
+}
 
 
 @attrs.frozen
@@ -116,20 +126,16 @@ def _not_found(message: str, *, param: str | None = None, code: str | None = Non
 
 
 def _route(url: str) -> tuple[str, dict[str, str]]:
-    """The path after the last ``/v1`` segment, and the query of ``url``."""
+    """The path after the last ``/v1`` segment (or after ``/openai``, Azure's paths
+    without ``/v1``), and the query of ``url``."""
     parts = urlsplit(url)
     segments = [unquote(s) for s in parts.path.split("/") if s]
     if "v1" in segments:
         cut = len(segments) - 1 - segments[::-1].index("v1")
         segments = segments[cut + 1 :]
+    elif segments and segments[0] == "openai":
+        segments = segments[1:]
     return "/" + "/".join(segments), dict(parse_qsl(parts.query))
-
-
-def _mask(key: str) -> str:
-    """Show a key as OpenAI does in errors: never the whole key."""
-    if len(key) < 12:
-        return "*" * len(key)
-    return f"{key[:3]}{'*' * (len(key) - 7)}{key[-4:]}"
 
 
 def _int_param(params: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
@@ -256,10 +262,14 @@ class FakeBatchService:
         config: timings, limits and per-line errors (see :class:`FakeConfig`).
         responder: answers each request line (see :data:`Responder`); defaults to
             :class:`DefaultResponder` on this service's clock.
-        api_key: when set, only ``Authorization: Bearer <api_key>`` is accepted;
-            when None, any bearer token is. (``api-key`` and ``x-portkey-api-key``
-            headers are accepted in place of the bearer token.)
+        api_key: when set, only this key is accepted (in the header the dialect
+            requires); when None, any key is. (The ``openai`` dialect also takes it in
+            an ``api-key`` or ``x-portkey-api-key`` header.)
         seed: seeds ids, fault probabilities and the ``ratio`` of line-error rules.
+        dialect: which provider the service plays: ``"openai"`` (the default),
+            ``"portkey"``, ``"azure"``, or a :class:`FakeDialect` with its switches
+            (ms or ISO timestamps, capitalised statuses...): the headers required,
+            the paths, the error shapes and the provider's quirks.
 
     Attributes:
         clock: the service's clock.
@@ -276,6 +286,7 @@ class FakeBatchService:
         responder: Responder | None = None,
         api_key: str | None = None,
         seed: int = 0,
+        dialect: str | FakeDialect = "openai",
     ) -> None:
         self.clock: Clock = clock if clock is not None else SystemClock()
         self.config: FakeConfig = config if config is not None else FakeConfig()
@@ -283,12 +294,21 @@ class FakeBatchService:
             responder if responder is not None else DefaultResponder(clock=self.clock)
         )
         self._api_key = api_key
+        self.dialect: FakeDialect = FakeDialect.of(dialect)
         self.faults: FaultPlan = FaultPlan(seed=seed)
         self._engine = Engine(
-            clock=self.clock, config=self.config, responder=self.responder, seed=seed
+            clock=self.clock,
+            config=self.config,
+            responder=self.responder,
+            seed=seed,
+            expire_batches=self.dialect.batches_expire,
+            empty_error_file=self.dialect.empty_error_file,
         )
         self._request_ids = random.Random(f"{seed}/request-ids")
         self._log: deque[RecordedRequest] = deque(maxlen=self.config.request_log_size)
+        self.rate_limiter = RateLimiter(
+            self.config.rate_limit, organization=self.config.organization
+        )
 
     def __repr__(self) -> str:
         engine = self._engine
@@ -387,23 +407,47 @@ class FakeBatchService:
         message: str | None = None,
         param: str | None = None,
         line: int | None = None,
+        status: str = "failed",
     ) -> None:
         """Make the next ``count`` created batches fail validation with ``code``.
 
-        The create call still succeeds; the batch goes ``failed`` at the end of
-        ``validating`` with ``errors.data == [{code, message, param, line}]``.
+        The create call still succeeds; the batch goes ``failed`` (or ``status``) at
+        the end of ``validating`` with ``errors.data == [{code, message, param, line}]``
+        and ``failed_at`` set.
 
         Args:
             code: the error code (``token_limit_exceeded``, ``invalid_json_line``...).
             count: how many batches.
-            message: the message; a default for the code when None.
+            message: the message; a default for the code (or the status) when None.
             param: the ``param`` of the error.
             line: the ``line`` of the error.
+            status: the terminal status: ``failed``, or in the ``portkey`` dialect
+                Portkey's own ``file_upload_failed`` / ``batch_start_failed`` (the
+                gateway could not upload the input to the provider / start the job).
+
+        Raises:
+            ValueError: a status other than these, or a Portkey status in another
+                dialect.
         """
+        try:
+            forced = BatchStatus(status)
+        except ValueError:
+            forced = BatchStatus.UNKNOWN
+        if forced not in _FORCED_STATUSES:
+            allowed = ", ".join(repr(s.value) for s in _FORCED_STATUSES)
+            raise ValueError(f"status must be one of {allowed}, got {status!r}")
+        if forced is not BatchStatus.FAILED and self.dialect.name != "portkey":
+            raise ValueError(
+                f"{status!r} is a Portkey status: use FakeBatchService(dialect='portkey') "
+                f"(this one plays {self.dialect.name!r})"
+            )
         engine = self._engine
-        text = message if message is not None else engine.default_forced_message(code)
+        text = message
+        if text is None:
+            text = _FORCED_STATUSES[forced] or engine.default_forced_message(code)
         for _ in range(count):
-            engine.forced.append(BatchError(code=code, message=text, param=param, line=line))
+            error = BatchError(code=code, message=text, param=param, line=line)
+            engine.forced.append((error, forced))
 
     def override_status(self, batch_id: str, status: str | None) -> None:
         """Make a batch report ``status`` in every answer, whatever its real state.
@@ -460,6 +504,11 @@ class FakeBatchService:
         ``act_after_delay`` holds it back first; :attr:`requests` records each request
         once it has been processed (with its arrival time).
 
+        With ``config.rate_limit`` set, :attr:`rate_limiter` checks each request first,
+        before fault injection: one beyond the limit is answered ``429`` at once, with no
+        effect (recorded with ``fault=FaultKind.RATE_LIMITED``); every answer the limit
+        covers carries the ``x-ratelimit-*`` headers.
+
         Args:
             request: the request; its URL path is routed on what follows the last
                 ``/v1`` segment.
@@ -475,6 +524,12 @@ class FakeBatchService:
         params = {**query, **request.params}
         request_id = f"req_{self._request_ids.getrandbits(128):032x}"
         at = self.clock.now()
+        admission = self.rate_limiter.admit(method, path, at)
+        if admission is not None and not admission.allowed:
+            limited = FaultKind.RATE_LIMITED
+            self._log.append(RecordedRequest(method, path, params, 429, request_id, limited, at))
+            headers = {**_json_headers(request_id), **admission.headers}
+            return self._respond(_Answer(429, headers, json_bytes(admission.body)))
         fault = self.faults.take(method, path)
         kind = fault.kind if fault is not None else None
         delay = fault.delay if fault is not None else 0.0
@@ -509,6 +564,8 @@ class FakeBatchService:
                 method=method,
                 url=request.url,
             )
+        if admission is not None:
+            answer.headers.update(admission.headers)
         return self._respond(answer)
 
     def _respond(self, answer: _Answer) -> Response:
@@ -535,36 +592,23 @@ class FakeBatchService:
         body = http_error_body(fault.status, message=fault.message)
         return _Answer(fault.status, headers, json_bytes(body))
 
-    def _check_auth(self, request: Request) -> None:
-        """Raise a 401 reply unless the request carries an accepted key."""
-        headers = request.headers
-        scheme, _, value = headers.get("authorization", "").partition(" ")
-        if scheme.lower() == "bearer" and value.strip():
-            token: str | None = value.strip()
-        else:
-            token = headers.get("api-key") or headers.get("x-portkey-api-key") or None
-        if token is None:
-            raise _Reply(401, error_envelope(_NO_KEY))
-        if self._api_key is not None and token != self._api_key:
-            message = (
-                f"Incorrect API key provided: {_mask(token)}. You can find your API key at "
-                "https://platform.openai.com/account/api-keys."
-            )
-            raise _Reply(401, error_envelope(message, code="invalid_api_key"))
-
     async def _dispatch(
         self, method: str, path: str, params: Mapping[str, str], request: Request, request_id: str
     ) -> _Answer:
         parts = path.strip("/").split("/")
         engine = self._engine
+        dialect = self.dialect
+        # Credentials and the URL's shape first, in the dialect's own error shapes.
+        refused = dialect.check(request.url, params, request.headers, self._api_key)
+        if refused is not None:
+            return self._json(refused[0], refused[1], request_id)
         try:
-            self._check_auth(request)
             async with engine.lock:
                 now = engine.now()
                 await engine.advance(now)
                 result = await self._route(method, parts, params, request, now)
         except _Reply as reply:
-            return self._json(reply.status, reply.body, request_id)
+            return self._json(reply.status, dialect.wrap_error(reply.body), request_id)
         if isinstance(result, bytes):
             headers = {"content-type": "application/octet-stream", "x-request-id": request_id}
             return _Answer(200, headers, result, stream=True)
@@ -586,7 +630,7 @@ class FakeBatchService:
             if count == 1 and method == "GET":
                 return self._list_files(params, now)
             if count == 2 and method == "GET":
-                return to_wire(self._file(parts[1], now).model())
+                return self._file_wire(self._file(parts[1], now), now)
             if count == 2 and method == "DELETE":
                 file = self._file(parts[1], now)
                 self._engine.delete_file(file)
@@ -599,7 +643,7 @@ class FakeBatchService:
             if count == 1 and method == "GET":
                 return await self._list_batches(params, now)
             if count == 2 and method == "GET":
-                return await self._engine.snapshot_wire(self._batch(parts[1]), now)
+                return await self._batch_wire(self._batch(parts[1]), now)
             if count == 3 and parts[2] == "cancel" and method == "POST":
                 record = self._batch(parts[1])
                 try:
@@ -609,8 +653,42 @@ class FakeBatchService:
                         f"Cannot cancel batch {record.id}: it has already finished with "
                         f"status '{refused.status.value}'."
                     ) from None
-                return await self._engine.snapshot_wire(record, now)
+                return await self._batch_wire(record, now)
+            if (
+                count == 3
+                and parts[2] == "output"
+                and method == "GET"
+                and self.dialect.batch_output_endpoint
+            ):
+                return await self._batch_output(self._batch(parts[1]), now)
         raise _not_found(f"Invalid URL ({method} /v1/{'/'.join(parts)})")
+
+    async def _batch_wire(self, record: BatchRecord, now: float) -> dict[str, Any]:
+        """A batch's JSON now, as the dialect sends it."""
+        return self.dialect.batch_wire(await self._engine.snapshot_wire(record, now))
+
+    def _file_wire(self, record: FileRecord, now: float) -> dict[str, Any]:
+        """A file's JSON now, as the dialect sends it (``pending`` at first on Azure)."""
+        wire: dict[str, Any] = to_wire(record.model())
+        return self.dialect.file_wire(wire, pending=self._pending(record, now))
+
+    def _pending(self, record: FileRecord, now: float) -> bool:
+        wait = self.dialect.file_pending_seconds
+        return wait > 0 and record.purpose == "batch" and now < record.created_at + wait
+
+    async def _batch_output(self, record: BatchRecord, now: float) -> Any:
+        """Portkey's ``GET /batches/{id}/output``: the output file's content; the batch's
+        ``errors`` as JSON when it has no output file but errors (as the gateway does);
+        otherwise the provider's 404 for the missing file, wrapped by the gateway (it
+        asks the provider for the content of a null file id)."""
+        await self._engine.snapshot(record, now)
+        if record.output_file_id is not None:
+            output = self._engine.get_file(record.output_file_id, now)
+            if output is not None:
+                return output.content
+        elif record.errors:
+            return to_wire(BatchErrors(data=record.errors))
+        raise _not_found(f"No such File object: {record.output_file_id}", param="id")
 
     # -- files ------------------------------------------------------------------------------
 
@@ -676,7 +754,7 @@ class FakeBatchService:
             now=now,
             expires_at=expires_at,
         )
-        return to_wire(record.model())  # type: ignore[no-any-return]
+        return self._file_wire(record, now)
 
     def _list_files(self, params: Mapping[str, str], now: float) -> Any:
         limit = _int_param(params, "limit", 10_000, 1, 10_000)
@@ -698,7 +776,7 @@ class FakeBatchService:
             indices = range(cursor + 1, len(ids)) if order == "asc" else range(cursor - 1, -1, -1)
         else:
             indices = range(len(ids)) if order == "asc" else range(len(ids) - 1, -1, -1)
-        page: list[File] = []
+        page: list[FileRecord] = []
         has_more = False
         for index in indices:
             record = engine.get_file(ids[index], now)
@@ -707,15 +785,17 @@ class FakeBatchService:
             if len(page) == limit:
                 has_more = True
                 break
-            page.append(record.model())
-        return to_wire(
+            page.append(record)
+        wire = to_wire(
             FilePage(
-                data=tuple(page),
+                data=(),
                 has_more=has_more,
                 first_id=page[0].id if page else None,
                 last_id=page[-1].id if page else None,
             )
         )
+        wire["data"] = [self._file_wire(record, now) for record in page]
+        return wire
 
     # -- batches ----------------------------------------------------------------------------
 
@@ -765,6 +845,14 @@ class FakeBatchService:
                 "needs a file uploaded with purpose 'batch'.",
                 param="input_file_id",
             )
+        if self._pending(input_file, now):
+            # Azure's wording for this is not documented; the status code and the
+            # parameter are what a client can rely on.
+            raise _bad(
+                f"The input file {input_file_id} is not ready: its status is 'pending'. "
+                "Wait until it is 'processed' before creating a batch.",
+                param="input_file_id",
+            )
         record = self._engine.create_batch(
             endpoint=endpoint,
             input_file=input_file,
@@ -773,7 +861,7 @@ class FakeBatchService:
             output_expiry_seconds=output_expiry,
             now=now,
         )
-        return await self._engine.snapshot_wire(record, now)
+        return await self._batch_wire(record, now)
 
     async def _list_batches(self, params: Mapping[str, str], now: float) -> Any:
         limit = _int_param(params, "limit", 20, 1, 100)
@@ -787,7 +875,7 @@ class FakeBatchService:
             start = len(engine.batch_order) - 1
         stop = max(-1, start - limit)
         records = [engine.batches[engine.batch_order[i]] for i in range(start, stop, -1)]
-        data = [await engine.snapshot_wire(record, now) for record in records]
+        data = [await self._batch_wire(record, now) for record in records]
         # The envelope comes from the converter; the items are the cached wire forms.
         page = to_wire(
             BatchPage(
