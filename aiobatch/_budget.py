@@ -30,7 +30,8 @@ class RequestBudget:
     """At most ``burst`` requests at once and ``rate`` requests per second on average.
 
     Over any span of ``t`` seconds the budget grants at most ``burst + rate * t``
-    requests. Waiters are served first come, first served.
+    requests (``t`` measured to the microsecond: a wait shorter than that is none).
+    Waiters are served first come, first served.
 
     Args:
         rate: requests per second (> 0).

@@ -97,7 +97,7 @@ def assert_within_budget(times: list[float], rate: float, burst: int) -> None:
     times = sorted(times)
     for i in range(len(times)):
         for j in range(i, len(times)):
-            allowed = burst + rate * (times[j] - times[i]) + 1e-6
+            allowed = burst + rate * (times[j] - times[i] + 1e-5) + 1e-9
             assert j - i + 1 <= allowed, (i, j, times[i], times[j])
 
 
