@@ -3,7 +3,7 @@
 Every quirk of the wire lives here and nowhere else: nulls where the schema says a
 value, unknown fields (ignored), the untagged union of result lines (told apart by
 ``response``/``error`` and the HTTP status), strict scalar types (a string is never
-silently turned into a number).
+silently turned into a number, except a request count of digits, below).
 
 Provider quirks, absorbed here so that no caller ever sees them:
 
@@ -18,8 +18,11 @@ Provider quirks, absorbed here so that no caller ever sees them:
   other providers (:data:`STATUS_ALIASES`), mapped onto the state machine with the
   server's string kept in ``Batch.raw_status``; a string that maps to nothing decodes
   as ``BatchStatus.UNKNOWN``, its string kept the same way;
-* null ``request_counts`` fields (Azure, while validating) read as 0, and a missing
-  or null ``completion_window`` as None (Vertex AI through Portkey);
+* null ``request_counts`` fields (Azure, while validating) read as 0, and digit
+  strings there (Vertex AI's int64 counts through Portkey) as their numbers; a
+  missing or null ``completion_window`` (Vertex AI through Portkey) or ``endpoint``
+  (Bedrock through Portkey) as None; a numeric ``errors.data[].code`` (Vertex AI's
+  ``google.rpc.Status``) as its digits;
 * error bodies that are not OpenAI's envelope: Portkey's ``{"status": "failure",
   "message": ...}``, Azure API Management's ``{"statusCode": 401, "message": ...}``
   and ``{"detail": ...}`` from small compatible servers (see :func:`parse_error_body`).
@@ -56,6 +59,7 @@ from cattrs.errors import (
 from ._lifecycle import KNOWN, BatchStatus
 from ._models import (
     Batch,
+    BatchError,
     BatchErrors,
     BatchRequest,
     ErrorBody,
@@ -176,12 +180,25 @@ def _optional_timestamp(value: Any, _: Any) -> int | None:
 
 
 def _count(value: Any, tp: Any) -> int:
-    """A request count; null (Azure, while validating) is 0."""
+    """A request count; null (Azure, while validating) is 0, and a string of digits
+    (Vertex AI's int64 counts, which Portkey passes on as JSON strings) is its number."""
     if type(value) is int:
         return value
     if value is None:
         return 0
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        return int(value)
     return _strict_int(value, tp)
+
+
+def _error_code(value: Any, tp: Any) -> str | None:
+    """A batch error's code: a string, or a number as its digits (Vertex AI's
+    ``google.rpc.Status`` code, passed on by Portkey as ``errors.data[]``)."""
+    if value is None or type(value) is str:
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return _strict_str(value, tp)
 
 
 def _object_tag(default: str) -> Callable[[Any, Any], str]:
@@ -219,6 +236,7 @@ _FIELD_HOOKS: dict[type, dict[str, Callable[[Any, Any], Any]]] = {
         "object": _object_tag("file"),
     },
     RequestCounts: {"total": _count, "completed": _count, "failed": _count},
+    BatchError: {"code": _error_code},
 }
 
 
@@ -265,13 +283,19 @@ def map_status(text: str) -> BatchStatus:
 
 def _normalise_batch(value: dict[str, Any]) -> dict[str, Any]:
     """The slow path of a Batch body: map a foreign status (keeping the server's string
-    in raw_status) and fill in a missing completion_window."""
+    in raw_status) and fill in a missing completion_window or endpoint (Bedrock batches
+    through Portkey carry neither)."""
     status = value.get("status")
     if isinstance(status, str) and status not in _KNOWN_VALUES:
         value = {**value, "status": map_status(status), _RAW_STATUS_KEY: status}
-    if "completion_window" not in value:
-        value = {**value, "completion_window": None}
+    for name in _OPTIONAL_BATCH_KEYS:
+        if name not in value:
+            value = {**value, name: None}
     return value
+
+
+#: Batch fields with no default that some servers leave out (read as None).
+_OPTIONAL_BATCH_KEYS = ("completion_window", "endpoint")
 
 
 def _is_homogeneous_tuple(tp: Any) -> bool:
@@ -349,7 +373,12 @@ def _make_converter(*, detailed: bool) -> cattrs.Converter:
                 if not isinstance(value, dict):
                     raise TypeError(f"expected an object, got {type(value).__name__}")
                 status = value.get("status")
-                if type(status) is str and status in known and "completion_window" in value:
+                if (
+                    type(status) is str
+                    and status in known
+                    and "completion_window" in value
+                    and "endpoint" in value
+                ):
                     return inner(value)  # the common case: nothing to normalise
                 return inner(_normalise_batch(value))
 

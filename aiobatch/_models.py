@@ -96,7 +96,9 @@ class Batch:
     """A snapshot of one batch, as the server reported it."""
 
     id: str
-    endpoint: str
+    #: The batch's endpoint (``/v1/chat/completions``); None when the server did not say
+    #: (Bedrock batches through Portkey carry none).
+    endpoint: str | None
     input_file_id: str
     #: ``"24h"``; None when the server did not say (Vertex AI through Portkey sends null).
     completion_window: str | None

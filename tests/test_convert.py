@@ -190,13 +190,13 @@ def _batch(**over: Any) -> dict[str, Any]:
     [
         (_batch(created_at="yesterday"), "$.created_at"),
         (
-            _batch(request_counts={"total": 1, "completed": "1", "failed": 0}),
+            _batch(request_counts={"total": 1, "completed": "one", "failed": 0}),
             "$.request_counts.completed",
         ),
         (_batch(errors={"object": "list", "data": {"code": "x"}}), "$.errors.data"),
         (_batch(metadata={"k": 1}), "$.metadata"),
         (_batch(created_at=True), "$.created_at"),
-        ({k: v for k, v in _batch().items() if k != "endpoint"}, "$.endpoint"),
+        ({k: v for k, v in _batch().items() if k != "input_file_id"}, "$.input_file_id"),
     ],
 )
 def test_decode_error_names_the_field(body: dict[str, Any], path: str) -> None:

@@ -452,3 +452,63 @@ async def test_readme_providers_example_runs(monkeypatch: pytest.MonkeyPatch) ->
     ]
     for client in clients:
         await client.aclose()
+
+
+# --- batches other providers' shapes reach us in, through Portkey ------------------------------
+
+
+def test_bedrock_batch_through_portkey_without_endpoint_or_window_decodes() -> None:
+    """Portkey's Bedrock retrieve sends no endpoint, window or counts: they decode as None."""
+    body = {
+        "id": "arn%3Aaws%3Abedrock%3Aus-east-1%3A1%3Amodel-invocation-job%2Fj1",
+        "object": "batch",
+        "created_at": T0 * 1000,
+        "status": "partially_completed",
+        "input_file_id": "s3%3A%2F%2Fb%2Fin.jsonl",
+        "output_file_id": "s3%3A%2F%2Fb%2Fout%2F",
+        "finalizing_at": None,
+        "expires_at": (T0 + 86_400) * 1000,
+        "errors": {"object": "list", "data": [{"code": "failed", "message": "3 records failed"}]},
+        "failed_at": T0 * 1000,
+    }
+    batch = decode(json.dumps(body), Batch)
+    assert (batch.endpoint, batch.completion_window, batch.request_counts) == (None, None, None)
+    assert (batch.status, batch.raw_status, batch.created_at) == (
+        S.COMPLETED,
+        "partially_completed",
+        T0,
+    )
+    assert batch.is_terminal and "3 records failed" in batch.outcome
+
+
+def test_vertex_batch_through_portkey_with_string_counts_and_an_rpc_error_decodes() -> None:
+    """Vertex's int64 counts arrive as digit strings and its error code as an int."""
+    body = _batch(
+        status="failed",
+        completion_window=None,
+        request_counts={"total": 5, "completed": "3", "failed": "2"},
+        errors={"object": "list", "data": [{"code": 3, "message": "bad input", "details": []}]},
+    )
+    batch = decode(json.dumps(body), Batch)
+    assert batch.request_counts is not None
+    assert (batch.request_counts.total, batch.request_counts.completed) == (5, 3)
+    assert batch.request_counts.failed == 2
+    assert batch.errors is not None and batch.errors.data[0].code == "3"
+    assert batch.outcome.endswith("3: bad input")
+
+
+@pytest.mark.parametrize(
+    ("counts", "path"),
+    [
+        ({"total": "3x", "completed": 0, "failed": 0}, "$.request_counts.total"),
+        ({"total": 1, "completed": "-1", "failed": 0}, "$.request_counts.completed"),
+        ({"total": 1, "completed": 0, "failed": 1.5}, "$.request_counts.failed"),
+    ],
+)
+def test_counts_that_are_not_whole_numbers_still_name_the_field(
+    counts: dict[str, Any], path: str
+) -> None:
+    """Only digit strings are read as counts; anything else is a DecodeError at the field."""
+    with pytest.raises(DecodeError) as info:
+        decode(json.dumps(_batch(request_counts=counts)), Batch)
+    assert info.value.path == path
