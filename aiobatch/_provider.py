@@ -362,13 +362,45 @@ class OpenAIProvider:
         return headers
 
 
-def _portkey_config(value: str | Mapping[str, Any] | None) -> str | None:
-    """A Portkey config: a saved config's id (``pc-...``) or the config itself as JSON."""
+def _portkey_config(value: str | Secret | Mapping[str, Any] | None) -> str | Secret | None:
+    """A Portkey config: a saved config's id (``pc-...``, kept as a str), or the config
+    itself (a mapping or JSON text), kept as a :class:`Secret`: an inline config may
+    hold the upstream providers' keys (``"api_key"``, ``"aws_secret_access_key"``...)."""
     if value is None:
         return None
+    if isinstance(value, Secret):
+        value = value.reveal()
     if isinstance(value, Mapping):
-        return json.dumps(dict(value), separators=(",", ":"))
-    return value.strip() or None
+        return Secret(json.dumps(dict(value), separators=(",", ":")))
+    text = value.strip()
+    if text.startswith(("{", "[")):
+        return Secret(text)
+    return text or None
+
+
+#: Names of config fields whose string values are credentials (masked in errors).
+_CREDENTIAL_FIELD = re.compile(r"key|token|secret|password|credential|authori[sz]ation", re.I)
+
+
+def _config_secrets(config: Secret) -> tuple[Secret, ...]:
+    """The credentials inside an inline Portkey config: every string under a field whose
+    name says it is one (at any depth), so that an error echoing one shows it masked."""
+    try:
+        data = json.loads(config.reveal())
+    except ValueError:
+        return ()
+    found: list[Secret] = []
+    todo: list[tuple[Any, bool]] = [(data, False)]
+    while todo:
+        node, credential = todo.pop()
+        if isinstance(node, dict):
+            for name, value in node.items():
+                todo.append((value, credential or bool(_CREDENTIAL_FIELD.search(str(name)))))
+        elif isinstance(node, list):
+            todo.extend((value, credential) for value in node)
+        elif credential and isinstance(node, str) and node:
+            found.append(Secret(node))
+    return tuple(found)
 
 
 @attrs.frozen(kw_only=True)
@@ -388,6 +420,8 @@ class PortkeyProvider:
         api_key: the Portkey API key (required).
         provider: ``x-portkey-provider``: a provider name or an ``@slug``.
         config: ``x-portkey-config``: a config id, or a config (a mapping or JSON text).
+            A config given inline is kept as a :class:`Secret` (it may hold provider
+            keys): never shown, and every credential in it masked in errors.
         provider_api_key: the upstream provider's key, sent as ``Authorization:
             Bearer``; only with a plain provider name (an ``@slug`` or a config carries
             its own credentials).
@@ -406,7 +440,7 @@ class PortkeyProvider:
 
     api_key: Secret = attrs.field(converter=_to_secret)
     provider: str | None = None
-    config: str | None = attrs.field(default=None, converter=_portkey_config)
+    config: str | Secret | None = attrs.field(default=None, converter=_portkey_config)
     provider_api_key: Secret | None = attrs.field(default=None, converter=_to_secret)
     base_url: str = attrs.field(default=PORTKEY_BASE_URL, converter=_strip_slash)
     limits: Limits = OPENAI_LIMITS
@@ -437,7 +471,7 @@ class PortkeyProvider:
         *,
         api_key: str | Secret | None = None,
         provider: str | None = None,
-        config: str | Mapping[str, Any] | None = None,
+        config: str | Secret | Mapping[str, Any] | None = None,
         provider_api_key: str | Secret | None = None,
         base_url: str | None = None,
         limits: Limits | None = None,
@@ -472,8 +506,12 @@ class PortkeyProvider:
 
     @property
     def secrets(self) -> tuple[Secret, ...]:
-        """The Portkey key and the provider key."""
-        return tuple(s for s in (self.api_key, self.provider_api_key) if s)
+        """The Portkey key, the provider key, and an inline config with the credentials
+        in it."""
+        found = [s for s in (self.api_key, self.provider_api_key) if s]
+        if isinstance(self.config, Secret):
+            found += [self.config, *_config_secrets(self.config)]
+        return tuple(found)
 
     def url(self, path: str) -> str:
         """The absolute URL of an API path such as ``/batches/batch_1``."""
@@ -488,8 +526,9 @@ class PortkeyProvider:
         headers = _Headers({"x-portkey-api-key": self.api_key.reveal()})
         if self.provider:
             headers["x-portkey-provider"] = self.provider
-        if self.config:
-            headers["x-portkey-config"] = self.config
+        config = self.config
+        if config:
+            headers["x-portkey-config"] = config.reveal() if isinstance(config, Secret) else config
         if self.provider_api_key:
             headers["authorization"] = f"Bearer {self.provider_api_key.reveal()}"
         return headers

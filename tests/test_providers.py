@@ -32,7 +32,13 @@ from aiobatch import (
     provider_from_env,
 )
 from aiobatch._convert import decode, decode_batch_output_line, parse_error_body
-from aiobatch.errors import ConfigurationError, DecodeError, UnknownStatusError
+from aiobatch.errors import (
+    AuthenticationError,
+    ConfigurationError,
+    DecodeError,
+    UnknownStatusError,
+)
+from aiobatch.transport import InMemoryTransport, Request, Response
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
 
@@ -512,3 +518,47 @@ def test_counts_that_are_not_whole_numbers_still_name_the_field(
     with pytest.raises(DecodeError) as info:
         decode(json.dumps(_batch(request_counts=counts)), Batch)
     assert info.value.path == path
+
+
+# --- a Portkey config given inline holds credentials ---------------------------------------
+
+_UPSTREAM = "sk-upstream-inline-0123456789"
+_AWS = "aws-secret-inline-9876543210"
+_INLINE = {
+    "strategy": {"mode": "fallback"},
+    "targets": [
+        {"provider": "openai", "api_key": _UPSTREAM},
+        {"provider": "bedrock", "aws_secret_access_key": _AWS, "aws_region": "us-east-1"},
+    ],
+}
+
+
+@pytest.mark.parametrize("config", [_INLINE, json.dumps(_INLINE)], ids=["mapping", "json"])
+def test_an_inline_portkey_config_never_shows_its_credentials(config: Any) -> None:
+    """An inline config's keys stay out of repr, str and asdict; a config id stays visible."""
+    provider = PortkeyProvider(api_key="pk-hidden-123", config=config)
+    texts = [repr(provider), str(provider), repr(attrs.asdict(provider))]
+    texts.append(repr(provider.headers()))
+    for text in texts:
+        assert _UPSTREAM not in text and _AWS not in text
+    sent = json.loads(provider.headers()["x-portkey-config"])
+    assert sent == _INLINE
+    assert {_UPSTREAM, _AWS} <= {s.reveal() for s in provider.secrets}
+    by_id = PortkeyProvider(api_key="pk-hidden-123", config="pc-abc-123")
+    assert by_id.config == "pc-abc-123" and "pc-abc-123" in repr(by_id)
+
+
+async def test_an_upstream_key_from_an_inline_config_echoed_in_an_error_is_masked() -> None:
+    """A gateway error echoing a key from the inline config shows it masked."""
+
+    async def echo(request: Request) -> Response:
+        message = f"openai error: Incorrect API key provided: {_UPSTREAM}"
+        body = {"error": {"message": message, "type": None}, "provider": "openai"}
+        return Response(401, {}, json.dumps(body).encode())
+
+    provider = PortkeyProvider(api_key="pk-hidden-123", config=_INLINE, base_url="http://gw/v1")
+    client = BatchClient(provider=provider, transport=InMemoryTransport(echo))
+    with pytest.raises(AuthenticationError) as info:
+        await client.retrieve_batch("batch_1")
+    assert _UPSTREAM not in str(info.value) and _UPSTREAM not in repr(info.value.body)
+    assert "***" in str(info.value)
