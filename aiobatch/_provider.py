@@ -164,7 +164,21 @@ class _Headers(dict[str, str]):
 
 
 def _strip_slash(value: str) -> str:
-    return value.rstrip("/")
+    """A base URL without blanks around it (a value read from a file or the environment
+    often ends in a newline) or a trailing slash."""
+    return value.strip().rstrip("/")
+
+
+def _optional_text(value: str | None) -> str | None:
+    """A header value without blanks around it (a newline would be refused by the
+    transport); None for an empty one."""
+    if value is None:
+        return None
+    return value.strip() or None
+
+
+def _api_version(value: str) -> str:
+    return value.strip() if isinstance(value, str) else value
 
 
 @attrs.frozen
@@ -299,8 +313,8 @@ class OpenAIProvider:
 
     api_key: Secret | None = attrs.field(default=None, converter=_to_secret)
     base_url: str = attrs.field(default=DEFAULT_BASE_URL, converter=_strip_slash)
-    organization: str | None = None
-    project: str | None = None
+    organization: str | None = attrs.field(default=None, converter=_optional_text)
+    project: str | None = attrs.field(default=None, converter=_optional_text)
     limits: Limits = OPENAI_LIMITS
 
     @property
@@ -584,7 +598,7 @@ class AzureOpenAIProvider:
     endpoint: str = attrs.field(converter=_azure_endpoint)
     api_key: Secret | None = attrs.field(default=None, converter=_to_secret)
     ad_token: Secret | None = attrs.field(default=None, converter=_to_secret)
-    api_version: str = AZURE_API_VERSION_V1
+    api_version: str = attrs.field(default=AZURE_API_VERSION_V1, converter=_api_version)
     limits: Limits = AZURE_LIMITS
 
     def __attrs_post_init__(self) -> None:

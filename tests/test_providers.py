@@ -562,3 +562,48 @@ async def test_an_upstream_key_from_an_inline_config_echoed_in_an_error_is_maske
         await client.retrieve_batch("batch_1")
     assert _UPSTREAM not in str(info.value) and _UPSTREAM not in repr(info.value.body)
     assert "***" in str(info.value)
+
+
+# --- settings read from the environment carry stray whitespace -------------------------------
+
+
+def test_whitespace_around_urls_versions_and_ids_from_the_environment_is_dropped() -> None:
+    """A value from a .env file or a mounted secret often ends in a newline: it is dropped."""
+    openai = provider_from_env(
+        "openai",
+        environ={
+            "OPENAI_API_KEY": "sk-a\n",
+            "OPENAI_BASE_URL": " http://h/v1/\n",
+            "OPENAI_ORG_ID": "org-1\n",
+            "OPENAI_PROJECT_ID": " proj_1 ",
+        },
+    )
+    assert openai.url("/batches") == "http://h/v1/batches"
+    assert dict(openai.headers()) == {
+        "authorization": "Bearer sk-a",
+        "openai-organization": "org-1",
+        "openai-project": "proj_1",
+    }
+    compatible = provider_from_env("compatible", environ={"OPENAI_BASE_URL": "http://h/v1/\n"})
+    assert compatible.base_url == "http://h/v1"
+    portkey = provider_from_env(
+        "portkey",
+        environ={
+            "PORTKEY_API_KEY": "pk",
+            "PORTKEY_PROVIDER": "@x",
+            "PORTKEY_BASE_URL": "http://localhost:8787/v1\n",
+        },
+    )
+    assert portkey.base_url == "http://localhost:8787/v1"
+    azure = provider_from_env(
+        "azure",
+        environ={
+            "AZURE_OPENAI_ENDPOINT": "https://r.openai.azure.com/\n",
+            "AZURE_OPENAI_API_KEY": "k\n",
+            "OPENAI_API_VERSION": "2024-10-21\n",
+        },
+    )
+    assert isinstance(azure, AzureOpenAIProvider)
+    assert azure.api_version == "2024-10-21"
+    assert dict(azure.params()) == {"api-version": "2024-10-21"}
+    assert OpenAIProvider(organization=" \n").headers() == {}
