@@ -555,6 +555,10 @@ _API_VERSION = re.compile(r"\d{4}-\d{2}-\d{2}(-preview)?|v1|preview|latest")
 _V1_VERSIONS = frozenset({AZURE_API_VERSION_V1, "preview", "latest"})
 
 
+#: An Azure endpoint: a scheme and a host, and maybe a path (an API Management gateway's).
+_AZURE_ENDPOINT = re.compile(r"https?://[^/?#\s]+(/[^?#\s]*)?")
+
+
 def _azure_endpoint(value: str) -> str:
     return value.strip().rstrip("/")
 
@@ -576,8 +580,10 @@ class AzureOpenAIProvider:
     error file yields no lines. A file may hold 100,000 requests.
 
     Args:
-        endpoint: the resource's root, ``https://<resource>.openai.azure.com`` (no
-            ``/openai``).
+        endpoint: the resource's root, ``https://<resource>.openai.azure.com``, or an
+            API Management gateway's URL with its path. A trailing ``/openai`` or
+            ``/openai/v1`` (as Azure's docs show the v1 API's base URL) is dropped: the
+            paths add it.
         api_key: sent as ``api-key``.
         ad_token: an Entra ID (Azure AD) bearer token, sent as ``Authorization:
             Bearer``, instead of ``api_key``. It is fixed for the provider's life:
@@ -586,7 +592,8 @@ class AzureOpenAIProvider:
         limits: how big one batch may be (default 100,000 lines, 200 MB).
 
     Raises:
-        ConfigurationError: no endpoint, an endpoint that is not a resource root, no
+        ConfigurationError: no endpoint, an endpoint that is not an http(s) URL or
+            has a query, one ending in ``/openai/v1`` with a dated api_version, no
             credential or two, or an api_version that is not one.
     """
 
@@ -608,16 +615,17 @@ class AzureOpenAIProvider:
                 "Azure OpenAI needs the resource endpoint, https://<resource>.openai.azure.com "
                 "(pass endpoint, or set AZURE_OPENAI_ENDPOINT)"
             )
-        if not re.match(r"https?://[^/]+$", endpoint):
+        if not _AZURE_ENDPOINT.fullmatch(endpoint):
             raise ConfigurationError(
                 "the Azure endpoint must be the resource root, such as "
-                f"https://<resource>.openai.azure.com, without a path; got {endpoint!r}"
+                "https://<resource>.openai.azure.com (a gateway's path may follow it), "
+                f"without a query; got {endpoint!r}"
             )
         if bool(self.api_key) == bool(self.ad_token):
             raise ConfigurationError(
                 "Azure OpenAI needs exactly one credential: api_key (or "
-                "AZURE_OPENAI_API_KEY) or ad_token (an Entra ID token), "
-                + ("not both" if self.api_key else "and got neither")
+                "AZURE_OPENAI_API_KEY) or ad_token (an Entra ID token, or "
+                "AZURE_OPENAI_AD_TOKEN), " + ("not both" if self.api_key else "and got neither")
             )
         if not isinstance(self.api_version, str) or not _API_VERSION.fullmatch(self.api_version):
             raise ConfigurationError(
@@ -625,6 +633,20 @@ class AzureOpenAIProvider:
                 f"'2024-10-21' or '2025-04-01-preview' (OPENAI_API_VERSION); got "
                 f"{self.api_version!r}"
             )
+        # An endpoint copied with the API's own prefix on it (the v1 API's base URL,
+        # https://<resource>.openai.azure.com/openai/v1/, is what Azure's docs show):
+        # keep the root, the paths add the prefix back.
+        lowered = endpoint.lower()
+        if lowered.endswith("/openai/v1"):
+            if not self.v1:
+                raise ConfigurationError(
+                    f"the Azure endpoint {endpoint!r} names the v1 API (/openai/v1) but "
+                    f"api_version is {self.api_version!r}: drop /openai/v1 from the endpoint "
+                    "for a dated version, or use api_version='v1'"
+                )
+            object.__setattr__(self, "endpoint", endpoint[: -len("/openai/v1")])
+        elif lowered.endswith("/openai"):
+            object.__setattr__(self, "endpoint", endpoint[: -len("/openai")])
 
     @classmethod
     def from_env(
@@ -639,16 +661,21 @@ class AzureOpenAIProvider:
     ) -> AzureOpenAIProvider:
         """Build a provider, taking what is not given from the environment.
 
-        ``AZURE_OPENAI_ENDPOINT``, ``AZURE_OPENAI_API_KEY`` (not read when ``ad_token``
-        is given) and ``OPENAI_API_VERSION`` (default ``v1``), as the official SDK
-        reads them.
+        ``AZURE_OPENAI_ENDPOINT``, ``AZURE_OPENAI_API_KEY`` or, when it is not set,
+        ``AZURE_OPENAI_AD_TOKEN`` (neither is read when ``api_key`` or ``ad_token`` is
+        given) and ``OPENAI_API_VERSION`` (default ``v1``), as the official SDK reads
+        them.
 
         Raises:
             ConfigurationError: see the class.
         """
         env = _env(environ)
         if api_key is None and ad_token is None:
-            api_key = env.get("AZURE_OPENAI_API_KEY") or None
+            env_key = env.get("AZURE_OPENAI_API_KEY", "").strip()
+            if env_key:
+                api_key = env_key
+            else:
+                ad_token = env.get("AZURE_OPENAI_AD_TOKEN") or None
         return cls(
             endpoint=endpoint or env.get("AZURE_OPENAI_ENDPOINT") or "",
             api_key=api_key,

@@ -169,7 +169,16 @@ def test_azure_v1_and_dated_versions_build_their_paths_and_query() -> None:
     ("kwargs", "needle"),
     [
         ({"endpoint": "", "api_key": "k"}, "AZURE_OPENAI_ENDPOINT"),
-        ({"endpoint": "https://r.openai.azure.com/openai", "api_key": "k"}, "resource root"),
+        ({"endpoint": "r.openai.azure.com", "api_key": "k"}, "resource root"),
+        ({"endpoint": "https://r.openai.azure.com?x=1", "api_key": "k"}, "resource root"),
+        (
+            {
+                "endpoint": "https://r.openai.azure.com/openai/v1",
+                "api_key": "k",
+                "api_version": "2024-10-21",
+            },
+            "v1 API",
+        ),
         ({"endpoint": "https://r.openai.azure.com"}, "neither"),
         ({"endpoint": "https://r.openai.azure.com", "api_key": "k", "ad_token": "t"}, "not both"),
         ({"endpoint": "https://r.openai.azure.com", "api_key": "k", "api_version": ""}, "v1"),
@@ -182,7 +191,7 @@ def test_azure_v1_and_dated_versions_build_their_paths_and_query() -> None:
 def test_azure_refuses_bad_settings_saying_what_is_wrong(
     kwargs: dict[str, Any], needle: str
 ) -> None:
-    """A missing or pathful endpoint, no or two credentials, a bad api_version are refused."""
+    """A missing or malformed endpoint, no or two credentials, a bad api_version are refused."""
     with pytest.raises(ConfigurationError, match=needle):
         AzureOpenAIProvider(**kwargs)
 
@@ -607,3 +616,51 @@ def test_whitespace_around_urls_versions_and_ids_from_the_environment_is_dropped
     assert azure.api_version == "2024-10-21"
     assert dict(azure.params()) == {"api-version": "2024-10-21"}
     assert OpenAIProvider(organization=" \n").headers() == {}
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "api_version", "url"),
+    [
+        ("https://r.openai.azure.com/openai", "v1", "https://r.openai.azure.com/openai/v1/batches"),
+        (
+            "https://r.openai.azure.com/openai/v1/",
+            "v1",
+            "https://r.openai.azure.com/openai/v1/batches",
+        ),
+        (
+            "https://r.openai.azure.com/openai/",
+            "2024-10-21",
+            "https://r.openai.azure.com/openai/batches",
+        ),
+        (
+            "https://apim.example.net/team-a",
+            "v1",
+            "https://apim.example.net/team-a/openai/v1/batches",
+        ),
+        (
+            "https://apim.example.net/team-a/openai",
+            "2024-10-21",
+            "https://apim.example.net/team-a/openai/batches",
+        ),
+    ],
+)
+def test_azure_endpoint_with_openai_on_it_or_behind_a_gateway_path(
+    endpoint: str, api_version: str, url: str
+) -> None:
+    """An endpoint copied with /openai or /openai/v1 on it, or an APIM path, builds one URL."""
+    provider = AzureOpenAIProvider(endpoint=endpoint, api_key="k", api_version=api_version)
+    assert provider.url("/batches") == url
+    assert not provider.endpoint.endswith(("/openai", "/openai/v1"))
+
+
+def test_azure_from_env_reads_an_entra_token_when_there_is_no_key() -> None:
+    """AZURE_OPENAI_AD_TOKEN is read, as the SDK reads it, when no key is set."""
+    env = {"AZURE_OPENAI_ENDPOINT": "https://r.openai.azure.com", "AZURE_OPENAI_AD_TOKEN": "tok"}
+    provider = provider_from_env("azure", environ=env)
+    assert dict(provider.headers()) == {"authorization": "Bearer tok"}
+    keyed = provider_from_env("azure", environ={**env, "AZURE_OPENAI_API_KEY": "az"})
+    assert dict(keyed.headers()) == {"api-key": "az"}
+    explicit = AzureOpenAIProvider.from_env(api_key="arg", environ=env)
+    assert dict(explicit.headers()) == {"api-key": "arg"}
+    with pytest.raises(ConfigurationError, match="AZURE_OPENAI_AD_TOKEN"):
+        provider_from_env("azure", environ={"AZURE_OPENAI_ENDPOINT": "https://r"})
