@@ -11,8 +11,8 @@ Provider quirks, absorbed here so that no caller ever sees them:
   apart by magnitude: a value of at least 10^11 is milliseconds (10^11 seconds is the
   year 5138, 10^11 milliseconds is March 1973), and is floored to seconds;
 * timestamps as ISO-8601 strings (Azure's 2024 preview API versions), with any number
-  of fraction digits (Azure sends seven) and a ``Z`` or ``+hh:mm`` offset; a time with
-  no offset is read as UTC;
+  of fraction digits (Azure sends seven) and a ``Z``, ``+hh:mm``, ``+hhmm`` or ``+hh``
+  offset; a time with no offset is read as UTC;
 * capitalised or CamelCase statuses (``"Validating"``, ``"InProgress"``), the American
   spellings ``canceling`` / ``canceled``, and the statuses gateways pass through from
   other providers (:data:`STATUS_ALIASES`), mapped onto the state machine with the
@@ -128,7 +128,7 @@ _MS_THRESHOLD = 10**11
 
 _ISO_8601 = re.compile(
     r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:[.,]\d+)?"
-    r"\s*(?:([Zz])|([+-])(\d{2}):?(\d{2}))?"
+    r"\s*(?:([Zz])|([+-])(\d{2})(?::?(\d{2}))?)?"
 )
 
 
@@ -166,7 +166,7 @@ def _iso_seconds(text: str) -> int:
     offset = 0
     sign = match.group(8)
     if sign is not None:
-        offset = int(match.group(9)) * 3600 + int(match.group(10)) * 60
+        offset = int(match.group(9)) * 3600 + int(match.group(10) or 0) * 60
         offset = -offset if sign == "-" else offset
     return int(moment.timestamp()) - offset  # the fraction is dropped: floored
 
