@@ -20,7 +20,7 @@ import logging
 import os
 import tempfile
 import types
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from typing import Any, NoReturn, TypeVar
 from urllib.parse import quote
 
@@ -679,15 +679,30 @@ class BatchClient:
             DecodeError: a line does not decode; the message names the file and the
                 1-based line number.
         """
+        decoded = self._decoded_lines(
+            self.iter_file_lines(file_id), decode_result_line, f"file {file_id}"
+        )
+        async with contextlib.aclosing(decoded) as results:
+            async for result in results:
+                yield result
+
+    async def _decoded_lines(
+        self,
+        lines: AsyncGenerator[bytes, None],
+        decode_line: Callable[..., T],
+        where: str,
+    ) -> AsyncGenerator[T, None]:
+        """Decode each non-blank line; a decode error names the 1-based line number and
+        never shows an echoed API key. Closes ``lines`` when done or stopped early."""
         number = 0
-        async with contextlib.aclosing(self.iter_file_lines(file_id)) as lines:
+        async with contextlib.aclosing(lines):
             async for line in lines:
                 number += 1
                 if not line.strip():
                     continue
                 scrubbed: DecodeError | None = None
                 try:
-                    result = decode_result_line(line, what=f"line {number} of file {file_id}")
+                    result = decode_line(line, what=f"line {number} of {where}")
                 except DecodeError as exc:
                     scrubbed = self._scrubbed(exc, line)
                     if scrubbed is exc:
@@ -722,24 +737,11 @@ class BatchClient:
             )
         request = self._request("GET", f"/batches/{_quote(batch_id)}/output", timeout=self._timeout)
         response = await self._send(request, stream=True)
-        number = 0
-        async with contextlib.aclosing(_lines(response)) as lines:
-            async for line in lines:
-                number += 1
-                if not line.strip():
-                    continue
-                scrubbed: DecodeError | None = None
-                try:
-                    result = decode_batch_output_line(
-                        line, what=f"line {number} of the output of batch {batch_id}"
-                    )
-                except DecodeError as exc:
-                    scrubbed = self._scrubbed(exc, line)
-                    if scrubbed is exc:
-                        raise
-                if scrubbed is not None:
-                    del line
-                    raise scrubbed
+        decoded = self._decoded_lines(
+            _lines(response), decode_batch_output_line, f"the output of batch {batch_id}"
+        )
+        async with contextlib.aclosing(decoded) as results:
+            async for result in results:
                 if isinstance(result, BatchErrors):
                     first = result.data[0].message if result.data else None
                     raise NoOutputError(

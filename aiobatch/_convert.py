@@ -58,6 +58,7 @@ from cattrs.errors import (
 
 from ._lifecycle import KNOWN, BatchStatus
 from ._models import (
+    BATCH_TIMESTAMPS,
     Batch,
     BatchError,
     BatchErrors,
@@ -217,16 +218,7 @@ _FIELD_HOOKS: dict[type, dict[str, Callable[[Any, Any], Any]]] = {
         "created_at": _timestamp,
         "object": _object_tag("batch"),
         **dict.fromkeys(
-            (
-                "in_progress_at",
-                "expires_at",
-                "finalizing_at",
-                "completed_at",
-                "failed_at",
-                "expired_at",
-                "cancelling_at",
-                "cancelled_at",
-            ),
+            BATCH_TIMESTAMPS[1:],
             _optional_timestamp,
         ),
     },

@@ -16,6 +16,7 @@ import attrs
 from ._lifecycle import MEANINGS, TERMINAL, BatchStatus
 
 __all__ = [
+    "BATCH_TIMESTAMPS",
     "Batch",
     "BatchError",
     "BatchErrors",
@@ -89,6 +90,20 @@ class BatchErrors:
 
     data: tuple[BatchError, ...] = ()
     object: str = "list"
+
+
+#: The Batch fields that are times (Unix seconds once decoded), in lifecycle order.
+BATCH_TIMESTAMPS: tuple[str, ...] = (
+    "created_at",
+    "in_progress_at",
+    "expires_at",
+    "finalizing_at",
+    "completed_at",
+    "failed_at",
+    "expired_at",
+    "cancelling_at",
+    "cancelled_at",
+)
 
 
 @attrs.frozen

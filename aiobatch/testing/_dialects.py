@@ -45,6 +45,7 @@ from urllib.parse import unquote, urlsplit
 
 import attrs
 
+from .._models import BATCH_TIMESTAMPS
 from ._wire import error_envelope
 
 __all__ = ["DIALECT_NAMES", "FakeDialect"]
@@ -73,18 +74,6 @@ _AZURE_BAD_KEY = (
 _PORTKEY_NO_ROUTE = "Either x-portkey-config or x-portkey-provider header is required"
 
 _API_VERSION = re.compile(r"\d{4}-\d{2}-\d{2}(-preview)?")
-
-_TIMESTAMPS = (
-    "created_at",
-    "in_progress_at",
-    "expires_at",
-    "finalizing_at",
-    "completed_at",
-    "failed_at",
-    "expired_at",
-    "cancelling_at",
-    "cancelled_at",
-)
 
 
 def mask(key: str) -> str:
@@ -334,7 +323,7 @@ class FakeDialect:
         out = dict(wire)
         if not (self.iso_timestamps or self.ms_timestamps):
             return out
-        for key in _TIMESTAMPS:
+        for key in BATCH_TIMESTAMPS:
             value = out.get(key)
             if isinstance(value, int) and not isinstance(value, bool):
                 out[key] = _iso(value) if self.iso_timestamps else value * 1000
