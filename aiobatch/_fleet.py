@@ -156,7 +156,7 @@ class FleetConfig:
     burst: int = attrs.field(default=20, validator=_positive)
     max_concurrency: int = attrs.field(default=32, validator=_positive)
     min_interval: float = attrs.field(default=5.0, validator=_positive)
-    max_interval: float = attrs.field(default=300.0, validator=_positive)
+    max_interval: float = attrs.field(default=60.0, validator=_positive)
     validating_interval: float = attrs.field(default=15.0, validator=_positive)
     finalizing_interval: float = attrs.field(default=10.0, validator=_positive)
     cancelling_interval: float = attrs.field(default=15.0, validator=_positive)
@@ -435,6 +435,7 @@ class Fleet:
         #: untracked batches met per tracked batch in list pages (for the sweep cost).
         self._foreign_ratio = 1.0
         self._rate_limited_in_a_row = 0
+        self._sweep_failures = 0
         self.stats = FleetStats()
 
     # --- public surface ----------------------------------------------------------------------
@@ -996,11 +997,14 @@ class Fleet:
         workers = min(len(jobs), self._config.max_concurrency)
         await _all([worker() for _ in range(workers)])
 
-    async def _call(self, call: Callable[[], Awaitable[Any]]) -> Any:
-        """One request: through the concurrency limit and the budget."""
+    async def _call(self, kind: str, call: Callable[[], Awaitable[Any]]) -> Any:
+        """One request: through the concurrency limit and the budget, counted once sent
+        in ``stats.requests`` and in the ``stats`` counter named ``kind``."""
         async with self._semaphore:
             await self._budget.acquire()
-            self.stats.requests += 1
+            stats = self.stats
+            stats.requests += 1
+            setattr(stats, kind, getattr(stats, kind) + 1)
             return await call()
 
     def _call_failed(self, error: AiobatchError) -> None:
@@ -1017,9 +1021,10 @@ class Fleet:
     async def _retrieve_one(self, record: _Tracked) -> None:
         if self._tracked.get(record.id) is not record:
             return
-        self.stats.retrieves += 1
         try:
-            batch: Batch = await self._call(lambda: self._client.retrieve_batch(record.id))
+            batch: Batch = await self._call(
+                "retrieves", lambda: self._client.retrieve_batch(record.id)
+            )
         except (APIStatusError, DecodeError, ClosedError) as exc:
             self._call_failed(exc)
             self._failed(record, exc, self._clock.monotonic())
@@ -1035,9 +1040,8 @@ class Fleet:
     async def _cancel_one(self, record: _Tracked) -> None:
         if self._tracked.get(record.id) is not record:
             return
-        self.stats.cancels += 1
         try:
-            batch: Batch = await self._call(lambda: self._client.cancel_batch(record.id))
+            batch: Batch = await self._call("cancels", lambda: self._client.cancel_batch(record.id))
         except AiobatchError as exc:
             self._call_failed(exc)
             now = self._clock.monotonic()
@@ -1100,22 +1104,30 @@ class Fleet:
         pages = 0
         while wanted and pages < budget_pages:
             pages += 1
-            self.stats.list_pages += 1
             try:
                 page = await self._call(
+                    "list_pages",
                     functools.partial(
                         self._client.list_batches_page, after=after, limit=cfg.page_size
-                    )
+                    ),
                 )
             except AiobatchError as exc:
                 self._call_failed(exc)
-                self._report(None, exc, None)
+                self._sweep_failures += 1
+                if (
+                    not _transient(exc)
+                    or self._sweep_failures % self._config.report_after_errors == 0
+                ):
+                    self._report(None, exc, None)
+                else:
+                    logger.info("fleet: a list page failed (%s); trying again later", describe(exc))
                 now = self._clock.monotonic()
                 # Try these again after a pause, by the next round's cheapest way.
                 for unseen in wanted.values():
                     self._failed_quietly(unseen, now)
                 return []
             self._call_succeeded()
+            self._sweep_failures = 0
             now = self._clock.monotonic()
             for batch in page.data:
                 record = self._tracked.get(batch.id)

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aiobatch import RequestBudget
-from aiobatch.testing import VirtualClock
+from aiobatch.testing import RateLimit, RateLimiter, VirtualClock
 
 
 def within_bucket(times: list[float], rate: float, burst: int) -> bool:
@@ -85,6 +85,20 @@ async def test_waiters_are_served_first_come_first_served() -> None:
     async with clock.auto_advance():
         await asyncio.gather(*(one(n) for n in range(6)))
     assert order == list(range(6))
+
+
+async def test_rounding_never_adds_up_against_a_server_with_the_same_limit() -> None:
+    """At Unix-epoch clock values, 2,000 grants at full rate never get ahead of a server
+    bucket with the same rate and burst (float rounding is carried, not forgiven)."""
+    clock = VirtualClock(start=1_750_000_000.0)
+    budget = RequestBudget(20.0, 20, clock=clock)
+    server = RateLimiter(RateLimit(20.0, burst=20))
+    async with clock.auto_advance():
+        for _ in range(2000):
+            await budget.acquire()
+            verdict = server.admit("GET", "/batches", clock.now())
+            assert verdict is not None and verdict.allowed, clock.now()
+    assert server.refused == 0
 
 
 @settings(max_examples=60, deadline=None)

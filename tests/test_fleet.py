@@ -503,6 +503,31 @@ async def test_transient_failures_are_reported_after_several_in_a_row(
     assert outcomes[batch.id].finished
 
 
+async def test_a_passing_list_page_failure_is_retried_quietly(
+    make_env: Callable[..., Any],
+) -> None:
+    """One 503 on a list page is retried without a TrackingError; a 401 is reported."""
+    events: list[FleetEvent] = []
+    async with make_env() as env, env.clock.auto_advance():
+        batches = await env.create(150)
+        env.service.faults.add(Fault.http(503, method="GET", path="/batches"))
+        async with Fleet(env.client, config=quiet(), on_event=events.append) as fleet:
+            fleet.add_many(batches)
+            outcomes = await fleet.wait_all()
+        assert all(done.finished for done in outcomes.values())
+        assert not any(isinstance(e, TrackingError) for e in events)
+        assert fleet.stats.failures == 1
+
+        more = await env.create(150)
+        env.service.faults.add(Fault.http(401, method="GET", path="/batches"))
+        async with Fleet(env.client, config=quiet(), on_event=events.append) as fleet:
+            fleet.add_many(more)
+            await fleet.wait_all()
+    reported = [e for e in events if isinstance(e, TrackingError)]
+    assert len(reported) == 1
+    assert reported[0].batch_id is None
+
+
 async def test_a_batch_the_server_does_not_know_ends_as_not_found(
     make_env: Callable[..., Any],
 ) -> None:
