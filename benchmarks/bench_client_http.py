@@ -17,70 +17,30 @@ import argparse
 import asyncio
 import contextlib
 import json
-import socket
 import statistics
-import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+import _common
 import aiohttp
 import openai
 
 from aiobatch import BatchClient, RetryPolicy
 from aiobatch.testing import chat_requests
-from aiobatch.transport import AiohttpTransport, Request, Response
+from aiobatch.transport import AiohttpTransport
 
-ENDPOINT = "/v1/chat/completions"
-KEY = "sk-bench"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+ENDPOINT = _common.ENDPOINT
+KEY = _common.KEY
+CountingTransport = _common.CountingTransport
 
 
-@contextlib.contextmanager
-def fake_server() -> Iterator[str]:
-    """Start ``aiobatch fake-server`` in a subprocess; yield its base URL."""
-    port = free_port()
-    cmd = [
-        sys.executable, "-m", "aiobatch._cli", "fake-server", "--port", str(port),
-        "--validation-seconds", "1", "--lines-per-second", "100", "--finalizing-seconds", "1",
-    ]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}/v1"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                    break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError("fake server did not start") from None
-                time.sleep(0.05)
-        yield base
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-
-
-class CountingTransport:
-    """Wraps a transport and counts the requests sent through it."""
-
-    def __init__(self, inner: AiohttpTransport) -> None:
-        self.inner = inner
-        self.count = 0
-
-    async def send(self, request: Request, *, stream: bool = False) -> Response:
-        self.count += 1
-        return await self.inner.send(request, stream=stream)
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
+def fake_server() -> contextlib.AbstractContextManager[str]:
+    """``aiobatch fake-server`` in a subprocess, with this benchmark's timings."""
+    return _common.fake_server(
+        "--validation-seconds", "1", "--lines-per-second", "100", "--finalizing-seconds", "1"
+    )
 
 
 async def run_aiobatch(base: str, batches: int, poll: float) -> int:
