@@ -147,6 +147,12 @@ def _to_secret(value: str | Secret | None) -> Secret | None:
         return None
     text = value.reveal() if isinstance(value, Secret) else value
     stripped = text.strip()
+    if not stripped:
+        # A blank key would silently send no credentials at all (and get a 401 later).
+        raise ConfigurationError(
+            "the API key is empty or only whitespace; pass None (or leave the variable "
+            "unset) to send no key"
+        )
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in stripped):
         raise ValueError("the API key contains a control character (the key is not shown)")
     if isinstance(value, Secret) and stripped == text:
@@ -287,6 +293,19 @@ def _env(environ: Mapping[str, str] | None) -> Mapping[str, str]:
     return os.environ if environ is None else environ
 
 
+def _env_key(env: Mapping[str, str], name: str) -> str | None:
+    """A credential from the environment: None when unset or empty; a value of only
+    whitespace is a mistake (it would send no credentials), named in the error."""
+    value = env.get(name)
+    if not value:
+        return None
+    if not value.strip():
+        raise ConfigurationError(
+            f"${name} is set but holds only whitespace; set the key, or unset it to send none"
+        )
+    return value
+
+
 def _limits(value: Limits | None, default: Limits) -> Limits:
     return default if value is None else value
 
@@ -350,7 +369,7 @@ class OpenAIProvider:
         """
         env = os.environ if environ is None else environ
         return cls(
-            api_key=api_key if api_key is not None else env.get("OPENAI_API_KEY") or None,
+            api_key=api_key if api_key is not None else _env_key(env, "OPENAI_API_KEY"),
             base_url=base_url or env.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL,
             organization=organization or env.get("OPENAI_ORG_ID") or None,
             project=project or env.get("OPENAI_PROJECT_ID") or None,
@@ -501,7 +520,7 @@ class PortkeyProvider:
             ConfigurationError: no Portkey key, or neither provider nor config.
         """
         env = _env(environ)
-        key = api_key if api_key is not None else env.get("PORTKEY_API_KEY") or None
+        key = api_key if api_key is not None else _env_key(env, "PORTKEY_API_KEY")
         if key is None:
             raise ConfigurationError(
                 "Portkey needs its API key: pass api_key or set PORTKEY_API_KEY"
@@ -671,11 +690,11 @@ class AzureOpenAIProvider:
         """
         env = _env(environ)
         if api_key is None and ad_token is None:
-            env_key = env.get("AZURE_OPENAI_API_KEY", "").strip()
+            env_key = _env_key(env, "AZURE_OPENAI_API_KEY")
             if env_key:
                 api_key = env_key
             else:
-                ad_token = env.get("AZURE_OPENAI_AD_TOKEN") or None
+                ad_token = _env_key(env, "AZURE_OPENAI_AD_TOKEN")
         return cls(
             endpoint=endpoint or env.get("AZURE_OPENAI_ENDPOINT") or "",
             api_key=api_key,
@@ -763,7 +782,7 @@ class CompatibleProvider:
         env = _env(environ)
         return cls(
             base_url=base_url or env.get("OPENAI_BASE_URL") or "",
-            api_key=api_key if api_key is not None else env.get("OPENAI_API_KEY") or None,
+            api_key=api_key if api_key is not None else _env_key(env, "OPENAI_API_KEY"),
             limits=_limits(limits, OPENAI_LIMITS),
         )
 

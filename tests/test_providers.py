@@ -666,3 +666,17 @@ def test_azure_from_env_reads_an_entra_token_when_there_is_no_key() -> None:
     assert dict(explicit.headers()) == {"api-key": "arg"}
     with pytest.raises(ConfigurationError, match="AZURE_OPENAI_AD_TOKEN"):
         provider_from_env("azure", environ={"AZURE_OPENAI_ENDPOINT": "https://r"})
+
+
+def test_a_blank_key_is_refused_not_sent_as_no_credentials() -> None:
+    """An explicit key of only whitespace, or a key variable holding only whitespace, is a
+    ConfigurationError naming it; an empty variable counts as unset."""
+    with pytest.raises(ConfigurationError, match="empty or only whitespace"):
+        OpenAIProvider(api_key="   ")
+    with pytest.raises(ConfigurationError, match=r"\$OPENAI_API_KEY"):
+        OpenAIProvider.from_env(environ={"OPENAI_API_KEY": " \n"})
+    with pytest.raises(ConfigurationError, match=r"\$AZURE_OPENAI_API_KEY"):
+        AzureOpenAIProvider.from_env(
+            environ={"AZURE_OPENAI_API_KEY": "\t", "AZURE_OPENAI_ENDPOINT": "https://r.test"}
+        )
+    assert OpenAIProvider.from_env(environ={"OPENAI_API_KEY": ""}).api_key is None
