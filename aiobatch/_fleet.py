@@ -16,7 +16,10 @@ window), and observes them in one *round*:
   one. A sweep observes every tracked batch on its pages, due or not, so with thousands
   of open batches one sweep of ``N / 100`` pages refreshes all of them. A sweep never
   spends more pages than the retrieves it replaces; due batches it did not meet
-  (deleted, listed elsewhere, too far down) fall back to a retrieve.
+  (deleted, listed elsewhere, too far down) fall back to a retrieve. So do the due
+  batches of a sweep whose page fails for good (a non-transient error, or
+  ``report_after_errors`` failures in a row, 429s aside): the fleet then lists again
+  only after ``max_interval``.
 
 Every call goes through one :class:`~aiobatch.RequestBudget` (a token bucket) and a
 concurrency limit, and is a *single attempt*: the fleet polls again anyway, so a failed
@@ -436,6 +439,8 @@ class Fleet:
         self._foreign_ratio = 1.0
         self._rate_limited_in_a_row = 0
         self._sweep_failures = 0
+        #: no sweeps before this time (listing kept failing).
+        self._list_off_until = -math.inf
         self.stats = FleetStats()
 
     # --- public surface ----------------------------------------------------------------------
@@ -1076,6 +1081,8 @@ class Fleet:
         cfg = self._config
         if not cfg.list_when_cheaper or len(due) < 2:
             return False
+        if self._clock.monotonic() < self._list_off_until:
+            return False  # listing failed for good lately (see _sweep)
         oldest = min(r.created_at for r in due if r.created_at is not None)
         span = len(self._order) - bisect.bisect_left(self._order, (oldest, ""))
         pages = math.ceil(span * self._foreign_ratio / cfg.page_size)
@@ -1114,14 +1121,21 @@ class Fleet:
             except AiobatchError as exc:
                 self._call_failed(exc)
                 self._sweep_failures += 1
-                if (
-                    not _transient(exc)
-                    or self._sweep_failures % self._config.report_after_errors == 0
-                ):
+                in_a_row = self._sweep_failures
+                report_after = cfg.report_after_errors
+                if not _transient(exc) or in_a_row % report_after == 0:
                     self._report(None, exc, None)
                 else:
                     logger.info("fleet: a list page failed (%s); trying again later", describe(exc))
                 now = self._clock.monotonic()
+                rate_limited = isinstance(exc, APIStatusError) and exc.status_code == 429
+                if not rate_limited and (not _transient(exc) or in_a_row >= report_after):
+                    # Listing does not work here (a server without GET /batches, or one
+                    # failing for a while): retrieve these now, and list again only
+                    # after max_interval. A 429 is no sign against listing: the budget
+                    # is paused, and the next sweep is still the cheapest way.
+                    self._list_off_until = now + cfg.max_interval
+                    return [r for r in wanted.values() if self._tracked.get(r.id) is r]
                 # Try these again after a pause, by the next round's cheapest way.
                 for unseen in wanted.values():
                     self._failed_quietly(unseen, now)
@@ -1160,7 +1174,8 @@ class Fleet:
         if self._tracked.get(record.id) is not record:
             return
         record.errors += 1
-        delay = min(self._config.error_backoff * 2 ** min(record.errors - 1, 30), 60.0)
+        cfg = self._config
+        delay = min(cfg.error_backoff * 2 ** min(record.errors - 1, 30), cfg.max_interval)
         self._schedule_at(record, now + self._jittered(delay))
 
 

@@ -1,0 +1,146 @@
+"""The fleet under the sequences a long-running service meets: broken list endpoints,
+a client closed underneath, deadlines on failing servers, thousands of reschedules,
+readers stopped from another task, servers that do not list newest first.
+
+Every test drives the fake service on a virtual clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import pytest
+
+from aiobatch import (
+    Batch,
+    BatchClient,
+    BatchDone,
+    DoneReason,
+    Fleet,
+    FleetConfig,
+    FleetEvent,
+    RequestBudget,
+    RetryPolicy,
+)
+from aiobatch.errors import ClosedError
+from aiobatch.testing import FakeBatchService, FakeConfig, Fault, VirtualClock, chat_requests
+from aiobatch.transport import Request, Response
+
+ENDPOINT = "/v1/chat/completions"
+TIMINGS = {"validation_seconds": 30.0, "lines_per_second": 0.5, "finalizing_seconds": 10.0}
+T = TypeVar("T")
+
+
+class Env:
+    """A fake service, a client on it, and a helper to create batches."""
+
+    def __init__(self, clock: VirtualClock, service: FakeBatchService, client: BatchClient):
+        self.clock = clock
+        self.service = service
+        self.client = client
+
+    async def create(self, count: int, *, lines: int = 5) -> list[Batch]:
+        """Create ``count`` batches of ``lines`` lines each (one upload shared)."""
+        uploaded = await self.client.upload_file(chat_requests(lines))
+        return [await self.client.create_batch(uploaded.id, ENDPOINT) for _ in range(count)]
+
+    def calls(self, method: str, path: str) -> int:
+        """How many requests the service received for a method and path pattern."""
+        return self.service.request_count(method, path)
+
+
+@pytest.fixture
+def make_env(clock: VirtualClock) -> Callable[..., Any]:
+    """Build an Env (fake config fields as keyword arguments) as an async context."""
+
+    @asynccontextmanager
+    async def make(
+        handler: Callable[[FakeBatchService], Callable[[Request], Awaitable[Response]]]
+        | None = None,
+        **config: Any,
+    ) -> AsyncIterator[Env]:
+        settings = {**TIMINGS, "request_log_size": None, **config}
+        service = FakeBatchService(clock=clock, config=FakeConfig(**settings))
+        transport = service.transport()
+        if handler is not None:
+            from aiobatch.transport import InMemoryTransport
+
+            transport = InMemoryTransport(handler(service), clock=clock)
+        async with BatchClient(
+            api_key="sk-test",
+            base_url="http://fake/v1",
+            transport=transport,
+            clock=clock,
+            retry=RetryPolicy.for_testing(max_attempts=3),
+        ) as client:
+            yield Env(clock, service, client)
+
+    return make
+
+
+def quiet(**overrides: Any) -> FleetConfig:
+    """A fleet config without jitter, for exact expectations."""
+    return FleetConfig(**{"jitter": 0.0, "seed": 0, **overrides})
+
+
+async def within(clock: VirtualClock, seconds: float, awaitable: Awaitable[T]) -> T:
+    """``awaitable``'s result, failing the test if it takes over ``seconds`` of virtual
+    time (a hang shows as a failure, not as a test that never ends)."""
+    work = asyncio.ensure_future(awaitable)
+    timer = asyncio.ensure_future(clock.sleep(seconds))
+    try:
+        await asyncio.wait((work, timer), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        timer.cancel()
+    if not work.done():
+        work.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await work
+        pytest.fail(f"still waiting after {seconds:g} virtual seconds")
+    return work.result()
+
+
+# --- a list endpoint that does not work ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [404, 500])
+async def test_a_list_endpoint_that_keeps_failing_falls_back_to_retrieve(
+    make_env: Callable[..., Any], status: int
+) -> None:
+    """When every list page fails (a server without GET /batches, or one that keeps
+    answering 500), the batches are still tracked to the end, by retrieve."""
+    async with make_env() as env, env.clock.auto_advance():
+        batches = await env.create(150)
+        env.service.faults.add(Fault.http(status, method="GET", path="/batches", times=None))
+        async with Fleet(env.client, config=quiet()) as fleet:
+            fleet.add_many(batches)
+            outcomes = await within(env.clock, 3600.0, fleet.wait_all())
+    assert len(outcomes) == 150
+    assert all(done.finished for done in outcomes.values())
+    assert fleet.stats.retrieves >= 150
+
+
+async def test_sweep_failures_back_off_no_longer_than_max_interval(
+    make_env: Callable[..., Any],
+) -> None:
+    """After list pages fail several times in a row, the next try comes within
+    max_interval, as for every other failure."""
+    async with make_env(lines_per_second=0.01) as env, env.clock.auto_advance():
+        batches = await env.create(150)
+        env.service.faults.add(Fault.http(503, method="GET", path="/batches", times=4))
+        config = quiet(max_interval=10.0, min_interval=1.0, report_after_errors=100)
+        async with Fleet(env.client, config=config) as fleet:
+            fleet.add_many(batches)
+            await env.clock.sleep(200.0)
+            times = sorted(
+                r.at
+                for r in env.service.requests
+                if r.method == "GET" and r.path.startswith("/batches")
+            )
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert max(gaps) <= 10.0 + 1.0
