@@ -637,7 +637,9 @@ class Fleet:
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            # A scheduler that failed earlier (its failure was logged and handed to
+            # every waiter) does not fail the close: it still cleans up below.
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         callbacks = list(self._callback_tasks)
         for pending in callbacks:
@@ -941,13 +943,21 @@ class Fleet:
                     await self._round(records)
         except asyncio.CancelledError:
             raise
+        except ClosedError as exc:  # the client was closed under the fleet
+            logger.warning("fleet: the client was closed; the fleet stopped tracking")
+            self._stopped(exc)
         except BaseException as exc:  # a bug: make every waiter see it
             logger.exception("the fleet scheduler failed")
-            self._failure = exc
-            self._idle.set()
-            for queue in list(self._subscribers):
-                queue.put_nowait(None)
+            self._stopped(exc)
             raise
+
+    def _stopped(self, failure: BaseException) -> None:
+        """The scheduler ended for good: every waiter and event iterator sees it."""
+        self._failure = failure
+        self._idle.set()
+        for queue in list(self._subscribers):
+            queue.put_nowait(None)
+        self._subscribers.clear()
 
     async def _sleep_or_wake(self, seconds: float) -> None:
         self._wake.clear()

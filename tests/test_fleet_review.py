@@ -144,3 +144,35 @@ async def test_sweep_failures_back_off_no_longer_than_max_interval(
             )
     gaps = [b - a for a, b in itertools.pairwise(times)]
     assert max(gaps) <= 10.0 + 1.0
+
+
+# --- the client closed under the fleet ----------------------------------------------------------
+
+
+async def test_a_client_closed_under_the_fleet_fails_waiters_and_aclose_still_cleans_up(
+    make_env: Callable[..., Any],
+) -> None:
+    """Closing the client while the fleet tracks makes wait_all raise ClosedError; the
+    fleet's aclose() then returns quietly and leaves nothing running."""
+    async with make_env() as env, env.clock.auto_advance():
+        batches = await env.create(3)
+        before = asyncio.all_tasks()
+        fleet = Fleet(env.client, config=quiet(list_when_cheaper=False))
+        stream = fleet.events()
+        fleet.add_many(batches)
+        await env.clock.sleep(20.0)
+        await env.client.aclose()
+        with pytest.raises(ClosedError):
+            await within(env.clock, 600.0, fleet.wait_all())
+        assert sorted(fleet.open_ids) == sorted(b.id for b in batches)  # none lost
+        with pytest.raises(ClosedError):
+            fleet.add("batch_x")
+        await fleet.aclose()  # must not raise the scheduler's failure again
+        await asyncio.sleep(0)
+        assert asyncio.all_tasks() <= before
+        remaining = await within(env.clock, 1.0, _drain(stream))  # the iterator ends
+        assert not any(isinstance(e, BatchDone) for e in remaining)
+
+
+async def _drain(stream: AsyncIterator[FleetEvent]) -> list[FleetEvent]:
+    return [event async for event in stream]
