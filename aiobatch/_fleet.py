@@ -900,7 +900,9 @@ class Fleet:
                 return
         elif not _transient(error) or record.errors % cfg.report_after_errors == 0:
             self._report(record.id, error, None)
-        if record.deadline is not None and now >= record.deadline and record.cancel == 0:
+        if record.deadline is not None and now >= record.deadline:
+            # As after an observation: a batch being cancelled is bound by its deadline
+            # too (otherwise every retry lands on the past deadline, back to back).
             self._deadline(record, None, now)
             return
         delay = min(cfg.error_backoff * 2 ** min(record.errors - 1, 30), cfg.max_interval)

@@ -176,3 +176,27 @@ async def test_a_client_closed_under_the_fleet_fails_waiters_and_aclose_still_cl
 
 async def _drain(stream: AsyncIterator[FleetEvent]) -> list[FleetEvent]:
     return [event async for event in stream]
+
+
+# --- deadlines on a failing server --------------------------------------------------------------
+
+
+async def test_a_deadline_passing_during_a_cancel_on_a_failing_server_does_not_hammer_it(
+    make_env: Callable[..., Any],
+) -> None:
+    """A batch being cancelled whose deadline passes while every retrieve fails ends at its
+    deadline; the fleet does not retry it back to back at the budget's full rate."""
+    async with (
+        make_env(lines_per_second=0.0, cancel_seconds=600.0) as env,
+        env.clock.auto_advance(),
+    ):
+        (batch,) = await env.create(1)
+        async with Fleet(env.client, config=quiet()) as fleet:
+            fleet.add(batch, timeout=100.0)
+            fleet.cancel(batch.id)
+            await env.clock.sleep(50.0)  # the cancel was sent; the batch is cancelling
+            assert env.calls("POST", "/batches/*/cancel") == 1
+            env.service.faults.add(Fault.http(500, method="GET", path="/batches/*", times=None))
+            outcomes = await within(env.clock, 600.0, fleet.wait_all())
+    assert outcomes[batch.id].reason is DoneReason.DEADLINE
+    assert env.calls("GET", f"/batches/{batch.id}") < 20
