@@ -375,8 +375,13 @@ class _Subscription:
         return item
 
     async def aclose(self) -> None:
-        """Stop receiving events."""
-        self._fleet._subscribers.discard(self._queue)
+        """Stop receiving events; a task waiting on this iterator sees it end."""
+        fleet, queue = self._fleet, self._queue
+        if queue in fleet._subscribers:
+            fleet._subscribers.discard(queue)
+            while not queue.empty():  # drop what was never read
+                queue.get_nowait()
+            queue.put_nowait(None)
 
 
 class Fleet:

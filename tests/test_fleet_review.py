@@ -200,3 +200,26 @@ async def test_a_deadline_passing_during_a_cancel_on_a_failing_server_does_not_h
             outcomes = await within(env.clock, 600.0, fleet.wait_all())
     assert outcomes[batch.id].reason is DoneReason.DEADLINE
     assert env.calls("GET", f"/batches/{batch.id}") < 20
+
+
+# --- subscriptions -----------------------------------------------------------------------------
+
+
+async def test_closing_a_subscription_ends_a_reader_waiting_on_it(
+    make_env: Callable[..., Any],
+) -> None:
+    """aclose() on an event subscription ends the loop of a task reading it."""
+    async with make_env(lines_per_second=0.0) as env, env.clock.auto_advance():
+        (batch,) = await env.create(1)
+        async with Fleet(env.client, config=quiet()) as fleet:
+            stream = fleet.events()
+            fleet.add(batch)
+
+            async def read() -> list[FleetEvent]:
+                return [event async for event in stream]
+
+            reader = asyncio.ensure_future(read())
+            await env.clock.sleep(100.0)
+            await stream.aclose()
+            got = await within(env.clock, 10.0, reader)
+    assert all(not isinstance(e, BatchDone) for e in got)
