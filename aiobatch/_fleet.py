@@ -732,7 +732,14 @@ class Fleet:
         if record.deadline is not None and when > record.deadline:
             when = record.deadline
         record.due = when
-        heapq.heappush(self._heap, (when, next(self._seq), record))
+        heap = self._heap
+        heapq.heappush(heap, (when, next(self._seq), record))
+        if len(heap) > 2 * len(self._tracked) + 64:
+            # Entries of batches rescheduled (by a sweep) or gone are dropped lazily when
+            # they come to the top; a batch re-observed often, with a long interval,
+            # would otherwise leave many behind. Rebuild: amortised O(1) per push.
+            heap[:] = [entry for entry in heap if self._live(entry)]
+            heapq.heapify(heap)
 
     def _live(self, entry: tuple[float, int, _Tracked]) -> bool:
         due, _, record = entry

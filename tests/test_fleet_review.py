@@ -202,6 +202,32 @@ async def test_a_deadline_passing_during_a_cancel_on_a_failing_server_does_not_h
     assert env.calls("GET", f"/batches/{batch.id}") < 20
 
 
+# --- memory ------------------------------------------------------------------------------------
+
+
+async def test_the_schedule_stays_proportional_to_the_open_batches(
+    make_env: Callable[..., Any],
+) -> None:
+    """Frequent sweeps (for a few fast-polled batches) that re-observe many slow-polled
+    ones leave the schedule (heap) within a small multiple of the open batches."""
+    async with make_env(lines_per_second=0.0) as env, env.clock.auto_advance():
+        batches = await env.create(200)
+        for batch in batches[-50:]:
+            env.service.override_status(batch.id, "validating")  # polled every 5 s
+        config = quiet(
+            validating_interval=5.0, growth=1.0, in_progress_interval=600.0, max_interval=600.0
+        )
+        sizes: list[int] = []
+        async with Fleet(env.client, config=config) as fleet:
+            fleet.add_many(batches)
+            for _ in range(20):
+                await env.clock.sleep(30.0)
+                sizes.append(len(fleet._heap))  # the schedule: what a leak would grow
+            assert len(fleet) == 200
+        assert fleet.stats.sweeps >= 100
+    assert max(sizes) <= 3 * 200, sizes
+
+
 # --- subscriptions -----------------------------------------------------------------------------
 
 
