@@ -13,7 +13,8 @@ window), and observes them in one *round*:
   first, until every due batch has been seen or the page is older than the oldest of
   them. The pages needed are estimated from how many tracked batches are newer than the
   oldest due one, scaled by how many untracked batches the last sweep met per tracked
-  one. A sweep observes every tracked batch on its pages, due or not, so with thousands
+  one (tracked batches newer than anything that sweep saw count once: it learnt nothing
+  about them). A sweep observes every tracked batch on its pages, due or not, so with thousands
   of open batches one sweep of ``N / 100`` pages refreshes all of them. A sweep never
   spends more pages than the retrieves it replaces; due batches it did not meet
   (deleted, listed elsewhere, too far down) fall back to a retrieve. So do the due
@@ -440,8 +441,11 @@ class Fleet:
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self._failure: BaseException | None = None
-        #: untracked batches met per tracked batch in list pages (for the sweep cost).
+        #: batches listed per tracked one in the last sweep (for the sweep cost), and the
+        #: newest creation time that sweep saw: the ratio says nothing of batches
+        #: created later, above the part of the list it walked.
         self._foreign_ratio = 1.0
+        self._ratio_top: int | None = None
         self._rate_limited_in_a_row = 0
         self._sweep_failures = 0
         #: no sweeps before this time (listing kept failing).
@@ -1100,16 +1104,24 @@ class Fleet:
         A sweep reads from the newest batch down to the oldest due one (refreshing every
         tracked batch above it on the way). Its pages are estimated from the tracked
         batches created since the oldest due one, scaled by the batches listed per
-        tracked one in the last sweep.
+        tracked one in the last sweep; tracked batches newer than every batch that sweep
+        saw count once each (nothing is known of what lies between them yet, and a sweep
+        learns it for no more than the retrieves it replaces). Otherwise one dear sweep
+        far down the list would keep the fleet retrieving every new batch for good.
         """
         cfg = self._config
         if not cfg.list_when_cheaper or len(due) < 2:
             return False
         if self._clock.monotonic() < self._list_off_until:
             return False  # listing failed for good lately (see _sweep)
+        order = self._order
         oldest = min(r.created_at for r in due if r.created_at is not None)
-        span = len(self._order) - bisect.bisect_left(self._order, (oldest, ""))
-        pages = math.ceil(span * self._foreign_ratio / cfg.page_size)
+        start = bisect.bisect_left(order, (oldest, ""))
+        split = len(order)  # order[start:split] lies where the last sweep walked
+        if self._ratio_top is not None:
+            split = max(start, bisect.bisect_left(order, (self._ratio_top + 1, "")))
+        listed = (split - start) * self._foreign_ratio + (len(order) - split)
+        pages = math.ceil(listed / cfg.page_size)
         return pages < len(due)
 
     async def _sweep_then_retrieve(self, due: list[_Tracked]) -> None:
@@ -1131,6 +1143,7 @@ class Fleet:
         oldest_index = 0
         budget_pages = min(cfg.max_list_pages, len(due) - 1)
         tracked_met = foreign_met = 0
+        top: int | None = None
         after: str | None = None
         pages = 0
         while wanted and pages < budget_pages:
@@ -1167,6 +1180,8 @@ class Fleet:
             self._call_succeeded()
             self._sweep_failures = 0
             now = self._clock.monotonic()
+            if top is None and page.data:
+                top = max(batch.created_at for batch in page.data)
             for batch in page.data:
                 record = self._tracked.get(batch.id)
                 if record is None:
@@ -1191,6 +1206,7 @@ class Fleet:
         ours = tracked_met + len(wanted)
         if ours:
             self._foreign_ratio = max(1.0, (ours + foreign_met) / ours)
+            self._ratio_top = top
         return [r for r in wanted.values() if self._tracked.get(r.id) is r]
 
     def _failed_quietly(self, record: _Tracked, now: float) -> None:

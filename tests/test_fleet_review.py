@@ -249,3 +249,30 @@ async def test_closing_a_subscription_ends_a_reader_waiting_on_it(
             await stream.aclose()
             got = await within(env.clock, 10.0, reader)
     assert all(not isinstance(e, BatchDone) for e in got)
+
+
+# --- the sweep cost model ----------------------------------------------------------------------
+
+
+async def test_a_dear_sweep_long_ago_does_not_stop_sweeps_for_new_batches(
+    make_env: Callable[..., Any],
+) -> None:
+    """After a sweep under many untracked batches taught the fleet that listing is dear
+    down there, new batches added a few at a time at the top of the list are still swept
+    rather than retrieved one by one."""
+    async with make_env(lines_per_second=0.01) as env, env.clock.auto_advance():
+        old = await env.create(4)
+        await env.create(900)  # someone else's, newer than the old ones
+        async with Fleet(env.client, config=FleetConfig(seed=0)) as fleet:
+            fleet.add_many(old)
+            await env.clock.sleep(60.0)
+            assert fleet.stats.sweeps == 1  # it learnt that listing is dear down there
+            before = fleet.stats.requests
+            for _ in range(100):
+                fleet.add_many(await env.create(5))
+                await env.clock.sleep(5.0)
+            await env.clock.sleep(300.0)
+            spent = fleet.stats.requests - before
+    # Without the 4 old batches this costs under 200 calls; retrieving each of the 500
+    # new batches every poll costs over 5,000.
+    assert spent < 500, fleet.stats
