@@ -251,6 +251,120 @@ async def test_closing_a_subscription_ends_a_reader_waiting_on_it(
     assert all(not isinstance(e, BatchDone) for e in got)
 
 
+# --- servers that do not list newest first ------------------------------------------------------
+
+
+def oldest_first(service: FakeBatchService) -> Callable[[Request], Awaitable[Response]]:
+    """A handler for a server whose GET /batches lists oldest first (a cursor over the
+    reversed list), everything else answered by the fake."""
+    import json
+
+    from aiobatch.transport import Response as Resp
+
+    async def handle(request: Request) -> Response:
+        if request.method != "GET" or not request.url.rstrip("/").endswith("/batches"):
+            return await service.handle(request)
+        every: list[Any] = []
+        after: str | None = None
+        while True:
+            params = {"limit": "100"} if after is None else {"limit": "100", "after": after}
+            page = await service.handle(
+                Request("GET", request.url, params, request.headers, None, request.timeout)
+            )
+            body = json.loads(await page.read())
+            every.extend(body["data"])
+            if not body["has_more"] or not body["data"]:
+                break
+            after = body["data"][-1]["id"]
+        every.reverse()
+        limit = int(request.params.get("limit", "20"))
+        start = 0
+        if "after" in request.params:
+            ids = [b["id"] for b in every]
+            start = ids.index(request.params["after"]) + 1
+        data = every[start : start + limit]
+        answer = {
+            "object": "list",
+            "data": data,
+            "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None,
+            "has_more": start + limit < len(every),
+        }
+        return Resp(200, {"content-type": "application/json"}, json.dumps(answer).encode())
+
+    return handle
+
+
+async def test_a_server_listing_oldest_first_loses_no_batch(make_env: Callable[..., Any]) -> None:
+    """Against a server whose list is oldest first, every batch still ends (retrieved
+    when the pages do not show it)."""
+    async with make_env(handler=oldest_first) as env, env.clock.auto_advance():
+        await env.create(250)  # someone else's, older
+        mine = await env.create(150)
+        async with Fleet(env.client, config=quiet()) as fleet:
+            fleet.add_many(mine)
+            outcomes = await within(env.clock, 3600.0, fleet.wait_all())
+    assert len(outcomes) == 150
+    assert all(done.finished for done in outcomes.values())
+
+
+# --- a budget shared by two fleets --------------------------------------------------------------
+
+
+async def test_two_fleets_sharing_one_budget_stay_within_it(make_env: Callable[..., Any]) -> None:
+    """Two fleets on one RequestBudget together never exceed its rate and burst."""
+    async with make_env() as env, env.clock.auto_advance():
+        batches = await env.create(40)
+        start = env.clock.now()
+        budget = RequestBudget(2.0, 3, clock=env.clock)
+        config = quiet(list_when_cheaper=False)
+        async with (
+            Fleet(env.client, config=config, budget=budget) as one,
+            Fleet(env.client, config=config, budget=budget) as two,
+        ):
+            one.add_many(batches[:20])
+            two.add_many(batches[20:])
+            await asyncio.gather(one.wait_all(), two.wait_all())
+    times = sorted(
+        r.at
+        for r in env.service.requests
+        if r.at >= start and r.method == "GET" and r.path.startswith("/batches")
+    )
+    assert len(times) == one.stats.requests + two.stats.requests
+    for i in range(len(times)):
+        for j in range(i, len(times)):
+            assert j - i + 1 <= 3 + 2.0 * (times[j] - times[i] + 1e-5) + 1e-9
+
+
+# --- callbacks ---------------------------------------------------------------------------------
+
+
+async def test_an_async_callback_may_close_the_fleet(make_env: Callable[..., Any]) -> None:
+    """A coroutine callback that closes the fleet on the first outcome runs to its end."""
+    closing: list[str] = []
+    finished: list[str] = []
+    async with make_env() as env, env.clock.auto_advance():
+        batches = await env.create(3)
+        fleets: list[Fleet] = []
+
+        async def on_event(event: FleetEvent) -> None:
+            fleet = fleets[0]
+            if isinstance(event, BatchDone) and not closing:
+                closing.append(event.batch_id)
+                await fleet.aclose()
+                await asyncio.sleep(0)
+                finished.append(event.batch_id)
+
+        fleet = Fleet(env.client, config=quiet(list_when_cheaper=False), on_event=on_event)
+        fleets.append(fleet)
+        fleet.add_many(batches)
+        with contextlib.suppress(ClosedError):
+            await within(env.clock, 600.0, fleet.wait_all())
+        await env.clock.sleep(1.0)
+        await asyncio.sleep(0)
+    assert len(finished) == 1
+
+
 # --- the sweep cost model ----------------------------------------------------------------------
 
 
