@@ -544,6 +544,14 @@ class Fleet:
         """The outcome of a batch the fleet stopped tracking, or None."""
         return self._outcomes.get(batch_id)
 
+    def forget(self, batch_id: str) -> BatchDone | None:
+        """Drop a recorded outcome and return it (None when there was none).
+
+        The fleet keeps every outcome (with the batch's last snapshot) until then: a
+        long-running service that adds batches for ever forgets those it has handled.
+        """
+        return self._outcomes.pop(batch_id, None)
+
     def events(self) -> _Subscription:
         """An async iterator over every event from now on; it ends when the fleet closes.
 
@@ -565,9 +573,12 @@ class Fleet:
         subscription = _Subscription(self)
         queue = subscription._queue
         try:
-            yielded: set[str] = set()
-            for batch_id, done in list(self._outcomes.items()):
-                yielded.add(batch_id)
+            # Outcomes recorded before the subscription may also be queued: skip an
+            # outcome already yielded (by identity: a batch added again and finished
+            # again has a new one, which is yielded too).
+            earlier = list(self._outcomes.values())
+            yielded = {id(done) for done in earlier}
+            for done in earlier:
                 yield done
             while True:
                 self._raise_failure()
@@ -577,8 +588,7 @@ class Fleet:
                     break
                 else:
                     event = await self._next_or_idle(queue)
-                if isinstance(event, BatchDone) and event.batch_id not in yielded:
-                    yielded.add(event.batch_id)
+                if isinstance(event, BatchDone) and id(event) not in yielded:
                     yield event
         finally:
             await subscription.aclose()

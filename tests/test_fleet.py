@@ -642,3 +642,27 @@ def test_config_rejects_nonsense() -> None:
         FleetConfig(page_size=500)
     with pytest.raises(ValueError, match="jitter"):
         FleetConfig(jitter=1.5)
+
+
+async def test_a_batch_added_again_yields_its_new_outcome_and_forget_drops_outcomes(
+    make_env: Callable[..., Any],
+) -> None:
+    """as_completed yields the second outcome of a batch tracked again; forget() drops an
+    outcome so a long-running service does not keep them all."""
+    async with make_env() as env, env.clock.auto_advance():
+        (batch,) = await env.create(1)
+        async with Fleet(env.client, config=quiet(timeout=20.0)) as fleet:
+            fleet.add(batch)
+            first = (await fleet.wait_all())[batch.id]
+            assert first.reason is DoneReason.DEADLINE
+            got: list[BatchDone] = []
+            async for done in fleet.as_completed():
+                got.append(done)
+                if len(got) == 1:
+                    fleet.add(batch, timeout=3600.0)
+            assert got[0] is first
+            assert len(got) == 2 and got[1].finished
+            assert fleet.forget(batch.id) is got[1]
+            assert fleet.outcome(batch.id) is None
+            assert fleet.forget(batch.id) is None
+            assert await fleet.wait_all() == {}
