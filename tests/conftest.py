@@ -1,16 +1,19 @@
-"""Shared fixtures: a virtual clock and a raw-request driver for the fake batch service."""
+"""Shared fixtures: a virtual clock, a raw-request driver for the fake batch service, and
+the fake-plus-client environment of the fleet tests."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
 from pytest_aiohttp import AiohttpServer
 
-from aiobatch.testing import FakeBatchService, FakeConfig, VirtualClock, make_app
-from aiobatch.transport import FilePart, Multipart, Request, Response
+from aiobatch import Batch, BatchClient, RetryPolicy
+from aiobatch.testing import FakeBatchService, FakeConfig, VirtualClock, chat_requests, make_app
+from aiobatch.transport import FilePart, InMemoryTransport, Multipart, Request, Response
 
 BASE_URL = "http://fake.local/v1"
 API_KEY = "sk-test-0123456789abcdef"
@@ -177,3 +180,69 @@ def make_api(clock: VirtualClock) -> Callable[..., FakeApi]:
 def api(make_api: Callable[..., FakeApi]) -> FakeApi:
     """A driver for a fake service with the default configuration."""
     return make_api()
+
+
+FLEET_TIMINGS = {"validation_seconds": 30.0, "lines_per_second": 0.5, "finalizing_seconds": 10.0}
+"""Fake timings for fleet tests: fast, yet slow enough that a batch is polled a few times."""
+
+
+class FleetEnv:
+    """A fake service, a client on it, and helpers to create batches and count calls."""
+
+    def __init__(self, clock: VirtualClock, service: FakeBatchService, client: BatchClient):
+        self.clock = clock
+        self.service = service
+        self.client = client
+
+    async def create(self, count: int, *, lines: int = 5) -> list[Batch]:
+        """Create ``count`` batches of ``lines`` lines each (one upload shared)."""
+        uploaded = await self.client.upload_file(chat_requests(lines))
+        return [
+            await self.client.create_batch(uploaded.id, "/v1/chat/completions")
+            for _ in range(count)
+        ]
+
+    def calls(self, method: str, path: str) -> int:
+        """How many requests the service received for a method and path pattern."""
+        return self.service.request_count(method, path)
+
+    def fleet_requests(self, since: float) -> list[float]:
+        """Arrival times of the batch-API calls made since ``since`` (the fleet's)."""
+        return [
+            r.at
+            for r in self.service.requests
+            if r.at >= since
+            and (
+                (r.path.startswith("/batches") and r.method == "GET") or r.path.endswith("/cancel")
+            )
+        ]
+
+
+@pytest.fixture
+def make_env(clock: VirtualClock) -> Callable[..., Any]:
+    """Build a FleetEnv (fake config fields as keyword arguments; ``handler`` wraps the
+    service's handler, to play a server that differs from the fake) as an async context."""
+
+    @asynccontextmanager
+    async def make(
+        handler: Callable[[FakeBatchService], Callable[[Request], Awaitable[Response]]]
+        | None = None,
+        **config: Any,
+    ) -> AsyncIterator[FleetEnv]:
+        settings = {**FLEET_TIMINGS, "request_log_size": None, **config}
+        service = FakeBatchService(clock=clock, config=FakeConfig(**settings))
+        transport = (
+            service.transport()
+            if handler is None
+            else InMemoryTransport(handler(service), clock=clock)
+        )
+        async with BatchClient(
+            api_key="sk-test",
+            base_url="http://fake/v1",
+            transport=transport,
+            clock=clock,
+            retry=RetryPolicy.for_testing(max_attempts=3),
+        ) as client:
+            yield FleetEnv(clock, service, client)
+
+    return make

@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from aiobatch import (
-    Batch,
-    BatchClient,
     BatchDone,
     BatchStatus,
     DeadlinePassed,
@@ -25,7 +22,6 @@ from aiobatch import (
     FleetConfig,
     FleetEvent,
     ProgressChanged,
-    RetryPolicy,
     StatusChanged,
     TrackingError,
 )
@@ -36,55 +32,9 @@ from aiobatch.errors import (
     UnexpectedTransitionError,
     UnknownStatusError,
 )
-from aiobatch.testing import FakeBatchService, FakeConfig, Fault, VirtualClock, chat_requests
+from aiobatch.testing import Fault, chat_requests
 
 ENDPOINT = "/v1/chat/completions"
-# Fast enough for tests, slow enough that a batch is polled several times.
-TIMINGS = {"validation_seconds": 30.0, "lines_per_second": 0.5, "finalizing_seconds": 10.0}
-
-
-class Env:
-    """A fake service, a client on it, and helpers to create batches."""
-
-    def __init__(self, clock: VirtualClock, service: FakeBatchService, client: BatchClient):
-        self.clock = clock
-        self.service = service
-        self.client = client
-        self._file_id: str | None = None
-
-    async def create(self, count: int, *, lines: int = 5) -> list[Batch]:
-        """Create ``count`` batches of ``lines`` lines each (one upload shared)."""
-        uploaded = await self.client.upload_file(chat_requests(lines))
-        return [await self.client.create_batch(uploaded.id, ENDPOINT) for _ in range(count)]
-
-    def fleet_requests(self, since: float) -> list[float]:
-        """Arrival times of the batch-API calls made since ``since`` (the fleet's)."""
-        return [
-            r.at
-            for r in self.service.requests
-            if (r.at >= since and r.path.startswith("/batches") and r.method == "GET")
-            or (r.at >= since and r.path.endswith("/cancel"))
-        ]
-
-
-@pytest.fixture
-def make_env(clock: VirtualClock) -> Callable[..., Any]:
-    """Build an Env (fake config fields as keyword arguments) as an async context."""
-
-    @asynccontextmanager
-    async def make(**config: Any) -> AsyncIterator[Env]:
-        settings = {**TIMINGS, "request_log_size": None, **config}
-        service = FakeBatchService(clock=clock, config=FakeConfig(**settings))
-        async with BatchClient(
-            api_key="sk-test",
-            base_url="http://fake/v1",
-            transport=service.transport(),
-            clock=clock,
-            retry=RetryPolicy.for_testing(max_attempts=3),
-        ) as client:
-            yield Env(clock, service, client)
-
-    return make
 
 
 def quiet(**overrides: Any) -> FleetConfig:

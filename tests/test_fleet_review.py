@@ -11,76 +11,23 @@ import asyncio
 import contextlib
 import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import pytest
 
 from aiobatch import (
-    Batch,
-    BatchClient,
     BatchDone,
     DoneReason,
     Fleet,
     FleetConfig,
     FleetEvent,
     RequestBudget,
-    RetryPolicy,
 )
 from aiobatch.errors import ClosedError
-from aiobatch.testing import FakeBatchService, FakeConfig, Fault, VirtualClock, chat_requests
+from aiobatch.testing import FakeBatchService, Fault, VirtualClock
 from aiobatch.transport import Request, Response
 
-ENDPOINT = "/v1/chat/completions"
-TIMINGS = {"validation_seconds": 30.0, "lines_per_second": 0.5, "finalizing_seconds": 10.0}
 T = TypeVar("T")
-
-
-class Env:
-    """A fake service, a client on it, and a helper to create batches."""
-
-    def __init__(self, clock: VirtualClock, service: FakeBatchService, client: BatchClient):
-        self.clock = clock
-        self.service = service
-        self.client = client
-
-    async def create(self, count: int, *, lines: int = 5) -> list[Batch]:
-        """Create ``count`` batches of ``lines`` lines each (one upload shared)."""
-        uploaded = await self.client.upload_file(chat_requests(lines))
-        return [await self.client.create_batch(uploaded.id, ENDPOINT) for _ in range(count)]
-
-    def calls(self, method: str, path: str) -> int:
-        """How many requests the service received for a method and path pattern."""
-        return self.service.request_count(method, path)
-
-
-@pytest.fixture
-def make_env(clock: VirtualClock) -> Callable[..., Any]:
-    """Build an Env (fake config fields as keyword arguments) as an async context."""
-
-    @asynccontextmanager
-    async def make(
-        handler: Callable[[FakeBatchService], Callable[[Request], Awaitable[Response]]]
-        | None = None,
-        **config: Any,
-    ) -> AsyncIterator[Env]:
-        settings = {**TIMINGS, "request_log_size": None, **config}
-        service = FakeBatchService(clock=clock, config=FakeConfig(**settings))
-        transport = service.transport()
-        if handler is not None:
-            from aiobatch.transport import InMemoryTransport
-
-            transport = InMemoryTransport(handler(service), clock=clock)
-        async with BatchClient(
-            api_key="sk-test",
-            base_url="http://fake/v1",
-            transport=transport,
-            clock=clock,
-            retry=RetryPolicy.for_testing(max_attempts=3),
-        ) as client:
-            yield Env(clock, service, client)
-
-    return make
 
 
 def quiet(**overrides: Any) -> FleetConfig:
