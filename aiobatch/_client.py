@@ -379,11 +379,7 @@ class BatchClient:
         params: Mapping[str, str] = _NO_PARAMS,
         deadline: float | None = None,
     ) -> tuple[T, Response]:
-        if self._query is not None:
-            params = {**self._query, **params}
-        request = Request(
-            method, self._provider.url(path), params, self._headers, None, self._timeout
-        )
+        request = self._request(method, path, params=params, timeout=self._timeout)
         response = await self._send(request, deadline=deadline)
         return self._decode(await response.read(), cls), response
 
