@@ -68,6 +68,7 @@ from ._budget import RequestBudget
 from ._client import BatchClient
 from ._lifecycle import BatchLifecycle, BatchStatus
 from ._models import Batch, RequestCounts
+from ._retry import RetryPolicy
 from .errors import (
     AiobatchError,
     APIStatusError,
@@ -425,6 +426,14 @@ class Fleet:
             else RequestBudget(cfg.requests_per_second, cfg.burst, clock=self._clock)
         )
         self._on_event = on_event
+        # Doubling waits capped at max_interval (the fleet adds its own seeded jitter):
+        # after failed polls, and for a 429 that did not say how long.
+        self._error_waits = RetryPolicy(
+            initial_delay=cfg.error_backoff, max_delay=cfg.max_interval, jitter=None
+        )
+        self._pause_waits = RetryPolicy(
+            initial_delay=cfg.rate_limit_pause, max_delay=cfg.max_interval, jitter=None
+        )
         self._rng = random.Random(cfg.seed)
         self._tracked: dict[str, _Tracked] = {}
         self._outcomes: dict[str, BatchDone] = {}
@@ -931,7 +940,7 @@ class Fleet:
             # too (otherwise every retry lands on the past deadline, back to back).
             self._deadline(record, None, now)
             return
-        delay = min(cfg.error_backoff * 2 ** min(record.errors - 1, 30), cfg.max_interval)
+        delay = self._error_waits.backoff_delay(record.errors - 1)
         self._schedule_at(record, now + self._jittered(delay))
 
     def _rate_limited(self, error: AiobatchError) -> None:
@@ -946,9 +955,7 @@ class Fleet:
                 # lengthen it again).
                 self._rate_limited_in_a_row += 1
             if asked is None or asked <= 0:
-                cfg = self._config
-                n = min(max(self._rate_limited_in_a_row, 1) - 1, 30)
-                asked = min(cfg.rate_limit_pause * 2**n, cfg.max_interval)
+                asked = self._pause_waits.backoff_delay(max(self._rate_limited_in_a_row, 1) - 1)
         if asked is not None and asked > 0:
             self._budget.pause(asked)
 
@@ -1224,8 +1231,7 @@ class Fleet:
         if self._tracked.get(record.id) is not record:
             return
         record.errors += 1
-        cfg = self._config
-        delay = min(cfg.error_backoff * 2 ** min(record.errors - 1, 30), cfg.max_interval)
+        delay = self._error_waits.backoff_delay(record.errors - 1)
         self._schedule_at(record, now + self._jittered(delay))
 
 
