@@ -698,16 +698,8 @@ class Fleet:
     async def _next_or_idle(self, queue: asyncio.Queue[FleetEvent | None]) -> FleetEvent | None:
         """The next event, or None once nothing is tracked (or the fleet closed)."""
         get = asyncio.ensure_future(queue.get())
-        idle = asyncio.ensure_future(self._idle.wait())
-        try:
-            await asyncio.wait((get, idle), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            idle.cancel()
-            if not get.done():
-                get.cancel()
-        if get.done() and not get.cancelled():
-            return get.result()
-        return None
+        await _first_of(get, asyncio.ensure_future(self._idle.wait()))
+        return None if get.cancelled() else get.result()
 
     def _start(self) -> None:
         if self._task is None:
@@ -996,18 +988,10 @@ class Fleet:
 
     async def _sleep_or_wake(self, seconds: float) -> None:
         self._wake.clear()
-        sleeper = asyncio.ensure_future(self._clock.sleep(seconds))
-        waker = asyncio.ensure_future(self._wake.wait())
-        try:
-            await asyncio.wait((sleeper, waker), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for pending in (sleeper, waker):
-                if not pending.done():
-                    pending.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sleeper
-            with contextlib.suppress(asyncio.CancelledError):
-                await waker
+        await _first_of(
+            asyncio.ensure_future(self._clock.sleep(seconds)),
+            asyncio.ensure_future(self._wake.wait()),
+        )
 
     async def _round(self, records: list[_Tracked]) -> None:
         """Observe every record of one round: cancels, retrieves and maybe a sweep."""
@@ -1240,6 +1224,20 @@ def _transient(error: AiobatchError) -> bool:
     if isinstance(error, APIStatusError):
         return error.status_code in (408, 409, 429) or error.status_code >= 500
     return not isinstance(error, DecodeError | StateError)
+
+
+async def _first_of(*futures: asyncio.Future[Any]) -> None:
+    """Wait until one of ``futures`` is done; cancel the others and wait for them to end
+    (also when this wait itself is cancelled), so none is left running."""
+    try:
+        await asyncio.wait(futures, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for future in futures:
+            if not future.done():
+                future.cancel()
+        for future in futures:
+            with contextlib.suppress(asyncio.CancelledError):
+                await future
 
 
 async def _all(coroutines: list[Coroutine[Any, Any, None]]) -> None:
