@@ -64,6 +64,7 @@ from typing import Any, TypeAlias
 
 import attrs
 
+from ._aio import first_of
 from ._budget import RequestBudget
 from ._client import BatchClient
 from ._lifecycle import BatchLifecycle, BatchStatus
@@ -698,7 +699,7 @@ class Fleet:
     async def _next_or_idle(self, queue: asyncio.Queue[FleetEvent | None]) -> FleetEvent | None:
         """The next event, or None once nothing is tracked (or the fleet closed)."""
         get = asyncio.ensure_future(queue.get())
-        await _first_of(get, asyncio.ensure_future(self._idle.wait()))
+        await first_of(get, asyncio.ensure_future(self._idle.wait()))
         return None if get.cancelled() else get.result()
 
     def _start(self) -> None:
@@ -988,7 +989,7 @@ class Fleet:
 
     async def _sleep_or_wake(self, seconds: float) -> None:
         self._wake.clear()
-        await _first_of(
+        await first_of(
             asyncio.ensure_future(self._clock.sleep(seconds)),
             asyncio.ensure_future(self._wake.wait()),
         )
@@ -1224,20 +1225,6 @@ def _transient(error: AiobatchError) -> bool:
     if isinstance(error, APIStatusError):
         return error.status_code in (408, 409, 429) or error.status_code >= 500
     return not isinstance(error, DecodeError | StateError)
-
-
-async def _first_of(*futures: asyncio.Future[Any]) -> None:
-    """Wait until one of ``futures`` is done; cancel the others and wait for them to end
-    (also when this wait itself is cancelled), so none is left running."""
-    try:
-        await asyncio.wait(futures, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for future in futures:
-            if not future.done():
-                future.cancel()
-        for future in futures:
-            with contextlib.suppress(asyncio.CancelledError):
-                await future
 
 
 async def _all(coroutines: list[Coroutine[Any, Any, None]]) -> None:
