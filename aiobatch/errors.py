@@ -37,7 +37,14 @@ repr ever contains an API key.
     ├── UnsupportedError               the provider has no such endpoint (the caller's fault)
     ├── ConfigurationError             bad provider settings: unknown name, missing endpoint or
     │                                  key (the caller's fault; also a builtin ValueError)
-    └── ClosedError                    the client was used after it was closed (the caller's fault)
+    ├── ClosedError                    the client was used after it was closed (the caller's fault)
+    ├── InputError                     the caller's input is bad (also a builtin ValueError)
+    │   └── PreflightError             input lines failed the checks run before any upload;
+    │                                  nothing was uploaded
+    ├── JournalError                   a run's journal cannot be used (missing, in use, made
+    │                                  for another input)
+    └── RunError                       a run cannot go on (a step kept failing, credentials
+                                       refused); the journal is intact: run again to continue
 """
 
 from __future__ import annotations
@@ -58,12 +65,16 @@ __all__ = [
     "DecodeError",
     "FileProcessingError",
     "FileWaitTimeoutError",
+    "InputError",
     "InvalidTransitionError",
+    "JournalError",
     "LookupIncompleteError",
     "NoOutputError",
     "NotFoundError",
     "PermissionDeniedError",
+    "PreflightError",
     "RateLimitError",
+    "RunError",
     "ServerError",
     "StateError",
     "TransportError",
@@ -367,3 +378,44 @@ def describe(exc: BaseException) -> str:
     if len(text) > 200:
         text = text[:197] + "..."
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class InputError(AiobatchError, ValueError):
+    """The caller's input is bad (a request line, a request object); nothing was sent for it.
+
+    The caller's fault, and never retried.
+    """
+
+
+class PreflightError(InputError):
+    """Input lines failed the checks aiobatch runs before anything is uploaded.
+
+    Every line of the source was checked, so ``problems`` lists all that is wrong, not
+    just the first thing; no file was uploaded and no batch was created. The message
+    (written by the checker) gives the count and the first few problems.
+
+    Attributes:
+        problems: the problems kept, in source order (each a ``LineProblem`` with
+            ``source``, ``line``, ``custom_id``, ``field``, ``code`` and ``message``);
+            at most the checker's ``max_kept_problems`` of them.
+        count: how many problems there were in all (may exceed ``len(problems)``).
+        source: the file path as given, or ``"<requests>"`` for an iterable source.
+    """
+
+    def __init__(self, message: str, *, problems: tuple[Any, ...], count: int, source: str) -> None:
+        super().__init__(message)
+        self.problems = problems
+        self.count = count
+        self.source = source
+
+
+class JournalError(AiobatchError):
+    """A run's journal cannot be used: it is missing, not a journal, of another schema
+    version, held by another running process, or made for another input. The message
+    says which; the journal itself is left untouched. The caller's fault."""
+
+
+class RunError(AiobatchError):
+    """A run cannot go on: a step kept failing after its retries, or the server refused
+    the credentials. Everything done so far is in the journal: fix the cause and start
+    the run again with the same journal to continue it."""

@@ -1,0 +1,602 @@
+"""Checks of batch input lines, run before anything is uploaded.
+
+A server checks a batch's input file only after the upload, while the batch is
+``validating``, and then fails the whole batch for one bad line. :class:`Preflight`
+runs the same checks locally, line by line and in constant memory per line (only the
+``custom_id`` of every line is remembered, to find duplicates), and keeps going to the
+end of the source so that the caller sees every problem at once. Each accepted line
+comes out as a :class:`PreparedRequest`: the exact bytes to upload, the fields the
+sharder groups by (``url``, ``body.model``) and an estimate of its prompt tokens.
+
+What is checked, one :class:`LineProblem` per violation:
+
+* the line is UTF-8 (``invalid_utf8``) and JSON (``invalid_json``; ``NaN`` and
+  ``Infinity`` are not JSON) and an object (``not_an_object``);
+* ``custom_id`` is a non-empty string (``invalid_type`` / ``invalid_value``) used by no
+  other line of the source (``duplicate_custom_id``, naming the first line; a line
+  rejected for another reason still holds its id, since every id must end with exactly
+  one result); when it is absent or null one is made from the request's content (see
+  :func:`generated_custom_id`);
+* ``method``, when present, is ``"POST"``; when absent, ``"method": "POST"`` is added;
+* ``url`` is a string that starts with ``/`` and has no whitespace;
+* ``body`` is an object with a non-empty string ``model`` and without ``stream: true``
+  (``stream_not_supported``);
+* the line, as uploaded and with its newline, fits ``max_line_bytes``
+  (``line_too_large``): a longer line could never be part of a batch.
+
+Lines of different ``url`` or ``model`` are not a problem here: the sharder puts them
+in different batches. No IO: the caller reads the source and feeds the lines in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, NoReturn
+
+import attrs
+
+from .errors import PreflightError
+
+__all__ = [
+    "DEFAULT_MAX_LINE_BYTES",
+    "ITERABLE_SOURCE",
+    "LineProblem",
+    "PreparedRequest",
+    "Preflight",
+    "estimate_tokens",
+    "generated_custom_id",
+]
+
+#: The largest batch input file (200 MB): no single line can be longer.
+DEFAULT_MAX_LINE_BYTES = 200 * 1024 * 1024
+
+#: The ``source`` of problems found in an iterable of requests (not a file).
+ITERABLE_SOURCE = "<requests>"
+
+#: How many problems the message of a :class:`~aiobatch.errors.PreflightError` lists.
+_LISTED_PROBLEMS = 10
+
+_BOM = b"\xef\xbb\xbf"
+
+#: UTF-8 of the characters that some readers take for a line end inside a JSON string
+#: (Python's ``str.splitlines``): NEL, LINE SEPARATOR, PARAGRAPH SEPARATOR.
+_LINE_BREAKS = (
+    (b"\xc2\x85", b"\\u0085"),
+    (b"\xe2\x80\xa8", b"\\u2028"),
+    (b"\xe2\x80\xa9", b"\\u2029"),
+)
+
+
+@attrs.frozen(slots=True)
+class PreparedRequest:
+    """One accepted request line, ready to be sharded and uploaded.
+
+    Attributes:
+        seq: 0-based position among the accepted requests, in input order.
+        line: 1-based line number in the source (for an iterable source, the 1-based
+            index of the item).
+        custom_id: the line's ``custom_id``, given or generated.
+        url: the line's ``url``, e.g. ``"/v1/chat/completions"``.
+        model: the line's ``body.model``.
+        data: the JSONL line to upload, without its newline. It is the input line's
+            bytes unchanged when the line had a ``custom_id`` and a ``method``;
+            otherwise (and for an item given as a dict) it is the request re-encoded as
+            compact JSON (``json.dumps(separators=(",", ":"), ensure_ascii=False)``).
+        tokens: the estimated prompt tokens of the request (see :func:`estimate_tokens`).
+        generated_id: whether ``custom_id`` was generated because the line had none.
+    """
+
+    seq: int
+    line: int
+    custom_id: str
+    url: str
+    model: str | None
+    data: bytes
+    tokens: int
+    generated_id: bool
+
+
+@attrs.frozen(slots=True)
+class LineProblem:
+    """One thing wrong with one input line.
+
+    Attributes:
+        source: the file path as given, or ``"<requests>"`` for an iterable source.
+        line: the 1-based line number (or item index).
+        custom_id: the line's ``custom_id``, when it had a usable one.
+        field: the dotted path of the offending field (``"custom_id"``, ``"method"``,
+            ``"url"``, ``"body"``, ``"body.model"``, ``"body.stream"``), or None when the
+            whole line is at fault.
+        code: what kind of problem: ``invalid_utf8``, ``invalid_json``,
+            ``not_an_object``, ``missing_field``, ``invalid_type``, ``invalid_value``,
+            ``duplicate_custom_id``, ``stream_not_supported`` or ``line_too_large``.
+        message: what was wrong, for a human.
+    """
+
+    source: str
+    line: int
+    custom_id: str | None
+    field: str | None
+    code: str
+    message: str
+
+    def __str__(self) -> str:
+        """``source:line: custom_id 'id': field: message``, leaving out what is unknown."""
+        parts = [f"{self.source}:{self.line}"]
+        if self.custom_id is not None:
+            parts.append(f"custom_id {_cut(self.custom_id)!r}")
+        if self.field is not None:
+            parts.append(self.field)
+        parts.append(self.message)
+        return ": ".join(parts)
+
+
+def estimate_tokens(body: Mapping[str, Any]) -> int:
+    """Estimate the prompt tokens of a request body, as counted against the enqueued-token
+    limit.
+
+    This is an estimate, not a tokenizer: about one token per 4 bytes of UTF-8 text
+    (English text runs at about 4 characters a token; for other scripts bytes are
+    closer to the truth than characters), plus 4 tokens per chat message and 3 per
+    request. The text counted is that of ``messages[].content`` (a string or a list of
+    parts with ``"text"``), ``input`` (a string, a list of strings, token arrays whose
+    ints count one token each, or Responses-style items with ``content`` / ``text``),
+    ``prompt`` (the same shapes) and ``instructions``. Images, audio, tools and other
+    fields are not counted. The result is never 0.
+
+    Args:
+        body: the request body.
+
+    Returns:
+        The estimated number of prompt tokens (at least 3).
+    """
+    text_bytes = 0
+    token_ints = 0
+    pending: list[Any] = []
+    messages = body.get("messages")
+    message_count = 0
+    if isinstance(messages, list):
+        for message in messages:
+            if isinstance(message, Mapping):
+                message_count += 1
+                pending.append(message.get("content"))
+    for name in ("input", "prompt", "instructions"):
+        pending.append(body.get(name))
+    while pending:
+        value = pending.pop()
+        if isinstance(value, str):
+            text_bytes += len(value.encode("utf-8", "surrogatepass"))
+        elif isinstance(value, bool):
+            continue
+        elif isinstance(value, int):
+            token_ints += 1
+        elif isinstance(value, list):
+            pending.extend(value)
+        elif isinstance(value, Mapping):
+            if value.get("role") is not None:
+                message_count += 1
+            pending.append(value.get("text"))
+            pending.append(value.get("content"))
+    return math.ceil(text_bytes / 4) + token_ints + 4 * message_count + 3
+
+
+def generated_custom_id(method: str, url: str, body: Mapping[str, Any]) -> str:
+    """The ``custom_id`` made for a request that has none: ``"auto-"`` and the first 20
+    hex digits of the SHA-256 of the canonical JSON (sorted keys, compact, UTF-8) of
+    ``{"method", "url", "body"}``.
+
+    The same request always gets the same id. :class:`Preflight` appends ``-2``,
+    ``-3``... to the n-th occurrence of identical requests, so the ids of a source
+    depend only on its content and order.
+    """
+    canonical = json.dumps(
+        {"method": method, "url": url, "body": body},
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    digest = hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
+    return "auto-" + digest[:20]
+
+
+class Preflight:
+    """Checks the lines of one source, in order, before anything is uploaded.
+
+    Feed every line with :meth:`check_line` (a file) or every item with
+    :meth:`check_item` (an iterable of requests), then call :meth:`finish`, which
+    raises when there were problems (unless ``skip_invalid``). Each accepted line comes
+    back as a :class:`PreparedRequest`; each bad one comes back as None and its problems
+    are recorded in :attr:`problems`.
+
+    Args:
+        source: the file path as given, or ``"<requests>"`` for an iterable source;
+            it names the source in problems.
+        max_line_bytes: the longest line (with its newline) that can be uploaded: the
+            largest batch input file.
+        skip_invalid: do not raise in :meth:`finish`; bad lines are still recorded, so
+            the caller can report them.
+        token_estimator: estimates a request's prompt tokens from its body;
+            :func:`estimate_tokens` by default. It must return an int >= 0.
+        max_kept_problems: how many problems to keep (all are counted).
+    """
+
+    def __init__(
+        self,
+        *,
+        source: str = ITERABLE_SOURCE,
+        max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+        skip_invalid: bool = False,
+        token_estimator: Callable[[Mapping[str, Any]], int] | None = None,
+        max_kept_problems: int = 1000,
+    ) -> None:
+        if not (isinstance(max_line_bytes, int) and max_line_bytes >= 1):
+            raise ValueError(f"max_line_bytes must be an int >= 1, got {max_line_bytes!r}")
+        if not (isinstance(max_kept_problems, int) and max_kept_problems >= 0):
+            raise ValueError(f"max_kept_problems must be an int >= 0, got {max_kept_problems!r}")
+        self._source = source
+        self._max_line_bytes = max_line_bytes
+        self._skip_invalid = skip_invalid
+        self._estimate = estimate_tokens if token_estimator is None else token_estimator
+        self._max_kept = max_kept_problems
+        self._problems: list[LineProblem] = []
+        self._problem_count = 0
+        self._rejected = 0
+        self._accepted = 0
+        #: custom_id -> the line that first used it.
+        self._first_line: dict[str, int] = {}
+        #: generated id -> how many requests produced it so far.
+        self._generated: dict[str, int] = {}
+
+    @property
+    def source(self) -> str:
+        """The source named in problems."""
+        return self._source
+
+    @property
+    def problems(self) -> tuple[LineProblem, ...]:
+        """The first ``max_kept_problems`` problems, in source order."""
+        return tuple(self._problems)
+
+    @property
+    def problem_count(self) -> int:
+        """How many problems were found in all."""
+        return self._problem_count
+
+    @property
+    def accepted(self) -> int:
+        """How many lines were accepted."""
+        return self._accepted
+
+    @property
+    def rejected(self) -> int:
+        """How many lines had at least one problem."""
+        return self._rejected
+
+    def check_line(self, raw: bytes, line: int) -> PreparedRequest | None:
+        """Check one line of a JSONL file.
+
+        A trailing ``\\r`` (a CRLF file) is stripped, and so is a UTF-8 byte-order mark
+        on line 1. Blank lines are skipped: None, and no problem.
+
+        Args:
+            raw: the line's bytes, without its line end.
+            line: its 1-based line number.
+
+        Returns:
+            The prepared request, or None when the line is blank or bad (its problems
+            are recorded).
+        """
+        raw = _strip_line_end(raw)
+        if line == 1 and raw.startswith(_BOM):
+            raw = raw[len(_BOM) :]
+        if not raw.strip():
+            return None
+        return self._check(raw, line, unit="line", encoded=False)
+
+    def check_item(
+        self, item: Mapping[str, Any] | str | bytes, index: int
+    ) -> PreparedRequest | None:
+        """Check one item of an iterable source.
+
+        A mapping is a request object; it is always uploaded re-encoded as compact JSON.
+        A string or bytes is one JSON line, checked as :meth:`check_line` checks it
+        (blank ones are skipped). Anything else is a ``not_an_object`` problem.
+
+        Args:
+            item: the request.
+            index: its 1-based position in the source.
+
+        Returns:
+            The prepared request, or None when the item is blank or bad (its problems
+            are recorded).
+        """
+        if isinstance(item, Mapping):
+            try:
+                raw = _encode(item)
+            except _UnencodableError as exc:
+                self._reject(
+                    index, [(None, None, "invalid_json", f"the request cannot be encoded: {exc}")]
+                )
+                return None
+            return self._check(raw, index, unit="item", encoded=True)
+        value: object = item  # callers without type checks pass anything
+        if isinstance(value, str):
+            try:
+                value = value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                message = f"not valid UTF-8 text: {exc.reason} at character {exc.start}"
+                self._reject(index, [(None, None, "invalid_utf8", message)])
+                return None
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            return self.check_line(bytes(value), index)
+        message = f"expected a request object or a JSON line, got {type(value).__name__}"
+        self._reject(index, [(None, None, "not_an_object", message)])
+        return None
+
+    def finish(self) -> None:
+        """End the source: raise when any line had a problem, unless ``skip_invalid``.
+
+        Raises:
+            PreflightError: there were problems; it carries them, their count and the
+                source, and its message lists the first few.
+        """
+        if self._problem_count and not self._skip_invalid:
+            raise PreflightError(
+                self._summary(),
+                problems=self.problems,
+                count=self._problem_count,
+                source=self._source,
+            )
+
+    def _summary(self) -> str:
+        count = self._problem_count
+        lines = [
+            f"{self._source}: {count:,} problem{'s' if count != 1 else ''} in "
+            f"{self._rejected:,} input line{'s' if self._rejected != 1 else ''}; "
+            "nothing was uploaded"
+        ]
+        listed = self._problems[:_LISTED_PROBLEMS]
+        lines.extend(f"  {problem}" for problem in listed)
+        if count > len(listed):
+            lines.append(f"  ... and {count - len(listed):,} more")
+        return "\n".join(lines)
+
+    def _reject(self, line: int, found: list[tuple[str | None, str | None, str, str]]) -> None:
+        """Record the problems ``(custom_id, field, code, message)`` of one line."""
+        self._rejected += 1
+        for custom_id, field, code, message in found:
+            self._problem_count += 1
+            if len(self._problems) < self._max_kept:
+                self._problems.append(
+                    LineProblem(self._source, line, custom_id, field, code, message)
+                )
+
+    def _claim(self, custom_id: str, line: int) -> int | None:
+        """Register a custom_id for ``line``; the line that had it first, when another did."""
+        first = self._first_line.setdefault(custom_id, line)
+        return None if first == line else first
+
+    def _check(self, raw: bytes, line: int, *, unit: str, encoded: bool) -> PreparedRequest | None:
+        """Check one line's bytes (``encoded``: they are our own compact encoding)."""
+        found: list[tuple[str | None, str | None, str, str]] = []
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            message = f"not valid UTF-8: byte 0x{raw[exc.start]:02x} at offset {exc.start}"
+            self._reject(line, [(None, None, "invalid_utf8", message)])
+            return None
+        try:
+            request = json.loads(text, parse_constant=_reject_constant)
+        except json.JSONDecodeError as exc:
+            message = f"not valid JSON: {exc.msg} (column {exc.colno})"
+            self._reject(line, [(None, None, "invalid_json", message)])
+            return None
+        except (ValueError, RecursionError) as exc:
+            self._reject(line, [(None, None, "invalid_json", f"not valid JSON: {exc}")])
+            return None
+        if not isinstance(request, dict):
+            message = f"a request must be a JSON object, not {_json_type(request)}"
+            self._reject(line, [(None, None, "not_an_object", message)])
+            return None
+
+        custom_id = request.get("custom_id")
+        problem_id: str | None = None
+        if custom_id is not None:
+            if not isinstance(custom_id, str):
+                message = f"must be a string, not {_json_type(custom_id)}"
+                found.append((None, "custom_id", "invalid_type", message))
+            elif not custom_id:
+                found.append((None, "custom_id", "invalid_value", "must not be empty"))
+            else:
+                problem_id = custom_id
+                first = self._claim(custom_id, line)
+                if first is not None:
+                    message = f"duplicate: {unit} {first} already uses this custom_id"
+                    found.append((custom_id, "custom_id", "duplicate_custom_id", message))
+
+        method = request.get("method", _ABSENT)
+        if method is not _ABSENT:
+            if not isinstance(method, str):
+                message = f"must be the string 'POST', not {_json_type(method)}"
+                found.append((problem_id, "method", "invalid_type", message))
+            elif method != "POST":
+                message = f"must be 'POST' (the only method batches support), not {_cut(method)!r}"
+                found.append((problem_id, "method", "invalid_value", message))
+
+        url = request.get("url")
+        if url is None:
+            found.append((problem_id, "url", "missing_field", _missing(request, "url")))
+        elif not isinstance(url, str):
+            message = f"must be a string, not {_json_type(url)}"
+            found.append((problem_id, "url", "invalid_type", message))
+        elif not url.startswith("/"):
+            message = (
+                f"must be a path starting with '/', like '/v1/chat/completions', not {_cut(url)!r}"
+            )
+            found.append((problem_id, "url", "invalid_value", message))
+        elif any(char.isspace() for char in url):
+            message = f"must not contain whitespace: {_cut(url)!r}"
+            found.append((problem_id, "url", "invalid_value", message))
+
+        body = request.get("body")
+        model: str | None = None
+        if body is None:
+            found.append((problem_id, "body", "missing_field", _missing(request, "body")))
+        elif not isinstance(body, dict):
+            message = f"must be a JSON object, not {_json_type(body)}"
+            found.append((problem_id, "body", "invalid_type", message))
+        else:
+            model_value = body.get("model")
+            if model_value is None:
+                message = _missing(body, "model")
+                found.append((problem_id, "body.model", "missing_field", message))
+            elif not isinstance(model_value, str):
+                message = f"must be a string, not {_json_type(model_value)}"
+                found.append((problem_id, "body.model", "invalid_type", message))
+            elif not model_value:
+                found.append((problem_id, "body.model", "invalid_value", "must not be empty"))
+            else:
+                model = model_value
+            if body.get("stream") is True:
+                message = "streaming is not supported in batches (stream=true)"
+                found.append((problem_id, "body.stream", "stream_not_supported", message))
+
+        if found:
+            self._reject(line, found)
+            return None
+        assert isinstance(url, str)
+        assert isinstance(body, dict)
+
+        generated = custom_id is None
+        if generated:
+            custom_id = self._generate("POST", url, body)
+            first = self._claim(custom_id, line)
+            if first is not None:
+                message = (
+                    f"duplicate: the line had no custom_id and the one generated for it is "
+                    f"already used by {unit} {first}"
+                )
+                self._reject(line, [(custom_id, "custom_id", "duplicate_custom_id", message)])
+                return None
+        assert isinstance(custom_id, str)
+
+        if generated or method is _ABSENT:
+            data = _encode({"custom_id": custom_id, "method": "POST", **_without_id(request)})
+        elif not encoded and _needs_encoding(raw):
+            data = _encode(request)
+        else:
+            data = raw
+        if len(data) + 1 > self._max_line_bytes:
+            message = (
+                f"the line is {len(data) + 1:,} bytes with its newline; a batch input file "
+                f"may be at most {self._max_line_bytes:,} bytes"
+            )
+            self._reject(line, [(custom_id, None, "line_too_large", message)])
+            return None
+
+        tokens = self._estimate(body)
+        if not (isinstance(tokens, int) and tokens >= 0):
+            raise ValueError(f"the token estimator must return an int >= 0, got {tokens!r}")
+        prepared = PreparedRequest(
+            seq=self._accepted,
+            line=line,
+            custom_id=custom_id,
+            url=url,
+            model=model,
+            data=data,
+            tokens=tokens,
+            generated_id=generated,
+        )
+        self._accepted += 1
+        return prepared
+
+    def _generate(self, method: str, url: str, body: Mapping[str, Any]) -> str:
+        """The generated id of a request: the n-th identical request gets ``-n``."""
+        base = generated_custom_id(method, url, body)
+        occurrence = self._generated.get(base, 0) + 1
+        self._generated[base] = occurrence
+        return base if occurrence == 1 else f"{base}-{occurrence}"
+
+
+class _Absent:
+    """The marker of a field that is not there (``None`` is JSON null)."""
+
+
+_ABSENT: Any = _Absent()
+
+
+class _UnencodableError(ValueError):
+    """A request object that has no JSON encoding (NaN, a set, a cycle...)."""
+
+
+def _reject_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _encode(request: Mapping[str, Any]) -> bytes:
+    """Compact JSON of ``request``, as UTF-8, safe to put on one line.
+
+    Characters that some readers take for a line end (NEL, U+2028, U+2029) are written
+    as ``\\u`` escapes; a request holding a lone surrogate is written all in ASCII.
+    """
+    obj = request if isinstance(request, dict) else dict(request)
+    try:
+        text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise _UnencodableError(str(exc)) from None
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError:
+        ascii_text = json.dumps(obj, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+        return ascii_text.encode("ascii")
+    if b"\xc2\x85" in data or b"\xe2\x80" in data:
+        for char, escape in _LINE_BREAKS:
+            data = data.replace(char, escape)
+    return data
+
+
+def _needs_encoding(raw: bytes) -> bool:
+    """Whether a valid line holds a byte sequence that a reader could take for a line end
+    (LF or CR between JSON tokens, NEL / U+2028 / U+2029 inside a string): then it is
+    re-encoded onto one line."""
+    return b"\n" in raw or b"\r" in raw or any(char in raw for char, _ in _LINE_BREAKS)
+
+
+def _strip_line_end(raw: bytes) -> bytes:
+    if raw.endswith(b"\n"):
+        raw = raw[:-1]
+    if raw.endswith(b"\r"):
+        raw = raw[:-1]
+    return raw
+
+
+def _without_id(request: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in request.items() if k not in ("custom_id", "method")}
+
+
+def _missing(obj: Mapping[str, Any], name: str) -> str:
+    return "is required" if name not in obj else "is required (it is null)"
+
+
+def _json_type(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def _cut(text: str, limit: int = 80) -> str:
+    """``text`` cut to ``limit`` characters, for a message."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,156 @@
+"""Cutting a stream of prepared requests into batches (shards). Pure: no IO.
+
+A batch targets one endpoint and, in practice, one model, and holds at most 50,000
+lines and 200 MB (the limits are parameters here). :func:`plan_shards` groups the
+requests by ``(url, model)`` and cuts each group, in input order, into consecutive
+shards that respect every limit, greedily: a shard is closed when the group's next
+request does not fit in it (or when nothing more can fit).
+
+It streams: it holds only the currently open shard of each group, yields a shard as
+soon as it is closed, and yields the shards still open when the input ends, ordered by
+the ``seq`` of their first request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import attrs
+
+__all__ = ["ShardItem", "ShardPlan", "plan_shards"]
+
+
+@attrs.frozen(slots=True)
+class ShardItem:
+    """What the sharder needs to know of one request.
+
+    Attributes:
+        seq: the request's position in the input (see ``PreparedRequest.seq``).
+        url: its ``url``; a batch has one endpoint.
+        model: its ``body.model``; a batch has one model.
+        size: the bytes its line takes in the input file, newline included (>= 1).
+        tokens: its estimated prompt tokens (>= 0).
+    """
+
+    seq: int
+    url: str
+    model: str | None
+    size: int
+    tokens: int
+
+
+@attrs.frozen(slots=True)
+class ShardPlan:
+    """One planned batch: which requests go in it.
+
+    Attributes:
+        url: the endpoint of every request in it.
+        model: the model of every request in it.
+        seqs: the requests' ``seq``, in input order.
+        size: the bytes of its input file.
+        tokens: the estimated prompt tokens of its requests.
+    """
+
+    url: str
+    model: str | None
+    seqs: tuple[int, ...]
+    size: int
+    tokens: int
+
+
+@attrs.define(slots=True)
+class _OpenShard:
+    url: str
+    model: str | None
+    seqs: list[int]
+    size: int
+    tokens: int
+
+    def plan(self) -> ShardPlan:
+        return ShardPlan(self.url, self.model, tuple(self.seqs), self.size, self.tokens)
+
+
+def plan_shards(
+    items: Iterable[ShardItem],
+    *,
+    max_lines: int,
+    max_bytes: int,
+    max_tokens: int | None = None,
+) -> Iterator[ShardPlan]:
+    """Group requests by ``(url, model)`` and cut each group into shards within limits.
+
+    Within a group the requests keep their input order, and each shard takes the next
+    requests of its group for as long as they fit: at most ``max_lines`` lines, at most
+    ``max_bytes`` bytes and, when ``max_tokens`` is given, at most ``max_tokens``
+    estimated tokens. A single request that alone exceeds ``max_bytes`` or
+    ``max_tokens`` still gets a shard of its own, with nothing else in it: the caller
+    decides what to do with it (preflight already rejects lines over the byte limit;
+    for tokens the estimate may be off, or the real limit higher).
+
+    The arguments are checked at once; the items are read lazily, as the returned
+    iterator is consumed.
+
+    Args:
+        items: the requests, in input order.
+        max_lines: the most lines per shard (>= 1).
+        max_bytes: the most bytes per shard (>= 1), newlines included.
+        max_tokens: the most estimated tokens per shard (>= 1), or None for no limit.
+
+    Returns:
+        The shards: each as soon as it is closed, then those still open when the input
+        ends, by the ``seq`` of their first request.
+
+    Raises:
+        ValueError: a limit is not a positive int (at once), or an item has a size
+            below 1 or negative tokens (when it is reached).
+    """
+    _check_limit("max_lines", max_lines)
+    _check_limit("max_bytes", max_bytes)
+    if max_tokens is not None:
+        _check_limit("max_tokens", max_tokens)
+    return _plan(items, max_lines, max_bytes, max_tokens)
+
+
+def _check_limit(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
+def _plan(
+    items: Iterable[ShardItem], max_lines: int, max_bytes: int, max_tokens: int | None
+) -> Iterator[ShardPlan]:
+    open_shards: dict[tuple[str, str | None], _OpenShard] = {}
+    for item in items:
+        if item.size < 1:
+            raise ValueError(f"item {item.seq}: size must be >= 1 (it counts the newline)")
+        if item.tokens < 0:
+            raise ValueError(f"item {item.seq}: tokens must be >= 0, got {item.tokens}")
+        key = (item.url, item.model)
+        shard = open_shards.get(key)
+        if shard is not None and (
+            len(shard.seqs) + 1 > max_lines
+            or shard.size + item.size > max_bytes
+            or (max_tokens is not None and shard.tokens + item.tokens > max_tokens)
+        ):
+            del open_shards[key]
+            yield shard.plan()
+            shard = None
+        if shard is None:
+            shard = _OpenShard(item.url, item.model, [item.seq], item.size, item.tokens)
+        else:
+            shard.seqs.append(item.seq)
+            shard.size += item.size
+            shard.tokens += item.tokens
+        # Closed at once when no further request can fit (every one has size >= 1);
+        # a shard at exactly the token limit stays open for requests of 0 tokens.
+        if (
+            len(shard.seqs) >= max_lines
+            or shard.size >= max_bytes
+            or (max_tokens is not None and shard.tokens > max_tokens)
+        ):
+            open_shards.pop(key, None)
+            yield shard.plan()
+        else:
+            open_shards[key] = shard
+    for shard in sorted(open_shards.values(), key=lambda s: s.seqs[0]):
+        yield shard.plan()
