@@ -55,6 +55,7 @@ from ._models import (
     ResultLine,
     ResultSuccess,
 )
+from ._progress import ProgressDisplay, RunProgress
 from ._provider import (
     AZURE_API_VERSION_V1,
     AZURE_LIMITS,
@@ -72,7 +73,9 @@ from ._provider import (
     Secret,
     provider_from_env,
 )
+from ._report import RunReport, format_report, read_report
 from ._retry import RetryPolicy, is_retry_testing, set_retry_testing
+from ._runner import BatchRun, RunConfig, RunResult, request_cancel
 
 __all__ = [
     "ACTIVE",
@@ -87,6 +90,7 @@ __all__ = [
     "BatchLifecycle",
     "BatchPage",
     "BatchRequest",
+    "BatchRun",
     "BatchStatus",
     "BatchUsage",
     "CREATE_KEY_METADATA",
@@ -115,6 +119,7 @@ __all__ = [
     "PROVIDER_NAMES",
     "PortkeyProvider",
     "ProgressChanged",
+    "ProgressDisplay",
     "Provider",
     "Quirks",
     "REACHABLE",
@@ -125,6 +130,10 @@ __all__ = [
     "ResultLine",
     "ResultSuccess",
     "RetryPolicy",
+    "RunConfig",
+    "RunProgress",
+    "RunReport",
+    "RunResult",
     "STATUS_ALIASES",
     "Secret",
     "StatusChanged",
@@ -133,8 +142,11 @@ __all__ = [
     "TRANSITIONS",
     "TrackingError",
     "Transition",
+    "format_report",
     "is_retry_testing",
     "provider_from_env",
+    "read_report",
+    "request_cancel",
     "set_retry_testing",
 ]
 

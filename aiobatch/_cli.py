@@ -658,3 +658,7 @@ def _diagram(args: argparse.Namespace) -> int:
 
     print(mermaid_diagram())
     return 0
+
+
+# The run, status and cancel commands register themselves on import.
+from . import _cli_run  # noqa: E402, F401

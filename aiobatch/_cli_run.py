@@ -1,0 +1,424 @@
+"""``aiobatch run``, ``aiobatch status`` and ``aiobatch cancel``: the main job from a shell.
+
+``run`` drives a JSONL file of requests through a provider (or, with ``--fake``, through
+the built-in fake service in memory, on a virtual clock: no key, no network) and writes
+one result line per request. ``status`` prints a run's report from its journal at any
+time, from any shell; ``cancel`` asks the run that holds a journal to cancel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import attrs
+
+from ._cli import command, count, duration, positive
+from ._client import BatchClient
+from ._fleet import FleetConfig
+from ._journal import Journal
+from ._progress import ProgressDisplay
+from ._provider import PROVIDER_NAMES, provider_from_env
+from ._report import format_report, read_report
+from ._retry import RetryPolicy
+from ._runner import BatchRun, RunConfig, request_cancel
+from .errors import AiobatchError, JournalError, PreflightError
+from .testing._clock import VirtualClock
+from .testing._config import FakeConfig, LineErrorRule
+from .testing._faults import Fault
+from .testing._service import FakeBatchService
+
+__all__ = ["EXAMPLE_REQUESTS", "fake_environment"]
+
+#: The example request file bundled with the package (README's first command).
+EXAMPLE_REQUESTS = os.path.join(os.path.dirname(__file__), "examples", "requests.jsonl")
+
+logger = logging.getLogger("aiobatch.run")
+
+
+def _pairs(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def _token_limit(text: str) -> tuple[str, int]:
+    model, value = _pairs(text)
+    try:
+        limit = int(value.replace(",", "").replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MODEL=TOKENS, got {text!r}") from None
+    if limit <= 0:
+        raise argparse.ArgumentTypeError(f"the token limit must be positive, got {text!r}")
+    return model, limit
+
+
+def _run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("input", help="the JSONL file of requests (one batch request per line)")
+    parser.add_argument(
+        "-o", "--output", required=True, help="the JSONL file to write every result to"
+    )
+    parser.add_argument(
+        "--journal",
+        default=None,
+        help="the run's journal (SQLite); run the same command again to resume "
+        "(default: OUTPUT.journal)",
+    )
+    where = parser.add_argument_group("where to send it")
+    where.add_argument(
+        "--fake",
+        action="store_true",
+        help="use the built-in fake service, in memory, on a virtual clock "
+        "(no API key, no network; batches take their simulated minutes in a second)",
+    )
+    where.add_argument(
+        "--provider",
+        choices=PROVIDER_NAMES,
+        default="openai",
+        help="the provider; keys and endpoints come from its environment variables",
+    )
+    where.add_argument("--base-url", default=None, help="the API root (not for azure)")
+    how = parser.add_argument_group("how to run it")
+    how.add_argument("--max-lines", type=count, default=None, help="requests per batch")
+    how.add_argument("--max-bytes", type=count, default=None, help="bytes per batch file")
+    how.add_argument(
+        "--max-rounds", type=int, default=3, help="retry rounds for retryable failures"
+    )
+    how.add_argument(
+        "--order",
+        choices=("input", "completion"),
+        default="input",
+        help="the order of the output file",
+    )
+    how.add_argument(
+        "--skip-invalid",
+        action="store_true",
+        help="skip (and report) input lines that fail the checks, instead of stopping",
+    )
+    how.add_argument(
+        "--token-limit",
+        type=_token_limit,
+        action="append",
+        default=[],
+        metavar="MODEL=TOKENS",
+        help="keep at most TOKENS estimated prompt tokens of MODEL enqueued at once",
+    )
+    how.add_argument(
+        "--metadata",
+        type=_pairs,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="metadata for every batch",
+    )
+    how.add_argument(
+        "--batch-timeout",
+        type=duration,
+        default=None,
+        help="cancel a batch still open this long after its creation and keep what it "
+        "finished (e.g. 20h)",
+    )
+    how.add_argument(
+        "--poll-min", type=duration, default=None, help="the shortest pause between polls"
+    )
+    how.add_argument(
+        "--poll-max", type=duration, default=None, help="the longest pause between polls"
+    )
+    how.add_argument(
+        "--requests-per-second",
+        type=positive,
+        default=None,
+        help="the control-plane request budget while tracking",
+    )
+    how.add_argument(
+        "--collect-chunk",
+        type=count,
+        default=2000,
+        help="result lines committed to the journal per transaction",
+    )
+    show = parser.add_argument_group("display")
+    show.add_argument(
+        "--no-progress", action="store_true", help="no live progress (log lines only)"
+    )
+    show.add_argument("-q", "--quiet", action="store_true", help="print only the report")
+    fake = parser.add_argument_group("the fake service (with --fake)")
+    fake.add_argument(
+        "--fake-faults",
+        type=float,
+        default=0.05,
+        help="share of control-plane requests answered 429 or 503",
+    )
+    fake.add_argument(
+        "--fake-transient-errors",
+        type=float,
+        default=0.05,
+        help="share of requests that fail with a 500 the first time they run",
+    )
+    fake.add_argument(
+        "--fake-permanent-errors",
+        type=float,
+        default=0.01,
+        help="share of requests that always fail with a 400",
+    )
+    fake.add_argument("--fake-seed", type=int, default=0, help="makes a fake run repeatable")
+
+
+def fake_environment(
+    *,
+    faults: float = 0.05,
+    transient_errors: float = 0.05,
+    permanent_errors: float = 0.01,
+    seed: int = 0,
+) -> tuple[FakeBatchService, VirtualClock]:
+    """The fake service ``aiobatch run --fake`` drives, on a virtual clock.
+
+    Lines fail with a 500 the first time they run (``transient_errors``: a retry round
+    answers them) or with a 400 every time (``permanent_errors``); control-plane requests
+    are answered 429 or 503 (``faults``) and retried by the client.
+    """
+    clock = VirtualClock()
+    failed_once: set[str] = set()
+
+    def transient(custom_id: str) -> bool:
+        if custom_id in failed_once:
+            return False
+        if _unit(seed, custom_id) < transient_errors:
+            failed_once.add(custom_id)
+            return True
+        return False
+
+    rules = [
+        LineErrorRule(status=400, ratio=permanent_errors, code="invalid_value"),
+        LineErrorRule(status=500, predicate=transient),
+    ]
+    config = FakeConfig(
+        validation_seconds=30.0,
+        lines_per_second=5.0,
+        finalizing_seconds=20.0,
+        line_errors=[rule for rule in rules if rule.ratio or rule.predicate],
+    )
+    service = FakeBatchService(clock=clock, config=config, seed=seed)
+    if faults:
+        service.faults.add(Fault.http(429, retry_after=2.0, times=None, probability=faults / 2))
+        service.faults.add(Fault.http(503, times=None, probability=faults / 2))
+    return service, clock
+
+
+def _unit(seed: int, text: str) -> float:
+    from .testing._config import unit_hash
+
+    return unit_hash(seed + 1, text)
+
+
+@contextlib.asynccontextmanager
+async def _client_for(args: argparse.Namespace) -> AsyncIterator[tuple[BatchClient, Any]]:
+    if args.fake:
+        service, clock = fake_environment(
+            faults=args.fake_faults,
+            transient_errors=args.fake_transient_errors,
+            permanent_errors=args.fake_permanent_errors,
+            seed=args.fake_seed,
+        )
+        async with (
+            BatchClient(
+                api_key="sk-fake",
+                base_url="http://fake.local/v1",
+                transport=service.transport(),
+                clock=clock,
+                retry=RetryPolicy(max_attempts=10),
+            ) as client,
+            clock.auto_advance(),
+        ):
+            yield client, clock
+        return
+    provider = provider_from_env(args.provider, base_url=args.base_url)
+    async with BatchClient(provider=provider) as client:
+        yield client, None
+
+
+def _config(args: argparse.Namespace) -> RunConfig:
+    fleet: FleetConfig | None = None
+    changes: dict[str, Any] = {}
+    if args.poll_min is not None:
+        changes["min_interval"] = args.poll_min
+    if args.poll_max is not None:
+        changes["max_interval"] = args.poll_max
+    if args.requests_per_second is not None:
+        changes["requests_per_second"] = args.requests_per_second
+    if changes:
+        fleet = attrs.evolve(FleetConfig(), **changes)
+    return RunConfig(
+        max_lines=args.max_lines,
+        max_bytes=args.max_bytes,
+        max_rounds=args.max_rounds,
+        order=args.order,
+        skip_invalid=args.skip_invalid,
+        metadata=dict(args.metadata),
+        enqueued_token_limits=dict(args.token_limit),
+        batch_timeout=args.batch_timeout,
+        collect_chunk=args.collect_chunk,
+        fleet=fleet,
+    )
+
+
+async def _run_async(args: argparse.Namespace, journal: str) -> int:
+    config = _config(args)
+    interactive = None if not args.no_progress else False
+    display = None if args.quiet else ProgressDisplay(sys.stderr, interactive=interactive)
+    async with _client_for(args) as (client, _clock):
+        run = BatchRun(
+            client,
+            args.input,
+            journal=journal,
+            output=args.output,
+            config=config,
+            on_progress=display.update if display is not None else None,
+        )
+        loop = asyncio.get_running_loop()
+        interrupts = 0
+
+        def interrupted() -> None:
+            nonlocal interrupts
+            interrupts += 1
+            if interrupts == 1:
+                print(
+                    "\naiobatch: cancelling: the open batches are being cancelled and "
+                    "their finished lines collected (Ctrl-C again to stop at once; the "
+                    "journal stays resumable)",
+                    file=sys.stderr,
+                )
+                run.cancel()
+            else:
+                main.cancel()
+
+        main = asyncio.ensure_future(run.run())
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signal.SIGINT, interrupted)
+            loop.add_signal_handler(signal.SIGTERM, interrupted)
+        try:
+            report = await main
+        except asyncio.CancelledError:
+            if display is not None:
+                display.close()
+            print(f"aiobatch: stopped; resume with the same command ({journal})", file=sys.stderr)
+            return 130
+        finally:
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(signal.SIGINT)
+                loop.remove_signal_handler(signal.SIGTERM)
+        if display is not None:
+            display.close(run.progress())
+    print(format_report(report))
+    if report.state == "cancelled":
+        print(f"cancelled; resume with the same command ({journal})", file=sys.stderr)
+        return 130
+    return 0
+
+
+@command(
+    "run",
+    "run a JSONL file of requests end to end (resumable; every request answered once)",
+    _run_arguments,
+    description=(
+        "Check every line, shard the file into batches, upload them, create the batches, "
+        "track them, collect every result line, re-submit the retryable failures, and "
+        "write one result per request to OUTPUT. Everything is journaled first: run the "
+        "same command again after a crash, a Ctrl-C or 'aiobatch cancel' to continue."
+    ),
+)
+def _run(args: argparse.Namespace) -> int:
+    journal = args.journal or f"{args.output}.journal"
+    if not args.quiet:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.fake and os.path.exists(journal):
+        with Journal(journal) as existing:
+            state = existing.get_meta("state")
+        if state not in (None, "done"):
+            print(
+                f"aiobatch run: {journal} holds an unfinished run, and a --fake run cannot "
+                "resume it (the fake service lived in the memory of the process that "
+                "stopped); delete the journal to start again",
+                file=sys.stderr,
+            )
+            return 2
+    try:
+        return asyncio.run(_run_async(args, journal))
+    except PreflightError as exc:
+        print(f"aiobatch run: {exc}", file=sys.stderr)
+        return 1
+    except (AiobatchError, OSError) as exc:
+        print(f"aiobatch run: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"aiobatch: stopped; resume with the same command ({journal})", file=sys.stderr)
+        return 130
+
+
+def _journal_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("journal", help="the run's journal file")
+
+
+def _status_arguments(parser: argparse.ArgumentParser) -> None:
+    _journal_argument(parser)
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+@command(
+    "status",
+    "print a run's report from its journal (also while it runs)",
+    _status_arguments,
+)
+def _status(args: argparse.Namespace) -> int:
+    try:
+        with Journal(args.journal, readonly=True) as journal:
+            report = read_report(journal)
+    except JournalError as exc:
+        print(f"aiobatch status: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        data = attrs.asdict(report)
+        data["total_tokens"] = report.total_tokens
+        print(json.dumps(data, indent=2, default=_plain))
+    else:
+        print(format_report(report))
+    return 0
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return dict(value)
+    raise TypeError(type(value).__name__)
+
+
+@command(
+    "cancel",
+    "ask the run that holds a journal to cancel (it keeps what finished)",
+    _journal_argument,
+    description=(
+        "Flag the journal: the run that holds it cancels its open batches within a few "
+        "seconds, collects their finished lines and stops, resumable. Run the same "
+        "'aiobatch run' command again to continue it."
+    ),
+)
+def _cancel(args: argparse.Namespace) -> int:
+    try:
+        with Journal(args.journal) as journal:
+            state = journal.get_meta("state")
+    except JournalError as exc:
+        print(f"aiobatch cancel: {exc}", file=sys.stderr)
+        return 1
+    if state in ("done", "cancelled", "failed"):
+        print(f"aiobatch cancel: the run is already {state}", file=sys.stderr)
+        return 1
+    request_cancel(args.journal)
+    print(f"cancel requested; the run holding {args.journal} stops within seconds")
+    return 0

@@ -1,0 +1,486 @@
+"""The run journal: a SQLite file that makes a run resumable after a crash.
+
+Everything a run knows is here, written before it acts on it:
+
+- ``meta``: the run id, the input's fingerprint, the run's state, a cancel flag that
+  ``aiobatch cancel`` sets from another process.
+- ``requests``: every accepted request line (its bytes, to build shard files and retry
+  rounds from), its state (``pending``: not in any open shard; ``queued``: in the open
+  shard ``shard``; ``done``: it has its final result), its retryable failures so far
+  (``attempts``) and the last of them (``last_error``).
+- ``shards``: one row per batch-to-be: the intent (its requests) is recorded before its
+  file is uploaded; then its file id, its create key (before the create is sent), its
+  batch id, its status, and how many lines of its output and error files are collected.
+- ``results``: the final result line of each request, at most one (the primary key is the
+  request's position); the row order is the completion order.
+
+The run writes through one connection from the event loop's thread; each write is a
+short transaction (``BEGIN IMMEDIATE``), so another process (``aiobatch status`` or
+``aiobatch cancel``) can read and flag the journal while a run goes on. WAL mode with
+``synchronous=NORMAL`` keeps every committed transaction through a killed process (only a
+power loss may lose the last ones).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+from .errors import JournalError
+
+__all__ = ["SCHEMA_VERSION", "Journal", "ShardRow"]
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS requests (
+    seq INTEGER PRIMARY KEY,
+    custom_id TEXT NOT NULL UNIQUE,
+    line INTEGER NOT NULL,
+    url TEXT NOT NULL,
+    model TEXT,
+    tokens INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending',
+    shard TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error BLOB
+);
+CREATE INDEX IF NOT EXISTS requests_state ON requests (state, url, model, seq);
+CREATE INDEX IF NOT EXISTS requests_shard ON requests (shard, seq);
+CREATE TABLE IF NOT EXISTS shards (
+    key TEXT PRIMARY KEY,
+    round INTEGER NOT NULL,
+    url TEXT NOT NULL,
+    model TEXT,
+    lines INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,
+    tokens INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    planned_at REAL NOT NULL,
+    upload_started_at REAL,
+    file_id TEXT,
+    creates INTEGER NOT NULL DEFAULT 0,
+    create_key TEXT,
+    create_started_at REAL,
+    not_before REAL,
+    batch_id TEXT,
+    status TEXT,
+    output_file_id TEXT,
+    error_file_id TEXT,
+    output_done INTEGER NOT NULL DEFAULT 0,
+    error_done INTEGER NOT NULL DEFAULT 0,
+    cancel_reason TEXT,
+    input_tokens INTEGER NOT NULL DEFAULT 0,
+    output_tokens INTEGER NOT NULL DEFAULT 0,
+    note TEXT
+);
+CREATE INDEX IF NOT EXISTS shards_state ON shards (state);
+CREATE TABLE IF NOT EXISTS results (
+    n INTEGER PRIMARY KEY AUTOINCREMENT,
+    seq INTEGER NOT NULL UNIQUE REFERENCES requests (seq),
+    kind TEXT NOT NULL,
+    code TEXT,
+    shard TEXT,
+    batch_id TEXT,
+    attempts INTEGER NOT NULL,
+    input_tokens INTEGER NOT NULL DEFAULT 0,
+    output_tokens INTEGER NOT NULL DEFAULT 0,
+    data BLOB NOT NULL
+);
+"""
+
+#: Shard states, in order. ``planned``: the intent (its requests) is recorded;
+#: ``uploaded``: its file id is known; ``creating``: the create key is recorded and a
+#: create may have been sent; ``open``: its batch id is known and it is being tracked;
+#: ``collecting``: the batch ended and its files are being read; ``collected``: every one
+#: of its requests has a final result or is pending for a retry round.
+SHARD_STATES = ("planned", "uploaded", "creating", "open", "collecting", "collected")
+
+_SHARD_COLUMNS = (
+    "key",
+    "round",
+    "url",
+    "model",
+    "lines",
+    "bytes",
+    "tokens",
+    "state",
+    "planned_at",
+    "upload_started_at",
+    "file_id",
+    "creates",
+    "create_key",
+    "create_started_at",
+    "not_before",
+    "batch_id",
+    "status",
+    "output_file_id",
+    "error_file_id",
+    "output_done",
+    "error_done",
+    "cancel_reason",
+    "input_tokens",
+    "output_tokens",
+    "note",
+)
+
+
+class ShardRow:
+    """One row of ``shards`` (a plain record; see :data:`SHARD_STATES`)."""
+
+    __slots__ = _SHARD_COLUMNS
+
+    key: str
+    round: int
+    url: str
+    model: str | None
+    lines: int
+    bytes: int
+    tokens: int
+    state: str
+    planned_at: float
+    upload_started_at: float | None
+    file_id: str | None
+    creates: int
+    create_key: str | None
+    create_started_at: float | None
+    not_before: float | None
+    batch_id: str | None
+    status: str | None
+    output_file_id: str | None
+    error_file_id: str | None
+    output_done: int
+    error_done: int
+    cancel_reason: str | None
+    input_tokens: int
+    output_tokens: int
+    note: str | None
+
+    def __init__(self, row: Sequence[Any]) -> None:
+        for name, value in zip(_SHARD_COLUMNS, row, strict=True):
+            setattr(self, name, value)
+
+    def __repr__(self) -> str:
+        return f"ShardRow(key={self.key!r}, state={self.state!r}, batch_id={self.batch_id!r})"
+
+
+class Journal:
+    """A run's journal file (see the module notes).
+
+    Args:
+        path: the SQLite file.
+        create: make the file when it does not exist (else :class:`JournalError`).
+        readonly: open for reading only (``aiobatch status``).
+    """
+
+    def __init__(
+        self, path: str | os.PathLike[str], *, create: bool = False, readonly: bool = False
+    ) -> None:
+        self.path = os.fspath(path)
+        exists = os.path.exists(self.path)
+        if not exists and not create:
+            raise JournalError(f"no journal at {self.path}")
+        try:
+            if readonly:
+                uri = "file:" + os.path.abspath(self.path) + "?mode=ro"
+                self._db = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=10.0)
+            else:
+                self._db = sqlite3.connect(self.path, isolation_level=None, timeout=10.0)
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")
+                self._db.executescript(_SCHEMA)
+            version = self.get_meta("schema_version")
+        except sqlite3.DatabaseError as exc:
+            raise JournalError(f"{self.path} is not an aiobatch journal: {exc}") from exc
+        if version is None and exists and readonly:
+            raise JournalError(f"{self.path} is not an aiobatch journal (no schema version)")
+        if version is None and not readonly:
+            self.set_meta(schema_version=str(SCHEMA_VERSION))
+        elif version is not None and version != str(SCHEMA_VERSION):
+            raise JournalError(
+                f"{self.path} has journal schema {version}; this aiobatch reads {SCHEMA_VERSION}"
+            )
+        self.created = not exists
+
+    def close(self) -> None:
+        """Close the file (safe to call twice)."""
+        self._db.close()
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction: committed on success, rolled back on any error."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # --- meta ----------------------------------------------------------------------------
+
+    def get_meta(self, key: str) -> str | None:
+        """A ``meta`` value, or None."""
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, **values: str | None) -> None:
+        """Set (or, with None, delete) ``meta`` values, in one transaction."""
+        with self.transaction() as db:
+            self._put_meta(db, values)
+
+    @staticmethod
+    def _put_meta(db: sqlite3.Connection, values: Mapping[str, str | None]) -> None:
+        for key, value in values.items():
+            if value is None:
+                db.execute("DELETE FROM meta WHERE key = ?", (key,))
+            else:
+                db.execute(
+                    "INSERT INTO meta (key, value) VALUES (?, ?) "
+                    "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    (key, value),
+                )
+
+    def meta(self) -> dict[str, str]:
+        """Every ``meta`` value."""
+        return {str(k): str(v) for k, v in self._db.execute("SELECT key, value FROM meta")}
+
+    # --- requests ------------------------------------------------------------------------
+
+    def add_requests(self, db: sqlite3.Connection, rows: Iterable[tuple[Any, ...]]) -> None:
+        """Insert request rows ``(seq, custom_id, line, url, model, tokens, data)`` inside
+        the caller's transaction."""
+        db.executemany(
+            "INSERT INTO requests (seq, custom_id, line, url, model, tokens, data) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+
+    def request_count(self) -> int:
+        """How many requests the run has."""
+        return int(self._db.execute("SELECT count(*) FROM requests").fetchone()[0])
+
+    def pending_items(self) -> Iterator[tuple[int, str, str | None, int, int, int]]:
+        """``(seq, url, model, size, tokens, attempts)`` of every pending request, grouped
+        by url and model, in input order within a group (``size`` includes the newline)."""
+        yield from self._db.execute(
+            "SELECT seq, url, model, length(data) + 1, tokens, attempts FROM requests "
+            "WHERE state = 'pending' ORDER BY url, model, seq"
+        )
+
+    def shard_lines(self, key: str) -> Iterator[bytes]:
+        """The request lines of a shard, in input order, without newlines."""
+        for (data,) in self._db.execute(
+            "SELECT data FROM requests WHERE shard = ? AND state != 'pending' ORDER BY seq",
+            (key,),
+        ):
+            yield bytes(data)
+
+    def shard_members(self, key: str) -> dict[str, tuple[int, int, str]]:
+        """custom_id -> (seq, attempts, state) of a shard's requests (queued or resolved)."""
+        return {
+            str(cid): (int(seq), int(attempts), str(state))
+            for cid, seq, attempts, state in self._db.execute(
+                "SELECT custom_id, seq, attempts, state FROM requests WHERE shard = ?", (key,)
+            )
+        }
+
+    def queued_in(self, key: str) -> list[tuple[int, str, int]]:
+        """(seq, custom_id, attempts) of a shard's requests that have no outcome yet."""
+        return [
+            (int(seq), str(cid), int(attempts))
+            for seq, cid, attempts in self._db.execute(
+                "SELECT seq, custom_id, attempts FROM requests "
+                "WHERE shard = ? AND state = 'queued' ORDER BY seq",
+                (key,),
+            )
+        ]
+
+    def last_errors(self) -> Iterator[tuple[int, bytes, int]]:
+        """(seq, last_error, attempts) of every pending request that has one."""
+        for seq, data, attempts in self._db.execute(
+            "SELECT seq, last_error, attempts FROM requests "
+            "WHERE state = 'pending' AND last_error IS NOT NULL ORDER BY seq"
+        ):
+            yield int(seq), bytes(data), int(attempts)
+
+    # --- shards --------------------------------------------------------------------------
+
+    def add_shard(
+        self,
+        db: sqlite3.Connection,
+        *,
+        key: str,
+        round: int,
+        url: str,
+        model: str | None,
+        seqs: Sequence[int],
+        size: int,
+        tokens: int,
+        planned_at: float,
+    ) -> None:
+        """Record a shard's intent inside the caller's transaction: its row, and its
+        requests moved from ``pending`` to ``queued`` in it."""
+        db.execute(
+            "INSERT INTO shards (key, round, url, model, lines, bytes, tokens, state, "
+            "planned_at) VALUES (?, ?, ?, ?, ?, ?, ?, 'planned', ?)",
+            (key, round, url, model, len(seqs), size, tokens, planned_at),
+        )
+        db.executemany(
+            "UPDATE requests SET state = 'queued', shard = ? WHERE seq = ? AND state = 'pending'",
+            ((key, seq) for seq in seqs),
+        )
+
+    def shard(self, key: str) -> ShardRow:
+        """A shard's row."""
+        row = self._db.execute(
+            f"SELECT {', '.join(_SHARD_COLUMNS)} FROM shards WHERE key = ?", (key,)
+        ).fetchone()
+        if row is None:
+            raise JournalError(f"{self.path}: no shard {key!r}")
+        return ShardRow(row)
+
+    def shards(self, *states: str) -> list[ShardRow]:
+        """The shards in any of ``states`` (all when none given), by key."""
+        query = f"SELECT {', '.join(_SHARD_COLUMNS)} FROM shards"
+        if states:
+            query += f" WHERE state IN ({', '.join('?' * len(states))})"
+        return [ShardRow(row) for row in self._db.execute(query + " ORDER BY key", states)]
+
+    def shard_count(self) -> int:
+        """How many shards were planned."""
+        return int(self._db.execute("SELECT count(*) FROM shards").fetchone()[0])
+
+    def update_shard(self, key: str, db: sqlite3.Connection | None = None, **fields: Any) -> None:
+        """Set columns of a shard (in the caller's transaction, or its own)."""
+        if not fields:
+            return
+        unknown = set(fields) - set(_SHARD_COLUMNS)
+        if unknown:
+            raise ValueError(f"unknown shard columns: {sorted(unknown)}")
+        sets = ", ".join(f"{name} = ?" for name in fields)
+        values = (*fields.values(), key)
+        if db is not None:
+            db.execute(f"UPDATE shards SET {sets} WHERE key = ?", values)
+            return
+        with self.transaction() as own:
+            own.execute(f"UPDATE shards SET {sets} WHERE key = ?", values)
+
+    # --- results -------------------------------------------------------------------------
+
+    def add_results(self, db: sqlite3.Connection, rows: Iterable[tuple[Any, ...]]) -> None:
+        """Record final results ``(seq, kind, code, shard, batch_id, attempts,
+        input_tokens, output_tokens, data)`` and mark their requests ``done``, inside the
+        caller's transaction. A request that already has its result keeps it."""
+        rows = list(rows)
+        db.executemany(
+            "INSERT OR IGNORE INTO results (seq, kind, code, shard, batch_id, attempts, "
+            "input_tokens, output_tokens, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+        db.executemany(
+            "UPDATE requests SET state = 'done' WHERE seq = ?", ((row[0],) for row in rows)
+        )
+
+    def retry_later(self, db: sqlite3.Connection, rows: Iterable[tuple[int, int, bytes]]) -> None:
+        """Make requests ``pending`` again, with their attempts and last error
+        ``(seq, attempts, last_error)``, inside the caller's transaction. A request that
+        already has its final result is left alone."""
+        db.executemany(
+            "UPDATE requests SET state = 'pending', attempts = ?, last_error = ? "
+            "WHERE seq = ? AND state != 'done'",
+            ((attempts, data, seq) for seq, attempts, data in rows),
+        )
+
+    def result_rows(
+        self, *, order: str = "input", after: int = -1, limit: int = 1000
+    ) -> list[tuple[int, int, str, int, str | None, bytes, str]]:
+        """Final results ``(n, seq, custom_id, attempts, batch_id, data, kind)`` past a
+        cursor: ``order="input"`` walks ``seq`` (``after`` is a seq), ``"completion"``
+        walks the completion counter ``n`` (``after`` is an ``n``)."""
+        column = "r.seq" if order == "input" else "r.n"
+        return [
+            (int(n), int(seq), str(cid), int(att), bid, bytes(data), str(kind))
+            for n, seq, cid, att, bid, data, kind in self._db.execute(
+                "SELECT r.n, r.seq, q.custom_id, r.attempts, r.batch_id, r.data, r.kind "
+                f"FROM results r JOIN requests q ON q.seq = r.seq WHERE {column} > ? "
+                f"ORDER BY {column} LIMIT ?",
+                (after, limit),
+            )
+        ]
+
+    def counts(self) -> dict[str, Any]:
+        """The figures of a report, read in one go."""
+        db = self._db
+        requests = dict(
+            db.execute("SELECT state, count(*) FROM requests GROUP BY state").fetchall()
+        )
+        kinds = dict(db.execute("SELECT kind, count(*) FROM results GROUP BY kind").fetchall())
+        codes = dict(
+            db.execute(
+                "SELECT coalesce(code, kind), count(*) FROM results WHERE kind != 'success' "
+                "GROUP BY coalesce(code, kind)"
+            ).fetchall()
+        )
+        tokens = db.execute(
+            "SELECT coalesce(sum(input_tokens), 0), coalesce(sum(output_tokens), 0) FROM results"
+        ).fetchone()
+        attempts = db.execute(
+            "SELECT coalesce(max(attempts), 0), coalesce(sum(attempts > 0), 0) FROM requests"
+        ).fetchone()
+        shard_states = dict(
+            db.execute("SELECT state, count(*) FROM shards GROUP BY state").fetchall()
+        )
+        statuses = dict(
+            db.execute(
+                "SELECT coalesce(status, state), count(*) FROM shards "
+                "GROUP BY coalesce(status, state)"
+            ).fetchall()
+        )
+        batches = db.execute(
+            "SELECT count(batch_id), coalesce(sum(creates), 0) FROM shards"
+        ).fetchone()
+        rounds = db.execute("SELECT coalesce(max(round), 0) FROM shards").fetchone()[0]
+        return {
+            "requests": requests,
+            "kinds": kinds,
+            "codes": codes,
+            "input_tokens": int(tokens[0]),
+            "output_tokens": int(tokens[1]),
+            "max_attempts": int(attempts[0]),
+            "retried": int(attempts[1]),
+            "shard_states": shard_states,
+            "statuses": statuses,
+            "batches": int(batches[0]),
+            "creates": int(batches[1]),
+            "rounds": int(rounds),
+        }
+
+    def open_batches(self) -> list[tuple[str, str]]:
+        """(shard key, batch id) of every shard whose batch is being tracked."""
+        return [
+            (str(key), str(bid))
+            for key, bid in self._db.execute(
+                "SELECT key, batch_id FROM shards WHERE state = 'open' AND batch_id IS NOT NULL"
+            )
+        ]
+
+
+def dumps_compact(value: Any) -> bytes:
+    """JSON bytes with no spaces (result lines aiobatch writes itself)."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()

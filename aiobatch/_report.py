@@ -1,0 +1,181 @@
+"""What a run did, read from its journal: :class:`RunReport` and its text form."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
+import attrs
+
+from ._journal import Journal
+
+__all__ = ["RunReport", "format_report", "read_report"]
+
+_LIFECYCLE_ORDER = (
+    "planned",
+    "uploaded",
+    "creating",
+    "validating",
+    "in_progress",
+    "finalizing",
+    "cancelling",
+    "completed",
+    "expired",
+    "cancelled",
+    "failed",
+    "file_upload_failed",
+    "batch_start_failed",
+)
+
+
+def _frozen(value: Mapping[str, int]) -> Mapping[str, int]:
+    return MappingProxyType(dict(value))
+
+
+def _ordered(counts: Mapping[str, int]) -> list[tuple[str, int]]:
+    known = [(name, counts[name]) for name in _LIFECYCLE_ORDER if counts.get(name)]
+    rest = sorted((k, v) for k, v in counts.items() if k not in _LIFECYCLE_ORDER and v)
+    return known + rest
+
+
+@attrs.frozen(slots=True, kw_only=True)
+class RunReport:
+    """Counts of a run, as its journal has them.
+
+    Attributes:
+        run_id: the run's id (in every batch's ``aiobatch_run`` metadata).
+        state: ``running``, ``cancelling``, ``cancelled``, ``done`` or ``failed``.
+        requests: accepted requests.
+        succeeded: requests whose final result is a success.
+        failed: requests whose final result is an error (HTTP error or batch error).
+        pending: requests without a final result yet.
+        skipped: input lines rejected by preflight and skipped (``skip_invalid``).
+        errors: final errors by code (the HTTP status for an HTTP error without one).
+        retried: requests submitted again at least once (after a retryable failure).
+        rounds: retry rounds used (0 when nothing was re-submitted).
+        batches: batches created.
+        recreated: batches re-created from their uploaded file after
+            ``token_limit_exceeded``.
+        statuses: shards by their batch's last status (or the shard's state before its
+            batch exists: ``planned``, ``uploaded``, ``creating``).
+        input_tokens: prompt tokens of the final results, from their ``usage``.
+        output_tokens: completion tokens of the final results.
+        elapsed: seconds since the run started (on the run's clock), downtime included.
+        output: the output file, once written.
+    """
+
+    run_id: str
+    state: str
+    requests: int
+    succeeded: int
+    failed: int
+    pending: int
+    skipped: int = 0
+    errors: Mapping[str, int] = attrs.field(factory=dict, converter=_frozen)
+    retried: int = 0
+    rounds: int = 0
+    batches: int = 0
+    recreated: int = 0
+    statuses: Mapping[str, int] = attrs.field(factory=dict, converter=_frozen)
+    input_tokens: int = 0
+    output_tokens: int = 0
+    elapsed: float = 0.0
+    output: str | None = None
+
+    @property
+    def total_tokens(self) -> int:
+        """Prompt plus completion tokens."""
+        return self.input_tokens + self.output_tokens
+
+    @property
+    def complete(self) -> bool:
+        """Every request has its final result."""
+        return self.pending == 0
+
+
+def read_report(journal: Journal, *, now: float | None = None) -> RunReport:
+    """The report of the run a journal holds, at any time (also while it runs).
+
+    Args:
+        journal: the run's journal.
+        now: the current time on the run's clock, for ``elapsed`` (default: the time
+            the run last recorded).
+    """
+    meta = journal.meta()
+    counts: dict[str, Any] = journal.counts()
+    states: Mapping[str, int] = counts["requests"]
+    kinds: Mapping[str, int] = counts["kinds"]
+    started = float(meta.get("started_at", "0") or 0)
+    last = float(meta.get("updated_at", meta.get("started_at", "0")) or 0)
+    elapsed = max(0.0, (now if now is not None else last) - started) if started else 0.0
+    creates = int(counts["creates"])
+    return RunReport(
+        run_id=meta.get("run_id", "?"),
+        state=meta.get("state", "?"),
+        requests=sum(states.values()),
+        succeeded=int(kinds.get("success", 0)),
+        failed=sum(v for k, v in kinds.items() if k != "success"),
+        pending=sum(v for k, v in states.items() if k != "done"),
+        skipped=int(meta.get("skipped", "0")),
+        errors={str(k): int(v) for k, v in counts["codes"].items()},
+        retried=int(counts["retried"]),
+        rounds=int(counts["max_attempts"]),
+        batches=int(counts["batches"]),
+        recreated=max(0, creates - int(counts["batches"])),
+        statuses={str(k): int(v) for k, v in counts["statuses"].items()},
+        input_tokens=int(counts["input_tokens"]),
+        output_tokens=int(counts["output_tokens"]),
+        elapsed=elapsed,
+        output=meta.get("output_written"),
+    )
+
+
+def format_duration(seconds: float) -> str:
+    """``"45s"``, ``"12m03s"``, ``"3h07m"``."""
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return f"{seconds:.0f}s" if seconds >= 10 else f"{seconds:.1f}s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
+
+
+def format_report(report: RunReport) -> str:
+    """The report as a few lines of text (what ``aiobatch run`` and ``aiobatch status``
+    print)."""
+    lines = [
+        f"run {report.run_id}: {report.state}, {format_duration(report.elapsed)} elapsed",
+        f"requests: {report.requests:,} ({report.succeeded:,} succeeded, "
+        f"{report.failed:,} failed, {report.pending:,} pending)"
+        + (f"; {report.skipped:,} invalid input lines skipped" if report.skipped else ""),
+    ]
+    if report.errors:
+        errors = ", ".join(
+            f"{code} {count:,}" for code, count in sorted(report.errors.items(), key=_by_count)
+        )
+        lines.append(f"errors: {errors}")
+    batches = ", ".join(f"{count:,} {name}" for name, count in _ordered(report.statuses))
+    lines.append(
+        f"batches: {report.batches:,} created"
+        + (f" ({batches})" if batches else "")
+        + (
+            f"; {report.recreated:,} re-created after token_limit_exceeded"
+            if report.recreated
+            else ""
+        )
+    )
+    lines.append(f"retry rounds: {report.rounds} ({report.retried:,} requests re-submitted)")
+    lines.append(
+        f"tokens: {report.input_tokens:,} in, {report.output_tokens:,} out, "
+        f"{report.total_tokens:,} total"
+    )
+    if report.output:
+        lines.append(f"results: {report.output}")
+    return "\n".join(lines)
+
+
+def _by_count(item: tuple[str, int]) -> tuple[int, str]:
+    return (-item[1], item[0])

@@ -1,0 +1,1529 @@
+"""The main job: a whole request set through the Batch API, resumable, exactly once.
+
+:class:`BatchRun` takes a JSONL file (or an iterable of requests) and drives it end to
+end::
+
+    preflight -> journal -> shard -> upload -> create -> track (fleet) -> collect
+              -> retry rounds -> results (each custom_id exactly once)
+
+Every step is written to the journal (:mod:`aiobatch._journal`) before it is acted on,
+so a run killed at any point and started again with the same journal continues where it
+stopped:
+
+- a shard whose upload may have happened is looked up by its file name
+  (``aiobatch-<run>-<shard>.jsonl``, same size) before it is uploaded again;
+- a shard whose create may have happened is looked up by its create key (in the batch's
+  metadata, beside ``aiobatch_run`` and ``aiobatch_shard``) and adopted; it is created
+  only when the lookup proved that no batch carries the key, so no shard ever gets a
+  second batch;
+- a batch's output and error files are streamed into the journal in chunks, each chunk
+  committed with the count of lines read, so a collection cut short resumes after the
+  last committed line and no result is recorded twice.
+
+Lines that failed for a retryable reason (the batch expired or was cancelled, an HTTP
+408, 429 or 5xx, or the line never came back) go into new batches, up to
+``max_rounds`` rounds; permanent errors (other 4xx) are final results. A batch that
+failed with ``token_limit_exceeded`` is created again from the file already uploaded,
+after a backoff, without spending its requests' rounds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import hashlib
+import logging
+import math
+import os
+import time
+import uuid
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import IO, Any, Literal, TypeAlias
+
+import attrs
+
+from ._aio import first_of
+from ._client import BatchClient
+from ._convert import decode_result_line
+from ._create import CREATE_KEY_METADATA
+from ._fleet import BatchDone, DoneReason, Fleet, FleetConfig, StatusChanged
+from ._journal import Journal, ShardRow, dumps_compact
+from ._lifecycle import BatchStatus
+from ._models import Batch, ResultError, ResultHTTPError, ResultLine, ResultSuccess
+from ._preflight import Preflight, PreparedRequest
+from ._progress import RunProgress
+from ._report import RunReport, read_report
+from ._retry import RetryPolicy
+from ._shard import ShardItem, plan_shards
+from .errors import (
+    AiobatchError,
+    AmbiguousCreateError,
+    APIStatusError,
+    AuthenticationError,
+    DecodeError,
+    JournalError,
+    LookupIncompleteError,
+    NotFoundError,
+    PermissionDeniedError,
+    RunError,
+    TransportError,
+)
+
+__all__ = ["BatchRun", "RunConfig", "RunResult", "RequestSource"]
+
+logger = logging.getLogger("aiobatch.run")
+
+#: What a run reads its requests from: a JSONL file, or request objects (or their JSON
+#: lines), sync or async.
+RequestSource: TypeAlias = (
+    "str | os.PathLike[str] | Iterable[Mapping[str, Any] | str | bytes] "
+    "| AsyncIterable[Mapping[str, Any] | str | bytes]"
+)
+
+#: Error-file codes (``error.code``) of lines that never ran and may run again.
+RETRYABLE_LINE_CODES = frozenset(
+    {
+        "batch_expired",
+        "batch_cancelled",
+        "batch_canceled",
+        "rate_limit_exceeded",
+        "server_error",
+        "internal_error",
+        "timeout",
+        "service_unavailable",
+    }
+)
+#: Batch-level error codes (``errors.data[].code``) that say the input itself is bad:
+#: running it again cannot help.
+PERMANENT_BATCH_CODES = frozenset(
+    {
+        "invalid_json_line",
+        "duplicate_custom_id",
+        "url_mismatch",
+        "model_mismatch",
+        "missing_required_parameter",
+        "invalid_request",
+        "invalid_url",
+        "invalid_method",
+        "empty_file",
+        "too_many_requests_in_file",
+        "file_too_large",
+        "model_not_found",
+        "unsupported_model",
+    }
+)
+TOKEN_LIMIT_CODE = "token_limit_exceeded"
+_TERMINAL_STATUSES = frozenset(s.value for s in BatchStatus if s.is_terminal)
+_SUCCESS_TOKENS = (("prompt_tokens", "completion_tokens"), ("input_tokens", "output_tokens"))
+
+
+def _positive(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is not None and (isinstance(value, bool) or value <= 0):
+        raise ValueError(f"RunConfig.{attribute.name} must be positive, got {value!r}")
+
+
+def _non_negative(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if isinstance(value, bool) or value < 0:
+        raise ValueError(f"RunConfig.{attribute.name} must be >= 0, got {value!r}")
+
+
+def _order(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value not in ("input", "completion"):
+        raise ValueError(f"RunConfig.order must be 'input' or 'completion', got {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class RunConfig:
+    """How a :class:`BatchRun` shards, submits, retries and collects.
+
+    Durations are seconds on the client's clock.
+
+    Attributes:
+        max_lines: requests per batch; None takes the provider's limit (OpenAI 50,000,
+            Azure 100,000).
+        max_bytes: bytes per batch input file; None takes the provider's (200 MB).
+        max_rounds: retry rounds for lines that failed for a retryable reason (0 for
+            none): a line runs at most ``1 + max_rounds`` times.
+        order: the order of :meth:`BatchRun.results` and of the output file:
+            ``"input"`` (default) or ``"completion"``.
+        skip_invalid: skip input lines that fail preflight (they are reported) instead
+            of stopping before anything is uploaded.
+        completion_window: every batch's window (``24h``).
+        metadata: extra metadata for every batch (at most 13 pairs: aiobatch adds
+            ``aiobatch_run``, ``aiobatch_shard`` and ``aiobatch_create_key``).
+        enqueued_token_limits: model -> the most estimated prompt tokens to have
+            enqueued (in batches not yet ended) at once; shards are also cut to fit.
+            Models not listed have no client-side limit.
+        token_estimator: estimates a request body's prompt tokens (default
+            :func:`aiobatch._preflight.estimate_tokens`, about 4 characters a token).
+        fleet: how batches are polled (default :class:`FleetConfig` defaults).
+        batch_timeout: cancel a batch still open this long after its creation and keep
+            its finished lines (the rest go to a retry round); None for no limit.
+        max_submissions: shards uploaded and created at once.
+        max_collections: batches whose files are read at once.
+        collect_chunk: result lines committed to the journal per transaction.
+        retry_coalesce: how long lines waiting for a retry round gather before they
+            are sharded (sooner when nothing else is open).
+        token_limit_backoff: the first wait before re-creating a batch that failed with
+            ``token_limit_exceeded``; it doubles per failure of that shard.
+        token_limit_max_backoff: the longest such wait.
+        max_recreates: re-creates per shard after ``token_limit_exceeded``, after which
+            its lines end with that error.
+        step_backoff: the first wait before trying a failed step (upload, create
+            lookup, collection) again; it doubles per failure.
+        max_step_failures: failures of one step in a row after which the run stops
+            (with :class:`~aiobatch.errors.RunError`; the journal stays resumable).
+        output_lag_retries: retrieves of a ``completed`` batch that reports finished
+            requests but no ``output_file_id`` yet, before its lines count as missing.
+        cancel_poll_interval: how often the run looks for a cancel request in its
+            journal (``aiobatch cancel``).
+        cancel_timeout: after a cancel, how long to wait for the open batches to reach
+            ``cancelled`` (and to collect them); None waits as long as it takes.
+        work_dir: where shard files are written before upload (default: beside the
+            journal); each is deleted once uploaded.
+    """
+
+    max_lines: int | None = attrs.field(default=None, validator=_positive)
+    max_bytes: int | None = attrs.field(default=None, validator=_positive)
+    max_rounds: int = attrs.field(default=3, validator=_non_negative)
+    order: Literal["input", "completion"] = attrs.field(default="input", validator=_order)
+    skip_invalid: bool = False
+    completion_window: str = "24h"
+    metadata: Mapping[str, str] = attrs.field(factory=dict)
+    enqueued_token_limits: Mapping[str, int] = attrs.field(factory=dict)
+    token_estimator: Callable[[Mapping[str, Any]], int] | None = None
+    fleet: FleetConfig | None = None
+    batch_timeout: float | None = attrs.field(default=None, validator=_positive)
+    max_submissions: int = attrs.field(default=8, validator=_positive)
+    max_collections: int = attrs.field(default=4, validator=_positive)
+    collect_chunk: int = attrs.field(default=2000, validator=_positive)
+    retry_coalesce: float = attrs.field(default=30.0, validator=_non_negative)
+    token_limit_backoff: float = attrs.field(default=60.0, validator=_non_negative)
+    token_limit_max_backoff: float = attrs.field(default=1800.0, validator=_non_negative)
+    max_recreates: int = attrs.field(default=100, validator=_non_negative)
+    step_backoff: float = attrs.field(default=5.0, validator=_non_negative)
+    max_step_failures: int = attrs.field(default=10, validator=_positive)
+    output_lag_retries: int = attrs.field(default=3, validator=_non_negative)
+    cancel_poll_interval: float = attrs.field(default=5.0, validator=_positive)
+    cancel_timeout: float | None = attrs.field(default=None, validator=_positive)
+    work_dir: str | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if len(self.metadata) > 13:
+            raise ValueError(
+                f"RunConfig.metadata has {len(self.metadata)} pairs; at most 13 fit beside "
+                "aiobatch's own three (16 in all)"
+            )
+        for name, limit in self.enqueued_token_limits.items():
+            if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
+                raise ValueError(
+                    f"RunConfig.enqueued_token_limits[{name!r}] must be a positive int, "
+                    f"got {limit!r}"
+                )
+
+
+@attrs.frozen(slots=True)
+class RunResult:
+    """The final result of one request.
+
+    Attributes:
+        custom_id: the request's id.
+        index: the request's 0-based position among the accepted input requests.
+        result: the result line (a success, an HTTP error, or an error that never got
+            a response; aiobatch's own errors, such as a line the server never
+            returned after the last round, are :class:`ResultError` with ``id`` None).
+        attempts: retryable failures before this result (0 when it came first time).
+        batch_id: the batch that produced it (None for aiobatch's own errors).
+    """
+
+    custom_id: str
+    index: int
+    result: ResultLine
+    attempts: int
+    batch_id: str | None
+
+    @property
+    def ok(self) -> bool:
+        """The request succeeded."""
+        return isinstance(self.result, ResultSuccess)
+
+
+class _Stop(Exception):
+    """A step gave up because the run is stopping."""
+
+
+def _own_error(custom_id: str, code: str, message: str) -> bytes:
+    """A result line aiobatch writes itself (no batch produced one)."""
+    return dumps_compact(
+        {
+            "id": None,
+            "custom_id": custom_id,
+            "response": None,
+            "error": {"code": code, "message": message},
+        }
+    )
+
+
+def _line_tokens(result: ResultLine) -> tuple[int, int]:
+    if not isinstance(result, ResultSuccess):
+        return 0, 0
+    body = result.response.body
+    usage = body.get("usage") if isinstance(body, dict) else None
+    if not isinstance(usage, dict):
+        return 0, 0
+    for prompt, completion in _SUCCESS_TOKENS:
+        if prompt in usage:
+            p, c = usage.get(prompt), usage.get(completion, 0)
+            return (
+                p if isinstance(p, int) and not isinstance(p, bool) else 0,
+                c if isinstance(c, int) and not isinstance(c, bool) else 0,
+            )
+    return 0, 0
+
+
+def _classify(result: ResultLine) -> tuple[str, str | None, bool]:
+    """(kind, code, retryable) of a result line."""
+    if isinstance(result, ResultSuccess):
+        return "success", None, False
+    if isinstance(result, ResultHTTPError):
+        status = result.status_code
+        body = result.response.body
+        code: str | None = None
+        if isinstance(body, dict) and isinstance(body.get("error"), dict):
+            raw = body["error"].get("code")
+            code = str(raw) if raw is not None else None
+        retryable = status in (408, 429) or status >= 500
+        return "http_error", code or f"http_{status}", retryable
+    assert isinstance(result, ResultError)
+    code = result.error.code
+    return "error", code, code in RETRYABLE_LINE_CODES
+
+
+def _file_lines(path: str, digest: Any) -> Iterator[bytes]:
+    """A file's lines without their newlines, feeding every byte to ``digest``."""
+    with open(path, "rb") as fh:
+        for raw in fh:
+            digest.update(raw)
+            yield raw.rstrip(b"\n")
+
+
+def _write_lines(path: Path, lines: Iterable[bytes]) -> int:
+    """Write lines (each followed by a newline) to ``path``; return the bytes written."""
+    size = 0
+    with open(path, "wb") as fh:
+        for data in lines:
+            fh.write(data)
+            fh.write(b"\n")
+            size += len(data) + 1
+    return size
+
+
+def _fingerprint(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return f"sha256:{digest.hexdigest()}"
+
+
+class _Lock:
+    """An exclusive lock on a journal, held by the process that runs it (released by
+    the OS when the process dies, however it dies)."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path + ".lock"
+        self._fh: IO[str] | None = None
+
+    def acquire(self) -> None:
+        fh = open(self._path, "a+")  # noqa: SIM115 - held for the run's lifetime
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            fh.seek(0)
+            owner = fh.read().strip() or "another process"
+            fh.close()
+            raise JournalError(
+                f"the journal {self._path[:-5]} is in use by {owner}; one run at a time"
+            ) from exc
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()}")
+        fh.flush()
+        self._fh = fh
+
+    def release(self) -> None:
+        if self._fh is not None:
+            fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
+            self._fh.close()
+            self._fh = None
+
+
+class BatchRun:
+    """A whole request set through the Batch API, resumable, each request answered once.
+
+    Create it with the client, the requests and a journal path; :meth:`run` drives it to
+    the end and returns the report, :meth:`results` streams the final results as they
+    arrive. Running it again with the same journal (after a crash, a cancel, or in a new
+    process) continues the same run: the journal, not the source, holds the requests
+    then (a file source is only checked to be the same file).
+
+    Args:
+        client: the client to call (not closed by the run).
+        source: a JSONL file path, or request objects (or their JSON lines), sync or
+            async; read once, on the first run.
+        journal: the journal file (SQLite), created when missing.
+        output: a JSONL file to write every final result to, once the run completes
+            (atomically), in ``config.order``.
+        config: sharding, retries, concurrency (see :class:`RunConfig`).
+        on_progress: called with a :class:`RunProgress` whenever something changed
+            (for :class:`aiobatch._progress.ProgressDisplay`); must be quick.
+    """
+
+    def __init__(
+        self,
+        client: BatchClient,
+        source: RequestSource | None,
+        *,
+        journal: str | os.PathLike[str],
+        output: str | os.PathLike[str] | None = None,
+        config: RunConfig | None = None,
+        on_progress: Callable[[RunProgress], None] | None = None,
+    ) -> None:
+        self._client = client
+        self._source = source
+        self._journal_path = os.fspath(journal)
+        self._output = os.fspath(output) if output is not None else None
+        self._config = config if config is not None else RunConfig()
+        self._on_progress = on_progress
+        self._clock = client.clock
+        limits = client.provider.limits
+        self._max_lines = self._config.max_lines or limits.max_lines
+        self._max_bytes = self._config.max_bytes or limits.max_bytes
+        self._journal: Journal | None = None
+        self._lock = _Lock(self._journal_path)
+        self._run_id = ""
+        self._fleet: Fleet | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._submitting: dict[str, asyncio.Task[None]] = {}
+        self._collecting: set[str] = set()
+        self._shard_of: dict[str, str] = {}
+        self._status: dict[str, str] = {}
+        self._changed = asyncio.Event()
+        self._results_changed = asyncio.Event()
+        self._budget_changed = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._stop_reason: str | None = None
+        self._failure: BaseException | None = None
+        self._enqueued: dict[str | None, int] = {}
+        self._submit_slots = asyncio.Semaphore(self._config.max_submissions)
+        self._collect_slots = asyncio.Semaphore(self._config.max_collections)
+        self._retry_since: float | None = None
+        self._counts = {"succeeded": 0, "failed": 0, "retrying": 0, "total": 0}
+        self._round = 0
+        self._started_at = 0.0
+        self._state = "new"
+        self._runner: asyncio.Task[RunReport] | None = None
+        self._step_waits = RetryPolicy(
+            initial_delay=self._config.step_backoff,
+            max_delay=max(self._config.step_backoff, 300.0),
+        )
+        self._token_waits = RetryPolicy(
+            initial_delay=self._config.token_limit_backoff,
+            max_delay=max(self._config.token_limit_backoff, self._config.token_limit_max_backoff),
+        )
+
+    # --- public surface ------------------------------------------------------------------
+
+    @property
+    def run_id(self) -> str:
+        """The run's id ('' before the run opened its journal)."""
+        return self._run_id
+
+    @property
+    def journal_path(self) -> str:
+        """The journal file."""
+        return self._journal_path
+
+    def cancel(self) -> None:
+        """Cancel the run: no new batches; the open ones are cancelled and their
+        finished lines collected; :meth:`run` then returns a ``cancelled`` report. The
+        journal stays resumable (the cancelled lines run when the run is started
+        again)."""
+        self._request_stop("cancelled")
+
+    async def run(self) -> RunReport:
+        """Drive the run to its end (or its cancel) and return the report.
+
+        A cancelled task (or Ctrl-C) cancels the open batches and collects their finished
+        lines first (see ``RunConfig.cancel_timeout``), then re-raises.
+
+        Raises:
+            PreflightError: the input has bad lines (nothing was uploaded, no journal
+                is left behind).
+            JournalError: the journal belongs to another input, or another process
+                runs it.
+            RunError: a step kept failing, or the server refused the credentials; the
+                journal stays resumable.
+        """
+        if self._runner is None:
+            self._runner = asyncio.ensure_future(self._run())
+        return await asyncio.shield(self._runner) if False else await self._runner
+
+    async def results(self) -> AsyncIterator[RunResult]:
+        """The final results, each request's once, as they become final, in
+        ``config.order`` (input order yields a result once every earlier request has
+        its own). Starts the run when it is not running; ends when the run ends.
+
+        Raises:
+            whatever :meth:`run` raises.
+        """
+        if self._runner is None:
+            self._runner = asyncio.ensure_future(self._run())
+        runner = self._runner
+        order = self._config.order
+        cursor = -1
+        while True:
+            while self._journal is None and not runner.done():
+                await first_of(
+                    asyncio.ensure_future(self._results_changed.wait()),
+                    asyncio.ensure_future(asyncio.shield(runner)),
+                )
+                self._results_changed.clear()
+            journal = self._journal
+            if journal is None:
+                await runner  # raises its error
+                return
+            self._results_changed.clear()
+            finished = runner.done()
+            rows = journal.result_rows(order=order, after=cursor, limit=1000)
+            for n, seq, cid, attempts, batch_id, data, _kind in rows:
+                if order == "input" and seq != cursor + 1:
+                    break
+                cursor = seq if order == "input" else n
+                yield RunResult(
+                    custom_id=cid,
+                    index=seq,
+                    result=decode_result_line(data, what=f"the result of {cid!r}"),
+                    attempts=attempts,
+                    batch_id=batch_id,
+                )
+            else:
+                if len(rows) == 1000:
+                    continue
+            if finished:
+                if not rows or (order == "input" and rows and cursor != rows[-1][1]):
+                    runner.result()  # raises the run's error, if any
+                    return
+                continue
+            await first_of(
+                asyncio.ensure_future(self._results_changed.wait()),
+                asyncio.ensure_future(asyncio.shield(runner)),
+            )
+
+    def progress(self) -> RunProgress:
+        """A snapshot of the run, for display."""
+        batches: dict[str, int] = {}
+        for status in self._status.values():
+            batches[status] = batches.get(status, 0) + 1
+        counts = self._counts
+        return RunProgress(
+            total=counts["total"],
+            succeeded=counts["succeeded"],
+            failed=counts["failed"],
+            retrying=counts["retrying"],
+            batches=batches,
+            round=self._round,
+            elapsed=max(0.0, self._clock.now() - self._started_at) if self._started_at else 0.0,
+            state=self._state,
+        )
+
+    # --- the run -------------------------------------------------------------------------
+
+    async def _run(self) -> RunReport:
+        self._lock.acquire()
+        try:
+            journal = self._open_journal()
+            try:
+                return await self._drive(journal)
+            finally:
+                self._journal = None
+                journal.close()
+                self._results_changed.set()
+        finally:
+            self._lock.release()
+
+    def _open_journal(self) -> Journal:
+        path = self._journal_path
+        fresh = not os.path.exists(path)
+        if fresh and self._source is None:
+            raise JournalError(f"no journal at {path}, and no requests to start a run with")
+        return Journal(path, create=True)
+
+    async def _drive(self, journal: Journal) -> RunReport:
+        if journal.get_meta("state") is None:
+            try:
+                await self._ingest(journal)
+            except BaseException:
+                journal.close()
+                for suffix in ("", "-wal", "-shm"):
+                    with contextlib.suppress(OSError):
+                        os.unlink(self._journal_path + suffix)
+                raise
+        else:
+            self._check_source(journal)
+        self._journal = journal
+        meta = journal.meta()
+        self._run_id = meta["run_id"]
+        self._started_at = float(meta["started_at"])
+        if journal.get_meta("state") == "done":
+            self._state = "done"
+            self._load_counts(journal)
+            self._write_output(journal)
+            return read_report(journal)
+        journal.set_meta(state="running", cancel_requested=None, updated_at=str(self._clock.now()))
+        self._state = "running"
+        self._load_counts(journal)
+        self._results_changed.set()
+        fleet_config = self._config.fleet or FleetConfig()
+        if self._config.batch_timeout is not None:
+            fleet_config = attrs.evolve(fleet_config, cancel_on_deadline=True)
+        fleet = Fleet(self._client, config=fleet_config)
+        self._fleet = fleet
+        cancelled: BaseException | None = None
+        try:
+            events = fleet.events()
+            self._spawn(self._consume(events), name="events")
+            self._resume(journal)
+            try:
+                await self._supervise(journal)
+            except asyncio.CancelledError as exc:
+                cancelled = exc
+                self._request_stop("cancelled")
+            if self._stopping.is_set() and self._failure is None:
+                await self._wind_down(journal)
+        finally:
+            await self._shutdown()
+        if self._failure is not None:
+            journal.set_meta(state="failed", updated_at=str(self._clock.now()))
+            self._state = "failed"
+            raise self._failure
+        if cancelled is not None or self._stop_reason == "cancelled":
+            journal.set_meta(state="cancelled", updated_at=str(self._clock.now()))
+            self._state = "cancelled"
+            self._emit_progress()
+            if cancelled is not None:
+                raise cancelled
+            return read_report(journal)
+        journal.set_meta(state="done", updated_at=str(self._clock.now()))
+        self._state = "done"
+        self._write_output(journal)
+        self._emit_progress()
+        return read_report(journal)
+
+    # --- ingest --------------------------------------------------------------------------
+
+    async def _ingest(self, journal: Journal) -> None:
+        """Preflight the source into the journal in one transaction: all or nothing."""
+        source = self._source
+        is_path = isinstance(source, str | os.PathLike)
+        name = os.fspath(source) if is_path else "<requests>"  # type: ignore[arg-type]
+        preflight = Preflight(
+            source=name,
+            max_line_bytes=self._max_bytes,
+            skip_invalid=self._config.skip_invalid,
+            token_estimator=self._config.token_estimator,
+        )
+        rows: list[tuple[Any, ...]] = []
+
+        def keep(request: PreparedRequest | None) -> None:
+            if request is None:
+                return
+            rows.append(
+                (
+                    request.seq,
+                    request.custom_id,
+                    request.line,
+                    request.url,
+                    request.model,
+                    request.tokens,
+                    request.data,
+                )
+            )
+            if len(rows) >= 5000:
+                journal.add_requests(db, rows)
+                rows.clear()
+
+        with journal.transaction() as db:
+            if is_path:
+                digest = hashlib.sha256()
+                for number, raw in enumerate(_file_lines(name, digest), start=1):
+                    keep(preflight.check_line(raw, number))
+                    if number % 20000 == 0:
+                        await asyncio.sleep(0)
+                fingerprint = f"sha256:{digest.hexdigest()}"
+            else:
+                fingerprint = ""
+                index = 0
+                if isinstance(source, AsyncIterable):
+                    async for item in source:
+                        index += 1
+                        keep(preflight.check_item(item, index))
+                else:
+                    for item in source:  # type: ignore[union-attr]
+                        index += 1
+                        keep(preflight.check_item(item, index))
+            preflight.finish()
+            journal.add_requests(db, rows)
+            if preflight.accepted == 0:
+                raise RunError(f"{name} holds no requests")
+            now = self._clock.now()
+            problems = [str(p) for p in preflight.problems[:100]]
+            journal._put_meta(
+                db,
+                {
+                    "run_id": uuid.uuid4().hex[:16],
+                    "source": name,
+                    "fingerprint": fingerprint,
+                    "started_at": repr(now),
+                    "updated_at": repr(now),
+                    "state": "running",
+                    "skipped": str(preflight.problem_count),
+                    "problems": "\n".join(problems),
+                    "order": self._config.order,
+                },
+            )
+        for problem in preflight.problems[:20]:
+            logger.warning("skipped invalid input line: %s", problem)
+        if preflight.problem_count > 20:
+            logger.warning("... %d invalid input lines skipped in all", preflight.problem_count)
+
+    def _check_source(self, journal: Journal) -> None:
+        source = self._source
+        if not isinstance(source, str | os.PathLike):
+            return
+        recorded = journal.get_meta("fingerprint") or ""
+        if recorded and _fingerprint(os.fspath(source)) != recorded:
+            raise JournalError(
+                f"the journal {self._journal_path} belongs to a run of another input "
+                f"({journal.get_meta('source')}); {os.fspath(source)} has changed since. "
+                "Use a new journal for new input"
+            )
+
+    def _load_counts(self, journal: Journal) -> None:
+        counts = journal.counts()
+        kinds = counts["kinds"]
+        states = counts["requests"]
+        self._counts = {
+            "total": sum(states.values()),
+            "succeeded": int(kinds.get("success", 0)),
+            "failed": sum(v for k, v in kinds.items() if k != "success"),
+            "retrying": int(
+                journal._db.execute(
+                    "SELECT count(*) FROM requests WHERE state != 'done' AND attempts > 0"
+                ).fetchone()[0]
+            ),
+        }
+        self._round = int(counts["rounds"])
+
+    # --- supervision ---------------------------------------------------------------------
+
+    def _resume(self, journal: Journal) -> None:
+        """Pick up every shard where the journal left it."""
+        for row in journal.shards("planned", "uploaded", "creating"):
+            self._status[row.key] = row.state
+            self._start_submit(row.key)
+        for row in journal.shards("open"):
+            assert row.batch_id is not None
+            self._track(row)
+        for row in journal.shards("collecting"):
+            assert row.batch_id is not None
+            self._shard_of[row.batch_id] = row.key
+            self._status[row.key] = row.status or "collecting"
+            self._spawn(self._collect(row.key, None), name=f"collect {row.key}")
+        for row in journal.shards("collected"):
+            self._status[row.key] = row.status or "collected"
+
+    async def _supervise(self, journal: Journal) -> None:
+        """Plan shards when lines are pending, until every request has its result."""
+        clock = self._clock
+        next_cancel_check = clock.monotonic()
+        while True:
+            self._changed.clear()
+            if self._failure is not None or self._stopping.is_set():
+                return
+            now = clock.monotonic()
+            if now >= next_cancel_check:
+                next_cancel_check = now + self._config.cancel_poll_interval
+                journal.set_meta(updated_at=repr(clock.now()))
+                if journal.get_meta("cancel_requested"):
+                    logger.warning("run %s: cancel requested in the journal", self._run_id)
+                    self._request_stop("cancelled")
+                    return
+            busy = bool(self._submitting or self._collecting or self._shard_of_open())
+            pending = self._pending_count(journal)
+            if pending:
+                if self._retry_since is None:
+                    self._retry_since = now
+                due = self._retry_since + self._config.retry_coalesce
+                if not busy or now >= due or self._fresh_pending(journal):
+                    self._plan(journal)
+                    self._retry_since = None
+                    continue
+            else:
+                self._retry_since = None
+                if not busy:
+                    if self._not_done(journal) == 0:
+                        return
+                    raise RunError(
+                        f"run {self._run_id}: requests are queued in shards that nothing "
+                        "tracks; this is a bug in aiobatch (the journal is intact)"
+                    )
+            wait = next_cancel_check - now
+            if pending and self._retry_since is not None:
+                wait = min(wait, self._retry_since + self._config.retry_coalesce - now)
+            await first_of(
+                asyncio.ensure_future(clock.sleep(max(wait, 0.0))),
+                asyncio.ensure_future(self._changed.wait()),
+            )
+
+    def _shard_of_open(self) -> bool:
+        fleet = self._fleet
+        return fleet is not None and bool(fleet.open_ids)
+
+    @staticmethod
+    def _pending_count(journal: Journal) -> int:
+        return int(
+            journal._db.execute("SELECT count(*) FROM requests WHERE state = 'pending'").fetchone()[
+                0
+            ]
+        )
+
+    @staticmethod
+    def _fresh_pending(journal: Journal) -> bool:
+        """Pending lines that never ran (new input, or put back by a cancel) are planned
+        at once; only retries wait to gather."""
+        row = journal._db.execute(
+            "SELECT 1 FROM requests WHERE state = 'pending' AND last_error IS NULL LIMIT 1"
+        ).fetchone()
+        return row is not None
+
+    @staticmethod
+    def _not_done(journal: Journal) -> int:
+        return int(
+            journal._db.execute("SELECT count(*) FROM requests WHERE state != 'done'").fetchone()[0]
+        )
+
+    def _plan(self, journal: Journal) -> None:
+        """Shard every pending request (by url and model, within the limits) and record
+        each shard's intent before anything is uploaded."""
+        limits = self._config.enqueued_token_limits
+        groups: dict[tuple[str, str | None], list[ShardItem]] = {}
+        attempts: dict[int, int] = {}
+        for seq, url, model, size, tokens, tries in journal.pending_items():
+            groups.setdefault((url, model), []).append(ShardItem(seq, url, model, size, tokens))
+            attempts[seq] = tries
+        now = self._clock.now()
+        index = journal.shard_count()
+        keys: list[str] = []
+        with journal.transaction() as db:
+            for (_url, model), items in groups.items():
+                for plan in plan_shards(
+                    items,
+                    max_lines=self._max_lines,
+                    max_bytes=self._max_bytes,
+                    max_tokens=limits.get(model) if model is not None else None,
+                ):
+                    key = f"s{index:06d}"
+                    index += 1
+                    round_ = max(attempts[seq] for seq in plan.seqs)
+                    journal.add_shard(
+                        db,
+                        key=key,
+                        round=round_,
+                        url=plan.url,
+                        model=plan.model,
+                        seqs=plan.seqs,
+                        size=plan.size,
+                        tokens=plan.tokens,
+                        planned_at=now,
+                    )
+                    self._round = max(self._round, round_)
+                    keys.append(key)
+        for key in keys:
+            self._status[key] = "planned"
+            self._start_submit(key)
+        if keys:
+            logger.info("run %s: planned %d batch(es)", self._run_id, len(keys))
+        self._emit_progress()
+
+    def _spawn(self, coroutine: Any, *, name: str) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None and self._failure is None:
+            self._failure = task.exception()
+            self._stopping.set()
+        self._changed.set()
+
+    def _request_stop(self, reason: str) -> None:
+        if not self._stopping.is_set():
+            self._stop_reason = reason
+            self._state = "cancelling"
+            self._stopping.set()
+            self._changed.set()
+            self._budget_changed.set()
+            self._emit_progress()
+
+    async def _wind_down(self, journal: Journal) -> None:
+        """After a cancel: let in-flight submissions finish their step, cancel every open
+        batch, and collect what they finished."""
+        journal.set_meta(state="cancelling")
+        fleet = self._fleet
+        assert fleet is not None
+        deadline = (
+            self._clock.monotonic() + self._config.cancel_timeout
+            if self._config.cancel_timeout is not None
+            else math.inf
+        )
+        while self._submitting:
+            await self._wait_changed(deadline)
+            if self._clock.monotonic() >= deadline:
+                break
+        for batch_id in fleet.open_ids:
+            key = self._shard_of.get(batch_id)
+            if key is not None:
+                journal.update_shard(key, cancel_reason="run")
+            with contextlib.suppress(KeyError):
+                fleet.cancel(batch_id)
+        while (fleet.open_ids or self._collecting) and self._failure is None:
+            if self._clock.monotonic() >= deadline:
+                logger.warning(
+                    "run %s: %d batch(es) still cancelling at the cancel timeout; the "
+                    "journal keeps them for the next run",
+                    self._run_id,
+                    len(fleet.open_ids),
+                )
+                break
+            await self._wait_changed(deadline)
+
+    async def _wait_changed(self, deadline: float) -> None:
+        self._changed.clear()
+        waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(self._changed.wait())]
+        if deadline != math.inf:
+            waits.append(
+                asyncio.ensure_future(
+                    self._clock.sleep(max(0.0, deadline - self._clock.monotonic()))
+                )
+            )
+        await first_of(*waits)
+
+    async def _shutdown(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self._fleet is not None:
+            await self._fleet.aclose()
+            self._fleet = None
+
+    # --- submission ----------------------------------------------------------------------
+
+    def _start_submit(self, key: str) -> None:
+        if key not in self._submitting:
+            task = self._spawn(self._submit(key), name=f"submit {key}")
+            self._submitting[key] = task
+            task.add_done_callback(lambda _: self._submitting.pop(key, None))
+
+    async def _submit(self, key: str) -> None:
+        """Take one shard from its recorded state to an open, tracked batch."""
+        journal = self._db()
+        failures = 0
+        async with self._submit_slots:
+            while not self._stopping.is_set():
+                row = journal.shard(key)
+                try:
+                    if row.state == "planned":
+                        await self._upload(journal, row)
+                    elif row.state == "uploaded":
+                        await self._create(journal, row)
+                    elif row.state == "creating":
+                        await self._resolve_create(journal, row)
+                    else:
+                        return
+                    failures = 0
+                except _Stop:
+                    return
+                except (AuthenticationError, PermissionDeniedError) as exc:
+                    raise RunError(
+                        f"run {self._run_id}: the server refused the credentials ({exc}); "
+                        "the journal is intact: fix them and run again"
+                    ) from exc
+                except (
+                    TransportError,
+                    APIStatusError,
+                    LookupIncompleteError,
+                    AiobatchError,
+                ) as exc:
+                    failures += 1
+                    if failures >= self._config.max_step_failures:
+                        raise RunError(
+                            f"run {self._run_id}: shard {key} failed {failures} times in a "
+                            f"row at {row.state!r}: {exc}; the journal is intact"
+                        ) from exc
+                    delay = self._step_waits.backoff_delay(failures - 1)
+                    logger.warning(
+                        "run %s: shard %s (%s) failed: %s; trying again in %.0fs",
+                        self._run_id,
+                        key,
+                        row.state,
+                        exc,
+                        delay,
+                    )
+                    await self._pause(delay)
+
+    def _db(self) -> Journal:
+        journal = self._journal
+        if journal is None:
+            raise _Stop
+        return journal
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep on the clock; a stop cuts it short (raising :class:`_Stop`)."""
+        if seconds > 0:
+            await first_of(
+                asyncio.ensure_future(self._clock.sleep(seconds)),
+                asyncio.ensure_future(self._stopping.wait()),
+            )
+        if self._stopping.is_set():
+            raise _Stop
+
+    def _file_name(self, key: str) -> str:
+        return f"aiobatch-{self._run_id}-{key}.jsonl"
+
+    def _work_dir(self) -> Path:
+        folder = Path(self._config.work_dir or (self._journal_path + ".files"))
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    async def _upload(self, journal: Journal, row: ShardRow) -> None:
+        """Upload a planned shard's file, unless an upload of it already landed."""
+        name = self._file_name(row.key)
+        if row.upload_started_at is not None:
+            found = await self._find_upload(name, row.bytes, row.upload_started_at)
+            if found is not None:
+                logger.info("run %s: shard %s: adopted upload %s", self._run_id, row.key, found)
+                journal.update_shard(row.key, state="uploaded", file_id=found)
+                self._set_status(row.key, "uploaded")
+                return
+        path = self._work_dir() / name
+        size = _write_lines(path, journal.shard_lines(row.key))
+        if size != row.bytes:
+            raise RunError(
+                f"run {self._run_id}: shard {row.key} should be {row.bytes} bytes, "
+                f"its lines make {size}; the journal is inconsistent"
+            )
+        journal.update_shard(row.key, upload_started_at=self._clock.now())
+        self._set_status(row.key, "uploading")
+        try:
+            uploaded = await self._client.upload_file(path, filename=name)
+        finally:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        journal.update_shard(row.key, state="uploaded", file_id=uploaded.id)
+        self._set_status(row.key, "uploaded")
+
+    async def _find_upload(self, name: str, size: int, since: float) -> str | None:
+        """The id of a file named ``name`` of ``size`` bytes created after ``since``
+        (less a margin for clock skew), or None (also when files cannot be listed)."""
+        horizon = since - 900
+        try:
+            async for file in self._client.list_files(purpose="batch", order="desc"):
+                if file.filename == name and file.bytes == size:
+                    return file.id
+                if file.created_at < horizon:
+                    break
+        except AiobatchError as exc:
+            logger.warning("could not list files to find %s (%s); uploading it again", name, exc)
+        return None
+
+    async def _create(self, journal: Journal, row: ShardRow) -> None:
+        """Create the batch of an uploaded shard; the create key is journaled first."""
+        if row.not_before is not None:
+            await self._pause(row.not_before - self._clock.now())
+        await self._admit(row)
+        assert row.file_id is not None
+        key = f"{self._run_id}:{row.key}:{row.creates}"
+        journal.update_shard(
+            row.key, state="creating", create_key=key, create_started_at=self._clock.now()
+        )
+        self._set_status(row.key, "creating")
+        metadata = {
+            **self._config.metadata,
+            "aiobatch_run": self._run_id,
+            "aiobatch_shard": row.key,
+            CREATE_KEY_METADATA: key,
+        }
+        try:
+            batch = await self._client.create_batch(
+                row.file_id,
+                row.url,
+                completion_window=self._config.completion_window,
+                metadata=metadata,
+            )
+        except AmbiguousCreateError:
+            raise  # stays 'creating': looked up on the next step
+        except NotFoundError as exc:
+            # The file is gone (or not visible yet): upload it again.
+            journal.update_shard(row.key, state="planned", file_id=None, upload_started_at=None)
+            self._set_status(row.key, "planned")
+            raise exc
+        except (TransportError, APIStatusError) as exc:
+            if isinstance(exc, APIStatusError) and exc.status_code in (400, 409, 422):
+                self._reject_shard(journal, row, "batch_create_rejected", str(exc))
+                return
+            # No attempt made a batch (the client proved it): back to 'uploaded'.
+            journal.update_shard(row.key, state="uploaded")
+            self._set_status(row.key, "uploaded")
+            raise
+        self._opened(journal, row.key, batch)
+
+    async def _resolve_create(self, journal: Journal, row: ShardRow) -> None:
+        """A create may have been sent: adopt its batch, or prove it absent."""
+        assert row.create_key is not None
+        since = (row.create_started_at or row.planned_at) - 900
+        found = await self._client.find_created_batch(row.create_key, since=since, max_pages=1000)
+        if found is not None:
+            logger.info("run %s: shard %s: adopted batch %s", self._run_id, row.key, found.id)
+            self._opened(journal, row.key, found)
+            return
+        journal.update_shard(row.key, state="uploaded")
+        self._set_status(row.key, "uploaded")
+
+    def _opened(self, journal: Journal, key: str, batch: Batch) -> None:
+        journal.update_shard(key, state="open", batch_id=batch.id, status=batch.status.value)
+        row = journal.shard(key)
+        self._enqueued[row.model] = self._enqueued.get(row.model, 0) + row.tokens
+        self._track(row, batch)
+
+    def _track(self, row: ShardRow, batch: Batch | None = None) -> None:
+        assert row.batch_id is not None
+        assert self._fleet is not None
+        self._shard_of[row.batch_id] = row.key
+        self._status[row.key] = row.status or "validating"
+        if batch is None and row.status not in _TERMINAL_STATUSES:
+            self._enqueued[row.model] = self._enqueued.get(row.model, 0) + row.tokens
+        timeout = self._config.batch_timeout
+        if timeout is not None:
+            created = row.create_started_at or row.planned_at
+            timeout = max(0.0, created + timeout - self._clock.now())
+        self._fleet.add(batch if batch is not None else row.batch_id, timeout=timeout)
+        self._emit_progress()
+
+    async def _admit(self, row: ShardRow) -> None:
+        """Wait until the shard's tokens fit its model's enqueued-token limit."""
+        limit = self._config.enqueued_token_limits.get(row.model or "")
+        if limit is None:
+            return
+        while self._enqueued.get(row.model, 0) > 0 and (
+            self._enqueued.get(row.model, 0) + row.tokens > limit
+        ):
+            self._budget_changed.clear()
+            await first_of(
+                asyncio.ensure_future(self._budget_changed.wait()),
+                asyncio.ensure_future(self._stopping.wait()),
+            )
+            if self._stopping.is_set():
+                raise _Stop
+
+    def _reject_shard(self, journal: Journal, row: ShardRow, code: str, message: str) -> None:
+        """End every queued line of a shard with a final error."""
+        with journal.transaction() as db:
+            finals = [
+                (seq, "error", code, row.key, None, attempts, 0, 0, _own_error(cid, code, message))
+                for seq, cid, attempts in journal.queued_in(row.key)
+            ]
+            journal.add_results(db, finals)
+            journal.update_shard(row.key, db, state="collected", status="rejected", note=message)
+        self._counts["failed"] += len(finals)
+        self._set_status(row.key, "rejected")
+        self._results_changed.set()
+
+    # --- tracking ------------------------------------------------------------------------
+
+    async def _consume(self, events: AsyncIterator[Any]) -> None:
+        async for event in events:
+            if isinstance(event, StatusChanged):
+                key = self._shard_of.get(event.batch_id)
+                journal = self._journal
+                if key is not None and journal is not None:
+                    journal.update_shard(key, status=event.batch.status.value)
+                    self._set_status(key, event.batch.status.value)
+            elif isinstance(event, BatchDone):
+                key = self._shard_of.get(event.batch_id)
+                if key is not None:
+                    self._collecting.add(key)
+                    self._spawn(self._collect(key, event), name=f"collect {key}")
+
+    def _set_status(self, key: str, status: str) -> None:
+        self._status[key] = status
+        self._emit_progress()
+
+    def _emit_progress(self) -> None:
+        callback = self._on_progress
+        if callback is not None:
+            try:
+                callback(self.progress())
+            except Exception:  # a display must never break the run
+                logger.exception("progress callback failed")
+
+    def _release(self, row: ShardRow) -> None:
+        if row.model in self._enqueued:
+            self._enqueued[row.model] = max(0, self._enqueued[row.model] - row.tokens)
+            self._budget_changed.set()
+
+    # --- collection ----------------------------------------------------------------------
+
+    async def _collect(self, key: str, done: BatchDone | None) -> None:
+        """Read a finished batch's files into the journal and settle every line."""
+        self._collecting.add(key)
+        try:
+            journal = self._db()
+            row = journal.shard(key)
+            if row.state == "open":
+                self._release(row)
+            if done is not None and self._fleet is not None:
+                self._fleet.forget(done.batch_id)
+            failures = 0
+            async with self._collect_slots:
+                while True:
+                    try:
+                        await self._collect_once(journal, key, done)
+                        return
+                    except (TransportError, APIStatusError, DecodeError) as exc:
+                        failures += 1
+                        if failures >= self._config.max_step_failures:
+                            raise RunError(
+                                f"run {self._run_id}: collecting shard {key} failed "
+                                f"{failures} times in a row: {exc}; the journal is intact"
+                            ) from exc
+                        delay = self._step_waits.backoff_delay(failures - 1)
+                        logger.warning(
+                            "run %s: collecting shard %s failed: %s; again in %.0fs",
+                            self._run_id,
+                            key,
+                            exc,
+                            delay,
+                        )
+                        await self._clock.sleep(delay)
+                        done = None
+        finally:
+            self._collecting.discard(key)
+            self._changed.set()
+
+    async def _collect_once(self, journal: Journal, key: str, done: BatchDone | None) -> None:
+        row = journal.shard(key)
+        if row.state == "collected":
+            return
+        batch: Batch | None = done.batch if done is not None else None
+        reason = done.reason if done is not None else DoneReason.FINISHED
+        if row.state == "open":
+            if reason is DoneReason.NOT_FOUND or batch is None:
+                self._settle(journal, row, None, "batch_not_found", "the server lost the batch")
+                return
+            if batch.status is BatchStatus.FAILED and self._token_limited(batch):
+                self._recreate(journal, row, batch)
+                return
+            batch = await self._with_output(batch)
+            journal.update_shard(
+                key,
+                state="collecting",
+                status=batch.status.value,
+                output_file_id=batch.output_file_id,
+                error_file_id=batch.error_file_id,
+            )
+            row = journal.shard(key)
+        if batch is None:
+            assert row.batch_id is not None
+            batch = await self._client.retrieve_batch(row.batch_id)
+        members = journal.shard_members(key)
+        if row.output_file_id:
+            await self._read_file(journal, row, members, row.output_file_id, "output_done")
+        if row.error_file_id and row.error_file_id != row.output_file_id:
+            await self._read_file(journal, row, members, row.error_file_id, "error_done")
+        self._settle_batch(journal, journal.shard(key), batch)
+
+    @staticmethod
+    def _token_limited(batch: Batch) -> bool:
+        errors = batch.errors.data if batch.errors is not None else ()
+        return any(error.code == TOKEN_LIMIT_CODE for error in errors)
+
+    def _recreate(self, journal: Journal, row: ShardRow, batch: Batch) -> None:
+        """``token_limit_exceeded``: create the batch again from the same file, later."""
+        if row.creates >= self._config.max_recreates:
+            message = batch.outcome
+            self._settle(journal, row, batch, TOKEN_LIMIT_CODE, message, retryable=False)
+            return
+        delay = self._token_waits.backoff_delay(row.creates)
+        logger.warning(
+            "run %s: batch %s (shard %s) failed with token_limit_exceeded; re-creating it "
+            "from file %s in %.0fs",
+            self._run_id,
+            batch.id,
+            row.key,
+            row.file_id,
+            delay,
+        )
+        assert row.batch_id is not None
+        self._shard_of.pop(row.batch_id, None)
+        journal.update_shard(
+            row.key,
+            state="uploaded",
+            creates=row.creates + 1,
+            not_before=self._clock.now() + delay,
+            batch_id=None,
+            status=None,
+            create_key=None,
+            note=f"token_limit_exceeded on {batch.id}",
+        )
+        self._set_status(row.key, "uploaded")
+        if not self._stopping.is_set():
+            self._start_submit(row.key)
+
+    async def _with_output(self, batch: Batch) -> Batch:
+        """A ``completed`` batch that reports finished requests but no output file yet
+        (a lag seen on OpenAI): retrieve it again a few times."""
+        tries = 0
+        while (
+            batch.status is BatchStatus.COMPLETED
+            and batch.output_file_id is None
+            and batch.request_counts is not None
+            and batch.request_counts.completed > 0
+            and tries < self._config.output_lag_retries
+        ):
+            await self._clock.sleep(self._step_waits.backoff_delay(tries))
+            tries += 1
+            batch = await self._client.retrieve_batch(batch.id)
+        return batch
+
+    async def _read_file(
+        self,
+        journal: Journal,
+        row: ShardRow,
+        members: dict[str, tuple[int, int, str]],
+        file_id: str,
+        column: str,
+    ) -> None:
+        """Stream one result file into the journal, resuming after the lines already
+        committed; each chunk of lines is one transaction with the new line count."""
+        skip = int(getattr(row, column))
+        number = 0
+        finals: list[tuple[Any, ...]] = []
+        retries: list[tuple[int, int, bytes]] = []
+        tokens = [0, 0]
+        chunk = self._config.collect_chunk
+        cancelled_by_run = row.cancel_reason == "run"
+
+        def commit(upto: int) -> None:
+            with journal.transaction() as db:
+                journal.add_results(db, finals)
+                journal.retry_later(db, retries)
+                journal.update_shard(
+                    row.key,
+                    db,
+                    **{column: upto},
+                    input_tokens=row.input_tokens + tokens[0],
+                    output_tokens=row.output_tokens + tokens[1],
+                )
+            row.input_tokens += tokens[0]
+            row.output_tokens += tokens[1]
+            tokens[0] = tokens[1] = 0
+            self._counted(finals, retries)
+            finals.clear()
+            retries.clear()
+            self._results_changed.set()
+
+        async with contextlib.aclosing(self._client.iter_file_lines(file_id)) as lines:
+            async for raw in lines:
+                number += 1
+                if number <= skip or not raw.strip():
+                    continue
+                try:
+                    result = decode_result_line(raw, what=f"line {number} of file {file_id}")
+                except DecodeError as exc:
+                    logger.warning("run %s: skipping a line: %s", self._run_id, exc)
+                    continue
+                member = members.get(result.custom_id)
+                if member is None or member[2] != "queued":
+                    if member is None:
+                        logger.warning(
+                            "run %s: batch %s returned custom_id %r, which it was not sent",
+                            self._run_id,
+                            row.batch_id,
+                            result.custom_id,
+                        )
+                    continue
+                seq, attempts, _ = member
+                members[result.custom_id] = (seq, attempts, "resolved")
+                kind, code, retryable = _classify(result)
+                data = bytes(raw).strip()
+                if retryable:
+                    if cancelled_by_run and code in ("batch_cancelled", "batch_canceled"):
+                        retries.append((seq, attempts, data))
+                        continue
+                    if attempts < self._config.max_rounds:
+                        retries.append((seq, attempts + 1, data))
+                        continue
+                used_in, used_out = _line_tokens(result)
+                tokens[0] += used_in
+                tokens[1] += used_out
+                finals.append(
+                    (seq, kind, code, row.key, row.batch_id, attempts, used_in, used_out, data)
+                )
+                if len(finals) + len(retries) >= chunk:
+                    commit(number)
+        commit(number)
+
+    def _counted(
+        self, finals: list[tuple[Any, ...]], retries: list[tuple[int, int, bytes]]
+    ) -> None:
+        for final in finals:
+            if final[1] == "success":
+                self._counts["succeeded"] += 1
+            else:
+                self._counts["failed"] += 1
+            if final[5] > 0:
+                self._counts["retrying"] -= 1
+        for seq_attempts in retries:
+            if seq_attempts[1] == 1:
+                self._counts["retrying"] += 1
+        self._counts["retrying"] = max(0, self._counts["retrying"])
+
+    def _settle_batch(self, journal: Journal, row: ShardRow, batch: Batch) -> None:
+        """Every line of a collected batch without a result line gets its outcome."""
+        status = batch.status
+        if status is BatchStatus.EXPIRED:
+            code, message, retryable = "batch_expired", "the batch expired first", True
+        elif status is BatchStatus.CANCELLED:
+            code, message, retryable = "batch_cancelled", "the batch was cancelled first", True
+        elif status is BatchStatus.FAILED:
+            errors = batch.errors.data if batch.errors is not None else ()
+            codes = {e.code for e in errors if e.code}
+            retryable = not (codes & PERMANENT_BATCH_CODES)
+            code = "batch_failed"
+            message = batch.outcome
+            if any(e.line for e in errors):
+                self._fail_lines(journal, row, batch)
+        elif status is BatchStatus.COMPLETED:
+            code, message, retryable = (
+                "missing_result",
+                f"batch {batch.id} completed without a result line for this request",
+                True,
+            )
+        else:  # Portkey's file_upload_failed / batch_start_failed, and the like
+            code, message, retryable = "batch_failed", batch.outcome, True
+        self._settle(journal, row, batch, code, message, retryable=retryable)
+
+    def _fail_lines(self, journal: Journal, row: ShardRow, batch: Batch) -> None:
+        """A failed batch's errors that name input lines end those lines."""
+        assert batch.errors is not None
+        by_line: dict[int, tuple[str, str]] = {}
+        for error in batch.errors.data:
+            if error.line:
+                by_line.setdefault(error.line, (error.code or "batch_failed", error.message or ""))
+        queued = journal.queued_in(row.key)
+        members = sorted(journal.shard_members(row.key).values())
+        finals = []
+        queued_seqs = {seq for seq, _, _ in queued}
+        cid_of = {seq: cid for seq, cid, _ in queued}
+        for number, (seq, attempts, _state) in enumerate(members, start=1):
+            if number in by_line and seq in queued_seqs:
+                code, message = by_line[number]
+                finals.append(
+                    (
+                        seq,
+                        "error",
+                        code,
+                        row.key,
+                        row.batch_id,
+                        attempts,
+                        0,
+                        0,
+                        _own_error(cid_of[seq], code, message),
+                    )
+                )
+        with journal.transaction() as db:
+            journal.add_results(db, finals)
+        self._counted(finals, [])
+
+    def _settle(
+        self,
+        journal: Journal,
+        row: ShardRow,
+        batch: Batch | None,
+        code: str,
+        message: str,
+        *,
+        retryable: bool = True,
+    ) -> None:
+        """Give every still-queued line of a shard its outcome and close the shard."""
+        cancelled_by_run = row.cancel_reason == "run" and code == "batch_cancelled"
+        finals: list[tuple[Any, ...]] = []
+        retries: list[tuple[int, int, bytes]] = []
+        for seq, cid, attempts in journal.queued_in(row.key):
+            data = _own_error(cid, code, message)
+            if retryable and cancelled_by_run:
+                retries.append((seq, attempts, data))
+            elif retryable and attempts < self._config.max_rounds:
+                retries.append((seq, attempts + 1, data))
+            else:
+                finals.append((seq, "error", code, row.key, row.batch_id, attempts, 0, 0, data))
+        status = batch.status.value if batch is not None else (row.status or "not_found")
+        with journal.transaction() as db:
+            journal.add_results(db, finals)
+            journal.retry_later(db, retries)
+            journal.update_shard(row.key, db, state="collected", status=status)
+        self._counted(finals, retries)
+        self._set_status(row.key, status)
+        if row.batch_id is not None:
+            self._shard_of.pop(row.batch_id, None)
+        self._results_changed.set()
+        self._changed.set()
+
+    # --- output --------------------------------------------------------------------------
+
+    def _write_output(self, journal: Journal) -> None:
+        """Write every final result to the output file, atomically, in order."""
+        target = self._output
+        if target is None:
+            return
+        order = self._config.order
+        temp = f"{target}.{os.getpid()}.part"
+        cursor = -1
+        with open(temp, "wb") as fh:
+            while True:
+                rows = journal.result_rows(order=order, after=cursor, limit=5000)
+                if not rows:
+                    break
+                for n, seq, _cid, _attempts, _batch, data, _kind in rows:
+                    fh.write(data)
+                    fh.write(b"\n")
+                    cursor = seq if order == "input" else n
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(temp, target)
+        journal.set_meta(output_written=os.path.abspath(target))
+
+
+def request_cancel(journal_path: str | os.PathLike[str]) -> None:
+    """Ask the run that holds a journal to cancel (what ``aiobatch cancel`` does); the run
+    sees it within ``cancel_poll_interval`` seconds."""
+    with Journal(journal_path) as journal:
+        journal.set_meta(cancel_requested=repr(time.time()))
