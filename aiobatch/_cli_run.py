@@ -150,6 +150,9 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-progress", action="store_true", help="no live progress (log lines only)"
     )
     show.add_argument("-q", "--quiet", action="store_true", help="print only the report")
+    show.add_argument(
+        "-v", "--verbose", action="store_true", help="also log every retry of a request"
+    )
     fake = parser.add_argument_group("the fake service (with --fake)")
     fake.add_argument(
         "--fake-faults",
@@ -338,7 +341,11 @@ async def _run_async(args: argparse.Namespace, journal: str) -> int:
 def _run(args: argparse.Namespace) -> int:
     journal = args.journal or f"{args.output}.journal"
     if not args.quiet:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(
+            level=logging.INFO if args.verbose else logging.WARNING,
+            format="%(levelname)s %(name)s: %(message)s",
+        )
+        logging.getLogger("aiobatch.run").setLevel(logging.INFO)
     if args.fake and os.path.exists(journal):
         with Journal(journal) as existing:
             state = existing.get_meta("state")

@@ -425,6 +425,8 @@ class BatchRun:
         self._started_at = 0.0
         self._state = "new"
         self._runner: asyncio.Task[RunReport] | None = None
+        self._finished = asyncio.Event()
+        self._ingested = False
         self._step_waits = RetryPolicy(
             initial_delay=self._config.step_backoff,
             max_delay=max(self._config.step_backoff, 300.0),
@@ -467,60 +469,62 @@ class BatchRun:
             RunError: a step kept failing, or the server refused the credentials; the
                 journal stays resumable.
         """
+        return await self._start()
+
+    def _start(self) -> asyncio.Task[RunReport]:
         if self._runner is None:
             self._runner = asyncio.ensure_future(self._run())
-        return await asyncio.shield(self._runner) if False else await self._runner
+            self._runner.add_done_callback(lambda _: self._finished.set())
+        return self._runner
 
     async def results(self) -> AsyncIterator[RunResult]:
         """The final results, each request's once, as they become final, in
         ``config.order`` (input order yields a result once every earlier request has
         its own). Starts the run when it is not running; ends when the run ends.
 
+        The results are read from the journal (through a connection of their own), so a
+        slow reader holds no results in memory and misses none.
+
         Raises:
             whatever :meth:`run` raises.
         """
-        if self._runner is None:
-            self._runner = asyncio.ensure_future(self._run())
-        runner = self._runner
+        runner = self._start()
         order = self._config.order
+        reader: Journal | None = None
         cursor = -1
-        while True:
-            while self._journal is None and not runner.done():
+        try:
+            while True:
+                finished = runner.done()
+                if reader is None and self._ingested:
+                    reader = Journal(self._journal_path, readonly=True)
+                if reader is not None:
+                    self._results_changed.clear()
+                    rows = reader.result_rows(order=order, after=cursor, limit=1000)
+                    yielded = False
+                    for n, seq, cid, attempts, batch_id, data, _kind in rows:
+                        if order == "input" and seq != cursor + 1:
+                            break
+                        cursor = seq if order == "input" else n
+                        yielded = True
+                        yield RunResult(
+                            custom_id=cid,
+                            index=seq,
+                            result=decode_result_line(data, what=f"the result of {cid!r}"),
+                            attempts=attempts,
+                            batch_id=batch_id,
+                        )
+                    if yielded:
+                        continue
+                if finished:
+                    runner.result()  # the run's error, if it failed
+                    return
                 await first_of(
                     asyncio.ensure_future(self._results_changed.wait()),
-                    asyncio.ensure_future(asyncio.shield(runner)),
+                    asyncio.ensure_future(self._finished.wait()),
                 )
-                self._results_changed.clear()
-            journal = self._journal
-            if journal is None:
-                await runner  # raises its error
-                return
-            self._results_changed.clear()
-            finished = runner.done()
-            rows = journal.result_rows(order=order, after=cursor, limit=1000)
-            for n, seq, cid, attempts, batch_id, data, _kind in rows:
-                if order == "input" and seq != cursor + 1:
-                    break
-                cursor = seq if order == "input" else n
-                yield RunResult(
-                    custom_id=cid,
-                    index=seq,
-                    result=decode_result_line(data, what=f"the result of {cid!r}"),
-                    attempts=attempts,
-                    batch_id=batch_id,
-                )
-            else:
-                if len(rows) == 1000:
-                    continue
-            if finished:
-                if not rows or (order == "input" and rows and cursor != rows[-1][1]):
-                    runner.result()  # raises the run's error, if any
-                    return
-                continue
-            await first_of(
-                asyncio.ensure_future(self._results_changed.wait()),
-                asyncio.ensure_future(asyncio.shield(runner)),
-            )
+        finally:
+            if reader is not None:
+                reader.close()
 
     def progress(self) -> RunProgress:
         """A snapshot of the run, for display."""
@@ -567,13 +571,15 @@ class BatchRun:
                 await self._ingest(journal)
             except BaseException:
                 journal.close()
-                for suffix in ("", "-wal", "-shm"):
+                for suffix in ("", "-wal", "-shm", ".lock"):
                     with contextlib.suppress(OSError):
                         os.unlink(self._journal_path + suffix)
                 raise
         else:
             self._check_source(journal)
         self._journal = journal
+        self._ingested = True
+        self._results_changed.set()
         meta = journal.meta()
         self._run_id = meta["run_id"]
         self._started_at = float(meta["started_at"])
@@ -618,6 +624,9 @@ class BatchRun:
             return read_report(journal)
         journal.set_meta(state="done", updated_at=str(self._clock.now()))
         self._state = "done"
+        if self._config.work_dir is None:
+            with contextlib.suppress(OSError):
+                os.rmdir(self._journal_path + ".files")  # only when empty
         self._write_output(journal)
         self._emit_progress()
         return read_report(journal)
@@ -761,7 +770,7 @@ class BatchRun:
                     logger.warning("run %s: cancel requested in the journal", self._run_id)
                     self._request_stop("cancelled")
                     return
-            busy = bool(self._submitting or self._collecting or self._shard_of_open())
+            busy = bool(self._submitting or self._collecting or self._shard_of)
             pending = self._pending_count(journal)
             if pending:
                 if self._retry_since is None:
@@ -776,10 +785,12 @@ class BatchRun:
                 if not busy:
                     if self._not_done(journal) == 0:
                         return
-                    raise RunError(
-                        f"run {self._run_id}: requests are queued in shards that nothing "
-                        "tracks; this is a bug in aiobatch (the journal is intact)"
-                    )
+                    if not self._requeue_orphans(journal):
+                        raise RunError(
+                            f"run {self._run_id}: requests are queued in shards that "
+                            "nothing tracks; this is a bug in aiobatch (the journal is intact)"
+                        )
+                    continue
             wait = next_cancel_check - now
             if pending and self._retry_since is not None:
                 wait = min(wait, self._retry_since + self._config.retry_coalesce - now)
@@ -788,9 +799,21 @@ class BatchRun:
                 asyncio.ensure_future(self._changed.wait()),
             )
 
-    def _shard_of_open(self) -> bool:
-        fleet = self._fleet
-        return fleet is not None and bool(fleet.open_ids)
+    def _requeue_orphans(self, journal: Journal) -> bool:
+        """Requests left ``queued`` in a shard that is already collected (which should
+        not happen) become pending again; True when there were any."""
+        with journal.transaction() as db:
+            moved = db.execute(
+                "UPDATE requests SET state = 'pending' WHERE state = 'queued' AND shard IN "
+                "(SELECT key FROM shards WHERE state = 'collected')"
+            ).rowcount
+        if moved:
+            logger.warning(
+                "run %s: %d request(s) were queued in collected shards; submitting them again",
+                self._run_id,
+                moved,
+            )
+        return moved > 0
 
     @staticmethod
     def _pending_count(journal: Journal) -> int:
@@ -1226,6 +1249,10 @@ class BatchRun:
                         done = None
         finally:
             self._collecting.discard(key)
+            if self._journal is not None:
+                row = self._journal.shard(key)
+                if row.state == "collected" and row.batch_id is not None:
+                    self._shard_of.pop(row.batch_id, None)
             self._changed.set()
 
     async def _collect_once(self, journal: Journal, key: str, done: BatchDone | None) -> None:

@@ -59,12 +59,14 @@ def test_readme_python_examples_compile() -> None:
 
 
 def test_readme_opens_with_the_two_commands_ci_runs() -> None:
-    """README starts with the demo command and the test command, and .ci/run runs both."""
+    """README starts with the main job on the fake and the test command, and .ci/run runs
+    both."""
     first_block = re.search(r"```sh\n(.*?)\n```", README, flags=re.S)
     assert first_block is not None
     assert README.index(first_block.group(0)) < README.index("\n## ")
     demo, tests = first_block.group(1).splitlines()
-    assert "aiobatch demo" in demo
+    assert "aiobatch run aiobatch/examples/requests.jsonl" in demo
+    assert "--fake" in demo
     assert "pytest" in tests
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     assert tests in ci
