@@ -195,6 +195,12 @@ class Journal:
                 self._db = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=10.0)
             else:
                 self._db = sqlite3.connect(self.path, isolation_level=None, timeout=10.0)
+                if exists and not self._is_journal():
+                    self._db.close()
+                    raise JournalError(
+                        f"{self.path} is not an aiobatch journal (it holds other tables); "
+                        "choose another path"
+                    )
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute("PRAGMA synchronous=NORMAL")
                 self._db.executescript(_SCHEMA)
@@ -210,6 +216,19 @@ class Journal:
                 f"{self.path} has journal schema {version}; this aiobatch reads {SCHEMA_VERSION}"
             )
         self.created = not exists
+
+    def _is_journal(self) -> bool:
+        """The open file is empty, or holds an aiobatch ``meta`` table."""
+        tables = {
+            str(name)
+            for (name,) in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        }
+        if not tables:
+            return True
+        if "meta" not in tables:
+            return False
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        return row is not None
 
     def close(self) -> None:
         """Close the file (safe to call twice)."""

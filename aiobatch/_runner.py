@@ -416,7 +416,11 @@ class BatchRun:
         self._stopping = asyncio.Event()
         self._stop_reason: str | None = None
         self._failure: BaseException | None = None
+        #: estimated prompt tokens reserved per model, and by which shard: a shard
+        #: reserves before its create is sent and releases when its batch ends (or when
+        #: the create proved that no batch was made).
         self._enqueued: dict[str | None, int] = {}
+        self._reserved: dict[str, tuple[str | None, int]] = {}
         self._submit_slots = asyncio.Semaphore(self._config.max_submissions)
         self._collect_slots = asyncio.Semaphore(self._config.max_collections)
         self._retry_since: float | None = None
@@ -698,7 +702,7 @@ class BatchRun:
                     "started_at": repr(now),
                     "updated_at": repr(now),
                     "state": "running",
-                    "skipped": str(preflight.problem_count),
+                    "skipped": str(preflight.rejected),
                     "problems": "\n".join(problems),
                     "order": self._config.order,
                 },
@@ -706,7 +710,11 @@ class BatchRun:
         for problem in preflight.problems[:20]:
             logger.warning("skipped invalid input line: %s", problem)
         if preflight.problem_count > 20:
-            logger.warning("... %d invalid input lines skipped in all", preflight.problem_count)
+            logger.warning(
+                "... %d problems in all; %d invalid input lines skipped",
+                preflight.problem_count,
+                preflight.rejected,
+            )
 
     def _check_source(self, journal: Journal) -> None:
         source = self._source
@@ -1102,13 +1110,15 @@ class BatchRun:
                 metadata=metadata,
             )
         except AmbiguousCreateError:
-            raise  # stays 'creating': looked up on the next step
+            raise  # stays 'creating' (and reserved): looked up on the next step
         except NotFoundError as exc:
             # The file is gone (or not visible yet): upload it again.
+            self._unreserve(row.key)
             journal.update_shard(row.key, state="planned", file_id=None, upload_started_at=None)
             self._set_status(row.key, "planned")
             raise exc
         except (TransportError, APIStatusError) as exc:
+            self._unreserve(row.key)
             if isinstance(exc, APIStatusError) and exc.status_code in (400, 409, 422):
                 self._reject_shard(journal, row, "batch_create_rejected", str(exc))
                 return
@@ -1127,22 +1137,21 @@ class BatchRun:
             logger.info("run %s: shard %s: adopted batch %s", self._run_id, row.key, found.id)
             self._opened(journal, row.key, found)
             return
+        self._unreserve(row.key)
         journal.update_shard(row.key, state="uploaded")
         self._set_status(row.key, "uploaded")
 
     def _opened(self, journal: Journal, key: str, batch: Batch) -> None:
         journal.update_shard(key, state="open", batch_id=batch.id, status=batch.status.value)
-        row = journal.shard(key)
-        self._enqueued[row.model] = self._enqueued.get(row.model, 0) + row.tokens
-        self._track(row, batch)
+        self._track(journal.shard(key), batch)
 
     def _track(self, row: ShardRow, batch: Batch | None = None) -> None:
         assert row.batch_id is not None
         assert self._fleet is not None
         self._shard_of[row.batch_id] = row.key
         self._status[row.key] = row.status or "validating"
-        if batch is None and row.status not in _TERMINAL_STATUSES:
-            self._enqueued[row.model] = self._enqueued.get(row.model, 0) + row.tokens
+        if row.status not in _TERMINAL_STATUSES:
+            self._reserve(row)
         timeout = self._config.batch_timeout
         if timeout is not None:
             created = row.create_started_at or row.planned_at
@@ -1155,8 +1164,9 @@ class BatchRun:
         limit = self._config.enqueued_token_limits.get(row.model or "")
         if limit is None:
             return
-        while self._enqueued.get(row.model, 0) > 0 and (
-            self._enqueued.get(row.model, 0) + row.tokens > limit
+        while row.key not in self._reserved and (
+            self._enqueued.get(row.model, 0) > 0
+            and self._enqueued.get(row.model, 0) + row.tokens > limit
         ):
             self._budget_changed.clear()
             await first_of(
@@ -1165,6 +1175,21 @@ class BatchRun:
             )
             if self._stopping.is_set():
                 raise _Stop
+        self._reserve(row)
+
+    def _reserve(self, row: ShardRow) -> None:
+        """Count a shard's tokens as enqueued for its model (once)."""
+        if row.key not in self._reserved:
+            self._reserved[row.key] = (row.model, row.tokens)
+            self._enqueued[row.model] = self._enqueued.get(row.model, 0) + row.tokens
+
+    def _unreserve(self, key: str) -> None:
+        """A shard's batch ended (or was proved never made): its tokens are free."""
+        reserved = self._reserved.pop(key, None)
+        if reserved is not None:
+            model, tokens = reserved
+            self._enqueued[model] = max(0, self._enqueued.get(model, 0) - tokens)
+            self._budget_changed.set()
 
     def _reject_shard(self, journal: Journal, row: ShardRow, code: str, message: str) -> None:
         """End every queued line of a shard with a final error."""
@@ -1207,11 +1232,6 @@ class BatchRun:
             except Exception:  # a display must never break the run
                 logger.exception("progress callback failed")
 
-    def _release(self, row: ShardRow) -> None:
-        if row.model in self._enqueued:
-            self._enqueued[row.model] = max(0, self._enqueued[row.model] - row.tokens)
-            self._budget_changed.set()
-
     # --- collection ----------------------------------------------------------------------
 
     async def _collect(self, key: str, done: BatchDone | None) -> None:
@@ -1219,9 +1239,7 @@ class BatchRun:
         self._collecting.add(key)
         try:
             journal = self._db()
-            row = journal.shard(key)
-            if row.state == "open":
-                self._release(row)
+            self._unreserve(key)
             if done is not None and self._fleet is not None:
                 self._fleet.forget(done.batch_id)
             failures = 0

@@ -1,0 +1,311 @@
+"""``aiobatch run``, ``aiobatch status`` and ``aiobatch cancel``, in-process.
+
+``run --fake`` drives the built-in fake service in memory on a virtual clock; the tests
+check the exit status, the output file against the input, the printed report against
+the output file, and what the journal holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import API_KEY, BASE_URL, chat_line
+
+import aiobatch
+from aiobatch import BatchClient, BatchRun, RetryPolicy, RunProgress
+from aiobatch import _cli_run as cli_run
+from aiobatch._cli import main
+from aiobatch._journal import Journal
+from aiobatch.testing import FakeBatchService, FakeConfig, VirtualClock
+
+EXAMPLE = Path(aiobatch.__file__).parent / "examples" / "requests.jsonl"
+
+REPORT_COUNTS = re.compile(
+    r"requests: ([\d,]+) \(([\d,]+) succeeded, ([\d,]+) failed, ([\d,]+) pending\)"
+)
+
+
+def example_ids() -> list[str]:
+    """The custom_ids of the bundled example file, in order."""
+    with EXAMPLE.open(encoding="utf-8") as fh:
+        return [json.loads(line)["custom_id"] for line in fh if line.strip()]
+
+
+def read_output(path: Path) -> list[dict[str, Any]]:
+    """The decoded lines of an output file."""
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def is_success(line: dict[str, Any]) -> bool:
+    """An output line holds a 200 response and no error."""
+    response = line.get("response")
+    return line.get("error") is None and response is not None and response["status_code"] == 200
+
+
+def printed_counts(text: str) -> tuple[int, int, int, int]:
+    """(requests, succeeded, failed, pending) from a printed report."""
+    match = REPORT_COUNTS.search(text)
+    assert match is not None, text
+    requests, succeeded, failed, pending = (int(g.replace(",", "")) for g in match.groups())
+    return requests, succeeded, failed, pending
+
+
+def run_argv(output: Path, *extra: str, source: Path = EXAMPLE) -> list[str]:
+    """``aiobatch run SOURCE -o OUTPUT --fake --max-lines 200 --no-progress ...``."""
+    return [
+        "run",
+        str(source),
+        "-o",
+        str(output),
+        "--fake",
+        "--max-lines",
+        "200",
+        "--no-progress",
+        *extra,
+    ]
+
+
+def journal_meta(path: Path) -> dict[str, str]:
+    """The journal's meta values."""
+    with Journal(path, readonly=True) as journal:
+        return journal.meta()
+
+
+def batch_ids_in(path: Path) -> list[str | None]:
+    """The batch id of every shard the journal holds, by shard key."""
+    with Journal(path, readonly=True) as journal:
+        return [row.batch_id for row in journal.shards()]
+
+
+@pytest.fixture
+def finished(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
+    """A finished ``aiobatch run --fake`` of the example file: its paths and what it
+    printed."""
+    output = tmp_path / "out.jsonl"
+    code = main(run_argv(output))
+    captured = capsys.readouterr()
+    return {
+        "code": code,
+        "output": output,
+        "journal": Path(f"{output}.journal"),
+        "out": captured.out,
+        "err": captured.err,
+    }
+
+
+def make_requests(path: Path, n: int) -> Path:
+    """A JSONL file of ``n`` chat requests."""
+    path.write_text(
+        "".join(json.dumps(chat_line(f"q-{i}", f"question {i}")) + "\n" for i in range(n)),
+        encoding="utf-8",
+    )
+    return path
+
+
+async def _cancelled_run(source: Path, journal: Path) -> str:
+    """Run ``source`` on a library fake and cancel it at its first progress report;
+    returns the journal's state."""
+    clock = VirtualClock()
+    service = FakeBatchService(clock=clock, config=FakeConfig())
+    holder: list[BatchRun] = []
+
+    def on_progress(_: RunProgress) -> None:
+        holder[0].cancel()
+
+    async with (
+        BatchClient(
+            api_key=API_KEY,
+            base_url=BASE_URL,
+            transport=service.transport(),
+            clock=clock,
+            retry=RetryPolicy.for_testing(max_attempts=3),
+        ) as client,
+        clock.auto_advance(),
+    ):
+        run = BatchRun(client, source, journal=journal, on_progress=on_progress)
+        holder.append(run)
+        report = await run.run()
+    return report.state
+
+
+# --- run ---------------------------------------------------------------------------------
+
+
+def test_fake_run_writes_one_result_per_request(finished: dict[str, Any]) -> None:
+    """``aiobatch run --fake`` exits 0, writes one result per input custom_id in input
+    order, and prints counts that match the output file."""
+    assert finished["code"] == 0, finished["err"]
+    lines = read_output(finished["output"])
+    ids = example_ids()
+    assert len(ids) == 2000
+    assert [line["custom_id"] for line in lines] == ids
+    succeeded = sum(1 for line in lines if is_success(line))
+    assert printed_counts(finished["out"]) == (len(ids), succeeded, len(ids) - succeeded, 0)
+    assert "done" in finished["out"]
+
+
+def test_rerun_with_the_same_journal_does_no_new_work(
+    finished: dict[str, Any],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Running the same command again exits 0, sends nothing, adds no batch, and writes
+    the same output."""
+    assert finished["code"] == 0
+    before = finished["output"].read_bytes()
+    batches = batch_ids_in(finished["journal"])
+    services: list[FakeBatchService] = []
+    real = cli_run.fake_environment
+
+    def recording(**kwargs: Any) -> tuple[FakeBatchService, VirtualClock]:
+        service, clock = real(**kwargs)
+        services.append(service)
+        return service, clock
+
+    monkeypatch.setattr(cli_run, "fake_environment", recording)
+    finished["output"].unlink()
+    assert main(run_argv(finished["output"])) == 0
+    again = capsys.readouterr().out
+    assert finished["output"].read_bytes() == before
+    assert batch_ids_in(finished["journal"]) == batches
+    assert printed_counts(again) == printed_counts(finished["out"])
+    assert len(services) == 1
+    assert services[0].requests == ()
+
+
+# --- status --------------------------------------------------------------------------------
+
+
+def test_status_prints_the_report(
+    finished: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``aiobatch status JOURNAL`` prints the run's report with the output's counts."""
+    assert main(["status", str(finished["journal"])]) == 0
+    out = capsys.readouterr().out
+    lines = read_output(finished["output"])
+    succeeded = sum(1 for line in lines if is_success(line))
+    assert printed_counts(out) == (2000, succeeded, 2000 - succeeded, 0)
+    assert "done" in out
+
+
+def test_status_json_matches_the_output(
+    finished: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``aiobatch status --json`` prints JSON whose counts match the output file."""
+    assert main(["status", str(finished["journal"]), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    lines = read_output(finished["output"])
+    succeeded = sum(1 for line in lines if is_success(line))
+    assert data["state"] == "done"
+    assert data["requests"] == len(lines) == 2000
+    assert data["succeeded"] == succeeded
+    assert data["failed"] == len(lines) - succeeded
+    assert data["pending"] == 0
+    assert sum(data["errors"].values()) == data["failed"]
+    assert data["output"] == str(finished["output"].resolve())
+
+
+def test_status_of_a_missing_journal_fails(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``aiobatch status`` on a missing journal exits 1 naming the path."""
+    missing = tmp_path / "nope.journal"
+    assert main(["status", str(missing)]) == 1
+    captured = capsys.readouterr()
+    assert str(missing) in captured.err
+    assert "no journal" in captured.err
+    assert not missing.exists()
+
+
+# --- cancel --------------------------------------------------------------------------------
+
+
+def test_cancel_of_a_finished_run_fails(
+    finished: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``aiobatch cancel`` on a finished run exits 1 saying it is done, and sets no flag."""
+    assert main(["cancel", str(finished["journal"])]) == 1
+    assert "done" in capsys.readouterr().err
+    assert "cancel_requested" not in journal_meta(finished["journal"])
+
+
+async def test_cancel_flags_a_running_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``aiobatch cancel`` on a journal a run holds exits 0 and sets the cancel flag; the
+    run then stops "cancelled"."""
+    source = make_requests(tmp_path / "in.jsonl", 20)
+    journal = tmp_path / "run.journal"
+    clock = VirtualClock()
+    service = FakeBatchService(
+        clock=clock,
+        config=FakeConfig(validation_seconds=30.0, lines_per_second=0.1, finalizing_seconds=10),
+    )
+    async with (
+        BatchClient(
+            api_key=API_KEY,
+            base_url=BASE_URL,
+            transport=service.transport(),
+            clock=clock,
+            retry=RetryPolicy.for_testing(max_attempts=3),
+        ) as client,
+        clock.auto_advance(),
+    ):
+        run = BatchRun(client, source, journal=journal)
+        runner = asyncio.ensure_future(run.run())
+        while not service.batch_ids:
+            await clock.sleep(1.0)
+        assert main(["cancel", str(journal)]) == 0
+        assert "cancel requested" in capsys.readouterr().out
+        assert journal_meta(journal).get("cancel_requested")
+        report = await runner
+    assert report.state == "cancelled"
+    assert report.pending > 0
+
+
+# --- errors --------------------------------------------------------------------------------
+
+
+def test_preflight_failure_prints_the_problems(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run whose input fails preflight exits 1, prints each problem as file:line, and
+    leaves no output and no journal."""
+    source = tmp_path / "bad.jsonl"
+    streaming = chat_line("b", stream=True)
+    source.write_text(
+        "\n".join([json.dumps(chat_line("a")), "{oops", json.dumps(streaming)]) + "\n",
+        encoding="utf-8",
+    )
+    output = tmp_path / "out.jsonl"
+    assert main(run_argv(output, source=source)) == 1
+    err = capsys.readouterr().err
+    assert f"{source}:2" in err
+    assert f"{source}:3" in err
+    assert "stream" in err
+    assert not output.exists()
+    assert not Path(f"{output}.journal").exists()
+
+
+def test_fake_refuses_to_resume_an_unfinished_journal(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``run --fake`` on an unfinished journal exits 2 with a message and leaves the
+    journal as it was."""
+    source = make_requests(tmp_path / "in.jsonl", 10)
+    journal = tmp_path / "run.journal"
+    assert asyncio.run(_cancelled_run(source, journal)) == "cancelled"
+    before = journal_meta(journal)
+    output = tmp_path / "out.jsonl"
+    code = main(run_argv(output, "--journal", str(journal), source=source))
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "unfinished" in err
+    assert str(journal) in err
+    assert not output.exists()
+    assert journal_meta(journal) == before

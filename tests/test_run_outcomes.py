@@ -1,0 +1,709 @@
+"""Outcomes of a whole run (BatchRun) against the fake service on a virtual clock.
+
+Each test plays a server-side situation (an expiry, a cancel, token limits, faults on
+the control plane, line errors, batches finishing out of order, sharding limits) and
+checks what a user can observe: the service's batches and files, the output file, the
+report, and the results stream. Expected line sets come from the fake's own files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import API_KEY, BASE_URL, FakeApi, chat_line, jsonl
+
+from aiobatch import (
+    Batch,
+    BatchClient,
+    BatchRun,
+    BatchStatus,
+    FleetConfig,
+    RetryPolicy,
+    RunConfig,
+    RunReport,
+    RunResult,
+)
+from aiobatch.testing import (
+    FakeBatchService,
+    FakeConfig,
+    Fault,
+    FaultKind,
+    LineErrorRule,
+    VirtualClock,
+    chat_requests,
+    estimate_tokens,
+)
+
+MODEL = "gpt-4o-mini"
+
+#: Polls often enough that a run of a few hundred virtual seconds is observed closely.
+FAST_FLEET = FleetConfig(
+    min_interval=1.0,
+    max_interval=10.0,
+    validating_interval=1.0,
+    finalizing_interval=1.0,
+    cancelling_interval=1.0,
+    in_progress_interval=5.0,
+    jitter=0.0,
+    seed=0,
+)
+
+#: The fake's end-of-life timestamp of a batch, by terminal status.
+_ENDED_AT = {
+    BatchStatus.COMPLETED: "completed_at",
+    BatchStatus.FAILED: "failed_at",
+    BatchStatus.EXPIRED: "expired_at",
+    BatchStatus.CANCELLED: "cancelled_at",
+}
+
+
+def config(**overrides: Any) -> RunConfig:
+    """A RunConfig that polls with FAST_FLEET unless told otherwise."""
+    return RunConfig(**{"fleet": FAST_FLEET, **overrides})
+
+
+class Harness:
+    """A fake service, a run on it, and helpers to read what the service holds."""
+
+    def __init__(self, tmp_path: Path, clock: VirtualClock, service: FakeBatchService) -> None:
+        self.tmp_path = tmp_path
+        self.clock = clock
+        self.service = service
+        self.journal = tmp_path / "run.journal"
+        self.output = tmp_path / "out.jsonl"
+
+    def write_input(self, data: bytes, name: str = "input.jsonl") -> Path:
+        """Write an input file; returns its path."""
+        path = self.tmp_path / name
+        path.write_bytes(data)
+        return path
+
+    async def run(
+        self,
+        source: Any,
+        run_config: RunConfig | None = None,
+        *,
+        retry: RetryPolicy | None = None,
+        during: Callable[[], Any] | None = None,
+    ) -> tuple[RunReport, list[RunResult]]:
+        """Run to the end with results() consumed alongside; ``during`` is an extra
+        coroutine factory run beside it (on the same clock)."""
+        async with BatchClient(
+            api_key=API_KEY,
+            base_url=BASE_URL,
+            transport=self.service.transport(),
+            clock=self.clock,
+            retry=retry or RetryPolicy.for_testing(max_attempts=3),
+        ) as client:
+            run = BatchRun(
+                client,
+                source,
+                journal=self.journal,
+                output=self.output,
+                config=run_config or config(),
+            )
+            async with self.clock.auto_advance():
+                side = asyncio.ensure_future(during()) if during is not None else None
+                streamed = asyncio.ensure_future(_collect(run))
+                try:
+                    report = await run.run()
+                    results = await streamed
+                    if side is not None:
+                        await side
+                finally:
+                    for task in (streamed, side):
+                        if task is not None and not task.done():
+                            task.cancel()
+        return report, results
+
+    def output_lines(self) -> list[dict[str, Any]]:
+        """The decoded lines of the output file."""
+        return [json.loads(line) for line in self.output.read_bytes().splitlines()]
+
+    async def batches(self) -> list[Batch]:
+        """Every batch on the service, oldest first, as it is now."""
+        return [await self.service.get_batch(bid) for bid in self.service.batch_ids]
+
+    def file_lines(self, file_id: str | None) -> list[dict[str, Any]]:
+        """The decoded lines of a stored file ([] for None)."""
+        if file_id is None:
+            return []
+        return [json.loads(line) for line in self.service.file_content(file_id).splitlines()]
+
+    def input_ids(self, batch: Batch) -> list[str]:
+        """The custom_ids of a batch's input file, in file order."""
+        return [line["custom_id"] for line in self.file_lines(batch.input_file_id)]
+
+
+async def _collect(run: BatchRun) -> list[RunResult]:
+    return [result async for result in run.results()]
+
+
+@pytest.fixture
+def make_harness(tmp_path: Path, clock: VirtualClock) -> Callable[..., Harness]:
+    """Build a Harness on a fake service (FakeConfig fields as keyword arguments)."""
+
+    def make(*, seed: int = 0, **fake: Any) -> Harness:
+        settings = {"request_log_size": None, **fake}
+        service = FakeBatchService(clock=clock, config=FakeConfig(**settings), seed=seed)
+        return Harness(tmp_path, clock, service)
+
+    return make
+
+
+def ids(prefix: str, count: int) -> list[str]:
+    """The custom_ids chat_requests(count, prefix=prefix) makes."""
+    return [f"{prefix}-{i}" for i in range(count)]
+
+
+def assert_exactly_once(
+    results: Iterable[RunResult], lines: list[dict[str, Any]], expected: Iterable[str]
+) -> None:
+    """Every expected custom_id has exactly one result, in the stream and the file."""
+    wanted = sorted(expected)
+    streamed = [r.custom_id for r in results]
+    written = [line["custom_id"] for line in lines]
+    assert sorted(streamed) == wanted
+    assert sorted(written) == wanted
+
+
+def ended_at(batch: Batch) -> int:
+    """When a terminal batch ended (the fake's whole-second timestamp)."""
+    value = getattr(batch, _ENDED_AT[batch.status])
+    assert value is not None, batch
+    return int(value)
+
+
+# --- 1. expired batches --------------------------------------------------------------------
+
+
+async def test_expired_batch_keeps_finished_lines_and_resubmits_only_the_rest(
+    make_harness: Callable[..., Harness],
+) -> None:
+    """An expired batch keeps its finished lines; only the unfinished ones go to a new batch."""
+    # 10 lines over 198 s, but the window closes 99 s into processing: about half ran.
+    h = make_harness(
+        completion_window_seconds=100.0,
+        validation_seconds=1.0,
+        processing_seconds=lambda _bid, lines: 198.0 if lines == 10 else 1.0,
+    )
+    source = h.write_input(chat_requests(10))
+    report, results = await h.run(source)
+
+    batches = await h.batches()
+    assert [b.status for b in batches] == [BatchStatus.EXPIRED, BatchStatus.COMPLETED]
+    expired, retry = batches
+    kept = {line["custom_id"]: line for line in h.file_lines(expired.output_file_id)}
+    assert 0 < len(kept) < 10
+    unfinished = [cid for cid in ids("req", 10) if cid not in kept]
+    expired_errors = {line["custom_id"] for line in h.file_lines(expired.error_file_id)}
+    assert expired_errors == set(unfinished)
+    assert h.input_ids(retry) == unfinished
+
+    lines = h.output_lines()
+    assert_exactly_once(results, lines, ids("req", 10))
+    written = {line["custom_id"]: line for line in lines}
+    by_id = {r.custom_id: r for r in results}
+    for cid, line in kept.items():
+        assert written[cid] == line
+        assert by_id[cid].batch_id == expired.id
+        assert by_id[cid].attempts == 0
+        assert by_id[cid].ok
+    retry_lines = {line["custom_id"]: line for line in h.file_lines(retry.output_file_id)}
+    for cid in unfinished:
+        assert written[cid] == retry_lines[cid]
+        assert by_id[cid].batch_id == retry.id
+        assert by_id[cid].attempts == 1
+        assert by_id[cid].ok
+    assert report.state == "done"
+    assert (report.succeeded, report.failed, report.pending) == (10, 0, 0)
+    assert report.retried == len(unfinished)
+    assert report.rounds == 1
+    assert report.batches == 2
+
+
+# --- 2. cancelled batches ------------------------------------------------------------------
+
+
+def _cancel_midway(h: Harness, *, after_lines: int) -> Callable[[], Any]:
+    """A coroutine factory: cancel the first batch through the API once it has run
+    ``after_lines`` lines (someone else cancelling it on the server)."""
+
+    async def cancel() -> None:
+        api = FakeApi(h.service)
+        while True:
+            await h.clock.sleep(1.0)
+            if not h.service.batch_ids:
+                continue
+            batch = await h.service.get_batch(h.service.batch_ids[0])
+            counts = batch.request_counts
+            if (
+                batch.status is BatchStatus.IN_PROGRESS
+                and counts
+                and counts.completed >= after_lines
+            ):
+                await api.ok("POST", f"/batches/{batch.id}/cancel")
+                return
+
+    return cancel
+
+
+@pytest.mark.parametrize("how", ["server", "batch_timeout"])
+@pytest.mark.parametrize("max_rounds", [3, 0])
+async def test_cancelled_batch_keeps_finished_lines(
+    make_harness: Callable[..., Harness], how: str, max_rounds: int
+) -> None:
+    """A batch cancelled mid-way keeps finished lines; the rest re-run, or end batch_cancelled."""
+    # 10 lines over 100 s: one line every 10 s.
+    h = make_harness(
+        validation_seconds=1.0,
+        cancel_seconds=2.0,
+        processing_seconds=lambda _bid, lines: 100.0 if lines == 10 else 1.0,
+    )
+    source = h.write_input(chat_requests(10))
+    if how == "server":
+        run_config = config(max_rounds=max_rounds)
+        during = _cancel_midway(h, after_lines=3)
+    else:
+        run_config = config(max_rounds=max_rounds, batch_timeout=45.0)
+        during = None
+    report, results = await h.run(source, run_config, during=during)
+
+    batches = await h.batches()
+    cancelled = batches[0]
+    assert cancelled.status is BatchStatus.CANCELLED
+    kept = {line["custom_id"]: line for line in h.file_lines(cancelled.output_file_id)}
+    assert 0 < len(kept) < 10
+    unfinished = [cid for cid in ids("req", 10) if cid not in kept]
+    lines = h.output_lines()
+    assert_exactly_once(results, lines, ids("req", 10))
+    written = {line["custom_id"]: line for line in lines}
+    by_id = {r.custom_id: r for r in results}
+    for cid, line in kept.items():
+        assert written[cid] == line
+        assert (by_id[cid].batch_id, by_id[cid].attempts, by_id[cid].ok) == (cancelled.id, 0, True)
+    assert report.state == "done"
+    if max_rounds:
+        assert len(batches) == 2
+        retry = batches[1]
+        assert retry.status is BatchStatus.COMPLETED
+        assert h.input_ids(retry) == unfinished
+        for cid in unfinished:
+            assert (by_id[cid].batch_id, by_id[cid].attempts, by_id[cid].ok) == (retry.id, 1, True)
+        assert (report.succeeded, report.failed) == (10, 0)
+        assert report.retried == len(unfinished)
+    else:
+        assert len(batches) == 1
+        for cid in unfinished:
+            assert written[cid]["error"]["code"] == "batch_cancelled"
+            assert written[cid]["response"] is None
+            result = by_id[cid]
+            assert not result.ok
+            assert result.attempts == 0
+        assert (report.succeeded, report.failed) == (len(kept), len(unfinished))
+        assert dict(report.errors) == {"batch_cancelled": len(unfinished)}
+        assert report.retried == 0
+        assert report.rounds == 0
+
+
+# --- 3. token_limit_exceeded ---------------------------------------------------------------
+
+
+async def test_token_limit_exceeded_recreates_from_the_same_file_after_a_backoff(
+    make_harness: Callable[..., Harness], caplog: pytest.LogCaptureFixture
+) -> None:
+    """token_limit_exceeded re-creates a batch from its uploaded file after a backoff, no rounds."""
+    h = make_harness(validation_seconds=1.0)
+    h.service.fail_next_batches("token_limit_exceeded", count=2)
+    source = h.write_input(chat_requests(20))
+    caplog.set_level(logging.WARNING, logger="aiobatch.run")
+    report, results = await h.run(source, config(max_lines=10, token_limit_backoff=120.0))
+
+    assert h.service.request_count("POST", "/files") == 2  # one upload per shard, no more
+    batches = await h.batches()
+    assert len(batches) == 4
+    failed = [b for b in batches if b.status is BatchStatus.FAILED]
+    assert len(failed) == 2
+    assert all(b.errors and b.errors.data[0].code == "token_limit_exceeded" for b in failed)
+    delays = {
+        m.group(1): float(m.group(2))
+        for m in (
+            re.search(r"batch (\S+) .*token_limit_exceeded.* in (\d+)s", record.getMessage())
+            for record in caplog.records
+        )
+        if m
+    }
+    assert set(delays) == {b.id for b in failed}
+    for bad in failed:
+        shard = bad.metadata["aiobatch_shard"] if bad.metadata else None
+        later = [
+            b
+            for b in batches[batches.index(bad) + 1 :]
+            if b.metadata and b.metadata["aiobatch_shard"] == shard
+        ]
+        assert later, f"shard {shard} was not re-created"
+        again = later[0]
+        assert again.input_file_id == bad.input_file_id
+        assert 0 <= delays[bad.id] <= 120.0
+        assert again.created_at >= ended_at(bad) + math.floor(delays[bad.id] - 0.5)
+    final = {b.metadata["aiobatch_shard"]: b for b in batches if b.metadata}
+    assert len(final) == 2
+    assert all(b.status is BatchStatus.COMPLETED for b in final.values())
+
+    lines = h.output_lines()
+    assert_exactly_once(results, lines, ids("req", 20))
+    assert all(r.ok and r.attempts == 0 for r in results)
+    assert {r.batch_id for r in results} == {b.id for b in final.values()}
+    assert (report.succeeded, report.failed) == (20, 0)
+    assert report.rounds == 0
+    assert report.retried == 0
+    assert (report.batches, report.recreated) == (len(batches), 2)
+
+
+# --- 4. client-side enqueued token budget --------------------------------------------------
+
+
+def _peak_enqueued(h: Harness, batches: list[Batch], model: str) -> tuple[int, int]:
+    """(most estimated tokens, most batches) of ``model`` open on the server at once,
+    each batch open from its creation to its end (half-open, whole seconds)."""
+    spans: list[tuple[int, int, int]] = []
+    for batch in batches:
+        lines = h.file_lines(batch.input_file_id)
+        if not lines or lines[0]["body"]["model"] != model:
+            continue
+        tokens = sum(estimate_tokens(line["body"]) for line in lines)
+        spans.append((int(batch.created_at), ended_at(batch), tokens))
+    peak_tokens = peak_batches = 0
+    for start, _, _ in spans:
+        live = [t for s, e, t in spans if s <= start < e or s == start]
+        peak_tokens = max(peak_tokens, sum(live))
+        peak_batches = max(peak_batches, len(live))
+    return peak_tokens, peak_batches
+
+
+LIMIT = 20  # the fake counts 2 tokens for each chat_requests line: 10 lines fit
+
+
+@pytest.mark.parametrize(
+    "estimator", [estimate_tokens, None], ids=["fake-estimator", "default-estimator"]
+)
+async def test_client_token_budget_avoids_token_limit_exceeded(
+    make_harness: Callable[..., Harness], estimator: Any
+) -> None:
+    """A client budget equal to the server's limit means no token_limit_exceeded at all."""
+    # Shards of 4 lines (8 fake tokens): two fit under the limit at once, three do not.
+    h = make_harness(
+        validation_seconds=1.0, lines_per_second=0.2, enqueued_token_limits={MODEL: LIMIT}
+    )
+    source = h.write_input(chat_requests(40))
+    run_config = config(
+        max_lines=4, enqueued_token_limits={MODEL: LIMIT}, token_estimator=estimator
+    )
+    report, results = await h.run(source, run_config)
+
+    batches = await h.batches()
+    assert all(b.status is BatchStatus.COMPLETED for b in batches), [b.errors for b in batches]
+    assert report.recreated == 0
+    assert report.state == "done"
+    assert (report.succeeded, report.failed) == (40, 0)
+    assert_exactly_once(results, h.output_lines(), ids("req", 40))
+    peak_tokens, _ = _peak_enqueued(h, batches, MODEL)
+    assert peak_tokens <= LIMIT
+
+
+async def test_client_token_budget_still_runs_batches_side_by_side(
+    make_harness: Callable[..., Harness],
+) -> None:
+    """The token budget runs as many batches at once as fit (two of 8 tokens under 20)."""
+    h = make_harness(
+        validation_seconds=1.0, lines_per_second=0.2, enqueued_token_limits={MODEL: LIMIT}
+    )
+    source = h.write_input(chat_requests(40))
+    run_config = config(
+        max_lines=4, enqueued_token_limits={MODEL: LIMIT}, token_estimator=estimate_tokens
+    )
+    report, _ = await h.run(source, run_config)
+    assert report.state == "done"
+    peak_tokens, peak_batches = _peak_enqueued(h, await h.batches(), MODEL)
+    assert peak_batches == 2
+    assert peak_tokens == 16
+
+
+async def test_without_a_client_budget_the_same_run_hits_the_server_limit(
+    make_harness: Callable[..., Harness],
+) -> None:
+    """Without a client budget the run hits token_limit_exceeded and re-creates to the end."""
+    h = make_harness(
+        validation_seconds=1.0, lines_per_second=0.2, enqueued_token_limits={MODEL: LIMIT}
+    )
+    source = h.write_input(chat_requests(40))
+    report, results = await h.run(source, config(max_lines=4, token_limit_backoff=10.0))
+
+    batches = await h.batches()
+    failed = [b for b in batches if b.status is BatchStatus.FAILED]
+    assert failed
+    assert all(b.errors and b.errors.data[0].code == "token_limit_exceeded" for b in failed)
+    assert (report.succeeded, report.failed) == (40, 0)
+    assert (report.batches, report.recreated) == (len(batches), len(failed))
+    assert_exactly_once(results, h.output_lines(), ids("req", 40))
+    assert all(r.attempts == 0 for r in results)
+
+
+# --- 5. faults on the control plane --------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+async def test_control_plane_faults_change_no_outcome(
+    make_harness: Callable[..., Harness], seed: int
+) -> None:
+    """Faults on ~10% of control-plane calls change no outcome and make no second batch."""
+    h = make_harness(seed=seed, validation_seconds=1.0, lines_per_second=2.0)
+    faults = h.service.faults
+    faults.add(Fault.drop(after=True, method="POST", path="/batches", times=1))
+    faults.add(Fault.http(429, retry_after=2.0, times=None, probability=0.05))
+    faults.add(Fault.http(503, times=None, probability=0.05))
+    faults.add(Fault.drop(times=None, probability=0.01))
+    faults.add(Fault.drop(after=True, times=None, probability=0.01))
+    source = h.write_input(chat_requests(120))
+    report, results = await h.run(
+        source, config(max_lines=12), retry=RetryPolicy.for_testing(max_attempts=6)
+    )
+
+    fired = {f.fault.kind for f in faults.fired}
+    assert {FaultKind.HTTP, FaultKind.DROP_AFTER} <= fired
+    assert report.state == "done"
+    assert (report.succeeded, report.failed, report.pending) == (120, 0, 0)
+    assert all(r.ok and r.attempts == 0 for r in results)
+    assert_exactly_once(results, h.output_lines(), ids("req", 120))
+    batches = await h.batches()
+    shards = [b.metadata["aiobatch_shard"] for b in batches if b.metadata]
+    assert len(shards) == len(batches) == 10
+    assert len(set(shards)) == 10
+    assert all(b.status is BatchStatus.COMPLETED for b in batches)
+    assert report.batches == 10
+
+
+# --- 6. retry rounds -----------------------------------------------------------------------
+
+
+async def test_retry_rounds_for_transient_permanent_and_persistent_line_errors(
+    make_harness: Callable[..., Harness],
+) -> None:
+    """Transient errors retry to success, 4xx end at once, persistent 500s end after max_rounds."""
+    seen: set[str] = set()
+
+    def first_time(custom_id: str) -> bool:
+        if not custom_id.startswith("flaky") or custom_id in seen:
+            return False
+        seen.add(custom_id)
+        return True
+
+    h = make_harness(
+        validation_seconds=1.0,
+        line_errors=[
+            LineErrorRule(status=400, predicate=lambda c: c.startswith("perm"), code="bad_prompt"),
+            LineErrorRule(status=500, custom_ids=frozenset({"always-0"})),
+            LineErrorRule(status=503, predicate=first_time),
+        ],
+    )
+    names = ids("ok", 4) + ids("flaky", 3) + ids("perm", 2) + ["always-0"]
+    source = h.write_input(jsonl(chat_line(cid) for cid in names))
+    report, results = await h.run(source, config(max_rounds=2))
+
+    lines = h.output_lines()
+    assert_exactly_once(results, lines, names)
+    by_id = {r.custom_id: r for r in results}
+    batches = await h.batches()
+    sent = {cid: [b.id for b in batches if cid in h.input_ids(b)] for cid in names}
+    for cid in ids("ok", 4):
+        assert (by_id[cid].ok, by_id[cid].attempts, len(sent[cid])) == (True, 0, 1)
+    for cid in ids("flaky", 3):
+        assert (by_id[cid].ok, by_id[cid].attempts, len(sent[cid])) == (True, 1, 2)
+        assert by_id[cid].batch_id == sent[cid][-1]
+    for cid in ids("perm", 2):
+        result = by_id[cid]
+        assert (result.ok, result.attempts, len(sent[cid])) == (False, 0, 1)
+        assert getattr(result.result, "status_code", None) == 400
+    always = by_id["always-0"]
+    assert (always.ok, always.attempts, len(sent["always-0"])) == (False, 2, 3)
+    assert getattr(always.result, "status_code", None) == 500
+    assert always.batch_id == sent["always-0"][-1]
+    written = {line["custom_id"]: line for line in lines}
+    assert written["always-0"]["response"]["status_code"] == 500
+    assert written["perm-0"]["response"]["status_code"] == 400
+
+    assert report.state == "done"
+    assert (report.succeeded, report.failed) == (7, 3)
+    assert report.rounds == 2
+    assert report.retried == 4  # 3 flaky + always-0
+    errors = dict(report.errors)
+    assert errors.pop("bad_prompt") == 2
+    assert len(errors) == 1
+    ((code, count),) = errors.items()
+    assert "500" in code
+    assert count == 1
+    assert report.batches == len(batches) == 3
+
+
+# --- 7. exactly once, and order ------------------------------------------------------------
+
+
+def _mixed_models() -> tuple[list[dict[str, Any]], dict[int, float]]:
+    """20 chat lines of three models, interleaved; the fake runs the 12-line batch in
+    300 s, the 5-line one in 150 s, the 3-line one in 10 s (later input finishes first)."""
+    models = ["m-a"] * 12 + ["m-b"] * 5 + ["m-c"] * 3
+    order = [models[(i * 7) % 20] for i in range(20)]  # a fixed interleaving
+    lines = [chat_line(f"r{i:02d}", f"question {i}", model=m) for i, m in enumerate(order)]
+    return lines, {12: 300.0, 5: 150.0, 3: 10.0}
+
+
+@pytest.mark.parametrize("order", ["input", "completion"])
+async def test_output_order_and_results_stream(
+    make_harness: Callable[..., Harness], order: str
+) -> None:
+    """Output is in input order or batch-completion order; results() yields the same."""
+    lines, seconds = _mixed_models()
+    assert len({line["body"]["model"] for line in lines}) == 3
+    h = make_harness(validation_seconds=1.0, processing_seconds=lambda _bid, n: seconds[n])
+    source = h.write_input(jsonl(lines))
+    report, results = await h.run(source, config(order=order))
+
+    input_ids = [line["custom_id"] for line in lines]
+    written = h.output_lines()
+    written_ids = [line["custom_id"] for line in written]
+    assert [r.custom_id for r in results] == written_ids
+    assert sorted(written_ids) == sorted(input_ids)
+    assert len(set(written_ids)) == len(written_ids)
+    assert report.state == "done"
+    if order == "input":
+        assert written_ids == input_ids
+        assert [r.index for r in results] == list(range(20))
+        return
+    batches = {b.id: b for b in await h.batches()}
+    assert len(batches) == 3
+    finished = [ended_at(batches[r.batch_id]) for r in results if r.batch_id]
+    assert len(finished) == 20
+    assert finished == sorted(finished)
+    assert written_ids != input_ids
+    assert sorted(r.index for r in results) == list(range(20))
+    assert all(input_ids[r.index] == r.custom_id for r in results)
+
+
+async def test_results_after_the_run_yield_every_result(
+    make_harness: Callable[..., Harness], clock: VirtualClock
+) -> None:
+    """results() called after run() returned still yields every result, as in the file."""
+    h = make_harness(validation_seconds=1.0)
+    source = h.write_input(chat_requests(5))
+    async with BatchClient(
+        api_key=API_KEY,
+        base_url=BASE_URL,
+        transport=h.service.transport(),
+        clock=clock,
+        retry=RetryPolicy.for_testing(),
+    ) as client:
+        run = BatchRun(client, source, journal=h.journal, output=h.output, config=config())
+        async with clock.auto_advance():
+            report = await run.run()
+            results = [r async for r in run.results()]
+    assert report.state == "done"
+    assert [r.custom_id for r in results] == [line["custom_id"] for line in h.output_lines()]
+
+
+# --- 8. sharding end to end ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("count", "batches"), [(5, 1), (6, 2)])
+async def test_max_lines_boundary(
+    make_harness: Callable[..., Harness], count: int, batches: int
+) -> None:
+    """max_lines=5: five requests make one batch, six make two."""
+    h = make_harness(validation_seconds=1.0)
+    source = h.write_input(chat_requests(count))
+    report, results = await h.run(source, config(max_lines=5))
+    made = await h.batches()
+    assert len(made) == batches
+    sent = [cid for b in made for cid in h.input_ids(b)]
+    assert sorted(sent) == sorted(ids("req", count))
+    assert all(len(h.input_ids(b)) <= 5 for b in made)
+    assert report.batches == batches
+    assert_exactly_once(results, h.output_lines(), ids("req", count))
+
+
+@pytest.mark.parametrize(("slack", "batches"), [(0, 1), (-1, 2)])
+async def test_max_bytes_boundary(
+    make_harness: Callable[..., Harness], slack: int, batches: int
+) -> None:
+    """max_bytes equal to the input file's size makes one batch; one byte less makes two."""
+    data = chat_requests(8)
+    h = make_harness(validation_seconds=1.0)
+    source = h.write_input(data)
+    report, results = await h.run(source, config(max_bytes=len(data) + slack))
+    made = await h.batches()
+    assert len(made) == batches
+    sizes = [len(h.service.file_content(b.input_file_id)) for b in made]
+    assert all(size <= len(data) + slack for size in sizes)
+    assert sum(sizes) == len(data)
+    if batches == 1:
+        assert h.service.file_content(made[0].input_file_id) == data
+    assert report.batches == batches
+    assert_exactly_once(results, h.output_lines(), ids("req", 8))
+
+
+async def test_one_batch_per_url_and_model(make_harness: Callable[..., Harness]) -> None:
+    """Mixed endpoints and models: one batch per (url, model), each holding exactly the
+    requests of its pair."""
+    lines: list[Mapping[str, Any]] = []
+    for i in range(12):
+        kind = i % 4
+        if kind == 0:
+            lines.append(chat_line(f"c{i}", model="m-a"))
+        elif kind == 1:
+            lines.append(chat_line(f"c{i}", model="m-b"))
+        elif kind == 2:
+            lines.append(
+                {
+                    "custom_id": f"c{i}",
+                    "method": "POST",
+                    "url": "/v1/embeddings",
+                    "body": {"model": "m-a", "input": f"text {i}"},
+                }
+            )
+        else:
+            lines.append(
+                {
+                    "custom_id": f"c{i}",
+                    "method": "POST",
+                    "url": "/v1/embeddings",
+                    "body": {"model": "m-e", "input": f"text {i}"},
+                }
+            )
+    h = make_harness(validation_seconds=1.0)
+    source = h.write_input(jsonl(lines))
+    report, results = await h.run(source)
+
+    expected: dict[tuple[str, str], set[str]] = {}
+    for line in lines:
+        expected.setdefault((line["url"], line["body"]["model"]), set()).add(line["custom_id"])
+    made = await h.batches()
+    got: dict[tuple[str, str], set[str]] = {}
+    for batch in made:
+        sent = h.file_lines(batch.input_file_id)
+        pairs = {(line["url"], line["body"]["model"]) for line in sent}
+        assert len(pairs) == 1
+        ((url, model),) = pairs
+        assert batch.endpoint == url
+        assert (url, model) not in got
+        got[(url, model)] = {line["custom_id"] for line in sent}
+    assert got == expected
+    assert report.batches == len(made) == 4
+    assert (report.succeeded, report.failed) == (12, 0)
+    assert_exactly_once(results, h.output_lines(), [line["custom_id"] for line in lines])
