@@ -48,6 +48,7 @@ CREATE TABLE IF NOT EXISTS requests (
     url TEXT NOT NULL,
     model TEXT,
     tokens INTEGER NOT NULL,
+    inputs INTEGER NOT NULL DEFAULT 1,
     data BLOB NOT NULL,
     state TEXT NOT NULL DEFAULT 'pending',
     shard TEXT,
@@ -282,11 +283,11 @@ class Journal:
     # --- requests ------------------------------------------------------------------------
 
     def add_requests(self, db: sqlite3.Connection, rows: Iterable[tuple[Any, ...]]) -> None:
-        """Insert request rows ``(seq, custom_id, line, url, model, tokens, data)`` inside
-        the caller's transaction."""
+        """Insert request rows ``(seq, custom_id, line, url, model, tokens, inputs, data)``
+        inside the caller's transaction."""
         db.executemany(
-            "INSERT INTO requests (seq, custom_id, line, url, model, tokens, data) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO requests (seq, custom_id, line, url, model, tokens, inputs, data) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             rows,
         )
 
@@ -294,11 +295,12 @@ class Journal:
         """How many requests the run has."""
         return int(self._db.execute("SELECT count(*) FROM requests").fetchone()[0])
 
-    def pending_items(self) -> Iterator[tuple[int, str, str | None, int, int, int]]:
-        """``(seq, url, model, size, tokens, attempts)`` of every pending request, grouped
-        by url and model, in input order within a group (``size`` includes the newline)."""
+    def pending_items(self) -> Iterator[tuple[int, str, str | None, int, int, int, int]]:
+        """``(seq, url, model, size, tokens, inputs, attempts)`` of every pending request,
+        grouped by url and model, in input order within a group (``size`` includes the
+        newline)."""
         yield from self._db.execute(
-            "SELECT seq, url, model, length(data) + 1, tokens, attempts FROM requests "
+            "SELECT seq, url, model, length(data) + 1, tokens, inputs, attempts FROM requests "
             "WHERE state = 'pending' ORDER BY url, model, seq"
         )
 

@@ -46,6 +46,7 @@ __all__ = [
     "LineProblem",
     "PreparedRequest",
     "Preflight",
+    "count_inputs",
     "estimate_tokens",
     "generated_custom_id",
 ]
@@ -87,6 +88,9 @@ class PreparedRequest:
             compact JSON (``json.dumps(separators=(",", ":"), ensure_ascii=False)``).
         tokens: the estimated prompt tokens of the request (see :func:`estimate_tokens`).
         generated_id: whether ``custom_id`` was generated because the line had none.
+        inputs: the inputs the request counts against a batch's input limit: the
+            number of texts (or token arrays) of an embeddings request's ``input``
+            list, else 1 (see :func:`count_inputs`).
     """
 
     seq: int
@@ -97,6 +101,7 @@ class PreparedRequest:
     data: bytes
     tokens: int
     generated_id: bool
+    inputs: int = 1
 
 
 @attrs.frozen(slots=True)
@@ -132,6 +137,22 @@ class LineProblem:
             parts.append(self.field)
         parts.append(self.message)
         return ": ".join(parts)
+
+
+def count_inputs(url: str, body: Mapping[str, Any]) -> int:
+    """How many inputs a request counts against a batch's input limit.
+
+    OpenAI allows 50,000 embedding inputs per ``/v1/embeddings`` batch in all: an
+    embeddings request whose ``input`` is a list of texts, or a list of token arrays,
+    counts one per element (a flat list of token ids is one input). Every other request
+    counts 1.
+    """
+    if not url.rstrip("/").endswith("/embeddings"):
+        return 1
+    value = body.get("input")
+    if isinstance(value, list) and value and not all(isinstance(v, int) for v in value):
+        return len(value)
+    return 1
 
 
 def estimate_tokens(body: Mapping[str, Any]) -> int:
@@ -509,6 +530,7 @@ class Preflight:
             data=data,
             tokens=tokens,
             generated_id=generated,
+            inputs=count_inputs(url, body),
         )
         self._accepted += 1
         return prepared

@@ -194,13 +194,16 @@ class Limits:
     Attributes:
         max_lines: requests per batch (OpenAI 50,000; Azure 100,000).
         max_bytes: bytes of the input file (200 MB for both).
+        max_embedding_inputs: embedding inputs per ``/v1/embeddings`` batch, summed over
+            its lines (a line's ``input`` list counts each element; 50,000 on OpenAI).
     """
 
     max_lines: int = 50_000
     max_bytes: int = 200 * 1024 * 1024
+    max_embedding_inputs: int = 50_000
 
     def __attrs_post_init__(self) -> None:
-        for name in ("max_lines", "max_bytes"):
+        for name in ("max_lines", "max_bytes", "max_embedding_inputs"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigurationError(f"Limits.{name} must be a positive int, got {value!r}")

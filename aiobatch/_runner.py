@@ -110,6 +110,8 @@ PERMANENT_BATCH_CODES = frozenset(
         "empty_file",
         "too_many_requests_in_file",
         "file_too_large",
+        "too_many_tasks",
+        "streaming_unsupported",
         "model_not_found",
         "unsupported_model",
     }
@@ -401,6 +403,7 @@ class BatchRun:
         limits = client.provider.limits
         self._max_lines = self._config.max_lines or limits.max_lines
         self._max_bytes = self._config.max_bytes or limits.max_bytes
+        self._max_inputs = limits.max_embedding_inputs
         self._journal: Journal | None = None
         self._lock = _Lock(self._journal_path)
         self._run_id = ""
@@ -661,6 +664,7 @@ class BatchRun:
                     request.url,
                     request.model,
                     request.tokens,
+                    request.inputs,
                     request.data,
                 )
             )
@@ -852,19 +856,23 @@ class BatchRun:
         limits = self._config.enqueued_token_limits
         groups: dict[tuple[str, str | None], list[ShardItem]] = {}
         attempts: dict[int, int] = {}
-        for seq, url, model, size, tokens, tries in journal.pending_items():
-            groups.setdefault((url, model), []).append(ShardItem(seq, url, model, size, tokens))
+        for seq, url, model, size, tokens, inputs, tries in journal.pending_items():
+            groups.setdefault((url, model), []).append(
+                ShardItem(seq, url, model, size, tokens, inputs)
+            )
             attempts[seq] = tries
         now = self._clock.now()
         index = journal.shard_count()
         keys: list[str] = []
         with journal.transaction() as db:
-            for (_url, model), items in groups.items():
+            for (url, model), items in groups.items():
+                embeddings = url.rstrip("/").endswith("/embeddings")
                 for plan in plan_shards(
                     items,
                     max_lines=self._max_lines,
                     max_bytes=self._max_bytes,
                     max_tokens=limits.get(model) if model is not None else None,
+                    max_inputs=self._max_inputs if embeddings else None,
                 ):
                     key = f"s{index:06d}"
                     index += 1

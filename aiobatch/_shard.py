@@ -30,6 +30,8 @@ class ShardItem:
         model: its ``body.model``; a batch has one model.
         size: the bytes its line takes in the input file, newline included (>= 1).
         tokens: its estimated prompt tokens (>= 0).
+        inputs: the inputs it counts against a per-batch input limit (an embeddings
+            request with a list of 300 texts counts 300; every other request 1).
     """
 
     seq: int
@@ -37,6 +39,7 @@ class ShardItem:
     model: str | None
     size: int
     tokens: int
+    inputs: int = 1
 
 
 @attrs.frozen(slots=True)
@@ -49,6 +52,7 @@ class ShardPlan:
         seqs: the requests' ``seq``, in input order.
         size: the bytes of its input file.
         tokens: the estimated prompt tokens of its requests.
+        inputs: the inputs of its requests (see :attr:`ShardItem.inputs`).
     """
 
     url: str
@@ -56,6 +60,7 @@ class ShardPlan:
     seqs: tuple[int, ...]
     size: int
     tokens: int
+    inputs: int = 0
 
 
 @attrs.define(slots=True)
@@ -65,9 +70,12 @@ class _OpenShard:
     seqs: list[int]
     size: int
     tokens: int
+    inputs: int
 
     def plan(self) -> ShardPlan:
-        return ShardPlan(self.url, self.model, tuple(self.seqs), self.size, self.tokens)
+        return ShardPlan(
+            self.url, self.model, tuple(self.seqs), self.size, self.tokens, self.inputs
+        )
 
 
 def plan_shards(
@@ -76,6 +84,7 @@ def plan_shards(
     max_lines: int,
     max_bytes: int,
     max_tokens: int | None = None,
+    max_inputs: int | None = None,
 ) -> Iterator[ShardPlan]:
     """Group requests by ``(url, model)`` and cut each group into shards within limits.
 
@@ -95,6 +104,9 @@ def plan_shards(
         max_lines: the most lines per shard (>= 1).
         max_bytes: the most bytes per shard (>= 1), newlines included.
         max_tokens: the most estimated tokens per shard (>= 1), or None for no limit.
+        max_inputs: the most inputs per shard (>= 1; OpenAI allows 50,000 embedding
+            inputs per batch), or None for no limit. A single request over it still
+            gets a shard of its own.
 
     Returns:
         The shards: each as soon as it is closed, then those still open when the input
@@ -108,7 +120,9 @@ def plan_shards(
     _check_limit("max_bytes", max_bytes)
     if max_tokens is not None:
         _check_limit("max_tokens", max_tokens)
-    return _plan(items, max_lines, max_bytes, max_tokens)
+    if max_inputs is not None:
+        _check_limit("max_inputs", max_inputs)
+    return _plan(items, max_lines, max_bytes, max_tokens, max_inputs)
 
 
 def _check_limit(name: str, value: object) -> None:
@@ -117,7 +131,11 @@ def _check_limit(name: str, value: object) -> None:
 
 
 def _plan(
-    items: Iterable[ShardItem], max_lines: int, max_bytes: int, max_tokens: int | None
+    items: Iterable[ShardItem],
+    max_lines: int,
+    max_bytes: int,
+    max_tokens: int | None,
+    max_inputs: int | None,
 ) -> Iterator[ShardPlan]:
     open_shards: dict[tuple[str, str | None], _OpenShard] = {}
     for item in items:
@@ -131,22 +149,27 @@ def _plan(
             len(shard.seqs) + 1 > max_lines
             or shard.size + item.size > max_bytes
             or (max_tokens is not None and shard.tokens + item.tokens > max_tokens)
+            or (max_inputs is not None and shard.inputs + item.inputs > max_inputs)
         ):
             del open_shards[key]
             yield shard.plan()
             shard = None
         if shard is None:
-            shard = _OpenShard(item.url, item.model, [item.seq], item.size, item.tokens)
+            shard = _OpenShard(
+                item.url, item.model, [item.seq], item.size, item.tokens, item.inputs
+            )
         else:
             shard.seqs.append(item.seq)
             shard.size += item.size
             shard.tokens += item.tokens
+            shard.inputs += item.inputs
         # Closed at once when no further request can fit (every one has size >= 1);
         # a shard at exactly the token limit stays open for requests of 0 tokens.
         if (
             len(shard.seqs) >= max_lines
             or shard.size >= max_bytes
             or (max_tokens is not None and shard.tokens > max_tokens)
+            or (max_inputs is not None and shard.inputs >= max_inputs)
         ):
             open_shards.pop(key, None)
             yield shard.plan()

@@ -14,6 +14,7 @@ from aiobatch._preflight import (
     LineProblem,
     Preflight,
     PreparedRequest,
+    count_inputs,
     estimate_tokens,
     generated_custom_id,
 )
@@ -620,3 +621,18 @@ def test_estimate_tokens(body: dict[str, Any], expected: int) -> None:
 def test_estimate_tokens_is_never_zero() -> None:
     """Even a body with no text is estimated at more than 0 tokens."""
     assert estimate_tokens({}) > 0
+
+
+@pytest.mark.parametrize(
+    ("url", "body", "expected"),
+    [
+        ("/v1/embeddings", {"model": "e", "input": ["a", "b", "c"]}, 3),
+        ("/v1/embeddings", {"model": "e", "input": [[1, 2], [3]]}, 2),
+        ("/v1/embeddings", {"model": "e", "input": [1, 2, 3]}, 1),
+        ("/v1/embeddings", {"model": "e", "input": "one text"}, 1),
+        ("/v1/chat/completions", {"model": "m", "input": ["a", "b"]}, 1),
+    ],
+)
+def test_count_inputs(url: str, body: dict[str, Any], expected: int) -> None:
+    """Embedding requests count one input per text or token array; others count 1."""
+    assert count_inputs(url, body) == expected

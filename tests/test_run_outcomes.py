@@ -707,3 +707,32 @@ async def test_one_batch_per_url_and_model(make_harness: Callable[..., Harness])
     assert report.batches == len(made) == 4
     assert (report.succeeded, report.failed) == (12, 0)
     assert_exactly_once(results, h.output_lines(), [line["custom_id"] for line in lines])
+
+
+async def test_embedding_shards_stay_under_the_input_limit(tmp_path: Path) -> None:
+    """Embedding requests with input lists are sharded by their inputs, so no batch goes
+    over the provider's embedding-input limit (the fake's too_many_tasks)."""
+    clock = VirtualClock()
+    service = FakeBatchService(clock=clock, config=FakeConfig(max_embedding_inputs=50_000))
+    lines = [
+        {
+            "custom_id": f"e-{i}",
+            "method": "POST",
+            "url": "/v1/embeddings",
+            "body": {
+                "model": "text-embedding-3-small",
+                "input": [f"t{i}-{j}" for j in range(1000)],
+            },
+        }
+        for i in range(120)
+    ]
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(jsonl(lines))
+    async with BatchClient(
+        api_key=API_KEY, base_url=BASE_URL, transport=service.transport(), clock=clock
+    ) as client:
+        run = BatchRun(client, source, journal=tmp_path / "j", output=tmp_path / "out.jsonl")
+        async with clock.auto_advance():
+            report = await run.run()
+    assert report.succeeded == 120
+    assert report.batches == 3  # 50 + 50 + 20 requests of 1,000 inputs each

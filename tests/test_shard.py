@@ -139,10 +139,23 @@ def test_order_is_preserved_within_a_group() -> None:
 
 
 def test_size_and_tokens_are_summed() -> None:
-    """A shard's size and tokens are the sums over its requests."""
-    lines = [ShardItem(0, CHAT, "m", 7, 3), ShardItem(1, CHAT, "m", 11, 5)]
+    """A shard's size, tokens and inputs are the sums over its requests."""
+    lines = [ShardItem(0, CHAT, "m", 7, 3), ShardItem(1, CHAT, "m", 11, 5, inputs=4)]
     [shard] = plan(lines)
-    assert shard == ShardPlan(CHAT, "m", (0, 1), 18, 8)
+    assert shard == ShardPlan(CHAT, "m", (0, 1), 18, 8, 5)
+
+
+@pytest.mark.parametrize(
+    ("inputs", "expected"),
+    [((10, 20, 20), [(0, 1, 2)]), ((10, 20, 21), [(0, 1), (2,)]), ((60, 1), [(0,), (1,)])],
+)
+def test_max_inputs_cuts_embedding_shards(
+    inputs: tuple[int, ...], expected: list[tuple[int, ...]]
+) -> None:
+    """Shards hold at most max_inputs inputs; a single larger request gets its own shard."""
+    items = [ShardItem(i, "/v1/embeddings", "e", 10, 1, inputs=n) for i, n in enumerate(inputs)]
+    shards = list(plan_shards(items, max_lines=100, max_bytes=10_000, max_inputs=50))
+    assert [s.seqs for s in shards] == expected
 
 
 def test_full_shards_are_yielded_as_soon_as_they_fill() -> None:
