@@ -29,7 +29,7 @@ from ._progress import ProgressDisplay
 from ._provider import PROVIDER_NAMES, provider_from_env
 from ._report import format_report, read_report
 from ._retry import RetryPolicy
-from ._runner import BatchRun, RunConfig, request_cancel
+from ._runner import BatchRun, RunConfig, cancel_batches, request_cancel, run_is_live
 from .errors import AiobatchError, JournalError, PreflightError
 from .testing._clock import VirtualClock
 from .testing._config import FakeConfig, LineErrorRule
@@ -406,26 +406,63 @@ def _plain(value: Any) -> Any:
     raise TypeError(type(value).__name__)
 
 
+def _cancel_arguments(parser: argparse.ArgumentParser) -> None:
+    _journal_argument(parser)
+    parser.add_argument(
+        "--provider",
+        choices=PROVIDER_NAMES,
+        default="openai",
+        help="when no process runs the journal: the provider to send the cancels to "
+        "(keys and endpoints from its environment variables, as for 'aiobatch run')",
+    )
+    parser.add_argument("--base-url", default=None, help="the API root (not for azure)")
+
+
 @command(
     "cancel",
-    "ask the run that holds a journal to cancel (it keeps what finished)",
-    _journal_argument,
+    "cancel a run: its open batches stop, what they finished is kept",
+    _cancel_arguments,
     description=(
-        "Flag the journal: the run that holds it cancels its open batches within a few "
-        "seconds, collects their finished lines and stops, resumable. Run the same "
-        "'aiobatch run' command again to continue it."
+        "When a process runs the journal, flag it: that run cancels its open batches "
+        "within seconds, collects their finished lines and stops, resumable. When none "
+        "does (it crashed or was stopped), send the cancels for the batches the journal "
+        "records as open, with the provider settings given. Either way, run the same "
+        "'aiobatch run' command again to continue: it collects what the batches "
+        "finished and re-submits the rest."
     ),
 )
 def _cancel(args: argparse.Namespace) -> int:
     try:
         with Journal(args.journal) as journal:
             state = journal.get_meta("state")
+            open_batches = journal.open_batches()
     except JournalError as exc:
         print(f"aiobatch cancel: {exc}", file=sys.stderr)
         return 1
-    if state in ("done", "cancelled", "failed"):
-        print(f"aiobatch cancel: the run is already {state}", file=sys.stderr)
+    if state == "done":
+        print("aiobatch cancel: the run is already done", file=sys.stderr)
         return 1
-    request_cancel(args.journal)
-    print(f"cancel requested; the run holding {args.journal} stops within seconds")
+    if run_is_live(args.journal):
+        request_cancel(args.journal)
+        print(f"cancel requested; the run holding {args.journal} stops within seconds")
+        return 0
+    if not open_batches:
+        print(f"no process runs {args.journal} and it records no open batch: nothing to cancel")
+        return 0
+    try:
+        sent = asyncio.run(_cancel_directly(args))
+    except (AiobatchError, OSError) as exc:
+        print(f"aiobatch cancel: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"no process runs {args.journal}: sent cancels for {len(sent)} of its "
+        f"{len(open_batches)} open batch(es); run 'aiobatch run' again to collect what "
+        "they finished"
+    )
     return 0
+
+
+async def _cancel_directly(args: argparse.Namespace) -> list[str]:
+    provider = provider_from_env(args.provider, base_url=args.base_url)
+    async with BatchClient(provider=provider) as client:
+        return await cancel_batches(args.journal, client)

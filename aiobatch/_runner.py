@@ -63,6 +63,7 @@ from .errors import (
     APIStatusError,
     AuthenticationError,
     DecodeError,
+    InvalidTransitionError,
     JournalError,
     LookupIncompleteError,
     NotFoundError,
@@ -71,7 +72,15 @@ from .errors import (
     TransportError,
 )
 
-__all__ = ["BatchRun", "RunConfig", "RunResult", "RequestSource"]
+__all__ = [
+    "BatchRun",
+    "RequestSource",
+    "RunConfig",
+    "RunResult",
+    "cancel_batches",
+    "request_cancel",
+    "run_is_live",
+]
 
 logger = logging.getLogger("aiobatch.run")
 
@@ -1580,3 +1589,54 @@ def request_cancel(journal_path: str | os.PathLike[str]) -> None:
     sees it within ``cancel_poll_interval`` seconds."""
     with Journal(journal_path) as journal:
         journal.set_meta(cancel_requested=repr(time.time()))
+
+
+def run_is_live(journal_path: str | os.PathLike[str]) -> bool:
+    """Whether a process holds the journal (runs it) right now."""
+    lock = _Lock(os.fspath(journal_path))
+    try:
+        lock.acquire()
+    except JournalError:
+        return True
+    lock.release()
+    return False
+
+
+async def cancel_batches(journal_path: str | os.PathLike[str], client: BatchClient) -> list[str]:
+    """Cancel the open batches of a run that is not running (its process died or was
+    stopped), so they stop spending; what they finished is collected when the run is
+    started again. The cancels count as the run's own: their cancelled lines do not
+    spend retry rounds.
+
+    Returns:
+        The ids of the batches a cancel was sent for.
+
+    Raises:
+        JournalError: a process runs the journal (use :func:`request_cancel`), or there
+            is no journal.
+    """
+    path = os.fspath(journal_path)
+    lock = _Lock(path)
+    lock.acquire()
+    sent: list[str] = []
+    try:
+        with Journal(path) as journal:
+            for key, batch_id in journal.open_batches():
+                journal.update_shard(key, cancel_reason="run")
+                try:
+                    await client.cancel_batch(batch_id)
+                except (APIStatusError, InvalidTransitionError) as exc:
+                    # Already finished (409) or gone (404): nothing to stop.
+                    logger.info("batch %s was not cancelled: %s", batch_id, exc)
+                    continue
+                sent.append(batch_id)
+            creating = journal.shards("creating")
+            if creating:
+                logger.warning(
+                    "%d shard(s) were being created when the run stopped; their batches, "
+                    "if any, are found and handled when the run starts again",
+                    len(creating),
+                )
+    finally:
+        lock.release()
+    return sent
