@@ -340,6 +340,14 @@ async def _run_async(args: argparse.Namespace, journal: str) -> int:
 )
 def _run(args: argparse.Namespace) -> int:
     journal = args.journal or f"{args.output}.journal"
+    try:
+        _config(args)
+    except ValueError as exc:
+        print(
+            f"aiobatch run: {str(exc).replace('RunConfig.', '--').replace('_', '-')}",
+            file=sys.stderr,
+        )
+        return 2
     if not args.quiet:
         logging.basicConfig(
             level=logging.INFO if args.verbose else logging.WARNING,

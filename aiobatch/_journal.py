@@ -34,7 +34,7 @@ from .errors import JournalError
 
 __all__ = ["SCHEMA_VERSION", "Journal", "ShardRow"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -80,6 +80,7 @@ CREATE TABLE IF NOT EXISTS shards (
     output_done INTEGER NOT NULL DEFAULT 0,
     error_done INTEGER NOT NULL DEFAULT 0,
     cancel_reason TEXT,
+    history TEXT NOT NULL DEFAULT '',
     input_tokens INTEGER NOT NULL DEFAULT 0,
     output_tokens INTEGER NOT NULL DEFAULT 0,
     note TEXT
@@ -129,6 +130,7 @@ _SHARD_COLUMNS = (
     "output_done",
     "error_done",
     "cancel_reason",
+    "history",
     "input_tokens",
     "output_tokens",
     "note",
@@ -162,6 +164,7 @@ class ShardRow:
     output_done: int
     error_done: int
     cancel_reason: str | None
+    history: str
     input_tokens: int
     output_tokens: int
     note: str | None
@@ -418,10 +421,14 @@ class Journal:
             "UPDATE requests SET state = 'done' WHERE seq = ?", ((row[0],) for row in rows)
         )
 
-    def retry_later(self, db: sqlite3.Connection, rows: Iterable[tuple[int, int, bytes]]) -> None:
+    def retry_later(
+        self, db: sqlite3.Connection, rows: Iterable[tuple[int, int, bytes | None]]
+    ) -> None:
         """Make requests ``pending`` again, with their attempts and last error
-        ``(seq, attempts, last_error)``, inside the caller's transaction. A request that
-        already has its final result is left alone."""
+        ``(seq, attempts, last_error)``, inside the caller's transaction; a last error of
+        None marks a request that runs again as if for the first time (its batch was
+        cancelled by the run). A request that already has its final result is left
+        alone."""
         db.executemany(
             "UPDATE requests SET state = 'pending', attempts = ?, last_error = ? "
             "WHERE seq = ? AND state != 'done'",

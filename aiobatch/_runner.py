@@ -51,7 +51,7 @@ from ._create import CREATE_KEY_METADATA
 from ._fleet import BatchDone, DoneReason, Fleet, FleetConfig, StatusChanged
 from ._journal import Journal, ShardRow, dumps_compact
 from ._lifecycle import BatchStatus
-from ._models import Batch, ResultError, ResultHTTPError, ResultLine, ResultSuccess
+from ._models import Batch, File, ResultError, ResultHTTPError, ResultLine, ResultSuccess
 from ._preflight import Preflight, PreparedRequest
 from ._progress import RunProgress
 from ._report import RunReport, read_report
@@ -62,14 +62,17 @@ from .errors import (
     AmbiguousCreateError,
     APIStatusError,
     AuthenticationError,
+    ClosedError,
     DecodeError,
     InvalidTransitionError,
     JournalError,
     LookupIncompleteError,
     NotFoundError,
     PermissionDeniedError,
+    PreflightError,
     RunError,
     TransportError,
+    describe,
 )
 
 __all__ = [
@@ -126,6 +129,11 @@ PERMANENT_BATCH_CODES = frozenset(
     }
 )
 TOKEN_LIMIT_CODE = "token_limit_exceeded"
+#: A result file answered 404 this many times is taken as gone (deleted or expired).
+_GONE_AFTER = 3
+#: Seconds allowed between this machine's clock and the server's when a lookup bounds
+#: a batch's or a file's ``created_at`` by when this run started the call.
+_SKEW = 900.0
 _TERMINAL_STATUSES = frozenset(s.value for s in BatchStatus if s.is_terminal)
 _SUCCESS_TOKENS = (("prompt_tokens", "completion_tokens"), ("input_tokens", "output_tokens"))
 
@@ -174,7 +182,9 @@ class RunConfig:
             its finished lines (the rest go to a retry round); None for no limit.
         max_submissions: shards uploaded and created at once.
         max_collections: batches whose files are read at once.
-        collect_chunk: result lines committed to the journal per transaction.
+        collect_chunk: result lines committed to the journal per transaction, at most.
+        collect_chunk_bytes: result bytes committed per transaction, at most (so a
+            collection holds about this much, however long the lines are).
         retry_coalesce: how long lines waiting for a retry round gather before they
             are sharded (sooner when nothing else is open).
         token_limit_backoff: the first wait before re-creating a batch that failed with
@@ -194,6 +204,9 @@ class RunConfig:
             ``cancelled`` (and to collect them); None waits as long as it takes.
         work_dir: where shard files are written before upload (default: beside the
             journal); each is deleted once uploaded.
+        input_expires_after: seconds after which the provider deletes each uploaded
+            input file (``expires_after``; OpenAI takes 3600 to 2592000); None keeps
+            them. Mind ``token_limit_exceeded`` re-creates, which need the file.
     """
 
     max_lines: int | None = attrs.field(default=None, validator=_positive)
@@ -210,6 +223,7 @@ class RunConfig:
     max_submissions: int = attrs.field(default=8, validator=_positive)
     max_collections: int = attrs.field(default=4, validator=_positive)
     collect_chunk: int = attrs.field(default=2000, validator=_positive)
+    collect_chunk_bytes: int = attrs.field(default=8 * 1024 * 1024, validator=_positive)
     retry_coalesce: float = attrs.field(default=30.0, validator=_non_negative)
     token_limit_backoff: float = attrs.field(default=60.0, validator=_non_negative)
     token_limit_max_backoff: float = attrs.field(default=1800.0, validator=_non_negative)
@@ -220,6 +234,7 @@ class RunConfig:
     cancel_poll_interval: float = attrs.field(default=5.0, validator=_positive)
     cancel_timeout: float | None = attrs.field(default=None, validator=_positive)
     work_dir: str | None = None
+    input_expires_after: int | None = attrs.field(default=None, validator=_positive)
 
     def __attrs_post_init__(self) -> None:
         if len(self.metadata) > 13:
@@ -246,7 +261,9 @@ class RunResult:
             a response; aiobatch's own errors, such as a line the server never
             returned after the last round, are :class:`ResultError` with ``id`` None).
         attempts: retryable failures before this result (0 when it came first time).
-        batch_id: the batch that produced it (None for aiobatch's own errors).
+        batch_id: the batch that produced it; for aiobatch's own errors the batch the
+            error is about (the one that expired, failed or lost the line), None when
+            no batch was made (the create was refused).
     """
 
     custom_id: str
@@ -433,6 +450,8 @@ class BatchRun:
         #: the create proved that no batch was made).
         self._enqueued: dict[str | None, int] = {}
         self._reserved: dict[str, tuple[str | None, int]] = {}
+        #: result files answered 404, and how many times.
+        self._gone: dict[str, int] = {}
         self._submit_slots = asyncio.Semaphore(self._config.max_submissions)
         self._collect_slots = asyncio.Semaphore(self._config.max_collections)
         self._retry_since: float | None = None
@@ -609,7 +628,9 @@ class BatchRun:
         self._load_counts(journal)
         self._results_changed.set()
         fleet_config = self._config.fleet or FleetConfig()
-        if self._config.batch_timeout is not None:
+        if self._config.batch_timeout is not None or fleet_config.timeout is not None:
+            # A deadline cancels the batch and keeps tracking it to its end: its lines
+            # must not run elsewhere while it may still run them.
             fleet_config = attrs.evolve(fleet_config, cancel_on_deadline=True)
         fleet = Fleet(self._client, config=fleet_config)
         self._fleet = fleet
@@ -702,8 +723,15 @@ class BatchRun:
                         keep(preflight.check_item(item, index))
             preflight.finish()
             journal.add_requests(db, rows)
-            if preflight.accepted == 0:
-                raise RunError(f"{name} holds no requests")
+            if preflight.accepted == 0 and preflight.problem_count:
+                shown = "\n".join(f"  {p}" for p in preflight.problems[:10])
+                raise PreflightError(
+                    f"{name}: no valid request; {preflight.problem_count} problems in "
+                    f"{preflight.rejected} lines; nothing was uploaded\n{shown}",
+                    problems=preflight.problems,
+                    count=preflight.problem_count,
+                    source=name,
+                )
             now = self._clock.now()
             problems = [str(p) for p in preflight.problems[:100]]
             journal._put_meta(
@@ -939,7 +967,7 @@ class BatchRun:
             if self._config.cancel_timeout is not None
             else math.inf
         )
-        while self._submitting:
+        while self._submitting and self._failure is None:
             await self._wait_changed(deadline)
             if self._clock.monotonic() >= deadline:
                 break
@@ -991,51 +1019,66 @@ class BatchRun:
             task.add_done_callback(lambda _: self._submitting.pop(key, None))
 
     async def _submit(self, key: str) -> None:
-        """Take one shard from its recorded state to an open, tracked batch."""
+        """Take one shard from its recorded state to an open, tracked batch.
+
+        Waits that are not work (a token-limit backoff, the enqueued-token budget) are
+        made outside the submission slots, so shards held back never hold up others.
+        """
         journal = self._db()
         failures = 0
-        async with self._submit_slots:
-            while not self._stopping.is_set():
-                row = journal.shard(key)
-                try:
-                    if row.state == "planned":
+        while not self._stopping.is_set():
+            row = journal.shard(key)
+            try:
+                if row.state == "planned":
+                    async with self._submit_slots:
                         await self._upload(journal, row)
-                    elif row.state == "uploaded":
+                elif row.state == "uploaded":
+                    if row.not_before is not None:
+                        await self._pause(row.not_before - self._clock.now())
+                    await self._admit(row)
+                    async with self._submit_slots:
                         await self._create(journal, row)
-                    elif row.state == "creating":
+                elif row.state == "creating":
+                    async with self._submit_slots:
                         await self._resolve_create(journal, row)
-                    else:
-                        return
-                    failures = 0
-                except _Stop:
+                else:
                     return
-                except (AuthenticationError, PermissionDeniedError) as exc:
-                    raise RunError(
-                        f"run {self._run_id}: the server refused the credentials ({exc}); "
-                        "the journal is intact: fix them and run again"
-                    ) from exc
-                except (
-                    TransportError,
-                    APIStatusError,
-                    LookupIncompleteError,
-                    AiobatchError,
-                ) as exc:
+                failures = 0
+            except _Stop:
+                return
+            except (AuthenticationError, PermissionDeniedError) as exc:
+                raise RunError(
+                    f"run {self._run_id}: the server refused the credentials ({exc}); "
+                    "the journal is intact: fix them and run again"
+                ) from exc
+            except ClosedError as exc:
+                raise RunError(
+                    f"run {self._run_id}: the client was closed under the run; the journal "
+                    "is intact: run again to continue"
+                ) from exc
+            except AiobatchError as exc:
+                # A rate limit is the server pacing us, not a failing step: it never
+                # stops the run (OpenAI allows 2,000 creates an hour).
+                limited = isinstance(exc, APIStatusError) and exc.status_code == 429
+                if not limited:
                     failures += 1
-                    if failures >= self._config.max_step_failures:
-                        raise RunError(
-                            f"run {self._run_id}: shard {key} failed {failures} times in a "
-                            f"row at {row.state!r}: {exc}; the journal is intact"
-                        ) from exc
-                    delay = self._step_waits.backoff_delay(failures - 1)
-                    logger.warning(
-                        "run %s: shard %s (%s) failed: %s; trying again in %.0fs",
-                        self._run_id,
-                        key,
-                        row.state,
-                        exc,
-                        delay,
-                    )
-                    await self._pause(delay)
+                if failures >= self._config.max_step_failures:
+                    raise RunError(
+                        f"run {self._run_id}: shard {key} failed {failures} times in a "
+                        f"row at {row.state!r}: {exc}; the journal is intact"
+                    ) from exc
+                delay = self._step_waits.backoff_delay(max(failures - 1, 0))
+                if isinstance(exc, APIStatusError) and exc.retry_after is not None:
+                    delay = max(delay, exc.retry_after)
+                logger.warning(
+                    "run %s: shard %s (%s) failed: %s; trying again in %.0fs",
+                    self._run_id,
+                    key,
+                    row.state,
+                    describe(exc),
+                    delay,
+                )
+                await self._pause(delay)
 
     def _db(self) -> Journal:
         journal = self._journal
@@ -1067,8 +1110,10 @@ class BatchRun:
         if row.upload_started_at is not None:
             found = await self._find_upload(name, row.bytes, row.upload_started_at)
             if found is not None:
-                logger.info("run %s: shard %s: adopted upload %s", self._run_id, row.key, found)
-                journal.update_shard(row.key, state="uploaded", file_id=found)
+                logger.info("run %s: shard %s: adopted upload %s", self._run_id, row.key, found.id)
+                if self._client.provider.quirks.wait_for_processed_file:
+                    found = await self._client.wait_for_file(found)
+                journal.update_shard(row.key, state="uploaded", file_id=found.id)
                 self._set_status(row.key, "uploaded")
                 return
         path = self._work_dir() / name
@@ -1081,32 +1126,34 @@ class BatchRun:
         journal.update_shard(row.key, upload_started_at=self._clock.now())
         self._set_status(row.key, "uploading")
         try:
-            uploaded = await self._client.upload_file(path, filename=name)
+            uploaded = await self._client.upload_file(
+                path, filename=name, expires_after_seconds=self._config.input_expires_after
+            )
         finally:
             with contextlib.suppress(OSError):
                 path.unlink()
         journal.update_shard(row.key, state="uploaded", file_id=uploaded.id)
         self._set_status(row.key, "uploaded")
 
-    async def _find_upload(self, name: str, size: int, since: float) -> str | None:
-        """The id of a file named ``name`` of ``size`` bytes created after ``since``
-        (less a margin for clock skew), or None (also when files cannot be listed)."""
-        horizon = since - 900
+    async def _find_upload(self, name: str, size: int, since: float) -> File | None:
+        """A usable file named ``name`` of ``size`` bytes created after ``since`` (less a
+        margin for clock skew), or None (also when files cannot be listed). A file the
+        server marked ``error`` is not usable."""
+        horizon = since - _SKEW
         try:
             async for file in self._client.list_files(purpose="batch", order="desc"):
-                if file.filename == name and file.bytes == size:
-                    return file.id
+                if file.filename == name and file.bytes == size and file.status != "error":
+                    return file
                 if file.created_at < horizon:
                     break
         except AiobatchError as exc:
-            logger.warning("could not list files to find %s (%s); uploading it again", name, exc)
+            logger.warning(
+                "could not list files to find %s (%s); uploading it again", name, describe(exc)
+            )
         return None
 
     async def _create(self, journal: Journal, row: ShardRow) -> None:
         """Create the batch of an uploaded shard; the create key is journaled first."""
-        if row.not_before is not None:
-            await self._pause(row.not_before - self._clock.now())
-        await self._admit(row)
         assert row.file_id is not None
         key = f"{self._run_id}:{row.key}:{row.creates}"
         journal.update_shard(
@@ -1128,28 +1175,42 @@ class BatchRun:
             )
         except AmbiguousCreateError:
             raise  # stays 'creating' (and reserved): looked up on the next step
-        except NotFoundError as exc:
+        except NotFoundError:
             # The file is gone (or not visible yet): upload it again.
             self._unreserve(row.key)
             journal.update_shard(row.key, state="planned", file_id=None, upload_started_at=None)
             self._set_status(row.key, "planned")
-            raise exc
+            raise
         except (TransportError, APIStatusError) as exc:
+            # No attempt made a batch (the client proved it).
             self._unreserve(row.key)
-            if isinstance(exc, APIStatusError) and exc.status_code in (400, 409, 422):
-                self._reject_shard(journal, row, "batch_create_rejected", str(exc))
+            if isinstance(exc, APIStatusError) and exc.status_code in (400, 422):
+                self._reject_shard(journal, row, "batch_create_rejected", describe(exc))
                 return
-            # No attempt made a batch (the client proved it): back to 'uploaded'.
             journal.update_shard(row.key, state="uploaded")
             self._set_status(row.key, "uploaded")
             raise
         self._opened(journal, row.key, batch)
 
     async def _resolve_create(self, journal: Journal, row: ShardRow) -> None:
-        """A create may have been sent: adopt its batch, or prove it absent."""
+        """A create may have been sent: adopt its batch, or prove it absent.
+
+        The batch is looked for by its create key (in its metadata) and, for servers
+        that do not keep metadata, by the shard's input file: a batch made from that
+        file since the create started is the shard's (the file is the shard's own
+        upload; batches of it that ended in ``token_limit_exceeded`` before are
+        excluded). Only when the file walk went past the create's start is the batch
+        proved absent; otherwise the lookup is tried again later.
+        """
         assert row.create_key is not None
-        since = (row.create_started_at or row.planned_at) - 900
-        found = await self._client.find_created_batch(row.create_key, since=since, max_pages=1000)
+        since = (row.create_started_at or row.planned_at) - _SKEW
+        found: Batch | None = None
+        with contextlib.suppress(LookupIncompleteError):
+            found = await self._client.find_created_batch(
+                row.create_key, since=since, max_pages=1000
+            )
+        if found is None:
+            found = await self._find_by_file(row, since)
         if found is not None:
             logger.info("run %s: shard %s: adopted batch %s", self._run_id, row.key, found.id)
             self._opened(journal, row.key, found)
@@ -1158,18 +1219,30 @@ class BatchRun:
         journal.update_shard(row.key, state="uploaded")
         self._set_status(row.key, "uploaded")
 
+    async def _find_by_file(self, row: ShardRow, since: float) -> Batch | None:
+        """The batch made from the shard's input file since ``since``, or None once the
+        list (newest first) went below ``since`` or ended."""
+        earlier = set(row.history.split())
+        async for batch in self._client.list_batches():
+            ours = batch.input_file_id == row.file_id and batch.id not in earlier
+            if ours and not (batch.status is BatchStatus.FAILED and self._token_limited(batch)):
+                return batch
+            if batch.created_at < since:
+                return None
+        return None
+
     def _opened(self, journal: Journal, key: str, batch: Batch) -> None:
         journal.update_shard(key, state="open", batch_id=batch.id, status=batch.status.value)
         self._track(journal.shard(key), batch)
 
-    def _track(self, row: ShardRow, batch: Batch | None = None) -> None:
+    def _track(self, row: ShardRow, batch: Batch | None = None, *, deadline: bool = True) -> None:
         assert row.batch_id is not None
         assert self._fleet is not None
         self._shard_of[row.batch_id] = row.key
         self._status[row.key] = row.status or "validating"
         if row.status not in _TERMINAL_STATUSES:
             self._reserve(row)
-        timeout = self._config.batch_timeout
+        timeout = self._config.batch_timeout if deadline else None
         if timeout is not None:
             created = row.create_started_at or row.planned_at
             timeout = max(0.0, created + timeout - self._clock.now())
@@ -1236,6 +1309,12 @@ class BatchRun:
                 if key is not None:
                     self._collecting.add(key)
                     self._spawn(self._collect(key, event), name=f"collect {key}")
+        # The events end only when the fleet stopped on its own (the run cancels this
+        # task before it closes the fleet): nothing tracks the batches any more.
+        raise RunError(
+            f"run {self._run_id}: the fleet stopped tracking the batches (was the client "
+            "closed?); the journal is intact: run again to continue"
+        )
 
     def _set_status(self, key: str, status: str) -> None:
         self._status[key] = status
@@ -1294,11 +1373,18 @@ class BatchRun:
         row = journal.shard(key)
         if row.state == "collected":
             return
+        assert row.batch_id is not None
         batch: Batch | None = done.batch if done is not None else None
-        reason = done.reason if done is not None else DoneReason.FINISHED
         if row.state == "open":
-            if reason is DoneReason.NOT_FOUND or batch is None:
+            if done is not None and done.reason is DoneReason.NOT_FOUND:
                 self._settle(journal, row, None, "batch_not_found", "the server lost the batch")
+                return
+            if batch is None or not batch.is_terminal:
+                batch = await self._client.retrieve_batch(row.batch_id)
+            if not batch.is_terminal:
+                # The fleet stopped tracking a batch that still runs (its deadline):
+                # cancel it and track it to its end, so no line runs twice.
+                self._cancel_and_track(journal, row, batch)
                 return
             if batch.status is BatchStatus.FAILED and self._token_limited(batch):
                 self._recreate(journal, row, batch)
@@ -1312,15 +1398,49 @@ class BatchRun:
                 error_file_id=batch.error_file_id,
             )
             row = journal.shard(key)
-        if batch is None:
+        elif batch is None:
             assert row.batch_id is not None
             batch = await self._client.retrieve_batch(row.batch_id)
         members = journal.shard_members(key)
-        if row.output_file_id:
-            await self._read_file(journal, row, members, row.output_file_id, "output_done")
-        if row.error_file_id and row.error_file_id != row.output_file_id:
-            await self._read_file(journal, row, members, row.error_file_id, "error_done")
+        for column, progress in (
+            ("output_file_id", "output_done"),
+            ("error_file_id", "error_done"),
+        ):
+            file_id = getattr(row, column)
+            if not file_id or (column == "error_file_id" and file_id == row.output_file_id):
+                continue
+            try:
+                await self._read_file(journal, row, members, file_id, progress)
+            except NotFoundError:
+                gone = self._gone.get(file_id, 0) + 1
+                self._gone[file_id] = gone
+                if gone < _GONE_AFTER:
+                    raise
+                logger.warning(
+                    "run %s: the %s %s of batch %s is gone (404 %d times); its lines not "
+                    "collected yet count as missing",
+                    self._run_id,
+                    column.replace("_id", "").replace("_", " "),
+                    file_id,
+                    row.batch_id,
+                    gone,
+                )
+                journal.update_shard(key, **{column: None})
+                row = journal.shard(key)
         self._settle_batch(journal, journal.shard(key), batch)
+
+    def _cancel_and_track(self, journal: Journal, row: ShardRow, batch: Batch) -> None:
+        assert self._fleet is not None
+        logger.warning(
+            "run %s: batch %s (shard %s) is still %s at its deadline; cancelling it",
+            self._run_id,
+            batch.id,
+            row.key,
+            batch.wire_status,
+        )
+        journal.update_shard(row.key, cancel_reason=row.cancel_reason or "deadline")
+        self._track(journal.shard(row.key), batch, deadline=False)
+        self._fleet.cancel(batch.id)
 
     @staticmethod
     def _token_limited(batch: Batch) -> bool:
@@ -1353,6 +1473,7 @@ class BatchRun:
             batch_id=None,
             status=None,
             create_key=None,
+            history=f"{row.history} {batch.id}".strip(),
             note=f"token_limit_exceeded on {batch.id}",
         )
         self._set_status(row.key, "uploaded")
@@ -1388,9 +1509,11 @@ class BatchRun:
         skip = int(getattr(row, column))
         number = 0
         finals: list[tuple[Any, ...]] = []
-        retries: list[tuple[int, int, bytes]] = []
+        retries: list[tuple[int, int, bytes | None]] = []
         tokens = [0, 0]
         chunk = self._config.collect_chunk
+        chunk_bytes = self._config.collect_chunk_bytes
+        held = [0]  # bytes of the lines waiting for the next commit
         cancelled_by_run = row.cancel_reason == "run"
 
         def commit(upto: int) -> None:
@@ -1407,6 +1530,7 @@ class BatchRun:
             row.input_tokens += tokens[0]
             row.output_tokens += tokens[1]
             tokens[0] = tokens[1] = 0
+            held[0] = 0
             self._counted(finals, retries)
             finals.clear()
             retries.clear()
@@ -1436,25 +1560,25 @@ class BatchRun:
                 members[result.custom_id] = (seq, attempts, "resolved")
                 kind, code, retryable = _classify(result)
                 data = bytes(raw).strip()
-                if retryable:
-                    if cancelled_by_run and code in ("batch_cancelled", "batch_canceled"):
-                        retries.append((seq, attempts, data))
-                        continue
-                    if attempts < self._config.max_rounds:
-                        retries.append((seq, attempts + 1, data))
-                        continue
-                used_in, used_out = _line_tokens(result)
-                tokens[0] += used_in
-                tokens[1] += used_out
-                finals.append(
-                    (seq, kind, code, row.key, row.batch_id, attempts, used_in, used_out, data)
-                )
-                if len(finals) + len(retries) >= chunk:
+                held[0] += len(data)
+                if retryable and cancelled_by_run and code in ("batch_cancelled", "batch_canceled"):
+                    # Our own cancel: the line runs again as if for the first time.
+                    retries.append((seq, attempts, None))
+                elif retryable and attempts < self._config.max_rounds:
+                    retries.append((seq, attempts + 1, data))
+                else:
+                    used_in, used_out = _line_tokens(result)
+                    tokens[0] += used_in
+                    tokens[1] += used_out
+                    finals.append(
+                        (seq, kind, code, row.key, row.batch_id, attempts, used_in, used_out, data)
+                    )
+                if len(finals) + len(retries) >= chunk or held[0] >= chunk_bytes:
                     commit(number)
         commit(number)
 
     def _counted(
-        self, finals: list[tuple[Any, ...]], retries: list[tuple[int, int, bytes]]
+        self, finals: list[tuple[Any, ...]], retries: list[tuple[int, int, bytes | None]]
     ) -> None:
         for final in finals:
             if final[1] == "success":
@@ -1478,11 +1602,18 @@ class BatchRun:
         elif status is BatchStatus.FAILED:
             errors = batch.errors.data if batch.errors is not None else ()
             codes = {e.code for e in errors if e.code}
-            retryable = not (codes & PERMANENT_BATCH_CODES)
             code = "batch_failed"
             message = batch.outcome
-            if any(e.line for e in errors):
+            if errors and all(e.line for e in errors):
+                # The batch failed because of the lines its errors name: those end with
+                # their error, the others never ran and run again.
                 self._fail_lines(journal, row, batch)
+                retryable = True
+                message = f"batch {batch.id} failed because of other lines: {batch.outcome}"
+            else:
+                retryable = not (codes & PERMANENT_BATCH_CODES)
+                if any(e.line for e in errors):
+                    self._fail_lines(journal, row, batch)
         elif status is BatchStatus.COMPLETED:
             code, message, retryable = (
                 "missing_result",
@@ -1538,11 +1669,11 @@ class BatchRun:
         """Give every still-queued line of a shard its outcome and close the shard."""
         cancelled_by_run = row.cancel_reason == "run" and code == "batch_cancelled"
         finals: list[tuple[Any, ...]] = []
-        retries: list[tuple[int, int, bytes]] = []
+        retries: list[tuple[int, int, bytes | None]] = []
         for seq, cid, attempts in journal.queued_in(row.key):
             data = _own_error(cid, code, message)
             if retryable and cancelled_by_run:
-                retries.append((seq, attempts, data))
+                retries.append((seq, attempts, None))
             elif retryable and attempts < self._config.max_rounds:
                 retries.append((seq, attempts + 1, data))
             else:
