@@ -30,6 +30,7 @@ import sqlite3
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
+from ._shard import ShardItem
 from .errors import JournalError
 
 __all__ = ["SCHEMA_VERSION", "Journal", "ShardRow"]
@@ -298,14 +299,33 @@ class Journal:
         """How many requests the run has."""
         return int(self._db.execute("SELECT count(*) FROM requests").fetchone()[0])
 
-    def pending_items(self) -> Iterator[tuple[int, str, str | None, int, int, int, int]]:
-        """``(seq, url, model, size, tokens, inputs, attempts)`` of every pending request,
-        grouped by url and model, in input order within a group (``size`` includes the
-        newline)."""
-        yield from self._db.execute(
-            "SELECT seq, url, model, length(data) + 1, tokens, inputs, attempts FROM requests "
-            "WHERE state = 'pending' ORDER BY url, model, seq"
-        )
+    def pending_groups(self) -> list[tuple[str, str | None]]:
+        """The distinct (url, model) of the pending requests."""
+        return [
+            (str(url), None if model is None else str(model))
+            for url, model in self._db.execute(
+                "SELECT DISTINCT url, model FROM requests WHERE state = 'pending'"
+            )
+        ]
+
+    def pending_items(
+        self, url: str, model: str | None, *, chunk: int = 10_000
+    ) -> Iterator[ShardItem]:
+        """The pending requests of one (url, model), in input order, read in chunks (a
+        request recorded in a shard meanwhile is not read again)."""
+        after = -1
+        while True:
+            rows = self._db.execute(
+                "SELECT seq, length(data) + 1, tokens, inputs FROM requests "
+                "WHERE state = 'pending' AND url = ? AND model IS ? AND seq > ? "
+                "ORDER BY seq LIMIT ?",
+                (url, model, after, chunk),
+            ).fetchall()
+            if not rows:
+                return
+            for seq, size, tokens, inputs in rows:
+                yield ShardItem(int(seq), url, model, int(size), int(tokens), int(inputs))
+            after = int(rows[-1][0])
 
     def shard_lines(self, key: str) -> Iterator[bytes]:
         """The request lines of a shard, in input order, without newlines."""
@@ -350,25 +370,29 @@ class Journal:
         db: sqlite3.Connection,
         *,
         key: str,
-        round: int,
         url: str,
         model: str | None,
         seqs: Sequence[int],
         size: int,
         tokens: int,
         planned_at: float,
-    ) -> None:
+    ) -> int:
         """Record a shard's intent inside the caller's transaction: its row, and its
-        requests moved from ``pending`` to ``queued`` in it."""
-        db.execute(
-            "INSERT INTO shards (key, round, url, model, lines, bytes, tokens, state, "
-            "planned_at) VALUES (?, ?, ?, ?, ?, ?, ?, 'planned', ?)",
-            (key, round, url, model, len(seqs), size, tokens, planned_at),
-        )
+        requests moved from ``pending`` to ``queued`` in it. Returns its round: the most
+        retryable failures any of its requests has had."""
         db.executemany(
             "UPDATE requests SET state = 'queued', shard = ? WHERE seq = ? AND state = 'pending'",
             ((key, seq) for seq in seqs),
         )
+        (round_,) = db.execute(
+            "SELECT coalesce(max(attempts), 0) FROM requests WHERE shard = ?", (key,)
+        ).fetchone()
+        db.execute(
+            "INSERT INTO shards (key, round, url, model, lines, bytes, tokens, state, "
+            "planned_at) VALUES (?, ?, ?, ?, ?, ?, ?, 'planned', ?)",
+            (key, int(round_), url, model, len(seqs), size, tokens, planned_at),
+        )
+        return int(round_)
 
     def shard(self, key: str) -> ShardRow:
         """A shard's row."""

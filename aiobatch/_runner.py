@@ -30,6 +30,7 @@ after a backoff, without spending its requests' rounds.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import fcntl
 import hashlib
@@ -56,7 +57,7 @@ from ._preflight import Preflight, PreparedRequest
 from ._progress import RunProgress
 from ._report import RunReport, read_report
 from ._retry import RetryPolicy
-from ._shard import ShardItem, plan_shards
+from ._shard import plan_shards
 from .errors import (
     AiobatchError,
     AmbiguousCreateError,
@@ -438,7 +439,10 @@ class BatchRun:
         self._submitting: dict[str, asyncio.Task[None]] = {}
         self._collecting: set[str] = set()
         self._shard_of: dict[str, str] = {}
+        #: each shard's last status (or state before it has a batch), and how many
+        #: shards have each: the progress snapshot reads the counts, not every shard.
         self._status: dict[str, str] = {}
+        self._status_counts: collections.Counter[str] = collections.Counter()
         self._changed = asyncio.Event()
         self._results_changed = asyncio.Event()
         self._budget_changed = asyncio.Event()
@@ -563,9 +567,7 @@ class BatchRun:
 
     def progress(self) -> RunProgress:
         """A snapshot of the run, for display."""
-        batches: dict[str, int] = {}
-        for status in self._status.values():
-            batches[status] = batches.get(status, 0) + 1
+        batches = {name: n for name, n in self._status_counts.items() if n}
         counts = self._counts
         return RunProgress(
             total=counts["total"],
@@ -790,7 +792,7 @@ class BatchRun:
     def _resume(self, journal: Journal) -> None:
         """Pick up every shard where the journal left it."""
         for row in journal.shards("planned", "uploaded", "creating"):
-            self._status[row.key] = row.state
+            self._put_status(row.key, row.state)
             self._start_submit(row.key)
         for row in journal.shards("open"):
             assert row.batch_id is not None
@@ -798,10 +800,10 @@ class BatchRun:
         for row in journal.shards("collecting"):
             assert row.batch_id is not None
             self._shard_of[row.batch_id] = row.key
-            self._status[row.key] = row.status or "collecting"
+            self._put_status(row.key, row.status or "collecting")
             self._spawn(self._collect(row.key, None), name=f"collect {row.key}")
         for row in journal.shards("collected"):
-            self._status[row.key] = row.status or "collected"
+            self._put_status(row.key, row.status or "collected")
 
     async def _supervise(self, journal: Journal) -> None:
         """Plan shards when lines are pending, until every request has its result."""
@@ -889,35 +891,31 @@ class BatchRun:
 
     def _plan(self, journal: Journal) -> None:
         """Shard every pending request (by url and model, within the limits) and record
-        each shard's intent before anything is uploaded."""
+        each shard's intent before anything is uploaded.
+
+        Requests are read group by group in chunks, and each shard is recorded as soon
+        as it is cut, so planning holds one chunk and the open shard, however many
+        requests are pending.
+        """
         limits = self._config.enqueued_token_limits
-        groups: dict[tuple[str, str | None], list[ShardItem]] = {}
-        attempts: dict[int, int] = {}
-        for seq, url, model, size, tokens, inputs, tries in journal.pending_items():
-            groups.setdefault((url, model), []).append(
-                ShardItem(seq, url, model, size, tokens, inputs)
-            )
-            attempts[seq] = tries
         now = self._clock.now()
         index = journal.shard_count()
         keys: list[str] = []
-        with journal.transaction() as db:
-            for (url, model), items in groups.items():
-                embeddings = url.rstrip("/").endswith("/embeddings")
-                for plan in plan_shards(
-                    items,
-                    max_lines=self._max_lines,
-                    max_bytes=self._max_bytes,
-                    max_tokens=limits.get(model) if model is not None else None,
-                    max_inputs=self._max_inputs if embeddings else None,
-                ):
-                    key = f"s{index:06d}"
-                    index += 1
-                    round_ = max(attempts[seq] for seq in plan.seqs)
-                    journal.add_shard(
+        for url, model in journal.pending_groups():
+            embeddings = url.rstrip("/").endswith("/embeddings")
+            for plan in plan_shards(
+                journal.pending_items(url, model),
+                max_lines=self._max_lines,
+                max_bytes=self._max_bytes,
+                max_tokens=limits.get(model) if model is not None else None,
+                max_inputs=self._max_inputs if embeddings else None,
+            ):
+                key = f"s{index:06d}"
+                index += 1
+                with journal.transaction() as db:
+                    round_ = journal.add_shard(
                         db,
                         key=key,
-                        round=round_,
                         url=plan.url,
                         model=plan.model,
                         seqs=plan.seqs,
@@ -925,10 +923,10 @@ class BatchRun:
                         tokens=plan.tokens,
                         planned_at=now,
                     )
-                    self._round = max(self._round, round_)
-                    keys.append(key)
+                self._round = max(self._round, round_)
+                keys.append(key)
         for key in keys:
-            self._status[key] = "planned"
+            self._put_status(key, "planned")
             self._start_submit(key)
         if keys:
             logger.info("run %s: planned %d batch(es)", self._run_id, len(keys))
@@ -1239,7 +1237,7 @@ class BatchRun:
         assert row.batch_id is not None
         assert self._fleet is not None
         self._shard_of[row.batch_id] = row.key
-        self._status[row.key] = row.status or "validating"
+        self._put_status(row.key, row.status or "validating")
         if row.status not in _TERMINAL_STATUSES:
             self._reserve(row)
         timeout = self._config.batch_timeout if deadline else None
@@ -1317,8 +1315,17 @@ class BatchRun:
         )
 
     def _set_status(self, key: str, status: str) -> None:
-        self._status[key] = status
+        self._put_status(key, status)
         self._emit_progress()
+
+    def _put_status(self, key: str, status: str) -> None:
+        old = self._status.get(key)
+        if old == status:
+            return
+        if old is not None:
+            self._status_counts[old] -= 1
+        self._status[key] = status
+        self._status_counts[status] += 1
 
     def _emit_progress(self) -> None:
         callback = self._on_progress
