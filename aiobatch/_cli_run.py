@@ -303,10 +303,18 @@ async def _run_async(args: argparse.Namespace, journal: str) -> int:
             else:
                 main.cancel()
 
+        def terminated() -> None:
+            print(
+                "\naiobatch: stopping; the batches keep running, and the same command "
+                "collects them later",
+                file=sys.stderr,
+            )
+            run.stop()
+
         main = asyncio.ensure_future(run.run())
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signal.SIGINT, interrupted)
-            loop.add_signal_handler(signal.SIGTERM, interrupted)
+            loop.add_signal_handler(signal.SIGTERM, terminated)
         try:
             report = await main
         except asyncio.CancelledError:
@@ -324,6 +332,9 @@ async def _run_async(args: argparse.Namespace, journal: str) -> int:
     if report.state == "cancelled":
         print(f"cancelled; resume with the same command ({journal})", file=sys.stderr)
         return 130
+    if report.state == "stopped":
+        print(f"stopped; resume with the same command ({journal})", file=sys.stderr)
+        return 143
     return 0
 
 

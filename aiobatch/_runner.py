@@ -65,6 +65,7 @@ from .errors import (
     AuthenticationError,
     ClosedError,
     DecodeError,
+    InputError,
     InvalidTransitionError,
     JournalError,
     LookupIncompleteError,
@@ -349,6 +350,48 @@ def _write_lines(path: Path, lines: Iterable[bytes]) -> int:
     return size
 
 
+def _check_output(output: str | None) -> None:
+    """Refuse, before any work, an output file that cannot be written at the end."""
+    if output is not None:
+        folder = os.path.dirname(os.path.abspath(output))
+        if not os.path.isdir(folder):
+            raise InputError(f"the output file's folder {folder} does not exist")
+
+
+def _token_limited(batch: Batch) -> bool:
+    errors = batch.errors.data if batch.errors is not None else ()
+    return any(error.code == TOKEN_LIMIT_CODE for error in errors)
+
+
+async def find_shard_batch(client: BatchClient, row: ShardRow) -> Batch | None:
+    """The batch a shard's create (its last create key) made, if any.
+
+    The batch is looked for by its create key (in its metadata) and, for servers that do
+    not keep metadata, by the shard's input file: a batch made from that file since the
+    create started is the shard's (the file is the shard's own upload; the batches of it
+    that ended in ``token_limit_exceeded`` before, recorded in the shard's history, are
+    not). None means proved absent: the list, newest first, went below the create's
+    start (less a margin for clock skew) or ended.
+
+    Raises:
+        AiobatchError: the list could not be read (nothing is proved).
+    """
+    assert row.create_key is not None
+    since = (row.create_started_at or row.planned_at) - _SKEW
+    with contextlib.suppress(LookupIncompleteError):
+        found = await client.find_created_batch(row.create_key, since=since, max_pages=1000)
+        if found is not None:
+            return found
+    earlier = set(row.history.split())
+    async for batch in client.list_batches():
+        ours = batch.input_file_id == row.file_id and batch.id not in earlier
+        if ours and not (batch.status is BatchStatus.FAILED and _token_limited(batch)):
+            return batch
+        if batch.created_at < since:
+            return None
+    return None
+
+
 def _fingerprint(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -470,9 +513,12 @@ class BatchRun:
             initial_delay=self._config.step_backoff,
             max_delay=max(self._config.step_backoff, 300.0),
         )
+        # Doubling waits, without jitter: the enqueued tokens drain at the server's pace,
+        # and a wait shorter than asked only earns another failure.
         self._token_waits = RetryPolicy(
             initial_delay=self._config.token_limit_backoff,
             max_delay=max(self._config.token_limit_backoff, self._config.token_limit_max_backoff),
+            jitter=None,
         )
 
     # --- public surface ------------------------------------------------------------------
@@ -493,6 +539,13 @@ class BatchRun:
         journal stays resumable (the cancelled lines run when the run is started
         again)."""
         self._request_stop("cancelled")
+
+    def stop(self) -> None:
+        """Stop the run at once, without cancelling its batches: they keep running on
+        the server, and the next run with this journal collects them (what a service
+        does on shutdown, and ``aiobatch run`` on SIGTERM). :meth:`run` then returns a
+        ``stopped`` report."""
+        self._request_stop("stopped")
 
     async def run(self) -> RunReport:
         """Drive the run to its end (or its cancel) and return the report.
@@ -527,6 +580,7 @@ class BatchRun:
         Raises:
             whatever :meth:`run` raises.
         """
+        started_here = self._runner is None
         runner = self._start()
         order = self._config.order
         reader: Journal | None = None
@@ -564,6 +618,12 @@ class BatchRun:
         finally:
             if reader is not None:
                 reader.close()
+            if started_here and not runner.done():
+                # Nobody else awaits the run this iterator started: stop it (its batches
+                # keep running; the journal has everything) rather than leave it behind.
+                self.stop()
+                with contextlib.suppress(Exception):
+                    await runner
 
     def progress(self) -> RunProgress:
         """A snapshot of the run, for display."""
@@ -583,6 +643,7 @@ class BatchRun:
     # --- the run -------------------------------------------------------------------------
 
     async def _run(self) -> RunReport:
+        _check_output(self._output)
         self._lock.acquire()
         try:
             journal = self._open_journal()
@@ -603,7 +664,8 @@ class BatchRun:
         return Journal(path, create=True)
 
     async def _drive(self, journal: Journal) -> RunReport:
-        if journal.get_meta("state") is None:
+        resuming = journal.get_meta("state") is not None
+        if not resuming:
             try:
                 await self._ingest(journal)
             except BaseException:
@@ -625,7 +687,10 @@ class BatchRun:
             self._load_counts(journal)
             self._write_output(journal)
             return read_report(journal)
-        journal.set_meta(state="running", cancel_requested=None, updated_at=str(self._clock.now()))
+        # A cancel flag left from an earlier run is stale (that run stopped); one set
+        # while this run checked its input is this run's.
+        stale = {"cancel_requested": None} if resuming else {}
+        journal.set_meta(state="running", updated_at=str(self._clock.now()), **stale)
         self._state = "running"
         self._load_counts(journal)
         self._results_changed.set()
@@ -646,7 +711,7 @@ class BatchRun:
             except asyncio.CancelledError as exc:
                 cancelled = exc
                 self._request_stop("cancelled")
-            if self._stopping.is_set() and self._failure is None:
+            if self._stop_reason == "cancelled" and self._failure is None:
                 await self._wind_down(journal)
         finally:
             await self._shutdown()
@@ -654,9 +719,10 @@ class BatchRun:
             journal.set_meta(state="failed", updated_at=str(self._clock.now()))
             self._state = "failed"
             raise self._failure
-        if cancelled is not None or self._stop_reason == "cancelled":
-            journal.set_meta(state="cancelled", updated_at=str(self._clock.now()))
-            self._state = "cancelled"
+        if self._stop_reason in ("cancelled", "stopped"):
+            state = self._stop_reason
+            journal.set_meta(state=state, updated_at=str(self._clock.now()))
+            self._state = state
             self._emit_progress()
             if cancelled is not None:
                 raise cancelled
@@ -948,7 +1014,7 @@ class BatchRun:
     def _request_stop(self, reason: str) -> None:
         if not self._stopping.is_set():
             self._stop_reason = reason
-            self._state = "cancelling"
+            self._state = "cancelling" if reason == "cancelled" else "stopping"
             self._stopping.set()
             self._changed.set()
             self._budget_changed.set()
@@ -969,6 +1035,18 @@ class BatchRun:
             await self._wait_changed(deadline)
             if self._clock.monotonic() >= deadline:
                 break
+        # A create whose answer was lost may have made a batch: find it, to cancel it.
+        for row in journal.shards("creating"):
+            try:
+                await self._resolve_create(journal, row)
+            except AiobatchError as exc:
+                logger.warning(
+                    "run %s: could not tell whether shard %s has a batch (%s); the next run "
+                    "looks again",
+                    self._run_id,
+                    row.key,
+                    describe(exc),
+                )
         for batch_id in fleet.open_ids:
             key = self._shard_of.get(batch_id)
             if key is not None:
@@ -1191,24 +1269,10 @@ class BatchRun:
         self._opened(journal, row.key, batch)
 
     async def _resolve_create(self, journal: Journal, row: ShardRow) -> None:
-        """A create may have been sent: adopt its batch, or prove it absent.
-
-        The batch is looked for by its create key (in its metadata) and, for servers
-        that do not keep metadata, by the shard's input file: a batch made from that
-        file since the create started is the shard's (the file is the shard's own
-        upload; batches of it that ended in ``token_limit_exceeded`` before are
-        excluded). Only when the file walk went past the create's start is the batch
-        proved absent; otherwise the lookup is tried again later.
-        """
-        assert row.create_key is not None
-        since = (row.create_started_at or row.planned_at) - _SKEW
-        found: Batch | None = None
-        with contextlib.suppress(LookupIncompleteError):
-            found = await self._client.find_created_batch(
-                row.create_key, since=since, max_pages=1000
-            )
-        if found is None:
-            found = await self._find_by_file(row, since)
+        """A create may have been sent: adopt its batch, or (when the lookup proved it
+        absent, see :func:`find_shard_batch`) create it again; a lookup that fails is
+        tried again later."""
+        found = await find_shard_batch(self._client, row)
         if found is not None:
             logger.info("run %s: shard %s: adopted batch %s", self._run_id, row.key, found.id)
             self._opened(journal, row.key, found)
@@ -1216,18 +1280,6 @@ class BatchRun:
         self._unreserve(row.key)
         journal.update_shard(row.key, state="uploaded")
         self._set_status(row.key, "uploaded")
-
-    async def _find_by_file(self, row: ShardRow, since: float) -> Batch | None:
-        """The batch made from the shard's input file since ``since``, or None once the
-        list (newest first) went below ``since`` or ended."""
-        earlier = set(row.history.split())
-        async for batch in self._client.list_batches():
-            ours = batch.input_file_id == row.file_id and batch.id not in earlier
-            if ours and not (batch.status is BatchStatus.FAILED and self._token_limited(batch)):
-                return batch
-            if batch.created_at < since:
-                return None
-        return None
 
     def _opened(self, journal: Journal, key: str, batch: Batch) -> None:
         journal.update_shard(key, state="open", batch_id=batch.id, status=batch.status.value)
@@ -1393,7 +1445,7 @@ class BatchRun:
                 # cancel it and track it to its end, so no line runs twice.
                 self._cancel_and_track(journal, row, batch)
                 return
-            if batch.status is BatchStatus.FAILED and self._token_limited(batch):
+            if batch.status is BatchStatus.FAILED and _token_limited(batch):
                 self._recreate(journal, row, batch)
                 return
             batch = await self._with_output(batch)
@@ -1448,11 +1500,6 @@ class BatchRun:
         journal.update_shard(row.key, cancel_reason=row.cancel_reason or "deadline")
         self._track(journal.shard(row.key), batch, deadline=False)
         self._fleet.cancel(batch.id)
-
-    @staticmethod
-    def _token_limited(batch: Batch) -> bool:
-        errors = batch.errors.data if batch.errors is not None else ()
-        return any(error.code == TOKEN_LIMIT_CODE for error in errors)
 
     def _recreate(self, journal: Journal, row: ShardRow, batch: Batch) -> None:
         """``token_limit_exceeded``: create the batch again from the same file, later."""
@@ -1704,18 +1751,11 @@ class BatchRun:
         target = self._output
         if target is None:
             return
-        order = self._config.order
         temp = f"{target}.{os.getpid()}.part"
-        cursor = -1
         with open(temp, "wb") as fh:
-            while True:
-                rows = journal.result_rows(order=order, after=cursor, limit=5000)
-                if not rows:
-                    break
-                for n, seq, _cid, _attempts, _batch, data, _kind in rows:
-                    fh.write(data)
-                    fh.write(b"\n")
-                    cursor = seq if order == "input" else n
+            for data in journal.result_lines(order=self._config.order):
+                fh.write(data)
+                fh.write(b"\n")
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(temp, target)
@@ -1759,6 +1799,12 @@ async def cancel_batches(journal_path: str | os.PathLike[str], client: BatchClie
     sent: list[str] = []
     try:
         with Journal(path) as journal:
+            for row in journal.shards("creating"):
+                found = await find_shard_batch(client, row)
+                if found is not None:
+                    journal.update_shard(
+                        row.key, state="open", batch_id=found.id, status=found.status.value
+                    )
             for key, batch_id in journal.open_batches():
                 journal.update_shard(key, cancel_reason="run")
                 try:
@@ -1768,13 +1814,6 @@ async def cancel_batches(journal_path: str | os.PathLike[str], client: BatchClie
                     logger.info("batch %s was not cancelled: %s", batch_id, exc)
                     continue
                 sent.append(batch_id)
-            creating = journal.shards("creating")
-            if creating:
-                logger.warning(
-                    "%d shard(s) were being created when the run stopped; their batches, "
-                    "if any, are found and handled when the run starts again",
-                    len(creating),
-                )
     finally:
         lock.release()
     return sent
