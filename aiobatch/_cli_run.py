@@ -140,6 +140,12 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
         help="the control-plane request budget while tracking",
     )
     how.add_argument(
+        "--delete-files",
+        action="store_true",
+        help="delete each batch's input, output and error files once its results are "
+        "in the journal",
+    )
+    how.add_argument(
         "--collect-chunk",
         type=count,
         default=2000,
@@ -269,6 +275,7 @@ def _config(args: argparse.Namespace) -> RunConfig:
         enqueued_token_limits=dict(args.token_limit),
         batch_timeout=args.batch_timeout,
         collect_chunk=args.collect_chunk,
+        delete_files=args.delete_files,
         fleet=fleet,
     )
 

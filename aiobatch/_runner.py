@@ -209,6 +209,9 @@ class RunConfig:
         input_expires_after: seconds after which the provider deletes each uploaded
             input file (``expires_after``; OpenAI takes 3600 to 2592000); None keeps
             them. Mind ``token_limit_exceeded`` re-creates, which need the file.
+        delete_files: delete each batch's input, output and error files once its
+            results are in the journal (Azure allows 500 input files per resource;
+            OpenAI keeps files until they expire).
     """
 
     max_lines: int | None = attrs.field(default=None, validator=_positive)
@@ -237,6 +240,7 @@ class RunConfig:
     cancel_timeout: float | None = attrs.field(default=None, validator=_positive)
     work_dir: str | None = None
     input_expires_after: int | None = attrs.field(default=None, validator=_positive)
+    delete_files: bool = False
 
     def __attrs_post_init__(self) -> None:
         if len(self.metadata) > 13:
@@ -1402,6 +1406,8 @@ class BatchRun:
                 while True:
                     try:
                         await self._collect_once(journal, key, done)
+                        if self._config.delete_files:
+                            await self._delete_files(journal.shard(key))
                         return
                     except (TransportError, APIStatusError, DecodeError) as exc:
                         failures += 1
@@ -1487,6 +1493,19 @@ class BatchRun:
                 journal.update_shard(key, **{column: None})
                 row = journal.shard(key)
         self._settle_batch(journal, journal.shard(key), batch)
+
+    async def _delete_files(self, row: ShardRow) -> None:
+        """``delete_files``: a collected shard's input, output and error files go; a file
+        that cannot be deleted is logged and left."""
+        if row.state != "collected":
+            return
+        for file_id in dict.fromkeys((row.file_id, row.output_file_id, row.error_file_id)):
+            if file_id is None:
+                continue
+            try:
+                await self._client.delete_file(file_id)
+            except AiobatchError as exc:
+                logger.info("run %s: could not delete file %s: %s", self._run_id, file_id, exc)
 
     def _cancel_and_track(self, journal: Journal, row: ShardRow, batch: Batch) -> None:
         assert self._fleet is not None

@@ -736,3 +736,24 @@ async def test_embedding_shards_stay_under_the_input_limit(tmp_path: Path) -> No
             report = await run.run()
     assert report.succeeded == 120
     assert report.batches == 3  # 50 + 50 + 20 requests of 1,000 inputs each
+
+
+@pytest.mark.parametrize("delete", [True, False])
+async def test_delete_files_removes_each_batchs_files_once_collected(
+    make_harness: Callable[..., Harness], delete: bool
+) -> None:
+    """With delete_files, every input, output and error file of the run's batches is gone
+    from the server once the run is done (and the results are all there); without it,
+    they stay."""
+    h = make_harness(
+        validation_seconds=1.0, line_errors=[LineErrorRule(status=400, custom_ids={"req-1"})]
+    )
+    source = h.write_input(chat_requests(6))
+    report, results = await h.run(source, config(max_lines=3, delete_files=delete))
+    assert report.succeeded == 5 and report.failed == 1
+    made = await h.batches()
+    files = {f for b in made for f in (b.input_file_id, b.output_file_id, b.error_file_id) if f}
+    assert len(files) == 5  # two inputs, two outputs, one error file
+    left = files & set(h.service.file_ids)
+    assert left == (set() if delete else files)
+    assert_exactly_once(results, h.output_lines(), ids("req", 6))
