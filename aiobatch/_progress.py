@@ -37,6 +37,7 @@ __all__ = [
 BATCH_STATUS_ORDER: tuple[str, ...] = (
     "planned",
     "uploading",
+    "uploaded",
     "creating",
     "validating",
     "in_progress",
@@ -46,6 +47,9 @@ BATCH_STATUS_ORDER: tuple[str, ...] = (
     "failed",
     "expired",
     "cancelled",
+    "file_upload_failed",
+    "batch_start_failed",
+    "rejected",
 )
 """The order batch statuses are shown in: a batch's lifecycle, from planned to ended.
 Statuses not listed here are shown after these, sorted by name."""

@@ -9,24 +9,9 @@ from typing import Any
 import attrs
 
 from ._journal import Journal
+from ._progress import BATCH_STATUS_ORDER
 
 __all__ = ["RunReport", "format_report", "read_report"]
-
-_LIFECYCLE_ORDER = (
-    "planned",
-    "uploaded",
-    "creating",
-    "validating",
-    "in_progress",
-    "finalizing",
-    "cancelling",
-    "completed",
-    "expired",
-    "cancelled",
-    "failed",
-    "file_upload_failed",
-    "batch_start_failed",
-)
 
 
 def _frozen(value: Mapping[str, int]) -> Mapping[str, int]:
@@ -34,8 +19,8 @@ def _frozen(value: Mapping[str, int]) -> Mapping[str, int]:
 
 
 def _ordered(counts: Mapping[str, int]) -> list[tuple[str, int]]:
-    known = [(name, counts[name]) for name in _LIFECYCLE_ORDER if counts.get(name)]
-    rest = sorted((k, v) for k, v in counts.items() if k not in _LIFECYCLE_ORDER and v)
+    known = [(name, counts[name]) for name in BATCH_STATUS_ORDER if counts.get(name)]
+    rest = sorted((k, v) for k, v in counts.items() if k not in BATCH_STATUS_ORDER and v)
     return known + rest
 
 

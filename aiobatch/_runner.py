@@ -1137,28 +1137,41 @@ class BatchRun:
                     "is intact: run again to continue"
                 ) from exc
             except AiobatchError as exc:
-                # A rate limit is the server pacing us, not a failing step: it never
-                # stops the run (OpenAI allows 2,000 creates an hour).
-                limited = isinstance(exc, APIStatusError) and exc.status_code == 429
-                if not limited:
-                    failures += 1
-                if failures >= self._config.max_step_failures:
-                    raise RunError(
-                        f"run {self._run_id}: shard {key} failed {failures} times in a "
-                        f"row at {row.state!r}: {exc}; the journal is intact"
-                    ) from exc
-                delay = self._step_waits.backoff_delay(max(failures - 1, 0))
-                if isinstance(exc, APIStatusError) and exc.retry_after is not None:
-                    delay = max(delay, exc.retry_after)
-                logger.warning(
-                    "run %s: shard %s (%s) failed: %s; trying again in %.0fs",
-                    self._run_id,
-                    key,
-                    row.state,
-                    describe(exc),
-                    delay,
-                )
+                failures, delay = self._step_failed(f"shard {key} ({row.state})", failures, exc)
                 await self._pause(delay)
+
+    def _step_failed(self, what: str, failures: int, exc: AiobatchError) -> tuple[int, float]:
+        """Count a failed step and say how long to wait before the next try.
+
+        A rate limit (429) is the server pacing the run, not a failing step: it does not
+        count, so it never stops the run (OpenAI allows 2,000 creates an hour), and its
+        ``retry-after`` is waited out.
+
+        Returns:
+            The failures in a row, and the wait.
+
+        Raises:
+            RunError: the step failed ``max_step_failures`` times in a row.
+        """
+        limited = isinstance(exc, APIStatusError) and exc.status_code == 429
+        if not limited:
+            failures += 1
+        if failures >= self._config.max_step_failures:
+            raise RunError(
+                f"run {self._run_id}: {what} failed {failures} times in a row: "
+                f"{describe(exc)}; the journal is intact: run again to continue"
+            ) from exc
+        delay = self._step_waits.backoff_delay(max(failures - 1, 0))
+        if isinstance(exc, APIStatusError) and exc.retry_after is not None:
+            delay = max(delay, exc.retry_after)
+        logger.warning(
+            "run %s: %s failed: %s; trying again in %.0fs",
+            self._run_id,
+            what,
+            describe(exc),
+            delay,
+        )
+        return failures, delay
 
     def _db(self) -> Journal:
         journal = self._journal
@@ -1410,20 +1423,8 @@ class BatchRun:
                             await self._delete_files(journal.shard(key))
                         return
                     except (TransportError, APIStatusError, DecodeError) as exc:
-                        failures += 1
-                        if failures >= self._config.max_step_failures:
-                            raise RunError(
-                                f"run {self._run_id}: collecting shard {key} failed "
-                                f"{failures} times in a row: {exc}; the journal is intact"
-                            ) from exc
-                        delay = self._step_waits.backoff_delay(failures - 1)
-                        logger.warning(
-                            "run %s: collecting shard %s failed: %s; again in %.0fs",
-                            self._run_id,
-                            key,
-                            exc,
-                            delay,
-                        )
+                        what = f"collecting shard {key}"
+                        failures, delay = self._step_failed(what, failures, exc)
                         await self._clock.sleep(delay)
                         done = None
         finally:

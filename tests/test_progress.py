@@ -192,8 +192,8 @@ def test_format_progress_lists_statuses_in_lifecycle_order() -> None:
     )
     assert (
         "batches: 6 planned, 11 uploading, 9 creating, 10 validating, 5 in_progress, "
-        "8 cancelling, 2 completed, 7 failed, 4 expired, 1 cancelled, 3 alpha, "
-        "12 batch_start_failed, 1 zeta |"
+        "8 cancelling, 2 completed, 7 failed, 4 expired, 1 cancelled, "
+        "12 batch_start_failed, 3 alpha, 1 zeta |"
     ) in format_progress(progress)
 
 
