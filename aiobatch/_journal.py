@@ -35,7 +35,7 @@ from .errors import JournalError
 
 __all__ = ["SCHEMA_VERSION", "Journal", "ShardRow"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -56,7 +56,8 @@ CREATE TABLE IF NOT EXISTS requests (
     attempts INTEGER NOT NULL DEFAULT 0,
     last_error BLOB
 );
-CREATE INDEX IF NOT EXISTS requests_state ON requests (state, url, model, seq);
+CREATE INDEX IF NOT EXISTS requests_pending ON requests (url, model, seq)
+    WHERE state = 'pending';
 CREATE INDEX IF NOT EXISTS requests_shard ON requests (shard, seq);
 CREATE TABLE IF NOT EXISTS shards (
     key TEXT PRIMARY KEY,
@@ -368,14 +369,6 @@ class Journal:
                 (key,),
             )
         ]
-
-    def last_errors(self) -> Iterator[tuple[int, bytes, int]]:
-        """(seq, last_error, attempts) of every pending request that has one."""
-        for seq, data, attempts in self._db.execute(
-            "SELECT seq, last_error, attempts FROM requests "
-            "WHERE state = 'pending' AND last_error IS NOT NULL ORDER BY seq"
-        ):
-            yield int(seq), bytes(data), int(attempts)
 
     # --- shards --------------------------------------------------------------------------
 
