@@ -16,6 +16,7 @@ import contextlib
 import json
 import math
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -164,6 +165,33 @@ async def create_batches(
         )
         batches.append(await client.create_batch(uploaded.id, ENDPOINT))
     return batches
+
+
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as fh:
+        found = re.search(rf"^{field}:\s+(\d+) kB", fh.read(), re.MULTILINE)
+    assert found is not None, field
+    return int(found.group(1)) * 1024 / 1_000_000
+
+
+def rss() -> float:
+    """Resident set size now, MB (10**6 bytes)."""
+    return _status_mb("VmRSS")
+
+
+def peak() -> float:
+    """Peak resident set size since the last :func:`reset_peak` (or the start), MB."""
+    return _status_mb("VmHWM")
+
+
+def reset_peak() -> bool:
+    """Reset the peak RSS to the RSS now (Linux ``clear_refs``); False when refused."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        return False
+    return True
 
 
 def percentile(values: Sequence[float], q: float) -> float:

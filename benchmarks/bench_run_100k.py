@@ -52,7 +52,6 @@ import io
 import json
 import os
 import pstats
-import re
 import subprocess
 import sys
 import tempfile
@@ -69,36 +68,6 @@ from aiobatch.transport import AiohttpTransport, InMemoryTransport, Request, Res
 MB = 1_000_000
 ENDPOINT = _common.ENDPOINT
 FILES = ("requests.jsonl", "run.journal", "output.jsonl")
-
-
-# --- memory of this process -----------------------------------------------------------------
-
-
-def _status_mb(field: str) -> float:
-    with open("/proc/self/status") as fh:
-        found = re.search(rf"^{field}:\s+(\d+) kB", fh.read(), re.MULTILINE)
-    assert found is not None, field
-    return int(found.group(1)) * 1024 / MB
-
-
-def rss() -> float:
-    """Resident set size now, MB."""
-    return _status_mb("VmRSS")
-
-
-def peak() -> float:
-    """Peak resident set size since the last :func:`reset_peak` (or the start), MB."""
-    return _status_mb("VmHWM")
-
-
-def reset_peak() -> bool:
-    """Reset the peak RSS to the RSS now (Linux ``clear_refs``); False when refused."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-    except OSError:
-        return False
-    return True
 
 
 # --- the fake -------------------------------------------------------------------------------
@@ -163,13 +132,13 @@ async def run_runner(folder: Path, max_lines: int) -> dict[str, Any]:
     run = BatchRun(
         client, source, journal=journal, output=output, config=RunConfig(max_lines=max_lines)
     )
-    resettable = reset_peak()
-    rss0 = rss()
+    resettable = _common.reset_peak()
+    rss0 = _common.rss()
     t0 = time.perf_counter()
     async with clock.auto_advance():
         report = await run.run()
     seconds = time.perf_counter() - t0
-    growth = peak() - rss0
+    growth = _common.peak() - rss0
     row = {
         "seconds": seconds,
         "growth": growth,
@@ -200,8 +169,8 @@ async def run_direct(folder: Path, max_lines: int, *, keep: bool) -> dict[str, A
     source = folder / FILES[0]
     output = folder / "naive-output.jsonl"
     clock, service, client, timed = fake()
-    resettable = reset_peak()
-    rss0 = rss()
+    resettable = _common.reset_peak()
+    rss0 = _common.rss()
     t0 = time.perf_counter()
     lines = source.read_bytes().splitlines()
     order = [json.loads(line)["custom_id"] for line in lines] if keep else []
@@ -237,7 +206,7 @@ async def run_direct(folder: Path, max_lines: int, *, keep: bool) -> dict[str, A
                 fh.write(found[custom_id])
                 fh.write(b"\n")
     seconds = time.perf_counter() - t0
-    growth = peak() - rss0
+    growth = _common.peak() - rss0
     ok = sum(b'"status_code":200' in line for line in found.values())
     row = {
         "seconds": seconds,
@@ -280,12 +249,12 @@ async def run_over_http(folder: Path, max_lines: int, base: str) -> dict[str, An
     ) as client:
         config = RunConfig(max_lines=max_lines, fleet=fleet)
         run = BatchRun(client, source, journal=journal, output=output, config=config)
-        resettable = reset_peak()
-        rss0 = rss()
+        resettable = _common.reset_peak()
+        rss0 = _common.rss()
         t0 = time.perf_counter()
         report = await run.run()
         seconds = time.perf_counter() - t0
-        growth = peak() - rss0
+        growth = _common.peak() - rss0
     await transport.aclose()
     return {
         "seconds": seconds,

@@ -49,7 +49,6 @@ import contextlib
 import json
 import os
 import random
-import re
 import signal
 import string
 import subprocess
@@ -172,36 +171,6 @@ async def line_overhead() -> int:
     return len(content) - 4
 
 
-# --- memory of this process -----------------------------------------------------------------
-
-
-def _status_mb(field: str) -> float:
-    with open("/proc/self/status") as fh:
-        found = re.search(rf"^{field}:\s+(\d+) kB", fh.read(), re.MULTILINE)
-    assert found is not None, field
-    return int(found.group(1)) * 1024 / MB
-
-
-def rss() -> float:
-    """Resident set size now, MB."""
-    return _status_mb("VmRSS")
-
-
-def peak() -> float:
-    """Peak resident set size since the last :func:`reset_peak` (or the start), MB."""
-    return _status_mb("VmHWM")
-
-
-def reset_peak() -> bool:
-    """Reset the peak RSS to the RSS now (Linux ``clear_refs``); False when refused."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-    except OSError:
-        return False
-    return True
-
-
 # --- the measured children ------------------------------------------------------------------
 
 
@@ -241,9 +210,9 @@ async def child_run(args: argparse.Namespace) -> dict[str, Any]:
     traced = args.tracemalloc
 
     def collect_starts() -> None:
-        marks["pre_peak"] = peak()
-        marks["reset"] = float(reset_peak())
-        marks["collect_rss0"] = rss()
+        marks["pre_peak"] = _common.peak()
+        marks["reset"] = float(_common.reset_peak())
+        marks["collect_rss0"] = _common.rss()
         if traced:
             tracemalloc.reset_peak()
             marks["traced0"] = tracemalloc.get_traced_memory()[0] / MB
@@ -254,11 +223,11 @@ async def child_run(args: argparse.Namespace) -> dict[str, Any]:
             return
         if progress.total and progress.done >= progress.total:
             marks["collect_t1"] = time.perf_counter()
-            marks["collect_peak"] = peak()
+            marks["collect_peak"] = _common.peak()
             if traced:
                 marks["traced_peak"] = tracemalloc.get_traced_memory()[1] / MB
-            reset_peak()
-            marks["write_rss0"] = rss()
+            _common.reset_peak()
+            marks["write_rss0"] = _common.rss()
 
     transport = Marking(AiohttpTransport(), collect_starts)
     async with BatchClient(
@@ -270,12 +239,12 @@ async def child_run(args: argparse.Namespace) -> dict[str, Any]:
         )
         if traced:
             tracemalloc.start()
-        reset_peak()
-        rss0 = rss()
+        _common.reset_peak()
+        rss0 = _common.rss()
         t0 = time.perf_counter()
         report = await run.run()
         t1 = time.perf_counter()
-        end_peak = peak()
+        end_peak = _common.peak()
         if traced:
             tracemalloc.stop()
         with Journal(journal, readonly=True) as db:
@@ -309,8 +278,8 @@ async def child_read(args: argparse.Namespace) -> dict[str, Any]:
     ) as client:
         await client.retrieve_file(args.file_id)  # the connection is open, imports done
         lines = 0
-        reset_peak()
-        rss0 = rss()
+        _common.reset_peak()
+        rss0 = _common.rss()
         t0 = time.perf_counter()
         if args.kind == "download":
             lines = -1
@@ -327,7 +296,7 @@ async def child_read(args: argparse.Namespace) -> dict[str, Any]:
                     by_id[parsed["custom_id"]] = parsed
             lines = len(by_id)
         seconds = time.perf_counter() - t0
-        growth = peak() - rss0
+        growth = _common.peak() - rss0
     await transport.aclose()
     return {"seconds": seconds, "growth": growth, "lines": lines, "rss0": rss0}
 
