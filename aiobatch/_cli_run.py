@@ -469,7 +469,11 @@ def _cancel(args: argparse.Namespace) -> int:
         print("aiobatch cancel: the run is already done", file=sys.stderr)
         return 1
     if run_is_live(args.journal):
-        request_cancel(args.journal)
+        try:
+            request_cancel(args.journal, busy_timeout=3.0)
+        except JournalError as exc:
+            print(f"aiobatch cancel: {exc}", file=sys.stderr)
+            return 1
         print(f"cancel requested; the run holding {args.journal} stops within seconds")
         return 0
     if not open_batches:

@@ -186,10 +186,16 @@ class Journal:
         path: the SQLite file.
         create: make the file when it does not exist (else :class:`JournalError`).
         readonly: open for reading only (``aiobatch status``).
+        busy_timeout: how long a write waits for another process's write to end.
     """
 
     def __init__(
-        self, path: str | os.PathLike[str], *, create: bool = False, readonly: bool = False
+        self,
+        path: str | os.PathLike[str],
+        *,
+        create: bool = False,
+        readonly: bool = False,
+        busy_timeout: float = 10.0,
     ) -> None:
         self.path = os.fspath(path)
         exists = os.path.exists(self.path)
@@ -198,9 +204,11 @@ class Journal:
         try:
             if readonly:
                 uri = "file:" + os.path.abspath(self.path) + "?mode=ro"
-                self._db = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=10.0)
+                self._db = sqlite3.connect(
+                    uri, uri=True, isolation_level=None, timeout=busy_timeout
+                )
             else:
-                self._db = sqlite3.connect(self.path, isolation_level=None, timeout=10.0)
+                self._db = sqlite3.connect(self.path, isolation_level=None, timeout=busy_timeout)
                 if exists and not self._is_journal():
                     self._db.close()
                     raise JournalError(

@@ -39,7 +39,15 @@ import math
 import os
 import time
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Mapping
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+)
 from pathlib import Path
 from typing import IO, Any, Literal, TypeAlias
 
@@ -573,7 +581,7 @@ class BatchRun:
             self._runner.add_done_callback(lambda _: self._finished.set())
         return self._runner
 
-    async def results(self) -> AsyncIterator[RunResult]:
+    async def results(self) -> AsyncGenerator[RunResult, None]:
         """The final results, each request's once, as they become final, in
         ``config.order`` (input order yields a result once every earlier request has
         its own). Starts the run when it is not running; ends when the run ends.
@@ -1138,7 +1146,12 @@ class BatchRun:
                 ) from exc
             except AiobatchError as exc:
                 failures, delay = self._step_failed(f"shard {key} ({row.state})", failures, exc)
+            else:
+                continue
+            try:
                 await self._pause(delay)
+            except _Stop:
+                return
 
     def _step_failed(self, what: str, failures: int, exc: AiobatchError) -> tuple[int, float]:
         """Count a failed step and say how long to wait before the next try.
@@ -1782,10 +1795,15 @@ class BatchRun:
         journal.set_meta(output_written=os.path.abspath(target))
 
 
-def request_cancel(journal_path: str | os.PathLike[str]) -> None:
+def request_cancel(journal_path: str | os.PathLike[str], *, busy_timeout: float = 10.0) -> None:
     """Ask the run that holds a journal to cancel (what ``aiobatch cancel`` does); the run
-    sees it within ``cancel_poll_interval`` seconds."""
-    with Journal(journal_path) as journal:
+    sees it within ``cancel_poll_interval`` seconds.
+
+    Raises:
+        JournalError: no journal there, or it stayed busy for ``busy_timeout`` seconds
+            (a run checking its input holds it).
+    """
+    with Journal(journal_path, busy_timeout=busy_timeout) as journal:
         journal.set_meta(cancel_requested=repr(time.time()))
 
 
