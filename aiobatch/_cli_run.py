@@ -462,6 +462,7 @@ def _cancel(args: argparse.Namespace) -> int:
         with Journal(args.journal) as journal:
             state = journal.get_meta("state")
             open_batches = journal.open_batches()
+            creating = journal.shards("creating")
     except JournalError as exc:
         print(f"aiobatch cancel: {exc}", file=sys.stderr)
         return 1
@@ -476,7 +477,7 @@ def _cancel(args: argparse.Namespace) -> int:
             return 1
         print(f"cancel requested; the run holding {args.journal} stops within seconds")
         return 0
-    if not open_batches:
+    if not open_batches and not creating:
         print(f"no process runs {args.journal} and it records no open batch: nothing to cancel")
         return 0
     try:
@@ -484,10 +485,12 @@ def _cancel(args: argparse.Namespace) -> int:
     except (AiobatchError, OSError) as exc:
         print(f"aiobatch cancel: {exc}", file=sys.stderr)
         return 1
+    if not sent:
+        print(f"no process runs {args.journal} and none of its batches is open: nothing to cancel")
+        return 0
     print(
-        f"no process runs {args.journal}: sent cancels for {len(sent)} of its "
-        f"{len(open_batches)} open batch(es); run 'aiobatch run' again to collect what "
-        "they finished"
+        f"no process runs {args.journal}: sent cancels for {len(sent)} batch(es); run "
+        "'aiobatch run' again to collect what they finished"
     )
     return 0
 

@@ -282,6 +282,12 @@ class BatchClient:
         return self._clock
 
     @property
+    def create_settle(self) -> float:
+        """Seconds a create that may still be on its way is given to land before a
+        lookup of its key is trusted."""
+        return self._create_settle
+
+    @property
     def closed(self) -> bool:
         """Whether :meth:`aclose` was called (on this client, or on the one it was made
         from with :meth:`with_options`); every call then raises ClosedError."""

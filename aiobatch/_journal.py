@@ -35,7 +35,7 @@ from .errors import JournalError
 
 __all__ = ["SCHEMA_VERSION", "Journal", "ShardRow"]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -53,6 +53,7 @@ CREATE TABLE IF NOT EXISTS requests (
     data BLOB NOT NULL,
     state TEXT NOT NULL DEFAULT 'pending',
     shard TEXT,
+    pos INTEGER,
     attempts INTEGER NOT NULL DEFAULT 0,
     last_error BLOB
 );
@@ -367,6 +368,18 @@ class Journal:
             )
         }
 
+    def queued_at(self, key: str) -> dict[int, tuple[int, str, int]]:
+        """A shard's requests that have no outcome yet, by their 1-based line in the
+        shard's file: (seq, custom_id, attempts)."""
+        return {
+            int(pos): (int(seq), str(cid), int(attempts))
+            for pos, seq, cid, attempts in self._db.execute(
+                "SELECT pos, seq, custom_id, attempts FROM requests "
+                "WHERE shard = ? AND state = 'queued'",
+                (key,),
+            )
+        }
+
     def queued_in(self, key: str) -> list[tuple[int, str, int]]:
         """(seq, custom_id, attempts) of a shard's requests that have no outcome yet."""
         return [
@@ -396,8 +409,9 @@ class Journal:
         requests moved from ``pending`` to ``queued`` in it. Returns its round: the most
         retryable failures any of its requests has had."""
         db.executemany(
-            "UPDATE requests SET state = 'queued', shard = ? WHERE seq = ? AND state = 'pending'",
-            ((key, seq) for seq in seqs),
+            "UPDATE requests SET state = 'queued', shard = ?, pos = ? "
+            "WHERE seq = ? AND state = 'pending'",
+            ((key, pos, seq) for pos, seq in enumerate(seqs, start=1)),
         )
         (round_,) = db.execute(
             "SELECT coalesce(max(attempts), 0) FROM requests WHERE shard = ?", (key,)
@@ -514,8 +528,10 @@ class Journal:
         tokens = db.execute(
             "SELECT coalesce(sum(input_tokens), 0), coalesce(sum(output_tokens), 0) FROM results"
         ).fetchone()
+        # Re-submitted: a retryable failure, and sent again (or ended) since; a request
+        # still waiting for its retry round is not re-submitted yet.
         attempts = db.execute(
-            "SELECT coalesce(max(attempts), 0), coalesce(sum(attempts > 0), 0) FROM requests"
+            "SELECT coalesce(sum(attempts > 0 AND state != 'pending'), 0) FROM requests"
         ).fetchone()
         shard_states = dict(
             db.execute("SELECT state, count(*) FROM shards GROUP BY state").fetchall()
@@ -526,8 +542,12 @@ class Journal:
                 "GROUP BY coalesce(status, state)"
             ).fetchall()
         )
+        # creates counts a shard's batches that failed with token_limit_exceeded (each
+        # was made); the re-create of the last of them is not made yet while the shard
+        # has no batch.
         batches = db.execute(
-            "SELECT count(batch_id), coalesce(sum(creates), 0) FROM shards"
+            "SELECT count(batch_id) + coalesce(sum(creates), 0), coalesce(sum(creates), 0) "
+            "- coalesce(sum(creates > 0 AND batch_id IS NULL), 0) FROM shards"
         ).fetchone()
         rounds = db.execute("SELECT coalesce(max(round), 0) FROM shards").fetchone()[0]
         return {
@@ -536,12 +556,11 @@ class Journal:
             "codes": codes,
             "input_tokens": int(tokens[0]),
             "output_tokens": int(tokens[1]),
-            "max_attempts": int(attempts[0]),
-            "retried": int(attempts[1]),
+            "retried": int(attempts[0]),
             "shard_states": shard_states,
             "statuses": statuses,
             "batches": int(batches[0]),
-            "creates": int(batches[1]),
+            "recreated": int(batches[1]),
             "rounds": int(rounds),
         }
 

@@ -55,7 +55,16 @@ BATCH_STATUS_ORDER: tuple[str, ...] = (
 Statuses not listed here are shown after these, sorted by name."""
 
 TERMINAL_BATCH_STATUSES: frozenset[str] = frozenset(
-    {"completed", "failed", "expired", "cancelled", "file_upload_failed", "batch_start_failed"}
+    {
+        "completed",
+        "failed",
+        "expired",
+        "cancelled",
+        "file_upload_failed",
+        "batch_start_failed",
+        "rejected",
+        "not_found",
+    }
 )
 """Batch statuses that count as ended in :attr:`RunProgress.open_batches` (Portkey's
 ``file_upload_failed`` and ``batch_start_failed`` included)."""

@@ -511,6 +511,10 @@ class BatchRun:
         self._reserved: dict[str, tuple[str | None, int]] = {}
         #: result files answered 404, and how many times.
         self._gone: dict[str, int] = {}
+        #: creates of a shard that came to nothing (its file was not found, or a lost
+        #: create proved never made) since it last had a batch: they stop the run at
+        #: ``max_step_failures`` although each recovery step succeeds.
+        self._setbacks: collections.Counter[str] = collections.Counter()
         self._submit_slots = asyncio.Semaphore(self._config.max_submissions)
         self._collect_slots = asyncio.Semaphore(self._config.max_collections)
         self._retry_since: float | None = None
@@ -895,6 +899,7 @@ class BatchRun:
             if now >= next_cancel_check:
                 next_cancel_check = now + self._config.cancel_poll_interval
                 journal.set_meta(updated_at=repr(clock.now()))
+                self._emit_progress()  # elapsed time and ETA move on while nothing changes
                 if journal.get_meta("cancel_requested"):
                     logger.warning("run %s: cancel requested in the journal", self._run_id)
                     self._request_stop("cancelled")
@@ -1047,10 +1052,13 @@ class BatchRun:
             await self._wait_changed(deadline)
             if self._clock.monotonic() >= deadline:
                 break
-        # A create whose answer was lost may have made a batch: find it, to cancel it.
+        # A create whose answer was lost may have made a batch: find it, to cancel it
+        # (a create still being sent, past the cancel timeout, is left to the next run).
         for row in journal.shards("creating"):
+            if row.key in self._submitting:
+                continue
             try:
-                await self._resolve_create(journal, row)
+                await self._resolve_create(journal, row, during_cancel=True)
             except AiobatchError as exc:
                 logger.warning(
                     "run %s: could not tell whether shard %s has a batch (%s); the next run "
@@ -1065,7 +1073,7 @@ class BatchRun:
                 journal.update_shard(key, cancel_reason="run")
             with contextlib.suppress(KeyError):
                 fleet.cancel(batch_id)
-        while (fleet.open_ids or self._collecting) and self._failure is None:
+        while (self._shard_of or self._collecting) and self._failure is None:
             if self._clock.monotonic() >= deadline:
                 logger.warning(
                     "run %s: %d batch(es) still cancelling at the cancel timeout; the "
@@ -1134,6 +1142,8 @@ class BatchRun:
                 failures = 0
             except _Stop:
                 return
+            except RunError:
+                raise
             except (AuthenticationError, PermissionDeniedError) as exc:
                 raise RunError(
                     f"run {self._run_id}: the server refused the credentials ({exc}); "
@@ -1258,6 +1268,14 @@ class BatchRun:
             )
         return None
 
+    def _set_back(self, key: str, why: str) -> None:
+        self._setbacks[key] += 1
+        if self._setbacks[key] >= self._config.max_step_failures:
+            raise RunError(
+                f"run {self._run_id}: shard {key} could not get a batch after "
+                f"{self._setbacks[key]} creates ({why}); the journal is intact"
+            )
+
     async def _create(self, journal: Journal, row: ShardRow) -> None:
         """Create the batch of an uploaded shard; the create key is journaled first."""
         assert row.file_id is not None
@@ -1286,6 +1304,7 @@ class BatchRun:
             self._unreserve(row.key)
             journal.update_shard(row.key, state="planned", file_id=None, upload_started_at=None)
             self._set_status(row.key, "planned")
+            self._set_back(row.key, "its input file was not found")
             raise
         except (TransportError, APIStatusError) as exc:
             # No attempt made a batch (the client proved it).
@@ -1298,10 +1317,23 @@ class BatchRun:
             raise
         self._opened(journal, row.key, batch)
 
-    async def _resolve_create(self, journal: Journal, row: ShardRow) -> None:
+    async def _resolve_create(
+        self, journal: Journal, row: ShardRow, *, during_cancel: bool = False
+    ) -> None:
         """A create may have been sent: adopt its batch, or (when the lookup proved it
         absent, see :func:`find_shard_batch`) create it again; a lookup that fails is
-        tried again later."""
+        tried again later.
+
+        A create may still be on its way to the server (sent just before a crash or a
+        stop): the lookup is trusted only ``create_settle`` seconds after the create
+        started, as the client does after an ambiguous failure.
+        """
+        started = row.create_started_at or row.planned_at
+        settle = started + self._client.create_settle - self._clock.now()
+        if during_cancel:
+            await self._clock.sleep(max(settle, 0.0))
+        else:
+            await self._pause(settle)
         found = await find_shard_batch(self._client, row)
         if found is not None:
             logger.info("run %s: shard %s: adopted batch %s", self._run_id, row.key, found.id)
@@ -1310,8 +1342,10 @@ class BatchRun:
         self._unreserve(row.key)
         journal.update_shard(row.key, state="uploaded")
         self._set_status(row.key, "uploaded")
+        self._set_back(row.key, "a lost create proved never made")
 
     def _opened(self, journal: Journal, key: str, batch: Batch) -> None:
+        self._setbacks.pop(key, None)
         journal.update_shard(key, state="open", batch_id=batch.id, status=batch.status.value)
         self._track(journal.shard(key), batch)
 
@@ -1561,6 +1595,7 @@ class BatchRun:
             status=None,
             create_key=None,
             history=f"{row.history} {batch.id}".strip(),
+            cancel_reason=None,
             note=f"token_limit_exceeded on {batch.id}",
         )
         self._set_status(row.key, "uploaded")
@@ -1662,6 +1697,7 @@ class BatchRun:
                     )
                 if len(finals) + len(retries) >= chunk or held[0] >= chunk_bytes:
                     commit(number)
+                    await asyncio.sleep(0)  # let the other batches' tasks run
         commit(number)
 
     def _counted(
@@ -1682,6 +1718,7 @@ class BatchRun:
     def _settle_batch(self, journal: Journal, row: ShardRow, batch: Batch) -> None:
         """Every line of a collected batch without a result line gets its outcome."""
         status = batch.status
+        free = False
         if status is BatchStatus.EXPIRED:
             code, message, retryable = "batch_expired", "the batch expired first", True
         elif status is BatchStatus.CANCELLED:
@@ -1695,7 +1732,7 @@ class BatchRun:
                 # The batch failed because of the lines its errors name: those end with
                 # their error, the others never ran and run again.
                 self._fail_lines(journal, row, batch)
-                retryable = True
+                retryable = free = True
                 message = f"batch {batch.id} failed because of other lines: {batch.outcome}"
             else:
                 retryable = not (codes & PERMANENT_BATCH_CODES)
@@ -1709,7 +1746,7 @@ class BatchRun:
             )
         else:  # Portkey's file_upload_failed / batch_start_failed, and the like
             code, message, retryable = "batch_failed", batch.outcome, True
-        self._settle(journal, row, batch, code, message, retryable=retryable)
+        self._settle(journal, row, batch, code, message, retryable=retryable, free=free)
 
     def _fail_lines(self, journal: Journal, row: ShardRow, batch: Batch) -> None:
         """A failed batch's errors that name input lines end those lines."""
@@ -1718,27 +1755,13 @@ class BatchRun:
         for error in batch.errors.data:
             if error.line:
                 by_line.setdefault(error.line, (error.code or "batch_failed", error.message or ""))
-        queued = journal.queued_in(row.key)
-        members = sorted(journal.shard_members(row.key).values())
+        queued = journal.queued_at(row.key)
         finals = []
-        queued_seqs = {seq for seq, _, _ in queued}
-        cid_of = {seq: cid for seq, cid, _ in queued}
-        for number, (seq, attempts, _state) in enumerate(members, start=1):
-            if number in by_line and seq in queued_seqs:
-                code, message = by_line[number]
-                finals.append(
-                    (
-                        seq,
-                        "error",
-                        code,
-                        row.key,
-                        row.batch_id,
-                        attempts,
-                        0,
-                        0,
-                        _own_error(cid_of[seq], code, message),
-                    )
-                )
+        for number, (code, message) in by_line.items():
+            if number in queued:
+                seq, cid, attempts = queued[number]
+                line = _own_error(cid, code, message)
+                finals.append((seq, "error", code, row.key, row.batch_id, attempts, 0, 0, line))
         with journal.transaction() as db:
             journal.add_results(db, finals)
         self._counted(finals, [])
@@ -1752,20 +1775,26 @@ class BatchRun:
         message: str,
         *,
         retryable: bool = True,
+        free: bool = False,
     ) -> None:
-        """Give every still-queued line of a shard its outcome and close the shard."""
+        """Give every still-queued line of a shard its outcome and close the shard.
+
+        A retryable line spends one of its rounds, unless the line is not at fault
+        (``free``: its batch failed because of other lines; or the run cancelled it).
+        """
         cancelled_by_run = row.cancel_reason == "run" and code == "batch_cancelled"
+        free = free or cancelled_by_run
         finals: list[tuple[Any, ...]] = []
         retries: list[tuple[int, int, bytes | None]] = []
         for seq, cid, attempts in journal.queued_in(row.key):
             data = _own_error(cid, code, message)
-            if retryable and cancelled_by_run:
+            if retryable and free:
                 retries.append((seq, attempts, None))
             elif retryable and attempts < self._config.max_rounds:
                 retries.append((seq, attempts + 1, data))
             else:
                 finals.append((seq, "error", code, row.key, row.batch_id, attempts, 0, 0, data))
-        status = batch.status.value if batch is not None else (row.status or "not_found")
+        status = batch.status.value if batch is not None else "not_found"
         with journal.transaction() as db:
             journal.add_results(db, finals)
             journal.retry_later(db, retries)
@@ -1838,6 +1867,10 @@ async def cancel_batches(journal_path: str | os.PathLike[str], client: BatchClie
     try:
         with Journal(path) as journal:
             for row in journal.shards("creating"):
+                started = row.create_started_at or row.planned_at
+                await client.clock.sleep(
+                    max(0.0, started + client.create_settle - client.clock.now())
+                )
                 found = await find_shard_batch(client, row)
                 if found is not None:
                     journal.update_shard(

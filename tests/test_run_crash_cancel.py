@@ -294,7 +294,8 @@ async def test_cancel_of_a_live_run_flags_it_and_the_run_stops_cancelled(tmp_pat
 
 
 async def test_cancel_of_a_run_killed_before_any_create_sends_nothing(tmp_path: Path) -> None:
-    """A killed run with no open batch: the command says nothing to cancel, sends nothing."""
+    """A run killed as its only create was being sent (no batch made): the command looks
+    the shard's batch up, finds none, says there is nothing to cancel and sends no cancel."""
     service, _clock = _service(Speed())
     app = make_app(service)
     killer = Killer(KILL_POINTS["before-create"], tmp_path / "run.journal", service)
@@ -321,7 +322,9 @@ async def test_cancel_of_a_run_killed_before_any_create_sends_nothing(tmp_path: 
             )
             assert rc == 0, err
             assert "nothing to cancel" in out, out
-            assert len(service.requests) == sent
+            later = service.requests[sent:]
+            assert later, "the shard left creating was not looked up"
+            assert all(r.method == "GET" for r in later), [(r.method, r.path) for r in later]
             assert _shards(child.journal) == shards
         finally:
             await child.close()
