@@ -353,7 +353,10 @@ async def _run_async(args: argparse.Namespace, journal: str) -> int:
         "Check every line, shard the file into batches, upload them, create the batches, "
         "track them, collect every result line, re-submit the retryable failures, and "
         "write one result per request to OUTPUT. Everything is journaled first: run the "
-        "same command again after a crash, a Ctrl-C or 'aiobatch cancel' to continue."
+        "same command again after a crash, a Ctrl-C or 'aiobatch cancel' to continue. "
+        "Ctrl-C cancels the open batches and keeps what they finished (exit 130); SIGTERM "
+        "stops without cancelling them (exit 143); 0 when every request has its result, "
+        "1 on an error, 2 on a usage error."
     ),
 )
 def _run(args: argparse.Namespace) -> int:

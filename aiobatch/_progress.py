@@ -89,8 +89,8 @@ class RunProgress:
             Batch API's statuses, or any other string); zero counts may be absent.
         round: the highest retry round in play (0 for the first submission).
         elapsed: seconds since the run started, on the run's clock.
-        state: the run's state: ``"running"``, ``"cancelling"``, ``"done"``,
-            ``"cancelled"`` or ``"failed"``.
+        state: the run's state: ``"running"``, ``"cancelling"``, ``"stopping"``,
+            ``"done"``, ``"cancelled"``, ``"stopped"`` or ``"failed"``.
     """
 
     total: int

@@ -30,7 +30,8 @@ class RunReport:
 
     Attributes:
         run_id: the run's id (in every batch's ``aiobatch_run`` metadata).
-        state: ``running``, ``cancelling``, ``cancelled``, ``done`` or ``failed``.
+        state: ``running``, ``cancelling``, ``cancelled`` (its batches were cancelled),
+            ``stopped`` (stopped without cancelling them), ``done`` or ``failed``.
         requests: accepted requests.
         succeeded: requests whose final result is a success.
         failed: requests whose final result is an error (HTTP error or batch error).

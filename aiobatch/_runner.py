@@ -34,6 +34,7 @@ import collections
 import contextlib
 import fcntl
 import hashlib
+import json
 import logging
 import math
 import os
@@ -193,8 +194,9 @@ class RunConfig:
         max_submissions: shards uploaded and created at once.
         max_collections: batches whose files are read at once.
         collect_chunk: result lines committed to the journal per transaction, at most.
-        collect_chunk_bytes: result bytes committed per transaction, at most (so a
-            collection holds about this much, however long the lines are).
+        collect_chunk_bytes: result bytes after which a transaction is committed (so a
+            collection holds about this much, plus one line, however long the lines
+            are).
         retry_coalesce: how long lines waiting for a retry round gather before they
             are sharded (sooner when nothing else is open).
         token_limit_backoff: the first wait before re-creating a batch that failed with
@@ -256,6 +258,16 @@ class RunConfig:
                 f"RunConfig.metadata has {len(self.metadata)} pairs; at most 13 fit beside "
                 "aiobatch's own three (16 in all)"
             )
+        for name, value in self.metadata.items():
+            if not isinstance(name, str) or not isinstance(value, str):
+                raise ValueError(f"RunConfig.metadata must map str to str, got {name!r}: {value!r}")
+            if len(name) > 64 or len(value) > 512:
+                raise ValueError(
+                    f"RunConfig.metadata[{name[:20]!r}...]: keys are at most 64 characters "
+                    "and values at most 512"
+                )
+            if name.startswith("aiobatch_"):
+                raise ValueError(f"RunConfig.metadata[{name!r}]: aiobatch_ keys are aiobatch's")
         for name, limit in self.enqueued_token_limits.items():
             if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
                 raise ValueError(
@@ -360,6 +372,23 @@ def _write_lines(path: Path, lines: Iterable[bytes]) -> int:
             fh.write(b"\n")
             size += len(data) + 1
     return size
+
+
+def _undecodable(
+    raw: bytes, members: Mapping[str, tuple[int, int, str]]
+) -> tuple[int, str, int] | None:
+    """(seq, custom_id, attempts) of the queued request a result line that does not
+    decode names, if it is JSON with a ``custom_id`` at all."""
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return None
+    cid = value.get("custom_id") if isinstance(value, dict) else None
+    member = members.get(cid) if isinstance(cid, str) else None
+    if member is None or member[2] != "queued":
+        return None
+    assert isinstance(cid, str)
+    return member[0], cid, member[1]
 
 
 def _check_output(output: str | None) -> None:
@@ -1513,7 +1542,20 @@ class BatchRun:
             row = journal.shard(key)
         elif batch is None:
             assert row.batch_id is not None
-            batch = await self._client.retrieve_batch(row.batch_id)
+            try:
+                batch = await self._client.retrieve_batch(row.batch_id)
+            except NotFoundError:
+                # The batch is gone, but the journal knows its status and files.
+                batch = Batch(
+                    id=row.batch_id,
+                    endpoint=row.url,
+                    input_file_id=row.file_id or "",
+                    completion_window=None,
+                    status=BatchStatus(row.status or "completed"),
+                    created_at=0,
+                    output_file_id=row.output_file_id,
+                    error_file_id=row.error_file_id,
+                )
         members = journal.shard_members(key)
         for column, progress in (
             ("output_file_id", "output_done"),
@@ -1666,7 +1708,27 @@ class BatchRun:
                 try:
                     result = decode_result_line(raw, what=f"line {number} of file {file_id}")
                 except DecodeError as exc:
-                    logger.warning("run %s: skipping a line: %s", self._run_id, exc)
+                    # The request ran (and was paid): end it with the decode error rather
+                    # than run it again, when the line says which request it is.
+                    seq_cid = _undecodable(raw, members)
+                    logger.warning("run %s: a result line does not decode: %s", self._run_id, exc)
+                    if seq_cid is not None:
+                        seq, cid, attempts = seq_cid
+                        members[cid] = (seq, attempts, "resolved")
+                        line = _own_error(cid, "undecodable_result", describe(exc))
+                        finals.append(
+                            (
+                                seq,
+                                "error",
+                                "undecodable_result",
+                                row.key,
+                                row.batch_id,
+                                attempts,
+                                0,
+                                0,
+                                line,
+                            )
+                        )
                     continue
                 member = members.get(result.custom_id)
                 if member is None or member[2] != "queued":

@@ -41,6 +41,7 @@ from aiobatch.testing import (
     chat_requests,
     estimate_tokens,
 )
+from aiobatch.transport import Response
 
 MODEL = "gpt-4o-mini"
 
@@ -757,3 +758,51 @@ async def test_delete_files_removes_each_batchs_files_once_collected(
     left = files & set(h.service.file_ids)
     assert left == (set() if delete else files)
     assert_exactly_once(results, h.output_lines(), ids("req", 6))
+
+
+class _CorruptingTransport:
+    """Plays a server whose result files hold one line that does not decode (the line
+    for ``custom_id``: its ``status_code`` is a string)."""
+
+    def __init__(self, inner: Any, custom_id: str) -> None:
+        self.inner = inner
+        self.custom_id = custom_id
+
+    async def send(self, request: Any, *, stream: bool = False) -> Any:
+        response = await self.inner.send(request, stream=stream)
+        if not (request.method == "GET" and request.url.endswith("/content")):
+            return response
+        lines = (await response.read()).split(b"\n")
+        marker = json.dumps(self.custom_id).encode()
+        for i, line in enumerate(lines):
+            if marker in line:
+                data = json.loads(line)
+                data["response"]["status_code"] = "two hundred"
+                lines[i] = json.dumps(data).encode()
+        return Response(response.status, dict(response.headers), b"\n".join(lines))
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_a_result_line_that_does_not_decode_ends_its_request_without_a_rerun(
+    tmp_path: Path, clock: VirtualClock
+) -> None:
+    """A result line that does not decode but names its request ends that request with an
+    undecodable_result error (it ran and was paid): it is not run a second time."""
+    service = FakeBatchService(clock=clock, config=FakeConfig(validation_seconds=1.0))
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(chat_requests(4))
+    transport = _CorruptingTransport(service.transport(), "req-2")
+    async with BatchClient(
+        api_key=API_KEY, base_url=BASE_URL, transport=transport, clock=clock
+    ) as client:
+        run = BatchRun(client, source, journal=tmp_path / "j", output=tmp_path / "out.jsonl")
+        async with clock.auto_advance():
+            report = await run.run()
+    assert len(service.batch_ids) == 1
+    assert (report.succeeded, report.failed, report.retried) == (3, 1, 0)
+    assert report.errors == {"undecodable_result": 1}
+    out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [line["custom_id"] for line in out] == ["req-0", "req-1", "req-2", "req-3"]
+    assert out[2]["error"]["code"] == "undecodable_result"
