@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from pytest_aiohttp import AiohttpServer
 
-from aiobatch import Batch, BatchClient, RetryPolicy
+from aiobatch import Batch, BatchClient, FleetConfig, RetryPolicy, RunConfig
 from aiobatch.testing import FakeBatchService, FakeConfig, VirtualClock, chat_requests, make_app
 from aiobatch.transport import FilePart, InMemoryTransport, Multipart, Request, Response
 
@@ -246,3 +246,67 @@ def make_env(clock: VirtualClock) -> Callable[..., Any]:
             yield FleetEnv(clock, service, client)
 
     return make
+
+
+# --- the runner tests' environment ---------------------------------------------------
+
+#: Polls often, so a run of a few hundred virtual seconds is observed closely.
+FAST_FLEET = FleetConfig(
+    min_interval=1.0,
+    max_interval=10.0,
+    validating_interval=1.0,
+    finalizing_interval=1.0,
+    cancelling_interval=1.0,
+    in_progress_interval=5.0,
+    jitter=0.0,
+    seed=0,
+)
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def config(**overrides: Any) -> RunConfig:
+    """A RunConfig polling with FAST_FLEET unless told otherwise."""
+    return RunConfig(**{"fleet": FAST_FLEET, **overrides})
+
+
+def service_on(clock: VirtualClock, **settings: Any) -> FakeBatchService:
+    """A fake service on ``clock`` with fast, seeded timings (FakeConfig overrides)."""
+    values = {
+        "validation_seconds": 5.0,
+        "lines_per_second": 1.0,
+        "finalizing_seconds": 5.0,
+        "request_log_size": None,
+        **settings,
+    }
+    return FakeBatchService(clock=clock, config=FakeConfig(**values))
+
+
+@asynccontextmanager
+async def client_for(
+    clock: VirtualClock,
+    transport: InMemoryTransport,
+    *,
+    retry: RetryPolicy | None = None,
+    **kwargs: Any,
+) -> AsyncIterator[BatchClient]:
+    """A client over ``transport`` on ``clock`` (OpenAI provider unless ``provider``)."""
+    if "provider" not in kwargs:
+        kwargs = {"api_key": API_KEY, "base_url": BASE_URL, **kwargs}
+    async with BatchClient(
+        transport=transport,
+        clock=clock,
+        retry=retry or RetryPolicy.for_testing(max_attempts=3),
+        **kwargs,
+    ) as client:
+        yield client
+
+
+def in_front(service: FakeBatchService, handler: Callable[[Request, Handler], Any]) -> Any:
+    """An in-memory transport whose requests go through ``handler(request, service.handle)``."""
+
+    async def handle(request: Request) -> Response:
+        result: Response = await handler(request, service.handle)
+        return result
+
+    return InMemoryTransport(handle, clock=service.clock)

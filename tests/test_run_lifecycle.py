@@ -19,18 +19,24 @@ import signal
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import API_KEY, BASE_URL, chat_line
+from conftest import (
+    Handler,
+    chat_line,
+    client_for,
+    config,
+    in_front,
+    service_on,
+)
 from test_run_crash import API_KEY as CHILD_KEY
 from test_run_crash import REQUESTS, WAIT, Child, _shards, _shards_in, serve, wait_for
 
 from aiobatch import (
     Batch,
-    BatchClient,
     BatchRun,
     BatchStatus,
     FleetConfig,
@@ -46,69 +52,10 @@ from aiobatch._journal import Journal
 from aiobatch._runner import cancel_batches
 from aiobatch.errors import InputError, TransportError
 from aiobatch.testing import FakeBatchService, FakeConfig, Fault, VirtualClock, make_app
-from aiobatch.transport import InMemoryTransport, Request, Response
+from aiobatch.transport import Request, Response
 
 MODEL = "gpt-4o-mini"
 TERMINAL = {s for s in BatchStatus if s.is_terminal}
-
-#: Polls often, so a run of a few hundred virtual seconds is observed closely.
-FAST_FLEET = FleetConfig(
-    min_interval=1.0,
-    max_interval=10.0,
-    validating_interval=1.0,
-    finalizing_interval=1.0,
-    cancelling_interval=1.0,
-    in_progress_interval=5.0,
-    jitter=0.0,
-    seed=0,
-)
-
-Handler = Callable[[Request], Awaitable[Response]]
-
-
-# --- helpers -------------------------------------------------------------------------------
-
-
-def config(**overrides: Any) -> RunConfig:
-    """A RunConfig polling with FAST_FLEET unless told otherwise."""
-    return RunConfig(**{"fleet": FAST_FLEET, **overrides})
-
-
-def service_on(clock: VirtualClock, **settings: Any) -> FakeBatchService:
-    """A fake service on ``clock``: a 10-line batch takes about 20 s (FakeConfig overrides)."""
-    values = {
-        "validation_seconds": 5.0,
-        "lines_per_second": 1.0,
-        "finalizing_seconds": 5.0,
-        "request_log_size": None,
-        **settings,
-    }
-    return FakeBatchService(clock=clock, config=FakeConfig(**values))
-
-
-@contextlib.asynccontextmanager
-async def client_for(
-    clock: VirtualClock, transport: InMemoryTransport, *, retry: RetryPolicy | None = None
-) -> AsyncIterator[BatchClient]:
-    """A client over ``transport`` on ``clock``."""
-    async with BatchClient(
-        api_key=API_KEY,
-        base_url=BASE_URL,
-        transport=transport,
-        clock=clock,
-        retry=retry or RetryPolicy.for_testing(max_attempts=3),
-    ) as client:
-        yield client
-
-
-def in_front(service: FakeBatchService, handler: Callable[[Request, Handler], Any]) -> Any:
-    """An in-memory transport whose requests go through ``handler(request, service.handle)``."""
-
-    async def handle(request: Request) -> Response:
-        result: Response = await handler(request, service.handle)
-        return result
-
-    return InMemoryTransport(handle, clock=service.clock)
 
 
 def path_of(request: Request) -> str:

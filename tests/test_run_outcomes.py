@@ -18,14 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import API_KEY, BASE_URL, FakeApi, chat_line, jsonl
+from conftest import API_KEY, BASE_URL, FakeApi, chat_line, config, jsonl
 
 from aiobatch import (
     Batch,
     BatchClient,
     BatchRun,
     BatchStatus,
-    FleetConfig,
     RetryPolicy,
     RunConfig,
     RunReport,
@@ -45,18 +44,6 @@ from aiobatch.transport import Response
 
 MODEL = "gpt-4o-mini"
 
-#: Polls often enough that a run of a few hundred virtual seconds is observed closely.
-FAST_FLEET = FleetConfig(
-    min_interval=1.0,
-    max_interval=10.0,
-    validating_interval=1.0,
-    finalizing_interval=1.0,
-    cancelling_interval=1.0,
-    in_progress_interval=5.0,
-    jitter=0.0,
-    seed=0,
-)
-
 #: The fake's end-of-life timestamp of a batch, by terminal status.
 _ENDED_AT = {
     BatchStatus.COMPLETED: "completed_at",
@@ -64,11 +51,6 @@ _ENDED_AT = {
     BatchStatus.EXPIRED: "expired_at",
     BatchStatus.CANCELLED: "cancelled_at",
 }
-
-
-def config(**overrides: Any) -> RunConfig:
-    """A RunConfig that polls with FAST_FLEET unless told otherwise."""
-    return RunConfig(**{"fleet": FAST_FLEET, **overrides})
 
 
 class Harness:

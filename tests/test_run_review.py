@@ -13,19 +13,25 @@ import asyncio
 import contextlib
 import json
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import API_KEY, BASE_URL, chat_line
+from conftest import (
+    API_KEY,
+    Handler,
+    chat_line,
+    client_for,
+    config,
+    in_front,
+    service_on,
+)
 
 from aiobatch import (
-    BatchClient,
     BatchRun,
     FleetConfig,
     RetryPolicy,
-    RunConfig,
     RunReport,
     RunResult,
 )
@@ -41,70 +47,9 @@ from aiobatch.testing import (
     Fault,
     VirtualClock,
 )
-from aiobatch.transport import InMemoryTransport, Request, Response
+from aiobatch.transport import Request, Response
 
 MODEL = "gpt-4o-mini"
-
-#: Polls often, so a run of a few hundred virtual seconds is observed closely.
-FAST_FLEET = FleetConfig(
-    min_interval=1.0,
-    max_interval=10.0,
-    validating_interval=1.0,
-    finalizing_interval=1.0,
-    cancelling_interval=1.0,
-    in_progress_interval=5.0,
-    jitter=0.0,
-    seed=0,
-)
-
-Handler = Callable[[Request], Awaitable[Response]]
-
-
-def config(**overrides: Any) -> RunConfig:
-    """A RunConfig polling with FAST_FLEET unless told otherwise."""
-    return RunConfig(**{"fleet": FAST_FLEET, **overrides})
-
-
-def service_on(clock: VirtualClock, **settings: Any) -> FakeBatchService:
-    """A fake service on ``clock`` with fast, seeded timings (FakeConfig overrides)."""
-    values = {
-        "validation_seconds": 5.0,
-        "lines_per_second": 1.0,
-        "finalizing_seconds": 5.0,
-        "request_log_size": None,
-        **settings,
-    }
-    return FakeBatchService(clock=clock, config=FakeConfig(**values))
-
-
-@contextlib.asynccontextmanager
-async def client_for(
-    clock: VirtualClock,
-    transport: InMemoryTransport,
-    *,
-    retry: RetryPolicy | None = None,
-    **kwargs: Any,
-) -> AsyncIterator[BatchClient]:
-    """A client over ``transport`` on ``clock`` (OpenAI provider unless ``provider``)."""
-    if "provider" not in kwargs:
-        kwargs = {"api_key": API_KEY, "base_url": BASE_URL, **kwargs}
-    async with BatchClient(
-        transport=transport,
-        clock=clock,
-        retry=retry or RetryPolicy.for_testing(max_attempts=3),
-        **kwargs,
-    ) as client:
-        yield client
-
-
-def in_front(service: FakeBatchService, handler: Callable[[Request, Handler], Any]) -> Any:
-    """An in-memory transport whose requests go through ``handler(request, service.handle)``."""
-
-    async def handle(request: Request) -> Response:
-        result: Response = await handler(request, service.handle)
-        return result
-
-    return InMemoryTransport(handle, clock=service.clock)
 
 
 async def edited_json(response: Response, edit: Callable[[Any], None]) -> Response:

@@ -19,19 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import API_KEY
+from conftest import API_KEY, Handler, client_for, config, in_front, service_on
 from test_run_crash import serve
 from test_run_review import (
-    Handler,
-    client_for,
-    config,
     error_response,
     executed,
-    in_front,
     path_of,
     requests,
     run_to_end,
-    service_on,
     shards_of_batches,
     write_jsonl,
 )
