@@ -13,9 +13,9 @@ stopped:
 - a shard whose upload may have happened is looked up by its file name
   (``aiobatch-<run>-<shard>.jsonl``, same size) before it is uploaded again;
 - a shard whose create may have happened is looked up by its create key (in the batch's
-  metadata, beside ``aiobatch_run`` and ``aiobatch_shard``) and adopted; it is created
-  only when the lookup proved that no batch carries the key, so no shard ever gets a
-  second batch;
+  metadata, beside ``aiobatch_run`` and ``aiobatch_shard``) and by its input file, once
+  the create had time to land (``create_settle``), and adopted; it is created again
+  only when the lookup proved that no batch was made, so no shard gets a second batch;
 - a batch's output and error files are streamed into the journal in chunks, each chunk
   committed with the count of lines read, so a collection cut short resumes after the
   last committed line and no result is recorded twice.
