@@ -290,10 +290,11 @@ class Journal:
     def set_meta(self, **values: str | None) -> None:
         """Set (or, with None, delete) ``meta`` values, in one transaction."""
         with self.transaction() as db:
-            self._put_meta(db, values)
+            self.put_meta(db, values)
 
     @staticmethod
-    def _put_meta(db: sqlite3.Connection, values: Mapping[str, str | None]) -> None:
+    def put_meta(db: sqlite3.Connection, values: Mapping[str, str | None]) -> None:
+        """Set (or, with None, delete) ``meta`` values inside the caller's transaction."""
         for key, value in values.items():
             if value is None:
                 db.execute("DELETE FROM meta WHERE key = ?", (key,))
@@ -322,6 +323,38 @@ class Journal:
     def request_count(self) -> int:
         """How many requests the run has."""
         return int(self._db.execute("SELECT count(*) FROM requests").fetchone()[0])
+
+    def pending_count(self) -> int:
+        """How many requests are in no open shard (new, or waiting for a retry round)."""
+        query = "SELECT count(*) FROM requests WHERE state = 'pending'"
+        return int(self._db.execute(query).fetchone()[0])
+
+    def has_fresh_pending(self) -> bool:
+        """Whether a pending request never failed (new input, or put back by a cancel
+        of the run's own)."""
+        query = "SELECT 1 FROM requests WHERE state = 'pending' AND last_error IS NULL LIMIT 1"
+        return self._db.execute(query).fetchone() is not None
+
+    def not_done_count(self) -> int:
+        """How many requests have no final result yet."""
+        query = "SELECT count(*) FROM requests WHERE state != 'done'"
+        return int(self._db.execute(query).fetchone()[0])
+
+    def retrying_count(self) -> int:
+        """How many requests without a final result have failed for a retryable reason."""
+        query = "SELECT count(*) FROM requests WHERE state != 'done' AND attempts > 0"
+        return int(self._db.execute(query).fetchone()[0])
+
+    def requeue_orphans(self) -> int:
+        """Requests left ``queued`` in a shard already collected become pending again;
+        returns how many."""
+        with self.transaction() as db:
+            return int(
+                db.execute(
+                    "UPDATE requests SET state = 'pending' WHERE state = 'queued' AND shard IN "
+                    "(SELECT key FROM shards WHERE state = 'collected')"
+                ).rowcount
+            )
 
     def pending_groups(self) -> list[tuple[str, str | None]]:
         """The distinct (url, model) of the pending requests."""

@@ -847,7 +847,7 @@ class BatchRun:
                 )
             now = self._clock.now()
             problems = [str(p) for p in preflight.problems[:100]]
-            journal._put_meta(
+            journal.put_meta(
                 db,
                 {
                     "run_id": uuid.uuid4().hex[:16],
@@ -883,20 +883,14 @@ class BatchRun:
             )
 
     def _load_counts(self, journal: Journal) -> None:
-        counts = journal.counts()
-        kinds = counts["kinds"]
-        states = counts["requests"]
+        report = read_report(journal)
         self._counts = {
-            "total": sum(states.values()),
-            "succeeded": int(kinds.get("success", 0)),
-            "failed": sum(v for k, v in kinds.items() if k != "success"),
-            "retrying": int(
-                journal._db.execute(
-                    "SELECT count(*) FROM requests WHERE state != 'done' AND attempts > 0"
-                ).fetchone()[0]
-            ),
+            "total": report.requests,
+            "succeeded": report.succeeded,
+            "failed": report.failed,
+            "retrying": journal.retrying_count(),
         }
-        self._round = int(counts["rounds"])
+        self._round = report.rounds
 
     # --- supervision ---------------------------------------------------------------------
 
@@ -934,19 +928,19 @@ class BatchRun:
                     self._request_stop("cancelled")
                     return
             busy = bool(self._submitting or self._collecting or self._shard_of)
-            pending = self._pending_count(journal)
+            pending = journal.pending_count()
             if pending:
                 if self._retry_since is None:
                     self._retry_since = now
                 due = self._retry_since + self._config.retry_coalesce
-                if not busy or now >= due or self._fresh_pending(journal):
+                if not busy or now >= due or journal.has_fresh_pending():
                     self._plan(journal)
                     self._retry_since = None
                     continue
             else:
                 self._retry_since = None
                 if not busy:
-                    if self._not_done(journal) == 0:
+                    if journal.not_done_count() == 0:
                         return
                     if not self._requeue_orphans(journal):
                         raise RunError(
@@ -965,11 +959,7 @@ class BatchRun:
     def _requeue_orphans(self, journal: Journal) -> bool:
         """Requests left ``queued`` in a shard that is already collected (which should
         not happen) become pending again; True when there were any."""
-        with journal.transaction() as db:
-            moved = db.execute(
-                "UPDATE requests SET state = 'pending' WHERE state = 'queued' AND shard IN "
-                "(SELECT key FROM shards WHERE state = 'collected')"
-            ).rowcount
+        moved = journal.requeue_orphans()
         if moved:
             logger.warning(
                 "run %s: %d request(s) were queued in collected shards; submitting them again",
@@ -977,29 +967,6 @@ class BatchRun:
                 moved,
             )
         return moved > 0
-
-    @staticmethod
-    def _pending_count(journal: Journal) -> int:
-        return int(
-            journal._db.execute("SELECT count(*) FROM requests WHERE state = 'pending'").fetchone()[
-                0
-            ]
-        )
-
-    @staticmethod
-    def _fresh_pending(journal: Journal) -> bool:
-        """Pending lines that never ran (new input, or put back by a cancel) are planned
-        at once; only retries wait to gather."""
-        row = journal._db.execute(
-            "SELECT 1 FROM requests WHERE state = 'pending' AND last_error IS NULL LIMIT 1"
-        ).fetchone()
-        return row is not None
-
-    @staticmethod
-    def _not_done(journal: Journal) -> int:
-        return int(
-            journal._db.execute("SELECT count(*) FROM requests WHERE state != 'done'").fetchone()[0]
-        )
 
     def _plan(self, journal: Journal) -> None:
         """Shard every pending request (by url and model, within the limits) and record
