@@ -6,7 +6,9 @@ import asyncio
 import contextlib
 from typing import Any
 
-__all__ = ["first_of"]
+from ._clock import Clock
+
+__all__ = ["first_of", "sleep_or_set"]
 
 
 async def first_of(*futures: asyncio.Future[Any]) -> None:
@@ -21,3 +23,12 @@ async def first_of(*futures: asyncio.Future[Any]) -> None:
         for future in futures:
             with contextlib.suppress(asyncio.CancelledError):
                 await future
+
+
+async def sleep_or_set(clock: Clock, seconds: float | None, *events: asyncio.Event) -> None:
+    """Wait ``seconds`` on ``clock`` (None: no time limit) or until one of ``events`` is
+    set, whichever comes first."""
+    waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(event.wait()) for event in events]
+    if seconds is not None:
+        waits.append(asyncio.ensure_future(clock.sleep(max(seconds, 0.0))))
+    await first_of(*waits)

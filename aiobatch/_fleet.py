@@ -64,7 +64,7 @@ from typing import Any, TypeAlias
 
 import attrs
 
-from ._aio import first_of
+from ._aio import first_of, sleep_or_set
 from ._budget import RequestBudget
 from ._client import BatchClient
 from ._lifecycle import BatchLifecycle, BatchStatus
@@ -989,10 +989,7 @@ class Fleet:
 
     async def _sleep_or_wake(self, seconds: float) -> None:
         self._wake.clear()
-        await first_of(
-            asyncio.ensure_future(self._clock.sleep(seconds)),
-            asyncio.ensure_future(self._wake.wait()),
-        )
+        await sleep_or_set(self._clock, seconds, self._wake)
 
     async def _round(self, records: list[_Tracked]) -> None:
         """Observe every record of one round: cancels, retrieves and maybe a sweep."""

@@ -54,7 +54,7 @@ from typing import IO, Any, Literal, TypeAlias
 
 import attrs
 
-from ._aio import first_of
+from ._aio import sleep_or_set
 from ._client import BatchClient
 from ._convert import decode_result_line
 from ._create import CREATE_KEY_METADATA
@@ -656,10 +656,7 @@ class BatchRun:
                 if finished:
                     runner.result()  # the run's error, if it failed
                     return
-                await first_of(
-                    asyncio.ensure_future(self._results_changed.wait()),
-                    asyncio.ensure_future(self._finished.wait()),
-                )
+                await sleep_or_set(self._clock, None, self._results_changed, self._finished)
         finally:
             if reader is not None:
                 reader.close()
@@ -951,10 +948,7 @@ class BatchRun:
             wait = next_cancel_check - now
             if pending and self._retry_since is not None:
                 wait = min(wait, self._retry_since + self._config.retry_coalesce - now)
-            await first_of(
-                asyncio.ensure_future(clock.sleep(max(wait, 0.0))),
-                asyncio.ensure_future(self._changed.wait()),
-            )
+            await sleep_or_set(clock, wait, self._changed)
 
     def _requeue_orphans(self, journal: Journal) -> bool:
         """Requests left ``queued`` in a shard that is already collected (which should
@@ -1082,14 +1076,8 @@ class BatchRun:
 
     async def _wait_changed(self, deadline: float) -> None:
         self._changed.clear()
-        waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(self._changed.wait())]
-        if deadline != math.inf:
-            waits.append(
-                asyncio.ensure_future(
-                    self._clock.sleep(max(0.0, deadline - self._clock.monotonic()))
-                )
-            )
-        await first_of(*waits)
+        left = None if deadline == math.inf else deadline - self._clock.monotonic()
+        await sleep_or_set(self._clock, left, self._changed)
 
     async def _shutdown(self) -> None:
         tasks = list(self._tasks)
@@ -1201,10 +1189,7 @@ class BatchRun:
     async def _pause(self, seconds: float) -> None:
         """Sleep on the clock; a stop cuts it short (raising :class:`_Stop`)."""
         if seconds > 0:
-            await first_of(
-                asyncio.ensure_future(self._clock.sleep(seconds)),
-                asyncio.ensure_future(self._stopping.wait()),
-            )
+            await sleep_or_set(self._clock, seconds, self._stopping)
         if self._stopping.is_set():
             raise _Stop
 
@@ -1369,10 +1354,7 @@ class BatchRun:
             and self._enqueued.get(row.model, 0) + row.tokens > limit
         ):
             self._budget_changed.clear()
-            await first_of(
-                asyncio.ensure_future(self._budget_changed.wait()),
-                asyncio.ensure_future(self._stopping.wait()),
-            )
+            await sleep_or_set(self._clock, None, self._budget_changed, self._stopping)
             if self._stopping.is_set():
                 raise _Stop
         self._reserve(row)
