@@ -1374,17 +1374,8 @@ class BatchRun:
             self._budget_changed.set()
 
     def _reject_shard(self, journal: Journal, row: ShardRow, code: str, message: str) -> None:
-        """End every queued line of a shard with a final error."""
-        with journal.transaction() as db:
-            finals = [
-                (seq, "error", code, row.key, None, attempts, 0, 0, _own_error(cid, code, message))
-                for seq, cid, attempts in journal.queued_in(row.key)
-            ]
-            journal.add_results(db, finals)
-            journal.update_shard(row.key, db, state="collected", status="rejected", note=message)
-        self._counts["failed"] += len(finals)
-        self._set_status(row.key, "rejected")
-        self._results_changed.set()
+        """The server refused the shard's batch: every queued line ends with ``code``."""
+        self._settle(journal, row, None, code, message, retryable=False, status="rejected")
 
     # --- tracking ------------------------------------------------------------------------
 
@@ -1787,8 +1778,10 @@ class BatchRun:
         *,
         retryable: bool = True,
         free: bool = False,
+        status: str | None = None,
     ) -> None:
-        """Give every still-queued line of a shard its outcome and close the shard.
+        """Give every still-queued line of a shard its outcome and close the shard, with
+        ``status`` (default: the batch's, or ``not_found`` without one).
 
         A retryable line spends one of its rounds, unless the line is not at fault
         (``free``: its batch failed because of other lines; or the run cancelled it).
@@ -1805,11 +1798,12 @@ class BatchRun:
                 retries.append((seq, attempts + 1, data))
             else:
                 finals.append((seq, "error", code, row.key, row.batch_id, attempts, 0, 0, data))
-        status = batch.status.value if batch is not None else "not_found"
+        if status is None:
+            status = batch.status.value if batch is not None else "not_found"
         with journal.transaction() as db:
             journal.add_results(db, finals)
             journal.retry_later(db, retries)
-            journal.update_shard(row.key, db, state="collected", status=status)
+            journal.update_shard(row.key, db, state="collected", status=status, note=message)
         self._counted(finals, retries)
         self._set_status(row.key, status)
         if row.batch_id is not None:
