@@ -26,7 +26,7 @@ from ._client import BatchClient
 from ._fleet import FleetConfig
 from ._journal import Journal
 from ._progress import ProgressDisplay
-from ._provider import PROVIDER_NAMES, provider_from_env
+from ._provider import PROVIDER_NAMES, Provider, provider_from_env
 from ._report import format_report, read_report
 from ._retry import RetryPolicy
 from ._runner import BatchRun, RunConfig, cancel_batches, request_cancel, run_is_live
@@ -80,13 +80,7 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
         help="use the built-in fake service, in memory, on a virtual clock "
         "(no API key, no network; batches take their simulated minutes in a second)",
     )
-    where.add_argument(
-        "--provider",
-        choices=PROVIDER_NAMES,
-        default="openai",
-        help="the provider; keys and endpoints come from its environment variables",
-    )
-    where.add_argument("--base-url", default=None, help="the API root (not for azure)")
+    _provider_arguments(where, "the provider")
     how = parser.add_argument_group("how to run it")
     how.add_argument("--max-lines", type=count, default=None, help="requests per batch")
     how.add_argument("--max-bytes", type=count, default=None, help="bytes per batch file")
@@ -181,6 +175,21 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
     fake.add_argument("--fake-seed", type=int, default=0, help="makes a fake run repeatable")
 
 
+def _provider_arguments(group: argparse._ActionsContainer, what: str) -> None:
+    """``--provider`` and ``--base-url``, read by :func:`_provider`."""
+    group.add_argument(
+        "--provider",
+        choices=PROVIDER_NAMES,
+        default="openai",
+        help=f"{what}; keys and endpoints come from its environment variables",
+    )
+    group.add_argument("--base-url", default=None, help="the API root (not for azure)")
+
+
+def _provider(args: argparse.Namespace) -> Provider:
+    return provider_from_env(args.provider, base_url=args.base_url)
+
+
 def fake_environment(
     *,
     faults: float = 0.05,
@@ -249,7 +258,7 @@ async def _client_for(args: argparse.Namespace) -> AsyncIterator[tuple[BatchClie
         ):
             yield client, clock
         return
-    provider = provider_from_env(args.provider, base_url=args.base_url)
+    provider = _provider(args)
     async with BatchClient(provider=provider) as client:
         yield client, None
 
@@ -437,14 +446,9 @@ def _plain(value: Any) -> Any:
 
 def _cancel_arguments(parser: argparse.ArgumentParser) -> None:
     _journal_argument(parser)
-    parser.add_argument(
-        "--provider",
-        choices=PROVIDER_NAMES,
-        default="openai",
-        help="when no process runs the journal: the provider to send the cancels to "
-        "(keys and endpoints from its environment variables, as for 'aiobatch run')",
+    _provider_arguments(
+        parser, "when no process runs the journal: the provider to send the cancels to"
     )
-    parser.add_argument("--base-url", default=None, help="the API root (not for azure)")
 
 
 @command(
@@ -499,6 +503,6 @@ def _cancel(args: argparse.Namespace) -> int:
 
 
 async def _cancel_directly(args: argparse.Namespace) -> list[str]:
-    provider = provider_from_env(args.provider, base_url=args.base_url)
+    provider = _provider(args)
     async with BatchClient(provider=provider) as client:
         return await cancel_batches(args.journal, client)
