@@ -724,7 +724,7 @@ class BatchRun:
         meta = journal.meta()
         self._run_id = meta["run_id"]
         self._started_at = float(meta["started_at"])
-        if journal.get_meta("state") == "done":
+        if meta["state"] == "done":
             self._state = "done"
             self._load_counts(journal)
             self._write_output(journal)
@@ -735,7 +735,6 @@ class BatchRun:
         journal.set_meta(state="running", updated_at=str(self._clock.now()), **stale)
         self._state = "running"
         self._load_counts(journal)
-        self._results_changed.set()
         fleet_config = self._config.fleet or FleetConfig()
         if self._config.batch_timeout is not None or fleet_config.timeout is not None:
             # A deadline cancels the batch and keeps tracking it to its end: its lines
