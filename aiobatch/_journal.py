@@ -403,28 +403,15 @@ class Journal:
 
     def queued_at(self, key: str) -> dict[int, tuple[int, str, int]]:
         """A shard's requests that have no outcome yet, by their 1-based line in the
-        shard's file: (seq, custom_id, attempts)."""
+        shard's file, in input order: (seq, custom_id, attempts)."""
         return {
             int(pos): (int(seq), str(cid), int(attempts))
             for pos, seq, cid, attempts in self._db.execute(
                 "SELECT pos, seq, custom_id, attempts FROM requests "
-                "WHERE shard = ? AND state = 'queued'",
-                (key,),
-            )
-        }
-
-    def queued_in(self, key: str) -> list[tuple[int, str, int]]:
-        """(seq, custom_id, attempts) of a shard's requests that have no outcome yet."""
-        return [
-            (int(seq), str(cid), int(attempts))
-            for seq, cid, attempts in self._db.execute(
-                "SELECT seq, custom_id, attempts FROM requests "
                 "WHERE shard = ? AND state = 'queued' ORDER BY seq",
                 (key,),
             )
-        ]
-
-    # --- shards --------------------------------------------------------------------------
+        }
 
     def add_shard(
         self,

@@ -1789,7 +1789,7 @@ class BatchRun:
         free = free or cancelled_by_run
         finals: list[tuple[Any, ...]] = []
         retries: list[tuple[int, int, bytes | None]] = []
-        for seq, cid, attempts in journal.queued_in(row.key):
+        for seq, cid, attempts in journal.queued_at(row.key).values():
             data = _own_error(cid, code, message)
             if retryable and free:
                 retries.append((seq, attempts, None))
