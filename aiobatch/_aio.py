@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Iterable
 from typing import Any
 
 from ._clock import Clock
 
-__all__ = ["first_of", "sleep_or_set"]
+__all__ = ["cancel_and_wait", "first_of", "sleep_or_set"]
 
 
 async def first_of(*futures: asyncio.Future[Any]) -> None:
@@ -23,6 +24,17 @@ async def first_of(*futures: asyncio.Future[Any]) -> None:
         for future in futures:
             with contextlib.suppress(asyncio.CancelledError):
                 await future
+
+
+async def cancel_and_wait(tasks: Iterable[asyncio.Future[Any]]) -> None:
+    """Cancel every task, then wait for each to end; their errors are not raised (the
+    caller is closing down)."""
+    tasks = list(tasks)
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
 
 
 async def sleep_or_set(clock: Clock, seconds: float | None, *events: asyncio.Event) -> None:

@@ -64,7 +64,7 @@ from typing import Any, TypeAlias
 
 import attrs
 
-from ._aio import first_of, sleep_or_set
+from ._aio import cancel_and_wait, first_of, sleep_or_set
 from ._budget import RequestBudget
 from ._client import BatchClient
 from ._lifecycle import BatchLifecycle, BatchStatus
@@ -670,12 +670,7 @@ class Fleet:
             # every waiter) does not fail the close: it still cleans up below.
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        callbacks = list(self._callback_tasks)
-        for pending in callbacks:
-            pending.cancel()
-        for pending in callbacks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await pending
+        await cancel_and_wait(self._callback_tasks)
         self._callback_tasks.clear()
         for queue in list(self._subscribers):
             queue.put_nowait(None)

@@ -26,6 +26,8 @@ from typing import NoReturn, TextIO
 import attrs
 from tqdm import tqdm
 
+from ._lifecycle import TERMINAL
+
 __all__ = [
     "BATCH_STATUS_ORDER",
     "TERMINAL_BATCH_STATUSES",
@@ -55,19 +57,11 @@ BATCH_STATUS_ORDER: tuple[str, ...] = (
 Statuses not listed here are shown after these, sorted by name."""
 
 TERMINAL_BATCH_STATUSES: frozenset[str] = frozenset(
-    {
-        "completed",
-        "failed",
-        "expired",
-        "cancelled",
-        "file_upload_failed",
-        "batch_start_failed",
-        "rejected",
-        "not_found",
-    }
+    {status.value for status in TERMINAL} | {"rejected", "not_found"}
 )
-"""Batch statuses that count as ended in :attr:`RunProgress.open_batches` (Portkey's
-``file_upload_failed`` and ``batch_start_failed`` included)."""
+"""Batch statuses that count as ended in :attr:`RunProgress.open_batches`: the
+lifecycle's terminal ones (Portkey's ``file_upload_failed`` and ``batch_start_failed``
+included), a shard whose create was refused, and a batch the server lost."""
 
 _ORDER_INDEX = {status: index for index, status in enumerate(BATCH_STATUS_ORDER)}
 

@@ -54,13 +54,13 @@ from typing import IO, Any, Literal, TypeAlias
 
 import attrs
 
-from ._aio import sleep_or_set
+from ._aio import cancel_and_wait, sleep_or_set
 from ._client import BatchClient
 from ._convert import decode_result_line
 from ._create import CREATE_KEY_METADATA
 from ._fleet import BatchDone, DoneReason, Fleet, FleetConfig, StatusChanged
 from ._journal import Journal, ShardRow, dumps_compact
-from ._lifecycle import BatchStatus
+from ._lifecycle import TERMINAL, BatchStatus
 from ._models import Batch, File, ResultError, ResultHTTPError, ResultLine, ResultSuccess
 from ._preflight import Preflight, PreparedRequest
 from ._progress import RunProgress
@@ -145,7 +145,7 @@ _GONE_AFTER = 3
 #: Seconds allowed between this machine's clock and the server's when a lookup bounds
 #: a batch's or a file's ``created_at`` by when this run started the call.
 _SKEW = 900.0
-_TERMINAL_STATUSES = frozenset(s.value for s in BatchStatus if s.is_terminal)
+_TERMINAL_STATUSES = frozenset(status.value for status in TERMINAL)
 _SUCCESS_TOKENS = (("prompt_tokens", "completion_tokens"), ("input_tokens", "output_tokens"))
 
 
@@ -1079,12 +1079,7 @@ class BatchRun:
         await sleep_or_set(self._clock, left, self._changed)
 
     async def _shutdown(self) -> None:
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait(self._tasks)
         if self._fleet is not None:
             await self._fleet.aclose()
             self._fleet = None
