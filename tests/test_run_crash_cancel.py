@@ -74,7 +74,7 @@ class OpenKiller(Killer):
         return super().matches(request) and _shards_in(self.journal, ("open",)) == SHARDS
 
 
-def _service(speed: Speed) -> tuple[FakeBatchService, VirtualClock]:
+def slow_service(speed: Speed) -> tuple[FakeBatchService, VirtualClock]:
     clock = VirtualClock(start=time.time())
     service = FakeBatchService(
         clock=clock,
@@ -208,7 +208,7 @@ async def test_cancel_after_sigkill_cancels_open_batches_and_resume_reruns_the_r
 ) -> None:
     """A killed run's open batches are cancelled by the command; resume re-runs the rest."""
     speed = Speed()
-    service, clock = _service(speed)
+    service, clock = slow_service(speed)
     app = make_app(service)
     killer = OpenKiller(POLL, tmp_path / "run.journal", service)
     app.middlewares.append(killer.middleware)
@@ -255,7 +255,7 @@ async def test_cancel_after_sigkill_cancels_open_batches_and_resume_reruns_the_r
 async def test_cancel_of_a_live_run_flags_it_and_the_run_stops_cancelled(tmp_path: Path) -> None:
     """A live run, flagged by the command, cancels its batches and exits 130; resume ends it."""
     speed = Speed()
-    service, clock = _service(speed)
+    service, clock = slow_service(speed)
     async with serve(make_app(service)) as base_url:
         child = _child(tmp_path, base_url)
         try:
@@ -296,7 +296,7 @@ async def test_cancel_of_a_live_run_flags_it_and_the_run_stops_cancelled(tmp_pat
 async def test_cancel_of_a_run_killed_before_any_create_sends_nothing(tmp_path: Path) -> None:
     """A run killed as its only create was being sent (no batch made): the command looks
     the shard's batch up, finds none, says there is nothing to cancel and sends no cancel."""
-    service, _clock = _service(Speed())
+    service, _clock = slow_service(Speed())
     app = make_app(service)
     killer = Killer(KILL_POINTS["before-create"], tmp_path / "run.journal", service)
     app.middlewares.append(killer.middleware)

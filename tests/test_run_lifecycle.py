@@ -17,7 +17,6 @@ import json
 import os
 import signal
 import sys
-import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from pathlib import Path
@@ -32,8 +31,8 @@ from conftest import (
     in_front,
     service_on,
 )
-from test_run_crash import API_KEY as CHILD_KEY
 from test_run_crash import REQUESTS, WAIT, Child, _shards, _shards_in, serve, wait_for
+from test_run_crash_cancel import PROCESSING_SECONDS, Speed, slow_service
 
 from aiobatch import (
     Batch,
@@ -51,7 +50,7 @@ from aiobatch import (
 from aiobatch._journal import Journal
 from aiobatch._runner import cancel_batches
 from aiobatch.errors import InputError, TransportError
-from aiobatch.testing import FakeBatchService, FakeConfig, Fault, VirtualClock, make_app
+from aiobatch.testing import FakeBatchService, Fault, VirtualClock, make_app
 from aiobatch.transport import Request, Response
 
 MODEL = "gpt-4o-mini"
@@ -233,22 +232,6 @@ async def test_stop_leaves_batches_running_and_a_new_run_collects_them(
 
 # --- 2. SIGTERM ----------------------------------------------------------------------------
 
-PROCESSING_SECONDS = 10.0  # a first-run batch of 10 lines: one line a second
-
-
-class Speed:
-    """``processing_seconds`` for the fake: the first run's batches are slow (the virtual
-    clock moves only when the test moves it); after ``fast()`` new batches finish at once."""
-
-    def __init__(self) -> None:
-        self.slow = True
-
-    def fast(self) -> None:
-        self.slow = False
-
-    def __call__(self, batch_id: str, lines: int) -> float:
-        return PROCESSING_SECONDS * lines / 10 if self.slow else 0.0
-
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 async def test_sigterm_stops_the_command_without_cancelling_and_resume_collects(
@@ -258,18 +241,7 @@ async def test_sigterm_stops_the_command_without_cancelling_and_resume_collects(
     cancelled); the same command again collects them, one result per request, no new
     batch."""
     speed = Speed()
-    clock = VirtualClock(start=time.time())
-    service = FakeBatchService(
-        clock=clock,
-        config=FakeConfig(
-            validation_seconds=0.0,
-            finalizing_seconds=0.0,
-            cancel_seconds=0.0,
-            processing_seconds=speed,
-            request_log_size=None,
-        ),
-        api_key=CHILD_KEY,
-    )
+    service, clock = slow_service(speed)
     async with serve(make_app(service)) as base_url:
         child = Child(tmp_path, base_url)
         try:
