@@ -55,7 +55,6 @@ from ._models import (
     ResultLine,
     ResultSuccess,
 )
-from ._progress import ProgressDisplay, RunProgress
 from ._provider import (
     AZURE_API_VERSION_V1,
     AZURE_LIMITS,
@@ -73,9 +72,18 @@ from ._provider import (
     Secret,
     provider_from_env,
 )
-from ._report import RunReport, format_report, read_report
 from ._retry import RetryPolicy, is_retry_testing, set_retry_testing
-from ._runner import BatchRun, RunConfig, RunResult, request_cancel
+from ._run import (
+    BatchRun,
+    ProgressDisplay,
+    RunConfig,
+    RunProgress,
+    RunReport,
+    RunResult,
+    format_report,
+    read_report,
+    request_cancel,
+)
 
 __all__ = [
     "ACTIVE",

@@ -644,17 +644,25 @@ def _demo(args: argparse.Namespace) -> int:
 # -- diagram ---------------------------------------------------------------------------
 
 
-def _no_arguments(parser: argparse.ArgumentParser) -> None:
-    del parser
+def _diagram_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--shard",
+        action="store_true",
+        help="the run's shard lifecycle instead of the batch lifecycle",
+    )
 
 
 @command(
     "diagram",
-    "print the batch lifecycle as a Mermaid state diagram, generated from the table",
-    _no_arguments,
+    "print the batch (or, with --shard, the shard) lifecycle as a Mermaid state diagram, "
+    "generated from the table",
+    _diagram_arguments,
 )
 def _diagram(args: argparse.Namespace) -> int:
-    from ._lifecycle import mermaid_diagram
+    if args.shard:
+        from ._run._states import mermaid_diagram
+    else:
+        from ._lifecycle import mermaid_diagram
 
     print(mermaid_diagram())
     return 0

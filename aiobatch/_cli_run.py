@@ -24,12 +24,20 @@ import attrs
 from ._cli import command, count, duration, positive
 from ._client import BatchClient
 from ._fleet import FleetConfig
-from ._journal import Journal
-from ._progress import ProgressDisplay
 from ._provider import PROVIDER_NAMES, Provider, provider_from_env
-from ._report import format_report, read_report
 from ._retry import RetryPolicy
-from ._runner import BatchRun, RunConfig, cancel_batches, request_cancel, run_is_live
+from ._run import (
+    BatchRun,
+    ProgressDisplay,
+    RunConfig,
+    cancel_batches,
+    format_report,
+    read_report,
+    request_cancel,
+    run_is_live,
+)
+from ._run import JournalFile as Journal
+from ._run._states import ShardState
 from .errors import AiobatchError, JournalError, PreflightError
 from .testing._clock import VirtualClock
 from .testing._config import FakeConfig, LineErrorRule
@@ -469,7 +477,7 @@ def _cancel(args: argparse.Namespace) -> int:
         with Journal(args.journal) as journal:
             state = journal.get_meta("state")
             open_batches = journal.open_batches()
-            creating = journal.shards("creating")
+            creating = journal.shards(ShardState.CREATING)
     except JournalError as exc:
         print(f"aiobatch cancel: {exc}", file=sys.stderr)
         return 1

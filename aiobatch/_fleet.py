@@ -70,6 +70,7 @@ from ._client import BatchClient
 from ._lifecycle import BatchLifecycle, BatchStatus
 from ._models import Batch, RequestCounts
 from ._retry import RetryPolicy
+from ._validators import non_negative, non_negative_or_none, positive
 from .errors import (
     AiobatchError,
     APIStatusError,
@@ -97,16 +98,6 @@ __all__ = [
 logger = logging.getLogger("aiobatch")
 
 _S = BatchStatus
-
-
-def _positive(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if not value > 0:
-        raise ValueError(f"FleetConfig.{attribute.name} must be > 0, got {value!r}")
-
-
-def _non_negative(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if value is not None and not value >= 0:
-        raise ValueError(f"FleetConfig.{attribute.name} must be >= 0, got {value!r}")
 
 
 def _share(_: object, attribute: attrs.Attribute[Any], value: float) -> None:
@@ -158,27 +149,27 @@ class FleetConfig:
         seed: seeds the jitter (None for a random one).
     """
 
-    requests_per_second: float = attrs.field(default=10.0, validator=_positive)
-    burst: int = attrs.field(default=20, validator=_positive)
-    max_concurrency: int = attrs.field(default=32, validator=_positive)
-    min_interval: float = attrs.field(default=5.0, validator=_positive)
-    max_interval: float = attrs.field(default=60.0, validator=_positive)
-    validating_interval: float = attrs.field(default=15.0, validator=_positive)
-    finalizing_interval: float = attrs.field(default=10.0, validator=_positive)
-    cancelling_interval: float = attrs.field(default=15.0, validator=_positive)
-    in_progress_interval: float = attrs.field(default=60.0, validator=_positive)
-    growth: float = attrs.field(default=1.5, validator=_positive)
+    requests_per_second: float = attrs.field(default=10.0, validator=positive)
+    burst: int = attrs.field(default=20, validator=positive)
+    max_concurrency: int = attrs.field(default=32, validator=positive)
+    min_interval: float = attrs.field(default=5.0, validator=positive)
+    max_interval: float = attrs.field(default=60.0, validator=positive)
+    validating_interval: float = attrs.field(default=15.0, validator=positive)
+    finalizing_interval: float = attrs.field(default=10.0, validator=positive)
+    cancelling_interval: float = attrs.field(default=15.0, validator=positive)
+    in_progress_interval: float = attrs.field(default=60.0, validator=positive)
+    growth: float = attrs.field(default=1.5, validator=positive)
     jitter: float = attrs.field(default=0.1, validator=_share)
-    coalesce: float = attrs.field(default=1.0, validator=_non_negative)
-    page_size: int = attrs.field(default=100, validator=_positive)
-    max_list_pages: int = attrs.field(default=500, validator=_positive)
+    coalesce: float = attrs.field(default=1.0, validator=non_negative)
+    page_size: int = attrs.field(default=100, validator=positive)
+    max_list_pages: int = attrs.field(default=500, validator=positive)
     list_when_cheaper: bool = True
-    timeout: float | None = attrs.field(default=None, validator=_non_negative)
+    timeout: float | None = attrs.field(default=None, validator=non_negative_or_none)
     cancel_on_deadline: bool = False
-    error_backoff: float = attrs.field(default=2.0, validator=_positive)
-    rate_limit_pause: float = attrs.field(default=1.0, validator=_positive)
-    report_after_errors: int = attrs.field(default=5, validator=_positive)
-    not_found_limit: int = attrs.field(default=3, validator=_positive)
+    error_backoff: float = attrs.field(default=2.0, validator=positive)
+    rate_limit_pause: float = attrs.field(default=1.0, validator=positive)
+    report_after_errors: int = attrs.field(default=5, validator=positive)
+    not_found_limit: int = attrs.field(default=3, validator=positive)
     seed: int | None = None
 
     def __attrs_post_init__(self) -> None:

@@ -228,6 +228,8 @@ class Quirks:
             (Azure's keep running past 24 h until done or cancelled).
         empty_error_file: a batch with no failed request still gets an
             ``error_file_id``, for an empty file (Azure); reading it yields no lines.
+        submission: how a run submits a shard: ``"file"`` (upload its input file,
+            then create the batch from it).
         batch_output_endpoint: ``GET /batches/{id}/output`` streams a finished batch's
             output in one call (Portkey; see :meth:`BatchClient.iter_batch_output
             <aiobatch.BatchClient.iter_batch_output>`).
@@ -237,6 +239,7 @@ class Quirks:
     batches_expire: bool = True
     empty_error_file: bool = False
     batch_output_endpoint: bool = False
+    submission: str = "file"
 
 
 @runtime_checkable

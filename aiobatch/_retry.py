@@ -67,6 +67,7 @@ from urllib.parse import urlsplit
 import attrs
 import backoff
 
+from ._validators import at_least_one, non_negative, non_negative_or_none
 from .errors import ConnectError, TransportError
 
 if TYPE_CHECKING:
@@ -96,16 +97,6 @@ RETRYABLE_STATUSES: frozenset[int] = frozenset({408, 409, 429})
 _MAX_EXPONENT = 64
 
 Jitter = Callable[[float], float]
-
-
-def _non_negative(_: object, attribute: attrs.Attribute[float], value: float | None) -> None:
-    if value is not None and (value < 0 or math.isnan(value)):
-        raise ValueError(f"{attribute.name} must be >= 0, got {value!r}")
-
-
-def _at_least_one(_: object, attribute: attrs.Attribute[int], value: int) -> None:
-    if value < 1:
-        raise ValueError(f"{attribute.name} must be >= 1, got {value!r}")
 
 
 # --- what is retryable -------------------------------------------------------------------
@@ -269,13 +260,13 @@ class RetryPolicy:
         testing: zero every wait (decisions are unchanged); see :meth:`for_testing`.
     """
 
-    max_attempts: int = attrs.field(default=6, validator=_at_least_one)
-    timeout: float | None = attrs.field(default=300.0, validator=_non_negative)
-    initial_delay: float = attrs.field(default=1.0, validator=_non_negative)
-    max_delay: float = attrs.field(default=30.0, validator=_non_negative)
-    exp_base: float = attrs.field(default=2.0, validator=_non_negative)
+    max_attempts: int = attrs.field(default=6, validator=at_least_one)
+    timeout: float | None = attrs.field(default=300.0, validator=non_negative_or_none)
+    initial_delay: float = attrs.field(default=1.0, validator=non_negative)
+    max_delay: float = attrs.field(default=30.0, validator=non_negative)
+    exp_base: float = attrs.field(default=2.0, validator=non_negative)
     jitter: Jitter | None = backoff.full_jitter
-    max_retry_after: float = attrs.field(default=120.0, validator=_non_negative)
+    max_retry_after: float = attrs.field(default=120.0, validator=non_negative)
     testing: bool = False
 
     @classmethod

@@ -76,6 +76,7 @@ __all__ = [
     "RateLimitError",
     "RunError",
     "ServerError",
+    "ShardMoveError",
     "StateError",
     "TransportError",
     "TransportTimeoutError",
@@ -225,6 +226,23 @@ class DecodeError(AiobatchError):
 
 class StateError(AiobatchError):
     """The batch lifecycle was violated."""
+
+
+class ShardMoveError(StateError):
+    """The run tried to move a shard in a way the shard lifecycle forbids (aiobatch's
+    fault, or a journal edited by hand); nothing was written.
+
+    Attributes:
+        shard: the shard's key.
+        source: the state it was in.
+        target: the state it was sent to.
+    """
+
+    def __init__(self, message: str, *, shard: str, source: str, target: str) -> None:
+        super().__init__(message)
+        self.shard = shard
+        self.source = source
+        self.target = target
 
 
 class InvalidTransitionError(StateError):

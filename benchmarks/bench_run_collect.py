@@ -72,7 +72,7 @@ from aiobatch import (
     RunConfig,
     RunProgress,
 )
-from aiobatch._journal import Journal
+from aiobatch._run._sqlite import JournalFile as Journal
 from aiobatch.testing import FakeBatchService, FakeConfig, VirtualClock, run_fake_server
 from aiobatch.transport import AiohttpTransport, Request, Response, Transport
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from aiobatch._preflight import (
+from aiobatch._run._preflight import (
     LineProblem,
     Preflight,
     PreparedRequest,

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 import attrs
 import pytest
 
-from aiobatch._progress import ProgressDisplay, RunProgress, format_progress
+from aiobatch._run._progress import ProgressDisplay, RunProgress, format_progress
 
 LOGGER = "aiobatch.run"
 

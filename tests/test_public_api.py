@@ -10,6 +10,7 @@ import aiobatch.errors
 import aiobatch.testing
 import aiobatch.transport
 from aiobatch._lifecycle import mermaid_diagram
+from aiobatch._run._states import mermaid_diagram as shard_diagram
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -44,10 +45,12 @@ def test_package_ships_py_typed() -> None:
     assert (Path(aiobatch.__file__).parent / "py.typed").exists()
 
 
-def test_readme_diagram_is_generated_from_the_table() -> None:
-    """The Mermaid diagram in the README is exactly what the transition table produces."""
+def test_readme_diagrams_are_generated_from_the_tables() -> None:
+    """The README's Mermaid diagrams are exactly what the batch and shard tables produce."""
     blocks = re.findall(r"```mermaid\n(.*?)\n```", README, flags=re.S)
-    assert blocks == [mermaid_diagram()], "run `aiobatch diagram` and paste it into README.md"
+    assert blocks == [mermaid_diagram(), shard_diagram()], (
+        "run `aiobatch diagram` and `aiobatch diagram --shard` and paste them into README.md"
+    )
 
 
 def test_readme_python_examples_compile() -> None:

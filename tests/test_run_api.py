@@ -30,7 +30,7 @@ from aiobatch import (
     read_report,
     request_cancel,
 )
-from aiobatch._journal import Journal
+from aiobatch._run._sqlite import JournalFile as Journal
 from aiobatch.errors import JournalError, PreflightError
 from aiobatch.testing import FakeBatchService, FakeConfig, LineErrorRule, VirtualClock
 
@@ -102,7 +102,7 @@ def journal_files(journal: Path) -> list[str]:
 def journal_meta(path: Path) -> dict[str, str]:
     """The journal's meta values."""
     with Journal(path, readonly=True) as journal:
-        return journal.meta()
+        return journal.meta_values()
 
 
 async def batches_on_server(service: FakeBatchService) -> list[Any]:

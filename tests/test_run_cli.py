@@ -20,7 +20,7 @@ import aiobatch
 from aiobatch import BatchClient, BatchRun, RetryPolicy, RunProgress
 from aiobatch import _cli_run as cli_run
 from aiobatch._cli import main
-from aiobatch._journal import Journal
+from aiobatch._run._sqlite import JournalFile as Journal
 from aiobatch.testing import FakeBatchService, FakeConfig, VirtualClock
 
 EXAMPLE = Path(aiobatch.__file__).parent / "examples" / "requests.jsonl"
@@ -73,7 +73,7 @@ def run_argv(output: Path, *extra: str, source: Path = EXAMPLE) -> list[str]:
 def journal_meta(path: Path) -> dict[str, str]:
     """The journal's meta values."""
     with Journal(path, readonly=True) as journal:
-        return journal.meta()
+        return journal.meta_values()
 
 
 def batch_ids_in(path: Path) -> list[str | None]:

@@ -31,7 +31,7 @@ import pytest
 from aiohttp import web
 
 from aiobatch import read_report
-from aiobatch._journal import Journal
+from aiobatch._run._sqlite import JournalFile as Journal
 from aiobatch.testing import FakeBatchService, FakeConfig, make_app
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
@@ -428,7 +428,7 @@ async def _check_kill_window(
     states = collections.Counter(s["state"] for s in shards)
     assert len(shards) == -(-REQUESTS // MAX_LINES), shards
     if where in ("after-intent", "after-upload"):
-        cut = [s for s in shards if s["state"] == "planned" and s["upload_started_at"]]
+        cut = [s for s in shards if s["state"] == "uploading" and s["upload_started_at"]]
         assert cut, shards
         assert not any(s["file_id"] for s in cut), shards
         if where == "after-upload":

@@ -38,7 +38,7 @@ from test_run_crash import (
 )
 
 from aiobatch import read_report
-from aiobatch._journal import Journal
+from aiobatch._run._sqlite import JournalFile as Journal
 from aiobatch.testing import FakeBatchService, FakeConfig, VirtualClock, make_app
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")

@@ -47,8 +47,8 @@ from aiobatch import (
     read_report,
     request_cancel,
 )
-from aiobatch._journal import Journal
-from aiobatch._runner import cancel_batches
+from aiobatch._run import cancel_batches
+from aiobatch._run._sqlite import JournalFile as Journal
 from aiobatch.errors import InputError, TransportError
 from aiobatch.testing import FakeBatchService, Fault, VirtualClock, make_app
 from aiobatch.transport import Request, Response
@@ -89,7 +89,7 @@ def is_success(line: Mapping[str, Any]) -> bool:
 def journal_meta(path: Path) -> dict[str, str]:
     """The journal's meta values (read-only, as ``aiobatch status`` reads them)."""
     with Journal(path, readonly=True) as journal:
-        return journal.meta()
+        return journal.meta_values()
 
 
 def journal_report(path: Path) -> RunReport:

@@ -37,8 +37,8 @@ from aiobatch import (
 )
 from aiobatch._aio import first_of
 from aiobatch._cli import main
-from aiobatch._preflight import estimate_tokens
 from aiobatch._provider import AzureOpenAIProvider
+from aiobatch._run._preflight import estimate_tokens
 from aiobatch.errors import AiobatchError, RunError
 from aiobatch.testing import (
     FakeBatchService,

@@ -10,7 +10,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aiobatch._shard import ShardItem, ShardPlan, plan_shards
+from aiobatch._run._planning import plan_shards
+from aiobatch._run._records import PreparedRequest, ShardPlan
+
+
+def shard_item(
+    seq: int, url: str, model: str | None, size: int, tokens: int, inputs: int = 1
+) -> PreparedRequest:
+    """A prepared request as planning reads it back from the journal (no bytes)."""
+    return PreparedRequest(seq=seq, url=url, model=model, size=size, tokens=tokens, inputs=inputs)
+
 
 CHAT = "/v1/chat/completions"
 EMBED = "/v1/embeddings"
@@ -18,9 +27,9 @@ EMBED = "/v1/embeddings"
 
 def items(
     count: int, *, url: str = CHAT, model: str | None = "m", size: int = 10, tokens: int = 1
-) -> list[ShardItem]:
+) -> list[PreparedRequest]:
     """``count`` alike items with seqs 0..count-1."""
-    return [ShardItem(seq, url, model, size, tokens) for seq in range(count)]
+    return [shard_item(seq, url, model, size, tokens) for seq in range(count)]
 
 
 def seqs(plans: list[ShardPlan]) -> list[tuple[int, ...]]:
@@ -28,7 +37,7 @@ def seqs(plans: list[ShardPlan]) -> list[tuple[int, ...]]:
     return [plan.seqs for plan in plans]
 
 
-def plan(shard_items: list[ShardItem], **limits: Any) -> list[ShardPlan]:
+def plan(shard_items: list[PreparedRequest], **limits: Any) -> list[ShardPlan]:
     """All shards, with generous defaults for the limits not given."""
     options: dict[str, Any] = {"max_lines": 1000, "max_bytes": 10**9, **limits}
     return list(plan_shards(shard_items, **options))
@@ -64,7 +73,7 @@ def test_byte_limit(count: int, expected: list[tuple[int, ...]]) -> None:
 
 def test_byte_limit_off_by_one_byte() -> None:
     """A shard one byte over max_bytes is split; one at max_bytes is not."""
-    lines = [ShardItem(0, CHAT, "m", 50, 1), ShardItem(1, CHAT, "m", 51, 1)]
+    lines = [shard_item(0, CHAT, "m", 50, 1), shard_item(1, CHAT, "m", 51, 1)]
     assert seqs(plan(lines, max_bytes=101)) == [(0, 1)]
     assert seqs(plan(lines, max_bytes=100)) == [(0,), (1,)]
 
@@ -83,7 +92,7 @@ def test_no_token_limit_by_default() -> None:
 
 def test_the_tightest_limit_wins() -> None:
     """Every limit applies at once: the first one reached closes the shard."""
-    lines = [ShardItem(seq, CHAT, "m", 10, 5) for seq in range(6)]
+    lines = [shard_item(seq, CHAT, "m", 10, 5) for seq in range(6)]
     assert seqs(plan(lines, max_lines=4, max_bytes=30, max_tokens=100)) == [(0, 1, 2), (3, 4, 5)]
     assert seqs(plan(lines, max_lines=2, max_bytes=30)) == [(0, 1), (2, 3), (4, 5)]
     assert seqs(plan(lines, max_lines=4, max_bytes=100, max_tokens=5)) == [(n,) for n in range(6)]
@@ -92,11 +101,11 @@ def test_the_tightest_limit_wins() -> None:
 def test_oversize_item_gets_a_shard_of_its_own() -> None:
     """An item over max_bytes or max_tokens alone gets its own shard, between its neighbours'."""
     lines = [
-        ShardItem(0, CHAT, "m", 10, 1),
-        ShardItem(1, CHAT, "m", 500, 1),
-        ShardItem(2, CHAT, "m", 10, 1),
-        ShardItem(3, CHAT, "m", 10, 900),
-        ShardItem(4, CHAT, "m", 10, 1),
+        shard_item(0, CHAT, "m", 10, 1),
+        shard_item(1, CHAT, "m", 500, 1),
+        shard_item(2, CHAT, "m", 10, 1),
+        shard_item(3, CHAT, "m", 10, 900),
+        shard_item(4, CHAT, "m", 10, 1),
     ]
     plans = plan(lines, max_bytes=100, max_tokens=100)
     assert seqs(plans) == [(0,), (1,), (2,), (3,), (4,)]
@@ -107,9 +116,9 @@ def test_oversize_item_gets_a_shard_of_its_own() -> None:
 def test_groups_by_url() -> None:
     """Requests for different urls never share a shard."""
     lines = [
-        ShardItem(0, CHAT, "m", 10, 1),
-        ShardItem(1, EMBED, "m", 10, 1),
-        ShardItem(2, CHAT, "m", 10, 1),
+        shard_item(0, CHAT, "m", 10, 1),
+        shard_item(1, EMBED, "m", 10, 1),
+        shard_item(2, CHAT, "m", 10, 1),
     ]
     plans = plan(lines)
     assert [(p.url, p.model, p.seqs) for p in plans] == [(CHAT, "m", (0, 2)), (EMBED, "m", (1,))]
@@ -118,11 +127,11 @@ def test_groups_by_url() -> None:
 def test_groups_by_model() -> None:
     """Requests for different models (None included) never share a shard."""
     lines = [
-        ShardItem(0, CHAT, "a", 10, 1),
-        ShardItem(1, CHAT, "b", 10, 1),
-        ShardItem(2, CHAT, None, 10, 1),
-        ShardItem(3, CHAT, "a", 10, 1),
-        ShardItem(4, CHAT, "b", 10, 1),
+        shard_item(0, CHAT, "a", 10, 1),
+        shard_item(1, CHAT, "b", 10, 1),
+        shard_item(2, CHAT, None, 10, 1),
+        shard_item(3, CHAT, "a", 10, 1),
+        shard_item(4, CHAT, "b", 10, 1),
     ]
     plans = plan(lines)
     assert [(p.model, p.seqs) for p in plans] == [("a", (0, 3)), ("b", (1, 4)), (None, (2,))]
@@ -130,7 +139,7 @@ def test_groups_by_model() -> None:
 
 def test_order_is_preserved_within_a_group() -> None:
     """Within a group, shards take the requests in input order and come out in that order."""
-    lines = [ShardItem(seq, CHAT if seq % 3 else EMBED, "m", 10, 1) for seq in range(20)]
+    lines = [shard_item(seq, CHAT if seq % 3 else EMBED, "m", 10, 1) for seq in range(20)]
     plans = plan(lines, max_lines=4)
     chat = [seq for p in plans if p.url == CHAT for seq in p.seqs]
     embed = [seq for p in plans if p.url == EMBED for seq in p.seqs]
@@ -140,7 +149,7 @@ def test_order_is_preserved_within_a_group() -> None:
 
 def test_size_and_tokens_are_summed() -> None:
     """A shard's size, tokens and inputs are the sums over its requests."""
-    lines = [ShardItem(0, CHAT, "m", 7, 3), ShardItem(1, CHAT, "m", 11, 5, inputs=4)]
+    lines = [shard_item(0, CHAT, "m", 7, 3), shard_item(1, CHAT, "m", 11, 5, inputs=4)]
     [shard] = plan(lines)
     assert shard == ShardPlan(CHAT, "m", (0, 1), 18, 8, 5)
 
@@ -153,7 +162,7 @@ def test_max_inputs_cuts_embedding_shards(
     inputs: tuple[int, ...], expected: list[tuple[int, ...]]
 ) -> None:
     """Shards hold at most max_inputs inputs; a single larger request gets its own shard."""
-    items = [ShardItem(i, "/v1/embeddings", "e", 10, 1, inputs=n) for i, n in enumerate(inputs)]
+    items = [shard_item(i, "/v1/embeddings", "e", 10, 1, inputs=n) for i, n in enumerate(inputs)]
     shards = list(plan_shards(items, max_lines=100, max_bytes=10_000, max_inputs=50))
     assert [s.seqs for s in shards] == expected
 
@@ -162,7 +171,7 @@ def test_full_shards_are_yielded_as_soon_as_they_fill() -> None:
     """A full shard comes out before the rest of the input is read (streaming)."""
     read: list[int] = []
 
-    def source() -> Iterator[ShardItem]:
+    def source() -> Iterator[PreparedRequest]:
         for item in items(10):
             read.append(item.seq)
             yield item
@@ -178,7 +187,7 @@ def test_a_shard_is_yielded_when_the_next_item_does_not_fit() -> None:
     """A shard below its limits comes out as soon as its group's next request does not fit."""
     read: list[int] = []
 
-    def source() -> Iterator[ShardItem]:
+    def source() -> Iterator[PreparedRequest]:
         for item in items(10, size=40):
             read.append(item.seq)
             yield item
@@ -191,11 +200,11 @@ def test_a_shard_is_yielded_when_the_next_item_does_not_fit() -> None:
 def test_open_shards_come_out_at_the_end_by_first_seq() -> None:
     """Shards still open at the end come out ordered by the seq of their first request."""
     lines = [
-        ShardItem(0, CHAT, "b", 10, 1),
-        ShardItem(1, CHAT, "a", 10, 1),
-        ShardItem(2, CHAT, "a", 10, 1),
-        ShardItem(3, CHAT, "a", 10, 1),
-        ShardItem(4, CHAT, "c", 10, 1),
+        shard_item(0, CHAT, "b", 10, 1),
+        shard_item(1, CHAT, "a", 10, 1),
+        shard_item(2, CHAT, "a", 10, 1),
+        shard_item(3, CHAT, "a", 10, 1),
+        shard_item(4, CHAT, "c", 10, 1),
     ]
     plans = plan(lines, max_lines=2)
     assert [(p.model, p.seqs) for p in plans] == [
@@ -225,7 +234,7 @@ def test_bad_limits_are_rejected_at_once(limits: dict[str, Any]) -> None:
     """A limit that is not a positive int raises ValueError at the call, before any item is read."""
 
     class Unreadable:
-        def __iter__(self) -> Iterator[ShardItem]:
+        def __iter__(self) -> Iterator[PreparedRequest]:
             raise AssertionError("items read")
 
     with pytest.raises(ValueError, match="must be an int >= 1"):
@@ -235,11 +244,11 @@ def test_bad_limits_are_rejected_at_once(limits: dict[str, Any]) -> None:
 @pytest.mark.parametrize(
     "item",
     [
-        pytest.param(ShardItem(0, CHAT, "m", 0, 1), id="size-zero"),
-        pytest.param(ShardItem(0, CHAT, "m", 1, -1), id="negative-tokens"),
+        pytest.param(shard_item(0, CHAT, "m", 0, 1), id="size-zero"),
+        pytest.param(shard_item(0, CHAT, "m", 1, -1), id="negative-tokens"),
     ],
 )
-def test_impossible_items_are_rejected(item: ShardItem) -> None:
+def test_impossible_items_are_rejected(item: PreparedRequest) -> None:
     """An item of size 0 (no newline) or negative tokens is a caller's bug: ValueError."""
     with pytest.raises(ValueError, match="item 0"):
         plan([item])
@@ -252,7 +261,7 @@ shard_items = st.lists(
     max_size=60,
 ).map(
     lambda rows: [
-        ShardItem(seq, url, model, size, tokens)
+        shard_item(seq, url, model, size, tokens)
         for seq, ((url, model), size, tokens) in enumerate(rows)
     ]
 )
@@ -266,7 +275,7 @@ shard_items = st.lists(
     st.none() | st.integers(1, 30),
 )
 def test_plan_shards_properties(
-    lines: list[ShardItem], max_lines: int, max_bytes: int, max_tokens: int | None
+    lines: list[PreparedRequest], max_lines: int, max_bytes: int, max_tokens: int | None
 ) -> None:
     """Every seq lands in exactly one shard, of its own group, within every limit (unless alone
     and oversize); groups keep input order; each shard is as full as the next request allows."""

@@ -5,23 +5,13 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
-from typing import Any
 
 import attrs
 
+from .._validators import non_negative, positive
 from ._ratelimit import RateLimit
 
 __all__ = ["FakeConfig", "LineErrorRule"]
-
-
-def _non_negative(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if value < 0:
-        raise ValueError(f"{attribute.name} must be >= 0, got {value!r}")
-
-
-def _positive(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if value <= 0:
-        raise ValueError(f"{attribute.name} must be > 0, got {value!r}")
 
 
 def _rules(value: Iterable[LineErrorRule]) -> tuple[LineErrorRule, ...]:
@@ -56,7 +46,7 @@ class LineErrorRule:
     """
 
     status: int = 500
-    ratio: float = attrs.field(default=0.0, validator=_non_negative)
+    ratio: float = attrs.field(default=0.0, validator=non_negative)
     custom_ids: frozenset[str] = attrs.field(default=frozenset(), converter=frozenset)
     predicate: Callable[[str], bool] | None = None
     message: str | None = None
@@ -141,23 +131,23 @@ class FakeConfig:
             (``429`` beyond it); None (the default) is unlimited.
     """
 
-    validation_seconds: float = attrs.field(default=1.0, validator=_non_negative)
-    lines_per_second: float = attrs.field(default=100.0, validator=_non_negative)
-    finalizing_seconds: float = attrs.field(default=1.0, validator=_non_negative)
-    cancel_seconds: float = attrs.field(default=1.0, validator=_non_negative)
-    completion_window_seconds: float = attrs.field(default=86_400.0, validator=_positive)
-    max_lines: int = attrs.field(default=50_000, validator=_positive)
-    max_embedding_inputs: int = attrs.field(default=50_000, validator=_positive)
-    max_validation_errors: int = attrs.field(default=100, validator=_positive)
+    validation_seconds: float = attrs.field(default=1.0, validator=non_negative)
+    lines_per_second: float = attrs.field(default=100.0, validator=non_negative)
+    finalizing_seconds: float = attrs.field(default=1.0, validator=non_negative)
+    cancel_seconds: float = attrs.field(default=1.0, validator=non_negative)
+    completion_window_seconds: float = attrs.field(default=86_400.0, validator=positive)
+    max_lines: int = attrs.field(default=50_000, validator=positive)
+    max_embedding_inputs: int = attrs.field(default=50_000, validator=positive)
+    max_validation_errors: int = attrs.field(default=100, validator=positive)
     enqueued_token_limits: Mapping[str, int] = attrs.field(factory=dict, converter=_frozen_mapping)
     organization: str = "org-fake"
     line_errors: tuple[LineErrorRule, ...] = attrs.field(default=(), converter=_rules)
     shuffle_output: bool = True
-    max_file_bytes: int = attrs.field(default=512 * 1024 * 1024, validator=_positive)
-    max_batch_file_bytes: int = attrs.field(default=200 * 1024 * 1024, validator=_positive)
-    batch_file_expiry_seconds: int = attrs.field(default=2_592_000, validator=_positive)
-    output_file_expiry_seconds: int = attrs.field(default=2_592_000, validator=_positive)
-    chunk_size: int = attrs.field(default=64 * 1024, validator=_positive)
+    max_file_bytes: int = attrs.field(default=512 * 1024 * 1024, validator=positive)
+    max_batch_file_bytes: int = attrs.field(default=200 * 1024 * 1024, validator=positive)
+    batch_file_expiry_seconds: int = attrs.field(default=2_592_000, validator=positive)
+    output_file_expiry_seconds: int = attrs.field(default=2_592_000, validator=positive)
+    chunk_size: int = attrs.field(default=64 * 1024, validator=positive)
     request_log_size: int | None = 100_000
     processing_seconds: Callable[[str, int], float] | None = None
     rate_limit: RateLimit | None = None

@@ -35,20 +35,11 @@ from typing import Any
 
 import attrs
 
+from .._validators import at_least_one, positive_finite
 from ._faults import _normalise_path, _upper
 from ._wire import error_envelope
 
 __all__ = ["Admission", "RateLimit", "RateLimiter", "go_duration"]
-
-
-def _positive_finite(_: object, attribute: attrs.Attribute[Any], value: float) -> None:
-    if not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"{attribute.name} must be a finite number > 0, got {value!r}")
-
-
-def _at_least_one(_: object, attribute: attrs.Attribute[Any], value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{attribute.name} must be an integer >= 1, got {value!r}")
 
 
 def _default_burst(limit: RateLimit) -> int:
@@ -80,9 +71,9 @@ class RateLimit:
             headers.
     """
 
-    requests_per_second: float = attrs.field(validator=_positive_finite)
+    requests_per_second: float = attrs.field(validator=positive_finite)
     burst: int = attrs.field(
-        default=attrs.Factory(_default_burst, takes_self=True), validator=_at_least_one
+        default=attrs.Factory(_default_burst, takes_self=True), validator=at_least_one
     )
     method: str | None = attrs.field(default=None, converter=_upper)
     path: str = attrs.field(default="*", converter=_normalise_path)

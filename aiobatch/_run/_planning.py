@@ -17,50 +17,9 @@ from collections.abc import Iterable, Iterator
 
 import attrs
 
-__all__ = ["ShardItem", "ShardPlan", "plan_shards"]
+from ._records import PreparedRequest, ShardPlan
 
-
-@attrs.frozen(slots=True)
-class ShardItem:
-    """What the sharder needs to know of one request.
-
-    Attributes:
-        seq: the request's position in the input (see ``PreparedRequest.seq``).
-        url: its ``url``; a batch has one endpoint.
-        model: its ``body.model``; a batch has one model.
-        size: the bytes its line takes in the input file, newline included (>= 1).
-        tokens: its estimated prompt tokens (>= 0).
-        inputs: the inputs it counts against a per-batch input limit (an embeddings
-            request with a list of 300 texts counts 300; every other request 1).
-    """
-
-    seq: int
-    url: str
-    model: str | None
-    size: int
-    tokens: int
-    inputs: int = 1
-
-
-@attrs.frozen(slots=True)
-class ShardPlan:
-    """One planned batch: which requests go in it.
-
-    Attributes:
-        url: the endpoint of every request in it.
-        model: the model of every request in it.
-        seqs: the requests' ``seq``, in input order.
-        size: the bytes of its input file.
-        tokens: the estimated prompt tokens of its requests.
-        inputs: the inputs of its requests (see :attr:`ShardItem.inputs`).
-    """
-
-    url: str
-    model: str | None
-    seqs: tuple[int, ...]
-    size: int
-    tokens: int
-    inputs: int = 0
+__all__ = ["ShardCutter", "plan_shards"]
 
 
 @attrs.define(slots=True)
@@ -79,7 +38,7 @@ class _OpenShard:
 
 
 def plan_shards(
-    items: Iterable[ShardItem],
+    items: Iterable[PreparedRequest],
     *,
     max_lines: int,
     max_bytes: int,
@@ -116,13 +75,10 @@ def plan_shards(
         ValueError: a limit is not a positive int (at once), or an item has a size
             below 1 or negative tokens (when it is reached).
     """
-    _check_limit("max_lines", max_lines)
-    _check_limit("max_bytes", max_bytes)
-    if max_tokens is not None:
-        _check_limit("max_tokens", max_tokens)
-    if max_inputs is not None:
-        _check_limit("max_inputs", max_inputs)
-    return _plan(items, max_lines, max_bytes, max_tokens, max_inputs)
+    cutter = ShardCutter(
+        max_lines=max_lines, max_bytes=max_bytes, max_tokens=max_tokens, max_inputs=max_inputs
+    )
+    return _plan(items, cutter)
 
 
 def _check_limit(name: str, value: object) -> None:
@@ -130,29 +86,56 @@ def _check_limit(name: str, value: object) -> None:
         raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
 
-def _plan(
-    items: Iterable[ShardItem],
-    max_lines: int,
-    max_bytes: int,
-    max_tokens: int | None,
-    max_inputs: int | None,
-) -> Iterator[ShardPlan]:
-    open_shards: dict[tuple[str, str | None], _OpenShard] = {}
+def _plan(items: Iterable[PreparedRequest], cutter: ShardCutter) -> Iterator[ShardPlan]:
     for item in items:
+        yield from cutter.add(item)
+    yield from cutter.finish()
+
+
+class ShardCutter:
+    """The cutting of :func:`plan_shards`, one request at a time (for requests read
+    from an async source): :meth:`add` returns the shards the request closed,
+    :meth:`finish` those still open."""
+
+    def __init__(
+        self,
+        *,
+        max_lines: int,
+        max_bytes: int,
+        max_tokens: int | None = None,
+        max_inputs: int | None = None,
+    ) -> None:
+        _check_limit("max_lines", max_lines)
+        _check_limit("max_bytes", max_bytes)
+        if max_tokens is not None:
+            _check_limit("max_tokens", max_tokens)
+        if max_inputs is not None:
+            _check_limit("max_inputs", max_inputs)
+        self._max_lines = max_lines
+        self._max_bytes = max_bytes
+        self._max_tokens = max_tokens
+        self._max_inputs = max_inputs
+        self._open: dict[tuple[str, str | None], _OpenShard] = {}
+
+    def add(self, item: PreparedRequest) -> list[ShardPlan]:
+        """Put a request in its group's open shard; returns the shards it closed."""
         if item.size < 1:
             raise ValueError(f"item {item.seq}: size must be >= 1 (it counts the newline)")
         if item.tokens < 0:
             raise ValueError(f"item {item.seq}: tokens must be >= 0, got {item.tokens}")
+        max_lines, max_bytes = self._max_lines, self._max_bytes
+        max_tokens, max_inputs = self._max_tokens, self._max_inputs
+        closed: list[ShardPlan] = []
         key = (item.url, item.model)
-        shard = open_shards.get(key)
+        shard = self._open.get(key)
         if shard is not None and (
             len(shard.seqs) + 1 > max_lines
             or shard.size + item.size > max_bytes
             or (max_tokens is not None and shard.tokens + item.tokens > max_tokens)
             or (max_inputs is not None and shard.inputs + item.inputs > max_inputs)
         ):
-            del open_shards[key]
-            yield shard.plan()
+            del self._open[key]
+            closed.append(shard.plan())
             shard = None
         if shard is None:
             shard = _OpenShard(
@@ -171,9 +154,14 @@ def _plan(
             or (max_tokens is not None and shard.tokens > max_tokens)
             or (max_inputs is not None and shard.inputs >= max_inputs)
         ):
-            open_shards.pop(key, None)
-            yield shard.plan()
+            self._open.pop(key, None)
+            closed.append(shard.plan())
         else:
-            open_shards[key] = shard
-    for shard in sorted(open_shards.values(), key=lambda s: s.seqs[0]):
-        yield shard.plan()
+            self._open[key] = shard
+        return closed
+
+    def finish(self) -> list[ShardPlan]:
+        """The shards still open, by the ``seq`` of their first request."""
+        shards = sorted(self._open.values(), key=lambda s: s.seqs[0])
+        self._open.clear()
+        return [shard.plan() for shard in shards]

@@ -21,12 +21,14 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from types import TracebackType
-from typing import NoReturn, TextIO
+from typing import TYPE_CHECKING, NoReturn, TextIO
 
 import attrs
-from tqdm import tqdm
 
-from ._lifecycle import TERMINAL
+from .._lifecycle import TERMINAL
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 __all__ = [
     "BATCH_STATUS_ORDER",
@@ -274,7 +276,7 @@ class ProgressDisplay:
         self._interval = refresh if self._interactive else log_interval
         self._monotonic = monotonic
         self._logger = logging.getLogger("aiobatch.run") if logger is None else logger
-        self._bar: tqdm[NoReturn] | None = None
+        self._bar: tqdm[NoReturn] | None = None  # tqdm is imported when a bar is drawn
         self._latest: RunProgress | None = None
         self._rendered: RunProgress | None = None
         self._rendered_at = 0.0
@@ -356,6 +358,8 @@ class ProgressDisplay:
             # after that (mininterval=0; the bar is never advanced with update()).
             # Its rate and ETA count only what is done from here on (initial), at the
             # average rate (smoothing=0).
+            from tqdm import tqdm  # only when a bar is shown: `import aiobatch` stays light
+
             self._bar = tqdm(
                 total=progress.total,
                 initial=progress.done,

@@ -38,7 +38,8 @@ from typing import Any, NoReturn
 
 import attrs
 
-from .errors import PreflightError
+from ..errors import PreflightError
+from ._records import PreparedRequest
 
 __all__ = [
     "DEFAULT_MAX_LINE_BYTES",
@@ -69,39 +70,6 @@ _LINE_BREAKS = (
     (b"\xe2\x80\xa8", b"\\u2028"),
     (b"\xe2\x80\xa9", b"\\u2029"),
 )
-
-
-@attrs.frozen(slots=True)
-class PreparedRequest:
-    """One accepted request line, ready to be sharded and uploaded.
-
-    Attributes:
-        seq: 0-based position among the accepted requests, in input order.
-        line: 1-based line number in the source (for an iterable source, the 1-based
-            index of the item).
-        custom_id: the line's ``custom_id``, given or generated.
-        url: the line's ``url``, e.g. ``"/v1/chat/completions"``.
-        model: the line's ``body.model``.
-        data: the JSONL line to upload, without its newline. It is the input line's
-            bytes unchanged when the line had a ``custom_id`` and a ``method``;
-            otherwise (and for an item given as a dict) it is the request re-encoded as
-            compact JSON (``json.dumps(separators=(",", ":"), ensure_ascii=False)``).
-        tokens: the estimated prompt tokens of the request (see :func:`estimate_tokens`).
-        generated_id: whether ``custom_id`` was generated because the line had none.
-        inputs: the inputs the request counts against a batch's input limit: the
-            number of texts (or token arrays) of an embeddings request's ``input``
-            list, else 1 (see :func:`count_inputs`).
-    """
-
-    seq: int
-    line: int
-    custom_id: str
-    url: str
-    model: str | None
-    data: bytes
-    tokens: int
-    generated_id: bool
-    inputs: int = 1
 
 
 @attrs.frozen(slots=True)

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING
 
 import attrs
 
-from ._journal import Journal
 from ._progress import BATCH_STATUS_ORDER
+from ._records import JournalCounts, RunMeta
 
-__all__ = ["RunReport", "format_report", "read_report"]
+if TYPE_CHECKING:
+    from ._sqlite import JournalFile
+
+__all__ = ["RunReport", "build_report", "format_report", "read_report"]
 
 
 def _frozen(value: Mapping[str, int]) -> Mapping[str, int]:
@@ -80,40 +83,44 @@ class RunReport:
         return self.pending == 0
 
 
-def read_report(journal: Journal, *, now: float | None = None) -> RunReport:
-    """The report of the run a journal holds, at any time (also while it runs).
+def read_report(journal: JournalFile, *, now: float | None = None) -> RunReport:
+    """The report of the run a journal file holds, at any time (also while it runs).
 
     Args:
-        journal: the run's journal.
+        journal: the run's journal file (``JournalFile(path, readonly=True)``).
         now: the current time on the run's clock, for ``elapsed`` (default: the time
             the run last recorded).
     """
-    meta = journal.meta()
-    counts: dict[str, Any] = journal.counts()
-    states: Mapping[str, int] = counts["requests"]
-    kinds: Mapping[str, int] = counts["kinds"]
-    started = float(meta.get("started_at", "0") or 0)
-    last = float(meta.get("updated_at", meta.get("started_at", "0")) or 0)
+    return build_report(journal.meta(), journal.counts(), now=now)
+
+
+def build_report(
+    meta: RunMeta | None, counts: JournalCounts, *, now: float | None = None
+) -> RunReport:
+    """A report from a run's facts and figures (see :func:`read_report`)."""
+    states = counts.requests
+    kinds = counts.kinds
+    started = meta.started_at if meta is not None else 0.0
+    last = (meta.updated_at or meta.started_at) if meta is not None else 0.0
     elapsed = max(0.0, (now if now is not None else last) - started) if started else 0.0
-    recreated = int(counts["recreated"])
     return RunReport(
-        run_id=meta.get("run_id", "?"),
-        state=meta.get("state", "?"),
+        run_id=meta.run_id if meta is not None else "?",
+        state=meta.state if meta is not None else "?",
         requests=sum(states.values()),
         succeeded=int(kinds.get("success", 0)),
         failed=sum(v for k, v in kinds.items() if k != "success"),
         pending=sum(v for k, v in states.items() if k != "done"),
-        skipped=int(meta.get("skipped", "0")),
-        errors={str(k): int(v) for k, v in counts["codes"].items()},
-        retried=int(counts["retried"]),
-        rounds=int(counts["rounds"]),
-        batches=int(counts["batches"]),
-        recreated=recreated,
-        statuses={str(k): int(v) for k, v in counts["statuses"].items()},
-        input_tokens=int(counts["input_tokens"]),
-        output_tokens=int(counts["output_tokens"]),
+        skipped=meta.skipped if meta is not None else 0,
+        errors=counts.codes,
+        retried=counts.retried,
+        rounds=counts.rounds,
+        batches=counts.batches,
+        recreated=counts.recreated,
+        statuses=counts.statuses,
+        input_tokens=counts.input_tokens,
+        output_tokens=counts.output_tokens,
         elapsed=elapsed,
-        output=meta.get("output_written"),
+        output=meta.output_written if meta is not None else None,
     )
 
 

@@ -1,0 +1,49 @@
+"""The run layer: a whole request set through the Batch API, resumable, exactly once.
+
+Private; :mod:`aiobatch` re-exports the public names. The layout (each module owns one
+thing; see DESIGN.md):
+
+- ``_config``: :class:`RunConfig`, :class:`RunResult`, what a run reads;
+- ``_states``: the shard lifecycle as data (states, the table of moves);
+- ``_records``: the typed records a run and its journal trade;
+- ``_journal``: the :class:`Journal` protocol; ``_sqlite``: its SQLite file;
+- ``_preflight``, ``_ingest``: checking the source into the journal;
+- ``_planning``: cutting pending requests into shards;
+- ``_outcomes``: what a result means (final, or another round);
+- ``_context``: what the steps share;
+- ``_submit``, ``_collect``, ``_settle``: the steps, each returning the shard's next
+  state;
+- ``_control``: cancel, liveness, from outside the run's process;
+- ``_report``, ``_progress``: what a run did, and a live display of it;
+- ``_batch_run``: :class:`BatchRun`, which dispatches by state.
+"""
+
+from ._batch_run import BatchRun
+from ._config import RequestSource, RunConfig, RunResult
+from ._control import cancel_batches, request_cancel, run_is_live
+from ._journal import Journal
+from ._progress import ProgressDisplay, RunProgress
+from ._report import RunReport, build_report, format_report, read_report
+from ._sqlite import JournalFile, SQLiteJournal
+from ._states import SHARD_MOVES, ShardState
+
+__all__ = [
+    "SHARD_MOVES",
+    "BatchRun",
+    "Journal",
+    "JournalFile",
+    "ProgressDisplay",
+    "RequestSource",
+    "RunConfig",
+    "RunProgress",
+    "RunReport",
+    "RunResult",
+    "SQLiteJournal",
+    "ShardState",
+    "build_report",
+    "cancel_batches",
+    "format_report",
+    "read_report",
+    "request_cancel",
+    "run_is_live",
+]

@@ -1,0 +1,736 @@
+"""The main job: a whole request set through the Batch API, resumable, exactly once.
+
+:class:`BatchRun` takes a JSONL file (or an iterable of requests) and drives it end to
+end::
+
+    preflight -> journal -> plan shards -> submit -> track (fleet) -> collect -> settle
+              -> retry rounds -> results (each custom_id exactly once)
+
+It holds no step logic: every shard's state (:mod:`._states`) says which step comes
+next, the step (:mod:`._submit`, :mod:`._collect`, :mod:`._settle`) returns the
+shard's next state, and the run dispatches on it. Every step is written to the journal
+(:mod:`._journal`) before it is acted on, so a run killed at any point and started again
+with the same journal continues where it stopped, and no shard gets a second batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import os
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from typing import Any
+
+import attrs
+
+from .._aio import cancel_and_wait, sleep_or_set
+from .._client import BatchClient
+from .._convert import decode_result_line
+from .._fleet import BatchDone, Fleet, FleetConfig, StatusChanged
+from .._lifecycle import TERMINAL
+from .._models import Batch
+from ..errors import (
+    AiobatchError,
+    APIStatusError,
+    AuthenticationError,
+    ClosedError,
+    DecodeError,
+    InputError,
+    JournalError,
+    PermissionDeniedError,
+    RunError,
+    TransportError,
+    describe,
+)
+from ._collect import collect, delete_files
+from ._config import RequestSource, RunConfig, RunResult
+from ._context import Next, RunContext, Stop, logger
+from ._ingest import check_source, ingest
+from ._journal import Journal
+from ._planning import ShardCutter
+from ._progress import RunProgress
+from ._records import Shard
+from ._report import RunReport, build_report
+from ._sqlite import SQLiteJournal, remove_journal
+from ._states import SUBMITTING, ShardState
+from ._submit import WAITS, Step, resolve_create, submission_steps
+
+__all__ = ["BatchRun"]
+
+_S = ShardState
+_TERMINAL_STATUSES = frozenset(status.value for status in TERMINAL)
+
+
+def _check_output(output: str | None) -> None:
+    """Refuse, before any work, an output file that cannot be written at the end."""
+    if output is not None:
+        folder = os.path.dirname(os.path.abspath(output))
+        if not os.path.isdir(folder):
+            raise InputError(f"the output file's folder {folder} does not exist")
+
+
+def _exists(path: str) -> bool:
+    return os.path.exists(path)
+
+
+def _absolute(path: str) -> str:
+    return os.path.abspath(path)
+
+
+class BatchRun:
+    """A whole request set through the Batch API, resumable, each request answered once.
+
+    Create it with the client, the requests and a journal path; :meth:`run` drives it to
+    the end and returns the report, :meth:`results` streams the final results as they
+    arrive. Running it again with the same journal (after a crash, a cancel, or in a new
+    process) continues the same run: the journal, not the source, holds the requests
+    then (a file source is only checked to be the same file).
+
+    Args:
+        client: the client to call (not closed by the run).
+        source: a JSONL file path, or request objects (or their JSON lines), sync or
+            async; read once, on the first run.
+        journal: the journal file (SQLite), created when missing.
+        output: a JSONL file to write every final result to, once the run completes
+            (atomically), in ``config.order``.
+        config: sharding, retries, concurrency (see :class:`RunConfig`).
+        on_progress: called with a :class:`RunProgress` whenever something changed
+            (for :class:`aiobatch.ProgressDisplay`); must be quick.
+    """
+
+    def __init__(
+        self,
+        client: BatchClient,
+        source: RequestSource | None,
+        *,
+        journal: str | os.PathLike[str],
+        output: str | os.PathLike[str] | None = None,
+        config: RunConfig | None = None,
+        on_progress: Callable[[RunProgress], None] | None = None,
+    ) -> None:
+        self._client = client
+        self._source = source
+        self._journal_path = os.fspath(journal)
+        self._output = os.fspath(output) if output is not None else None
+        self._config = config if config is not None else RunConfig()
+        self._on_progress = on_progress
+        self._clock = client.clock
+        self._steps: Mapping[ShardState, Step] = submission_steps(client)
+        self._ctx: RunContext | None = None
+        self._run_id = ""
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._submitting: dict[str, asyncio.Task[None]] = {}
+        self._collecting: set[str] = set()
+        self._stopping = asyncio.Event()
+        self._changed = asyncio.Event()
+        self._results_changed = asyncio.Event()
+        self._stop_reason: str | None = None
+        self._failure: BaseException | None = None
+        self._submit_slots = asyncio.Semaphore(self._config.max_submissions)
+        self._collect_slots = asyncio.Semaphore(self._config.max_collections)
+        self._retry_since: float | None = None
+        self._started_at = 0.0
+        self._state = "new"
+        self._runner: asyncio.Task[RunReport] | None = None
+        self._finished = asyncio.Event()
+        self._ingested = False
+
+    # --- public surface ------------------------------------------------------------------
+
+    @property
+    def run_id(self) -> str:
+        """The run's id ('' before the run opened its journal)."""
+        return self._run_id
+
+    @property
+    def journal_path(self) -> str:
+        """The journal file."""
+        return self._journal_path
+
+    def cancel(self) -> None:
+        """Cancel the run: no new batches; the open ones are cancelled and their
+        finished lines collected; :meth:`run` then returns a ``cancelled`` report. The
+        journal stays resumable (the cancelled lines run when the run is started
+        again)."""
+        self._request_stop("cancelled")
+
+    def stop(self) -> None:
+        """Stop the run at once, without cancelling its batches: they keep running on
+        the server, and the next run with this journal collects them (what a service
+        does on shutdown, and ``aiobatch run`` on SIGTERM). :meth:`run` then returns a
+        ``stopped`` report."""
+        self._request_stop("stopped")
+
+    async def run(self) -> RunReport:
+        """Drive the run to its end (or its cancel) and return the report.
+
+        A cancelled task (or Ctrl-C) cancels the open batches and collects their finished
+        lines first (see ``RunConfig.cancel_timeout``), then re-raises.
+
+        Raises:
+            PreflightError: the input has bad lines (nothing was uploaded, no journal
+                is left behind).
+            JournalError: the journal belongs to another input, or another process
+                runs it.
+            RunError: a step kept failing, or the server refused the credentials; the
+                journal stays resumable.
+        """
+        return await self._start()
+
+    def _start(self) -> asyncio.Task[RunReport]:
+        if self._runner is None:
+            self._runner = asyncio.ensure_future(self._run())
+            self._runner.add_done_callback(lambda _: self._finished.set())
+        return self._runner
+
+    async def results(self) -> AsyncGenerator[RunResult, None]:
+        """The final results, each request's once, as they become final, in
+        ``config.order`` (input order yields a result once every earlier request has
+        its own). Starts the run when it is not running; ends when the run ends.
+
+        The results are read from the journal (through a connection of their own), so a
+        slow reader holds no results in memory and misses none.
+
+        Raises:
+            whatever :meth:`run` raises.
+        """
+        started_here = self._runner is None
+        runner = self._start()
+        order = self._config.order
+        reader: SQLiteJournal | None = None
+        cursor = -1
+        try:
+            while True:
+                finished = runner.done()
+                if reader is None and self._ingested:
+                    reader = SQLiteJournal(self._journal_path)
+                if reader is not None:
+                    self._results_changed.clear()
+                    rows = await reader.result_rows(order=order, after=cursor, limit=1000)
+                    yielded = False
+                    for row in rows:
+                        if order == "input" and row.seq != cursor + 1:
+                            break
+                        cursor = row.seq if order == "input" else row.n
+                        yielded = True
+                        yield RunResult(
+                            custom_id=row.custom_id,
+                            index=row.seq,
+                            result=decode_result_line(
+                                row.data, what=f"the result of {row.custom_id!r}"
+                            ),
+                            attempts=row.attempts,
+                            batch_id=row.batch_id,
+                        )
+                    if yielded:
+                        continue
+                if finished:
+                    runner.result()  # the run's error, if it failed
+                    return
+                await sleep_or_set(self._clock, None, self._results_changed, self._finished)
+        finally:
+            if reader is not None:
+                await reader.close()
+            if started_here and not runner.done():
+                # Nobody else awaits the run this iterator started: stop it (its batches
+                # keep running; the journal has everything) rather than leave it behind.
+                self.stop()
+                with contextlib.suppress(Exception):
+                    await runner
+
+    def progress(self) -> RunProgress:
+        """A snapshot of the run, for display."""
+        if self._ctx is None:
+            return RunProgress(
+                total=0,
+                succeeded=0,
+                failed=0,
+                retrying=0,
+                batches={},
+                round=0,
+                elapsed=0.0,
+                state=self._state,
+            )
+        return self._ctx.progress(state=self._state, started_at=self._started_at)
+
+    # --- the run -------------------------------------------------------------------------
+
+    async def _run(self) -> RunReport:
+        _check_output(self._output)
+        path = self._journal_path
+        if self._source is None and not _exists(path):
+            raise JournalError(f"no journal at {path}, and no requests to start a run with")
+        journal = SQLiteJournal(path, create=True)
+        try:
+            await journal.acquire()
+            try:
+                return await self._drive(journal)
+            finally:
+                self._ctx = None
+                self._results_changed.set()
+                await journal.release()
+        finally:
+            await journal.close()
+
+    async def _open(self, journal: Journal) -> bool:
+        """Ingest the source into a new journal, or check it against the journal's;
+        True when the run resumes."""
+        meta = await journal.meta()
+        if meta is None:
+            assert self._source is not None
+            try:
+                await ingest(
+                    journal,
+                    self._source,
+                    config=self._config,
+                    clock=self._clock,
+                    max_line_bytes=self._config.max_bytes or self._client.provider.limits.max_bytes,
+                )
+            except BaseException:
+                await journal.close()
+                remove_journal(self._journal_path)
+                raise
+            return False
+        check_source(journal, meta, self._source)
+        return True
+
+    async def _drive(self, journal: Journal) -> RunReport:
+        resuming = await self._open(journal)
+        self._ingested = True
+        self._results_changed.set()
+        meta = await journal.meta()
+        assert meta is not None
+        self._run_id = meta.run_id
+        self._started_at = meta.started_at
+        fleet_config = self._config.fleet or FleetConfig()
+        if self._config.batch_timeout is not None or fleet_config.timeout is not None:
+            # A deadline cancels the batch and keeps tracking it to its end: its lines
+            # must not run elsewhere while it may still run them.
+            fleet_config = attrs.evolve(fleet_config, cancel_on_deadline=True)
+        limits = self._client.provider.limits
+        ctx = RunContext(
+            client=self._client,
+            config=self._config,
+            journal=journal,
+            run_id=meta.run_id,
+            fleet=Fleet(self._client, config=fleet_config),
+            emit=self._emit_progress,
+            max_lines=self._config.max_lines or limits.max_lines,
+            max_bytes=self._config.max_bytes or limits.max_bytes,
+            max_inputs=limits.max_embedding_inputs,
+            work_dir=self._config.work_dir or (self._journal_path + ".files"),
+            stopping=self._stopping,
+            changed=self._changed,
+            results_changed=self._results_changed,
+        )
+        self._ctx = ctx
+        if meta.state == "done":
+            self._state = "done"
+            await self._load_counts(ctx)
+            await self._write_output(journal)
+            await ctx.fleet.aclose()
+            return await self._report(journal)
+        # A cancel flag left from an earlier run is stale (that run stopped); one set
+        # while this run checked its input is this run's.
+        await journal.set_state("running", at=self._clock.now(), clear_cancel=resuming)
+        self._state = "running"
+        await self._load_counts(ctx)
+        cancelled: BaseException | None = None
+        try:
+            self._spawn(self._consume(ctx, ctx.fleet.events()), name="events")
+            await self._resume(ctx)
+            try:
+                await self._supervise(ctx)
+            except asyncio.CancelledError as exc:
+                cancelled = exc
+                self._request_stop("cancelled")
+            if self._stop_reason == "cancelled" and self._failure is None:
+                await self._wind_down(ctx)
+        finally:
+            await cancel_and_wait(self._tasks)
+            await ctx.fleet.aclose()
+        if self._failure is not None:
+            await journal.set_state("failed", at=self._clock.now())
+            self._state = "failed"
+            raise self._failure
+        if self._stop_reason in ("cancelled", "stopped"):
+            state = self._stop_reason
+            await journal.set_state(state, at=self._clock.now())
+            self._state = state
+            self._emit_progress()
+            if cancelled is not None:
+                raise cancelled
+            return await self._report(journal)
+        await journal.set_state("done", at=self._clock.now())
+        self._state = "done"
+        if self._config.work_dir is None:
+            with contextlib.suppress(OSError):
+                os.rmdir(self._journal_path + ".files")  # only when empty
+        await self._write_output(journal)
+        self._emit_progress()
+        return await self._report(journal)
+
+    @staticmethod
+    async def _report(journal: Journal) -> RunReport:
+        return build_report(await journal.meta(), await journal.counts())
+
+    async def _load_counts(self, ctx: RunContext) -> None:
+        report = await self._report(ctx.journal)
+        ctx.counts.update(
+            total=report.requests,
+            succeeded=report.succeeded,
+            failed=report.failed,
+            retrying=await ctx.journal.retrying_count(),
+        )
+        ctx.round = report.rounds
+
+    # --- supervision ---------------------------------------------------------------------
+
+    async def _resume(self, ctx: RunContext) -> None:
+        """Pick up every shard where the journal left it."""
+        for shard in await ctx.journal.shards(*SUBMITTING):
+            ctx.put_status(shard.key, shard.state.value)
+            self._start_submit(ctx, shard.key)
+        for shard in await ctx.journal.shards(_S.OPEN):
+            self._track(ctx, shard)
+        for shard in await ctx.journal.shards(_S.COLLECTING):
+            assert shard.batch_id is not None
+            ctx.shard_of[shard.batch_id] = shard.key
+            ctx.put_status(shard.key, shard.status or "collecting")
+            self._start_collect(ctx, shard.key, None)
+        for shard in await ctx.journal.shards(_S.COLLECTED):
+            ctx.put_status(shard.key, shard.status or "collected")
+
+    async def _supervise(self, ctx: RunContext) -> None:
+        """Plan shards when lines are pending, until every request has its result."""
+        clock = self._clock
+        journal = ctx.journal
+        next_cancel_check = clock.monotonic()
+        while True:
+            self._changed.clear()
+            if self._failure is not None or self._stopping.is_set():
+                return
+            now = clock.monotonic()
+            if now >= next_cancel_check:
+                next_cancel_check = now + self._config.cancel_poll_interval
+                await journal.touch(clock.now())
+                self._emit_progress()  # elapsed time and ETA move on while nothing changes
+                if await journal.cancel_requested():
+                    logger.warning("run %s: cancel requested in the journal", self._run_id)
+                    self._request_stop("cancelled")
+                    return
+            busy = bool(self._submitting or self._collecting or ctx.shard_of)
+            pending = await journal.pending_count()
+            if pending:
+                if self._retry_since is None:
+                    self._retry_since = now
+                due = self._retry_since + self._config.retry_coalesce
+                if not busy or now >= due or await journal.has_fresh_pending():
+                    await self._plan(ctx)
+                    self._retry_since = None
+                    continue
+            else:
+                self._retry_since = None
+                if not busy:
+                    if await journal.not_done_count() == 0:
+                        return
+                    if not await self._requeue_orphans(ctx):
+                        raise RunError(
+                            f"run {self._run_id}: requests are queued in shards that "
+                            "nothing tracks; this is a bug in aiobatch (the journal is intact)"
+                        )
+                    continue
+            wait = next_cancel_check - now
+            if pending and self._retry_since is not None:
+                wait = min(wait, self._retry_since + self._config.retry_coalesce - now)
+            await sleep_or_set(clock, wait, self._changed)
+
+    async def _requeue_orphans(self, ctx: RunContext) -> bool:
+        """Requests left ``queued`` in a shard that is already collected (which should
+        not happen) become pending again; True when there were any."""
+        moved = await ctx.journal.requeue_orphans()
+        if moved:
+            logger.warning(
+                "run %s: %d request(s) were queued in collected shards; submitting them again",
+                self._run_id,
+                moved,
+            )
+        return moved > 0
+
+    async def _plan(self, ctx: RunContext) -> None:
+        """Shard every pending request (by url and model, within the limits) and record
+        each shard's intent before anything is uploaded.
+
+        Requests are read group by group in chunks, and each shard is recorded as soon
+        as it is cut, so planning holds one chunk and the open shard, however many
+        requests are pending.
+        """
+        journal = ctx.journal
+        limits = self._config.enqueued_token_limits
+        now = self._clock.now()
+        index = await journal.shard_count()
+        shards: list[Shard] = []
+        for url, model in await journal.pending_groups():
+            embeddings = url.rstrip("/").endswith("/embeddings")
+            cutter = ShardCutter(
+                max_lines=ctx.max_lines,
+                max_bytes=ctx.max_bytes,
+                max_tokens=limits.get(model) if model is not None else None,
+                max_inputs=ctx.max_inputs if embeddings else None,
+            )
+
+            async def record(plans: list[Any]) -> None:
+                nonlocal index
+                for plan in plans:
+                    key = f"s{index:06d}"
+                    index += 1
+                    shards.append(await journal.add_shard(key, plan, planned_at=now))
+
+            async for request in journal.pending_requests(url, model):
+                await record(cutter.add(request))
+            await record(cutter.finish())
+        for shard in shards:
+            ctx.round = max(ctx.round, shard.round)
+            ctx.put_status(shard.key, _S.PLANNED.value)
+            self._start_submit(ctx, shard.key)
+        if shards:
+            logger.info("run %s: planned %d batch(es)", self._run_id, len(shards))
+        self._emit_progress()
+
+    def _spawn(self, coroutine: Any, *, name: str) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None and self._failure is None:
+            self._failure = task.exception()
+            self._stopping.set()
+        self._changed.set()
+
+    def _request_stop(self, reason: str) -> None:
+        if not self._stopping.is_set():
+            self._stop_reason = reason
+            self._state = "cancelling" if reason == "cancelled" else "stopping"
+            self._stopping.set()
+            self._changed.set()
+            if self._ctx is not None:
+                self._ctx.budget.changed.set()
+            self._emit_progress()
+
+    async def _wind_down(self, ctx: RunContext) -> None:
+        """After a cancel: let in-flight submissions finish their step, cancel every open
+        batch, and collect what they finished."""
+        journal = ctx.journal
+        await journal.set_state("cancelling", at=self._clock.now())
+        deadline = (
+            self._clock.monotonic() + self._config.cancel_timeout
+            if self._config.cancel_timeout is not None
+            else math.inf
+        )
+        while self._submitting and self._failure is None:
+            await self._wait_changed(deadline)
+            if self._clock.monotonic() >= deadline:
+                break
+        # A create whose answer was lost may have made a batch: find it, to cancel it
+        # (a create still being sent, past the cancel timeout, is left to the next run).
+        for shard in await journal.shards(_S.CREATING):
+            if shard.key in self._submitting:
+                continue
+            try:
+                step = await resolve_create(ctx, shard, during_cancel=True)
+            except AiobatchError as exc:
+                logger.warning(
+                    "run %s: could not tell whether shard %s has a batch (%s); the next run "
+                    "looks again",
+                    self._run_id,
+                    shard.key,
+                    describe(exc),
+                )
+                continue
+            if step.state is _S.OPEN:
+                self._track(ctx, await journal.shard(shard.key), step.batch)
+        fleet = ctx.fleet
+        for batch_id in fleet.open_ids:
+            key = ctx.shard_of.get(batch_id)
+            if key is not None:
+                await journal.update(key, cancel_reason="run")
+            with contextlib.suppress(KeyError):
+                fleet.cancel(batch_id)
+        while (ctx.shard_of or self._collecting) and self._failure is None:
+            if self._clock.monotonic() >= deadline:
+                logger.warning(
+                    "run %s: %d batch(es) still cancelling at the cancel timeout; the "
+                    "journal keeps them for the next run",
+                    self._run_id,
+                    len(fleet.open_ids),
+                )
+                break
+            await self._wait_changed(deadline)
+
+    async def _wait_changed(self, deadline: float) -> None:
+        self._changed.clear()
+        left = None if deadline == math.inf else deadline - self._clock.monotonic()
+        await sleep_or_set(self._clock, left, self._changed)
+
+    # --- submission ----------------------------------------------------------------------
+
+    def _start_submit(self, ctx: RunContext, key: str) -> None:
+        if key not in self._submitting:
+            task = self._spawn(self._submit(ctx, key), name=f"submit {key}")
+            self._submitting[key] = task
+            task.add_done_callback(lambda _: self._submitting.pop(key, None))
+
+    async def _submit(self, ctx: RunContext, key: str) -> None:
+        """Take one shard from its recorded state to an open, tracked batch, one step of
+        its provider's strategy at a time."""
+        failures = 0
+        while not self._stopping.is_set():
+            shard = await ctx.journal.shard(key)
+            step = self._steps.get(shard.state)
+            if step is None:
+                return
+            try:
+                wait = WAITS.get(shard.state)
+                if wait is not None:
+                    await wait(ctx, shard)
+                async with self._submit_slots:
+                    result = await step(ctx, shard)
+                failures = 0
+            except Stop:
+                return
+            except RunError:
+                raise
+            except (AuthenticationError, PermissionDeniedError) as exc:
+                raise RunError(
+                    f"run {self._run_id}: the server refused the credentials ({exc}); "
+                    "the journal is intact: fix them and run again"
+                ) from exc
+            except ClosedError as exc:
+                raise RunError(
+                    f"run {self._run_id}: the client was closed under the run; the journal "
+                    "is intact: run again to continue"
+                ) from exc
+            except AiobatchError as exc:
+                failures, delay = ctx.step_failed(f"shard {key} ({shard.state})", failures, exc)
+                try:
+                    await ctx.pause(delay)
+                except Stop:
+                    return
+                continue
+            await self._after(ctx, key, result)
+
+    async def _after(self, ctx: RunContext, key: str, result: Next) -> None:
+        """Act on a step's answer: track an open batch, submit a shard sent back."""
+        if result.state is _S.OPEN:
+            self._track(ctx, await ctx.journal.shard(key), result.batch)
+        elif result.state in SUBMITTING:
+            ctx.set_status(key, result.state.value)
+            if key not in self._submitting and not self._stopping.is_set():
+                self._start_submit(ctx, key)
+
+    def _track(
+        self, ctx: RunContext, shard: Shard, batch: Batch | None = None, *, deadline: bool = True
+    ) -> None:
+        """Hand a shard's batch to the fleet (``batch`` when known, else its id)."""
+        assert shard.batch_id is not None
+        ctx.shard_of[shard.batch_id] = shard.key
+        ctx.put_status(shard.key, shard.status or "validating")
+        if shard.status not in _TERMINAL_STATUSES:
+            ctx.budget.reserve(shard)
+        timeout = self._config.batch_timeout if deadline else None
+        if timeout is not None:
+            created = shard.create_started_at or shard.planned_at
+            timeout = max(0.0, created + timeout - self._clock.now())
+        ctx.fleet.add(batch if batch is not None else shard.batch_id, timeout=timeout)
+        self._emit_progress()
+
+    # --- tracking and collection ---------------------------------------------------------
+
+    async def _consume(self, ctx: RunContext, events: AsyncIterator[Any]) -> None:
+        async for event in events:
+            key = ctx.shard_of.get(event.batch_id)
+            if key is None:
+                continue
+            if isinstance(event, StatusChanged):
+                await ctx.journal.update(key, status=event.batch.status.value)
+                ctx.set_status(key, event.batch.status.value)
+            elif isinstance(event, BatchDone):
+                self._start_collect(ctx, key, event)
+        # The events end only when the fleet stopped on its own (the run cancels this
+        # task before it closes the fleet): nothing tracks the batches any more.
+        raise RunError(
+            f"run {self._run_id}: the fleet stopped tracking the batches (was the client "
+            "closed?); the journal is intact: run again to continue"
+        )
+
+    def _start_collect(self, ctx: RunContext, key: str, done: BatchDone | None) -> None:
+        self._collecting.add(key)
+        self._spawn(self._collect(ctx, key, done), name=f"collect {key}")
+
+    async def _collect(self, ctx: RunContext, key: str, done: BatchDone | None) -> None:
+        """Read a finished batch's files into the journal and settle every line."""
+        self._collecting.add(key)
+        try:
+            ctx.budget.release(key)
+            if done is not None:
+                ctx.fleet.forget(done.batch_id)
+            failures = 0
+            async with self._collect_slots:
+                while True:
+                    shard = await ctx.journal.shard(key)
+                    if shard.state is _S.COLLECTED:
+                        return
+                    try:
+                        result = await collect(ctx, shard, done)
+                    except (TransportError, APIStatusError, DecodeError) as exc:
+                        failures, delay = ctx.step_failed(f"collecting shard {key}", failures, exc)
+                        await self._clock.sleep(delay)
+                        done = None
+                        continue
+                    if result.state is _S.OPEN:
+                        # Still running at its deadline: cancelled, tracked to its end.
+                        shard = await ctx.journal.shard(key)
+                        self._track(ctx, shard, result.batch, deadline=False)
+                        assert result.batch is not None
+                        ctx.fleet.cancel(result.batch.id)
+                    elif result.state is _S.UPLOADED:
+                        if not self._stopping.is_set():
+                            self._start_submit(ctx, key)
+                    elif self._config.delete_files:
+                        await delete_files(ctx, await ctx.journal.shard(key))
+                    return
+        finally:
+            self._collecting.discard(key)
+            if self._ctx is not None:
+                shard = await ctx.journal.shard(key)
+                if shard.state is _S.COLLECTED and shard.batch_id is not None:
+                    ctx.shard_of.pop(shard.batch_id, None)
+            self._changed.set()
+
+    def _emit_progress(self) -> None:
+        callback = self._on_progress
+        if callback is not None:
+            try:
+                callback(self.progress())
+            except Exception:  # a display must never break the run
+                logger.exception("progress callback failed")
+
+    # --- output --------------------------------------------------------------------------
+
+    async def _write_output(self, journal: Journal) -> None:
+        """Write every final result to the output file, atomically, in order."""
+        target = self._output
+        if target is None:
+            return
+        temp = f"{target}.{os.getpid()}.part"
+        with open(temp, "wb") as fh:  # noqa: ASYNC230 - chunks; issue 12 moves it off the loop
+            async for lines in journal.result_lines(order=self._config.order):
+                fh.writelines(line + b"\n" for line in lines)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(temp, target)
+        await journal.set_output(_absolute(target))

@@ -1,0 +1,296 @@
+"""Collection: an ended batch's result files into the journal, then its shard settled.
+
+:func:`collect` takes an ``open`` (or, on resume, ``collecting``) shard whose batch the
+fleet reported ended and returns its next state:
+
+- ``collected``: its output and error files were streamed into the journal (in chunks,
+  each committed with the count of lines read, so a collection cut short resumes after
+  the last committed line and no result is recorded twice) and every request without a
+  result line was settled;
+- ``uploaded``: the batch failed with ``token_limit_exceeded`` and is created again from
+  the same file, after a backoff;
+- ``open``: the fleet stopped tracking a batch that still runs (its deadline): it is
+  cancelled and tracked to its end, so no line runs in two batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from .._convert import decode_result_line
+from .._fleet import BatchDone, DoneReason
+from .._lifecycle import BatchStatus
+from .._models import Batch
+from ..errors import AiobatchError, DecodeError, NotFoundError, describe
+from ._context import Next, RunContext, logger
+from ._outcomes import (
+    CANCELLED_CODES,
+    TOKEN_LIMIT_CODE,
+    Fate,
+    classify,
+    fate,
+    line_tokens,
+    own_error,
+    token_limited,
+    undecodable,
+)
+from ._records import FinalResult, Member, RetryLine, Shard
+from ._settle import settle, settle_batch
+from ._states import ShardState
+
+__all__ = ["collect", "delete_files"]
+
+#: A result file answered 404 this many times is taken as gone (deleted or expired).
+GONE_AFTER = 3
+
+_S = ShardState
+
+
+async def collect(ctx: RunContext, shard: Shard, done: BatchDone | None) -> Next:
+    """Read a shard's ended batch into the journal and settle it (see the module
+    notes); ``done`` is the fleet's event, None on resume."""
+    batch: Batch | None = done.batch if done is not None else None
+    if shard.state is _S.OPEN:
+        assert shard.batch_id is not None
+        if done is not None and done.reason is DoneReason.NOT_FOUND:
+            await settle(ctx, shard, None, "batch_not_found", "the server lost the batch")
+            return Next(_S.COLLECTED)
+        if batch is None or not batch.is_terminal:
+            batch = await ctx.client.retrieve_batch(shard.batch_id)
+        if not batch.is_terminal:
+            return await _cancel_and_track(ctx, shard, batch)
+        if batch.status is BatchStatus.FAILED and token_limited(batch):
+            return await _recreate(ctx, shard, batch)
+        batch = await _with_output(ctx, batch)
+        shard = await ctx.journal.move(
+            shard.key,
+            _S.COLLECTING,
+            status=batch.status.value,
+            output_file_id=batch.output_file_id,
+            error_file_id=batch.error_file_id,
+        )
+    elif batch is None:
+        batch = await _retrieve_or_recall(ctx, shard)
+    members = await ctx.journal.members(shard.key)
+    for column, progress in (("output_file_id", "output_done"), ("error_file_id", "error_done")):
+        file_id = getattr(shard, column)
+        if not file_id or (column == "error_file_id" and file_id == shard.output_file_id):
+            continue
+        try:
+            await _read_file(ctx, shard, members, file_id, progress)
+        except NotFoundError:
+            gone = ctx.gone.get(file_id, 0) + 1
+            ctx.gone[file_id] = gone
+            if gone < GONE_AFTER:
+                raise
+            logger.warning(
+                "run %s: the %s %s of batch %s is gone (404 %d times); its lines not "
+                "collected yet count as missing",
+                ctx.run_id,
+                column.replace("_id", "").replace("_", " "),
+                file_id,
+                shard.batch_id,
+                gone,
+            )
+            await ctx.journal.update(shard.key, **{column: None})
+        shard = await ctx.journal.shard(shard.key)
+    await settle_batch(ctx, shard, batch)
+    return Next(_S.COLLECTED)
+
+
+async def _retrieve_or_recall(ctx: RunContext, shard: Shard) -> Batch:
+    """A collecting shard's batch, or, when the server no longer has it, the batch as
+    the journal knows it (its status and files)."""
+    assert shard.batch_id is not None
+    try:
+        return await ctx.client.retrieve_batch(shard.batch_id)
+    except NotFoundError:
+        return Batch(
+            id=shard.batch_id,
+            endpoint=shard.url,
+            input_file_id=shard.file_id or "",
+            completion_window=None,
+            status=BatchStatus(shard.status or "completed"),
+            created_at=0,
+            output_file_id=shard.output_file_id,
+            error_file_id=shard.error_file_id,
+        )
+
+
+async def _cancel_and_track(ctx: RunContext, shard: Shard, batch: Batch) -> Next:
+    """The fleet stopped tracking a batch that still runs (its deadline): cancel it and
+    track it to its end, so no line runs twice."""
+    logger.warning(
+        "run %s: batch %s (shard %s) is still %s at its deadline; cancelling it",
+        ctx.run_id,
+        batch.id,
+        shard.key,
+        batch.wire_status,
+    )
+    await ctx.journal.update(shard.key, cancel_reason=shard.cancel_reason or "deadline")
+    return Next(_S.OPEN, batch)
+
+
+async def _recreate(ctx: RunContext, shard: Shard, batch: Batch) -> Next:
+    """``token_limit_exceeded``: create the batch again from the same file, later."""
+    if shard.creates >= ctx.config.max_recreates:
+        await settle(ctx, shard, batch, TOKEN_LIMIT_CODE, batch.outcome, retryable=False)
+        return Next(_S.COLLECTED)
+    delay = ctx.token_waits.backoff_delay(shard.creates)
+    logger.warning(
+        "run %s: batch %s (shard %s) failed with token_limit_exceeded; re-creating it "
+        "from file %s in %.0fs",
+        ctx.run_id,
+        batch.id,
+        shard.key,
+        shard.file_id,
+        delay,
+    )
+    assert shard.batch_id is not None
+    ctx.shard_of.pop(shard.batch_id, None)
+    await ctx.journal.move(
+        shard.key,
+        _S.UPLOADED,
+        creates=shard.creates + 1,
+        not_before=ctx.clock.now() + delay,
+        batch_id=None,
+        status=None,
+        create_key=None,
+        history=f"{shard.history} {batch.id}".strip(),
+        cancel_reason=None,
+        note=f"token_limit_exceeded on {batch.id}",
+    )
+    ctx.set_status(shard.key, "uploaded")
+    return Next(_S.UPLOADED)
+
+
+async def _with_output(ctx: RunContext, batch: Batch) -> Batch:
+    """A ``completed`` batch that reports finished requests but no output file yet
+    (a lag seen on OpenAI): retrieve it again a few times."""
+    tries = 0
+    while (
+        batch.status is BatchStatus.COMPLETED
+        and batch.output_file_id is None
+        and batch.request_counts is not None
+        and batch.request_counts.completed > 0
+        and tries < ctx.config.output_lag_retries
+    ):
+        await ctx.clock.sleep(ctx.step_waits.backoff_delay(tries))
+        tries += 1
+        batch = await ctx.client.retrieve_batch(batch.id)
+    return batch
+
+
+async def _read_file(
+    ctx: RunContext, shard: Shard, members: dict[str, Member], file_id: str, column: str
+) -> None:
+    """Stream one result file into the journal, resuming after the lines already
+    committed; each chunk of lines is one transaction with the new line count."""
+    skip = int(getattr(shard, column))
+    number = 0
+    finals: list[FinalResult] = []
+    retries: list[RetryLine] = []
+    tokens = [shard.input_tokens, shard.output_tokens]
+    config = ctx.config
+    held = 0  # bytes of the lines waiting for the next commit
+    cancelled_by_run = shard.cancel_reason == "run"
+
+    async def commit(upto: int) -> None:
+        await ctx.journal.record(
+            shard.key,
+            finals,
+            retries,
+            **{column: upto},
+            input_tokens=tokens[0],
+            output_tokens=tokens[1],
+        )
+        ctx.counted(finals, retries)
+        finals.clear()
+        retries.clear()
+        ctx.results_changed.set()
+
+    def final(
+        seq: int, kind: str, code: str | None, attempts: int, data: bytes, used: tuple[int, int]
+    ) -> FinalResult:
+        return FinalResult(
+            seq=seq,
+            kind=kind,
+            code=code,
+            shard=shard.key,
+            batch_id=shard.batch_id,
+            attempts=attempts,
+            data=data,
+            input_tokens=used[0],
+            output_tokens=used[1],
+        )
+
+    async with contextlib.aclosing(ctx.client.iter_file_lines(file_id)) as lines:
+        async for raw in lines:
+            number += 1
+            if number <= skip or not raw.strip():
+                continue
+            try:
+                result = decode_result_line(raw, what=f"line {number} of file {file_id}")
+            except DecodeError as exc:
+                # The request ran (and was paid): end it with the decode error rather
+                # than run it again, when the line says which request it is.
+                cid = undecodable(raw, members)
+                logger.warning("run %s: a result line does not decode: %s", ctx.run_id, exc)
+                if cid is not None:
+                    named = members[cid]
+                    members[cid] = Member(named.seq, named.attempts, False)
+                    why = "undecodable_result"
+                    line = own_error(cid, why, describe(exc))
+                    finals.append(final(named.seq, "error", why, named.attempts, line, (0, 0)))
+                continue
+            member = members.get(result.custom_id)
+            if member is None or not member.queued:
+                if member is None:
+                    logger.warning(
+                        "run %s: batch %s returned custom_id %r, which it was not sent",
+                        ctx.run_id,
+                        shard.batch_id,
+                        result.custom_id,
+                    )
+                continue
+            seq, attempts = member.seq, member.attempts
+            members[result.custom_id] = Member(seq, attempts, False)
+            kind, code, retryable = classify(result)
+            data = bytes(raw).strip()
+            held += len(data)
+            free = cancelled_by_run and code in CANCELLED_CODES
+            match fate(
+                attempts=attempts, retryable=retryable, free=free, max_rounds=config.max_rounds
+            ):
+                case Fate.AGAIN_FREE:
+                    # Our own cancel: the line runs again as if for the first time.
+                    retries.append(RetryLine(seq, attempts, None))
+                case Fate.AGAIN:
+                    retries.append(RetryLine(seq, attempts + 1, data))
+                case Fate.FINAL:
+                    used = line_tokens(result)
+                    tokens[0] += used[0]
+                    tokens[1] += used[1]
+                    finals.append(final(seq, kind, code, attempts, data, used))
+            if len(finals) + len(retries) >= config.collect_chunk or (
+                held >= config.collect_chunk_bytes
+            ):
+                await commit(number)
+                held = 0
+                await asyncio.sleep(0)  # let the other batches' tasks run
+    await commit(number)
+
+
+async def delete_files(ctx: RunContext, shard: Shard) -> None:
+    """``delete_files``: a collected shard's input, output and error files go; a file
+    that cannot be deleted is logged and left."""
+    if shard.state is not _S.COLLECTED:
+        return
+    for file_id in dict.fromkeys((shard.file_id, shard.output_file_id, shard.error_file_id)):
+        if file_id is None:
+            continue
+        try:
+            await ctx.client.delete_file(file_id)
+        except AiobatchError as exc:
+            logger.info("run %s: could not delete file %s: %s", ctx.run_id, file_id, exc)

@@ -1,0 +1,240 @@
+"""What a run's steps share: :class:`RunContext`.
+
+The steps (submit, collect, settle) are functions of a context and a shard that return
+the shard's next state; the context holds what they read and the run-wide bookkeeping
+they update (the enqueued-token budget, the shards' statuses for the progress display,
+the outcome counts), never the decision of what to do next.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from collections.abc import Callable, Sequence
+
+import attrs
+
+from .._aio import sleep_or_set
+from .._client import BatchClient
+from .._clock import Clock
+from .._fleet import Fleet
+from .._models import Batch
+from .._retry import RetryPolicy
+from ..errors import AiobatchError, APIStatusError, RateLimitError, RunError, describe
+from ._config import RunConfig
+from ._journal import Journal
+from ._progress import RunProgress
+from ._records import FinalResult, RetryLine, Shard
+from ._states import ShardState
+
+__all__ = ["Next", "RunContext", "Stop", "TokenBudget", "logger"]
+
+logger = logging.getLogger("aiobatch.run")
+
+
+class Stop(Exception):
+    """A step gave up because the run is stopping."""
+
+
+@attrs.frozen
+class Next:
+    """A step's answer: the shard's state now, and its batch when it has one (so the
+    fleet tracks it without asking for it again)."""
+
+    state: ShardState
+    batch: Batch | None = None
+
+
+@attrs.define(eq=False)
+class TokenBudget:
+    """Estimated prompt tokens enqueued per model (``enqueued_token_limits``): a shard
+    reserves before its create is sent and releases when its batch ends (or when the
+    create proved that no batch was made)."""
+
+    limits: dict[str, int]
+    changed: asyncio.Event = attrs.field(factory=asyncio.Event)
+    _enqueued: dict[str | None, int] = attrs.field(factory=dict)
+    _reserved: dict[str, tuple[str | None, int]] = attrs.field(factory=dict)
+
+    def reserve(self, shard: Shard) -> None:
+        """Count a shard's tokens as enqueued for its model (once)."""
+        if shard.key not in self._reserved:
+            self._reserved[shard.key] = (shard.model, shard.tokens)
+            self._enqueued[shard.model] = self._enqueued.get(shard.model, 0) + shard.tokens
+
+    def release(self, key: str) -> None:
+        """A shard's batch ended (or was proved never made): its tokens are free."""
+        reserved = self._reserved.pop(key, None)
+        if reserved is not None:
+            model, tokens = reserved
+            self._enqueued[model] = max(0, self._enqueued.get(model, 0) - tokens)
+            self.changed.set()
+
+    async def admit(self, shard: Shard, clock: Clock, stopping: asyncio.Event) -> None:
+        """Wait until the shard's tokens fit its model's limit, then reserve them.
+
+        Raises:
+            Stop: the run stopped meanwhile.
+        """
+        limit = self.limits.get(shard.model or "")
+        if limit is None:
+            return
+        while shard.key not in self._reserved and (
+            self._enqueued.get(shard.model, 0) > 0
+            and self._enqueued.get(shard.model, 0) + shard.tokens > limit
+        ):
+            self.changed.clear()
+            await sleep_or_set(clock, None, self.changed, stopping)
+            if stopping.is_set():
+                raise Stop
+        self.reserve(shard)
+
+
+@attrs.define(eq=False)
+class RunContext:
+    """The state a run's steps share (see the module notes)."""
+
+    client: BatchClient
+    config: RunConfig
+    journal: Journal
+    run_id: str
+    fleet: Fleet
+    emit: Callable[[], None]
+    max_lines: int
+    max_bytes: int
+    max_inputs: int | None
+    work_dir: str
+    stopping: asyncio.Event = attrs.field(factory=asyncio.Event)
+    changed: asyncio.Event = attrs.field(factory=asyncio.Event)
+    results_changed: asyncio.Event = attrs.field(factory=asyncio.Event)
+    budget: TokenBudget = attrs.field(init=False)
+    #: each shard's last status (or state before it has a batch), and how many shards
+    #: have each: the progress snapshot reads the counts, not every shard.
+    status: dict[str, str] = attrs.field(factory=dict)
+    status_counts: collections.Counter[str] = attrs.field(factory=collections.Counter)
+    counts: dict[str, int] = attrs.field(
+        factory=lambda: {"succeeded": 0, "failed": 0, "retrying": 0, "total": 0}
+    )
+    round: int = 0
+    #: batch id -> shard key, for the batches the fleet tracks.
+    shard_of: dict[str, str] = attrs.field(factory=dict)
+    #: result files answered 404, and how many times.
+    gone: dict[str, int] = attrs.field(factory=dict)
+    #: creates of a shard that came to nothing (its file was not found, or a lost create
+    #: proved never made) since it last had a batch: they stop the run at
+    #: ``max_step_failures`` although each recovery step succeeds.
+    setbacks: collections.Counter[str] = attrs.field(factory=collections.Counter)
+    step_waits: RetryPolicy = attrs.field(init=False)
+    token_waits: RetryPolicy = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        config = self.config
+        self.budget = TokenBudget(dict(config.enqueued_token_limits))
+        self.step_waits = RetryPolicy(
+            initial_delay=config.step_backoff, max_delay=max(config.step_backoff, 300.0)
+        )
+        # Doubling waits, without jitter: the enqueued tokens drain at the server's pace,
+        # and a wait shorter than asked only earns another failure.
+        self.token_waits = RetryPolicy(
+            initial_delay=config.token_limit_backoff,
+            max_delay=max(config.token_limit_backoff, config.token_limit_max_backoff),
+            jitter=None,
+        )
+
+    @property
+    def clock(self) -> Clock:
+        return self.client.clock
+
+    # --- statuses and progress -----------------------------------------------------------
+
+    def put_status(self, key: str, status: str) -> None:
+        """Note a shard's status (or state) for the progress display."""
+        old = self.status.get(key)
+        if old == status:
+            return
+        if old is not None:
+            self.status_counts[old] -= 1
+        self.status[key] = status
+        self.status_counts[status] += 1
+
+    def set_status(self, key: str, status: str) -> None:
+        """:meth:`put_status` and tell the display."""
+        self.put_status(key, status)
+        self.emit()
+
+    def progress(self, *, state: str, started_at: float) -> RunProgress:
+        """A snapshot of the run, for display."""
+        counts = self.counts
+        return RunProgress(
+            total=counts["total"],
+            succeeded=counts["succeeded"],
+            failed=counts["failed"],
+            retrying=counts["retrying"],
+            batches={name: n for name, n in self.status_counts.items() if n},
+            round=self.round,
+            elapsed=max(0.0, self.clock.now() - started_at) if started_at else 0.0,
+            state=state,
+        )
+
+    def counted(self, finals: Sequence[FinalResult], retries: Sequence[RetryLine]) -> None:
+        """Count new outcomes for the progress display."""
+        counts = self.counts
+        for final in finals:
+            counts["succeeded" if final.kind == "success" else "failed"] += 1
+            if final.attempts > 0:
+                counts["retrying"] -= 1
+        for retry in retries:
+            if retry.attempts == 1:
+                counts["retrying"] += 1
+        counts["retrying"] = max(0, counts["retrying"])
+
+    # --- waits and failures --------------------------------------------------------------
+
+    async def pause(self, seconds: float) -> None:
+        """Sleep on the clock; a stop cuts it short (raising :class:`Stop`)."""
+        if seconds > 0:
+            await sleep_or_set(self.clock, seconds, self.stopping)
+        if self.stopping.is_set():
+            raise Stop
+
+    def step_failed(self, what: str, failures: int, exc: AiobatchError) -> tuple[int, float]:
+        """Count a failed step and say how long to wait before the next try.
+
+        A rate limit (429) is the server pacing the run, not a failing step: it does not
+        count, so it never stops the run (OpenAI allows 2,000 creates an hour), and its
+        ``retry-after`` is waited out.
+
+        Returns:
+            The failures in a row, and the wait.
+
+        Raises:
+            RunError: the step failed ``max_step_failures`` times in a row.
+        """
+        if not isinstance(exc, RateLimitError):
+            failures += 1
+        if failures >= self.config.max_step_failures:
+            raise RunError(
+                f"run {self.run_id}: {what} failed {failures} times in a row: "
+                f"{describe(exc)}; the journal is intact: run again to continue"
+            ) from exc
+        delay = self.step_waits.backoff_delay(max(failures - 1, 0))
+        if isinstance(exc, APIStatusError) and exc.retry_after is not None:
+            delay = max(delay, exc.retry_after)
+        logger.warning(
+            "run %s: %s failed: %s; trying again in %.0fs", self.run_id, what, describe(exc), delay
+        )
+        return failures, delay
+
+    def set_back(self, key: str, why: str) -> None:
+        """Count a create of a shard that came to nothing.
+
+        Raises:
+            RunError: the shard's creates came to nothing ``max_step_failures`` times.
+        """
+        self.setbacks[key] += 1
+        if self.setbacks[key] >= self.config.max_step_failures:
+            raise RunError(
+                f"run {self.run_id}: shard {key} could not get a batch after "
+                f"{self.setbacks[key]} creates ({why}); the journal is intact"
+            )

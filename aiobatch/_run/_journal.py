@@ -1,0 +1,191 @@
+"""What a run asks of its journal: the :class:`Journal` protocol.
+
+A run writes everything it knows to its journal *before* it acts on it, so a run killed
+at any point continues where it stopped when started again:
+
+- the requests and the run's facts, in one go, before any shard is planned
+  (:meth:`Journal.ingest`);
+- each shard's intent (its requests) before its upload (:meth:`Journal.add_shard`);
+- its file id as soon as it is known, its create key before the create is sent, its
+  batch id, its status (:meth:`Journal.move`, :meth:`Journal.update`);
+- its results in chunks, each chunk with the count of lines read
+  (:meth:`Journal.record`), and its settling (:meth:`Journal.settle`), so no result is
+  recorded twice and every request ends with exactly one.
+
+Every method is a coroutine, so that a networked backend never blocks the event loop;
+the SQLite backend (:class:`~aiobatch._run._sqlite.SQLiteJournal`) runs its short
+statements in the loop's thread. A backend refuses a shard move the shard lifecycle
+(:mod:`aiobatch._run._states`) does not allow. ``tests/run/test_journal_contract.py`` is
+the contract every backend passes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Protocol
+
+from ._records import (
+    FinalResult,
+    JournalCounts,
+    Member,
+    PreparedRequest,
+    QueuedLine,
+    ResultRow,
+    RetryLine,
+    RunMeta,
+    Shard,
+    ShardPlan,
+)
+from ._states import ShardState
+
+__all__ = ["Ingest", "Journal"]
+
+
+class Ingest(Protocol):
+    """A new run's requests going into its journal: all or nothing."""
+
+    async def add(self, requests: Sequence[PreparedRequest]) -> None:
+        """Add accepted requests (in input order)."""
+
+    async def start(self, meta: RunMeta) -> None:
+        """Record the run's facts; the ingest commits when its block ends."""
+
+
+class Journal(Protocol):
+    """A run's journal (see the module notes)."""
+
+    @property
+    def location(self) -> str:
+        """Where the journal is (a path, or a database and run), for messages."""
+
+    async def close(self) -> None:
+        """Close it (safe to call twice)."""
+
+    # --- ownership -----------------------------------------------------------------------
+
+    async def acquire(self) -> None:
+        """Take the journal for this process: one run at a time.
+
+        Raises:
+            JournalError: another process runs it.
+        """
+
+    async def release(self) -> None:
+        """Let the journal go (safe to call twice)."""
+
+    # --- the run -------------------------------------------------------------------------
+
+    def ingest(self) -> AbstractAsyncContextManager[Ingest]:
+        """A block in which a new run's requests and facts are recorded, committed when
+        the block ends and rolled back when it raises."""
+
+    async def meta(self) -> RunMeta | None:
+        """The run's facts; None before a run was recorded."""
+
+    async def set_state(self, state: str, *, at: float, clear_cancel: bool = False) -> None:
+        """Record the run's state (and that it was alive at ``at``); ``clear_cancel``
+        drops a cancel flag left by an earlier process."""
+
+    async def touch(self, at: float) -> None:
+        """Record that the run was alive at ``at``."""
+
+    async def request_cancel(self, at: float) -> None:
+        """Flag the run for cancelling (``aiobatch cancel``, from another process)."""
+
+    async def cancel_requested(self) -> bool:
+        """Whether the run is flagged for cancelling."""
+
+    async def set_output(self, path: str) -> None:
+        """Record that the output file was written."""
+
+    # --- requests ------------------------------------------------------------------------
+
+    async def pending_count(self) -> int:
+        """Requests in no open shard (new, or waiting for a retry round)."""
+
+    async def has_fresh_pending(self) -> bool:
+        """Whether a pending request never failed (new, or put back by the run's own
+        cancel)."""
+
+    async def not_done_count(self) -> int:
+        """Requests without their final result."""
+
+    async def retrying_count(self) -> int:
+        """Requests without a final result that failed for a retryable reason."""
+
+    async def requeue_orphans(self) -> int:
+        """Requests left queued in a collected shard go back to pending; how many."""
+
+    async def pending_groups(self) -> list[tuple[str, str | None]]:
+        """The distinct (url, model) of the pending requests."""
+
+    def pending_requests(self, url: str, model: str | None) -> AsyncIterator[PreparedRequest]:
+        """The pending requests of one group, in input order, without their bytes."""
+
+    def shard_lines(self, key: str) -> AsyncIterator[Sequence[bytes]]:
+        """A shard's request lines (without newlines), in input order, in chunks."""
+
+    async def members(self, key: str) -> dict[str, Member]:
+        """A shard's requests by ``custom_id``."""
+
+    async def queued_at(self, key: str) -> dict[int, QueuedLine]:
+        """A shard's requests without an outcome, by their 1-based line in its file."""
+
+    # --- shards --------------------------------------------------------------------------
+
+    async def add_shard(self, key: str, plan: ShardPlan, *, planned_at: float) -> Shard:
+        """Record a shard's intent: its row (``planned``) and its requests queued in it."""
+
+    async def shard(self, key: str) -> Shard:
+        """A shard."""
+
+    async def shards(self, *states: ShardState) -> list[Shard]:
+        """The shards in any of ``states`` (all when none given), by key."""
+
+    async def shard_count(self) -> int:
+        """How many shards were planned."""
+
+    async def move(self, key: str, to: ShardState, **fields: Any) -> Shard:
+        """Move a shard to ``to`` and set ``fields`` at once.
+
+        Raises:
+            ShardMoveError: the shard lifecycle has no such move (nothing is written).
+        """
+
+    async def update(self, key: str, **fields: Any) -> None:
+        """Set fields of a shard other than its state."""
+
+    # --- results -------------------------------------------------------------------------
+
+    async def record(
+        self,
+        key: str | None,
+        finals: Sequence[FinalResult],
+        retries: Sequence[RetryLine] = (),
+        **fields: Any,
+    ) -> None:
+        """At once: final results (a request that has one keeps it), requests back to
+        pending, and fields of shard ``key``."""
+
+    async def settle(
+        self,
+        key: str,
+        finals: Sequence[FinalResult],
+        retries: Sequence[RetryLine],
+        **fields: Any,
+    ) -> Shard:
+        """:meth:`record` and the shard's move to ``collected``, at once."""
+
+    async def result_rows(self, *, order: str, after: int, limit: int) -> list[ResultRow]:
+        """Final results past a cursor (a ``seq`` in input order, an ``n`` in
+        completion order)."""
+
+    def result_lines(self, *, order: str) -> AsyncIterator[Iterable[bytes]]:
+        """Every final result line, in chunks, in ``order``."""
+
+    async def counts(self) -> JournalCounts:
+        """The run's figures."""
+
+    async def open_batches(self) -> list[Shard]:
+        """The shards whose batch is being tracked."""

@@ -1,0 +1,861 @@
+"""The run journal: a SQLite file that makes a run resumable after a crash.
+
+Everything a run knows is here, written before it acts on it:
+
+- ``meta``: the run id, the input's fingerprint, the run's state, a cancel flag that
+  ``aiobatch cancel`` sets from another process.
+- ``requests``: every accepted request line (its bytes, to build shard files and retry
+  rounds from), its state (``pending``: not in any open shard; ``queued``: in the open
+  shard ``shard``; ``done``: it has its final result), its retryable failures so far
+  (``attempts``) and the last of them (``last_error``).
+- ``shards``: one row per batch-to-be: the intent (its requests) is recorded before its
+  file is uploaded; then its file id, its create key (before the create is sent), its
+  batch id, its status, and how many lines of its output and error files are collected.
+- ``results``: the final result line of each request, at most one (the primary key is the
+  request's position); the row order is the completion order.
+
+The run writes through one connection from the event loop's thread; each write is a
+short transaction (``BEGIN IMMEDIATE``), so another process (``aiobatch status`` or
+``aiobatch cancel``) can read and flag the journal while a run goes on. WAL mode with
+``synchronous=NORMAL`` keeps every committed transaction through a killed process (only a
+power loss may lose the last ones).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import sqlite3
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from typing import IO, Any
+
+import attrs
+
+from ..errors import JournalError, ShardMoveError
+from ._records import (
+    SHARD_FIELDS,
+    FinalResult,
+    JournalCounts,
+    Member,
+    PreparedRequest,
+    QueuedLine,
+    ResultRow,
+    RetryLine,
+    RunMeta,
+    Shard,
+    ShardPlan,
+)
+from ._states import ShardState, allowed
+
+__all__ = ["SCHEMA_VERSION", "JournalFile", "SQLiteJournal", "run_is_live"]
+
+SCHEMA_VERSION = 5
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS requests (
+    seq INTEGER PRIMARY KEY,
+    custom_id TEXT NOT NULL UNIQUE,
+    line INTEGER NOT NULL,
+    url TEXT NOT NULL,
+    model TEXT,
+    tokens INTEGER NOT NULL,
+    inputs INTEGER NOT NULL DEFAULT 1,
+    data BLOB NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending',
+    shard TEXT,
+    pos INTEGER,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error BLOB
+);
+CREATE INDEX IF NOT EXISTS requests_pending ON requests (url, model, seq)
+    WHERE state = 'pending';
+CREATE INDEX IF NOT EXISTS requests_shard ON requests (shard, seq);
+CREATE TABLE IF NOT EXISTS shards (
+    key TEXT PRIMARY KEY,
+    round INTEGER NOT NULL,
+    url TEXT NOT NULL,
+    model TEXT,
+    lines INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,
+    tokens INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    planned_at REAL NOT NULL,
+    upload_started_at REAL,
+    file_id TEXT,
+    creates INTEGER NOT NULL DEFAULT 0,
+    create_key TEXT,
+    create_started_at REAL,
+    not_before REAL,
+    batch_id TEXT,
+    status TEXT,
+    output_file_id TEXT,
+    error_file_id TEXT,
+    output_done INTEGER NOT NULL DEFAULT 0,
+    error_done INTEGER NOT NULL DEFAULT 0,
+    cancel_reason TEXT,
+    history TEXT NOT NULL DEFAULT '',
+    input_tokens INTEGER NOT NULL DEFAULT 0,
+    output_tokens INTEGER NOT NULL DEFAULT 0,
+    note TEXT
+);
+CREATE INDEX IF NOT EXISTS shards_state ON shards (state);
+CREATE TABLE IF NOT EXISTS results (
+    n INTEGER PRIMARY KEY AUTOINCREMENT,
+    seq INTEGER NOT NULL UNIQUE REFERENCES requests (seq),
+    kind TEXT NOT NULL,
+    code TEXT,
+    shard TEXT,
+    batch_id TEXT,
+    attempts INTEGER NOT NULL,
+    input_tokens INTEGER NOT NULL DEFAULT 0,
+    output_tokens INTEGER NOT NULL DEFAULT 0,
+    data BLOB NOT NULL
+);
+"""
+
+_SHARD_SELECT = f"SELECT {', '.join(SHARD_FIELDS)} FROM shards"
+_META_FLOATS = ("started_at", "updated_at")
+
+
+def _shard(row: Sequence[Any]) -> Shard:
+    return Shard(**dict(zip(SHARD_FIELDS, row, strict=True)))
+
+
+def _check_move(key: str, source: ShardState, target: ShardState) -> None:
+    if not allowed(source, target):
+        raise ShardMoveError(
+            f"shard {key}: no move from {source.value!r} to {target.value!r} in the shard "
+            "lifecycle; this is a bug in aiobatch (nothing was written)",
+            shard=key,
+            source=source.value,
+            target=target.value,
+        )
+
+
+class JournalFile:
+    """A run's journal file, read and written synchronously (see the module notes).
+
+    :class:`SQLiteJournal` puts the run's :class:`~aiobatch._run._journal.Journal`
+    interface over it; ``aiobatch status`` and tests read it directly.
+
+    Args:
+        path: the SQLite file.
+        create: make the file when it does not exist (else :class:`JournalError`).
+        readonly: open for reading only (``aiobatch status``).
+        busy_timeout: how long a write waits for another process's write to end.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        create: bool = False,
+        readonly: bool = False,
+        busy_timeout: float = 10.0,
+    ) -> None:
+        self.path = os.fspath(path)
+        exists = os.path.exists(self.path)
+        if not exists and not create:
+            raise JournalError(f"no journal at {self.path}")
+        try:
+            if readonly:
+                uri = "file:" + os.path.abspath(self.path) + "?mode=ro"
+                self._db = sqlite3.connect(
+                    uri, uri=True, isolation_level=None, timeout=busy_timeout
+                )
+            else:
+                self._db = sqlite3.connect(self.path, isolation_level=None, timeout=busy_timeout)
+                if exists and not self._is_journal():
+                    self._db.close()
+                    raise JournalError(
+                        f"{self.path} is not an aiobatch journal (it holds other tables); "
+                        "choose another path"
+                    )
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")
+                # Checkpoint (and fsync) every 40 MB of log rather than every 4 MB:
+                # collection writes in bulk.
+                self._db.execute("PRAGMA wal_autocheckpoint=10000")
+                self._db.executescript(_SCHEMA)
+            version = self.get_meta("schema_version")
+        except sqlite3.DatabaseError as exc:
+            raise JournalError(f"{self.path} is not an aiobatch journal: {exc}") from exc
+        if version is None and exists and readonly:
+            raise JournalError(f"{self.path} is not an aiobatch journal (no schema version)")
+        if version is None and not readonly:
+            self.set_meta(schema_version=str(SCHEMA_VERSION))
+        elif version is not None and version != str(SCHEMA_VERSION):
+            raise JournalError(
+                f"{self.path} has journal schema {version}; this aiobatch reads {SCHEMA_VERSION}"
+            )
+        self.created = not exists
+
+    def _is_journal(self) -> bool:
+        """The open file is empty, or holds an aiobatch ``meta`` table."""
+        tables = {
+            str(name)
+            for (name,) in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        }
+        if not tables:
+            return True
+        if "meta" not in tables:
+            return False
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        return row is not None
+
+    def close(self) -> None:
+        """Close the file (safe to call twice)."""
+        self._db.close()
+
+    def __enter__(self) -> JournalFile:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction: committed on success, rolled back on any error.
+
+        Raises:
+            JournalError: another process held the journal's write lock for 10 s (a
+                run checking its input holds it that long).
+        """
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            raise JournalError(
+                f"{self.path} is busy ({exc}): a run is writing it (checking its input "
+                "takes a while); try again in a moment"
+            ) from exc
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # --- meta ----------------------------------------------------------------------------
+
+    def get_meta(self, key: str) -> str | None:
+        """A ``meta`` value, or None."""
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, **values: str | None) -> None:
+        """Set (or, with None, delete) ``meta`` values, in one transaction."""
+        with self.transaction() as db:
+            self.put_meta(db, values)
+
+    @staticmethod
+    def put_meta(db: sqlite3.Connection, values: Mapping[str, str | None]) -> None:
+        """Set (or, with None, delete) ``meta`` values inside the caller's transaction."""
+        for key, value in values.items():
+            if value is None:
+                db.execute("DELETE FROM meta WHERE key = ?", (key,))
+            else:
+                db.execute(
+                    "INSERT INTO meta (key, value) VALUES (?, ?) "
+                    "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    (key, value),
+                )
+
+    def meta_values(self) -> dict[str, str]:
+        """Every ``meta`` value, as stored."""
+        return {str(k): str(v) for k, v in self._db.execute("SELECT key, value FROM meta")}
+
+    def meta(self) -> RunMeta | None:
+        """The run's facts; None before a run was recorded in the file."""
+        values = self.meta_values()
+        if "run_id" not in values:
+            return None
+        names = {field.name for field in attrs.fields(RunMeta)}
+        fields: dict[str, Any] = {k: v for k, v in values.items() if k in names}
+        for name in _META_FLOATS:
+            if name in fields:
+                fields[name] = float(fields[name])
+        if "skipped" in fields:
+            fields["skipped"] = int(fields["skipped"])
+        return RunMeta(**fields)
+
+    def start(self, db: sqlite3.Connection, meta: RunMeta) -> None:
+        """Record a new run's facts inside the caller's transaction (the ingest's)."""
+        self.put_meta(
+            db,
+            {
+                "run_id": meta.run_id,
+                "source": meta.source,
+                "fingerprint": meta.fingerprint,
+                "started_at": repr(meta.started_at),
+                "updated_at": repr(meta.updated_at),
+                "state": meta.state,
+                "skipped": str(meta.skipped),
+                "problems": meta.problems,
+                "order": meta.order,
+            },
+        )
+
+    # --- requests ------------------------------------------------------------------------
+
+    def add_requests(self, db: sqlite3.Connection, requests: Iterable[PreparedRequest]) -> None:
+        """Insert accepted requests inside the caller's transaction."""
+        db.executemany(
+            "INSERT INTO requests (seq, custom_id, line, url, model, tokens, inputs, data) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                (r.seq, r.custom_id, r.line, r.url, r.model, r.tokens, r.inputs, r.data)
+                for r in requests
+            ),
+        )
+
+    def request_count(self) -> int:
+        """How many requests the run has."""
+        return int(self._db.execute("SELECT count(*) FROM requests").fetchone()[0])
+
+    def pending_count(self) -> int:
+        """How many requests are in no open shard (new, or waiting for a retry round)."""
+        query = "SELECT count(*) FROM requests WHERE state = 'pending'"
+        return int(self._db.execute(query).fetchone()[0])
+
+    def has_fresh_pending(self) -> bool:
+        """Whether a pending request never failed (new input, or put back by a cancel
+        of the run's own)."""
+        query = "SELECT 1 FROM requests WHERE state = 'pending' AND last_error IS NULL LIMIT 1"
+        return self._db.execute(query).fetchone() is not None
+
+    def not_done_count(self) -> int:
+        """How many requests have no final result yet."""
+        query = "SELECT count(*) FROM requests WHERE state != 'done'"
+        return int(self._db.execute(query).fetchone()[0])
+
+    def retrying_count(self) -> int:
+        """How many requests without a final result have failed for a retryable reason."""
+        query = "SELECT count(*) FROM requests WHERE state != 'done' AND attempts > 0"
+        return int(self._db.execute(query).fetchone()[0])
+
+    def requeue_orphans(self) -> int:
+        """Requests left ``queued`` in a shard already collected become pending again;
+        returns how many."""
+        with self.transaction() as db:
+            return int(
+                db.execute(
+                    "UPDATE requests SET state = 'pending' WHERE state = 'queued' AND shard IN "
+                    "(SELECT key FROM shards WHERE state = 'collected')"
+                ).rowcount
+            )
+
+    def pending_groups(self) -> list[tuple[str, str | None]]:
+        """The distinct (url, model) of the pending requests."""
+        return [
+            (str(url), None if model is None else str(model))
+            for url, model in self._db.execute(
+                "SELECT DISTINCT url, model FROM requests WHERE state = 'pending'"
+            )
+        ]
+
+    def pending_requests(
+        self, url: str, model: str | None, *, chunk: int = 10_000
+    ) -> Iterator[PreparedRequest]:
+        """The pending requests of one (url, model), in input order, read in chunks and
+        without their bytes (a request recorded in a shard meanwhile is not read again)."""
+        after = -1
+        while True:
+            rows = self._db.execute(
+                "SELECT seq, length(data) + 1, tokens, inputs FROM requests "
+                "WHERE state = 'pending' AND url = ? AND model IS ? AND seq > ? "
+                "ORDER BY seq LIMIT ?",
+                (url, model, after, chunk),
+            ).fetchall()
+            if not rows:
+                return
+            for seq, size, tokens, inputs in rows:
+                yield PreparedRequest(
+                    seq=int(seq),
+                    url=url,
+                    model=model,
+                    size=int(size),
+                    tokens=int(tokens),
+                    inputs=int(inputs),
+                )
+            after = int(rows[-1][0])
+
+    def shard_lines(self, key: str) -> Iterator[bytes]:
+        """The request lines of a shard, in input order, without newlines."""
+        for (data,) in self._db.execute(
+            "SELECT data FROM requests WHERE shard = ? AND state != 'pending' ORDER BY seq",
+            (key,),
+        ):
+            yield bytes(data)
+
+    def members(self, key: str) -> dict[str, Member]:
+        """A shard's requests (queued or resolved), by ``custom_id``."""
+        return {
+            str(cid): Member(int(seq), int(attempts), state == "queued")
+            for cid, seq, attempts, state in self._db.execute(
+                "SELECT custom_id, seq, attempts, state FROM requests WHERE shard = ?", (key,)
+            )
+        }
+
+    def queued_at(self, key: str) -> dict[int, QueuedLine]:
+        """A shard's requests that have no outcome yet, by their 1-based line in the
+        shard's file, in input order."""
+        return {
+            int(pos): QueuedLine(int(seq), str(cid), int(attempts))
+            for pos, seq, cid, attempts in self._db.execute(
+                "SELECT pos, seq, custom_id, attempts FROM requests "
+                "WHERE shard = ? AND state = 'queued' ORDER BY seq",
+                (key,),
+            )
+        }
+
+    # --- shards --------------------------------------------------------------------------
+
+    def add_shard(self, key: str, plan: ShardPlan, *, planned_at: float) -> Shard:
+        """Record a shard's intent in one transaction: its row, and its requests moved
+        from ``pending`` to ``queued`` in it. Its round is the most retryable failures
+        any of its requests has had."""
+        with self.transaction() as db:
+            db.executemany(
+                "UPDATE requests SET state = 'queued', shard = ?, pos = ? "
+                "WHERE seq = ? AND state = 'pending'",
+                ((key, pos, seq) for pos, seq in enumerate(plan.seqs, start=1)),
+            )
+            (round_,) = db.execute(
+                "SELECT coalesce(max(attempts), 0) FROM requests WHERE shard = ?", (key,)
+            ).fetchone()
+            db.execute(
+                "INSERT INTO shards (key, round, url, model, lines, bytes, tokens, state, "
+                "planned_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    key,
+                    int(round_),
+                    plan.url,
+                    plan.model,
+                    len(plan.seqs),
+                    plan.size,
+                    plan.tokens,
+                    ShardState.PLANNED.value,
+                    planned_at,
+                ),
+            )
+        return self.shard(key)
+
+    def shard(self, key: str) -> Shard:
+        """A shard's row."""
+        row = self._db.execute(_SHARD_SELECT + " WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            raise JournalError(f"{self.path}: no shard {key!r}")
+        return _shard(row)
+
+    def shards(self, *states: ShardState) -> list[Shard]:
+        """The shards in any of ``states`` (all when none given), by key."""
+        query = _SHARD_SELECT
+        values = tuple(state.value for state in states)
+        if states:
+            query += f" WHERE state IN ({', '.join('?' * len(states))})"
+        return [_shard(row) for row in self._db.execute(query + " ORDER BY key", values)]
+
+    def shard_count(self) -> int:
+        """How many shards were planned."""
+        return int(self._db.execute("SELECT count(*) FROM shards").fetchone()[0])
+
+    def _set(self, db: sqlite3.Connection, key: str, fields: Mapping[str, Any]) -> None:
+        unknown = set(fields) - set(SHARD_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown shard fields: {sorted(unknown)}")
+        sets = ", ".join(f"{name} = ?" for name in fields)
+        values = [v.value if isinstance(v, ShardState) else v for v in fields.values()]
+        db.execute(f"UPDATE shards SET {sets} WHERE key = ?", (*values, key))
+
+    def _move(self, db: sqlite3.Connection, key: str, to: ShardState, fields: Any) -> None:
+        row = db.execute("SELECT state FROM shards WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            raise JournalError(f"{self.path}: no shard {key!r}")
+        _check_move(key, ShardState(row[0]), to)
+        self._set(db, key, {**fields, "state": to})
+
+    def move(self, key: str, to: ShardState, **fields: Any) -> Shard:
+        """Move a shard to ``to`` and set ``fields``, in one transaction.
+
+        Raises:
+            ShardMoveError: the shard lifecycle has no such move (nothing is written).
+        """
+        with self.transaction() as db:
+            self._move(db, key, to, fields)
+        return self.shard(key)
+
+    def update(self, key: str, **fields: Any) -> None:
+        """Set fields of a shard other than its state (:meth:`move` changes that)."""
+        if "state" in fields or "key" in fields:
+            raise ValueError("a shard's state changes by move(), its key never")
+        if fields:
+            with self.transaction() as db:
+                self._set(db, key, fields)
+
+    # --- results -------------------------------------------------------------------------
+
+    def _record(
+        self,
+        db: sqlite3.Connection,
+        finals: Sequence[FinalResult],
+        retries: Sequence[RetryLine],
+    ) -> None:
+        # A request that already has its result keeps it.
+        db.executemany(
+            "INSERT OR IGNORE INTO results (seq, kind, code, shard, batch_id, attempts, "
+            "input_tokens, output_tokens, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                (
+                    f.seq,
+                    f.kind,
+                    f.code,
+                    f.shard,
+                    f.batch_id,
+                    f.attempts,
+                    f.input_tokens,
+                    f.output_tokens,
+                    f.data,
+                )
+                for f in finals
+            ),
+        )
+        db.executemany(
+            "UPDATE requests SET state = 'done' WHERE seq = ?", ((f.seq,) for f in finals)
+        )
+        db.executemany(
+            "UPDATE requests SET state = 'pending', attempts = ?, last_error = ? "
+            "WHERE seq = ? AND state != 'done'",
+            ((r.attempts, r.last_error, r.seq) for r in retries),
+        )
+
+    def record(
+        self,
+        key: str | None,
+        finals: Sequence[FinalResult],
+        retries: Sequence[RetryLine] = (),
+        **fields: Any,
+    ) -> None:
+        """In one transaction: final results (their requests become ``done``), requests
+        back to ``pending`` for another round, and fields of shard ``key``."""
+        with self.transaction() as db:
+            self._record(db, finals, retries)
+            if key is not None and fields:
+                self._set(db, key, fields)
+
+    def settle(
+        self,
+        key: str,
+        finals: Sequence[FinalResult],
+        retries: Sequence[RetryLine],
+        **fields: Any,
+    ) -> Shard:
+        """:meth:`record` and the shard's move to ``collected``, in one transaction."""
+        with self.transaction() as db:
+            self._record(db, finals, retries)
+            self._move(db, key, ShardState.COLLECTED, fields)
+        return self.shard(key)
+
+    def result_rows(
+        self, *, order: str = "input", after: int = -1, limit: int = 1000
+    ) -> list[ResultRow]:
+        """Final results past a cursor: ``order="input"`` walks ``seq`` (``after`` is a
+        seq), ``"completion"`` walks the completion counter ``n`` (``after`` is an
+        ``n``)."""
+        column = "r.seq" if order == "input" else "r.n"
+        return [
+            ResultRow(
+                n=int(n),
+                seq=int(seq),
+                custom_id=str(cid),
+                attempts=int(att),
+                batch_id=bid,
+                data=bytes(data),
+                kind=str(kind),
+            )
+            for n, seq, cid, att, bid, data, kind in self._db.execute(
+                "SELECT r.n, r.seq, q.custom_id, r.attempts, r.batch_id, r.data, r.kind "
+                f"FROM results r JOIN requests q ON q.seq = r.seq WHERE {column} > ? "
+                f"ORDER BY {column} LIMIT ?",
+                (after, limit),
+            )
+        ]
+
+    def result_lines(self, *, order: str = "input") -> Iterator[bytes]:
+        """Every final result line, streamed from the file (for the output file; no
+        write may happen on this connection while it is read)."""
+        column = "seq" if order == "input" else "n"
+        for (data,) in self._db.execute(f"SELECT data FROM results ORDER BY {column}"):
+            yield bytes(data)
+
+    def counts(self) -> JournalCounts:
+        """The figures of a report, read in one go."""
+        db = self._db
+        requests = dict(
+            db.execute("SELECT state, count(*) FROM requests GROUP BY state").fetchall()
+        )
+        kinds = dict(db.execute("SELECT kind, count(*) FROM results GROUP BY kind").fetchall())
+        codes = dict(
+            db.execute(
+                "SELECT coalesce(code, kind), count(*) FROM results WHERE kind != 'success' "
+                "GROUP BY coalesce(code, kind)"
+            ).fetchall()
+        )
+        tokens = db.execute(
+            "SELECT coalesce(sum(input_tokens), 0), coalesce(sum(output_tokens), 0) FROM results"
+        ).fetchone()
+        # Re-submitted: a retryable failure, and sent again (or ended) since; a request
+        # still waiting for its retry round is not re-submitted yet.
+        attempts = db.execute(
+            "SELECT coalesce(sum(attempts > 0 AND state != 'pending'), 0) FROM requests"
+        ).fetchone()
+        shard_states = dict(
+            db.execute("SELECT state, count(*) FROM shards GROUP BY state").fetchall()
+        )
+        statuses = dict(
+            db.execute(
+                "SELECT coalesce(status, state), count(*) FROM shards "
+                "GROUP BY coalesce(status, state)"
+            ).fetchall()
+        )
+        # creates counts a shard's batches that failed with token_limit_exceeded (each
+        # was made); the re-create of the last of them is not made yet while the shard
+        # has no batch.
+        batches = db.execute(
+            "SELECT count(batch_id) + coalesce(sum(creates), 0), coalesce(sum(creates), 0) "
+            "- coalesce(sum(creates > 0 AND batch_id IS NULL), 0) FROM shards"
+        ).fetchone()
+        rounds = db.execute("SELECT coalesce(max(round), 0) FROM shards").fetchone()[0]
+        return JournalCounts(
+            requests={str(k): int(v) for k, v in requests.items()},
+            kinds={str(k): int(v) for k, v in kinds.items()},
+            codes={str(k): int(v) for k, v in codes.items()},
+            input_tokens=int(tokens[0]),
+            output_tokens=int(tokens[1]),
+            retried=int(attempts[0]),
+            shard_states={str(k): int(v) for k, v in shard_states.items()},
+            statuses={str(k): int(v) for k, v in statuses.items()},
+            batches=int(batches[0]),
+            recreated=int(batches[1]),
+            rounds=int(rounds),
+        )
+
+    def open_batches(self) -> list[Shard]:
+        """Every shard whose batch is being tracked."""
+        return [s for s in self.shards(ShardState.OPEN) if s.batch_id is not None]
+
+
+class _FileLock:
+    """An exclusive lock on a journal, held by the process that runs it (released by
+    the OS when the process dies, however it dies)."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path + ".lock"
+        self._fh: IO[str] | None = None
+
+    def acquire(self) -> None:
+        fh = open(self._path, "a+")  # noqa: SIM115 - held for the run's lifetime
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            fh.seek(0)
+            owner = fh.read().strip() or "another process"
+            fh.close()
+            raise JournalError(
+                f"the journal {self._path[:-5]} is in use by {owner}; one run at a time"
+            ) from exc
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()}")
+        fh.flush()
+        self._fh = fh
+
+    def release(self) -> None:
+        if self._fh is not None:
+            fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
+            self._fh.close()
+            self._fh = None
+
+
+def run_is_live(journal_path: str | os.PathLike[str]) -> bool:
+    """Whether a process holds the journal (runs it) right now."""
+    lock = _FileLock(os.fspath(journal_path))
+    try:
+        lock.acquire()
+    except JournalError:
+        return True
+    lock.release()
+    return False
+
+
+def remove_journal(path: str) -> None:
+    """Delete a journal file and its side files (a run refused before it started)."""
+    for suffix in ("", "-wal", "-shm", ".lock"):
+        with contextlib.suppress(OSError):
+            os.unlink(path + suffix)
+
+
+def _chunks(lines: Iterator[bytes], size: int = 2000) -> Iterator[list[bytes]]:
+    chunk: list[bytes] = []
+    for line in lines:
+        chunk.append(line)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+class _SQLiteIngest:
+    def __init__(self, file: JournalFile, db: sqlite3.Connection) -> None:
+        self._file = file
+        self._db = db
+
+    async def add(self, requests: Sequence[PreparedRequest]) -> None:
+        self._file.add_requests(self._db, requests)
+
+    async def start(self, meta: RunMeta) -> None:
+        self._file.start(self._db, meta)
+
+
+class SQLiteJournal:
+    """The :class:`~aiobatch._run._journal.Journal` of a SQLite file (the default).
+
+    Its statements are short and run in the event loop's thread; the file's own
+    ``fcntl`` lock (``JOURNAL.lock``) keeps it to one process.
+
+    Args:
+        path: the SQLite file, created when missing and ``create`` is set.
+        create: make the file when it does not exist.
+        busy_timeout: how long a write waits for another process's write to end.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike[str], *, create: bool = False, busy_timeout: float = 10.0
+    ) -> None:
+        self.file = JournalFile(path, create=create, busy_timeout=busy_timeout)
+        self._lock = _FileLock(self.file.path)
+
+    @property
+    def location(self) -> str:
+        return self.file.path
+
+    async def close(self) -> None:
+        self.file.close()
+
+    async def acquire(self) -> None:
+        self._lock.acquire()
+
+    async def release(self) -> None:
+        self._lock.release()
+
+    @contextlib.asynccontextmanager
+    async def ingest(self) -> AsyncIterator[_SQLiteIngest]:
+        with self.file.transaction() as db:
+            yield _SQLiteIngest(self.file, db)
+
+    async def meta(self) -> RunMeta | None:
+        return self.file.meta()
+
+    async def set_state(self, state: str, *, at: float, clear_cancel: bool = False) -> None:
+        values: dict[str, str | None] = {"state": state, "updated_at": repr(at)}
+        if clear_cancel:
+            values["cancel_requested"] = None
+        self.file.set_meta(**values)
+
+    async def touch(self, at: float) -> None:
+        self.file.set_meta(updated_at=repr(at))
+
+    async def request_cancel(self, at: float) -> None:
+        self.file.set_meta(cancel_requested=repr(at))
+
+    async def cancel_requested(self) -> bool:
+        return bool(self.file.get_meta("cancel_requested"))
+
+    async def set_output(self, path: str) -> None:
+        self.file.set_meta(output_written=path)
+
+    async def pending_count(self) -> int:
+        return self.file.pending_count()
+
+    async def has_fresh_pending(self) -> bool:
+        return self.file.has_fresh_pending()
+
+    async def not_done_count(self) -> int:
+        return self.file.not_done_count()
+
+    async def retrying_count(self) -> int:
+        return self.file.retrying_count()
+
+    async def requeue_orphans(self) -> int:
+        return self.file.requeue_orphans()
+
+    async def pending_groups(self) -> list[tuple[str, str | None]]:
+        return self.file.pending_groups()
+
+    async def pending_requests(self, url: str, model: str | None) -> AsyncIterator[PreparedRequest]:
+        for request in self.file.pending_requests(url, model):
+            yield request
+
+    async def shard_lines(self, key: str) -> AsyncIterator[Sequence[bytes]]:
+        for chunk in _chunks(self.file.shard_lines(key)):
+            yield chunk
+
+    async def members(self, key: str) -> dict[str, Member]:
+        return self.file.members(key)
+
+    async def queued_at(self, key: str) -> dict[int, QueuedLine]:
+        return self.file.queued_at(key)
+
+    async def add_shard(self, key: str, plan: ShardPlan, *, planned_at: float) -> Shard:
+        return self.file.add_shard(key, plan, planned_at=planned_at)
+
+    async def shard(self, key: str) -> Shard:
+        return self.file.shard(key)
+
+    async def shards(self, *states: ShardState) -> list[Shard]:
+        return self.file.shards(*states)
+
+    async def shard_count(self) -> int:
+        return self.file.shard_count()
+
+    async def move(self, key: str, to: ShardState, **fields: Any) -> Shard:
+        return self.file.move(key, to, **fields)
+
+    async def update(self, key: str, **fields: Any) -> None:
+        self.file.update(key, **fields)
+
+    async def record(
+        self,
+        key: str | None,
+        finals: Sequence[FinalResult],
+        retries: Sequence[RetryLine] = (),
+        **fields: Any,
+    ) -> None:
+        self.file.record(key, finals, retries, **fields)
+
+    async def settle(
+        self,
+        key: str,
+        finals: Sequence[FinalResult],
+        retries: Sequence[RetryLine],
+        **fields: Any,
+    ) -> Shard:
+        return self.file.settle(key, finals, retries, **fields)
+
+    async def result_rows(self, *, order: str, after: int, limit: int) -> list[ResultRow]:
+        return self.file.result_rows(order=order, after=after, limit=limit)
+
+    async def result_lines(self, *, order: str) -> AsyncIterator[Iterable[bytes]]:
+        for chunk in _chunks(self.file.result_lines(order=order), 8192):
+            yield chunk
+
+    async def counts(self) -> JournalCounts:
+        return self.file.counts()
+
+    async def open_batches(self) -> list[Shard]:
+        return self.file.open_batches()

@@ -1,0 +1,296 @@
+"""Submission: a shard from its recorded intent to an open batch.
+
+How a shard is submitted is the provider's strategy (``Provider.quirks.submission``):
+:data:`FILE_SUBMISSION` uploads the shard's input file, then creates the batch from it
+(OpenAI, Azure, Portkey and compatible servers). A strategy is a table from the shard
+state a step works on to the step; each step takes the shard, does one thing, journals
+it, and returns the shard's :class:`Next` state. ``BatchRun`` only dispatches.
+
+Every step is safe to repeat after a crash:
+
+- a shard whose upload may have happened (``uploading``) is looked up by its file name
+  (``aiobatch-<run>-<shard>.jsonl``, same size) before it is uploaded again;
+- a shard whose create may have happened (``creating``) is looked up by its create key
+  (in the batch's metadata, beside ``aiobatch_run`` and ``aiobatch_shard``) and by its
+  input file, once the create had time to land (``create_settle``), and adopted; it is
+  created again only when the lookup proved that no batch was made.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from pathlib import Path
+from types import MappingProxyType
+from typing import BinaryIO
+
+from .._client import BatchClient
+from .._create import CREATE_KEY_METADATA
+from .._lifecycle import BatchStatus
+from .._models import Batch, File
+from ..errors import (
+    AiobatchError,
+    AmbiguousCreateError,
+    APIStatusError,
+    ConfigurationError,
+    LookupIncompleteError,
+    NotFoundError,
+    RunError,
+    TransportError,
+    describe,
+)
+from ._context import Next, RunContext, logger
+from ._outcomes import token_limited
+from ._records import Shard
+from ._settle import reject
+from ._states import ShardState
+
+__all__ = ["FILE_SUBMISSION", "WAITS", "Next", "find_shard_batch", "submission_steps"]
+
+#: Seconds allowed between this machine's clock and the server's when a lookup bounds
+#: a batch's or a file's ``created_at`` by when this run started the call.
+SKEW = 900.0
+
+_S = ShardState
+
+
+Step = Callable[[RunContext, Shard], Awaitable[Next]]
+
+
+def file_name(run_id: str, key: str) -> str:
+    """A shard's input file name: unique to the run and the shard."""
+    return f"aiobatch-{run_id}-{key}.jsonl"
+
+
+async def find_shard_batch(client: BatchClient, shard: Shard) -> Batch | None:
+    """The batch a shard's create (its last create key) made, if any.
+
+    The batch is looked for by its create key (in its metadata) and, for servers that do
+    not keep metadata, by the shard's input file: a batch made from that file since the
+    create started is the shard's (the file is the shard's own upload; the batches of it
+    that ended in ``token_limit_exceeded`` before, recorded in the shard's history, are
+    not). None means proved absent: the list, newest first, went below the create's
+    start (less a margin for clock skew) or ended.
+
+    Raises:
+        AiobatchError: the list could not be read (nothing is proved).
+    """
+    assert shard.create_key is not None
+    since = (shard.create_started_at or shard.planned_at) - SKEW
+    with contextlib.suppress(LookupIncompleteError):
+        found = await client.find_created_batch(shard.create_key, since=since, max_pages=1000)
+        if found is not None:
+            return found
+    earlier = set(shard.history.split())
+    async for batch in client.list_batches():
+        ours = batch.input_file_id == shard.file_id and batch.id not in earlier
+        if ours and not (batch.status is BatchStatus.FAILED and token_limited(batch)):
+            return batch
+        if batch.created_at < since:
+            return None
+    return None
+
+
+async def _find_upload(ctx: RunContext, name: str, size: int, since: float) -> File | None:
+    """A usable file named ``name`` of ``size`` bytes created after ``since`` (less a
+    margin for clock skew), or None (also when files cannot be listed). A file the
+    server marked ``error`` is not usable."""
+    horizon = since - SKEW
+    try:
+        async for file in ctx.client.list_files(purpose="batch", order="desc"):
+            if file.filename == name and file.bytes == size and file.status != "error":
+                return file
+            if file.created_at < horizon:
+                break
+    except AiobatchError as exc:
+        logger.warning(
+            "could not list files to find %s (%s); uploading it again", name, describe(exc)
+        )
+    return None
+
+
+def _open_file(folder: str, name: str) -> tuple[Path, BinaryIO]:
+    path = Path(folder)
+    path.mkdir(parents=True, exist_ok=True)
+    return path / name, (path / name).open("wb")
+
+
+def _write_lines(fh: BinaryIO, lines: Iterable[bytes]) -> int:
+    size = 0
+    for data in lines:
+        fh.write(data)
+        fh.write(b"\n")
+        size += len(data) + 1
+    return size
+
+
+async def _write_file(ctx: RunContext, shard: Shard, name: str) -> tuple[Path, int]:
+    """Write a shard's lines to its file in the work folder; return the path and the
+    bytes written."""
+    path, fh = _open_file(ctx.work_dir, name)
+    size = 0
+    with fh:
+        async for lines in ctx.journal.shard_lines(shard.key):
+            size += _write_lines(fh, lines)
+    return path, size
+
+
+async def upload(ctx: RunContext, shard: Shard) -> Next:
+    """``planned``/``uploading`` -> ``uploaded``: upload the shard's file, unless an
+    upload of it already landed."""
+    name = file_name(ctx.run_id, shard.key)
+    if shard.state is _S.UPLOADING and shard.upload_started_at is not None:
+        found = await _find_upload(ctx, name, shard.bytes, shard.upload_started_at)
+        if found is not None:
+            logger.info("run %s: shard %s: adopted upload %s", ctx.run_id, shard.key, found.id)
+            if ctx.client.provider.quirks.wait_for_processed_file:
+                found = await ctx.client.wait_for_file(found)
+            await ctx.journal.move(shard.key, _S.UPLOADED, file_id=found.id)
+            return Next(_S.UPLOADED)
+    path, size = await _write_file(ctx, shard, name)
+    if size != shard.bytes:
+        raise RunError(
+            f"run {ctx.run_id}: shard {shard.key} should be {shard.bytes} bytes, "
+            f"its lines make {size}; the journal is inconsistent"
+        )
+    if shard.state is _S.PLANNED:
+        await ctx.journal.move(shard.key, _S.UPLOADING, upload_started_at=ctx.clock.now())
+    else:
+        await ctx.journal.update(shard.key, upload_started_at=ctx.clock.now())
+    ctx.set_status(shard.key, "uploading")
+    try:
+        uploaded = await ctx.client.upload_file(
+            path, filename=name, expires_after_seconds=ctx.config.input_expires_after
+        )
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+    await ctx.journal.move(shard.key, _S.UPLOADED, file_id=uploaded.id)
+    return Next(_S.UPLOADED)
+
+
+async def create(ctx: RunContext, shard: Shard) -> Next:
+    """``uploaded`` -> ``creating`` -> ``open``: create the shard's batch; the create
+    key is journaled before the create is sent.
+
+    A create that may or may not have made a batch leaves the shard ``creating`` (its
+    tokens reserved) for :func:`resolve_create`.
+    """
+    assert shard.file_id is not None
+    key = f"{ctx.run_id}:{shard.key}:{shard.creates}"
+    await ctx.journal.move(
+        shard.key, _S.CREATING, create_key=key, create_started_at=ctx.clock.now()
+    )
+    ctx.set_status(shard.key, "creating")
+    metadata = {
+        **ctx.config.metadata,
+        "aiobatch_run": ctx.run_id,
+        "aiobatch_shard": shard.key,
+        CREATE_KEY_METADATA: key,
+    }
+    try:
+        batch = await ctx.client.create_batch(
+            shard.file_id,
+            shard.url,
+            completion_window=ctx.config.completion_window,
+            metadata=metadata,
+        )
+    except AmbiguousCreateError:
+        raise  # stays 'creating' (and reserved): looked up on the next step
+    except NotFoundError:
+        # The file is gone (or not visible yet): upload it again.
+        ctx.budget.release(shard.key)
+        await ctx.journal.move(shard.key, _S.PLANNED, file_id=None, upload_started_at=None)
+        ctx.set_status(shard.key, "planned")
+        ctx.set_back(shard.key, "its input file was not found")
+        raise
+    except (TransportError, APIStatusError) as exc:
+        # No attempt made a batch (the client proved it).
+        ctx.budget.release(shard.key)
+        if isinstance(exc, APIStatusError) and exc.status_code in (400, 422):
+            await reject(ctx, await ctx.journal.shard(shard.key), describe(exc))
+            return Next(_S.COLLECTED)
+        await ctx.journal.move(shard.key, _S.UPLOADED)
+        ctx.set_status(shard.key, "uploaded")
+        raise
+    return await opened(ctx, shard.key, batch)
+
+
+async def resolve_create(ctx: RunContext, shard: Shard, *, during_cancel: bool = False) -> Next:
+    """``creating`` -> ``open`` or ``uploaded``: a create may have been sent; adopt its
+    batch, or (when the lookup proved it absent, see :func:`find_shard_batch`) go back
+    to be created again; a lookup that fails is tried again later.
+
+    A create may still be on its way to the server (sent just before a crash or a
+    stop): the lookup is trusted only ``create_settle`` seconds after the create
+    started, as the client does after an ambiguous failure.
+    """
+    started = shard.create_started_at or shard.planned_at
+    settle = started + ctx.client.create_settle - ctx.clock.now()
+    if during_cancel:
+        await ctx.clock.sleep(max(settle, 0.0))
+    else:
+        await ctx.pause(settle)
+    found = await find_shard_batch(ctx.client, shard)
+    if found is not None:
+        logger.info("run %s: shard %s: adopted batch %s", ctx.run_id, shard.key, found.id)
+        return await opened(ctx, shard.key, found)
+    ctx.budget.release(shard.key)
+    await ctx.journal.move(shard.key, _S.UPLOADED)
+    ctx.set_status(shard.key, "uploaded")
+    ctx.set_back(shard.key, "a lost create proved never made")
+    return Next(_S.UPLOADED)
+
+
+async def opened(ctx: RunContext, key: str, batch: Batch) -> Next:
+    """``creating`` -> ``open``: the shard has its batch."""
+    ctx.setbacks.pop(key, None)
+    await ctx.journal.move(key, _S.OPEN, batch_id=batch.id, status=batch.status.value)
+    return Next(_S.OPEN, batch)
+
+
+async def ready_to_create(ctx: RunContext, shard: Shard) -> None:
+    """Wait out a token-limit backoff (``not_before``) and the enqueued-token budget.
+
+    Raises:
+        Stop: the run stopped meanwhile.
+    """
+    if shard.not_before is not None:
+        await ctx.pause(shard.not_before - ctx.clock.now())
+    await ctx.budget.admit(shard, ctx.clock, ctx.stopping)
+
+
+#: Upload the shard's file, then create its batch.
+FILE_SUBMISSION: Mapping[ShardState, Step] = MappingProxyType(
+    {
+        _S.PLANNED: upload,
+        _S.UPLOADING: upload,
+        _S.UPLOADED: create,
+        _S.CREATING: resolve_create,
+    }
+)
+
+_STRATEGIES: Mapping[str, Mapping[ShardState, Step]] = MappingProxyType({"file": FILE_SUBMISSION})
+
+#: Waits before a step, for every strategy: they are not work, so they run outside the
+#: submission slots and shards held back never hold up others.
+WAITS: Mapping[ShardState, Callable[[RunContext, Shard], Awaitable[None]]] = MappingProxyType(
+    {_S.UPLOADED: ready_to_create}
+)
+
+
+def submission_steps(client: BatchClient) -> Mapping[ShardState, Step]:
+    """The submission strategy of the client's provider.
+
+    Raises:
+        ConfigurationError: the provider names a strategy aiobatch does not have.
+    """
+    name = client.provider.quirks.submission
+    try:
+        return _STRATEGIES[name]
+    except KeyError:
+        raise ConfigurationError(
+            f"provider {client.provider.name!r} submits batches by {name!r}, which this "
+            f"aiobatch cannot do (it knows {sorted(_STRATEGIES)})"
+        ) from None
