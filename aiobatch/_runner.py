@@ -394,6 +394,8 @@ def _undecodable(
 def _check_output(output: str | None) -> None:
     """Refuse, before any work, an output file that cannot be written at the end."""
     if output is not None:
+        if os.path.isdir(output):
+            raise InputError(f"the output path {output} is a directory; give a file path")
         folder = os.path.dirname(os.path.abspath(output))
         if not os.path.isdir(folder):
             raise InputError(f"the output file's folder {folder} does not exist")

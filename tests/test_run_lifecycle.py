@@ -552,6 +552,27 @@ async def test_output_in_a_missing_folder_is_refused_before_anything_is_done(
     assert not output.parent.exists()
 
 
+@pytest.mark.parametrize("entry", ["run", "results"])
+async def test_output_path_that_is_a_directory_is_refused_before_anything_is_sent(
+    clock: VirtualClock, tmp_path: Path, entry: str
+) -> None:
+    """An output path that is an existing directory raises InputError naming it at once,
+    instead of after every batch has run: nothing is sent, no journal is left."""
+    source = write_jsonl(tmp_path / "in.jsonl", requests(3))
+    journal = tmp_path / "run.journal"
+    output = tmp_path / "results"
+    output.mkdir()
+    service = service_on(clock)
+    async with client_for(clock, service.transport()) as client, clock.auto_advance():
+        run = BatchRun(client, source, journal=journal, output=output, config=config())
+        with pytest.raises(InputError, match="is a directory") as caught:
+            await (run.run() if entry == "run" else _drain(run))
+    assert str(output) in str(caught.value)
+    assert service.requests == ()
+    assert journal_files(journal) == []
+    assert list(output.iterdir()) == []
+
+
 async def _drain(run: BatchRun) -> list[Any]:
     return [result async for result in run.results()]
 
