@@ -921,9 +921,7 @@ class BatchRun:
                 next_cancel_check = now + self._config.cancel_poll_interval
                 journal.set_meta(updated_at=repr(clock.now()))
                 self._emit_progress()  # elapsed time and ETA move on while nothing changes
-                if journal.get_meta("cancel_requested"):
-                    logger.warning("run %s: cancel requested in the journal", self._run_id)
-                    self._request_stop("cancelled")
+                if self._cancel_requested(journal):
                     return
             busy = bool(self._submitting or self._collecting or self._shard_of)
             pending = journal.pending_count()
@@ -950,6 +948,16 @@ class BatchRun:
             if pending and self._retry_since is not None:
                 wait = min(wait, self._retry_since + self._config.retry_coalesce - now)
             await sleep_or_set(clock, wait, self._changed)
+
+    def _cancel_requested(self, journal: Journal) -> bool:
+        """Whether ``aiobatch cancel`` flagged the journal; if so the run starts
+        cancelling."""
+        if not journal.get_meta("cancel_requested"):
+            return False
+        if not self._stopping.is_set():
+            logger.warning("run %s: cancel requested in the journal", self._run_id)
+        self._request_stop("cancelled")
+        return True
 
     def _requeue_orphans(self, journal: Journal) -> bool:
         """Requests left ``queued`` in a shard that is already collected (which should
@@ -1254,8 +1262,12 @@ class BatchRun:
             )
 
     async def _create(self, journal: Journal, row: ShardRow) -> None:
-        """Create the batch of an uploaded shard; the create key is journaled first."""
+        """Create the batch of an uploaded shard; the create key is journaled first.
+        A cancel flag is looked at first (a cheap read), so that a cancel requested since
+        the run last looked makes no new batch."""
         assert row.file_id is not None
+        if self._cancel_requested(journal):
+            raise _Stop
         key = f"{self._run_id}:{row.key}:{row.creates}"
         journal.update_shard(
             row.key, state="creating", create_key=key, create_started_at=self._clock.now()

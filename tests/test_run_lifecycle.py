@@ -718,6 +718,40 @@ async def test_cancel_flag_set_before_the_supervisor_runs_is_honoured(
     assert [line["custom_id"] for line in read_output(output)] == [i["custom_id"] for i in items]
 
 
+async def test_cancel_flag_set_just_before_a_create_creates_no_batch(
+    clock: VirtualClock, tmp_path: Path
+) -> None:
+    """A cancel flag set in the journal while a shard's file uploads (after the run last
+    looked at the flag) is seen before the create: no batch is made, the run ends
+    cancelled, and a later run completes."""
+    items = requests(4)
+    source = write_jsonl(tmp_path / "in.jsonl", items)
+    journal = tmp_path / "run.journal"
+    output = tmp_path / "out.jsonl"
+    service = service_on(clock)
+
+    async def flag_on_upload(request: Request, handle: Handler) -> Response:
+        if request.method == "POST" and path_of(request) == "/files":
+            request_cancel(journal)
+        return await handle(request)
+
+    async with client_for(clock, in_front(service, flag_on_upload)) as client:
+        async with clock.auto_advance():
+            run = BatchRun(client, source, journal=journal, output=output, config=config())
+            report = await run.run()
+        assert report.state == "cancelled"
+        assert service.batch_ids == []
+        assert service.request_count("POST", "/batches") == 0
+        assert report.pending == 4
+    async with client_for(clock, service.transport()) as client, clock.auto_advance():
+        final = await BatchRun(
+            client, source, journal=journal, output=output, config=config()
+        ).run()
+    assert final.state == "done"
+    assert final.succeeded == 4
+    assert len(service.batch_ids) == 1
+
+
 # --- 8. batch deadline ---------------------------------------------------------------------
 
 
