@@ -62,7 +62,7 @@ from ._fleet import BatchDone, DoneReason, Fleet, FleetConfig, StatusChanged
 from ._journal import Journal, ShardRow, dumps_compact
 from ._lifecycle import TERMINAL, BatchStatus
 from ._models import Batch, File, ResultError, ResultHTTPError, ResultLine, ResultSuccess
-from ._preflight import Preflight, PreparedRequest
+from ._preflight import LineProblem, Preflight, PreparedRequest
 from ._progress import RunProgress
 from ._report import RunReport, read_report
 from ._retry import RetryPolicy
@@ -399,6 +399,21 @@ def _check_output(output: str | None) -> None:
         folder = os.path.dirname(os.path.abspath(output))
         if not os.path.isdir(folder):
             raise InputError(f"the output file's folder {folder} does not exist")
+
+
+def _empty_input(name: str) -> PreflightError:
+    """An input file that holds no request (empty, or only blank lines): the caller's
+    mistake (a wrong or truncated file), not a run of nothing."""
+    message = "the file holds no requests (it is empty or has only blank lines)"
+    problem = LineProblem(
+        source=name, line=0, custom_id=None, field=None, code="empty_input", message=message
+    )
+    return PreflightError(
+        f"{name}: {message}; nothing was uploaded",
+        problems=(problem,),
+        count=1,
+        source=name,
+    )
 
 
 def _token_limited(batch: Batch) -> bool:
@@ -843,6 +858,8 @@ class BatchRun:
                     count=preflight.problem_count,
                     source=name,
                 )
+            if is_path and preflight.accepted == 0 and preflight.problem_count == 0:
+                raise _empty_input(name)
             now = self._clock.now()
             problems = [str(p) for p in preflight.problems[:100]]
             journal.put_meta(

@@ -49,7 +49,7 @@ from aiobatch import (
 )
 from aiobatch._journal import Journal
 from aiobatch._runner import cancel_batches
-from aiobatch.errors import InputError, TransportError
+from aiobatch.errors import InputError, PreflightError, TransportError
 from aiobatch.testing import FakeBatchService, Fault, VirtualClock, make_app
 from aiobatch.transport import Request, Response
 
@@ -586,14 +586,13 @@ async def _nothing() -> AsyncIterator[dict[str, Any]]:
         yield item
 
 
-@pytest.mark.parametrize("kind", ["empty-file", "empty-list", "empty-async"])
+@pytest.mark.parametrize("kind", ["empty-list", "empty-async"])
 async def test_empty_input_completes_with_an_empty_output(
     clock: VirtualClock, tmp_path: Path, kind: str
 ) -> None:
-    """An empty input completes: a "done" report with 0 requests, an empty output file,
-    nothing sent to the server."""
+    """An empty iterable source completes: a "done" report with 0 requests, an empty
+    output file, nothing sent to the server."""
     sources: dict[str, Callable[[], Any]] = {
-        "empty-file": lambda: write_jsonl(tmp_path / "in.jsonl", []),
         "empty-list": list,
         "empty-async": _nothing,
     }
@@ -614,6 +613,29 @@ async def test_empty_input_completes_with_an_empty_output(
     assert output.read_bytes() == b""
     assert service.batch_ids == []
     assert service.file_ids == []
+
+
+@pytest.mark.parametrize("content", [b"", b"\n  \n\t\r\n\n"], ids=["empty", "blank-lines"])
+async def test_an_input_file_without_requests_is_refused_before_anything_is_sent(
+    clock: VirtualClock, tmp_path: Path, content: bytes
+) -> None:
+    """An input file that is empty or holds only blank lines raises PreflightError (code
+    ``empty_input``) naming the file: nothing is sent, no journal or output is left."""
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(content)
+    journal = tmp_path / "run.journal"
+    output = tmp_path / "out.jsonl"
+    service = service_on(clock)
+    async with client_for(clock, service.transport()) as client, clock.auto_advance():
+        run = BatchRun(client, source, journal=journal, output=output, config=config())
+        with pytest.raises(PreflightError, match="no requests") as caught:
+            await run.run()
+    assert str(source) in str(caught.value)
+    assert caught.value.source == str(source)
+    assert [problem.code for problem in caught.value.problems] == ["empty_input"]
+    assert service.requests == ()
+    assert journal_files(journal) == []
+    assert not output.exists()
 
 
 # --- 7. aiobatch cancel early --------------------------------------------------------------
