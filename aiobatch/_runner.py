@@ -1223,7 +1223,8 @@ class BatchRun:
         return folder
 
     async def _upload(self, journal: Journal, row: ShardRow) -> None:
-        """Upload a planned shard's file, unless an upload of it already landed."""
+        """Upload a planned shard's file, unless an upload of it already landed; then
+        delete the extra copies that uploads whose answer was lost left."""
         name = self._file_name(row.key)
         if row.upload_started_at is not None:
             found = await self._find_upload(name, row.bytes, row.upload_started_at)
@@ -1233,6 +1234,7 @@ class BatchRun:
                     found = await self._client.wait_for_file(found)
                 journal.update_shard(row.key, state="uploaded", file_id=found.id)
                 self._set_status(row.key, "uploaded")
+                await self._delete_extra_uploads(journal, row, found.id, row.upload_started_at)
                 return
         path = self._work_dir() / name
         size = _write_lines(path, journal.shard_lines(row.key))
@@ -1241,7 +1243,9 @@ class BatchRun:
                 f"run {self._run_id}: shard {row.key} should be {row.bytes} bytes, "
                 f"its lines make {size}; the journal is inconsistent"
             )
-        journal.update_shard(row.key, upload_started_at=self._clock.now())
+        # The first attempt's start is kept: the copies of every attempt are looked for.
+        started = row.upload_started_at or self._clock.now()
+        journal.update_shard(row.key, upload_started_at=started)
         self._set_status(row.key, "uploading")
         try:
             uploaded = await self._client.upload_file(
@@ -1252,6 +1256,7 @@ class BatchRun:
                 path.unlink()
         journal.update_shard(row.key, state="uploaded", file_id=uploaded.id)
         self._set_status(row.key, "uploaded")
+        await self._delete_extra_uploads(journal, row, uploaded.id, started)
 
     async def _find_upload(self, name: str, size: int, since: float) -> File | None:
         """A usable file named ``name`` of ``size`` bytes created after ``since`` (less a
@@ -1269,6 +1274,60 @@ class BatchRun:
                 "could not list files to find %s (%s); uploading it again", name, describe(exc)
             )
         return None
+
+    async def _delete_extra_uploads(
+        self, journal: Journal, row: ShardRow, kept: str, since: float
+    ) -> None:
+        """Delete the other copies of a shard's input file once its file id is recorded:
+        an upload whose answer was lost (and was then sent again, or looked up) leaves
+        one on the server, unused. A copy is known by its name (unique to the run and the
+        shard) and size. Nothing here fails the run: a list or delete that fails is
+        logged, and the copies it could not reach stay."""
+        name = self._file_name(row.key)
+        horizon = since - _SKEW
+        extras: list[str] = []
+        try:
+            async for file in self._client.list_files(purpose="batch", order="desc"):
+                if file.filename == name and file.bytes == row.bytes and file.id != kept:
+                    extras.append(file.id)
+                if file.created_at < horizon:
+                    break
+        except AiobatchError as exc:
+            logger.info(
+                "run %s: could not list files to find extra copies of %s (%s)",
+                self._run_id,
+                name,
+                describe(exc),
+            )
+        deleted = 0
+        for file_id in extras:
+            try:
+                await self._client.delete_file(file_id)
+            except AiobatchError as exc:
+                logger.warning(
+                    "run %s: could not delete %s, an extra copy of the input file of shard "
+                    "%s (%s); it is unused and can be deleted by hand",
+                    self._run_id,
+                    file_id,
+                    row.key,
+                    describe(exc),
+                )
+                continue
+            deleted += 1
+        if deleted:
+            with journal.transaction() as db:
+                total = int(journal.get_meta("extra_uploads_deleted") or 0) + deleted
+                journal.put_meta(db, {"extra_uploads_deleted": str(total)})
+            logger.warning(
+                "run %s: %d extra cop%s of the input file of shard %s (%s), left by lost "
+                "upload answers, deleted; the batch uses %s",
+                self._run_id,
+                deleted,
+                "y" if deleted == 1 else "ies",
+                row.key,
+                name,
+                kept,
+            )
 
     def _set_back(self, key: str, why: str) -> None:
         self._setbacks[key] += 1
