@@ -3,6 +3,8 @@ the bound on the batches a run creates for the same requests.
 
 Every test drives the in-memory fake service on a virtual clock and checks what a user
 sees: the service's batches and their input files, the results, the report and the log.
+Where the fake has no switch for a server behaviour (result lines that carry only an
+``error.code``), a small handler in front of the service plays it.
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import chat_line, client_for, config, service_on
+from conftest import Handler, chat_line, client_for, config, in_front, service_on
 
 from aiobatch import BatchRun, ResultError, RunReport, RunResult
 from aiobatch.errors import RunError, TooManyBatchesError
-from aiobatch.testing import FakeBatchService, VirtualClock
+from aiobatch.testing import FakeBatchService, LineErrorRule, VirtualClock
+from aiobatch.transport import Request, Response
 
 MODEL = "gpt-4o-mini"
 
@@ -207,3 +210,124 @@ async def test_by_default_a_request_goes_in_at_most_11_batches_beyond_its_rounds
                 await run.run()
     assert caught.value.limit == 1 + max_rounds + 10
     assert max((await sent_in(service)).values()) == 1 + max_rounds + 10
+
+
+# --- which failed result lines run again --------------------------------------------------
+
+
+def error_lines_for(service: FakeBatchService, codes: Mapping[str, str]) -> Any:
+    """A transport to ``service`` whose result files answer each custom_id in ``codes``
+    with a line that never got a response, ``error.code`` set to its code (as some
+    compatible servers write for a line they dropped)."""
+
+    async def handler(request: Request, forward: Handler) -> Response:
+        response = await forward(request)
+        if request.method != "GET" or not request.url.endswith("/content"):
+            return response
+        lines = []
+        for raw in (await response.read()).splitlines():
+            item = json.loads(raw)
+            code = codes.get(item.get("custom_id"))
+            if code is not None and "response" in item:
+                item["response"] = None
+                item["error"] = {"code": code, "message": f"the server said {code}"}
+            lines.append(json.dumps(item).encode())
+        headers = {k: v for k, v in response.headers.items() if k != "content-length"}
+        return Response(response.status, headers, b"".join(line + b"\n" for line in lines))
+
+    return in_front(service, handler)
+
+
+#: (how the line failed, whether it runs again): HTTP statuses of the line's response.
+STATUS_ROWS = [
+    (408, True),
+    (429, True),
+    (500, True),
+    (502, True),
+    (503, True),
+    (400, False),
+    (401, False),
+    (404, False),
+    (422, False),
+]
+#: ``error.code`` of a line that got no response.
+CODE_ROWS = [
+    ("batch_expired", True),
+    ("batch_cancelled", True),
+    ("batch_canceled", True),
+    ("rate_limit_exceeded", True),
+    ("server_error", True),
+    ("internal_error", True),
+    ("timeout", True),
+    ("service_unavailable", True),
+    ("invalid_prompt", False),
+    ("content_policy_violation", False),
+]
+
+
+async def _one_line_run(
+    clock: VirtualClock, tmp_path: Path, service: FakeBatchService, transport: Any, rounds: int
+) -> tuple[RunResult, int]:
+    """Run one request ``x`` with ``max_rounds=rounds``: its result, and the batches it
+    was sent in."""
+    source = write_jsonl(tmp_path / "in.jsonl", [chat_line("x", model=MODEL)])
+    async with client_for(clock, transport) as client:
+        run = BatchRun(
+            client, source, journal=tmp_path / "run.journal", config=config(max_rounds=rounds)
+        )
+        async with clock.auto_advance():
+            _report, results = await run_to_end(run)
+    (result,) = results
+    return result, (await sent_in(service))["x"]
+
+
+@pytest.mark.parametrize(("status", "retried"), STATUS_ROWS)
+async def test_a_line_answered_with_an_http_error_runs_again_only_when_transient(
+    clock: VirtualClock, tmp_path: Path, status: int, retried: bool
+) -> None:
+    """A line answered with 408, 429 or 5xx goes to a retry round; any other 4xx is its
+    final result at once."""
+    service = service_on(clock, line_errors=[LineErrorRule(status=status, custom_ids={"x"})])
+    result, sent = await _one_line_run(clock, tmp_path, service, service.transport(), 1)
+    assert getattr(result.result, "status_code", None) == status
+    assert (sent, result.attempts) == ((2, 1) if retried else (1, 0))
+
+
+@pytest.mark.parametrize(("code", "retried"), CODE_ROWS)
+async def test_a_line_that_got_no_response_runs_again_only_for_a_transient_code(
+    clock: VirtualClock, tmp_path: Path, code: str, retried: bool
+) -> None:
+    """A line with no response goes to a retry round when its error code says it never
+    ran or failed transiently (expired, cancelled, rate limited, server error, timeout,
+    unavailable); any other code is its final result at once."""
+    service = service_on(clock)
+    transport = error_lines_for(service, {"x": code})
+    result, sent = await _one_line_run(clock, tmp_path, service, transport, 1)
+    assert error_code(result) == code
+    assert (sent, result.attempts) == ((2, 1) if retried else (1, 0))
+
+
+# --- how many times a line runs -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rounds", [0, 1, 3])
+@pytest.mark.parametrize("how", ["its-result-line", "its-batch"])
+async def test_a_line_that_always_fails_transiently_runs_exactly_1_plus_max_rounds_times(
+    clock: VirtualClock, tmp_path: Path, rounds: int, how: str
+) -> None:
+    """A line that fails for a retryable reason every time (a 500 answer, or its whole
+    batch failing) is sent in exactly 1 + max_rounds batches and ends with that error."""
+    if how == "its-result-line":
+        service = service_on(clock, line_errors=[LineErrorRule(status=500, custom_ids={"x"})])
+    else:
+        service = service_on(clock)
+        service.fail_next_batches("server_error", count=10)
+    result, sent = await _one_line_run(clock, tmp_path, service, service.transport(), rounds)
+    assert sent == 1 + rounds
+    assert len(service.batch_ids) == 1 + rounds
+    assert result.attempts == rounds
+    assert not result.ok
+    if how == "its-result-line":
+        assert getattr(result.result, "status_code", None) == 500
+    else:
+        assert error_code(result) == "batch_failed"
