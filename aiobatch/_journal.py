@@ -7,7 +7,8 @@ Everything a run knows is here, written before it acts on it:
 - ``requests``: every accepted request line (its bytes, to build shard files and retry
   rounds from), its state (``pending``: not in any open shard; ``queued``: in the open
   shard ``shard``; ``done``: it has its final result), its retryable failures so far
-  (``attempts``) and the last of them (``last_error``).
+  (``attempts``) and the last of them (``last_error``), and how many shards (batches,
+  not counting ``token_limit_exceeded`` re-creates) it was put in (``batches``).
 - ``shards``: one row per batch-to-be: the intent (its requests) is recorded before its
   file is uploaded; then its file id, its create key (before the create is sent), its
   batch id, its status, and how many lines of its output and error files are collected.
@@ -35,7 +36,7 @@ from .errors import JournalError
 
 __all__ = ["SCHEMA_VERSION", "Journal", "ShardRow"]
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -55,7 +56,8 @@ CREATE TABLE IF NOT EXISTS requests (
     shard TEXT,
     pos INTEGER,
     attempts INTEGER NOT NULL DEFAULT 0,
-    last_error BLOB
+    last_error BLOB,
+    batches INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS requests_pending ON requests (url, model, seq)
     WHERE state = 'pending';
@@ -221,6 +223,8 @@ class Journal:
                 # Checkpoint (and fsync) every 40 MB of log rather than every 4 MB:
                 # collection writes in bulk.
                 self._db.execute("PRAGMA wal_autocheckpoint=10000")
+                if exists:
+                    self._upgrade()
                 self._db.executescript(_SCHEMA)
             version = self.get_meta("schema_version")
         except sqlite3.DatabaseError as exc:
@@ -229,11 +233,30 @@ class Journal:
             raise JournalError(f"{self.path} is not an aiobatch journal (no schema version)")
         if version is None and not readonly:
             self.set_meta(schema_version=str(SCHEMA_VERSION))
-        elif version is not None and version != str(SCHEMA_VERSION):
+        elif (
+            version is not None
+            and version != str(SCHEMA_VERSION)
+            and not (
+                readonly and version == "4"  # what ``status`` reads is the same
+            )
+        ):
             raise JournalError(
                 f"{self.path} has journal schema {version}; this aiobatch reads {SCHEMA_VERSION}"
             )
         self.created = not exists
+
+    def _upgrade(self) -> None:
+        """Bring a schema 4 journal to 5: ``requests.batches`` is added, estimated from
+        what the journal knows (its rounds, and the shard it is in)."""
+        row = self._db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+        ).fetchone()
+        if row is None or self.get_meta("schema_version") != "4":
+            return
+        with self.transaction() as db:
+            db.execute("ALTER TABLE requests ADD COLUMN batches INTEGER NOT NULL DEFAULT 0")
+            db.execute("UPDATE requests SET batches = attempts + (state != 'pending')")
+            self.put_meta(db, {"schema_version": str(SCHEMA_VERSION)})
 
     def _is_journal(self) -> bool:
         """The open file is empty, or holds an aiobatch ``meta`` table."""
@@ -429,7 +452,7 @@ class Journal:
         requests moved from ``pending`` to ``queued`` in it. Returns its round: the most
         retryable failures any of its requests has had."""
         db.executemany(
-            "UPDATE requests SET state = 'queued', shard = ?, pos = ? "
+            "UPDATE requests SET state = 'queued', shard = ?, pos = ?, batches = batches + 1 "
             "WHERE seq = ? AND state = 'pending'",
             ((key, pos, seq) for pos, seq in enumerate(seqs, start=1)),
         )
@@ -442,6 +465,17 @@ class Journal:
             (key, int(round_), url, model, len(seqs), size, tokens, planned_at),
         )
         return int(round_)
+
+    @staticmethod
+    def most_batches(db: sqlite3.Connection, key: str) -> tuple[str, int]:
+        """(custom_id, batches) of the request of a shard that was put in the most
+        shards (``requests.batches``), inside the caller's transaction."""
+        cid, batches = db.execute(
+            "SELECT custom_id, batches FROM requests WHERE shard = ? "
+            "ORDER BY batches DESC, seq LIMIT 1",
+            (key,),
+        ).fetchone()
+        return str(cid), int(batches)
 
     def shard(self, key: str) -> ShardRow:
         """A shard's row."""

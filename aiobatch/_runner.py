@@ -24,7 +24,12 @@ Lines that failed for a retryable reason (the batch expired or was cancelled, an
 408, 429 or 5xx, or the line never came back) go into new batches, up to
 ``max_rounds`` rounds; permanent errors (other 4xx) are final results. A batch that
 failed with ``token_limit_exceeded`` is created again from the file already uploaded,
-after a backoff, without spending its requests' rounds.
+after a backoff, without spending its requests' rounds (at most ``max_recreates`` times
+per shard). A batch that failed validation naming lines of its file ends those lines,
+and its other lines go into a new batch without spending a round; when a named line is
+not one of the file's, no line is blamed and every line spends a round. Whatever
+happens, no request goes into more than ``max_batches_per_request`` batches: the run
+stops with :class:`~aiobatch.errors.TooManyBatchesError` first.
 """
 
 from __future__ import annotations
@@ -82,6 +87,7 @@ from .errors import (
     PermissionDeniedError,
     PreflightError,
     RunError,
+    TooManyBatchesError,
     TransportError,
     describe,
 )
@@ -140,6 +146,9 @@ PERMANENT_BATCH_CODES = frozenset(
     }
 )
 TOKEN_LIMIT_CODE = "token_limit_exceeded"
+#: Batches a request may go into, beyond its ``1 + max_rounds``, by default (see
+#: ``RunConfig.max_batches_per_request``): re-sends that spend no round.
+_FREE_BATCHES = 10
 #: A result file answered 404 this many times is taken as gone (deleted or expired).
 _GONE_AFTER = 3
 #: Seconds allowed between this machine's clock and the server's when a lookup bounds
@@ -204,6 +213,12 @@ class RunConfig:
         token_limit_max_backoff: the longest such wait.
         max_recreates: re-creates per shard after ``token_limit_exceeded``, after which
             its lines end with that error.
+        max_batches_per_request: the most batches any one request is put in (not
+            counting the ``token_limit_exceeded`` re-creates of one batch, which
+            ``max_recreates`` bounds); a run about to go past it stops with
+            :class:`~aiobatch.errors.TooManyBatchesError` instead. None:
+            ``1 + max_rounds + 10``, room for re-sends that spend no round (after a
+            batch failed because of other lines, or was cancelled by the run).
         step_backoff: the first wait before trying a failed step (upload, create
             lookup, collection) again; it doubles per failure.
         max_step_failures: failures of one step in a row after which the run stops
@@ -243,6 +258,7 @@ class RunConfig:
     token_limit_backoff: float = attrs.field(default=60.0, validator=_non_negative)
     token_limit_max_backoff: float = attrs.field(default=1800.0, validator=_non_negative)
     max_recreates: int = attrs.field(default=100, validator=_non_negative)
+    max_batches_per_request: int | None = attrs.field(default=None, validator=_positive)
     step_backoff: float = attrs.field(default=5.0, validator=_non_negative)
     max_step_failures: int = attrs.field(default=10, validator=_positive)
     output_lag_retries: int = attrs.field(default=3, validator=_non_negative)
@@ -414,6 +430,21 @@ def _empty_input(name: str) -> PreflightError:
         count=1,
         source=name,
     )
+
+
+def _describe_errors(batch: Batch, most: int = 5) -> str:
+    """A failed batch's errors (``errors.data``) in one line: code, line, message."""
+    errors = batch.errors.data if batch.errors is not None else ()
+    parts = [
+        f"{error.code or 'error'}"
+        + (f" at line {error.line}" if error.line is not None else "")
+        + (f": {error.message}" if error.message else "")
+        for error in errors
+    ]
+    if not parts:
+        return "no errors given"
+    shown = "; ".join(parts[:most])
+    return shown + (f" (and {len(parts) - most} more)" if len(parts) > most else "")
 
 
 def _token_limited(batch: Batch) -> bool:
@@ -1011,17 +1042,25 @@ class BatchRun:
             ):
                 key = f"s{index:06d}"
                 index += 1
-                with journal.transaction() as db:
-                    round_ = journal.add_shard(
-                        db,
-                        key=key,
-                        url=plan.url,
-                        model=plan.model,
-                        seqs=plan.seqs,
-                        size=plan.size,
-                        tokens=plan.tokens,
-                        planned_at=now,
-                    )
+                try:
+                    with journal.transaction() as db:
+                        round_ = journal.add_shard(
+                            db,
+                            key=key,
+                            url=plan.url,
+                            model=plan.model,
+                            seqs=plan.seqs,
+                            size=plan.size,
+                            tokens=plan.tokens,
+                            planned_at=now,
+                        )
+                        self._check_batches(journal, db, key)
+                except TooManyBatchesError as exc:
+                    # Not recorded: its requests stay pending, for a run with a higher
+                    # limit (the shards recorded before it are resumed by that run).
+                    self._failure = exc
+                    self._stopping.set()
+                    return
                 self._round = max(self._round, round_)
                 keys.append(key)
         for key in keys:
@@ -1030,6 +1069,25 @@ class BatchRun:
         if keys:
             logger.info("run %s: planned %d batch(es)", self._run_id, len(keys))
         self._emit_progress()
+
+    def _check_batches(self, journal: Journal, db: Any, key: str) -> None:
+        """Refuse a shard that would put a request in more batches than allowed."""
+        limit = self._config.max_batches_per_request
+        if limit is None:
+            limit = 1 + self._config.max_rounds + _FREE_BATCHES
+        custom_id, batches = journal.most_batches(db, key)
+        if batches > limit:
+            raise TooManyBatchesError(
+                f"run {self._run_id}: request {custom_id!r} would go into batch number "
+                f"{batches}, past max_batches_per_request={limit}: the server keeps failing "
+                "its batches in a way that spends no retry round (see the warnings above "
+                "for its errors). Nothing more was created and the journal is intact: look "
+                "into the server's errors, then run again with a higher "
+                "max_batches_per_request to go on",
+                custom_id=custom_id,
+                batches=batches,
+                limit=limit,
+            )
 
     def _spawn(self, coroutine: Any, *, name: str) -> asyncio.Task[None]:
         task: asyncio.Task[None] = asyncio.ensure_future(coroutine)
@@ -1814,16 +1872,45 @@ class BatchRun:
             codes = {e.code for e in errors if e.code}
             code = "batch_failed"
             message = batch.outcome
-            if errors and all(e.line for e in errors):
+            named = [e.line for e in errors if e.line is not None]
+            strays = sorted({n for n in named if not 1 <= n <= row.lines})
+            if strays:
+                # Lines the file does not have (a server numbering from 0, or otherwise):
+                # no line can be blamed by its number, so none is ended for it and every
+                # line spends a round (at most 1 + max_rounds batches).
+                retryable = True
+                what = "lines" if len(strays) > 1 else "line"
+                listed = ", ".join(map(str, strays))
+                message = (
+                    f"batch {batch.id} failed naming {what} {listed}, which its "
+                    f"{row.lines}-line file does not have: {batch.outcome}"
+                )
+                then = "its lines go to a retry round (or end, out of rounds)"
+            elif errors and len(named) == len(errors):
                 # The batch failed because of the lines its errors name: those end with
                 # their error, the others never ran and run again.
                 self._fail_lines(journal, row, batch)
                 retryable = free = True
                 message = f"batch {batch.id} failed because of other lines: {batch.outcome}"
+                then = "the named lines end with their error, the others are sent again"
             else:
                 retryable = not (codes & PERMANENT_BATCH_CODES)
-                if any(e.line for e in errors):
+                if named:
                     self._fail_lines(journal, row, batch)
+                then = (
+                    "its lines go to a retry round (or end, out of rounds)"
+                    if retryable
+                    else "its lines end"
+                )
+            logger.warning(
+                "run %s: batch %s (shard %s, %d lines) failed: %s; %s",
+                self._run_id,
+                batch.id,
+                row.key,
+                row.lines,
+                _describe_errors(batch),
+                then,
+            )
         elif status is BatchStatus.COMPLETED:
             code, message, retryable = (
                 "missing_result",
@@ -1839,7 +1926,7 @@ class BatchRun:
         assert batch.errors is not None
         by_line: dict[int, tuple[str, str]] = {}
         for error in batch.errors.data:
-            if error.line:
+            if error.line is not None:
                 by_line.setdefault(error.line, (error.code or "batch_failed", error.message or ""))
         queued = journal.queued_at(row.key)
         finals = []
