@@ -407,7 +407,8 @@ def _run(args: argparse.Namespace) -> int:
         return asyncio.run(_run_async(args, journal))
     except PreflightError as exc:
         print(f"aiobatch run: {exc}", file=sys.stderr)
-        return 1
+        # A file with no request at all is a usage error (a wrong or truncated file).
+        return 2 if any(p.code == "empty_input" for p in exc.problems) else 1
     except (AiobatchError, OSError) as exc:
         print(f"aiobatch run: {exc}", file=sys.stderr)
         return 1

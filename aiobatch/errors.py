@@ -44,7 +44,9 @@ repr ever contains an API key.
     ├── JournalError                   a run's journal cannot be used (missing, in use, made
     │                                  for another input)
     └── RunError                       a run cannot go on (a step kept failing, credentials
-                                       refused); the journal is intact: run again to continue
+        │                              refused); the journal is intact: run again to continue
+        └── TooManyBatchesError        a request would go into more batches than
+                                       ``RunConfig.max_batches_per_request`` allows
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ __all__ = [
     "ServerError",
     "ShardMoveError",
     "StateError",
+    "TooManyBatchesError",
     "TransportError",
     "TransportTimeoutError",
     "UnexpectedTransitionError",
@@ -437,3 +440,23 @@ class RunError(AiobatchError):
     """A run cannot go on: a step kept failing after its retries, or the server refused
     the credentials. Everything done so far is in the journal: fix the cause and start
     the run again with the same journal to continue it."""
+
+
+class TooManyBatchesError(RunError):
+    """A run stopped before sending a request in more batches than
+    ``RunConfig.max_batches_per_request`` allows: the server kept failing the batches
+    in a way that spends no retry round (see the run's warnings for its errors). Nothing
+    more was created; the journal is intact: look into the server's errors, then run
+    again with a higher limit (or a fixed input and a new journal).
+
+    Attributes:
+        custom_id: the request that would have gone into one batch too many.
+        batches: the batches it would have been in.
+        limit: the limit in force.
+    """
+
+    def __init__(self, message: str, *, custom_id: str, batches: int, limit: int) -> None:
+        super().__init__(message)
+        self.custom_id = custom_id
+        self.batches = batches
+        self.limit = limit

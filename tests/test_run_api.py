@@ -578,6 +578,30 @@ async def test_other_sqlite_database_is_refused(clock: VirtualClock, tmp_path: P
     assert tables == {"users"}
 
 
+async def test_a_journal_of_the_previous_schema_is_upgraded_and_resumed(
+    clock: VirtualClock, tmp_path: Path
+) -> None:
+    """A journal written by the previous aiobatch (schema 4, without the per-request
+    batch count) can be read by ``status``, and a run upgrades it in place and finishes."""
+    source = write_jsonl(tmp_path / "in.jsonl", requests(8))
+    journal = tmp_path / "run.journal"
+    async with fake_env(clock) as (_service, client):
+        stopped = await _cancelled_at_start(client, source, journal)
+        assert stopped.pending == 8
+        db = sqlite3.connect(journal)
+        db.execute("ALTER TABLE requests DROP COLUMN batches")
+        db.execute("UPDATE meta SET value = '4' WHERE key = 'schema_version'")
+        db.commit()
+        db.close()
+        assert journal_report(journal).pending == 8
+        report = await BatchRun(
+            client, source, journal=journal, output=tmp_path / "out.jsonl"
+        ).run()
+    assert report.state == "done"
+    assert report.succeeded == 8
+    assert journal_meta(journal)["schema_version"] == "5"
+
+
 # --- 7. request_cancel -----------------------------------------------------------------------
 
 
@@ -634,6 +658,7 @@ async def test_request_cancel_stops_the_run_within_the_poll_interval(
         ("cancel_poll_interval", {"cancel_poll_interval": 0}),
         ("collect_chunk", {"collect_chunk": 0}),
         ("batch_timeout", {"batch_timeout": -3.0}),
+        ("max_batches_per_request", {"max_batches_per_request": 0}),
     ],
 )
 def test_run_config_rejects_bad_values(field: str, kwargs: dict[str, Any]) -> None:

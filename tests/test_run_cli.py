@@ -292,6 +292,22 @@ def test_preflight_failure_prints_the_problems(
     assert not Path(f"{output}.journal").exists()
 
 
+def test_input_file_without_requests_exits_with_the_usage_error_code(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run of an input file holding only blank lines exits 2 and says the file holds
+    no requests, and leaves no output and no journal."""
+    source = tmp_path / "blank.jsonl"
+    source.write_text("\n\n   \n", encoding="utf-8")
+    output = tmp_path / "out.jsonl"
+    assert main(run_argv(output, source=source)) == 2
+    err = capsys.readouterr().err
+    assert str(source) in err
+    assert "no requests" in err
+    assert not output.exists()
+    assert not Path(f"{output}.journal").exists()
+
+
 def test_fake_refuses_to_resume_an_unfinished_journal(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

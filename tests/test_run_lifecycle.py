@@ -49,7 +49,7 @@ from aiobatch import (
 )
 from aiobatch._run import cancel_batches
 from aiobatch._run._sqlite import JournalFile as Journal
-from aiobatch.errors import InputError, TransportError
+from aiobatch.errors import InputError, PreflightError, TransportError
 from aiobatch.testing import FakeBatchService, Fault, VirtualClock, make_app
 from aiobatch.transport import Request, Response
 
@@ -552,6 +552,27 @@ async def test_output_in_a_missing_folder_is_refused_before_anything_is_done(
     assert not output.parent.exists()
 
 
+@pytest.mark.parametrize("entry", ["run", "results"])
+async def test_output_path_that_is_a_directory_is_refused_before_anything_is_sent(
+    clock: VirtualClock, tmp_path: Path, entry: str
+) -> None:
+    """An output path that is an existing directory raises InputError naming it at once,
+    instead of after every batch has run: nothing is sent, no journal is left."""
+    source = write_jsonl(tmp_path / "in.jsonl", requests(3))
+    journal = tmp_path / "run.journal"
+    output = tmp_path / "results"
+    output.mkdir()
+    service = service_on(clock)
+    async with client_for(clock, service.transport()) as client, clock.auto_advance():
+        run = BatchRun(client, source, journal=journal, output=output, config=config())
+        with pytest.raises(InputError, match="is a directory") as caught:
+            await (run.run() if entry == "run" else _drain(run))
+    assert str(output) in str(caught.value)
+    assert service.requests == ()
+    assert journal_files(journal) == []
+    assert list(output.iterdir()) == []
+
+
 async def _drain(run: BatchRun) -> list[Any]:
     return [result async for result in run.results()]
 
@@ -565,14 +586,13 @@ async def _nothing() -> AsyncIterator[dict[str, Any]]:
         yield item
 
 
-@pytest.mark.parametrize("kind", ["empty-file", "empty-list", "empty-async"])
+@pytest.mark.parametrize("kind", ["empty-list", "empty-async"])
 async def test_empty_input_completes_with_an_empty_output(
     clock: VirtualClock, tmp_path: Path, kind: str
 ) -> None:
-    """An empty input completes: a "done" report with 0 requests, an empty output file,
-    nothing sent to the server."""
+    """An empty iterable source completes: a "done" report with 0 requests, an empty
+    output file, nothing sent to the server."""
     sources: dict[str, Callable[[], Any]] = {
-        "empty-file": lambda: write_jsonl(tmp_path / "in.jsonl", []),
         "empty-list": list,
         "empty-async": _nothing,
     }
@@ -593,6 +613,29 @@ async def test_empty_input_completes_with_an_empty_output(
     assert output.read_bytes() == b""
     assert service.batch_ids == []
     assert service.file_ids == []
+
+
+@pytest.mark.parametrize("content", [b"", b"\n  \n\t\r\n\n"], ids=["empty", "blank-lines"])
+async def test_an_input_file_without_requests_is_refused_before_anything_is_sent(
+    clock: VirtualClock, tmp_path: Path, content: bytes
+) -> None:
+    """An input file that is empty or holds only blank lines raises PreflightError (code
+    ``empty_input``) naming the file: nothing is sent, no journal or output is left."""
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(content)
+    journal = tmp_path / "run.journal"
+    output = tmp_path / "out.jsonl"
+    service = service_on(clock)
+    async with client_for(clock, service.transport()) as client, clock.auto_advance():
+        run = BatchRun(client, source, journal=journal, output=output, config=config())
+        with pytest.raises(PreflightError, match="no requests") as caught:
+            await run.run()
+    assert str(source) in str(caught.value)
+    assert caught.value.source == str(source)
+    assert [problem.code for problem in caught.value.problems] == ["empty_input"]
+    assert service.requests == ()
+    assert journal_files(journal) == []
+    assert not output.exists()
 
 
 # --- 7. aiobatch cancel early --------------------------------------------------------------
@@ -695,6 +738,40 @@ async def test_cancel_flag_set_before_the_supervisor_runs_is_honoured(
     assert final.state == "done"
     assert final.succeeded == 10
     assert [line["custom_id"] for line in read_output(output)] == [i["custom_id"] for i in items]
+
+
+async def test_cancel_flag_set_just_before_a_create_creates_no_batch(
+    clock: VirtualClock, tmp_path: Path
+) -> None:
+    """A cancel flag set in the journal while a shard's file uploads (after the run last
+    looked at the flag) is seen before the create: no batch is made, the run ends
+    cancelled, and a later run completes."""
+    items = requests(4)
+    source = write_jsonl(tmp_path / "in.jsonl", items)
+    journal = tmp_path / "run.journal"
+    output = tmp_path / "out.jsonl"
+    service = service_on(clock)
+
+    async def flag_on_upload(request: Request, handle: Handler) -> Response:
+        if request.method == "POST" and path_of(request) == "/files":
+            request_cancel(journal)
+        return await handle(request)
+
+    async with client_for(clock, in_front(service, flag_on_upload)) as client:
+        async with clock.auto_advance():
+            run = BatchRun(client, source, journal=journal, output=output, config=config())
+            report = await run.run()
+        assert report.state == "cancelled"
+        assert service.batch_ids == []
+        assert service.request_count("POST", "/batches") == 0
+        assert report.pending == 4
+    async with client_for(clock, service.transport()) as client, clock.auto_advance():
+        final = await BatchRun(
+            client, source, journal=journal, output=output, config=config()
+        ).run()
+    assert final.state == "done"
+    assert final.succeeded == 4
+    assert len(service.batch_ids) == 1
 
 
 # --- 8. batch deadline ---------------------------------------------------------------------

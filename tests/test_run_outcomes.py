@@ -13,11 +13,13 @@ import json
 import logging
 import math
 import re
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
+from aiobatch._run._report import format_report
 from conftest import API_KEY, BASE_URL, FakeApi, chat_line, config, jsonl
 
 from aiobatch import (
@@ -740,6 +742,69 @@ async def test_delete_files_removes_each_batchs_files_once_collected(
     left = files & set(h.service.file_ids)
     assert left == (set() if delete else files)
     assert_exactly_once(results, h.output_lines(), ids("req", 6))
+
+
+@pytest.mark.parametrize(("seed", "delete"), [(0, False), (1, False), (2, True)])
+async def test_extra_input_copies_left_by_lost_upload_answers_are_deleted(
+    make_harness: Callable[..., Harness],
+    caplog: pytest.LogCaptureFixture,
+    seed: int,
+    delete: bool,
+) -> None:
+    """Upload answers lost after the upload took effect leave extra copies of a shard's
+    input file on the server; the run deletes them (with or without delete_files), never
+    the copy its batch uses, and reports how many it deleted."""
+    h = make_harness(seed=seed, validation_seconds=1.0)
+    lost = Fault.drop(after=True, method="POST", path="/files", times=None, probability=0.5)
+    h.service.faults.add(lost)
+    source = h.write_input(chat_requests(40))
+    report, results = await h.run(
+        source, config(max_lines=4, delete_files=delete), retry=RetryPolicy.for_testing()
+    )
+    h.service.faults.clear()
+    assert report.state == "done"
+    assert report.succeeded == 40
+    assert_exactly_once(results, h.output_lines(), ids("req", 40))
+    uploads = h.service.request_count("POST", "/files")  # each one stored a file
+    dropped = sum(1 for f in h.service.faults.fired if f.fault is lost)
+    assert dropped > 0
+    assert uploads > 10  # ten shards, and copies
+    listed = await FakeApi(h.service).ok("GET", "/files", params={"purpose": "batch"})
+    inputs = Counter(f["filename"] for f in listed["data"] if f["filename"].startswith("aiobatch-"))
+    batches = await h.batches()
+    assert len(batches) == 10
+    if delete:
+        assert inputs == Counter()
+    else:
+        assert len(inputs) == 10
+        assert set(inputs.values()) == {1}
+        kept = {f["id"] for f in listed["data"] if f["filename"].startswith("aiobatch-")}
+        assert kept == {b.input_file_id for b in batches}
+    assert report.extra_uploads_deleted == uploads - 10
+    assert f"{uploads - 10} extra cop" in format_report(report)
+    warned = [r for r in caplog.records if "left by lost upload answers" in r.getMessage()]
+    assert warned and all(r.levelno == logging.WARNING for r in warned)
+
+
+async def test_extra_input_copies_that_cannot_be_deleted_do_not_fail_the_run(
+    make_harness: Callable[..., Harness], caplog: pytest.LogCaptureFixture
+) -> None:
+    """When the extra copies left by lost upload answers cannot be deleted (every delete
+    refused), the run still completes; each copy is logged, and none is counted as
+    deleted."""
+    h = make_harness(validation_seconds=1.0)
+    h.service.faults.add(Fault.drop(after=True, method="POST", path="/files", times=2))
+    h.service.faults.add(Fault.http(500, method="DELETE", path="/files/*", times=None))
+    source = h.write_input(chat_requests(8))
+    report, results = await h.run(source, config(max_lines=4), retry=RetryPolicy.for_testing())
+    assert report.state == "done"
+    assert report.succeeded == 8
+    assert report.extra_uploads_deleted == 0
+    assert_exactly_once(results, h.output_lines(), ids("req", 8))
+    assert h.service.request_count("POST", "/files") == 4  # two shards, two lost answers
+    assert len(h.service.file_ids) == 4 + 2  # every input copy stays; two output files
+    logged = [r for r in caplog.records if "could not delete" in r.getMessage()]
+    assert len(logged) == 2
 
 
 class _CorruptingTransport:

@@ -40,6 +40,7 @@ from ..errors import (
     JournalError,
     PermissionDeniedError,
     RunError,
+    TooManyBatchesError,
     TransportError,
     describe,
 )
@@ -65,6 +66,8 @@ _TERMINAL_STATUSES = frozenset(status.value for status in TERMINAL)
 def _check_output(output: str | None) -> None:
     """Refuse, before any work, an output file that cannot be written at the end."""
     if output is not None:
+        if os.path.isdir(output):
+            raise InputError(f"the output path {output} is a directory; give a file path")
         folder = os.path.dirname(os.path.abspath(output))
         if not os.path.isdir(folder):
             raise InputError(f"the output file's folder {folder} does not exist")
@@ -316,6 +319,7 @@ class BatchRun:
             run_id=meta.run_id,
             fleet=Fleet(self._client, config=fleet_config),
             emit=self._emit_progress,
+            stop=self._request_stop,
             max_lines=self._config.max_lines or limits.max_lines,
             max_bytes=self._config.max_bytes or limits.max_bytes,
             max_inputs=limits.max_embedding_inputs,
@@ -416,9 +420,7 @@ class BatchRun:
                 next_cancel_check = now + self._config.cancel_poll_interval
                 await journal.touch(clock.now())
                 self._emit_progress()  # elapsed time and ETA move on while nothing changes
-                if await journal.cancel_requested():
-                    logger.warning("run %s: cancel requested in the journal", self._run_id)
-                    self._request_stop("cancelled")
+                if await ctx.cancel_requested():
                     return
             busy = bool(self._submitting or self._collecting or ctx.shard_of)
             pending = await journal.pending_count()
@@ -485,11 +487,23 @@ class BatchRun:
                 for plan in plans:
                     key = f"s{index:06d}"
                     index += 1
-                    shards.append(await journal.add_shard(key, plan, planned_at=now))
+                    shards.append(
+                        await journal.add_shard(
+                            key, plan, planned_at=now, max_batches=self._config.batch_limit
+                        )
+                    )
 
-            async for request in journal.pending_requests(url, model):
-                await record(cutter.add(request))
-            await record(cutter.finish())
+            try:
+                async for request in journal.pending_requests(url, model):
+                    await record(cutter.add(request))
+                await record(cutter.finish())
+            except TooManyBatchesError as exc:
+                # Not recorded: its requests stay pending, for a run with a higher limit
+                # (the shards recorded before it are resumed by that run).
+                exc.args = (f"run {self._run_id}: {exc}",)
+                self._failure = exc
+                self._stopping.set()
+                return
         for shard in shards:
             ctx.round = max(ctx.round, shard.round)
             ctx.put_status(shard.key, _S.PLANNED.value)

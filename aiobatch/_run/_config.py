@@ -15,6 +15,10 @@ from .._validators import non_negative, positive, positive_or_none
 
 __all__ = ["RequestSource", "RunConfig", "RunResult"]
 
+#: Batches a request may go into, beyond its ``1 + max_rounds``, by default (see
+#: ``RunConfig.max_batches_per_request``): re-sends that spend no round.
+FREE_BATCHES = 10
+
 #: What a run reads its requests from: a JSONL file, or request objects (or their JSON
 #: lines), sync or async.
 RequestSource: TypeAlias = (
@@ -51,7 +55,7 @@ class RunConfig:
             enqueued (in batches not yet ended) at once; shards are also cut to fit.
             Models not listed have no client-side limit.
         token_estimator: estimates a request body's prompt tokens (default
-            :func:`aiobatch._preflight.estimate_tokens`, about 4 characters a token).
+            :func:`aiobatch._run._preflight.estimate_tokens`, about 4 characters a token).
         fleet: how batches are polled (default :class:`FleetConfig` defaults).
         batch_timeout: cancel a batch still open this long after its creation and keep
             its finished lines (the rest go to a retry round); None for no limit.
@@ -68,6 +72,12 @@ class RunConfig:
         token_limit_max_backoff: the longest such wait.
         max_recreates: re-creates per shard after ``token_limit_exceeded``, after which
             its lines end with that error.
+        max_batches_per_request: the most batches any one request is put in (not
+            counting the ``token_limit_exceeded`` re-creates of one batch, which
+            ``max_recreates`` bounds); a run about to go past it stops with
+            :class:`~aiobatch.errors.TooManyBatchesError` instead. None:
+            ``1 + max_rounds + 10``, room for re-sends that spend no round (after a
+            batch failed because of other lines, or was cancelled by the run).
         step_backoff: the first wait before trying a failed step (upload, create
             lookup, collection) again; it doubles per failure.
         max_step_failures: failures of one step in a row after which the run stops
@@ -107,6 +117,7 @@ class RunConfig:
     token_limit_backoff: float = attrs.field(default=60.0, validator=non_negative)
     token_limit_max_backoff: float = attrs.field(default=1800.0, validator=non_negative)
     max_recreates: int = attrs.field(default=100, validator=non_negative)
+    max_batches_per_request: int | None = attrs.field(default=None, validator=positive_or_none)
     step_backoff: float = attrs.field(default=5.0, validator=non_negative)
     max_step_failures: int = attrs.field(default=10, validator=positive)
     output_lag_retries: int = attrs.field(default=3, validator=non_negative)
@@ -115,6 +126,13 @@ class RunConfig:
     work_dir: str | None = None
     input_expires_after: int | None = attrs.field(default=None, validator=positive_or_none)
     delete_files: bool = False
+
+    @property
+    def batch_limit(self) -> int:
+        """The most batches one request may go into (``max_batches_per_request``)."""
+        if self.max_batches_per_request is not None:
+            return self.max_batches_per_request
+        return 1 + self.max_rounds + FREE_BATCHES
 
     def __attrs_post_init__(self) -> None:
         if len(self.metadata) > 13:

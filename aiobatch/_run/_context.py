@@ -101,6 +101,8 @@ class RunContext:
     run_id: str
     fleet: Fleet
     emit: Callable[[], None]
+    #: ends the run (``"cancelled"`` or ``"stopped"``), from a step
+    stop: Callable[[str], None]
     max_lines: int
     max_bytes: int
     max_inputs: int | None
@@ -225,6 +227,16 @@ class RunContext:
             "run %s: %s failed: %s; trying again in %.0fs", self.run_id, what, describe(exc), delay
         )
         return failures, delay
+
+    async def cancel_requested(self) -> bool:
+        """Whether ``aiobatch cancel`` flagged the journal; if so the run starts
+        cancelling."""
+        if not await self.journal.cancel_requested():
+            return False
+        if not self.stopping.is_set():
+            logger.warning("run %s: cancel requested in the journal", self.run_id)
+        self.stop("cancelled")
+        return True
 
     def set_back(self, key: str, why: str) -> None:
         """Count a create of a shard that came to nothing.

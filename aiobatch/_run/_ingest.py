@@ -19,7 +19,7 @@ from ..errors import JournalError, PreflightError
 from ._config import RequestSource, RunConfig
 from ._context import logger
 from ._journal import Journal
-from ._preflight import Preflight
+from ._preflight import LineProblem, Preflight
 from ._records import PreparedRequest, RunMeta
 
 __all__ = ["check_source", "ingest"]
@@ -34,6 +34,21 @@ def _file_lines(path: str, digest: Any) -> Iterator[bytes]:
         for raw in fh:
             digest.update(raw)
             yield raw.rstrip(b"\n")
+
+
+def _empty_input(name: str) -> PreflightError:
+    """An input file that holds no request (empty, or only blank lines): the caller's
+    mistake (a wrong or truncated file), not a run of nothing."""
+    message = "the file holds no requests (it is empty or has only blank lines)"
+    problem = LineProblem(
+        source=name, line=0, custom_id=None, field=None, code="empty_input", message=message
+    )
+    return PreflightError(
+        f"{name}: {message}; nothing was uploaded",
+        problems=(problem,),
+        count=1,
+        source=name,
+    )
 
 
 def fingerprint(path: str) -> str:
@@ -106,6 +121,8 @@ async def ingest(
                 count=preflight.problem_count,
                 source=name,
             )
+        if is_path and preflight.accepted == 0 and preflight.problem_count == 0:
+            raise _empty_input(name)
         now = clock.now()
         await sink.start(
             RunMeta(

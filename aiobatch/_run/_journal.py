@@ -99,6 +99,9 @@ class Journal(Protocol):
     async def set_output(self, path: str) -> None:
         """Record that the output file was written."""
 
+    async def count_extra_uploads(self, deleted: int) -> None:
+        """Add to the count of extra input-file copies the run deleted."""
+
     # --- requests ------------------------------------------------------------------------
 
     async def pending_count(self) -> int:
@@ -134,8 +137,16 @@ class Journal(Protocol):
 
     # --- shards --------------------------------------------------------------------------
 
-    async def add_shard(self, key: str, plan: ShardPlan, *, planned_at: float) -> Shard:
-        """Record a shard's intent: its row (``planned``) and its requests queued in it."""
+    async def add_shard(
+        self, key: str, plan: ShardPlan, *, planned_at: float, max_batches: int | None = None
+    ) -> Shard:
+        """Record a shard's intent: its row (``planned``) and its requests queued in it,
+        each counting one more batch.
+
+        Raises:
+            TooManyBatchesError: a request would go into more than ``max_batches``
+                batches (nothing is recorded).
+        """
 
     async def shard(self, key: str) -> Shard:
         """A shard."""

@@ -26,6 +26,7 @@ __all__ = [
     "TOKEN_LIMIT_CODE",
     "Fate",
     "classify",
+    "describe_errors",
     "dumps_compact",
     "line_tokens",
     "fate",
@@ -164,6 +165,21 @@ def undecodable(raw: bytes, members: Mapping[str, Member]) -> str | None:
         return None
     assert isinstance(cid, str)
     return cid
+
+
+def describe_errors(batch: Batch, most: int = 5) -> str:
+    """A failed batch's errors (``errors.data``) in one line: code, line, message."""
+    errors = batch.errors.data if batch.errors is not None else ()
+    parts = [
+        f"{error.code or 'error'}"
+        + (f" at line {error.line}" if error.line is not None else "")
+        + (f": {error.message}" if error.message else "")
+        for error in errors
+    ]
+    if not parts:
+        return "no errors given"
+    shown = "; ".join(parts[:most])
+    return shown + (f" (and {len(parts) - most} more)" if len(parts) > most else "")
 
 
 def token_limited(batch: Batch) -> bool:

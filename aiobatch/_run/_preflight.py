@@ -78,14 +78,16 @@ class LineProblem:
 
     Attributes:
         source: the file path as given, or ``"<requests>"`` for an iterable source.
-        line: the 1-based line number (or item index).
+        line: the 1-based line number (or item index); 0 for a problem of the whole
+            source (``empty_input``).
         custom_id: the line's ``custom_id``, when it had a usable one.
         field: the dotted path of the offending field (``"custom_id"``, ``"method"``,
             ``"url"``, ``"body"``, ``"body.model"``, ``"body.stream"``), or None when the
             whole line is at fault.
         code: what kind of problem: ``invalid_utf8``, ``invalid_json``,
             ``not_an_object``, ``missing_field``, ``invalid_type``, ``invalid_value``,
-            ``duplicate_custom_id``, ``stream_not_supported`` or ``line_too_large``.
+            ``duplicate_custom_id``, ``stream_not_supported``, ``line_too_large``, or
+            ``empty_input`` (an input file that holds no request at all).
         message: what was wrong, for a human.
     """
 

@@ -275,6 +275,8 @@ class RunMeta:
         order: the output order (``input`` or ``completion``).
         cancel_requested: when ``aiobatch cancel`` flagged the run (None: not flagged).
         output_written: the output file, once written.
+        extra_uploads_deleted: extra copies of shard input files (left by uploads whose
+            answer was lost) the run deleted.
     """
 
     run_id: str
@@ -288,6 +290,7 @@ class RunMeta:
     order: str = "input"
     cancel_requested: str | None = None
     output_written: str | None = None
+    extra_uploads_deleted: int = 0
 
 
 def _frozen(value: Mapping[str, int]) -> Mapping[str, int]:

@@ -52,6 +52,8 @@ class RunReport:
         output_tokens: completion tokens of the final results.
         elapsed: seconds since the run started (on the run's clock), downtime included.
         output: the output file, once written.
+        extra_uploads_deleted: extra copies of shard input files, left on the server
+            by uploads whose answer was lost, that the run deleted.
     """
 
     run_id: str
@@ -71,6 +73,7 @@ class RunReport:
     output_tokens: int = 0
     elapsed: float = 0.0
     output: str | None = None
+    extra_uploads_deleted: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -121,6 +124,7 @@ def build_report(
         output_tokens=counts.output_tokens,
         elapsed=elapsed,
         output=meta.output_written if meta is not None else None,
+        extra_uploads_deleted=meta.extra_uploads_deleted if meta is not None else 0,
     )
 
 
@@ -165,6 +169,12 @@ def format_report(report: RunReport) -> str:
         f"tokens: {report.input_tokens:,} in, {report.output_tokens:,} out, "
         f"{report.total_tokens:,} total"
     )
+    extras = report.extra_uploads_deleted
+    if extras:
+        lines.append(
+            f"input files: {extras:,} extra cop{'y' if extras == 1 else 'ies'} left by lost "
+            "upload answers deleted"
+        )
     if report.output:
         lines.append(f"results: {report.output}")
     return "\n".join(lines)

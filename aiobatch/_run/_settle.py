@@ -11,8 +11,15 @@ from __future__ import annotations
 
 from .._lifecycle import BatchStatus
 from .._models import Batch
-from ._context import RunContext
-from ._outcomes import CANCELLED_CODES, PERMANENT_BATCH_CODES, Fate, fate, own_error
+from ._context import RunContext, logger
+from ._outcomes import (
+    CANCELLED_CODES,
+    PERMANENT_BATCH_CODES,
+    Fate,
+    describe_errors,
+    fate,
+    own_error,
+)
 from ._records import FinalResult, RetryLine, Shard
 
 __all__ = ["reject", "settle", "settle_batch"]
@@ -83,7 +90,7 @@ async def _fail_lines(ctx: RunContext, shard: Shard, batch: Batch) -> None:
     assert batch.errors is not None
     by_line: dict[int, tuple[str, str]] = {}
     for error in batch.errors.data:
-        if error.line:
+        if error.line is not None:
             by_line.setdefault(error.line, (error.code or "batch_failed", error.message or ""))
     queued = await ctx.journal.queued_at(shard.key)
     finals = []
@@ -118,16 +125,45 @@ async def settle_batch(ctx: RunContext, shard: Shard, batch: Batch) -> None:
         codes = {e.code for e in errors if e.code}
         code = "batch_failed"
         message = batch.outcome
-        if errors and all(e.line for e in errors):
+        named = [e.line for e in errors if e.line is not None]
+        strays = sorted({n for n in named if not 1 <= n <= shard.lines})
+        if strays:
+            # Lines the file does not have (a server numbering from 0, or otherwise):
+            # no line can be blamed by its number, so none is ended for it and every
+            # line spends a round (at most 1 + max_rounds batches).
+            retryable = True
+            what = "lines" if len(strays) > 1 else "line"
+            listed = ", ".join(map(str, strays))
+            message = (
+                f"batch {batch.id} failed naming {what} {listed}, which its "
+                f"{shard.lines}-line file does not have: {batch.outcome}"
+            )
+            then = "its lines go to a retry round (or end, out of rounds)"
+        elif errors and len(named) == len(errors):
             # The batch failed because of the lines its errors name: those end with
             # their error, the others never ran and run again.
             await _fail_lines(ctx, shard, batch)
             retryable = free = True
             message = f"batch {batch.id} failed because of other lines: {batch.outcome}"
+            then = "the named lines end with their error, the others are sent again"
         else:
             retryable = not (codes & PERMANENT_BATCH_CODES)
-            if any(e.line for e in errors):
+            if named:
                 await _fail_lines(ctx, shard, batch)
+            then = (
+                "its lines go to a retry round (or end, out of rounds)"
+                if retryable
+                else "its lines end"
+            )
+        logger.warning(
+            "run %s: batch %s (shard %s, %d lines) failed: %s; %s",
+            ctx.run_id,
+            batch.id,
+            shard.key,
+            shard.lines,
+            describe_errors(batch),
+            then,
+        )
     elif status is BatchStatus.COMPLETED:
         code, message, retryable = (
             "missing_result",

@@ -32,7 +32,7 @@ from typing import IO, Any
 
 import attrs
 
-from ..errors import JournalError, ShardMoveError
+from ..errors import JournalError, ShardMoveError, TooManyBatchesError
 from ._records import (
     SHARD_FIELDS,
     FinalResult,
@@ -70,7 +70,8 @@ CREATE TABLE IF NOT EXISTS requests (
     shard TEXT,
     pos INTEGER,
     attempts INTEGER NOT NULL DEFAULT 0,
-    last_error BLOB
+    last_error BLOB,
+    batches INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS requests_pending ON requests (url, model, seq)
     WHERE state = 'pending';
@@ -181,6 +182,8 @@ class JournalFile:
                 # Checkpoint (and fsync) every 40 MB of log rather than every 4 MB:
                 # collection writes in bulk.
                 self._db.execute("PRAGMA wal_autocheckpoint=10000")
+                if exists:
+                    self._upgrade()
                 self._db.executescript(_SCHEMA)
             version = self.get_meta("schema_version")
         except sqlite3.DatabaseError as exc:
@@ -189,11 +192,33 @@ class JournalFile:
             raise JournalError(f"{self.path} is not an aiobatch journal (no schema version)")
         if version is None and not readonly:
             self.set_meta(schema_version=str(SCHEMA_VERSION))
-        elif version is not None and version != str(SCHEMA_VERSION):
+        elif (
+            version is not None
+            and version != str(SCHEMA_VERSION)
+            and not (readonly and version == "4")  # what ``status`` reads is the same
+        ):
             raise JournalError(
                 f"{self.path} has journal schema {version}; this aiobatch reads {SCHEMA_VERSION}"
             )
         self.created = not exists
+
+    def _upgrade(self) -> None:
+        """Bring a schema 4 journal to 5: ``requests.batches`` is added, estimated from
+        what the journal knows (its rounds, and the shard it is in), and a shard whose
+        upload was started is ``uploading`` (schema 4 kept it ``planned``)."""
+        row = self._db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+        ).fetchone()
+        if row is None or self.get_meta("schema_version") != "4":
+            return
+        with self.transaction() as db:
+            db.execute("ALTER TABLE requests ADD COLUMN batches INTEGER NOT NULL DEFAULT 0")
+            db.execute("UPDATE requests SET batches = attempts + (state != 'pending')")
+            db.execute(
+                "UPDATE shards SET state = 'uploading' "
+                "WHERE state = 'planned' AND upload_started_at IS NOT NULL"
+            )
+            self.put_meta(db, {"schema_version": str(SCHEMA_VERSION)})
 
     def _is_journal(self) -> bool:
         """The open file is empty, or holds an aiobatch ``meta`` table."""
@@ -279,8 +304,9 @@ class JournalFile:
         for name in _META_FLOATS:
             if name in fields:
                 fields[name] = float(fields[name])
-        if "skipped" in fields:
-            fields["skipped"] = int(fields["skipped"])
+        for name in ("skipped", "extra_uploads_deleted"):
+            if name in fields:
+                fields[name] = int(fields[name])
         return RunMeta(**fields)
 
     def start(self, db: sqlite3.Connection, meta: RunMeta) -> None:
@@ -299,6 +325,12 @@ class JournalFile:
                 "order": meta.order,
             },
         )
+
+    def count_extra_uploads(self, deleted: int) -> None:
+        """Add to the count of extra input-file copies the run deleted."""
+        with self.transaction() as db:
+            total = int(self.get_meta("extra_uploads_deleted") or 0) + deleted
+            self.put_meta(db, {"extra_uploads_deleted": str(total)})
 
     # --- requests ------------------------------------------------------------------------
 
@@ -415,16 +447,41 @@ class JournalFile:
 
     # --- shards --------------------------------------------------------------------------
 
-    def add_shard(self, key: str, plan: ShardPlan, *, planned_at: float) -> Shard:
+    def add_shard(
+        self, key: str, plan: ShardPlan, *, planned_at: float, max_batches: int | None = None
+    ) -> Shard:
         """Record a shard's intent in one transaction: its row, and its requests moved
-        from ``pending`` to ``queued`` in it. Its round is the most retryable failures
-        any of its requests has had."""
+        from ``pending`` to ``queued`` in it (each counting one more batch). Its round is
+        the most retryable failures any of its requests has had.
+
+        Raises:
+            TooManyBatchesError: a request would go into more than ``max_batches``
+                batches (nothing is recorded).
+        """
         with self.transaction() as db:
             db.executemany(
-                "UPDATE requests SET state = 'queued', shard = ?, pos = ? "
-                "WHERE seq = ? AND state = 'pending'",
+                "UPDATE requests SET state = 'queued', shard = ?, pos = ?, "
+                "batches = batches + 1 WHERE seq = ? AND state = 'pending'",
                 ((key, pos, seq) for pos, seq in enumerate(plan.seqs, start=1)),
             )
+            if max_batches is not None:
+                cid, batches = db.execute(
+                    "SELECT custom_id, batches FROM requests WHERE shard = ? "
+                    "ORDER BY batches DESC, seq LIMIT 1",
+                    (key,),
+                ).fetchone()
+                if batches > max_batches:
+                    raise TooManyBatchesError(
+                        f"request {cid!r} would go into batch number {batches}, past "
+                        f"max_batches_per_request={max_batches}: the server keeps failing "
+                        "its batches in a way that spends no retry round (see the warnings "
+                        "above for its errors). Nothing more was created and the journal "
+                        "is intact: look into the server's errors, then run again with a "
+                        "higher max_batches_per_request to go on",
+                        custom_id=str(cid),
+                        batches=int(batches),
+                        limit=max_batches,
+                    )
             (round_,) = db.execute(
                 "SELECT coalesce(max(attempts), 0) FROM requests WHERE shard = ?", (key,)
             ).fetchone()
@@ -779,6 +836,9 @@ class SQLiteJournal:
     async def set_output(self, path: str) -> None:
         self.file.set_meta(output_written=path)
 
+    async def count_extra_uploads(self, deleted: int) -> None:
+        self.file.count_extra_uploads(deleted)
+
     async def pending_count(self) -> int:
         return self.file.pending_count()
 
@@ -811,8 +871,10 @@ class SQLiteJournal:
     async def queued_at(self, key: str) -> dict[int, QueuedLine]:
         return self.file.queued_at(key)
 
-    async def add_shard(self, key: str, plan: ShardPlan, *, planned_at: float) -> Shard:
-        return self.file.add_shard(key, plan, planned_at=planned_at)
+    async def add_shard(
+        self, key: str, plan: ShardPlan, *, planned_at: float, max_batches: int | None = None
+    ) -> Shard:
+        return self.file.add_shard(key, plan, planned_at=planned_at, max_batches=max_batches)
 
     async def shard(self, key: str) -> Shard:
         return self.file.shard(key)

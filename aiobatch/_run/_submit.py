@@ -40,7 +40,7 @@ from ..errors import (
     TransportError,
     describe,
 )
-from ._context import Next, RunContext, logger
+from ._context import Next, RunContext, Stop, logger
 from ._outcomes import token_limited
 from ._records import Shard
 from ._settle import reject
@@ -147,6 +147,7 @@ async def upload(ctx: RunContext, shard: Shard) -> Next:
             if ctx.client.provider.quirks.wait_for_processed_file:
                 found = await ctx.client.wait_for_file(found)
             await ctx.journal.move(shard.key, _S.UPLOADED, file_id=found.id)
+            await _delete_extra_uploads(ctx, shard, found.id, shard.upload_started_at)
             return Next(_S.UPLOADED)
     path, size = await _write_file(ctx, shard, name)
     if size != shard.bytes:
@@ -154,10 +155,10 @@ async def upload(ctx: RunContext, shard: Shard) -> Next:
             f"run {ctx.run_id}: shard {shard.key} should be {shard.bytes} bytes, "
             f"its lines make {size}; the journal is inconsistent"
         )
+    # The first attempt's start is kept: the copies of every attempt are looked for.
+    started = shard.upload_started_at or ctx.clock.now()
     if shard.state is _S.PLANNED:
-        await ctx.journal.move(shard.key, _S.UPLOADING, upload_started_at=ctx.clock.now())
-    else:
-        await ctx.journal.update(shard.key, upload_started_at=ctx.clock.now())
+        await ctx.journal.move(shard.key, _S.UPLOADING, upload_started_at=started)
     ctx.set_status(shard.key, "uploading")
     try:
         uploaded = await ctx.client.upload_file(
@@ -167,7 +168,59 @@ async def upload(ctx: RunContext, shard: Shard) -> Next:
         with contextlib.suppress(OSError):
             os.unlink(path)
     await ctx.journal.move(shard.key, _S.UPLOADED, file_id=uploaded.id)
+    await _delete_extra_uploads(ctx, shard, uploaded.id, started)
     return Next(_S.UPLOADED)
+
+
+async def _delete_extra_uploads(ctx: RunContext, shard: Shard, kept: str, since: float) -> None:
+    """Delete the other copies of a shard's input file once its file id is recorded:
+    an upload whose answer was lost (and was then sent again, or looked up) leaves one
+    on the server, unused. A copy is known by its name (unique to the run and the shard)
+    and size. Nothing here fails the run: a list or delete that fails is logged, and the
+    copies it could not reach stay."""
+    name = file_name(ctx.run_id, shard.key)
+    horizon = since - SKEW
+    extras: list[str] = []
+    try:
+        async for file in ctx.client.list_files(purpose="batch", order="desc"):
+            if file.filename == name and file.bytes == shard.bytes and file.id != kept:
+                extras.append(file.id)
+            if file.created_at < horizon:
+                break
+    except AiobatchError as exc:
+        logger.info(
+            "run %s: could not list files to find extra copies of %s (%s)",
+            ctx.run_id,
+            name,
+            describe(exc),
+        )
+    deleted = 0
+    for file_id in extras:
+        try:
+            await ctx.client.delete_file(file_id)
+        except AiobatchError as exc:
+            logger.warning(
+                "run %s: could not delete %s, an extra copy of the input file of shard "
+                "%s (%s); it is unused and can be deleted by hand",
+                ctx.run_id,
+                file_id,
+                shard.key,
+                describe(exc),
+            )
+            continue
+        deleted += 1
+    if deleted:
+        await ctx.journal.count_extra_uploads(deleted)
+        logger.warning(
+            "run %s: %d extra cop%s of the input file of shard %s (%s), left by lost "
+            "upload answers, deleted; the batch uses %s",
+            ctx.run_id,
+            deleted,
+            "y" if deleted == 1 else "ies",
+            shard.key,
+            name,
+            kept,
+        )
 
 
 async def create(ctx: RunContext, shard: Shard) -> Next:
@@ -178,6 +231,9 @@ async def create(ctx: RunContext, shard: Shard) -> Next:
     tokens reserved) for :func:`resolve_create`.
     """
     assert shard.file_id is not None
+    # A cancel requested since the run last looked makes no new batch (a cheap read).
+    if await ctx.cancel_requested():
+        raise Stop
     key = f"{ctx.run_id}:{shard.key}:{shard.creates}"
     await ctx.journal.move(
         shard.key, _S.CREATING, create_key=key, create_started_at=ctx.clock.now()

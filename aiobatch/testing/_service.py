@@ -420,7 +420,9 @@ class FakeBatchService:
             count: how many batches.
             message: the message; a default for the code (or the status) when None.
             param: the ``param`` of the error.
-            line: the ``line`` of the error.
+            line: the ``line`` of the error (1-based, as OpenAI numbers them); any int
+                is reported as given, so a line the file does not have (0, or past its
+                end) plays a server that numbers lines differently.
             status: the terminal status: ``failed``, or in the ``portkey`` dialect
                 Portkey's own ``file_upload_failed`` / ``batch_start_failed`` (the
                 gateway could not upload the input to the provider / start the job).
