@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiobatch._run._report import format_report
 from conftest import API_KEY, BASE_URL, FakeApi, chat_line, config, jsonl
 
 from aiobatch import (
@@ -32,6 +31,7 @@ from aiobatch import (
     RunReport,
     RunResult,
 )
+from aiobatch._run._report import format_report
 from aiobatch.testing import (
     FakeBatchService,
     FakeConfig,

@@ -1,0 +1,219 @@
+"""The journal contract: what every journal backend (SQLite today) must do for a run.
+
+Each test drives the backend through the async ``Journal`` protocol only; a new backend
+is added to ``BACKENDS`` and must pass the module unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from aiobatch._run._journal import Journal
+from aiobatch._run._records import (
+    FinalResult,
+    PreparedRequest,
+    RetryLine,
+    RunMeta,
+    ShardPlan,
+)
+from aiobatch._run._sqlite import SQLiteJournal
+from aiobatch._run._states import ShardState
+from aiobatch.errors import JournalError, ShardMoveError, TooManyBatchesError
+
+_S = ShardState
+URL = "/v1/chat/completions"
+
+Factory = Callable[[Path], Awaitable[Journal]]
+
+
+async def _sqlite(folder: Path) -> Journal:
+    return SQLiteJournal(folder / "run.journal", create=True)
+
+
+BACKENDS: dict[str, Factory] = {"sqlite": _sqlite}
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+async def journal(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Journal]:
+    """A fresh journal of each backend."""
+    made = await BACKENDS[request.param](tmp_path)
+    yield made
+    await made.close()
+
+
+def _request(seq: int, model: str = "m") -> PreparedRequest:
+    data = b'{"custom_id":"r%d","method":"POST","url":"%s","body":{"model":"%s"}}' % (
+        seq,
+        URL.encode(),
+        model.encode(),
+    )
+    return PreparedRequest(
+        seq=seq, url=URL, model=model, tokens=5, line=seq + 1, custom_id=f"r{seq}", data=data
+    )
+
+
+async def _ingest(journal: Journal, count: int) -> list[PreparedRequest]:
+    requests = [_request(seq) for seq in range(count)]
+    async with journal.ingest() as sink:
+        await sink.add(requests)
+        await sink.start(RunMeta(run_id="run1", started_at=10.0, updated_at=10.0))
+    return requests
+
+
+def _plan(requests: list[PreparedRequest]) -> ShardPlan:
+    return ShardPlan(URL, "m", tuple(r.seq for r in requests), sum(r.size for r in requests), 0)
+
+
+def _final(seq: int, body: bytes = b'{"ok":1}') -> FinalResult:
+    return FinalResult(
+        seq=seq, kind="success", code=None, shard="s0", batch_id="b1", attempts=0, data=body
+    )
+
+
+async def test_ingest_is_all_or_nothing(journal: Journal) -> None:
+    """An ingest that raises records no request and no run."""
+
+    async def failing_ingest() -> None:
+        async with journal.ingest() as sink:
+            await sink.add([_request(0), _request(1)])
+            raise RuntimeError("preflight failed")
+
+    with pytest.raises(RuntimeError):
+        await failing_ingest()
+    assert await journal.meta() is None
+    assert await journal.pending_count() == 0
+
+
+async def test_ingest_records_requests_and_facts(journal: Journal) -> None:
+    """After an ingest the run's facts and every request (pending) are there."""
+    await _ingest(journal, 3)
+    meta = await journal.meta()
+    assert meta is not None
+    assert (meta.run_id, meta.started_at, meta.state) == ("run1", 10.0, "running")
+    assert await journal.pending_count() == 3
+    assert await journal.not_done_count() == 3
+    assert await journal.pending_groups() == [(URL, "m")]
+
+
+async def test_intent_is_recorded_before_upload(journal: Journal) -> None:
+    """A shard's intent queues its requests, in order, before anything is sent; its
+    lines are the requests' bytes."""
+    requests = await _ingest(journal, 3)
+    shard = await journal.add_shard("s0", _plan(requests[:2]), planned_at=11.0)
+    assert (shard.state, shard.lines, shard.round) == (_S.PLANNED, 2, 0)
+    assert await journal.pending_count() == 1
+    lines = [line async for chunk in journal.shard_lines("s0") for line in chunk]
+    assert lines == [r.data for r in requests[:2]]
+    queued = await journal.queued_at("s0")
+    assert [(pos, q.custom_id) for pos, q in queued.items()] == [(1, "r0"), (2, "r1")]
+    pending = [r.seq async for r in journal.pending_requests(URL, "m")]
+    assert pending == [2]
+
+
+async def test_create_key_is_recorded_with_the_move(journal: Journal) -> None:
+    """The create key and its start are on record once the shard is ``creating``."""
+    requests = await _ingest(journal, 1)
+    await journal.add_shard("s0", _plan(requests), planned_at=11.0)
+    await journal.move("s0", _S.UPLOADING, upload_started_at=12.0)
+    await journal.move("s0", _S.UPLOADED, file_id="file-1")
+    await journal.move("s0", _S.CREATING, create_key="run1:s0:0", create_started_at=13.0)
+    shard = await journal.shard("s0")
+    assert (shard.state, shard.file_id, shard.create_key) == (_S.CREATING, "file-1", "run1:s0:0")
+    assert [s.key for s in await journal.shards(_S.CREATING)] == ["s0"]
+    assert await journal.shards(_S.OPEN) == []
+
+
+async def test_a_move_off_the_table_is_refused(journal: Journal) -> None:
+    """move() refuses what the shard table lacks and writes nothing."""
+    requests = await _ingest(journal, 1)
+    await journal.add_shard("s0", _plan(requests), planned_at=11.0)
+    with pytest.raises(ShardMoveError):
+        await journal.move("s0", _S.OPEN, batch_id="b1")
+    shard = await journal.shard("s0")
+    assert (shard.state, shard.batch_id) == (_S.PLANNED, None)
+
+
+async def test_one_final_result_per_request(journal: Journal) -> None:
+    """A request's first final result stands; a second is ignored."""
+    requests = await _ingest(journal, 2)
+    await journal.add_shard("s0", _plan(requests), planned_at=11.0)
+    await journal.record("s0", [_final(0)], output_done=1)
+    await journal.record("s0", [_final(0, b'{"ok":2}'), _final(1)], output_done=2)
+    rows = await journal.result_rows(order="input", after=-1, limit=10)
+    assert [(r.seq, r.data) for r in rows] == [(0, b'{"ok":1}'), (1, b'{"ok":1}')]
+    assert (await journal.shard("s0")).output_done == 2
+    assert await journal.not_done_count() == 0
+    lines = [line async for chunk in journal.result_lines(order="completion") for line in chunk]
+    assert lines == [b'{"ok":1}', b'{"ok":1}']
+
+
+async def test_settle_sends_lines_back_and_closes_the_shard(journal: Journal) -> None:
+    """settle() ends some requests, sends others back to pending with their attempts,
+    and moves the shard to ``collected``, at once."""
+    requests = await _ingest(journal, 2)
+    await journal.add_shard("s0", _plan(requests), planned_at=11.0)
+    for state in (_S.UPLOADING, _S.UPLOADED, _S.CREATING, _S.OPEN, _S.COLLECTING):
+        await journal.move("s0", state)
+    shard = await journal.settle(
+        "s0", [_final(0)], [RetryLine(1, 1, b"{}")], status="expired", note="expired"
+    )
+    assert (shard.state, shard.status) == (_S.COLLECTED, "expired")
+    assert await journal.pending_count() == 1
+    assert await journal.retrying_count() == 1
+    assert await journal.has_fresh_pending() is False
+    counts = await journal.counts()
+    assert counts.kinds == {"success": 1}
+    assert counts.shard_states == {"collected": 1}
+
+
+async def test_a_request_goes_into_a_bounded_number_of_batches(journal: Journal) -> None:
+    """add_shard() refuses a shard that puts a request past ``max_batches``, and
+    records nothing of it."""
+    requests = await _ingest(journal, 1)
+    await journal.add_shard("s0", _plan(requests), planned_at=11.0, max_batches=1)
+    await journal.record(None, [], [RetryLine(0, 1, b"{}")])
+    with pytest.raises(TooManyBatchesError) as caught:
+        await journal.add_shard("s1", _plan(requests), planned_at=12.0, max_batches=1)
+    assert (caught.value.custom_id, caught.value.batches) == ("r0", 2)
+    assert await journal.shard_count() == 1
+    assert await journal.pending_count() == 1
+
+
+async def test_cancel_flag_and_state(journal: Journal) -> None:
+    """The cancel flag is seen once set and cleared with a new state on request."""
+    await _ingest(journal, 1)
+    assert await journal.cancel_requested() is False
+    await journal.request_cancel(20.0)
+    assert await journal.cancel_requested() is True
+    await journal.set_state("running", at=21.0, clear_cancel=True)
+    assert await journal.cancel_requested() is False
+    meta = await journal.meta()
+    assert meta is not None
+    assert (meta.state, meta.updated_at) == ("running", 21.0)
+
+
+async def test_resume_sees_open_batches(journal: Journal) -> None:
+    """The shards whose batch is tracked are found again (what a resume tracks)."""
+    requests = await _ingest(journal, 1)
+    await journal.add_shard("s0", _plan(requests), planned_at=11.0)
+    for state in (_S.UPLOADING, _S.UPLOADED, _S.CREATING):
+        await journal.move("s0", state)
+    await journal.move("s0", _S.OPEN, batch_id="b1", status="validating")
+    assert [(s.key, s.batch_id) for s in await journal.open_batches()] == [("s0", "b1")]
+
+
+async def test_one_process_at_a_time(
+    journal: Journal, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """While one holder has the journal, another is refused; after release it may."""
+    await journal.acquire()
+    other = await BACKENDS[request.node.callspec.params["journal"]](tmp_path)
+    with pytest.raises(JournalError, match="in use"):
+        await other.acquire()
+    await journal.release()
+    await other.acquire()
+    await other.release()
+    await other.close()
