@@ -15,6 +15,7 @@ from aiobatch._run._journal import Journal
 from aiobatch._run._records import (
     FinalResult,
     PreparedRequest,
+    RequestGroup,
     RetryLine,
     RunMeta,
     ShardPlan,
@@ -95,7 +96,7 @@ async def test_ingest_records_requests_and_facts(journal: Journal) -> None:
     assert (meta.run_id, meta.started_at, meta.state) == ("run1", 10.0, "running")
     assert await journal.pending_count() == 3
     assert await journal.not_done_count() == 3
-    assert await journal.pending_groups() == [(URL, "m")]
+    assert await journal.pending_groups() == [RequestGroup(URL, "m")]
 
 
 async def test_intent_is_recorded_before_upload(journal: Journal) -> None:

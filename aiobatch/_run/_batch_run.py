@@ -473,7 +473,8 @@ class BatchRun:
         now = self._clock.now()
         index = await journal.shard_count()
         shards: list[Shard] = []
-        for url, model in await journal.pending_groups():
+        for group in await journal.pending_groups():
+            url, model = group.url, group.model
             embeddings = url.rstrip("/").endswith("/embeddings")
             cutter = ShardCutter(
                 max_lines=ctx.max_lines,

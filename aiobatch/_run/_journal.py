@@ -31,6 +31,7 @@ from ._records import (
     Member,
     PreparedRequest,
     QueuedLine,
+    RequestGroup,
     ResultRow,
     RetryLine,
     RunMeta,
@@ -120,7 +121,7 @@ class Journal(Protocol):
     async def requeue_orphans(self) -> int:
         """Requests left queued in a collected shard go back to pending; how many."""
 
-    async def pending_groups(self) -> list[tuple[str, str | None]]:
+    async def pending_groups(self) -> list[RequestGroup]:
         """The distinct (url, model) of the pending requests."""
 
     def pending_requests(self, url: str, model: str | None) -> AsyncIterator[PreparedRequest]:

@@ -2,6 +2,7 @@
 
 - :class:`PreparedRequest`: one accepted request (preflight makes it; the journal keeps
   it; planning reads it back without its bytes);
+- :class:`RequestGroup`: the requests that may share a batch (endpoint, model);
 - :class:`ShardPlan`: one batch-to-be, as planning cut it;
 - :class:`Shard`: a shard's journal row (its state is a :class:`ShardState`);
 - :class:`Member` and :class:`QueuedLine`: a shard's requests, as collection matches
@@ -27,6 +28,7 @@ __all__ = [
     "Member",
     "PreparedRequest",
     "QueuedLine",
+    "RequestGroup",
     "ResultRow",
     "RetryLine",
     "RunMeta",
@@ -74,6 +76,19 @@ class PreparedRequest:
     data: bytes = b""
     size: int = attrs.field(default=attrs.Factory(_line_size, takes_self=True))
     generated_id: bool = False
+
+
+@attrs.frozen(slots=True)
+class RequestGroup:
+    """The requests one batch may hold together: one endpoint, one model.
+
+    Attributes:
+        url: the endpoint.
+        model: the model (None when the requests name none).
+    """
+
+    url: str
+    model: str | None
 
 
 @attrs.frozen(slots=True)

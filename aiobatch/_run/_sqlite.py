@@ -40,6 +40,7 @@ from ._records import (
     Member,
     PreparedRequest,
     QueuedLine,
+    RequestGroup,
     ResultRow,
     RetryLine,
     RunMeta,
@@ -381,10 +382,10 @@ class JournalFile:
                 ).rowcount
             )
 
-    def pending_groups(self) -> list[tuple[str, str | None]]:
+    def pending_groups(self) -> list[RequestGroup]:
         """The distinct (url, model) of the pending requests."""
         return [
-            (str(url), None if model is None else str(model))
+            RequestGroup(str(url), None if model is None else str(model))
             for url, model in self._db.execute(
                 "SELECT DISTINCT url, model FROM requests WHERE state = 'pending'"
             )
@@ -854,7 +855,7 @@ class SQLiteJournal:
     async def requeue_orphans(self) -> int:
         return self.file.requeue_orphans()
 
-    async def pending_groups(self) -> list[tuple[str, str | None]]:
+    async def pending_groups(self) -> list[RequestGroup]:
         return self.file.pending_groups()
 
     async def pending_requests(self, url: str, model: str | None) -> AsyncIterator[PreparedRequest]:
