@@ -385,8 +385,12 @@ def _run(args: argparse.Namespace) -> int:
         )
         logging.getLogger("aiobatch.run").setLevel(logging.INFO)
     if args.fake and os.path.exists(journal):
-        with Journal(journal) as existing:
-            state = existing.get_meta("state")
+        try:
+            with Journal(journal) as existing:
+                state = existing.get_meta("state")
+        except JournalError as exc:
+            print(f"aiobatch run: {exc}", file=sys.stderr)
+            return 1
         if state not in (None, "done"):
             print(
                 f"aiobatch run: {journal} holds an unfinished run, and a --fake run cannot "

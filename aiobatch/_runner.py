@@ -1120,7 +1120,7 @@ class BatchRun:
                 failures = 0
             except _Stop:
                 return
-            except RunError:
+            except (RunError, JournalError):  # a journal that fails is not a step to retry
                 raise
             except (AuthenticationError, PermissionDeniedError) as exc:
                 raise RunError(
