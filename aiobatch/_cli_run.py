@@ -21,7 +21,7 @@ from typing import Any
 
 import attrs
 
-from ._cli import command, count, duration, positive
+from ._cli import command, count, duration, positive, rate
 from ._client import BatchClient
 from ._fleet import FleetConfig
 from ._journal import Journal
@@ -156,19 +156,19 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
     fake = parser.add_argument_group("the fake service (with --fake)")
     fake.add_argument(
         "--fake-faults",
-        type=float,
+        type=rate,
         default=0.05,
         help="share of control-plane requests answered 429 or 503",
     )
     fake.add_argument(
         "--fake-transient-errors",
-        type=float,
+        type=rate,
         default=0.05,
         help="share of requests that fail with a 500 the first time they run",
     )
     fake.add_argument(
         "--fake-permanent-errors",
-        type=float,
+        type=rate,
         default=0.01,
         help="share of requests that always fail with a 400",
     )

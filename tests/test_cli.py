@@ -10,6 +10,7 @@ import signal
 import socket
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -108,6 +109,64 @@ def test_bad_arguments_are_usage_errors(
         main(["fake-server", *argv])
     assert info.value.code == 2
     assert "error:" in capsys.readouterr().err
+
+
+#: Every flag of the command line that takes a fraction (a share, 0 to 1), and the
+#: arguments its command needs besides it.
+FRACTION_FLAGS = [
+    *(
+        (["fake-server"], flag)
+        for flag in (
+            "--fault-rate",
+            "--drop-rate",
+            "--slow-rate",
+            "--malformed-rate",
+            "--line-error-rate",
+        )
+    ),
+    *((["demo"], flag) for flag in ("--fault-rate", "--line-error-rate")),
+    *(
+        (["run", "in.jsonl", "-o", "out.jsonl", "--fake"], flag)
+        for flag in ("--fake-faults", "--fake-transient-errors", "--fake-permanent-errors")
+    ),
+]
+
+
+@pytest.mark.parametrize("value", ["10", "-0.1", "abc", "nan"])
+@pytest.mark.parametrize(("command", "flag"), FRACTION_FLAGS)
+def test_fractions_out_of_range_are_usage_errors(
+    command: list[str],
+    flag: str,
+    value: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """Every fraction flag refuses a value outside 0..1 (or not a number) at parse time:
+    exit 2 naming the flag, no traceback."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        main([*command, flag, value])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}" in err
+    assert "Traceback" not in err
+
+
+def test_every_share_flag_is_checked_as_a_fraction() -> None:
+    """Every option whose help says it is a share of something is in FRACTION_FLAGS (so
+    the test above checks it)."""
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    shares = {
+        (name, option)
+        for name, sub in subparsers.choices.items()
+        for action in sub._actions
+        if (action.help or "").startswith("share of")
+        for option in action.option_strings
+        if option.startswith("--")
+    }
+    assert shares == {(command[0], flag) for command, flag in FRACTION_FLAGS}
 
 
 def test_timing_flags_reach_the_service_config() -> None:
