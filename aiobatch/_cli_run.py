@@ -429,7 +429,11 @@ def _status_arguments(parser: argparse.ArgumentParser) -> None:
 def _status(args: argparse.Namespace) -> int:
     try:
         with Journal(args.journal, readonly=True) as journal:
-            report = read_report(journal)
+            try:
+                live: bool | None = run_is_live(args.journal)
+            except OSError:  # no lock file can be made beside it: cannot tell
+                live = None
+            report = read_report(journal, live=live)
     except JournalError as exc:
         print(f"aiobatch status: {exc}", file=sys.stderr)
         return 1

@@ -680,6 +680,11 @@ class Journal:
             "- coalesce(sum(creates > 0 AND batch_id IS NULL), 0) FROM shards"
         ).fetchone()
         rounds = db.execute("SELECT coalesce(max(round), 0) FROM shards").fetchone()[0]
+        # The latest step a shard recorded (planned, upload or create started).
+        last_step = db.execute(
+            "SELECT coalesce(max(max(planned_at, coalesce(upload_started_at, 0), "
+            "coalesce(create_started_at, 0))), 0) FROM shards"
+        ).fetchone()[0]
         return {
             "requests": requests,
             "kinds": kinds,
@@ -692,6 +697,7 @@ class Journal:
             "batches": int(batches[0]),
             "recreated": int(batches[1]),
             "rounds": int(rounds),
+            "last_step": float(last_step),
         }
 
     def open_batches(self) -> list[tuple[str, str]]:

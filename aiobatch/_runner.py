@@ -1029,7 +1029,7 @@ class BatchRun:
     async def _wind_down(self, journal: Journal) -> None:
         """After a cancel: let in-flight submissions finish their step, cancel every open
         batch, and collect what they finished."""
-        journal.set_meta(state="cancelling")
+        journal.set_meta(state="cancelling", updated_at=repr(self._clock.now()))
         fleet = self._fleet
         assert fleet is not None
         deadline = (

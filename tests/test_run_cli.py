@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import pytest
 from conftest import API_KEY, BASE_URL, chat_line
 
 import aiobatch
-from aiobatch import BatchClient, BatchRun, RetryPolicy, RunProgress
+from aiobatch import BatchClient, BatchRun, RetryPolicy, RunConfig, RunProgress
 from aiobatch import _cli_run as cli_run
 from aiobatch._cli import main
 from aiobatch._journal import Journal
@@ -220,6 +221,83 @@ def test_status_of_a_missing_journal_fails(
     assert str(missing) in captured.err
     assert "no journal" in captured.err
     assert not missing.exists()
+
+
+def snapshot(journal: Path, target: Path) -> None:
+    """Copy what a kill of the run at this moment leaves: the journal's committed state,
+    with no process holding it."""
+    source = sqlite3.connect(f"file:{journal}?mode=ro", uri=True)
+    copy = sqlite3.connect(target)
+    try:
+        source.backup(copy)
+    finally:
+        copy.close()
+        source.close()
+
+
+def status_json(path: Path, capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
+    """``aiobatch status --json PATH``, decoded."""
+    capsys.readouterr()
+    assert main(["status", str(path), "--json"]) == 0
+    data: dict[str, Any] = json.loads(capsys.readouterr().out)
+    return data
+
+
+@pytest.mark.parametrize("cancelling", [False, True])
+async def test_status_tells_a_killed_run_from_a_live_one(
+    cancelling: bool, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """While a run goes on, ``aiobatch status`` says ``running`` (live); on the journal a
+    kill leaves (running, or cancelling after a Ctrl-C), it says ``interrupted`` (not
+    live) with what to do, and the elapsed time up to the run's last record (it notes the
+    time every cancel_poll_interval, and when it starts cancelling)."""
+    source = make_requests(tmp_path / "in.jsonl", 20)
+    journal = tmp_path / "run.journal"
+    killed = tmp_path / "killed.journal"
+    clock = VirtualClock()
+    started = clock.now()
+    service = FakeBatchService(
+        clock=clock,
+        config=FakeConfig(lines_per_second=0.01, cancel_seconds=1000.0),
+    )
+    async with (
+        BatchClient(
+            api_key=API_KEY,
+            base_url=BASE_URL,
+            transport=service.transport(),
+            clock=clock,
+            retry=RetryPolicy.for_testing(max_attempts=3),
+        ) as client,
+        clock.auto_advance(),
+    ):
+        run = BatchRun(client, source, journal=journal, config=RunConfig(cancel_poll_interval=5.0))
+        runner = asyncio.ensure_future(run.run())
+        while clock.now() < started + 102.5:
+            await clock.sleep(0.5)
+        last_step = clock.now()
+        if cancelling:
+            run.cancel()
+            while journal_meta(journal).get("state") != "cancelling":
+                await clock.sleep(0.5)
+        else:
+            last_step -= 5.0  # the run notes the time every cancel_poll_interval
+        live = status_json(journal, capsys)
+        killed_at = clock.now()
+        snapshot(journal, killed)
+        run.stop()
+        await runner
+
+    assert live["state"] == ("cancelling" if cancelling else "running")
+    assert live["live"] is True
+
+    dead = status_json(killed, capsys)
+    assert dead["state"] == "interrupted"
+    assert dead["live"] is False
+    assert last_step - started <= dead["elapsed"] <= killed_at - started
+    assert main(["status", str(killed)]) == 0
+    text = capsys.readouterr().out
+    assert f"run {dead['run_id']}: interrupted (no process is running it" in text
+    assert "run the same command again to resume" in text
 
 
 # --- cancel --------------------------------------------------------------------------------
