@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import signal
 import sys
@@ -38,6 +39,7 @@ __all__ = [
     "duration",
     "fault_rules",
     "main",
+    "out",
     "rate_limit",
     "serve",
 ]
@@ -125,6 +127,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     return COMMANDS[args.command].run(args)
+
+
+def out(text: str) -> None:
+    """Print ``text`` (and a newline) to stdout, at once.
+
+    A reader that went away (``aiobatch status J | head -0``) is not an error: the rest
+    of the output goes to ``os.devnull`` (so that Python's flush at exit does not fail
+    either), and the command goes on to end with its own exit status.
+    """
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(devnull, sys.stdout.fileno())
+            finally:
+                os.close(devnull)
 
 
 # -- argument types --------------------------------------------------------------------
@@ -534,7 +554,7 @@ def fake_server(args: argparse.Namespace) -> int:
             )
         )
     except KeyboardInterrupt:  # a second Ctrl-C, or no signal handlers on this platform
-        print("stopped", flush=True)
+        out("stopped")
         return 0
 
 
@@ -581,15 +601,15 @@ async def serve(
                     f"aiobatch fake-server: cannot listen on {host}:{port}: {exc}", file=sys.stderr
                 )
                 return 1
-            print(f"aiobatch fake server listening on {base_url}", flush=True)
+            out(f"aiobatch fake server listening on {base_url}")
             if banner:
-                print(f"  {banner}", flush=True)
-            print("Press Ctrl-C to stop.", flush=True)
+                out(f"  {banner}")
+            out("Press Ctrl-C to stop.")
             await stop.wait()
     finally:
         for sig in installed:
             loop.remove_signal_handler(sig)
-    print("stopped", flush=True)
+    out("stopped")
     return 0
 
 
@@ -637,7 +657,7 @@ def _demo(args: argparse.Namespace) -> int:
             seed=args.seed,
         )
     )
-    print(format_report(report))
+    out(format_report(report))
     return 0 if all_accounted(report) else 1
 
 
@@ -656,7 +676,7 @@ def _no_arguments(parser: argparse.ArgumentParser) -> None:
 def _diagram(args: argparse.Namespace) -> int:
     from ._lifecycle import mermaid_diagram
 
-    print(mermaid_diagram())
+    out(mermaid_diagram())
     return 0
 
 

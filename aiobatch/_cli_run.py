@@ -21,7 +21,7 @@ from typing import Any
 
 import attrs
 
-from ._cli import command, count, duration, positive, rate
+from ._cli import command, count, duration, out, positive, rate
 from ._client import BatchClient
 from ._fleet import FleetConfig
 from ._journal import Journal
@@ -344,7 +344,7 @@ async def _run_async(args: argparse.Namespace, journal: str) -> int:
                 loop.remove_signal_handler(signal.SIGTERM)
         if display is not None:
             display.close(run.progress())
-    print(format_report(report))
+    out(format_report(report))
     if report.state == "cancelled":
         print(f"cancelled; resume with the same command ({journal})", file=sys.stderr)
         return 130
@@ -440,9 +440,9 @@ def _status(args: argparse.Namespace) -> int:
     if args.json:
         data = attrs.asdict(report)
         data["total_tokens"] = report.total_tokens
-        print(json.dumps(data, indent=2, default=_plain))
+        out(json.dumps(data, indent=2, default=_plain))
     else:
-        print(format_report(report))
+        out(format_report(report))
     return 0
 
 
@@ -490,10 +490,10 @@ def _cancel(args: argparse.Namespace) -> int:
         except JournalError as exc:
             print(f"aiobatch cancel: {exc}", file=sys.stderr)
             return 1
-        print(f"cancel requested; the run holding {args.journal} stops within seconds")
+        out(f"cancel requested; the run holding {args.journal} stops within seconds")
         return 0
     if not open_batches and not creating:
-        print(f"no process runs {args.journal} and it records no open batch: nothing to cancel")
+        out(f"no process runs {args.journal} and it records no open batch: nothing to cancel")
         return 0
     try:
         sent = asyncio.run(_cancel_directly(args))
@@ -501,9 +501,9 @@ def _cancel(args: argparse.Namespace) -> int:
         print(f"aiobatch cancel: {exc}", file=sys.stderr)
         return 1
     if not sent:
-        print(f"no process runs {args.journal} and none of its batches is open: nothing to cancel")
+        out(f"no process runs {args.journal} and none of its batches is open: nothing to cancel")
         return 0
-    print(
+    out(
         f"no process runs {args.journal}: sent cancels for {len(sent)} batch(es); run "
         "'aiobatch run' again to collect what they finished"
     )

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -298,6 +301,51 @@ async def test_status_tells_a_killed_run_from_a_live_one(
     text = capsys.readouterr().out
     assert f"run {dead['run_id']}: interrupted (no process is running it" in text
     assert "run the same command again to resume" in text
+
+
+# --- a reader that went away (``| head -0``) -----------------------------------------------
+
+
+def into_closed_pipe(*argv: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``python -m aiobatch ARGV`` with its stdout on a pipe whose reader has already
+    gone (as ``aiobatch ... | head -0``): every write to it fails."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "aiobatch", *argv],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=cwd,
+            timeout=120,
+            check=False,
+        )
+    finally:
+        os.close(write)
+
+
+@pytest.mark.parametrize("extra", [[], ["--json"]])
+def test_status_into_a_closed_pipe_exits_0_quietly(
+    extra: list[str], finished: dict[str, Any], tmp_path: Path
+) -> None:
+    """``aiobatch status J | head -0`` exits 0 with nothing on stderr (no
+    BrokenPipeError traceback)."""
+    done = into_closed_pipe("status", str(finished["journal"]), *extra, cwd=tmp_path)
+    assert done.stderr == ""
+    assert done.returncode == 0
+
+
+def test_run_into_a_closed_pipe_exits_with_the_runs_own_status(tmp_path: Path) -> None:
+    """``aiobatch run ... | head -0`` finishes the run, writes the output file and exits
+    0 (the run's status), with no traceback or broken-pipe error on stderr."""
+    source = make_requests(tmp_path / "in.jsonl", 20)
+    output = tmp_path / "out.jsonl"
+    done = into_closed_pipe(*run_argv(output, "--fake-faults", "0", source=source), cwd=tmp_path)
+    assert "Traceback" not in done.stderr
+    assert "Broken pipe" not in done.stderr
+    assert done.returncode == 0, done.stderr
+    assert len(read_output(output)) == 20
 
 
 # --- cancel --------------------------------------------------------------------------------
