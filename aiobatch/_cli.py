@@ -30,6 +30,7 @@ from .testing._service import FakeBatchService
 
 __all__ = [
     "COMMANDS",
+    "KEY_HEADERS",
     "Command",
     "build_fake_service",
     "build_parser",
@@ -37,6 +38,7 @@ __all__ = [
     "describe",
     "dialect",
     "duration",
+    "fake_base_url",
     "fault_rules",
     "main",
     "out",
@@ -242,9 +244,9 @@ def _fake_server_arguments(parser: argparse.ArgumentParser) -> None:
         "--api-key",
         default=None,
         help=(
-            "require KEY on every request, in the dialect's header (openai: "
+            "accept only KEY, in the dialect's header (openai: "
             "'Authorization: Bearer KEY'; portkey: x-portkey-api-key; azure: api-key); "
-            "default: any key"
+            "default: any key, but every request needs one"
         ),
     )
     net.add_argument(
@@ -506,8 +508,33 @@ def fault_rules(args: argparse.Namespace) -> list[Fault]:
     return rules
 
 
+#: Where each dialect of the fake takes the key (``FakeDialect.check``), for the banner.
+KEY_HEADERS: dict[str, str] = {
+    "openai": "'Authorization: Bearer KEY' (or 'api-key: KEY')",
+    "azure": "'api-key: KEY' (or 'Authorization: Bearer KEY')",
+    "portkey": (
+        "'x-portkey-api-key: KEY', with 'x-portkey-provider: @SLUG' or 'x-portkey-config' "
+        "(a plain provider name there also needs 'Authorization: Bearer KEY')"
+    ),
+}
+
+
+def fake_base_url(server_url: str, dialect: FakeDialect) -> str:
+    """The base URL a client of ``dialect`` uses, from the server's ``.../v1`` URL:
+    Azure's requests go under ``/openai/v1`` (its v1 API; the azure dialect answers 404
+    elsewhere), the others' under ``/v1``."""
+    if dialect.name == "azure":
+        return server_url.removesuffix("/v1") + "/openai/v1"
+    return server_url
+
+
 def describe(service: FakeBatchService, *, key_required: bool) -> str:
-    """One line on how ``service`` behaves, for the start-up banner."""
+    """One line on how ``service`` behaves, for the start-up banner.
+
+    Args:
+        service: the fake service.
+        key_required: the service accepts only its own key (``--api-key``), not any.
+    """
     c = service.config
     faults = len(service.faults)
     limit = c.rate_limit
@@ -522,8 +549,15 @@ def describe(service: FakeBatchService, *, key_required: bool) -> str:
         f"finalizing {c.finalizing_seconds:g}s, cancelling {c.cancel_seconds:g}s, "
         f"window {c.completion_window_seconds:g}s; "
         f"{faults} fault rule{'' if faults == 1 else 's'}; {limited}; "
-        f"api key {'required' if key_required else 'not checked'}"
+        f"{_key_note(service.dialect, key_required=key_required)}"
     )
+
+
+def _key_note(dialect: FakeDialect, *, key_required: bool) -> str:
+    if not dialect.key_required:
+        return "no api key needed"
+    which = "only the --api-key key" if key_required else "any key"
+    return f"api key required ({which}) in {KEY_HEADERS[dialect.name]}"
 
 
 @command(
@@ -532,8 +566,9 @@ def describe(service: FakeBatchService, *, key_required: bool) -> str:
     _fake_server_arguments,
     description=(
         "Serve the aiobatch fake batch service over HTTP in real time, with the endpoints "
-        "of OpenAI's Files and Batch APIs under /v1. Point any OpenAI-compatible client "
-        "at the printed base URL. Stop with Ctrl-C or SIGTERM."
+        "of OpenAI's Files and Batch APIs under /v1 (azure: /openai/v1). Point any "
+        "OpenAI-compatible client at the printed base URL, with the key headers printed "
+        "under it. Stop with Ctrl-C or SIGTERM."
     ),
 )
 def fake_server(args: argparse.Namespace) -> int:
@@ -601,6 +636,7 @@ async def serve(
                     f"aiobatch fake-server: cannot listen on {host}:{port}: {exc}", file=sys.stderr
                 )
                 return 1
+            base_url = fake_base_url(base_url, service.dialect)
             out(f"aiobatch fake server listening on {base_url}")
             if banner:
                 out(f"  {banner}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import re
 import signal
@@ -215,6 +216,78 @@ def test_banner_describes_the_service() -> None:
     assert "validating 3s" in text
     assert "3 fault rules" in text
     assert "api key required" in text
+
+
+#: What each dialect's banner must name, and headers that, per the banner, make a
+#: request with any key (the --api-key one, when given) acceptable.
+BANNER_HEADERS: dict[str, tuple[str, dict[str, str]]] = {
+    "openai": ("Authorization: Bearer KEY", {"Authorization": "Bearer {key}"}),
+    "azure": ("api-key: KEY", {"api-key": "{key}"}),
+    "portkey": (
+        "x-portkey-api-key: KEY",
+        {"x-portkey-api-key": "{key}", "x-portkey-provider": "@openai-prod"},
+    ),
+}
+
+
+async def _serve_in_task(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> tuple[asyncio.Task[int], str, str]:
+    """``serve()`` as ``aiobatch fake-server ARGV`` runs it, in a task: the task, the
+    printed base URL and the banner line."""
+    args = _fake_server_args("--port", "0", *argv)
+    service = build_fake_service(args)
+    task = asyncio.ensure_future(
+        _cli.serve(
+            service,
+            host=args.host,
+            port=args.port,
+            banner=_cli.describe(service, key_required=args.api_key is not None),
+        )
+    )
+    printed = ""
+    while "Press Ctrl-C" not in printed:
+        assert not task.done(), capsys.readouterr()
+        await asyncio.sleep(0)  # a turn of the loop: the server binds, then prints
+        printed += capsys.readouterr().out
+    match = re.search(r"listening on (\S+)\n  (.*)\n", printed)
+    assert match is not None, printed
+    return task, match.group(1), match.group(2)
+
+
+@pytest.mark.parametrize("dialect", sorted(BANNER_HEADERS))
+@pytest.mark.parametrize("fixed_key", [False, True])
+async def test_banner_says_how_to_call_the_printed_url(
+    dialect: str, fixed_key: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The fake server's printed base URL answers, with the key headers its banner
+    names: any key (or only the --api-key one) is accepted, none is refused with 401;
+    the banner never claims the key is not checked and never shows the key."""
+    argv = ["--dialect", dialect, *(["--api-key", "sk-cli-secret"] if fixed_key else [])]
+    task, base_url, banner = await _serve_in_task(argv, capsys)
+    named, headers = BANNER_HEADERS[dialect]
+    try:
+        assert named in banner
+        assert "not checked" not in banner
+        assert "sk-cli-secret" not in banner
+        assert ("only the --api-key key" if fixed_key else "any key") in banner
+
+        def with_key(key: str) -> dict[str, str]:
+            return {name: value.format(key=key) for name, value in headers.items()}
+
+        async with aiohttp.ClientSession() as http:
+
+            async def status(sent: dict[str, str]) -> int:
+                async with http.get(f"{base_url}/batches", headers=sent) as resp:
+                    return resp.status
+
+            assert await status({}) == 401
+            assert await status(with_key("sk-cli-secret")) == 200
+            assert await status(with_key("sk-whatever")) == (401 if fixed_key else 200)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 def test_no_fault_flags_no_rules() -> None:
