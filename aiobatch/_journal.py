@@ -19,6 +19,10 @@ short transaction (``BEGIN IMMEDIATE``), so another process (``aiobatch status``
 ``aiobatch cancel``) can read and flag the journal while a run goes on. WAL mode with
 ``synchronous=NORMAL`` keeps every committed transaction through a killed process (only a
 power loss may lose the last ones).
+
+A failure of the file, wherever it shows (opening, reading, writing), is a
+:class:`JournalError` naming it; a damaged file (malformed pages, a ``-wal`` file cut
+short) also lists the batches that can still be read from it, and what to do.
 """
 
 from __future__ import annotations
