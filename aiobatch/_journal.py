@@ -20,6 +20,10 @@ short transaction (``BEGIN IMMEDIATE``), so another process (``aiobatch status``
 ``aiobatch cancel``) can read and flag the journal while a run goes on. WAL mode with
 ``synchronous=NORMAL`` keeps every committed transaction through a killed process (only a
 power loss may lose the last ones).
+
+A failure of the file, wherever it shows (opening, reading, writing), is a
+:class:`JournalError` naming it; a damaged file (malformed pages, a ``-wal`` file cut
+short) also lists the batches that can still be read from it, and what to do.
 """
 
 from __future__ import annotations
@@ -182,6 +186,118 @@ class ShardRow:
         return f"ShardRow(key={self.key!r}, state={self.state!r}, batch_id={self.batch_id!r})"
 
 
+#: Errors of SQLite that are bugs in the statements, not failures of the file.
+_NOT_THE_FILE = (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.InterfaceError)
+
+#: SQLite's primary result codes: the file is damaged, not a database, or busy.
+_CORRUPT, _NOTADB, _BUSY, _LOCKED = 11, 26, 5, 6
+
+
+def _code(exc: sqlite3.Error) -> int | None:
+    """SQLite's primary result code of an error (from its text before Python 3.11)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if isinstance(code, int):
+        return code & 0xFF
+    text = str(exc)
+    for fragment, value in (
+        ("malformed", _CORRUPT),
+        ("not a database", _NOTADB),
+        ("is locked", _BUSY),
+    ):
+        if fragment in text:
+            return value
+    return None
+
+
+def journal_failure(path: str, exc: sqlite3.Error) -> JournalError:
+    """The JournalError for a failure of the journal file at ``path``: a damaged file
+    says so, with what can still be read of it and what to do (see :func:`damaged`)."""
+    code = _code(exc)
+    if code == _CORRUPT:
+        return damaged(path, exc)
+    if code == _NOTADB:
+        return JournalError(
+            f"{path} is not an aiobatch journal, or its first page is damaged ({exc})"
+        )
+    if code in (_BUSY, _LOCKED):
+        return JournalError(
+            f"{path} is busy ({exc}): a run is writing it (checking its input takes a "
+            "while); try again in a moment"
+        )
+    return JournalError(f"{path}: the journal cannot be read or written: {exc}")
+
+
+class _Rows:
+    """A cursor of the journal's connection (see :class:`_Db`)."""
+
+    __slots__ = ("_cursor", "_db")
+
+    def __init__(self, cursor: sqlite3.Cursor, db: _Db) -> None:
+        self._cursor = cursor
+        self._db = db
+
+    @property
+    def rowcount(self) -> int:
+        return self._cursor.rowcount
+
+    def fetchone(self) -> Any:
+        with self._db.failures():
+            return self._cursor.fetchone()
+
+    def fetchall(self) -> list[Any]:
+        with self._db.failures():
+            return self._cursor.fetchall()
+
+    def __iter__(self) -> Iterator[Any]:
+        with self._db.failures():
+            yield from self._cursor
+
+
+class _Db:
+    """The journal's SQLite connection, as the journal's methods use it: a failure of the
+    file (damaged pages, a ``-wal`` file cut short, a full disk, a lock held too long)
+    raises :class:`JournalError` naming the file, wherever it shows, on opening, reading
+    or writing."""
+
+    __slots__ = ("_connection", "path")
+
+    def __init__(self, connection: sqlite3.Connection, path: str) -> None:
+        self._connection = connection
+        self.path = path
+
+    @contextlib.contextmanager
+    def failures(self) -> Iterator[None]:
+        """Turn an error of the file into JournalError (a bug in a statement stays
+        what it is)."""
+        try:
+            yield
+        except _NOT_THE_FILE:
+            raise
+        except sqlite3.DatabaseError as exc:
+            raise journal_failure(self.path, exc) from exc
+
+    def execute(self, sql: str, parameters: Sequence[Any] = ()) -> _Rows:
+        with self.failures():
+            return _Rows(self._connection.execute(sql, parameters), self)
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> _Rows:
+        with self.failures():
+            return _Rows(self._connection.executemany(sql, rows), self)
+
+    def executescript(self, script: str) -> None:
+        with self.failures():
+            self._connection.executescript(script)
+
+    def rollback(self) -> None:
+        """End the open transaction without its changes; quietly, as it runs while
+        another error is on its way (SQLite may have rolled back already)."""
+        with contextlib.suppress(sqlite3.Error):
+            self._connection.execute("ROLLBACK")
+
+    def close(self) -> None:
+        self._connection.close()
+
+
 class Journal:
     """A run's journal file (see the module notes).
 
@@ -207,13 +323,17 @@ class Journal:
         try:
             if readonly:
                 uri = "file:" + os.path.abspath(self.path) + "?mode=ro"
-                self._db = sqlite3.connect(
+                connection = sqlite3.connect(
                     uri, uri=True, isolation_level=None, timeout=busy_timeout
                 )
             else:
-                self._db = sqlite3.connect(self.path, isolation_level=None, timeout=busy_timeout)
+                connection = sqlite3.connect(self.path, isolation_level=None, timeout=busy_timeout)
+        except sqlite3.DatabaseError as exc:
+            raise JournalError(f"{self.path} cannot be opened: {exc}") from exc
+        self._db = _Db(connection, self.path)
+        try:
+            if not readonly:
                 if exists and not self._is_journal():
-                    self._db.close()
                     raise JournalError(
                         f"{self.path} is not an aiobatch journal (it holds other tables); "
                         "choose another path"
@@ -227,22 +347,22 @@ class Journal:
                     self._upgrade()
                 self._db.executescript(_SCHEMA)
             version = self.get_meta("schema_version")
-        except sqlite3.DatabaseError as exc:
-            raise JournalError(f"{self.path} is not an aiobatch journal: {exc}") from exc
-        if version is None and exists and readonly:
-            raise JournalError(f"{self.path} is not an aiobatch journal (no schema version)")
-        if version is None and not readonly:
-            self.set_meta(schema_version=str(SCHEMA_VERSION))
-        elif (
-            version is not None
-            and version != str(SCHEMA_VERSION)
-            and not (
-                readonly and version == "4"  # what ``status`` reads is the same
-            )
-        ):
-            raise JournalError(
-                f"{self.path} has journal schema {version}; this aiobatch reads {SCHEMA_VERSION}"
-            )
+            if version is None and exists and readonly:
+                raise JournalError(f"{self.path} is not an aiobatch journal (no schema version)")
+            if version is None and not readonly:
+                self.set_meta(schema_version=str(SCHEMA_VERSION))
+            elif (
+                version is not None
+                and version != str(SCHEMA_VERSION)
+                and not (readonly and version == "4")  # what ``status`` reads is the same
+            ):
+                raise JournalError(
+                    f"{self.path} has journal schema {version}; "
+                    f"this aiobatch reads {SCHEMA_VERSION}"
+                )
+        except BaseException:
+            self._db.close()
+            raise
         self.created = not exists
 
     def _upgrade(self) -> None:
@@ -282,24 +402,18 @@ class Journal:
         self.close()
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self) -> Iterator[_Db]:
         """One write transaction: committed on success, rolled back on any error.
 
         Raises:
             JournalError: another process held the journal's write lock for 10 s (a
-                run checking its input holds it that long).
+                run checking its input holds it that long), or the file is damaged.
         """
-        try:
-            self._db.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as exc:
-            raise JournalError(
-                f"{self.path} is busy ({exc}): a run is writing it (checking its input "
-                "takes a while); try again in a moment"
-            ) from exc
+        self._db.execute("BEGIN IMMEDIATE")
         try:
             yield self._db
         except BaseException:
-            self._db.execute("ROLLBACK")
+            self._db.rollback()
             raise
         self._db.execute("COMMIT")
 
@@ -316,7 +430,7 @@ class Journal:
             self.put_meta(db, values)
 
     @staticmethod
-    def put_meta(db: sqlite3.Connection, values: Mapping[str, str | None]) -> None:
+    def put_meta(db: _Db, values: Mapping[str, str | None]) -> None:
         """Set (or, with None, delete) ``meta`` values inside the caller's transaction."""
         for key, value in values.items():
             if value is None:
@@ -334,7 +448,7 @@ class Journal:
 
     # --- requests ------------------------------------------------------------------------
 
-    def add_requests(self, db: sqlite3.Connection, rows: Iterable[tuple[Any, ...]]) -> None:
+    def add_requests(self, db: _Db, rows: Iterable[tuple[Any, ...]]) -> None:
         """Insert request rows ``(seq, custom_id, line, url, model, tokens, inputs, data)``
         inside the caller's transaction."""
         db.executemany(
@@ -438,7 +552,7 @@ class Journal:
 
     def add_shard(
         self,
-        db: sqlite3.Connection,
+        db: _Db,
         *,
         key: str,
         url: str,
@@ -497,7 +611,7 @@ class Journal:
         """How many shards were planned."""
         return int(self._db.execute("SELECT count(*) FROM shards").fetchone()[0])
 
-    def update_shard(self, key: str, db: sqlite3.Connection | None = None, **fields: Any) -> None:
+    def update_shard(self, key: str, db: _Db | None = None, **fields: Any) -> None:
         """Set columns of a shard (in the caller's transaction, or its own)."""
         if not fields:
             return
@@ -514,7 +628,7 @@ class Journal:
 
     # --- results -------------------------------------------------------------------------
 
-    def add_results(self, db: sqlite3.Connection, rows: Iterable[tuple[Any, ...]]) -> None:
+    def add_results(self, db: _Db, rows: Iterable[tuple[Any, ...]]) -> None:
         """Record final results ``(seq, kind, code, shard, batch_id, attempts,
         input_tokens, output_tokens, data)`` and mark their requests ``done``, inside the
         caller's transaction. A request that already has its result keeps it."""
@@ -528,9 +642,7 @@ class Journal:
             "UPDATE requests SET state = 'done' WHERE seq = ?", ((row[0],) for row in rows)
         )
 
-    def retry_later(
-        self, db: sqlite3.Connection, rows: Iterable[tuple[int, int, bytes | None]]
-    ) -> None:
+    def retry_later(self, db: _Db, rows: Iterable[tuple[int, int, bytes | None]]) -> None:
         """Make requests ``pending`` again, with their attempts and last error
         ``(seq, attempts, last_error)``, inside the caller's transaction; a last error of
         None marks a request that runs again as if for the first time (its batch was
@@ -604,6 +716,11 @@ class Journal:
             "- coalesce(sum(creates > 0 AND batch_id IS NULL), 0) FROM shards"
         ).fetchone()
         rounds = db.execute("SELECT coalesce(max(round), 0) FROM shards").fetchone()[0]
+        # The latest step a shard recorded (planned, upload or create started).
+        last_step = db.execute(
+            "SELECT coalesce(max(max(planned_at, coalesce(upload_started_at, 0), "
+            "coalesce(create_started_at, 0))), 0) FROM shards"
+        ).fetchone()[0]
         return {
             "requests": requests,
             "kinds": kinds,
@@ -616,6 +733,7 @@ class Journal:
             "batches": int(batches[0]),
             "recreated": int(batches[1]),
             "rounds": int(rounds),
+            "last_step": float(last_step),
         }
 
     def open_batches(self) -> list[tuple[str, str]]:
@@ -626,6 +744,95 @@ class Journal:
                 "SELECT key, batch_id FROM shards WHERE state = 'open' AND batch_id IS NOT NULL"
             )
         ]
+
+
+#: Unreadable shard rows in a row after which the salvage stops looking for more.
+_SALVAGE_MISSES = 20_000
+
+
+def damaged(path: str, exc: sqlite3.Error) -> JournalError:
+    """The JournalError for a damaged journal: what is wrong, the batches the run had
+    created as far as the file can still be read, and what the user can do."""
+    run_id, batches, unsent, complete = _salvage(path)
+    parts = [
+        f"{path} is damaged ({exc}): aiobatch cannot read it reliably, so it will not "
+        "resume this run; keep a copy of the file."
+    ]
+    who = f"run {run_id}" if run_id else "the run"
+    if batches:
+        listed = ", ".join(f"{bid} ({status})" for bid, status in batches)
+        parts.append(f"What can still be read of it: {who} had created these batches: {listed}.")
+    else:
+        parts.append(f"No batch of {who} can be read from it.")
+    if not complete:
+        parts.append("Some of its records could not be read: there may be more batches.")
+    if unsent:
+        parts.append(
+            f"{unsent} create(s) had been sent whose batch ids were not recorded yet "
+            "(their batches, if made, carry the metadata aiobatch_shard=<shard>)."
+        )
+    tag = (
+        f"every batch of this run carries the metadata aiobatch_run={run_id}"
+        if run_id
+        else "the batches aiobatch makes carry their run's id in the metadata aiobatch_run"
+    )
+    parts.append(
+        "A new journal does not adopt these batches: with your provider's API or console, "
+        "cancel those still running and download the output files of those that finished "
+        f"({tag}). Then move the damaged "
+        "journal away and start the run again: it makes a new journal and submits every "
+        "request again."
+    )
+    return JournalError(" ".join(parts))
+
+
+def _salvage(path: str) -> tuple[str | None, list[tuple[str, str]], int, bool]:
+    """What a damaged journal still tells, read row by row, skipping what cannot be
+    read: the run id, (batch id, last status) of each shard that has a batch, how many
+    shards were creating without a batch id, and whether every shard row was read."""
+    try:
+        db = sqlite3.connect(f"file:{os.path.abspath(path)}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return None, [], 0, False
+    try:
+        run_id: str | None = None
+        with contextlib.suppress(sqlite3.Error):
+            row = db.execute("SELECT value FROM meta WHERE key = 'run_id'").fetchone()
+            run_id = None if row is None else str(row[0])
+        batches: list[tuple[str, str]] = []
+        unsent = 0
+        complete = True
+        try:
+            top = db.execute("SELECT max(rowid) FROM shards").fetchone()[0]
+        except sqlite3.Error:
+            top, complete = None, False
+        start, misses = 1, 0  # the first rowid not looked at yet
+        while top is None or start <= int(top):
+            try:
+                row = db.execute(
+                    "SELECT rowid, batch_id, status, state FROM shards WHERE rowid >= ? "
+                    "ORDER BY rowid LIMIT 1",
+                    (start,),
+                ).fetchone()
+            except sqlite3.Error:
+                complete = False
+                start, misses = start + 1, misses + 1
+                if misses > _SALVAGE_MISSES:
+                    break
+                continue
+            if row is None:
+                break
+            rowid, batch_id, status, state = row
+            start, misses = int(rowid) + 1, 0
+            if batch_id is not None:
+                batches.append((str(batch_id), str(status or state)))
+            elif state == "creating":
+                unsent += 1
+        return run_id, batches, unsent, complete
+    except sqlite3.Error:
+        return None, [], 0, False
+    finally:
+        db.close()
 
 
 def dumps_compact(value: Any) -> bytes:

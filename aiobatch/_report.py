@@ -31,7 +31,9 @@ class RunReport:
     Attributes:
         run_id: the run's id (in every batch's ``aiobatch_run`` metadata).
         state: ``running``, ``cancelling``, ``cancelled`` (its batches were cancelled),
-            ``stopped`` (stopped without cancelling them), ``done`` or ``failed``.
+            ``stopped`` (stopped without cancelling them), ``done`` or ``failed``; or
+            ``interrupted``: the journal says running or cancelling but no process runs
+            it (the process was killed; running it again resumes it).
         requests: accepted requests.
         succeeded: requests whose final result is a success.
         failed: requests whose final result is an error (HTTP error or batch error).
@@ -47,10 +49,12 @@ class RunReport:
             batch exists: ``planned``, ``uploaded``, ``creating``).
         input_tokens: prompt tokens of the final results, from their ``usage``.
         output_tokens: completion tokens of the final results.
-        elapsed: seconds since the run started (on the run's clock), downtime included.
+        elapsed: seconds from the run's start to ``now`` or, by default, to the last
+            moment it recorded (on the run's clock), downtime included.
         output: the output file, once written.
         extra_uploads_deleted: extra copies of shard input files, left on the server
             by uploads whose answer was lost, that the run deleted.
+        live: whether a process runs the journal right now (None: not checked).
     """
 
     run_id: str
@@ -71,6 +75,7 @@ class RunReport:
     elapsed: float = 0.0
     output: str | None = None
     extra_uploads_deleted: int = 0
+    live: bool | None = None
 
     @property
     def total_tokens(self) -> int:
@@ -83,25 +88,37 @@ class RunReport:
         return self.pending == 0
 
 
-def read_report(journal: Journal, *, now: float | None = None) -> RunReport:
+#: The states a run records while a process runs it.
+_UNDERWAY = ("running", "cancelling")
+
+
+def read_report(
+    journal: Journal, *, now: float | None = None, live: bool | None = None
+) -> RunReport:
     """The report of the run a journal holds, at any time (also while it runs).
 
     Args:
         journal: the run's journal.
-        now: the current time on the run's clock, for ``elapsed`` (default: the time
-            the run last recorded).
+        now: the current time on the run's clock, for ``elapsed`` (default: the last
+            time the run recorded: its latest step, or the time it notes every
+            ``cancel_poll_interval`` seconds while it runs).
+        live: whether a process runs the journal (``aiobatch._runner.run_is_live``);
+            False makes a run recorded as underway ``interrupted``.
     """
     meta = journal.meta()
     counts: dict[str, Any] = journal.counts()
     states: Mapping[str, int] = counts["requests"]
     kinds: Mapping[str, int] = counts["kinds"]
     started = float(meta.get("started_at", "0") or 0)
-    last = float(meta.get("updated_at", meta.get("started_at", "0")) or 0)
+    last = max(float(meta.get("updated_at", "0") or 0), counts["last_step"], started)
     elapsed = max(0.0, (now if now is not None else last) - started) if started else 0.0
     recreated = int(counts["recreated"])
+    state = meta.get("state", "?")
+    if live is False and state in _UNDERWAY:
+        state = "interrupted"
     return RunReport(
         run_id=meta.get("run_id", "?"),
-        state=meta.get("state", "?"),
+        state=state,
         requests=sum(states.values()),
         succeeded=int(kinds.get("success", 0)),
         failed=sum(v for k, v in kinds.items() if k != "success"),
@@ -118,6 +135,7 @@ def read_report(journal: Journal, *, now: float | None = None) -> RunReport:
         elapsed=elapsed,
         output=meta.get("output_written"),
         extra_uploads_deleted=int(meta.get("extra_uploads_deleted", "0")),
+        live=live,
     )
 
 
@@ -136,8 +154,11 @@ def format_duration(seconds: float) -> str:
 def format_report(report: RunReport) -> str:
     """The report as a few lines of text (what ``aiobatch run`` and ``aiobatch status``
     print)."""
+    state = report.state
+    if state == "interrupted":
+        state += " (no process is running it; run the same command again to resume)"
     lines = [
-        f"run {report.run_id}: {report.state}, {format_duration(report.elapsed)} elapsed",
+        f"run {report.run_id}: {state}, {format_duration(report.elapsed)} elapsed",
         f"requests: {report.requests:,} ({report.succeeded:,} succeeded, "
         f"{report.failed:,} failed, {report.pending:,} pending)"
         + (f"; {report.skipped:,} invalid input lines skipped" if report.skipped else ""),

@@ -1114,7 +1114,7 @@ class BatchRun:
     async def _wind_down(self, journal: Journal) -> None:
         """After a cancel: let in-flight submissions finish their step, cancel every open
         batch, and collect what they finished."""
-        journal.set_meta(state="cancelling")
+        journal.set_meta(state="cancelling", updated_at=repr(self._clock.now()))
         fleet = self._fleet
         assert fleet is not None
         deadline = (
@@ -1205,7 +1205,7 @@ class BatchRun:
                 failures = 0
             except _Stop:
                 return
-            except RunError:
+            except (RunError, JournalError):  # a journal that fails is not a step to retry
                 raise
             except (AuthenticationError, PermissionDeniedError) as exc:
                 raise RunError(
