@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import signal
 import sys
@@ -29,6 +30,7 @@ from .testing._service import FakeBatchService
 
 __all__ = [
     "COMMANDS",
+    "KEY_HEADERS",
     "Command",
     "build_fake_service",
     "build_parser",
@@ -36,8 +38,10 @@ __all__ = [
     "describe",
     "dialect",
     "duration",
+    "fake_base_url",
     "fault_rules",
     "main",
+    "out",
     "rate_limit",
     "serve",
 ]
@@ -125,6 +129,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     return COMMANDS[args.command].run(args)
+
+
+def out(text: str) -> None:
+    """Print ``text`` (and a newline) to stdout, at once.
+
+    A reader that went away (``aiobatch status J | head -0``) is not an error: the rest
+    of the output goes to ``os.devnull`` (so that Python's flush at exit does not fail
+    either), and the command goes on to end with its own exit status.
+    """
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(devnull, sys.stdout.fileno())
+            finally:
+                os.close(devnull)
 
 
 # -- argument types --------------------------------------------------------------------
@@ -222,9 +244,9 @@ def _fake_server_arguments(parser: argparse.ArgumentParser) -> None:
         "--api-key",
         default=None,
         help=(
-            "require KEY on every request, in the dialect's header (openai: "
+            "accept only KEY, in the dialect's header (openai: "
             "'Authorization: Bearer KEY'; portkey: x-portkey-api-key; azure: api-key); "
-            "default: any key"
+            "default: any key, but every request needs one"
         ),
     )
     net.add_argument(
@@ -486,8 +508,33 @@ def fault_rules(args: argparse.Namespace) -> list[Fault]:
     return rules
 
 
+#: Where each dialect of the fake takes the key (``FakeDialect.check``), for the banner.
+KEY_HEADERS: dict[str, str] = {
+    "openai": "'Authorization: Bearer KEY' (or 'api-key: KEY')",
+    "azure": "'api-key: KEY' (or 'Authorization: Bearer KEY')",
+    "portkey": (
+        "'x-portkey-api-key: KEY', with 'x-portkey-provider: @SLUG' or 'x-portkey-config' "
+        "(a plain provider name there also needs 'Authorization: Bearer KEY')"
+    ),
+}
+
+
+def fake_base_url(server_url: str, dialect: FakeDialect) -> str:
+    """The base URL a client of ``dialect`` uses, from the server's ``.../v1`` URL:
+    Azure's requests go under ``/openai/v1`` (its v1 API; the azure dialect answers 404
+    elsewhere), the others' under ``/v1``."""
+    if dialect.name == "azure":
+        return server_url.removesuffix("/v1") + "/openai/v1"
+    return server_url
+
+
 def describe(service: FakeBatchService, *, key_required: bool) -> str:
-    """One line on how ``service`` behaves, for the start-up banner."""
+    """One line on how ``service`` behaves, for the start-up banner.
+
+    Args:
+        service: the fake service.
+        key_required: the service accepts only its own key (``--api-key``), not any.
+    """
     c = service.config
     faults = len(service.faults)
     limit = c.rate_limit
@@ -502,8 +549,15 @@ def describe(service: FakeBatchService, *, key_required: bool) -> str:
         f"finalizing {c.finalizing_seconds:g}s, cancelling {c.cancel_seconds:g}s, "
         f"window {c.completion_window_seconds:g}s; "
         f"{faults} fault rule{'' if faults == 1 else 's'}; {limited}; "
-        f"api key {'required' if key_required else 'not checked'}"
+        f"{_key_note(service.dialect, key_required=key_required)}"
     )
+
+
+def _key_note(dialect: FakeDialect, *, key_required: bool) -> str:
+    if not dialect.key_required:
+        return "no api key needed"
+    which = "only the --api-key key" if key_required else "any key"
+    return f"api key required ({which}) in {KEY_HEADERS[dialect.name]}"
 
 
 @command(
@@ -512,8 +566,9 @@ def describe(service: FakeBatchService, *, key_required: bool) -> str:
     _fake_server_arguments,
     description=(
         "Serve the aiobatch fake batch service over HTTP in real time, with the endpoints "
-        "of OpenAI's Files and Batch APIs under /v1. Point any OpenAI-compatible client "
-        "at the printed base URL. Stop with Ctrl-C or SIGTERM."
+        "of OpenAI's Files and Batch APIs under /v1 (azure: /openai/v1). Point any "
+        "OpenAI-compatible client at the printed base URL, with the key headers printed "
+        "under it. Stop with Ctrl-C or SIGTERM."
     ),
 )
 def fake_server(args: argparse.Namespace) -> int:
@@ -534,7 +589,7 @@ def fake_server(args: argparse.Namespace) -> int:
             )
         )
     except KeyboardInterrupt:  # a second Ctrl-C, or no signal handlers on this platform
-        print("stopped", flush=True)
+        out("stopped")
         return 0
 
 
@@ -581,15 +636,16 @@ async def serve(
                     f"aiobatch fake-server: cannot listen on {host}:{port}: {exc}", file=sys.stderr
                 )
                 return 1
-            print(f"aiobatch fake server listening on {base_url}", flush=True)
+            base_url = fake_base_url(base_url, service.dialect)
+            out(f"aiobatch fake server listening on {base_url}")
             if banner:
-                print(f"  {banner}", flush=True)
-            print("Press Ctrl-C to stop.", flush=True)
+                out(f"  {banner}")
+            out("Press Ctrl-C to stop.")
             await stop.wait()
     finally:
         for sig in installed:
             loop.remove_signal_handler(sig)
-    print("stopped", flush=True)
+    out("stopped")
     return 0
 
 
@@ -637,7 +693,7 @@ def _demo(args: argparse.Namespace) -> int:
             seed=args.seed,
         )
     )
-    print(format_report(report))
+    out(format_report(report))
     return 0 if all_accounted(report) else 1
 
 
@@ -664,7 +720,7 @@ def _diagram(args: argparse.Namespace) -> int:
     else:
         from ._lifecycle import mermaid_diagram
 
-    print(mermaid_diagram())
+    out(mermaid_diagram())
     return 0
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import attrs
 
-from ._cli import command, count, duration, positive
+from ._cli import command, count, duration, out, positive, rate
 from ._client import BatchClient
 from ._fleet import FleetConfig
 from ._provider import PROVIDER_NAMES, Provider, provider_from_env
@@ -164,19 +164,19 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
     fake = parser.add_argument_group("the fake service (with --fake)")
     fake.add_argument(
         "--fake-faults",
-        type=float,
+        type=rate,
         default=0.05,
         help="share of control-plane requests answered 429 or 503",
     )
     fake.add_argument(
         "--fake-transient-errors",
-        type=float,
+        type=rate,
         default=0.05,
         help="share of requests that fail with a 500 the first time they run",
     )
     fake.add_argument(
         "--fake-permanent-errors",
-        type=float,
+        type=rate,
         default=0.01,
         help="share of requests that always fail with a 400",
     )
@@ -352,7 +352,7 @@ async def _run_async(args: argparse.Namespace, journal: str) -> int:
                 loop.remove_signal_handler(signal.SIGTERM)
         if display is not None:
             display.close(run.progress())
-    print(format_report(report))
+    out(format_report(report))
     if report.state == "cancelled":
         print(f"cancelled; resume with the same command ({journal})", file=sys.stderr)
         return 130
@@ -393,8 +393,12 @@ def _run(args: argparse.Namespace) -> int:
         )
         logging.getLogger("aiobatch.run").setLevel(logging.INFO)
     if args.fake and os.path.exists(journal):
-        with Journal(journal) as existing:
-            state = existing.get_meta("state")
+        try:
+            with Journal(journal) as existing:
+                state = existing.get_meta("state")
+        except JournalError as exc:
+            print(f"aiobatch run: {exc}", file=sys.stderr)
+            return 1
         if state not in (None, "done"):
             print(
                 f"aiobatch run: {journal} holds an unfinished run, and a --fake run cannot "
@@ -434,16 +438,20 @@ def _status_arguments(parser: argparse.ArgumentParser) -> None:
 def _status(args: argparse.Namespace) -> int:
     try:
         with Journal(args.journal, readonly=True) as journal:
-            report = read_report(journal)
+            try:
+                live: bool | None = run_is_live(args.journal)
+            except OSError:  # no lock file can be made beside it: cannot tell
+                live = None
+            report = read_report(journal, live=live)
     except JournalError as exc:
         print(f"aiobatch status: {exc}", file=sys.stderr)
         return 1
     if args.json:
         data = attrs.asdict(report)
         data["total_tokens"] = report.total_tokens
-        print(json.dumps(data, indent=2, default=_plain))
+        out(json.dumps(data, indent=2, default=_plain))
     else:
-        print(format_report(report))
+        out(format_report(report))
     return 0
 
 
@@ -491,10 +499,10 @@ def _cancel(args: argparse.Namespace) -> int:
         except JournalError as exc:
             print(f"aiobatch cancel: {exc}", file=sys.stderr)
             return 1
-        print(f"cancel requested; the run holding {args.journal} stops within seconds")
+        out(f"cancel requested; the run holding {args.journal} stops within seconds")
         return 0
     if not open_batches and not creating:
-        print(f"no process runs {args.journal} and it records no open batch: nothing to cancel")
+        out(f"no process runs {args.journal} and it records no open batch: nothing to cancel")
         return 0
     try:
         sent = asyncio.run(_cancel_directly(args))
@@ -502,9 +510,9 @@ def _cancel(args: argparse.Namespace) -> int:
         print(f"aiobatch cancel: {exc}", file=sys.stderr)
         return 1
     if not sent:
-        print(f"no process runs {args.journal} and none of its batches is open: nothing to cancel")
+        out(f"no process runs {args.journal} and none of its batches is open: nothing to cancel")
         return 0
-    print(
+    out(
         f"no process runs {args.journal}: sent cancels for {len(sent)} batch(es); run "
         "'aiobatch run' again to collect what they finished"
     )

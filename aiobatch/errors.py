@@ -42,7 +42,7 @@ repr ever contains an API key.
     │   └── PreflightError             input lines failed the checks run before any upload;
     │                                  nothing was uploaded
     ├── JournalError                   a run's journal cannot be used (missing, in use, made
-    │                                  for another input)
+    │                                  for another input, damaged)
     └── RunError                       a run cannot go on (a step kept failing, credentials
         │                              refused); the journal is intact: run again to continue
         └── TooManyBatchesError        a request would go into more batches than
@@ -432,8 +432,9 @@ class PreflightError(InputError):
 
 class JournalError(AiobatchError):
     """A run's journal cannot be used: it is missing, not a journal, of another schema
-    version, held by another running process, or made for another input. The message
-    says which; the journal itself is left untouched. The caller's fault."""
+    version, held by another running process, made for another input, or damaged (its
+    message then lists the batches that can still be read from it, and what to do). The
+    message says which; the journal itself is left untouched."""
 
 
 class RunError(AiobatchError):

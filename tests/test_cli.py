@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import re
 import signal
 import socket
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -110,6 +112,64 @@ def test_bad_arguments_are_usage_errors(
     assert "error:" in capsys.readouterr().err
 
 
+#: Every flag of the command line that takes a fraction (a share, 0 to 1), and the
+#: arguments its command needs besides it.
+FRACTION_FLAGS = [
+    *(
+        (["fake-server"], flag)
+        for flag in (
+            "--fault-rate",
+            "--drop-rate",
+            "--slow-rate",
+            "--malformed-rate",
+            "--line-error-rate",
+        )
+    ),
+    *((["demo"], flag) for flag in ("--fault-rate", "--line-error-rate")),
+    *(
+        (["run", "in.jsonl", "-o", "out.jsonl", "--fake"], flag)
+        for flag in ("--fake-faults", "--fake-transient-errors", "--fake-permanent-errors")
+    ),
+]
+
+
+@pytest.mark.parametrize("value", ["10", "-0.1", "abc", "nan"])
+@pytest.mark.parametrize(("command", "flag"), FRACTION_FLAGS)
+def test_fractions_out_of_range_are_usage_errors(
+    command: list[str],
+    flag: str,
+    value: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """Every fraction flag refuses a value outside 0..1 (or not a number) at parse time:
+    exit 2 naming the flag, no traceback."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        main([*command, flag, value])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}" in err
+    assert "Traceback" not in err
+
+
+def test_every_share_flag_is_checked_as_a_fraction() -> None:
+    """Every option whose help says it is a share of something is in FRACTION_FLAGS (so
+    the test above checks it)."""
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    shares = {
+        (name, option)
+        for name, sub in subparsers.choices.items()
+        for action in sub._actions
+        if (action.help or "").startswith("share of")
+        for option in action.option_strings
+        if option.startswith("--")
+    }
+    assert shares == {(command[0], flag) for command, flag in FRACTION_FLAGS}
+
+
 def test_timing_flags_reach_the_service_config() -> None:
     """Timing, window, key and line-error flags configure the fake service."""
     args = _fake_server_args(
@@ -156,6 +216,78 @@ def test_banner_describes_the_service() -> None:
     assert "validating 3s" in text
     assert "3 fault rules" in text
     assert "api key required" in text
+
+
+#: What each dialect's banner must name, and headers that, per the banner, make a
+#: request with any key (the --api-key one, when given) acceptable.
+BANNER_HEADERS: dict[str, tuple[str, dict[str, str]]] = {
+    "openai": ("Authorization: Bearer KEY", {"Authorization": "Bearer {key}"}),
+    "azure": ("api-key: KEY", {"api-key": "{key}"}),
+    "portkey": (
+        "x-portkey-api-key: KEY",
+        {"x-portkey-api-key": "{key}", "x-portkey-provider": "@openai-prod"},
+    ),
+}
+
+
+async def _serve_in_task(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> tuple[asyncio.Task[int], str, str]:
+    """``serve()`` as ``aiobatch fake-server ARGV`` runs it, in a task: the task, the
+    printed base URL and the banner line."""
+    args = _fake_server_args("--port", "0", *argv)
+    service = build_fake_service(args)
+    task = asyncio.ensure_future(
+        _cli.serve(
+            service,
+            host=args.host,
+            port=args.port,
+            banner=_cli.describe(service, key_required=args.api_key is not None),
+        )
+    )
+    printed = ""
+    while "Press Ctrl-C" not in printed:
+        assert not task.done(), capsys.readouterr()
+        await asyncio.sleep(0)  # a turn of the loop: the server binds, then prints
+        printed += capsys.readouterr().out
+    match = re.search(r"listening on (\S+)\n  (.*)\n", printed)
+    assert match is not None, printed
+    return task, match.group(1), match.group(2)
+
+
+@pytest.mark.parametrize("dialect", sorted(BANNER_HEADERS))
+@pytest.mark.parametrize("fixed_key", [False, True])
+async def test_banner_says_how_to_call_the_printed_url(
+    dialect: str, fixed_key: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The fake server's printed base URL answers, with the key headers its banner
+    names: any key (or only the --api-key one) is accepted, none is refused with 401;
+    the banner never claims the key is not checked and never shows the key."""
+    argv = ["--dialect", dialect, *(["--api-key", "sk-cli-secret"] if fixed_key else [])]
+    task, base_url, banner = await _serve_in_task(argv, capsys)
+    named, headers = BANNER_HEADERS[dialect]
+    try:
+        assert named in banner
+        assert "not checked" not in banner
+        assert "sk-cli-secret" not in banner
+        assert ("only the --api-key key" if fixed_key else "any key") in banner
+
+        def with_key(key: str) -> dict[str, str]:
+            return {name: value.format(key=key) for name, value in headers.items()}
+
+        async with aiohttp.ClientSession() as http:
+
+            async def status(sent: dict[str, str]) -> int:
+                async with http.get(f"{base_url}/batches", headers=sent) as resp:
+                    return resp.status
+
+            assert await status({}) == 401
+            assert await status(with_key("sk-cli-secret")) == 200
+            assert await status(with_key("sk-whatever")) == (401 if fixed_key else 200)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 def test_no_fault_flags_no_rules() -> None:

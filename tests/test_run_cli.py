@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +21,7 @@ import pytest
 from conftest import API_KEY, BASE_URL, chat_line
 
 import aiobatch
-from aiobatch import BatchClient, BatchRun, RetryPolicy, RunProgress
+from aiobatch import BatchClient, BatchRun, RetryPolicy, RunConfig, RunProgress
 from aiobatch import _cli_run as cli_run
 from aiobatch._cli import main
 from aiobatch._run._sqlite import JournalFile as Journal
@@ -220,6 +224,128 @@ def test_status_of_a_missing_journal_fails(
     assert str(missing) in captured.err
     assert "no journal" in captured.err
     assert not missing.exists()
+
+
+def snapshot(journal: Path, target: Path) -> None:
+    """Copy what a kill of the run at this moment leaves: the journal's committed state,
+    with no process holding it."""
+    source = sqlite3.connect(f"file:{journal}?mode=ro", uri=True)
+    copy = sqlite3.connect(target)
+    try:
+        source.backup(copy)
+    finally:
+        copy.close()
+        source.close()
+
+
+def status_json(path: Path, capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
+    """``aiobatch status --json PATH``, decoded."""
+    capsys.readouterr()
+    assert main(["status", str(path), "--json"]) == 0
+    data: dict[str, Any] = json.loads(capsys.readouterr().out)
+    return data
+
+
+@pytest.mark.parametrize("cancelling", [False, True])
+async def test_status_tells_a_killed_run_from_a_live_one(
+    cancelling: bool, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """While a run goes on, ``aiobatch status`` says ``running`` (live); on the journal a
+    kill leaves (running, or cancelling after a Ctrl-C), it says ``interrupted`` (not
+    live) with what to do, and the elapsed time up to the run's last record (it notes the
+    time every cancel_poll_interval, and when it starts cancelling)."""
+    source = make_requests(tmp_path / "in.jsonl", 20)
+    journal = tmp_path / "run.journal"
+    killed = tmp_path / "killed.journal"
+    clock = VirtualClock()
+    started = clock.now()
+    service = FakeBatchService(
+        clock=clock,
+        config=FakeConfig(lines_per_second=0.01, cancel_seconds=1000.0),
+    )
+    async with (
+        BatchClient(
+            api_key=API_KEY,
+            base_url=BASE_URL,
+            transport=service.transport(),
+            clock=clock,
+            retry=RetryPolicy.for_testing(max_attempts=3),
+        ) as client,
+        clock.auto_advance(),
+    ):
+        run = BatchRun(client, source, journal=journal, config=RunConfig(cancel_poll_interval=5.0))
+        runner = asyncio.ensure_future(run.run())
+        while clock.now() < started + 102.5:
+            await clock.sleep(0.5)
+        last_step = clock.now()
+        if cancelling:
+            run.cancel()
+            while journal_meta(journal).get("state") != "cancelling":
+                await clock.sleep(0.5)
+        else:
+            last_step -= 5.0  # the run notes the time every cancel_poll_interval
+        live = status_json(journal, capsys)
+        killed_at = clock.now()
+        snapshot(journal, killed)
+        run.stop()
+        await runner
+
+    assert live["state"] == ("cancelling" if cancelling else "running")
+    assert live["live"] is True
+
+    dead = status_json(killed, capsys)
+    assert dead["state"] == "interrupted"
+    assert dead["live"] is False
+    assert last_step - started <= dead["elapsed"] <= killed_at - started
+    assert main(["status", str(killed)]) == 0
+    text = capsys.readouterr().out
+    assert f"run {dead['run_id']}: interrupted (no process is running it" in text
+    assert "run the same command again to resume" in text
+
+
+# --- a reader that went away (``| head -0``) -----------------------------------------------
+
+
+def into_closed_pipe(*argv: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``python -m aiobatch ARGV`` with its stdout on a pipe whose reader has already
+    gone (as ``aiobatch ... | head -0``): every write to it fails."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "aiobatch", *argv],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=cwd,
+            timeout=120,
+            check=False,
+        )
+    finally:
+        os.close(write)
+
+
+@pytest.mark.parametrize("extra", [[], ["--json"]])
+def test_status_into_a_closed_pipe_exits_0_quietly(
+    extra: list[str], finished: dict[str, Any], tmp_path: Path
+) -> None:
+    """``aiobatch status J | head -0`` exits 0 with nothing on stderr (no
+    BrokenPipeError traceback)."""
+    done = into_closed_pipe("status", str(finished["journal"]), *extra, cwd=tmp_path)
+    assert done.stderr == ""
+    assert done.returncode == 0
+
+
+def test_run_into_a_closed_pipe_exits_with_the_runs_own_status(tmp_path: Path) -> None:
+    """``aiobatch run ... | head -0`` finishes the run, writes the output file and exits
+    0 (the run's status), with no traceback or broken-pipe error on stderr."""
+    source = make_requests(tmp_path / "in.jsonl", 20)
+    output = tmp_path / "out.jsonl"
+    done = into_closed_pipe(*run_argv(output, "--fake-faults", "0", source=source), cwd=tmp_path)
+    assert "Traceback" not in done.stderr
+    assert "Broken pipe" not in done.stderr
+    assert done.returncode == 0, done.stderr
+    assert len(read_output(output)) == 20
 
 
 # --- cancel --------------------------------------------------------------------------------

@@ -53,7 +53,8 @@ from ._planning import ShardCutter
 from ._progress import RunProgress
 from ._records import Shard
 from ._report import RunReport, build_report
-from ._sqlite import SQLiteJournal, remove_journal
+from ._sqlite import SQLiteJournal
+from ._sqlite_db import remove_journal
 from ._states import SUBMITTING, ShardState
 from ._submit import WAITS, Step, resolve_create, submission_steps
 
@@ -617,8 +618,8 @@ class BatchRun:
                 failures = 0
             except Stop:
                 return
-            except RunError:
-                raise
+            except (RunError, JournalError):
+                raise  # the journal failing is no step to try again
             except (AuthenticationError, PermissionDeniedError) as exc:
                 raise RunError(
                     f"run {self._run_id}: the server refused the credentials ({exc}); "

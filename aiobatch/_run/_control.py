@@ -15,7 +15,8 @@ import time
 
 from .._client import BatchClient
 from ..errors import APIStatusError, InvalidTransitionError
-from ._sqlite import JournalFile, _FileLock, run_is_live
+from ._sqlite import JournalFile
+from ._sqlite_db import FileLock, run_is_live
 from ._states import ShardState
 from ._submit import find_shard_batch
 
@@ -50,7 +51,7 @@ async def cancel_batches(journal_path: str | os.PathLike[str], client: BatchClie
             is no journal.
     """
     path = os.fspath(journal_path)
-    lock = _FileLock(path)
+    lock = FileLock(path)
     lock.acquire()
     sent: list[str] = []
     try:

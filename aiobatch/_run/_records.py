@@ -328,6 +328,8 @@ class JournalCounts:
         batches: batches created.
         recreated: batches re-created after ``token_limit_exceeded``.
         rounds: retry rounds used.
+        last_step: the latest step a shard recorded (planned, upload or create
+            started), on the run's clock.
     """
 
     requests: Mapping[str, int] = attrs.field(factory=dict, converter=_frozen)
@@ -341,3 +343,4 @@ class JournalCounts:
     batches: int = 0
     recreated: int = 0
     rounds: int = 0
+    last_step: float = 0.0

@@ -34,7 +34,9 @@ class RunReport:
     Attributes:
         run_id: the run's id (in every batch's ``aiobatch_run`` metadata).
         state: ``running``, ``cancelling``, ``cancelled`` (its batches were cancelled),
-            ``stopped`` (stopped without cancelling them), ``done`` or ``failed``.
+            ``stopped`` (stopped without cancelling them), ``done`` or ``failed``; or
+            ``interrupted``: the journal says running or cancelling but no process runs
+            it (the process was killed; running it again resumes it).
         requests: accepted requests.
         succeeded: requests whose final result is a success.
         failed: requests whose final result is an error (HTTP error or batch error).
@@ -50,10 +52,12 @@ class RunReport:
             batch exists: ``planned``, ``uploaded``, ``creating``).
         input_tokens: prompt tokens of the final results, from their ``usage``.
         output_tokens: completion tokens of the final results.
-        elapsed: seconds since the run started (on the run's clock), downtime included.
+        elapsed: seconds from the run's start to ``now`` or, by default, to the last
+            moment it recorded (on the run's clock), downtime included.
         output: the output file, once written.
         extra_uploads_deleted: extra copies of shard input files, left on the server
             by uploads whose answer was lost, that the run deleted.
+        live: whether a process runs the journal right now (None: not checked).
     """
 
     run_id: str
@@ -74,6 +78,7 @@ class RunReport:
     elapsed: float = 0.0
     output: str | None = None
     extra_uploads_deleted: int = 0
+    live: bool | None = None
 
     @property
     def total_tokens(self) -> int:
@@ -86,29 +91,45 @@ class RunReport:
         return self.pending == 0
 
 
-def read_report(journal: JournalFile, *, now: float | None = None) -> RunReport:
+#: The states a run records while a process runs it.
+_UNDERWAY = ("running", "cancelling")
+
+
+def read_report(
+    journal: JournalFile, *, now: float | None = None, live: bool | None = None
+) -> RunReport:
     """The report of the run a journal file holds, at any time (also while it runs).
 
     Args:
         journal: the run's journal file (``JournalFile(path, readonly=True)``).
-        now: the current time on the run's clock, for ``elapsed`` (default: the time
-            the run last recorded).
+        now: the current time on the run's clock, for ``elapsed`` (default: the last
+            time the run recorded: its latest step, or the time it notes every
+            ``cancel_poll_interval`` seconds while it runs).
+        live: whether a process runs the journal (:func:`aiobatch._run.run_is_live`);
+            False makes a run recorded as underway ``interrupted``.
     """
-    return build_report(journal.meta(), journal.counts(), now=now)
+    return build_report(journal.meta(), journal.counts(), now=now, live=live)
 
 
 def build_report(
-    meta: RunMeta | None, counts: JournalCounts, *, now: float | None = None
+    meta: RunMeta | None,
+    counts: JournalCounts,
+    *,
+    now: float | None = None,
+    live: bool | None = None,
 ) -> RunReport:
     """A report from a run's facts and figures (see :func:`read_report`)."""
     states = counts.requests
     kinds = counts.kinds
     started = meta.started_at if meta is not None else 0.0
-    last = (meta.updated_at or meta.started_at) if meta is not None else 0.0
+    last = max(meta.updated_at if meta is not None else 0.0, counts.last_step, started)
     elapsed = max(0.0, (now if now is not None else last) - started) if started else 0.0
+    state = meta.state if meta is not None else "?"
+    if live is False and state in _UNDERWAY:
+        state = "interrupted"
     return RunReport(
         run_id=meta.run_id if meta is not None else "?",
-        state=meta.state if meta is not None else "?",
+        state=state,
         requests=sum(states.values()),
         succeeded=int(kinds.get("success", 0)),
         failed=sum(v for k, v in kinds.items() if k != "success"),
@@ -125,6 +146,7 @@ def build_report(
         elapsed=elapsed,
         output=meta.output_written if meta is not None else None,
         extra_uploads_deleted=meta.extra_uploads_deleted if meta is not None else 0,
+        live=live,
     )
 
 
@@ -143,8 +165,11 @@ def format_duration(seconds: float) -> str:
 def format_report(report: RunReport) -> str:
     """The report as a few lines of text (what ``aiobatch run`` and ``aiobatch status``
     print)."""
+    state = report.state
+    if state == "interrupted":
+        state += " (no process is running it; run the same command again to resume)"
     lines = [
-        f"run {report.run_id}: {report.state}, {format_duration(report.elapsed)} elapsed",
+        f"run {report.run_id}: {state}, {format_duration(report.elapsed)} elapsed",
         f"requests: {report.requests:,} ({report.succeeded:,} succeeded, "
         f"{report.failed:,} failed, {report.pending:,} pending)"
         + (f"; {report.skipped:,} invalid input lines skipped" if report.skipped else ""),

@@ -24,11 +24,10 @@ power loss may lose the last ones).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import sqlite3
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
-from typing import IO, Any
+from typing import Any
 
 import attrs
 
@@ -47,9 +46,10 @@ from ._records import (
     Shard,
     ShardPlan,
 )
+from ._sqlite_db import Db, FileLock
 from ._states import ShardState, allowed
 
-__all__ = ["SCHEMA_VERSION", "JournalFile", "SQLiteJournal", "run_is_live"]
+__all__ = ["SCHEMA_VERSION", "JournalFile", "SQLiteJournal"]
 
 SCHEMA_VERSION = 5
 
@@ -167,13 +167,17 @@ class JournalFile:
         try:
             if readonly:
                 uri = "file:" + os.path.abspath(self.path) + "?mode=ro"
-                self._db = sqlite3.connect(
+                connection = sqlite3.connect(
                     uri, uri=True, isolation_level=None, timeout=busy_timeout
                 )
             else:
-                self._db = sqlite3.connect(self.path, isolation_level=None, timeout=busy_timeout)
+                connection = sqlite3.connect(self.path, isolation_level=None, timeout=busy_timeout)
+        except sqlite3.DatabaseError as exc:
+            raise JournalError(f"{self.path} cannot be opened: {exc}") from exc
+        self._db = Db(connection, self.path)
+        try:
+            if not readonly:
                 if exists and not self._is_journal():
-                    self._db.close()
                     raise JournalError(
                         f"{self.path} is not an aiobatch journal (it holds other tables); "
                         "choose another path"
@@ -187,20 +191,22 @@ class JournalFile:
                     self._upgrade()
                 self._db.executescript(_SCHEMA)
             version = self.get_meta("schema_version")
-        except sqlite3.DatabaseError as exc:
-            raise JournalError(f"{self.path} is not an aiobatch journal: {exc}") from exc
-        if version is None and exists and readonly:
-            raise JournalError(f"{self.path} is not an aiobatch journal (no schema version)")
-        if version is None and not readonly:
-            self.set_meta(schema_version=str(SCHEMA_VERSION))
-        elif (
-            version is not None
-            and version != str(SCHEMA_VERSION)
-            and not (readonly and version == "4")  # what ``status`` reads is the same
-        ):
-            raise JournalError(
-                f"{self.path} has journal schema {version}; this aiobatch reads {SCHEMA_VERSION}"
-            )
+            if version is None and exists and readonly:
+                raise JournalError(f"{self.path} is not an aiobatch journal (no schema version)")
+            if version is None and not readonly:
+                self.set_meta(schema_version=str(SCHEMA_VERSION))
+            elif (
+                version is not None
+                and version != str(SCHEMA_VERSION)
+                and not (readonly and version == "4")  # what ``status`` reads is the same
+            ):
+                raise JournalError(
+                    f"{self.path} has journal schema {version}; "
+                    f"this aiobatch reads {SCHEMA_VERSION}"
+                )
+        except BaseException:
+            self._db.close()
+            raise
         self.created = not exists
 
     def _upgrade(self) -> None:
@@ -245,24 +251,18 @@ class JournalFile:
         self.close()
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self) -> Iterator[Db]:
         """One write transaction: committed on success, rolled back on any error.
 
         Raises:
             JournalError: another process held the journal's write lock for 10 s (a
-                run checking its input holds it that long).
+                run checking its input holds it that long), or the file is damaged.
         """
-        try:
-            self._db.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as exc:
-            raise JournalError(
-                f"{self.path} is busy ({exc}): a run is writing it (checking its input "
-                "takes a while); try again in a moment"
-            ) from exc
+        self._db.execute("BEGIN IMMEDIATE")
         try:
             yield self._db
         except BaseException:
-            self._db.execute("ROLLBACK")
+            self._db.rollback()
             raise
         self._db.execute("COMMIT")
 
@@ -279,7 +279,7 @@ class JournalFile:
             self.put_meta(db, values)
 
     @staticmethod
-    def put_meta(db: sqlite3.Connection, values: Mapping[str, str | None]) -> None:
+    def put_meta(db: Db, values: Mapping[str, str | None]) -> None:
         """Set (or, with None, delete) ``meta`` values inside the caller's transaction."""
         for key, value in values.items():
             if value is None:
@@ -310,7 +310,7 @@ class JournalFile:
                 fields[name] = int(fields[name])
         return RunMeta(**fields)
 
-    def start(self, db: sqlite3.Connection, meta: RunMeta) -> None:
+    def start(self, db: Db, meta: RunMeta) -> None:
         """Record a new run's facts inside the caller's transaction (the ingest's)."""
         self.put_meta(
             db,
@@ -335,7 +335,7 @@ class JournalFile:
 
     # --- requests ------------------------------------------------------------------------
 
-    def add_requests(self, db: sqlite3.Connection, requests: Iterable[PreparedRequest]) -> None:
+    def add_requests(self, db: Db, requests: Iterable[PreparedRequest]) -> None:
         """Insert accepted requests inside the caller's transaction."""
         db.executemany(
             "INSERT INTO requests (seq, custom_id, line, url, model, tokens, inputs, data) "
@@ -522,7 +522,7 @@ class JournalFile:
         """How many shards were planned."""
         return int(self._db.execute("SELECT count(*) FROM shards").fetchone()[0])
 
-    def _set(self, db: sqlite3.Connection, key: str, fields: Mapping[str, Any]) -> None:
+    def _set(self, db: Db, key: str, fields: Mapping[str, Any]) -> None:
         unknown = set(fields) - set(SHARD_FIELDS)
         if unknown:
             raise ValueError(f"unknown shard fields: {sorted(unknown)}")
@@ -530,7 +530,7 @@ class JournalFile:
         values = [v.value if isinstance(v, ShardState) else v for v in fields.values()]
         db.execute(f"UPDATE shards SET {sets} WHERE key = ?", (*values, key))
 
-    def _move(self, db: sqlite3.Connection, key: str, to: ShardState, fields: Any) -> None:
+    def _move(self, db: Db, key: str, to: ShardState, fields: Any) -> None:
         row = db.execute("SELECT state FROM shards WHERE key = ?", (key,)).fetchone()
         if row is None:
             raise JournalError(f"{self.path}: no shard {key!r}")
@@ -559,7 +559,7 @@ class JournalFile:
 
     def _record(
         self,
-        db: sqlite3.Connection,
+        db: Db,
         finals: Sequence[FinalResult],
         retries: Sequence[RetryLine],
     ) -> None:
@@ -688,6 +688,11 @@ class JournalFile:
             "- coalesce(sum(creates > 0 AND batch_id IS NULL), 0) FROM shards"
         ).fetchone()
         rounds = db.execute("SELECT coalesce(max(round), 0) FROM shards").fetchone()[0]
+        # The latest step a shard recorded (planned, upload or create started).
+        last_step = db.execute(
+            "SELECT coalesce(max(max(planned_at, coalesce(upload_started_at, 0), "
+            "coalesce(create_started_at, 0))), 0) FROM shards"
+        ).fetchone()[0]
         return JournalCounts(
             requests={str(k): int(v) for k, v in requests.items()},
             kinds={str(k): int(v) for k, v in kinds.items()},
@@ -700,61 +705,12 @@ class JournalFile:
             batches=int(batches[0]),
             recreated=int(batches[1]),
             rounds=int(rounds),
+            last_step=float(last_step),
         )
 
     def open_batches(self) -> list[Shard]:
         """Every shard whose batch is being tracked."""
         return [s for s in self.shards(ShardState.OPEN) if s.batch_id is not None]
-
-
-class _FileLock:
-    """An exclusive lock on a journal, held by the process that runs it (released by
-    the OS when the process dies, however it dies)."""
-
-    def __init__(self, path: str) -> None:
-        self._path = path + ".lock"
-        self._fh: IO[str] | None = None
-
-    def acquire(self) -> None:
-        fh = open(self._path, "a+")  # noqa: SIM115 - held for the run's lifetime
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            fh.seek(0)
-            owner = fh.read().strip() or "another process"
-            fh.close()
-            raise JournalError(
-                f"the journal {self._path[:-5]} is in use by {owner}; one run at a time"
-            ) from exc
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"pid {os.getpid()}")
-        fh.flush()
-        self._fh = fh
-
-    def release(self) -> None:
-        if self._fh is not None:
-            fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
-            self._fh.close()
-            self._fh = None
-
-
-def run_is_live(journal_path: str | os.PathLike[str]) -> bool:
-    """Whether a process holds the journal (runs it) right now."""
-    lock = _FileLock(os.fspath(journal_path))
-    try:
-        lock.acquire()
-    except JournalError:
-        return True
-    lock.release()
-    return False
-
-
-def remove_journal(path: str) -> None:
-    """Delete a journal file and its side files (a run refused before it started)."""
-    for suffix in ("", "-wal", "-shm", ".lock"):
-        with contextlib.suppress(OSError):
-            os.unlink(path + suffix)
 
 
 def _chunks(lines: Iterator[bytes], size: int = 2000) -> Iterator[list[bytes]]:
@@ -769,7 +725,7 @@ def _chunks(lines: Iterator[bytes], size: int = 2000) -> Iterator[list[bytes]]:
 
 
 class _SQLiteIngest:
-    def __init__(self, file: JournalFile, db: sqlite3.Connection) -> None:
+    def __init__(self, file: JournalFile, db: Db) -> None:
         self._file = file
         self._db = db
 
@@ -796,7 +752,7 @@ class SQLiteJournal:
         self, path: str | os.PathLike[str], *, create: bool = False, busy_timeout: float = 10.0
     ) -> None:
         self.file = JournalFile(path, create=create, busy_timeout=busy_timeout)
-        self._lock = _FileLock(self.file.path)
+        self._lock = FileLock(self.file.path)
 
     @property
     def location(self) -> str:
