@@ -20,7 +20,7 @@ from aiobatch._run._records import (
     RunMeta,
     ShardPlan,
 )
-from aiobatch._run._sqlite import SQLiteJournal
+from aiobatch._run._sqlite_journal import SQLiteJournal
 from aiobatch._run._states import ShardState
 from aiobatch.errors import JournalError, ShardMoveError, TooManyBatchesError
 

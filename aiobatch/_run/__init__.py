@@ -24,7 +24,8 @@ from ._control import cancel_batches, request_cancel, run_is_live
 from ._journal import Journal
 from ._progress import ProgressDisplay, RunProgress
 from ._report import RunReport, build_report, format_report, read_report
-from ._sqlite import JournalFile, SQLiteJournal
+from ._sqlite import JournalFile
+from ._sqlite_journal import SQLiteJournal
 from ._states import SHARD_MOVES, ShardState
 
 __all__ = [

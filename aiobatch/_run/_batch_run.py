@@ -49,12 +49,12 @@ from ._config import RequestSource, RunConfig, RunResult
 from ._context import Next, RunContext, Stop, logger
 from ._ingest import check_source, ingest
 from ._journal import Journal
-from ._planning import ShardCutter
+from ._planning import plan
 from ._progress import RunProgress
 from ._records import Shard
 from ._report import RunReport, build_report
-from ._sqlite import SQLiteJournal
 from ._sqlite_db import remove_journal
+from ._sqlite_journal import SQLiteJournal
 from ._states import SUBMITTING, ShardState
 from ._submit import WAITS, Step, resolve_create, submission_steps
 
@@ -462,50 +462,13 @@ class BatchRun:
         return moved > 0
 
     async def _plan(self, ctx: RunContext) -> None:
-        """Shard every pending request (by url and model, within the limits) and record
-        each shard's intent before anything is uploaded.
-
-        Requests are read group by group in chunks, and each shard is recorded as soon
-        as it is cut, so planning holds one chunk and the open shard, however many
-        requests are pending.
-        """
-        journal = ctx.journal
-        limits = self._config.enqueued_token_limits
-        now = self._clock.now()
-        index = await journal.shard_count()
-        shards: list[Shard] = []
-        for group in await journal.pending_groups():
-            url, model = group.url, group.model
-            embeddings = url.rstrip("/").endswith("/embeddings")
-            cutter = ShardCutter(
-                max_lines=ctx.max_lines,
-                max_bytes=ctx.max_bytes,
-                max_tokens=limits.get(model) if model is not None else None,
-                max_inputs=ctx.max_inputs if embeddings else None,
-            )
-
-            async def record(plans: list[Any]) -> None:
-                nonlocal index
-                for plan in plans:
-                    key = f"s{index:06d}"
-                    index += 1
-                    shards.append(
-                        await journal.add_shard(
-                            key, plan, planned_at=now, max_batches=self._config.batch_limit
-                        )
-                    )
-
-            try:
-                async for request in journal.pending_requests(url, model):
-                    await record(cutter.add(request))
-                await record(cutter.finish())
-            except TooManyBatchesError as exc:
-                # Not recorded: its requests stay pending, for a run with a higher limit
-                # (the shards recorded before it are resumed by that run).
-                exc.args = (f"run {self._run_id}: {exc}",)
-                self._failure = exc
-                self._stopping.set()
-                return
+        """Plan shards for the pending requests and start their submission."""
+        try:
+            shards = await plan(ctx)
+        except TooManyBatchesError as exc:
+            self._failure = exc
+            self._stopping.set()
+            return
         for shard in shards:
             ctx.round = max(ctx.round, shard.round)
             ctx.put_status(shard.key, _S.PLANNED.value)

@@ -9,17 +9,25 @@ request does not fit in it (or when nothing more can fit).
 It streams: it holds only the currently open shard of each group, yields a shard as
 soon as it is closed, and yields the shards still open when the input ends, ordered by
 the ``seq`` of their first request.
+
+:func:`plan` is the run's planning step: it cuts the journal's pending requests and
+records each shard's intent as soon as it is cut.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 
 import attrs
 
-from ._records import PreparedRequest, ShardPlan
+from ..errors import TooManyBatchesError
+from ._records import PreparedRequest, Shard, ShardPlan
 
-__all__ = ["ShardCutter", "plan_shards"]
+if TYPE_CHECKING:
+    from ._context import RunContext
+
+__all__ = ["ShardCutter", "plan", "plan_shards"]
 
 
 @attrs.define(slots=True)
@@ -165,3 +173,51 @@ class ShardCutter:
         shards = sorted(self._open.values(), key=lambda s: s.seqs[0])
         self._open.clear()
         return [shard.plan() for shard in shards]
+
+
+async def plan(ctx: RunContext) -> list[Shard]:
+    """Shard every pending request (by url and model, within the limits) and record
+    each shard's intent before anything is uploaded; returns the new shards.
+
+    Requests are read group by group in chunks, and each shard is recorded as soon as
+    it is cut, so planning holds one chunk and the open shard, however many requests
+    are pending.
+
+    Raises:
+        TooManyBatchesError: a shard would put a request in more batches than
+            ``max_batches_per_request`` (that shard is not recorded: its requests stay
+            pending, for a run with a higher limit).
+    """
+    journal = ctx.journal
+    limits = ctx.config.enqueued_token_limits
+    now = ctx.clock.now()
+    index = await journal.shard_count()
+    shards: list[Shard] = []
+
+    async def record(plans: list[ShardPlan]) -> None:
+        nonlocal index
+        for planned in plans:
+            key = f"s{index:06d}"
+            index += 1
+            shards.append(
+                await journal.add_shard(
+                    key, planned, planned_at=now, max_batches=ctx.config.batch_limit
+                )
+            )
+
+    for group in await journal.pending_groups():
+        embeddings = group.url.rstrip("/").endswith("/embeddings")
+        cutter = ShardCutter(
+            max_lines=ctx.max_lines,
+            max_bytes=ctx.max_bytes,
+            max_tokens=limits.get(group.model) if group.model is not None else None,
+            max_inputs=ctx.max_inputs if embeddings else None,
+        )
+        try:
+            async for request in journal.pending_requests(group.url, group.model):
+                await record(cutter.add(request))
+            await record(cutter.finish())
+        except TooManyBatchesError as exc:
+            exc.args = (f"run {ctx.run_id}: {exc}",)
+            raise
+    return shards
