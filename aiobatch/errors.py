@@ -110,7 +110,18 @@ class TransportError(AiobatchError):
 
 
 class ConnectError(TransportError):
-    """No connection could be made, so the request was never sent."""
+    """No connection could be made, so the request was never sent.
+
+    Attributes:
+        reason: why, in plain words, when the transport knows: ``"name does not
+            resolve"``, ``"connection refused"``, ``"connect timeout"``...; else None.
+    """
+
+    def __init__(
+        self, message: str, *, method: str = "", url: str = "", reason: str | None = None
+    ) -> None:
+        super().__init__(message, method=method, url=url)
+        self.reason = reason
 
 
 class TransportTimeoutError(TransportError, TimeoutError):
