@@ -26,11 +26,11 @@ from ._client import BatchClient
 from ._fleet import FleetConfig
 from ._journal import Journal
 from ._progress import ProgressDisplay
-from ._provider import PROVIDER_NAMES, Provider, provider_from_env
+from ._provider import PROVIDER_NAMES, Provider, provider_from_env, require_key
 from ._report import format_report, read_report
 from ._retry import RetryPolicy
 from ._runner import BatchRun, RunConfig, cancel_batches, request_cancel, run_is_live
-from .errors import AiobatchError, JournalError, PreflightError
+from .errors import AiobatchError, ConfigurationError, JournalError, PreflightError
 from .testing._clock import VirtualClock
 from .testing._config import FakeConfig, LineErrorRule
 from .testing._faults import Fault
@@ -365,7 +365,7 @@ async def _run_async(args: argparse.Namespace, journal: str) -> int:
         "same command again after a crash, a Ctrl-C or 'aiobatch cancel' to continue. "
         "Ctrl-C cancels the open batches and keeps what they finished (exit 130); SIGTERM "
         "stops without cancelling them (exit 143); 0 when every request has its result, "
-        "1 on an error, 2 on a usage error."
+        "1 on an error, 2 on a usage error or a missing key."
     ),
 )
 def _run(args: argparse.Namespace) -> int:
@@ -378,6 +378,13 @@ def _run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if not args.fake:
+        # A missing key (or endpoint) is said now, before the input is read.
+        try:
+            require_key(_provider(args))
+        except ConfigurationError as exc:
+            print(f"aiobatch run: {exc}", file=sys.stderr)
+            return 2
     if not args.quiet:
         logging.basicConfig(
             level=logging.INFO if args.verbose else logging.WARNING,

@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import re
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -432,6 +433,45 @@ def test_input_file_without_requests_exits_with_the_usage_error_code(
     assert "no requests" in err
     assert not output.exists()
     assert not Path(f"{output}.journal").exists()
+
+
+@pytest.mark.parametrize(
+    ("provider", "variable"),
+    [
+        ("openai", "OPENAI_API_KEY"),
+        ("portkey", "PORTKEY_API_KEY"),
+        ("azure", "AZURE_OPENAI_API_KEY"),
+    ],
+)
+def test_run_without_the_key_stops_before_any_work(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    provider: str,
+    variable: str,
+) -> None:
+    """``aiobatch run`` with the provider's key variable unset exits 2 at once with a
+    message naming the variable, before the input is checked or a journal is made."""
+    for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "PORTKEY_API_KEY", "AZURE_OPENAI_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("AZURE_OPENAI_AD_TOKEN", raising=False)
+    monkeypatch.setenv("PORTKEY_PROVIDER", "openai")
+    monkeypatch.setenv("AZURE_OPENAI_ENDPOINT", "https://resource.openai.azure.invalid")
+
+    def no_lookups(*args: Any, **kwargs: Any) -> Any:  # nothing may leave the machine
+        raise OSError("no network in this test")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_lookups)
+    source = tmp_path / "in.jsonl"
+    source.write_text("{not checked yet\n", encoding="utf-8")
+    output = tmp_path / "out.jsonl"
+    argv = ["run", str(source), "-o", str(output), "--provider", provider, "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert variable in err, err
+    assert "not checked yet" not in err and ":1" not in err, err
+    assert not Path(f"{output}.journal").exists()
+    assert not output.exists()
 
 
 def test_fake_refuses_to_resume_an_unfinished_journal(
