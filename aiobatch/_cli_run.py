@@ -134,6 +134,14 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
         help="the control-plane request budget while tracking",
     )
     how.add_argument(
+        "--give-up-after",
+        type=duration,
+        default=RunConfig().give_up_after,
+        metavar="SECONDS",
+        help="stop the run (resumable) when one step (an upload, a create, a collection) "
+        "has kept failing this long, e.g. 10m; each failed try is logged with the time left",
+    )
+    how.add_argument(
         "--delete-files",
         action="store_true",
         help="delete each batch's input, output and error files once its results are "
@@ -284,6 +292,7 @@ def _config(args: argparse.Namespace) -> RunConfig:
         enqueued_token_limits=dict(args.token_limit),
         batch_timeout=args.batch_timeout,
         collect_chunk=args.collect_chunk,
+        give_up_after=args.give_up_after,
         delete_files=args.delete_files,
         fleet=fleet,
     )

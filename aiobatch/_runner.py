@@ -56,6 +56,7 @@ from collections.abc import (
 )
 from pathlib import Path
 from typing import IO, Any, Literal, TypeAlias
+from urllib.parse import urlsplit
 
 import attrs
 
@@ -63,14 +64,14 @@ from ._aio import cancel_and_wait, sleep_or_set
 from ._client import BatchClient
 from ._convert import decode_result_line
 from ._create import CREATE_KEY_METADATA
-from ._fleet import BatchDone, DoneReason, Fleet, FleetConfig, StatusChanged
+from ._fleet import BatchDone, DoneReason, Fleet, FleetConfig, StatusChanged, TrackingError
 from ._journal import Journal, ShardRow, dumps_compact
 from ._lifecycle import TERMINAL, BatchStatus
 from ._models import Batch, File, ResultError, ResultHTTPError, ResultLine, ResultSuccess
 from ._preflight import LineProblem, Preflight, PreparedRequest
 from ._progress import RunProgress
-from ._report import RunReport, read_report
-from ._retry import RetryPolicy
+from ._report import RunReport, format_duration, read_report
+from ._retry import DEFAULT_MAX_RETRY_WAIT, RetryPolicy, cap_server_wait
 from ._shard import plan_shards
 from .errors import (
     AiobatchError,
@@ -78,6 +79,7 @@ from .errors import (
     APIStatusError,
     AuthenticationError,
     ClosedError,
+    ConnectError,
     DecodeError,
     InputError,
     InvalidTransitionError,
@@ -87,8 +89,10 @@ from .errors import (
     PermissionDeniedError,
     PreflightError,
     RunError,
+    StepFailedError,
     TooManyBatchesError,
     TransportError,
+    UnreachableError,
     describe,
 )
 
@@ -149,6 +153,8 @@ TOKEN_LIMIT_CODE = "token_limit_exceeded"
 #: Batches a request may go into, beyond its ``1 + max_rounds``, by default (see
 #: ``RunConfig.max_batches_per_request``): re-sends that spend no round.
 _FREE_BATCHES = 10
+#: Creates of one shard that came to nothing, in a row, when ``max_step_failures`` is None.
+_MAX_SETBACKS = 10
 #: A result file answered 404 this many times is taken as gone (deleted or expired).
 _GONE_AFTER = 3
 #: Seconds allowed between this machine's clock and the server's when a lookup bounds
@@ -161,6 +167,11 @@ _SUCCESS_TOKENS = (("prompt_tokens", "completion_tokens"), ("input_tokens", "out
 def _positive(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
     if value is not None and (isinstance(value, bool) or value <= 0):
         raise ValueError(f"RunConfig.{attribute.name} must be positive, got {value!r}")
+
+
+def _seconds(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ValueError(f"RunConfig.{attribute.name} must be > 0 seconds, got {value!r}")
 
 
 def _non_negative(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
@@ -220,9 +231,27 @@ class RunConfig:
             ``1 + max_rounds + 10``, room for re-sends that spend no round (after a
             batch failed because of other lines, or was cancelled by the run).
         step_backoff: the first wait before trying a failed step (upload, create
-            lookup, collection) again; it doubles per failure.
-        max_step_failures: failures of one step in a row after which the run stops
-            (with :class:`~aiobatch.errors.RunError`; the journal stays resumable).
+            lookup, collection) again; it doubles per failure (with jitter), up to 5
+            minutes. Each failed attempt is logged (WARNING) with its error, the
+            attempt number, the next try and the time left before the run gives up.
+        give_up_after: seconds one step may keep failing (from the start of its first
+            failed attempt) before the run stops with
+            :class:`~aiobatch.errors.StepFailedError` (the journal stays resumable);
+            the last try is made at that time. Each attempt includes the client's own
+            retries (its :class:`RetryPolicy`). A 429 is the server pacing the run: it
+            never stops it. None: no time limit.
+        max_step_failures: also stop after this many failures of one step in a row
+            (None, the default: ``give_up_after`` alone decides). It also bounds the
+            creates of a shard that come to nothing (its file gone, a lost create
+            proved never made): 10 when None.
+        unreachable_after: before the server has answered the run once, seconds of
+            connection failures (its name does not resolve, the connection is
+            refused or times out) after which the run stops with
+            :class:`~aiobatch.errors.UnreachableError`: a wrong address, not an
+            outage. Once it has answered, ``give_up_after`` applies.
+        max_retry_wait: the longest the run (and its fleet) waits on one server's
+            ``retry-after``; a longer one is cut to this, with a WARNING, and the run
+            then tries again.
         output_lag_retries: retrieves of a ``completed`` batch that reports finished
             requests but no ``output_file_id`` yet, before its lines count as missing.
         cancel_poll_interval: how often the run looks for a cancel request in its
@@ -260,7 +289,10 @@ class RunConfig:
     max_recreates: int = attrs.field(default=100, validator=_non_negative)
     max_batches_per_request: int | None = attrs.field(default=None, validator=_positive)
     step_backoff: float = attrs.field(default=5.0, validator=_non_negative)
-    max_step_failures: int = attrs.field(default=10, validator=_positive)
+    give_up_after: float | None = attrs.field(default=600.0, validator=_positive)
+    max_step_failures: int | None = attrs.field(default=None, validator=_positive)
+    unreachable_after: float = attrs.field(default=30.0, validator=_seconds)
+    max_retry_wait: float = attrs.field(default=DEFAULT_MAX_RETRY_WAIT, validator=_seconds)
     output_lag_retries: int = attrs.field(default=3, validator=_non_negative)
     cancel_poll_interval: float = attrs.field(default=5.0, validator=_positive)
     cancel_timeout: float | None = attrs.field(default=None, validator=_positive)
@@ -322,6 +354,27 @@ class RunResult:
 
 class _Stop(Exception):
     """A step gave up because the run is stopping."""
+
+
+@attrs.define
+class _Streak:
+    """The failures in a row of one step: how many, and since when."""
+
+    count: int = 0
+    #: ``clock.monotonic()`` at the start of the first failed attempt (None: no failure).
+    since: float | None = None
+    #: ``clock.monotonic()`` at the start of the attempt being made.
+    started: float = 0.0
+
+    def reset(self) -> None:
+        self.count = 0
+        self.since = None
+
+
+def _unreachable_host(error: ConnectError, base_url: str) -> str:
+    """The host (and port, when given) a connection failed to, without user info."""
+    netloc = urlsplit(error.url or base_url).netloc
+    return netloc.rpartition("@")[2] or error.url or base_url
 
 
 def _own_error(custom_id: str, code: str, message: str) -> bytes:
@@ -580,6 +633,10 @@ class BatchRun:
         self._budget_changed = asyncio.Event()
         self._stopping = asyncio.Event()
         self._stop_reason: str | None = None
+        #: whether the server has answered the run once (any HTTP status): until then a
+        #: connection failure is a wrong address, given ``unreachable_after``.
+        self._answered = False
+        self._network_since = 0.0
         self._failure: BaseException | None = None
         #: estimated prompt tokens reserved per model, and by which shard: a shard
         #: reserves before its create is sent and releases when its batch ends (or when
@@ -651,8 +708,10 @@ class BatchRun:
                 is left behind).
             JournalError: the journal belongs to another input, or another process
                 runs it.
-            RunError: a step kept failing, or the server refused the credentials; the
-                journal stays resumable.
+            RunError: a step kept failing (:class:`~aiobatch.errors.StepFailedError`,
+                after ``give_up_after``; :class:`~aiobatch.errors.UnreachableError`
+                when the server could not be reached at all), or the server refused the
+                credentials; the journal stays resumable.
         """
         return await self._start()
 
@@ -784,6 +843,8 @@ class BatchRun:
         self._state = "running"
         self._load_counts(journal)
         fleet_config = self._config.fleet or FleetConfig()
+        if fleet_config.max_retry_wait != self._config.max_retry_wait:
+            fleet_config = attrs.evolve(fleet_config, max_retry_wait=self._config.max_retry_wait)
         if self._config.batch_timeout is not None or fleet_config.timeout is not None:
             # A deadline cancels the batch and keeps tracking it to its end: its lines
             # must not run elsewhere while it may still run them.
@@ -794,6 +855,7 @@ class BatchRun:
         try:
             events = fleet.events()
             self._spawn(self._consume(events), name="events")
+            self._network_since = self._clock.monotonic()
             self._resume(journal)
             try:
                 await self._supervise(journal)
@@ -1184,25 +1246,30 @@ class BatchRun:
         made outside the submission slots, so shards held back never hold up others.
         """
         journal = self._db()
-        failures = 0
+        streak = _Streak()
+        clock = self._clock
         while not self._stopping.is_set():
             row = journal.shard(key)
             try:
                 if row.state == "planned":
                     async with self._submit_slots:
+                        streak.started = clock.monotonic()
                         await self._upload(journal, row)
                 elif row.state == "uploaded":
                     if row.not_before is not None:
                         await self._pause(row.not_before - self._clock.now())
                     await self._admit(row)
                     async with self._submit_slots:
+                        streak.started = clock.monotonic()
                         await self._create(journal, row)
                 elif row.state == "creating":
                     async with self._submit_slots:
+                        streak.started = clock.monotonic()
                         await self._resolve_create(journal, row)
                 else:
                     return
-                failures = 0
+                streak.reset()
+                self._answered = True
             except _Stop:
                 return
             except (RunError, JournalError):  # a journal that fails is not a step to retry
@@ -1218,7 +1285,7 @@ class BatchRun:
                     "is intact: run again to continue"
                 ) from exc
             except AiobatchError as exc:
-                failures, delay = self._step_failed(f"shard {key} ({row.state})", failures, exc)
+                delay = self._step_failed(f"shard {key} ({row.state})", streak, exc)
             else:
                 continue
             try:
@@ -1226,38 +1293,110 @@ class BatchRun:
             except _Stop:
                 return
 
-    def _step_failed(self, what: str, failures: int, exc: AiobatchError) -> tuple[int, float]:
-        """Count a failed step and say how long to wait before the next try.
+    def _step_failed(self, what: str, streak: _Streak, exc: AiobatchError) -> float:
+        """Count a failed attempt of a step, log it, and say how long to wait before the
+        next one.
 
         A rate limit (429) is the server pacing the run, not a failing step: it does not
         count, so it never stops the run (OpenAI allows 2,000 creates an hour), and its
-        ``retry-after`` is waited out.
+        ``retry-after`` is waited out (at most ``max_retry_wait``, then the run asks
+        again). Other failures stop the run once the step has failed for
+        ``give_up_after`` seconds (``unreachable_after`` for a server that could not be
+        reached before it ever answered), or ``max_step_failures`` times; the last wait
+        is cut so that the last try is made at that time.
 
         Returns:
-            The failures in a row, and the wait.
+            The wait.
 
         Raises:
-            RunError: the step failed ``max_step_failures`` times in a row.
+            StepFailedError: the run gives up (UnreachableError: the server could not
+                be reached at all).
         """
-        limited = isinstance(exc, APIStatusError) and exc.status_code == 429
-        if not limited:
-            failures += 1
-        if failures >= self._config.max_step_failures:
-            raise RunError(
-                f"run {self._run_id}: {what} failed {failures} times in a row: "
-                f"{describe(exc)}; the journal is intact: run again to continue"
-            ) from exc
-        delay = self._step_waits.backoff_delay(max(failures - 1, 0))
-        if isinstance(exc, APIStatusError) and exc.retry_after is not None:
-            delay = max(delay, exc.retry_after)
+        config = self._config
+        if isinstance(exc, APIStatusError | DecodeError):
+            self._answered = True  # the server is there, whatever it said
+        asked = exc.retry_after if isinstance(exc, APIStatusError) else None
+        if asked is not None and asked > 0:
+            asked = cap_server_wait(
+                asked, config.max_retry_wait, what=f"run {self._run_id}: {what}", log=logger
+            )
+        else:
+            asked = 0.0
+        if isinstance(exc, APIStatusError) and exc.status_code == 429:
+            delay = max(self._step_waits.backoff_delay(max(streak.count - 1, 0)), asked)
+            logger.warning(
+                "run %s: %s: rate limited: %s; next try in %s (a 429 never stops the run)",
+                self._run_id,
+                what,
+                describe(exc),
+                format_duration(delay),
+            )
+            return delay
+        streak.count += 1
+        if streak.since is None:
+            streak.since = streak.started
+        elapsed = self._clock.monotonic() - streak.since
+        unreachable = isinstance(exc, ConnectError) and not self._answered
+        budget, setting = config.give_up_after, "give_up_after"
+        if unreachable and (budget is None or config.unreachable_after < budget):
+            budget, setting = config.unreachable_after, "unreachable_after"
+        limit = config.max_step_failures
+        # (A hair of slack: a last try made exactly at the deadline is past it.)
+        timed_out = budget is not None and elapsed >= budget - 1e-6
+        if timed_out or (limit is not None and streak.count >= limit):
+            reason = (
+                f"{setting} {format_duration(budget)}"
+                if budget is not None and timed_out
+                else f"max_step_failures {limit}"
+            )
+            raise self._gave_up(what, streak.count, elapsed, reason, exc) from exc
+        delay = max(self._step_waits.backoff_delay(streak.count - 1), asked)
+        if budget is None:
+            left = "no time limit (give_up_after None)"
+        else:
+            delay = min(delay, budget - elapsed)
+            left = (
+                f"giving up in {format_duration(budget - elapsed)} "
+                f"({setting} {format_duration(budget)})"
+            )
         logger.warning(
-            "run %s: %s failed: %s; trying again in %.0fs",
+            "run %s: %s: attempt %d failed: %s; next try in %s, %s",
             self._run_id,
             what,
+            streak.count,
             describe(exc),
-            delay,
+            format_duration(delay),
+            left,
         )
-        return failures, delay
+        return delay
+
+    def _gave_up(
+        self, what: str, attempts: int, elapsed: float, reason: str, exc: AiobatchError
+    ) -> StepFailedError:
+        """The error a run stops with when a step kept failing."""
+        tried = f"{attempts} attempt{'s' if attempts != 1 else ''} in {format_duration(elapsed)}"
+        if isinstance(exc, ConnectError) and not self._answered:
+            host = _unreachable_host(exc, self._client.provider.base_url)
+            why = exc.reason or "cannot connect"
+            return UnreachableError(
+                f"run {self._run_id}: cannot reach {host}: {why} ({what}: {tried}, no answer "
+                f"from the server yet; {reason}). Check the base URL and the network; the "
+                "journal is intact: run again to continue",
+                host=host,
+                reason=why,
+                step=what,
+                attempts=attempts,
+                elapsed=elapsed,
+                cause=exc,
+            )
+        return StepFailedError(
+            f"run {self._run_id}: {what} kept failing ({tried}; {reason}): {describe(exc)}; "
+            "the journal is intact: run again to continue",
+            step=what,
+            attempts=attempts,
+            elapsed=elapsed,
+            cause=exc,
+        )
 
     def _db(self) -> Journal:
         journal = self._journal
@@ -1389,7 +1528,7 @@ class BatchRun:
 
     def _set_back(self, key: str, why: str) -> None:
         self._setbacks[key] += 1
-        if self._setbacks[key] >= self._config.max_step_failures:
+        if self._setbacks[key] >= (self._config.max_step_failures or _MAX_SETBACKS):
             raise RunError(
                 f"run {self._run_id}: shard {key} could not get a batch after "
                 f"{self._setbacks[key]} creates ({why}); the journal is intact"
@@ -1534,12 +1673,36 @@ class BatchRun:
                 if key is not None:
                     self._collecting.add(key)
                     self._spawn(self._collect(key, event), name=f"collect {key}")
+            elif isinstance(event, TrackingError):
+                self._tracking_failed(event.error)
         # The events end only when the fleet stopped on its own (the run cancels this
         # task before it closes the fleet): nothing tracks the batches any more.
         raise RunError(
             f"run {self._run_id}: the fleet stopped tracking the batches (was the client "
             "closed?); the journal is intact: run again to continue"
         )
+
+    def _tracking_failed(self, error: AiobatchError) -> None:
+        """A resumed run's first calls may be the fleet's polls: while the server has
+        never answered, polls that cannot connect stop the run after
+        ``unreachable_after`` (the fleet reports every few failures in a row).
+
+        Raises:
+            UnreachableError: the server could not be reached for that long.
+        """
+        fleet = self._fleet
+        if isinstance(error, APIStatusError) or (fleet is not None and fleet.stats.observations):
+            self._answered = True
+        if self._answered or not isinstance(error, ConnectError):
+            return
+        elapsed = self._clock.monotonic() - self._network_since
+        budget = self._config.unreachable_after
+        if elapsed >= budget:
+            failures = fleet.stats.failures if fleet is not None else 0
+            reason = f"unreachable_after {format_duration(budget)}"
+            raise self._gave_up(
+                "tracking the open batches", failures, elapsed, reason, error
+            ) from error
 
     def _set_status(self, key: str, status: str) -> None:
         self._put_status(key, status)
@@ -1572,17 +1735,17 @@ class BatchRun:
             self._unreserve(key)
             if done is not None and self._fleet is not None:
                 self._fleet.forget(done.batch_id)
-            failures = 0
+            streak = _Streak()
             async with self._collect_slots:
                 while True:
+                    streak.started = self._clock.monotonic()
                     try:
                         await self._collect_once(journal, key, done)
                         if self._config.delete_files:
                             await self._delete_files(journal.shard(key))
                         return
                     except (TransportError, APIStatusError, DecodeError) as exc:
-                        what = f"collecting shard {key}"
-                        failures, delay = self._step_failed(what, failures, exc)
+                        delay = self._step_failed(f"collecting shard {key}", streak, exc)
                         await self._clock.sleep(delay)
                         done = None
         finally:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
 import socket
@@ -20,13 +21,14 @@ from typing import Any
 
 import pytest
 from conftest import API_KEY, BASE_URL, chat_line
+from test_run_crash import serve
 
 import aiobatch
 from aiobatch import BatchClient, BatchRun, RetryPolicy, RunConfig, RunProgress
 from aiobatch import _cli_run as cli_run
 from aiobatch._cli import main
 from aiobatch._journal import Journal
-from aiobatch.testing import FakeBatchService, FakeConfig, VirtualClock
+from aiobatch.testing import FakeBatchService, FakeConfig, Fault, VirtualClock, make_app
 
 EXAMPLE = Path(aiobatch.__file__).parent / "examples" / "requests.jsonl"
 
@@ -472,6 +474,31 @@ def test_run_without_the_key_stops_before_any_work(
     assert "not checked yet" not in err and ":1" not in err, err
     assert not Path(f"{output}.journal").exists()
     assert not output.exists()
+
+
+async def test_give_up_after_stops_a_run_against_a_server_failing_every_call(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """``--give-up-after 1s`` against a server answering every call 500: each failed try
+    is logged with the time left, and the run exits 1 saying which step kept failing,
+    with what error, and that the journal is intact."""
+    caplog.set_level(logging.WARNING, logger="aiobatch.run")
+    service = FakeBatchService(config=FakeConfig())
+    service.faults.add(Fault.http(500, should_retry=False, times=None))
+    source = make_requests(tmp_path / "in.jsonl", 3)
+    output = tmp_path / "out.jsonl"
+    async with serve(make_app(service)) as base_url:
+        argv = ["run", str(source), "-o", str(output), "--provider", "compatible"]
+        argv += ["--base-url", base_url, "--give-up-after", "1s", "--no-progress"]
+        code = await asyncio.to_thread(main, argv)
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert "shard s000000 (planned) kept failing" in err, err
+    assert "give_up_after 1.0s" in err and "HTTP 500" in err, err
+    assert "journal is intact" in err, err
+    tries = [r.getMessage() for r in caplog.records if "attempt 1 failed" in r.getMessage()]
+    assert tries and "giving up in" in tries[0], tries
+    assert journal_meta(Path(f"{output}.journal"))["state"] == "failed"
 
 
 def test_fake_refuses_to_resume_an_unfinished_journal(
