@@ -22,7 +22,7 @@ from typing import Any
 import attrs
 
 from ._cli import command, count, duration, out, positive, rate
-from ._client import BatchClient
+from ._client import DEFAULT_CREATE_SETTLE, BatchClient
 from ._fleet import FleetConfig
 from ._journal import Journal
 from ._progress import ProgressDisplay
@@ -184,7 +184,8 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _provider_arguments(group: argparse._ActionsContainer, what: str) -> None:
-    """``--provider`` and ``--base-url``, read by :func:`_provider`."""
+    """``--provider`` and ``--base-url``, read by :func:`_provider`, and ``--create-settle``
+    for the client."""
     group.add_argument(
         "--provider",
         choices=PROVIDER_NAMES,
@@ -192,6 +193,15 @@ def _provider_arguments(group: argparse._ActionsContainer, what: str) -> None:
         help=f"{what}; keys and endpoints come from its environment variables",
     )
     group.add_argument("--base-url", default=None, help="the API root (not for azure)")
+    group.add_argument(
+        "--create-settle",
+        type=duration,
+        default=DEFAULT_CREATE_SETTLE,
+        metavar="SECONDS",
+        help="how long a create that may still be on its way (after a crash or a lost "
+        "answer) is given to land before its batch is looked up; shorten it only for a "
+        "server that acts at once, such as a local test server",
+    )
 
 
 def _provider(args: argparse.Namespace) -> Provider:
@@ -261,13 +271,14 @@ async def _client_for(args: argparse.Namespace) -> AsyncIterator[tuple[BatchClie
                 transport=service.transport(),
                 clock=clock,
                 retry=RetryPolicy(max_attempts=10),
+                create_settle=args.create_settle,
             ) as client,
             clock.auto_advance(),
         ):
             yield client, clock
         return
     provider = _provider(args)
-    async with BatchClient(provider=provider) as client:
+    async with BatchClient(provider=provider, create_settle=args.create_settle) as client:
         yield client, None
 
 
@@ -529,5 +540,5 @@ def _cancel(args: argparse.Namespace) -> int:
 
 async def _cancel_directly(args: argparse.Namespace) -> list[str]:
     provider = _provider(args)
-    async with BatchClient(provider=provider) as client:
+    async with BatchClient(provider=provider, create_settle=args.create_settle) as client:
         return await cancel_batches(args.journal, client)
