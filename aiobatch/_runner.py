@@ -155,6 +155,9 @@ TOKEN_LIMIT_CODE = "token_limit_exceeded"
 _FREE_BATCHES = 10
 #: Creates of one shard that came to nothing, in a row, when ``max_step_failures`` is None.
 _MAX_SETBACKS = 10
+#: Attempts per call (the client's own retries) until the server has answered the run
+#: once: a wrong address is told within ``unreachable_after``, by the run's own tries.
+_QUICK_ATTEMPTS = 3
 #: A result file answered 404 this many times is taken as gone (deleted or expired).
 _GONE_AFTER = 3
 #: Seconds allowed between this machine's clock and the server's when a lookup bounds
@@ -248,7 +251,9 @@ class RunConfig:
             connection failures (its name does not resolve, the connection is
             refused or times out) after which the run stops with
             :class:`~aiobatch.errors.UnreachableError`: a wrong address, not an
-            outage. Once it has answered, ``give_up_after`` applies.
+            outage. Until then each call makes at most 3 attempts of its own (quick
+            retries; the run's steps try again). Once it has answered,
+            ``give_up_after`` applies and calls make the client's full retries.
         max_retry_wait: the longest the run (and its fleet) waits on one server's
             ``retry-after``; a longer one is cut to this, with a WARNING, and the run
             then tries again.
@@ -605,7 +610,15 @@ class BatchRun:
         config: RunConfig | None = None,
         on_progress: Callable[[RunProgress], None] | None = None,
     ) -> None:
-        self._client = client
+        #: until the server has answered once, the run's calls make few attempts each
+        #: (see ``_heard_from_server``); the fleet always uses the client as given.
+        self._given_client = client
+        self._client = client.with_options(
+            retry=attrs.evolve(
+                client.retry_policy,
+                max_attempts=min(client.retry_policy.max_attempts, _QUICK_ATTEMPTS),
+            )
+        )
         self._source = source
         self._journal_path = os.fspath(journal)
         self._output = os.fspath(output) if output is not None else None
@@ -849,7 +862,7 @@ class BatchRun:
             # A deadline cancels the batch and keeps tracking it to its end: its lines
             # must not run elsewhere while it may still run them.
             fleet_config = attrs.evolve(fleet_config, cancel_on_deadline=True)
-        fleet = Fleet(self._client, config=fleet_config)
+        fleet = Fleet(self._given_client, config=fleet_config)
         self._fleet = fleet
         cancelled: BaseException | None = None
         try:
@@ -1269,7 +1282,7 @@ class BatchRun:
                 else:
                     return
                 streak.reset()
-                self._answered = True
+                self._heard_from_server()
             except _Stop:
                 return
             except (RunError, JournalError):  # a journal that fails is not a step to retry
@@ -1314,7 +1327,7 @@ class BatchRun:
         """
         config = self._config
         if isinstance(exc, APIStatusError | DecodeError):
-            self._answered = True  # the server is there, whatever it said
+            self._heard_from_server()  # the server is there, whatever it said
         asked = exc.retry_after if isinstance(exc, APIStatusError) else None
         if asked is not None and asked > 0:
             asked = cap_server_wait(
@@ -1369,6 +1382,13 @@ class BatchRun:
             left,
         )
         return delay
+
+    def _heard_from_server(self) -> None:
+        """The server answered the run: from now on a connection failure is an outage
+        (``give_up_after``), and calls make the client's full retries."""
+        if not self._answered:
+            self._answered = True
+            self._client = self._given_client
 
     def _gave_up(
         self, what: str, attempts: int, elapsed: float, reason: str, exc: AiobatchError
@@ -1458,7 +1478,11 @@ class BatchRun:
     async def _find_upload(self, name: str, size: int, since: float) -> File | None:
         """A usable file named ``name`` of ``size`` bytes created after ``since`` (less a
         margin for clock skew), or None (also when files cannot be listed). A file the
-        server marked ``error`` is not usable."""
+        server marked ``error`` is not usable.
+
+        Raises:
+            ConnectError: the server cannot be reached (an upload could not be either).
+        """
         horizon = since - _SKEW
         try:
             async for file in self._client.list_files(purpose="batch", order="desc"):
@@ -1466,6 +1490,8 @@ class BatchRun:
                     return file
                 if file.created_at < horizon:
                     break
+        except ConnectError:
+            raise
         except AiobatchError as exc:
             logger.warning(
                 "could not list files to find %s (%s); uploading it again", name, describe(exc)
@@ -1692,7 +1718,7 @@ class BatchRun:
         """
         fleet = self._fleet
         if isinstance(error, APIStatusError) or (fleet is not None and fleet.stats.observations):
-            self._answered = True
+            self._heard_from_server()
         if self._answered or not isinstance(error, ConnectError):
             return
         elapsed = self._clock.monotonic() - self._network_since
@@ -1741,6 +1767,7 @@ class BatchRun:
                     streak.started = self._clock.monotonic()
                     try:
                         await self._collect_once(journal, key, done)
+                        self._heard_from_server()
                         if self._config.delete_files:
                             await self._delete_files(journal.shard(key))
                         return
