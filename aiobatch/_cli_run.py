@@ -22,9 +22,9 @@ from typing import Any
 import attrs
 
 from ._cli import command, count, duration, out, positive, rate
-from ._client import BatchClient
+from ._client import DEFAULT_CREATE_SETTLE, BatchClient
 from ._fleet import FleetConfig
-from ._provider import PROVIDER_NAMES, Provider, provider_from_env
+from ._provider import PROVIDER_NAMES, Provider, provider_from_env, require_key
 from ._retry import RetryPolicy
 from ._run import (
     BatchRun,
@@ -38,7 +38,7 @@ from ._run import (
 )
 from ._run import JournalFile as Journal
 from ._run._states import ShardState
-from .errors import AiobatchError, JournalError, PreflightError
+from .errors import AiobatchError, ConfigurationError, JournalError, PreflightError
 from .testing._clock import VirtualClock
 from .testing._config import FakeConfig, LineErrorRule
 from .testing._faults import Fault
@@ -142,6 +142,14 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
         help="the control-plane request budget while tracking",
     )
     how.add_argument(
+        "--give-up-after",
+        type=duration,
+        default=RunConfig().give_up_after,
+        metavar="SECONDS",
+        help="stop the run (resumable) when one step (an upload, a create, a collection) "
+        "has kept failing this long, e.g. 10m; each failed try is logged with the time left",
+    )
+    how.add_argument(
         "--delete-files",
         action="store_true",
         help="delete each batch's input, output and error files once its results are "
@@ -184,7 +192,8 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _provider_arguments(group: argparse._ActionsContainer, what: str) -> None:
-    """``--provider`` and ``--base-url``, read by :func:`_provider`."""
+    """``--provider`` and ``--base-url``, read by :func:`_provider`, and ``--create-settle``
+    for the client."""
     group.add_argument(
         "--provider",
         choices=PROVIDER_NAMES,
@@ -192,6 +201,15 @@ def _provider_arguments(group: argparse._ActionsContainer, what: str) -> None:
         help=f"{what}; keys and endpoints come from its environment variables",
     )
     group.add_argument("--base-url", default=None, help="the API root (not for azure)")
+    group.add_argument(
+        "--create-settle",
+        type=duration,
+        default=DEFAULT_CREATE_SETTLE,
+        metavar="SECONDS",
+        help="how long a create that may still be on its way (after a crash or a lost "
+        "answer) is given to land before its batch is looked up; shorten it only for a "
+        "server that acts at once, such as a local test server",
+    )
 
 
 def _provider(args: argparse.Namespace) -> Provider:
@@ -261,13 +279,14 @@ async def _client_for(args: argparse.Namespace) -> AsyncIterator[tuple[BatchClie
                 transport=service.transport(),
                 clock=clock,
                 retry=RetryPolicy(max_attempts=10),
+                create_settle=args.create_settle,
             ) as client,
             clock.auto_advance(),
         ):
             yield client, clock
         return
     provider = _provider(args)
-    async with BatchClient(provider=provider) as client:
+    async with BatchClient(provider=provider, create_settle=args.create_settle) as client:
         yield client, None
 
 
@@ -292,6 +311,7 @@ def _config(args: argparse.Namespace) -> RunConfig:
         enqueued_token_limits=dict(args.token_limit),
         batch_timeout=args.batch_timeout,
         collect_chunk=args.collect_chunk,
+        give_up_after=args.give_up_after,
         delete_files=args.delete_files,
         fleet=fleet,
     )
@@ -373,7 +393,7 @@ async def _run_async(args: argparse.Namespace, journal: str) -> int:
         "same command again after a crash, a Ctrl-C or 'aiobatch cancel' to continue. "
         "Ctrl-C cancels the open batches and keeps what they finished (exit 130); SIGTERM "
         "stops without cancelling them (exit 143); 0 when every request has its result, "
-        "1 on an error, 2 on a usage error."
+        "1 on an error, 2 on a usage error or a missing key."
     ),
 )
 def _run(args: argparse.Namespace) -> int:
@@ -386,6 +406,13 @@ def _run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if not args.fake:
+        # A missing key (or endpoint) is said now, before the input is read.
+        try:
+            require_key(_provider(args))
+        except ConfigurationError as exc:
+            print(f"aiobatch run: {exc}", file=sys.stderr)
+            return 2
     if not args.quiet:
         logging.basicConfig(
             level=logging.INFO if args.verbose else logging.WARNING,
@@ -521,5 +548,5 @@ def _cancel(args: argparse.Namespace) -> int:
 
 async def _cancel_directly(args: argparse.Namespace) -> list[str]:
     provider = _provider(args)
-    async with BatchClient(provider=provider) as client:
+    async with BatchClient(provider=provider, create_settle=args.create_settle) as client:
         return await cancel_batches(args.journal, client)

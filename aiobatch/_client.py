@@ -37,7 +37,14 @@ from ._convert import (
 from ._create import LOOKUP_MAX_PAGES, Creator, keyed_metadata
 from ._lifecycle import BatchLifecycle
 from ._models import Batch, BatchErrors, BatchPage, File, FileDeleted, FilePage, ResultLine
-from ._provider import OpenAIProvider, Provider, Secret, _Headers, provider_from_env
+from ._provider import (
+    OpenAIProvider,
+    Provider,
+    Secret,
+    _Headers,
+    provider_from_env,
+    require_key,
+)
 from ._retry import (
     RETRYABLE_STATUSES,
     RetryPolicy,
@@ -168,7 +175,9 @@ class BatchClient:
 
     Args:
         api_key: the API key; default ``$OPENAI_API_KEY``. Never shown in any repr,
-            log or error.
+            log or error. OpenAI's own API without one is refused
+            (:class:`~aiobatch.errors.ConfigurationError`); a server of one's own, at
+            another ``base_url``, may take none.
         base_url: the API root; default ``$OPENAI_BASE_URL`` or OpenAI's.
         organization: the ``OpenAI-Organization`` header.
         project: the ``OpenAI-Project`` header.
@@ -229,6 +238,7 @@ class BatchClient:
             )
         if not create_settle >= 0:
             raise ValueError(f"create_settle must be >= 0, got {create_settle!r}")
+        require_key(provider)
         self._provider: Provider = provider
         self._secrets = tuple(provider.secrets)
         query = provider.params()

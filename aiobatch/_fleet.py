@@ -25,8 +25,8 @@ window), and observes them in one *round*:
 Every call goes through one :class:`~aiobatch.RequestBudget` (a token bucket) and a
 concurrency limit, and is a *single attempt*: the fleet polls again anyway, so a failed
 poll is simply rescheduled with backoff. A 429, or any answer with ``retry-after``,
-pauses the whole budget for that long, so the fleet never storms a server that asked
-it to slow down.
+pauses the whole budget for that long (at most ``max_retry_wait``: then the fleet tries
+again), so the fleet never storms a server that asked it to slow down.
 
 Each observation goes through the batch's :class:`~aiobatch.BatchLifecycle`. A move the
 lifecycle rejects (a regression, a move out of a terminal status) or a status aiobatch
@@ -69,7 +69,7 @@ from ._budget import RequestBudget
 from ._client import BatchClient
 from ._lifecycle import BatchLifecycle, BatchStatus
 from ._models import Batch, RequestCounts
-from ._retry import RetryPolicy
+from ._retry import DEFAULT_MAX_RETRY_WAIT, RetryPolicy, cap_server_wait
 from ._validators import non_negative, non_negative_or_none, positive
 from .errors import (
     AiobatchError,
@@ -140,6 +140,9 @@ class FleetConfig:
             a row, up to ``max_interval``.
         rate_limit_pause: how long a 429 without ``retry-after`` pauses the budget; it
             doubles per 429 in a row, up to ``max_interval``.
+        max_retry_wait: the longest pause a server's ``retry-after`` makes (a longer
+            one is cut to this, with a WARNING; the next call then asks again). A
+            :class:`~aiobatch.BatchRun` sets it to its ``RunConfig.max_retry_wait``.
         report_after_errors: a :class:`TrackingError` event is emitted after this many
             transient failures in a row for one batch (connection errors, timeouts,
             429, 5xx); other failures are reported at once.
@@ -168,6 +171,7 @@ class FleetConfig:
     cancel_on_deadline: bool = False
     error_backoff: float = attrs.field(default=2.0, validator=positive)
     rate_limit_pause: float = attrs.field(default=1.0, validator=positive)
+    max_retry_wait: float = attrs.field(default=DEFAULT_MAX_RETRY_WAIT, validator=positive)
     report_after_errors: int = attrs.field(default=5, validator=positive)
     not_found_limit: int = attrs.field(default=3, validator=positive)
     seed: int | None = None
@@ -936,6 +940,11 @@ class Fleet:
             if asked is None or asked <= 0:
                 asked = self._pause_waits.backoff_delay(max(self._rate_limited_in_a_row, 1) - 1)
         if asked is not None and asked > 0:
+            # Said once per pause: the answers to calls sent before it began ask again.
+            quiet = self._budget.paused_until is not None
+            asked = cap_server_wait(
+                asked, self._config.max_retry_wait, what="fleet", log=None if quiet else logger
+            )
             self._budget.pause(asked)
 
     # --- the scheduler -----------------------------------------------------------------------

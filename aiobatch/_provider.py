@@ -38,6 +38,7 @@ import re
 import types
 from collections.abc import Mapping
 from typing import Any, ClassVar, Protocol, overload, runtime_checkable
+from urllib.parse import urlsplit
 
 import attrs
 
@@ -59,6 +60,7 @@ __all__ = [
     "Quirks",
     "Secret",
     "provider_from_env",
+    "require_key",
 ]
 
 #: OpenAI's API root.
@@ -811,6 +813,26 @@ class CompatibleProvider:
         if self.api_key:
             headers["authorization"] = f"Bearer {self.api_key.reveal()}"
         return headers
+
+
+def require_key(provider: Provider) -> None:
+    """Refuse a provider that sends no key to a service that always wants one.
+
+    OpenAI's own API (``api.openai.com``) answers every request without a key with a
+    401: an unset ``OPENAI_API_KEY`` is refused here, before any work, rather than met
+    at the first request. (Portkey and Azure providers refuse a missing key when they are
+    built; a server of one's own, at another base URL, may take none.)
+
+    Raises:
+        ConfigurationError: naming the variable to set.
+    """
+    if isinstance(provider, OpenAIProvider) and not provider.api_key:
+        host = urlsplit(provider.base_url).hostname or ""
+        if host.lower() == urlsplit(DEFAULT_BASE_URL).hostname:
+            raise ConfigurationError(
+                f"no API key for OpenAI ({provider.base_url}): set OPENAI_API_KEY or pass "
+                "api_key (a server that takes no key is the 'compatible' provider)"
+            )
 
 
 #: The names :func:`provider_from_env` (and ``BatchClient(provider=...)``) accept.

@@ -18,6 +18,11 @@ A :class:`RetryPolicy` is frozen data plus pure functions:
   otherwise capped exponential backoff with jitter, computed from ``backoff``'s wait
   generator (:func:`backoff.expo`) and jitter functions.
 
+Beyond a call, a run and its fleet wait out a server's longer wish themselves, but never
+longer than their ``max_retry_wait`` (:data:`DEFAULT_MAX_RETRY_WAIT`, 5 minutes): one
+rule, :func:`cap_server_wait`, cuts the wait and logs a WARNING saying so, and the
+caller then tries again (and meets a new ``retry-after`` if the server still wants one).
+
 A logical call has a budget: :attr:`RetryPolicy.timeout` seconds from its first attempt,
 waits *and* attempts included (and, for a caller with a deadline such as a wait for a
 batch, no later than that deadline). No retry is made whose wait would reach the end of
@@ -75,9 +80,11 @@ if TYPE_CHECKING:
     from .transport._base import Request, Response, Transport
 
 __all__ = [
+    "DEFAULT_MAX_RETRY_WAIT",
     "RETRYABLE_STATUSES",
     "RetryPolicy",
     "RetryState",
+    "cap_server_wait",
     "is_ambiguous",
     "is_retry_testing",
     "may_commit_late",
@@ -208,6 +215,47 @@ def parse_retry_after(headers: Mapping[str, str] | None, *, now: float) -> float
     return None if when is None else when - now
 
 
+#: The longest a run or a fleet waits on one server-requested delay (``retry-after``)
+#: before it tries again (``RunConfig.max_retry_wait``, ``FleetConfig.max_retry_wait``).
+DEFAULT_MAX_RETRY_WAIT = 300.0
+
+
+def cap_server_wait(
+    asked: float,
+    cap: float,
+    *,
+    what: str,
+    setting: str = "max_retry_wait",
+    log: logging.Logger | None = logger,
+) -> float:
+    """The wait to make for a server that asked for ``asked`` seconds: at most ``cap``.
+
+    A server may ask for a day (``retry-after: 99999``); waiting that out would put a
+    run to sleep for a day on one header. The wait is cut to ``cap``, after which the
+    caller tries again, and a WARNING says so::
+
+        <what>: server asked to wait 99999 s; waiting 300 s (max_retry_wait) then trying again
+
+    Args:
+        asked: the seconds the server asked for.
+        cap: the longest wait.
+        what: who waits, for the log (``"run 1f2e..."``, ``"fleet"``).
+        setting: the name of the setting that holds ``cap``, for the log.
+        log: where to log the WARNING; None logs nothing (a repeat of the same wish).
+    """
+    if asked <= cap:
+        return asked
+    if log is not None:
+        log.warning(
+            "%s: server asked to wait %.0f s; waiting %.0f s (%s) then trying again",
+            what,
+            asked,
+            cap,
+            setting,
+        )
+    return cap
+
+
 def parse_http_date(text: str | None) -> float | None:
     """Read an HTTP date (``Wed, 21 Oct 2015 07:28:00 GMT``) as Unix seconds.
 
@@ -256,7 +304,10 @@ class RetryPolicy:
             draws uniformly from ``[0, delay]``; ``backoff.random_jitter`` adds up to
             1 s), or None for no jitter.
         max_retry_after: the longest server-requested wait (``retry-after-ms`` /
-            ``retry-after``) we honour; a longer request is not retried at all.
+            ``retry-after``) we honour within a call; a longer request is not retried
+            in the call: the error (with its ``retry_after``) goes to the caller. A run
+            then waits it out itself, for at most its ``max_retry_wait`` (see
+            :func:`cap_server_wait`).
         testing: zero every wait (decisions are unchanged); see :meth:`for_testing`.
     """
 

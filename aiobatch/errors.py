@@ -45,8 +45,11 @@ repr ever contains an API key.
     │                                  for another input, damaged)
     └── RunError                       a run cannot go on (a step kept failing, credentials
         │                              refused); the journal is intact: run again to continue
-        └── TooManyBatchesError        a request would go into more batches than
-                                       ``RunConfig.max_batches_per_request`` allows
+        ├── TooManyBatchesError        a request would go into more batches than
+        │                              ``RunConfig.max_batches_per_request`` allows
+        └── StepFailedError            a step kept failing until the run gave up
+            └── UnreachableError       the server could not be reached at all (its name does
+                                       not resolve, the connection is refused)
 """
 
 from __future__ import annotations
@@ -80,12 +83,14 @@ __all__ = [
     "ServerError",
     "ShardMoveError",
     "StateError",
+    "StepFailedError",
     "TooManyBatchesError",
     "TransportError",
     "TransportTimeoutError",
     "UnexpectedTransitionError",
     "UnknownStatusError",
     "UnprocessableEntityError",
+    "UnreachableError",
     "UnsupportedError",
     "WaitTimeoutError",
     "status_error_class",
@@ -111,7 +116,18 @@ class TransportError(AiobatchError):
 
 
 class ConnectError(TransportError):
-    """No connection could be made, so the request was never sent."""
+    """No connection could be made, so the request was never sent.
+
+    Attributes:
+        reason: why, in plain words, when the transport knows: ``"name does not
+            resolve"``, ``"connection refused"``, ``"connect timeout"``...; else None.
+    """
+
+    def __init__(
+        self, message: str, *, method: str = "", url: str = "", reason: str | None = None
+    ) -> None:
+        super().__init__(message, method=method, url=url)
+        self.reason = reason
 
 
 class TransportTimeoutError(TransportError, TimeoutError):
@@ -461,3 +477,52 @@ class TooManyBatchesError(RunError):
         self.custom_id = custom_id
         self.batches = batches
         self.limit = limit
+
+
+class StepFailedError(RunError):
+    """A step of a run (an upload, a create, a lookup, a collection) kept failing, and
+    the run gave up: the step had failed for ``RunConfig.give_up_after`` seconds in a
+    row (or ``max_step_failures`` times). The journal is intact: run again to continue.
+
+    Attributes:
+        step: what failed (``"shard s000001 (planned)"``, ``"collecting shard s000002"``).
+        attempts: the failed attempts in a row (each one with the client's own retries).
+        elapsed: seconds from the start of the first failed attempt to the give-up.
+        cause: the last failure (also ``__cause__``).
+    """
+
+    def __init__(
+        self, message: str, *, step: str, attempts: int, elapsed: float, cause: BaseException
+    ) -> None:
+        super().__init__(message)
+        self.step = step
+        self.attempts = attempts
+        self.elapsed = elapsed
+        self.cause = cause
+
+
+class UnreachableError(StepFailedError):
+    """The server could not be reached at all before it ever answered the run: its name
+    does not resolve, the connection was refused or timed out. The run stopped after
+    ``RunConfig.unreachable_after`` seconds. Check the base URL and the network.
+
+    Attributes:
+        host: the host (and port, when the URL names one) that could not be reached.
+        reason: why, in plain words (``"name does not resolve"``, ``"connection
+            refused"``...).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        host: str,
+        reason: str,
+        step: str,
+        attempts: int,
+        elapsed: float,
+        cause: BaseException,
+    ) -> None:
+        super().__init__(message, step=step, attempts=attempts, elapsed=elapsed, cause=cause)
+        self.host = host
+        self.reason = reason

@@ -28,6 +28,7 @@ from aiobatch.errors import (
     APIStatusError,
     AuthenticationError,
     BadRequestError,
+    ConfigurationError,
     ConflictError,
     DecodeError,
     LookupIncompleteError,
@@ -141,6 +142,24 @@ def test_provider_from_env() -> None:
     bare = OpenAIProvider.from_env(environ={})
     assert bare.api_key is None
     assert bare.base_url == aiobatch.DEFAULT_BASE_URL
+
+
+def test_a_client_for_openai_itself_without_a_key_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """OpenAI's own API without a key (OPENAI_API_KEY unset) is refused when the client is
+    made, naming the variable; a server of one's own may take no key."""
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    transport = InMemoryTransport(_never)
+    with pytest.raises(ConfigurationError, match="OPENAI_API_KEY"):
+        BatchClient(transport=transport)
+    with pytest.raises(ConfigurationError, match="OPENAI_API_KEY"):
+        BatchClient(provider=OpenAIProvider(), transport=transport)
+    with pytest.raises(ConfigurationError, match="OPENAI_API_KEY"):
+        BatchClient(provider="openai", base_url="https://api.openai.com/v1/", transport=transport)
+    local = BatchClient(base_url="http://localhost:8000/v1", transport=transport)
+    assert local.provider.base_url == "http://localhost:8000/v1"
 
 
 def test_client_takes_provider_or_its_parts() -> None:

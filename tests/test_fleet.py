@@ -103,6 +103,32 @@ async def test_a_429_pauses_the_whole_fleet_for_its_retry_after(
     assert all(done.finished for done in outcomes.values())
 
 
+async def test_a_huge_retry_after_pauses_the_fleet_at_most_max_retry_wait(
+    make_env: Callable[..., Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 429 asking for 99,999 s pauses the fleet for max_retry_wait only (then it polls
+    again), and a WARNING says what was asked and what is waited."""
+    caplog.set_level(logging.WARNING, logger="aiobatch")
+    async with make_env() as env, env.clock.auto_advance():
+        batches = await env.create(2)
+        start = env.clock.now()
+        env.service.faults.add(Fault.http(429, retry_after=99999, method="GET", path="/batches/*"))
+        config = quiet(list_when_cheaper=False, max_retry_wait=120.0)
+        async with Fleet(env.client, config=config) as fleet:
+            fleet.add_many(batches)
+            outcomes = await fleet.wait_all()
+    limited = [r for r in env.service.requests if r.status == 429]
+    assert len(limited) == 1
+    after = [t for t in env.fleet_requests(start) if t > limited[0].at]
+    assert min(after) == pytest.approx(limited[0].at + 120.0, abs=1.0)
+    assert all(done.finished for done in outcomes.values())
+    assert env.clock.now() - start < 3600
+    said = [r.getMessage() for r in caplog.records if "99999" in r.getMessage()]
+    assert said == [
+        "fleet: server asked to wait 99999 s; waiting 120 s (max_retry_wait) then trying again"
+    ]
+
+
 async def test_a_429_without_retry_after_still_pauses_the_fleet(
     make_env: Callable[..., Any],
 ) -> None:

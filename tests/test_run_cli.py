@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -19,13 +21,14 @@ from typing import Any
 
 import pytest
 from conftest import API_KEY, BASE_URL, chat_line
+from test_run_crash import serve
 
 import aiobatch
 from aiobatch import BatchClient, BatchRun, RetryPolicy, RunConfig, RunProgress
 from aiobatch import _cli_run as cli_run
 from aiobatch._cli import main
 from aiobatch._run._sqlite import JournalFile as Journal
-from aiobatch.testing import FakeBatchService, FakeConfig, VirtualClock
+from aiobatch.testing import FakeBatchService, FakeConfig, Fault, VirtualClock, make_app
 
 EXAMPLE = Path(aiobatch.__file__).parent / "examples" / "requests.jsonl"
 
@@ -432,6 +435,70 @@ def test_input_file_without_requests_exits_with_the_usage_error_code(
     assert "no requests" in err
     assert not output.exists()
     assert not Path(f"{output}.journal").exists()
+
+
+@pytest.mark.parametrize(
+    ("provider", "variable"),
+    [
+        ("openai", "OPENAI_API_KEY"),
+        ("portkey", "PORTKEY_API_KEY"),
+        ("azure", "AZURE_OPENAI_API_KEY"),
+    ],
+)
+def test_run_without_the_key_stops_before_any_work(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    provider: str,
+    variable: str,
+) -> None:
+    """``aiobatch run`` with the provider's key variable unset exits 2 at once with a
+    message naming the variable, before the input is checked or a journal is made."""
+    for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "PORTKEY_API_KEY", "AZURE_OPENAI_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("AZURE_OPENAI_AD_TOKEN", raising=False)
+    monkeypatch.setenv("PORTKEY_PROVIDER", "openai")
+    monkeypatch.setenv("AZURE_OPENAI_ENDPOINT", "https://resource.openai.azure.invalid")
+
+    def no_lookups(*args: Any, **kwargs: Any) -> Any:  # nothing may leave the machine
+        raise OSError("no network in this test")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_lookups)
+    source = tmp_path / "in.jsonl"
+    source.write_text("{not checked yet\n", encoding="utf-8")
+    output = tmp_path / "out.jsonl"
+    argv = ["run", str(source), "-o", str(output), "--provider", provider, "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert variable in err, err
+    assert "not checked yet" not in err and ":1" not in err, err
+    assert not Path(f"{output}.journal").exists()
+    assert not output.exists()
+
+
+async def test_give_up_after_stops_a_run_against_a_server_failing_every_call(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """``--give-up-after 1s`` against a server answering every call 500: each failed try
+    is logged with the time left, and the run exits 1 saying which step kept failing,
+    with what error, and that the journal is intact."""
+    caplog.set_level(logging.WARNING, logger="aiobatch.run")
+    service = FakeBatchService(config=FakeConfig())
+    service.faults.add(Fault.http(500, should_retry=False, times=None))
+    source = make_requests(tmp_path / "in.jsonl", 3)
+    output = tmp_path / "out.jsonl"
+    async with serve(make_app(service)) as base_url:
+        argv = ["run", str(source), "-o", str(output), "--provider", "compatible"]
+        argv += ["--base-url", base_url, "--give-up-after", "1s", "--no-progress"]
+        code = await asyncio.to_thread(main, argv)
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert "shard s000000 (uploading) kept failing" in err, err
+    assert "give_up_after 1.0s" in err and "HTTP 500" in err, err
+    assert "journal is intact" in err, err
+    tries = [r.getMessage() for r in caplog.records if "attempt 1 failed" in r.getMessage()]
+    assert tries and "giving up in" in tries[0], tries
+    assert journal_meta(Path(f"{output}.journal"))["state"] == "failed"
 
 
 def test_fake_refuses_to_resume_an_unfinished_journal(

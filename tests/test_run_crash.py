@@ -42,6 +42,9 @@ MAX_LINES = 10  # -> 3 shards of 10 lines
 COLLECT_CHUNK = 5  # lines per journal commit while collecting
 PARTIAL_LINES = 7  # lines of a result file sent before the child is killed
 WAIT = 60.0  # the bound on every wait for the child (a loaded CI box)
+#: ``--create-settle``: this server acts on a create as it arrives, so a create that may
+#: have been sent is looked up after a short wait, not the default 10 s.
+CREATE_SETTLE = "0.2"
 CONTENT = re.compile(r"^/v1/files/([^/]+)/content$")
 
 
@@ -269,6 +272,8 @@ class Child:
             str(MAX_LINES),
             "--collect-chunk",
             str(COLLECT_CHUNK),
+            "--create-settle",
+            CREATE_SETTLE,
             "--no-progress",
         ]
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")}

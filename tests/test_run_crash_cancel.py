@@ -24,6 +24,7 @@ import pytest
 from aiohttp import web
 from test_run_crash import (
     API_KEY,
+    CREATE_SETTLE,
     KILL_POINTS,
     MAX_LINES,
     REQUESTS,
@@ -234,6 +235,8 @@ async def test_cancel_after_sigkill_cancels_open_batches_and_resume_reruns_the_r
                 "compatible",
                 "--base-url",
                 base_url,
+                "--create-settle",
+                CREATE_SETTLE,
             )
             assert rc == 0, err
             assert f"sent cancels for {SHARDS} " in out, out
@@ -319,6 +322,8 @@ async def test_cancel_of_a_run_killed_before_any_create_sends_nothing(tmp_path: 
                 "compatible",
                 "--base-url",
                 base_url,
+                "--create-settle",
+                CREATE_SETTLE,
             )
             assert rc == 0, err
             assert "nothing to cancel" in out, out

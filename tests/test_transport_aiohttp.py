@@ -276,6 +276,21 @@ async def test_connect_refused_is_connect_error(
     assert SECRET not in repr(err)
 
 
+@pytest.mark.parametrize(
+    ("host", "reason"),
+    [("127.0.0.1", "connection refused"), ("aiobatch-test.invalid", "name does not resolve")],
+)
+async def test_connect_error_says_plainly_why(
+    unused_tcp_port: int, transport: AiohttpTransport, host: str, reason: str
+) -> None:
+    """A refused connection and a name that does not resolve (the reserved .invalid
+    domain: no query leaves the machine) are told apart by ConnectError.reason."""
+    url = f"http://{host}:{unused_tcp_port}/v1/files"
+    with pytest.raises(ConnectError) as info:
+        await transport.send(Request("GET", url))
+    assert info.value.reason == reason
+
+
 async def test_server_drop_is_transport_error_not_connect_error(
     aiohttp_raw_server: AiohttpRawServer, transport: AiohttpTransport
 ) -> None:

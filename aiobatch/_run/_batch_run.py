@@ -27,7 +27,7 @@ import attrs
 from .._aio import cancel_and_wait, sleep_or_set
 from .._client import BatchClient
 from .._convert import decode_result_line
-from .._fleet import BatchDone, Fleet, FleetConfig, StatusChanged
+from .._fleet import BatchDone, Fleet, FleetConfig, StatusChanged, TrackingError
 from .._lifecycle import TERMINAL
 from .._models import Batch
 from ..errors import (
@@ -47,6 +47,7 @@ from ..errors import (
 from ._collect import collect, delete_files
 from ._config import RequestSource, RunConfig, RunResult
 from ._context import Next, RunContext, Stop, logger
+from ._failures import Streak, heard_from_server, step_failed, tracking_failed
 from ._ingest import check_source, ingest
 from ._journal import Journal
 from ._planning import plan
@@ -308,6 +309,8 @@ class BatchRun:
         self._run_id = meta.run_id
         self._started_at = meta.started_at
         fleet_config = self._config.fleet or FleetConfig()
+        if fleet_config.max_retry_wait != self._config.max_retry_wait:
+            fleet_config = attrs.evolve(fleet_config, max_retry_wait=self._config.max_retry_wait)
         if self._config.batch_timeout is not None or fleet_config.timeout is not None:
             # A deadline cancels the batch and keeps tracking it to its end: its lines
             # must not run elsewhere while it may still run them.
@@ -344,6 +347,7 @@ class BatchRun:
         cancelled: BaseException | None = None
         try:
             self._spawn(self._consume(ctx, ctx.fleet.events()), name="events")
+            ctx.network_since = self._clock.monotonic()
             await self._resume(ctx)
             try:
                 await self._supervise(ctx)
@@ -566,7 +570,7 @@ class BatchRun:
     async def _submit(self, ctx: RunContext, key: str) -> None:
         """Take one shard from its recorded state to an open, tracked batch, one step of
         its provider's strategy at a time."""
-        failures = 0
+        streak = Streak()
         while not self._stopping.is_set():
             shard = await ctx.journal.shard(key)
             step = self._steps.get(shard.state)
@@ -577,8 +581,10 @@ class BatchRun:
                 if wait is not None:
                     await wait(ctx, shard)
                 async with self._submit_slots:
+                    streak.started = self._clock.monotonic()
                     result = await step(ctx, shard)
-                failures = 0
+                streak.reset()
+                heard_from_server(ctx)
             except Stop:
                 return
             except (RunError, JournalError):
@@ -594,7 +600,7 @@ class BatchRun:
                     "is intact: run again to continue"
                 ) from exc
             except AiobatchError as exc:
-                failures, delay = ctx.step_failed(f"shard {key} ({shard.state})", failures, exc)
+                delay = step_failed(ctx, f"shard {key} ({shard.state})", streak, exc)
                 try:
                     await ctx.pause(delay)
                 except Stop:
@@ -631,7 +637,9 @@ class BatchRun:
 
     async def _consume(self, ctx: RunContext, events: AsyncIterator[Any]) -> None:
         async for event in events:
-            key = ctx.shard_of.get(event.batch_id)
+            if isinstance(event, TrackingError):
+                tracking_failed(ctx, event.error)
+            key = ctx.shard_of.get(event.batch_id) if event.batch_id is not None else None
             if key is None:
                 continue
             if isinstance(event, StatusChanged):
@@ -657,16 +665,18 @@ class BatchRun:
             ctx.budget.release(key)
             if done is not None:
                 ctx.fleet.forget(done.batch_id)
-            failures = 0
+            streak = Streak()
             async with self._collect_slots:
                 while True:
                     shard = await ctx.journal.shard(key)
                     if shard.state is _S.COLLECTED:
                         return
+                    streak.started = self._clock.monotonic()
                     try:
                         result = await collect(ctx, shard, done)
+                        heard_from_server(ctx)
                     except (TransportError, APIStatusError, DecodeError) as exc:
-                        failures, delay = ctx.step_failed(f"collecting shard {key}", failures, exc)
+                        delay = step_failed(ctx, f"collecting shard {key}", streak, exc)
                         await self._clock.sleep(delay)
                         done = None
                         continue

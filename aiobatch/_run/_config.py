@@ -11,6 +11,7 @@ import attrs
 
 from .._fleet import FleetConfig
 from .._models import ResultLine, ResultSuccess
+from .._retry import DEFAULT_MAX_RETRY_WAIT
 from .._validators import non_negative, positive, positive_or_none
 
 __all__ = ["RequestSource", "RunConfig", "RunResult"]
@@ -79,9 +80,29 @@ class RunConfig:
             ``1 + max_rounds + 10``, room for re-sends that spend no round (after a
             batch failed because of other lines, or was cancelled by the run).
         step_backoff: the first wait before trying a failed step (upload, create
-            lookup, collection) again; it doubles per failure.
-        max_step_failures: failures of one step in a row after which the run stops
-            (with :class:`~aiobatch.errors.RunError`; the journal stays resumable).
+            lookup, collection) again; it doubles per failure (with jitter), up to 5
+            minutes. Each failed attempt is logged (WARNING) with its error, the
+            attempt number, the next try and the time left before the run gives up.
+        give_up_after: seconds one step may keep failing (from the start of its first
+            failed attempt) before the run stops with
+            :class:`~aiobatch.errors.StepFailedError` (the journal stays resumable);
+            the last try is made at that time. Each attempt includes the client's own
+            retries (its :class:`RetryPolicy`). A 429 is the server pacing the run: it
+            never stops it. None: no time limit.
+        max_step_failures: also stop after this many failures of one step in a row
+            (None, the default: ``give_up_after`` alone decides). It also bounds the
+            creates of a shard that come to nothing (its file gone, a lost create
+            proved never made): 10 when None.
+        unreachable_after: before the server has answered the run once, seconds of
+            connection failures (its name does not resolve, the connection is
+            refused or times out) after which the run stops with
+            :class:`~aiobatch.errors.UnreachableError`: a wrong address, not an
+            outage. Until then each call makes at most 3 attempts of its own (quick
+            retries; the run's steps try again). Once it has answered,
+            ``give_up_after`` applies and calls make the client's full retries.
+        max_retry_wait: the longest the run (and its fleet) waits on one server's
+            ``retry-after``; a longer one is cut to this, with a WARNING, and the run
+            then tries again.
         output_lag_retries: retrieves of a ``completed`` batch that reports finished
             requests but no ``output_file_id`` yet, before its lines count as missing.
         cancel_poll_interval: how often the run looks for a cancel request in its
@@ -119,7 +140,10 @@ class RunConfig:
     max_recreates: int = attrs.field(default=100, validator=non_negative)
     max_batches_per_request: int | None = attrs.field(default=None, validator=positive_or_none)
     step_backoff: float = attrs.field(default=5.0, validator=non_negative)
-    max_step_failures: int = attrs.field(default=10, validator=positive)
+    give_up_after: float | None = attrs.field(default=600.0, validator=positive_or_none)
+    max_step_failures: int | None = attrs.field(default=None, validator=positive_or_none)
+    unreachable_after: float = attrs.field(default=30.0, validator=positive)
+    max_retry_wait: float = attrs.field(default=DEFAULT_MAX_RETRY_WAIT, validator=positive)
     output_lag_retries: int = attrs.field(default=3, validator=non_negative)
     cancel_poll_interval: float = attrs.field(default=5.0, validator=positive)
     cancel_timeout: float | None = attrs.field(default=None, validator=positive_or_none)

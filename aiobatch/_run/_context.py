@@ -21,8 +21,9 @@ from .._clock import Clock
 from .._fleet import Fleet
 from .._models import Batch
 from .._retry import RetryPolicy
-from ..errors import AiobatchError, APIStatusError, RateLimitError, RunError, describe
+from ..errors import RunError
 from ._config import RunConfig
+from ._failures import QUICK_ATTEMPTS
 from ._journal import Journal
 from ._progress import RunProgress
 from ._records import FinalResult, RetryLine, Shard
@@ -31,6 +32,9 @@ from ._states import ShardState
 __all__ = ["Next", "RunContext", "Stop", "TokenBudget", "logger"]
 
 logger = logging.getLogger("aiobatch.run")
+
+#: Creates of one shard that came to nothing, in a row, when ``max_step_failures`` is None.
+MAX_SETBACKS = 10
 
 
 class Stop(Exception):
@@ -129,9 +133,20 @@ class RunContext:
     setbacks: collections.Counter[str] = attrs.field(factory=collections.Counter)
     step_waits: RetryPolicy = attrs.field(init=False)
     token_waits: RetryPolicy = attrs.field(init=False)
+    #: the client as given: ``client`` makes few attempts per call until the server has
+    #: answered the run once (``answered``), then it is this one (see ``_failures``).
+    given_client: BatchClient = attrs.field(init=False)
+    answered: bool = False
+    #: ``clock.monotonic()`` when the run started calling the server.
+    network_since: float = 0.0
 
     def __attrs_post_init__(self) -> None:
         config = self.config
+        self.given_client = self.client
+        policy = self.client.retry_policy
+        self.client = self.client.with_options(
+            retry=attrs.evolve(policy, max_attempts=min(policy.max_attempts, QUICK_ATTEMPTS))
+        )
         self.budget = TokenBudget(dict(config.enqueued_token_limits))
         self.step_waits = RetryPolicy(
             initial_delay=config.step_backoff, max_delay=max(config.step_backoff, 300.0)
@@ -200,34 +215,6 @@ class RunContext:
         if self.stopping.is_set():
             raise Stop
 
-    def step_failed(self, what: str, failures: int, exc: AiobatchError) -> tuple[int, float]:
-        """Count a failed step and say how long to wait before the next try.
-
-        A rate limit (429) is the server pacing the run, not a failing step: it does not
-        count, so it never stops the run (OpenAI allows 2,000 creates an hour), and its
-        ``retry-after`` is waited out.
-
-        Returns:
-            The failures in a row, and the wait.
-
-        Raises:
-            RunError: the step failed ``max_step_failures`` times in a row.
-        """
-        if not isinstance(exc, RateLimitError):
-            failures += 1
-        if failures >= self.config.max_step_failures:
-            raise RunError(
-                f"run {self.run_id}: {what} failed {failures} times in a row: "
-                f"{describe(exc)}; the journal is intact: run again to continue"
-            ) from exc
-        delay = self.step_waits.backoff_delay(max(failures - 1, 0))
-        if isinstance(exc, APIStatusError) and exc.retry_after is not None:
-            delay = max(delay, exc.retry_after)
-        logger.warning(
-            "run %s: %s failed: %s; trying again in %.0fs", self.run_id, what, describe(exc), delay
-        )
-        return failures, delay
-
     async def cancel_requested(self) -> bool:
         """Whether ``aiobatch cancel`` flagged the journal; if so the run starts
         cancelling."""
@@ -242,10 +229,11 @@ class RunContext:
         """Count a create of a shard that came to nothing.
 
         Raises:
-            RunError: the shard's creates came to nothing ``max_step_failures`` times.
+            RunError: the shard's creates came to nothing ``max_step_failures`` times
+                (10 when None).
         """
         self.setbacks[key] += 1
-        if self.setbacks[key] >= self.config.max_step_failures:
+        if self.setbacks[key] >= (self.config.max_step_failures or MAX_SETBACKS):
             raise RunError(
                 f"run {self.run_id}: shard {key} could not get a batch after "
                 f"{self.setbacks[key]} creates ({why}); the journal is intact"

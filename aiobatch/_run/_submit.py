@@ -34,6 +34,7 @@ from ..errors import (
     AmbiguousCreateError,
     APIStatusError,
     ConfigurationError,
+    ConnectError,
     LookupIncompleteError,
     NotFoundError,
     RunError,
@@ -103,6 +104,8 @@ async def _find_upload(ctx: RunContext, name: str, size: int, since: float) -> F
                 return file
             if file.created_at < horizon:
                 break
+    except ConnectError:
+        raise  # the server cannot be reached: an upload could not be either
     except AiobatchError as exc:
         logger.warning(
             "could not list files to find %s (%s); uploading it again", name, describe(exc)

@@ -10,6 +10,7 @@ exc`` unless the exception holds the request's headers (then not chained at all)
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 from collections.abc import Awaitable
 from contextlib import ExitStack
@@ -88,9 +89,16 @@ def _translate(exc: BaseException, method: str, url: str) -> TransportError | No
     # Order matters: ConnectionTimeoutError is also a TimeoutError, and
     # ClientConnectorError is also an OSError.
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return ConnectError(f"connect timeout ({where})", method=method, url=url)
+        return ConnectError(
+            f"connect timeout ({where})", method=method, url=url, reason="connect timeout"
+        )
     if isinstance(exc, aiohttp.ClientConnectorError):
-        return ConnectError(f"cannot connect ({where}): {_detail(exc)}", method=method, url=url)
+        return ConnectError(
+            f"cannot connect ({where}): {_detail(exc)}",
+            method=method,
+            url=url,
+            reason=_connect_reason(exc),
+        )
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
         return TransportTimeoutError(f"timed out ({where})", method=method, url=url)
     if isinstance(exc, aiohttp.ServerDisconnectedError):
@@ -100,6 +108,20 @@ def _translate(exc: BaseException, method: str, url: str) -> TransportError | No
     if isinstance(exc, (aiohttp.ClientError, OSError)):
         return TransportError(f"network error ({where}): {_detail(exc)}", method=method, url=url)
     return None
+
+
+def _connect_reason(exc: aiohttp.ClientConnectorError) -> str | None:
+    """Why a connection could not be made, in plain words (None when unclear)."""
+    cause = exc.os_error
+    if isinstance(exc, aiohttp.ClientConnectorDNSError) or isinstance(cause, socket.gaierror):
+        return "name does not resolve"
+    if isinstance(cause, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(cause, TimeoutError):
+        return "connect timeout"
+    if isinstance(exc, aiohttp.ClientSSLError):
+        return "TLS handshake failed"
+    return cause.strerror.lower() if cause.strerror else None
 
 
 def _detail(exc: BaseException) -> str:
