@@ -268,12 +268,12 @@ async def run_over_http(folder: Path, max_lines: int, base: str) -> dict[str, An
 
 
 PHASES = (
-    ("preflight into the journal (_ingest)", "_runner.py", "_ingest"),
-    ("plan shards (_plan)", "_runner.py", "_plan"),
-    ("write + upload shard files (_upload)", "_runner.py", "_upload"),
-    ("collect result files (_read_file)", "_runner.py", "_read_file"),
-    ("settle lines without a result (_settle)", "_runner.py", "_settle"),
-    ("write the output file (_write_output)", "_runner.py", "_write_output"),
+    ("preflight into the journal (ingest)", "_ingest.py", "ingest"),
+    ("plan shards (plan)", "_planning.py", "plan"),
+    ("write + upload shard files (upload)", "_submit.py", "upload"),
+    ("collect result files (_read_file)", "_collect.py", "_read_file"),
+    ("settle lines without a result (settle)", "_settle.py", "settle"),
+    ("write the output file (_write_output)", "_batch_run.py", "_write_output"),
     ("the fake's request handler (FakeBatchService.handle)", "_service.py", "handle"),
 )
 
