@@ -35,8 +35,17 @@ from ._convert import (
     upload_form_fields,
 )
 from ._create import LOOKUP_MAX_PAGES, Creator, keyed_metadata
-from ._lifecycle import BatchLifecycle
-from ._models import Batch, BatchErrors, BatchPage, File, FileDeleted, FilePage, ResultLine
+from ._lifecycle import BatchLifecycle, BatchStatus, parse_status_aliases
+from ._models import (
+    Batch,
+    BatchErrors,
+    BatchPage,
+    File,
+    FileDeleted,
+    FilePage,
+    ResultLine,
+    alias_status,
+)
 from ._provider import (
     OpenAIProvider,
     Provider,
@@ -925,6 +934,7 @@ class BatchClient:
         max_interval: float = 60.0,
         timeout: float | None = None,
         jitter: float = 0.1,
+        status_aliases: Mapping[str, BatchStatus | str] | None = None,
     ) -> Batch:
         """Poll a batch until it reaches a terminal status, and return it.
 
@@ -945,13 +955,20 @@ class BatchClient:
             timeout: seconds to wait in all; None waits as long as it takes.
             jitter: the largest share of an interval taken off at random (0 to 1; 0
                 for an exact schedule).
+            status_aliases: status strings aiobatch does not know, each mapped to the
+                status it stands for (``{"succeeded": "completed"}``); the batch
+                returned has the mapped ``status`` and the server's string in
+                ``raw_status``.
 
         Raises:
             WaitTimeoutError: the deadline passed first (after one last poll).
             UnexpectedTransitionError: the server reported an impossible move.
-            UnknownStatusError: the server reported a status aiobatch does not know
-                (the error names the server's string).
+            UnknownStatusError: the server reported a status aiobatch does not know and
+                ``status_aliases`` does not map (the error names the batch, the
+                server's string and how to map it).
+            ValueError: a ``status_aliases`` target is not an aiobatch status.
         """
+        aliases = parse_status_aliases(status_aliases or {})
         clock = self._clock
         deadline: float | None = None
         reserve = 0.0
@@ -966,7 +983,9 @@ class BatchClient:
             batch = await self._poll(batch_id, deadline, None)
         else:
             batch_id = batch.id
-        lifecycle = BatchLifecycle(status=batch.lifecycle_status, batch_id=batch_id)
+        batch = alias_status(batch, aliases)
+        lifecycle = BatchLifecycle(batch_id=batch_id)
+        lifecycle.observe(batch.lifecycle_status)  # every status is reachable from the first
         final = False
         while not batch.is_terminal:
             delay = intervals()
@@ -978,7 +997,7 @@ class BatchClient:
                     delay = max(room - reserve, 0.0)
                     final = True
             await clock.sleep(delay)
-            batch = await self._poll(batch_id, deadline, batch)
+            batch = alias_status(await self._poll(batch_id, deadline, batch), aliases)
             lifecycle.observe(batch.lifecycle_status)
         return batch
 

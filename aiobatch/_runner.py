@@ -66,8 +66,16 @@ from ._convert import decode_result_line
 from ._create import CREATE_KEY_METADATA
 from ._fleet import BatchDone, DoneReason, Fleet, FleetConfig, StatusChanged, TrackingError
 from ._journal import Journal, ShardRow, dumps_compact
-from ._lifecycle import TERMINAL, BatchStatus
-from ._models import Batch, File, ResultError, ResultHTTPError, ResultLine, ResultSuccess
+from ._lifecycle import TERMINAL, BatchStatus, parse_status_aliases
+from ._models import (
+    Batch,
+    File,
+    ResultError,
+    ResultHTTPError,
+    ResultLine,
+    ResultSuccess,
+    alias_status,
+)
 from ._preflight import LineProblem, Preflight, PreparedRequest
 from ._progress import RunProgress
 from ._report import RunReport, format_duration, read_report
@@ -271,6 +279,12 @@ class RunConfig:
         delete_files: delete each batch's input, output and error files once its
             results are in the journal (Azure allows 500 input files per resource;
             OpenAI keeps files until they expire).
+        status_aliases: batch status strings aiobatch does not know, each mapped to
+            the status it stands for (``{"succeeded": "completed"}``; see
+            :class:`~aiobatch.Fleet`). A batch in an unknown, unmapped status is
+            collected once it carries result files, or ``fleet.unknown_status_grace``
+            seconds after its ``expires_at``: its shard ends ``ended_unknown_status``
+            and its lines without a result ``batch_unknown_status`` (retryable).
     """
 
     max_lines: int | None = attrs.field(default=None, validator=_positive)
@@ -304,6 +318,9 @@ class RunConfig:
     work_dir: str | None = None
     input_expires_after: int | None = attrs.field(default=None, validator=_positive)
     delete_files: bool = False
+    status_aliases: Mapping[str, BatchStatus] = attrs.field(
+        factory=dict, converter=parse_status_aliases
+    )
 
     def __attrs_post_init__(self) -> None:
         if len(self.metadata) > 13:
@@ -862,7 +879,9 @@ class BatchRun:
             # A deadline cancels the batch and keeps tracking it to its end: its lines
             # must not run elsewhere while it may still run them.
             fleet_config = attrs.evolve(fleet_config, cancel_on_deadline=True)
-        fleet = Fleet(self._given_client, config=fleet_config)
+        fleet = Fleet(
+            self._given_client, config=fleet_config, status_aliases=self._config.status_aliases
+        )
         self._fleet = fleet
         cancelled: BaseException | None = None
         try:
@@ -1793,9 +1812,10 @@ class BatchRun:
             if done is not None and done.reason is DoneReason.NOT_FOUND:
                 self._settle(journal, row, None, "batch_not_found", "the server lost the batch")
                 return
-            if batch is None or not batch.is_terminal:
-                batch = await self._client.retrieve_batch(row.batch_id)
-            if not batch.is_terminal:
+            ended = done is not None and done.reason is DoneReason.UNKNOWN_STATUS
+            if batch is None or not (batch.is_terminal or ended):
+                batch = await self._retrieve(row.batch_id)
+            if not (batch.is_terminal or ended):
                 # The fleet stopped tracking a batch that still runs (its deadline):
                 # cancel it and track it to its end, so no line runs twice.
                 self._cancel_and_track(journal, row, batch)
@@ -1815,7 +1835,7 @@ class BatchRun:
         elif batch is None:
             assert row.batch_id is not None
             try:
-                batch = await self._client.retrieve_batch(row.batch_id)
+                batch = await self._retrieve(row.batch_id)
             except NotFoundError:
                 # The batch is gone, but the journal knows its status and files.
                 batch = Batch(
@@ -1929,8 +1949,14 @@ class BatchRun:
         ):
             await self._clock.sleep(self._step_waits.backoff_delay(tries))
             tries += 1
-            batch = await self._client.retrieve_batch(batch.id)
+            batch = await self._retrieve(batch.id)
         return batch
+
+    async def _retrieve(self, batch_id: str) -> Batch:
+        """The batch now, its status mapped by ``status_aliases``."""
+        return alias_status(
+            await self._client.retrieve_batch(batch_id), self._config.status_aliases
+        )
 
     async def _read_file(
         self,
@@ -2053,6 +2079,7 @@ class BatchRun:
         """Every line of a collected batch without a result line gets its outcome."""
         status = batch.status
         free = False
+        ended: str | None = None  # the shard's status, when not the batch's
         if status is BatchStatus.EXPIRED:
             code, message, retryable = "batch_expired", "the batch expired first", True
         elif status is BatchStatus.CANCELLED:
@@ -2107,9 +2134,28 @@ class BatchRun:
                 f"batch {batch.id} completed without a result line for this request",
                 True,
             )
+        elif status is BatchStatus.UNKNOWN:
+            # The fleet ended it: it carries result files or is long past its expiry.
+            code, retryable, ended = "batch_unknown_status", True, "ended_unknown_status"
+            message = (
+                f"batch {batch.id} ended in status {batch.wire_status!r}, which aiobatch "
+                "does not know, without a result line for this request"
+            )
+            logger.warning(
+                "run %s: batch %s (shard %s) ended in unknown status %r: its files were "
+                "collected, its lines without a result run again or end "
+                "batch_unknown_status. If you know what the status means, map it with "
+                "status_aliases",
+                self._run_id,
+                batch.id,
+                row.key,
+                batch.wire_status,
+            )
         else:  # Portkey's file_upload_failed / batch_start_failed, and the like
             code, message, retryable = "batch_failed", batch.outcome, True
-        self._settle(journal, row, batch, code, message, retryable=retryable, free=free)
+        self._settle(
+            journal, row, batch, code, message, retryable=retryable, free=free, status=ended
+        )
 
     def _fail_lines(self, journal: Journal, row: ShardRow, batch: Batch) -> None:
         """A failed batch's errors that name input lines end those lines."""
