@@ -68,6 +68,7 @@ from .errors import (
     FileProcessingError,
     FileWaitTimeoutError,
     NoOutputError,
+    NotFoundError,
     TransportError,
     UnknownStatusError,
     UnsupportedError,
@@ -739,13 +740,17 @@ class BatchClient:
 
         It saves the retrieve that finding ``output_file_id`` takes elsewhere. The
         output file holds the successful requests only: read the error file
-        (``error_file_id``) with :meth:`iter_results` for the rest.
+        (``error_file_id``) with :meth:`iter_results` for the rest. A finished batch
+        without a successful request has no output file: it yields nothing (the
+        gateway answers 404 for it, and a retrieve then tells it from an unfinished
+        batch; some servers answer an empty ``{}``).
 
         Raises:
             UnsupportedError: the provider has no such endpoint (only Portkey does; see
                 :attr:`Quirks.batch_output_endpoint <aiobatch.Quirks.batch_output_endpoint>`);
                 nothing is sent. Elsewhere, read ``output_file_id`` with
                 :meth:`iter_results`.
+            NotFoundError: no such batch, or it has not finished yet.
             NoOutputError: the batch has no output file and the gateway answered with
                 the batch's errors instead (it failed validation); ``errors`` holds them.
             DecodeError: a line does not decode; the message names the line.
@@ -757,13 +762,28 @@ class BatchClient:
                 "(Portkey's); read the batch's output_file_id with iter_results()"
             )
         request = self._request("GET", f"/batches/{_quote(batch_id)}/output", timeout=self._timeout)
-        response = await self._send(request, stream=True)
+        missing: NotFoundError | None = None
+        try:
+            response = await self._send(request, stream=True)
+        except NotFoundError as exc:
+            missing = exc
+        if missing is not None:
+            # The gateway asks the provider for the content of the batch's output file:
+            # a batch without one (no request succeeded) is a 404 too.
+            known = batch if isinstance(batch, Batch) and batch.is_terminal else None
+            if known is None:
+                known = await self.retrieve_batch(batch_id)
+            if known.is_terminal and known.output_file_id is None:
+                return
+            raise missing
         decoded = self._decoded_lines(
             _lines(response), decode_batch_output_line, f"the output of batch {batch_id}"
         )
         async with contextlib.aclosing(decoded) as results:
             async for result in results:
                 if isinstance(result, BatchErrors):
+                    if not result.data:
+                        return  # no errors and no output: no request succeeded
                     first = result.data[0].message if result.data else None
                     raise NoOutputError(
                         f"batch {batch_id} has no output file; the gateway sent its errors"
