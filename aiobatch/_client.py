@@ -35,8 +35,17 @@ from ._convert import (
     upload_form_fields,
 )
 from ._create import LOOKUP_MAX_PAGES, Creator, keyed_metadata
-from ._lifecycle import BatchLifecycle
-from ._models import Batch, BatchErrors, BatchPage, File, FileDeleted, FilePage, ResultLine
+from ._lifecycle import BatchLifecycle, BatchStatus, parse_status_aliases
+from ._models import (
+    Batch,
+    BatchErrors,
+    BatchPage,
+    File,
+    FileDeleted,
+    FilePage,
+    ResultLine,
+    alias_status,
+)
 from ._provider import (
     OpenAIProvider,
     Provider,
@@ -59,6 +68,7 @@ from .errors import (
     FileProcessingError,
     FileWaitTimeoutError,
     NoOutputError,
+    NotFoundError,
     TransportError,
     UnknownStatusError,
     UnsupportedError,
@@ -730,13 +740,17 @@ class BatchClient:
 
         It saves the retrieve that finding ``output_file_id`` takes elsewhere. The
         output file holds the successful requests only: read the error file
-        (``error_file_id``) with :meth:`iter_results` for the rest.
+        (``error_file_id``) with :meth:`iter_results` for the rest. A finished batch
+        without a successful request has no output file: it yields nothing (the
+        gateway answers 404 for it, and a retrieve then tells it from an unfinished
+        batch; some servers answer an empty ``{}``).
 
         Raises:
             UnsupportedError: the provider has no such endpoint (only Portkey does; see
                 :attr:`Quirks.batch_output_endpoint <aiobatch.Quirks.batch_output_endpoint>`);
                 nothing is sent. Elsewhere, read ``output_file_id`` with
                 :meth:`iter_results`.
+            NotFoundError: no such batch, or it has not finished yet.
             NoOutputError: the batch has no output file and the gateway answered with
                 the batch's errors instead (it failed validation); ``errors`` holds them.
             DecodeError: a line does not decode; the message names the line.
@@ -748,13 +762,28 @@ class BatchClient:
                 "(Portkey's); read the batch's output_file_id with iter_results()"
             )
         request = self._request("GET", f"/batches/{_quote(batch_id)}/output", timeout=self._timeout)
-        response = await self._send(request, stream=True)
+        missing: NotFoundError | None = None
+        try:
+            response = await self._send(request, stream=True)
+        except NotFoundError as exc:
+            missing = exc
+        if missing is not None:
+            # The gateway asks the provider for the content of the batch's output file:
+            # a batch without one (no request succeeded) is a 404 too.
+            known = batch if isinstance(batch, Batch) and batch.is_terminal else None
+            if known is None:
+                known = await self.retrieve_batch(batch_id)
+            if known.is_terminal and known.output_file_id is None:
+                return
+            raise missing
         decoded = self._decoded_lines(
             _lines(response), decode_batch_output_line, f"the output of batch {batch_id}"
         )
         async with contextlib.aclosing(decoded) as results:
             async for result in results:
                 if isinstance(result, BatchErrors):
+                    if not result.data:
+                        return  # no errors and no output: no request succeeded
                     first = result.data[0].message if result.data else None
                     raise NoOutputError(
                         f"batch {batch_id} has no output file; the gateway sent its errors"
@@ -925,6 +954,7 @@ class BatchClient:
         max_interval: float = 60.0,
         timeout: float | None = None,
         jitter: float = 0.1,
+        status_aliases: Mapping[str, BatchStatus | str] | None = None,
     ) -> Batch:
         """Poll a batch until it reaches a terminal status, and return it.
 
@@ -945,13 +975,20 @@ class BatchClient:
             timeout: seconds to wait in all; None waits as long as it takes.
             jitter: the largest share of an interval taken off at random (0 to 1; 0
                 for an exact schedule).
+            status_aliases: status strings aiobatch does not know, each mapped to the
+                status it stands for (``{"succeeded": "completed"}``); the batch
+                returned has the mapped ``status`` and the server's string in
+                ``raw_status``.
 
         Raises:
             WaitTimeoutError: the deadline passed first (after one last poll).
             UnexpectedTransitionError: the server reported an impossible move.
-            UnknownStatusError: the server reported a status aiobatch does not know
-                (the error names the server's string).
+            UnknownStatusError: the server reported a status aiobatch does not know and
+                ``status_aliases`` does not map (the error names the batch, the
+                server's string and how to map it).
+            ValueError: a ``status_aliases`` target is not an aiobatch status.
         """
+        aliases = parse_status_aliases(status_aliases or {})
         clock = self._clock
         deadline: float | None = None
         reserve = 0.0
@@ -966,7 +1003,9 @@ class BatchClient:
             batch = await self._poll(batch_id, deadline, None)
         else:
             batch_id = batch.id
-        lifecycle = BatchLifecycle(status=batch.lifecycle_status, batch_id=batch_id)
+        batch = alias_status(batch, aliases)
+        lifecycle = BatchLifecycle(batch_id=batch_id)
+        lifecycle.observe(batch.lifecycle_status)  # every status is reachable from the first
         final = False
         while not batch.is_terminal:
             delay = intervals()
@@ -978,7 +1017,7 @@ class BatchClient:
                     delay = max(room - reserve, 0.0)
                     final = True
             await clock.sleep(delay)
-            batch = await self._poll(batch_id, deadline, batch)
+            batch = alias_status(await self._poll(batch_id, deadline, batch), aliases)
             lifecycle.observe(batch.lifecycle_status)
         return batch
 

@@ -539,10 +539,16 @@ def decode_batch_output_line(
     The gateway streams the output file, except for a batch with no output file and
     ``errors``: then it answers with the ``errors`` object itself, as JSON, and status
     200 (reference/batch-api.md §3.2). That object (``{"object": "list", "data": [...]}``,
-    no ``custom_id``) is returned as :class:`BatchErrors`.
+    no ``custom_id``) is returned as :class:`BatchErrors`; so is an empty object ``{}``
+    (an empty ``errors`` some servers send for a batch without a successful line), as
+    ``BatchErrors`` with no data.
     """
     data = decode_json(line, what=what)
-    if isinstance(data, dict) and "custom_id" not in data and isinstance(data.get("data"), list):
+    if (
+        isinstance(data, dict)
+        and "custom_id" not in data
+        and (not data or isinstance(data.get("data"), list))
+    ):
         return structure(data, BatchErrors, what=what)
     return structure(data, ResultLine, what=what)  # type: ignore[arg-type]
 

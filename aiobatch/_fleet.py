@@ -29,10 +29,17 @@ pauses the whole budget for that long (at most ``max_retry_wait``: then the flee
 again), so the fleet never storms a server that asked it to slow down.
 
 Each observation goes through the batch's :class:`~aiobatch.BatchLifecycle`. A move the
-lifecycle rejects (a regression, a move out of a terminal status) or a status aiobatch
-does not know becomes a :class:`TrackingError` event and a WARNING log record; the batch
-keeps its last good state and stays tracked. Nothing the server sends crashes the
-fleet or loses a batch.
+lifecycle rejects (a regression, a move out of a terminal status) becomes a
+:class:`TrackingError` event and a WARNING log record; the batch keeps its last good
+state and stays tracked. Nothing the server sends crashes the fleet or loses a batch.
+
+A status string aiobatch does not know is first looked up in ``status_aliases`` (the
+user's mapping of such strings to the statuses they stand for); a mapped one is the
+status it maps to, everywhere. An unmapped one is reported once per batch and string
+(a :class:`TrackingError` and a WARNING that says how to map it) and the batch stays
+tracked in its last known status, until it can no longer be running: once it carries
+an output or error file id, or its ``expires_at`` is ``unknown_status_grace`` seconds
+past, it ends with :attr:`DoneReason.UNKNOWN_STATUS`, so that its files are read.
 
 The next poll depends on the status: short while ``validating``, ``finalizing`` and
 ``cancelling`` (growing while nothing changes), and while ``in_progress`` about half the
@@ -59,7 +66,7 @@ import logging
 import math
 import random
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Mapping
 from typing import Any, TypeAlias
 
 import attrs
@@ -67,8 +74,8 @@ import attrs
 from ._aio import cancel_and_wait, first_of, sleep_or_set
 from ._budget import RequestBudget
 from ._client import BatchClient
-from ._lifecycle import BatchLifecycle, BatchStatus
-from ._models import Batch, RequestCounts
+from ._lifecycle import KNOWN, BatchLifecycle, BatchStatus, parse_status_aliases
+from ._models import Batch, RequestCounts, alias_status
 from ._retry import DEFAULT_MAX_RETRY_WAIT, RetryPolicy, cap_server_wait
 from ._validators import non_negative, non_negative_or_none, positive
 from .errors import (
@@ -149,6 +156,10 @@ class FleetConfig:
         not_found_limit: a batch the server answers 404 for this many times in a row
             ends with :attr:`DoneReason.NOT_FOUND` (a fresh batch may be briefly
             invisible).
+        unknown_status_grace: a batch in a status aiobatch does not know (and not in
+            the fleet's ``status_aliases``) without result files ends with
+            :attr:`DoneReason.UNKNOWN_STATUS` this many seconds after its
+            ``expires_at`` (it ends at once when it carries an output or error file).
         seed: seeds the jitter (None for a random one).
     """
 
@@ -174,6 +185,7 @@ class FleetConfig:
     max_retry_wait: float = attrs.field(default=DEFAULT_MAX_RETRY_WAIT, validator=positive)
     report_after_errors: int = attrs.field(default=5, validator=positive)
     not_found_limit: int = attrs.field(default=3, validator=positive)
+    unknown_status_grace: float = attrs.field(default=3600.0, validator=non_negative)
     seed: int | None = None
 
     def __attrs_post_init__(self) -> None:
@@ -199,6 +211,12 @@ class DoneReason(str, enum.Enum):
     DEADLINE = "deadline"
     #: The server kept answering 404 for it.
     NOT_FOUND = "not_found"
+    #: It reports a status aiobatch does not know (``batch.raw_status``; not in the
+    #: fleet's ``status_aliases``) yet cannot be running any more: it carries an output
+    #: or error file id, or its ``expires_at`` is ``unknown_status_grace`` seconds past.
+    #: Its files hold what it finished; ``error`` is the
+    #: :class:`~aiobatch.errors.UnknownStatusError`.
+    UNKNOWN_STATUS = "unknown_status"
 
 
 @attrs.frozen(slots=True)
@@ -261,7 +279,9 @@ class BatchDone:
         batch_id: the batch.
         batch: the last snapshot (None if the batch was never seen).
         reason: why tracking ended.
-        error: the last error, for :attr:`DoneReason.NOT_FOUND`.
+        error: the last error, for :attr:`DoneReason.NOT_FOUND`; the
+            :class:`~aiobatch.errors.UnknownStatusError`, for
+            :attr:`DoneReason.UNKNOWN_STATUS`.
     """
 
     batch_id: str
@@ -327,6 +347,7 @@ class _Tracked:
         "start_done",
         "start_time",
         "total",
+        "unknown",
     )
 
     def __init__(self, batch_id: str, deadline: float | None) -> None:
@@ -347,6 +368,8 @@ class _Tracked:
         self.not_found = 0
         self.cancel = _NO_CANCEL
         self.deadline = deadline
+        #: the unknown status strings reported for this batch (each is reported once).
+        self.unknown: tuple[str, ...] = ()
 
 
 Callback: TypeAlias = Callable[[FleetEvent], "Awaitable[None] | None"]
@@ -402,6 +425,13 @@ class Fleet:
             ``config.requests_per_second`` and ``config.burst`` on the client's clock).
         on_event: called with every event; may be a coroutine function. An exception
             it raises is logged, never propagated.
+        status_aliases: status strings aiobatch does not know, each mapped to the
+            status it stands for (``{"succeeded": "completed"}``): a batch reporting
+            one is treated as in that status everywhere (lifecycle, events, outcome);
+            ``batch.raw_status`` keeps the server's string.
+
+    Raises:
+        ValueError: a ``status_aliases`` target is not an aiobatch status.
     """
 
     def __init__(
@@ -411,7 +441,9 @@ class Fleet:
         config: FleetConfig | None = None,
         budget: RequestBudget | None = None,
         on_event: Callback | None = None,
+        status_aliases: Mapping[str, BatchStatus | str] | None = None,
     ) -> None:
+        self._aliases = parse_status_aliases(status_aliases or {})
         self._config = config if config is not None else FleetConfig()
         cfg = self._config
         self._clock = client.clock
@@ -463,6 +495,11 @@ class Fleet:
     def config(self) -> FleetConfig:
         """The configuration in force."""
         return self._config
+
+    @property
+    def status_aliases(self) -> dict[str, BatchStatus]:
+        """The status strings mapped onto aiobatch's statuses (a copy)."""
+        return dict(self._aliases)
 
     @property
     def budget(self) -> RequestBudget:
@@ -817,6 +854,8 @@ class Fleet:
         self.stats.observations += 1
         record.errors = 0
         record.not_found = 0
+        if self._aliases:
+            batch = alias_status(batch, self._aliases)
         lifecycle = record.lifecycle
         if record.created_at is None:
             record.created_at = batch.created_at
@@ -825,12 +864,9 @@ class Fleet:
         record.seen = True
         previous = lifecycle.status
         changed = False
+        unknown: UnknownStatusError | None = None
         if batch.status is _S.UNKNOWN:
-            self._report(
-                record.id,
-                UnknownStatusError(batch.wire_status, what=f"status of batch {batch.id}"),
-                batch,
-            )
+            unknown = self._unknown_status(record, batch)
         elif first:
             lifecycle.status = batch.status
             changed = True
@@ -865,6 +901,9 @@ class Fleet:
         if lifecycle.is_terminal:
             self._finish(record, batch, DoneReason.FINISHED)
             return
+        if unknown is not None:
+            self._finish(record, batch, DoneReason.UNKNOWN_STATUS, unknown)
+            return
         if record.deadline is not None and now >= record.deadline:
             self._deadline(record, batch, now)
             return
@@ -872,6 +911,42 @@ class Fleet:
         if record.cancel != _CANCEL_WANTED:
             when = now + self._next_interval(record, changed or progressed, now)
         self._schedule_at(record, when)
+
+    def _unknown_status(self, record: _Tracked, batch: Batch) -> UnknownStatusError | None:
+        """A snapshot in a status aiobatch does not know: report it (once per batch and
+        string); return the error when the batch has ended for sure (it carries result
+        files, or is past ``expires_at`` plus ``unknown_status_grace``), else None."""
+        raw = batch.wire_status
+        error = UnknownStatusError(raw, batch_id=record.id)
+        grace = self._config.unknown_status_grace
+        if raw not in record.unknown:
+            record.unknown += (raw,)
+            logger.warning(
+                "fleet: batch %s reports unknown status %r; it stays tracked as %r and "
+                "ends once it carries an output or error file, or %gs after its "
+                "expires_at. If you know what the status means, map it with "
+                "status_aliases={%r: STATUS}, STATUS one of: %s",
+                record.id,
+                raw,
+                record.lifecycle.status.value,
+                grace,
+                raw,
+                ", ".join(s.value for s in BatchStatus if s in KNOWN),
+            )
+            self._emit(TrackingError(record.id, error, batch))
+        if batch.output_file_id or batch.error_file_id:
+            why = "it carries result files"
+        elif batch.expires_at is not None and self._clock.now() >= batch.expires_at + grace:
+            why = f"its expires_at ({batch.expires_at}) passed more than {grace:g}s ago"
+        else:
+            return None
+        logger.warning(
+            "fleet: batch %s ends in unknown status %r: %s, so it runs no more",
+            record.id,
+            raw,
+            why,
+        )
+        return error
 
     def _report(self, batch_id: str | None, error: AiobatchError, batch: Batch | None) -> None:
         logger.warning("fleet: %s%s", f"batch {batch_id}: " if batch_id else "", describe(error))

@@ -41,6 +41,7 @@ __all__ = [
     "BatchStatus",
     "Transition",
     "mermaid_diagram",
+    "parse_status_aliases",
 ]
 
 
@@ -209,6 +210,32 @@ def _closure(
 REACHABLE: Mapping[BatchStatus, frozenset[BatchStatus]] = _closure(TRANSITIONS)
 
 
+def parse_status_aliases(aliases: Mapping[str, BatchStatus | str]) -> dict[str, BatchStatus]:
+    """Check a user's ``status_aliases``: server status strings aiobatch does not know,
+    each mapped to the status it stands for.
+
+    Returns:
+        The mapping with each target as a :class:`BatchStatus`.
+
+    Raises:
+        ValueError: a key is not a non-empty string, or a target is not a status of the
+            machine (the error lists them).
+    """
+    parsed: dict[str, BatchStatus] = {}
+    for raw, target in aliases.items():
+        if not isinstance(raw, str) or not raw:
+            raise ValueError(f"status_aliases: a key must be a non-empty string, got {raw!r}")
+        try:
+            parsed[raw] = BatchStatus.parse(target)
+        except UnknownStatusError:
+            names = ", ".join(s.value for s in BatchStatus if s in KNOWN)
+            raise ValueError(
+                f"status_aliases: {raw!r} maps to {target!r}, which is not a status of "
+                f"aiobatch (one of: {names})"
+            ) from None
+    return parsed
+
+
 @attrs.frozen
 class Transition:
     """One accepted change of status."""
@@ -251,11 +278,17 @@ class BatchLifecycle:
             The transition, or None when the status did not change.
 
         Raises:
-            UnknownStatusError: the status string is not one we know.
+            UnknownStatusError: the status string is not one we know (the error names
+                ``batch_id`` and how to map the status).
             UnexpectedTransitionError: the batch cannot reach that status from its
                 current one; the state is left unchanged.
         """
-        new = BatchStatus.parse(observed)
+        try:
+            new = BatchStatus.parse(observed)
+        except UnknownStatusError as exc:
+            if self.batch_id is None:
+                raise
+            raise UnknownStatusError(exc.value, batch_id=self.batch_id) from None
         old = self.status
         if new is old:
             return None

@@ -181,6 +181,17 @@ class Batch:
         return text
 
 
+def alias_status(batch: Batch, aliases: Mapping[str, BatchStatus]) -> Batch:
+    """``batch`` with a status aiobatch does not know replaced by the one ``aliases``
+    maps its string to (``raw_status`` keeps the server's string); ``batch`` itself
+    when its status is known or not mapped."""
+    if batch.status is BatchStatus.UNKNOWN and batch.raw_status is not None:
+        mapped = aliases.get(batch.raw_status)
+        if mapped is not None:
+            return attrs.evolve(batch, status=mapped)
+    return batch
+
+
 @attrs.frozen
 class BatchPage:
     """One page of ``GET /v1/batches``."""

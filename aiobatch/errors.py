@@ -287,13 +287,34 @@ class UnexpectedTransitionError(StateError):
 class UnknownStatusError(DecodeError, StateError):
     """The server sent a batch status string that aiobatch does not know.
 
+    When the batch is known, the message names it and says how to map the status
+    (``status_aliases`` of :class:`~aiobatch.Fleet`, :class:`~aiobatch.RunConfig` and
+    :meth:`~aiobatch.BatchClient.wait`).
+
     Attributes:
         value: the status string as the server sent it.
+        batch_id: the batch that reported it, when known.
     """
 
-    def __init__(self, value: object, *, what: str = "batch status", path: str | None = None):
+    def __init__(
+        self,
+        value: object,
+        *,
+        what: str = "batch status",
+        path: str | None = None,
+        batch_id: str | None = None,
+    ):
         self.value = value
+        self.batch_id = batch_id
+        if batch_id is not None:
+            what = f"status of batch {batch_id}"
         super().__init__(what, f"unknown batch status {value!r}", path=path)
+        if batch_id is not None:
+            self.args = (
+                f"batch {batch_id} reports status {value!r}, which aiobatch does not know; "
+                f"if you know what it means, map it with status_aliases={{{value!r}: STATUS}}"
+                ", STATUS being the aiobatch status it stands for (such as 'completed')",
+            )
 
 
 class WaitTimeoutError(AiobatchError, TimeoutError):

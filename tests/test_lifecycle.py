@@ -281,3 +281,15 @@ class LifecycleModel(RuleBasedStateMachine):
 
 
 TestLifecycleModel = LifecycleModel.TestCase
+
+
+def test_unknown_status_of_a_known_batch_names_it_and_how_to_map_it() -> None:
+    """A machine with a batch id raises an UnknownStatusError naming that batch, the
+    status and status_aliases; its state is left as it was."""
+    machine = BatchLifecycle(S.IN_PROGRESS, batch_id="batch_7")
+    with pytest.raises(UnknownStatusError) as info:
+        machine.observe("succeeded")
+    assert (info.value.value, info.value.batch_id) == ("succeeded", "batch_7")
+    assert "batch batch_7 reports status 'succeeded'" in str(info.value)
+    assert "status_aliases={'succeeded': STATUS}" in str(info.value)
+    assert machine.status is S.IN_PROGRESS

@@ -11,6 +11,7 @@ import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import attrs
 import pytest
 from pytest_aiohttp import AiohttpServer
 
@@ -235,15 +236,51 @@ async def test_portkey_only_statuses_end_the_batch_with_a_clear_outcome(
 async def test_portkey_output_of_an_unfinished_batch_is_the_wrapped_404(
     serve: Serve, transport: AiohttpTransport, clock: VirtualClock
 ) -> None:
-    """/output before the batch has an output file is the provider's 404, wrapped."""
+    """/output before the batch has an output file is the provider's 404 for the null
+    file id the gateway asks for, wrapped."""
     _, root = await serve("portkey")
     client = client_for(portkey(root), transport, clock)
     uploaded = await client.upload_file(CONTENT)
     batch = await client.create_batch(uploaded.id, ENDPOINT)
     with pytest.raises(NotFoundError) as info:
         [line async for line in client.iter_batch_output(batch.id)]
-    assert info.value.message.startswith("openai error: No such File object")
+    assert info.value.message.startswith("openai error: No such File object: null")
     assert isinstance(info.value.body, dict) and info.value.body["provider"] == "openai"
+
+
+async def test_portkey_output_of_a_batch_without_a_successful_line_yields_nothing(
+    serve: Serve, transport: AiohttpTransport, clock: VirtualClock
+) -> None:
+    """/output of a finished batch whose every line failed (no output file: the gateway
+    relays the provider's 404 for a null file id) yields nothing; the error file holds
+    the lines."""
+    every_line_fails = attrs.evolve(CONFIG, line_errors=(LineErrorRule(status=400, ratio=1.0),))
+    service, root = await serve("portkey", config=every_line_fails)
+    client = client_for(portkey(root), transport, clock)
+    done = await run_lifecycle(client, clock)
+    assert done.status is BatchStatus.COMPLETED
+    assert done.output_file_id is None and done.error_file_id is not None
+    assert [line async for line in client.iter_batch_output(done.id)] == []
+    assert [line async for line in client.iter_batch_output(done)] == []
+    failed = [line async for line in client.iter_results(done.error_file_id)]
+    assert len(failed) == 6
+    assert service.request_count("GET", "/batches/*/output") == 2
+
+
+@pytest.mark.parametrize("body", [b"{}", b'{"object": "list", "data": []}', b""])
+async def test_output_answered_with_no_errors_and_no_lines_yields_nothing(
+    clock: VirtualClock, body: bytes
+) -> None:
+    """A gateway answering /output of a batch without successes with an empty errors
+    object ({}), an empty errors list or no body yields nothing."""
+
+    async def gateway(request: Request) -> Response:
+        assert request.url.endswith("/batches/batch_1/output")
+        return Response(200, {"content-type": "application/json"}, body)
+
+    provider = PortkeyProvider(api_key=KEY, provider="@p", base_url="http://gw/v1")
+    client = client_for(provider, InMemoryTransport(gateway, clock=clock), clock)
+    assert [line async for line in client.iter_batch_output("batch_1")] == []
 
 
 async def test_portkey_gateway_failure_envelope_is_a_server_error_with_its_message(

@@ -321,7 +321,9 @@ class BatchRun:
             config=self._config,
             journal=journal,
             run_id=meta.run_id,
-            fleet=Fleet(self._client, config=fleet_config),
+            fleet=Fleet(
+                self._client, config=fleet_config, status_aliases=self._config.status_aliases
+            ),
             emit=self._emit_progress,
             stop=self._request_stop,
             max_lines=self._config.max_lines or limits.max_lines,

@@ -56,9 +56,10 @@ async def collect(ctx: RunContext, shard: Shard, done: BatchDone | None) -> Next
         if done is not None and done.reason is DoneReason.NOT_FOUND:
             await settle(ctx, shard, None, "batch_not_found", "the server lost the batch")
             return Next(_S.COLLECTED)
-        if batch is None or not batch.is_terminal:
-            batch = await ctx.client.retrieve_batch(shard.batch_id)
-        if not batch.is_terminal:
+        ended = done is not None and done.reason is DoneReason.UNKNOWN_STATUS
+        if batch is None or not (batch.is_terminal or ended):
+            batch = await ctx.retrieve(shard.batch_id)
+        if not (batch.is_terminal or ended):
             return await _cancel_and_track(ctx, shard, batch)
         if batch.status is BatchStatus.FAILED and token_limited(batch):
             return await _recreate(ctx, shard, batch)
@@ -104,7 +105,7 @@ async def _retrieve_or_recall(ctx: RunContext, shard: Shard) -> Batch:
     the journal knows it (its status and files)."""
     assert shard.batch_id is not None
     try:
-        return await ctx.client.retrieve_batch(shard.batch_id)
+        return await ctx.retrieve(shard.batch_id)
     except NotFoundError:
         return Batch(
             id=shard.batch_id,
@@ -178,7 +179,7 @@ async def _with_output(ctx: RunContext, batch: Batch) -> Batch:
     ):
         await ctx.clock.sleep(ctx.step_waits.backoff_delay(tries))
         tries += 1
-        batch = await ctx.client.retrieve_batch(batch.id)
+        batch = await ctx.retrieve(batch.id)
     return batch
 
 

@@ -10,6 +10,7 @@ from typing import Any, Literal, TypeAlias
 import attrs
 
 from .._fleet import FleetConfig
+from .._lifecycle import BatchStatus, parse_status_aliases
 from .._models import ResultLine, ResultSuccess
 from .._retry import DEFAULT_MAX_RETRY_WAIT
 from .._validators import non_negative, positive, positive_or_none
@@ -117,6 +118,12 @@ class RunConfig:
         delete_files: delete each batch's input, output and error files once its
             results are in the journal (Azure allows 500 input files per resource;
             OpenAI keeps files until they expire).
+        status_aliases: batch status strings aiobatch does not know, each mapped to
+            the status it stands for (``{"succeeded": "completed"}``; see
+            :class:`~aiobatch.Fleet`). A batch in an unknown, unmapped status is
+            collected once it carries result files, or ``fleet.unknown_status_grace``
+            seconds after its ``expires_at``: its shard ends ``ended_unknown_status``
+            and its lines without a result ``batch_unknown_status`` (retryable).
     """
 
     max_lines: int | None = attrs.field(default=None, validator=positive_or_none)
@@ -150,6 +157,9 @@ class RunConfig:
     work_dir: str | None = None
     input_expires_after: int | None = attrs.field(default=None, validator=positive_or_none)
     delete_files: bool = False
+    status_aliases: Mapping[str, BatchStatus] = attrs.field(
+        factory=dict, converter=parse_status_aliases
+    )
 
     @property
     def batch_limit(self) -> int:

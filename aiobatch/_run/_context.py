@@ -19,7 +19,7 @@ from .._aio import sleep_or_set
 from .._client import BatchClient
 from .._clock import Clock
 from .._fleet import Fleet
-from .._models import Batch
+from .._models import Batch, alias_status
 from .._retry import RetryPolicy
 from ..errors import RunError
 from ._config import RunConfig
@@ -207,6 +207,11 @@ class RunContext:
         counts["retrying"] = max(0, counts["retrying"])
 
     # --- waits and failures --------------------------------------------------------------
+
+    async def retrieve(self, batch_id: str) -> Batch:
+        """The batch now, its status mapped by ``status_aliases``."""
+        batch = await self.client.retrieve_batch(batch_id)
+        return alias_status(batch, self.config.status_aliases)
 
     async def pause(self, seconds: float) -> None:
         """Sleep on the clock; a stop cuts it short (raising :class:`Stop`)."""

@@ -54,16 +54,18 @@ BATCH_STATUS_ORDER: tuple[str, ...] = (
     "file_upload_failed",
     "batch_start_failed",
     "rejected",
+    "ended_unknown_status",
 )
 """The order batch statuses are shown in: a batch's lifecycle, from planned to ended.
 Statuses not listed here are shown after these, sorted by name."""
 
 TERMINAL_BATCH_STATUSES: frozenset[str] = frozenset(
-    {status.value for status in TERMINAL} | {"rejected", "not_found"}
+    {status.value for status in TERMINAL} | {"rejected", "not_found", "ended_unknown_status"}
 )
 """Batch statuses that count as ended in :attr:`RunProgress.open_batches`: the
 lifecycle's terminal ones (Portkey's ``file_upload_failed`` and ``batch_start_failed``
-included), a shard whose create was refused, and a batch the server lost."""
+included), a shard whose create was refused, a batch the server lost, and a batch
+collected in a status aiobatch does not know (``DoneReason.UNKNOWN_STATUS``)."""
 
 _ORDER_INDEX = {status: index for index, status in enumerate(BATCH_STATUS_ORDER)}
 

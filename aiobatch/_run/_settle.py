@@ -116,6 +116,7 @@ async def settle_batch(ctx: RunContext, shard: Shard, batch: Batch) -> None:
     """Every request of a collected batch without a result line gets its outcome."""
     status = batch.status
     free = False
+    ended: str | None = None  # the shard's status, when not the batch's
     if status is BatchStatus.EXPIRED:
         code, message, retryable = "batch_expired", "the batch expired first", True
     elif status is BatchStatus.CANCELLED:
@@ -170,6 +171,23 @@ async def settle_batch(ctx: RunContext, shard: Shard, batch: Batch) -> None:
             f"batch {batch.id} completed without a result line for this request",
             True,
         )
+    elif status is BatchStatus.UNKNOWN:
+        # The fleet ended it: it carries result files or is long past its expiry.
+        code, retryable, ended = "batch_unknown_status", True, "ended_unknown_status"
+        message = (
+            f"batch {batch.id} ended in status {batch.wire_status!r}, which aiobatch "
+            "does not know, without a result line for this request"
+        )
+        logger.warning(
+            "run %s: batch %s (shard %s) ended in unknown status %r: its files were "
+            "collected, its lines without a result run again or end "
+            "batch_unknown_status. If you know what the status means, map it with "
+            "status_aliases",
+            ctx.run_id,
+            batch.id,
+            shard.key,
+            batch.wire_status,
+        )
     else:  # Portkey's file_upload_failed / batch_start_failed, and the like
         code, message, retryable = "batch_failed", batch.outcome, True
-    await settle(ctx, shard, batch, code, message, retryable=retryable, free=free)
+    await settle(ctx, shard, batch, code, message, retryable=retryable, free=free, status=ended)

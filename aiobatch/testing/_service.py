@@ -690,7 +690,8 @@ class FakeBatchService:
                 return output.content
         elif record.errors:
             return to_wire(BatchErrors(data=record.errors))
-        raise _not_found(f"No such File object: {record.output_file_id}", param="id")
+        # The gateway (TypeScript) puts the null id in the file URL as "null".
+        raise _not_found(f"No such File object: {record.output_file_id or 'null'}", param="id")
 
     # -- files ------------------------------------------------------------------------------
 
