@@ -12,11 +12,16 @@ Example::
     service = FakeBatchService(clock=clock, config=FakeConfig(validation_seconds=5))
     transport = service.transport()
     ...  # drive your code with `transport`, move `clock`, inspect `service`
+
+Layout: this module holds the service object (its test controls and introspection) and
+the front door every request passes (request ids, the rate limit, injected faults, the
+request log, the ``date`` header, streaming); :mod:`._routes` the endpoints,
+:mod:`._checks` how they check what a request sent, :mod:`._engine` the simulated files
+and batches, :mod:`._dialects` how each provider is played.
 """
 
 from __future__ import annotations
 
-import json
 import random
 from collections import deque
 from collections.abc import AsyncIterator, Mapping
@@ -28,34 +33,21 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 import attrs
 
 from .._clock import Clock, SystemClock
-from .._convert import to_wire
 from .._lifecycle import BatchStatus
-from .._models import Batch, BatchError, BatchErrors, BatchPage, FileDeleted, FilePage
+from .._models import Batch, BatchError
 from ..errors import TransportError
-from ..transport import InMemoryTransport, Multipart, Request, Response
+from ..transport import InMemoryTransport, Request, Response
+from ._checks import _Reply
 from ._config import FakeConfig
 from ._dialects import FakeDialect
-from ._engine import BatchRecord, CancelRefused, Engine, FileRecord
+from ._engine import Engine
 from ._faults import Fault, FaultKind, FaultPlan
 from ._ratelimit import RateLimiter
 from ._responder import DefaultResponder, Responder
-from ._validate import ENDPOINTS
-from ._wire import error_envelope, http_error_body, json_bytes
+from ._routes import OpenAIRoutes
+from ._wire import http_error_body, json_bytes
 
 __all__ = ["FakeBatchService", "RecordedRequest"]
-
-#: Purposes accepted by ``POST /v1/files``.
-UPLOAD_PURPOSES: tuple[str, ...] = (
-    "assistants",
-    "batch",
-    "fine-tune",
-    "vision",
-    "user_data",
-    "evals",
-)
-
-_MIN_EXPIRY, _MAX_EXPIRY = 3600, 2_592_000
-_METADATA_PAIRS, _METADATA_KEY, _METADATA_VALUE = 16, 64, 512
 
 #: The statuses :meth:`FakeBatchService.fail_next_batches` can end a batch in, and the
 #: default message of each Portkey-only one.
@@ -108,23 +100,6 @@ def _json_headers(request_id: str) -> dict[str, str]:
     return {"content-type": "application/json", "x-request-id": request_id}
 
 
-class _Reply(Exception):
-    """Raised inside a handler to answer early with an error response."""
-
-    def __init__(self, status: int, body: dict[str, Any]) -> None:
-        super().__init__(status)
-        self.status = status
-        self.body = body
-
-
-def _bad(message: str, *, param: str | None = None, code: str | None = None) -> _Reply:
-    return _Reply(400, error_envelope(message, param=param, code=code))
-
-
-def _not_found(message: str, *, param: str | None = None, code: str | None = None) -> _Reply:
-    return _Reply(404, error_envelope(message, param=param, code=code))
-
-
 def _route(url: str) -> tuple[str, dict[str, str]]:
     """The path after the last ``/v1`` segment (or after ``/openai``, Azure's paths
     without ``/v1``), and the query of ``url``."""
@@ -136,115 +111,6 @@ def _route(url: str) -> tuple[str, dict[str, str]]:
     elif segments and segments[0] == "openai":
         segments = segments[1:]
     return "/" + "/".join(segments), dict(parse_qsl(parts.query))
-
-
-def _int_param(params: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
-    raw = params.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise _bad(
-            f"Invalid '{name}': expected an integer, but got {raw!r} instead.",
-            param=name,
-            code="invalid_type",
-        ) from None
-    if not low <= value <= high:
-        raise _bad(
-            f"Invalid '{name}': integer out of range. Expected a value between {low} and "
-            f"{high}, but got {value} instead.",
-            param=name,
-            code="integer_out_of_range",
-        )
-    return value
-
-
-def _required_str(data: Mapping[str, Any], name: str) -> str:
-    if name not in data or data[name] is None:
-        raise _bad(
-            f"Missing required parameter: '{name}'.",
-            param=name,
-            code="missing_required_parameter",
-        )
-    value = data[name]
-    if not isinstance(value, str):
-        raise _bad(
-            f"Invalid type for '{name}': expected a string, but got "
-            f"{type(value).__name__} instead.",
-            param=name,
-            code="invalid_type",
-        )
-    return value
-
-
-def _check_metadata(raw: Any) -> dict[str, str] | None:
-    if raw is None:
-        return None
-    if not isinstance(raw, dict):
-        raise _bad(
-            "Invalid type for 'metadata': expected an object, "
-            f"but got {type(raw).__name__} instead.",
-            param="metadata",
-            code="invalid_type",
-        )
-    if len(raw) > _METADATA_PAIRS:
-        raise _bad(
-            f"Invalid 'metadata': too many properties. Expected an object with at most "
-            f"{_METADATA_PAIRS} properties, but got an object with {len(raw)} properties "
-            "instead.",
-            param="metadata",
-            code="object_above_max_properties",
-        )
-    for key, value in raw.items():
-        if len(key) > _METADATA_KEY:
-            raise _bad(
-                f"Invalid 'metadata': key too long. Expected keys of at most {_METADATA_KEY} "
-                f"characters, but got a key with {len(key)} characters instead.",
-                param="metadata",
-                code="string_above_max_length",
-            )
-        if not isinstance(value, str):
-            raise _bad(
-                f"Invalid type for 'metadata.{key}': expected a string, but got "
-                f"{type(value).__name__} instead.",
-                param=f"metadata.{key}",
-                code="invalid_type",
-            )
-        if len(value) > _METADATA_VALUE:
-            raise _bad(
-                f"Invalid 'metadata.{key}': string too long. Expected a string with maximum "
-                f"length {_METADATA_VALUE}, but got a string with length {len(value)} instead.",
-                param=f"metadata.{key}",
-                code="string_above_max_length",
-            )
-    return dict(raw)
-
-
-def _check_expiry(anchor: Any, seconds: Any, *, param: str) -> int:
-    """Validate an ``{anchor, seconds}`` expiration policy; returns the seconds."""
-    if anchor != "created_at":
-        raise _bad(
-            f"Invalid value for '{param}.anchor': {anchor!r}. Supported values are: 'created_at'.",
-            param=f"{param}.anchor",
-            code="invalid_value",
-        )
-    if isinstance(seconds, str) and seconds.strip().lstrip("-").isdigit():
-        seconds = int(seconds)
-    if isinstance(seconds, bool) or not isinstance(seconds, int):
-        raise _bad(
-            f"Invalid type for '{param}.seconds': expected an integer.",
-            param=f"{param}.seconds",
-            code="invalid_type",
-        )
-    if not _MIN_EXPIRY <= seconds <= _MAX_EXPIRY:
-        raise _bad(
-            f"Invalid '{param}.seconds': expected a value between {_MIN_EXPIRY} and "
-            f"{_MAX_EXPIRY}, but got {seconds} instead.",
-            param=f"{param}.seconds",
-            code="integer_out_of_range",
-        )
-    return seconds
 
 
 async def _chunks(data: bytes, size: int) -> AsyncIterator[bytes]:
@@ -304,6 +170,7 @@ class FakeBatchService:
             expire_batches=self.dialect.batches_expire,
             empty_error_file=self.dialect.empty_error_file,
         )
+        self._routes = OpenAIRoutes(self._engine, self.config, self.dialect)
         self._request_ids = random.Random(f"{seed}/request-ids")
         self._log: deque[RecordedRequest] = deque(maxlen=self.config.request_log_size)
         self.rate_limiter = RateLimiter(
@@ -608,301 +475,10 @@ class FakeBatchService:
             async with engine.lock:
                 now = engine.now()
                 await engine.advance(now)
-                result = await self._route(method, parts, params, request, now)
+                result = await self._routes.route(method, parts, params, request, now)
         except _Reply as reply:
             return self._json(reply.status, dialect.wrap_error(reply.body), request_id)
         if isinstance(result, bytes):
             headers = {"content-type": "application/octet-stream", "x-request-id": request_id}
             return _Answer(200, headers, result, stream=True)
         return self._json(200, result, request_id)
-
-    async def _route(
-        self,
-        method: str,
-        parts: list[str],
-        params: Mapping[str, str],
-        request: Request,
-        now: float,
-    ) -> Any:
-        """Run the handler for a path; returns JSON-ready data or file bytes."""
-        head, count = parts[0], len(parts)
-        if head == "files":
-            if count == 1 and method == "POST":
-                return self._upload(request, now)
-            if count == 1 and method == "GET":
-                return self._list_files(params, now)
-            if count == 2 and method == "GET":
-                return self._file_wire(self._file(parts[1], now), now)
-            if count == 2 and method == "DELETE":
-                file = self._file(parts[1], now)
-                self._engine.delete_file(file)
-                return to_wire(FileDeleted(id=file.id, deleted=True))
-            if count == 3 and parts[2] == "content" and method == "GET":
-                return self._file(parts[1], now).content
-        elif head == "batches":
-            if count == 1 and method == "POST":
-                return await self._create_batch(request, now)
-            if count == 1 and method == "GET":
-                return await self._list_batches(params, now)
-            if count == 2 and method == "GET":
-                return await self._batch_wire(self._batch(parts[1]), now)
-            if count == 3 and parts[2] == "cancel" and method == "POST":
-                record = self._batch(parts[1])
-                try:
-                    await self._engine.cancel(record, now)
-                except CancelRefused as refused:
-                    raise _bad(
-                        f"Cannot cancel batch {record.id}: it has already finished with "
-                        f"status '{refused.status.value}'."
-                    ) from None
-                return await self._batch_wire(record, now)
-            if (
-                count == 3
-                and parts[2] == "output"
-                and method == "GET"
-                and self.dialect.batch_output_endpoint
-            ):
-                return await self._batch_output(self._batch(parts[1]), now)
-        raise _not_found(f"Invalid URL ({method} /v1/{'/'.join(parts)})")
-
-    async def _batch_wire(self, record: BatchRecord, now: float) -> dict[str, Any]:
-        """A batch's JSON now, as the dialect sends it."""
-        return self.dialect.batch_wire(await self._engine.snapshot_wire(record, now))
-
-    def _file_wire(self, record: FileRecord, now: float) -> dict[str, Any]:
-        """A file's JSON now, as the dialect sends it (``pending`` at first on Azure)."""
-        wire: dict[str, Any] = to_wire(record.model())
-        return self.dialect.file_wire(wire, pending=self._pending(record, now))
-
-    def _pending(self, record: FileRecord, now: float) -> bool:
-        wait = self.dialect.file_pending_seconds
-        return wait > 0 and record.purpose == "batch" and now < record.created_at + wait
-
-    async def _batch_output(self, record: BatchRecord, now: float) -> Any:
-        """Portkey's ``GET /batches/{id}/output``: the output file's content; the batch's
-        ``errors`` as JSON when it has no output file but errors (as the gateway does);
-        otherwise the provider's 404 for the missing file, wrapped by the gateway (it
-        asks the provider for the content of a null file id)."""
-        await self._engine.snapshot(record, now)
-        if record.output_file_id is not None:
-            output = self._engine.get_file(record.output_file_id, now)
-            if output is not None:
-                return output.content
-        elif record.errors:
-            return to_wire(BatchErrors(data=record.errors))
-        # The gateway (TypeScript) puts the null id in the file URL as "null".
-        raise _not_found(f"No such File object: {record.output_file_id or 'null'}", param="id")
-
-    # -- files ------------------------------------------------------------------------------
-
-    def _file(self, file_id: str, now: float) -> FileRecord:
-        record = self._engine.get_file(file_id, now)
-        if record is None:
-            raise _not_found(f"No such File object: {file_id}", param="id")
-        return record
-
-    def _upload(self, request: Request, now: float) -> dict[str, Any]:
-        body = request.body
-        if not isinstance(body, Multipart):
-            raise _bad("POST /v1/files needs a multipart/form-data body with 'file' and 'purpose'.")
-        fields = dict(body.fields)
-        purpose = fields.get("purpose")
-        if purpose is None:
-            raise _bad(
-                "Missing required parameter: 'purpose'.",
-                param="purpose",
-                code="missing_required_parameter",
-            )
-        if purpose not in UPLOAD_PURPOSES:
-            supported = ", ".join(repr(p) for p in UPLOAD_PURPOSES)
-            raise _bad(
-                f"Invalid value for 'purpose': {purpose!r}. Supported values are: {supported}.",
-                param="purpose",
-                code="invalid_value",
-            )
-        parts = [part for name, part in body.files if name == "file"]
-        if not parts:
-            raise _bad(
-                "Missing required parameter: 'file'.",
-                param="file",
-                code="missing_required_parameter",
-            )
-        part = parts[0]
-        config = self.config
-        if purpose == "batch" and not part.filename.lower().endswith(".jsonl"):
-            raise _bad("Invalid file format for Batch API. Must be .jsonl")
-        size = part.size()
-        limit = config.max_batch_file_bytes if purpose == "batch" else config.max_file_bytes
-        if size > limit:
-            what = "Batch API input files" if purpose == "batch" else "files"
-            raise _bad(
-                f"File is too large: {size:,} bytes. The maximum size of {what} is "
-                f"{limit:,} bytes.",
-                param="file",
-                code="file_too_large",
-            )
-        anchor = fields.get("expires_after[anchor]")
-        seconds = fields.get("expires_after[seconds]")
-        if anchor is not None or seconds is not None:
-            lifetime: int | None = _check_expiry(anchor, seconds, param="expires_after")
-        elif purpose == "batch":
-            lifetime = config.batch_file_expiry_seconds
-        else:
-            lifetime = None
-        expires_at = int(now) + lifetime if lifetime is not None else None
-        record = self._engine.add_file(
-            filename=part.filename,
-            purpose=purpose,
-            content=part.read(),
-            now=now,
-            expires_at=expires_at,
-        )
-        return self._file_wire(record, now)
-
-    def _list_files(self, params: Mapping[str, str], now: float) -> Any:
-        limit = _int_param(params, "limit", 10_000, 1, 10_000)
-        order = params.get("order", "desc")
-        if order not in ("asc", "desc"):
-            raise _bad(
-                f"Invalid value for 'order': {order!r}. Supported values are: 'asc', 'desc'.",
-                param="order",
-                code="invalid_value",
-            )
-        purpose = params.get("purpose")
-        engine = self._engine
-        ids = engine.file_order
-        after = params.get("after")
-        if after is not None:
-            if after not in engine.file_index:
-                raise _bad(f"Invalid 'after': no file with id {after!r}.", param="after")
-            cursor = engine.file_index[after]
-            indices = range(cursor + 1, len(ids)) if order == "asc" else range(cursor - 1, -1, -1)
-        else:
-            indices = range(len(ids)) if order == "asc" else range(len(ids) - 1, -1, -1)
-        page: list[FileRecord] = []
-        has_more = False
-        for index in indices:
-            record = engine.get_file(ids[index], now)
-            if record is None or (purpose is not None and record.purpose != purpose):
-                continue
-            if len(page) == limit:
-                has_more = True
-                break
-            page.append(record)
-        wire = to_wire(
-            FilePage(
-                data=(),
-                has_more=has_more,
-                first_id=page[0].id if page else None,
-                last_id=page[-1].id if page else None,
-            )
-        )
-        wire["data"] = [self._file_wire(record, now) for record in page]
-        return wire
-
-    # -- batches ----------------------------------------------------------------------------
-
-    def _batch(self, batch_id: str) -> BatchRecord:
-        record = self._engine.batches.get(batch_id)
-        if record is None:
-            raise _not_found(f"No batch found with id '{batch_id}'.", code="batch_not_found")
-        return record
-
-    async def _create_batch(self, request: Request, now: float) -> dict[str, Any]:
-        data = _json_object(request)
-        input_file_id = _required_str(data, "input_file_id")
-        endpoint = _required_str(data, "endpoint")
-        if endpoint not in ENDPOINTS:
-            supported = ", ".join(repr(e) for e in ENDPOINTS)
-            raise _bad(
-                f"Invalid value: {endpoint!r}. Supported values are: {supported}.",
-                param="endpoint",
-                code="invalid_value",
-            )
-        window = _required_str(data, "completion_window")
-        if window != "24h":
-            raise _bad(
-                f"Invalid value: {window!r}. Supported values are: '24h'.",
-                param="completion_window",
-                code="invalid_value",
-            )
-        metadata = _check_metadata(data.get("metadata"))
-        output_expiry: int | None = None
-        raw_expiry = data.get("output_expires_after")
-        if raw_expiry is not None:
-            if not isinstance(raw_expiry, dict):
-                raise _bad(
-                    "Invalid type for 'output_expires_after': expected an object.",
-                    param="output_expires_after",
-                    code="invalid_type",
-                )
-            output_expiry = _check_expiry(
-                raw_expiry.get("anchor"), raw_expiry.get("seconds"), param="output_expires_after"
-            )
-        input_file = self._engine.get_file(input_file_id, now)
-        if input_file is None:
-            raise _not_found(f"No such File object: {input_file_id}", param="input_file_id")
-        if input_file.purpose != "batch":
-            raise _bad(
-                f"The input file {input_file_id} has purpose {input_file.purpose!r}; a batch "
-                "needs a file uploaded with purpose 'batch'.",
-                param="input_file_id",
-            )
-        if self._pending(input_file, now):
-            # Azure's wording for this is not documented; the status code and the
-            # parameter are what a client can rely on.
-            raise _bad(
-                f"The input file {input_file_id} is not ready: its status is 'pending'. "
-                "Wait until it is 'processed' before creating a batch.",
-                param="input_file_id",
-            )
-        record = self._engine.create_batch(
-            endpoint=endpoint,
-            input_file=input_file,
-            completion_window=window,
-            metadata=metadata,
-            output_expiry_seconds=output_expiry,
-            now=now,
-        )
-        return await self._batch_wire(record, now)
-
-    async def _list_batches(self, params: Mapping[str, str], now: float) -> Any:
-        limit = _int_param(params, "limit", 20, 1, 100)
-        engine = self._engine
-        after = params.get("after")
-        if after is not None:
-            if after not in engine.batch_index:
-                raise _bad(f"Invalid 'after': no batch with id {after!r}.", param="after")
-            start = engine.batch_index[after] - 1
-        else:
-            start = len(engine.batch_order) - 1
-        stop = max(-1, start - limit)
-        records = [engine.batches[engine.batch_order[i]] for i in range(start, stop, -1)]
-        data = [await self._batch_wire(record, now) for record in records]
-        # The envelope comes from the converter; the items are the cached wire forms.
-        page = to_wire(
-            BatchPage(
-                data=(),
-                has_more=stop >= 0,
-                first_id=records[0].id if records else None,
-                last_id=records[-1].id if records else None,
-            )
-        )
-        page["data"] = data
-        return page
-
-
-def _json_object(request: Request) -> dict[str, Any]:
-    body = request.body
-    if isinstance(body, Multipart) or not body:
-        raise _bad("The request needs a JSON body.")
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise _bad(
-            "We could not parse the JSON body of your request. The API expects a JSON "
-            "payload, but what was sent was not valid JSON."
-        ) from None
-    if not isinstance(data, dict):
-        raise _bad("The JSON body of the request must be an object.")
-    return data
