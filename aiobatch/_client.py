@@ -55,9 +55,9 @@ from ._provider import (
     require_key,
 )
 from ._retry import (
-    RETRYABLE_STATUSES,
     RetryPolicy,
     RetryState,
+    is_transient,
     parse_retry_after,
     poll_intervals,
 )
@@ -1036,11 +1036,7 @@ class BatchClient:
         try:
             return await self._call(Batch, "GET", path, deadline=deadline)
         except (TransportError, APIStatusError) as exc:
-            if deadline is None or self._clock.monotonic() < deadline:
-                raise
-            if isinstance(exc, APIStatusError) and not (
-                exc.status_code in RETRYABLE_STATUSES or exc.status_code >= 500
-            ):
+            if deadline is None or self._clock.monotonic() < deadline or not is_transient(exc):
                 raise
             status = last.wire_status if last is not None else "unknown"
             raise WaitTimeoutError(

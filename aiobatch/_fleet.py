@@ -76,7 +76,13 @@ from ._budget import RequestBudget
 from ._client import BatchClient
 from ._lifecycle import KNOWN, BatchLifecycle, BatchStatus, parse_status_aliases
 from ._models import Batch, RequestCounts, alias_status
-from ._retry import DEFAULT_MAX_RETRY_WAIT, RetryPolicy, cap_server_wait
+from ._retry import (
+    DEFAULT_MAX_RETRY_WAIT,
+    RetryPolicy,
+    cap_server_wait,
+    is_transient,
+    retry_after_of,
+)
 from ._validators import non_negative, non_negative_or_none, positive
 from .errors import (
     AiobatchError,
@@ -84,6 +90,7 @@ from .errors import (
     ClosedError,
     DecodeError,
     NotFoundError,
+    RateLimitError,
     StateError,
     UnknownStatusError,
     describe,
@@ -991,7 +998,7 @@ class Fleet:
                 self._report(record.id, error, None)
                 self._finish(record, None, DoneReason.NOT_FOUND, error)
                 return
-        elif not _transient(error) or record.errors % cfg.report_after_errors == 0:
+        elif not is_transient(error) or record.errors % cfg.report_after_errors == 0:
             self._report(record.id, error, None)
         if record.deadline is not None and now >= record.deadline:
             # As after an observation: a batch being cancelled is bound by its deadline
@@ -1003,10 +1010,8 @@ class Fleet:
 
     def _rate_limited(self, error: AiobatchError) -> None:
         """Pause the whole budget when the server asked for it (429 or retry-after)."""
-        if not isinstance(error, APIStatusError):
-            return
-        asked = error.retry_after
-        if error.status_code == 429:
+        asked = retry_after_of(error)
+        if isinstance(error, RateLimitError):
             self.stats.rate_limited += 1
             if self._budget.paused_until is None:
                 # A new episode (429s for calls sent before the pause began do not
@@ -1114,7 +1119,7 @@ class Fleet:
         self._rate_limited(error)
         if isinstance(error, ClosedError):
             raise error
-        if not (isinstance(error, APIStatusError) and error.status_code == 429):
+        if not isinstance(error, RateLimitError):
             self._rate_limited_in_a_row = 0
 
     def _call_succeeded(self) -> None:
@@ -1229,13 +1234,13 @@ class Fleet:
                 self._sweep_failures += 1
                 in_a_row = self._sweep_failures
                 report_after = cfg.report_after_errors
-                if not _transient(exc) or in_a_row % report_after == 0:
+                if not is_transient(exc) or in_a_row % report_after == 0:
                     self._report(None, exc, None)
                 else:
                     logger.info("fleet: a list page failed (%s); trying again later", describe(exc))
                 now = self._clock.monotonic()
-                rate_limited = isinstance(exc, APIStatusError) and exc.status_code == 429
-                if not rate_limited and (not _transient(exc) or in_a_row >= report_after):
+                rate_limited = isinstance(exc, RateLimitError)
+                if not rate_limited and (not is_transient(exc) or in_a_row >= report_after):
                     # Listing does not work here (a server without GET /batches, or one
                     # failing for a while): retrieve these now, and list again only
                     # after max_interval. A 429 is no sign against listing: the budget
@@ -1285,13 +1290,6 @@ class Fleet:
         record.errors += 1
         delay = self._error_waits.backoff_delay(record.errors - 1)
         self._schedule_at(record, now + self._jittered(delay))
-
-
-def _transient(error: AiobatchError) -> bool:
-    """Whether a failure is the kind that passes by itself (network, 408/409/429, 5xx)."""
-    if isinstance(error, APIStatusError):
-        return error.status_code in (408, 409, 429) or error.status_code >= 500
-    return not isinstance(error, DecodeError | StateError)
 
 
 async def _all(coroutines: list[Coroutine[Any, Any, None]]) -> None:
