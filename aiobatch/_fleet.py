@@ -332,7 +332,16 @@ class FleetStats:
 
 # --- per-batch state ------------------------------------------------------------------------
 
-_NO_CANCEL, _CANCEL_WANTED, _CANCEL_SENT = 0, 1, 2
+
+class _Cancel(enum.Enum):
+    """Where the cancel of a tracked batch stands."""
+
+    #: nobody asked for one
+    NONE = "none"
+    #: asked for: the scheduler sends it in the next round
+    WANTED = "wanted"
+    #: sent (or refused by the server: the batch has most likely ended)
+    SENT = "sent"
 
 
 class _Tracked:
@@ -373,7 +382,7 @@ class _Tracked:
         self.interval = 0.0
         self.errors = 0
         self.not_found = 0
-        self.cancel = _NO_CANCEL
+        self.cancel = _Cancel.NONE
         self.deadline = deadline
         #: the unknown status strings reported for this batch (each is reported once).
         self.unknown: tuple[str, ...] = ()
@@ -663,8 +672,8 @@ class Fleet:
             KeyError: the batch is not tracked.
         """
         record = self._tracked[batch_id]
-        if record.cancel == _NO_CANCEL:
-            record.cancel = _CANCEL_WANTED
+        if record.cancel is _Cancel.NONE:
+            record.cancel = _Cancel.WANTED
             self._schedule_at(record, self._clock.monotonic())
             self._wake.set()
 
@@ -685,8 +694,8 @@ class Fleet:
         self._check_open()
         now = self._clock.monotonic()
         for record in list(self._tracked.values()):
-            if record.cancel == _NO_CANCEL:
-                record.cancel = _CANCEL_WANTED
+            if record.cancel is _Cancel.NONE:
+                record.cancel = _Cancel.WANTED
                 self._schedule_at(record, now)
         self._wake.set()
         if wait:
@@ -915,7 +924,7 @@ class Fleet:
             self._deadline(record, batch, now)
             return
         when = now
-        if record.cancel != _CANCEL_WANTED:
+        if record.cancel is not _Cancel.WANTED:
             when = now + self._next_interval(record, changed or progressed, now)
         self._schedule_at(record, when)
 
@@ -980,8 +989,8 @@ class Fleet:
         self._emit(DeadlinePassed(record.id, batch, cancelling))
         if cancelling:
             record.deadline = None
-            if record.cancel == _NO_CANCEL:
-                record.cancel = _CANCEL_WANTED
+            if record.cancel is _Cancel.NONE:
+                record.cancel = _Cancel.WANTED
             self._schedule_at(record, now)
         else:
             self._finish(record, batch, DoneReason.DEADLINE)
@@ -1072,7 +1081,7 @@ class Fleet:
         singles: list[Callable[[], Awaitable[None]]] = []
         listable: list[_Tracked] = []
         for record in records:
-            if record.cancel == _CANCEL_WANTED:
+            if record.cancel is _Cancel.WANTED:
                 singles.append(_bind(self._cancel_one, record))
             elif record.deadline is not None and now >= record.deadline and record.seen:
                 # One last look at the deadline, then the deadline rules apply.
@@ -1154,7 +1163,7 @@ class Fleet:
             now = self._clock.monotonic()
             if isinstance(exc, APIStatusError) and exc.status_code in (400, 409):
                 # The server refuses: the batch has most likely finished already. Look.
-                record.cancel = _CANCEL_SENT
+                record.cancel = _Cancel.SENT
                 logger.info("fleet: cancel of %s refused (%s)", record.id, describe(exc))
                 self._schedule_at(record, now)
                 self._wake.set()
@@ -1164,7 +1173,7 @@ class Fleet:
         self._call_succeeded()
         if self._tracked.get(record.id) is not record:
             return
-        record.cancel = _CANCEL_SENT
+        record.cancel = _Cancel.SENT
         if not record.lifecycle.is_terminal:
             record.lifecycle.request_cancel()
         self._observe(record, batch, self._clock.monotonic(), emit_first=True)
