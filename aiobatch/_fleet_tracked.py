@@ -75,7 +75,7 @@ class FleetConfig:
             :class:`~aiobatch.BatchRun` sets it to its ``RunConfig.max_retry_wait``.
         report_after_errors: a :class:`TrackingError` event is emitted after this many
             transient failures in a row for one batch (connection errors, timeouts,
-            429, 5xx); other failures are reported at once.
+            408, 409, 429, 5xx); other failures are reported at once.
         not_found_limit: a batch the server answers 404 for this many times in a row
             ends with :attr:`DoneReason.NOT_FOUND` (a fresh batch may be briefly
             invisible).
