@@ -21,12 +21,11 @@ from typing import Any
 
 import attrs
 
-from ._cli import command, count, duration, out, positive, rate
-from ._client import DEFAULT_CREATE_SETTLE, BatchClient
-from ._fleet import FleetConfig
-from ._provider import PROVIDER_NAMES, Provider, provider_from_env, require_key
-from ._retry import RetryPolicy
-from ._run import (
+from .._client import DEFAULT_CREATE_SETTLE, BatchClient
+from .._fleet import FleetConfig
+from .._provider import PROVIDER_NAMES, Provider, provider_from_env, require_key
+from .._retry import RetryPolicy
+from .._run import (
     BatchRun,
     ProgressDisplay,
     RunConfig,
@@ -36,18 +35,27 @@ from ._run import (
     request_cancel,
     run_is_live,
 )
-from ._run import JournalFile as Journal
-from ._run._states import ShardState
-from .errors import AiobatchError, ConfigurationError, JournalError, PreflightError
-from .testing._clock import VirtualClock
-from .testing._config import FakeConfig, LineErrorRule
-from .testing._faults import Fault
-from .testing._service import FakeBatchService
+from .._run import JournalFile as Journal
+from .._run._states import ShardState
+from ..errors import AiobatchError, ConfigurationError, JournalError, PreflightError
+from ..testing import (
+    FakeBatchService,
+    FakeConfig,
+    Fault,
+    LineErrorRule,
+    VirtualClock,
+    fake_client,
+    unit_hash,
+)
+from ._args import count, duration, out, positive, rate
+from ._command import command
 
 __all__ = ["EXAMPLE_REQUESTS", "fake_environment"]
 
 #: The example request file bundled with the package (README's first command).
-EXAMPLE_REQUESTS = os.path.join(os.path.dirname(__file__), "examples", "requests.jsonl")
+EXAMPLE_REQUESTS = os.path.join(
+    os.path.dirname(os.path.dirname(__file__)), "examples", "requests.jsonl"
+)
 
 logger = logging.getLogger("aiobatch.run")
 
@@ -258,8 +266,6 @@ def fake_environment(
 
 
 def _unit(seed: int, text: str) -> float:
-    from .testing._config import unit_hash
-
     return unit_hash(seed + 1, text)
 
 
@@ -273,17 +279,15 @@ async def _client_for(args: argparse.Namespace) -> AsyncIterator[tuple[BatchClie
             seed=args.fake_seed,
         )
         async with (
-            BatchClient(
-                api_key="sk-fake",
-                base_url="http://fake.local/v1",
-                transport=service.transport(),
+            fake_client(
+                service=service,
                 clock=clock,
                 retry=RetryPolicy(max_attempts=10),
                 create_settle=args.create_settle,
-            ) as client,
+            ) as fake,
             clock.auto_advance(),
         ):
-            yield client, clock
+            yield fake.client, clock
         return
     provider = _provider(args)
     async with BatchClient(provider=provider, create_settle=args.create_settle) as client:
