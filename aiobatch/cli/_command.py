@@ -25,6 +25,8 @@ class Command:
         configure: adds the subcommand's arguments to its parser.
         run: runs it with the parsed arguments; returns the exit status.
         description: the longer text for ``aiobatch <name> --help``.
+        epilog: text printed after the arguments (examples, exit statuses); its lines
+            are kept as written.
     """
 
     name: str
@@ -32,6 +34,7 @@ class Command:
     configure: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], int]
     description: str | None = None
+    epilog: str | None = None
 
 
 #: Every subcommand, by name, in the order ``--help`` lists them.
@@ -44,6 +47,7 @@ def command(
     configure: Callable[[argparse.ArgumentParser], None],
     *,
     description: str | None = None,
+    epilog: str | None = None,
 ) -> Callable[[Callable[[argparse.Namespace], int]], Callable[[argparse.Namespace], int]]:
     """Register the decorated function as the ``run`` of subcommand ``name``.
 
@@ -52,16 +56,27 @@ def command(
         help: one line for ``aiobatch --help``.
         configure: adds the subcommand's arguments.
         description: longer text for the subcommand's own ``--help``.
+        epilog: text after the arguments in its ``--help`` (lines kept as written).
 
     Returns:
         A decorator that registers and returns the function unchanged.
     """
 
     def register(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-        COMMANDS[name] = Command(name, help, configure, run, description)
+        COMMANDS[name] = Command(name, help, configure, run, description, epilog)
         return run
 
     return register
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each default once, as the value it is; keeps the lines of a text that has
+    several (an epilog of examples) and wraps the others."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text:
+            return "\n".join(indent + line for line in text.splitlines())
+        return super()._fill_text(text, width, indent)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.name,
             help=cmd.help,
             description=cmd.description or cmd.help,
-            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+            epilog=cmd.epilog,
+            formatter_class=HelpFormatter,
         )
         cmd.configure(sub)
     return parser

@@ -49,6 +49,15 @@ from ..testing import (
 )
 from ._args import count, duration, out, positive, rate
 from ._command import command
+from ._exit import (
+    ERROR,
+    EXIT_CODES_HELP,
+    INTERRUPTED,
+    STOPPED,
+    USAGE,
+    error_code,
+    finished_code,
+)
 
 __all__ = ["EXAMPLE_REQUESTS", "fake_environment"]
 
@@ -108,6 +117,12 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("input", "completion"),
         default="input",
         help="the order of the output file",
+    )
+    how.add_argument(
+        "--allow-failures",
+        action="store_true",
+        help="exit 0 when the run finishes even if some requests failed (not when the "
+        "provider refused the batches: that exits 3)",
     )
     how.add_argument(
         "--skip-invalid",
@@ -369,7 +384,7 @@ async def _run_async(args: argparse.Namespace, journal: str) -> int:
             if display is not None:
                 display.close()
             print(f"aiobatch: stopped; resume with the same command ({journal})", file=sys.stderr)
-            return 130
+            return INTERRUPTED
         finally:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(signal.SIGINT)
@@ -379,11 +394,18 @@ async def _run_async(args: argparse.Namespace, journal: str) -> int:
     out(format_report(report))
     if report.state == "cancelled":
         print(f"cancelled; resume with the same command ({journal})", file=sys.stderr)
-        return 130
+        return INTERRUPTED
     if report.state == "stopped":
         print(f"stopped; resume with the same command ({journal})", file=sys.stderr)
-        return 143
-    return 0
+        return STOPPED
+    if report.state != "done":
+        return ERROR
+    return finished_code(
+        failed=report.failed,
+        skipped=report.skipped,
+        errors=report.errors,
+        allow_failures=args.allow_failures,
+    )
 
 
 @command(
@@ -396,9 +418,9 @@ async def _run_async(args: argparse.Namespace, journal: str) -> int:
         "write one result per request to OUTPUT. Everything is journaled first: run the "
         "same command again after a crash, a Ctrl-C or 'aiobatch cancel' to continue. "
         "Ctrl-C cancels the open batches and keeps what they finished (exit 130); SIGTERM "
-        "stops without cancelling them (exit 143); 0 when every request has its result, "
-        "1 on an error, 2 on a usage error or a missing key."
+        "stops without cancelling them (exit 143)."
     ),
+    epilog=EXIT_CODES_HELP,
 )
 def _run(args: argparse.Namespace) -> int:
     journal = args.journal or f"{args.output}.journal"
@@ -409,14 +431,14 @@ def _run(args: argparse.Namespace) -> int:
             f"aiobatch run: {str(exc).replace('RunConfig.', '--').replace('_', '-')}",
             file=sys.stderr,
         )
-        return 2
+        return USAGE
     if not args.fake:
         # A missing key (or endpoint) is said now, before the input is read.
         try:
             require_key(_provider(args))
         except ConfigurationError as exc:
             print(f"aiobatch run: {exc}", file=sys.stderr)
-            return 2
+            return USAGE
     if not args.quiet:
         logging.basicConfig(
             level=logging.INFO if args.verbose else logging.WARNING,
@@ -429,7 +451,7 @@ def _run(args: argparse.Namespace) -> int:
                 state = existing.get_meta("state")
         except JournalError as exc:
             print(f"aiobatch run: {exc}", file=sys.stderr)
-            return 1
+            return ERROR
         if state not in (None, "done"):
             print(
                 f"aiobatch run: {journal} holds an unfinished run, and a --fake run cannot "
@@ -437,19 +459,19 @@ def _run(args: argparse.Namespace) -> int:
                 "stopped); delete the journal to start again",
                 file=sys.stderr,
             )
-            return 2
+            return USAGE
     try:
         return asyncio.run(_run_async(args, journal))
     except PreflightError as exc:
         print(f"aiobatch run: {exc}", file=sys.stderr)
-        # A file with no request at all is a usage error (a wrong or truncated file).
-        return 2 if any(p.code == "empty_input" for p in exc.problems) else 1
+        # An input file that fails the checks is the user's to fix; nothing was sent.
+        return USAGE
     except (AiobatchError, OSError) as exc:
         print(f"aiobatch run: {exc}", file=sys.stderr)
-        return 1
+        return error_code(exc)
     except KeyboardInterrupt:
         print(f"aiobatch: stopped; resume with the same command ({journal})", file=sys.stderr)
-        return 130
+        return INTERRUPTED
 
 
 def _journal_argument(parser: argparse.ArgumentParser) -> None:
