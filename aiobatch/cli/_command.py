@@ -12,6 +12,8 @@ from collections.abc import Callable, Sequence
 
 import attrs
 
+from ._args import duration, duration_text, rate
+
 __all__ = ["COMMANDS", "Command", "build_parser", "command", "main"]
 
 
@@ -73,10 +75,47 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows each default once, as the value it is; keeps the lines of a text that has
     several (an epilog of examples) and wraps the others."""
 
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (
+            "%(default)" in text
+            or "default:" in text
+            or default is None
+            or default is argparse.SUPPRESS
+            or isinstance(default, bool)
+            or default in ((), [], {})
+            or not action.option_strings
+        ):
+            return text
+        if isinstance(default, (list, tuple)):
+            shown = ",".join(str(v) for v in default)
+        elif isinstance(default, float) and action.type is duration:
+            shown = duration_text(default)
+        else:
+            shown = str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})"
+
     def _fill_text(self, text: str, width: int, indent: str) -> str:
         if "\n" in text:
             return "\n".join(indent + line for line in text.splitlines())
         return super()._fill_text(text, width, indent)
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return str(__version__)
+
+
+def _name_units(parser: argparse.ArgumentParser) -> None:
+    """Options that take a duration or a fraction say so in their metavar."""
+    for action in parser._actions:
+        if action.metavar is None and action.option_strings:
+            if action.type is duration:
+                action.metavar = "DURATION"
+            elif action.type is rate:
+                action.metavar = "0-1"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="aiobatch",
         description="Drive OpenAI-compatible Batch APIs, or serve a fake one for testing.",
     )
+    parser.add_argument("--version", action="version", version=f"aiobatch {_version()}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for cmd in COMMANDS.values():
         sub = subparsers.add_parser(
@@ -95,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=HelpFormatter,
         )
         cmd.configure(sub)
+        _name_units(sub)
     return parser
 
 

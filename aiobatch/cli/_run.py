@@ -47,7 +47,7 @@ from ..testing import (
     fake_client,
     unit_hash,
 )
-from ._args import count, duration, out, positive, rate
+from ._args import count, duration, duration_text, out, positive, rate
 from ._command import command
 from ._exit import (
     ERROR,
@@ -153,10 +153,18 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
         "finished (e.g. 20h)",
     )
     how.add_argument(
-        "--poll-min", type=duration, default=None, help="the shortest pause between polls"
+        "--poll-min",
+        type=duration,
+        default=None,
+        help="the shortest pause between polls, e.g. 1s or 1m "
+        f"(default: {duration_text(FleetConfig().min_interval)})",
     )
     how.add_argument(
-        "--poll-max", type=duration, default=None, help="the longest pause between polls"
+        "--poll-max",
+        type=duration,
+        default=None,
+        help="the longest pause between polls, e.g. 30s or 5m "
+        f"(default: {duration_text(FleetConfig().max_interval)})",
     )
     how.add_argument(
         "--requests-per-second",
@@ -408,6 +416,16 @@ async def _run_async(args: argparse.Namespace, journal: str) -> int:
     )
 
 
+_RUN_EXAMPLES = """\
+examples:
+  aiobatch run requests.jsonl -o results.jsonl --fake        # try it: no key, no network
+  OPENAI_API_KEY=sk-... aiobatch run requests.jsonl -o results.jsonl
+  aiobatch run requests.jsonl -o results.jsonl --provider compatible \\
+      --base-url http://127.0.0.1:8000/v1 --poll-min 1s --poll-max 2s --create-settle 0
+  aiobatch status results.jsonl.journal                      # from another shell
+  aiobatch failures results.jsonl.journal --retry-file retry.jsonl"""
+
+
 @command(
     "run",
     "run a JSONL file of requests end to end (resumable; every request answered once)",
@@ -420,7 +438,7 @@ async def _run_async(args: argparse.Namespace, journal: str) -> int:
         "Ctrl-C cancels the open batches and keeps what they finished (exit 130); SIGTERM "
         "stops without cancelling them (exit 143)."
     ),
-    epilog=EXIT_CODES_HELP,
+    epilog=_RUN_EXAMPLES + "\n\n" + EXIT_CODES_HELP,
 )
 def _run(args: argparse.Namespace) -> int:
     journal = args.journal or f"{args.output}.journal"
