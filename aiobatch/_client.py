@@ -20,7 +20,7 @@ import logging
 import os
 import tempfile
 import types
-from collections.abc import AsyncGenerator, Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
 from typing import Any, NoReturn, TypeVar
 from urllib.parse import quote
 
@@ -31,6 +31,7 @@ from ._convert import (
     decode_json,
     decode_result_line,
     encode_create_batch,
+    encode_inline_create,
     parse_error_body,
     upload_form_fields,
 )
@@ -40,6 +41,7 @@ from ._models import (
     Batch,
     BatchErrors,
     BatchPage,
+    BatchRequest,
     File,
     FileDeleted,
     FilePage,
@@ -879,6 +881,28 @@ class BatchClient:
         self._check_open()
         return await self._creates.create(request, key)
 
+    async def create_inline_batch(self, requests: Iterable[BatchRequest]) -> Batch:
+        """Create a batch with its requests in the call itself (Anthropic's
+        ``POST /v1/messages/batches``, :attr:`Quirks.submission
+        <aiobatch.Quirks.submission>` ``"inline"``); one call makes at most one batch.
+
+        Such a batch carries no metadata, so a create whose answer was lost cannot be
+        looked up by a key: it is never sent again, and
+        :class:`~aiobatch.errors.AmbiguousCreateError` is raised at once (the run layer
+        then looks for it by its request count and creation time).
+
+        Args:
+            requests: the requests (each line's ``body`` is a Messages API body).
+
+        Raises:
+            APIStatusError: the server refused, and no attempt may have made a batch.
+            AmbiguousCreateError: an attempt may have made a batch.
+        """
+        body = encode_inline_create(requests)
+        request = self._request("POST", "/batches", body=body, timeout=self._timeout)
+        self._check_open()
+        return await self._creates.create(request, None)
+
     async def find_created_batch(
         self, create_key: str, *, since: float | None = None, max_pages: int = LOOKUP_MAX_PAGES
     ) -> Batch | None:
@@ -925,7 +949,9 @@ class BatchClient:
             after: the id of the last batch of the previous page.
             limit: batches per page (1 to 100).
         """
-        params = {"limit": str(limit)} if after is None else {"limit": str(limit), "after": after}
+        params = {"limit": str(limit)}
+        if after is not None:
+            params[self._provider.quirks.list_cursor_param] = after
         return await self._call(BatchPage, "GET", "/batches", params=params)
 
     async def list_batches(
