@@ -95,6 +95,7 @@ __all__ = [
     "encode_request_line",
     "map_status",
     "parse_error_body",
+    "result_line_bytes",
     "structure",
     "to_wire",
     "upload_form_fields",
@@ -543,6 +544,19 @@ def decode(body: bytes | str, cls: type[T], *, what: str | None = None) -> T:
 def decode_result_line(line: bytes | str, *, what: str = "result line") -> ResultLine:
     """Parse one line of a batch output or error file."""
     return structure(decode_json(line, what=what), ResultLine, what=what)  # type: ignore[arg-type]
+
+
+def result_line_bytes(raw: bytes, result: ResultLine) -> bytes:
+    """A result line's bytes in the OpenAI shape (``id``, ``custom_id``, ``response``,
+    ``error``): ``raw`` itself (stripped) when it is in that shape, else ``result``
+    encoded (Anthropic's ``{"custom_id", "result"}`` lines), so that a run's output has
+    one shape whatever the provider."""
+    data = bytes(raw).strip()
+    if b'"result"' in data:
+        parsed = decode_json(data, what="result line")
+        if isinstance(parsed, dict) and is_anthropic_result(parsed):
+            return json.dumps(to_wire(result), separators=(",", ":"), ensure_ascii=False).encode()
+    return data
 
 
 def decode_batch_output_line(
