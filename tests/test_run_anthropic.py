@@ -13,7 +13,16 @@ from typing import Any
 
 import pytest
 
-from aiobatch import AnthropicProvider, BatchClient, BatchRun, RetryPolicy, RunConfig
+from aiobatch import (
+    AnthropicProvider,
+    BatchClient,
+    BatchRun,
+    Fleet,
+    FleetConfig,
+    RetryPolicy,
+    RunConfig,
+)
+from aiobatch._models import BatchRequest
 from aiobatch.errors import PreflightError
 from aiobatch.testing import FakeBatchService, FakeConfig, Fault, VirtualClock
 
@@ -153,3 +162,28 @@ async def test_same_input_gives_results_of_the_same_shape_as_openai(
     assert [sorted(x) for x in a] == [sorted(x) for x in o]
     assert [x["custom_id"] for x in a] == [x["custom_id"] for x in o]
     assert [x["response"]["status_code"] for x in a] == [x["response"]["status_code"] for x in o]
+
+
+async def test_the_fleet_sweeps_anthropics_list_across_pages(clock: VirtualClock) -> None:
+    """250 Anthropic batches are tracked by list pages (paged with after_id), no
+    retrieves, each to its end."""
+    async with anthropic_env(clock) as (service, client):
+        made = [
+            await client.create_inline_batch(
+                [
+                    BatchRequest(
+                        custom_id="a", url="/v1/messages", body=message_line("a", "q")["body"]
+                    )
+                ]
+            )
+            for _ in range(250)
+        ]
+        config = FleetConfig(max_concurrency=4, jitter=0.0, seed=0)
+        async with Fleet(client, config=config) as fleet:
+            fleet.add_many(made)
+            outcomes = await fleet.wait_all()
+    assert all(done.finished for done in outcomes.values())
+    assert fleet.stats.retrieves == 0
+    assert fleet.stats.list_pages > 1
+    paged = [r for r in service.requests if r.method == "GET" and "after_id" in r.params]
+    assert paged
