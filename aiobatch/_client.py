@@ -22,15 +22,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Iterable, Mapping
 
 from ._client_core import quote_id, response_lines
 from ._client_files import FileCalls
 from ._clock import Clock, SystemClock
-from ._convert import decode_batch_output_line, encode_create_batch
+from ._convert import decode_batch_output_line, encode_create_batch, encode_inline_create
 from ._create import LOOKUP_MAX_PAGES, Creator, keyed_metadata
 from ._lifecycle import BatchLifecycle, BatchStatus, parse_status_aliases
-from ._models import Batch, BatchErrors, BatchPage, ResultLine, alias_status
+from ._models import Batch, BatchErrors, BatchPage, BatchRequest, ResultLine, alias_status
 from ._provider import OpenAIProvider, Provider, Secret, provider_from_env, require_key
 from ._retry import RetryPolicy, is_transient, poll_intervals
 from .errors import (
@@ -355,6 +355,28 @@ class BatchClient(FileCalls):
         self._check_open()
         return await self._creates.create(request, key)
 
+    async def create_inline_batch(self, requests: Iterable[BatchRequest]) -> Batch:
+        """Create a batch with its requests in the call itself (Anthropic's
+        ``POST /v1/messages/batches``, :attr:`Quirks.submission
+        <aiobatch.Quirks.submission>` ``"inline"``); one call makes at most one batch.
+
+        Such a batch carries no metadata, so a create whose answer was lost cannot be
+        looked up by a key: it is never sent again, and
+        :class:`~aiobatch.errors.AmbiguousCreateError` is raised at once (the run layer
+        then looks for it by its request count and creation time).
+
+        Args:
+            requests: the requests (each line's ``body`` is a Messages API body).
+
+        Raises:
+            APIStatusError: the server refused, and no attempt may have made a batch.
+            AmbiguousCreateError: an attempt may have made a batch.
+        """
+        body = encode_inline_create(requests)
+        request = self._request("POST", "/batches", body=body, timeout=self._timeout)
+        self._check_open()
+        return await self._creates.create(request, None)
+
     async def find_created_batch(
         self, create_key: str, *, since: float | None = None, max_pages: int = LOOKUP_MAX_PAGES
     ) -> Batch | None:
@@ -401,7 +423,9 @@ class BatchClient(FileCalls):
             after: the id of the last batch of the previous page.
             limit: batches per page (1 to 100).
         """
-        params = {"limit": str(limit)} if after is None else {"limit": str(limit), "after": after}
+        params = {"limit": str(limit)}
+        if after is not None:
+            params[self._provider.quirks.list_cursor_param] = after
         return await self._call(BatchPage, "GET", "/batches", params=params)
 
     async def list_batches(

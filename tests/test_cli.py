@@ -232,7 +232,13 @@ BANNER_HEADERS: dict[str, tuple[str, dict[str, str]]] = {
         "x-portkey-api-key: KEY",
         {"x-portkey-api-key": "{key}", "x-portkey-provider": "@openai-prod"},
     ),
+    "anthropic": (
+        "x-api-key: KEY",
+        {"x-api-key": "{key}", "anthropic-version": "2023-06-01"},
+    ),
 }
+#: Where each dialect lists its batches, under the printed base URL.
+LIST_PATHS = {"anthropic": "/v1/messages/batches"}
 
 
 async def _serve_in_task(
@@ -283,10 +289,13 @@ async def test_banner_says_how_to_call_the_printed_url(
         async with aiohttp.ClientSession() as http:
 
             async def status(sent: dict[str, str]) -> int:
-                async with http.get(f"{base_url}/batches", headers=sent) as resp:
+                path = LIST_PATHS.get(dialect, "/batches")
+                async with http.get(f"{base_url}{path}", headers=sent) as resp:
                     return resp.status
 
-            assert await status({}) == 401
+            # (Anthropic's version header, required too, is no key.)
+            no_key = {name: value for name, value in headers.items() if "{key}" not in value}
+            assert await status(no_key) == 401
             assert await status(with_key("sk-cli-secret")) == 200
             assert await status(with_key("sk-whatever")) == (401 if fixed_key else 200)
     finally:

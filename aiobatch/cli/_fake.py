@@ -327,15 +327,21 @@ KEY_HEADERS: dict[str, str] = {
         "'x-portkey-api-key: KEY', with 'x-portkey-provider: @SLUG' or 'x-portkey-config' "
         "(a plain provider name there also needs 'Authorization: Bearer KEY')"
     ),
+    "anthropic": (
+        "'x-api-key: KEY' (or 'Authorization: Bearer KEY'), with 'anthropic-version: DATE'"
+    ),
 }
 
 
 def fake_base_url(server_url: str, dialect: FakeDialect) -> str:
     """The base URL a client of ``dialect`` uses, from the server's ``.../v1`` URL:
     Azure's requests go under ``/openai/v1`` (its v1 API; the azure dialect answers 404
-    elsewhere), the others' under ``/v1``."""
+    elsewhere); Anthropic's clients take the server's root (they add ``/v1``
+    themselves); the others' go under ``/v1``."""
     if dialect.name == "azure":
         return server_url.removesuffix("/v1") + "/openai/v1"
+    if dialect.name == "anthropic":
+        return server_url.removesuffix("/v1")
     return server_url
 
 
