@@ -54,7 +54,7 @@ if TYPE_CHECKING:
 try:  # pytest-asyncio in strict mode needs its own decorator for async fixtures
     from pytest_asyncio import fixture as _async_fixture
 except ImportError:  # pragma: no cover - async fixtures then need another plugin
-    _async_fixture = pytest.fixture
+    _async_fixture = pytest.fixture  # type: ignore[assignment]
 
 __all__ = [
     "FakeServer",
