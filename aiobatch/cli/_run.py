@@ -49,6 +49,7 @@ from ..testing import (
 )
 from ._args import count, duration, duration_text, out, positive, rate
 from ._command import command
+from ._cost import cost_lines, prices_file
 from ._exit import (
     ERROR,
     EXIT_CODES_HELP,
@@ -196,6 +197,7 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
     show.add_argument(
         "--no-progress", action="store_true", help="no live progress (log lines only)"
     )
+    _prices_argument(show)
     show.add_argument("-q", "--quiet", action="store_true", help="print only the report")
     show.add_argument(
         "-v", "--verbose", action="store_true", help="also log every retry of a request"
@@ -399,7 +401,9 @@ async def _run_async(args: argparse.Namespace, journal: str) -> int:
                 loop.remove_signal_handler(signal.SIGTERM)
         if display is not None:
             display.close(run.progress())
-    out(format_report(report))
+    with Journal(journal, readonly=True) as done:
+        tokens = done.tokens_by_model()
+    out("\n".join([format_report(report), *cost_lines(tokens, args.prices)]))
     if report.state == "cancelled":
         print(f"cancelled; resume with the same command ({journal})", file=sys.stderr)
         return INTERRUPTED
@@ -499,6 +503,18 @@ def _journal_argument(parser: argparse.ArgumentParser) -> None:
 def _status_arguments(parser: argparse.ArgumentParser) -> None:
     _journal_argument(parser)
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    _prices_argument(parser)
+
+
+def _prices_argument(parser: argparse._ActionsContainer) -> None:
+    parser.add_argument(
+        "--prices",
+        type=prices_file,
+        default=None,
+        metavar="FILE",
+        help="a price table (JSON, or TOML on Python 3.11+: {model: {input, output}} in "
+        "dollars per million tokens at batch prices) to show the cost per model",
+    )
 
 
 @command(
@@ -514,15 +530,25 @@ def _status(args: argparse.Namespace) -> int:
             except OSError:  # no lock file can be made beside it: cannot tell
                 live = None
             report = read_report(journal, live=live)
+            tokens = journal.tokens_by_model()
     except JournalError as exc:
         print(f"aiobatch status: {exc}", file=sys.stderr)
         return 1
     if args.json:
         data = attrs.asdict(report)
         data["total_tokens"] = report.total_tokens
+        data["tokens_by_model"] = {
+            model: {"input": i, "output": o} for model, (i, o) in tokens.items()
+        }
+        if args.prices is not None:
+            data["cost_by_model"] = {
+                m: (i * args.prices[m][0] + o * args.prices[m][1]) / 1_000_000
+                for m, (i, o) in tokens.items()
+                if m in args.prices
+            }
         out(json.dumps(data, indent=2, default=_plain))
     else:
-        out(format_report(report))
+        out("\n".join([format_report(report), *cost_lines(tokens, args.prices)]))
     return 0
 
 
