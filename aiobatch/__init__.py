@@ -73,6 +73,7 @@ from ._provider import (
     Secret,
     provider_from_env,
 )
+from ._results import decode_result_line, read_results
 from ._retry import RetryPolicy, is_retry_testing, set_retry_testing
 from ._run import (
     BatchRun,
@@ -152,10 +153,12 @@ __all__ = [
     "TRANSITIONS",
     "TrackingError",
     "Transition",
+    "decode_result_line",
     "format_report",
     "is_retry_testing",
     "provider_from_env",
     "read_report",
+    "read_results",
     "request_cancel",
     "set_retry_testing",
 ]
