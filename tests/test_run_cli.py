@@ -186,6 +186,45 @@ def test_rerun_with_the_same_journal_does_no_new_work(
     assert services[0].requests == ()
 
 
+PROGRESS_LINE = re.compile(
+    r"^([\d,]+)/([\d,]+) requests \(([\d,]+) ok, ([\d,]+) failed, [\d,]+ retrying\)"
+    r".* \| (\S+) elapsed, done$"
+)
+
+
+def test_final_progress_line_is_printed_once_and_agrees_with_the_report(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A run logs its final progress line once, with the report's requests, outcomes
+    and elapsed time; so does the same command run again on the finished journal."""
+    caplog.set_level(logging.INFO, logger="aiobatch.run")
+    output = tmp_path / "out.jsonl"
+    for _ in range(2):
+        caplog.clear()
+        assert main(run_argv(output)) == 1
+        report = capsys.readouterr().out
+        lines = [
+            r.getMessage()
+            for r in caplog.records
+            if r.name == "aiobatch.run" and " requests (" in r.getMessage()
+        ]
+        finals = [line for line in lines if line.endswith(", done")]
+        assert len(finals) == 1 and lines[-1] == finals[0], lines
+        match = PROGRESS_LINE.match(finals[0])
+        assert match is not None, finals[0]
+        done, total, ok, failed = (int(g.replace(",", "")) for g in match.groups()[:4])
+        requests, succeeded, failed_requests, pending = printed_counts(report)
+        assert (done, total, ok, failed) == (
+            requests - pending,
+            requests,
+            succeeded,
+            failed_requests,
+        )
+        elapsed = re.search(r": done, (\S+) elapsed", report)
+        assert elapsed is not None, report
+        assert match.group(5) == elapsed.group(1)
+
+
 # --- status --------------------------------------------------------------------------------
 
 

@@ -140,6 +140,9 @@ class BatchRun:
         self._runner: asyncio.Task[RunReport] | None = None
         self._finished = asyncio.Event()
         self._ingested = False
+        #: the report the run ended with: its last progress snapshot shows its figures.
+        self._final: RunReport | None = None
+        self._last_progress: RunProgress | None = None
 
     # --- public surface ------------------------------------------------------------------
 
@@ -245,8 +248,13 @@ class BatchRun:
                     await runner
 
     def progress(self) -> RunProgress:
-        """A snapshot of the run, for display."""
-        if self._ctx is None:
+        """A snapshot of the run, for display (after the run: its last one, whose
+        figures are the report's)."""
+        ctx = self._ctx
+        if ctx is None:
+            last = self._last_progress
+            if last is not None:
+                return last if last.state == self._state else attrs.evolve(last, state=self._state)
             return RunProgress(
                 total=0,
                 succeeded=0,
@@ -257,7 +265,20 @@ class BatchRun:
                 elapsed=0.0,
                 state=self._state,
             )
-        return self._ctx.progress(state=self._state, started_at=self._started_at)
+        snapshot = ctx.progress(state=self._state, started_at=self._started_at)
+        final = self._final
+        if final is not None:
+            snapshot = attrs.evolve(
+                snapshot,
+                total=final.requests,
+                succeeded=final.succeeded,
+                failed=final.failed,
+                batches={status: n for status, n in final.statuses.items() if n},
+                round=final.rounds,
+                elapsed=final.elapsed,
+            )
+        self._last_progress = snapshot
+        return snapshot
 
     # --- the run -------------------------------------------------------------------------
 
@@ -341,7 +362,7 @@ class BatchRun:
             await self._load_counts(ctx)
             await self._write_output(journal)
             await ctx.fleet.aclose()
-            return await self._report(journal)
+            return await self._final_report(journal)
         # A cancel flag left from an earlier run is stale (that run stopped); one set
         # while this run checked its input is this run's.
         await journal.set_state("running", at=self._clock.now(), clear_cancel=resuming)
@@ -370,22 +391,29 @@ class BatchRun:
             state = self._stop_reason
             await journal.set_state(state, at=self._clock.now())
             self._state = state
-            self._emit_progress()
+            report = await self._final_report(journal)
             if cancelled is not None:
                 raise cancelled
-            return await self._report(journal)
+            return report
         await journal.set_state("done", at=self._clock.now())
         self._state = "done"
         if self._config.work_dir is None:
             with contextlib.suppress(OSError):
                 os.rmdir(self._journal_path + ".files")  # only when empty
         await self._write_output(journal)
-        self._emit_progress()
-        return await self._report(journal)
+        return await self._final_report(journal)
 
     @staticmethod
     async def _report(journal: Journal) -> RunReport:
         return build_report(await journal.meta(), await journal.counts())
+
+    async def _final_report(self, journal: Journal) -> RunReport:
+        """The report of the run as it ends, shown once more as its last progress
+        snapshot (with the report's figures, so that the two agree)."""
+        report = await self._report(journal)
+        self._final = report
+        self._emit_progress()
+        return report
 
     async def _load_counts(self, ctx: RunContext) -> None:
         report = await self._report(ctx.journal)

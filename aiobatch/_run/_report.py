@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import attrs
 
-from ._progress import BATCH_STATUS_ORDER
+from ._progress import BATCH_STATUS_ORDER, _elapsed_text
 from ._records import JournalCounts, RunMeta
 
 if TYPE_CHECKING:
@@ -169,7 +169,7 @@ def format_report(report: RunReport) -> str:
     if state == "interrupted":
         state += " (no process is running it; run the same command again to resume)"
     lines = [
-        f"run {report.run_id}: {state}, {format_duration(report.elapsed)} elapsed",
+        f"run {report.run_id}: {state}, {_elapsed_text(report.elapsed)} elapsed",
         f"requests: {report.requests:,} ({report.succeeded:,} succeeded, "
         f"{report.failed:,} failed, {report.pending:,} pending)"
         + (f"; {report.skipped:,} invalid input lines skipped" if report.skipped else ""),
