@@ -387,6 +387,16 @@ def _key_note(dialect: FakeDialect, *, key_required: bool) -> str:
         "OpenAI-compatible client at the printed base URL, with the key headers printed "
         "under it. Stop with Ctrl-C or SIGTERM."
     ),
+    epilog="""\
+examples:
+  aiobatch fake-server --port 8000                      # a small batch completes in ~2 s
+  OPENAI_BASE_URL=http://127.0.0.1:8000/v1 OPENAI_API_KEY=sk-local \\
+      aiobatch run requests.jsonl -o results.jsonl --poll-min 1s --poll-max 2s --create-settle 0
+  aiobatch fake-server --port 8000 --fault-rate 0.1 --retry-after 1 --drop-rate 0.02
+  aiobatch fake-server --port 8000 --validation-seconds 5 --lines-per-second 20 \\
+      --line-error-rate 0.05
+  aiobatch fake-server --port 8000 --rate-limit 20 --burst 20 --api-key sk-local
+  aiobatch fake-server --port 0 --dialect azure         # any free port; Azure's paths""",
 )
 def fake_server(args: argparse.Namespace) -> int:
     """Run ``aiobatch fake-server``: serve until Ctrl-C or SIGTERM."""

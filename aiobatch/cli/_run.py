@@ -517,10 +517,20 @@ def _prices_argument(parser: argparse._ActionsContainer) -> None:
     )
 
 
+_STATUS_EXAMPLES = """\
+examples:
+  aiobatch status results.jsonl.journal                 # while it runs, or after
+  aiobatch status results.jsonl.journal --json          # for a script
+  aiobatch status results.jsonl.journal --prices prices.json
+
+exit status: 0 the report was printed, 1 the journal cannot be read"""
+
+
 @command(
     "status",
     "print a run's report from its journal (also while it runs)",
     _status_arguments,
+    epilog=_STATUS_EXAMPLES,
 )
 def _status(args: argparse.Namespace) -> int:
     try:
@@ -577,6 +587,14 @@ def _cancel_arguments(parser: argparse.ArgumentParser) -> None:
         "'aiobatch run' command again to continue: it collects what the batches "
         "finished and re-submits the rest."
     ),
+    epilog="""\
+examples:
+  aiobatch cancel results.jsonl.journal                 # the run holding it stops within seconds
+  aiobatch cancel results.jsonl.journal --provider azure  # no process runs it: cancel directly
+  aiobatch run requests.jsonl -o results.jsonl          # then: collect what they finished
+
+exit status: 0 cancelled (or nothing to cancel), 1 the run is done or the journal or the
+provider cannot be used""",
 )
 def _cancel(args: argparse.Namespace) -> int:
     try:
