@@ -1,17 +1,30 @@
-"""Shared fixtures: a virtual clock, a raw-request driver for the fake batch service, and
-the fake-plus-client environment of the fleet tests."""
+"""Shared fixtures: a virtual clock, a raw-request driver for the fake batch service, the
+fake-plus-client environment of the fleet tests, and the helpers of the runner tests."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import sqlite3
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 from pytest_aiohttp import AiohttpServer
 
-from aiobatch import Batch, BatchClient, FleetConfig, RetryPolicy, RunConfig
+from aiobatch import (
+    Batch,
+    BatchClient,
+    BatchRun,
+    FleetConfig,
+    RetryPolicy,
+    RunConfig,
+    RunReport,
+    RunResult,
+)
 from aiobatch.testing import (
     FakeBatchService,
     FakeConfig,
@@ -25,6 +38,8 @@ from aiobatch.transport import FilePart, InMemoryTransport, Multipart, Request, 
 
 BASE_URL = "http://fake.local/v1"
 API_KEY = "sk-test-0123456789abcdef"
+
+T = TypeVar("T")
 
 
 def chat_line(
@@ -226,6 +241,23 @@ class FleetEnv:
         ]
 
 
+async def within(clock: VirtualClock, seconds: float, work: Awaitable[T]) -> T:
+    """``work``'s result, or a failure when it is not done after ``seconds`` of virtual
+    time (the clock auto-advances: a hang spins through virtual time)."""
+    task = asyncio.ensure_future(work)
+    timer = asyncio.ensure_future(clock.sleep(seconds))
+    await asyncio.wait({task, timer}, return_when=asyncio.FIRST_COMPLETED)
+    timer.cancel()
+    if not task.done():
+        # A hung run may hang in its cancel too: wait for that a while only.
+        task.cancel()
+        timer = asyncio.ensure_future(clock.sleep(seconds))
+        await asyncio.wait({task, timer}, return_when=asyncio.FIRST_COMPLETED)
+        timer.cancel()
+        pytest.fail(f"not done after {seconds:g} virtual seconds")
+    return task.result()
+
+
 @pytest.fixture
 def make_env(clock: VirtualClock) -> Callable[..., Any]:
     """Build a FleetEnv (fake config fields as keyword arguments; ``front`` stands in front
@@ -307,3 +339,79 @@ def in_front(service: FakeBatchService, handler: Callable[[Request, Handler], An
         return result
 
     return InMemoryTransport(handle, clock=service.clock)
+
+
+def path_of(request: Request) -> str:
+    """The request path after the API root (``/batches/batch_1``)."""
+    path = request.url.split("://", 1)[-1]
+    path = path[path.index("/") :] if "/" in path else "/"
+    for root in ("/openai/v1", "/openai", "/v1"):
+        if path.startswith(root + "/"):
+            return path[len(root) :]
+    return path
+
+
+def error_response(status: int, message: str) -> Response:
+    """An OpenAI-shaped error answer."""
+    body = {"error": {"message": message, "type": "server_error", "param": None, "code": None}}
+    return Response(status, {"content-type": "application/json"}, json.dumps(body).encode())
+
+
+def requests(n: int, prefix: str = "r", *, model: str = "gpt-4o-mini") -> list[dict[str, Any]]:
+    """``n`` chat requests with custom_ids ``{prefix}-0``... and distinct prompts."""
+    return [chat_line(f"{prefix}-{i}", f"question {i}", model=model) for i in range(n)]
+
+
+def write_jsonl(path: Path, lines: Iterable[Mapping[str, Any]]) -> Path:
+    """Write request objects as a JSONL file; returns the path."""
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+async def run_to_end(run: BatchRun) -> tuple[RunReport, list[RunResult]]:
+    """Run to the end with results() read alongside."""
+    streamed = asyncio.ensure_future(_all_results(run))
+    try:
+        report = await run.run()
+        return report, await streamed
+    finally:
+        if not streamed.done():
+            streamed.cancel()
+
+
+async def _all_results(run: BatchRun) -> list[RunResult]:
+    return [result async for result in run.results()]
+
+
+async def shards_of_batches(service: FakeBatchService) -> Counter[str]:
+    """How many batches the service holds per ``aiobatch_shard`` (the service's own view)."""
+    shards: Counter[str] = Counter()
+    for batch_id in service.batch_ids:
+        batch = await service.get_batch(batch_id)
+        shards[(batch.metadata or {}).get("aiobatch_shard", "?")] += 1
+    return shards
+
+
+async def executed(service: FakeBatchService) -> Counter[str]:
+    """How many times each custom_id was answered by some batch (output and error files)."""
+    counts: Counter[str] = Counter()
+    for batch_id in service.batch_ids:
+        batch = await service.get_batch(batch_id)
+        for file_id in (batch.output_file_id, batch.error_file_id):
+            if file_id is None:
+                continue
+            for line in service.file_content(file_id).splitlines():
+                item = json.loads(line)
+                if item.get("response") is not None:  # it ran (success or HTTP error)
+                    counts[item["custom_id"]] += 1
+    return counts
+
+
+def shard_rows(journal: Path) -> list[dict[str, Any]]:
+    """The journal's shard rows, read as ``aiobatch status`` would (read-only)."""
+    db = sqlite3.connect(f"file:{journal}?mode=ro", uri=True)
+    db.row_factory = sqlite3.Row
+    try:
+        return [dict(row) for row in db.execute("SELECT * FROM shards ORDER BY key")]
+    finally:
+        db.close()

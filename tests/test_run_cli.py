@@ -437,6 +437,19 @@ def test_input_file_without_requests_exits_with_the_usage_error_code(
     assert not Path(f"{output}.journal").exists()
 
 
+def test_run_with_a_bad_option_value_exits_with_a_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``aiobatch run --max-rounds -1`` exits with a usage error naming the option, not a
+    Python traceback (and sends nothing)."""
+    source = make_requests(tmp_path / "in.jsonl", 2)
+    argv = ["run", str(source), "-o", str(tmp_path / "out.jsonl"), "--fake", "-q"]
+    code = main([*argv, "--max-rounds", "-1"])
+    assert code in (1, 2)
+    assert "max-rounds" in capsys.readouterr().err.replace("_", "-")
+    assert not (tmp_path / "out.jsonl.journal").exists()
+
+
 @pytest.mark.parametrize(
     ("provider", "variable"),
     [
