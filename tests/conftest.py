@@ -1,5 +1,10 @@
 """Shared fixtures: a virtual clock, a raw-request driver for the fake batch service, the
-fake-plus-client environment of the fleet tests, and the helpers of the runner tests."""
+fake-plus-client environment of the fleet tests, and the helpers of the runner and
+command-line tests.
+
+The test modules sit in folders by layer (client, providers, fleet, run, fake, transport,
+cli); pytest puts this folder on ``sys.path``, so every module imports these helpers with
+``from conftest import ...``. Module names stay unique across the folders."""
 
 from __future__ import annotations
 
@@ -13,8 +18,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from aiohttp import web
 from pytest_aiohttp import AiohttpServer
 
+import aiobatch
 from aiobatch import (
     Batch,
     BatchClient,
@@ -25,6 +32,7 @@ from aiobatch import (
     RunReport,
     RunResult,
 )
+from aiobatch._run._sqlite import JournalFile
 from aiobatch.testing import (
     FakeBatchService,
     FakeConfig,
@@ -38,6 +46,8 @@ from aiobatch.transport import FilePart, InMemoryTransport, Multipart, Request, 
 
 BASE_URL = "http://fake.local/v1"
 API_KEY = "sk-test-0123456789abcdef"
+
+EXAMPLE = Path(aiobatch.__file__).parent / "examples" / "requests.jsonl"
 
 T = TypeVar("T")
 
@@ -415,3 +425,51 @@ def shard_rows(journal: Path) -> list[dict[str, Any]]:
         return [dict(row) for row in db.execute("SELECT * FROM shards ORDER BY key")]
     finally:
         db.close()
+
+
+@asynccontextmanager
+async def serve(app: web.Application) -> AsyncIterator[str]:
+    """Serve ``app`` on loopback as a real server does (a handler keeps running when its
+    client hangs up, as in :func:`aiobatch.testing.run_fake_server`); yields the base URL."""
+    runner = web.AppRunner(app, handle_signals=False, handler_cancellation=False)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        yield f"http://{host}:{port}/v1"
+    finally:
+        await runner.cleanup()
+
+
+# --- the command-line tests' helpers ------------------------------------------------
+
+
+def run_argv(output: Path, *extra: str, source: Path = EXAMPLE) -> list[str]:
+    """``aiobatch run SOURCE -o OUTPUT --fake --max-lines 200 --no-progress ...``."""
+    return [
+        "run",
+        str(source),
+        "-o",
+        str(output),
+        "--fake",
+        "--max-lines",
+        "200",
+        "--no-progress",
+        *extra,
+    ]
+
+
+def make_requests(path: Path, n: int) -> Path:
+    """A JSONL file of ``n`` chat requests."""
+    path.write_text(
+        "".join(json.dumps(chat_line(f"q-{i}", f"question {i}")) + "\n" for i in range(n)),
+        encoding="utf-8",
+    )
+    return path
+
+
+def batch_ids_in(path: Path) -> list[str | None]:
+    """The batch id of every shard the journal holds, by shard key."""
+    with JournalFile(path, readonly=True) as journal:
+        return [row.batch_id for row in journal.shards()]

@@ -32,9 +32,10 @@ from conftest import (
     config,
     executed,
     in_front,
+    serve,
     service_on,
 )
-from test_run_crash import REQUESTS, WAIT, Child, _shards, _shards_in, serve, wait_for
+from test_run_crash import REQUESTS, WAIT, Child, _shards, _shards_in, wait_for
 from test_run_crash_cancel import PROCESSING_SECONDS, Speed, slow_service
 
 from aiobatch import (
