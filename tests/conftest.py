@@ -307,3 +307,10 @@ def in_front(service: FakeBatchService, handler: Callable[[Request, Handler], An
         return result
 
     return InMemoryTransport(handle, clock=service.clock)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Remove the session's throwaway PostgreSQL server (tests/pg.py), if one ran."""
+    from pg import stop_pg_server
+
+    stop_pg_server()

@@ -1,4 +1,4 @@
-"""The journal contract: what every journal backend (SQLite today) must do for a run.
+"""The journal contract: what every journal backend (SQLite, PostgreSQL) must do for a run.
 
 Each test drives the backend through the async ``Journal`` protocol only; a new backend
 is added to ``BACKENDS`` and must pass the module unchanged.
@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from pg import pg_url
 
 from aiobatch._run._journal import Journal
 from aiobatch._run._records import (
@@ -34,7 +35,13 @@ async def _sqlite(folder: Path) -> Journal:
     return SQLiteJournal(folder / "run.journal", create=True)
 
 
-BACKENDS: dict[str, Factory] = {"sqlite": _sqlite}
+async def _postgres(folder: Path) -> Journal:
+    from aiobatch._run._postgres import PostgresJournal
+
+    return await PostgresJournal.open(pg_url(str(folder), run="contract"))
+
+
+BACKENDS: dict[str, Factory] = {"sqlite": _sqlite, "postgres": _postgres}
 
 
 @pytest.fixture(params=sorted(BACKENDS))

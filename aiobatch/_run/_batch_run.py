@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import math
 import os
+import tempfile
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from typing import Any
 
@@ -50,12 +51,12 @@ from ._context import Next, RunContext, Stop, logger
 from ._failures import Streak, heard_from_server, step_failed, tracking_failed
 from ._ingest import check_source, ingest
 from ._journal import Journal
+from ._open import is_postgres_url, open_journal, pg_run_name
 from ._planning import plan
 from ._progress import RunProgress
 from ._records import Shard
 from ._report import RunReport, build_report
 from ._sqlite_db import remove_journal
-from ._sqlite_journal import SQLiteJournal
 from ._states import SUBMITTING, ShardState
 from ._submit import WAITS, Step, resolve_create, submission_steps
 
@@ -96,7 +97,10 @@ class BatchRun:
         client: the client to call (not closed by the run).
         source: a JSONL file path, or request objects (or their JSON lines), sync or
             async; read once, on the first run.
-        journal: the journal file (SQLite), created when missing.
+        journal: the journal file (SQLite), created when missing; or a
+            ``postgresql://`` URL (with ``aiobatch[postgres]``): the run is named by the
+            URL's ``?run=NAME``, else by the output file's absolute path, else by the
+            input file's, and ``?schema=NAME`` puts the tables in a schema of their own.
         output: a JSONL file to write every final result to, once the run completes
             (atomically), in ``config.order``.
         config: sharding, retries, concurrency (see :class:`RunConfig`).
@@ -118,6 +122,11 @@ class BatchRun:
         self._source = source
         self._journal_path = os.fspath(journal)
         self._output = os.fspath(output) if output is not None else None
+        self._pg_name = (
+            pg_run_name(self._journal_path, output=self._output, source=source)
+            if is_postgres_url(self._journal_path)
+            else None
+        )
         self._config = config if config is not None else RunConfig()
         self._on_progress = on_progress
         self._clock = client.clock
@@ -203,13 +212,13 @@ class BatchRun:
         started_here = self._runner is None
         runner = self._start()
         order = self._config.order
-        reader: SQLiteJournal | None = None
+        reader: Journal | None = None
         cursor = -1
         try:
             while True:
                 finished = runner.done()
                 if reader is None and self._ingested:
-                    reader = SQLiteJournal(self._journal_path)
+                    reader = await self._open_journal(create=False)
                 if reader is not None:
                     self._results_changed.clear()
                     rows = await reader.result_rows(order=order, after=cursor, limit=1000)
@@ -264,10 +273,14 @@ class BatchRun:
     async def _run(self) -> RunReport:
         _check_output(self._output)
         path = self._journal_path
-        if self._source is None and not _exists(path):
+        if self._source is None and self._pg_name is None and not _exists(path):
             raise JournalError(f"no journal at {path}, and no requests to start a run with")
-        journal = SQLiteJournal(path, create=True)
+        journal = await self._open_journal(create=True)
         try:
+            if self._source is None and await journal.meta() is None:
+                raise JournalError(
+                    f"no run in the journal {journal.location}, and no requests to start a run with"
+                )
             await journal.acquire()
             try:
                 return await self._drive(journal)
@@ -294,8 +307,9 @@ class BatchRun:
                     custom_id_pattern=self._client.provider.limits.custom_id_pattern,
                 )
             except BaseException:
-                await journal.close()
-                remove_journal(self._journal_path)
+                if self._pg_name is None:  # a database ingest left nothing behind
+                    await journal.close()
+                    remove_journal(self._journal_path)
                 raise
             return False
         check_source(journal, meta, self._source)
@@ -330,7 +344,7 @@ class BatchRun:
             max_lines=self._config.max_lines or limits.max_lines,
             max_bytes=self._config.max_bytes or limits.max_bytes,
             max_inputs=limits.max_embedding_inputs,
-            work_dir=self._config.work_dir or (self._journal_path + ".files"),
+            work_dir=self._config.work_dir or self._default_work_dir(meta.run_id),
             stopping=self._stopping,
             changed=self._changed,
             results_changed=self._results_changed,
@@ -378,10 +392,22 @@ class BatchRun:
         self._state = "done"
         if self._config.work_dir is None:
             with contextlib.suppress(OSError):
-                os.rmdir(self._journal_path + ".files")  # only when empty
+                os.rmdir(self._default_work_dir(meta.run_id))  # only when empty
         await self._write_output(journal)
         self._emit_progress()
         return await self._report(journal)
+
+    async def _open_journal(self, *, create: bool) -> Journal:
+        return await open_journal(self._journal_path, create=create, name=self._pg_name)
+
+    def _default_work_dir(self, run_id: str) -> str:
+        """Where shard files are written: beside a SQLite journal; beside the output
+        file (else in the temporary folder) for a database journal."""
+        if self._pg_name is None:
+            return self._journal_path + ".files"
+        if self._output is not None:
+            return f"{self._output}.{run_id}.files"
+        return os.path.join(tempfile.gettempdir(), f"aiobatch-{run_id}.files")
 
     @staticmethod
     async def _report(journal: Journal) -> RunReport:

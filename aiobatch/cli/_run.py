@@ -36,6 +36,7 @@ from .._run import (
     run_is_live,
 )
 from .._run import JournalFile as Journal
+from .._run._pg_url import is_postgres_url, redact_url
 from .._run._states import ShardState
 from ..errors import AiobatchError, ConfigurationError, JournalError, PreflightError
 from ..testing import (
@@ -86,7 +87,9 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--journal",
         default=None,
-        help="the run's journal (SQLite); run the same command again to resume "
+        help="the run's journal: a SQLite file, or a postgresql:// URL (with "
+        "aiobatch[postgres]; ?run=NAME names the run, else the output path does, "
+        "?schema=NAME keeps its tables apart); run the same command again to resume "
         "(default: OUTPUT.journal)",
     )
     where = parser.add_argument_group("where to send it")
@@ -322,6 +325,7 @@ def _config(args: argparse.Namespace) -> RunConfig:
 
 
 async def _run_async(args: argparse.Namespace, journal: str) -> int:
+    shown = redact_url(journal)
     config = _config(args)
     interactive = None if not args.no_progress else False
     display = None if args.quiet else ProgressDisplay(sys.stderr, interactive=interactive)
@@ -368,7 +372,7 @@ async def _run_async(args: argparse.Namespace, journal: str) -> int:
         except asyncio.CancelledError:
             if display is not None:
                 display.close()
-            print(f"aiobatch: stopped; resume with the same command ({journal})", file=sys.stderr)
+            print(f"aiobatch: stopped; resume with the same command ({shown})", file=sys.stderr)
             return 130
         finally:
             with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -378,10 +382,10 @@ async def _run_async(args: argparse.Namespace, journal: str) -> int:
             display.close(run.progress())
     out(format_report(report))
     if report.state == "cancelled":
-        print(f"cancelled; resume with the same command ({journal})", file=sys.stderr)
+        print(f"cancelled; resume with the same command ({shown})", file=sys.stderr)
         return 130
     if report.state == "stopped":
-        print(f"stopped; resume with the same command ({journal})", file=sys.stderr)
+        print(f"stopped; resume with the same command ({shown})", file=sys.stderr)
         return 143
     return 0
 
@@ -423,7 +427,7 @@ def _run(args: argparse.Namespace) -> int:
             format="%(levelname)s %(name)s: %(message)s",
         )
         logging.getLogger("aiobatch.run").setLevel(logging.INFO)
-    if args.fake and os.path.exists(journal):
+    if args.fake and not is_postgres_url(journal) and os.path.exists(journal):
         try:
             with Journal(journal) as existing:
                 state = existing.get_meta("state")
@@ -448,7 +452,10 @@ def _run(args: argparse.Namespace) -> int:
         print(f"aiobatch run: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"aiobatch: stopped; resume with the same command ({journal})", file=sys.stderr)
+        print(
+            f"aiobatch: stopped; resume with the same command ({redact_url(journal)})",
+            file=sys.stderr,
+        )
         return 130
 
 
