@@ -155,3 +155,39 @@ def test_aiobatch_run_takes_a_postgres_journal(
     schema = url.split("schema=")[1].split("&")[0]
     names = pg_server().psql(f"SELECT name, state FROM {schema}.aiobatch_runs")
     assert names.strip() == f"{out.resolve()}|done"
+
+
+async def test_two_workers_share_a_run_and_adopt_a_stopped_workers_shards(
+    tmp_path: Path,
+) -> None:
+    """A run ingested by one process is carried by two workers in turn: the first
+    stops (letting its leases go) while holding shards; the second adopts them; every shard
+    ends with one batch and every request with one result."""
+    from aiobatch._run._worker import Worker
+
+    url = pg_url(str(tmp_path))
+    clock = VirtualClock()
+    service = service_on(clock)
+    out = tmp_path / "out.jsonl"
+    async with (
+        fake_client(service=service, clock=clock, retry=RetryPolicy.for_testing()) as fake,
+        clock.auto_advance(),
+    ):
+        starter = BatchRun(
+            fake.client, _requests(40), journal=url, output=out, config=config(max_lines=10)
+        )
+        starter._on_progress = lambda _: starter.stop()
+        assert (await starter.run()).state == "stopped"
+        run_id = starter.run_id
+        first = Worker(fake.client, journal=url, run=run_id, config=config(), lease_seconds=1.0)
+        first._on_progress = lambda _: first.stop() if len(service.batch_ids) >= 2 else None
+        await first.run()
+        second = Worker(fake.client, journal=url, run=run_id, config=config(), lease_seconds=1.0)
+        report = await second.run()
+        assert report.state == "done"
+        final = await BatchRun(fake.client, None, journal=url, output=out, config=config()).run()
+    assert final.state == "done"
+    assert len(service.batch_ids) == 4
+    assert Counter(line["custom_id"] for line in _output(out)) == Counter(
+        f"r-{i}" for i in range(40)
+    )

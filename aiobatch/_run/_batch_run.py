@@ -39,6 +39,7 @@ from ..errors import (
     DecodeError,
     InputError,
     JournalError,
+    LeaseLostError,
     PermissionDeniedError,
     RunError,
     TooManyBatchesError,
@@ -377,12 +378,12 @@ class BatchRun:
             await cancel_and_wait(self._tasks)
             await ctx.fleet.aclose()
         if self._failure is not None:
-            await journal.set_state("failed", at=self._clock.now())
+            await self._record_state(journal, "failed")
             self._state = "failed"
             raise self._failure
         if self._stop_reason in ("cancelled", "stopped"):
             state = self._stop_reason
-            await journal.set_state(state, at=self._clock.now())
+            await self._record_state(journal, state)
             self._state = state
             self._emit_progress()
             if cancelled is not None:
@@ -396,6 +397,15 @@ class BatchRun:
         await self._write_output(journal)
         self._emit_progress()
         return await self._report(journal)
+
+    async def _record_state(self, journal: Journal, state: str) -> None:
+        """Record how the run ended in this process (a worker of a shared run records
+        less: see :class:`~aiobatch._run._worker.Worker`)."""
+        await journal.set_state(state, at=self._clock.now())
+
+    def _acts_on(self, key: str) -> bool:
+        """Whether this process acts on shard ``key`` (a worker: only on its leases)."""
+        return True
 
     async def _open_journal(self, *, create: bool) -> Journal:
         return await open_journal(self._journal_path, create=create, name=self._pg_name)
@@ -518,7 +528,10 @@ class BatchRun:
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None and self._failure is None:
+        if not task.cancelled() and isinstance(task.exception(), LeaseLostError):
+            # Another worker holds the shard now: this one stopped acting on it.
+            logger.warning("run %s: %s", self._run_id, task.exception())
+        elif not task.cancelled() and task.exception() is not None and self._failure is None:
             self._failure = task.exception()
             self._stopping.set()
         self._changed.set()
@@ -550,7 +563,7 @@ class BatchRun:
         # A create whose answer was lost may have made a batch: find it, to cancel it
         # (a create still being sent, past the cancel timeout, is left to the next run).
         for shard in await journal.shards(_S.CREATING):
-            if shard.key in self._submitting:
+            if shard.key in self._submitting or not self._acts_on(shard.key):
                 continue
             try:
                 step = await resolve_create(ctx, shard, during_cancel=True)
@@ -672,7 +685,12 @@ class BatchRun:
             if key is None:
                 continue
             if isinstance(event, StatusChanged):
-                await ctx.journal.update(key, status=event.batch.status.value)
+                try:
+                    await ctx.journal.update(key, status=event.batch.status.value)
+                except LeaseLostError as exc:
+                    logger.warning("run %s: %s", self._run_id, exc)
+                    self._lost(ctx, key)
+                    continue
                 ctx.set_status(key, event.batch.status.value)
             elif isinstance(event, BatchDone):
                 self._start_collect(ctx, key, event)
@@ -682,6 +700,20 @@ class BatchRun:
             f"run {self._run_id}: the fleet stopped tracking the batches (was the client "
             "closed?); the journal is intact: run again to continue"
         )
+
+    def _lost(self, ctx: RunContext, key: str) -> None:
+        """Stop acting on shard ``key`` at once (a worker's lease on it is gone): its
+        submission is cancelled and its batch no longer tracked here."""
+        task = self._submitting.pop(key, None)
+        if task is not None:
+            task.cancel()
+        for batch_id, owner in list(ctx.shard_of.items()):
+            if owner == key:
+                del ctx.shard_of[batch_id]
+                ctx.fleet.remove(batch_id)
+                ctx.fleet.forget(batch_id)
+        ctx.budget.release(key)
+        self._changed.set()
 
     def _start_collect(self, ctx: RunContext, key: str, done: BatchDone | None) -> None:
         self._collecting.add(key)

@@ -30,7 +30,7 @@ from typing import Any
 
 import attrs
 
-from ..errors import JournalError, TooManyBatchesError
+from ..errors import JournalError, LeaseLostError, TooManyBatchesError
 from ._pg_url import PgLocation, parse_postgres_url
 from ._records import (
     SHARD_FIELDS,
@@ -59,7 +59,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
 __all__ = ["SCHEMA_VERSION", "PostgresJournal", "connect_failure"]
 
 #: The schema this aiobatch writes; older ones are migrated forward on opening.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _PROGRAM = "aiobatch"
 #: The first key of every advisory lock aiobatch takes ("aiob").
 _LOCK_SPACE = 0x61696F62
@@ -156,7 +156,18 @@ MIGRATIONS: Mapping[int, tuple[str, ...]] = {
         )""",
         "CREATE INDEX aiobatch_results_n ON aiobatch_results (rid, n)",
     ),
+    # Leases: which worker acts on a shard (and plans a run) until when, on the
+    # database's clock (seconds since the epoch).
+    2: (
+        "ALTER TABLE aiobatch_shards ADD COLUMN lease_owner TEXT",
+        "ALTER TABLE aiobatch_shards ADD COLUMN lease_until DOUBLE PRECISION",
+        "ALTER TABLE aiobatch_runs ADD COLUMN planner TEXT",
+        "ALTER TABLE aiobatch_runs ADD COLUMN planner_until DOUBLE PRECISION",
+    ),
 }
+
+#: The database's clock, in seconds since the epoch (leases are read and set by it).
+_NOW = "extract(epoch FROM clock_timestamp())"
 
 _SHARD_SELECT = f"SELECT {', '.join(SHARD_FIELDS)} FROM aiobatch_shards"
 _META_FIELDS = tuple(field.name for field in attrs.fields(RunMeta))
@@ -246,6 +257,10 @@ class PostgresJournal:
         self._where = location
         self._pool = pool
         self.name = name
+        #: the worker whose leases fence this journal's shard writes (None: no leases,
+        #: one process runs the run)
+        self.owner: str | None = None
+        self.lease_seconds = 30.0
         self._rid: int | None = None
         self._lock_conn: Any = None
         self._closed = False
@@ -648,7 +663,8 @@ class PostgresJournal:
             )
             row = await conn.fetchrow(
                 "INSERT INTO aiobatch_shards (rid, key, round, url, model, lines, bytes, "
-                "tokens, state, planned_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) "
+                "tokens, state, planned_at, lease_owner, lease_until) VALUES ($1, $2, $3, $4, "
+                f"$5, $6, $7, $8, $9, $10, $11, {_NOW} + $12) "
                 f"RETURNING {', '.join(SHARD_FIELDS)}",
                 rid,
                 key,
@@ -660,6 +676,8 @@ class PostgresJournal:
                 plan.tokens,
                 ShardState.PLANNED.value,
                 planned_at,
+                self.owner,
+                self.lease_seconds,
             )
         return _shard(row)
 
@@ -690,8 +708,27 @@ class PostgresJournal:
     async def shard_count(self) -> int:
         return int(await self._value("SELECT count(*) FROM aiobatch_shards WHERE rid = $1"))
 
-    @staticmethod
-    async def _set(conn: Any, rid: int, key: str, fields: Mapping[str, Any]) -> None:
+    async def _fence(self, conn: Any, rid: int, key: str) -> str | None:
+        """Lock a shard's row for this transaction and return its state; with leases,
+        refuse (LeaseLostError) when this worker's lease on it is gone."""
+        row = await conn.fetchrow(
+            f"SELECT state, lease_owner, coalesce(lease_until > {_NOW}, false) "
+            "FROM aiobatch_shards WHERE rid = $1 AND key = $2 FOR UPDATE",
+            rid,
+            key,
+        )
+        if row is None:
+            return None
+        if self.owner is not None and (row[1] != self.owner or not row[2]):
+            raise LeaseLostError(
+                f"shard {key}: the lease of worker {self.owner} on it "
+                + ("ran out" if row[1] == self.owner else f"is held by {row[1]}")
+                + "; this worker stops acting on it (nothing was written)",
+                shard=key,
+            )
+        return str(row[0])
+
+    async def _set(self, conn: Any, rid: int, key: str, fields: Mapping[str, Any]) -> None:
         unknown = set(fields) - set(SHARD_FIELDS)
         if unknown:
             raise ValueError(f"unknown shard fields: {sorted(unknown)}")
@@ -704,9 +741,7 @@ class PostgresJournal:
         )
 
     async def _move(self, conn: Any, rid: int, key: str, to: ShardState, fields: Any) -> None:
-        state = await conn.fetchval(
-            "SELECT state FROM aiobatch_shards WHERE rid = $1 AND key = $2 FOR UPDATE", rid, key
-        )
+        state = await self._fence(conn, rid, key)
         if state is None:
             raise JournalError(f"{self.location}: no shard {key!r}")
         _check_move(key, ShardState(state), to)
@@ -724,6 +759,7 @@ class PostgresJournal:
         if fields:
             rid = await self._write_rid()
             async with self._tx() as conn:
+                await self._fence(conn, rid, key)
                 await self._set(conn, rid, key, fields)
 
     # --- results -------------------------------------------------------------------------
@@ -777,6 +813,8 @@ class PostgresJournal:
     ) -> None:
         rid = await self._write_rid()
         async with self._tx() as conn:
+            if key is not None:
+                await self._fence(conn, rid, key)
             await self._record(conn, rid, finals, retries)
             if key is not None and fields:
                 await self._set(conn, rid, key, fields)
@@ -894,3 +932,80 @@ class PostgresJournal:
 
     async def open_batches(self) -> list[Shard]:
         return [s for s in await self.shards(ShardState.OPEN) if s.batch_id is not None]
+
+    # --- leases (workers sharing a run) ----------------------------------------------------
+
+    async def claim(self, limit: int) -> list[Shard]:
+        """Take the leases of up to ``limit`` unfinished shards that no worker holds (never
+        leased, or let lapse), skipping rows another worker is claiming right now."""
+        assert self.owner is not None
+        rid = await self.rid()
+        async with self._tx() as conn:
+            rows = await conn.fetch(
+                f"UPDATE aiobatch_shards s SET lease_owner = $2, lease_until = {_NOW} + $3 "
+                "FROM (SELECT key FROM aiobatch_shards WHERE rid = $1 AND state != 'collected' "
+                f"AND (lease_until IS NULL OR lease_until < {_NOW}) ORDER BY key LIMIT $4 "
+                "FOR UPDATE SKIP LOCKED) AS free WHERE s.rid = $1 AND s.key = free.key "
+                f"RETURNING {', '.join('s.' + f for f in SHARD_FIELDS)}",
+                rid,
+                self.owner,
+                self.lease_seconds,
+                limit,
+            )
+        return [_shard(row) for row in rows]
+
+    async def renew(self) -> set[str]:
+        """Renew this worker's leases; returns the keys of the unfinished shards it still
+        holds (a shard missing from them was lost: stop acting on it)."""
+        assert self.owner is not None
+        rid = await self.rid()
+        async with self._tx() as conn:
+            rows = await conn.fetch(
+                f"UPDATE aiobatch_shards SET lease_until = {_NOW} + $3 WHERE rid = $1 "
+                f"AND lease_owner = $2 AND lease_until > {_NOW} AND state != 'collected' "
+                "RETURNING key",
+                rid,
+                self.owner,
+                self.lease_seconds,
+            )
+            await conn.execute(
+                f"UPDATE aiobatch_runs SET planner_until = {_NOW} + $3 WHERE rid = $1 "
+                f"AND planner = $2 AND planner_until > {_NOW}",
+                rid,
+                self.owner,
+                self.lease_seconds,
+            )
+        return {str(row[0]) for row in rows}
+
+    async def plan_lease(self) -> bool:
+        """Take (or keep) the run's planner lease: one worker plans at a time."""
+        assert self.owner is not None
+        rid = await self._write_rid()
+        async with self._tx() as conn:
+            got = await conn.fetchval(
+                f"UPDATE aiobatch_runs SET planner = $2, planner_until = {_NOW} + $3 "
+                f"WHERE rid = $1 AND (planner = $2 OR planner IS NULL OR planner_until < {_NOW}) "
+                "RETURNING rid",
+                rid,
+                self.owner,
+                self.lease_seconds,
+            )
+        return got is not None
+
+    async def drop_leases(self) -> None:
+        """Let every lease of this worker go at once (a clean stop)."""
+        assert self.owner is not None
+        rid = await self.rid()
+        async with self._tx() as conn:
+            await conn.execute(
+                "UPDATE aiobatch_shards SET lease_until = NULL, lease_owner = NULL "
+                "WHERE rid = $1 AND lease_owner = $2",
+                rid,
+                self.owner,
+            )
+            await conn.execute(
+                "UPDATE aiobatch_runs SET planner = NULL, planner_until = NULL "
+                "WHERE rid = $1 AND planner = $2",
+                rid,
+                self.owner,
+            )
