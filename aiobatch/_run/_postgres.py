@@ -664,7 +664,8 @@ class PostgresJournal:
             row = await conn.fetchrow(
                 "INSERT INTO aiobatch_shards (rid, key, round, url, model, lines, bytes, "
                 "tokens, state, planned_at, lease_owner, lease_until) VALUES ($1, $2, $3, $4, "
-                f"$5, $6, $7, $8, $9, $10, $11, {_NOW} + $12) "
+                f"$5, $6, $7, $8, $9, $10, $11::text, CASE WHEN $11::text IS NULL THEN NULL "
+                f"ELSE {_NOW} + $12 END) "
                 f"RETURNING {', '.join(SHARD_FIELDS)}",
                 rid,
                 key,

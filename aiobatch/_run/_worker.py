@@ -214,6 +214,8 @@ class Worker(BatchRun):
             if await journal.pending_count():
                 if await journal.plan_lease():
                     await self._plan(ctx)
-            elif await journal.not_done_count() == 0:
-                return
+            elif await journal.not_done_count() == 0 and not await journal.shards(
+                *(state for state in ShardState if state is not _S.COLLECTED)
+            ):
+                return  # every request answered and every shard settled
             await sleep_or_set(clock, max(0.0, min(next_beat - now, 1.0)), self._changed)

@@ -11,7 +11,7 @@ lists them.
 from __future__ import annotations
 
 # isort: off
-from . import _fake, _demo, _diagram, _run  # noqa: F401  (they register their commands)
+from . import _fake, _demo, _diagram, _run, _worker  # noqa: F401  (they register their commands)
 
 # isort: on
 from ._command import COMMANDS, Command, build_parser, command, main
