@@ -473,3 +473,10 @@ def batch_ids_in(path: Path) -> list[str | None]:
     """The batch id of every shard the journal holds, by shard key."""
     with JournalFile(path, readonly=True) as journal:
         return [row.batch_id for row in journal.shards()]
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Remove the session's throwaway PostgreSQL server (tests/pg.py), if one ran."""
+    from pg import stop_pg_server
+
+    stop_pg_server()

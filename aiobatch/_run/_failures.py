@@ -38,7 +38,6 @@ __all__ = ["Streak", "heard_from_server", "step_failed", "tracking_failed"]
 logger = logging.getLogger("aiobatch.run")
 
 
-
 @attrs.define
 class Streak:
     """The failures in a row of one step: how many, and since when."""
