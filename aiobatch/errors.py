@@ -42,7 +42,8 @@ repr ever contains an API key.
     │   └── PreflightError             input lines failed the checks run before any upload;
     │                                  nothing was uploaded
     ├── JournalError                   a run's journal cannot be used (missing, in use, made
-    │                                  for another input, damaged)
+    │   │                              for another input, damaged, unreachable)
+    │   └── LeaseLostError             a worker's lease on a shard ran out or was taken
     └── RunError                       a run cannot go on (a step kept failing, credentials
         │                              refused); the journal is intact: run again to continue
         ├── TooManyBatchesError        a request would go into more batches than
@@ -73,6 +74,7 @@ __all__ = [
     "InputError",
     "InvalidTransitionError",
     "JournalError",
+    "LeaseLostError",
     "LookupIncompleteError",
     "NoOutputError",
     "NotFoundError",
@@ -472,6 +474,20 @@ class JournalError(AiobatchError):
     version, held by another running process, made for another input, or damaged (its
     message then lists the batches that can still be read from it, and what to do). The
     message says which; the journal itself is left untouched."""
+
+
+class LeaseLostError(JournalError):
+    """A worker's lease on a shard of a shared run (PostgreSQL journal) ran out or was
+    taken by another worker: this worker stops acting on the shard at once, and nothing
+    was written. The worker holding the lease now carries the shard on.
+
+    Attributes:
+        shard: the shard's key.
+    """
+
+    def __init__(self, message: str, *, shard: str) -> None:
+        super().__init__(message)
+        self.shard = shard
 
 
 class RunError(AiobatchError):

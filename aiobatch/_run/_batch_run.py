@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import math
 import os
+import tempfile
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from typing import Any
 
@@ -38,6 +39,7 @@ from ..errors import (
     DecodeError,
     InputError,
     JournalError,
+    LeaseLostError,
     PermissionDeniedError,
     RunError,
     TooManyBatchesError,
@@ -50,12 +52,12 @@ from ._context import Next, RunContext, Stop, logger
 from ._failures import Streak, heard_from_server, step_failed, tracking_failed
 from ._ingest import check_source, ingest
 from ._journal import Journal
+from ._open import is_postgres_url, open_journal, pg_run_name
 from ._planning import plan
 from ._progress import RunProgress
 from ._records import Shard
 from ._report import RunReport, build_report
 from ._sqlite_db import remove_journal
-from ._sqlite_journal import SQLiteJournal
 from ._states import SUBMITTING, ShardState
 from ._submit import WAITS, Step, resolve_create, submission_steps
 
@@ -96,7 +98,10 @@ class BatchRun:
         client: the client to call (not closed by the run).
         source: a JSONL file path, or request objects (or their JSON lines), sync or
             async; read once, on the first run.
-        journal: the journal file (SQLite), created when missing.
+        journal: the journal file (SQLite), created when missing; or a
+            ``postgresql://`` URL (with ``aiobatch[postgres]``): the run is named by the
+            URL's ``?run=NAME``, else by the output file's absolute path, else by the
+            input file's, and ``?schema=NAME`` puts the tables in a schema of their own.
         output: a JSONL file to write every final result to, once the run completes
             (atomically), in ``config.order``.
         config: sharding, retries, concurrency (see :class:`RunConfig`).
@@ -118,6 +123,11 @@ class BatchRun:
         self._source = source
         self._journal_path = os.fspath(journal)
         self._output = os.fspath(output) if output is not None else None
+        self._pg_name = (
+            pg_run_name(self._journal_path, output=self._output, source=source)
+            if is_postgres_url(self._journal_path)
+            else None
+        )
         self._config = config if config is not None else RunConfig()
         self._on_progress = on_progress
         self._clock = client.clock
@@ -206,13 +216,13 @@ class BatchRun:
         started_here = self._runner is None
         runner = self._start()
         order = self._config.order
-        reader: SQLiteJournal | None = None
+        reader: Journal | None = None
         cursor = -1
         try:
             while True:
                 finished = runner.done()
                 if reader is None and self._ingested:
-                    reader = SQLiteJournal(self._journal_path)
+                    reader = await self._open_journal(create=False)
                 if reader is not None:
                     self._results_changed.clear()
                     rows = await reader.result_rows(order=order, after=cursor, limit=1000)
@@ -285,10 +295,14 @@ class BatchRun:
     async def _run(self) -> RunReport:
         _check_output(self._output)
         path = self._journal_path
-        if self._source is None and not _exists(path):
+        if self._source is None and self._pg_name is None and not _exists(path):
             raise JournalError(f"no journal at {path}, and no requests to start a run with")
-        journal = SQLiteJournal(path, create=True)
+        journal = await self._open_journal(create=True)
         try:
+            if self._source is None and await journal.meta() is None:
+                raise JournalError(
+                    f"no run in the journal {journal.location}, and no requests to start a run with"
+                )
             await journal.acquire()
             try:
                 return await self._drive(journal)
@@ -315,8 +329,9 @@ class BatchRun:
                     custom_id_pattern=self._client.provider.limits.custom_id_pattern,
                 )
             except BaseException:
-                await journal.close()
-                remove_journal(self._journal_path)
+                if self._pg_name is None:  # a database ingest left nothing behind
+                    await journal.close()
+                    remove_journal(self._journal_path)
                 raise
             return False
         check_source(journal, meta, self._source)
@@ -351,7 +366,7 @@ class BatchRun:
             max_lines=self._config.max_lines or limits.max_lines,
             max_bytes=self._config.max_bytes or limits.max_bytes,
             max_inputs=limits.max_embedding_inputs,
-            work_dir=self._config.work_dir or (self._journal_path + ".files"),
+            work_dir=self._config.work_dir or self._default_work_dir(meta.run_id),
             stopping=self._stopping,
             changed=self._changed,
             results_changed=self._results_changed,
@@ -384,12 +399,12 @@ class BatchRun:
             await cancel_and_wait(self._tasks)
             await ctx.fleet.aclose()
         if self._failure is not None:
-            await journal.set_state("failed", at=self._clock.now())
+            await self._record_state(journal, "failed")
             self._state = "failed"
             raise self._failure
         if self._stop_reason in ("cancelled", "stopped"):
             state = self._stop_reason
-            await journal.set_state(state, at=self._clock.now())
+            await self._record_state(journal, state)
             self._state = state
             report = await self._final_report(journal)
             if cancelled is not None:
@@ -399,9 +414,30 @@ class BatchRun:
         self._state = "done"
         if self._config.work_dir is None:
             with contextlib.suppress(OSError):
-                os.rmdir(self._journal_path + ".files")  # only when empty
+                os.rmdir(self._default_work_dir(meta.run_id))  # only when empty
         await self._write_output(journal)
         return await self._final_report(journal)
+
+    async def _record_state(self, journal: Journal, state: str) -> None:
+        """Record how the run ended in this process (a worker of a shared run records
+        less: see :class:`~aiobatch._run._worker.Worker`)."""
+        await journal.set_state(state, at=self._clock.now())
+
+    def _acts_on(self, key: str) -> bool:
+        """Whether this process acts on shard ``key`` (a worker: only on its leases)."""
+        return True
+
+    async def _open_journal(self, *, create: bool) -> Journal:
+        return await open_journal(self._journal_path, create=create, name=self._pg_name)
+
+    def _default_work_dir(self, run_id: str) -> str:
+        """Where shard files are written: beside a SQLite journal; beside the output
+        file (else in the temporary folder) for a database journal."""
+        if self._pg_name is None:
+            return self._journal_path + ".files"
+        if self._output is not None:
+            return f"{self._output}.{run_id}.files"
+        return os.path.join(tempfile.gettempdir(), f"aiobatch-{run_id}.files")
 
     @staticmethod
     async def _report(journal: Journal) -> RunReport:
@@ -520,7 +556,10 @@ class BatchRun:
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None and self._failure is None:
+        if not task.cancelled() and isinstance(task.exception(), LeaseLostError):
+            # Another worker holds the shard now: this one stopped acting on it.
+            logger.warning("run %s: %s", self._run_id, task.exception())
+        elif not task.cancelled() and task.exception() is not None and self._failure is None:
             self._failure = task.exception()
             self._stopping.set()
         self._changed.set()
@@ -552,7 +591,7 @@ class BatchRun:
         # A create whose answer was lost may have made a batch: find it, to cancel it
         # (a create still being sent, past the cancel timeout, is left to the next run).
         for shard in await journal.shards(_S.CREATING):
-            if shard.key in self._submitting:
+            if shard.key in self._submitting or not self._acts_on(shard.key):
                 continue
             try:
                 step = await resolve_create(ctx, shard, during_cancel=True)
@@ -674,7 +713,12 @@ class BatchRun:
             if key is None:
                 continue
             if isinstance(event, StatusChanged):
-                await ctx.journal.update(key, status=event.batch.status.value)
+                try:
+                    await ctx.journal.update(key, status=event.batch.status.value)
+                except LeaseLostError as exc:
+                    logger.warning("run %s: %s", self._run_id, exc)
+                    self._lost(ctx, key)
+                    continue
                 ctx.set_status(key, event.batch.status.value)
             elif isinstance(event, BatchDone):
                 self._start_collect(ctx, key, event)
@@ -684,6 +728,20 @@ class BatchRun:
             f"run {self._run_id}: the fleet stopped tracking the batches (was the client "
             "closed?); the journal is intact: run again to continue"
         )
+
+    def _lost(self, ctx: RunContext, key: str) -> None:
+        """Stop acting on shard ``key`` at once (a worker's lease on it is gone): its
+        submission is cancelled and its batch no longer tracked here."""
+        task = self._submitting.pop(key, None)
+        if task is not None:
+            task.cancel()
+        for batch_id, owner in list(ctx.shard_of.items()):
+            if owner == key:
+                del ctx.shard_of[batch_id]
+                ctx.fleet.remove(batch_id)
+                ctx.fleet.forget(batch_id)
+        ctx.budget.release(key)
+        self._changed.set()
 
     def _start_collect(self, ctx: RunContext, key: str, done: BatchDone | None) -> None:
         self._collecting.add(key)

@@ -23,7 +23,6 @@ from .._models import Batch, alias_status
 from .._retry import RetryPolicy
 from ..errors import RunError
 from ._config import RunConfig
-from ._failures import QUICK_ATTEMPTS
 from ._journal import Journal
 from ._progress import RunProgress
 from ._records import FinalResult, RetryLine, Shard
@@ -33,6 +32,10 @@ __all__ = ["Next", "RunContext", "Stop", "TokenBudget", "logger"]
 
 logger = logging.getLogger("aiobatch.run")
 
+#: Attempts per call (the client's own retries) until the server has answered the run
+#: once: a wrong address is told within ``unreachable_after``, by the run's own tries
+#: (see ``_failures``).
+QUICK_ATTEMPTS = 3
 #: Creates of one shard that came to nothing, in a row, when ``max_step_failures`` is None.
 MAX_SETBACKS = 10
 

@@ -33,13 +33,9 @@ from ._report import format_duration
 if TYPE_CHECKING:
     from ._context import RunContext
 
-__all__ = ["QUICK_ATTEMPTS", "Streak", "heard_from_server", "step_failed", "tracking_failed"]
+__all__ = ["Streak", "heard_from_server", "step_failed", "tracking_failed"]
 
 logger = logging.getLogger("aiobatch.run")
-
-#: Attempts per call (the client's own retries) until the server has answered the run
-#: once: a wrong address is told within ``unreachable_after``, by the run's own tries.
-QUICK_ATTEMPTS = 3
 
 
 @attrs.define

@@ -199,5 +199,9 @@ class Journal(Protocol):
     async def counts(self) -> JournalCounts:
         """The run's figures."""
 
+    async def tokens_by_model(self) -> dict[str, tuple[int, int]]:
+        """Prompt and completion tokens of the final results by the model of the shard
+        that produced them (each result counted once; ``""`` for no model)."""
+
     async def open_batches(self) -> list[Shard]:
         """The shards whose batch is being tracked."""

@@ -192,6 +192,9 @@ class SQLiteJournal:
         for chunk in _chunks(self.file.result_lines(order=order), 8192):
             yield chunk
 
+    async def tokens_by_model(self) -> dict[str, tuple[int, int]]:
+        return self.file.tokens_by_model()
+
     async def counts(self) -> JournalCounts:
         return self.file.counts()
 

@@ -14,7 +14,7 @@ The everyday toolkit: ``_failures`` (failures), ``_batches`` (batches, files),
 from __future__ import annotations
 
 # isort: off
-from . import _fake, _demo, _diagram, _run  # noqa: F401  (they register their commands)
+from . import _fake, _demo, _diagram, _run, _worker  # noqa: F401  (they register their commands)
 from . import _failures, _batches, _watch  # noqa: F401
 
 # isort: on

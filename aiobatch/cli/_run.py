@@ -36,6 +36,8 @@ from .._run import (
     run_is_live,
 )
 from .._run import JournalFile as Journal
+from .._run._open import open_journal, pg_run_name
+from .._run._pg_url import is_postgres_url, redact_url
 from .._run._states import ShardState
 from ..errors import AiobatchError, ConfigurationError, JournalError, PreflightError
 from ..testing import (
@@ -96,7 +98,9 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--journal",
         default=None,
-        help="the run's journal (SQLite); run the same command again to resume "
+        help="the run's journal: a SQLite file, or a postgresql:// URL (with "
+        "aiobatch[postgres]; ?run=NAME names the run, else the output path does, "
+        "?schema=NAME keeps its tables apart); run the same command again to resume "
         "(default: OUTPUT.journal)",
     )
     where = parser.add_argument_group("where to send it")
@@ -346,7 +350,18 @@ def _config(args: argparse.Namespace) -> RunConfig:
     )
 
 
+async def _tokens_by_model(journal: str, args: argparse.Namespace) -> dict[str, tuple[int, int]]:
+    """The run's tokens per model, read through the journal's own backend."""
+    name = pg_run_name(journal, output=args.output, source=args.input, required=False)
+    done = await open_journal(journal, create=False, name=name)
+    try:
+        return await done.tokens_by_model()
+    finally:
+        await done.close()
+
+
 async def _run_async(args: argparse.Namespace, journal: str) -> int:
+    shown = redact_url(journal)
     config = _config(args)
     interactive = None if not args.no_progress else False
     display = None if args.quiet else ProgressDisplay(sys.stderr, interactive=interactive)
@@ -393,7 +408,7 @@ async def _run_async(args: argparse.Namespace, journal: str) -> int:
         except asyncio.CancelledError:
             if display is not None:
                 display.close()
-            print(f"aiobatch: stopped; resume with the same command ({journal})", file=sys.stderr)
+            print(f"aiobatch: stopped; resume with the same command ({shown})", file=sys.stderr)
             return INTERRUPTED
         finally:
             with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -401,14 +416,13 @@ async def _run_async(args: argparse.Namespace, journal: str) -> int:
                 loop.remove_signal_handler(signal.SIGTERM)
         if display is not None:
             display.close(run.progress())
-    with Journal(journal, readonly=True) as done:
-        tokens = done.tokens_by_model()
+    tokens = await _tokens_by_model(journal, args)
     out("\n".join([format_report(report), *cost_lines(tokens, args.prices)]))
     if report.state == "cancelled":
-        print(f"cancelled; resume with the same command ({journal})", file=sys.stderr)
+        print(f"cancelled; resume with the same command ({shown})", file=sys.stderr)
         return INTERRUPTED
     if report.state == "stopped":
-        print(f"stopped; resume with the same command ({journal})", file=sys.stderr)
+        print(f"stopped; resume with the same command ({shown})", file=sys.stderr)
         return STOPPED
     if report.state != "done":
         return ERROR
@@ -467,7 +481,7 @@ def _run(args: argparse.Namespace) -> int:
             format="%(levelname)s %(name)s: %(message)s",
         )
         logging.getLogger("aiobatch.run").setLevel(logging.INFO)
-    if args.fake and os.path.exists(journal):
+    if args.fake and not is_postgres_url(journal) and os.path.exists(journal):
         try:
             with Journal(journal) as existing:
                 state = existing.get_meta("state")
@@ -492,7 +506,10 @@ def _run(args: argparse.Namespace) -> int:
         print(f"aiobatch run: {exc}", file=sys.stderr)
         return error_code(exc)
     except KeyboardInterrupt:
-        print(f"aiobatch: stopped; resume with the same command ({journal})", file=sys.stderr)
+        print(
+            f"aiobatch: stopped; resume with the same command ({redact_url(journal)})",
+            file=sys.stderr,
+        )
         return INTERRUPTED
 
 

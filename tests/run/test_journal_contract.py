@@ -1,4 +1,4 @@
-"""The journal contract: what every journal backend (SQLite today) must do for a run.
+"""The journal contract: what every journal backend (SQLite, PostgreSQL) must do for a run.
 
 Each test drives the backend through the async ``Journal`` protocol only; a new backend
 is added to ``BACKENDS`` and must pass the module unchanged.
@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from pg import pg_url
 
 from aiobatch._run._journal import Journal
 from aiobatch._run._records import (
@@ -34,7 +35,13 @@ async def _sqlite(folder: Path) -> Journal:
     return SQLiteJournal(folder / "run.journal", create=True)
 
 
-BACKENDS: dict[str, Factory] = {"sqlite": _sqlite}
+async def _postgres(folder: Path) -> Journal:
+    from aiobatch._run._postgres import PostgresJournal
+
+    return await PostgresJournal.open(pg_url(str(folder), run="contract"))
+
+
+BACKENDS: dict[str, Factory] = {"sqlite": _sqlite, "postgres": _postgres}
 
 
 @pytest.fixture(params=sorted(BACKENDS))
@@ -149,6 +156,29 @@ async def test_one_final_result_per_request(journal: Journal) -> None:
     assert await journal.not_done_count() == 0
     lines = [line async for chunk in journal.result_lines(order="completion") for line in chunk]
     assert lines == [b'{"ok":1}', b'{"ok":1}']
+
+
+async def test_tokens_are_summed_by_the_model_of_their_shard(journal: Journal) -> None:
+    """tokens_by_model() counts each final result once, under its shard's model."""
+    requests = await _ingest(journal, 3)
+    await journal.add_shard("s0", _plan(requests[:2]), planned_at=11.0)
+    used = [
+        FinalResult(
+            seq=seq,
+            kind="success",
+            code=None,
+            shard="s0",
+            batch_id="b1",
+            attempts=0,
+            data=b"{}",
+            input_tokens=10 * (seq + 1),
+            output_tokens=seq + 1,
+        )
+        for seq in (0, 1)
+    ]
+    await journal.record("s0", used)
+    await journal.record("s0", used[:1])  # a result recorded twice counts once
+    assert await journal.tokens_by_model() == {"m": (30, 3)}
 
 
 async def test_settle_sends_lines_back_and_closes_the_shard(journal: Journal) -> None:

@@ -1,0 +1,1024 @@
+"""The run's :class:`~aiobatch._run._journal.Journal` on PostgreSQL: :class:`PostgresJournal`.
+
+Many runs share one database; each is a row of ``aiobatch_runs`` (its ``name`` says
+which run a command continues, its ``run_id`` is the id in its batches' metadata) and
+every other row carries the run's internal ``rid``. The tables hold what the SQLite file
+holds (see :mod:`aiobatch._run._sqlite`): the requests with their bytes and state, the
+shards, and the final results, at most one per request (the primary key
+``(rid, seq)`` of ``aiobatch_results`` enforces it, whichever process writes).
+
+The driver is ``asyncpg`` (``pip install 'aiobatch[postgres]'``): it spends a quarter of
+psycopg 3's client CPU on the bulk statements a run makes (see
+``benchmarks/bench_pg_driver.py``). Each method takes a connection from a small pool, so
+the run's tasks never wait on one another's statements; a failure of the database
+(unreachable, credentials refused, gone mid-run) is a :class:`JournalError` naming the
+database (never its password), and the run is resumable once it is back, since every
+write is one transaction.
+
+The schema is versioned (``aiobatch_schema``) and migrated forward on opening, under an
+advisory lock so that workers opening at once do not race; a database that holds other
+programs' tables (without aiobatch's), or aiobatch's tables at a newer version, is
+refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from typing import Any
+
+import attrs
+
+from ..errors import JournalError, LeaseLostError, TooManyBatchesError
+from ._pg_url import PgLocation, parse_postgres_url
+from ._records import (
+    SHARD_FIELDS,
+    FinalResult,
+    JournalCounts,
+    Member,
+    PreparedRequest,
+    QueuedLine,
+    RequestGroup,
+    ResultRow,
+    RetryLine,
+    RunMeta,
+    Shard,
+    ShardPlan,
+)
+from ._sqlite import _check_move
+from ._states import ShardState
+
+try:
+    import asyncpg
+except ImportError as exc:  # pragma: no cover - depends on the install
+    raise JournalError(
+        "a PostgreSQL journal needs the asyncpg driver: pip install 'aiobatch[postgres]'"
+    ) from exc
+
+__all__ = ["SCHEMA_VERSION", "PostgresJournal", "connect_failure"]
+
+#: The schema this aiobatch writes; older ones are migrated forward on opening.
+SCHEMA_VERSION = 2
+_PROGRAM = "aiobatch"
+#: The first key of every advisory lock aiobatch takes ("aiob").
+_LOCK_SPACE = 0x61696F62
+
+#: Version -> the statements that bring the schema from the version before to it.
+MIGRATIONS: Mapping[int, tuple[str, ...]] = {
+    1: (
+        """CREATE TABLE aiobatch_schema (
+            program TEXT NOT NULL,
+            version INTEGER NOT NULL
+        )""",
+        """CREATE TABLE aiobatch_runs (
+            rid BIGSERIAL PRIMARY KEY,
+            name TEXT NOT NULL UNIQUE,
+            run_id TEXT UNIQUE,
+            source TEXT NOT NULL DEFAULT '',
+            fingerprint TEXT NOT NULL DEFAULT '',
+            state TEXT NOT NULL DEFAULT 'running',
+            started_at DOUBLE PRECISION NOT NULL DEFAULT 0,
+            updated_at DOUBLE PRECISION NOT NULL DEFAULT 0,
+            skipped INTEGER NOT NULL DEFAULT 0,
+            problems TEXT NOT NULL DEFAULT '',
+            "order" TEXT NOT NULL DEFAULT 'input',
+            cancel_requested TEXT,
+            output_written TEXT,
+            extra_uploads_deleted INTEGER NOT NULL DEFAULT 0
+        )""",
+        """CREATE TABLE aiobatch_requests (
+            rid BIGINT NOT NULL,
+            seq INTEGER NOT NULL,
+            custom_id TEXT NOT NULL,
+            line INTEGER NOT NULL,
+            url TEXT NOT NULL,
+            model TEXT,
+            tokens INTEGER NOT NULL,
+            inputs INTEGER NOT NULL DEFAULT 1,
+            data BYTEA NOT NULL,
+            state TEXT NOT NULL DEFAULT 'pending',
+            shard TEXT,
+            pos INTEGER,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            last_error BYTEA,
+            batches INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (rid, seq),
+            UNIQUE (rid, custom_id)
+        )""",
+        "CREATE INDEX aiobatch_requests_pending ON aiobatch_requests (rid, url, model, seq) "
+        "WHERE state = 'pending'",
+        "CREATE INDEX aiobatch_requests_shard ON aiobatch_requests (rid, shard, seq)",
+        """CREATE TABLE aiobatch_shards (
+            rid BIGINT NOT NULL,
+            key TEXT NOT NULL,
+            round INTEGER NOT NULL,
+            url TEXT NOT NULL,
+            model TEXT,
+            lines INTEGER NOT NULL,
+            bytes BIGINT NOT NULL,
+            tokens BIGINT NOT NULL,
+            state TEXT NOT NULL,
+            planned_at DOUBLE PRECISION NOT NULL,
+            upload_started_at DOUBLE PRECISION,
+            file_id TEXT,
+            creates INTEGER NOT NULL DEFAULT 0,
+            create_key TEXT,
+            create_started_at DOUBLE PRECISION,
+            not_before DOUBLE PRECISION,
+            batch_id TEXT,
+            status TEXT,
+            output_file_id TEXT,
+            error_file_id TEXT,
+            output_done INTEGER NOT NULL DEFAULT 0,
+            error_done INTEGER NOT NULL DEFAULT 0,
+            cancel_reason TEXT,
+            history TEXT NOT NULL DEFAULT '',
+            input_tokens BIGINT NOT NULL DEFAULT 0,
+            output_tokens BIGINT NOT NULL DEFAULT 0,
+            note TEXT,
+            PRIMARY KEY (rid, key)
+        )""",
+        "CREATE INDEX aiobatch_shards_state ON aiobatch_shards (rid, state)",
+        """CREATE TABLE aiobatch_results (
+            rid BIGINT NOT NULL,
+            seq INTEGER NOT NULL,
+            n BIGSERIAL NOT NULL,
+            kind TEXT NOT NULL,
+            code TEXT,
+            shard TEXT,
+            batch_id TEXT,
+            attempts INTEGER NOT NULL,
+            input_tokens BIGINT NOT NULL DEFAULT 0,
+            output_tokens BIGINT NOT NULL DEFAULT 0,
+            data BYTEA NOT NULL,
+            PRIMARY KEY (rid, seq)
+        )""",
+        "CREATE INDEX aiobatch_results_n ON aiobatch_results (rid, n)",
+    ),
+    # Leases: which worker acts on a shard (and plans a run) until when, on the
+    # database's clock (seconds since the epoch).
+    2: (
+        "ALTER TABLE aiobatch_shards ADD COLUMN lease_owner TEXT",
+        "ALTER TABLE aiobatch_shards ADD COLUMN lease_until DOUBLE PRECISION",
+        "ALTER TABLE aiobatch_runs ADD COLUMN planner TEXT",
+        "ALTER TABLE aiobatch_runs ADD COLUMN planner_until DOUBLE PRECISION",
+    ),
+}
+
+#: The database's clock, in seconds since the epoch (leases are read and set by it).
+_NOW = "extract(epoch FROM clock_timestamp())"
+
+_SHARD_SELECT = f"SELECT {', '.join(SHARD_FIELDS)} FROM aiobatch_shards"
+_META_FIELDS = tuple(field.name for field in attrs.fields(RunMeta))
+_META_SELECT = "SELECT " + ", ".join(f'"{name}"' for name in _META_FIELDS) + " FROM aiobatch_runs"
+
+#: What a failing connection raises (the database is unreachable or went away).
+_GONE: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+)
+
+
+def _shard(row: Any) -> Shard:
+    return Shard(**dict(zip(SHARD_FIELDS, row, strict=True)))
+
+
+def connect_failure(shown: str, exc: BaseException) -> JournalError:
+    """The JournalError for a database that cannot be reached or refused us."""
+    if isinstance(
+        exc, asyncpg.InvalidPasswordError | asyncpg.InvalidAuthorizationSpecificationError
+    ):
+        return JournalError(
+            f"the journal database {shown} refused the credentials ({exc}); check the user "
+            "and password in the URL"
+        )
+    if isinstance(exc, asyncpg.InvalidCatalogNameError):
+        return JournalError(f"the journal database {shown} does not exist ({exc}); create it")
+    return JournalError(
+        f"the journal database {shown} cannot be reached ({type(exc).__name__}: {exc}); "
+        "nothing was lost: run again once it is back"
+    )
+
+
+class _PgIngest:
+    def __init__(self, journal: PostgresJournal, conn: Any, rid: int) -> None:
+        self._journal = journal
+        self._conn = conn
+        self._rid = rid
+
+    async def add(self, requests: Sequence[PreparedRequest]) -> None:
+        if not requests:
+            return
+        rid = self._rid
+        await self._conn.copy_records_to_table(
+            "aiobatch_requests",
+            records=[
+                (rid, r.seq, r.custom_id, r.line, r.url, r.model, r.tokens, r.inputs, r.data)
+                for r in requests
+            ],
+            columns=["rid", "seq", "custom_id", "line", "url", "model", "tokens", "inputs", "data"],
+        )
+
+    async def start(self, meta: RunMeta) -> None:
+        await self._conn.execute(
+            "UPDATE aiobatch_runs SET run_id = $2, source = $3, fingerprint = $4, "
+            "started_at = $5, updated_at = $6, state = $7, skipped = $8, problems = $9, "
+            '"order" = $10 WHERE rid = $1',
+            self._rid,
+            meta.run_id,
+            meta.source,
+            meta.fingerprint,
+            meta.started_at,
+            meta.updated_at,
+            meta.state,
+            meta.skipped,
+            meta.problems,
+            meta.order,
+        )
+
+
+class PostgresJournal:
+    """The :class:`~aiobatch._run._journal.Journal` of one run in a PostgreSQL database.
+
+    Open it with :meth:`open` (it connects, and creates or migrates the schema).
+
+    Args:
+        location: the parsed URL.
+        pool: its connection pool.
+        name: the run's name (or id): which run this journal is.
+    """
+
+    def __init__(self, location: PgLocation, pool: Any, name: str) -> None:
+        self._where = location
+        self._pool = pool
+        self.name = name
+        #: the worker whose leases fence this journal's shard writes (None: no leases,
+        #: one process runs the run)
+        self.owner: str | None = None
+        self.lease_seconds = 30.0
+        self._rid: int | None = None
+        self._lock_conn: Any = None
+        self._closed = False
+
+    # --- opening -------------------------------------------------------------------------
+
+    @classmethod
+    async def open(
+        cls, url: str, *, name: str | None = None, pool_size: int = 4, timeout: float = 15.0
+    ) -> PostgresJournal:
+        """Connect to the database of ``url`` and open the run ``name`` (or the URL's
+        ``?run=``) in it (it is made by the run's ingest when new).
+
+        Raises:
+            JournalError: the URL is malformed, the database cannot be reached or
+                refused the credentials, holds another program's tables, or aiobatch's
+                at a newer schema; or no run is named.
+        """
+        where = parse_postgres_url(url)
+        run = name or where.run
+        if not run:
+            raise JournalError(
+                f"the journal URL {where.shown} names no run: add ?run=NAME (a run's name or id)"
+            )
+        settings = {"search_path": where.schema} if where.schema else {}
+        try:
+            if where.schema:
+                conn = await asyncpg.connect(where.dsn, timeout=timeout)
+                try:
+                    await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{where.schema}"')
+                except asyncpg.UniqueViolationError:
+                    pass  # another process made it at the same moment
+                finally:
+                    await conn.close()
+            pool = await asyncpg.create_pool(
+                where.dsn,
+                min_size=1,
+                max_size=pool_size,
+                timeout=timeout,
+                command_timeout=300,
+                server_settings=settings,
+            )
+        except JournalError:
+            raise
+        except (*_GONE, asyncpg.PostgresError, ValueError) as exc:
+            raise connect_failure(where.shown, exc) from exc
+        journal = cls(where, pool, run)
+        try:
+            await journal._migrate()
+        except BaseException:
+            await pool.close()
+            raise
+        return journal
+
+    @contextlib.asynccontextmanager
+    async def _conn(self) -> AsyncIterator[Any]:
+        """A connection of the pool; a failure of the database shows as JournalError."""
+        try:
+            async with self._pool.acquire() as conn:
+                yield conn
+        except JournalError:
+            raise
+        except _GONE as exc:
+            raise connect_failure(self._where.shown, exc) from exc
+
+    @contextlib.asynccontextmanager
+    async def _tx(self) -> AsyncIterator[Any]:
+        async with self._conn() as conn, conn.transaction():
+            yield conn
+
+    async def _migrate(self) -> None:
+        shown = self._where.shown
+        async with self._tx() as conn:
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock($1, hashtext(current_schema()))", _LOCK_SPACE
+            )
+            tables = {
+                str(r[0])
+                for r in await conn.fetch(
+                    "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()"
+                )
+            }
+            version = 0
+            if "aiobatch_schema" in tables:
+                row = await conn.fetchrow("SELECT program, version FROM aiobatch_schema")
+                if row is None or row[0] != _PROGRAM:
+                    raise JournalError(
+                        f"the database {shown} holds an 'aiobatch_schema' table that is not "
+                        "aiobatch's; use another database or ?schema=NAME"
+                    )
+                version = int(row[1])
+            elif tables:
+                listed = ", ".join(sorted(tables)[:5])
+                raise JournalError(
+                    f"the database {shown} holds another program's tables ({listed}) and no "
+                    "aiobatch journal; use an empty database, or a schema of aiobatch's own "
+                    "with ?schema=NAME in the URL"
+                )
+            if version > SCHEMA_VERSION:
+                raise JournalError(
+                    f"the database {shown} has aiobatch journal schema {version}; this aiobatch "
+                    f"reads up to {SCHEMA_VERSION}: upgrade aiobatch"
+                )
+            for target in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in MIGRATIONS[target]:
+                    await conn.execute(statement)
+                if target == 1:
+                    await conn.execute(
+                        "INSERT INTO aiobatch_schema (program, version) VALUES ($1, $2)",
+                        _PROGRAM,
+                        target,
+                    )
+                else:
+                    await conn.execute("UPDATE aiobatch_schema SET version = $1", target)
+
+    @property
+    def location(self) -> str:
+        return f"{self._where.shown} (run {self.name})"
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await self.release()
+        with contextlib.suppress(*_GONE):
+            await asyncio.wait_for(self._pool.close(), 10)
+        self._pool.terminate()
+
+    # --- ownership -----------------------------------------------------------------------
+
+    def _lock_key(self) -> str:
+        return f"{self._where.schema or ''}:{self.name}"
+
+    async def acquire(self) -> None:
+        if self._lock_conn is not None:
+            return
+        try:
+            conn = await asyncpg.connect(self._where.dsn, timeout=15)
+            got = await conn.fetchval(
+                "SELECT pg_try_advisory_lock($1, hashtext($2))", _LOCK_SPACE, self._lock_key()
+            )
+        except _GONE as exc:
+            raise connect_failure(self._where.shown, exc) from exc
+        if not got:
+            await conn.close()
+            raise JournalError(
+                f"the journal {self.location} is in use by another process; one run at a time"
+            )
+        self._lock_conn = conn
+
+    async def release(self) -> None:
+        conn, self._lock_conn = self._lock_conn, None
+        if conn is not None:
+            with contextlib.suppress(*_GONE):
+                await conn.close(timeout=5)
+            conn.terminate()
+
+    # --- the run -------------------------------------------------------------------------
+
+    async def _run_rid(self, conn: Any) -> int | None:
+        if self._rid is None:
+            rid = await conn.fetchval(
+                "SELECT rid FROM aiobatch_runs WHERE name = $1 OR run_id = $1 "
+                "ORDER BY (name = $1) DESC LIMIT 1",
+                self.name,
+            )
+            self._rid = None if rid is None else int(rid)
+        return self._rid
+
+    async def rid(self) -> int:
+        """The run's internal id; -1 before the run was recorded (reads find nothing)."""
+        if self._rid is not None:
+            return self._rid
+        async with self._conn() as conn:
+            rid = await self._run_rid(conn)
+        return -1 if rid is None else rid
+
+    async def _write_rid(self) -> int:
+        """The run's internal id, for a write (the run must have been recorded)."""
+        rid = await self.rid()
+        if rid < 0:
+            raise JournalError(f"no run {self.name!r} in {self._where.shown}")
+        return rid
+
+    @contextlib.asynccontextmanager
+    async def ingest(self) -> AsyncIterator[_PgIngest]:
+        async with self._tx() as conn:
+            try:
+                rid = await conn.fetchval(
+                    "INSERT INTO aiobatch_runs (name) VALUES ($1) RETURNING rid", self.name
+                )
+            except asyncpg.UniqueViolationError as exc:
+                raise JournalError(f"the journal {self.location} holds a run already") from exc
+            yield _PgIngest(self, conn, int(rid))
+        self._rid = int(rid)
+
+    async def meta(self) -> RunMeta | None:
+        async with self._conn() as conn:
+            rid = await self._run_rid(conn)
+            if rid is None:
+                return None
+            row = await conn.fetchrow(_META_SELECT + " WHERE rid = $1", rid)
+        if row is None or row["run_id"] is None:
+            return None
+        return RunMeta(**{name: row[name] for name in _META_FIELDS})
+
+    async def _set_run(self, sets: str, *values: Any) -> None:
+        rid = await self._write_rid()
+        async with self._conn() as conn:
+            await conn.execute(f"UPDATE aiobatch_runs SET {sets} WHERE rid = $1", rid, *values)
+
+    async def set_state(self, state: str, *, at: float, clear_cancel: bool = False) -> None:
+        clear = ", cancel_requested = NULL" if clear_cancel else ""
+        await self._set_run(f"state = $2, updated_at = $3{clear}", state, at)
+
+    async def touch(self, at: float) -> None:
+        await self._set_run("updated_at = $2", at)
+
+    async def request_cancel(self, at: float) -> None:
+        await self._set_run("cancel_requested = $2", repr(at))
+
+    async def cancel_requested(self) -> bool:
+        rid = await self.rid()
+        async with self._conn() as conn:
+            flag = await conn.fetchval(
+                "SELECT cancel_requested FROM aiobatch_runs WHERE rid = $1", rid
+            )
+        return bool(flag)
+
+    async def set_output(self, path: str) -> None:
+        await self._set_run("output_written = $2", path)
+
+    async def count_extra_uploads(self, deleted: int) -> None:
+        await self._set_run("extra_uploads_deleted = extra_uploads_deleted + $2", deleted)
+
+    # --- requests ------------------------------------------------------------------------
+
+    async def _value(self, query: str, *args: Any) -> Any:
+        rid = await self.rid()
+        async with self._conn() as conn:
+            return await conn.fetchval(query, rid, *args)
+
+    async def pending_count(self) -> int:
+        return int(
+            await self._value(
+                "SELECT count(*) FROM aiobatch_requests WHERE rid = $1 AND state = 'pending'"
+            )
+        )
+
+    async def has_fresh_pending(self) -> bool:
+        return bool(
+            await self._value(
+                "SELECT EXISTS (SELECT 1 FROM aiobatch_requests WHERE rid = $1 "
+                "AND state = 'pending' AND last_error IS NULL)"
+            )
+        )
+
+    async def not_done_count(self) -> int:
+        return int(
+            await self._value(
+                "SELECT count(*) FROM aiobatch_requests WHERE rid = $1 AND state != 'done'"
+            )
+        )
+
+    async def retrying_count(self) -> int:
+        return int(
+            await self._value(
+                "SELECT count(*) FROM aiobatch_requests WHERE rid = $1 AND state != 'done' "
+                "AND attempts > 0"
+            )
+        )
+
+    async def requeue_orphans(self) -> int:
+        rid = await self._write_rid()
+        async with self._tx() as conn:
+            status = await conn.execute(
+                "UPDATE aiobatch_requests SET state = 'pending' WHERE rid = $1 "
+                "AND state = 'queued' AND shard IN "
+                "(SELECT key FROM aiobatch_shards WHERE rid = $1 AND state = 'collected')",
+                rid,
+            )
+        return int(status.split()[-1])
+
+    async def pending_groups(self) -> list[RequestGroup]:
+        rid = await self.rid()
+        async with self._conn() as conn:
+            rows = await conn.fetch(
+                "SELECT DISTINCT url, model FROM aiobatch_requests "
+                "WHERE rid = $1 AND state = 'pending' ORDER BY url, model",
+                rid,
+            )
+        return [RequestGroup(str(r[0]), None if r[1] is None else str(r[1])) for r in rows]
+
+    async def pending_requests(
+        self, url: str, model: str | None, *, chunk: int = 10_000
+    ) -> AsyncIterator[PreparedRequest]:
+        rid = await self.rid()
+        after = -1
+        while True:
+            async with self._conn() as conn:
+                rows = await conn.fetch(
+                    "SELECT seq, length(data) + 1, tokens, inputs FROM aiobatch_requests "
+                    "WHERE rid = $1 AND state = 'pending' AND url = $2 "
+                    "AND model IS NOT DISTINCT FROM $3 AND seq > $4 ORDER BY seq LIMIT $5",
+                    rid,
+                    url,
+                    model,
+                    after,
+                    chunk,
+                )
+            if not rows:
+                return
+            for seq, size, tokens, inputs in rows:
+                yield PreparedRequest(
+                    seq=seq, url=url, model=model, size=size, tokens=tokens, inputs=inputs
+                )
+            after = int(rows[-1][0])
+
+    async def shard_lines(self, key: str, *, chunk: int = 2000) -> AsyncIterator[Sequence[bytes]]:
+        rid = await self.rid()
+        after = -1
+        while True:
+            async with self._conn() as conn:
+                rows = await conn.fetch(
+                    "SELECT seq, data FROM aiobatch_requests WHERE rid = $1 AND shard = $2 "
+                    "AND state != 'pending' AND seq > $3 ORDER BY seq LIMIT $4",
+                    rid,
+                    key,
+                    after,
+                    chunk,
+                )
+            if not rows:
+                return
+            yield [bytes(r[1]) for r in rows]
+            after = int(rows[-1][0])
+
+    async def members(self, key: str) -> dict[str, Member]:
+        rid = await self.rid()
+        async with self._conn() as conn:
+            rows = await conn.fetch(
+                "SELECT custom_id, seq, attempts, state FROM aiobatch_requests "
+                "WHERE rid = $1 AND shard = $2",
+                rid,
+                key,
+            )
+        return {r[0]: Member(r[1], r[2], r[3] == "queued") for r in rows}
+
+    async def queued_at(self, key: str) -> dict[int, QueuedLine]:
+        rid = await self.rid()
+        async with self._conn() as conn:
+            rows = await conn.fetch(
+                "SELECT pos, seq, custom_id, attempts FROM aiobatch_requests "
+                "WHERE rid = $1 AND shard = $2 AND state = 'queued' ORDER BY seq",
+                rid,
+                key,
+            )
+        return {r[0]: QueuedLine(r[1], r[2], r[3]) for r in rows}
+
+    # --- shards --------------------------------------------------------------------------
+
+    async def add_shard(
+        self, key: str, plan: ShardPlan, *, planned_at: float, max_batches: int | None = None
+    ) -> Shard:
+        rid = await self._write_rid()
+        async with self._tx() as conn:
+            await conn.execute(
+                "UPDATE aiobatch_requests r SET state = 'queued', shard = $2, pos = u.pos, "
+                "batches = r.batches + 1 FROM unnest($3::int[], $4::int[]) AS u(seq, pos) "
+                "WHERE r.rid = $1 AND r.seq = u.seq AND r.state = 'pending'",
+                rid,
+                key,
+                list(plan.seqs),
+                list(range(1, len(plan.seqs) + 1)),
+            )
+            if max_batches is not None:
+                row = await conn.fetchrow(
+                    "SELECT custom_id, batches FROM aiobatch_requests WHERE rid = $1 AND "
+                    "shard = $2 ORDER BY batches DESC, seq LIMIT 1",
+                    rid,
+                    key,
+                )
+                if row is not None and row[1] > max_batches:
+                    cid, batches = row[0], row[1]
+                    raise TooManyBatchesError(
+                        f"request {cid!r} would go into batch number {batches}, past "
+                        f"max_batches_per_request={max_batches}: the server keeps failing "
+                        "its batches in a way that spends no retry round (see the warnings "
+                        "above for its errors). Nothing more was created and the journal "
+                        "is intact: look into the server's errors, then run again with a "
+                        "higher max_batches_per_request to go on",
+                        custom_id=str(cid),
+                        batches=int(batches),
+                        limit=max_batches,
+                    )
+            round_ = await conn.fetchval(
+                "SELECT coalesce(max(attempts), 0) FROM aiobatch_requests "
+                "WHERE rid = $1 AND shard = $2",
+                rid,
+                key,
+            )
+            row = await conn.fetchrow(
+                "INSERT INTO aiobatch_shards (rid, key, round, url, model, lines, bytes, "
+                "tokens, state, planned_at, lease_owner, lease_until) VALUES ($1, $2, $3, $4, "
+                f"$5, $6, $7, $8, $9, $10, $11::text, CASE WHEN $11::text IS NULL THEN NULL "
+                f"ELSE {_NOW} + $12 END) "
+                f"RETURNING {', '.join(SHARD_FIELDS)}",
+                rid,
+                key,
+                int(round_),
+                plan.url,
+                plan.model,
+                len(plan.seqs),
+                plan.size,
+                plan.tokens,
+                ShardState.PLANNED.value,
+                planned_at,
+                self.owner,
+                self.lease_seconds,
+            )
+        return _shard(row)
+
+    async def _shard_on(self, conn: Any, rid: int, key: str) -> Shard:
+        row = await conn.fetchrow(_SHARD_SELECT + " WHERE rid = $1 AND key = $2", rid, key)
+        if row is None:
+            raise JournalError(f"{self.location}: no shard {key!r}")
+        return _shard(row)
+
+    async def shard(self, key: str) -> Shard:
+        rid = await self.rid()
+        async with self._conn() as conn:
+            return await self._shard_on(conn, rid, key)
+
+    async def shards(self, *states: ShardState) -> list[Shard]:
+        rid = await self.rid()
+        async with self._conn() as conn:
+            if states:
+                rows = await conn.fetch(
+                    _SHARD_SELECT + " WHERE rid = $1 AND state = ANY($2::text[]) ORDER BY key",
+                    rid,
+                    [state.value for state in states],
+                )
+            else:
+                rows = await conn.fetch(_SHARD_SELECT + " WHERE rid = $1 ORDER BY key", rid)
+        return [_shard(row) for row in rows]
+
+    async def shard_count(self) -> int:
+        return int(await self._value("SELECT count(*) FROM aiobatch_shards WHERE rid = $1"))
+
+    async def _fence(self, conn: Any, rid: int, key: str) -> str | None:
+        """Lock a shard's row for this transaction and return its state; with leases,
+        refuse (LeaseLostError) when this worker's lease on it is gone."""
+        row = await conn.fetchrow(
+            f"SELECT state, lease_owner, coalesce(lease_until > {_NOW}, false) "
+            "FROM aiobatch_shards WHERE rid = $1 AND key = $2 FOR UPDATE",
+            rid,
+            key,
+        )
+        if row is None:
+            return None
+        if self.owner is not None and (row[1] != self.owner or not row[2]):
+            raise LeaseLostError(
+                f"shard {key}: the lease of worker {self.owner} on it "
+                + ("ran out" if row[1] == self.owner else f"is held by {row[1]}")
+                + "; this worker stops acting on it (nothing was written)",
+                shard=key,
+            )
+        return str(row[0])
+
+    async def _set(self, conn: Any, rid: int, key: str, fields: Mapping[str, Any]) -> None:
+        unknown = set(fields) - set(SHARD_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown shard fields: {sorted(unknown)}")
+        if not fields:
+            return
+        sets = ", ".join(f"{name} = ${i}" for i, name in enumerate(fields, start=3))
+        values = [v.value if isinstance(v, ShardState) else v for v in fields.values()]
+        await conn.execute(
+            f"UPDATE aiobatch_shards SET {sets} WHERE rid = $1 AND key = $2", rid, key, *values
+        )
+
+    async def _move(self, conn: Any, rid: int, key: str, to: ShardState, fields: Any) -> None:
+        state = await self._fence(conn, rid, key)
+        if state is None:
+            raise JournalError(f"{self.location}: no shard {key!r}")
+        _check_move(key, ShardState(state), to)
+        await self._set(conn, rid, key, {**fields, "state": to})
+
+    async def move(self, key: str, to: ShardState, **fields: Any) -> Shard:
+        rid = await self._write_rid()
+        async with self._tx() as conn:
+            await self._move(conn, rid, key, to, fields)
+            return await self._shard_on(conn, rid, key)
+
+    async def update(self, key: str, **fields: Any) -> None:
+        if "state" in fields or "key" in fields:
+            raise ValueError("a shard's state changes by move(), its key never")
+        if fields:
+            rid = await self._write_rid()
+            async with self._tx() as conn:
+                await self._fence(conn, rid, key)
+                await self._set(conn, rid, key, fields)
+
+    # --- results -------------------------------------------------------------------------
+
+    @staticmethod
+    async def _record(
+        conn: Any, rid: int, finals: Sequence[FinalResult], retries: Sequence[RetryLine]
+    ) -> None:
+        if finals:
+            # A request that already has its result keeps it (the primary key says so).
+            await conn.execute(
+                "INSERT INTO aiobatch_results (rid, seq, kind, code, shard, batch_id, attempts, "
+                "input_tokens, output_tokens, data) SELECT $1, * FROM unnest($2::int[], "
+                "$3::text[], $4::text[], $5::text[], $6::text[], $7::int[], $8::bigint[], "
+                "$9::bigint[], $10::bytea[]) ON CONFLICT (rid, seq) DO NOTHING",
+                rid,
+                [f.seq for f in finals],
+                [f.kind for f in finals],
+                [f.code for f in finals],
+                [f.shard for f in finals],
+                [f.batch_id for f in finals],
+                [f.attempts for f in finals],
+                [f.input_tokens for f in finals],
+                [f.output_tokens for f in finals],
+                [f.data for f in finals],
+            )
+            await conn.execute(
+                "UPDATE aiobatch_requests SET state = 'done' WHERE rid = $1 "
+                "AND seq = ANY($2::int[])",
+                rid,
+                [f.seq for f in finals],
+            )
+        if retries:
+            await conn.execute(
+                "UPDATE aiobatch_requests r SET state = 'pending', attempts = u.attempts, "
+                "last_error = u.last_error FROM unnest($2::int[], $3::int[], $4::bytea[]) "
+                "AS u(seq, attempts, last_error) WHERE r.rid = $1 AND r.seq = u.seq "
+                "AND r.state != 'done'",
+                rid,
+                [r.seq for r in retries],
+                [r.attempts for r in retries],
+                [r.last_error for r in retries],
+            )
+
+    async def record(
+        self,
+        key: str | None,
+        finals: Sequence[FinalResult],
+        retries: Sequence[RetryLine] = (),
+        **fields: Any,
+    ) -> None:
+        rid = await self._write_rid()
+        async with self._tx() as conn:
+            if key is not None:
+                await self._fence(conn, rid, key)
+            await self._record(conn, rid, finals, retries)
+            if key is not None and fields:
+                await self._set(conn, rid, key, fields)
+
+    async def settle(
+        self,
+        key: str,
+        finals: Sequence[FinalResult],
+        retries: Sequence[RetryLine],
+        **fields: Any,
+    ) -> Shard:
+        rid = await self._write_rid()
+        async with self._tx() as conn:
+            await self._move(conn, rid, key, ShardState.COLLECTED, {})
+            await self._record(conn, rid, finals, retries)
+            await self._set(conn, rid, key, fields)
+            return await self._shard_on(conn, rid, key)
+
+    async def result_rows(self, *, order: str, after: int, limit: int) -> list[ResultRow]:
+        column = "r.seq" if order == "input" else "r.n"
+        rid = await self.rid()
+        async with self._conn() as conn:
+            rows = await conn.fetch(
+                "SELECT r.n, r.seq, q.custom_id, r.attempts, r.batch_id, r.data, r.kind "
+                "FROM aiobatch_results r JOIN aiobatch_requests q ON q.rid = r.rid "
+                f"AND q.seq = r.seq WHERE r.rid = $1 AND {column} > $2 ORDER BY {column} "
+                "LIMIT $3",
+                rid,
+                after,
+                limit,
+            )
+        return [
+            ResultRow(
+                n=r[0], seq=r[1], custom_id=r[2], attempts=r[3], batch_id=r[4], data=r[5], kind=r[6]
+            )
+            for r in rows
+        ]
+
+    async def result_lines(
+        self, *, order: str, chunk: int = 8192
+    ) -> AsyncIterator[Iterable[bytes]]:
+        column = "seq" if order == "input" else "n"
+        rid = await self.rid()
+        after = -1
+        while True:
+            async with self._conn() as conn:
+                rows = await conn.fetch(
+                    f"SELECT {column}, data FROM aiobatch_results WHERE rid = $1 "
+                    f"AND {column} > $2 ORDER BY {column} LIMIT $3",
+                    rid,
+                    after,
+                    chunk,
+                )
+            if not rows:
+                return
+            yield [bytes(r[1]) for r in rows]
+            after = int(rows[-1][0])
+
+    async def tokens_by_model(self) -> dict[str, tuple[int, int]]:
+        rid = await self.rid()
+        async with self._conn() as conn:
+            rows = await conn.fetch(
+                "SELECT coalesce(s.model, ''), coalesce(sum(r.input_tokens), 0), "
+                "coalesce(sum(r.output_tokens), 0) FROM aiobatch_results r "
+                "LEFT JOIN aiobatch_shards s ON s.rid = r.rid AND s.key = r.shard "
+                "WHERE r.rid = $1 GROUP BY coalesce(s.model, '')",
+                rid,
+            )
+        return {str(model): (int(i), int(o)) for model, i, o in rows if i or o}
+
+    async def counts(self) -> JournalCounts:
+        rid = await self.rid()
+        async with self._conn() as conn, conn.transaction(isolation="repeatable_read"):
+
+            async def pairs(query: str) -> dict[str, int]:
+                return {str(k): int(v) for k, v in await conn.fetch(query, rid)}
+
+            requests = await pairs(
+                "SELECT state, count(*) FROM aiobatch_requests WHERE rid = $1 GROUP BY state"
+            )
+            kinds = await pairs(
+                "SELECT kind, count(*) FROM aiobatch_results WHERE rid = $1 GROUP BY kind"
+            )
+            codes = await pairs(
+                "SELECT coalesce(code, kind), count(*) FROM aiobatch_results WHERE rid = $1 "
+                "AND kind != 'success' GROUP BY coalesce(code, kind)"
+            )
+            tokens = await conn.fetchrow(
+                "SELECT coalesce(sum(input_tokens), 0), coalesce(sum(output_tokens), 0) "
+                "FROM aiobatch_results WHERE rid = $1",
+                rid,
+            )
+            retried = await conn.fetchval(
+                "SELECT count(*) FROM aiobatch_requests WHERE rid = $1 AND attempts > 0 "
+                "AND state != 'pending'",
+                rid,
+            )
+            shard_states = await pairs(
+                "SELECT state, count(*) FROM aiobatch_shards WHERE rid = $1 GROUP BY state"
+            )
+            statuses = await pairs(
+                "SELECT coalesce(status, state), count(*) FROM aiobatch_shards WHERE rid = $1 "
+                "GROUP BY coalesce(status, state)"
+            )
+            figures = await conn.fetchrow(
+                "SELECT count(batch_id) + coalesce(sum(creates), 0), coalesce(sum(creates), 0) "
+                "- count(*) FILTER (WHERE creates > 0 AND batch_id IS NULL), "
+                "coalesce(max(round), 0), coalesce(max(greatest(planned_at, "
+                "coalesce(upload_started_at, 0), coalesce(create_started_at, 0))), 0) "
+                "FROM aiobatch_shards WHERE rid = $1",
+                rid,
+            )
+        return JournalCounts(
+            requests=requests,
+            kinds=kinds,
+            codes=codes,
+            input_tokens=int(tokens[0]),
+            output_tokens=int(tokens[1]),
+            retried=int(retried),
+            shard_states=shard_states,
+            statuses=statuses,
+            batches=int(figures[0]),
+            recreated=int(figures[1]),
+            rounds=int(figures[2]),
+            last_step=float(figures[3]),
+        )
+
+    async def open_batches(self) -> list[Shard]:
+        return [s for s in await self.shards(ShardState.OPEN) if s.batch_id is not None]
+
+    # --- leases (workers sharing a run) ----------------------------------------------------
+
+    async def claim(self, limit: int) -> list[Shard]:
+        """Take the leases of up to ``limit`` unfinished shards that no worker holds (never
+        leased, or let lapse), skipping rows another worker is claiming right now."""
+        assert self.owner is not None
+        rid = await self.rid()
+        async with self._tx() as conn:
+            rows = await conn.fetch(
+                f"UPDATE aiobatch_shards s SET lease_owner = $2, lease_until = {_NOW} + $3 "
+                "FROM (SELECT key FROM aiobatch_shards WHERE rid = $1 AND state != 'collected' "
+                f"AND (lease_until IS NULL OR lease_until < {_NOW}) ORDER BY key LIMIT $4 "
+                "FOR UPDATE SKIP LOCKED) AS free WHERE s.rid = $1 AND s.key = free.key "
+                f"RETURNING {', '.join('s.' + f for f in SHARD_FIELDS)}",
+                rid,
+                self.owner,
+                self.lease_seconds,
+                limit,
+            )
+        return [_shard(row) for row in rows]
+
+    async def renew(self) -> set[str]:
+        """Renew this worker's leases; returns the keys of the unfinished shards it still
+        holds (a shard missing from them was lost: stop acting on it)."""
+        assert self.owner is not None
+        rid = await self.rid()
+        async with self._tx() as conn:
+            rows = await conn.fetch(
+                f"UPDATE aiobatch_shards SET lease_until = {_NOW} + $3 WHERE rid = $1 "
+                f"AND lease_owner = $2 AND lease_until > {_NOW} AND state != 'collected' "
+                "RETURNING key",
+                rid,
+                self.owner,
+                self.lease_seconds,
+            )
+            await conn.execute(
+                f"UPDATE aiobatch_runs SET planner_until = {_NOW} + $3 WHERE rid = $1 "
+                f"AND planner = $2 AND planner_until > {_NOW}",
+                rid,
+                self.owner,
+                self.lease_seconds,
+            )
+        return {str(row[0]) for row in rows}
+
+    async def plan_lease(self) -> bool:
+        """Take (or keep) the run's planner lease: one worker plans at a time."""
+        assert self.owner is not None
+        rid = await self._write_rid()
+        async with self._tx() as conn:
+            got = await conn.fetchval(
+                f"UPDATE aiobatch_runs SET planner = $2, planner_until = {_NOW} + $3 "
+                f"WHERE rid = $1 AND (planner = $2 OR planner IS NULL OR planner_until < {_NOW}) "
+                "RETURNING rid",
+                rid,
+                self.owner,
+                self.lease_seconds,
+            )
+        return got is not None
+
+    async def drop_leases(self) -> None:
+        """Let every lease of this worker go at once (a clean stop)."""
+        assert self.owner is not None
+        rid = await self.rid()
+        async with self._tx() as conn:
+            await conn.execute(
+                "UPDATE aiobatch_shards SET lease_until = NULL, lease_owner = NULL "
+                "WHERE rid = $1 AND lease_owner = $2",
+                rid,
+                self.owner,
+            )
+            await conn.execute(
+                "UPDATE aiobatch_runs SET planner = NULL, planner_until = NULL "
+                "WHERE rid = $1 AND planner = $2",
+                rid,
+                self.owner,
+            )

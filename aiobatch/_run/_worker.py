@@ -1,0 +1,221 @@
+"""Workers sharing a run on a PostgreSQL journal: :class:`Worker`.
+
+Several processes (``aiobatch worker --journal postgresql://... --run RUN``) carry one
+run together. Each acts only on the shards it holds a *lease* on (``lease_owner``,
+``lease_until`` in the shard's row, on the database's clock):
+
+- it *claims* unfinished shards that no worker holds, or whose lease lapsed
+  (``UPDATE ... FROM (SELECT ... FOR UPDATE SKIP LOCKED)``), and carries each on from its
+  recorded state exactly as a resumed run does (a lost upload or a lost create is looked
+  up the same way, so an adopted shard never gets a second batch);
+- it *plans* only while it holds the run's planner lease, and the shards it plans are
+  leased to it;
+- a heartbeat renews its leases every third of the lease time; a shard whose lease is
+  gone is dropped at once (its submission cancelled, its batch no longer tracked), and
+  every journal write about a shard checks the lease in the same transaction
+  (:class:`~aiobatch.errors.LeaseLostError`, nothing written);
+- when the heartbeat cannot reach the database for two thirds of the lease time, the
+  worker stops acting altogether and lets its leases lapse rather than risk a double
+  submit.
+
+Why leases in our own tables rather than a job-queue library (procrastinate,
+pgqueuer): a shard is no fire-and-forget job but a long-lived state machine whose every
+step is a journal write; the lease check must sit in the same transaction as that write
+(fencing), which a queue's job row cannot give, and the extra dependency would buy only
+the ``SKIP LOCKED`` claim, a dozen lines here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import uuid
+
+from .._aio import sleep_or_set
+from .._client import BatchClient
+from ..errors import JournalError, RunError
+from ._batch_run import BatchRun
+from ._config import RunConfig
+from ._context import RunContext, logger
+from ._journal import Journal
+from ._postgres import PostgresJournal
+from ._records import Shard
+from ._report import RunReport
+from ._states import SUBMITTING, ShardState
+
+__all__ = ["Worker"]
+
+_S = ShardState
+
+
+class Worker(BatchRun):
+    """One worker of a run shared through a PostgreSQL journal (see the module notes).
+
+    :meth:`run` carries the run on until every request has its final result (or the run
+    is cancelled, or :meth:`stop`), acting only on the shards it leases, and returns the
+    run's report.
+
+    Args:
+        client: the client to call (not closed by the worker).
+        journal: the ``postgresql://`` URL of the run's database.
+        run: the run's id or name (else the URL's ``?run=``).
+        config: as for :class:`BatchRun` (every worker of a run should use the same).
+        lease_seconds: how long a lease lasts without renewal: a dead worker's shards
+            are adopted after this long.
+        claim_limit: shards one worker holds at most.
+        worker_id: this worker's name in the leases (default: host, pid and a random
+            part).
+    """
+
+    def __init__(
+        self,
+        client: BatchClient,
+        *,
+        journal: str,
+        run: str | None = None,
+        config: RunConfig | None = None,
+        lease_seconds: float = 30.0,
+        claim_limit: int = 1000,
+        worker_id: str | None = None,
+    ) -> None:
+        if run is not None:
+            sep = "&" if "?" in journal else "?"
+            journal = f"{journal}{sep}run={run}"
+        super().__init__(client, None, journal=journal, config=config)
+        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.lease_seconds = lease_seconds
+        self._claim_limit = claim_limit
+        self._mine: set[str] = set()
+        self._renewed_at = 0.0
+
+    async def _open_journal(self, *, create: bool) -> Journal:
+        journal = await super()._open_journal(create=False)
+        assert isinstance(journal, PostgresJournal)
+        journal.owner = self.worker_id
+        journal.lease_seconds = self.lease_seconds
+        return journal
+
+    async def _run(self) -> RunReport:
+        journal = await self._open_journal(create=False)
+        assert isinstance(journal, PostgresJournal)
+        try:
+            if await journal.meta() is None:
+                raise JournalError(f"no run {journal.name!r} in {journal.location}")
+            try:
+                return await self._drive(journal)
+            finally:
+                self._ctx = None
+                self._results_changed.set()
+                with contextlib.suppress(JournalError):  # else they lapse on their own
+                    await journal.drop_leases()
+        finally:
+            await journal.close()
+
+    async def _open(self, journal: Journal) -> bool:
+        # Joining never clears a cancel flag: it may be meant for every worker.
+        return False
+
+    async def _record_state(self, journal: Journal, state: str) -> None:
+        # One worker stopping (or failing) does not stop the run: the others go on.
+        if state == "cancelled":
+            await super()._record_state(journal, state)
+
+    def _acts_on(self, key: str) -> bool:
+        return key in self._mine
+
+    def _start_submit(self, ctx: RunContext, key: str) -> None:
+        self._mine.add(key)
+        super()._start_submit(ctx, key)
+
+    def _lost(self, ctx: RunContext, key: str) -> None:
+        self._mine.discard(key)
+        super()._lost(ctx, key)
+
+    async def _resume(self, ctx: RunContext) -> None:
+        await self._heartbeat(ctx)
+
+    async def _claim(self, ctx: RunContext) -> None:
+        """Take free shards and carry each on from where the journal left it."""
+        journal = ctx.journal
+        assert isinstance(journal, PostgresJournal)
+        room = self._claim_limit - len(self._mine)
+        if room <= 0 or self._stopping.is_set():
+            return
+        for shard in await journal.claim(room):
+            logger.info("run %s: worker %s took shard %s", self._run_id, self.worker_id, shard.key)
+            self._adopt(ctx, shard)
+
+    def _adopt(self, ctx: RunContext, shard: Shard) -> None:
+        self._mine.add(shard.key)
+        if shard.state in SUBMITTING:
+            ctx.put_status(shard.key, shard.state.value)
+            self._start_submit(ctx, shard.key)
+        elif shard.state is _S.OPEN:
+            self._track(ctx, shard)
+        elif shard.state is _S.COLLECTING:
+            assert shard.batch_id is not None
+            ctx.shard_of[shard.batch_id] = shard.key
+            ctx.put_status(shard.key, shard.status or "collecting")
+            self._start_collect(ctx, shard.key, None)
+
+    async def _heartbeat(self, ctx: RunContext) -> None:
+        """Renew the leases, drop the lost ones, claim free shards; stop acting when the
+        database stayed out of reach for two thirds of the lease time."""
+        journal = ctx.journal
+        assert isinstance(journal, PostgresJournal)
+        clock = self._clock
+        try:
+            held = await journal.renew()
+        except JournalError as exc:
+            if clock.monotonic() - self._renewed_at > self.lease_seconds * 2 / 3:
+                raise RunError(
+                    f"run {self._run_id}: worker {self.worker_id} cannot renew its leases "
+                    f"({exc}); it stops acting and lets them lapse, and another worker (or "
+                    "this one, started again) adopts its shards"
+                ) from exc
+            logger.warning("run %s: could not renew the leases: %s", self._run_id, exc)
+            return
+        self._renewed_at = clock.monotonic()
+        for key in self._mine - held:
+            shard = await journal.shard(key)
+            if shard.state is not _S.COLLECTED:
+                logger.warning(
+                    "run %s: worker %s lost its lease on shard %s; another worker carries it on",
+                    self._run_id,
+                    self.worker_id,
+                    key,
+                )
+                self._lost(ctx, key)
+            else:
+                self._mine.discard(key)
+        await self._claim(ctx)
+
+    async def _supervise(self, ctx: RunContext) -> None:
+        """Heartbeat, claim, plan while holding the planner lease, until every request
+        of the run has its final result (whichever worker got it)."""
+        clock = self._clock
+        journal = ctx.journal
+        assert isinstance(journal, PostgresJournal)
+        beat = self.lease_seconds / 3
+        next_beat = clock.monotonic() + beat
+        while True:
+            self._changed.clear()
+            if self._failure is not None or self._stopping.is_set():
+                return
+            now = clock.monotonic()
+            if now >= next_beat:
+                next_beat = now + beat
+                await self._heartbeat(ctx)
+                await journal.touch(clock.now())
+                self._emit_progress()
+                if await ctx.cancel_requested():
+                    return
+            if await journal.pending_count():
+                if await journal.plan_lease():
+                    await self._plan(ctx)
+            elif await journal.not_done_count() == 0 and not await journal.shards(
+                *(state for state in ShardState if state is not _S.COLLECTED)
+            ):
+                return  # every request answered and every shard settled
+            await sleep_or_set(clock, max(0.0, min(next_beat - now, 1.0)), self._changed)
