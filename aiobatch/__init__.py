@@ -77,6 +77,7 @@ from ._results import decode_result_line, read_results
 from ._retry import RetryPolicy, is_retry_testing, set_retry_testing
 from ._run import (
     BatchRun,
+    Price,
     ProgressDisplay,
     RunConfig,
     RunProgress,
@@ -129,6 +130,7 @@ __all__ = [
     "PORTKEY_BASE_URL",
     "PROVIDER_NAMES",
     "PortkeyProvider",
+    "Price",
     "ProgressChanged",
     "ProgressDisplay",
     "Provider",

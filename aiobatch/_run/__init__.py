@@ -19,7 +19,7 @@ thing; see DESIGN.md):
 """
 
 from ._batch_run import BatchRun
-from ._config import RequestSource, RunConfig, RunResult
+from ._config import Price, RequestSource, RunConfig, RunResult
 from ._control import cancel_batches, request_cancel, run_is_live
 from ._journal import Journal
 from ._progress import ProgressDisplay, RunProgress
@@ -33,6 +33,7 @@ __all__ = [
     "BatchRun",
     "Journal",
     "JournalFile",
+    "Price",
     "ProgressDisplay",
     "RequestSource",
     "RunConfig",

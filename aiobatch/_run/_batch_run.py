@@ -447,6 +447,13 @@ class BatchRun:
         """The report of the run as it ends, shown once more as its last progress
         snapshot (with the report's figures, so that the two agree)."""
         report = await self._report(journal)
+        tokens = await journal.tokens_by_model()
+        prices = self._config.prices
+        report = attrs.evolve(
+            report,
+            tokens_by_model=tokens,
+            cost_by_model={m: prices[m].cost(*t) for m, t in tokens.items() if m in prices},
+        )
         self._final = report
         self._emit_progress()
         return report

@@ -21,6 +21,14 @@ def _frozen(value: Mapping[str, int]) -> Mapping[str, int]:
     return MappingProxyType(dict(value))
 
 
+def _frozen_tokens(value: Mapping[str, tuple[int, int]]) -> Mapping[str, tuple[int, int]]:
+    return MappingProxyType(dict(value))
+
+
+def _frozen_costs(value: Mapping[str, float]) -> Mapping[str, float]:
+    return MappingProxyType(dict(value))
+
+
 def _ordered(counts: Mapping[str, int]) -> list[tuple[str, int]]:
     known = [(name, counts[name]) for name in BATCH_STATUS_ORDER if counts.get(name)]
     rest = sorted((k, v) for k, v in counts.items() if k not in BATCH_STATUS_ORDER and v)
@@ -58,6 +66,11 @@ class RunReport:
         extra_uploads_deleted: extra copies of shard input files, left on the server
             by uploads whose answer was lost, that the run deleted.
         live: whether a process runs the journal right now (None: not checked).
+        tokens_by_model: model -> (prompt, completion) tokens of the final results
+            (each request counted once; ``""`` for results of no model), in the report
+            a run returns.
+        cost_by_model: model -> the dollars its tokens cost, for the models
+            ``RunConfig.prices`` has a price for.
     """
 
     run_id: str
@@ -79,6 +92,15 @@ class RunReport:
     output: str | None = None
     extra_uploads_deleted: int = 0
     live: bool | None = None
+    tokens_by_model: Mapping[str, tuple[int, int]] = attrs.field(
+        factory=dict, converter=_frozen_tokens
+    )
+    cost_by_model: Mapping[str, float] = attrs.field(factory=dict, converter=_frozen_costs)
+
+    @property
+    def cost(self) -> float | None:
+        """The dollars of every priced model's tokens (None when no model has a price)."""
+        return sum(self.cost_by_model.values()) if self.cost_by_model else None
 
     @property
     def total_tokens(self) -> int:
