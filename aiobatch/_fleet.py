@@ -161,6 +161,11 @@ class FleetConfig:
             :attr:`DoneReason.UNKNOWN_STATUS` this many seconds after its
             ``expires_at`` (it ends at once when it carries an output or error file).
         seed: seeds the jitter (None for a random one).
+        webhook_interval: webhooks on: every open batch is polled this often
+            (seconds; may exceed ``max_interval``), whatever its status, since
+            :meth:`Fleet.notify` (a :class:`~aiobatch.webhooks.WebhookReceiver`) makes a
+            batch due the moment its webhook arrives and polls only catch deliveries
+            that never come. None (the default): webhooks off, the intervals above.
     """
 
     requests_per_second: float = attrs.field(default=10.0, validator=positive)
@@ -187,12 +192,18 @@ class FleetConfig:
     not_found_limit: int = attrs.field(default=3, validator=positive)
     unknown_status_grace: float = attrs.field(default=3600.0, validator=non_negative)
     seed: int | None = None
+    webhook_interval: float | None = attrs.field(default=None, validator=non_negative_or_none)
 
     def __attrs_post_init__(self) -> None:
         if self.min_interval > self.max_interval:
             raise ValueError(
                 f"FleetConfig.min_interval ({self.min_interval:g}) must not exceed "
                 f"max_interval ({self.max_interval:g})"
+            )
+        if self.webhook_interval is not None and self.webhook_interval < self.min_interval:
+            raise ValueError(
+                f"FleetConfig.webhook_interval ({self.webhook_interval:g}) must not be "
+                f"shorter than min_interval ({self.min_interval:g})"
             )
         if self.page_size > 100:
             raise ValueError(f"FleetConfig.page_size must be at most 100, got {self.page_size}")
@@ -311,6 +322,9 @@ class FleetStats:
         observations: batch snapshots examined.
         rate_limited: answers with status 429.
         failures: calls that failed (any reason).
+        notifications: :meth:`Fleet.notify` calls for a tracked batch.
+        unknown_notifications: :meth:`Fleet.notify` calls for a batch not tracked
+            (ignored).
     """
 
     requests: int = 0
@@ -321,11 +335,14 @@ class FleetStats:
     observations: int = 0
     rate_limited: int = 0
     failures: int = 0
+    notifications: int = 0
+    unknown_notifications: int = 0
 
 
 # --- per-batch state ------------------------------------------------------------------------
 
 _NO_CANCEL, _CANCEL_WANTED, _CANCEL_SENT = 0, 1, 2
+_NOT_PUSHED, _PUSHED, _PUSHED_IN_FLIGHT = 0, 1, 2
 
 
 class _Tracked:
@@ -343,6 +360,7 @@ class _Tracked:
         "interval",
         "lifecycle",
         "not_found",
+        "pushed",
         "seen",
         "start_done",
         "start_time",
@@ -370,6 +388,9 @@ class _Tracked:
         self.deadline = deadline
         #: the unknown status strings reported for this batch (each is reported once).
         self.unknown: tuple[str, ...] = ()
+        #: a webhook said it ended: _PUSHED, or _PUSHED_IN_FLIGHT when it came while a
+        #: call about it was in flight (that answer may predate the end).
+        self.pushed = _NOT_PUSHED
 
 
 Callback: TypeAlias = Callable[[FleetEvent], "Awaitable[None] | None"]
@@ -580,6 +601,36 @@ class Fleet:
             return False
         self._unindex(record)
         self._after_removal()
+        return True
+
+    def notify(self, batch_id: str) -> bool:
+        """A webhook says this batch has ended: make it due at once.
+
+        The scheduler observes it in its next round (one retrieve, or a sweep when many
+        batches are due together), so its :class:`BatchDone` follows within a round
+        trip. If that observation does not show it ended yet (the event outran the
+        server's read side), it is polled again after ``min_interval``. Called for a
+        batch the fleet does not track (never added, already ended), it counts in
+        ``stats.unknown_notifications`` and changes nothing. Safe to call for the same
+        batch many times.
+
+        Returns:
+            Whether the batch is tracked.
+        """
+        record = self._tracked.get(batch_id) if isinstance(batch_id, str) else None
+        if record is None or self._closed:
+            self.stats.unknown_notifications += 1
+            return False
+        self.stats.notifications += 1
+        if record.due == math.inf:
+            # A call about it is in flight: look again as soon as it is answered.
+            record.pushed = _PUSHED_IN_FLIGHT
+            return True
+        record.pushed = _PUSHED
+        now = self._clock.monotonic()
+        if record.due > now:
+            self._schedule_at(record, now)
+            self._wake.set()
         return True
 
     def outcome(self, batch_id: str) -> BatchDone | None:
@@ -815,6 +866,10 @@ class Fleet:
 
     def _next_interval(self, record: _Tracked, changed: bool, now: float) -> float:
         cfg = self._config
+        if cfg.webhook_interval is not None:
+            # Webhooks report each end: polls are the safety net for lost deliveries.
+            record.interval = cfg.webhook_interval
+            return self._jittered(cfg.webhook_interval)
         status = record.lifecycle.status
         if status is _S.IN_PROGRESS and record.total > 0 and record.start_done >= 0:
             elapsed = now - record.start_time
@@ -910,6 +965,13 @@ class Fleet:
         when = now
         if record.cancel != _CANCEL_WANTED:
             when = now + self._next_interval(record, changed or progressed, now)
+            pushed = record.pushed
+            if pushed == _PUSHED_IN_FLIGHT:
+                when = now  # the answer may predate the webhook: look again now
+                record.pushed = _PUSHED
+            elif pushed == _PUSHED:
+                when = min(when, now + self._config.min_interval)
+                record.pushed = _NOT_PUSHED
         self._schedule_at(record, when)
 
     def _unknown_status(self, record: _Tracked, batch: Batch) -> UnknownStatusError | None:
