@@ -6,6 +6,7 @@ simulated lifecycle on an injected clock (:class:`VirtualClock` in tests), a plu
 server-side :class:`RateLimit`, and a :class:`FakeDialect` per provider (OpenAI,
 Portkey, Azure OpenAI: their headers, paths, error shapes and quirks).
 :func:`make_app` and :func:`run_fake_server` serve it over real HTTP;
+:class:`WebhookSender` sends its signed ``batch.*`` webhooks, with faults;
 :func:`set_retry_testing` makes every retry wait zero.
 """
 
@@ -25,6 +26,7 @@ from ._responder import (
     estimate_tokens,
 )
 from ._service import FakeBatchService, RecordedRequest
+from ._webhooks import WebhookDelivery, WebhookFaults, WebhookSender, WebhookSenderStats
 
 __all__ = [
     "Admission",
@@ -44,6 +46,10 @@ __all__ = [
     "Responder",
     "ResponderResult",
     "VirtualClock",
+    "WebhookDelivery",
+    "WebhookFaults",
+    "WebhookSender",
+    "WebhookSenderStats",
     "chat_requests",
     "current_line_time",
     "estimate_tokens",
