@@ -56,6 +56,7 @@ from .errors import (
 __all__ = [
     "BATCH_EVENT_TYPES",
     "DEFAULT_TOLERANCE",
+    "DEFAULT_WEBHOOK_INTERVAL",
     "Notifiable",
     "WEBHOOK_SECRET_ENV",
     "WebhookEvent",
@@ -76,6 +77,9 @@ BATCH_EVENT_TYPES = frozenset(
 )
 #: The largest difference between a delivery's timestamp and now, in seconds.
 DEFAULT_TOLERANCE = 300.0
+#: The safety-net poll interval a :class:`~aiobatch.BatchRun` given a receiver uses
+#: (``FleetConfig.webhook_interval``) unless its config sets one, in seconds.
+DEFAULT_WEBHOOK_INTERVAL = 600.0
 #: Where ``aiobatch run`` and ``aiobatch fake-server`` read the signing secret by default.
 WEBHOOK_SECRET_ENV = "OPENAI_WEBHOOK_SECRET"
 

@@ -7,11 +7,21 @@ import asyncio
 import base64
 import json
 from collections.abc import Mapping
+from pathlib import Path
 
 import pytest
 from pytest_aiohttp import AiohttpServer
 
-from aiobatch import BatchClient, BatchDone, Fleet, FleetConfig, FleetEvent, RetryPolicy
+from aiobatch import (
+    BatchClient,
+    BatchDone,
+    BatchRun,
+    Fleet,
+    FleetConfig,
+    FleetEvent,
+    RetryPolicy,
+    RunConfig,
+)
 from aiobatch.testing import (
     FakeBatchService,
     FakeConfig,
@@ -188,3 +198,40 @@ async def test_webhooks_over_http_let_a_fleet_detect_ends_at_once(
     assert done_at - start == pytest.approx(25.0)
     assert receiver.stats.notified == 1
     assert fleet.stats.requests == 2  # the first look (added by id), the one asked for
+
+
+async def test_a_run_given_a_receiver_learns_each_end_from_webhooks(
+    clock: VirtualClock, tmp_path: Path
+) -> None:
+    """BatchRun(webhooks=receiver): every batch is detected through its webhook, and the
+    fleet polls only as a 10-minute safety net: at most one look per batch."""
+    service = service_on(clock)
+    requests = [
+        {
+            "custom_id": f"r{n}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
+        }
+        for n in range(30)
+    ]
+    receiver = WebhookReceiver(SECRET, clock=clock)
+
+    async def deliver(url: str, headers: Mapping[str, str], body: bytes) -> int | None:
+        return receiver.receive(headers, body)
+
+    sender = WebhookSender(service, [URL], SECRET, post=deliver)
+    async with client_of(service, clock) as client, clock.auto_advance(), sender:
+        start = clock.now()
+        run = BatchRun(
+            client,
+            requests,
+            journal=tmp_path / "run.journal",
+            config=RunConfig(max_lines=10),
+            webhooks=receiver,
+        )
+        report = await run.run()
+    assert report.state == "done"
+    assert receiver.stats.notified == 3
+    assert 1 <= service.request_count("GET", "/batches*") <= 3  # retrieves or one list page
+    assert clock.now() - start < 100  # 10 s validating, 10 lines at 1/s, 10 s finalizing
