@@ -38,11 +38,13 @@ from ._run import (
 )
 from ._run import JournalFile as Journal
 from ._run._states import ShardState
+from ._secret import Secret
 from .errors import AiobatchError, ConfigurationError, JournalError, PreflightError
 from .testing._clock import VirtualClock
 from .testing._config import FakeConfig, LineErrorRule
 from .testing._faults import Fault
 from .testing._service import FakeBatchService
+from .webhooks import WEBHOOK_SECRET_ENV, WebhookReceiver, run_webhook_server
 
 __all__ = ["EXAMPLE_REQUESTS", "fake_environment"]
 
@@ -169,6 +171,22 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
     show.add_argument(
         "-v", "--verbose", action="store_true", help="also log every retry of a request"
     )
+    hooks = parser.add_argument_group("webhooks (learn each batch's end in seconds)")
+    hooks.add_argument(
+        "--webhook-listen",
+        type=_host_port,
+        default=None,
+        metavar="HOST:PORT",
+        help="receive OpenAI's signed batch webhooks on HOST:PORT (register its printed "
+        "URL with OpenAI); polls become a safety net every 10 minutes",
+    )
+    hooks.add_argument("--webhook-path", default="/webhooks", help="the URL path to receive on")
+    hooks.add_argument(
+        "--webhook-secret-env",
+        default=WEBHOOK_SECRET_ENV,
+        metavar="VAR",
+        help=f"the environment variable holding the signing secret (default {WEBHOOK_SECRET_ENV})",
+    )
     fake = parser.add_argument_group("the fake service (with --fake)")
     fake.add_argument(
         "--fake-faults",
@@ -189,6 +207,28 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
         help="share of requests that always fail with a 400",
     )
     fake.add_argument("--fake-seed", type=int, default=0, help="makes a fake run repeatable")
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, sep, number = text.rpartition(":")
+    if not sep or not host or not number.isdigit() or not 0 <= int(number) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]"), int(number)
+
+
+def webhook_secret(variable: str) -> Secret:
+    """The webhook signing secret from the environment variable ``variable``.
+
+    Raises:
+        ConfigurationError: the variable is unset or empty.
+    """
+    value = os.environ.get(variable, "").strip()
+    if not value:
+        raise ConfigurationError(
+            f"webhooks need the signing secret (whsec_...) in the environment variable "
+            f"{variable}, which is not set"
+        )
+    return Secret(value)
 
 
 def _provider_arguments(group: argparse._ActionsContainer, what: str) -> None:
@@ -321,7 +361,16 @@ async def _run_async(args: argparse.Namespace, journal: str) -> int:
     config = _config(args)
     interactive = None if not args.no_progress else False
     display = None if args.quiet else ProgressDisplay(sys.stderr, interactive=interactive)
-    async with _client_for(args) as (client, _clock):
+    async with contextlib.AsyncExitStack() as stack:
+        client, _clock = await stack.enter_async_context(_client_for(args))
+        receiver = None
+        if args.webhook_listen is not None:
+            host, port = args.webhook_listen
+            receiver = WebhookReceiver(webhook_secret(args.webhook_secret_env))
+            url = await stack.enter_async_context(
+                run_webhook_server(receiver, host=host, port=port, path=args.webhook_path)
+            )
+            print(f"aiobatch: receiving webhooks on {url}", file=sys.stderr)
         run = BatchRun(
             client,
             args.input,
@@ -329,6 +378,7 @@ async def _run_async(args: argparse.Namespace, journal: str) -> int:
             output=args.output,
             config=config,
             on_progress=display.update if display is not None else None,
+            webhooks=receiver,
         )
         loop = asyncio.get_running_loop()
         interrupts = 0
@@ -406,6 +456,19 @@ def _run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.webhook_listen is not None:
+        if args.fake:
+            print(
+                "aiobatch run: --webhook-listen needs a real server (the --fake service runs "
+                "on a virtual clock); serve one with 'aiobatch fake-server --webhook-url URL'",
+                file=sys.stderr,
+            )
+            return 2
+        try:
+            webhook_secret(args.webhook_secret_env)
+        except ConfigurationError as exc:
+            print(f"aiobatch run: {exc}", file=sys.stderr)
+            return 2
     if not args.fake:
         # A missing key (or endpoint) is said now, before the input is read.
         try:
