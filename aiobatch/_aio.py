@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from typing import Any
 
 from ._clock import Clock
 
-__all__ = ["cancel_and_wait", "first_of", "sleep_or_set"]
+__all__ = ["cancel_and_wait", "first_of", "run_all", "run_bounded", "sleep_or_set"]
 
 
 async def first_of(*futures: asyncio.Future[Any]) -> None:
@@ -44,3 +45,33 @@ async def sleep_or_set(clock: Clock, seconds: float | None, *events: asyncio.Eve
     if seconds is not None:
         waits.append(asyncio.ensure_future(clock.sleep(max(seconds, 0.0))))
     await first_of(*waits)
+
+
+async def run_all(coroutines: list[Coroutine[Any, Any, None]]) -> None:
+    """Run coroutines concurrently; if one fails (or this is cancelled), cancel the rest
+    and wait for them, so nothing is left running."""
+    if len(coroutines) == 1:
+        await coroutines[0]
+        return
+    tasks = [asyncio.ensure_future(c) for c in coroutines]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+async def run_bounded(jobs: Sequence[Callable[[], Awaitable[None]]], limit: int) -> None:
+    """Run ``jobs`` (each makes an awaitable when called), in order, on at most
+    ``limit`` workers; as :func:`run_all` when one fails."""
+    if not jobs:
+        return
+    queue = deque(jobs)
+
+    async def worker() -> None:
+        while queue:
+            await queue.popleft()()
+
+    await run_all([worker() for _ in range(min(len(jobs), limit))])

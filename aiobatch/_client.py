@@ -5,6 +5,11 @@ through the retry policy and the transport, and turns answers into models with t
 converter; error statuses become the :mod:`aiobatch.errors` tree. It parses and builds
 no wire format itself: every body goes through :mod:`aiobatch._convert`.
 
+This module holds the client itself (its options, closing, ``with_options``) and the
+Batch API calls, waiting for a batch included; the Files API calls are in
+:mod:`aiobatch._client_files` and the plumbing under every call (requests, sends, error
+mapping, decoding, redaction) in :mod:`aiobatch._client_core`.
+
 Safe creates
 ------------
 ``create_batch`` never blindly re-sends a create: after a failure that may have made
@@ -17,70 +22,29 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import tempfile
-import types
-from collections.abc import AsyncGenerator, Callable, Mapping
-from typing import Any, NoReturn, TypeVar
-from urllib.parse import quote
+from collections.abc import AsyncGenerator, Iterable, Mapping
 
+from ._client_core import quote_id, response_lines
+from ._client_files import FileCalls
 from ._clock import Clock, SystemClock
-from ._convert import (
-    decode,
-    decode_batch_output_line,
-    decode_json,
-    decode_result_line,
-    encode_create_batch,
-    parse_error_body,
-    upload_form_fields,
-)
+from ._convert import decode_batch_output_line, encode_create_batch, encode_inline_create
 from ._create import LOOKUP_MAX_PAGES, Creator, keyed_metadata
 from ._lifecycle import BatchLifecycle, BatchStatus, parse_status_aliases
-from ._models import (
-    Batch,
-    BatchErrors,
-    BatchPage,
-    File,
-    FileDeleted,
-    FilePage,
-    ResultLine,
-    alias_status,
-)
-from ._provider import (
-    OpenAIProvider,
-    Provider,
-    Secret,
-    _Headers,
-    provider_from_env,
-    require_key,
-)
-from ._retry import (
-    RETRYABLE_STATUSES,
-    RetryPolicy,
-    RetryState,
-    parse_retry_after,
-    poll_intervals,
-)
+from ._models import Batch, BatchErrors, BatchPage, BatchRequest, ResultLine, alias_status
+from ._provider import OpenAIProvider, Provider, Secret, provider_from_env, require_key
+from ._retry import RetryPolicy, is_transient, poll_intervals
 from .errors import (
     APIStatusError,
-    ClosedError,
-    DecodeError,
-    FileProcessingError,
-    FileWaitTimeoutError,
     NoOutputError,
     NotFoundError,
     TransportError,
-    UnknownStatusError,
     UnsupportedError,
     WaitTimeoutError,
     describe,
-    status_error_class,
 )
-from .transport._base import FilePart, Multipart, Request, Response, Transport
+from .transport._base import Transport
 
 __all__ = ["DEFAULT_CREATE_SETTLE", "BatchClient"]
-
-T = TypeVar("T")
 
 logger = logging.getLogger("aiobatch")
 
@@ -91,11 +55,6 @@ DEFAULT_CREATE_SETTLE = 10.0
 #: How much of a wait's timeout is kept for its last poll (at most _FINAL_POLL_MAX s).
 _FINAL_POLL_SHARE = 0.1
 _FINAL_POLL_MAX = 10.0
-
-_NO_PARAMS: Mapping[str, str] = types.MappingProxyType({})
-
-#: Default seconds :meth:`BatchClient.wait_for_file` waits for an upload to be processed.
-DEFAULT_FILE_WAIT = 600.0
 
 
 class _Keep:
@@ -110,70 +69,7 @@ class _Keep:
 _KEEP = _Keep()
 
 
-def _quote(object_id: str) -> str:
-    if not object_id:
-        raise ValueError("an object id must be a non-empty string")
-    return quote(object_id, safe="%:@")
-
-
-def _redact_error(error: DecodeError, secrets: tuple[Secret, ...]) -> DecodeError:
-    """A copy of a decode error with the secret masked in every text, and nothing chained.
-
-    A new exception object, never the caught one: re-raising the caught one would bring
-    back the frames (and their locals, the raw body among them) it was caught with.
-    """
-    cls = type(error)
-    copy = cls.__new__(cls)
-    copy.__dict__.update(error.__dict__)
-    copy.what = _redact(secrets, error.what)
-    copy.detail = _redact(secrets, error.detail)
-    if error.path is not None:
-        copy.path = _redact(secrets, error.path)
-    if isinstance(copy, UnknownStatusError) and isinstance(copy.value, str):
-        copy.value = _redact(secrets, copy.value)
-    copy.args = tuple(_redact(secrets, a) if isinstance(a, str) else a for a in error.args)
-    copy.__suppress_context__ = True
-    return copy
-
-
-def _redact(secrets: tuple[Secret, ...], text: str) -> str:
-    for secret in secrets:
-        text = secret.redact(text)
-    return text
-
-
-async def _lines(response: Response) -> AsyncGenerator[bytes, None]:
-    """A streamed body's lines, without their line ends; closes the response at the end.
-
-    A last line without a newline is yielded too. Each byte is looked at a bounded
-    number of times, however long a line is and however the chunks cut it.
-    """
-    try:
-        pending: list[bytes] = []  # the start of a line cut by chunk boundaries
-        async for chunk in response.iter_chunks():
-            lines = chunk.split(b"\n")
-            if len(lines) == 1:
-                pending.append(chunk)
-                continue
-            if pending:
-                pending.append(lines[0])
-                lines[0] = b"".join(pending)
-                pending.clear()
-            tail = lines.pop()
-            if tail:
-                pending.append(tail)
-            for line in lines:
-                yield line[:-1] if line.endswith(b"\r") else line
-        if pending:
-            last = b"".join(pending)
-            pending.clear()
-            if last:
-                yield last[:-1] if last.endswith(b"\r") else last
-    finally:
-        await response.aclose()
-
-
-class BatchClient:
+class BatchClient(FileCalls):
     """An async client for the Files and Batch APIs of one provider.
 
     Use it as an async context manager (or call :meth:`aclose`)::
@@ -249,27 +145,19 @@ class BatchClient:
         if not create_settle >= 0:
             raise ValueError(f"create_settle must be >= 0, got {create_settle!r}")
         require_key(provider)
-        self._provider: Provider = provider
-        self._secrets = tuple(provider.secrets)
-        query = provider.params()
-        self._query: Mapping[str, str] | None = dict(query) if query else None
         self._owns_transport = transport is None
         if transport is None:
             from .transport._aiohttp import AiohttpTransport
 
             transport = AiohttpTransport()
-        self._transport: Transport = transport
-        self._retry = retry if retry is not None else RetryPolicy()
-        self._clock: Clock = clock if clock is not None else SystemClock()
-        self._timeout = timeout
-        self._create_settle = float(create_settle)
-        self._closed = False
-        self._parent: BatchClient | None = None
-        headers = _Headers(provider.headers())
-        self._headers: Mapping[str, str] = headers
-        self._json_headers: Mapping[str, str] = _Headers(
-            {**headers, "content-type": "application/json"}
+        super().__init__(
+            provider,
+            transport,
+            retry if retry is not None else RetryPolicy(),
+            clock if clock is not None else SystemClock(),
+            timeout,
         )
+        self._create_settle = float(create_settle)
         self._creates = Creator(
             transport=transport,
             check_open=self._check_open,
@@ -284,7 +172,7 @@ class BatchClient:
             logger=logger,
         )
 
-    # --- plumbing --------------------------------------------------------------------------
+    # --- the client --------------------------------------------------------------------------
 
     @property
     def provider(self) -> Provider:
@@ -307,12 +195,6 @@ class BatchClient:
         lookup of its key is trusted."""
         return self._create_settle
 
-    @property
-    def closed(self) -> bool:
-        """Whether :meth:`aclose` was called (on this client, or on the one it was made
-        from with :meth:`with_options`); every call then raises ClosedError."""
-        return self._closed or (self._parent is not None and self._parent.closed)
-
     async def aclose(self) -> None:
         """Close the client, and the transport if the client created it. Safe to call twice.
 
@@ -330,10 +212,6 @@ class BatchClient:
 
     def __repr__(self) -> str:
         return f"BatchClient(base_url={self._provider.base_url!r}, transport={self._transport!r})"
-
-    def _check_open(self) -> None:
-        if self._closed or (self._parent is not None and self._parent.closed):
-            raise ClosedError("the client is closed; make a new BatchClient")
 
     def with_options(
         self, *, retry: RetryPolicy | None = None, timeout: float | _Keep | None = _KEEP
@@ -361,378 +239,7 @@ class BatchClient:
         child._parent = self
         return child
 
-    def _request(
-        self,
-        method: str,
-        path: str,
-        *,
-        params: Mapping[str, str] = _NO_PARAMS,
-        body: bytes | Multipart | None = None,
-        timeout: float | None = None,
-    ) -> Request:
-        headers = self._json_headers if isinstance(body, bytes) else self._headers
-        if self._query is not None:
-            params = {**self._query, **params}
-        return Request(method, self._provider.url(path), params, headers, body, timeout)
-
-    async def _send(
-        self,
-        request: Request,
-        *,
-        stream: bool = False,
-        deadline: float | None = None,
-        state: RetryState | None = None,
-    ) -> Response:
-        self._check_open()
-        response = await self._retry.send(
-            self._transport,
-            request,
-            clock=self._clock,
-            stream=stream,
-            deadline=deadline,
-            state=state,
-        )
-        if response.status >= 400:
-            await self._raise_for_status(response, request)
-        return response
-
-    async def _fetch(
-        self,
-        cls: type[T],
-        method: str,
-        path: str,
-        *,
-        params: Mapping[str, str] = _NO_PARAMS,
-        deadline: float | None = None,
-    ) -> tuple[T, Response]:
-        request = self._request(method, path, params=params, timeout=self._timeout)
-        response = await self._send(request, deadline=deadline)
-        return self._decode(await response.read(), cls), response
-
-    async def _call(
-        self,
-        cls: type[T],
-        method: str,
-        path: str,
-        *,
-        params: Mapping[str, str] = _NO_PARAMS,
-        deadline: float | None = None,
-    ) -> T:
-        value, _ = await self._fetch(cls, method, path, params=params, deadline=deadline)
-        return value
-
-    def _decode(self, raw: bytes, cls: type[T], *, what: str | None = None) -> T:
-        """Decode a success body; a decode error never shows an echoed API key."""
-        try:
-            return decode(raw, cls, what=what)
-        except DecodeError as exc:
-            error = self._scrubbed(exc, raw)
-            if error is exc:
-                raise
-        del raw
-        raise error
-
-    def _scrubbed(self, error: DecodeError, raw: bytes | str) -> DecodeError:
-        """``error`` itself, or (when the body held an API key) a redacted copy of it."""
-        if not any(secret.redact(raw) is not raw for secret in self._secrets):
-            return error
-        return _redact_error(error, self._secrets)
-
-    async def _status_error(self, response: Response, request: Request) -> APIStatusError:
-        """The :class:`APIStatusError` for an error response (the API key masked)."""
-        raw = await response.read()
-        for secret in self._secrets:
-            raw = secret.redact(raw)
-        status = response.status
-        body: Any
-        try:
-            body = decode_json(raw, what="error body") if raw else None
-        except DecodeError:
-            body = raw[:2000].decode("utf-8", "replace")
-        envelope = parse_error_body(body)
-        if envelope is not None:
-            message = envelope.message
-        elif isinstance(body, str) and body.strip():
-            message = body.strip()[:200]
-        else:
-            message = f"HTTP {status} with no error message"
-        fields: dict[str, Any] = {
-            "status_code": status,
-            "request_id": response.headers.get("x-request-id"),
-            "body": body,
-            "error_type": envelope.type if envelope else None,
-            "error_code": envelope.code if envelope else None,
-            "error_param": envelope.param if envelope else None,
-            "method": request.method,
-            "url": request.url,
-            "retry_after": parse_retry_after(response.headers, now=self._clock.now()),
-        }
-        return status_error_class(status)(message, **fields)
-
-    async def _raise_for_status(self, response: Response, request: Request) -> NoReturn:
-        """Turn an error response into the matching :class:`APIStatusError`."""
-        raise await self._status_error(response, request)
-
-    # --- files -----------------------------------------------------------------------------
-
-    async def upload_file(
-        self,
-        file: str | os.PathLike[str] | bytes,
-        *,
-        purpose: str = "batch",
-        filename: str | None = None,
-        expires_after_seconds: int | None = None,
-        wait_processed: bool | None = None,
-        processing_timeout: float = DEFAULT_FILE_WAIT,
-    ) -> File:
-        """Upload a file (``POST /files``). A path is streamed, never read whole.
-
-        On a provider whose uploads are usable only once ``processed`` (Azure: see
-        :attr:`Quirks.wait_for_processed_file <aiobatch.Quirks.wait_for_processed_file>`)
-        the call then waits for that with :meth:`wait_for_file`, so the file it returns
-        can go straight into :meth:`create_batch`.
-
-        An upload is retried like any call. Uploads cannot be looked up reliably (file
-        names need not be unique), so when an attempt's answer was lost and a retry
-        then succeeded, the server may hold an extra copy: a WARNING names the file
-        kept, and the extra copy (same name, same size) can be deleted by hand. It is
-        never used by a batch, and costs only storage.
-
-        Args:
-            file: a path, or the content itself.
-            purpose: the file's purpose (``batch`` for batch input).
-            filename: the name the server records; default the path's base name, or
-                ``input.jsonl`` for bytes.
-            expires_after_seconds: delete the file this long after its creation.
-            wait_processed: wait until the file is ``processed``; None (the default)
-                waits when the provider needs it.
-            processing_timeout: seconds that wait may take.
-
-        Returns:
-            The stored file.
-
-        Raises:
-            FileProcessingError: the server marked the file ``error``.
-            FileWaitTimeoutError: it was still not ``processed`` after
-                ``processing_timeout`` seconds.
-        """
-        if isinstance(file, bytes | bytearray | memoryview):
-            part = FilePart(filename=filename or "input.jsonl", content=bytes(file))
-        else:
-            path = os.fspath(file)
-            part = FilePart(filename=filename or os.path.basename(path), path=path)
-        fields = upload_form_fields(purpose, expires_after_seconds)
-        request = self._request(
-            "POST", "/files", body=Multipart(fields=fields, files=(("file", part),))
-        )
-        state = RetryState(self._retry, self._clock, request.method, request.url)
-        response = await self._send(request, state=state)
-        uploaded = self._decode(await response.read(), File)
-        if state.ambiguous:
-            logger.warning(
-                "upload of %r succeeded as %s after an attempt whose answer was lost; the "
-                "server may also hold an extra copy of it (same name and size), which "
-                "can be deleted",
-                uploaded.filename,
-                uploaded.id,
-            )
-        if wait_processed is None:
-            wait_processed = self._provider.quirks.wait_for_processed_file
-        if wait_processed:
-            uploaded = await self.wait_for_file(uploaded, timeout=processing_timeout)
-        return uploaded
-
-    async def wait_for_file(
-        self,
-        file: str | File,
-        *,
-        timeout: float = DEFAULT_FILE_WAIT,
-        poll_interval: float = 1.0,
-        max_interval: float = 10.0,
-    ) -> File:
-        """Poll a file until it is ``processed`` (Azure answers an upload ``pending``).
-
-        A file already ``processed`` (or with no status, as some compatible servers
-        send) is returned at once, without a request. Polls go through the client's
-        clock; intervals grow from ``poll_interval`` to ``max_interval``.
-
-        Args:
-            file: the file id, or the File the upload returned.
-            timeout: seconds to wait in all.
-            poll_interval: seconds before the first poll.
-            max_interval: the longest pause between polls.
-
-        Returns:
-            The file, ``processed``.
-
-        Raises:
-            FileProcessingError: the server marked the file ``error`` (its
-                ``status_details`` say why) or ``deleted``.
-            FileWaitTimeoutError: still not ``processed`` at the deadline.
-        """
-        clock = self._clock
-        deadline = clock.monotonic() + timeout
-        intervals = poll_intervals(poll_interval, max_interval, jitter=0.0)
-        current = file if isinstance(file, File) else await self.retrieve_file(file)
-        while True:
-            status = current.status
-            if status is None or status == "processed":
-                return current
-            if status in ("error", "deleted"):
-                details = f": {current.status_details}" if current.status_details else ""
-                raise FileProcessingError(
-                    f"file {current.id} ended {status!r} instead of 'processed'{details}; "
-                    "upload it again",
-                    file_id=current.id,
-                    status=status,
-                    status_details=current.status_details,
-                )
-            room = deadline - clock.monotonic()
-            if room <= 0:
-                raise FileWaitTimeoutError(
-                    f"file {current.id} still {status!r} after {timeout:g}s",
-                    file_id=current.id,
-                    status=status,
-                    status_details=current.status_details,
-                )
-            await clock.sleep(min(intervals(), room))
-            current = await self._call(
-                File, "GET", f"/files/{_quote(current.id)}", deadline=deadline
-            )
-
-    async def retrieve_file(self, file_id: str) -> File:
-        """Get one file's metadata (``GET /files/{id}``)."""
-        return await self._call(File, "GET", f"/files/{_quote(file_id)}")
-
-    async def delete_file(self, file_id: str) -> FileDeleted:
-        """Delete a file (``DELETE /files/{id}``).
-
-        When an attempt's answer was lost and the retry finds the file gone (404), the
-        first attempt did the work: the file is reported deleted.
-        """
-        request = self._request("DELETE", f"/files/{_quote(file_id)}", timeout=self._timeout)
-        self._check_open()
-        state = RetryState(self._retry, self._clock, request.method, request.url)
-        response = await self._retry.send(self._transport, request, clock=self._clock, state=state)
-        if response.status == 404 and state.ambiguous:
-            await response.aclose()
-            logger.info(
-                "file %s: 404 after a delete whose answer was lost; that delete did it",
-                file_id,
-            )
-            return FileDeleted(id=file_id, deleted=True)
-        if response.status >= 400:
-            await self._raise_for_status(response, request)
-        return self._decode(await response.read(), FileDeleted)
-
-    async def list_files_page(
-        self,
-        *,
-        purpose: str | None = None,
-        order: str | None = None,
-        after: str | None = None,
-        limit: int | None = None,
-    ) -> FilePage:
-        """One page of ``GET /files``.
-
-        Args:
-            purpose: only files with this purpose.
-            order: ``asc`` or ``desc`` by creation time (server default ``desc``).
-            after: the id of the last file of the previous page.
-            limit: files per page (server default 10,000).
-        """
-        params: dict[str, str] = {}
-        if purpose is not None:
-            params["purpose"] = purpose
-        if order is not None:
-            params["order"] = order
-        if after is not None:
-            params["after"] = after
-        if limit is not None:
-            params["limit"] = str(limit)
-        return await self._call(FilePage, "GET", "/files", params=params)
-
-    async def list_files(
-        self,
-        *,
-        purpose: str | None = None,
-        order: str | None = None,
-        page_size: int | None = None,
-    ) -> AsyncGenerator[File, None]:
-        """Every file, over all pages (next page ``after`` the last item's id)."""
-        after: str | None = None
-        while True:
-            page = await self.list_files_page(
-                purpose=purpose, order=order, after=after, limit=page_size
-            )
-            for item in page.data:
-                yield item
-            if not page.has_more or not page.data:
-                return
-            after = page.data[-1].id
-
-    async def file_content(self, file_id: str) -> bytes:
-        """A file's whole content (``GET /files/{id}/content``); for small files."""
-        request = self._request("GET", f"/files/{_quote(file_id)}/content", timeout=self._timeout)
-        response = await self._send(request)
-        return await response.read()
-
-    async def _open_content(self, file_id: str) -> Response:
-        request = self._request("GET", f"/files/{_quote(file_id)}/content", timeout=self._timeout)
-        return await self._send(request, stream=True)
-
-    async def iter_file_lines(self, file_id: str) -> AsyncGenerator[bytes, None]:
-        """A file's lines as they arrive, without their line ends, in constant memory.
-
-        A last line without a newline is yielded too. Stopping early (closing the
-        iterator, e.g. with :func:`contextlib.aclosing`) closes the response. Each byte
-        is looked at a bounded number of times, however long a line is and however the
-        chunks cut it.
-        """
-        response = await self._open_content(file_id)
-        async with contextlib.aclosing(_lines(response)) as lines:
-            async for line in lines:
-                yield line
-
-    async def iter_results(self, file_id: str) -> AsyncGenerator[ResultLine, None]:
-        """The decoded lines of a batch output or error file, streamed; blank lines skipped.
-
-        Raises:
-            DecodeError: a line does not decode; the message names the file and the
-                1-based line number.
-        """
-        decoded = self._decoded_lines(
-            self.iter_file_lines(file_id), decode_result_line, f"file {file_id}"
-        )
-        async with contextlib.aclosing(decoded) as results:
-            async for result in results:
-                yield result
-
-    async def _decoded_lines(
-        self,
-        lines: AsyncGenerator[bytes, None],
-        decode_line: Callable[..., T],
-        where: str,
-    ) -> AsyncGenerator[T, None]:
-        """Decode each non-blank line; a decode error names the 1-based line number and
-        never shows an echoed API key. Closes ``lines`` when done or stopped early."""
-        number = 0
-        async with contextlib.aclosing(lines):
-            async for line in lines:
-                number += 1
-                if not line.strip():
-                    continue
-                scrubbed: DecodeError | None = None
-                try:
-                    result = decode_line(line, what=f"line {number} of {where}")
-                except DecodeError as exc:
-                    scrubbed = self._scrubbed(exc, line)
-                    if scrubbed is exc:
-                        raise
-                if scrubbed is not None:  # raised out here: nothing holding the line chained
-                    del line
-                    raise scrubbed
-                yield result
+    # --- batches ---------------------------------------------------------------------------
 
     async def iter_batch_output(self, batch: str | Batch) -> AsyncGenerator[ResultLine, None]:
         """A finished batch's output lines, streamed in one call (Portkey's
@@ -761,7 +268,9 @@ class BatchClient:
                 f"the {self._provider.name} provider has no /batches/{{id}}/output endpoint "
                 "(Portkey's); read the batch's output_file_id with iter_results()"
             )
-        request = self._request("GET", f"/batches/{_quote(batch_id)}/output", timeout=self._timeout)
+        request = self._request(
+            "GET", f"/batches/{quote_id(batch_id)}/output", timeout=self._timeout
+        )
         missing: NotFoundError | None = None
         try:
             response = await self._send(request, stream=True)
@@ -777,7 +286,7 @@ class BatchClient:
                 return
             raise missing
         decoded = self._decoded_lines(
-            _lines(response), decode_batch_output_line, f"the output of batch {batch_id}"
+            response_lines(response), decode_batch_output_line, f"the output of batch {batch_id}"
         )
         async with contextlib.aclosing(decoded) as results:
             async for result in results:
@@ -792,39 +301,6 @@ class BatchClient:
                         errors=result,
                     )
                 yield result
-
-    async def download_file(self, file_id: str, path: str | os.PathLike[str]) -> int:
-        """Stream a file's content to ``path``, atomically.
-
-        The bytes go to a temporary file beside ``path`` (created with mode 0600) that
-        replaces ``path`` only once complete, so ``path`` never holds a partial file.
-
-        Returns:
-            The number of bytes written.
-        """
-        target = os.fspath(path)
-        directory = os.path.dirname(target) or os.curdir
-        fd, temp = tempfile.mkstemp(prefix=".aiobatch-", suffix=".part", dir=directory)
-        written = 0
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                response = await self._open_content(file_id)
-                try:
-                    async for chunk in response.iter_chunks():
-                        fh.write(chunk)
-                        written += len(chunk)
-                finally:
-                    await response.aclose()
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(temp, target)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temp)
-            raise
-        return written
-
-    # --- batches ---------------------------------------------------------------------------
 
     async def create_batch(
         self,
@@ -879,6 +355,28 @@ class BatchClient:
         self._check_open()
         return await self._creates.create(request, key)
 
+    async def create_inline_batch(self, requests: Iterable[BatchRequest]) -> Batch:
+        """Create a batch with its requests in the call itself (Anthropic's
+        ``POST /v1/messages/batches``, :attr:`Quirks.submission
+        <aiobatch.Quirks.submission>` ``"inline"``); one call makes at most one batch.
+
+        Such a batch carries no metadata, so a create whose answer was lost cannot be
+        looked up by a key: it is never sent again, and
+        :class:`~aiobatch.errors.AmbiguousCreateError` is raised at once (the run layer
+        then looks for it by its request count and creation time).
+
+        Args:
+            requests: the requests (each line's ``body`` is a Messages API body).
+
+        Raises:
+            APIStatusError: the server refused, and no attempt may have made a batch.
+            AmbiguousCreateError: an attempt may have made a batch.
+        """
+        body = encode_inline_create(requests)
+        request = self._request("POST", "/batches", body=body, timeout=self._timeout)
+        self._check_open()
+        return await self._creates.create(request, None)
+
     async def find_created_batch(
         self, create_key: str, *, since: float | None = None, max_pages: int = LOOKUP_MAX_PAGES
     ) -> Batch | None:
@@ -908,7 +406,7 @@ class BatchClient:
 
     async def retrieve_batch(self, batch_id: str) -> Batch:
         """Get a batch (``GET /batches/{id}``)."""
-        return await self._call(Batch, "GET", f"/batches/{_quote(batch_id)}")
+        return await self._call(Batch, "GET", f"/batches/{quote_id(batch_id)}")
 
     async def cancel_batch(self, batch_id: str) -> Batch:
         """Ask the server to cancel a batch (``POST /batches/{id}/cancel``).
@@ -916,7 +414,7 @@ class BatchClient:
         Returns:
             The batch, normally ``cancelling``; it reaches ``cancelled`` later.
         """
-        return await self._call(Batch, "POST", f"/batches/{_quote(batch_id)}/cancel")
+        return await self._call(Batch, "POST", f"/batches/{quote_id(batch_id)}/cancel")
 
     async def list_batches_page(self, *, after: str | None = None, limit: int = 100) -> BatchPage:
         """One page of ``GET /batches``, newest first.
@@ -925,7 +423,9 @@ class BatchClient:
             after: the id of the last batch of the previous page.
             limit: batches per page (1 to 100).
         """
-        params = {"limit": str(limit)} if after is None else {"limit": str(limit), "after": after}
+        params = {"limit": str(limit)}
+        if after is not None:
+            params[self._provider.quirks.list_cursor_param] = after
         return await self._call(BatchPage, "GET", "/batches", params=params)
 
     async def list_batches(
@@ -1032,15 +532,11 @@ class BatchClient:
     async def _poll(self, batch_id: str, deadline: float | None, last: Batch | None) -> Batch:
         """Retrieve a batch within the wait's deadline; a retryable failure cut short by
         the deadline is the wait's timeout."""
-        path = f"/batches/{_quote(batch_id)}"
+        path = f"/batches/{quote_id(batch_id)}"
         try:
             return await self._call(Batch, "GET", path, deadline=deadline)
         except (TransportError, APIStatusError) as exc:
-            if deadline is None or self._clock.monotonic() < deadline:
-                raise
-            if isinstance(exc, APIStatusError) and not (
-                exc.status_code in RETRYABLE_STATUSES or exc.status_code >= 500
-            ):
+            if deadline is None or self._clock.monotonic() < deadline or not is_transient(exc):
                 raise
             status = last.wire_status if last is not None else "unknown"
             raise WaitTimeoutError(

@@ -23,6 +23,8 @@ Provider quirks, absorbed here so that no caller ever sees them:
   missing or null ``completion_window`` (Vertex AI through Portkey) or ``endpoint``
   (Bedrock through Portkey) as None; a numeric ``errors.data[].code`` (Vertex AI's
   ``google.rpc.Status``) as its digits;
+* Anthropic's Message Batches (a body with ``"type": "message_batch"``, result lines
+  with a ``result``), read by :mod:`aiobatch._convert_anthropic` into the same models;
 * error bodies that are not OpenAI's envelope: Portkey's ``{"status": "failure",
   "message": ...}``, Azure API Management's ``{"statusCode": 401, "message": ...}``
   and ``{"detail": ...}`` from small compatible servers (see :func:`parse_error_body`).
@@ -56,6 +58,13 @@ from cattrs.errors import (
     IterableValidationNote,
 )
 
+from ._convert_anthropic import (
+    encode_inline_create,
+    is_anthropic_batch,
+    is_anthropic_result,
+    openai_batch_data,
+    openai_result_data,
+)
 from ._lifecycle import KNOWN, BatchStatus
 from ._models import (
     BATCH_TIMESTAMPS,
@@ -82,9 +91,11 @@ __all__ = [
     "decode_json",
     "decode_result_line",
     "encode_create_batch",
+    "encode_inline_create",
     "encode_request_line",
     "map_status",
     "parse_error_body",
+    "result_line_bytes",
     "structure",
     "to_wire",
     "upload_form_fields",
@@ -372,6 +383,8 @@ def _make_converter(*, detailed: bool) -> cattrs.Converter:
                     and "endpoint" in value
                 ):
                     return inner(value)  # the common case: nothing to normalise
+                if is_anthropic_batch(value):
+                    return inner(openai_batch_data(value, _RAW_STATUS_KEY))
                 return inner(_normalise_batch(value))
 
             return batch_hook
@@ -432,6 +445,8 @@ def _result_line_hook(conv: cattrs.Converter, *, detailed: bool) -> Callable[[An
     def hook(value: Any, _: Any) -> ResultLine:
         if not isinstance(value, dict):
             raise TypeError(f"expected an object, got {type(value).__name__}")
+        if is_anthropic_result(value):
+            value = openai_result_data(value)
         custom_id: str = field(value, "custom_id", str)
         line_id: str | None = field(value, "id", str | None) if "id" in value else None
         if value.get("response") is not None:
@@ -529,6 +544,19 @@ def decode(body: bytes | str, cls: type[T], *, what: str | None = None) -> T:
 def decode_result_line(line: bytes | str, *, what: str = "result line") -> ResultLine:
     """Parse one line of a batch output or error file."""
     return structure(decode_json(line, what=what), ResultLine, what=what)  # type: ignore[arg-type]
+
+
+def result_line_bytes(raw: bytes, result: ResultLine) -> bytes:
+    """A result line's bytes in the OpenAI shape (``id``, ``custom_id``, ``response``,
+    ``error``): ``raw`` itself (stripped) when it is in that shape, else ``result``
+    encoded (Anthropic's ``{"custom_id", "result"}`` lines), so that a run's output has
+    one shape whatever the provider."""
+    data = bytes(raw).strip()
+    if b'"result"' in data:
+        parsed = decode_json(data, what="result line")
+        if isinstance(parsed, dict) and is_anthropic_result(parsed):
+            return json.dumps(to_wire(result), separators=(",", ":"), ensure_ascii=False).encode()
+    return data
 
 
 def decode_batch_output_line(

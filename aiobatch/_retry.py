@@ -8,7 +8,12 @@ A :class:`RetryPolicy` is frozen data plus pure functions:
   failures (:class:`~aiobatch.errors.ConnectError`,
   :class:`~aiobatch.errors.TransportTimeoutError`, any other
   :class:`~aiobatch.errors.TransportError`) and the HTTP statuses 408, 409, 429 and
-  5xx. A server's ``x-should-retry: true|false`` header overrides the status.
+  5xx (:func:`is_transient_status`). A server's ``x-should-retry: true|false`` header
+  overrides the status.
+* :func:`is_transient` is the same rule for an error already raised: the client's wait,
+  the fleet and the run layer ask it whether a failure passes by itself, and
+  :func:`retry_after_of` what wait the server asked for with it. (A batch's result
+  *lines* have a rule of their own: ``aiobatch._run._outcomes``.)
 * :func:`parse_retry_after` reads the server's wish: ``retry-after-ms`` (float
   milliseconds, preferred), then ``retry-after`` (float seconds, or an HTTP date).
 * :meth:`RetryPolicy.compute_delay` turns both into seconds: the server's wish when it
@@ -73,7 +78,7 @@ import attrs
 import backoff
 
 from ._validators import at_least_one, non_negative, non_negative_or_none
-from .errors import ConnectError, TransportError
+from .errors import APIStatusError, ConnectError, TransportError
 
 if TYPE_CHECKING:
     from ._clock import Clock
@@ -87,17 +92,21 @@ __all__ = [
     "cap_server_wait",
     "is_ambiguous",
     "is_retry_testing",
+    "is_transient",
+    "is_transient_status",
     "may_commit_late",
     "parse_http_date",
     "parse_retry_after",
     "poll_intervals",
+    "retry_after_of",
     "retry_reason",
     "set_retry_testing",
 ]
 
 logger = logging.getLogger("aiobatch")
 
-#: HTTP statuses retried unless ``x-should-retry: false`` says otherwise (plus all 5xx).
+#: HTTP statuses of an API call that pass by themselves (plus every 5xx): a call
+#: answered with one is retried unless ``x-should-retry: false`` says otherwise.
 RETRYABLE_STATUSES: frozenset[int] = frozenset({408, 409, 429})
 
 #: Exponents beyond this are never needed (the delay is capped long before).
@@ -107,6 +116,31 @@ Jitter = Callable[[float], float]
 
 
 # --- what is retryable -------------------------------------------------------------------
+
+
+def is_transient_status(status: int) -> bool:
+    """Whether an API call answered with HTTP ``status`` may succeed when made again:
+    408, 409, 429 (:data:`RETRYABLE_STATUSES`) and every 5xx."""
+    return status in RETRYABLE_STATUSES or status >= 500
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a failed API call may succeed when made again: a network failure (any
+    :class:`~aiobatch.errors.TransportError`) or an answer whose status passes by
+    itself (:func:`is_transient_status`: 408, 409, 429, 5xx).
+
+    Anything else (a 4xx refusal, a body that does not decode, a closed client, a bug)
+    stays as it is however often the call is made.
+    """
+    if isinstance(exc, APIStatusError):
+        return is_transient_status(exc.status_code)
+    return isinstance(exc, TransportError)
+
+
+def retry_after_of(exc: BaseException) -> float | None:
+    """The seconds the server asked to wait with a failed call's answer
+    (``retry-after-ms`` / ``retry-after``, read when the error was made), or None."""
+    return exc.retry_after if isinstance(exc, APIStatusError) else None
 
 
 def retry_reason(
@@ -139,7 +173,7 @@ def retry_reason(
                 return f"HTTP {status} (x-should-retry)"
             if hint == "false":
                 return None
-    if status in RETRYABLE_STATUSES or status >= 500:
+    if is_transient_status(status):
         return f"HTTP {status}"
     return None
 

@@ -73,7 +73,7 @@ def _process(cmd: list[str], port: int, **popen: Any) -> Iterator[subprocess.Pop
 def fake_server(*args: str) -> Iterator[str]:
     """Start ``aiobatch fake-server [args]`` in a subprocess; yield its base URL."""
     port = free_port()
-    cmd = [sys.executable, "-m", "aiobatch._cli", "fake-server", "--port", str(port), *args]
+    cmd = [sys.executable, "-m", "aiobatch", "fake-server", "--port", str(port), *args]
     with _process(cmd, port, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL):
         yield f"http://127.0.0.1:{port}/v1"
 

@@ -12,7 +12,15 @@ import pytest
 from pytest_aiohttp import AiohttpServer
 
 from aiobatch import Batch, BatchClient, FleetConfig, RetryPolicy, RunConfig
-from aiobatch.testing import FakeBatchService, FakeConfig, VirtualClock, chat_requests, make_app
+from aiobatch.testing import (
+    FakeBatchService,
+    FakeConfig,
+    Front,
+    VirtualClock,
+    chat_requests,
+    fake_client,
+    make_app,
+)
 from aiobatch.transport import FilePart, InMemoryTransport, Multipart, Request, Response
 
 BASE_URL = "http://fake.local/v1"
@@ -220,30 +228,19 @@ class FleetEnv:
 
 @pytest.fixture
 def make_env(clock: VirtualClock) -> Callable[..., Any]:
-    """Build a FleetEnv (fake config fields as keyword arguments; ``handler`` wraps the
-    service's handler, to play a server that differs from the fake) as an async context."""
+    """Build a FleetEnv (fake config fields as keyword arguments; ``front`` stands in front
+    of the service, to play a server that differs from the fake) as an async context."""
 
     @asynccontextmanager
-    async def make(
-        handler: Callable[[FakeBatchService], Callable[[Request], Awaitable[Response]]]
-        | None = None,
-        **config: Any,
-    ) -> AsyncIterator[FleetEnv]:
+    async def make(front: Front | None = None, **config: Any) -> AsyncIterator[FleetEnv]:
         settings = {**FLEET_TIMINGS, "request_log_size": None, **config}
-        service = FakeBatchService(clock=clock, config=FakeConfig(**settings))
-        transport = (
-            service.transport()
-            if handler is None
-            else InMemoryTransport(handler(service), clock=clock)
-        )
-        async with BatchClient(
-            api_key="sk-test",
-            base_url="http://fake/v1",
-            transport=transport,
+        async with fake_client(
             clock=clock,
+            config=FakeConfig(**settings),
+            front=front,
             retry=RetryPolicy.for_testing(max_attempts=3),
-        ) as client:
-            yield FleetEnv(clock, service, client)
+        ) as fake:
+            yield FleetEnv(fake.clock, fake.service, fake.client)
 
     return make
 

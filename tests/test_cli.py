@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import asyncio
 import contextlib
+import importlib
 import json
 import re
 import signal
@@ -17,8 +19,11 @@ import aiohttp
 import pytest
 from openai import AsyncOpenAI
 
-from aiobatch import _cli
-from aiobatch._cli import COMMANDS, build_fake_service, build_parser, duration, fault_rules, main
+import aiobatch.cli
+import aiobatch.testing
+from aiobatch.cli import COMMANDS, _command, build_parser, command, main
+from aiobatch.cli._args import duration
+from aiobatch.cli._fake import build_fake_service, describe, fault_rules, serve
 from aiobatch.testing._faults import FaultKind
 
 
@@ -216,7 +221,7 @@ def test_banner_describes_the_service() -> None:
     service = build_fake_service(
         _fake_server_args("--validation-seconds", "3", "--fault-rate", "0.1", "--api-key", "k")
     )
-    text = _cli.describe(service, key_required=True)
+    text = describe(service, key_required=True)
     assert "validating 3s" in text
     assert "3 fault rules" in text
     assert "api key required" in text
@@ -231,7 +236,13 @@ BANNER_HEADERS: dict[str, tuple[str, dict[str, str]]] = {
         "x-portkey-api-key: KEY",
         {"x-portkey-api-key": "{key}", "x-portkey-provider": "@openai-prod"},
     ),
+    "anthropic": (
+        "x-api-key: KEY",
+        {"x-api-key": "{key}", "anthropic-version": "2023-06-01"},
+    ),
 }
+#: Where each dialect lists its batches, under the printed base URL.
+LIST_PATHS = {"anthropic": "/v1/messages/batches"}
 
 
 async def _serve_in_task(
@@ -242,11 +253,11 @@ async def _serve_in_task(
     args = _fake_server_args("--port", "0", *argv)
     service = build_fake_service(args)
     task = asyncio.ensure_future(
-        _cli.serve(
+        serve(
             service,
             host=args.host,
             port=args.port,
-            banner=_cli.describe(service, key_required=args.api_key is not None),
+            banner=describe(service, key_required=args.api_key is not None),
         )
     )
     printed = ""
@@ -282,10 +293,13 @@ async def test_banner_says_how_to_call_the_printed_url(
         async with aiohttp.ClientSession() as http:
 
             async def status(sent: dict[str, str]) -> int:
-                async with http.get(f"{base_url}/batches", headers=sent) as resp:
+                path = LIST_PATHS.get(dialect, "/batches")
+                async with http.get(f"{base_url}{path}", headers=sent) as resp:
                     return resp.status
 
-            assert await status({}) == 401
+            # (Anthropic's version header, required too, is no key.)
+            no_key = {name: value for name, value in headers.items() if "{key}" not in value}
+            assert await status(no_key) == 401
             assert await status(with_key("sk-cli-secret")) == 200
             assert await status(with_key("sk-whatever")) == (401 if fixed_key else 200)
     finally:
@@ -354,19 +368,68 @@ def test_new_subcommands_plug_in(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A function registered with command() becomes a subcommand with its own arguments."""
-    monkeypatch.setattr(_cli, "COMMANDS", dict(COMMANDS))
+    monkeypatch.setattr(_command, "COMMANDS", dict(COMMANDS))
 
     def configure(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--name", default="world")
 
-    @_cli.command("hello", "say hello", configure)
+    @command("hello", "say hello", configure)
     def hello(args: argparse.Namespace) -> int:
         print(f"hello {args.name}")
         return 7
 
     assert main(["hello", "--name", "batch"]) == 7
     assert capsys.readouterr().out == "hello batch\n"
-    assert "fake-server" in _cli.COMMANDS
+    assert "fake-server" in _command.COMMANDS
+
+
+def _relative_imports(path: Path) -> list[tuple[int, str, list[str]]]:
+    """(level, module, names) of every relative import in a file, also inside functions."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    return [
+        (node.level, node.module or "", [alias.name for alias in node.names])
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.level > 0
+    ]
+
+
+def test_cli_modules_import_one_way_and_only_public_testing_names() -> None:
+    """No module of the aiobatch.cli package imports one that imports it (the package
+    itself included), and of aiobatch.testing the CLI uses only its public names."""
+    folder = Path(aiobatch.cli.__file__).parent
+    modules = {path.stem: path for path in folder.glob("*.py")}
+    edges: dict[str, set[str]] = {name: set() for name in modules}
+    for name, path in modules.items():
+        for level, module, names in _relative_imports(path):
+            if level == 1:
+                targets = [module] if module else [n if n in modules else "__init__" for n in names]
+                edges[name].update(t.partition(".")[0] for t in targets)
+            elif level == 2 and module.partition(".")[0] == "testing":
+                assert module == "testing", f"{name} imports aiobatch.{module}"
+                private = sorted(set(names) - set(aiobatch.testing.__all__))
+                assert not private, f"{name} imports {private} from aiobatch.testing"
+    assert edges["__init__"], "the package imports its command modules"
+    for name in modules:
+        if name != "__init__":
+            assert "__init__" not in edges[name], f"{name} imports the package"
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        for nxt in edges.get(start, ()):
+            if nxt == goal or (nxt not in seen and reaches(nxt, goal, seen | {nxt})):
+                return True
+        return False
+
+    cyclic = sorted(name for name in modules if reaches(name, name, {name}))
+    assert not cyclic, f"import cycle through {cyclic}"
+
+
+def test_the_aiobatch_script_runs_main() -> None:
+    """pyproject's ``aiobatch`` script names the CLI's main."""
+    pyproject = (Path(aiobatch.__file__).parent.parent / "pyproject.toml").read_text()
+    match = re.search(r'^aiobatch = "([\w.]+):(\w+)"$', pyproject, flags=re.M)
+    assert match is not None
+    target = getattr(importlib.import_module(match.group(1)), match.group(2))
+    assert target is main
 
 
 def test_port_in_use_fails_cleanly(capsys: pytest.CaptureFixture[str]) -> None:
@@ -392,7 +455,7 @@ async def fake_server() -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "aiobatch._cli",
+        "aiobatch",
         "fake-server",
         "--port",
         "0",

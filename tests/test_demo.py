@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from aiobatch._cli import main
-from aiobatch._demo import all_accounted, run_demo
+from aiobatch.cli import main
+from aiobatch.cli._demo import all_accounted, run_demo
 
 
 async def test_demo_accounts_for_every_request_despite_faults() -> None:

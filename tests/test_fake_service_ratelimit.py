@@ -19,7 +19,8 @@ from conftest import API_KEY, FakeApi, chat_line
 from test_fake_schemas import validator
 
 from aiobatch import BatchClient, RetryPolicy
-from aiobatch._cli import build_fake_service, build_parser, describe, main
+from aiobatch.cli import build_parser, main
+from aiobatch.cli._fake import build_fake_service, describe
 from aiobatch.errors import TransportError
 from aiobatch.testing import (
     FakeBatchService,

@@ -24,7 +24,7 @@ from aiobatch import (
     RequestBudget,
 )
 from aiobatch.errors import ClosedError
-from aiobatch.testing import FakeBatchService, Fault, VirtualClock
+from aiobatch.testing import Fault, VirtualClock
 from aiobatch.transport import Request, Response
 
 T = TypeVar("T")
@@ -169,7 +169,7 @@ async def test_the_schedule_stays_proportional_to_the_open_batches(
             fleet.add_many(batches)
             for _ in range(20):
                 await env.clock.sleep(30.0)
-                sizes.append(len(fleet._heap))  # the schedule: what a leak would grow
+                sizes.append(len(fleet._due))  # the schedule: what a leak would grow
             assert len(fleet) == 200
         assert fleet.stats.sweeps >= 100
     assert max(sizes) <= 3 * 200, sizes
@@ -201,51 +201,50 @@ async def test_closing_a_subscription_ends_a_reader_waiting_on_it(
 # --- servers that do not list newest first ------------------------------------------------------
 
 
-def oldest_first(service: FakeBatchService) -> Callable[[Request], Awaitable[Response]]:
-    """A handler for a server whose GET /batches lists oldest first (a cursor over the
-    reversed list), everything else answered by the fake."""
+async def oldest_first(
+    request: Request, handle: Callable[[Request], Awaitable[Response]]
+) -> Response:
+    """In front of the fake (``handle``): a server whose GET /batches lists oldest first (a
+    cursor over the reversed list), everything else answered by the fake."""
     import json
 
     from aiobatch.transport import Response as Resp
 
-    async def handle(request: Request) -> Response:
-        if request.method != "GET" or not request.url.rstrip("/").endswith("/batches"):
-            return await service.handle(request)
-        every: list[Any] = []
-        after: str | None = None
-        while True:
-            params = {"limit": "100"} if after is None else {"limit": "100", "after": after}
-            page = await service.handle(
-                Request("GET", request.url, params, request.headers, None, request.timeout)
-            )
-            body = json.loads(await page.read())
-            every.extend(body["data"])
-            if not body["has_more"] or not body["data"]:
-                break
-            after = body["data"][-1]["id"]
-        every.reverse()
-        limit = int(request.params.get("limit", "20"))
-        start = 0
-        if "after" in request.params:
-            ids = [b["id"] for b in every]
-            start = ids.index(request.params["after"]) + 1
-        data = every[start : start + limit]
-        answer = {
-            "object": "list",
-            "data": data,
-            "first_id": data[0]["id"] if data else None,
-            "last_id": data[-1]["id"] if data else None,
-            "has_more": start + limit < len(every),
-        }
-        return Resp(200, {"content-type": "application/json"}, json.dumps(answer).encode())
-
-    return handle
+    if request.method != "GET" or not request.url.rstrip("/").endswith("/batches"):
+        return await handle(request)
+    every: list[Any] = []
+    after: str | None = None
+    while True:
+        params = {"limit": "100"} if after is None else {"limit": "100", "after": after}
+        page = await handle(
+            Request("GET", request.url, params, request.headers, None, request.timeout)
+        )
+        body = json.loads(await page.read())
+        every.extend(body["data"])
+        if not body["has_more"] or not body["data"]:
+            break
+        after = body["data"][-1]["id"]
+    every.reverse()
+    limit = int(request.params.get("limit", "20"))
+    start = 0
+    if "after" in request.params:
+        ids = [b["id"] for b in every]
+        start = ids.index(request.params["after"]) + 1
+    data = every[start : start + limit]
+    answer = {
+        "object": "list",
+        "data": data,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+        "has_more": start + limit < len(every),
+    }
+    return Resp(200, {"content-type": "application/json"}, json.dumps(answer).encode())
 
 
 async def test_a_server_listing_oldest_first_loses_no_batch(make_env: Callable[..., Any]) -> None:
     """Against a server whose list is oldest first, every batch still ends (retrieved
     when the pages do not show it)."""
-    async with make_env(handler=oldest_first) as env, env.clock.auto_advance():
+    async with make_env(front=oldest_first) as env, env.clock.auto_advance():
         await env.create(250)  # someone else's, older
         mine = await env.create(150)
         async with Fleet(env.client, config=quiet()) as fleet:

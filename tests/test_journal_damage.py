@@ -16,8 +16,8 @@ from conftest import FAST_FLEET, Handler, client_for, in_front, service_on
 from test_run_cli import batch_ids_in, make_requests, run_argv
 
 from aiobatch import BatchRun, RunConfig, read_report
-from aiobatch._cli import main
 from aiobatch._run._sqlite import JournalFile as Journal
+from aiobatch.cli import main
 from aiobatch.errors import JournalError
 from aiobatch.testing import VirtualClock
 from aiobatch.transport import Request, Response

@@ -27,7 +27,8 @@ from aiobatch import (
     ResultSuccess,
     RetryPolicy,
 )
-from aiobatch._cli import build_fake_service, build_parser
+from aiobatch.cli import build_parser
+from aiobatch.cli._fake import build_fake_service
 from aiobatch.errors import (
     AuthenticationError,
     BadRequestError,

@@ -11,19 +11,33 @@ import backoff
 import pytest
 
 import aiobatch
+from aiobatch._convert import decode_result_line
 from aiobatch._retry import (
     RetryPolicy,
     RetryState,
     is_ambiguous,
     is_retry_testing,
+    is_transient,
+    is_transient_status,
     may_commit_late,
     parse_http_date,
     parse_retry_after,
     poll_intervals,
+    retry_after_of,
     retry_reason,
     set_retry_testing,
 )
-from aiobatch.errors import ConnectError, TransportError, TransportTimeoutError
+from aiobatch._run._outcomes import classify
+from aiobatch.errors import (
+    ClosedError,
+    ConnectError,
+    DecodeError,
+    RateLimitError,
+    TransportError,
+    TransportTimeoutError,
+    UnknownStatusError,
+    status_error_class,
+)
 from aiobatch.testing import VirtualClock
 from aiobatch.transport import InMemoryTransport, Request, Response
 
@@ -120,6 +134,77 @@ def test_retry_reason_for_errors(error: BaseException, retryable: bool) -> None:
 def test_retry_reason_for_statuses(status: int, headers: dict[str, str], retryable: bool) -> None:
     """408, 409, 429 and 5xx are retried; x-should-retry overrides; successes never are."""
     assert (retry_reason(status=status, headers=headers) is not None) is retryable
+
+
+def _status_error(status: int, retry_after: float | None = None) -> Exception:
+    """The error the client raises for an HTTP error status."""
+    return status_error_class(status)("refused", status_code=status, retry_after=retry_after)
+
+
+@pytest.mark.parametrize(
+    ("error", "transient"),
+    [
+        (ConnectError("refused"), True),
+        (TransportTimeoutError("slow"), True),
+        (TransportError("reset"), True),
+        (_status_error(408), True),
+        (_status_error(409), True),
+        (_status_error(429), True),
+        (_status_error(500), True),
+        (_status_error(503), True),
+        (_status_error(400), False),
+        (_status_error(401), False),
+        (_status_error(404), False),
+        (_status_error(422), False),
+        (DecodeError("Batch", "not JSON"), False),
+        (UnknownStatusError("succeeded", batch_id="batch_1"), False),
+        (ClosedError("closed"), False),
+        (ValueError("a bug"), False),
+    ],
+)
+def test_is_transient_says_which_failures_pass_by_themselves(
+    error: BaseException, transient: bool
+) -> None:
+    """Network failures and 408, 409, 429, 5xx answers are transient; nothing else is."""
+    assert is_transient(error) is transient
+
+
+def test_retry_reason_and_is_transient_are_one_rule_for_every_status() -> None:
+    """A status a call is retried on is exactly a status whose error is transient."""
+    for status in range(400, 600):
+        retried = retry_reason(status=status) is not None
+        assert retried is is_transient_status(status) is is_transient(_status_error(status))
+
+
+def test_a_result_line_409_is_final_while_an_api_call_409_is_transient() -> None:
+    """The result-line rule retries 408, 429 and 5xx lines but not 409 lines."""
+    for status, again in ((408, True), (409, False), (429, True), (500, True), (400, False)):
+        line = decode_result_line(
+            f'{{"id": "r", "custom_id": "c", "response": {{"status_code": {status}, '
+            f'"request_id": "q", "body": {{}}}}, "error": null}}'
+        )
+        assert classify(line)[2] is again, status
+    assert is_transient(_status_error(409))
+
+
+def test_every_429_is_a_rate_limit_error() -> None:
+    """The client's error for a 429 is a RateLimitError, so one isinstance check tells it."""
+    assert isinstance(_status_error(429), RateLimitError)
+
+
+@pytest.mark.parametrize(
+    ("error", "asked"),
+    [
+        (_status_error(429, retry_after=2.5), 2.5),
+        (_status_error(503, retry_after=30.0), 30.0),
+        (_status_error(429), None),
+        (ConnectError("refused"), None),
+        (ValueError("a bug"), None),
+    ],
+)
+def test_retry_after_of_reads_the_servers_wish(error: BaseException, asked: float | None) -> None:
+    """retry_after_of gives the seconds an error's answer asked for, or None."""
+    assert retry_after_of(error) == asked
 
 
 @pytest.mark.parametrize(

@@ -25,10 +25,10 @@ from test_run_crash import serve
 
 import aiobatch
 from aiobatch import BatchClient, BatchRun, RetryPolicy, RunConfig, RunProgress
-from aiobatch import _cli_run as cli_run
-from aiobatch._cli import main
-from aiobatch._cli_run import EXAMPLE_REQUESTS
 from aiobatch._run._sqlite import JournalFile as Journal
+from aiobatch.cli import _run as cli_run
+from aiobatch.cli import main
+from aiobatch.cli._run import EXAMPLE_REQUESTS
 from aiobatch.testing import FakeBatchService, FakeConfig, Fault, VirtualClock, make_app
 
 EXAMPLE = Path(aiobatch.__file__).parent / "examples" / "requests.jsonl"

@@ -36,9 +36,9 @@ from aiobatch import (
     RunResult,
 )
 from aiobatch._aio import first_of
-from aiobatch._cli import main
 from aiobatch._provider import AzureOpenAIProvider
 from aiobatch._run._preflight import estimate_tokens
+from aiobatch.cli import main
 from aiobatch.errors import AiobatchError, RunError
 from aiobatch.testing import (
     FakeBatchService,

@@ -33,7 +33,7 @@ from test_run_review import (
 
 from aiobatch import BatchRun, BatchStatus, ProgressDisplay, RunReport, format_report
 from aiobatch._aio import first_of
-from aiobatch._cli import main
+from aiobatch.cli import main
 from aiobatch.errors import AiobatchError, RunError
 from aiobatch.testing import FakeBatchService, LineErrorRule, VirtualClock, make_app
 from aiobatch.transport import Request, Response

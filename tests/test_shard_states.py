@@ -17,6 +17,7 @@ _S = ShardState
 #: The moves a run makes, written out by hand from the lifecycle's description.
 EXPECTED = {
     (_S.PLANNED, _S.UPLOADING),
+    (_S.PLANNED, _S.CREATING),  # inline requests (Anthropic)
     (_S.UPLOADING, _S.UPLOADED),
     (_S.UPLOADED, _S.CREATING),
     (_S.CREATING, _S.OPEN),

@@ -20,6 +20,8 @@ Four dialects (reference/batch-api.md §1, §3, §4):
   ``?api-version=`` on every request.
 * :class:`CompatibleProvider`: ``Authorization: Bearer`` or nothing;
   ``{base_url}/batches``.
+* :class:`AnthropicProvider`: ``x-api-key`` and ``anthropic-version``;
+  ``{base_url}/v1/messages/batches``, requests inline in the create.
 
 :func:`provider_from_env` picks one by name (``"openai"``, ``"portkey"``, ``"azure"``,
 ``"compatible"``) and fills it from the usual environment variables.
@@ -37,6 +39,7 @@ here, exported below and named in ``_registry``.
 
 from .._secret import Secret
 from .._secret import _Headers as _Headers  # for the client's request headers
+from ._anthropic import ANTHROPIC_BASE_URL, ANTHROPIC_LIMITS, AnthropicProvider
 from ._azure import AZURE_API_VERSION_V1, AZURE_LIMITS, AzureOpenAIProvider
 from ._base import Limits, Provider, Quirks
 from ._compatible import CompatibleProvider
@@ -45,12 +48,15 @@ from ._portkey import PORTKEY_BASE_URL, PortkeyProvider
 from ._registry import PROVIDER_NAMES, provider_from_env, require_key
 
 __all__ = [
+    "ANTHROPIC_BASE_URL",
+    "ANTHROPIC_LIMITS",
     "AZURE_API_VERSION_V1",
     "AZURE_LIMITS",
     "DEFAULT_BASE_URL",
     "OPENAI_LIMITS",
     "PORTKEY_BASE_URL",
     "PROVIDER_NAMES",
+    "AnthropicProvider",
     "AzureOpenAIProvider",
     "CompatibleProvider",
     "Limits",

@@ -46,11 +46,14 @@ class Limits:
         max_bytes: bytes of the input file (200 MB for both).
         max_embedding_inputs: embedding inputs per ``/v1/embeddings`` batch, summed over
             its lines (a line's ``input`` list counts each element; 50,000 on OpenAI).
+        custom_id_pattern: a regular expression every ``custom_id`` must match in full
+            (Anthropic: ``^[a-zA-Z0-9_-]{1,64}$``); None takes any string.
     """
 
     max_lines: int = 50_000
     max_bytes: int = 200 * 1024 * 1024
     max_embedding_inputs: int = 50_000
+    custom_id_pattern: str | None = None
 
     def __attrs_post_init__(self) -> None:
         for name in ("max_lines", "max_bytes", "max_embedding_inputs"):
@@ -73,10 +76,17 @@ class Quirks:
         empty_error_file: a batch with no failed request still gets an
             ``error_file_id``, for an empty file (Azure); reading it yields no lines.
         submission: how a run submits a shard: ``"file"`` (upload its input file,
-            then create the batch from it).
+            then create the batch from it) or ``"inline"`` (the requests go in the
+            create call itself: Anthropic).
         batch_output_endpoint: ``GET /batches/{id}/output`` streams a finished batch's
             output in one call (Portkey; see :meth:`BatchClient.iter_batch_output
             <aiobatch.BatchClient.iter_batch_output>`).
+        list_cursor_param: the query parameter that pages the batch list on from the
+            last batch seen (OpenAI ``after``; Anthropic ``after_id``).
+        keeps_metadata: batches carry the metadata they were created with, so a
+            create's key can be looked up (Anthropic's batches have no metadata: a
+            create whose answer is lost is never re-sent, see the run layer's inline
+            submission).
     """
 
     wait_for_processed_file: bool = False
@@ -84,6 +94,8 @@ class Quirks:
     empty_error_file: bool = False
     batch_output_endpoint: bool = False
     submission: str = "file"
+    list_cursor_param: str = "after"
+    keeps_metadata: bool = True
 
 
 @runtime_checkable

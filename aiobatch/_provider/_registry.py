@@ -8,6 +8,7 @@ from urllib.parse import urlsplit
 
 from .._secret import Secret
 from ..errors import ConfigurationError
+from ._anthropic import AnthropicProvider
 from ._azure import AzureOpenAIProvider
 from ._base import Provider
 from ._compatible import CompatibleProvider
@@ -38,7 +39,7 @@ def require_key(provider: Provider) -> None:
 
 
 #: The names :func:`provider_from_env` (and ``BatchClient(provider=...)``) accept.
-PROVIDER_NAMES: tuple[str, ...] = ("openai", "portkey", "azure", "compatible")
+PROVIDER_NAMES: tuple[str, ...] = ("openai", "portkey", "azure", "compatible", "anthropic")
 
 
 def provider_from_env(
@@ -88,6 +89,7 @@ def provider_from_env(
         "portkey": {"base_url"},
         "azure": set(),
         "compatible": {"base_url"},
+        "anthropic": {"base_url"},
     }[key]
     extra = sorted(k for k, v in given.items() if v is not None and k not in takes)
     if extra:
@@ -109,4 +111,6 @@ def provider_from_env(
         return PortkeyProvider.from_env(api_key=api_key, base_url=base_url, environ=environ)
     if key == "azure":
         return AzureOpenAIProvider.from_env(api_key=api_key, environ=environ)
+    if key == "anthropic":
+        return AnthropicProvider.from_env(api_key=api_key, base_url=base_url, environ=environ)
     return CompatibleProvider.from_env(base_url=base_url, api_key=api_key, environ=environ)

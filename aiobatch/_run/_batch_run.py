@@ -298,6 +298,7 @@ class BatchRun:
                     config=self._config,
                     clock=self._clock,
                     max_line_bytes=self._config.max_bytes or self._client.provider.limits.max_bytes,
+                    custom_id_pattern=self._client.provider.limits.custom_id_pattern,
                 )
             except BaseException:
                 await journal.close()

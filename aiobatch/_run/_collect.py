@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from .._convert import decode_result_line
+from .._convert import decode_result_line, result_line_bytes
 from .._fleet import BatchDone, DoneReason
 from .._lifecycle import BatchStatus
 from .._models import Batch
@@ -258,7 +258,7 @@ async def _read_file(
             seq, attempts = member.seq, member.attempts
             members[result.custom_id] = Member(seq, attempts, False)
             kind, code, retryable = classify(result)
-            data = bytes(raw).strip()
+            data = result_line_bytes(raw, result)
             held += len(data)
             free = cancelled_by_run and code in CANCELLED_CODES
             match fate(

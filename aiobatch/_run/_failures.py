@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 import attrs
 
-from .._retry import cap_server_wait
+from .._retry import cap_server_wait, retry_after_of
 from ..errors import (
     AiobatchError,
     APIStatusError,
@@ -85,7 +85,7 @@ def step_failed(ctx: RunContext, what: str, streak: Streak, exc: AiobatchError) 
     config = ctx.config
     if isinstance(exc, APIStatusError | DecodeError):
         heard_from_server(ctx)  # the server is there, whatever it said
-    asked = exc.retry_after if isinstance(exc, APIStatusError) else None
+    asked = retry_after_of(exc)
     if asked is not None and asked > 0:
         asked = cap_server_wait(
             asked, config.max_retry_wait, what=f"run {ctx.run_id}: {what}", log=logger

@@ -67,6 +67,7 @@ async def ingest(
     config: RunConfig,
     clock: Clock,
     max_line_bytes: int,
+    custom_id_pattern: str | None = None,
 ) -> None:
     """Preflight the source into the journal: all or nothing.
 
@@ -81,6 +82,7 @@ async def ingest(
         max_line_bytes=max_line_bytes,
         skip_invalid=config.skip_invalid,
         token_estimator=config.token_estimator,
+        custom_id_pattern=custom_id_pattern,
     )
     rows: list[PreparedRequest] = []
     async with journal.ingest() as sink:

@@ -21,8 +21,8 @@ from ._records import Member
 __all__ = [
     "CANCELLED_CODES",
     "PERMANENT_BATCH_CODES",
-    "RETRYABLE_HTTP_STATUSES",
     "RETRYABLE_LINE_CODES",
+    "RETRYABLE_LINE_STATUSES",
     "TOKEN_LIMIT_CODE",
     "Fate",
     "classify",
@@ -71,7 +71,8 @@ PERMANENT_BATCH_CODES = frozenset(
 )
 TOKEN_LIMIT_CODE = "token_limit_exceeded"
 #: HTTP statuses of a result line that may succeed when sent again (and every 5xx).
-RETRYABLE_HTTP_STATUSES = frozenset({408, 429})
+#: Not an API call's rule (``aiobatch._retry.is_transient``): a line's 409 is final.
+RETRYABLE_LINE_STATUSES = frozenset({408, 429})
 #: The codes of a cancelled line (OpenAI writes ``batch_cancelled``; some servers
 #: ``batch_canceled``).
 CANCELLED_CODES = frozenset({"batch_cancelled", "batch_canceled"})
@@ -145,7 +146,7 @@ def classify(result: ResultLine) -> tuple[str, str | None, bool]:
         if isinstance(body, dict) and isinstance(body.get("error"), dict):
             raw = body["error"].get("code")
             code = str(raw) if raw is not None else None
-        retryable = status in RETRYABLE_HTTP_STATUSES or status >= 500
+        retryable = status in RETRYABLE_LINE_STATUSES or status >= 500
         return "http_error", code or f"http_{status}", retryable
     assert isinstance(result, ResultError)
     code = result.error.code

@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from collections.abc import Callable, Mapping
 from typing import Any, NoReturn
 
@@ -212,6 +213,10 @@ class Preflight:
         token_estimator: estimates a request's prompt tokens from its body;
             :func:`estimate_tokens` by default. It must return an int >= 0.
         max_kept_problems: how many problems to keep (all are counted).
+        custom_id_pattern: a regular expression every ``custom_id`` must match in full
+            (the provider's rule, :attr:`Limits.custom_id_pattern
+            <aiobatch.Limits.custom_id_pattern>`; ``invalid_value`` naming the line);
+            None takes any non-empty string.
     """
 
     def __init__(
@@ -222,6 +227,7 @@ class Preflight:
         skip_invalid: bool = False,
         token_estimator: Callable[[Mapping[str, Any]], int] | None = None,
         max_kept_problems: int = 1000,
+        custom_id_pattern: str | None = None,
     ) -> None:
         if not (isinstance(max_line_bytes, int) and max_line_bytes >= 1):
             raise ValueError(f"max_line_bytes must be an int >= 1, got {max_line_bytes!r}")
@@ -232,6 +238,7 @@ class Preflight:
         self._skip_invalid = skip_invalid
         self._estimate = estimate_tokens if token_estimator is None else token_estimator
         self._max_kept = max_kept_problems
+        self._id_pattern = re.compile(custom_id_pattern) if custom_id_pattern else None
         self._problems: list[LineProblem] = []
         self._problem_count = 0
         self._rejected = 0
@@ -401,6 +408,9 @@ class Preflight:
                 found.append((None, "custom_id", "invalid_type", message))
             elif not custom_id:
                 found.append((None, "custom_id", "invalid_value", "must not be empty"))
+            elif self._id_pattern is not None and not self._id_pattern.fullmatch(custom_id):
+                message = f"must match {self._id_pattern.pattern} (the provider's custom_id rule)"
+                found.append((custom_id, "custom_id", "invalid_value", message))
             else:
                 problem_id = custom_id
                 first = self._claim(custom_id, line)

@@ -11,10 +11,13 @@ The forward path::
 
     planned -> uploading -> uploaded -> creating -> open -> collecting -> collected
 
+(with requests inline in the create, as on Anthropic: ``planned -> creating -> open``),
+
 and the moves back, each with its cause:
 
 - ``creating -> planned``: the batch's input file is gone (the create answered 404):
-  the shard is uploaded again;
+  the shard is uploaded again; or, with inline requests, the create was proved not
+  made: it is created again;
 - ``creating -> uploaded``: the create was proved not made (refused as a whole, or a
   lost create looked up and proved absent): it is created again;
 - ``open -> uploaded``: the batch failed with ``token_limit_exceeded``: it is created
@@ -71,6 +74,7 @@ _S = ShardState
 SHARD_MOVES: Mapping[tuple[ShardState, ShardState], str] = MappingProxyType(
     {
         (_S.PLANNED, _S.UPLOADING): "upload started",
+        (_S.PLANNED, _S.CREATING): "create key recorded (inline requests)",
         (_S.UPLOADING, _S.UPLOADED): "file id recorded",
         (_S.UPLOADED, _S.CREATING): "create key recorded",
         (_S.CREATING, _S.OPEN): "batch id recorded",

@@ -2,7 +2,8 @@
 
 How a shard is submitted is the provider's strategy (``Provider.quirks.submission``):
 :data:`FILE_SUBMISSION` uploads the shard's input file, then creates the batch from it
-(OpenAI, Azure, Portkey and compatible servers). A strategy is a table from the shard
+(OpenAI, Azure, Portkey and compatible servers); :data:`INLINE_SUBMISSION` creates the
+batch with the shard's requests in the call (Anthropic). A strategy is a table from the shard
 state a step works on to the step; each step takes the shard, does one thing, journals
 it, and returns the shard's :class:`Next` state. ``BatchRun`` only dispatches.
 
@@ -19,6 +20,7 @@ Every step is safe to repeat after a crash:
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
@@ -26,9 +28,10 @@ from types import MappingProxyType
 from typing import BinaryIO
 
 from .._client import BatchClient
+from .._convert import structure
 from .._create import CREATE_KEY_METADATA
 from .._lifecycle import BatchStatus
-from .._models import Batch, File
+from .._models import Batch, BatchRequest, File
 from ..errors import (
     AiobatchError,
     AmbiguousCreateError,
@@ -47,7 +50,15 @@ from ._records import Shard
 from ._settle import reject
 from ._states import ShardState
 
-__all__ = ["FILE_SUBMISSION", "WAITS", "Next", "find_shard_batch", "submission_steps"]
+__all__ = [
+    "FILE_SUBMISSION",
+    "INLINE_SUBMISSION",
+    "WAITS",
+    "Next",
+    "find_inline_batch",
+    "find_shard_batch",
+    "submission_steps",
+]
 
 #: Seconds allowed between this machine's clock and the server's when a lookup bounds
 #: a batch's or a file's ``created_at`` by when this run started the call.
@@ -330,7 +341,112 @@ FILE_SUBMISSION: Mapping[ShardState, Step] = MappingProxyType(
     }
 )
 
-_STRATEGIES: Mapping[str, Mapping[ShardState, Step]] = MappingProxyType({"file": FILE_SUBMISSION})
+# --- inline submission (Anthropic) -------------------------------------------------------
+#
+# ``planned -> creating -> open``: the shard's requests go in the create call itself.
+# Anthropic's batches carry no metadata, so the create key (journaled before the create
+# is sent, as for files) cannot be found on the batch. A create whose answer was lost is
+# therefore never sent again by the client (AmbiguousCreateError at once), and the shard
+# stays ``creating``; it is found again by what the server does show: a batch with the
+# shard's request count, created since the create started (less the skew margin), that
+# no other shard of the run has adopted. Exactly one such batch is adopted; none (the
+# list, newest first, went below that time) proves the create never made, and the shard
+# is created again; more than one is an error naming them (never a second batch).
+
+
+def _inline_requests(lines: Iterable[bytes]) -> list[BatchRequest]:
+    return [structure(json.loads(line), BatchRequest, what="a journaled request") for line in lines]
+
+
+async def inline_create(ctx: RunContext, shard: Shard) -> Next:
+    """``planned`` -> ``creating`` -> ``open``: create the shard's batch with its
+    requests inline; the create key is journaled before the create is sent."""
+    await ready_to_create(ctx, shard)
+    if await ctx.cancel_requested():
+        raise Stop
+    requests: list[BatchRequest] = []
+    async for lines in ctx.journal.shard_lines(shard.key):
+        requests.extend(_inline_requests(lines))
+    if len(requests) != shard.lines:
+        raise RunError(
+            f"run {ctx.run_id}: shard {shard.key} should have {shard.lines} requests, the "
+            f"journal holds {len(requests)}; the journal is inconsistent"
+        )
+    key = f"{ctx.run_id}:{shard.key}:{shard.creates}"
+    await ctx.journal.move(
+        shard.key, _S.CREATING, create_key=key, create_started_at=ctx.clock.now()
+    )
+    ctx.set_status(shard.key, "creating")
+    try:
+        batch = await ctx.client.create_inline_batch(requests)
+    except AmbiguousCreateError:
+        raise  # stays 'creating' (and reserved): looked up on the next step
+    except (TransportError, APIStatusError) as exc:
+        ctx.budget.release(shard.key)
+        if isinstance(exc, APIStatusError) and exc.status_code in (400, 413, 422):
+            await reject(ctx, await ctx.journal.shard(shard.key), describe(exc))
+            return Next(_S.COLLECTED)
+        await ctx.journal.move(shard.key, _S.PLANNED)
+        ctx.set_status(shard.key, "planned")
+        raise
+    return await opened(ctx, shard.key, batch)
+
+
+async def find_inline_batch(ctx: RunContext, shard: Shard) -> Batch | None:
+    """The batch a shard's inline create made, found by request count and creation
+    time (see the notes above); None when proved absent.
+
+    Raises:
+        RunError: more than one unclaimed batch fits.
+        AiobatchError: the list could not be read (nothing is proved).
+    """
+    since = (shard.create_started_at or shard.planned_at) - SKEW
+    claimed = {s.batch_id for s in await ctx.journal.shards() if s.batch_id}
+    claimed.update(shard.history.split())
+    fits: list[Batch] = []
+    async for batch in ctx.client.list_batches():
+        if batch.created_at < since:
+            break
+        counts = batch.request_counts
+        if counts is not None and counts.total == shard.lines and batch.id not in claimed:
+            fits.append(batch)
+    if len(fits) > 1:
+        names = ", ".join(b.id for b in fits)
+        raise RunError(
+            f"run {ctx.run_id}: shard {shard.key}: its create's answer was lost and "
+            f"{len(fits)} batches could be the one it made ({names}); the run will not "
+            "guess: cancel the ones that are not this run's, then resume"
+        )
+    return fits[0] if fits else None
+
+
+async def resolve_inline_create(ctx: RunContext, shard: Shard) -> Next:
+    """``creating`` -> ``open`` or ``planned``: adopt the batch an inline create made,
+    or (proved absent) go back to be created again, once the create had time to land."""
+    started = shard.create_started_at or shard.planned_at
+    await ctx.pause(started + ctx.client.create_settle - ctx.clock.now())
+    found = await find_inline_batch(ctx, shard)
+    if found is not None:
+        logger.info("run %s: shard %s: adopted batch %s", ctx.run_id, shard.key, found.id)
+        return await opened(ctx, shard.key, found)
+    ctx.budget.release(shard.key)
+    await ctx.journal.move(shard.key, _S.PLANNED)
+    ctx.set_status(shard.key, "planned")
+    ctx.set_back(shard.key, "a lost create proved never made")
+    return Next(_S.PLANNED)
+
+
+#: Create the batch with the shard's requests inline (Anthropic).
+INLINE_SUBMISSION: Mapping[ShardState, Step] = MappingProxyType(
+    {
+        _S.PLANNED: inline_create,
+        _S.CREATING: resolve_inline_create,
+    }
+)
+
+_STRATEGIES: Mapping[str, Mapping[ShardState, Step]] = MappingProxyType(
+    {"file": FILE_SUBMISSION, "inline": INLINE_SUBMISSION}
+)
 
 #: Waits before a step, for every strategy: they are not work, so they run outside the
 #: submission slots and shards held back never hold up others.

@@ -11,7 +11,7 @@ import attrs
 from .._validators import non_negative, positive
 from ._ratelimit import RateLimit
 
-__all__ = ["FakeConfig", "LineErrorRule"]
+__all__ = ["FakeConfig", "LineErrorRule", "unit_hash"]
 
 
 def _rules(value: Iterable[LineErrorRule]) -> tuple[LineErrorRule, ...]:
@@ -23,7 +23,12 @@ def _frozen_mapping(value: Mapping[str, int] | None) -> Mapping[str, int]:
 
 
 def unit_hash(seed: int, text: str) -> float:
-    """A deterministic number in [0, 1) for ``(seed, text)``, the same in every process."""
+    """A deterministic number in [0, 1) for ``(seed, text)``, the same in every process.
+
+    :class:`LineErrorRule` picks a line for its ``ratio`` when ``unit_hash(seed,
+    custom_id) < ratio`` (``seed`` the service's); a ``predicate`` can pick its own
+    share of lines, repeatably, the same way with another seed.
+    """
     digest = hashlib.blake2b(f"{seed}\x00{text}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2**64
 

@@ -30,6 +30,11 @@ What each dialect answers a request with a missing or wrong key, and why:
   subscription key). A legacy ``/openai/...`` path without ``api-version`` is a 404
   ``{"error": {"code": "404", "message": "Resource not found"}}``, as Azure answers it;
   a malformed version is a 400 ``API version not supported``.
+* ``anthropic``: Anthropic's envelope ``{"type": "error", "error": {"type":
+  "authentication_error", "message": ...}}`` for a missing or wrong ``x-api-key`` (or
+  ``Authorization: Bearer``, which the official SDK's 2.x releases send); a
+  request without ``anthropic-version`` is a 400 ``invalid_request_error`` (the official
+  SDK always sends it). Every error body of this dialect is in that envelope.
 
 Neither Portkey's nor Azure's exact 401 text is in the reference material; where it is
 silent the fake follows the documented envelope and says so here.
@@ -50,10 +55,10 @@ from ._wire import error_envelope
 
 __all__ = ["DIALECT_NAMES", "FakeDialect"]
 
-DialectName = Literal["openai", "portkey", "azure"]
+DialectName = Literal["openai", "portkey", "azure", "anthropic"]
 
 #: The dialects the fake speaks.
-DIALECT_NAMES: tuple[DialectName, ...] = ("openai", "portkey", "azure")
+DIALECT_NAMES: tuple[DialectName, ...] = ("openai", "portkey", "azure", "anthropic")
 
 #: A reply the dialect decided on: (status, JSON-ready body).
 Reply = tuple[int, dict[str, Any]]
@@ -178,6 +183,13 @@ class FakeDialect:
         return cls(name="azure", **{**defaults, **switches})
 
     @classmethod
+    def anthropic(cls, **switches: Any) -> FakeDialect:
+        """Anthropic's Message Batches: ``x-api-key`` and ``anthropic-version``, the
+        ``/v1/messages/batches`` endpoints (served by ``_anthropic_routes``), its error
+        envelope."""
+        return cls(name="anthropic", **switches)
+
+    @classmethod
     def of(cls, value: str | FakeDialect) -> FakeDialect:
         """A dialect from its name (with that provider's default quirks), or as given."""
         if isinstance(value, FakeDialect):
@@ -188,6 +200,8 @@ class FakeDialect:
             return cls.portkey()
         if value == "azure":
             return cls.azure()
+        if value == "anthropic":
+            return cls.anthropic()
         raise ValueError(
             f"unknown fake dialect {value!r}: expected one of {', '.join(DIALECT_NAMES)}"
         )
@@ -230,7 +244,23 @@ class FakeDialect:
             return self._check_portkey(headers, api_key)
         if self.name == "azure":
             return self._check_azure(headers, api_key) or self._check_azure_url(url, params)
+        if self.name == "anthropic":
+            return self._check_anthropic(headers, api_key)
         return self._check_openai(headers, api_key)
+
+    @staticmethod
+    def _check_anthropic(headers: Mapping[str, str], api_key: str | None) -> Reply | None:
+        # The SDK's 2.x releases send the key as a bearer token.
+        token = headers.get("x-api-key", "").strip() or _bearer(headers)
+        if not token:
+            return 401, _anthropic_envelope("authentication_error", "x-api-key header is required")
+        if api_key is not None and token != api_key:
+            return 401, _anthropic_envelope("authentication_error", "invalid x-api-key")
+        if not headers.get("anthropic-version", "").strip():
+            return 400, _anthropic_envelope(
+                "invalid_request_error", "anthropic-version: header is required"
+            )
+        return None
 
     @staticmethod
     def _check_openai(headers: Mapping[str, str], api_key: str | None) -> Reply | None:
@@ -294,7 +324,19 @@ class FakeDialect:
         """An error body as this dialect sends it (Portkey wraps the provider's)."""
         if self.name == "portkey" and isinstance(body.get("error"), dict):
             return _wrap_provider_error(body)
+        if self.name == "anthropic" and body.get("type") != "error":
+            inner = body.get("error")
+            message = inner.get("message") if isinstance(inner, dict) else None
+            kind = inner.get("type") if isinstance(inner, dict) else None
+            if kind in (None, "server_error"):
+                kind = "api_error"
+            return _anthropic_envelope(str(kind), str(message or "error"))
         return body
+
+    def fault_body(self, body: dict[str, Any]) -> dict[str, Any]:
+        """An injected fault's error body as this dialect sends it (Anthropic's
+        envelope for the ``anthropic`` dialect; the others' as they are)."""
+        return self.wrap_error(body) if self.name == "anthropic" else body
 
     # -- bodies -------------------------------------------------------------------------
 
@@ -328,6 +370,10 @@ class FakeDialect:
             if isinstance(value, int) and not isinstance(value, bool):
                 out[key] = _iso(value) if self.iso_timestamps else value * 1000
         return out
+
+
+def _anthropic_envelope(kind: str, message: str) -> dict[str, Any]:
+    return {"type": "error", "error": {"type": kind, "message": message}}
 
 
 def _wrap_provider_error(body: dict[str, Any]) -> dict[str, Any]:

@@ -147,6 +147,7 @@ class DefaultResponder:
             "/v1/embeddings": self._embeddings,
             "/v1/responses": self._responses,
             "/v1/moderations": self._moderations,
+            "/v1/messages": self._messages,
         }
 
     def __call__(self, request: BatchRequest) -> ResponderResult:
@@ -230,6 +231,32 @@ class DefaultResponder:
             },
             "service_tier": "default",
             "system_fingerprint": "fp_fake",
+        }
+
+    def _messages(self, request: BatchRequest, digest: str) -> tuple[int, Any]:
+        """Anthropic's Messages API: a Message with one text block (an Anthropic
+        error envelope when ``messages`` or ``max_tokens`` is missing)."""
+        body = request.body
+        messages = body.get("messages")
+        cap = body.get("max_tokens")
+        if not isinstance(messages, list) or not messages or not isinstance(cap, int):
+            missing = "messages" if not isinstance(messages, list) or not messages else "max_tokens"
+            return 400, {
+                "type": "error",
+                "error": {"type": "invalid_request_error", "message": f"{missing}: Field required"},
+            }
+        user = [m for m in messages if isinstance(m, Mapping) and m.get("role") == "user"]
+        prompt = _text_of(user[-1].get("content")) if user else _text_of(messages)
+        text, tokens, cut = self._reply(digest, prompt, cap)
+        return 200, {
+            "id": f"msg_{digest[:24]}",
+            "type": "message",
+            "role": "assistant",
+            "model": body.get("model"),
+            "content": [{"type": "text", "text": text}],
+            "stop_reason": "max_tokens" if cut else "end_turn",
+            "stop_sequence": None,
+            "usage": {"input_tokens": estimate_tokens(messages), "output_tokens": tokens},
         }
 
     def _completions(self, request: BatchRequest, digest: str) -> tuple[int, Any]:

@@ -37,6 +37,7 @@ from .._lifecycle import BatchStatus
 from .._models import Batch, BatchError
 from ..errors import TransportError
 from ..transport import InMemoryTransport, Request, Response
+from ._anthropic_routes import AnthropicRoutes
 from ._checks import _Reply
 from ._config import FakeConfig
 from ._dialects import FakeDialect
@@ -170,7 +171,10 @@ class FakeBatchService:
             expire_batches=self.dialect.batches_expire,
             empty_error_file=self.dialect.empty_error_file,
         )
-        self._routes = OpenAIRoutes(self._engine, self.config, self.dialect)
+        routes = AnthropicRoutes if self.dialect.name == "anthropic" else OpenAIRoutes
+        self._routes: OpenAIRoutes | AnthropicRoutes = routes(
+            self._engine, self.config, self.dialect
+        )
         self._request_ids = random.Random(f"{seed}/request-ids")
         self._log: deque[RecordedRequest] = deque(maxlen=self.config.request_log_size)
         self.rate_limiter = RateLimiter(
@@ -458,7 +462,7 @@ class FakeBatchService:
             headers["retry-after-ms"] = f"{fault.retry_after_ms:g}"
         if fault.should_retry is not None:
             headers["x-should-retry"] = "true" if fault.should_retry else "false"
-        body = http_error_body(fault.status, message=fault.message)
+        body = self.dialect.fault_body(http_error_body(fault.status, message=fault.message))
         return _Answer(fault.status, headers, json_bytes(body))
 
     async def _dispatch(

@@ -10,26 +10,25 @@ policy and the error paths do real work.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import collections
 import logging
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import attrs
 
-from ._client import BatchClient
-from ._lifecycle import BatchStatus
-from ._models import ResultError, ResultHTTPError, ResultSuccess
-from ._retry import RetryPolicy
-from .testing._clock import VirtualClock
-from .testing._config import FakeConfig, LineErrorRule
-from .testing._faults import Fault
-from .testing._requests import chat_requests
-from .testing._service import FakeBatchService
+from .._lifecycle import BatchStatus
+from .._models import ResultError, ResultHTTPError, ResultSuccess
+from .._retry import RetryPolicy
+from ..testing import FakeConfig, Fault, LineErrorRule, chat_requests, fake_client
+from ._args import out, rate
+from ._command import command
 
-__all__ = ["DemoReport", "run_demo"]
+__all__ = ["DemoReport", "all_accounted", "format_report", "run_demo"]
 
 ENDPOINT = "/v1/chat/completions"
 
@@ -77,33 +76,29 @@ async def run_demo(
         Counts of what happened.
     """
     started = time.perf_counter()
-    clock = VirtualClock()
     config = FakeConfig(
         validation_seconds=20.0,
         lines_per_second=2.0,
         finalizing_seconds=15.0,
         line_errors=[LineErrorRule(status=500, ratio=line_error_rate)] if line_error_rate else [],
     )
-    service = FakeBatchService(clock=clock, config=config, seed=seed)
+    faults: list[Fault] = []
     if fault_rate:
         half = fault_rate / 2
-        service.faults.add(Fault.http(429, retry_after=2.0, times=None, probability=half))
-        service.faults.add(Fault.http(503, times=None, probability=half))
+        faults.append(Fault.http(429, retry_after=2.0, times=None, probability=half))
+        faults.append(Fault.http(503, times=None, probability=half))
     statuses: collections.Counter[str] = collections.Counter()
     outcome: collections.Counter[str] = collections.Counter()
-    start_time = clock.now()
     counter = _WarningCounter()
     logger = logging.getLogger("aiobatch")
     logger.addHandler(counter)
     propagate, logger.propagate = logger.propagate, False
 
-    async with BatchClient(
-        api_key="sk-demo",
-        base_url="http://fake.local/v1",
-        transport=service.transport(),
-        clock=clock,
-        retry=RetryPolicy(max_attempts=10),
-    ) as client:
+    async with fake_client(
+        config=config, seed=seed, faults=faults, retry=RetryPolicy(max_attempts=10)
+    ) as fake:
+        client, clock, service = fake.client, fake.clock, fake.service
+        start_time = clock.now()
 
         async def one(batch_no: int, path: Path) -> None:
             uploaded = await client.upload_file(path)
@@ -181,3 +176,45 @@ def all_accounted(report: DemoReport) -> bool:
         report.statuses.get(BatchStatus.COMPLETED.value, 0) == report.batches
         and report.succeeded + report.failed == report.requests
     )
+
+
+# -- the command -----------------------------------------------------------------------
+
+
+def _demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batches", type=int, default=50, help="batches to run at once")
+    parser.add_argument("--lines", type=int, default=20, help="requests per batch")
+    parser.add_argument(
+        "--fault-rate", type=rate, default=0.05, help="share of API calls answered 429/503"
+    )
+    parser.add_argument(
+        "--line-error-rate", type=rate, default=0.02, help="share of requests that fail"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="makes the run repeatable")
+
+
+@command(
+    "demo",
+    "run many batches end to end against the built-in fake (no key, no network)",
+    _demo_arguments,
+    description=(
+        "Write request files, upload them, create the batches, poll each until it "
+        "finishes and stream back every result, concurrently, through the real client, "
+        "against the in-memory fake service on a virtual clock."
+    ),
+)
+def _demo(args: argparse.Namespace) -> int:
+    if args.batches < 1 or args.lines < 1:
+        print("aiobatch demo: --batches and --lines must be at least 1", file=sys.stderr)
+        return 2
+    report = asyncio.run(
+        run_demo(
+            batches=args.batches,
+            lines=args.lines,
+            fault_rate=args.fault_rate,
+            line_error_rate=args.line_error_rate,
+            seed=args.seed,
+        )
+    )
+    out(format_report(report))
+    return 0 if all_accounted(report) else 1

@@ -21,12 +21,11 @@ from typing import Any
 
 import attrs
 
-from ._cli import command, count, duration, out, positive, rate
-from ._client import DEFAULT_CREATE_SETTLE, BatchClient
-from ._fleet import FleetConfig
-from ._provider import PROVIDER_NAMES, Provider, provider_from_env, require_key
-from ._retry import RetryPolicy
-from ._run import (
+from .._client import DEFAULT_CREATE_SETTLE, BatchClient
+from .._fleet import FleetConfig
+from .._provider import PROVIDER_NAMES, Provider, provider_from_env, require_key
+from .._retry import RetryPolicy
+from .._run import (
     BatchRun,
     ProgressDisplay,
     RunConfig,
@@ -36,20 +35,28 @@ from ._run import (
     request_cancel,
     run_is_live,
 )
-from ._run import JournalFile as Journal
-from ._run._states import ShardState
-from ._secret import Secret
-from .errors import AiobatchError, ConfigurationError, JournalError, PreflightError
-from .testing._clock import VirtualClock
-from .testing._config import FakeConfig, LineErrorRule
-from .testing._faults import Fault
-from .testing._service import FakeBatchService
-from .webhooks import WEBHOOK_SECRET_ENV, WebhookReceiver, run_webhook_server
+from .._run import JournalFile as Journal
+from .._run._states import ShardState
+from ..errors import AiobatchError, ConfigurationError, JournalError, PreflightError
+from ..testing import (
+    FakeBatchService,
+    FakeConfig,
+    Fault,
+    LineErrorRule,
+    VirtualClock,
+    fake_client,
+    unit_hash,
+)
+from ..webhooks import WEBHOOK_SECRET_ENV, WebhookReceiver, run_webhook_server
+from ._args import count, duration, host_port, out, positive, rate, webhook_secret
+from ._command import command
 
 __all__ = ["EXAMPLE_REQUESTS", "fake_environment"]
 
 #: The example request file bundled with the package (README's first command).
-EXAMPLE_REQUESTS = os.path.join(os.path.dirname(__file__), "examples", "requests.jsonl")
+EXAMPLE_REQUESTS = os.path.join(
+    os.path.dirname(os.path.dirname(__file__)), "examples", "requests.jsonl"
+)
 
 logger = logging.getLogger("aiobatch.run")
 
@@ -174,7 +181,7 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
     hooks = parser.add_argument_group("webhooks (learn each batch's end in seconds)")
     hooks.add_argument(
         "--webhook-listen",
-        type=_host_port,
+        type=host_port,
         default=None,
         metavar="HOST:PORT",
         help="receive OpenAI's signed batch webhooks on HOST:PORT (register its printed "
@@ -207,28 +214,6 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
         help="share of requests that always fail with a 400",
     )
     fake.add_argument("--fake-seed", type=int, default=0, help="makes a fake run repeatable")
-
-
-def _host_port(text: str) -> tuple[str, int]:
-    host, sep, number = text.rpartition(":")
-    if not sep or not host or not number.isdigit() or not 0 <= int(number) <= 65535:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
-    return host.strip("[]"), int(number)
-
-
-def webhook_secret(variable: str) -> Secret:
-    """The webhook signing secret from the environment variable ``variable``.
-
-    Raises:
-        ConfigurationError: the variable is unset or empty.
-    """
-    value = os.environ.get(variable, "").strip()
-    if not value:
-        raise ConfigurationError(
-            f"webhooks need the signing secret (whsec_...) in the environment variable "
-            f"{variable}, which is not set"
-        )
-    return Secret(value)
 
 
 def _provider_arguments(group: argparse._ActionsContainer, what: str) -> None:
@@ -298,8 +283,6 @@ def fake_environment(
 
 
 def _unit(seed: int, text: str) -> float:
-    from .testing._config import unit_hash
-
     return unit_hash(seed + 1, text)
 
 
@@ -313,17 +296,15 @@ async def _client_for(args: argparse.Namespace) -> AsyncIterator[tuple[BatchClie
             seed=args.fake_seed,
         )
         async with (
-            BatchClient(
-                api_key="sk-fake",
-                base_url="http://fake.local/v1",
-                transport=service.transport(),
+            fake_client(
+                service=service,
                 clock=clock,
                 retry=RetryPolicy(max_attempts=10),
                 create_settle=args.create_settle,
-            ) as client,
+            ) as fake,
             clock.auto_advance(),
         ):
-            yield client, clock
+            yield fake.client, clock
         return
     provider = _provider(args)
     async with BatchClient(provider=provider, create_settle=args.create_settle) as client:

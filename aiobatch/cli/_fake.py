@@ -1,9 +1,4 @@
-"""The ``aiobatch`` command line: thin commands over the library and its fake server.
-
-Every subcommand is one :class:`Command` in :data:`COMMANDS`: a function that adds its
-arguments to a parser and a function that runs it and returns the exit status. To add
-a subcommand, write those two functions and register them with :func:`command`.
-"""
+"""``aiobatch fake-server``: the fake batch service over real HTTP, in real time."""
 
 from __future__ import annotations
 
@@ -11,222 +6,50 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import os
-import re
 import signal
 import sys
-from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
 
-from ._clock import SystemClock
-from .testing._app import run_fake_server
-from .testing._config import FakeConfig, LineErrorRule
-from .testing._dialects import DIALECT_NAMES, FakeDialect
-from .testing._faults import Fault
-from .testing._ratelimit import RateLimit
-from .testing._service import FakeBatchService
+from .._clock import SystemClock
+from ..testing import (
+    DIALECT_NAMES,
+    FakeBatchService,
+    FakeConfig,
+    FakeDialect,
+    Fault,
+    LineErrorRule,
+    RateLimit,
+    WebhookFaults,
+    WebhookSender,
+    run_fake_server,
+)
+from ._args import (
+    count,
+    duration,
+    non_negative,
+    out,
+    port,
+    positive,
+    rate,
+    statuses,
+    webhook_secret,
+)
+from ._command import command
 
 __all__ = [
-    "COMMANDS",
     "KEY_HEADERS",
-    "Command",
+    "QUIRKS",
     "build_fake_service",
-    "build_parser",
-    "command",
     "describe",
     "dialect",
-    "duration",
     "fake_base_url",
     "fault_rules",
-    "main",
-    "out",
+    "quirk_names",
     "rate_limit",
     "serve",
 ]
-
-
-@attrs.frozen
-class Command:
-    """One subcommand.
-
-    Attributes:
-        name: what the user types (``fake-server``).
-        help: one line for ``aiobatch --help``.
-        configure: adds the subcommand's arguments to its parser.
-        run: runs it with the parsed arguments; returns the exit status.
-        description: the longer text for ``aiobatch <name> --help``.
-    """
-
-    name: str
-    help: str
-    configure: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace], int]
-    description: str | None = None
-
-
-#: Every subcommand, by name, in the order ``--help`` lists them.
-COMMANDS: dict[str, Command] = {}
-
-
-def command(
-    name: str,
-    help: str,
-    configure: Callable[[argparse.ArgumentParser], None],
-    *,
-    description: str | None = None,
-) -> Callable[[Callable[[argparse.Namespace], int]], Callable[[argparse.Namespace], int]]:
-    """Register the decorated function as the ``run`` of subcommand ``name``.
-
-    Args:
-        name: the subcommand.
-        help: one line for ``aiobatch --help``.
-        configure: adds the subcommand's arguments.
-        description: longer text for the subcommand's own ``--help``.
-
-    Returns:
-        A decorator that registers and returns the function unchanged.
-    """
-
-    def register(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-        COMMANDS[name] = Command(name, help, configure, run, description)
-        return run
-
-    return register
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The parser for ``aiobatch`` with every registered subcommand."""
-    parser = argparse.ArgumentParser(
-        prog="aiobatch",
-        description="Drive OpenAI-compatible Batch APIs, or serve a fake one for testing.",
-    )
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for cmd in COMMANDS.values():
-        sub = subparsers.add_parser(
-            cmd.name,
-            help=cmd.help,
-            description=cmd.description or cmd.help,
-            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        )
-        cmd.configure(sub)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``aiobatch`` with ``argv`` (default: ``sys.argv[1:]``).
-
-    Args:
-        argv: the arguments after the program name.
-
-    Returns:
-        The exit status: 0 on success, 2 on a usage error.
-    """
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 2
-    return COMMANDS[args.command].run(args)
-
-
-def out(text: str) -> None:
-    """Print ``text`` (and a newline) to stdout, at once.
-
-    A reader that went away (``aiobatch status J | head -0``) is not an error: the rest
-    of the output goes to ``os.devnull`` (so that Python's flush at exit does not fail
-    either), and the command goes on to end with its own exit status.
-    """
-    try:
-        print(text, flush=True)
-    except BrokenPipeError:
-        with contextlib.suppress(OSError, ValueError):
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            try:
-                os.dup2(devnull, sys.stdout.fileno())
-            finally:
-                os.close(devnull)
-
-
-# -- argument types --------------------------------------------------------------------
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d)?\s*$")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
-
-
-def duration(text: str) -> float:
-    """Seconds from ``"90"``, ``"1.5s"``, ``"250ms"``, ``"10m"``, ``"24h"`` or ``"2d"``."""
-    match = _DURATION.match(text)
-    if match is None:
-        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (try 30, 1.5s, 10m, 24h)")
-    return float(match.group(1)) * _UNITS[match.group(2)]
-
-
-def rate(text: str) -> float:
-    """A probability in [0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
-    return value
-
-
-def non_negative(text: str) -> float:
-    """A number >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def statuses(text: str) -> tuple[int, ...]:
-    """HTTP error statuses from ``"429,500,503"``."""
-    try:
-        values = tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a list of statuses: {text!r}") from None
-    if not values or any(not 400 <= v <= 599 for v in values):
-        raise argparse.ArgumentTypeError(f"statuses must be 400-599, got {text!r}")
-    return values
-
-
-def positive(text: str) -> float:
-    """A finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not (value > 0 and value != float("inf")):
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
-    return value
-
-
-def count(text: str) -> int:
-    """An integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
-
-
-def port(text: str) -> int:
-    """A TCP port (0 picks a free one)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port: {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"port must be 0-65535, got {text}")
-    return value
 
 
 # -- fake-server -----------------------------------------------------------------------
@@ -543,15 +366,21 @@ KEY_HEADERS: dict[str, str] = {
         "'x-portkey-api-key: KEY', with 'x-portkey-provider: @SLUG' or 'x-portkey-config' "
         "(a plain provider name there also needs 'Authorization: Bearer KEY')"
     ),
+    "anthropic": (
+        "'x-api-key: KEY' (or 'Authorization: Bearer KEY'), with 'anthropic-version: DATE'"
+    ),
 }
 
 
 def fake_base_url(server_url: str, dialect: FakeDialect) -> str:
     """The base URL a client of ``dialect`` uses, from the server's ``.../v1`` URL:
     Azure's requests go under ``/openai/v1`` (its v1 API; the azure dialect answers 404
-    elsewhere), the others' under ``/v1``."""
+    elsewhere); Anthropic's clients take the server's root (they add ``/v1``
+    themselves); the others' go under ``/v1``."""
     if dialect.name == "azure":
         return server_url.removesuffix("/v1") + "/openai/v1"
+    if dialect.name == "anthropic":
+        return server_url.removesuffix("/v1")
     return server_url
 
 
@@ -631,9 +460,6 @@ def _webhook_settings(args: argparse.Namespace) -> dict[str, Any] | None:
     """
     if not args.webhook_url:
         return None
-    from ._cli_run import webhook_secret
-    from .testing._webhooks import WebhookFaults
-
     faults = WebhookFaults(
         drop=args.webhook_drop,
         duplicate=args.webhook_duplicate,
@@ -693,8 +519,6 @@ async def serve(
             if banner:
                 out(f"  {banner}")
             if webhooks is not None:
-                from .testing._webhooks import WebhookSender
-
                 await stack.enter_async_context(WebhookSender(service, **webhooks))
                 out(f"  sending signed webhooks to {', '.join(webhooks['urls'])}")
             out("Press Ctrl-C to stop.")
@@ -704,82 +528,3 @@ async def serve(
             loop.remove_signal_handler(sig)
     out("stopped")
     return 0
-
-
-if __name__ == "__main__":  # pragma: no cover - ``python -m aiobatch._cli``
-    sys.exit(main())
-
-
-# -- demo ------------------------------------------------------------------------------
-
-
-def _demo_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--batches", type=int, default=50, help="batches to run at once")
-    parser.add_argument("--lines", type=int, default=20, help="requests per batch")
-    parser.add_argument(
-        "--fault-rate", type=rate, default=0.05, help="share of API calls answered 429/503"
-    )
-    parser.add_argument(
-        "--line-error-rate", type=rate, default=0.02, help="share of requests that fail"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="makes the run repeatable")
-
-
-@command(
-    "demo",
-    "run many batches end to end against the built-in fake (no key, no network)",
-    _demo_arguments,
-    description=(
-        "Write request files, upload them, create the batches, poll each until it "
-        "finishes and stream back every result, concurrently, through the real client, "
-        "against the in-memory fake service on a virtual clock."
-    ),
-)
-def _demo(args: argparse.Namespace) -> int:
-    from ._demo import all_accounted, format_report, run_demo
-
-    if args.batches < 1 or args.lines < 1:
-        print("aiobatch demo: --batches and --lines must be at least 1", file=sys.stderr)
-        return 2
-    report = asyncio.run(
-        run_demo(
-            batches=args.batches,
-            lines=args.lines,
-            fault_rate=args.fault_rate,
-            line_error_rate=args.line_error_rate,
-            seed=args.seed,
-        )
-    )
-    out(format_report(report))
-    return 0 if all_accounted(report) else 1
-
-
-# -- diagram ---------------------------------------------------------------------------
-
-
-def _diagram_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--shard",
-        action="store_true",
-        help="the run's shard lifecycle instead of the batch lifecycle",
-    )
-
-
-@command(
-    "diagram",
-    "print the batch (or, with --shard, the shard) lifecycle as a Mermaid state diagram, "
-    "generated from the table",
-    _diagram_arguments,
-)
-def _diagram(args: argparse.Namespace) -> int:
-    if args.shard:
-        from ._run._states import mermaid_diagram
-    else:
-        from ._lifecycle import mermaid_diagram
-
-    out(mermaid_diagram())
-    return 0
-
-
-# The run, status and cancel commands register themselves on import.
-from . import _cli_run  # noqa: E402, F401
