@@ -164,6 +164,8 @@ class Fleet:
             initial_delay=cfg.rate_limit_pause, max_delay=cfg.max_interval, jitter=None
         )
         self._rng = random.Random(cfg.seed)
+        #: the safety-net beats (with webhook_interval) fall whole intervals after this.
+        self._origin = self._clock.monotonic()
         self._tracked: dict[str, Tracked] = {}
         self._outcomes: dict[str, BatchDone] = {}
         self._due = DueQueue(self._tracked)
@@ -528,10 +530,9 @@ class Fleet:
             return
         when = now
         if record.cancel is not Cancel.WANTED:
-            when = now + self._jittered(
-                record.next_interval(self._config, changed or progressed, now)
+            when = record.next_poll(
+                self._config, changed or progressed, now, self._origin, self._jittered
             )
-            when = record.pushed_due(when, now, self._config.min_interval)
         self._due.schedule(record, when)
 
     def _report(self, batch_id: str | None, error: AiobatchError, batch: Batch | None) -> None:

@@ -7,9 +7,9 @@ The next poll depends on the status: short while ``validating``, ``finalizing`` 
 time left, estimated from the ``request_counts`` progress rate since processing began;
 always within ``[min_interval, max_interval]`` (:meth:`Tracked.next_interval`; the
 fleet then shortens it by a random share, ``jitter``, so that batches added together
-drift apart). With webhooks on (``webhook_interval``) every poll is a safety net that
-long, and a batch a webhook said ended is looked at again soon
-(:meth:`Tracked.pushed_due`).
+drift apart). With webhooks on (``webhook_interval``) every poll is a safety net on a
+beat the open batches share, so that one list sweep serves them all, and a batch a
+webhook said ended is looked at again soon (:meth:`Tracked.next_poll`).
 
 A status string aiobatch does not know is reported once per batch and string, and ends
 the batch once it can no longer be running (:meth:`Tracked.unknown_status`).
@@ -99,7 +99,9 @@ class FleetConfig:
             (seconds; may exceed ``max_interval``), whatever its status, since
             :meth:`Fleet.notify` (a :class:`~aiobatch.webhooks.WebhookReceiver`) makes a
             batch due the moment its webhook arrives and polls only catch deliveries
-            that never come. None (the default): webhooks off, the intervals above.
+            that never come. The polls fall on one beat for all open batches (whole
+            intervals after the fleet was made, without jitter) so that one list sweep
+            serves them all. None (the default): webhooks off, the intervals above.
     """
 
     requests_per_second: float = attrs.field(default=10.0, validator=positive)
@@ -220,10 +222,6 @@ class Tracked:
             now: ``clock.monotonic()`` of the snapshot.
         """
         cfg = config
-        if cfg.webhook_interval is not None:
-            # Webhooks report each end: polls are the safety net for lost deliveries.
-            self.interval = cfg.webhook_interval
-            return self.interval
         status = self.lifecycle.status
         if status is _S.IN_PROGRESS and self.total > 0 and self.start_done >= 0:
             elapsed = now - self.start_time
@@ -252,17 +250,43 @@ class Tracked:
         self.interval = interval
         return interval
 
-    def pushed_due(self, when: float, now: float, min_interval: float) -> float:
-        """The next poll, planned for ``when``, brought forward after a webhook: to
-        ``now`` when it came while the call just answered was in flight, else to
-        ``min_interval`` from now at the latest (the server's read side may lag the
-        event). Clears what the webhook said."""
+    def next_poll(
+        self,
+        config: FleetConfig,
+        changed: bool,
+        now: float,
+        origin: float,
+        jittered: Callable[[float], float],
+    ) -> float:
+        """When to poll next after a snapshot at ``now``.
+
+        Without webhooks: ``now`` plus :meth:`next_interval`, shortened by ``jittered``.
+        With webhooks (``webhook_interval``): the safety net's next beat, ``origin`` plus
+        a whole number of intervals, at least ``min_interval`` from now; every open batch
+        shares it, so that one list sweep can serve them all (jitter would scatter them
+        into rounds too small for a sweep, a retrieve each). After a webhook, sooner:
+        ``now`` when it came while the call just answered was in flight, else
+        ``min_interval`` from now (the server's read side may lag the event).
+
+        Args:
+            config: the fleet's intervals.
+            changed: whether the snapshot showed a change (status or progress).
+            now: ``clock.monotonic()`` of the snapshot.
+            origin: ``clock.monotonic()`` when the fleet was made.
+            jittered: takes the jitter off an interval.
+        """
+        beat = config.webhook_interval
+        if beat is None:
+            when = now + jittered(self.next_interval(config, changed, now))
+        else:
+            self.interval = beat
+            when = origin + (math.floor((now + config.min_interval - origin) / beat) + 1) * beat
         pushed, self.pushed = self.pushed, Pushed.NONE
         if pushed is Pushed.IN_FLIGHT:
             self.pushed = Pushed.PUSHED  # if this look is too early, one more soon
             return now
         if pushed is Pushed.PUSHED:
-            return min(when, now + min_interval)
+            return min(when, now + config.min_interval)
         return when
 
     def unknown_status(

@@ -53,6 +53,26 @@ async def test_webhook_interval_polls_as_a_safety_net(make_env: Callable[..., An
     assert [round(t - start) for t in polls] == [600]
 
 
+async def test_safety_net_polls_of_batches_added_apart_share_one_sweep(
+    make_env: Callable[..., Any],
+) -> None:
+    """Open batches added minutes apart are polled on one shared webhook_interval beat,
+    jitter or not: each safety-net poll is one list page for all, never a retrieve each."""
+    config = FleetConfig(seed=0, webhook_interval=600.0)  # the default jitter, 0.1
+    async with make_env() as env, env.clock.auto_advance():
+        batches = await env.create(20, lines=1000)  # each runs ~2,000 s
+        async with Fleet(env.client, config=config) as fleet:
+            for batch in batches:
+                fleet.add(batch)
+                await env.clock.sleep(15.0)
+            await env.clock.sleep(1_900.0 - 15.0 * len(batches))
+            assert len(fleet.open_ids) == len(batches)
+            stats = fleet.stats
+            assert (stats.retrieves, stats.list_pages) == (0, 3)  # at 600, 1,200, 1,800 s
+            for batch in batches:
+                fleet.remove(batch.id)
+
+
 async def test_notify_of_an_unknown_batch_is_counted_and_ignored(
     make_env: Callable[..., Any],
 ) -> None:
