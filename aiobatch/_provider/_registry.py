@@ -8,7 +8,7 @@ from urllib.parse import urlsplit
 
 from .._secret import Secret
 from ..errors import ConfigurationError
-from ._anthropic import AnthropicProvider
+from ._anthropic import ANTHROPIC_BASE_URL, AnthropicProvider
 from ._azure import AzureOpenAIProvider
 from ._base import Provider
 from ._compatible import CompatibleProvider
@@ -23,8 +23,9 @@ def require_key(provider: Provider) -> None:
 
     OpenAI's own API (``api.openai.com``) answers every request without a key with a
     401: an unset ``OPENAI_API_KEY`` is refused here, before any work, rather than met
-    at the first request. (Portkey and Azure providers refuse a missing key when they are
-    built; a server of one's own, at another base URL, may take none.)
+    at the first request; so is an unset ``ANTHROPIC_API_KEY`` for Anthropic's API.
+    (Portkey and Azure providers refuse a missing key when they are built; a server of
+    one's own, at another base URL, may take none.)
 
     Raises:
         ConfigurationError: naming the variable to set.
@@ -35,6 +36,13 @@ def require_key(provider: Provider) -> None:
             raise ConfigurationError(
                 f"no API key for OpenAI ({provider.base_url}): set OPENAI_API_KEY or pass "
                 "api_key (a server that takes no key is the 'compatible' provider)"
+            )
+    if isinstance(provider, AnthropicProvider) and not provider.api_key:
+        host = urlsplit(provider.base_url).hostname or ""
+        if host.lower() == urlsplit(ANTHROPIC_BASE_URL).hostname:
+            raise ConfigurationError(
+                f"no API key for Anthropic ({provider.base_url}): set ANTHROPIC_API_KEY "
+                "or pass api_key"
             )
 
 
