@@ -135,6 +135,9 @@ class FakeDialect:
             validating (Azure's 2024 preview versions).
         key_required: refuse requests without credentials; False plays a local
             OpenAI-compatible server that takes requests with no key at all.
+        legacy_endpoints: a create may name the endpoint as Azure's dated API
+            versions do, ``/chat/completions`` (no ``/v1``), its lines' ``url`` the same
+            (Azure).
     """
 
     name: DialectName = "openai"
@@ -146,6 +149,7 @@ class FakeDialect:
     capitalised_statuses: bool = False
     null_request_counts: bool = False
     key_required: bool = True
+    legacy_endpoints: bool = False
 
     def __attrs_post_init__(self) -> None:
         if self.name not in DIALECT_NAMES:
@@ -170,7 +174,8 @@ class FakeDialect:
     @classmethod
     def azure(cls, **switches: Any) -> FakeDialect:
         """Azure OpenAI: ``api-key``, ``/openai`` paths, uploads ``pending`` for 2 s, no
-        expiry, an empty error file for successful batches.
+        expiry, an empty error file for successful batches, the ``/chat/completions``
+        endpoint of its dated API versions.
 
         ``azure(iso_timestamps=True, capitalised_statuses=True, null_request_counts=True)``
         adds the quirks of the 2024 preview API versions.
@@ -179,6 +184,7 @@ class FakeDialect:
             "file_pending_seconds": 2.0,
             "batches_expire": False,
             "empty_error_file": True,
+            "legacy_endpoints": True,
         }
         return cls(name="azure", **{**defaults, **switches})
 
