@@ -99,11 +99,12 @@ def test_status_of_a_journal_with_damaged_pages_names_the_damage_and_the_batches
 
 
 @pytest.mark.parametrize("table", ["results", "meta"])
-def test_run_on_a_journal_with_damaged_pages_exits_1_with_the_batches(
+def test_run_on_a_journal_with_damaged_pages_exits_4_with_the_batches(
     table: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """``aiobatch run`` again on a journal whose result (or meta) pages are overwritten
-    exits 1 with the damage message and the batch ids, and writes no output."""
+    exits 4 (the journal cannot be used) with the damage message and the batch ids, and
+    writes no output."""
     journal, ids = finished_run(tmp_path, "--max-lines", "20")
     output = tmp_path / "out.jsonl"
     output.unlink()
@@ -111,7 +112,7 @@ def test_run_on_a_journal_with_damaged_pages_exits_1_with_the_batches(
     capsys.readouterr()
     code = main(run_argv(output, "-q", source=tmp_path / "in.jsonl"))
     err = capsys.readouterr().err
-    assert code == 1
+    assert code == 4
     assert "damaged" in err
     assert str(journal) in err
     for batch_id in ids:

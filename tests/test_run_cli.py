@@ -144,9 +144,10 @@ async def _cancelled_run(source: Path, journal: Path) -> str:
 
 
 def test_fake_run_writes_one_result_per_request(finished: dict[str, Any]) -> None:
-    """``aiobatch run --fake`` exits 0, writes one result per input custom_id in input
-    order, and prints counts that match the output file."""
-    assert finished["code"] == 0, finished["err"]
+    """``aiobatch run --fake`` exits 1 (finished, some requests failed), writes one
+    result per input custom_id in input order, and prints counts that match the output
+    file."""
+    assert finished["code"] == 1, finished["err"]
     lines = read_output(finished["output"])
     ids = example_ids()
     assert len(ids) == 2000
@@ -161,9 +162,9 @@ def test_rerun_with_the_same_journal_does_no_new_work(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Running the same command again exits 0, sends nothing, adds no batch, and writes
-    the same output."""
-    assert finished["code"] == 0
+    """Running the same command again exits as the first run did, sends nothing, adds no
+    batch, and writes the same output."""
+    assert finished["code"] == 1
     before = finished["output"].read_bytes()
     batches = batch_ids_in(finished["journal"])
     services: list[FakeBatchService] = []
@@ -176,7 +177,7 @@ def test_rerun_with_the_same_journal_does_no_new_work(
 
     monkeypatch.setattr(cli_run, "fake_environment", recording)
     finished["output"].unlink()
-    assert main(run_argv(finished["output"])) == 0
+    assert main(run_argv(finished["output"])) == 1
     again = capsys.readouterr().out
     assert finished["output"].read_bytes() == before
     assert batch_ids_in(finished["journal"]) == batches
@@ -403,8 +404,8 @@ async def test_cancel_flags_a_running_run(
 def test_preflight_failure_prints_the_problems(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A run whose input fails preflight exits 1, prints each problem as file:line, and
-    leaves no output and no journal."""
+    """A run whose input fails preflight exits 2 (a usage error), prints each problem as
+    file:line, and leaves no output and no journal."""
     source = tmp_path / "bad.jsonl"
     streaming = chat_line("b", stream=True)
     source.write_text(
@@ -412,7 +413,7 @@ def test_preflight_failure_prints_the_problems(
         encoding="utf-8",
     )
     output = tmp_path / "out.jsonl"
-    assert main(run_argv(output, source=source)) == 1
+    assert main(run_argv(output, source=source)) == 2
     err = capsys.readouterr().err
     assert f"{source}:2" in err
     assert f"{source}:3" in err
@@ -483,7 +484,7 @@ async def test_give_up_after_stops_a_run_against_a_server_failing_every_call(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:
     """``--give-up-after 1s`` against a server answering every call 500: each failed try
-    is logged with the time left, and the run exits 1 saying which step kept failing,
+    is logged with the time left, and the run exits 4 saying which step kept failing,
     with what error, and that the journal is intact."""
     caplog.set_level(logging.WARNING, logger="aiobatch.run")
     service = FakeBatchService(config=FakeConfig())
@@ -495,7 +496,7 @@ async def test_give_up_after_stops_a_run_against_a_server_failing_every_call(
         argv += ["--base-url", base_url, "--give-up-after", "1s", "--no-progress"]
         code = await asyncio.to_thread(main, argv)
     err = capsys.readouterr().err
-    assert code == 1, err
+    assert code == 4, err
     assert "shard s000000 (uploading) kept failing" in err, err
     assert "give_up_after 1.0s" in err and "HTTP 500" in err, err
     assert "journal is intact" in err, err

@@ -23,6 +23,7 @@ import attrs
 from ._states import ShardState
 
 __all__ = [
+    "FailedRequest",
     "FinalResult",
     "JournalCounts",
     "Member",
@@ -344,3 +345,28 @@ class JournalCounts:
     recreated: int = 0
     rounds: int = 0
     last_step: float = 0.0
+
+
+@attrs.frozen(slots=True, kw_only=True)
+class FailedRequest:
+    """A request whose final result is an error, with the request line itself.
+
+    Attributes:
+        seq: the request's position in input order.
+        custom_id: the request's id.
+        kind: ``http_error`` or ``error``.
+        code: the error code (None when the result has none).
+        batch_id: the batch it came from, or is about.
+        attempts: retryable failures before it.
+        request: the request line as uploaded (no newline).
+        result: the error result line, as written to the output file.
+    """
+
+    seq: int
+    custom_id: str
+    kind: str
+    code: str | None
+    batch_id: str | None
+    attempts: int
+    request: bytes
+    result: bytes

@@ -34,6 +34,7 @@ import attrs
 from ..errors import JournalError, ShardMoveError, TooManyBatchesError
 from ._records import (
     SHARD_FIELDS,
+    FailedRequest,
     FinalResult,
     JournalCounts,
     Member,
@@ -711,3 +712,33 @@ class JournalFile:
     def open_batches(self) -> list[Shard]:
         """Every shard whose batch is being tracked."""
         return [s for s in self.shards(ShardState.OPEN) if s.batch_id is not None]
+
+    def failed_requests(self) -> Iterator[FailedRequest]:
+        """Every request whose final result is an error, in input order, with its
+        request line (streamed; no write may happen on this connection meanwhile)."""
+        for seq, cid, kind, code, bid, att, request, result in self._db.execute(
+            "SELECT r.seq, q.custom_id, r.kind, r.code, r.batch_id, r.attempts, q.data, "
+            "r.data FROM results r JOIN requests q ON q.seq = r.seq "
+            "WHERE r.kind != 'success' ORDER BY r.seq"
+        ):
+            yield FailedRequest(
+                seq=int(seq),
+                custom_id=str(cid),
+                kind=str(kind),
+                code=code,
+                batch_id=bid,
+                attempts=int(att),
+                request=bytes(request),
+                result=bytes(result),
+            )
+
+    def tokens_by_model(self) -> dict[str, tuple[int, int]]:
+        """Prompt and completion tokens of the final results, by the model of the shard
+        that produced them (each result counted once; ``""`` for results of no shard or
+        a shard without a model)."""
+        rows = self._db.execute(
+            "SELECT coalesce(s.model, ''), coalesce(sum(r.input_tokens), 0), "
+            "coalesce(sum(r.output_tokens), 0) FROM results r "
+            "LEFT JOIN shards s ON s.key = r.shard GROUP BY coalesce(s.model, '')"
+        )
+        return {str(model): (int(i), int(o)) for model, i, o in rows if i or o}

@@ -11,6 +11,7 @@ import sys
 __all__ = [
     "count",
     "duration",
+    "duration_text",
     "non_negative",
     "out",
     "port",
@@ -50,6 +51,14 @@ def duration(text: str) -> float:
     if match is None:
         raise argparse.ArgumentTypeError(f"not a duration: {text!r} (try 30, 1.5s, 10m, 24h)")
     return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def duration_text(seconds: float) -> str:
+    """A duration as the flags take it: ``1s``, ``1.5s``, ``10m``, ``24h``, ``2d``."""
+    for unit, size in (("d", 86400.0), ("h", 3600.0), ("m", 60.0)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
 
 
 def rate(text: str) -> float:

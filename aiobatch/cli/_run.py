@@ -47,8 +47,18 @@ from ..testing import (
     fake_client,
     unit_hash,
 )
-from ._args import count, duration, out, positive, rate
+from ._args import count, duration, duration_text, out, positive, rate
 from ._command import command
+from ._cost import cost_lines, prices_file
+from ._exit import (
+    ERROR,
+    EXIT_CODES_HELP,
+    INTERRUPTED,
+    STOPPED,
+    USAGE,
+    error_code,
+    finished_code,
+)
 
 __all__ = ["EXAMPLE_REQUESTS", "fake_environment"]
 
@@ -110,6 +120,12 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
         help="the order of the output file",
     )
     how.add_argument(
+        "--allow-failures",
+        action="store_true",
+        help="exit 0 when the run finishes even if some requests failed (not when the "
+        "provider refused the batches: that exits 3)",
+    )
+    how.add_argument(
         "--skip-invalid",
         action="store_true",
         help="skip (and report) input lines that fail the checks, instead of stopping",
@@ -138,10 +154,18 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
         "finished (e.g. 20h)",
     )
     how.add_argument(
-        "--poll-min", type=duration, default=None, help="the shortest pause between polls"
+        "--poll-min",
+        type=duration,
+        default=None,
+        help="the shortest pause between polls, e.g. 1s or 1m "
+        f"(default: {duration_text(FleetConfig().min_interval)})",
     )
     how.add_argument(
-        "--poll-max", type=duration, default=None, help="the longest pause between polls"
+        "--poll-max",
+        type=duration,
+        default=None,
+        help="the longest pause between polls, e.g. 30s or 5m "
+        f"(default: {duration_text(FleetConfig().max_interval)})",
     )
     how.add_argument(
         "--requests-per-second",
@@ -173,6 +197,7 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
     show.add_argument(
         "--no-progress", action="store_true", help="no live progress (log lines only)"
     )
+    _prices_argument(show)
     show.add_argument("-q", "--quiet", action="store_true", help="print only the report")
     show.add_argument(
         "-v", "--verbose", action="store_true", help="also log every retry of a request"
@@ -369,21 +394,40 @@ async def _run_async(args: argparse.Namespace, journal: str) -> int:
             if display is not None:
                 display.close()
             print(f"aiobatch: stopped; resume with the same command ({journal})", file=sys.stderr)
-            return 130
+            return INTERRUPTED
         finally:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(signal.SIGINT)
                 loop.remove_signal_handler(signal.SIGTERM)
         if display is not None:
             display.close(run.progress())
-    out(format_report(report))
+    with Journal(journal, readonly=True) as done:
+        tokens = done.tokens_by_model()
+    out("\n".join([format_report(report), *cost_lines(tokens, args.prices)]))
     if report.state == "cancelled":
         print(f"cancelled; resume with the same command ({journal})", file=sys.stderr)
-        return 130
+        return INTERRUPTED
     if report.state == "stopped":
         print(f"stopped; resume with the same command ({journal})", file=sys.stderr)
-        return 143
-    return 0
+        return STOPPED
+    if report.state != "done":
+        return ERROR
+    return finished_code(
+        failed=report.failed,
+        skipped=report.skipped,
+        errors=report.errors,
+        allow_failures=args.allow_failures,
+    )
+
+
+_RUN_EXAMPLES = """\
+examples:
+  aiobatch run requests.jsonl -o results.jsonl --fake        # try it: no key, no network
+  OPENAI_API_KEY=sk-... aiobatch run requests.jsonl -o results.jsonl
+  aiobatch run requests.jsonl -o results.jsonl --provider compatible \\
+      --base-url http://127.0.0.1:8000/v1 --poll-min 1s --poll-max 2s --create-settle 0
+  aiobatch status results.jsonl.journal                      # from another shell
+  aiobatch failures results.jsonl.journal --retry-file retry.jsonl"""
 
 
 @command(
@@ -396,9 +440,9 @@ async def _run_async(args: argparse.Namespace, journal: str) -> int:
         "write one result per request to OUTPUT. Everything is journaled first: run the "
         "same command again after a crash, a Ctrl-C or 'aiobatch cancel' to continue. "
         "Ctrl-C cancels the open batches and keeps what they finished (exit 130); SIGTERM "
-        "stops without cancelling them (exit 143); 0 when every request has its result, "
-        "1 on an error, 2 on a usage error or a missing key."
+        "stops without cancelling them (exit 143)."
     ),
+    epilog=_RUN_EXAMPLES + "\n\n" + EXIT_CODES_HELP,
 )
 def _run(args: argparse.Namespace) -> int:
     journal = args.journal or f"{args.output}.journal"
@@ -409,14 +453,14 @@ def _run(args: argparse.Namespace) -> int:
             f"aiobatch run: {str(exc).replace('RunConfig.', '--').replace('_', '-')}",
             file=sys.stderr,
         )
-        return 2
+        return USAGE
     if not args.fake:
         # A missing key (or endpoint) is said now, before the input is read.
         try:
             require_key(_provider(args))
         except ConfigurationError as exc:
             print(f"aiobatch run: {exc}", file=sys.stderr)
-            return 2
+            return USAGE
     if not args.quiet:
         logging.basicConfig(
             level=logging.INFO if args.verbose else logging.WARNING,
@@ -429,7 +473,7 @@ def _run(args: argparse.Namespace) -> int:
                 state = existing.get_meta("state")
         except JournalError as exc:
             print(f"aiobatch run: {exc}", file=sys.stderr)
-            return 1
+            return ERROR
         if state not in (None, "done"):
             print(
                 f"aiobatch run: {journal} holds an unfinished run, and a --fake run cannot "
@@ -437,19 +481,19 @@ def _run(args: argparse.Namespace) -> int:
                 "stopped); delete the journal to start again",
                 file=sys.stderr,
             )
-            return 2
+            return USAGE
     try:
         return asyncio.run(_run_async(args, journal))
     except PreflightError as exc:
         print(f"aiobatch run: {exc}", file=sys.stderr)
-        # A file with no request at all is a usage error (a wrong or truncated file).
-        return 2 if any(p.code == "empty_input" for p in exc.problems) else 1
+        # An input file that fails the checks is the user's to fix; nothing was sent.
+        return USAGE
     except (AiobatchError, OSError) as exc:
         print(f"aiobatch run: {exc}", file=sys.stderr)
-        return 1
+        return error_code(exc)
     except KeyboardInterrupt:
         print(f"aiobatch: stopped; resume with the same command ({journal})", file=sys.stderr)
-        return 130
+        return INTERRUPTED
 
 
 def _journal_argument(parser: argparse.ArgumentParser) -> None:
@@ -459,6 +503,18 @@ def _journal_argument(parser: argparse.ArgumentParser) -> None:
 def _status_arguments(parser: argparse.ArgumentParser) -> None:
     _journal_argument(parser)
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    _prices_argument(parser)
+
+
+def _prices_argument(parser: argparse._ActionsContainer) -> None:
+    parser.add_argument(
+        "--prices",
+        type=prices_file,
+        default=None,
+        metavar="FILE",
+        help="a price table (JSON, or TOML on Python 3.11+: {model: {input, output}} in "
+        "dollars per million tokens at batch prices) to show the cost per model",
+    )
 
 
 @command(
@@ -474,15 +530,25 @@ def _status(args: argparse.Namespace) -> int:
             except OSError:  # no lock file can be made beside it: cannot tell
                 live = None
             report = read_report(journal, live=live)
+            tokens = journal.tokens_by_model()
     except JournalError as exc:
         print(f"aiobatch status: {exc}", file=sys.stderr)
         return 1
     if args.json:
         data = attrs.asdict(report)
         data["total_tokens"] = report.total_tokens
+        data["tokens_by_model"] = {
+            model: {"input": i, "output": o} for model, (i, o) in tokens.items()
+        }
+        if args.prices is not None:
+            data["cost_by_model"] = {
+                m: (i * args.prices[m][0] + o * args.prices[m][1]) / 1_000_000
+                for m, (i, o) in tokens.items()
+                if m in args.prices
+            }
         out(json.dumps(data, indent=2, default=_plain))
     else:
-        out(format_report(report))
+        out("\n".join([format_report(report), *cost_lines(tokens, args.prices)]))
     return 0
 
 

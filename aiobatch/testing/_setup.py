@@ -155,10 +155,11 @@ def _transport(
     return InMemoryTransport(handle, clock=clock)
 
 
-def _provider_for(dialect: FakeDialect, api_key: str) -> Provider:
-    """The provider whose requests a service of ``dialect`` accepts."""
+def _provider_for(dialect: FakeDialect, api_key: str, base_url: str = _BASE_URL) -> Provider:
+    """The provider whose requests a service of ``dialect`` at ``base_url`` (its ``/v1``
+    root) accepts."""
     if dialect.name == "azure":
-        return AzureOpenAIProvider(endpoint=_BASE_URL.removesuffix("/v1"), api_key=api_key)
+        return AzureOpenAIProvider(endpoint=base_url.removesuffix("/v1"), api_key=api_key)
     if dialect.name == "portkey":
-        return PortkeyProvider(api_key=api_key, provider="@fake", base_url=_BASE_URL)
-    return OpenAIProvider(api_key=api_key, base_url=_BASE_URL)
+        return PortkeyProvider(api_key=api_key, provider="@fake", base_url=base_url)
+    return OpenAIProvider(api_key=api_key, base_url=base_url)
