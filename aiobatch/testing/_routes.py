@@ -263,9 +263,14 @@ class OpenAIRoutes:
                 code="invalid_value",
             )
         window = _required_str(data, "completion_window")
-        if window != "24h":
+        if not self.dialect.accepts_window(window):
+            supported = (
+                "'24h'"
+                if self.dialect.max_completion_window_hours <= 24
+                else f"durations from '24h' to {self.dialect.max_completion_window_hours}h"
+            )
             raise _bad(
-                f"Invalid value: {window!r}. Supported values are: '24h'.",
+                f"Invalid value: {window!r}. Supported values are: {supported}.",
                 param="completion_window",
                 code="invalid_value",
             )
