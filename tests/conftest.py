@@ -1,17 +1,38 @@
-"""Shared fixtures: a virtual clock, a raw-request driver for the fake batch service, and
-the fake-plus-client environment of the fleet tests."""
+"""Shared fixtures: a virtual clock, a raw-request driver for the fake batch service, the
+fake-plus-client environment of the fleet tests, and the helpers of the runner and
+command-line tests.
+
+The test modules sit in folders by layer (client, providers, fleet, run, fake, transport,
+cli); pytest puts this folder on ``sys.path``, so every module imports these helpers with
+``from conftest import ...``. Module names stay unique across the folders."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import sqlite3
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
+from aiohttp import web
 from pytest_aiohttp import AiohttpServer
 
-from aiobatch import Batch, BatchClient, FleetConfig, RetryPolicy, RunConfig
+import aiobatch
+from aiobatch import (
+    Batch,
+    BatchClient,
+    BatchRun,
+    FleetConfig,
+    RetryPolicy,
+    RunConfig,
+    RunReport,
+    RunResult,
+)
+from aiobatch._run._sqlite import JournalFile
 from aiobatch.testing import (
     FakeBatchService,
     FakeConfig,
@@ -25,6 +46,10 @@ from aiobatch.transport import FilePart, InMemoryTransport, Multipart, Request, 
 
 BASE_URL = "http://fake.local/v1"
 API_KEY = "sk-test-0123456789abcdef"
+
+EXAMPLE = Path(aiobatch.__file__).parent / "examples" / "requests.jsonl"
+
+T = TypeVar("T")
 
 
 def chat_line(
@@ -226,6 +251,23 @@ class FleetEnv:
         ]
 
 
+async def within(clock: VirtualClock, seconds: float, work: Awaitable[T]) -> T:
+    """``work``'s result, or a failure when it is not done after ``seconds`` of virtual
+    time (the clock auto-advances: a hang spins through virtual time)."""
+    task = asyncio.ensure_future(work)
+    timer = asyncio.ensure_future(clock.sleep(seconds))
+    await asyncio.wait({task, timer}, return_when=asyncio.FIRST_COMPLETED)
+    timer.cancel()
+    if not task.done():
+        # A hung run may hang in its cancel too: wait for that a while only.
+        task.cancel()
+        timer = asyncio.ensure_future(clock.sleep(seconds))
+        await asyncio.wait({task, timer}, return_when=asyncio.FIRST_COMPLETED)
+        timer.cancel()
+        pytest.fail(f"not done after {seconds:g} virtual seconds")
+    return task.result()
+
+
 @pytest.fixture
 def make_env(clock: VirtualClock) -> Callable[..., Any]:
     """Build a FleetEnv (fake config fields as keyword arguments; ``front`` stands in front
@@ -307,3 +349,127 @@ def in_front(service: FakeBatchService, handler: Callable[[Request, Handler], An
         return result
 
     return InMemoryTransport(handle, clock=service.clock)
+
+
+def path_of(request: Request) -> str:
+    """The request path after the API root (``/batches/batch_1``)."""
+    path = request.url.split("://", 1)[-1]
+    path = path[path.index("/") :] if "/" in path else "/"
+    for root in ("/openai/v1", "/openai", "/v1"):
+        if path.startswith(root + "/"):
+            return path[len(root) :]
+    return path
+
+
+def error_response(status: int, message: str) -> Response:
+    """An OpenAI-shaped error answer."""
+    body = {"error": {"message": message, "type": "server_error", "param": None, "code": None}}
+    return Response(status, {"content-type": "application/json"}, json.dumps(body).encode())
+
+
+def requests(n: int, prefix: str = "r", *, model: str = "gpt-4o-mini") -> list[dict[str, Any]]:
+    """``n`` chat requests with custom_ids ``{prefix}-0``... and distinct prompts."""
+    return [chat_line(f"{prefix}-{i}", f"question {i}", model=model) for i in range(n)]
+
+
+def write_jsonl(path: Path, lines: Iterable[Mapping[str, Any]]) -> Path:
+    """Write request objects as a JSONL file; returns the path."""
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+async def run_to_end(run: BatchRun) -> tuple[RunReport, list[RunResult]]:
+    """Run to the end with results() read alongside."""
+    streamed = asyncio.ensure_future(_all_results(run))
+    try:
+        report = await run.run()
+        return report, await streamed
+    finally:
+        if not streamed.done():
+            streamed.cancel()
+
+
+async def _all_results(run: BatchRun) -> list[RunResult]:
+    return [result async for result in run.results()]
+
+
+async def shards_of_batches(service: FakeBatchService) -> Counter[str]:
+    """How many batches the service holds per ``aiobatch_shard`` (the service's own view)."""
+    shards: Counter[str] = Counter()
+    for batch_id in service.batch_ids:
+        batch = await service.get_batch(batch_id)
+        shards[(batch.metadata or {}).get("aiobatch_shard", "?")] += 1
+    return shards
+
+
+async def executed(service: FakeBatchService) -> Counter[str]:
+    """How many times each custom_id was answered by some batch (output and error files)."""
+    counts: Counter[str] = Counter()
+    for batch_id in service.batch_ids:
+        batch = await service.get_batch(batch_id)
+        for file_id in (batch.output_file_id, batch.error_file_id):
+            if file_id is None:
+                continue
+            for line in service.file_content(file_id).splitlines():
+                item = json.loads(line)
+                if item.get("response") is not None:  # it ran (success or HTTP error)
+                    counts[item["custom_id"]] += 1
+    return counts
+
+
+def shard_rows(journal: Path) -> list[dict[str, Any]]:
+    """The journal's shard rows, read as ``aiobatch status`` would (read-only)."""
+    db = sqlite3.connect(f"file:{journal}?mode=ro", uri=True)
+    db.row_factory = sqlite3.Row
+    try:
+        return [dict(row) for row in db.execute("SELECT * FROM shards ORDER BY key")]
+    finally:
+        db.close()
+
+
+@asynccontextmanager
+async def serve(app: web.Application) -> AsyncIterator[str]:
+    """Serve ``app`` on loopback as a real server does (a handler keeps running when its
+    client hangs up, as in :func:`aiobatch.testing.run_fake_server`); yields the base URL."""
+    runner = web.AppRunner(app, handle_signals=False, handler_cancellation=False)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        yield f"http://{host}:{port}/v1"
+    finally:
+        await runner.cleanup()
+
+
+# --- the command-line tests' helpers ------------------------------------------------
+
+
+def run_argv(output: Path, *extra: str, source: Path = EXAMPLE) -> list[str]:
+    """``aiobatch run SOURCE -o OUTPUT --fake --max-lines 200 --no-progress ...``."""
+    return [
+        "run",
+        str(source),
+        "-o",
+        str(output),
+        "--fake",
+        "--max-lines",
+        "200",
+        "--no-progress",
+        *extra,
+    ]
+
+
+def make_requests(path: Path, n: int) -> Path:
+    """A JSONL file of ``n`` chat requests."""
+    path.write_text(
+        "".join(json.dumps(chat_line(f"q-{i}", f"question {i}")) + "\n" for i in range(n)),
+        encoding="utf-8",
+    )
+    return path
+
+
+def batch_ids_in(path: Path) -> list[str | None]:
+    """The batch id of every shard the journal holds, by shard key."""
+    with JournalFile(path, readonly=True) as journal:
+        return [row.batch_id for row in journal.shards()]

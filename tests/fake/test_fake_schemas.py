@@ -29,7 +29,7 @@ from jsonschema import Draft202012Validator
 from aiobatch.testing import Fault, LineErrorRule, VirtualClock
 from aiobatch.transport import Request, Response
 
-SCHEMA_FILE = Path(__file__).parent / "data" / "openai-batch-schemas.json"
+SCHEMA_FILE = Path(__file__).resolve().parent.parent / "data" / "openai-batch-schemas.json"
 
 
 def _relax(node: Any) -> Any:

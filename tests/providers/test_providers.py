@@ -40,7 +40,7 @@ from aiobatch.errors import (
 )
 from aiobatch.transport import InMemoryTransport, Request, Response
 
-README = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+README = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
 
 S = BatchStatus
 T0 = 1_750_000_000

@@ -20,17 +20,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import API_KEY, BASE_URL, chat_line
-from test_run_crash import serve
+from conftest import (
+    API_KEY,
+    BASE_URL,
+    EXAMPLE,
+    batch_ids_in,
+    chat_line,
+    make_requests,
+    run_argv,
+    serve,
+)
 
-import aiobatch
 from aiobatch import BatchClient, BatchRun, RetryPolicy, RunConfig, RunProgress
 from aiobatch._run._sqlite import JournalFile as Journal
 from aiobatch.cli import _run as cli_run
 from aiobatch.cli import main
 from aiobatch.testing import FakeBatchService, FakeConfig, Fault, VirtualClock, make_app
-
-EXAMPLE = Path(aiobatch.__file__).parent / "examples" / "requests.jsonl"
 
 REPORT_COUNTS = re.compile(
     r"requests: ([\d,]+) \(([\d,]+) succeeded, ([\d,]+) failed, ([\d,]+) pending\)"
@@ -62,31 +67,10 @@ def printed_counts(text: str) -> tuple[int, int, int, int]:
     return requests, succeeded, failed, pending
 
 
-def run_argv(output: Path, *extra: str, source: Path = EXAMPLE) -> list[str]:
-    """``aiobatch run SOURCE -o OUTPUT --fake --max-lines 200 --no-progress ...``."""
-    return [
-        "run",
-        str(source),
-        "-o",
-        str(output),
-        "--fake",
-        "--max-lines",
-        "200",
-        "--no-progress",
-        *extra,
-    ]
-
-
 def journal_meta(path: Path) -> dict[str, str]:
     """The journal's meta values."""
     with Journal(path, readonly=True) as journal:
         return journal.meta_values()
-
-
-def batch_ids_in(path: Path) -> list[str | None]:
-    """The batch id of every shard the journal holds, by shard key."""
-    with Journal(path, readonly=True) as journal:
-        return [row.batch_id for row in journal.shards()]
 
 
 @pytest.fixture
@@ -103,15 +87,6 @@ def finished(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> dict[str, An
         "out": captured.out,
         "err": captured.err,
     }
-
-
-def make_requests(path: Path, n: int) -> Path:
-    """A JSONL file of ``n`` chat requests."""
-    path.write_text(
-        "".join(json.dumps(chat_line(f"q-{i}", f"question {i}")) + "\n" for i in range(n)),
-        encoding="utf-8",
-    )
-    return path
 
 
 async def _cancelled_run(source: Path, journal: Path) -> str:
@@ -436,6 +411,19 @@ def test_input_file_without_requests_exits_with_the_usage_error_code(
     assert "no requests" in err
     assert not output.exists()
     assert not Path(f"{output}.journal").exists()
+
+
+def test_run_with_a_bad_option_value_exits_with_a_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``aiobatch run --max-rounds -1`` exits with a usage error naming the option, not a
+    Python traceback (and sends nothing)."""
+    source = make_requests(tmp_path / "in.jsonl", 2)
+    argv = ["run", str(source), "-o", str(tmp_path / "out.jsonl"), "--fake", "-q"]
+    code = main([*argv, "--max-rounds", "-1"])
+    assert code in (1, 2)
+    assert "max-rounds" in capsys.readouterr().err.replace("_", "-")
+    assert not (tmp_path / "out.jsonl.journal").exists()
 
 
 @pytest.mark.parametrize(

@@ -1,9 +1,12 @@
 """Outcomes of a whole run (BatchRun) against the fake service on a virtual clock.
 
 Each test plays a server-side situation (an expiry, a cancel, token limits, faults on
-the control plane, line errors, batches finishing out of order, sharding limits) and
-checks what a user can observe: the service's batches and files, the output file, the
-report, and the results stream. Expected line sets come from the fake's own files.
+the control plane, line errors, batches finishing out of order, sharding limits, result
+files that lag, are gone or are long) and checks what a user can observe: the service's
+batches and files, the output file, the report, and the results stream. Expected line
+sets come from the fake's own files. Where the fake has no switch for a server behaviour
+(a lagging ``output_file_id``, a result file that is gone), a small handler in front of
+the service plays it.
 """
 
 from __future__ import annotations
@@ -19,7 +22,24 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import API_KEY, BASE_URL, FakeApi, chat_line, config, jsonl
+from conftest import (
+    API_KEY,
+    BASE_URL,
+    FakeApi,
+    Handler,
+    chat_line,
+    client_for,
+    config,
+    error_response,
+    in_front,
+    jsonl,
+    path_of,
+    requests,
+    run_to_end,
+    service_on,
+    shard_rows,
+    write_jsonl,
+)
 
 from aiobatch import (
     Batch,
@@ -31,7 +51,9 @@ from aiobatch import (
     RunReport,
     RunResult,
 )
+from aiobatch._run._preflight import estimate_tokens as default_estimate_tokens
 from aiobatch._run._report import format_report
+from aiobatch.errors import AiobatchError
 from aiobatch.testing import (
     FakeBatchService,
     FakeConfig,
@@ -42,7 +64,7 @@ from aiobatch.testing import (
     chat_requests,
     estimate_tokens,
 )
-from aiobatch.transport import Response
+from aiobatch.transport import Request, Response
 
 MODEL = "gpt-4o-mini"
 
@@ -440,6 +462,34 @@ async def test_without_a_client_budget_the_same_run_hits_the_server_limit(
     assert (report.batches, report.recreated) == (len(batches), len(failed))
     assert_exactly_once(results, h.output_lines(), ids("req", 40))
     assert all(r.attempts == 0 for r in results)
+
+
+async def test_shards_waiting_for_a_models_token_budget_do_not_hold_up_other_models(
+    clock: VirtualClock, tmp_path: Path
+) -> None:
+    """Shards waiting for room under one model's enqueued-token limit do not take the
+    submission slots: a shard of another (unlimited) model is created at once, not after
+    the limited model's batches end."""
+    service = service_on(clock, lines_per_second=0.02)  # 2 lines: 100 s of processing
+    limited = requests(8, "a", model="gpt-a")  # 4 shards of 2, one fits at a time
+    other = requests(2, "b", model="gpt-b")  # 1 shard, no limit
+    source = write_jsonl(tmp_path / "in.jsonl", limited + other)
+    per_shard = sum(default_estimate_tokens(line["body"]) for line in limited[:2])
+    settings = config(max_lines=2, max_submissions=2, enqueued_token_limits={"gpt-a": per_shard})
+    async with client_for(clock, service.transport()) as client:
+        run = BatchRun(client, source, journal=tmp_path / "run.journal", config=settings)
+        async with clock.auto_advance():
+            report = await run.run()
+    assert report.state == "done"
+    batches = [await service.get_batch(i) for i in service.batch_ids]
+    by_model = {m: [b for b in batches if b.model == m] for m in ("gpt-a", "gpt-b")}
+    first_a = min(by_model["gpt-a"], key=lambda b: b.created_at)
+    (b_batch,) = by_model["gpt-b"]
+    assert first_a.completed_at is not None
+    assert b_batch.created_at < first_a.completed_at, (
+        f"gpt-b created at +{b_batch.created_at - first_a.created_at}s, after gpt-a's first "
+        f"batch ended at +{first_a.completed_at - first_a.created_at}s"
+    )
 
 
 # --- 5. faults on the control plane --------------------------------------------------------
@@ -853,3 +903,120 @@ async def test_a_result_line_that_does_not_decode_ends_its_request_without_a_rer
     out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [line["custom_id"] for line in out] == ["req-0", "req-1", "req-2", "req-3"]
     assert out[2]["error"]["code"] == "undecodable_result"
+
+
+# --- 9. collection -------------------------------------------------------------------------
+
+
+async def test_a_failed_retrieve_while_output_file_id_lags_keeps_the_batch_results(
+    clock: VirtualClock, tmp_path: Path
+) -> None:
+    """A completed batch whose output_file_id lags, and whose next retrieve fails, still has
+    its results collected: no second batch, every request answered by the first."""
+    service = service_on(clock)
+    completed_answers: Counter[str] = Counter()
+
+    async def lagging(request: Request, handle: Handler) -> Response:
+        path = path_of(request)
+        response = await handle(request)
+        if request.method != "GET" or not path.startswith("/batches/") or response.status != 200:
+            return response
+        body = json.loads(await response.read())
+        headers = {k: v for k, v in response.headers.items() if k != "content-length"}
+        if body.get("status") == "completed":
+            seen = completed_answers[body["id"]]
+            completed_answers[body["id"]] += 1
+            if seen == 0:
+                body["output_file_id"] = None  # OpenAI's lag: completed, file id not yet set
+            elif seen <= 3:
+                return error_response(503, "the server is overloaded")  # a short outage
+        return Response(200, headers, json.dumps(body).encode())
+
+    source = write_jsonl(tmp_path / "in.jsonl", requests(5))
+    async with client_for(clock, in_front(service, lagging)) as client:
+        run = BatchRun(client, source, journal=tmp_path / "run.journal", config=config())
+        async with clock.auto_advance():
+            report, results = await run_to_end(run)
+    assert report.state == "done"
+    assert len(service.batch_ids) == 1, "the batch's results were thrown away and re-run"
+    assert all(r.ok for r in results), [r.result for r in results if not r.ok]
+    assert {r.batch_id for r in results} == {service.batch_ids[0]}
+
+
+async def test_a_result_file_that_is_gone_does_not_make_the_run_unfinishable(
+    clock: VirtualClock, tmp_path: Path
+) -> None:
+    """A batch whose output file answers 404 for good (deleted, expired after 30 days)
+    does not stop the run for ever: the run ends with one result per request."""
+    service = service_on(clock)
+    lost: set[str] = set()
+
+    async def losing_the_first_output(request: Request, handle: Handler) -> Response:
+        path = path_of(request)
+        if request.method == "GET" and path.startswith("/files/") and path.endswith("/content"):
+            file_id = path.split("/")[2]
+            if not lost:
+                first = await service.get_batch(service.batch_ids[0])
+                if first.output_file_id is not None:
+                    lost.add(first.output_file_id)
+            if file_id in lost:
+                return error_response(404, f"No such File object: {file_id}")
+        return await handle(request)
+
+    source = write_jsonl(tmp_path / "in.jsonl", requests(4))
+    settings = config(step_backoff=1.0, max_step_failures=3)
+    async with (
+        client_for(clock, in_front(service, losing_the_first_output)) as client,
+        clock.auto_advance(),
+    ):
+        outcomes: list[RunReport | AiobatchError] = []
+        for _ in range(2):  # and a resume, as a user would try
+            run = BatchRun(client, source, journal=tmp_path / "run.journal", config=settings)
+            try:
+                outcomes.append(await run.run())
+                break
+            except AiobatchError as exc:
+                outcomes.append(exc)
+    assert isinstance(outcomes[-1], RunReport), [repr(o)[:90] for o in outcomes]
+    assert outcomes[-1].state == "done"
+    assert outcomes[-1].pending == 0
+    assert outcomes[-1].requests == 4
+
+
+async def test_collecting_a_long_result_file_lets_other_tasks_run_between_chunks(
+    clock: VirtualClock, tmp_path: Path
+) -> None:
+    """While a long output file is collected in chunks, the event loop runs other tasks
+    between the chunks (a heartbeat sees the collection part-way), so polls, signals and
+    other collections are not held up for the whole file."""
+    lines = 3000
+    service = service_on(clock, lines_per_second=1000.0)
+    streaming = asyncio.Event()
+
+    async def noting_downloads(request: Request, handle: Handler) -> Response:
+        if request.method == "GET" and path_of(request).endswith("/content"):
+            streaming.set()
+        return await handle(request)
+
+    source = write_jsonl(tmp_path / "in.jsonl", requests(lines))
+    journal = tmp_path / "run.journal"
+    seen: set[int] = set()
+
+    async def heartbeat() -> None:
+        await streaming.wait()
+        while True:
+            (row,) = shard_rows(journal)
+            seen.add(int(row["output_done"]))
+            if row["state"] == "collected":
+                return
+            await asyncio.sleep(0)
+
+    transport = in_front(service, noting_downloads)
+    async with client_for(clock, transport) as client, clock.auto_advance():
+        run = BatchRun(client, source, journal=journal, config=config(collect_chunk=250))
+        beat = asyncio.ensure_future(heartbeat())
+        report: RunReport = await run.run()
+        await beat
+    assert report.succeeded == lines
+    partway = sorted(n for n in seen if 0 < n < lines)
+    assert partway, f"the heartbeat never ran during the collection (saw {sorted(seen)})"

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import json
 import os
 import re
@@ -21,7 +20,7 @@ import signal
 import sqlite3
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ import aiohttp
 import attrs
 import pytest
 from aiohttp import web
+from conftest import serve
 
 from aiobatch import read_report
 from aiobatch._run._sqlite import JournalFile as Journal
@@ -318,21 +318,6 @@ class Child:
 
     def stderr(self, run: int) -> str:
         return (self.tmp_path / f"stderr{run}.txt").read_text(errors="replace")
-
-
-@contextlib.asynccontextmanager
-async def serve(app: web.Application) -> AsyncIterator[str]:
-    """Serve ``app`` on loopback as a real server does (a handler keeps running when its
-    client hangs up, as in :func:`aiobatch.testing.run_fake_server`); yields the base URL."""
-    runner = web.AppRunner(app, handle_signals=False, handler_cancellation=False)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        host, port = runner.addresses[0][:2]
-        yield f"http://{host}:{port}/v1"
-    finally:
-        await runner.cleanup()
 
 
 async def _server_files(base_url: str) -> list[dict[str, Any]]:

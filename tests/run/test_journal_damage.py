@@ -12,8 +12,16 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from conftest import FAST_FLEET, Handler, client_for, in_front, service_on
-from test_run_cli import batch_ids_in, make_requests, run_argv
+from conftest import (
+    FAST_FLEET,
+    Handler,
+    batch_ids_in,
+    client_for,
+    in_front,
+    make_requests,
+    run_argv,
+    service_on,
+)
 
 from aiobatch import BatchRun, RunConfig, read_report
 from aiobatch._run._sqlite import JournalFile as Journal

@@ -9,9 +9,9 @@ import asyncio
 import json
 import logging
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from conftest import (
@@ -21,6 +21,7 @@ from conftest import (
     config,
     in_front,
     service_on,
+    within,
 )
 
 from aiobatch import (
@@ -40,29 +41,10 @@ from aiobatch.errors import UnknownStatusError
 from aiobatch.testing import FakeBatchService, VirtualClock, chat_requests
 from aiobatch.transport import Request, Response
 
-T = TypeVar("T")
-
 #: Virtual seconds after which a test calls a fleet hung (past a batch's 24 h expiry),
 #: and a run (whose batches all end within minutes).
 HUNG = 3 * 86_400.0
 RUN_HUNG = 6 * 3600.0
-
-
-async def within(clock: VirtualClock, seconds: float, work: Awaitable[T]) -> T:
-    """``work``'s result, or a failure when it is not done after ``seconds`` of virtual
-    time (the clock auto-advances: a hang spins through virtual time)."""
-    task = asyncio.ensure_future(work)
-    timer = asyncio.ensure_future(clock.sleep(seconds))
-    await asyncio.wait({task, timer}, return_when=asyncio.FIRST_COMPLETED)
-    timer.cancel()
-    if not task.done():
-        # A hung run may hang in its cancel too: wait for that a while only.
-        task.cancel()
-        timer = asyncio.ensure_future(clock.sleep(seconds))
-        await asyncio.wait({task, timer}, return_when=asyncio.FIRST_COMPLETED)
-        timer.cancel()
-        pytest.fail(f"not done after {seconds:g} virtual seconds")
-    return task.result()
 
 
 def quiet(**overrides: Any) -> FleetConfig:

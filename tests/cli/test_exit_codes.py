@@ -13,8 +13,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import API_KEY, chat_line
-from test_run_crash import serve
+from conftest import API_KEY, chat_line, serve
 
 from aiobatch.cli import main
 from aiobatch.testing import FakeBatchService, FakeConfig, Fault, make_app

@@ -149,6 +149,28 @@ async def test_a_failed_batch_naming_its_lines_warns_and_ends_those_lines(
     assert "bad prompt here" in message
 
 
+async def test_a_batch_failed_for_one_named_line_resubmits_the_other_lines(
+    clock: VirtualClock, tmp_path: Path
+) -> None:
+    """A batch that fails validation because of one input line (errors.data names the
+    line) ends that line with its error; the other lines never ran and are submitted
+    again, so they succeed."""
+    service = service_on(clock)
+    service.fail_next_batches(
+        "invalid_request", line=2, param="body.model", message="the model cannot take this"
+    )
+    items = requests(5)
+    source = write_jsonl(tmp_path / "in.jsonl", items)
+    async with client_for(clock, service.transport()) as client:
+        run = BatchRun(client, source, journal=tmp_path / "run.journal", config=config())
+        async with clock.auto_advance():
+            report, results = await run_to_end(run)
+    outcome = {r.custom_id: r for r in results}
+    assert not outcome["r-1"].ok  # line 2 of the only shard
+    assert report.errors.get("invalid_request") == 1
+    assert [cid for cid, r in outcome.items() if not r.ok] == ["r-1"], dict(report.errors)
+
+
 # --- the bound on batches per request ------------------------------------------------------
 
 

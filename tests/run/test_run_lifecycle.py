@@ -1,6 +1,7 @@
 """How a run ends and starts: stop() (and SIGTERM), results() closed early, a cancel
 that meets a create whose answer was lost, a batch deadline, an output folder that does
-not exist, an empty input, and ``aiobatch cancel`` while the input is being checked.
+not exist, an empty input, ``aiobatch cancel`` while the input is being checked, and a
+fleet that stops under the run.
 
 The in-process tests drive the in-memory fake service on a virtual clock; where the
 fake has no switch for what a test needs (a create whose answer never comes, a cancel
@@ -24,14 +25,17 @@ from typing import Any
 
 import pytest
 from conftest import (
+    API_KEY,
     Handler,
     chat_line,
     client_for,
     config,
+    executed,
     in_front,
+    serve,
     service_on,
 )
-from test_run_crash import REQUESTS, WAIT, Child, _shards, _shards_in, serve, wait_for
+from test_run_crash import REQUESTS, WAIT, Child, _shards, _shards_in, wait_for
 from test_run_crash_cancel import PROCESSING_SECONDS, Speed, slow_service
 
 from aiobatch import (
@@ -47,9 +51,11 @@ from aiobatch import (
     read_report,
     request_cancel,
 )
+from aiobatch._aio import first_of
 from aiobatch._run import cancel_batches
 from aiobatch._run._sqlite import JournalFile as Journal
-from aiobatch.errors import InputError, PreflightError, TransportError
+from aiobatch.cli import main
+from aiobatch.errors import AiobatchError, InputError, PreflightError, RunError, TransportError
 from aiobatch.testing import FakeBatchService, Fault, VirtualClock, make_app
 from aiobatch.transport import Request, Response
 
@@ -523,6 +529,45 @@ async def test_cancel_batches_finds_and_cancels_the_batch_of_a_shard_in_creating
     assert all(count == 1 for count in shards.values()), shards
 
 
+async def test_cancel_command_cancels_the_batch_of_a_shard_left_creating(
+    clock: VirtualClock, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``aiobatch cancel JOURNAL`` of a stopped run whose only shard was left 'creating' (the
+    batch exists, its id never reached the journal) finds that batch and cancels it, as
+    cancel_batches() does, instead of saying there is nothing to cancel."""
+    service = service_on(clock, lines_per_second=0.01)
+    holder: list[BatchRun] = []
+    made = asyncio.Event()
+
+    async def hanging(request: Request, handle: Handler) -> Response:
+        if request.method == "POST" and path_of(request) == "/batches":
+            await handle(request)  # the batch is made; its answer never leaves
+            made.set()
+            holder[0].stop()
+            await asyncio.Event().wait()
+        return await handle(request)
+
+    source = write_jsonl(tmp_path / "in.jsonl", requests(3))
+    journal = tmp_path / "run.journal"
+    async with client_for(clock, in_front(service, hanging)) as client, clock.auto_advance():
+        run = BatchRun(client, source, journal=journal, config=config())
+        holder.append(run)
+        assert (await run.run()).state == "stopped"
+    assert made.is_set()
+    assert [row["state"] for row in _shards(journal)] == ["creating"]
+    (batch_id,) = service.batch_ids
+
+    monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
+    async with serve(make_app(service)) as base_url:
+        code = await asyncio.to_thread(
+            main, ["cancel", str(journal), "--provider", "openai", "--base-url", base_url]
+        )
+    assert code == 0
+    assert service.request_count("POST", f"/batches/{batch_id}/cancel") == 1
+    status = (await service.get_batch(batch_id)).status
+    assert status in (BatchStatus.CANCELLING, BatchStatus.CANCELLED), status
+
+
 # --- 5. output folder ----------------------------------------------------------------------
 
 
@@ -849,3 +894,63 @@ async def test_a_batch_open_at_its_deadline_is_cancelled_and_only_its_unfinished
     assert submitted == n + rerun
     assert sum(b.request_counts.total for b in later if b.request_counts) == rerun
     assert (report.retried, report.rounds) == (rerun, 1)
+
+
+async def test_a_fleet_deadline_does_not_run_the_lines_of_a_running_batch_twice(
+    clock: VirtualClock, tmp_path: Path
+) -> None:
+    """With a deadline in RunConfig.fleet (FleetConfig.timeout), a batch still running at
+    its deadline is not abandoned while it runs on: no request is executed twice."""
+    service = service_on(clock, lines_per_second=0.1)  # 5 lines: about 55 s of processing
+    source = write_jsonl(tmp_path / "in.jsonl", requests(5))
+    fleet = FleetConfig(
+        min_interval=1.0,
+        max_interval=10.0,
+        validating_interval=1.0,
+        in_progress_interval=5.0,
+        jitter=0.0,
+        seed=0,
+        timeout=30.0,
+    )
+    async with client_for(clock, service.transport()) as client:
+        run = BatchRun(client, source, journal=tmp_path / "run.journal", config=config(fleet=fleet))
+        async with clock.auto_advance():
+            with contextlib.suppress(AiobatchError):
+                await run.run()
+            await clock.sleep(3600.0)  # whatever is still running on the server ends
+    assert all(
+        b.status.is_terminal for b in [await service.get_batch(i) for i in service.batch_ids]
+    )
+    runs = await executed(service)
+    assert max(runs.values()) == 1, runs
+
+
+# --- 9. a fleet that stops -----------------------------------------------------------------
+
+
+async def test_a_run_whose_fleet_stops_fails_instead_of_waiting_for_ever(
+    clock: VirtualClock, tmp_path: Path
+) -> None:
+    """When the fleet stops tracking for good (here: the client is closed under the run),
+    run() ends with an error instead of waiting for ever for batches nobody tracks."""
+    service = service_on(clock, lines_per_second=0.01)
+    source = write_jsonl(tmp_path / "in.jsonl", requests(3))
+    async with client_for(clock, service.transport()) as client:
+        run = BatchRun(client, source, journal=tmp_path / "run.journal", config=config())
+        async with clock.auto_advance():
+            runner = asyncio.ensure_future(run.run())
+            while not service.batch_ids:
+                await clock.sleep(1.0)
+            await client.aclose()
+            with contextlib.suppress(RunError):
+                await first_of(
+                    asyncio.ensure_future(asyncio.shield(runner)),
+                    asyncio.ensure_future(clock.sleep(3600.0)),
+                )
+            ended = runner.done()
+            if not ended:
+                runner.cancel()
+            with contextlib.suppress(BaseException):
+                await runner
+    assert ended, "run() still waiting an hour after its fleet stopped"
+    assert isinstance(runner.exception(), RunError)

@@ -3,8 +3,10 @@
 A ``retry-after`` larger than ``RunConfig.max_retry_wait`` is waited only that long (then
 the run tries again) and a WARNING says so; a step that keeps failing stops the run with
 :class:`~aiobatch.errors.StepFailedError` once ``give_up_after`` has passed, each failed
-attempt logged; a server that cannot be reached at all before it ever answered stops the
-run with :class:`~aiobatch.errors.UnreachableError` after ``unreachable_after``.
+attempt logged; a create refused with 409 for a while is tried again, and one refused
+every time stops the run after ``max_step_failures``; a server that cannot be reached at
+all before it ever answered stops the run with :class:`~aiobatch.errors.UnreachableError`
+after ``unreachable_after``.
 
 The fake service plays the failing server on a virtual clock; the unreachable server is
 a loopback port with nothing listening, or a name under the reserved ``.invalid`` domain
@@ -21,12 +23,30 @@ import socket
 from pathlib import Path
 
 import pytest
-from conftest import API_KEY, client_for, config, service_on
-from test_run_review import requests, write_jsonl
+from conftest import (
+    API_KEY,
+    Handler,
+    client_for,
+    config,
+    error_response,
+    in_front,
+    path_of,
+    requests,
+    run_to_end,
+    service_on,
+    write_jsonl,
+)
 
 from aiobatch import BatchClient, BatchRun, RetryPolicy, RunConfig, RunProgress
+from aiobatch._aio import first_of
 from aiobatch._run._sqlite import JournalFile as Journal
-from aiobatch.errors import ConnectError, StepFailedError, UnreachableError
+from aiobatch.errors import (
+    AiobatchError,
+    ConnectError,
+    RunError,
+    StepFailedError,
+    UnreachableError,
+)
 from aiobatch.testing import Fault, VirtualClock
 from aiobatch.transport import AiohttpTransport, InMemoryTransport, Request, Response
 
@@ -130,6 +150,65 @@ async def test_a_server_failing_every_call_stops_the_run_at_give_up_after(
     with Journal(tmp_path / "run.journal", readonly=True) as journal:
         assert journal.get_meta("state") == "failed"
         assert journal.pending_count() + journal.not_done_count() > 0
+
+
+# --- a create that is refused ----------------------------------------------------------------
+
+
+async def test_a_create_answered_409_for_a_while_is_tried_again_not_rejected(
+    clock: VirtualClock, tmp_path: Path
+) -> None:
+    """A create refused with 409 Conflict (transient, like 429 and 5xx, in aiobatch's retry
+    policy) beyond the client's retries is tried again later: the requests succeed
+    instead of ending with batch_create_rejected."""
+    service = service_on(clock)
+    service.faults.add(Fault.http(409, method="POST", path="/batches", times=3))
+    source = write_jsonl(tmp_path / "in.jsonl", requests(3))
+    async with client_for(clock, service.transport()) as client:
+        run = BatchRun(client, source, journal=tmp_path / "run.journal", config=config())
+        async with clock.auto_advance():
+            report, results = await run_to_end(run)
+    assert dict(report.errors) == {}
+    assert report.succeeded == 3
+    assert all(r.ok for r in results)
+
+
+@pytest.mark.parametrize("status", [404, 500])
+async def test_a_create_refused_every_time_stops_the_run_after_max_step_failures(
+    clock: VirtualClock, tmp_path: Path, status: int
+) -> None:
+    """A server that answers every create with a 404 or a 500 (making no batch) stops the
+    run with RunError after max_step_failures failed creates, instead of uploading or
+    looking up and creating again for ever."""
+    service = service_on(clock)
+    creates = 0
+
+    async def refusing(request: Request, handle: Handler) -> Response:
+        nonlocal creates
+        if request.method == "POST" and path_of(request) == "/batches":
+            creates += 1
+            return error_response(status, "the create endpoint refuses")
+        return await handle(request)
+
+    source = write_jsonl(tmp_path / "in.jsonl", requests(2))
+    settings = config(step_backoff=60.0, max_step_failures=3)
+    async with client_for(clock, in_front(service, refusing)) as client, clock.auto_advance():
+        run = BatchRun(client, source, journal=tmp_path / "run.journal", config=settings)
+        runner = asyncio.ensure_future(run.run())
+        with contextlib.suppress(AiobatchError):
+            await first_of(
+                asyncio.ensure_future(asyncio.shield(runner)),
+                asyncio.ensure_future(clock.sleep(6 * 3600.0)),
+            )
+        ended = runner.done()
+        if not ended:
+            run.stop()
+        with contextlib.suppress(BaseException):
+            await runner
+    uploads = service.request_count("POST", "/files")
+    assert ended, f"still running after 6 hours: {uploads} uploads, {creates} create attempts"
+    assert isinstance(runner.exception(), RunError), repr(runner.exception())
+    assert uploads <= 3, uploads
 
 
 # --- a server that cannot be reached -------------------------------------------------------

@@ -17,7 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import API_KEY, BASE_URL, chat_line
+from conftest import (
+    API_KEY,
+    BASE_URL,
+    chat_line,
+    client_for,
+    config,
+    run_to_end,
+    service_on,
+)
 
 from aiobatch import (
     BatchClient,
@@ -31,7 +39,7 @@ from aiobatch import (
     request_cancel,
 )
 from aiobatch._run._sqlite import JournalFile as Journal
-from aiobatch.errors import JournalError, PreflightError
+from aiobatch.errors import AiobatchError, JournalError, PreflightError
 from aiobatch.testing import FakeBatchService, FakeConfig, LineErrorRule, VirtualClock
 
 #: Fake timings: a 10-line batch takes about a minute of virtual time.
@@ -200,6 +208,25 @@ async def test_skip_invalid_runs_the_good_lines_and_counts_the_skipped(
     assert [line["custom_id"] for line in lines] == ["a", "b"]
     assert all(is_success(line) for line in lines)
     assert len(service.batch_ids) == 1
+
+
+async def test_skip_invalid_with_no_valid_line_says_what_was_wrong(
+    clock: VirtualClock, tmp_path: Path
+) -> None:
+    """With skip_invalid, an input whose every line is invalid stops with an error that
+    names the problems (file and line), not only that there are no requests."""
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"custom_id": "a", "method": \n{"custom_id": 3}\n', encoding="utf-8")
+    service = service_on(clock)
+    async with client_for(clock, service.transport()) as client:
+        run = BatchRun(
+            client, source, journal=tmp_path / "run.journal", config=config(skip_invalid=True)
+        )
+        with pytest.raises(AiobatchError) as info:
+            await run.run()
+    problems = getattr(info.value, "problems", ())
+    assert problems or f"{source}:1" in str(info.value), str(info.value)
+    assert service.requests == ()
 
 
 # --- 3. sources ----------------------------------------------------------------------------
@@ -394,6 +421,23 @@ async def test_results_alone_runs_the_whole_job(clock: VirtualClock, tmp_path: P
     assert report.state == "done"
     assert report.succeeded == 12
     assert [line["custom_id"] for line in read_output(output)] == [r.custom_id for r in got]
+
+
+async def test_own_error_results_name_the_batch_they_are_about(
+    clock: VirtualClock, tmp_path: Path
+) -> None:
+    """A result aiobatch writes itself for a failed batch (no result line came back) has
+    ``id`` None and names that batch in ``batch_id``, as RunResult documents."""
+    service = service_on(clock)
+    service.fail_next_batches("model_not_found")
+    source = write_jsonl(tmp_path / "in.jsonl", requests(2))
+    async with client_for(clock, service.transport()) as client:
+        run = BatchRun(client, source, journal=tmp_path / "run.journal", config=config())
+        async with clock.auto_advance():
+            _report, results = await run_to_end(run)
+    assert len(results) == 2
+    assert all(not r.ok and r.result.id is None for r in results)  # aiobatch's own lines
+    assert [r.batch_id for r in results] == service.batch_ids * 2
 
 
 # --- 5. resume -------------------------------------------------------------------------------

@@ -1,4 +1,7 @@
-"""The fleet: many batches tracked by one scheduler under one request budget.
+"""The fleet: many batches tracked by one scheduler under one request budget, also under
+the sequences a long-running service meets (broken list endpoints, a client closed
+underneath, deadlines on failing servers, thousands of reschedules, readers stopped from
+another task, servers that do not list newest first).
 
 Every test drives the fake service on a virtual clock; request times come from the
 service's own log, so what is checked is what a server would have seen.
@@ -7,11 +10,15 @@ service's own log, so what is checked is what a server would have seen.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
+import json
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
+from conftest import within
 
 from aiobatch import (
     BatchDone,
@@ -22,6 +29,7 @@ from aiobatch import (
     FleetConfig,
     FleetEvent,
     ProgressChanged,
+    RequestBudget,
     StatusChanged,
     TrackingError,
 )
@@ -33,6 +41,7 @@ from aiobatch.errors import (
     UnknownStatusError,
 )
 from aiobatch.testing import Fault, chat_requests
+from aiobatch.transport import Request, Response
 
 ENDPOINT = "/v1/chat/completions"
 
@@ -80,6 +89,31 @@ async def test_budget_is_never_exceeded(make_env: Callable[..., Any]) -> None:
     assert len(times) >= 80  # every batch was polled more than once
     assert fleet.stats.requests == len(times)
     assert_within_budget(times, rate=2.0, burst=3)
+
+
+async def test_two_fleets_sharing_one_budget_stay_within_it(make_env: Callable[..., Any]) -> None:
+    """Two fleets on one RequestBudget together never exceed its rate and burst."""
+    async with make_env() as env, env.clock.auto_advance():
+        batches = await env.create(40)
+        start = env.clock.now()
+        budget = RequestBudget(2.0, 3, clock=env.clock)
+        config = quiet(list_when_cheaper=False)
+        async with (
+            Fleet(env.client, config=config, budget=budget) as one,
+            Fleet(env.client, config=config, budget=budget) as two,
+        ):
+            one.add_many(batches[:20])
+            two.add_many(batches[20:])
+            await asyncio.gather(one.wait_all(), two.wait_all())
+    times = sorted(
+        r.at
+        for r in env.service.requests
+        if r.at >= start and r.method == "GET" and r.path.startswith("/batches")
+    )
+    assert len(times) == one.stats.requests + two.stats.requests
+    for i in range(len(times)):
+        for j in range(i, len(times)):
+            assert j - i + 1 <= 3 + 2.0 * (times[j] - times[i] + 1e-5) + 1e-9
 
 
 async def test_a_429_pauses_the_whole_fleet_for_its_retry_after(
@@ -254,6 +288,72 @@ async def test_batches_the_pages_do_not_show_fall_back_to_retrieve(
     assert retrieved
 
 
+@pytest.mark.parametrize("status", [404, 500])
+async def test_a_list_endpoint_that_keeps_failing_falls_back_to_retrieve(
+    make_env: Callable[..., Any], status: int
+) -> None:
+    """When every list page fails (a server without GET /batches, or one that keeps
+    answering 500), the batches are still tracked to the end, by retrieve."""
+    async with make_env() as env, env.clock.auto_advance():
+        batches = await env.create(150)
+        env.service.faults.add(Fault.http(status, method="GET", path="/batches", times=None))
+        async with Fleet(env.client, config=quiet()) as fleet:
+            fleet.add_many(batches)
+            outcomes = await within(env.clock, 3600.0, fleet.wait_all())
+    assert len(outcomes) == 150
+    assert all(done.finished for done in outcomes.values())
+    assert fleet.stats.retrieves >= 150
+
+
+async def oldest_first(
+    request: Request, handle: Callable[[Request], Awaitable[Response]]
+) -> Response:
+    """In front of the fake (``handle``): a server whose GET /batches lists oldest first (a
+    cursor over the reversed list), everything else answered by the fake."""
+    if request.method != "GET" or not request.url.rstrip("/").endswith("/batches"):
+        return await handle(request)
+    every: list[Any] = []
+    after: str | None = None
+    while True:
+        params = {"limit": "100"} if after is None else {"limit": "100", "after": after}
+        page = await handle(
+            Request("GET", request.url, params, request.headers, None, request.timeout)
+        )
+        body = json.loads(await page.read())
+        every.extend(body["data"])
+        if not body["has_more"] or not body["data"]:
+            break
+        after = body["data"][-1]["id"]
+    every.reverse()
+    limit = int(request.params.get("limit", "20"))
+    start = 0
+    if "after" in request.params:
+        ids = [b["id"] for b in every]
+        start = ids.index(request.params["after"]) + 1
+    data = every[start : start + limit]
+    answer = {
+        "object": "list",
+        "data": data,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+        "has_more": start + limit < len(every),
+    }
+    return Response(200, {"content-type": "application/json"}, json.dumps(answer).encode())
+
+
+async def test_a_server_listing_oldest_first_loses_no_batch(make_env: Callable[..., Any]) -> None:
+    """Against a server whose list is oldest first, every batch still ends (retrieved
+    when the pages do not show it)."""
+    async with make_env(front=oldest_first) as env, env.clock.auto_advance():
+        await env.create(250)  # someone else's, older
+        mine = await env.create(150)
+        async with Fleet(env.client, config=quiet()) as fleet:
+            fleet.add_many(mine)
+            outcomes = await within(env.clock, 3600.0, fleet.wait_all())
+    assert len(outcomes) == 150
+    assert all(done.finished for done in outcomes.values())
+
+
 async def test_sweeps_learn_when_others_batches_make_them_dear(
     make_env: Callable[..., Any],
 ) -> None:
@@ -269,6 +369,53 @@ async def test_sweeps_learn_when_others_batches_make_them_dear(
     assert fleet.stats.sweeps == 1
     assert fleet.stats.list_pages <= 3  # fewer than the 4 retrieves it tried to replace
     assert fleet.stats.requests <= fleet.stats.observations + 3
+
+
+async def test_a_dear_sweep_long_ago_does_not_stop_sweeps_for_new_batches(
+    make_env: Callable[..., Any],
+) -> None:
+    """After a sweep under many untracked batches taught the fleet that listing is dear
+    down there, new batches added a few at a time at the top of the list are still swept
+    rather than retrieved one by one."""
+    async with make_env(lines_per_second=0.01) as env, env.clock.auto_advance():
+        old = await env.create(4)
+        await env.create(900)  # someone else's, newer than the old ones
+        async with Fleet(env.client, config=FleetConfig(seed=0)) as fleet:
+            fleet.add_many(old)
+            await env.clock.sleep(60.0)
+            assert fleet.stats.sweeps == 1  # it learnt that listing is dear down there
+            before = fleet.stats.requests
+            for _ in range(100):
+                fleet.add_many(await env.create(5))
+                await env.clock.sleep(5.0)
+            await env.clock.sleep(300.0)
+            spent = fleet.stats.requests - before
+    # Without the 4 old batches this costs under 200 calls; retrieving each of the 500
+    # new batches every poll costs over 5,000.
+    assert spent < 500, fleet.stats
+
+
+async def test_the_schedule_stays_proportional_to_the_open_batches(
+    make_env: Callable[..., Any],
+) -> None:
+    """Frequent sweeps (for a few fast-polled batches) that re-observe many slow-polled
+    ones leave the schedule (heap) within a small multiple of the open batches."""
+    async with make_env(lines_per_second=0.0) as env, env.clock.auto_advance():
+        batches = await env.create(200)
+        for batch in batches[-50:]:
+            env.service.override_status(batch.id, "validating")  # polled every 5 s
+        config = quiet(
+            validating_interval=5.0, growth=1.0, in_progress_interval=600.0, max_interval=600.0
+        )
+        sizes: list[int] = []
+        async with Fleet(env.client, config=config) as fleet:
+            fleet.add_many(batches)
+            for _ in range(20):
+                await env.clock.sleep(30.0)
+                sizes.append(len(fleet._due))  # the schedule: what a leak would grow
+            assert len(fleet) == 200
+        assert fleet.stats.sweeps >= 100
+    assert max(sizes) <= 3 * 200, sizes
 
 
 async def test_deadline_ends_tracking_at_the_deadline(make_env: Callable[..., Any]) -> None:
@@ -308,6 +455,27 @@ async def test_deadline_can_cancel_and_salvage(make_env: Callable[..., Any]) -> 
     assert done.batch is not None and done.batch.status is BatchStatus.CANCELLED
     assert ended >= start + 650.0
     assert env.service.request_count("POST", "/batches/*/cancel") == 1
+
+
+async def test_a_deadline_passing_during_a_cancel_on_a_failing_server_does_not_hammer_it(
+    make_env: Callable[..., Any],
+) -> None:
+    """A batch being cancelled whose deadline passes while every retrieve fails ends at its
+    deadline; the fleet does not retry it back to back at the budget's full rate."""
+    async with (
+        make_env(lines_per_second=0.0, cancel_seconds=600.0) as env,
+        env.clock.auto_advance(),
+    ):
+        (batch,) = await env.create(1)
+        async with Fleet(env.client, config=quiet()) as fleet:
+            fleet.add(batch, timeout=100.0)
+            fleet.cancel(batch.id)
+            await env.clock.sleep(50.0)  # the cancel was sent; the batch is cancelling
+            assert env.calls("POST", "/batches/*/cancel") == 1
+            env.service.faults.add(Fault.http(500, method="GET", path="/batches/*", times=None))
+            outcomes = await within(env.clock, 600.0, fleet.wait_all())
+    assert outcomes[batch.id].reason is DoneReason.DEADLINE
+    assert env.calls("GET", f"/batches/{batch.id}") < 20
 
 
 async def test_cancel_all_reaches_cancelled_for_every_batch(
@@ -504,6 +672,27 @@ async def test_a_passing_list_page_failure_is_retried_quietly(
     assert reported[0].batch_id is None
 
 
+async def test_sweep_failures_back_off_no_longer_than_max_interval(
+    make_env: Callable[..., Any],
+) -> None:
+    """After list pages fail several times in a row, the next try comes within
+    max_interval, as for every other failure."""
+    async with make_env(lines_per_second=0.01) as env, env.clock.auto_advance():
+        batches = await env.create(150)
+        env.service.faults.add(Fault.http(503, method="GET", path="/batches", times=4))
+        config = quiet(max_interval=10.0, min_interval=1.0, report_after_errors=100)
+        async with Fleet(env.client, config=config) as fleet:
+            fleet.add_many(batches)
+            await env.clock.sleep(200.0)
+            times = sorted(
+                r.at
+                for r in env.service.requests
+                if r.method == "GET" and r.path.startswith("/batches")
+            )
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert max(gaps) <= 10.0 + 1.0
+
+
 async def test_a_batch_the_server_does_not_know_ends_as_not_found(
     make_env: Callable[..., Any],
 ) -> None:
@@ -574,6 +763,32 @@ async def test_callback_errors_are_logged_and_async_callbacks_awaited(
     assert any("callback" in r.getMessage() for r in caplog.records)
 
 
+async def test_an_async_callback_may_close_the_fleet(make_env: Callable[..., Any]) -> None:
+    """A coroutine callback that closes the fleet on the first outcome runs to its end."""
+    closing: list[str] = []
+    finished: list[str] = []
+    async with make_env() as env, env.clock.auto_advance():
+        batches = await env.create(3)
+        fleets: list[Fleet] = []
+
+        async def on_event(event: FleetEvent) -> None:
+            fleet = fleets[0]
+            if isinstance(event, BatchDone) and not closing:
+                closing.append(event.batch_id)
+                await fleet.aclose()
+                await asyncio.sleep(0)
+                finished.append(event.batch_id)
+
+        fleet = Fleet(env.client, config=quiet(list_when_cheaper=False), on_event=on_event)
+        fleets.append(fleet)
+        fleet.add_many(batches)
+        with contextlib.suppress(ClosedError):
+            await within(env.clock, 600.0, fleet.wait_all())
+        await env.clock.sleep(1.0)
+        await asyncio.sleep(0)
+    assert len(finished) == 1
+
+
 async def test_nothing_is_left_running_after_close(make_env: Callable[..., Any]) -> None:
     """Closing mid-flight stops the scheduler and its calls, ends iterators, clears sleeps."""
     async with make_env() as env, env.clock.auto_advance():
@@ -597,6 +812,55 @@ async def test_nothing_is_left_running_after_close(make_env: Callable[..., Any])
         # Only the fake's own slow answers may still sleep on the clock; none of the fleet.
         await env.clock.run_for(100.0)
         assert env.clock.next_wakeup is None
+
+
+async def test_a_client_closed_under_the_fleet_fails_waiters_and_aclose_still_cleans_up(
+    make_env: Callable[..., Any],
+) -> None:
+    """Closing the client while the fleet tracks makes wait_all raise ClosedError; the
+    fleet's aclose() then returns quietly and leaves nothing running."""
+    async with make_env() as env, env.clock.auto_advance():
+        batches = await env.create(3)
+        before = asyncio.all_tasks()
+        fleet = Fleet(env.client, config=quiet(list_when_cheaper=False))
+        stream = fleet.events()
+        fleet.add_many(batches)
+        await env.clock.sleep(20.0)
+        await env.client.aclose()
+        with pytest.raises(ClosedError):
+            await within(env.clock, 600.0, fleet.wait_all())
+        assert sorted(fleet.open_ids) == sorted(b.id for b in batches)  # none lost
+        with pytest.raises(ClosedError):
+            fleet.add("batch_x")
+        await fleet.aclose()  # must not raise the scheduler's failure again
+        await asyncio.sleep(0)
+        assert asyncio.all_tasks() <= before
+        remaining = await within(env.clock, 1.0, _drain(stream))  # the iterator ends
+        assert not any(isinstance(e, BatchDone) for e in remaining)
+
+
+async def _drain(stream: AsyncIterator[FleetEvent]) -> list[FleetEvent]:
+    return [event async for event in stream]
+
+
+async def test_closing_a_subscription_ends_a_reader_waiting_on_it(
+    make_env: Callable[..., Any],
+) -> None:
+    """aclose() on an event subscription ends the loop of a task reading it."""
+    async with make_env(lines_per_second=0.0) as env, env.clock.auto_advance():
+        (batch,) = await env.create(1)
+        async with Fleet(env.client, config=quiet()) as fleet:
+            stream = fleet.events()
+            fleet.add(batch)
+
+            async def read() -> list[FleetEvent]:
+                return [event async for event in stream]
+
+            reader = asyncio.ensure_future(read())
+            await env.clock.sleep(100.0)
+            await stream.aclose()
+            got = await within(env.clock, 10.0, reader)
+    assert all(not isinstance(e, BatchDone) for e in got)
 
 
 async def test_fleet_does_not_close_the_client(make_env: Callable[..., Any]) -> None:

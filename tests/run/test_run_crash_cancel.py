@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from conftest import serve
 from test_run_crash import (
     API_KEY,
     CREATE_SETTLE,
@@ -34,7 +35,6 @@ from test_run_crash import (
     KillPoint,
     _shards,
     _shards_in,
-    serve,
     wait_for,
 )
 
