@@ -9,8 +9,8 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import serve
 from test_provider_sdks import azure_doc_lines
-from test_run_crash import serve
 
 from aiobatch import read_report
 from aiobatch._run._sqlite import JournalFile as Journal

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
+from conftest import serve
 from test_run_crash import (
     COLLECT_CHUNK,
     MAX_LINES,
@@ -30,7 +31,6 @@ from test_run_crash import (
     KillPoint,
     _committed_lines,
     _shards,
-    serve,
     wait_for,
 )
 
