@@ -433,6 +433,7 @@ def test_run_with_a_bad_option_value_exits_with_a_message(
         ("openai", "OPENAI_API_KEY"),
         ("portkey", "PORTKEY_API_KEY"),
         ("azure", "AZURE_OPENAI_API_KEY"),
+        ("anthropic", "ANTHROPIC_API_KEY"),
     ],
 )
 def test_run_without_the_key_stops_before_any_work(
@@ -447,6 +448,8 @@ def test_run_without_the_key_stops_before_any_work(
     for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "PORTKEY_API_KEY", "AZURE_OPENAI_API_KEY"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.delenv("AZURE_OPENAI_AD_TOKEN", raising=False)
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    monkeypatch.delenv("ANTHROPIC_BASE_URL", raising=False)
     monkeypatch.setenv("PORTKEY_PROVIDER", "openai")
     monkeypatch.setenv("AZURE_OPENAI_ENDPOINT", "https://resource.openai.azure.invalid")
 
