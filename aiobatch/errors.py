@@ -41,6 +41,11 @@ repr ever contains an API key.
     ├── InputError                     the caller's input is bad (also a builtin ValueError)
     │   └── PreflightError             input lines failed the checks run before any upload;
     │                                  nothing was uploaded
+    ├── WebhookError                   a webhook delivery was refused and not acted on
+    │   ├── WebhookHeaderError         a Standard Webhooks header is missing or unreadable
+    │   ├── WebhookTimestampError      the delivery's timestamp is too old or in the future
+    │   ├── WebhookSignatureError      no signature matches any secret (forged, tampered)
+    │   └── WebhookPayloadError        a correctly signed body is not an event (bad JSON)
     ├── JournalError                   a run's journal cannot be used (missing, in use, made
     │   │                              for another input, damaged, unreachable)
     │   └── LeaseLostError             a worker's lease on a shard ran out or was taken
@@ -95,6 +100,11 @@ __all__ = [
     "UnreachableError",
     "UnsupportedError",
     "WaitTimeoutError",
+    "WebhookError",
+    "WebhookHeaderError",
+    "WebhookPayloadError",
+    "WebhookSignatureError",
+    "WebhookTimestampError",
     "status_error_class",
 ]
 
@@ -563,3 +573,50 @@ class UnreachableError(StepFailedError):
         super().__init__(message, step=step, attempts=attempts, elapsed=elapsed, cause=cause)
         self.host = host
         self.reason = reason
+
+
+class WebhookError(AiobatchError):
+    """A webhook delivery was refused: it is not acted on. The sender's fault (or an
+    attacker's); the message never contains a secret.
+
+    Attributes:
+        webhook_id: the delivery's ``webhook-id`` header, when it had one.
+    """
+
+    def __init__(self, message: str, *, webhook_id: str | None = None) -> None:
+        super().__init__(message)
+        self.webhook_id = webhook_id
+
+
+class WebhookHeaderError(WebhookError):
+    """A Standard Webhooks header (``webhook-id``, ``webhook-timestamp``,
+    ``webhook-signature``) is missing, empty or unreadable: the delivery is unsigned."""
+
+
+class WebhookTimestampError(WebhookError):
+    """The delivery's ``webhook-timestamp`` is further from now than the tolerance: an
+    old delivery replayed, or one dated in the future.
+
+    Attributes:
+        timestamp: the delivery's timestamp (Unix seconds).
+        now: the receiver's time (its clock's wall time).
+        tolerance: the largest difference accepted, in seconds.
+    """
+
+    def __init__(
+        self, message: str, *, webhook_id: str | None, timestamp: int, now: float, tolerance: float
+    ) -> None:
+        super().__init__(message, webhook_id=webhook_id)
+        self.timestamp = timestamp
+        self.now = now
+        self.tolerance = tolerance
+
+
+class WebhookSignatureError(WebhookError):
+    """No signature of the delivery matches any of the secrets: it was forged, its body
+    or headers were changed on the way, or it was signed with another secret."""
+
+
+class WebhookPayloadError(WebhookError):
+    """A correctly signed body is not an event: not JSON, or without a string ``id``
+    and ``type``, an integer ``created_at`` or an object ``data``."""

@@ -46,6 +46,7 @@ from ..errors import (
     TransportError,
     describe,
 )
+from ..webhooks import DEFAULT_WEBHOOK_INTERVAL, WebhookReceiver
 from ._collect import collect, delete_files
 from ._config import RequestSource, RunConfig, RunResult
 from ._context import Next, RunContext, Stop, logger
@@ -107,6 +108,10 @@ class BatchRun:
         config: sharding, retries, concurrency (see :class:`RunConfig`).
         on_progress: called with a :class:`RunProgress` whenever something changed
             (for :class:`aiobatch.ProgressDisplay`); must be quick.
+        webhooks: a :class:`~aiobatch.webhooks.WebhookReceiver` (served by the caller)
+            whose batch events reach the run's fleet while it runs; the fleet then
+            polls only every ``FleetConfig.webhook_interval`` (600 s unless the config
+            sets it) as a safety net for lost deliveries.
     """
 
     def __init__(
@@ -118,8 +123,10 @@ class BatchRun:
         output: str | os.PathLike[str] | None = None,
         config: RunConfig | None = None,
         on_progress: Callable[[RunProgress], None] | None = None,
+        webhooks: WebhookReceiver | None = None,
     ) -> None:
         self._client = client
+        self._webhooks = webhooks
         self._source = source
         self._journal_path = os.fspath(journal)
         self._output = os.fspath(output) if output is not None else None
@@ -352,6 +359,9 @@ class BatchRun:
             # A deadline cancels the batch and keeps tracking it to its end: its lines
             # must not run elsewhere while it may still run them.
             fleet_config = attrs.evolve(fleet_config, cancel_on_deadline=True)
+        if self._webhooks is not None and fleet_config.webhook_interval is None:
+            interval = max(DEFAULT_WEBHOOK_INTERVAL, fleet_config.min_interval)
+            fleet_config = attrs.evolve(fleet_config, webhook_interval=interval)
         limits = self._client.provider.limits
         ctx = RunContext(
             client=self._client,
@@ -384,6 +394,8 @@ class BatchRun:
         self._state = "running"
         await self._load_counts(ctx)
         cancelled: BaseException | None = None
+        if self._webhooks is not None:
+            self._webhooks.attach(ctx.fleet)
         try:
             self._spawn(self._consume(ctx, ctx.fleet.events()), name="events")
             ctx.network_since = self._clock.monotonic()
@@ -396,6 +408,8 @@ class BatchRun:
             if self._stop_reason == "cancelled" and self._failure is None:
                 await self._wind_down(ctx)
         finally:
+            if self._webhooks is not None:
+                self._webhooks.detach(ctx.fleet)
             await cancel_and_wait(self._tasks)
             await ctx.fleet.aclose()
         if self._failure is not None:

@@ -49,7 +49,17 @@ from ..testing import (
     fake_client,
     unit_hash,
 )
-from ._args import count, duration, duration_text, out, positive, rate
+from ..webhooks import WEBHOOK_SECRET_ENV, WebhookReceiver, run_webhook_server
+from ._args import (
+    count,
+    duration,
+    duration_text,
+    host_port,
+    out,
+    positive,
+    rate,
+    webhook_secret,
+)
 from ._command import command
 from ._cost import cost_lines, prices_file
 from ._exit import (
@@ -205,6 +215,22 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
     show.add_argument("-q", "--quiet", action="store_true", help="print only the report")
     show.add_argument(
         "-v", "--verbose", action="store_true", help="also log every retry of a request"
+    )
+    hooks = parser.add_argument_group("webhooks (learn each batch's end in seconds)")
+    hooks.add_argument(
+        "--webhook-listen",
+        type=host_port,
+        default=None,
+        metavar="HOST:PORT",
+        help="receive OpenAI's signed batch webhooks on HOST:PORT (register its printed "
+        "URL with OpenAI); polls become a safety net every 10 minutes",
+    )
+    hooks.add_argument("--webhook-path", default="/webhooks", help="the URL path to receive on")
+    hooks.add_argument(
+        "--webhook-secret-env",
+        default=WEBHOOK_SECRET_ENV,
+        metavar="VAR",
+        help=f"the environment variable holding the signing secret (default {WEBHOOK_SECRET_ENV})",
     )
     fake = parser.add_argument_group("the fake service (with --fake)")
     fake.add_argument(
@@ -365,7 +391,16 @@ async def _run_async(args: argparse.Namespace, journal: str) -> int:
     config = _config(args)
     interactive = None if not args.no_progress else False
     display = None if args.quiet else ProgressDisplay(sys.stderr, interactive=interactive)
-    async with _client_for(args) as (client, _clock):
+    async with contextlib.AsyncExitStack() as stack:
+        client, _clock = await stack.enter_async_context(_client_for(args))
+        receiver = None
+        if args.webhook_listen is not None:
+            host, port = args.webhook_listen
+            receiver = WebhookReceiver(webhook_secret(args.webhook_secret_env))
+            url = await stack.enter_async_context(
+                run_webhook_server(receiver, host=host, port=port, path=args.webhook_path)
+            )
+            print(f"aiobatch: receiving webhooks on {url}", file=sys.stderr)
         run = BatchRun(
             client,
             args.input,
@@ -373,6 +408,7 @@ async def _run_async(args: argparse.Namespace, journal: str) -> int:
             output=args.output,
             config=config,
             on_progress=display.update if display is not None else None,
+            webhooks=receiver,
         )
         loop = asyncio.get_running_loop()
         interrupts = 0
@@ -468,6 +504,19 @@ def _run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return USAGE
+    if args.webhook_listen is not None:
+        if args.fake:
+            print(
+                "aiobatch run: --webhook-listen needs a real server (the --fake service runs "
+                "on a virtual clock); serve one with 'aiobatch fake-server --webhook-url URL'",
+                file=sys.stderr,
+            )
+            return USAGE
+        try:
+            webhook_secret(args.webhook_secret_env)
+        except ConfigurationError as exc:
+            print(f"aiobatch run: {exc}", file=sys.stderr)
+            return USAGE
     if not args.fake:
         # A missing key (or endpoint) is said now, before the input is read.
         try:

@@ -28,7 +28,7 @@ from ._checks import (
 from ._config import FakeConfig
 from ._dialects import FakeDialect
 from ._engine import BatchRecord, CancelRefused, Engine, FileRecord
-from ._validate import ENDPOINTS
+from ._validate import ENDPOINTS, LEGACY_ENDPOINTS
 
 __all__ = ["UPLOAD_PURPOSES", "OpenAIRoutes"]
 
@@ -254,7 +254,8 @@ class OpenAIRoutes:
         data = _json_object(request)
         input_file_id = _required_str(data, "input_file_id")
         endpoint = _required_str(data, "endpoint")
-        if endpoint not in ENDPOINTS:
+        legacy = self.dialect.legacy_endpoints and endpoint in LEGACY_ENDPOINTS
+        if endpoint not in ENDPOINTS and not legacy:
             supported = ", ".join(repr(e) for e in ENDPOINTS)
             raise _bad(
                 f"Invalid value: {endpoint!r}. Supported values are: {supported}.",
@@ -262,9 +263,14 @@ class OpenAIRoutes:
                 code="invalid_value",
             )
         window = _required_str(data, "completion_window")
-        if window != "24h":
+        if not self.dialect.accepts_window(window):
+            supported = (
+                "'24h'"
+                if self.dialect.max_completion_window_hours <= 24
+                else f"durations from '24h' to {self.dialect.max_completion_window_hours}h"
+            )
             raise _bad(
-                f"Invalid value: {window!r}. Supported values are: '24h'.",
+                f"Invalid value: {window!r}. Supported values are: {supported}.",
                 param="completion_window",
                 code="invalid_value",
             )

@@ -35,6 +35,7 @@ from aiobatch import BatchClient, BatchRun, RetryPolicy, RunConfig, RunProgress
 from aiobatch._run._sqlite import JournalFile as Journal
 from aiobatch.cli import _run as cli_run
 from aiobatch.cli import main
+from aiobatch.cli._run import EXAMPLE_REQUESTS
 from aiobatch.testing import FakeBatchService, FakeConfig, Fault, VirtualClock, make_app
 
 REPORT_COUNTS = re.compile(
@@ -471,6 +472,7 @@ def test_run_with_a_bad_option_value_exits_with_a_message(
         ("openai", "OPENAI_API_KEY"),
         ("portkey", "PORTKEY_API_KEY"),
         ("azure", "AZURE_OPENAI_API_KEY"),
+        ("anthropic", "ANTHROPIC_API_KEY"),
     ],
 )
 def test_run_without_the_key_stops_before_any_work(
@@ -485,6 +487,8 @@ def test_run_without_the_key_stops_before_any_work(
     for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "PORTKEY_API_KEY", "AZURE_OPENAI_API_KEY"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.delenv("AZURE_OPENAI_AD_TOKEN", raising=False)
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    monkeypatch.delenv("ANTHROPIC_BASE_URL", raising=False)
     monkeypatch.setenv("PORTKEY_PROVIDER", "openai")
     monkeypatch.setenv("AZURE_OPENAI_ENDPOINT", "https://resource.openai.azure.invalid")
 
@@ -546,3 +550,37 @@ def test_fake_refuses_to_resume_an_unfinished_journal(
     assert str(journal) in err
     assert not output.exists()
     assert journal_meta(journal) == before
+
+
+def test_webhook_listen_needs_the_secret_in_the_environment(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """run --webhook-listen without the secret's variable set is a usage error that
+    names the variable, before any work."""
+    monkeypatch.delenv("AIOBATCH_TEST_HOOK_SECRET", raising=False)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    args = ["run", EXAMPLE_REQUESTS, "-o", str(tmp_path / "out.jsonl")]
+    args += ["--webhook-listen", "127.0.0.1:0", "--webhook-secret-env", "AIOBATCH_TEST_HOOK_SECRET"]
+    assert main(args) == 2
+    assert "AIOBATCH_TEST_HOOK_SECRET" in capsys.readouterr().err
+    assert not (tmp_path / "out.jsonl.journal").exists()
+
+
+def test_webhook_listen_is_refused_with_the_virtual_clock_fake(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """run --fake --webhook-listen is refused, pointing at fake-server --webhook-url."""
+    monkeypatch.setenv("OPENAI_WEBHOOK_SECRET", "whsec_c2VjcmV0")
+    args = ["run", EXAMPLE_REQUESTS, "--fake", "-o", str(tmp_path / "out.jsonl")]
+    assert main([*args, "--webhook-listen", "127.0.0.1:0"]) == 2
+    assert "fake-server --webhook-url" in capsys.readouterr().err
+
+
+def test_fake_server_webhooks_need_the_secret_in_the_environment(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fake-server --webhook-url without the secret's variable set exits 2 naming it."""
+    monkeypatch.delenv("AIOBATCH_TEST_HOOK_SECRET", raising=False)
+    args = ["fake-server", "--port", "0", "--webhook-url", "http://127.0.0.1:9/webhooks"]
+    assert main([*args, "--webhook-secret-env", "AIOBATCH_TEST_HOOK_SECRET"]) == 2
+    assert "AIOBATCH_TEST_HOOK_SECRET" in capsys.readouterr().err
