@@ -306,7 +306,7 @@ class BatchedOpenAI:
         else:
             os.makedirs(self._folder, exist_ok=True)
             if self._reuse:
-                for path, pending in await asyncio.to_thread(self._index_folder):
+                for path, pending in self._index_folder():  # a few reads, once
                     self._start_flush(path, None, [], expected=pending)
         self._state = "open"
         self._ticker = asyncio.ensure_future(self._tick())
