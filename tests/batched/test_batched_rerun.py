@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
+import subprocess
 import sys
 import textwrap
 from collections.abc import Awaitable, Callable
@@ -164,3 +166,32 @@ async def test_a_harness_killed_with_sigkill_pays_for_no_request_twice(tmp_path:
     assert third["texts"] == second["texts"]
     assert third["reused"] == n
     assert len(service.batch_ids) == batches
+
+
+def test_the_readme_harness_runs_against_the_fake_and_again_from_its_journal(
+    tmp_path: Path,
+) -> None:
+    """The README's BatchedOpenAI example runs as written; run again, every answer comes
+    from its journal folder."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    (example,) = [
+        block
+        for block in re.findall(r"```python\n(.*?)\n```", readme, flags=re.S)
+        if "BatchedOpenAI(" in block
+    ]
+    script = tmp_path / "example.py"
+    script.write_text(example, encoding="utf-8")
+    outputs = []
+    for _ in range(2):
+        done = subprocess.run(
+            [sys.executable, str(script)],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=WAIT * 2,
+            check=True,
+        )
+        outputs.append(done.stdout)
+    assert outputs[0].startswith("3000 Fake reply")
+    assert "reused=0" in outputs[0]
+    assert "reused=3000" in outputs[1]
