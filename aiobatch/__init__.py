@@ -7,6 +7,7 @@ and re-exported here.
 
 from __future__ import annotations
 
+from ._batched import BATCHED_ENDPOINTS, BatchedOpenAI, BatchedResult, BatchedStats
 from ._budget import RequestBudget
 from ._client import BatchClient
 from ._clock import Clock, SystemClock
@@ -96,6 +97,7 @@ __all__ = [
     "AZURE_LIMITS",
     "AnthropicProvider",
     "AzureOpenAIProvider",
+    "BATCHED_ENDPOINTS",
     "Batch",
     "BatchClient",
     "BatchDone",
@@ -107,6 +109,9 @@ __all__ = [
     "BatchRun",
     "BatchStatus",
     "BatchUsage",
+    "BatchedOpenAI",
+    "BatchedResult",
+    "BatchedStats",
     "CREATE_KEY_METADATA",
     "Clock",
     "CompatibleProvider",

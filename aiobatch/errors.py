@@ -18,7 +18,8 @@ repr ever contains an API key.
     │   ├── ConflictError              409
     │   ├── UnprocessableEntityError   422
     │   ├── RateLimitError             429, with ``retry_after``
-    │   └── ServerError                5xx
+    │   ├── ServerError                5xx
+    │   └── RequestFailedError         a batched call's request came back with an HTTP error
     ├── DecodeError                    the server sent a body we cannot read (server's fault)
     │   └── UnknownStatusError         a batch status string we do not know (also a StateError)
     ├── StateError                     the batch lifecycle was violated
@@ -38,6 +39,8 @@ repr ever contains an API key.
     ├── ConfigurationError             bad provider settings: unknown name, missing endpoint or
     │                                  key (the caller's fault; also a builtin ValueError)
     ├── ClosedError                    the client was used after it was closed (the caller's fault)
+    ├── RequestNotRunError             a batched call's request ended without a response
+    │   └── BatchEndedError            ... its batches expired or were cancelled in every round
     ├── InputError                     the caller's input is bad (also a builtin ValueError)
     │   └── PreflightError             input lines failed the checks run before any upload;
     │                                  nothing was uploaded
@@ -69,6 +72,7 @@ __all__ = [
     "AmbiguousCreateError",
     "AuthenticationError",
     "BadRequestError",
+    "BatchEndedError",
     "ClosedError",
     "ConfigurationError",
     "ConflictError",
@@ -86,6 +90,8 @@ __all__ = [
     "PermissionDeniedError",
     "PreflightError",
     "RateLimitError",
+    "RequestFailedError",
+    "RequestNotRunError",
     "RunError",
     "ServerError",
     "ShardMoveError",
@@ -620,3 +626,70 @@ class WebhookSignatureError(WebhookError):
 class WebhookPayloadError(WebhookError):
     """A correctly signed body is not an event: not JSON, or without a string ``id``
     and ``type``, an integer ``created_at`` or an object ``data``."""
+
+
+class RequestFailedError(APIStatusError):
+    """A request sent through a batch (:class:`aiobatch.BatchedOpenAI`) came back with
+    an HTTP error line: the same facts the official SDK's ``APIStatusError`` carries
+    (``status_code``, ``error_code``, ``error_type``, ``error_param``, ``message``,
+    ``request_id``, ``body``), plus where it came from.
+
+    Attributes:
+        custom_id: the request's key in its batch.
+        batch_id: the batch whose line this was.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int,
+        custom_id: str,
+        batch_id: str | None,
+        request_id: str | None = None,
+        body: Any = None,
+        error_type: str | None = None,
+        error_code: str | None = None,
+        error_param: str | None = None,
+        url: str = "",
+    ) -> None:
+        super().__init__(
+            message,
+            status_code=status_code,
+            request_id=request_id,
+            body=body,
+            error_type=error_type,
+            error_code=error_code,
+            error_param=error_param,
+            method="POST" if url else "",
+            url=url,
+        )
+        self.custom_id = custom_id
+        self.batch_id = batch_id
+
+
+class RequestNotRunError(AiobatchError):
+    """A request sent through a batch ended without a response (the error file's line,
+    or aiobatch's own final error, such as a line the server never returned).
+
+    Attributes:
+        code: the line's error code (``batch_expired``, ``batch_cancelled``...), or None.
+        message: the line's error message.
+        custom_id: the request's key in its batch.
+        batch_id: the batch the error is about, when there was one.
+    """
+
+    def __init__(
+        self, message: str, *, code: str | None, custom_id: str, batch_id: str | None
+    ) -> None:
+        self.code = code
+        self.message = message
+        self.custom_id = custom_id
+        self.batch_id = batch_id
+        where = f" in batch {batch_id}" if batch_id else ""
+        super().__init__(f"request {custom_id}{where} did not run ({code}): {message}")
+
+
+class BatchEndedError(RequestNotRunError):
+    """A request's batches expired or were cancelled (``batch_expired`` /
+    ``batch_cancelled``) in every retry round the run allowed (``RunConfig.max_rounds``)."""
