@@ -79,6 +79,9 @@ from ._provider import (
 from ._results import decode_result_line, read_results
 from ._retry import RetryPolicy, is_retry_testing, set_retry_testing
 from ._run import (
+    BatchCreated,
+    BatchEnded,
+    BatchEvent,
     BatchRun,
     Price,
     ProgressDisplay,
@@ -100,9 +103,12 @@ __all__ = [
     "BATCHED_ENDPOINTS",
     "Batch",
     "BatchClient",
+    "BatchCreated",
     "BatchDone",
+    "BatchEnded",
     "BatchError",
     "BatchErrors",
+    "BatchEvent",
     "BatchLifecycle",
     "BatchPage",
     "BatchRequest",

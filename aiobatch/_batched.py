@@ -36,7 +36,7 @@ from ._aio import cancel_and_wait, sleep_or_set
 from ._client import BatchClient
 from ._convert import decode_result_line
 from ._models import ResultError, ResultHTTPError, ResultLine, ResultSuccess
-from ._run import BatchRun, RunConfig
+from ._run import BatchEvent, BatchRun, RunConfig
 from ._run._outcomes import CANCELLED_CODES
 from ._run._preflight import Preflight, generated_custom_id
 from ._run._progress import RunProgress
@@ -233,6 +233,10 @@ class BatchedOpenAI:
         sdk_types: return the ``openai`` SDK's types (None: when it is installed).
         on_progress: called with a :class:`~aiobatch.RunProgress` summed over every
             flush, whenever one changed (for :class:`~aiobatch.ProgressDisplay`).
+        on_event: called with a :class:`~aiobatch.BatchCreated` when a flush's batch is
+            open on the server (its id, endpoint, model and request count) and a
+            :class:`~aiobatch.BatchEnded` when it ends (its status and request counts);
+            must be quick (its exceptions are logged, never propagated).
 
     Raises:
         ValueError: ``max_wait`` is negative or ``max_pending`` is not positive.
@@ -249,6 +253,7 @@ class BatchedOpenAI:
         config: RunConfig | None = None,
         sdk_types: bool | None = None,
         on_progress: Callable[[RunProgress], None] | None = None,
+        on_event: Callable[[BatchEvent], None] | None = None,
     ) -> None:
         if not max_wait >= 0:
             raise ValueError(f"max_wait must be >= 0, got {max_wait!r}")
@@ -269,6 +274,7 @@ class BatchedOpenAI:
         self._id_pattern = limits.custom_id_pattern
         self._sdk = _sdk_available() if sdk_types is None else sdk_types
         self._on_progress = on_progress
+        self._on_event = on_event
         self._slots = asyncio.Semaphore(max_pending)
         self._groups: dict[tuple[str, str], _Group] = {}
         self._occurrences: dict[str, int] = {}
@@ -581,7 +587,14 @@ class BatchedOpenAI:
             if self._on_progress is not None:
                 self._on_progress(self.progress())
 
-        run = BatchRun(self._client, lines, journal=path, config=self._config, on_progress=progress)
+        run = BatchRun(
+            self._client,
+            lines,
+            journal=path,
+            config=self._config,
+            on_progress=progress,
+            on_batch=self._on_event,
+        )
         flush = _Flush(path, run, {call.key: call for call in calls}, expected)
         for pending in expected:
             self._resuming[pending] = flush

@@ -50,6 +50,7 @@ from ..webhooks import DEFAULT_WEBHOOK_INTERVAL, WebhookReceiver
 from ._collect import collect, delete_files
 from ._config import RequestSource, RunConfig, RunResult
 from ._context import Next, RunContext, Stop, logger
+from ._events import BatchCreated, BatchEnded, BatchEvent
 from ._failures import Streak, heard_from_server, step_failed, tracking_failed
 from ._ingest import check_source, ingest
 from ._journal import Journal
@@ -112,6 +113,11 @@ class BatchRun:
             whose batch events reach the run's fleet while it runs; the fleet then
             polls only every ``FleetConfig.webhook_interval`` (600 s unless the config
             sets it) as a safety net for lost deliveries.
+        on_batch: called with a :class:`BatchCreated` when a batch is open on the server
+            (made, or adopted on a resume) and a :class:`BatchEnded` when tracking it ends
+            (a batch cancelled at its ``batch_timeout`` ends twice: ``reason="deadline"``,
+            then ``"finished"`` once cancelled); must be quick (its exceptions are
+            logged, never propagated).
     """
 
     def __init__(
@@ -124,8 +130,12 @@ class BatchRun:
         config: RunConfig | None = None,
         on_progress: Callable[[RunProgress], None] | None = None,
         webhooks: WebhookReceiver | None = None,
+        on_batch: Callable[[BatchEvent], None] | None = None,
     ) -> None:
         self._client = client
+        self._on_batch = on_batch
+        #: what each batch announced as created holds: (shard, endpoint, model).
+        self._announced: dict[str, tuple[str, str, str | None]] = {}
         self._webhooks = webhooks
         self._source = source
         self._journal_path = os.fspath(journal)
@@ -491,6 +501,7 @@ class BatchRun:
             self._start_submit(ctx, shard.key)
         for shard in await ctx.journal.shards(_S.OPEN):
             self._track(ctx, shard)
+            self._batch_created(shard, adopted=True)
         for shard in await ctx.journal.shards(_S.COLLECTING):
             assert shard.batch_id is not None
             ctx.shard_of[shard.batch_id] = shard.key
@@ -702,7 +713,9 @@ class BatchRun:
     async def _after(self, ctx: RunContext, key: str, result: Next) -> None:
         """Act on a step's answer: track an open batch, submit a shard sent back."""
         if result.state is _S.OPEN:
-            self._track(ctx, await ctx.journal.shard(key), result.batch)
+            shard = await ctx.journal.shard(key)
+            self._track(ctx, shard, result.batch)
+            self._batch_created(shard, adopted=False)
         elif result.state in SUBMITTING:
             ctx.set_status(key, result.state.value)
             if key not in self._submitting and not self._stopping.is_set():
@@ -742,6 +755,7 @@ class BatchRun:
                     continue
                 ctx.set_status(key, event.batch.status.value)
             elif isinstance(event, BatchDone):
+                self._batch_ended(key, event)
                 self._start_collect(ctx, key, event)
         # The events end only when the fleet stopped on its own (the run cancels this
         # task before it closes the fleet): nothing tracks the batches any more.
@@ -809,6 +823,38 @@ class BatchRun:
                 if shard.state is _S.COLLECTED and shard.batch_id is not None:
                     ctx.shard_of.pop(shard.batch_id, None)
             self._changed.set()
+
+    def _batch_created(self, shard: Shard, *, adopted: bool) -> None:
+        if self._on_batch is None or shard.batch_id is None:
+            return
+        self._announced[shard.batch_id] = (shard.key, shard.url, shard.model)
+        self._emit_batch(
+            BatchCreated(shard.batch_id, shard.key, shard.url, shard.model, shard.lines, adopted)
+        )
+
+    def _batch_ended(self, key: str, done: BatchDone) -> None:
+        if self._on_batch is None:
+            return
+        _, url, model = self._announced.get(done.batch_id, (key, "", None))
+        batch = done.batch
+        self._emit_batch(
+            BatchEnded(
+                done.batch_id,
+                key,
+                url,
+                model,
+                status=batch.status.value if batch is not None else None,
+                reason=done.reason.value,
+                counts=batch.request_counts if batch is not None else None,
+            )
+        )
+
+    def _emit_batch(self, event: BatchEvent) -> None:
+        assert self._on_batch is not None
+        try:
+            self._on_batch(event)
+        except Exception:  # an observer must never break the run
+            logger.exception("batch event callback failed")
 
     def _emit_progress(self) -> None:
         callback = self._on_progress

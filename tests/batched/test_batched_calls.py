@@ -18,8 +18,11 @@ from conftest import FAST_FLEET, executed, within
 
 from aiobatch import (
     BatchClient,
+    BatchCreated,
     BatchedOpenAI,
     BatchedResult,
+    BatchEnded,
+    BatchEvent,
     ProgressDisplay,
     RunConfig,
     RunProgress,
@@ -391,3 +394,50 @@ async def test_progress_sums_every_flush_for_the_run_display(clock: VirtualClock
     assert any(snapshot.open_batches == 2 for snapshot in seen)
     with ProgressDisplay(stream=io.StringIO(), interactive=False) as display:
         display.update(progress)
+
+
+async def test_events_tell_each_batch_made_and_ended(clock: VirtualClock) -> None:
+    """on_event gets BatchCreated (id, endpoint, model, request count) when a flush's
+    batch is open, then BatchEnded with its final status and counts."""
+    events: list[BatchEvent] = []
+    async with (
+        fake(clock) as (service, client),
+        BatchedOpenAI(client, config=run_config(), on_event=events.append) as openai,
+    ):
+        await within(
+            clock,
+            600,
+            asyncio.gather(
+                chat(openai, "a"),
+                chat(openai, "b"),
+                openai.embeddings.create(model="text-embedding-3-small", input="c"),
+            ),
+        )
+    created = {e.batch_id: e for e in events if isinstance(e, BatchCreated)}
+    ended = {e.batch_id: e for e in events if isinstance(e, BatchEnded)}
+    assert set(created) == set(ended) == set(service.batch_ids)
+    assert sorted((e.endpoint, e.model, e.requests) for e in created.values()) == [
+        ("/v1/chat/completions", "gpt-4o-mini", 2),
+        ("/v1/embeddings", "text-embedding-3-small", 1),
+    ]
+    for batch_id, end in ended.items():
+        assert events.index(created[batch_id]) < events.index(end)
+        assert (end.status, end.reason) == ("completed", "finished")
+        assert end.counts is not None
+        assert (end.counts.total, end.counts.completed) == (created[batch_id].requests,) * 2
+
+
+async def test_an_expired_batch_ends_with_its_status(clock: VirtualClock) -> None:
+    """Each batch that expires (one per round) is told as BatchEnded with status
+    ``expired``."""
+    events: list[BatchEvent] = []
+    async with (
+        fake(clock, lines_per_second=0.001, completion_window_seconds=60.0) as (_, client),
+        BatchedOpenAI(client, config=run_config(max_rounds=1), on_event=events.append) as openai,
+    ):
+        with pytest.raises(BatchEndedError):
+            await within(clock, 3600, chat(openai, "too slow"))
+    created = [e.batch_id for e in events if isinstance(e, BatchCreated)]
+    ended = [(e.batch_id, e.status) for e in events if isinstance(e, BatchEnded)]
+    assert created
+    assert ended == [(batch_id, "expired") for batch_id in created]
