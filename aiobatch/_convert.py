@@ -679,6 +679,11 @@ def encode_request_line(request: BatchRequest) -> bytes:
     ).encode()
 
 
+def encode_online_body(body: Mapping[str, Any]) -> bytes:
+    """The JSON body of one online request (what a batch line's ``body`` holds)."""
+    return json.dumps(dict(body), separators=(",", ":"), ensure_ascii=False).encode()
+
+
 def encode_create_batch(
     input_file_id: str,
     endpoint: str,
