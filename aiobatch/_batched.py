@@ -41,6 +41,7 @@ from ._run._outcomes import CANCELLED_CODES
 from ._run._preflight import Preflight, generated_custom_id
 from ._run._progress import RunProgress
 from .errors import (
+    BatchedTimeoutError,
     BatchEndedError,
     ClosedError,
     InputError,
@@ -189,9 +190,10 @@ class _Create:
         self._owner = owner
         self._url = url
 
-    async def create(self, **params: Any) -> Any:
-        """Send one request through a batch and return its answer when it is in."""
-        return await self._owner.request(self._url, params)
+    async def create(self, *, deadline: float | None = None, **params: Any) -> Any:
+        """Send one request through a batch and return its answer when it is in
+        (``deadline``: seconds to wait for it, instead of the client's; not sent)."""
+        return await self._owner.request(self._url, params, deadline=deadline)
 
 
 class _Chat:
@@ -233,6 +235,9 @@ class BatchedOpenAI:
         sdk_types: return the ``openai`` SDK's types (None: when it is installed).
         on_progress: called with a :class:`~aiobatch.RunProgress` summed over every
             flush, whenever one changed (for :class:`~aiobatch.ProgressDisplay`).
+        deadline: seconds a call waits for its result before it raises
+            :class:`~aiobatch.errors.BatchedTimeoutError` (None: no limit); a call's
+            ``create(deadline=...)`` overrides it.
         on_event: called with a :class:`~aiobatch.BatchCreated` when a flush's batch is
             open on the server (its id, endpoint, model and request count) and a
             :class:`~aiobatch.BatchEnded` when it ends (its status and request counts);
@@ -254,11 +259,14 @@ class BatchedOpenAI:
         sdk_types: bool | None = None,
         on_progress: Callable[[RunProgress], None] | None = None,
         on_event: Callable[[BatchEvent], None] | None = None,
+        deadline: float | None = None,
     ) -> None:
         if not max_wait >= 0:
             raise ValueError(f"max_wait must be >= 0, got {max_wait!r}")
         if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
             raise ValueError(f"max_pending must be a positive int, got {max_pending!r}")
+        _check_deadline(deadline)
+        self._deadline = deadline
         self._client = client
         self._clock = client.clock
         self._folder = os.fspath(journal) if journal is not None else None
@@ -412,7 +420,9 @@ class BatchedOpenAI:
 
     # --- calls ---------------------------------------------------------------------------
 
-    async def request(self, url: str, body: Mapping[str, Any]) -> Any:
+    async def request(
+        self, url: str, body: Mapping[str, Any], *, deadline: float | None = None
+    ) -> Any:
         """Send one request body to ``url`` (one of :data:`BATCHED_ENDPOINTS`) through a
         batch; what the endpoint's ``create`` returns.
 
@@ -423,7 +433,11 @@ class BatchedOpenAI:
             ClosedError: the client is not open.
             RequestFailedError, BatchEndedError, RequestNotRunError: the request's
                 line failed.
+            BatchedTimeoutError: ``deadline`` (or the client's) passed first.
         """
+        _check_deadline(deadline)
+        if deadline is None:
+            deadline = self._deadline
         if self._state != "open":
             raise ClosedError(f"the batched client is {self._state}; use it inside 'async with'")
         if url not in BATCHED_ENDPOINTS:
@@ -443,7 +457,7 @@ class BatchedOpenAI:
         if resumed is not None:
             resumed.waiting[call.key] = call
             self._submitted += 1
-            return await self._await(call)
+            return await self._await(call, deadline)
         await self._slots.acquire()
         if self._state != "open":
             self._slots.release()
@@ -452,7 +466,7 @@ class BatchedOpenAI:
         self._enqueue(call)
         if self._slots.locked():
             await self.flush()  # max_pending reached: the held calls go out now
-        return await self._await(call)
+        return await self._await(call, deadline)
 
     def _prepare(self, url: str, body: dict[str, Any]) -> _Call:
         """Check the request as a batch line and give it its key (raises at once)."""
@@ -506,18 +520,44 @@ class BatchedOpenAI:
         elif first:
             self._wake.set()
 
-    async def _await(self, call: _Call) -> Any:
+    async def _await(self, call: _Call, deadline: float | None) -> Any:
         try:
+            if deadline is not None and not await self._within(call.future, deadline):
+                self._withdraw(call)
+                call.future.cancel()
+                self._failed += 1
+                raise BatchedTimeoutError(
+                    f"request {call.key} ({call.url}, {call.model}) had no result after its "
+                    f"deadline of {deadline:g} s; if it was sent, its batch keeps it and its "
+                    "result goes to the journal",
+                    custom_id=call.key,
+                    url=call.url,
+                    model=call.model,
+                    deadline=deadline,
+                )
             line, batch_id = await call.future
         except asyncio.CancelledError:
-            if call.group is not None:
-                call.group.remove(call)
-                self._queued -= 1
-                self._release_of(call)
-            # else it was sent: its result is dropped when it comes
+            self._withdraw(call)
             self._cancelled += 1
             raise
         return self._answer(call, line, batch_id)
+
+    async def _within(self, future: asyncio.Future[Any], seconds: float) -> bool:
+        """Whether ``future`` is done within ``seconds`` on the client's clock."""
+        timer = asyncio.ensure_future(self._clock.sleep(seconds))
+        try:
+            await asyncio.wait([future, timer], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            await cancel_and_wait([timer])
+        return future.done()
+
+    def _withdraw(self, call: _Call) -> None:
+        """Take a call nobody waits for any more out of its group (a sent call's result
+        is dropped when it comes)."""
+        if call.group is not None:
+            call.group.remove(call)
+            self._queued -= 1
+            self._release_of(call)
 
     def _release_of(self, call: _Call) -> None:
         if call.slot:
@@ -660,6 +700,11 @@ class BatchedOpenAI:
                     wait = due - now if wait is None else min(wait, due - now)
             self._wake.clear()
             await sleep_or_set(self._clock, wait, self._wake)
+
+
+def _check_deadline(deadline: float | None) -> None:
+    if deadline is not None and not deadline > 0:
+        raise ValueError(f"deadline must be > 0 seconds, got {deadline!r}")
 
 
 def _sdk_available() -> bool:

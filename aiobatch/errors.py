@@ -27,6 +27,8 @@ repr ever contains an API key.
     │   ├── UnexpectedTransitionError  the server reported an impossible move (the server's fault)
     │   └── UnknownStatusError
     ├── WaitTimeoutError               a wait passed its deadline (also a builtin TimeoutError)
+    ├── BatchedTimeoutError            a batched call's ``deadline`` passed before its result
+    │                                  (also a builtin TimeoutError)
     ├── AmbiguousCreateError           a create may or may not have made a batch: look its
     │                                  ``create_key`` up later (never re-sent blindly)
     ├── LookupIncompleteError          a create-key lookup could not prove the batch absent
@@ -73,6 +75,7 @@ __all__ = [
     "AuthenticationError",
     "BadRequestError",
     "BatchEndedError",
+    "BatchedTimeoutError",
     "ClosedError",
     "ConfigurationError",
     "ConflictError",
@@ -347,6 +350,28 @@ class WaitTimeoutError(AiobatchError, TimeoutError):
         super().__init__(message)
         self.batch_id = batch_id
         self.last_status = last_status
+
+
+class BatchedTimeoutError(AiobatchError, TimeoutError):
+    """A :class:`~aiobatch.BatchedOpenAI` call's ``deadline`` passed before its result
+    came. A request already in a batch stays there: its result is kept in the journal
+    (a rerun with the same journal folder is answered from it).
+
+    Attributes:
+        custom_id: the request's key.
+        url: its endpoint.
+        model: its model.
+        deadline: the seconds it was given.
+    """
+
+    def __init__(
+        self, message: str, *, custom_id: str, url: str, model: str, deadline: float
+    ) -> None:
+        super().__init__(message)
+        self.custom_id = custom_id
+        self.url = url
+        self.model = model
+        self.deadline = deadline
 
 
 class AmbiguousCreateError(AiobatchError):

@@ -28,6 +28,7 @@ from aiobatch import (
     RunProgress,
 )
 from aiobatch.errors import (
+    BatchedTimeoutError,
     BatchEndedError,
     ClosedError,
     InputError,
@@ -441,3 +442,35 @@ async def test_an_expired_batch_ends_with_its_status(clock: VirtualClock) -> Non
     ended = [(e.batch_id, e.status) for e in events if isinstance(e, BatchEnded)]
     assert created
     assert ended == [(batch_id, "expired") for batch_id in created]
+
+
+async def test_a_deadline_raises_a_typed_timeout_naming_the_request(clock: VirtualClock) -> None:
+    """A call whose result is not in by its deadline (the client's, or its own) raises
+    BatchedTimeoutError naming its key, endpoint and model; a call in time is answered."""
+    async with (
+        fake(clock, lines_per_second=0.001, completion_window_seconds=600.0) as (_, client),
+        BatchedOpenAI(
+            client, config=run_config(max_rounds=1), deadline=120.0, max_wait=1.0, sdk_types=False
+        ) as openai,
+    ):
+        started = clock.monotonic()
+        with pytest.raises(BatchedTimeoutError) as caught:
+            await within(clock, 3600, chat(openai, "too slow"))
+        assert clock.monotonic() - started == pytest.approx(120.0)
+        with pytest.raises(BatchedTimeoutError) as own:
+            await within(clock, 3600, chat(openai, "too slow", deadline=30.0))
+        assert own.value.deadline == 30.0
+    assert caught.value.custom_id
+    assert (caught.value.url, caught.value.model) == ("/v1/chat/completions", "gpt-4o-mini")
+    assert caught.value.custom_id in str(caught.value)
+    assert openai.stats().failed == 2
+
+
+async def test_a_call_answered_before_its_deadline_returns_its_result(clock: VirtualClock) -> None:
+    """A deadline longer than the batch takes changes nothing."""
+    async with (
+        fake(clock) as (_, client),
+        BatchedOpenAI(client, config=run_config(), sdk_types=False, deadline=3600.0) as openai,
+    ):
+        result = await within(clock, 600, chat(openai, "quick"))
+    assert text_of(result).endswith("to: quick")
