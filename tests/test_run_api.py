@@ -30,6 +30,7 @@ from aiobatch import (
     read_report,
     request_cancel,
 )
+from aiobatch._run._sqlite import SCHEMA_VERSION
 from aiobatch._run._sqlite import JournalFile as Journal
 from aiobatch.errors import JournalError, PreflightError
 from aiobatch.testing import FakeBatchService, FakeConfig, LineErrorRule, VirtualClock
@@ -599,7 +600,40 @@ async def test_a_journal_of_the_previous_schema_is_upgraded_and_resumed(
         ).run()
     assert report.state == "done"
     assert report.succeeded == 8
-    assert journal_meta(journal)["schema_version"] == "5"
+    assert journal_meta(journal)["schema_version"] == str(SCHEMA_VERSION)
+
+
+async def test_a_schema_5_journal_with_results_is_upgraded_and_resumed(
+    clock: VirtualClock, tmp_path: Path
+) -> None:
+    """A journal written by aiobatch with schema 5 (which marked each request with a
+    result ``done``) is read by ``status`` and resumed in place: the requests that had
+    their results keep them, the others are collected, each request ends once."""
+    source = write_jsonl(tmp_path / "in.jsonl", requests(8))
+    journal = tmp_path / "run.journal"
+    output = tmp_path / "out.jsonl"
+    async with fake_env(clock) as (service, client):
+        await BatchRun(client, source, journal=journal, config=RunConfig(max_lines=4)).run()
+        # As schema 5 left it when stopped with one shard collected, the other open.
+        db = sqlite3.connect(journal)
+        db.execute("DELETE FROM results WHERE shard = 's000001'")
+        db.execute(
+            "UPDATE shards SET state = 'open', status = 'in_progress', output_done = 0, "
+            "error_done = 0, input_tokens = 0, output_tokens = 0 WHERE key = 's000001'"
+        )
+        db.execute("UPDATE requests SET state = 'done' WHERE seq IN (SELECT seq FROM results)")
+        db.execute("UPDATE meta SET value = 'stopped' WHERE key = 'state'")
+        db.execute("UPDATE meta SET value = '5' WHERE key = 'schema_version'")
+        db.commit()
+        db.close()
+        assert journal_report(journal).pending == 4
+        report = await BatchRun(client, source, journal=journal, output=output).run()
+        batches = len(service.batch_ids)
+    assert (report.state, report.succeeded, report.pending) == ("done", 8, 0)
+    ids = [line["custom_id"] for line in read_output(output)]
+    assert ids == [f"r-{n}" for n in range(8)]
+    assert batches == 2
+    assert journal_meta(journal)["schema_version"] == str(SCHEMA_VERSION)
 
 
 # --- 7. request_cancel -----------------------------------------------------------------------
