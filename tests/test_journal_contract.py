@@ -294,3 +294,14 @@ async def test_recording_a_large_shard_lets_other_tasks_run(journal: Journal) ->
     assert shard.lines == count
     assert await journal.pending_count() == 0
     assert len(await journal.queued_at("s0")) == count
+
+
+async def test_an_ingest_tells_which_ids_its_requests_use(journal: Journal) -> None:
+    """During an ingest, taken() gives the input line of the requests added so far
+    under each id asked about (what finds duplicates), and nothing for the others."""
+    async with journal.ingest() as sink:
+        await sink.add([_request(seq) for seq in range(1200)])
+        asked = [f"r{seq}" for seq in range(0, 2400, 2)]
+        assert await sink.taken(asked) == {f"r{seq}": seq + 1 for seq in range(0, 1200, 2)}
+        assert await sink.taken([]) == {}
+        await sink.start(RunMeta(run_id="run1"))

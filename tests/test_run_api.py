@@ -173,6 +173,28 @@ async def test_preflight_failure_names_every_problem_and_sends_nothing(
     assert not (tmp_path / "out.jsonl").exists()
 
 
+async def test_duplicates_are_found_however_far_apart_they_are(
+    clock: VirtualClock, tmp_path: Path
+) -> None:
+    """A custom_id used again thousands of lines later, by an accepted line or by a
+    line rejected for another reason, is a duplicate naming the line of its first use."""
+    lines: list[Mapping[str, Any] | str] = [chat_line(f"r-{n}") for n in range(5000)]
+    lines[1] = chat_line("c", stream=True)  # line 2: rejected, still holds "c"
+    lines[4599] = chat_line("c", "again")  # line 4600
+    lines[4600] = chat_line("r-2", "again")  # line 4601: line 3 has it
+    source = write_jsonl(tmp_path / "in.jsonl", lines)
+    async with fake_env(clock) as (service, client):
+        with pytest.raises(PreflightError) as info:
+            await BatchRun(client, source, journal=tmp_path / "run.journal").run()
+        assert service.requests == ()
+    found = [(p.line, p.custom_id, p.code, p.message) for p in info.value.problems]
+    assert found == [
+        (2, "c", "stream_not_supported", "streaming is not supported in batches (stream=true)"),
+        (4600, "c", "duplicate_custom_id", "duplicate: line 2 already uses this custom_id"),
+        (4601, "r-2", "duplicate_custom_id", "duplicate: line 3 already uses this custom_id"),
+    ]
+
+
 async def test_skip_invalid_runs_the_good_lines_and_counts_the_skipped(
     clock: VirtualClock, tmp_path: Path
 ) -> None:

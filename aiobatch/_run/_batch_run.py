@@ -297,7 +297,7 @@ class BatchRun:
                 remove_journal(self._journal_path)
                 raise
             return False
-        check_source(journal, meta, self._source)
+        await check_source(journal, meta, self._source)
         return True
 
     async def _drive(self, journal: Journal) -> RunReport:

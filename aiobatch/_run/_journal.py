@@ -57,6 +57,10 @@ class Ingest(Protocol):
     async def add(self, requests: Sequence[PreparedRequest]) -> None:
         """Add accepted requests (in input order)."""
 
+    async def taken(self, custom_ids: Sequence[str]) -> dict[str, int]:
+        """Which of ``custom_ids`` the requests added so far use, each with the input
+        line of its request (how preflight finds duplicates without holding every id)."""
+
     async def start(self, meta: RunMeta) -> None:
         """Record the run's facts; the ingest commits when its block ends."""
 

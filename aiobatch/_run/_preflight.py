@@ -2,9 +2,12 @@
 
 A server checks a batch's input file only after the upload, while the batch is
 ``validating``, and then fails the whole batch for one bad line. :class:`Preflight`
-runs the same checks locally, line by line and in constant memory per line (only the
-``custom_id`` of every line is remembered, to find duplicates), and keeps going to the
-end of the source so that the caller sees every problem at once. Each accepted line
+runs the same checks locally, line by line and in constant memory per line, and keeps
+going to the end of the source so that the caller sees every problem at once. To find
+duplicates it remembers the ``custom_id`` of every line; a run instead asks its journal,
+which holds the accepted requests, in batches (:meth:`Preflight.inspect_line`,
+:meth:`Preflight.resolve`), so that it remembers only the ids of rejected lines and the
+ids it generated. Each accepted line
 comes out as a :class:`PreparedRequest`: the exact bytes to upload, the fields the
 sharder groups by (``url``, ``body.model``) and an estimate of its prompt tokens.
 
@@ -33,17 +36,19 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NoReturn
 
 import attrs
 
+from .. import _json
 from ..errors import PreflightError
 from ._records import PreparedRequest
 
 __all__ = [
     "DEFAULT_MAX_LINE_BYTES",
     "ITERABLE_SOURCE",
+    "Inspected",
     "LineProblem",
     "PreparedRequest",
     "Preflight",
@@ -193,6 +198,34 @@ def generated_custom_id(method: str, url: str, body: Mapping[str, Any]) -> str:
     return "auto-" + digest[:20]
 
 
+#: A problem of a line before it is recorded: (custom_id, field, code, message).
+_Problem = tuple[str | None, str | None, str, str]
+
+
+@attrs.define(slots=True)
+class Inspected:
+    """A line checked but for duplicates (see :meth:`Preflight.resolve`).
+
+    Attributes:
+        line: its 1-based line number (or item index).
+        problems: what is wrong with it, duplicates aside.
+        claim: the ``custom_id`` it takes (its own, or generated), when it has one.
+        generated: ``claim`` was generated (the line had no id).
+        unit: ``line`` or ``item``, for messages.
+        oversize: its problem when it is too long (reported only if it has no other).
+        request: the request, not numbered yet, when the line has no problem but
+            perhaps a duplicate id.
+    """
+
+    line: int
+    problems: list[_Problem]
+    claim: str | None = None
+    generated: bool = False
+    unit: str = "line"
+    oversize: _Problem | None = None
+    request: PreparedRequest | None = None
+
+
 class Preflight:
     """Checks the lines of one source, in order, before anything is uploaded.
 
@@ -212,6 +245,8 @@ class Preflight:
         token_estimator: estimates a request's prompt tokens from its body;
             :func:`estimate_tokens` by default. It must return an int >= 0.
         max_kept_problems: how many problems to keep (all are counted).
+        remember_ids: remember the id of every accepted line (to find duplicates);
+            False when the caller looks them up elsewhere (see :meth:`resolve`).
     """
 
     def __init__(
@@ -222,6 +257,7 @@ class Preflight:
         skip_invalid: bool = False,
         token_estimator: Callable[[Mapping[str, Any]], int] | None = None,
         max_kept_problems: int = 1000,
+        remember_ids: bool = True,
     ) -> None:
         if not (isinstance(max_line_bytes, int) and max_line_bytes >= 1):
             raise ValueError(f"max_line_bytes must be an int >= 1, got {max_line_bytes!r}")
@@ -236,8 +272,11 @@ class Preflight:
         self._problem_count = 0
         self._rejected = 0
         self._accepted = 0
-        #: custom_id -> the line that first used it.
-        self._first_line: dict[str, int] = {}
+        #: custom_id -> the line that used it, of every accepted line (None: the caller
+        #: looks them up, see :meth:`resolve`) ...
+        self._first_line: dict[str, int] | None = {} if remember_ids else None
+        #: ... and of every rejected line that claimed one.
+        self._rejected_ids: dict[str, int] = {}
         #: generated id -> how many requests produced it so far.
         self._generated: dict[str, int] = {}
 
@@ -280,12 +319,23 @@ class Preflight:
             The prepared request, or None when the line is blank or bad (its problems
             are recorded).
         """
+        return self._at_once(self.inspect_line(raw, line))
+
+    def inspect_line(self, raw: bytes, line: int) -> Inspected | None:
+        """:meth:`check_line` but for duplicates: what the line is, for :meth:`resolve`
+        (None when it is blank). Lines are inspected and resolved in source order."""
         raw = _strip_line_end(raw)
         if line == 1 and raw.startswith(_BOM):
             raw = raw[len(_BOM) :]
         if not raw.strip():
             return None
-        return self._check(raw, line, unit="line", encoded=False)
+        return self._inspect(raw, line, unit="line", encoded=False)
+
+    def _at_once(self, item: Inspected | None) -> PreparedRequest | None:
+        if item is None:
+            return None
+        (prepared,) = self.resolve([item], {})
+        return prepared
 
     def check_item(
         self, item: Mapping[str, Any] | str | bytes, index: int
@@ -304,28 +354,105 @@ class Preflight:
             The prepared request, or None when the item is blank or bad (its problems
             are recorded).
         """
+        return self._at_once(self.inspect_item(item, index))
+
+    def inspect_item(self, item: Mapping[str, Any] | str | bytes, index: int) -> Inspected | None:
+        """:meth:`check_item` but for duplicates (see :meth:`inspect_line`)."""
         if isinstance(item, Mapping):
             try:
                 raw = _encode(item)
             except _UnencodableError as exc:
-                self._reject(
-                    index, [(None, None, "invalid_json", f"the request cannot be encoded: {exc}")]
-                )
-                return None
-            return self._check(raw, index, unit="item", encoded=True)
+                message = f"the request cannot be encoded: {exc}"
+                return Inspected(index, [(None, None, "invalid_json", message)])
+            return self._inspect(raw, index, unit="item", encoded=True)
         value: object = item  # callers without type checks pass anything
         if isinstance(value, str):
             try:
                 value = value.encode("utf-8")
             except UnicodeEncodeError as exc:
                 message = f"not valid UTF-8 text: {exc.reason} at character {exc.start}"
-                self._reject(index, [(None, None, "invalid_utf8", message)])
-                return None
+                return Inspected(index, [(None, None, "invalid_utf8", message)])
         if isinstance(value, (bytes, bytearray, memoryview)):
-            return self.check_line(bytes(value), index)
+            return self.inspect_line(bytes(value), index)
         message = f"expected a request object or a JSON line, got {type(value).__name__}"
-        self._reject(index, [(None, None, "not_an_object", message)])
-        return None
+        return Inspected(index, [(None, None, "not_an_object", message)])
+
+    @staticmethod
+    def claims(items: Iterable[Inspected]) -> list[str]:
+        """The ids that inspected lines claim (for the caller to look up, see
+        :meth:`resolve`)."""
+        return [item.claim for item in items if item.claim is not None]
+
+    def resolve(
+        self, items: Sequence[Inspected], earlier: Mapping[str, int]
+    ) -> list[PreparedRequest | None]:
+        """Finish the check of inspected lines, in source order: each claimed id is a
+        duplicate when a line before it used it; each line is then accepted (as a
+        :class:`PreparedRequest`, numbered) or rejected (None, its problems recorded).
+
+        Args:
+            items: the next lines of the source, inspected in order.
+            earlier: the ids among their claims (:meth:`claims`) that an accepted line
+                before these used, and that line; unless the ids are remembered here
+                (``remember_ids``), the caller looks them up where it keeps the accepted
+                requests.
+
+        Returns:
+            For each item, its request, or None when it was rejected.
+        """
+        remembered = self._first_line
+        known = earlier if remembered is None else remembered
+        rejected_ids = self._rejected_ids
+        batch: dict[str, int] = {}  # the ids claimed by the lines accepted here
+        out: list[PreparedRequest | None] = []
+        for item in items:
+            claim = item.claim
+            first = None
+            if claim is not None:
+                first = known.get(claim) or rejected_ids.get(claim) or batch.get(claim)
+            problems = item.problems
+            if first is not None:
+                assert claim is not None
+                if item.generated:
+                    message = (
+                        f"duplicate: the line had no custom_id and the one generated for it "
+                        f"is already used by {item.unit} {first}"
+                    )
+                    problems = [(claim, "custom_id", "duplicate_custom_id", message)]
+                else:
+                    message = f"duplicate: {item.unit} {first} already uses this custom_id"
+                    problems = [(claim, "custom_id", "duplicate_custom_id", message), *problems]
+            if not problems and item.oversize is not None:
+                problems = [item.oversize]
+            if problems:
+                self._reject(item.line, problems)
+                if claim is not None and first is None:
+                    rejected_ids[claim] = item.line
+                out.append(None)
+                continue
+            ready = item.request
+            assert ready is not None
+            assert claim is not None
+            if remembered is not None:
+                remembered[claim] = item.line
+            else:
+                batch[claim] = item.line
+            out.append(
+                PreparedRequest(
+                    seq=self._accepted,
+                    url=ready.url,
+                    model=ready.model,
+                    tokens=ready.tokens,
+                    inputs=ready.inputs,
+                    line=ready.line,
+                    custom_id=ready.custom_id,
+                    data=ready.data,
+                    size=ready.size,
+                    generated_id=ready.generated_id,
+                )
+            )
+            self._accepted += 1
+        return out
 
     def finish(self) -> None:
         """End the source: raise when any line had a problem, unless ``skip_invalid``.
@@ -355,7 +482,7 @@ class Preflight:
             lines.append(f"  ... and {count - len(listed):,} more")
         return "\n".join(lines)
 
-    def _reject(self, line: int, found: list[tuple[str | None, str | None, str, str]]) -> None:
+    def _reject(self, line: int, found: list[_Problem]) -> None:
         """Record the problems ``(custom_id, field, code, message)`` of one line."""
         self._rejected += 1
         for custom_id, field, code, message in found:
@@ -365,33 +492,25 @@ class Preflight:
                     LineProblem(self._source, line, custom_id, field, code, message)
                 )
 
-    def _claim(self, custom_id: str, line: int) -> int | None:
-        """Register a custom_id for ``line``; the line that had it first, when another did."""
-        first = self._first_line.setdefault(custom_id, line)
-        return None if first == line else first
-
-    def _check(self, raw: bytes, line: int, *, unit: str, encoded: bool) -> PreparedRequest | None:
-        """Check one line's bytes (``encoded``: they are our own compact encoding)."""
-        found: list[tuple[str | None, str | None, str, str]] = []
+    def _inspect(self, raw: bytes, line: int, *, unit: str, encoded: bool) -> Inspected:
+        """Check one line's bytes but for duplicates (``encoded``: they are our own
+        compact encoding)."""
+        found: list[_Problem] = []
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
             message = f"not valid UTF-8: byte 0x{raw[exc.start]:02x} at offset {exc.start}"
-            self._reject(line, [(None, None, "invalid_utf8", message)])
-            return None
+            return Inspected(line, [(None, None, "invalid_utf8", message)])
         try:
-            request = json.loads(text, parse_constant=_reject_constant)
+            request = _json.loads(text, parse_constant=_reject_constant)
         except json.JSONDecodeError as exc:
             message = f"not valid JSON: {exc.msg} (column {exc.colno})"
-            self._reject(line, [(None, None, "invalid_json", message)])
-            return None
+            return Inspected(line, [(None, None, "invalid_json", message)])
         except (ValueError, RecursionError) as exc:
-            self._reject(line, [(None, None, "invalid_json", f"not valid JSON: {exc}")])
-            return None
+            return Inspected(line, [(None, None, "invalid_json", f"not valid JSON: {exc}")])
         if not isinstance(request, dict):
             message = f"a request must be a JSON object, not {_json_type(request)}"
-            self._reject(line, [(None, None, "not_an_object", message)])
-            return None
+            return Inspected(line, [(None, None, "not_an_object", message)])
 
         custom_id = request.get("custom_id")
         problem_id: str | None = None
@@ -403,10 +522,6 @@ class Preflight:
                 found.append((None, "custom_id", "invalid_value", "must not be empty"))
             else:
                 problem_id = custom_id
-                first = self._claim(custom_id, line)
-                if first is not None:
-                    message = f"duplicate: {unit} {first} already uses this custom_id"
-                    found.append((custom_id, "custom_id", "duplicate_custom_id", message))
 
         method = request.get("method", _ABSENT)
         if method is not _ABSENT:
@@ -456,22 +571,13 @@ class Preflight:
                 found.append((problem_id, "body.stream", "stream_not_supported", message))
 
         if found:
-            self._reject(line, found)
-            return None
+            return Inspected(line, found, claim=problem_id, unit=unit)
         assert isinstance(url, str)
         assert isinstance(body, dict)
 
         generated = custom_id is None
         if generated:
             custom_id = self._generate("POST", url, body)
-            first = self._claim(custom_id, line)
-            if first is not None:
-                message = (
-                    f"duplicate: the line had no custom_id and the one generated for it is "
-                    f"already used by {unit} {first}"
-                )
-                self._reject(line, [(custom_id, "custom_id", "duplicate_custom_id", message)])
-                return None
         assert isinstance(custom_id, str)
 
         if generated or method is _ABSENT:
@@ -480,30 +586,39 @@ class Preflight:
             data = _encode(request)
         else:
             data = raw
-        if len(data) + 1 > self._max_line_bytes:
+        size = len(data) + 1
+        if size > self._max_line_bytes:
             message = (
-                f"the line is {len(data) + 1:,} bytes with its newline; a batch input file "
+                f"the line is {size:,} bytes with its newline; a batch input file "
                 f"may be at most {self._max_line_bytes:,} bytes"
             )
-            self._reject(line, [(custom_id, None, "line_too_large", message)])
-            return None
+            return Inspected(
+                line,
+                [],
+                claim=custom_id,
+                generated=generated,
+                unit=unit,
+                oversize=(custom_id, None, "line_too_large", message),
+            )
 
         tokens = self._estimate(body)
         if not (isinstance(tokens, int) and tokens >= 0):
             raise ValueError(f"the token estimator must return an int >= 0, got {tokens!r}")
         prepared = PreparedRequest(
-            seq=self._accepted,
+            seq=-1,
             line=line,
             custom_id=custom_id,
             url=url,
             model=model,
             data=data,
+            size=size,
             tokens=tokens,
             generated_id=generated,
             inputs=count_inputs(url, body),
         )
-        self._accepted += 1
-        return prepared
+        return Inspected(
+            line, [], claim=custom_id, generated=generated, unit=unit, request=prepared
+        )
 
     def _generate(self, method: str, url: str, body: Mapping[str, Any]) -> str:
         """The generated id of a request: the n-th identical request gets ``-n``."""

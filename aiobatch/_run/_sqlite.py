@@ -141,6 +141,8 @@ CREATE TABLE IF NOT EXISTS results (
 """
 
 _SHARD_SELECT = f"SELECT {', '.join(SHARD_FIELDS)} FROM shards"
+#: Ids looked up per statement (SQLite before 3.32 takes at most 999 parameters).
+_IDS_PER_QUERY = 500
 #: WAL bytes after which a commit checkpoints them into the file (and fsyncs).
 _CHECKPOINT_BYTES = 40 * 1024 * 1024
 #: SQLite's page cache of the run's connection, KiB.
@@ -438,6 +440,19 @@ class JournalFile:
                 for r in requests
             ),
         )
+
+    @staticmethod
+    def taken(db: Db, custom_ids: Sequence[str]) -> dict[str, int]:
+        """Which of ``custom_ids`` the requests use, each with its input line."""
+        found: dict[str, int] = {}
+        for start in range(0, len(custom_ids), _IDS_PER_QUERY):
+            part = custom_ids[start : start + _IDS_PER_QUERY]
+            marks = ", ".join("?" * len(part))
+            for cid, line in db.execute(
+                f"SELECT custom_id, line FROM requests WHERE custom_id IN ({marks})", part
+            ):
+                found[str(cid)] = int(line)
+        return found
 
     def request_count(self) -> int:
         """How many requests the run has."""

@@ -82,6 +82,9 @@ class _SQLiteIngest:
             if len(requests) > SLICE_ROWS:
                 await _turn()
 
+    async def taken(self, custom_ids: Sequence[str]) -> dict[str, int]:
+        return self._file.taken(self._db, custom_ids)
+
     async def start(self, meta: RunMeta) -> None:
         self._file.start(self._db, meta)
 
