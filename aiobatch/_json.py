@@ -14,7 +14,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["FAST", "loads"]
+__all__ = ["FAST", "loader", "loads"]
 
 _fast_decode: Callable[[bytes | str], Any] | None
 try:  # the optional extra: aiobatch[fast]
@@ -42,3 +42,22 @@ def loads(data: bytes | str, **kwargs: Any) -> Any:
         except (ValueError, RecursionError):
             pass  # json.loads decides: it takes more, or says what is wrong
     return json.loads(data, **kwargs)
+
+
+def loader(**kwargs: Any) -> Callable[[str], Any]:
+    """:func:`loads` of text with these ``kwargs`` for :func:`json.loads`, made once
+    (json.loads with arguments builds a decoder per call)."""
+    decoder = json.JSONDecoder(**kwargs)
+    fast = _fast_decode
+
+    def read(text: str) -> Any:
+        if fast is not None:
+            try:
+                return fast(text)
+            except (ValueError, RecursionError):
+                pass
+        if text.startswith("\ufeff"):
+            return json.loads(text, **kwargs)  # its error, as json.loads says it
+        return decoder.decode(text)
+
+    return read

@@ -718,10 +718,13 @@ class BatchRun:
         if target is None:
             return
         temp = f"{target}.{os.getpid()}.part"
-        with open(temp, "wb") as fh:  # noqa: ASYNC230 - chunks; issue 12 moves it off the loop
+        # A chunk of lines at a time (at most a few MB), the loop running in between;
+        # the flush to disk, which may take long, in a thread.
+        with open(temp, "wb") as fh:  # noqa: ASYNC230 - written a chunk at a time
             async for lines in journal.result_lines(order=self._config.order):
-                fh.writelines(line + b"\n" for line in lines)
+                fh.write(b"\n".join(lines))
+                fh.write(b"\n")
             fh.flush()
-            os.fsync(fh.fileno())
+            await asyncio.to_thread(os.fsync, fh.fileno())
         os.replace(temp, target)
         await journal.set_output(_absolute(target))

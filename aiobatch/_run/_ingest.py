@@ -92,8 +92,7 @@ class _Batches:
         if item is None:
             return
         self._items.append(item)
-        if item.request is not None:
-            self._bytes += item.request.size
+        self._bytes += item.size
         if len(self._items) >= _BATCH_LINES or self._bytes >= _BATCH_BYTES:
             await self.flush()
             await asyncio.sleep(0)

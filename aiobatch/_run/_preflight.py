@@ -36,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NoReturn
 
@@ -75,6 +76,12 @@ _LINE_BREAKS = (
     (b"\xe2\x80\xa8", b"\\u2028"),
     (b"\xe2\x80\xa9", b"\\u2029"),
 )
+
+
+#: Any of the line ends of :data:`_LINE_BREAKS`, LF or CR.
+_BREAK = re.compile(b"[\\n\\r]|" + b"|".join(re.escape(char) for char, _ in _LINE_BREAKS))
+#: A whitespace character (what ``str.isspace`` says is one).
+_SPACE = re.compile(r"\s")
 
 
 @attrs.frozen(slots=True)
@@ -158,13 +165,17 @@ def estimate_tokens(body: Mapping[str, Any]) -> int:
         for message in messages:
             if isinstance(message, Mapping):
                 message_count += 1
-                pending.append(message.get("content"))
+                content = message.get("content")
+                if type(content) is str:  # the common case, counted at once
+                    text_bytes += _utf8_size(content)
+                else:
+                    pending.append(content)
     for name in ("input", "prompt", "instructions"):
         pending.append(body.get(name))
     while pending:
         value = pending.pop()
         if isinstance(value, str):
-            text_bytes += len(value.encode("utf-8", "surrogatepass"))
+            text_bytes += _utf8_size(value)
         elif isinstance(value, bool):
             continue
         elif isinstance(value, int):
@@ -177,6 +188,10 @@ def estimate_tokens(body: Mapping[str, Any]) -> int:
             pending.append(value.get("text"))
             pending.append(value.get("content"))
     return math.ceil(text_bytes / 4) + token_ints + 4 * message_count + 3
+
+
+def _utf8_size(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
 
 def generated_custom_id(method: str, url: str, body: Mapping[str, Any]) -> str:
@@ -213,8 +228,8 @@ class Inspected:
         generated: ``claim`` was generated (the line had no id).
         unit: ``line`` or ``item``, for messages.
         oversize: its problem when it is too long (reported only if it has no other).
-        request: the request, not numbered yet, when the line has no problem but
-            perhaps a duplicate id.
+        ready: the line has no problem but perhaps a duplicate id; then the fields
+            below are its request's (see :class:`PreparedRequest`).
     """
 
     line: int
@@ -223,7 +238,13 @@ class Inspected:
     generated: bool = False
     unit: str = "line"
     oversize: _Problem | None = None
-    request: PreparedRequest | None = None
+    ready: bool = False
+    url: str = ""
+    model: str | None = None
+    data: bytes = b""
+    size: int = 0
+    tokens: int = 0
+    inputs: int = 1
 
 
 class Preflight:
@@ -430,8 +451,7 @@ class Preflight:
                     rejected_ids[claim] = item.line
                 out.append(None)
                 continue
-            ready = item.request
-            assert ready is not None
+            assert item.ready
             assert claim is not None
             if remembered is not None:
                 remembered[claim] = item.line
@@ -440,15 +460,15 @@ class Preflight:
             out.append(
                 PreparedRequest(
                     seq=self._accepted,
-                    url=ready.url,
-                    model=ready.model,
-                    tokens=ready.tokens,
-                    inputs=ready.inputs,
-                    line=ready.line,
-                    custom_id=ready.custom_id,
-                    data=ready.data,
-                    size=ready.size,
-                    generated_id=ready.generated_id,
+                    url=item.url,
+                    model=item.model,
+                    tokens=item.tokens,
+                    inputs=item.inputs,
+                    line=item.line,
+                    custom_id=claim,
+                    data=item.data,
+                    size=item.size,
+                    generated_id=item.generated,
                 )
             )
             self._accepted += 1
@@ -502,7 +522,7 @@ class Preflight:
             message = f"not valid UTF-8: byte 0x{raw[exc.start]:02x} at offset {exc.start}"
             return Inspected(line, [(None, None, "invalid_utf8", message)])
         try:
-            request = _json.loads(text, parse_constant=_reject_constant)
+            request = _read_json(text)
         except json.JSONDecodeError as exc:
             message = f"not valid JSON: {exc.msg} (column {exc.colno})"
             return Inspected(line, [(None, None, "invalid_json", message)])
@@ -543,7 +563,7 @@ class Preflight:
                 f"must be a path starting with '/', like '/v1/chat/completions', not {_cut(url)!r}"
             )
             found.append((problem_id, "url", "invalid_value", message))
-        elif any(char.isspace() for char in url):
+        elif _SPACE.search(url):
             message = f"must not contain whitespace: {_cut(url)!r}"
             found.append((problem_id, "url", "invalid_value", message))
 
@@ -604,20 +624,19 @@ class Preflight:
         tokens = self._estimate(body)
         if not (isinstance(tokens, int) and tokens >= 0):
             raise ValueError(f"the token estimator must return an int >= 0, got {tokens!r}")
-        prepared = PreparedRequest(
-            seq=-1,
-            line=line,
-            custom_id=custom_id,
+        return Inspected(
+            line,
+            [],
+            claim=custom_id,
+            generated=generated,
+            unit=unit,
+            ready=True,
             url=url,
             model=model,
             data=data,
             size=size,
             tokens=tokens,
-            generated_id=generated,
             inputs=count_inputs(url, body),
-        )
-        return Inspected(
-            line, [], claim=custom_id, generated=generated, unit=unit, request=prepared
         )
 
     def _generate(self, method: str, url: str, body: Mapping[str, Any]) -> str:
@@ -641,6 +660,9 @@ class _UnencodableError(ValueError):
 
 def _reject_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not a JSON value")
+
+
+_read_json = _json.loader(parse_constant=_reject_constant)
 
 
 def _encode(request: Mapping[str, Any]) -> bytes:
@@ -669,7 +691,7 @@ def _needs_encoding(raw: bytes) -> bool:
     """Whether a valid line holds a byte sequence that a reader could take for a line end
     (LF or CR between JSON tokens, NEL / U+2028 / U+2029 inside a string): then it is
     re-encoded onto one line."""
-    return b"\n" in raw or b"\r" in raw or any(char in raw for char, _ in _LINE_BREAKS)
+    return _BREAK.search(raw) is not None
 
 
 def _strip_line_end(raw: bytes) -> bytes:

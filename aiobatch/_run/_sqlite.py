@@ -95,7 +95,7 @@ CREATE TABLE IF NOT EXISTS requests (
 );
 CREATE INDEX IF NOT EXISTS requests_pending ON requests (url, model, seq)
     WHERE state = 'pending';
-CREATE INDEX IF NOT EXISTS requests_shard ON requests (shard, seq);
+CREATE INDEX IF NOT EXISTS requests_shard ON requests (shard, seq) WHERE shard IS NOT NULL;
 CREATE INDEX IF NOT EXISTS requests_retried ON requests (seq) WHERE attempts > 0;
 CREATE TABLE IF NOT EXISTS shards (
     key TEXT PRIMARY KEY,
