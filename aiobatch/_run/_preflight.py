@@ -163,17 +163,21 @@ def estimate_tokens(body: Mapping[str, Any]) -> int:
     message_count = 0
     if isinstance(messages, list):
         for message in messages:
-            if isinstance(message, Mapping):
+            if type(message) is dict or isinstance(message, Mapping):
                 message_count += 1
                 content = message.get("content")
                 if type(content) is str:  # the common case, counted at once
                     text_bytes += _utf8_size(content)
-                else:
+                elif content is not None:
                     pending.append(content)
     for name in ("input", "prompt", "instructions"):
-        pending.append(body.get(name))
+        value = body.get(name)
+        if value is not None:
+            pending.append(value)
     while pending:
         value = pending.pop()
+        if value is None:
+            continue
         if isinstance(value, str):
             text_bytes += _utf8_size(value)
         elif isinstance(value, bool):
