@@ -78,8 +78,6 @@ _LINE_BREAKS = (
 )
 
 
-#: Any of the line ends of :data:`_LINE_BREAKS`, LF or CR.
-_BREAK = re.compile(b"[\\n\\r]|" + b"|".join(re.escape(char) for char, _ in _LINE_BREAKS))
 #: A whitespace character (what ``str.isspace`` says is one).
 _SPACE = re.compile(r"\s")
 
@@ -695,7 +693,12 @@ def _needs_encoding(raw: bytes) -> bool:
     """Whether a valid line holds a byte sequence that a reader could take for a line end
     (LF or CR between JSON tokens, NEL / U+2028 / U+2029 inside a string): then it is
     re-encoded onto one line."""
-    return _BREAK.search(raw) is not None
+    return (
+        b"\n" in raw
+        or b"\r" in raw
+        or b"\xc2\x85" in raw
+        or (b"\xe2\x80" in raw and (b"\xe2\x80\xa8" in raw or b"\xe2\x80\xa9" in raw))
+    )
 
 
 def _strip_line_end(raw: bytes) -> bytes:

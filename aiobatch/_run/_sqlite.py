@@ -572,7 +572,7 @@ class JournalFile:
     def members(self, key: str) -> dict[str, Member]:
         """A shard's requests (queued or resolved), by ``custom_id``."""
         return {
-            str(cid): Member(int(seq), int(attempts), bool(queued))
+            cid: Member(seq, attempts, bool(queued))
             for cid, seq, attempts, queued in self._db.execute(
                 f"SELECT custom_id, seq, attempts, state = 'queued' AND {_NO_RESULT} "
                 "FROM requests WHERE shard = ?",
