@@ -548,7 +548,9 @@ def main() -> None:
             clean(folder)
             runners.append(spawn(name, "runner", args.max_lines))
             naives.append(spawn(name, "naive", args.max_lines))
-        floor = None if args.no_floor else spawn(name, "floor", args.max_lines)
+        floor = None
+        if args.repeat and not args.no_floor:
+            floor = spawn(name, "floor", args.max_lines)
         http: list[tuple[int, dict[str, Any]]] = []
         if not args.no_http:
             timings = ("--validation-seconds", "0.5", "--finalizing-seconds", "0.5")
@@ -572,6 +574,49 @@ def main() -> None:
             profile = spawn(name, "profile", args.max_lines)["profile"]
 
     print()
+    if runners:
+        in_memory(args, input_mb, runners, naives, floor)
+    for size, row in http:
+        print(
+            f"BatchRun alone at {size} requests (the fake in another process, HTTP, real "
+            f"clock): peak growth {row['growth']:.1f} MB over an RSS of {row['rss0']:.1f} MB; "
+            f"{row['seconds']:.2f}s wall ({row['succeeded']} of {row['requests']} succeeded; "
+            "the wall time includes the server's work)"
+        )
+    if len(http) > 1:
+        growths = [row["growth"] for _size, row in http]
+        print(
+            f"runner's own peak growth from {http[0][0]} to {http[-1][0]} requests: "
+            f"{max(growths) - min(growths):.1f} MB apart (goal: within 10 MB)"
+        )
+    if lag is not None:
+        info = lag["lag"]
+        print(
+            f"loop stalls during the run over HTTP ({lag['seconds']:.1f}s; a fleet polled "
+            f"{OTHER_BATCHES} other batches, {info['others_open']} still open at the end): "
+            f"longest {info['max'] * 1000:.0f} ms, p99 {info['p99'] * 1000:.1f} ms, "
+            f"{info['over_50ms']} over 50 ms (of {info['probes']} probes of "
+            f"{PROBE_SLEEP * 1000:.0f} ms); CPU time of the loop's thread between two "
+            f"wake-ups: longest {info['busy_max'] * 1000:.0f} ms, p99 "
+            f"{info['busy_p99'] * 1000:.1f} ms, {info['busy_over_50ms']} over 50 ms; the "
+            "longest stalls:"
+        )
+        for late, at, doing in info["top"]:
+            print(f"  {late * 1000:7.0f} ms at {at:6.2f}s: {doing}")
+    if profile is not None:
+        print()
+        print(profile)
+
+
+def in_memory(
+    args: argparse.Namespace,
+    input_mb: float,
+    runners: list[dict[str, Any]],
+    naives: list[dict[str, Any]],
+    floor: dict[str, Any] | None,
+) -> None:
+    """The table of the in-memory runs."""
+    n = args.requests
     print(
         f"{n} chat requests ({input_mb:.1f} MB of input), shards of {args.max_lines} lines, "
         "in-memory fake on a virtual clock, each measurement in a fresh process"
@@ -627,33 +672,6 @@ def main() -> None:
             else "DIFFERS from the naive peer's"
         )
     )
-    for size, row in http:
-        print(
-            f"BatchRun alone at {size} requests (the fake in another process, HTTP, real "
-            f"clock): peak growth {row['growth']:.1f} MB over an RSS of {row['rss0']:.1f} MB; "
-            f"{row['seconds']:.2f}s wall ({row['succeeded']} of {row['requests']} succeeded; "
-            "the wall time includes the server's work)"
-        )
-    if len(http) > 1:
-        growths = [row["growth"] for _size, row in http]
-        print(
-            f"runner's own peak growth from {http[0][0]} to {http[-1][0]} requests: "
-            f"{max(growths) - min(growths):.1f} MB apart (goal: within 10 MB)"
-        )
-    if lag is not None:
-        info = lag["lag"]
-        print(
-            f"loop stalls during the run over HTTP ({lag['seconds']:.1f}s; a fleet polled "
-            f"{OTHER_BATCHES} other batches, {info['others_open']} still open at the end): "
-            f"longest {info['max'] * 1000:.0f} ms, p99 {info['p99'] * 1000:.1f} ms, "
-            f"{info['over_50ms']} over 50 ms (of {info['probes']} probes of "
-            f"{PROBE_SLEEP * 1000:.0f} ms); CPU time of the loop's thread between two "
-            f"wake-ups: longest {info['busy_max'] * 1000:.0f} ms, p99 "
-            f"{info['busy_p99'] * 1000:.1f} ms, {info['busy_over_50ms']} over 50 ms; the "
-            "longest stalls:"
-        )
-        for late, at, doing in info["top"]:
-            print(f"  {late * 1000:7.0f} ms at {at:6.2f}s: {doing}")
     print(
         f"BatchRun: {runner['succeeded']} succeeded, {runner['failed']} failed of "
         f"{runner['requests']}; journal on disk {runner['journal_bytes'] / MB:.1f} MB; "
@@ -661,9 +679,6 @@ def main() -> None:
     )
     print(f"naive: {naives[0]['succeeded']} succeeded, {naives[0]['failed']} failed", end="")
     print(f"; floor: {floor['lines']} result lines streamed" if floor is not None else "")
-    if profile is not None:
-        print()
-        print(profile)
 
 
 if __name__ == "__main__":
