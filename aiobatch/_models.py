@@ -36,6 +36,7 @@ __all__ = [
     "ResultHTTPError",
     "ResultLine",
     "ResultSuccess",
+    "ResultSummary",
 ]
 
 
@@ -322,3 +323,26 @@ class ResultError:
 
 #: One line of a batch output or error file.
 ResultLine = ResultSuccess | ResultHTTPError | ResultError
+
+
+@attrs.frozen(slots=True)
+class ResultSummary:
+    """What a run reads of a result line: whose it is and how it ended (the line itself
+    is kept as it came). See :func:`aiobatch._convert.summarize_result_line`.
+
+    Attributes:
+        custom_id: the request's id.
+        kind: ``success``, ``http_error`` or ``error`` (as :data:`ResultLine`).
+        status_code: the HTTP status of a line with a response (None for an error line).
+        code: the code of an error line; of an HTTP error, its body's ``error.code``
+            (as text); None otherwise.
+        input_tokens, output_tokens: the tokens a success's ``usage`` gives (0 when it
+            gives none).
+    """
+
+    custom_id: str
+    kind: Literal["success", "http_error", "error"]
+    status_code: int | None = None
+    code: str | None = None
+    input_tokens: int = 0
+    output_tokens: int = 0

@@ -35,23 +35,44 @@ the end are shown). The journal's size on disk is the run's SQLite file (with it
    (HTTP over loopback, the real clock, batches of a second or two), so the peak RSS
    growth is the runner's own, without the fake's (``--no-http`` skips it).
 
+``--repeat R`` (default 2) measures ``BatchRun`` and the naive peer R times each,
+alternately (runner, naive, runner, naive...), each in a fresh process, and gives the
+ratio of each pair and their median and spread: the machine may be shared, so only a
+ratio to a baseline measured next to it means something. The output files of the
+runner and of the naive peer are compared byte for byte, and the runner's SHA-256 is
+shown (to compare with another version of aiobatch: the same input gives the same file).
+
+``--sizes 10000,1000000`` makes the run against the fake in another process (4.) at each
+of these request counts: the runner's own peak memory growth by size (the journal holds
+the requests; the runner should not).
+
+``--lag`` measures how long the run holds the event loop: the run against the fake in
+another process, while a :class:`~aiobatch.Fleet` on the same client polls 50 other
+batches (open for the whole run) and a probe task sleeps 5 ms over and over; each
+oversleep is a stall of the loop. The longest stalls are shown with what the run was
+doing (its progress at the time).
+
 ``--profile`` runs ``BatchRun`` once more under ``cProfile`` and prints where the time
 goes (cumulative time of the run's phases and the fake, then the top functions by own
 time); its timings are inflated by the profiler.
 
 Run: ``python benchmarks/bench_run_100k.py [--requests 100000] [--max-lines 50000]
-[--profile]``
+[--repeat 2] [--sizes N,N...] [--lag] [--no-http] [--profile]``
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import cProfile
+import hashlib
 import io
 import json
 import os
 import pstats
+import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -61,8 +82,22 @@ from typing import Any
 
 import _common
 
-from aiobatch import BatchClient, BatchRun, FleetConfig, RetryPolicy, RunConfig
-from aiobatch.testing import FakeBatchService, FakeConfig, VirtualClock, chat_requests
+from aiobatch import (
+    BatchClient,
+    BatchRun,
+    Fleet,
+    FleetConfig,
+    RetryPolicy,
+    RunConfig,
+    RunProgress,
+)
+from aiobatch.testing import (
+    FakeBatchService,
+    FakeConfig,
+    VirtualClock,
+    chat_requests,
+    run_fake_server,
+)
 from aiobatch.transport import AiohttpTransport, InMemoryTransport, Request, Response
 
 MB = 1_000_000
@@ -229,8 +264,49 @@ async def run_direct(folder: Path, max_lines: int, *, keep: bool) -> dict[str, A
     return row
 
 
-async def run_over_http(folder: Path, max_lines: int, base: str) -> dict[str, Any]:
-    """``BatchRun`` against the fake in another process: only the runner is measured."""
+#: Other batches a fleet polls during the ``--lag`` run.
+OTHER_BATCHES = 50
+#: The probe's sleep: each oversleep past it is a stall of the loop.
+PROBE_SLEEP = 0.005
+
+
+class LagProbe:
+    """Sleeps :data:`PROBE_SLEEP` over and over; notes each oversleep (a stall of the
+    loop) with what the run was doing (its last progress) at the time.
+
+    On a shared machine a stall also counts the time the process waited for a core, so
+    the CPU time the loop's thread spent between two wake-ups is noted too: the work
+    done in that time (the loop was held by it, or ran other callbacks).
+    """
+
+    def __init__(self) -> None:
+        self.stalls: list[tuple[float, float, str]] = []  # (seconds, at, doing)
+        self.busy: list[float] = []  # CPU seconds of the loop's thread per sleep
+        self.doing = "ingest (preflight into the journal)"
+        self.t0 = time.perf_counter()
+
+    def on_progress(self, progress: RunProgress) -> None:
+        batches = ", ".join(f"{n} {name}" for name, n in sorted(progress.batches.items()))
+        self.doing = f"{progress.state}; {progress.done}/{progress.total} done; {batches}"
+
+    async def run(self) -> None:
+        while True:
+            start = time.perf_counter()
+            cpu = time.thread_time()
+            doing = self.doing
+            await asyncio.sleep(PROBE_SLEEP)
+            late = time.perf_counter() - start - PROBE_SLEEP
+            self.stalls.append((late, start - self.t0, doing))
+            self.busy.append(time.thread_time() - cpu)
+
+
+async def run_over_http(
+    folder: Path, max_lines: int, base: str, *, lag: bool = False
+) -> dict[str, Any]:
+    """``BatchRun`` against the fake in another process: only the runner is measured.
+
+    ``lag``: a fleet polls other batches meanwhile and a probe measures the stalls.
+    """
     source, journal, output = (folder / name for name in FILES)
     transport = AiohttpTransport()
     fleet = FleetConfig(
@@ -241,22 +317,51 @@ async def run_over_http(folder: Path, max_lines: int, base: str) -> dict[str, An
         finalizing_interval=0.2,
         seed=0,
     )
+    probe = LagProbe() if lag else None
+    tasks: list[asyncio.Task[None]] = []
     async with BatchClient(
         api_key=_common.KEY,
         base_url=base,
         transport=transport,
         retry=RetryPolicy(max_attempts=5),
     ) as client:
+        others: Fleet | None = None
+        if probe is not None:
+            batches = await _common.create_batches(client, OTHER_BATCHES, prefix="other")
+            others = Fleet(client, config=fleet)
+            others.add_many(batches)
+
+            async def drain(fleet: Fleet) -> None:
+                async for _ in fleet.events():
+                    pass
+
+            tasks = [asyncio.ensure_future(drain(others)), asyncio.ensure_future(probe.run())]
         config = RunConfig(max_lines=max_lines, fleet=fleet)
-        run = BatchRun(client, source, journal=journal, output=output, config=config)
+        run = BatchRun(
+            client,
+            source,
+            journal=journal,
+            output=output,
+            config=config,
+            on_progress=probe.on_progress if probe is not None else None,
+        )
         resettable = _common.reset_peak()
         rss0 = _common.rss()
         t0 = time.perf_counter()
+        if probe is not None:
+            probe.t0 = t0
         report = await run.run()
         seconds = time.perf_counter() - t0
         growth = _common.peak() - rss0
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if others is not None:
+            polls = len(others.open_ids)
+            await others.aclose()
     await transport.aclose()
-    return {
+    row: dict[str, Any] = {
         "seconds": seconds,
         "growth": growth,
         "rss0": rss0,
@@ -265,6 +370,21 @@ async def run_over_http(folder: Path, max_lines: int, base: str) -> dict[str, An
         "succeeded": report.succeeded,
         "requests": report.requests,
     }
+    if probe is not None:
+        stalls = sorted(probe.stalls, reverse=True)
+        lags = [late for late, _at, _doing in probe.stalls]
+        row["lag"] = {
+            "probes": len(lags),
+            "max": max(lags, default=0.0),
+            "p99": _common.percentile(lags, 99),
+            "over_50ms": sum(late > 0.05 for late in lags),
+            "busy_max": max(probe.busy, default=0.0),
+            "busy_p99": _common.percentile(probe.busy, 99),
+            "busy_over_50ms": sum(cpu > 0.05 for cpu in probe.busy),
+            "top": stalls[:8],
+            "others_open": polls,
+        }
+    return row
 
 
 PHASES = (
@@ -299,12 +419,45 @@ def profile_summary(stats: pstats.Stats) -> str:
     return "\n".join(out)
 
 
+async def serve(port: int) -> None:
+    """A fake server whose one-line batches stay in progress for an hour (the other
+    batches of ``--lag``) while the run's batches take a second or two."""
+
+    def seconds(_batch_id: str, lines: int) -> float:
+        return 3600.0 if lines == 1 else max(0.5, lines / 100_000)
+
+    config = FakeConfig(
+        validation_seconds=0.5,
+        finalizing_seconds=0.5,
+        processing_seconds=seconds,
+        request_log_size=1000,
+    )
+    service = FakeBatchService(config=config, seed=0)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    async with run_fake_server(service, port=port):
+        await stop.wait()
+
+
+@contextlib.contextmanager
+def lag_server() -> Any:
+    port = _common.free_port()
+    cmd = [sys.executable, __file__, "serve", "--port", str(port)]
+    with _common._process(cmd, port):
+        yield f"http://127.0.0.1:{port}/v1"
+
+
 def child(args: argparse.Namespace) -> None:
     folder = Path(args.dir)
-    if args.kind == "http":
-        row = asyncio.run(run_over_http(folder, args.max_lines, args.base))
+    if args.kind in ("http", "lag"):
+        row = asyncio.run(run_over_http(folder, args.max_lines, args.base, lag=args.kind == "lag"))
     elif args.kind in ("naive", "floor"):
         row = asyncio.run(run_direct(folder, args.max_lines, keep=args.kind == "naive"))
+        if args.kind == "naive":
+            naive = folder / "naive-output.jsonl"
+            row["output_sha256"] = hashlib.sha256(naive.read_bytes()).hexdigest()
     elif args.kind == "runner":
         row = asyncio.run(run_runner(folder, args.max_lines))
         journal = folder / FILES[1]
@@ -314,6 +467,7 @@ def child(args: argparse.Namespace) -> None:
             if os.path.exists(f"{journal}{suffix}")
         )
         row["output_bytes"] = (folder / FILES[2]).stat().st_size
+        row["output_sha256"] = hashlib.sha256((folder / FILES[2]).read_bytes()).hexdigest()
     else:  # profile
         profiler = cProfile.Profile()
         profiler.enable()
@@ -344,61 +498,142 @@ def clean(folder: Path) -> None:
                 path.unlink()
 
 
+def spread(values: list[float]) -> str:
+    """``median (min-max)`` of ratios."""
+    if not values:
+        return "n/a"
+    return f"{statistics.median(values):.2f}x ({min(values):.2f}x-{max(values):.2f}x)"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command")
     child_cmd = sub.add_parser("child", help="(internal) one measurement")
-    child_cmd.add_argument("kind", choices=("runner", "naive", "floor", "http", "profile"))
+    child_cmd.add_argument("kind", choices=("runner", "naive", "floor", "http", "lag", "profile"))
     child_cmd.add_argument("--base", help="the fake server's URL (http)")
     child_cmd.add_argument("--dir", required=True)
     child_cmd.add_argument("--max-lines", type=int, required=True)
+    serve_cmd = sub.add_parser("serve", help="(internal) the fake server of --lag")
+    serve_cmd.add_argument("--port", type=int, required=True)
     parser.add_argument("--requests", type=int, default=100_000)
     parser.add_argument("--max-lines", type=int, default=50_000, help="requests per batch")
+    parser.add_argument("--repeat", type=int, default=2, help="runner/naive pairs to measure")
     parser.add_argument("--profile", action="store_true", help="also a BatchRun under cProfile")
     parser.add_argument(
         "--no-http", action="store_true", help="skip the run against a fake in another process"
     )
+    parser.add_argument(
+        "--sizes", default=None, help="request counts of the runs over HTTP (default: --requests)"
+    )
+    parser.add_argument("--lag", action="store_true", help="also measure stalls of the loop")
+    parser.add_argument("--no-floor", action="store_true", help="skip the floor")
     parser.add_argument("--work-dir", default=None, help="where the files go (default: a temp dir)")
     args = parser.parse_args()
     if args.command == "child":
         child(args)
         return
+    if args.command == "serve":
+        asyncio.run(serve(args.port))
+        return
 
+    n = args.requests
+    sizes = [int(x) for x in args.sizes.split(",")] if args.sizes else [n]
     with tempfile.TemporaryDirectory(prefix="bench-100k-", dir=args.work_dir) as name:
         folder = Path(name)
-        (folder / FILES[0]).write_bytes(chat_requests(args.requests, prefix="r"))
+        (folder / FILES[0]).write_bytes(chat_requests(n, prefix="r"))
         input_mb = (folder / FILES[0]).stat().st_size / MB
-        runner = spawn(name, "runner", args.max_lines)
-        naive = spawn(name, "naive", args.max_lines)
-        floor = spawn(name, "floor", args.max_lines)
-        http = None
-        if not args.no_http:
+        runners: list[dict[str, Any]] = []
+        naives: list[dict[str, Any]] = []
+        for _ in range(args.repeat):
             clean(folder)
+            runners.append(spawn(name, "runner", args.max_lines))
+            naives.append(spawn(name, "naive", args.max_lines))
+        floor = None
+        if args.repeat and not args.no_floor:
+            floor = spawn(name, "floor", args.max_lines)
+        http: list[tuple[int, dict[str, Any]]] = []
+        if not args.no_http:
             timings = ("--validation-seconds", "0.5", "--finalizing-seconds", "0.5")
-            with _common.fake_server(*timings, "--lines-per-second", "100000") as base:
-                http = spawn(name, "http", args.max_lines, "--base", base)
+            for size in sizes:
+                sized = folder / f"http-{size}"
+                sized.mkdir()
+                (sized / FILES[0]).write_bytes(chat_requests(size, prefix="r"))
+                with _common.fake_server(*timings, "--lines-per-second", "100000") as base:
+                    http.append((size, spawn(str(sized), "http", args.max_lines, "--base", base)))
+                for path in sized.iterdir():
+                    path.unlink()
+                sized.rmdir()
+        lag = None
+        if args.lag:
+            clean(folder)
+            with lag_server() as base:
+                lag = spawn(name, "lag", args.max_lines, "--base", base)
         profile = None
         if args.profile:
             clean(folder)
             profile = spawn(name, "profile", args.max_lines)["profile"]
 
-    n = args.requests
     print()
+    if runners:
+        in_memory(args, input_mb, runners, naives, floor)
+    for size, row in http:
+        print(
+            f"BatchRun alone at {size} requests (the fake in another process, HTTP, real "
+            f"clock): peak growth {row['growth']:.1f} MB over an RSS of {row['rss0']:.1f} MB; "
+            f"{row['seconds']:.2f}s wall ({row['succeeded']} of {row['requests']} succeeded; "
+            "the wall time includes the server's work)"
+        )
+    if len(http) > 1:
+        growths = [row["growth"] for _size, row in http]
+        print(
+            f"runner's own peak growth from {http[0][0]} to {http[-1][0]} requests: "
+            f"{max(growths) - min(growths):.1f} MB apart (goal: within 10 MB)"
+        )
+    if lag is not None:
+        info = lag["lag"]
+        print(
+            f"loop stalls during the run over HTTP ({lag['seconds']:.1f}s; a fleet polled "
+            f"{OTHER_BATCHES} other batches, {info['others_open']} still open at the end): "
+            f"longest {info['max'] * 1000:.0f} ms, p99 {info['p99'] * 1000:.1f} ms, "
+            f"{info['over_50ms']} over 50 ms (of {info['probes']} probes of "
+            f"{PROBE_SLEEP * 1000:.0f} ms); CPU time of the loop's thread between two "
+            f"wake-ups: longest {info['busy_max'] * 1000:.0f} ms, p99 "
+            f"{info['busy_p99'] * 1000:.1f} ms, {info['busy_over_50ms']} over 50 ms; the "
+            "longest stalls:"
+        )
+        for late, at, doing in info["top"]:
+            print(f"  {late * 1000:7.0f} ms at {at:6.2f}s: {doing}")
+    if profile is not None:
+        print()
+        print(profile)
+
+
+def in_memory(
+    args: argparse.Namespace,
+    input_mb: float,
+    runners: list[dict[str, Any]],
+    naives: list[dict[str, Any]],
+    floor: dict[str, Any] | None,
+) -> None:
+    """The table of the in-memory runs."""
+    n = args.requests
     print(
         f"{n} chat requests ({input_mb:.1f} MB of input), shards of {args.max_lines} lines, "
         "in-memory fake on a virtual clock, each measurement in a fresh process"
     )
+    runner = runners[0]
     if not runner["resettable"]:
         print("(clear_refs refused: peaks are since the process started)")
     print(
         f"{'':30s} {'wall s':>7s} {'req/s':>8s} {'peak growth MB':>15s} {'batches':>8s} "
         f"{'HTTP':>5s} {'sim. s':>7s} {'in fake s':>10s} {'outside s':>10s}"
     )
-    rows = (
-        ("BatchRun", runner),
-        ("naive peer (baseline)", naive),
-        ("floor: fake + streamed reads", floor),
-    )
+    rows: list[tuple[str, dict[str, Any]]] = []
+    for number, (one, other) in enumerate(zip(runners, naives, strict=True), start=1):
+        rows.append((f"BatchRun #{number}", one))
+        rows.append((f"naive peer (baseline) #{number}", other))
+    if floor is not None:
+        rows.append(("floor: fake + streamed reads", floor))
     for label, row in rows:
         print(
             f"{label:30s} {row['seconds']:7.2f} {n / row['seconds']:8.0f} "
@@ -410,39 +645,40 @@ def main() -> None:
     def outside(row: dict[str, Any]) -> float:
         return max(float(row["seconds"] - row["fake_seconds"]), 1e-9)
 
+    pairs = list(zip(runners, naives, strict=True))
+    walls = [one["seconds"] / other["seconds"] for one, other in pairs]
+    outs = [outside(one) / outside(other) for one, other in pairs]
     print(
-        f"ratio BatchRun / naive: wall {runner['seconds'] / naive['seconds']:.2f}x, "
-        f"outside the fake {outside(runner) / outside(naive):.2f}x, "
-        f"peak growth {runner['growth'] / max(naive['growth'], 1e-9):.2f}x"
+        f"ratio BatchRun / naive, median (min-max) of {len(pairs)} pairs: wall {spread(walls)}, "
+        f"outside the fake {spread(outs)}; goal: wall within 1.2x"
     )
-    print(
-        f"above the floor: BatchRun +{runner['seconds'] - floor['seconds']:.2f}s "
-        f"+{runner['growth'] - floor['growth']:.1f} MB, naive "
-        f"+{naive['seconds'] - floor['seconds']:.2f}s +{naive['growth'] - floor['growth']:.1f} MB"
-    )
+    if floor is not None:
+        print(
+            f"above the floor: BatchRun +{runner['seconds'] - floor['seconds']:.2f}s "
+            f"+{runner['growth'] - floor['growth']:.1f} MB, naive "
+            f"+{naives[0]['seconds'] - floor['seconds']:.2f}s "
+            f"+{naives[0]['growth'] - floor['growth']:.1f} MB"
+        )
     print(
         f"the fake holds {runner['fake_bytes'] / MB:.1f} MB of files at the end; RSS at the "
         f"start {runner['rss0']:.1f} MB"
     )
-    if http is not None:
-        print(
-            f"BatchRun alone (the fake in another process, HTTP, real clock): peak growth "
-            f"{http['growth']:.1f} MB over an RSS of {http['rss0']:.1f} MB; "
-            f"{http['seconds']:.2f}s wall ({http['succeeded']} of {http['requests']} "
-            f"succeeded; the wall time includes the server's work)"
+    same = {row["output_sha256"] for row in (*runners, *naives)}
+    print(
+        f"output file: sha256 {runner['output_sha256'][:16]}..., "
+        + (
+            "byte-identical to the naive peer's (every run)"
+            if len(same) == 1
+            else "DIFFERS from the naive peer's"
         )
+    )
     print(
         f"BatchRun: {runner['succeeded']} succeeded, {runner['failed']} failed of "
         f"{runner['requests']}; journal on disk {runner['journal_bytes'] / MB:.1f} MB; "
         f"output file {runner['output_bytes'] / MB:.1f} MB"
     )
-    print(
-        f"naive: {naive['succeeded']} succeeded, {naive['failed']} failed; floor: "
-        f"{floor['lines']} result lines streamed"
-    )
-    if profile is not None:
-        print()
-        print(profile)
+    print(f"naive: {naives[0]['succeeded']} succeeded, {naives[0]['failed']} failed", end="")
+    print(f"; floor: {floor['lines']} result lines streamed" if floor is not None else "")
 
 
 if __name__ == "__main__":

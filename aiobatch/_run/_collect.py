@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from .._convert import decode_result_line, result_line_bytes
+from .._convert import result_line_bytes, summarize_result_line
 from .._fleet import BatchDone, DoneReason
 from .._lifecycle import BatchStatus
 from .._models import Batch
@@ -232,7 +232,7 @@ async def _read_file(
             if number <= skip or not raw.strip():
                 continue
             try:
-                result = decode_result_line(raw, what=f"line {number} of file {file_id}")
+                result = summarize_result_line(raw, what=f"line {number} of file {file_id}")
             except DecodeError as exc:
                 # The request ran (and was paid): end it with the decode error rather
                 # than run it again, when the line says which request it is.
@@ -258,7 +258,7 @@ async def _read_file(
             seq, attempts = member.seq, member.attempts
             members[result.custom_id] = Member(seq, attempts, False)
             kind, code, retryable = classify(result)
-            data = result_line_bytes(raw, result)
+            data = result_line_bytes(raw)
             held += len(data)
             free = cancelled_by_run and code in CANCELLED_CODES
             match fate(

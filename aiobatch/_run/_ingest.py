@@ -3,6 +3,11 @@
 Every line is checked before anything is sent; the accepted requests and the run's facts
 are committed together, or not at all (a source with bad lines leaves no journal behind,
 unless ``skip_invalid``).
+
+Lines are checked in batches (at most :data:`_BATCH_LINES` lines or
+:data:`_BATCH_BYTES` bytes): each batch's ids are looked up in the journal (which finds
+the duplicates, so no id of an accepted request is held in memory), its requests added,
+and the loop runs other tasks before the next batch.
 """
 
 from __future__ import annotations
@@ -18,22 +23,34 @@ from .._clock import Clock
 from ..errors import JournalError, PreflightError
 from ._config import RequestSource, RunConfig
 from ._context import logger
-from ._journal import Journal
-from ._preflight import LineProblem, Preflight
-from ._records import PreparedRequest, RunMeta
+from ._journal import Ingest, Journal
+from ._preflight import Inspected, LineProblem, Preflight
+from ._records import RunMeta
 
 __all__ = ["check_source", "ingest"]
 
-#: Requests written to the journal per statement batch while ingesting.
-_INGEST_CHUNK = 5000
+#: Lines checked per batch, at most ...
+_BATCH_LINES = 2000
+#: ... and no more once they make this many bytes.
+_BATCH_BYTES = 4 * 1024 * 1024
+#: Bytes of a file read (and hashed) at a time.
+_BLOCK = 1 << 20
 
 
 def _file_lines(path: str, digest: Any) -> Iterator[bytes]:
-    """A file's lines without their newlines, feeding every byte to ``digest``."""
+    """A file's lines without their newlines, feeding every byte to ``digest``; read
+    in blocks."""
     with open(path, "rb") as fh:
-        for raw in fh:
-            digest.update(raw)
-            yield raw.rstrip(b"\n")
+        carry = b""
+        while block := fh.read(_BLOCK):
+            digest.update(block)
+            lines = block.split(b"\n")
+            if carry:
+                lines[0] = carry + lines[0]
+            carry = lines.pop()
+            yield from lines
+        if carry:
+            yield carry
 
 
 def _empty_input(name: str) -> PreflightError:
@@ -51,13 +68,45 @@ def _empty_input(name: str) -> PreflightError:
     )
 
 
-def fingerprint(path: str) -> str:
-    """``sha256:...`` of a file."""
+async def fingerprint(path: str) -> str:
+    """``sha256:...`` of a file, read in blocks; the loop runs other tasks between two
+    blocks."""
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
+    with open(path, "rb") as fh:  # noqa: ASYNC230 - read a block at a time, see below
+        while chunk := fh.read(_BLOCK):
             digest.update(chunk)
+            await asyncio.sleep(0)
     return f"sha256:{digest.hexdigest()}"
+
+
+class _Batches:
+    """Inspected lines on their way into the journal, a batch at a time."""
+
+    def __init__(self, preflight: Preflight, sink: Ingest) -> None:
+        self._preflight = preflight
+        self._sink = sink
+        self._items: list[Inspected] = []
+        self._bytes = 0
+
+    async def add(self, item: Inspected | None) -> None:
+        if item is None:
+            return
+        self._items.append(item)
+        self._bytes += item.size
+        if len(self._items) >= _BATCH_LINES or self._bytes >= _BATCH_BYTES:
+            await self.flush()
+            await asyncio.sleep(0)
+
+    async def flush(self) -> None:
+        items = self._items
+        if items:
+            preflight = self._preflight
+            earlier = await self._sink.taken(preflight.claims(items))
+            accepted = [r for r in preflight.resolve(items, earlier) if r is not None]
+            if accepted:
+                await self._sink.add(accepted)
+        self._items = []
+        self._bytes = 0
 
 
 async def ingest(
@@ -83,23 +132,14 @@ async def ingest(
         skip_invalid=config.skip_invalid,
         token_estimator=config.token_estimator,
         custom_id_pattern=custom_id_pattern,
+        remember_ids=False,  # the journal finds duplicates
     )
-    rows: list[PreparedRequest] = []
     async with journal.ingest() as sink:
-
-        async def keep(request: PreparedRequest | None) -> None:
-            if request is not None:
-                rows.append(request)
-                if len(rows) >= _INGEST_CHUNK:
-                    await sink.add(rows)
-                    rows.clear()
-
+        batches = _Batches(preflight, sink)
         if is_path:
             digest = hashlib.sha256()
             for number, raw in enumerate(_file_lines(name, digest), start=1):
-                await keep(preflight.check_line(raw, number))
-                if number % 20000 == 0:
-                    await asyncio.sleep(0)
+                await batches.add(preflight.inspect_line(raw, number))
             print_ = f"sha256:{digest.hexdigest()}"
         else:
             print_ = ""
@@ -107,13 +147,13 @@ async def ingest(
             if isinstance(source, AsyncIterable):
                 async for item in source:
                     index += 1
-                    await keep(preflight.check_item(item, index))
+                    await batches.add(preflight.inspect_item(item, index))
             else:
                 for item in source:  # type: ignore[union-attr]
                     index += 1
-                    await keep(preflight.check_item(item, index))
+                    await batches.add(preflight.inspect_item(item, index))
+        await batches.flush()
         preflight.finish()
-        await sink.add(rows)
         if preflight.accepted == 0 and preflight.problem_count:
             shown = "\n".join(f"  {p}" for p in preflight.problems[:10])
             raise PreflightError(
@@ -149,7 +189,7 @@ async def ingest(
         )
 
 
-def check_source(journal: Journal, meta: RunMeta, source: RequestSource | None) -> None:
+async def check_source(journal: Journal, meta: RunMeta, source: RequestSource | None) -> None:
     """A file source given to a resumed run must be the file the run started with.
 
     Raises:
@@ -157,7 +197,7 @@ def check_source(journal: Journal, meta: RunMeta, source: RequestSource | None) 
     """
     if not isinstance(source, str | os.PathLike):
         return
-    if meta.fingerprint and fingerprint(os.fspath(source)) != meta.fingerprint:
+    if meta.fingerprint and await fingerprint(os.fspath(source)) != meta.fingerprint:
         raise JournalError(
             f"the journal {journal.location} belongs to a run of another input "
             f"({meta.source}); {os.fspath(source)} has changed since. "

@@ -13,10 +13,14 @@ at any point continues where it stopped when started again:
   recorded twice and every request ends with exactly one.
 
 Every method is a coroutine, so that a networked backend never blocks the event loop;
-the SQLite backend (:class:`~aiobatch._run._sqlite.SQLiteJournal`) runs its short
-statements in the loop's thread. A backend refuses a shard move the shard lifecycle
-(:mod:`aiobatch._run._states`) does not allow. ``tests/run/test_journal_contract.py`` is
-the contract every backend passes.
+the SQLite backend (:class:`~aiobatch._run._sqlite_journal.SQLiteJournal`) runs its
+statements in the loop's thread and cuts work on many rows into slices, between which
+the loop runs other tasks. Lines read in chunks (:meth:`Journal.shard_lines`,
+:meth:`Journal.result_lines`) come at most :data:`CHUNK_BYTES` at a time (or one line,
+when a line is longer), so reading them holds bounded memory however many there are. A
+request is done once it has its final result. A backend refuses a shard move the shard
+lifecycle (:mod:`aiobatch._run._states`) does not allow.
+``tests/test_journal_contract.py`` is the contract every backend passes.
 """
 
 from __future__ import annotations
@@ -40,7 +44,11 @@ from ._records import (
 )
 from ._states import ShardState
 
-__all__ = ["Ingest", "Journal"]
+__all__ = ["CHUNK_BYTES", "Ingest", "Journal"]
+
+#: The most bytes of lines one chunk of :meth:`Journal.shard_lines` or
+#: :meth:`Journal.result_lines` holds (one line may be longer).
+CHUNK_BYTES = 4 * 1024 * 1024
 
 
 class Ingest(Protocol):
@@ -48,6 +56,10 @@ class Ingest(Protocol):
 
     async def add(self, requests: Sequence[PreparedRequest]) -> None:
         """Add accepted requests (in input order)."""
+
+    async def taken(self, custom_ids: Sequence[str]) -> dict[str, int]:
+        """Which of ``custom_ids`` the requests added so far use, each with the input
+        line of its request (how preflight finds duplicates without holding every id)."""
 
     async def start(self, meta: RunMeta) -> None:
         """Record the run's facts; the ingest commits when its block ends."""
@@ -128,7 +140,8 @@ class Journal(Protocol):
         """The pending requests of one group, in input order, without their bytes."""
 
     def shard_lines(self, key: str) -> AsyncIterator[Sequence[bytes]]:
-        """A shard's request lines (without newlines), in input order, in chunks."""
+        """A shard's request lines (without newlines), in input order, in chunks of at
+        most :data:`CHUNK_BYTES`."""
 
     async def members(self, key: str) -> dict[str, Member]:
         """A shard's requests by ``custom_id``."""
@@ -194,7 +207,8 @@ class Journal(Protocol):
         completion order)."""
 
     def result_lines(self, *, order: str) -> AsyncIterator[Iterable[bytes]]:
-        """Every final result line, in chunks, in ``order``."""
+        """Every final result line, in ``order``, in chunks of at most
+        :data:`CHUNK_BYTES`."""
 
     async def counts(self) -> JournalCounts:
         """The run's figures."""

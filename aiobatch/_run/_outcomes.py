@@ -15,7 +15,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from .._models import Batch, ResultError, ResultHTTPError, ResultLine, ResultSuccess
+from .._models import Batch, ResultSummary
 from ._records import Member
 
 __all__ = [
@@ -76,7 +76,6 @@ RETRYABLE_LINE_STATUSES = frozenset({408, 429})
 #: The codes of a cancelled line (OpenAI writes ``batch_cancelled``; some servers
 #: ``batch_canceled``).
 CANCELLED_CODES = frozenset({"batch_cancelled", "batch_canceled"})
-_SUCCESS_TOKENS = (("prompt_tokens", "completion_tokens"), ("input_tokens", "output_tokens"))
 
 
 class Fate(enum.Enum):
@@ -118,38 +117,21 @@ def own_error(custom_id: str, code: str, message: str) -> bytes:
     )
 
 
-def line_tokens(result: ResultLine) -> tuple[int, int]:
-    if not isinstance(result, ResultSuccess):
-        return 0, 0
-    body = result.response.body
-    usage = body.get("usage") if isinstance(body, dict) else None
-    if not isinstance(usage, dict):
-        return 0, 0
-    for prompt, completion in _SUCCESS_TOKENS:
-        if prompt in usage:
-            p, c = usage.get(prompt), usage.get(completion, 0)
-            return (
-                p if isinstance(p, int) and not isinstance(p, bool) else 0,
-                c if isinstance(c, int) and not isinstance(c, bool) else 0,
-            )
-    return 0, 0
+def line_tokens(result: ResultSummary) -> tuple[int, int]:
+    """(input, output) tokens of a result line (a success's ``usage``)."""
+    return result.input_tokens, result.output_tokens
 
 
-def classify(result: ResultLine) -> tuple[str, str | None, bool]:
+def classify(result: ResultSummary) -> tuple[str, str | None, bool]:
     """(kind, code, retryable) of a result line."""
-    if isinstance(result, ResultSuccess):
+    if result.kind == "success":
         return "success", None, False
-    if isinstance(result, ResultHTTPError):
+    if result.kind == "http_error":
         status = result.status_code
-        body = result.response.body
-        code: str | None = None
-        if isinstance(body, dict) and isinstance(body.get("error"), dict):
-            raw = body["error"].get("code")
-            code = str(raw) if raw is not None else None
+        assert status is not None
         retryable = status in RETRYABLE_LINE_STATUSES or status >= 500
-        return "http_error", code or f"http_{status}", retryable
-    assert isinstance(result, ResultError)
-    code = result.error.code
+        return "http_error", result.code or f"http_{status}", retryable
+    code = result.code
     return "error", code, code in RETRYABLE_LINE_CODES
 
 

@@ -31,6 +31,7 @@ from typing import Any
 import attrs
 
 from ..errors import JournalError, LeaseLostError, TooManyBatchesError
+from ._journal import CHUNK_BYTES
 from ._pg_url import PgLocation, parse_postgres_url
 from ._records import (
     SHARD_FIELDS,
@@ -205,6 +206,17 @@ def connect_failure(shown: str, exc: BaseException) -> JournalError:
     )
 
 
+def _bounded(query: str, most_bytes: str) -> str:
+    """``query`` (rows ``k, data`` in ``k`` order) cut to the rows whose bytes add up to at
+    most the parameter ``most_bytes`` (``$4``), and at least its first row: a chunk of
+    lines holds bounded memory however long the lines are."""
+    return (
+        "SELECT k, data FROM (SELECT k, data, sum(length(data)) OVER (ORDER BY k) AS total, "
+        f"row_number() OVER (ORDER BY k) AS i FROM ({query}) AS page) AS sized "
+        f"WHERE total <= {most_bytes} OR i = 1 ORDER BY k"
+    )
+
+
 class _PgIngest:
     def __init__(self, journal: PostgresJournal, conn: Any, rid: int) -> None:
         self._journal = journal
@@ -223,6 +235,15 @@ class _PgIngest:
             ],
             columns=["rid", "seq", "custom_id", "line", "url", "model", "tokens", "inputs", "data"],
         )
+
+    async def taken(self, custom_ids: Sequence[str]) -> dict[str, int]:
+        rows = await self._conn.fetch(
+            "SELECT custom_id, line FROM aiobatch_requests "
+            "WHERE rid = $1 AND custom_id = ANY($2::text[])",
+            self._rid,
+            list(custom_ids),
+        )
+        return {str(row[0]): int(row[1]) for row in rows}
 
     async def start(self, meta: RunMeta) -> None:
         await self._conn.execute(
@@ -585,12 +606,17 @@ class PostgresJournal:
         while True:
             async with self._conn() as conn:
                 rows = await conn.fetch(
-                    "SELECT seq, data FROM aiobatch_requests WHERE rid = $1 AND shard = $2 "
-                    "AND state != 'pending' AND seq > $3 ORDER BY seq LIMIT $4",
+                    _bounded(
+                        "SELECT seq AS k, data FROM aiobatch_requests WHERE rid = $1 "
+                        "AND shard = $2 AND state != 'pending' AND seq > $3 ORDER BY seq "
+                        "LIMIT $4",
+                        "$5",
+                    ),
                     rid,
                     key,
                     after,
                     chunk,
+                    CHUNK_BYTES,
                 )
             if not rows:
                 return
@@ -863,11 +889,15 @@ class PostgresJournal:
         while True:
             async with self._conn() as conn:
                 rows = await conn.fetch(
-                    f"SELECT {column}, data FROM aiobatch_results WHERE rid = $1 "
-                    f"AND {column} > $2 ORDER BY {column} LIMIT $3",
+                    _bounded(
+                        f"SELECT {column} AS k, data FROM aiobatch_results WHERE rid = $1 "
+                        f"AND {column} > $2 ORDER BY {column} LIMIT $3",
+                        "$4",
+                    ),
                     rid,
                     after,
                     chunk,
+                    CHUNK_BYTES,
                 )
             if not rows:
                 return

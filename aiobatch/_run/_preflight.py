@@ -2,9 +2,12 @@
 
 A server checks a batch's input file only after the upload, while the batch is
 ``validating``, and then fails the whole batch for one bad line. :class:`Preflight`
-runs the same checks locally, line by line and in constant memory per line (only the
-``custom_id`` of every line is remembered, to find duplicates), and keeps going to the
-end of the source so that the caller sees every problem at once. Each accepted line
+runs the same checks locally, line by line and in constant memory per line, and keeps
+going to the end of the source so that the caller sees every problem at once. To find
+duplicates it remembers the ``custom_id`` of every line; a run instead asks its journal,
+which holds the accepted requests, in batches (:meth:`Preflight.inspect_line`,
+:meth:`Preflight.resolve`), so that it remembers only the ids of rejected lines and the
+ids it generated. Each accepted line
 comes out as a :class:`PreparedRequest`: the exact bytes to upload, the fields the
 sharder groups by (``url``, ``body.model``) and an estimate of its prompt tokens.
 
@@ -34,17 +37,19 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NoReturn
 
 import attrs
 
+from .. import _json
 from ..errors import PreflightError
 from ._records import PreparedRequest
 
 __all__ = [
     "DEFAULT_MAX_LINE_BYTES",
     "ITERABLE_SOURCE",
+    "Inspected",
     "LineProblem",
     "PreparedRequest",
     "Preflight",
@@ -71,6 +76,10 @@ _LINE_BREAKS = (
     (b"\xe2\x80\xa8", b"\\u2028"),
     (b"\xe2\x80\xa9", b"\\u2029"),
 )
+
+
+#: A whitespace character (what ``str.isspace`` says is one).
+_SPACE = re.compile(r"\s")
 
 
 @attrs.frozen(slots=True)
@@ -152,15 +161,23 @@ def estimate_tokens(body: Mapping[str, Any]) -> int:
     message_count = 0
     if isinstance(messages, list):
         for message in messages:
-            if isinstance(message, Mapping):
+            if type(message) is dict or isinstance(message, Mapping):
                 message_count += 1
-                pending.append(message.get("content"))
+                content = message.get("content")
+                if type(content) is str:  # the common case, counted at once
+                    text_bytes += _utf8_size(content)
+                elif content is not None:
+                    pending.append(content)
     for name in ("input", "prompt", "instructions"):
-        pending.append(body.get(name))
+        value = body.get(name)
+        if value is not None:
+            pending.append(value)
     while pending:
         value = pending.pop()
+        if value is None:
+            continue
         if isinstance(value, str):
-            text_bytes += len(value.encode("utf-8", "surrogatepass"))
+            text_bytes += _utf8_size(value)
         elif isinstance(value, bool):
             continue
         elif isinstance(value, int):
@@ -173,6 +190,10 @@ def estimate_tokens(body: Mapping[str, Any]) -> int:
             pending.append(value.get("text"))
             pending.append(value.get("content"))
     return math.ceil(text_bytes / 4) + token_ints + 4 * message_count + 3
+
+
+def _utf8_size(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
 
 def generated_custom_id(method: str, url: str, body: Mapping[str, Any]) -> str:
@@ -192,6 +213,40 @@ def generated_custom_id(method: str, url: str, body: Mapping[str, Any]) -> str:
     )
     digest = hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
     return "auto-" + digest[:20]
+
+
+#: A problem of a line before it is recorded: (custom_id, field, code, message).
+_Problem = tuple[str | None, str | None, str, str]
+
+
+@attrs.define(slots=True)
+class Inspected:
+    """A line checked but for duplicates (see :meth:`Preflight.resolve`).
+
+    Attributes:
+        line: its 1-based line number (or item index).
+        problems: what is wrong with it, duplicates aside.
+        claim: the ``custom_id`` it takes (its own, or generated), when it has one.
+        generated: ``claim`` was generated (the line had no id).
+        unit: ``line`` or ``item``, for messages.
+        oversize: its problem when it is too long (reported only if it has no other).
+        ready: the line has no problem but perhaps a duplicate id; then the fields
+            below are its request's (see :class:`PreparedRequest`).
+    """
+
+    line: int
+    problems: list[_Problem]
+    claim: str | None = None
+    generated: bool = False
+    unit: str = "line"
+    oversize: _Problem | None = None
+    ready: bool = False
+    url: str = ""
+    model: str | None = None
+    data: bytes = b""
+    size: int = 0
+    tokens: int = 0
+    inputs: int = 1
 
 
 class Preflight:
@@ -217,6 +272,8 @@ class Preflight:
             (the provider's rule, :attr:`Limits.custom_id_pattern
             <aiobatch.Limits.custom_id_pattern>`; ``invalid_value`` naming the line);
             None takes any non-empty string.
+        remember_ids: remember the id of every accepted line (to find duplicates);
+            False when the caller looks them up elsewhere (see :meth:`resolve`).
     """
 
     def __init__(
@@ -228,6 +285,7 @@ class Preflight:
         token_estimator: Callable[[Mapping[str, Any]], int] | None = None,
         max_kept_problems: int = 1000,
         custom_id_pattern: str | None = None,
+        remember_ids: bool = True,
     ) -> None:
         if not (isinstance(max_line_bytes, int) and max_line_bytes >= 1):
             raise ValueError(f"max_line_bytes must be an int >= 1, got {max_line_bytes!r}")
@@ -243,8 +301,11 @@ class Preflight:
         self._problem_count = 0
         self._rejected = 0
         self._accepted = 0
-        #: custom_id -> the line that first used it.
-        self._first_line: dict[str, int] = {}
+        #: custom_id -> the line that used it, of every accepted line (None: the caller
+        #: looks them up, see :meth:`resolve`) ...
+        self._first_line: dict[str, int] | None = {} if remember_ids else None
+        #: ... and of every rejected line that claimed one.
+        self._rejected_ids: dict[str, int] = {}
         #: generated id -> how many requests produced it so far.
         self._generated: dict[str, int] = {}
 
@@ -287,12 +348,23 @@ class Preflight:
             The prepared request, or None when the line is blank or bad (its problems
             are recorded).
         """
+        return self._at_once(self.inspect_line(raw, line))
+
+    def inspect_line(self, raw: bytes, line: int) -> Inspected | None:
+        """:meth:`check_line` but for duplicates: what the line is, for :meth:`resolve`
+        (None when it is blank). Lines are inspected and resolved in source order."""
         raw = _strip_line_end(raw)
         if line == 1 and raw.startswith(_BOM):
             raw = raw[len(_BOM) :]
         if not raw.strip():
             return None
-        return self._check(raw, line, unit="line", encoded=False)
+        return self._inspect(raw, line, unit="line", encoded=False)
+
+    def _at_once(self, item: Inspected | None) -> PreparedRequest | None:
+        if item is None:
+            return None
+        (prepared,) = self.resolve([item], {})
+        return prepared
 
     def check_item(
         self, item: Mapping[str, Any] | str | bytes, index: int
@@ -311,28 +383,104 @@ class Preflight:
             The prepared request, or None when the item is blank or bad (its problems
             are recorded).
         """
+        return self._at_once(self.inspect_item(item, index))
+
+    def inspect_item(self, item: Mapping[str, Any] | str | bytes, index: int) -> Inspected | None:
+        """:meth:`check_item` but for duplicates (see :meth:`inspect_line`)."""
         if isinstance(item, Mapping):
             try:
                 raw = _encode(item)
             except _UnencodableError as exc:
-                self._reject(
-                    index, [(None, None, "invalid_json", f"the request cannot be encoded: {exc}")]
-                )
-                return None
-            return self._check(raw, index, unit="item", encoded=True)
+                message = f"the request cannot be encoded: {exc}"
+                return Inspected(index, [(None, None, "invalid_json", message)])
+            return self._inspect(raw, index, unit="item", encoded=True)
         value: object = item  # callers without type checks pass anything
         if isinstance(value, str):
             try:
                 value = value.encode("utf-8")
             except UnicodeEncodeError as exc:
                 message = f"not valid UTF-8 text: {exc.reason} at character {exc.start}"
-                self._reject(index, [(None, None, "invalid_utf8", message)])
-                return None
+                return Inspected(index, [(None, None, "invalid_utf8", message)])
         if isinstance(value, (bytes, bytearray, memoryview)):
-            return self.check_line(bytes(value), index)
+            return self.inspect_line(bytes(value), index)
         message = f"expected a request object or a JSON line, got {type(value).__name__}"
-        self._reject(index, [(None, None, "not_an_object", message)])
-        return None
+        return Inspected(index, [(None, None, "not_an_object", message)])
+
+    @staticmethod
+    def claims(items: Iterable[Inspected]) -> list[str]:
+        """The ids that inspected lines claim (for the caller to look up, see
+        :meth:`resolve`)."""
+        return [item.claim for item in items if item.claim is not None]
+
+    def resolve(
+        self, items: Sequence[Inspected], earlier: Mapping[str, int]
+    ) -> list[PreparedRequest | None]:
+        """Finish the check of inspected lines, in source order: each claimed id is a
+        duplicate when a line before it used it; each line is then accepted (as a
+        :class:`PreparedRequest`, numbered) or rejected (None, its problems recorded).
+
+        Args:
+            items: the next lines of the source, inspected in order.
+            earlier: the ids among their claims (:meth:`claims`) that an accepted line
+                before these used, and that line; unless the ids are remembered here
+                (``remember_ids``), the caller looks them up where it keeps the accepted
+                requests.
+
+        Returns:
+            For each item, its request, or None when it was rejected.
+        """
+        remembered = self._first_line
+        known = earlier if remembered is None else remembered
+        rejected_ids = self._rejected_ids
+        batch: dict[str, int] = {}  # the ids claimed by the lines accepted here
+        out: list[PreparedRequest | None] = []
+        for item in items:
+            claim = item.claim
+            first = None
+            if claim is not None:
+                first = known.get(claim) or rejected_ids.get(claim) or batch.get(claim)
+            problems = item.problems
+            if first is not None:
+                assert claim is not None
+                if item.generated:
+                    message = (
+                        f"duplicate: the line had no custom_id and the one generated for it "
+                        f"is already used by {item.unit} {first}"
+                    )
+                    problems = [(claim, "custom_id", "duplicate_custom_id", message)]
+                else:
+                    message = f"duplicate: {item.unit} {first} already uses this custom_id"
+                    problems = [(claim, "custom_id", "duplicate_custom_id", message), *problems]
+            if not problems and item.oversize is not None:
+                problems = [item.oversize]
+            if problems:
+                self._reject(item.line, problems)
+                if claim is not None and first is None:
+                    rejected_ids[claim] = item.line
+                out.append(None)
+                continue
+            assert item.ready
+            assert claim is not None
+            if remembered is not None:
+                remembered[claim] = item.line
+            else:
+                batch[claim] = item.line
+            out.append(
+                PreparedRequest(
+                    seq=self._accepted,
+                    url=item.url,
+                    model=item.model,
+                    tokens=item.tokens,
+                    inputs=item.inputs,
+                    line=item.line,
+                    custom_id=claim,
+                    data=item.data,
+                    size=item.size,
+                    generated_id=item.generated,
+                )
+            )
+            self._accepted += 1
+        return out
 
     def finish(self) -> None:
         """End the source: raise when any line had a problem, unless ``skip_invalid``.
@@ -362,7 +510,7 @@ class Preflight:
             lines.append(f"  ... and {count - len(listed):,} more")
         return "\n".join(lines)
 
-    def _reject(self, line: int, found: list[tuple[str | None, str | None, str, str]]) -> None:
+    def _reject(self, line: int, found: list[_Problem]) -> None:
         """Record the problems ``(custom_id, field, code, message)`` of one line."""
         self._rejected += 1
         for custom_id, field, code, message in found:
@@ -372,33 +520,25 @@ class Preflight:
                     LineProblem(self._source, line, custom_id, field, code, message)
                 )
 
-    def _claim(self, custom_id: str, line: int) -> int | None:
-        """Register a custom_id for ``line``; the line that had it first, when another did."""
-        first = self._first_line.setdefault(custom_id, line)
-        return None if first == line else first
-
-    def _check(self, raw: bytes, line: int, *, unit: str, encoded: bool) -> PreparedRequest | None:
-        """Check one line's bytes (``encoded``: they are our own compact encoding)."""
-        found: list[tuple[str | None, str | None, str, str]] = []
+    def _inspect(self, raw: bytes, line: int, *, unit: str, encoded: bool) -> Inspected:
+        """Check one line's bytes but for duplicates (``encoded``: they are our own
+        compact encoding)."""
+        found: list[_Problem] = []
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
             message = f"not valid UTF-8: byte 0x{raw[exc.start]:02x} at offset {exc.start}"
-            self._reject(line, [(None, None, "invalid_utf8", message)])
-            return None
+            return Inspected(line, [(None, None, "invalid_utf8", message)])
         try:
-            request = json.loads(text, parse_constant=_reject_constant)
+            request = _read_json(text)
         except json.JSONDecodeError as exc:
             message = f"not valid JSON: {exc.msg} (column {exc.colno})"
-            self._reject(line, [(None, None, "invalid_json", message)])
-            return None
+            return Inspected(line, [(None, None, "invalid_json", message)])
         except (ValueError, RecursionError) as exc:
-            self._reject(line, [(None, None, "invalid_json", f"not valid JSON: {exc}")])
-            return None
+            return Inspected(line, [(None, None, "invalid_json", f"not valid JSON: {exc}")])
         if not isinstance(request, dict):
             message = f"a request must be a JSON object, not {_json_type(request)}"
-            self._reject(line, [(None, None, "not_an_object", message)])
-            return None
+            return Inspected(line, [(None, None, "not_an_object", message)])
 
         custom_id = request.get("custom_id")
         problem_id: str | None = None
@@ -413,10 +553,6 @@ class Preflight:
                 found.append((custom_id, "custom_id", "invalid_value", message))
             else:
                 problem_id = custom_id
-                first = self._claim(custom_id, line)
-                if first is not None:
-                    message = f"duplicate: {unit} {first} already uses this custom_id"
-                    found.append((custom_id, "custom_id", "duplicate_custom_id", message))
 
         method = request.get("method", _ABSENT)
         if method is not _ABSENT:
@@ -438,7 +574,7 @@ class Preflight:
                 f"must be a path starting with '/', like '/v1/chat/completions', not {_cut(url)!r}"
             )
             found.append((problem_id, "url", "invalid_value", message))
-        elif any(char.isspace() for char in url):
+        elif _SPACE.search(url):
             message = f"must not contain whitespace: {_cut(url)!r}"
             found.append((problem_id, "url", "invalid_value", message))
 
@@ -466,22 +602,13 @@ class Preflight:
                 found.append((problem_id, "body.stream", "stream_not_supported", message))
 
         if found:
-            self._reject(line, found)
-            return None
+            return Inspected(line, found, claim=problem_id, unit=unit)
         assert isinstance(url, str)
         assert isinstance(body, dict)
 
         generated = custom_id is None
         if generated:
             custom_id = self._generate("POST", url, body)
-            first = self._claim(custom_id, line)
-            if first is not None:
-                message = (
-                    f"duplicate: the line had no custom_id and the one generated for it is "
-                    f"already used by {unit} {first}"
-                )
-                self._reject(line, [(custom_id, "custom_id", "duplicate_custom_id", message)])
-                return None
         assert isinstance(custom_id, str)
 
         if generated or method is _ABSENT:
@@ -490,30 +617,38 @@ class Preflight:
             data = _encode(request)
         else:
             data = raw
-        if len(data) + 1 > self._max_line_bytes:
+        size = len(data) + 1
+        if size > self._max_line_bytes:
             message = (
-                f"the line is {len(data) + 1:,} bytes with its newline; a batch input file "
+                f"the line is {size:,} bytes with its newline; a batch input file "
                 f"may be at most {self._max_line_bytes:,} bytes"
             )
-            self._reject(line, [(custom_id, None, "line_too_large", message)])
-            return None
+            return Inspected(
+                line,
+                [],
+                claim=custom_id,
+                generated=generated,
+                unit=unit,
+                oversize=(custom_id, None, "line_too_large", message),
+            )
 
         tokens = self._estimate(body)
         if not (isinstance(tokens, int) and tokens >= 0):
             raise ValueError(f"the token estimator must return an int >= 0, got {tokens!r}")
-        prepared = PreparedRequest(
-            seq=self._accepted,
-            line=line,
-            custom_id=custom_id,
+        return Inspected(
+            line,
+            [],
+            claim=custom_id,
+            generated=generated,
+            unit=unit,
+            ready=True,
             url=url,
             model=model,
             data=data,
+            size=size,
             tokens=tokens,
-            generated_id=generated,
             inputs=count_inputs(url, body),
         )
-        self._accepted += 1
-        return prepared
 
     def _generate(self, method: str, url: str, body: Mapping[str, Any]) -> str:
         """The generated id of a request: the n-th identical request gets ``-n``."""
@@ -536,6 +671,9 @@ class _UnencodableError(ValueError):
 
 def _reject_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not a JSON value")
+
+
+_read_json = _json.loader(parse_constant=_reject_constant)
 
 
 def _encode(request: Mapping[str, Any]) -> bytes:
@@ -564,7 +702,12 @@ def _needs_encoding(raw: bytes) -> bool:
     """Whether a valid line holds a byte sequence that a reader could take for a line end
     (LF or CR between JSON tokens, NEL / U+2028 / U+2029 inside a string): then it is
     re-encoded onto one line."""
-    return b"\n" in raw or b"\r" in raw or any(char in raw for char, _ in _LINE_BREAKS)
+    return (
+        b"\n" in raw
+        or b"\r" in raw
+        or b"\xc2\x85" in raw
+        or (b"\xe2\x80" in raw and (b"\xe2\x80\xa8" in raw or b"\xe2\x80\xa9" in raw))
+    )
 
 
 def _strip_line_end(raw: bytes) -> bytes:

@@ -5,20 +5,24 @@ Everything a run knows is here, written before it acts on it:
 - ``meta``: the run id, the input's fingerprint, the run's state, a cancel flag that
   ``aiobatch cancel`` sets from another process.
 - ``requests``: every accepted request line (its bytes, to build shard files and retry
-  rounds from), its state (``pending``: not in any open shard; ``queued``: in the open
-  shard ``shard``; ``done``: it has its final result), its retryable failures so far
-  (``attempts``) and the last of them (``last_error``).
+  rounds from), where it is (``pending``: in no shard, waiting to be planned;
+  ``queued``: put in shard ``shard``, as line ``pos`` of its file), its retryable
+  failures so far (``attempts``) and the last of them (``last_error``). A request is
+  *done* when it has its row in ``results``: that row is the one record of it (schema 6;
+  schema 5 and earlier also wrote ``state = 'done'``, one update per result, which cost
+  more than the result itself).
 - ``shards``: one row per batch-to-be: the intent (its requests) is recorded before its
   file is uploaded; then its file id, its create key (before the create is sent), its
   batch id, its status, and how many lines of its output and error files are collected.
-- ``results``: the final result line of each request, at most one (the primary key is the
-  request's position); the row order is the completion order.
+- ``results``: the final result line of each request, at most one (``seq`` is unique);
+  the row order is the completion order.
 
 The run writes through one connection from the event loop's thread; each write is a
 short transaction (``BEGIN IMMEDIATE``), so another process (``aiobatch status`` or
 ``aiobatch cancel``) can read and flag the journal while a run goes on. WAL mode with
 ``synchronous=NORMAL`` keeps every committed transaction through a killed process (only a
-power loss may lose the last ones).
+power loss may lose the last ones). A new file has 16 KiB pages (fewer, larger writes
+for the request and result lines, which are hundreds of bytes to megabytes each).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from typing import Any
 import attrs
 
 from ..errors import JournalError, ShardMoveError, TooManyBatchesError
+from ._journal import CHUNK_BYTES
 from ._records import (
     SHARD_FIELDS,
     FailedRequest,
@@ -50,9 +55,23 @@ from ._records import (
 from ._sqlite_db import Db
 from ._states import ShardState, allowed
 
-__all__ = ["SCHEMA_VERSION", "JournalFile"]
+__all__ = [
+    "PAGE_BYTES",
+    "PAGE_LINES",
+    "SCHEMA_VERSION",
+    "JournalFile",
+    "Page",
+    "SeqRun",
+    "seq_runs",
+]
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
+
+#: The schema versions ``aiobatch status`` reads (what it reads is the same in each).
+READABLE_VERSIONS = frozenset({"4", "5", str(SCHEMA_VERSION)})
+
+#: The page size of a new journal file (measured: see benchmarks/bench_run_100k.py).
+PAGE_SIZE = 4096
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -68,7 +87,7 @@ CREATE TABLE IF NOT EXISTS requests (
     tokens INTEGER NOT NULL,
     inputs INTEGER NOT NULL DEFAULT 1,
     data BLOB NOT NULL,
-    state TEXT NOT NULL DEFAULT 'pending',
+    state TEXT NOT NULL DEFAULT 'pending',  -- 'pending' or 'queued'; done: in results
     shard TEXT,
     pos INTEGER,
     attempts INTEGER NOT NULL DEFAULT 0,
@@ -77,7 +96,8 @@ CREATE TABLE IF NOT EXISTS requests (
 );
 CREATE INDEX IF NOT EXISTS requests_pending ON requests (url, model, seq)
     WHERE state = 'pending';
-CREATE INDEX IF NOT EXISTS requests_shard ON requests (shard, seq);
+CREATE INDEX IF NOT EXISTS requests_shard ON requests (shard, seq) WHERE shard IS NOT NULL;
+CREATE INDEX IF NOT EXISTS requests_retried ON requests (seq) WHERE attempts > 0;
 CREATE TABLE IF NOT EXISTS shards (
     key TEXT PRIMARY KEY,
     round INTEGER NOT NULL,
@@ -122,7 +142,65 @@ CREATE TABLE IF NOT EXISTS results (
 """
 
 _SHARD_SELECT = f"SELECT {', '.join(SHARD_FIELDS)} FROM shards"
+#: Ids looked up per statement (SQLite before 3.32 takes at most 999 parameters).
+_IDS_PER_QUERY = 500
+#: WAL bytes after which a commit checkpoints them into the file (and fsyncs).
+_CHECKPOINT_BYTES = 40 * 1024 * 1024
+#: SQLite's page cache of the run's connection, KiB.
+_CACHE_KIB = 16 * 1024
+#: A request (a row of ``requests``) without its result.
+_NO_RESULT = "NOT EXISTS (SELECT 1 FROM results WHERE results.seq = requests.seq)"
 _META_FLOATS = ("started_at", "updated_at")
+
+
+#: Lines read from the journal at a time (shard files, the output file), at most...
+PAGE_LINES = 4096
+#: ... and no more once they make this many bytes.
+PAGE_BYTES = CHUNK_BYTES
+
+
+@attrs.frozen(slots=True)
+class Page:
+    """Lines read from the journal, and the cursor of the last (-1: none read)."""
+
+    lines: list[bytes]
+    last: int
+
+    def __bool__(self) -> bool:
+        return bool(self.lines)
+
+
+@attrs.frozen(slots=True)
+class SeqRun:
+    """Consecutive requests of a shard plan: ``first`` to ``last`` (their ``seq``), the
+    first at line ``pos`` of the shard's file."""
+
+    first: int
+    last: int
+    pos: int
+
+    @property
+    def size(self) -> int:
+        return self.last - self.first + 1
+
+
+def seq_runs(seqs: Sequence[int], *, most: int | None = None) -> list[SeqRun]:
+    """The runs of consecutive ``seqs`` (in input order), each of at most ``most``."""
+    runs: list[SeqRun] = []
+    start = 0
+    count = len(seqs)
+    while start < count:
+        limit = count if most is None else min(count, start + most)
+        first = seqs[start]
+        if seqs[limit - 1] - first == limit - 1 - start:
+            end = limit - 1  # the seqs rise strictly: the whole window is one run
+        else:
+            end = start
+            while end + 1 < limit and seqs[end + 1] == first + (end + 1 - start):
+                end += 1
+        runs.append(SeqRun(first, seqs[end], start + 1))
+        start = end + 1
+    return runs
 
 
 def _shard(row: Sequence[Any]) -> Shard:
@@ -162,6 +240,7 @@ class JournalFile:
         busy_timeout: float = 10.0,
     ) -> None:
         self.path = os.fspath(path)
+        self.readonly = readonly
         exists = os.path.exists(self.path)
         if not exists and not create:
             raise JournalError(f"no journal at {self.path}")
@@ -183,11 +262,14 @@ class JournalFile:
                         f"{self.path} is not an aiobatch journal (it holds other tables); "
                         "choose another path"
                     )
+                # Only a file without tables takes a page size (before WAL mode).
+                self._db.execute(f"PRAGMA page_size={PAGE_SIZE}")
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute("PRAGMA synchronous=NORMAL")
-                # Checkpoint (and fsync) every 40 MB of log rather than every 4 MB:
+                # Checkpoint (and fsync) every ~40 MB of log rather than every 4 MB:
                 # collection writes in bulk.
-                self._db.execute("PRAGMA wal_autocheckpoint=10000")
+                self._db.execute(f"PRAGMA wal_autocheckpoint={_CHECKPOINT_BYTES // PAGE_SIZE}")
+                self._db.execute(f"PRAGMA cache_size=-{_CACHE_KIB}")
                 if exists:
                     self._upgrade()
                 self._db.executescript(_SCHEMA)
@@ -199,11 +281,16 @@ class JournalFile:
             elif (
                 version is not None
                 and version != str(SCHEMA_VERSION)
-                and not (readonly and version == "4")  # what ``status`` reads is the same
+                and not (readonly and version in READABLE_VERSIONS)
             ):
                 raise JournalError(
                     f"{self.path} has journal schema {version}; "
                     f"this aiobatch reads {SCHEMA_VERSION}"
+                    + (
+                        " (a newer aiobatch wrote it: upgrade aiobatch to resume this run)"
+                        if version.isdigit() and int(version) > SCHEMA_VERSION
+                        else ""
+                    )
                 )
         except BaseException:
             self._db.close()
@@ -211,21 +298,29 @@ class JournalFile:
         self.created = not exists
 
     def _upgrade(self) -> None:
-        """Bring a schema 4 journal to 5: ``requests.batches`` is added, estimated from
-        what the journal knows (its rounds, and the shard it is in), and a shard whose
-        upload was started is ``uploading`` (schema 4 kept it ``planned``)."""
+        """Bring a journal of an earlier schema to this one, in place, in one transaction.
+
+        4 to 5: ``requests.batches`` is added, estimated from what the journal knows (its
+        rounds, and the shard it is in), and a shard whose upload was started is
+        ``uploading`` (schema 4 kept it ``planned``). 5 to 6: a request with a result is
+        no longer marked ``done`` (its result row says it): ``done`` becomes ``queued``,
+        the shard it is in.
+        """
         row = self._db.execute(
             "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
         ).fetchone()
-        if row is None or self.get_meta("schema_version") != "4":
+        version = self.get_meta("schema_version") if row is not None else None
+        if version not in ("4", "5"):
             return
         with self.transaction() as db:
-            db.execute("ALTER TABLE requests ADD COLUMN batches INTEGER NOT NULL DEFAULT 0")
-            db.execute("UPDATE requests SET batches = attempts + (state != 'pending')")
-            db.execute(
-                "UPDATE shards SET state = 'uploading' "
-                "WHERE state = 'planned' AND upload_started_at IS NOT NULL"
-            )
+            if version == "4":
+                db.execute("ALTER TABLE requests ADD COLUMN batches INTEGER NOT NULL DEFAULT 0")
+                db.execute("UPDATE requests SET batches = attempts + (state != 'pending')")
+                db.execute(
+                    "UPDATE shards SET state = 'uploading' "
+                    "WHERE state = 'planned' AND upload_started_at IS NOT NULL"
+                )
+            db.execute("UPDATE requests SET state = 'queued' WHERE state = 'done'")
             self.put_meta(db, {"schema_version": str(SCHEMA_VERSION)})
 
     def _is_journal(self) -> bool:
@@ -347,6 +442,19 @@ class JournalFile:
             ),
         )
 
+    @staticmethod
+    def taken(db: Db, custom_ids: Sequence[str]) -> dict[str, int]:
+        """Which of ``custom_ids`` the requests use, each with its input line."""
+        found: dict[str, int] = {}
+        for start in range(0, len(custom_ids), _IDS_PER_QUERY):
+            part = custom_ids[start : start + _IDS_PER_QUERY]
+            marks = ", ".join("?" * len(part))
+            for cid, line in db.execute(
+                f"SELECT custom_id, line FROM requests WHERE custom_id IN ({marks})", part
+            ):
+                found[str(cid)] = int(line)
+        return found
+
     def request_count(self) -> int:
         """How many requests the run has."""
         return int(self._db.execute("SELECT count(*) FROM requests").fetchone()[0])
@@ -364,22 +472,23 @@ class JournalFile:
 
     def not_done_count(self) -> int:
         """How many requests have no final result yet."""
-        query = "SELECT count(*) FROM requests WHERE state != 'done'"
+        query = "SELECT (SELECT count(*) FROM requests) - (SELECT count(*) FROM results)"
         return int(self._db.execute(query).fetchone()[0])
 
     def retrying_count(self) -> int:
         """How many requests without a final result have failed for a retryable reason."""
-        query = "SELECT count(*) FROM requests WHERE state != 'done' AND attempts > 0"
+        query = f"SELECT count(*) FROM requests WHERE attempts > 0 AND {_NO_RESULT}"
         return int(self._db.execute(query).fetchone()[0])
 
     def requeue_orphans(self) -> int:
-        """Requests left ``queued`` in a shard already collected become pending again;
-        returns how many."""
+        """Requests left ``queued`` without a result in a shard already collected become
+        pending again; returns how many."""
         with self.transaction() as db:
             return int(
                 db.execute(
-                    "UPDATE requests SET state = 'pending' WHERE state = 'queued' AND shard IN "
-                    "(SELECT key FROM shards WHERE state = 'collected')"
+                    "UPDATE requests SET state = 'pending' WHERE state = 'queued' "
+                    f"AND shard IN (SELECT key FROM shards WHERE state = 'collected') "
+                    f"AND {_NO_RESULT}"
                 ).rowcount
             )
 
@@ -398,40 +507,77 @@ class JournalFile:
         """The pending requests of one (url, model), in input order, read in chunks and
         without their bytes (a request recorded in a shard meanwhile is not read again)."""
         after = -1
-        while True:
-            rows = self._db.execute(
+        while page := self.pending_page(url, model, after=after, limit=chunk):
+            after = page[-1].seq
+            yield from page
+
+    def pending_page(
+        self, url: str, model: str | None, *, after: int, limit: int
+    ) -> list[PreparedRequest]:
+        """The next ``limit`` pending requests of one (url, model) past the request
+        ``after`` (a seq), in input order, without their bytes."""
+        return [
+            PreparedRequest(
+                seq=int(seq),
+                url=url,
+                model=model,
+                size=int(size),
+                tokens=int(tokens),
+                inputs=int(inputs),
+            )
+            for seq, size, tokens, inputs in self._db.execute(
                 "SELECT seq, length(data) + 1, tokens, inputs FROM requests "
                 "WHERE state = 'pending' AND url = ? AND model IS ? AND seq > ? "
                 "ORDER BY seq LIMIT ?",
-                (url, model, after, chunk),
+                (url, model, after, limit),
             ).fetchall()
-            if not rows:
-                return
-            for seq, size, tokens, inputs in rows:
-                yield PreparedRequest(
-                    seq=int(seq),
-                    url=url,
-                    model=model,
-                    size=int(size),
-                    tokens=int(tokens),
-                    inputs=int(inputs),
-                )
-            after = int(rows[-1][0])
+        ]
 
     def shard_lines(self, key: str) -> Iterator[bytes]:
         """The request lines of a shard, in input order, without newlines."""
-        for (data,) in self._db.execute(
-            "SELECT data FROM requests WHERE shard = ? AND state != 'pending' ORDER BY seq",
-            (key,),
-        ):
-            yield bytes(data)
+        after = -1
+        while page := self.shard_page(key, after=after):
+            after = page.last
+            yield from page.lines
+
+    def shard_page(
+        self, key: str, *, after: int, lines: int = PAGE_LINES, size: int = PAGE_BYTES
+    ) -> Page:
+        """A shard's request lines in input order past the request ``after`` (a seq):
+        at most ``lines`` of them, and no more once they make ``size`` bytes."""
+        return self._page(
+            "SELECT seq, data FROM requests WHERE shard = ? AND state != 'pending' "
+            "AND seq > ? ORDER BY seq LIMIT ?",
+            (key, after, lines),
+            size,
+        )
+
+    def _page(self, query: str, values: Sequence[Any], size: int) -> Page:
+        """The rows ``(cursor, data)`` of ``query`` until they make ``size`` bytes (the
+        statement is done with when this returns)."""
+        rows = self._db.execute(query, values)
+        found: list[bytes] = []
+        held = 0
+        last = -1
+        try:
+            for cursor, data in rows:
+                found.append(bytes(data))
+                last = int(cursor)
+                held += len(data) + 1
+                if held >= size:
+                    break
+        finally:
+            rows.close()
+        return Page(found, last)
 
     def members(self, key: str) -> dict[str, Member]:
         """A shard's requests (queued or resolved), by ``custom_id``."""
         return {
-            str(cid): Member(int(seq), int(attempts), state == "queued")
-            for cid, seq, attempts, state in self._db.execute(
-                "SELECT custom_id, seq, attempts, state FROM requests WHERE shard = ?", (key,)
+            cid: Member(seq, attempts, bool(queued))
+            for cid, seq, attempts, queued in self._db.execute(
+                f"SELECT custom_id, seq, attempts, state = 'queued' AND {_NO_RESULT} "
+                "FROM requests WHERE shard = ?",
+                (key,),
             )
         }
 
@@ -442,7 +588,7 @@ class JournalFile:
             int(pos): QueuedLine(int(seq), str(cid), int(attempts))
             for pos, seq, cid, attempts in self._db.execute(
                 "SELECT pos, seq, custom_id, attempts FROM requests "
-                "WHERE shard = ? AND state = 'queued' ORDER BY seq",
+                f"WHERE shard = ? AND state = 'queued' AND {_NO_RESULT} ORDER BY seq",
                 (key,),
             )
         }
@@ -461,48 +607,75 @@ class JournalFile:
                 batches (nothing is recorded).
         """
         with self.transaction() as db:
-            db.executemany(
-                "UPDATE requests SET state = 'queued', shard = ?, pos = ?, "
-                "batches = batches + 1 WHERE seq = ? AND state = 'pending'",
-                ((key, pos, seq) for pos, seq in enumerate(plan.seqs, start=1)),
-            )
-            if max_batches is not None:
-                cid, batches = db.execute(
-                    "SELECT custom_id, batches FROM requests WHERE shard = ? "
-                    "ORDER BY batches DESC, seq LIMIT 1",
-                    (key,),
-                ).fetchone()
-                if batches > max_batches:
-                    raise TooManyBatchesError(
-                        f"request {cid!r} would go into batch number {batches}, past "
-                        f"max_batches_per_request={max_batches}: the server keeps failing "
-                        "its batches in a way that spends no retry round (see the warnings "
-                        "above for its errors). Nothing more was created and the journal "
-                        "is intact: look into the server's errors, then run again with a "
-                        "higher max_batches_per_request to go on",
-                        custom_id=str(cid),
-                        batches=int(batches),
-                        limit=max_batches,
-                    )
-            (round_,) = db.execute(
-                "SELECT coalesce(max(attempts), 0) FROM requests WHERE shard = ?", (key,)
-            ).fetchone()
-            db.execute(
-                "INSERT INTO shards (key, round, url, model, lines, bytes, tokens, state, "
-                "planned_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    key,
-                    int(round_),
-                    plan.url,
-                    plan.model,
-                    len(plan.seqs),
-                    plan.size,
-                    plan.tokens,
-                    ShardState.PLANNED.value,
-                    planned_at,
-                ),
-            )
+            self.queue_runs(db, key, seq_runs(plan.seqs))
+            self.put_shard(db, key, plan, planned_at=planned_at, max_batches=max_batches)
         return self.shard(key)
+
+    @staticmethod
+    def queue_runs(db: Db, key: str, runs: Iterable[SeqRun]) -> None:
+        """Inside the caller's transaction: the pending requests of ``runs`` go into shard
+        ``key`` (one statement per run of consecutive requests), each counting one more
+        batch; a request's line in the shard's file is its position in the plan."""
+        for run in runs:
+            db.execute(
+                "UPDATE requests SET state = 'queued', shard = ?, pos = seq - ?, "
+                "batches = batches + 1 WHERE seq BETWEEN ? AND ? AND state = 'pending'",
+                (key, run.first - run.pos, run.first, run.last),
+            )
+
+    def put_shard(
+        self,
+        db: Db,
+        key: str,
+        plan: ShardPlan,
+        *,
+        planned_at: float,
+        max_batches: int | None = None,
+    ) -> None:
+        """Inside the caller's transaction, once its requests are queued in it: the
+        shard's row (``planned``), its round from its requests' failures.
+
+        Raises:
+            TooManyBatchesError: a request of it would go into more than
+                ``max_batches`` batches.
+        """
+        round_, most = db.execute(
+            "SELECT coalesce(max(attempts), 0), coalesce(max(batches), 0) FROM requests "
+            "WHERE shard = ?",
+            (key,),
+        ).fetchone()
+        if max_batches is not None and most > max_batches:
+            cid, batches = db.execute(
+                "SELECT custom_id, batches FROM requests WHERE shard = ? "
+                "ORDER BY batches DESC, seq LIMIT 1",
+                (key,),
+            ).fetchone()
+            raise TooManyBatchesError(
+                f"request {cid!r} would go into batch number {batches}, past "
+                f"max_batches_per_request={max_batches}: the server keeps failing "
+                "its batches in a way that spends no retry round (see the warnings "
+                "above for its errors). Nothing more was created and the journal "
+                "is intact: look into the server's errors, then run again with a "
+                "higher max_batches_per_request to go on",
+                custom_id=str(cid),
+                batches=int(batches),
+                limit=max_batches,
+            )
+        db.execute(
+            "INSERT INTO shards (key, round, url, model, lines, bytes, tokens, state, "
+            "planned_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                key,
+                int(round_),
+                plan.url,
+                plan.model,
+                len(plan.seqs),
+                plan.size,
+                plan.tokens,
+                ShardState.PLANNED.value,
+                planned_at,
+            ),
+        )
 
     def shard(self, key: str) -> Shard:
         """A shard's row."""
@@ -523,7 +696,8 @@ class JournalFile:
         """How many shards were planned."""
         return int(self._db.execute("SELECT count(*) FROM shards").fetchone()[0])
 
-    def _set(self, db: Db, key: str, fields: Mapping[str, Any]) -> None:
+    def set_fields(self, db: Db, key: str, fields: Mapping[str, Any]) -> None:
+        """Set fields of a shard inside the caller's transaction."""
         unknown = set(fields) - set(SHARD_FIELDS)
         if unknown:
             raise ValueError(f"unknown shard fields: {sorted(unknown)}")
@@ -531,12 +705,13 @@ class JournalFile:
         values = [v.value if isinstance(v, ShardState) else v for v in fields.values()]
         db.execute(f"UPDATE shards SET {sets} WHERE key = ?", (*values, key))
 
-    def _move(self, db: Db, key: str, to: ShardState, fields: Any) -> None:
+    def move_in(self, db: Db, key: str, to: ShardState, fields: Any) -> None:
+        """:meth:`move` inside the caller's transaction."""
         row = db.execute("SELECT state FROM shards WHERE key = ?", (key,)).fetchone()
         if row is None:
             raise JournalError(f"{self.path}: no shard {key!r}")
         _check_move(key, ShardState(row[0]), to)
-        self._set(db, key, {**fields, "state": to})
+        self.set_fields(db, key, {**fields, "state": to})
 
     def move(self, key: str, to: ShardState, **fields: Any) -> Shard:
         """Move a shard to ``to`` and set ``fields``, in one transaction.
@@ -545,7 +720,7 @@ class JournalFile:
             ShardMoveError: the shard lifecycle has no such move (nothing is written).
         """
         with self.transaction() as db:
-            self._move(db, key, to, fields)
+            self.move_in(db, key, to, fields)
         return self.shard(key)
 
     def update(self, key: str, **fields: Any) -> None:
@@ -554,17 +729,18 @@ class JournalFile:
             raise ValueError("a shard's state changes by move(), its key never")
         if fields:
             with self.transaction() as db:
-                self._set(db, key, fields)
+                self.set_fields(db, key, fields)
 
     # --- results -------------------------------------------------------------------------
 
-    def _record(
+    def record_rows(
         self,
         db: Db,
         finals: Sequence[FinalResult],
         retries: Sequence[RetryLine],
     ) -> None:
-        # A request that already has its result keeps it.
+        """Final results and requests back to pending (see :meth:`record`), inside the
+        caller's transaction. A request that already has its result keeps it."""
         db.executemany(
             "INSERT OR IGNORE INTO results (seq, kind, code, shard, batch_id, attempts, "
             "input_tokens, output_tokens, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -583,12 +759,10 @@ class JournalFile:
                 for f in finals
             ),
         )
-        db.executemany(
-            "UPDATE requests SET state = 'done' WHERE seq = ?", ((f.seq,) for f in finals)
-        )
+        # A request with a result is done: it goes back to pending no more.
         db.executemany(
             "UPDATE requests SET state = 'pending', attempts = ?, last_error = ? "
-            "WHERE seq = ? AND state != 'done'",
+            f"WHERE seq = ? AND {_NO_RESULT}",
             ((r.attempts, r.last_error, r.seq) for r in retries),
         )
 
@@ -599,12 +773,12 @@ class JournalFile:
         retries: Sequence[RetryLine] = (),
         **fields: Any,
     ) -> None:
-        """In one transaction: final results (their requests become ``done``), requests
-        back to ``pending`` for another round, and fields of shard ``key``."""
+        """In one transaction: final results (their requests are done), requests back to
+        ``pending`` for another round, and fields of shard ``key``."""
         with self.transaction() as db:
-            self._record(db, finals, retries)
+            self.record_rows(db, finals, retries)
             if key is not None and fields:
-                self._set(db, key, fields)
+                self.set_fields(db, key, fields)
 
     def settle(
         self,
@@ -615,8 +789,8 @@ class JournalFile:
     ) -> Shard:
         """:meth:`record` and the shard's move to ``collected``, in one transaction."""
         with self.transaction() as db:
-            self._record(db, finals, retries)
-            self._move(db, key, ShardState.COLLECTED, fields)
+            self.record_rows(db, finals, retries)
+            self.move_in(db, key, ShardState.COLLECTED, fields)
         return self.shard(key)
 
     def result_rows(
@@ -645,18 +819,35 @@ class JournalFile:
         ]
 
     def result_lines(self, *, order: str = "input") -> Iterator[bytes]:
-        """Every final result line, streamed from the file (for the output file; no
-        write may happen on this connection while it is read)."""
+        """Every final result line, in ``order``, read page by page."""
+        after = -1
+        while page := self.result_page(order=order, after=after):
+            after = page.last
+            yield from page.lines
+
+    def result_page(
+        self, *, order: str, after: int, lines: int = PAGE_LINES, size: int = PAGE_BYTES
+    ) -> Page:
+        """Final result lines past a cursor (a ``seq`` in input order, an ``n`` in
+        completion order): at most ``lines``, and no more once they make ``size``
+        bytes."""
         column = "seq" if order == "input" else "n"
-        for (data,) in self._db.execute(f"SELECT data FROM results ORDER BY {column}"):
-            yield bytes(data)
+        return self._page(
+            f"SELECT {column}, data FROM results WHERE {column} > ? ORDER BY {column} LIMIT ?",
+            (after, lines),
+            size,
+        )
 
     def counts(self) -> JournalCounts:
         """The figures of a report, read in one go."""
         db = self._db
-        requests = dict(
-            db.execute("SELECT state, count(*) FROM requests GROUP BY state").fetchall()
-        )
+        # Done: with a result (a pending request never has one); queued: the others.
+        total, pending, done = db.execute(
+            "SELECT (SELECT count(*) FROM requests), (SELECT count(*) FROM requests WHERE "
+            "state = 'pending'), (SELECT count(*) FROM results)"
+        ).fetchone()
+        requests = {"pending": pending, "queued": total - pending - done, "done": done}
+        requests = {k: v for k, v in requests.items() if v}
         kinds = dict(db.execute("SELECT kind, count(*) FROM results GROUP BY kind").fetchall())
         codes = dict(
             db.execute(
@@ -669,8 +860,12 @@ class JournalFile:
         ).fetchone()
         # Re-submitted: a retryable failure, and sent again (or ended) since; a request
         # still waiting for its retry round is not re-submitted yet.
+        # ``aiobatch status`` (read-only) reads every request row for it, so that damage
+        # anywhere in them shows now rather than when the run resumes; the run counts
+        # through the index of the few requests that failed.
+        scan = " NOT INDEXED" if self.readonly else ""
         attempts = db.execute(
-            "SELECT coalesce(sum(attempts > 0 AND state != 'pending'), 0) FROM requests"
+            f"SELECT count(*) FROM requests{scan} WHERE attempts > 0 AND state != 'pending'"
         ).fetchone()
         shard_states = dict(
             db.execute("SELECT state, count(*) FROM shards GROUP BY state").fetchall()

@@ -84,6 +84,10 @@ class _Rows:
         with self._db.failures():
             return self._cursor.fetchall()
 
+    def close(self) -> None:
+        """Done with the statement (before all its rows were read)."""
+        self._cursor.close()
+
     def __iter__(self) -> Iterator[Any]:
         with self._db.failures():
             yield from self._cursor

@@ -1,16 +1,23 @@
 """The run's :class:`~aiobatch._run._journal.Journal` on a SQLite file: :class:`SQLiteJournal`.
 
-Its statements are short and run in the event loop's thread, through
-:class:`~aiobatch._run._sqlite.JournalFile`; the file's own lock (``JOURNAL.lock``) keeps
-it to one process.
+Its statements run in the event loop's thread, through
+:class:`~aiobatch._run._sqlite.JournalFile`, one coroutine at a time (an
+:class:`asyncio.Lock`); the file's own lock (``JOURNAL.lock``) keeps it to one process.
+
+Work on many rows never holds the loop long: it is cut into slices of at most
+:data:`SLICE_ROWS` rows, and the loop runs other tasks between two slices. A slice of a
+transaction (a shard's intent, a big settle) keeps the lock until the transaction ends,
+so no other coroutine sees it half done; reads of many rows (shard files, the output)
+are pages of their own, each a statement that is over before the loop moves on.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from ._records import (
     FinalResult,
@@ -25,22 +32,43 @@ from ._records import (
     Shard,
     ShardPlan,
 )
-from ._sqlite import JournalFile
+from ._sqlite import JournalFile, SeqRun, seq_runs
 from ._sqlite_db import Db, FileLock
 from ._states import ShardState
 
-__all__ = ["SQLiteJournal"]
+__all__ = ["SLICE_ROWS", "SQLiteJournal"]
+
+#: The most rows one statement batch writes before the loop runs other tasks.
+SLICE_ROWS = 4096
+
+#: Pending requests read per page while planning.
+_PENDING_PAGE = 10_000
+
+T = TypeVar("T")
 
 
-def _chunks(lines: Iterator[bytes], size: int = 2000) -> Iterator[list[bytes]]:
-    chunk: list[bytes] = []
-    for line in lines:
-        chunk.append(line)
-        if len(chunk) >= size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
+def _slices(items: Sequence[T], size: int = SLICE_ROWS) -> Iterator[Sequence[T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _run_slices(runs: list[SeqRun], size: int = SLICE_ROWS) -> Iterator[list[SeqRun]]:
+    """Runs in groups of at most ``size`` requests (each run is at most ``size``)."""
+    group: list[SeqRun] = []
+    held = 0
+    for run in runs:
+        if group and held + run.size > size:
+            yield group
+            group, held = [], 0
+        group.append(run)
+        held += run.size
+    if group:
+        yield group
+
+
+async def _turn() -> None:
+    """Let the loop run other tasks."""
+    await asyncio.sleep(0)
 
 
 class _SQLiteIngest:
@@ -49,7 +77,13 @@ class _SQLiteIngest:
         self._db = db
 
     async def add(self, requests: Sequence[PreparedRequest]) -> None:
-        self._file.add_requests(self._db, requests)
+        for part in _slices(requests):
+            self._file.add_requests(self._db, part)
+            if len(requests) > SLICE_ROWS:
+                await _turn()
+
+    async def taken(self, custom_ids: Sequence[str]) -> dict[str, int]:
+        return self._file.taken(self._db, custom_ids)
 
     async def start(self, meta: RunMeta) -> None:
         self._file.start(self._db, meta)
@@ -58,8 +92,9 @@ class _SQLiteIngest:
 class SQLiteJournal:
     """The :class:`~aiobatch._run._journal.Journal` of a SQLite file (the default).
 
-    Its statements are short and run in the event loop's thread; the file's own
-    ``fcntl`` lock (``JOURNAL.lock``) keeps it to one process.
+    Its statements run in the event loop's thread, one coroutine at a time; work on
+    many rows is sliced (see the module notes). The file's own ``fcntl`` lock
+    (``JOURNAL.lock``) keeps it to one process.
 
     Args:
         path: the SQLite file, created when missing and ``create`` is set.
@@ -72,6 +107,7 @@ class SQLiteJournal:
     ) -> None:
         self.file = JournalFile(path, create=create, busy_timeout=busy_timeout)
         self._lock = FileLock(self.file.path)
+        self._turn = asyncio.Lock()
 
     @property
     def location(self) -> str:
@@ -88,84 +124,145 @@ class SQLiteJournal:
 
     @contextlib.asynccontextmanager
     async def ingest(self) -> AsyncIterator[_SQLiteIngest]:
-        with self.file.transaction() as db:
-            yield _SQLiteIngest(self.file, db)
+        async with self._turn:
+            with self.file.transaction() as db:
+                yield _SQLiteIngest(self.file, db)
 
     async def meta(self) -> RunMeta | None:
-        return self.file.meta()
+        async with self._turn:
+            return self.file.meta()
 
     async def set_state(self, state: str, *, at: float, clear_cancel: bool = False) -> None:
         values: dict[str, str | None] = {"state": state, "updated_at": repr(at)}
         if clear_cancel:
             values["cancel_requested"] = None
-        self.file.set_meta(**values)
+        async with self._turn:
+            self.file.set_meta(**values)
 
     async def touch(self, at: float) -> None:
-        self.file.set_meta(updated_at=repr(at))
+        async with self._turn:
+            self.file.set_meta(updated_at=repr(at))
 
     async def request_cancel(self, at: float) -> None:
-        self.file.set_meta(cancel_requested=repr(at))
+        async with self._turn:
+            self.file.set_meta(cancel_requested=repr(at))
 
     async def cancel_requested(self) -> bool:
-        return bool(self.file.get_meta("cancel_requested"))
+        async with self._turn:
+            return bool(self.file.get_meta("cancel_requested"))
 
     async def set_output(self, path: str) -> None:
-        self.file.set_meta(output_written=path)
+        async with self._turn:
+            self.file.set_meta(output_written=path)
 
     async def count_extra_uploads(self, deleted: int) -> None:
-        self.file.count_extra_uploads(deleted)
+        async with self._turn:
+            self.file.count_extra_uploads(deleted)
 
     async def pending_count(self) -> int:
-        return self.file.pending_count()
+        async with self._turn:
+            return self.file.pending_count()
 
     async def has_fresh_pending(self) -> bool:
-        return self.file.has_fresh_pending()
+        async with self._turn:
+            return self.file.has_fresh_pending()
 
     async def not_done_count(self) -> int:
-        return self.file.not_done_count()
+        async with self._turn:
+            return self.file.not_done_count()
 
     async def retrying_count(self) -> int:
-        return self.file.retrying_count()
+        async with self._turn:
+            return self.file.retrying_count()
 
     async def requeue_orphans(self) -> int:
-        return self.file.requeue_orphans()
+        async with self._turn:
+            return self.file.requeue_orphans()
 
     async def pending_groups(self) -> list[RequestGroup]:
-        return self.file.pending_groups()
+        async with self._turn:
+            return self.file.pending_groups()
 
     async def pending_requests(self, url: str, model: str | None) -> AsyncIterator[PreparedRequest]:
-        for request in self.file.pending_requests(url, model):
-            yield request
+        after = -1
+        while True:
+            async with self._turn:
+                page = self.file.pending_page(url, model, after=after, limit=_PENDING_PAGE)
+            if not page:
+                return
+            after = page[-1].seq
+            for request in page:
+                yield request
+            await _turn()
 
     async def shard_lines(self, key: str) -> AsyncIterator[Sequence[bytes]]:
-        for chunk in _chunks(self.file.shard_lines(key)):
-            yield chunk
+        after = -1
+        while True:
+            async with self._turn:
+                page = self.file.shard_page(key, after=after)
+            if not page:
+                return
+            after = page.last
+            yield page.lines
+            await _turn()
 
     async def members(self, key: str) -> dict[str, Member]:
-        return self.file.members(key)
+        async with self._turn:
+            return self.file.members(key)
 
     async def queued_at(self, key: str) -> dict[int, QueuedLine]:
-        return self.file.queued_at(key)
+        async with self._turn:
+            return self.file.queued_at(key)
 
     async def add_shard(
         self, key: str, plan: ShardPlan, *, planned_at: float, max_batches: int | None = None
     ) -> Shard:
-        return self.file.add_shard(key, plan, planned_at=planned_at, max_batches=max_batches)
+        runs = seq_runs(plan.seqs, most=SLICE_ROWS)
+        async with self._turn:
+            with self.file.transaction() as db:
+                for number, part in enumerate(_run_slices(runs)):
+                    if number:
+                        await _turn()  # the lock keeps the transaction to this coroutine
+                    self.file.queue_runs(db, key, part)
+                self.file.put_shard(db, key, plan, planned_at=planned_at, max_batches=max_batches)
+            return self.file.shard(key)
 
     async def shard(self, key: str) -> Shard:
-        return self.file.shard(key)
+        async with self._turn:
+            return self.file.shard(key)
 
     async def shards(self, *states: ShardState) -> list[Shard]:
-        return self.file.shards(*states)
+        async with self._turn:
+            return self.file.shards(*states)
 
     async def shard_count(self) -> int:
-        return self.file.shard_count()
+        async with self._turn:
+            return self.file.shard_count()
 
     async def move(self, key: str, to: ShardState, **fields: Any) -> Shard:
-        return self.file.move(key, to, **fields)
+        async with self._turn:
+            return self.file.move(key, to, **fields)
 
     async def update(self, key: str, **fields: Any) -> None:
-        self.file.update(key, **fields)
+        async with self._turn:
+            self.file.update(key, **fields)
+
+    async def _record(
+        self, db: Db, finals: Sequence[FinalResult], retries: Sequence[RetryLine]
+    ) -> None:
+        """Final results and retries in slices, inside the caller's transaction (the
+        finals first: a request with a result never goes back to pending)."""
+        first = True
+        for part in _slices(finals):
+            if not first:
+                await _turn()
+            self.file.record_rows(db, part, ())
+            first = False
+        for retry_part in _slices(retries):
+            if not first:
+                await _turn()
+            self.file.record_rows(db, (), retry_part)
+            first = False
 
     async def record(
         self,
@@ -174,7 +271,11 @@ class SQLiteJournal:
         retries: Sequence[RetryLine] = (),
         **fields: Any,
     ) -> None:
-        self.file.record(key, finals, retries, **fields)
+        async with self._turn:
+            with self.file.transaction() as db:
+                await self._record(db, finals, retries)
+                if key is not None and fields:
+                    self.file.set_fields(db, key, fields)
 
     async def settle(
         self,
@@ -183,20 +284,34 @@ class SQLiteJournal:
         retries: Sequence[RetryLine],
         **fields: Any,
     ) -> Shard:
-        return self.file.settle(key, finals, retries, **fields)
+        async with self._turn:
+            with self.file.transaction() as db:
+                await self._record(db, finals, retries)
+                self.file.move_in(db, key, ShardState.COLLECTED, fields)
+            return self.file.shard(key)
 
     async def result_rows(self, *, order: str, after: int, limit: int) -> list[ResultRow]:
-        return self.file.result_rows(order=order, after=after, limit=limit)
+        async with self._turn:
+            return self.file.result_rows(order=order, after=after, limit=limit)
 
     async def result_lines(self, *, order: str) -> AsyncIterator[Iterable[bytes]]:
-        for chunk in _chunks(self.file.result_lines(order=order), 8192):
-            yield chunk
+        after = -1
+        while True:
+            async with self._turn:
+                page = self.file.result_page(order=order, after=after)
+            if not page:
+                return
+            after = page.last
+            yield page.lines
+            await _turn()
 
     async def tokens_by_model(self) -> dict[str, tuple[int, int]]:
         return self.file.tokens_by_model()
 
     async def counts(self) -> JournalCounts:
-        return self.file.counts()
+        async with self._turn:
+            return self.file.counts()
 
     async def open_batches(self) -> list[Shard]:
-        return self.file.open_batches()
+        async with self._turn:
+            return self.file.open_batches()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -10,6 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from aiobatch._convert import (
+    _summary_fast,
+    _summary_plain,
     decode,
     decode_json,
     decode_result_line,
@@ -17,6 +20,8 @@ from aiobatch._convert import (
     encode_request_line,
     parse_error_body,
     structure,
+    summarize,
+    summarize_result_line,
     to_wire,
     upload_form_fields,
 )
@@ -31,6 +36,7 @@ from aiobatch._models import (
     ResultError,
     ResultHTTPError,
     ResultSuccess,
+    ResultSummary,
 )
 from aiobatch.errors import DecodeError, UnknownStatusError
 
@@ -373,3 +379,114 @@ def test_decode_json_reports_a_snippet() -> None:
     """Invalid JSON errors quote the start of the body."""
     with pytest.raises(DecodeError, match="<html>"):
         decode_json(b"<html>oops</html>", what="Batch")
+
+
+_count = st.one_of(
+    st.integers(min_value=-5, max_value=10**6),
+    st.booleans(),
+    st.none(),
+    st.floats(0, 9),
+    st.text(max_size=2),
+)
+_usage = st.dictionaries(
+    st.sampled_from(
+        ["prompt_tokens", "completion_tokens", "input_tokens", "output_tokens", "total_tokens"]
+    ),
+    _count,
+    max_size=5,
+)
+_body = st.one_of(
+    json_values,
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "usage": st.one_of(_usage, json_values),
+            "error": st.one_of(
+                st.fixed_dictionaries({}, optional={"code": json_values, "message": json_values}),
+                json_values,
+            ),
+            "choices": json_values,
+        },
+    ),
+)
+_text_or = st.one_of(st.text(max_size=6), st.none(), st.integers(0, 9))
+_response = st.fixed_dictionaries(
+    {},
+    optional={
+        "status_code": st.one_of(
+            st.sampled_from([200, 201, 299, 300, 400, 408, 429, 500, 503]),
+            st.just(200.0),
+            st.booleans(),
+            st.text(max_size=3),
+        ),
+        "body": _body,
+        "request_id": _text_or,
+    },
+)
+_line_error = st.fixed_dictionaries({}, optional={"code": _text_or, "message": _text_or})
+result_objects = st.fixed_dictionaries(
+    {},
+    optional={
+        "custom_id": st.one_of(st.text(max_size=6), st.integers(0, 9), st.none()),
+        "id": _text_or,
+        "response": st.one_of(st.none(), _response, json_values),
+        "error": st.one_of(st.none(), _line_error, json_values),
+    },
+)
+
+
+def _summary_or_error(read: Callable[[Any], ResultSummary]) -> Callable[[Any], object]:
+    def call(line: str | bytes) -> object:
+        try:
+            return read(line)
+        except DecodeError:
+            return DecodeError
+
+    return call
+
+
+def _with_fallback(lean: Callable[[Any], ResultSummary | None]) -> Callable[[Any], ResultSummary]:
+    def read(line: str | bytes) -> ResultSummary:
+        found = lean(line)
+        return found if found is not None else summarize(decode_result_line(line))
+
+    return read
+
+
+_LEAN_READERS = {"plain": _with_fallback(_summary_plain), "default": summarize_result_line}
+if _summary_fast is not None:
+    _LEAN_READERS["msgspec"] = _with_fallback(_summary_fast)
+
+
+@given(result_objects, st.booleans())
+def test_the_lean_reading_of_a_result_line_agrees_with_the_typed_decode(
+    value: dict[str, Any], spaced: bool
+) -> None:
+    """What a run reads of any result line (custom_id, kind, status, code, tokens), with
+    or without msgspec, is what the typed decode says; a line it refuses is refused."""
+    line = json.dumps(value, separators=(", ", ": ") if spaced else (",", ":"))
+    expected = _summary_or_error(lambda text: summarize(decode_result_line(text)))(line)
+    for name, read in _LEAN_READERS.items():
+        assert _summary_or_error(read)(line) == expected, name
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        '{"custom_id":"a","custom_id":"b","response":{"status_code":200,"body":{}}}',
+        '{"custom_id":"a","response":{"status_code":200,"body":{"usage":{"prompt_tokens":NaN}}}}',
+        '{"custom_id":"a","response":{"status_code":200,"body":{"n":1e400}}}',
+        '{"custom_id":"\\ud800","error":{"code":"x","message":null}}',
+        '\ufeff{"custom_id":"a","error":{"code":"x","message":null}}',
+        '{"custom_id":"a","response":{"status_code":500,"body":{"error":{"code":7}}}}',
+        '{"custom_id":"a","response":{"status_code":200,"body":' + "[" * 3000 + "]" * 3000 + "}}",
+    ],
+)
+def test_unusual_result_lines_read_the_same_lean_or_typed(line: str) -> None:
+    """Duplicate keys, NaN, numbers out of range, lone surrogates, a byte-order mark, a
+    numeric error code and deep nesting read as the typed decode reads them."""
+    typed = _summary_or_error(lambda text: summarize(decode_result_line(text)))
+    for form in (line, line.encode("utf-8", "surrogatepass")):
+        expected = typed(form)
+        for name, read in _LEAN_READERS.items():
+            assert _summary_or_error(read)(form) == expected, name

@@ -6,13 +6,14 @@ is added to ``BACKENDS`` and must pass the module unchanged.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
 from pg import pg_url
 
-from aiobatch._run._journal import Journal
+from aiobatch._run._journal import CHUNK_BYTES, Journal
 from aiobatch._run._records import (
     FinalResult,
     PreparedRequest,
@@ -248,3 +249,89 @@ async def test_one_process_at_a_time(
     await other.acquire()
     await other.release()
     await other.close()
+
+
+async def test_a_request_with_a_result_is_done_wherever_it_is_read(journal: Journal) -> None:
+    """Once a request has its final result it counts as done everywhere: not queued in
+    its shard any more, not sent back to pending by a later retry line."""
+    requests = await _ingest(journal, 3)
+    await journal.add_shard("s0", _plan(requests), planned_at=11.0)
+    await journal.record("s0", [_final(0)], output_done=1)
+    members = await journal.members("s0")
+    assert {cid: m.queued for cid, m in members.items()} == {"r0": False, "r1": True, "r2": True}
+    assert [q.custom_id for q in (await journal.queued_at("s0")).values()] == ["r1", "r2"]
+    assert (await journal.counts()).requests == {"queued": 2, "done": 1}
+    await journal.record("s0", [], [RetryLine(0, 1, b"{}"), RetryLine(1, 1, b"{}")])
+    assert await journal.pending_count() == 1
+    assert await journal.not_done_count() == 2
+    assert await journal.retrying_count() == 1
+    assert (await journal.counts()).requests == {"pending": 1, "queued": 1, "done": 1}
+    assert [r.seq for r in await journal.result_rows(order="input", after=-1, limit=9)] == [0]
+
+
+def _big_request(seq: int, size: int) -> PreparedRequest:
+    pad = b"x" * size
+    data = b'{"custom_id":"r%d","method":"POST","url":"%s","body":{"model":"m","p":"%s"}}' % (
+        seq,
+        URL.encode(),
+        pad,
+    )
+    return PreparedRequest(
+        seq=seq, url=URL, model="m", tokens=5, line=seq + 1, custom_id=f"r{seq}", data=data
+    )
+
+
+async def test_lines_come_in_chunks_of_bounded_bytes(journal: Journal) -> None:
+    """A shard's lines and the result lines come in chunks of at most CHUNK_BYTES (or
+    one line), whatever the count of lines: reading them holds bounded memory."""
+    requests = [_big_request(seq, 300_000) for seq in range(40)]
+    async with journal.ingest() as sink:
+        await sink.add(requests)
+        await sink.start(RunMeta(run_id="run1"))
+    await journal.add_shard("s0", _plan(requests), planned_at=1.0)
+    chunks = [list(chunk) async for chunk in journal.shard_lines("s0")]
+    assert [line for chunk in chunks for line in chunk] == [r.data for r in requests]
+    assert all(sum(map(len, chunk[:-1])) < CHUNK_BYTES for chunk in chunks)
+    await journal.record("s0", [_final(r.seq, r.data) for r in requests])
+    for order in ("input", "completion"):
+        chunks = [list(chunk) async for chunk in journal.result_lines(order=order)]
+        assert [line for chunk in chunks for line in chunk] == [r.data for r in requests]
+        assert all(sum(map(len, chunk[:-1])) < CHUNK_BYTES for chunk in chunks)
+
+
+async def test_recording_a_large_shard_lets_other_tasks_run(journal: Journal) -> None:
+    """Recording the intent of a shard of many requests does not hold the event loop
+    to the end: other tasks run meanwhile, and the shard is recorded whole."""
+    count = 20_000
+    requests = await _ingest(journal, count)
+    ticks = 0
+    stop = asyncio.Event()
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while not stop.is_set():
+            ticks += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.ensure_future(ticker())
+    await asyncio.sleep(0)
+    before = ticks
+    shard = await journal.add_shard("s0", _plan(requests), planned_at=1.0)
+    during = ticks - before
+    stop.set()
+    await task
+    assert during >= 2
+    assert shard.lines == count
+    assert await journal.pending_count() == 0
+    assert len(await journal.queued_at("s0")) == count
+
+
+async def test_an_ingest_tells_which_ids_its_requests_use(journal: Journal) -> None:
+    """During an ingest, taken() gives the input line of the requests added so far
+    under each id asked about (what finds duplicates), and nothing for the others."""
+    async with journal.ingest() as sink:
+        await sink.add([_request(seq) for seq in range(1200)])
+        asked = [f"r{seq}" for seq in range(0, 2400, 2)]
+        assert await sink.taken(asked) == {f"r{seq}": seq + 1 for seq in range(0, 1200, 2)}
+        assert await sink.taken([]) == {}
+        await sink.start(RunMeta(run_id="run1"))

@@ -38,6 +38,7 @@ from aiobatch import (
     read_report,
     request_cancel,
 )
+from aiobatch._run._sqlite import SCHEMA_VERSION
 from aiobatch._run._sqlite import JournalFile as Journal
 from aiobatch.errors import AiobatchError, JournalError, PreflightError
 from aiobatch.testing import FakeBatchService, FakeConfig, LineErrorRule, VirtualClock
@@ -178,6 +179,28 @@ async def test_preflight_failure_names_every_problem_and_sends_nothing(
     assert service.file_ids == []
     assert journal_files(journal) == []
     assert not (tmp_path / "out.jsonl").exists()
+
+
+async def test_duplicates_are_found_however_far_apart_they_are(
+    clock: VirtualClock, tmp_path: Path
+) -> None:
+    """A custom_id used again thousands of lines later, by an accepted line or by a
+    line rejected for another reason, is a duplicate naming the line of its first use."""
+    lines: list[Mapping[str, Any] | str] = [chat_line(f"r-{n}") for n in range(5000)]
+    lines[1] = chat_line("c", stream=True)  # line 2: rejected, still holds "c"
+    lines[4599] = chat_line("c", "again")  # line 4600
+    lines[4600] = chat_line("r-2", "again")  # line 4601: line 3 has it
+    source = write_jsonl(tmp_path / "in.jsonl", lines)
+    async with fake_env(clock) as (service, client):
+        with pytest.raises(PreflightError) as info:
+            await BatchRun(client, source, journal=tmp_path / "run.journal").run()
+        assert service.requests == ()
+    found = [(p.line, p.custom_id, p.code, p.message) for p in info.value.problems]
+    assert found == [
+        (2, "c", "stream_not_supported", "streaming is not supported in batches (stream=true)"),
+        (4600, "c", "duplicate_custom_id", "duplicate: line 2 already uses this custom_id"),
+        (4601, "r-2", "duplicate_custom_id", "duplicate: line 3 already uses this custom_id"),
+    ]
 
 
 async def test_skip_invalid_runs_the_good_lines_and_counts_the_skipped(
@@ -643,7 +666,40 @@ async def test_a_journal_of_the_previous_schema_is_upgraded_and_resumed(
         ).run()
     assert report.state == "done"
     assert report.succeeded == 8
-    assert journal_meta(journal)["schema_version"] == "5"
+    assert journal_meta(journal)["schema_version"] == str(SCHEMA_VERSION)
+
+
+async def test_a_schema_5_journal_with_results_is_upgraded_and_resumed(
+    clock: VirtualClock, tmp_path: Path
+) -> None:
+    """A journal written by aiobatch with schema 5 (which marked each request with a
+    result ``done``) is read by ``status`` and resumed in place: the requests that had
+    their results keep them, the others are collected, each request ends once."""
+    source = write_jsonl(tmp_path / "in.jsonl", requests(8))
+    journal = tmp_path / "run.journal"
+    output = tmp_path / "out.jsonl"
+    async with fake_env(clock) as (service, client):
+        await BatchRun(client, source, journal=journal, config=RunConfig(max_lines=4)).run()
+        # As schema 5 left it when stopped with one shard collected, the other open.
+        db = sqlite3.connect(journal)
+        db.execute("DELETE FROM results WHERE shard = 's000001'")
+        db.execute(
+            "UPDATE shards SET state = 'open', status = 'in_progress', output_done = 0, "
+            "error_done = 0, input_tokens = 0, output_tokens = 0 WHERE key = 's000001'"
+        )
+        db.execute("UPDATE requests SET state = 'done' WHERE seq IN (SELECT seq FROM results)")
+        db.execute("UPDATE meta SET value = 'stopped' WHERE key = 'state'")
+        db.execute("UPDATE meta SET value = '5' WHERE key = 'schema_version'")
+        db.commit()
+        db.close()
+        assert journal_report(journal).pending == 4
+        report = await BatchRun(client, source, journal=journal, output=output).run()
+        batches = len(service.batch_ids)
+    assert (report.state, report.succeeded, report.pending) == ("done", 8, 0)
+    ids = [line["custom_id"] for line in read_output(output)]
+    assert ids == [f"r-{n}" for n in range(8)]
+    assert batches == 2
+    assert journal_meta(journal)["schema_version"] == str(SCHEMA_VERSION)
 
 
 # --- 7. request_cancel -----------------------------------------------------------------------
