@@ -87,3 +87,72 @@ async def test_a_run_and_two_workers_share_its_shards(
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
     took = [r.getMessage() for r in caplog.records if " took shard " in r.getMessage()]
     assert any("worker w" in message for message in took)  # the workers did act
+
+
+def _cli(*args: str) -> tuple[int, str]:
+    """Run the command line in this thread, capturing what it prints."""
+    import contextlib
+    import io
+
+    from aiobatch.cli import main
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        try:
+            code = main(list(args))
+        except SystemExit as exc:  # argparse refusing the arguments
+            code = int(exc.code or 0)
+    return code, printed.getvalue()
+
+
+async def test_a_cancel_by_url_stops_every_worker_and_cancels_their_batches(
+    tmp_path: Path,
+) -> None:
+    """``aiobatch cancel URL --run ID`` while two workers carry a run: both stop with a
+    cancelled report, and every batch they had open is cancelled."""
+    url = pg_url(str(tmp_path), run="shared")
+    journal = await _ingested(url, 40)
+    clock = VirtualClock()
+    service = service_on(clock, lines_per_second=0.01)  # the batches stay in progress
+    async with (
+        fake_client(service=service, clock=clock, retry=RetryPolicy.for_testing()) as fake,
+        clock.auto_advance(),
+    ):
+        workers = [
+            Worker(fake.client, journal=url, config=config(max_lines=5), lease_seconds=3.0)
+            for _ in range(2)
+        ]
+        tasks = [asyncio.ensure_future(w.run()) for w in workers]
+        for _ in range(10_000):
+            if len(service.batch_ids) == 8:
+                break
+            await asyncio.sleep(0.01)
+        run_id = (await journal.meta()).run_id  # type: ignore[union-attr]
+        base = url.split("&run=")[0]
+        code, said = await asyncio.to_thread(_cli, "cancel", base, "--run", run_id)
+        assert code == 0 and "cancel requested" in said
+        reports = await asyncio.gather(*tasks)
+        batches = [await service.get_batch(b) for b in service.batch_ids]
+    await journal.close()
+    assert [r.state for r in reports] == ["cancelled", "cancelled"]
+    assert {b.status.value for b in batches} == {"cancelled"}
+
+
+async def test_status_by_url_shows_one_run_of_many_in_a_database(tmp_path: Path) -> None:
+    """Two runs in one database: ``aiobatch status URL?run=NAME --json`` reports each
+    run's own requests, and ``--run`` names a run the same way."""
+    url = pg_url(str(tmp_path))
+    first = await _ingested(url + "&run=first", 7)
+    second = await _ingested(url + "&run=second", 3)
+    second_id = (await second.meta()).run_id  # type: ignore[union-attr]
+    await first.close()
+    await second.close()
+    code, said = await asyncio.to_thread(_cli, "status", url + "&run=first", "--json")
+    assert code == 0
+    assert json.loads(said)["requests"] == 7
+    code, said = await asyncio.to_thread(_cli, "status", url, "--run", second_id, "--json")
+    assert code == 0
+    shown = json.loads(said)
+    assert (shown["requests"], shown["run_id"]) == (3, second_id)
+    code, said = await asyncio.to_thread(_cli, "status", url, "--run", "third")
+    assert code == 1
