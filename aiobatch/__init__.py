@@ -7,6 +7,7 @@ and re-exported here.
 
 from __future__ import annotations
 
+from ._batched import BATCHED_ENDPOINTS, BatchedOpenAI, BatchedResult, BatchedStats
 from ._budget import RequestBudget
 from ._client import BatchClient
 from ._clock import Clock, SystemClock
@@ -65,6 +66,8 @@ from ._provider import (
     AnthropicProvider,
     AzureOpenAIProvider,
     CompatibleProvider,
+    GeminiProvider,
+    GroqProvider,
     Limits,
     OpenAIProvider,
     PortkeyProvider,
@@ -73,9 +76,14 @@ from ._provider import (
     Secret,
     provider_from_env,
 )
+from ._results import decode_result_line, read_results
 from ._retry import RetryPolicy, is_retry_testing, set_retry_testing
 from ._run import (
+    BatchCreated,
+    BatchEnded,
+    BatchEvent,
     BatchRun,
+    Price,
     ProgressDisplay,
     RunConfig,
     RunProgress,
@@ -92,17 +100,24 @@ __all__ = [
     "AZURE_LIMITS",
     "AnthropicProvider",
     "AzureOpenAIProvider",
+    "BATCHED_ENDPOINTS",
     "Batch",
     "BatchClient",
+    "BatchCreated",
     "BatchDone",
+    "BatchEnded",
     "BatchError",
     "BatchErrors",
+    "BatchEvent",
     "BatchLifecycle",
     "BatchPage",
     "BatchRequest",
     "BatchRun",
     "BatchStatus",
     "BatchUsage",
+    "BatchedOpenAI",
+    "BatchedResult",
+    "BatchedStats",
     "CREATE_KEY_METADATA",
     "Clock",
     "CompatibleProvider",
@@ -117,6 +132,8 @@ __all__ = [
     "FleetConfig",
     "FleetEvent",
     "FleetStats",
+    "GeminiProvider",
+    "GroqProvider",
     "InputTokensDetails",
     "Limits",
     "LineError",
@@ -128,6 +145,7 @@ __all__ = [
     "PORTKEY_BASE_URL",
     "PROVIDER_NAMES",
     "PortkeyProvider",
+    "Price",
     "ProgressChanged",
     "ProgressDisplay",
     "Provider",
@@ -152,10 +170,12 @@ __all__ = [
     "TRANSITIONS",
     "TrackingError",
     "Transition",
+    "decode_result_line",
     "format_report",
     "is_retry_testing",
     "provider_from_env",
     "read_report",
+    "read_results",
     "request_cancel",
     "set_retry_testing",
 ]

@@ -23,14 +23,29 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncGenerator, Iterable, Mapping
+from typing import Any
 
 from ._client_core import quote_id, response_lines
 from ._client_files import FileCalls
 from ._clock import Clock, SystemClock
-from ._convert import decode_batch_output_line, encode_create_batch, encode_inline_create
+from ._convert import (
+    decode_batch_output_line,
+    decode_json,
+    encode_create_batch,
+    encode_inline_create,
+    encode_online_body,
+)
 from ._create import LOOKUP_MAX_PAGES, Creator, keyed_metadata
 from ._lifecycle import BatchLifecycle, BatchStatus, parse_status_aliases
-from ._models import Batch, BatchErrors, BatchPage, BatchRequest, ResultLine, alias_status
+from ._models import (
+    Batch,
+    BatchErrors,
+    BatchPage,
+    BatchRequest,
+    LineResponse,
+    ResultLine,
+    alias_status,
+)
 from ._provider import OpenAIProvider, Provider, Secret, provider_from_env, require_key
 from ._retry import RetryPolicy, is_transient, poll_intervals
 from .errors import (
@@ -403,6 +418,34 @@ class BatchClient(FileCalls):
                 limit came first, or the server does not list newest first).
         """
         return await self._creates.find(create_key, since=since, max_pages=max_pages)
+
+    async def send_online(
+        self, url: str, body: Mapping[str, Any], *, deadline: float | None = None
+    ) -> LineResponse:
+        """Send one request to the ordinary (online) endpoint a batch line would call, at
+        full price, retried like every call.
+
+        Args:
+            url: the endpoint as a batch line names it (``/v1/chat/completions``).
+            body: the request body.
+            deadline: give up retrying at this monotonic time (None: the policy's own).
+
+        Returns:
+            Its status code, decoded body and request id.
+
+        Raises:
+            APIStatusError: the server answered with an error (after the retries).
+            TransportError: the request could not be sent.
+        """
+        path = url[len("/v1") :] if url.startswith("/v1/") else url
+        request = self._request("POST", path, body=encode_online_body(body), timeout=self._timeout)
+        response = await self._send(request, deadline=deadline)
+        raw = await response.read()
+        return LineResponse(
+            status_code=response.status,
+            body=decode_json(raw, what=f"the answer of {url}") if raw else None,
+            request_id=response.headers.get("x-request-id"),
+        )
 
     async def retrieve_batch(self, batch_id: str) -> Batch:
         """Get a batch (``GET /batches/{id}``)."""

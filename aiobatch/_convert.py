@@ -542,7 +542,18 @@ def decode(body: bytes | str, cls: type[T], *, what: str | None = None) -> T:
 
 
 def decode_result_line(line: bytes | str, *, what: str = "result line") -> ResultLine:
-    """Parse one line of a batch output or error file."""
+    """Parse one line of a batch output or error file, or of a run's output.
+
+    Args:
+        line: the line (JSON; surrounding whitespace is ignored).
+        what: how an error names the line (``"line 3 of results.jsonl"``).
+
+    Returns:
+        A :class:`ResultSuccess`, :class:`ResultHTTPError` or :class:`ResultError`.
+
+    Raises:
+        DecodeError: the line is not JSON, or not a result line.
+    """
     return structure(decode_json(line, what=what), ResultLine, what=what)  # type: ignore[arg-type]
 
 
@@ -666,6 +677,11 @@ def encode_request_line(request: BatchRequest) -> bytes:
         separators=(",", ":"),
         ensure_ascii=False,
     ).encode()
+
+
+def encode_online_body(body: Mapping[str, Any]) -> bytes:
+    """The JSON body of one online request (what a batch line's ``body`` holds)."""
+    return json.dumps(dict(body), separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def encode_create_batch(

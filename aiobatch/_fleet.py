@@ -35,10 +35,11 @@ past, it ends with :attr:`DoneReason.UNKNOWN_STATUS`, so that its files are read
 
 The next poll depends on the status and the progress rate
 (:mod:`aiobatch._fleet_tracked`), shortened by a random share (``jitter``) so that
-batches added together drift apart. Per tracked batch the fleet keeps a few numbers and
-its lifecycle, never the snapshots it has seen (the last :class:`~aiobatch.Batch` of a
-finished batch is kept in its outcome). Events reach users through
-:mod:`aiobatch._fleet_events`.
+batches added together drift apart; with webhooks (``webhook_interval``) polls are a
+safety net and :meth:`Fleet.notify` makes a batch due at once. Per tracked batch the
+fleet keeps a few numbers and its lifecycle, never the snapshots it has seen (the last
+:class:`~aiobatch.Batch` of a finished batch is kept in its outcome). Events reach
+users through :mod:`aiobatch._fleet_events`.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Mapping
 from typing import Any
@@ -70,8 +72,8 @@ from ._fleet_events import (
     TrackingError,
 )
 from ._fleet_sweep import BatchList, Sweep
-from ._fleet_tracked import Cancel, DueQueue, FleetConfig, Tracked
-from ._lifecycle import KNOWN, BatchStatus, parse_status_aliases
+from ._fleet_tracked import Cancel, DueQueue, FleetConfig, Pushed, Tracked
+from ._lifecycle import BatchStatus, parse_status_aliases
 from ._models import Batch, RequestCounts, alias_status
 from ._retry import RetryPolicy, cap_server_wait, is_transient, retry_after_of
 from .errors import (
@@ -162,6 +164,8 @@ class Fleet:
             initial_delay=cfg.rate_limit_pause, max_delay=cfg.max_interval, jitter=None
         )
         self._rng = random.Random(cfg.seed)
+        #: the safety-net beats (with webhook_interval) fall whole intervals after this.
+        self._origin = self._clock.monotonic()
         self._tracked: dict[str, Tracked] = {}
         self._outcomes: dict[str, BatchDone] = {}
         self._due = DueQueue(self._tracked)
@@ -267,6 +271,36 @@ class Fleet:
             return False
         self._list.remove(record)
         self._after_removal()
+        return True
+
+    def notify(self, batch_id: str) -> bool:
+        """A webhook says this batch has ended: make it due at once.
+
+        The scheduler observes it in its next round (one retrieve, or a sweep when many
+        batches are due together), so its :class:`BatchDone` follows within a round
+        trip. If that observation does not show it ended yet (the event outran the
+        server's read side), it is polled again after ``min_interval``. Called for a
+        batch the fleet does not track (never added, already ended), it counts in
+        ``stats.unknown_notifications`` and changes nothing. Safe to call for the same
+        batch many times.
+
+        Returns:
+            Whether the batch is tracked.
+        """
+        record = self._tracked.get(batch_id) if isinstance(batch_id, str) else None
+        if record is None or self._closed:
+            self.stats.unknown_notifications += 1
+            return False
+        self.stats.notifications += 1
+        if record.due == math.inf:
+            # A call about it is in flight: look again as soon as it is answered.
+            record.pushed = Pushed.IN_FLIGHT
+            return True
+        record.pushed = Pushed.PUSHED
+        now = self._clock.monotonic()
+        if record.due > now:
+            self._due.schedule(record, now)
+            self._wake.set()
         return True
 
     def outcome(self, batch_id: str) -> BatchDone | None:
@@ -452,7 +486,8 @@ class Fleet:
         changed = False
         unknown: UnknownStatusError | None = None
         if batch.status is _S.UNKNOWN:
-            unknown = self._unknown_status(record, batch)
+            grace = self._config.unknown_status_grace
+            unknown = record.unknown_status(batch, grace, self._clock.now(), self._events.emit)
         elif first:
             lifecycle.status = batch.status
             changed = True
@@ -495,46 +530,10 @@ class Fleet:
             return
         when = now
         if record.cancel is not Cancel.WANTED:
-            when = now + self._jittered(
-                record.next_interval(self._config, changed or progressed, now)
+            when = record.next_poll(
+                self._config, changed or progressed, now, self._origin, self._jittered
             )
         self._due.schedule(record, when)
-
-    def _unknown_status(self, record: Tracked, batch: Batch) -> UnknownStatusError | None:
-        """A snapshot in a status aiobatch does not know: report it (once per batch and
-        string); return the error when the batch has ended for sure (it carries result
-        files, or is past ``expires_at`` plus ``unknown_status_grace``), else None."""
-        raw = batch.wire_status
-        error = UnknownStatusError(raw, batch_id=record.id)
-        grace = self._config.unknown_status_grace
-        if raw not in record.unknown:
-            record.unknown += (raw,)
-            logger.warning(
-                "fleet: batch %s reports unknown status %r; it stays tracked as %r and "
-                "ends once it carries an output or error file, or %gs after its "
-                "expires_at. If you know what the status means, map it with "
-                "status_aliases={%r: STATUS}, STATUS one of: %s",
-                record.id,
-                raw,
-                record.lifecycle.status.value,
-                grace,
-                raw,
-                ", ".join(s.value for s in BatchStatus if s in KNOWN),
-            )
-            self._events.emit(TrackingError(record.id, error, batch))
-        if batch.output_file_id or batch.error_file_id:
-            why = "it carries result files"
-        elif batch.expires_at is not None and self._clock.now() >= batch.expires_at + grace:
-            why = f"its expires_at ({batch.expires_at}) passed more than {grace:g}s ago"
-        else:
-            return None
-        logger.warning(
-            "fleet: batch %s ends in unknown status %r: %s, so it runs no more",
-            record.id,
-            raw,
-            why,
-        )
-        return error
 
     def _report(self, batch_id: str | None, error: AiobatchError, batch: Batch | None) -> None:
         logger.warning("fleet: %s%s", f"batch {batch_id}: " if batch_id else "", describe(error))

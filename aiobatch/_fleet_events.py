@@ -152,6 +152,9 @@ class FleetStats:
         observations: batch snapshots examined.
         rate_limited: answers with status 429.
         failures: calls that failed (any reason).
+        notifications: :meth:`Fleet.notify` calls for a tracked batch.
+        unknown_notifications: :meth:`Fleet.notify` calls for a batch not tracked
+            (ignored).
     """
 
     requests: int = 0
@@ -162,6 +165,8 @@ class FleetStats:
     observations: int = 0
     rate_limited: int = 0
     failures: int = 0
+    notifications: int = 0
+    unknown_notifications: int = 0
 
 
 Callback: TypeAlias = Callable[[FleetEvent], "Awaitable[None] | None"]

@@ -1,13 +1,18 @@
 """What a fleet is told and what it keeps per open batch: :class:`FleetConfig`, the
 record of each tracked batch (:class:`Tracked`) with the pacing of its polls, and the
-queue of their due times (:class:`DueQueue`). Pure: no IO, no asyncio.
+queue of their due times (:class:`DueQueue`). No IO but log records, no asyncio.
 
 The next poll depends on the status: short while ``validating``, ``finalizing`` and
 ``cancelling`` (growing while nothing changes), and while ``in_progress`` about half the
 time left, estimated from the ``request_counts`` progress rate since processing began;
 always within ``[min_interval, max_interval]`` (:meth:`Tracked.next_interval`; the
 fleet then shortens it by a random share, ``jitter``, so that batches added together
-drift apart).
+drift apart). With webhooks on (``webhook_interval``) every poll is a safety net on a
+beat the open batches share, so that one list sweep serves them all, and a batch a
+webhook said ended is looked at again soon (:meth:`Tracked.next_poll`).
+
+A status string aiobatch does not know is reported once per batch and string, and ends
+the batch once it can no longer be running (:meth:`Tracked.unknown_status`).
 """
 
 from __future__ import annotations
@@ -15,17 +20,23 @@ from __future__ import annotations
 import enum
 import heapq
 import itertools
+import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
 
-from ._lifecycle import BatchLifecycle, BatchStatus
+from ._fleet_events import TrackingError
+from ._lifecycle import KNOWN, BatchLifecycle, BatchStatus
+from ._models import Batch
 from ._retry import DEFAULT_MAX_RETRY_WAIT
 from ._validators import non_negative, non_negative_or_none, positive
+from .errors import UnknownStatusError
 
-__all__ = ["Cancel", "DueQueue", "FleetConfig", "Tracked"]
+__all__ = ["Cancel", "DueQueue", "FleetConfig", "Pushed", "Tracked"]
+
+logger = logging.getLogger("aiobatch")
 
 _S = BatchStatus
 
@@ -84,6 +95,13 @@ class FleetConfig:
             :attr:`DoneReason.UNKNOWN_STATUS` this many seconds after its
             ``expires_at`` (it ends at once when it carries an output or error file).
         seed: seeds the jitter (None for a random one).
+        webhook_interval: webhooks on: every open batch is polled this often
+            (seconds; may exceed ``max_interval``), whatever its status, since
+            :meth:`Fleet.notify` (a :class:`~aiobatch.webhooks.WebhookReceiver`) makes a
+            batch due the moment its webhook arrives and polls only catch deliveries
+            that never come. The polls fall on one beat for all open batches (whole
+            intervals after the fleet was made, without jitter) so that one list sweep
+            serves them all. None (the default): webhooks off, the intervals above.
     """
 
     requests_per_second: float = attrs.field(default=10.0, validator=positive)
@@ -110,12 +128,18 @@ class FleetConfig:
     not_found_limit: int = attrs.field(default=3, validator=positive)
     unknown_status_grace: float = attrs.field(default=3600.0, validator=non_negative)
     seed: int | None = None
+    webhook_interval: float | None = attrs.field(default=None, validator=non_negative_or_none)
 
     def __attrs_post_init__(self) -> None:
         if self.min_interval > self.max_interval:
             raise ValueError(
                 f"FleetConfig.min_interval ({self.min_interval:g}) must not exceed "
                 f"max_interval ({self.max_interval:g})"
+            )
+        if self.webhook_interval is not None and self.webhook_interval < self.min_interval:
+            raise ValueError(
+                f"FleetConfig.webhook_interval ({self.webhook_interval:g}) must not be "
+                f"shorter than min_interval ({self.min_interval:g})"
             )
         if self.page_size > 100:
             raise ValueError(f"FleetConfig.page_size must be at most 100, got {self.page_size}")
@@ -130,6 +154,18 @@ class Cancel(enum.Enum):
     WANTED = "wanted"
     #: sent (or refused by the server: the batch has most likely ended)
     SENT = "sent"
+
+
+class Pushed(enum.Enum):
+    """Whether a webhook said a tracked batch ended (:meth:`Fleet.notify`)."""
+
+    #: no webhook since the last observation
+    NONE = "none"
+    #: one came: the next poll is soon
+    PUSHED = "pushed"
+    #: one came while a call about the batch was in flight (its answer may predate the
+    #: end): look again as soon as it is answered
+    IN_FLIGHT = "in_flight"
 
 
 class Tracked:
@@ -147,6 +183,7 @@ class Tracked:
         "interval",
         "lifecycle",
         "not_found",
+        "pushed",
         "seen",
         "start_done",
         "start_time",
@@ -174,6 +211,7 @@ class Tracked:
         self.deadline = deadline
         #: the unknown status strings reported for this batch (each is reported once).
         self.unknown: tuple[str, ...] = ()
+        self.pushed = Pushed.NONE
 
     def next_interval(self, config: FleetConfig, changed: bool, now: float) -> float:
         """The pause before the next poll (before jitter), remembered as the last one.
@@ -211,6 +249,87 @@ class Tracked:
         interval = min(max(interval, cfg.min_interval), cfg.max_interval)
         self.interval = interval
         return interval
+
+    def next_poll(
+        self,
+        config: FleetConfig,
+        changed: bool,
+        now: float,
+        origin: float,
+        jittered: Callable[[float], float],
+    ) -> float:
+        """When to poll next after a snapshot at ``now``.
+
+        Without webhooks: ``now`` plus :meth:`next_interval`, shortened by ``jittered``.
+        With webhooks (``webhook_interval``): the safety net's next beat, ``origin`` plus
+        a whole number of intervals, at least ``min_interval`` from now; every open batch
+        shares it, so that one list sweep can serve them all (jitter would scatter them
+        into rounds too small for a sweep, a retrieve each). After a webhook, sooner:
+        ``now`` when it came while the call just answered was in flight, else
+        ``min_interval`` from now (the server's read side may lag the event).
+
+        Args:
+            config: the fleet's intervals.
+            changed: whether the snapshot showed a change (status or progress).
+            now: ``clock.monotonic()`` of the snapshot.
+            origin: ``clock.monotonic()`` when the fleet was made.
+            jittered: takes the jitter off an interval.
+        """
+        beat = config.webhook_interval
+        if beat is None:
+            when = now + jittered(self.next_interval(config, changed, now))
+        else:
+            self.interval = beat
+            when = origin + (math.floor((now + config.min_interval - origin) / beat) + 1) * beat
+        pushed, self.pushed = self.pushed, Pushed.NONE
+        if pushed is Pushed.IN_FLIGHT:
+            self.pushed = Pushed.PUSHED  # if this look is too early, one more soon
+            return now
+        if pushed is Pushed.PUSHED:
+            return min(when, now + config.min_interval)
+        return when
+
+    def unknown_status(
+        self,
+        batch: Batch,
+        grace: float,
+        wall_now: float,
+        report: Callable[[TrackingError], None],
+    ) -> UnknownStatusError | None:
+        """A snapshot in a status aiobatch does not know: report it (once per batch and
+        string, to ``report`` and as a WARNING); return the error when the batch has
+        ended for sure (it carries result files, or ``wall_now`` is past
+        ``expires_at`` plus ``grace``), else None."""
+        raw = batch.wire_status
+        error = UnknownStatusError(raw, batch_id=self.id)
+        if raw not in self.unknown:
+            self.unknown += (raw,)
+            logger.warning(
+                "fleet: batch %s reports unknown status %r; it stays tracked as %r and "
+                "ends once it carries an output or error file, or %gs after its "
+                "expires_at. If you know what the status means, map it with "
+                "status_aliases={%r: STATUS}, STATUS one of: %s",
+                self.id,
+                raw,
+                self.lifecycle.status.value,
+                grace,
+                raw,
+                ", ".join(s.value for s in BatchStatus if s in KNOWN),
+            )
+            report(TrackingError(self.id, error, batch))
+        if batch.output_file_id or batch.error_file_id:
+            why = "it carries result files"
+        elif batch.expires_at is not None and wall_now >= batch.expires_at + grace:
+            why = f"its expires_at ({batch.expires_at}) passed more than {grace:g}s ago"
+        else:
+            return None
+        logger.warning(
+            "fleet: batch %s ends in unknown status %r: %s, so it runs no more",
+            self.id,
+            raw,
+            why,
+        )
+        return error
 
 
 class DueQueue:

@@ -18,7 +18,8 @@ repr ever contains an API key.
     │   ├── ConflictError              409
     │   ├── UnprocessableEntityError   422
     │   ├── RateLimitError             429, with ``retry_after``
-    │   └── ServerError                5xx
+    │   ├── ServerError                5xx
+    │   └── RequestFailedError         a batched call's request came back with an HTTP error
     ├── DecodeError                    the server sent a body we cannot read (server's fault)
     │   └── UnknownStatusError         a batch status string we do not know (also a StateError)
     ├── StateError                     the batch lifecycle was violated
@@ -26,6 +27,8 @@ repr ever contains an API key.
     │   ├── UnexpectedTransitionError  the server reported an impossible move (the server's fault)
     │   └── UnknownStatusError
     ├── WaitTimeoutError               a wait passed its deadline (also a builtin TimeoutError)
+    ├── BatchedTimeoutError            a batched call's ``deadline`` passed before its result
+    │                                  (also a builtin TimeoutError)
     ├── AmbiguousCreateError           a create may or may not have made a batch: look its
     │                                  ``create_key`` up later (never re-sent blindly)
     ├── LookupIncompleteError          a create-key lookup could not prove the batch absent
@@ -38,9 +41,16 @@ repr ever contains an API key.
     ├── ConfigurationError             bad provider settings: unknown name, missing endpoint or
     │                                  key (the caller's fault; also a builtin ValueError)
     ├── ClosedError                    the client was used after it was closed (the caller's fault)
+    ├── RequestNotRunError             a batched call's request ended without a response
+    │   └── BatchEndedError            ... its batches expired or were cancelled in every round
     ├── InputError                     the caller's input is bad (also a builtin ValueError)
     │   └── PreflightError             input lines failed the checks run before any upload;
     │                                  nothing was uploaded
+    ├── WebhookError                   a webhook delivery was refused and not acted on
+    │   ├── WebhookHeaderError         a Standard Webhooks header is missing or unreadable
+    │   ├── WebhookTimestampError      the delivery's timestamp is too old or in the future
+    │   ├── WebhookSignatureError      no signature matches any secret (forged, tampered)
+    │   └── WebhookPayloadError        a correctly signed body is not an event (bad JSON)
     ├── JournalError                   a run's journal cannot be used (missing, in use, made
     │   │                              for another input, damaged, unreachable)
     │   └── LeaseLostError             a worker's lease on a shard ran out or was taken
@@ -64,6 +74,8 @@ __all__ = [
     "AmbiguousCreateError",
     "AuthenticationError",
     "BadRequestError",
+    "BatchEndedError",
+    "BatchedTimeoutError",
     "ClosedError",
     "ConfigurationError",
     "ConflictError",
@@ -81,6 +93,8 @@ __all__ = [
     "PermissionDeniedError",
     "PreflightError",
     "RateLimitError",
+    "RequestFailedError",
+    "RequestNotRunError",
     "RunError",
     "ServerError",
     "ShardMoveError",
@@ -95,6 +109,11 @@ __all__ = [
     "UnreachableError",
     "UnsupportedError",
     "WaitTimeoutError",
+    "WebhookError",
+    "WebhookHeaderError",
+    "WebhookPayloadError",
+    "WebhookSignatureError",
+    "WebhookTimestampError",
     "status_error_class",
 ]
 
@@ -333,6 +352,28 @@ class WaitTimeoutError(AiobatchError, TimeoutError):
         self.last_status = last_status
 
 
+class BatchedTimeoutError(AiobatchError, TimeoutError):
+    """A :class:`~aiobatch.BatchedOpenAI` call's ``deadline`` passed before its result
+    came. A request already in a batch stays there: its result is kept in the journal
+    (a rerun with the same journal folder is answered from it).
+
+    Attributes:
+        custom_id: the request's key.
+        url: its endpoint.
+        model: its model.
+        deadline: the seconds it was given.
+    """
+
+    def __init__(
+        self, message: str, *, custom_id: str, url: str, model: str, deadline: float
+    ) -> None:
+        super().__init__(message)
+        self.custom_id = custom_id
+        self.url = url
+        self.model = model
+        self.deadline = deadline
+
+
 class AmbiguousCreateError(AiobatchError):
     """A create may or may not have made a batch, and aiobatch could not tell which.
 
@@ -563,3 +604,117 @@ class UnreachableError(StepFailedError):
         super().__init__(message, step=step, attempts=attempts, elapsed=elapsed, cause=cause)
         self.host = host
         self.reason = reason
+
+
+class WebhookError(AiobatchError):
+    """A webhook delivery was refused: it is not acted on. The sender's fault (or an
+    attacker's); the message never contains a secret.
+
+    Attributes:
+        webhook_id: the delivery's ``webhook-id`` header, when it had one.
+    """
+
+    def __init__(self, message: str, *, webhook_id: str | None = None) -> None:
+        super().__init__(message)
+        self.webhook_id = webhook_id
+
+
+class WebhookHeaderError(WebhookError):
+    """A Standard Webhooks header (``webhook-id``, ``webhook-timestamp``,
+    ``webhook-signature``) is missing, empty or unreadable: the delivery is unsigned."""
+
+
+class WebhookTimestampError(WebhookError):
+    """The delivery's ``webhook-timestamp`` is further from now than the tolerance: an
+    old delivery replayed, or one dated in the future.
+
+    Attributes:
+        timestamp: the delivery's timestamp (Unix seconds).
+        now: the receiver's time (its clock's wall time).
+        tolerance: the largest difference accepted, in seconds.
+    """
+
+    def __init__(
+        self, message: str, *, webhook_id: str | None, timestamp: int, now: float, tolerance: float
+    ) -> None:
+        super().__init__(message, webhook_id=webhook_id)
+        self.timestamp = timestamp
+        self.now = now
+        self.tolerance = tolerance
+
+
+class WebhookSignatureError(WebhookError):
+    """No signature of the delivery matches any of the secrets: it was forged, its body
+    or headers were changed on the way, or it was signed with another secret."""
+
+
+class WebhookPayloadError(WebhookError):
+    """A correctly signed body is not an event: not JSON, or without a string ``id``
+    and ``type``, an integer ``created_at`` or an object ``data``."""
+
+
+class RequestFailedError(APIStatusError):
+    """A request sent through a batch (:class:`aiobatch.BatchedOpenAI`) came back with
+    an HTTP error line: the same facts the official SDK's ``APIStatusError`` carries
+    (``status_code``, ``error_code``, ``error_type``, ``error_param``, ``message``,
+    ``request_id``, ``body``), plus where it came from.
+
+    Attributes:
+        custom_id: the request's key in its batch.
+        batch_id: the batch whose line this was.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int,
+        custom_id: str,
+        batch_id: str | None,
+        request_id: str | None = None,
+        body: Any = None,
+        error_type: str | None = None,
+        error_code: str | None = None,
+        error_param: str | None = None,
+        url: str = "",
+    ) -> None:
+        super().__init__(
+            message,
+            status_code=status_code,
+            request_id=request_id,
+            body=body,
+            error_type=error_type,
+            error_code=error_code,
+            error_param=error_param,
+            method="POST" if url else "",
+            url=url,
+        )
+        self.custom_id = custom_id
+        self.batch_id = batch_id
+
+
+class RequestNotRunError(AiobatchError):
+    """A request sent through a batch ended without a response (the error file's line,
+    or aiobatch's own final error, such as a line the server never returned).
+
+    Attributes:
+        code: the line's error code (``batch_expired``, ``batch_cancelled``...), or None.
+        message: the line's error message.
+        custom_id: the request's key in its batch.
+        batch_id: the batch the error is about, when there was one.
+    """
+
+    def __init__(
+        self, message: str, *, code: str | None, custom_id: str, batch_id: str | None
+    ) -> None:
+        self.code = code
+        self.message = message
+        self.custom_id = custom_id
+        self.batch_id = batch_id
+        where = f" in batch {batch_id}" if batch_id else ""
+        super().__init__(f"request {custom_id}{where} did not run ({code}): {message}")
+
+
+class BatchEndedError(RequestNotRunError):
+    """A request's batches expired or were cancelled (``batch_expired`` /
+    ``batch_cancelled``) in every retry round the run allowed (``RunConfig.max_rounds``)."""

@@ -9,12 +9,13 @@ import aiobatch
 import aiobatch.errors
 import aiobatch.testing
 import aiobatch.transport
+import aiobatch.webhooks
 from aiobatch._lifecycle import mermaid_diagram
 from aiobatch._run._states import mermaid_diagram as shard_diagram
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
-PUBLIC = [aiobatch, aiobatch.errors, aiobatch.testing, aiobatch.transport]
+PUBLIC = [aiobatch, aiobatch.errors, aiobatch.testing, aiobatch.transport, aiobatch.webhooks]
 
 
 def test_every_public_module_exports_a_sorted_complete_all() -> None:

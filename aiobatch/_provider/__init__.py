@@ -22,6 +22,9 @@ Four dialects (reference/batch-api.md §1, §3, §4):
   ``{base_url}/batches``.
 * :class:`AnthropicProvider`: ``x-api-key`` and ``anthropic-version``;
   ``{base_url}/v1/messages/batches``, requests inline in the create.
+* OpenAI-compatible presets (a :class:`CompatibleProvider` with a base URL, a key
+  variable, limits): :class:`GroqProvider` (``GROQ_API_KEY``, windows up to ``7d``,
+  100 MB files), :class:`GeminiProvider` (``GEMINI_API_KEY``).
 
 :func:`provider_from_env` picks one by name (``"openai"``, ``"portkey"``, ``"azure"``,
 ``"compatible"``) and fills it from the usual environment variables.
@@ -43,6 +46,8 @@ from ._anthropic import ANTHROPIC_BASE_URL, ANTHROPIC_LIMITS, AnthropicProvider
 from ._azure import AZURE_API_VERSION_V1, AZURE_LIMITS, AzureOpenAIProvider
 from ._base import Limits, Provider, Quirks
 from ._compatible import CompatibleProvider
+from ._gemini import GEMINI_BASE_URL, GeminiProvider
+from ._groq import GROQ_BASE_URL, GROQ_LIMITS, GroqProvider
 from ._openai import DEFAULT_BASE_URL, OPENAI_LIMITS, OpenAIProvider
 from ._portkey import PORTKEY_BASE_URL, PortkeyProvider
 from ._registry import PROVIDER_NAMES, provider_from_env, require_key
@@ -53,12 +58,17 @@ __all__ = [
     "AZURE_API_VERSION_V1",
     "AZURE_LIMITS",
     "DEFAULT_BASE_URL",
+    "GEMINI_BASE_URL",
+    "GROQ_BASE_URL",
+    "GROQ_LIMITS",
     "OPENAI_LIMITS",
     "PORTKEY_BASE_URL",
     "PROVIDER_NAMES",
     "AnthropicProvider",
     "AzureOpenAIProvider",
     "CompatibleProvider",
+    "GeminiProvider",
+    "GroqProvider",
     "Limits",
     "OpenAIProvider",
     "PortkeyProvider",

@@ -8,10 +8,12 @@ from urllib.parse import urlsplit
 
 from .._secret import Secret
 from ..errors import ConfigurationError
-from ._anthropic import AnthropicProvider
+from ._anthropic import ANTHROPIC_BASE_URL, AnthropicProvider
 from ._azure import AzureOpenAIProvider
 from ._base import Provider
 from ._compatible import CompatibleProvider
+from ._gemini import GeminiProvider
+from ._groq import GroqProvider
 from ._openai import DEFAULT_BASE_URL, OpenAIProvider
 from ._portkey import PortkeyProvider
 
@@ -23,8 +25,9 @@ def require_key(provider: Provider) -> None:
 
     OpenAI's own API (``api.openai.com``) answers every request without a key with a
     401: an unset ``OPENAI_API_KEY`` is refused here, before any work, rather than met
-    at the first request. (Portkey and Azure providers refuse a missing key when they are
-    built; a server of one's own, at another base URL, may take none.)
+    at the first request; so is an unset ``ANTHROPIC_API_KEY`` for Anthropic's API.
+    (Portkey and Azure providers refuse a missing key when they are built; a server of
+    one's own, at another base URL, may take none.)
 
     Raises:
         ConfigurationError: naming the variable to set.
@@ -36,10 +39,34 @@ def require_key(provider: Provider) -> None:
                 f"no API key for OpenAI ({provider.base_url}): set OPENAI_API_KEY or pass "
                 "api_key (a server that takes no key is the 'compatible' provider)"
             )
+    for preset, variable in _PRESETS.values():
+        if isinstance(provider, preset) and not provider.api_key:
+            raise ConfigurationError(
+                f"no API key for {provider.name} ({provider.base_url}): set {variable} "
+                "or pass api_key"
+            )
+    if isinstance(provider, AnthropicProvider) and not provider.api_key:
+        host = urlsplit(provider.base_url).hostname or ""
+        if host.lower() == urlsplit(ANTHROPIC_BASE_URL).hostname:
+            raise ConfigurationError(
+                f"no API key for Anthropic ({provider.base_url}): set ANTHROPIC_API_KEY "
+                "or pass api_key"
+            )
 
 
 #: The names :func:`provider_from_env` (and ``BatchClient(provider=...)``) accept.
-PROVIDER_NAMES: tuple[str, ...] = ("openai", "portkey", "azure", "compatible", "anthropic")
+PROVIDER_NAMES: tuple[str, ...] = (
+    "openai",
+    "portkey",
+    "azure",
+    "compatible",
+    "anthropic",
+    "groq",
+    "gemini",
+)
+
+#: The OpenAI-compatible presets: a base URL, a key variable, limits and quirks each.
+_PRESETS = {"groq": (GroqProvider, "GROQ_API_KEY"), "gemini": (GeminiProvider, "GEMINI_API_KEY")}
 
 
 def provider_from_env(
@@ -90,6 +117,8 @@ def provider_from_env(
         "azure": set(),
         "compatible": {"base_url"},
         "anthropic": {"base_url"},
+        "groq": {"base_url"},
+        "gemini": {"base_url"},
     }[key]
     extra = sorted(k for k, v in given.items() if v is not None and k not in takes)
     if extra:
@@ -113,4 +142,7 @@ def provider_from_env(
         return AzureOpenAIProvider.from_env(api_key=api_key, environ=environ)
     if key == "anthropic":
         return AnthropicProvider.from_env(api_key=api_key, base_url=base_url, environ=environ)
+    if key in _PRESETS:
+        preset = _PRESETS[key][0]
+        return preset.from_env(base_url=base_url, api_key=api_key, environ=environ)
     return CompatibleProvider.from_env(base_url=base_url, api_key=api_key, environ=environ)

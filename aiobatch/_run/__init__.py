@@ -19,8 +19,9 @@ thing; see DESIGN.md):
 """
 
 from ._batch_run import BatchRun
-from ._config import RequestSource, RunConfig, RunResult
+from ._config import Price, RequestSource, RunConfig, RunResult
 from ._control import cancel_batches, request_cancel, run_is_live
+from ._events import BatchCreated, BatchEnded, BatchEvent
 from ._journal import Journal
 from ._progress import ProgressDisplay, RunProgress
 from ._report import RunReport, build_report, format_report, read_report
@@ -30,9 +31,13 @@ from ._states import SHARD_MOVES, ShardState
 
 __all__ = [
     "SHARD_MOVES",
+    "BatchCreated",
+    "BatchEnded",
+    "BatchEvent",
     "BatchRun",
     "Journal",
     "JournalFile",
+    "Price",
     "ProgressDisplay",
     "RequestSource",
     "RunConfig",

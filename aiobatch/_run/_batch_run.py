@@ -46,9 +46,11 @@ from ..errors import (
     TransportError,
     describe,
 )
+from ..webhooks import DEFAULT_WEBHOOK_INTERVAL, WebhookReceiver
 from ._collect import collect, delete_files
 from ._config import RequestSource, RunConfig, RunResult
 from ._context import Next, RunContext, Stop, logger
+from ._events import BatchCreated, BatchEnded, BatchEvent
 from ._failures import Streak, heard_from_server, step_failed, tracking_failed
 from ._ingest import check_source, ingest
 from ._journal import Journal
@@ -107,6 +109,15 @@ class BatchRun:
         config: sharding, retries, concurrency (see :class:`RunConfig`).
         on_progress: called with a :class:`RunProgress` whenever something changed
             (for :class:`aiobatch.ProgressDisplay`); must be quick.
+        webhooks: a :class:`~aiobatch.webhooks.WebhookReceiver` (served by the caller)
+            whose batch events reach the run's fleet while it runs; the fleet then
+            polls only every ``FleetConfig.webhook_interval`` (600 s unless the config
+            sets it) as a safety net for lost deliveries.
+        on_batch: called with a :class:`BatchCreated` when a batch is open on the server
+            (made, or adopted on a resume) and a :class:`BatchEnded` when tracking it ends
+            (a batch cancelled at its ``batch_timeout`` ends twice: ``reason="deadline"``,
+            then ``"finished"`` once cancelled); must be quick (its exceptions are
+            logged, never propagated).
     """
 
     def __new__(cls, *args: Any, **kwargs: Any) -> BatchRun:
@@ -127,8 +138,14 @@ class BatchRun:
         output: str | os.PathLike[str] | None = None,
         config: RunConfig | None = None,
         on_progress: Callable[[RunProgress], None] | None = None,
+        webhooks: WebhookReceiver | None = None,
+        on_batch: Callable[[BatchEvent], None] | None = None,
     ) -> None:
         self._client = client
+        self._on_batch = on_batch
+        #: what each batch announced as created holds: (shard, endpoint, model).
+        self._announced: dict[str, tuple[str, str, str | None]] = {}
+        self._webhooks = webhooks
         self._source = source
         self._journal_path = os.fspath(journal)
         self._output = os.fspath(output) if output is not None else None
@@ -159,6 +176,9 @@ class BatchRun:
         self._runner: asyncio.Task[RunReport] | None = None
         self._finished = asyncio.Event()
         self._ingested = False
+        #: the report the run ended with: its last progress snapshot shows its figures.
+        self._final: RunReport | None = None
+        self._last_progress: RunProgress | None = None
 
     # --- public surface ------------------------------------------------------------------
 
@@ -264,8 +284,13 @@ class BatchRun:
                     await runner
 
     def progress(self) -> RunProgress:
-        """A snapshot of the run, for display."""
-        if self._ctx is None:
+        """A snapshot of the run, for display (after the run: its last one, whose
+        figures are the report's)."""
+        ctx = self._ctx
+        if ctx is None:
+            last = self._last_progress
+            if last is not None:
+                return last if last.state == self._state else attrs.evolve(last, state=self._state)
             return RunProgress(
                 total=0,
                 succeeded=0,
@@ -276,7 +301,20 @@ class BatchRun:
                 elapsed=0.0,
                 state=self._state,
             )
-        return self._ctx.progress(state=self._state, started_at=self._started_at)
+        snapshot = ctx.progress(state=self._state, started_at=self._started_at)
+        final = self._final
+        if final is not None:
+            snapshot = attrs.evolve(
+                snapshot,
+                total=final.requests,
+                succeeded=final.succeeded,
+                failed=final.failed,
+                batches={status: n for status, n in final.statuses.items() if n},
+                round=final.rounds,
+                elapsed=final.elapsed,
+            )
+        self._last_progress = snapshot
+        return snapshot
 
     # --- the run -------------------------------------------------------------------------
 
@@ -340,6 +378,9 @@ class BatchRun:
             # A deadline cancels the batch and keeps tracking it to its end: its lines
             # must not run elsewhere while it may still run them.
             fleet_config = attrs.evolve(fleet_config, cancel_on_deadline=True)
+        if self._webhooks is not None and fleet_config.webhook_interval is None:
+            interval = max(DEFAULT_WEBHOOK_INTERVAL, fleet_config.min_interval)
+            fleet_config = attrs.evolve(fleet_config, webhook_interval=interval)
         limits = self._client.provider.limits
         ctx = RunContext(
             client=self._client,
@@ -365,13 +406,15 @@ class BatchRun:
             await self._load_counts(ctx)
             await self._write_output(journal)
             await ctx.fleet.aclose()
-            return await self._report(journal)
+            return await self._final_report(journal)
         # A cancel flag left from an earlier run is stale (that run stopped); one set
         # while this run checked its input is this run's.
         await journal.set_state("running", at=self._clock.now(), clear_cancel=resuming)
         self._state = "running"
         await self._load_counts(ctx)
         cancelled: BaseException | None = None
+        if self._webhooks is not None:
+            self._webhooks.attach(ctx.fleet)
         try:
             self._spawn(self._consume(ctx, ctx.fleet.events()), name="events")
             ctx.network_since = self._clock.monotonic()
@@ -384,6 +427,8 @@ class BatchRun:
             if self._stop_reason == "cancelled" and self._failure is None:
                 await self._wind_down(ctx)
         finally:
+            if self._webhooks is not None:
+                self._webhooks.detach(ctx.fleet)
             await cancel_and_wait(self._tasks)
             await ctx.fleet.aclose()
         if self._failure is not None:
@@ -394,18 +439,17 @@ class BatchRun:
             state = self._stop_reason
             await self._record_state(journal, state)
             self._state = state
-            self._emit_progress()
+            report = await self._final_report(journal)
             if cancelled is not None:
                 raise cancelled
-            return await self._report(journal)
+            return report
         await journal.set_state("done", at=self._clock.now())
         self._state = "done"
         if self._config.work_dir is None:
             with contextlib.suppress(OSError):
                 os.rmdir(self._default_work_dir(meta.run_id))  # only when empty
         await self._write_output(journal)
-        self._emit_progress()
-        return await self._report(journal)
+        return await self._final_report(journal)
 
     async def _record_state(self, journal: Journal, state: str) -> None:
         """Record how the run ended in this process (a worker of a shared run records
@@ -432,6 +476,21 @@ class BatchRun:
     async def _report(journal: Journal) -> RunReport:
         return build_report(await journal.meta(), await journal.counts())
 
+    async def _final_report(self, journal: Journal) -> RunReport:
+        """The report of the run as it ends, shown once more as its last progress
+        snapshot (with the report's figures, so that the two agree)."""
+        report = await self._report(journal)
+        tokens = await journal.tokens_by_model()
+        prices = self._config.prices
+        report = attrs.evolve(
+            report,
+            tokens_by_model=tokens,
+            cost_by_model={m: prices[m].cost(*t) for m, t in tokens.items() if m in prices},
+        )
+        self._final = report
+        self._emit_progress()
+        return report
+
     async def _load_counts(self, ctx: RunContext) -> None:
         report = await self._report(ctx.journal)
         ctx.counts.update(
@@ -451,6 +510,7 @@ class BatchRun:
             self._start_submit(ctx, shard.key)
         for shard in await ctx.journal.shards(_S.OPEN):
             self._track(ctx, shard)
+            self._batch_created(shard, adopted=True)
         for shard in await ctx.journal.shards(_S.COLLECTING):
             assert shard.batch_id is not None
             ctx.shard_of[shard.batch_id] = shard.key
@@ -668,7 +728,9 @@ class BatchRun:
     async def _after(self, ctx: RunContext, key: str, result: Next) -> None:
         """Act on a step's answer: track an open batch, submit a shard sent back."""
         if result.state is _S.OPEN:
-            self._track(ctx, await ctx.journal.shard(key), result.batch)
+            shard = await ctx.journal.shard(key)
+            self._track(ctx, shard, result.batch)
+            self._batch_created(shard, adopted=False)
         elif result.state in SUBMITTING:
             ctx.set_status(key, result.state.value)
             if key not in self._submitting and not self._stopping.is_set():
@@ -708,6 +770,7 @@ class BatchRun:
                     continue
                 ctx.set_status(key, event.batch.status.value)
             elif isinstance(event, BatchDone):
+                self._batch_ended(key, event)
                 self._start_collect(ctx, key, event)
         # The events end only when the fleet stopped on its own (the run cancels this
         # task before it closes the fleet): nothing tracks the batches any more.
@@ -775,6 +838,38 @@ class BatchRun:
                 if shard.state is _S.COLLECTED and shard.batch_id is not None:
                     ctx.shard_of.pop(shard.batch_id, None)
             self._changed.set()
+
+    def _batch_created(self, shard: Shard, *, adopted: bool) -> None:
+        if self._on_batch is None or shard.batch_id is None:
+            return
+        self._announced[shard.batch_id] = (shard.key, shard.url, shard.model)
+        self._emit_batch(
+            BatchCreated(shard.batch_id, shard.key, shard.url, shard.model, shard.lines, adopted)
+        )
+
+    def _batch_ended(self, key: str, done: BatchDone) -> None:
+        if self._on_batch is None:
+            return
+        _, url, model = self._announced.get(done.batch_id, (key, "", None))
+        batch = done.batch
+        self._emit_batch(
+            BatchEnded(
+                done.batch_id,
+                key,
+                url,
+                model,
+                status=batch.status.value if batch is not None else None,
+                reason=done.reason.value,
+                counts=batch.request_counts if batch is not None else None,
+            )
+        )
+
+    def _emit_batch(self, event: BatchEvent) -> None:
+        assert self._on_batch is not None
+        try:
+            self._on_batch(event)
+        except Exception:  # an observer must never break the run
+            logger.exception("batch event callback failed")
 
     def _emit_progress(self) -> None:
         callback = self._on_progress

@@ -15,7 +15,7 @@ from .._models import ResultLine, ResultSuccess
 from .._retry import DEFAULT_MAX_RETRY_WAIT
 from .._validators import non_negative, positive, positive_or_none
 
-__all__ = ["RequestSource", "RunConfig", "RunResult"]
+__all__ = ["Price", "RequestSource", "RunConfig", "RunResult"]
 
 #: Batches a request may go into, beyond its ``1 + max_rounds``, by default (see
 #: ``RunConfig.max_batches_per_request``): re-sends that spend no round.
@@ -27,6 +27,31 @@ RequestSource: TypeAlias = (
     "str | os.PathLike[str] | Iterable[Mapping[str, Any] | str | bytes] "
     "| AsyncIterable[Mapping[str, Any] | str | bytes]"
 )
+
+
+@attrs.frozen
+class Price:
+    """A model's batch prices, in dollars per million tokens.
+
+    Attributes:
+        input: a million prompt tokens.
+        output: a million completion tokens.
+    """
+
+    input: float = attrs.field(validator=non_negative)
+    output: float = attrs.field(validator=non_negative)
+
+    def cost(self, input_tokens: int, output_tokens: int) -> float:
+        """The dollars that many tokens cost."""
+        return (input_tokens * self.input + output_tokens * self.output) / 1_000_000
+
+
+def _prices(value: Mapping[str, Price | tuple[float, float]]) -> Mapping[str, Price]:
+    """Model -> :class:`Price`; a pair ``(input, output)`` is taken as one."""
+    return {
+        str(model): price if isinstance(price, Price) else Price(*price)
+        for model, price in value.items()
+    }
 
 
 def _order(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
@@ -124,6 +149,9 @@ class RunConfig:
             collected once it carries result files, or ``fleet.unknown_status_grace``
             seconds after its ``expires_at``: its shard ends ``ended_unknown_status``
             and its lines without a result ``batch_unknown_status`` (retryable).
+        prices: model -> its :class:`Price` (or an ``(input, output)`` pair), in
+            dollars per million tokens at batch prices: the report then has each
+            model's cost (``RunReport.cost_by_model``) beside its tokens.
     """
 
     max_lines: int | None = attrs.field(default=None, validator=positive_or_none)
@@ -160,6 +188,7 @@ class RunConfig:
     status_aliases: Mapping[str, BatchStatus] = attrs.field(
         factory=dict, converter=parse_status_aliases
     )
+    prices: Mapping[str, Price] = attrs.field(factory=dict, converter=_prices)
 
     @property
     def batch_limit(self) -> int:

@@ -117,6 +117,10 @@ class RunContext:
     stopping: asyncio.Event = attrs.field(factory=asyncio.Event)
     changed: asyncio.Event = attrs.field(factory=asyncio.Event)
     results_changed: asyncio.Event = attrs.field(factory=asyncio.Event)
+    #: inline submission (``_submit``): held while a shard takes its turn to enter
+    #: ``creating``, and set whenever a shard leaves ``creating``.
+    inline_turn: asyncio.Lock = attrs.field(factory=asyncio.Lock)
+    left_creating: asyncio.Event = attrs.field(factory=asyncio.Event)
     budget: TokenBudget = attrs.field(init=False)
     #: each shard's last status (or state before it has a batch), and how many shards
     #: have each: the progress snapshot reads the counts, not every shard.

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import attrs
 
-from ._progress import BATCH_STATUS_ORDER
+from ._progress import BATCH_STATUS_ORDER, _elapsed_text
 from ._records import JournalCounts, RunMeta
 
 if TYPE_CHECKING:
@@ -18,6 +18,14 @@ __all__ = ["RunReport", "build_report", "format_report", "read_report"]
 
 
 def _frozen(value: Mapping[str, int]) -> Mapping[str, int]:
+    return MappingProxyType(dict(value))
+
+
+def _frozen_tokens(value: Mapping[str, tuple[int, int]]) -> Mapping[str, tuple[int, int]]:
+    return MappingProxyType(dict(value))
+
+
+def _frozen_costs(value: Mapping[str, float]) -> Mapping[str, float]:
     return MappingProxyType(dict(value))
 
 
@@ -58,6 +66,11 @@ class RunReport:
         extra_uploads_deleted: extra copies of shard input files, left on the server
             by uploads whose answer was lost, that the run deleted.
         live: whether a process runs the journal right now (None: not checked).
+        tokens_by_model: model -> (prompt, completion) tokens of the final results
+            (each request counted once; ``""`` for results of no model), in the report
+            a run returns.
+        cost_by_model: model -> the dollars its tokens cost, for the models
+            ``RunConfig.prices`` has a price for.
     """
 
     run_id: str
@@ -79,6 +92,15 @@ class RunReport:
     output: str | None = None
     extra_uploads_deleted: int = 0
     live: bool | None = None
+    tokens_by_model: Mapping[str, tuple[int, int]] = attrs.field(
+        factory=dict, converter=_frozen_tokens
+    )
+    cost_by_model: Mapping[str, float] = attrs.field(factory=dict, converter=_frozen_costs)
+
+    @property
+    def cost(self) -> float | None:
+        """The dollars of every priced model's tokens (None when no model has a price)."""
+        return sum(self.cost_by_model.values()) if self.cost_by_model else None
 
     @property
     def total_tokens(self) -> int:
@@ -169,7 +191,7 @@ def format_report(report: RunReport) -> str:
     if state == "interrupted":
         state += " (no process is running it; run the same command again to resume)"
     lines = [
-        f"run {report.run_id}: {state}, {format_duration(report.elapsed)} elapsed",
+        f"run {report.run_id}: {state}, {_elapsed_text(report.elapsed)} elapsed",
         f"requests: {report.requests:,} ({report.succeeded:,} succeeded, "
         f"{report.failed:,} failed, {report.pending:,} pending)"
         + (f"; {report.skipped:,} invalid input lines skipped" if report.skipped else ""),

@@ -27,6 +27,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import BinaryIO
 
+from .._aio import sleep_or_set
 from .._client import BatchClient
 from .._convert import structure
 from .._create import CREATE_KEY_METADATA
@@ -317,6 +318,7 @@ async def opened(ctx: RunContext, key: str, batch: Batch) -> Next:
     """``creating`` -> ``open``: the shard has its batch."""
     ctx.setbacks.pop(key, None)
     await ctx.journal.move(key, _S.OPEN, batch_id=batch.id, status=batch.status.value)
+    ctx.left_creating.set()
     return Next(_S.OPEN, batch)
 
 
@@ -352,6 +354,43 @@ FILE_SUBMISSION: Mapping[ShardState, Step] = MappingProxyType(
 # no other shard of the run has adopted. Exactly one such batch is adopted; none (the
 # list, newest first, went below that time) proves the create never made, and the shard
 # is created again; more than one is an error naming them (never a second batch).
+#
+# A request count tells shards apart only if no two shards of the run with the same
+# count are ``creating`` at once: a shard takes its turn (``wait_inline_turn``, then
+# under ``ctx.inline_turn`` in ``inline_create``) and enters ``creating`` only when no
+# other shard of its request count is there. Its create's outcome is known (or its lost
+# answer resolved) before the next shard of that count is sent, also across a crash.
+
+#: Seconds between looks at the journal while a shard waits for its turn to create (a
+#: shard leaving ``creating`` in this process ends the wait at once).
+TURN_POLL = 1.0
+
+
+async def _turn_taken(ctx: RunContext, shard: Shard) -> bool:
+    """Whether another shard with ``shard``'s request count is ``creating``."""
+    return any(
+        other.key != shard.key and other.lines == shard.lines
+        for other in await ctx.journal.shards(_S.CREATING)
+    )
+
+
+async def wait_inline_turn(ctx: RunContext, shard: Shard) -> None:
+    """Before an inline create (a wait outside the submission slots): until no other
+    shard of the run with the same request count is ``creating``. Nothing for a provider
+    that submits files (their creates are found by key).
+
+    Raises:
+        Stop: the run stopped meanwhile.
+    """
+    if ctx.client.provider.quirks.submission != "inline":
+        return
+    while True:
+        ctx.left_creating.clear()
+        if not await _turn_taken(ctx, shard):
+            return
+        await sleep_or_set(ctx.clock, TURN_POLL, ctx.left_creating, ctx.stopping)
+        if ctx.stopping.is_set():
+            raise Stop
 
 
 def _inline_requests(lines: Iterable[bytes]) -> list[BatchRequest]:
@@ -373,9 +412,12 @@ async def inline_create(ctx: RunContext, shard: Shard) -> Next:
             f"journal holds {len(requests)}; the journal is inconsistent"
         )
     key = f"{ctx.run_id}:{shard.key}:{shard.creates}"
-    await ctx.journal.move(
-        shard.key, _S.CREATING, create_key=key, create_started_at=ctx.clock.now()
-    )
+    async with ctx.inline_turn:
+        if await _turn_taken(ctx, shard):
+            return Next(_S.PLANNED)  # another shard of this count went first: wait again
+        await ctx.journal.move(
+            shard.key, _S.CREATING, create_key=key, create_started_at=ctx.clock.now()
+        )
     ctx.set_status(shard.key, "creating")
     try:
         batch = await ctx.client.create_inline_batch(requests)
@@ -385,8 +427,10 @@ async def inline_create(ctx: RunContext, shard: Shard) -> Next:
         ctx.budget.release(shard.key)
         if isinstance(exc, APIStatusError) and exc.status_code in (400, 413, 422):
             await reject(ctx, await ctx.journal.shard(shard.key), describe(exc))
+            ctx.left_creating.set()
             return Next(_S.COLLECTED)
         await ctx.journal.move(shard.key, _S.PLANNED)
+        ctx.left_creating.set()
         ctx.set_status(shard.key, "planned")
         raise
     return await opened(ctx, shard.key, batch)
@@ -401,8 +445,16 @@ async def find_inline_batch(ctx: RunContext, shard: Shard) -> Batch | None:
         AiobatchError: the list could not be read (nothing is proved).
     """
     since = (shard.create_started_at or shard.planned_at) - SKEW
-    claimed = {s.batch_id for s in await ctx.journal.shards() if s.batch_id}
+    shards = await ctx.journal.shards()
+    claimed = {s.batch_id for s in shards if s.batch_id}
     claimed.update(shard.history.split())
+    # Shards of the same count creating at once (a journal of an older aiobatch, which
+    # did not take turns): a batch of that count could be any of theirs.
+    rivals = [
+        s.key
+        for s in shards
+        if s.state is _S.CREATING and s.lines == shard.lines and s.key != shard.key
+    ]
     fits: list[Batch] = []
     async for batch in ctx.client.list_batches():
         if batch.created_at < since:
@@ -410,6 +462,13 @@ async def find_inline_batch(ctx: RunContext, shard: Shard) -> Batch | None:
         counts = batch.request_counts
         if counts is not None and counts.total == shard.lines and batch.id not in claimed:
             fits.append(batch)
+    if fits and rivals:
+        raise RunError(
+            f"run {ctx.run_id}: shard {shard.key}: its create's answer was lost, and so "
+            f"were those of shards {', '.join(rivals)} of the same request count "
+            f"({shard.lines}); batch {', '.join(b.id for b in fits)} could be any of "
+            "theirs and the run will not guess: cancel the batch, then resume"
+        )
     if len(fits) > 1:
         names = ", ".join(b.id for b in fits)
         raise RunError(
@@ -431,6 +490,7 @@ async def resolve_inline_create(ctx: RunContext, shard: Shard) -> Next:
         return await opened(ctx, shard.key, found)
     ctx.budget.release(shard.key)
     await ctx.journal.move(shard.key, _S.PLANNED)
+    ctx.left_creating.set()
     ctx.set_status(shard.key, "planned")
     ctx.set_back(shard.key, "a lost create proved never made")
     return Next(_S.PLANNED)
@@ -451,7 +511,7 @@ _STRATEGIES: Mapping[str, Mapping[ShardState, Step]] = MappingProxyType(
 #: Waits before a step, for every strategy: they are not work, so they run outside the
 #: submission slots and shards held back never hold up others.
 WAITS: Mapping[ShardState, Callable[[RunContext, Shard], Awaitable[None]]] = MappingProxyType(
-    {_S.UPLOADED: ready_to_create}
+    {_S.UPLOADED: ready_to_create, _S.PLANNED: wait_inline_turn}
 )
 
 

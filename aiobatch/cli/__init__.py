@@ -7,14 +7,15 @@ the parser and :func:`main`) and ``_args`` (argument types and ``out``), and imp
 nothing else of this package; this module imports them all, in the order ``--help``
 lists them.
 
-The everyday toolkit: ``_failures`` (failures), ``_batches`` (batches, files).
+The everyday toolkit: ``_failures`` (failures), ``_batches`` (batches, files),
+``_watch`` (watch).
 """
 
 from __future__ import annotations
 
 # isort: off
 from . import _fake, _demo, _diagram, _run, _worker  # noqa: F401  (they register their commands)
-from . import _failures, _batches  # noqa: F401
+from . import _failures, _batches, _watch  # noqa: F401
 
 # isort: on
 from ._command import COMMANDS, Command, build_parser, command, main

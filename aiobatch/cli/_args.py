@@ -1,4 +1,5 @@
-"""What every command shares: argument types for the parser, and :func:`out`."""
+"""What every command shares: argument types for the parser, :func:`out`, and
+:func:`webhook_secret` (run receives webhooks, fake-server signs them)."""
 
 from __future__ import annotations
 
@@ -8,16 +9,21 @@ import os
 import re
 import sys
 
+from .._secret import Secret
+from ..errors import ConfigurationError
+
 __all__ = [
     "count",
     "duration",
     "duration_text",
+    "host_port",
     "non_negative",
     "out",
     "port",
     "positive",
     "rate",
     "statuses",
+    "webhook_secret",
 ]
 
 
@@ -125,3 +131,26 @@ def port(text: str) -> int:
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"port must be 0-65535, got {text}")
     return value
+
+
+def host_port(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:8080`` for an IPv6 host) as ``(host, port)``."""
+    host, sep, number = text.rpartition(":")
+    if not sep or not host or not number.isdigit() or not 0 <= int(number) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]"), int(number)
+
+
+def webhook_secret(variable: str) -> Secret:
+    """The webhook signing secret from the environment variable ``variable``.
+
+    Raises:
+        ConfigurationError: the variable is unset or empty.
+    """
+    value = os.environ.get(variable, "").strip()
+    if not value:
+        raise ConfigurationError(
+            f"webhooks need the signing secret (whsec_...) in the environment variable "
+            f"{variable}, which is not set"
+        )
+    return Secret(value)

@@ -199,7 +199,8 @@ def _with_client(
     try:
         return asyncio.run(main())
     except (AiobatchError, OSError) as exc:
-        print(f"aiobatch {name} {args.action}: {exc}", file=sys.stderr)
+        what = " ".join(filter(None, (name, getattr(args, "action", None))))
+        print(f"aiobatch {what}: {exc}", file=sys.stderr)
         return ERROR
 
 

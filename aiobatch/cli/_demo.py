@@ -202,6 +202,11 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
         "finishes and stream back every result, concurrently, through the real client, "
         "against the in-memory fake service on a virtual clock."
     ),
+    epilog="""\
+examples:
+  aiobatch demo                                         # 50 batches of 20 requests
+  aiobatch demo --batches 500 --lines 100 --fault-rate 0.2
+  aiobatch demo --line-error-rate 0 --seed 7            # no failing requests; another run""",
 )
 def _demo(args: argparse.Namespace) -> int:
     if args.batches < 1 or args.lines < 1:

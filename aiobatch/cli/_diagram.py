@@ -23,6 +23,10 @@ def _diagram_arguments(parser: argparse.ArgumentParser) -> None:
     "print the batch (or, with --shard, the shard) lifecycle as a Mermaid state diagram, "
     "generated from the table",
     _diagram_arguments,
+    epilog="""\
+examples:
+  aiobatch diagram                                      # the batch lifecycle
+  aiobatch diagram --shard > shard-states.mmd           # the run's shard lifecycle""",
 )
 def _diagram(args: argparse.Namespace) -> int:
     if args.shard:

@@ -21,9 +21,21 @@ from ..testing import (
     Fault,
     LineErrorRule,
     RateLimit,
+    WebhookFaults,
+    WebhookSender,
     run_fake_server,
 )
-from ._args import count, duration, non_negative, out, port, positive, rate, statuses
+from ._args import (
+    count,
+    duration,
+    non_negative,
+    out,
+    port,
+    positive,
+    rate,
+    statuses,
+    webhook_secret,
+)
 from ._command import command
 
 __all__ = [
@@ -45,6 +57,33 @@ __all__ = [
 
 def _fake_server_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = FakeConfig()
+    hooks = parser.add_argument_group("webhooks (signed batch.* events, as OpenAI sends)")
+    hooks.add_argument(
+        "--webhook-url",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="POST a signed event to URL whenever a batch ends (repeat for more URLs)",
+    )
+    hooks.add_argument(
+        "--webhook-secret-env",
+        default="OPENAI_WEBHOOK_SECRET",
+        metavar="VAR",
+        help="the environment variable holding the signing secret (whsec_...)",
+    )
+    for fault, what in (
+        ("drop", "never delivered"),
+        ("duplicate", "delivered twice"),
+        ("delay", "held back up to a minute"),
+        ("reorder", "sent after the next event"),
+    ):
+        hooks.add_argument(
+            f"--webhook-{fault}",
+            type=rate,
+            default=0.0,
+            metavar="P",
+            help=f"share of deliveries {what} (0 to 1)",
+        )
     net = parser.add_argument_group("network")
     net.add_argument("--host", default="127.0.0.1", help="address to listen on")
     net.add_argument("--port", type=port, default=8000, help="port to listen on (0: any free)")
@@ -387,11 +426,22 @@ def _key_note(dialect: FakeDialect, *, key_required: bool) -> str:
         "OpenAI-compatible client at the printed base URL, with the key headers printed "
         "under it. Stop with Ctrl-C or SIGTERM."
     ),
+    epilog="""\
+examples:
+  aiobatch fake-server --port 8000                      # a small batch completes in ~2 s
+  OPENAI_BASE_URL=http://127.0.0.1:8000/v1 OPENAI_API_KEY=sk-local \\
+      aiobatch run requests.jsonl -o results.jsonl --poll-min 1s --poll-max 2s --create-settle 0
+  aiobatch fake-server --port 8000 --fault-rate 0.1 --retry-after 1 --drop-rate 0.02
+  aiobatch fake-server --port 8000 --validation-seconds 5 --lines-per-second 20 \\
+      --line-error-rate 0.05
+  aiobatch fake-server --port 8000 --rate-limit 20 --burst 20 --api-key sk-local
+  aiobatch fake-server --port 0 --dialect azure         # any free port; Azure's paths""",
 )
 def fake_server(args: argparse.Namespace) -> int:
     """Run ``aiobatch fake-server``: serve until Ctrl-C or SIGTERM."""
     try:
         service = build_fake_service(args)
+        webhooks = _webhook_settings(args)
     except ValueError as exc:
         print(f"aiobatch fake-server: error: {exc}", file=sys.stderr)
         return 2
@@ -403,11 +453,31 @@ def fake_server(args: argparse.Namespace) -> int:
                 port=args.port,
                 access_log=args.access_log,
                 banner=describe(service, key_required=args.api_key is not None),
+                webhooks=webhooks,
             )
         )
     except KeyboardInterrupt:  # a second Ctrl-C, or no signal handlers on this platform
         out("stopped")
         return 0
+
+
+def _webhook_settings(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The WebhookSender arguments the ``--webhook-*`` flags ask for (None: no URL).
+
+    Raises:
+        ConfigurationError: a URL is given but the secret's variable is empty.
+        ValueError: a fault share outside [0, 1].
+    """
+    if not args.webhook_url:
+        return None
+    faults = WebhookFaults(
+        drop=args.webhook_drop,
+        duplicate=args.webhook_duplicate,
+        delay=args.webhook_delay,
+        reorder=args.webhook_reorder,
+    )
+    secret = webhook_secret(args.webhook_secret_env)
+    return {"urls": list(args.webhook_url), "secret": secret, "faults": faults}
 
 
 async def serve(
@@ -417,6 +487,7 @@ async def serve(
     port: int,
     access_log: bool = False,
     banner: str | None = None,
+    webhooks: dict[str, Any] | None = None,
 ) -> int:
     """Serve ``service`` until SIGINT or SIGTERM; print the base URL once listening.
 
@@ -457,6 +528,9 @@ async def serve(
             out(f"aiobatch fake server listening on {base_url}")
             if banner:
                 out(f"  {banner}")
+            if webhooks is not None:
+                await stack.enter_async_context(WebhookSender(service, **webhooks))
+                out(f"  sending signed webhooks to {', '.join(webhooks['urls'])}")
             out("Press Ctrl-C to stop.")
             await stop.wait()
     finally:

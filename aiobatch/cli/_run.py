@@ -51,7 +51,17 @@ from ..testing import (
     fake_client,
     unit_hash,
 )
-from ._args import count, duration, duration_text, out, positive, rate
+from ..webhooks import WEBHOOK_SECRET_ENV, WebhookReceiver, run_webhook_server
+from ._args import (
+    count,
+    duration,
+    duration_text,
+    host_port,
+    out,
+    positive,
+    rate,
+    webhook_secret,
+)
 from ._command import command
 from ._cost import cost_lines, prices_file
 from ._exit import (
@@ -207,6 +217,22 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
     show.add_argument("-q", "--quiet", action="store_true", help="print only the report")
     show.add_argument(
         "-v", "--verbose", action="store_true", help="also log every retry of a request"
+    )
+    hooks = parser.add_argument_group("webhooks (learn each batch's end in seconds)")
+    hooks.add_argument(
+        "--webhook-listen",
+        type=host_port,
+        default=None,
+        metavar="HOST:PORT",
+        help="receive OpenAI's signed batch webhooks on HOST:PORT (register its printed "
+        "URL with OpenAI); polls become a safety net every 10 minutes",
+    )
+    hooks.add_argument("--webhook-path", default="/webhooks", help="the URL path to receive on")
+    hooks.add_argument(
+        "--webhook-secret-env",
+        default=WEBHOOK_SECRET_ENV,
+        metavar="VAR",
+        help=f"the environment variable holding the signing secret (default {WEBHOOK_SECRET_ENV})",
     )
     fake = parser.add_argument_group("the fake service (with --fake)")
     fake.add_argument(
@@ -367,7 +393,16 @@ async def _run_async(args: argparse.Namespace, journal: str) -> int:
     config = _config(args)
     interactive = None if not args.no_progress else False
     display = None if args.quiet else ProgressDisplay(sys.stderr, interactive=interactive)
-    async with _client_for(args) as (client, _clock):
+    async with contextlib.AsyncExitStack() as stack:
+        client, _clock = await stack.enter_async_context(_client_for(args))
+        receiver = None
+        if args.webhook_listen is not None:
+            host, port = args.webhook_listen
+            receiver = WebhookReceiver(webhook_secret(args.webhook_secret_env))
+            url = await stack.enter_async_context(
+                run_webhook_server(receiver, host=host, port=port, path=args.webhook_path)
+            )
+            print(f"aiobatch: receiving webhooks on {url}", file=sys.stderr)
         run = BatchRun(
             client,
             args.input,
@@ -375,6 +410,7 @@ async def _run_async(args: argparse.Namespace, journal: str) -> int:
             output=args.output,
             config=config,
             on_progress=display.update if display is not None else None,
+            webhooks=receiver,
         )
         loop = asyncio.get_running_loop()
         interrupts = 0
@@ -470,6 +506,19 @@ def _run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return USAGE
+    if args.webhook_listen is not None:
+        if args.fake:
+            print(
+                "aiobatch run: --webhook-listen needs a real server (the --fake service runs "
+                "on a virtual clock); serve one with 'aiobatch fake-server --webhook-url URL'",
+                file=sys.stderr,
+            )
+            return USAGE
+        try:
+            webhook_secret(args.webhook_secret_env)
+        except ConfigurationError as exc:
+            print(f"aiobatch run: {exc}", file=sys.stderr)
+            return USAGE
     if not args.fake:
         # A missing key (or endpoint) is said now, before the input is read.
         try:
@@ -596,10 +645,20 @@ def _prices_argument(parser: argparse._ActionsContainer) -> None:
     )
 
 
+_STATUS_EXAMPLES = """\
+examples:
+  aiobatch status results.jsonl.journal                 # while it runs, or after
+  aiobatch status results.jsonl.journal --json          # for a script
+  aiobatch status results.jsonl.journal --prices prices.json
+
+exit status: 0 the report was printed, 1 the journal cannot be read"""
+
+
 @command(
     "status",
     "print a run's report from its journal (also while it runs)",
     _status_arguments,
+    epilog=_STATUS_EXAMPLES,
 )
 def _status(args: argparse.Namespace) -> int:
     try:
@@ -662,6 +721,14 @@ def _cancel_arguments(parser: argparse.ArgumentParser) -> None:
         "'aiobatch run' command again to continue: it collects what the batches "
         "finished and re-submits the rest."
     ),
+    epilog="""\
+examples:
+  aiobatch cancel results.jsonl.journal                 # the run holding it stops within seconds
+  aiobatch cancel results.jsonl.journal --provider azure  # no process runs it: cancel directly
+  aiobatch run requests.jsonl -o results.jsonl          # then: collect what they finished
+
+exit status: 0 cancelled (or nothing to cancel), 1 the run is done or the journal or the
+provider cannot be used""",
 )
 def _cancel(args: argparse.Namespace) -> int:
     if is_postgres_url(args.journal):

@@ -7,6 +7,7 @@ server-side :class:`RateLimit`, and a :class:`FakeDialect` per provider (OpenAI,
 Portkey, Azure OpenAI: their headers, paths, error shapes and quirks).
 :func:`fake_client` builds a service, its virtual clock and a client bound to it in
 one call. :func:`make_app` and :func:`run_fake_server` serve it over real HTTP;
+:class:`WebhookSender` sends its signed ``batch.*`` webhooks, with faults;
 :func:`set_retry_testing` makes every retry wait zero.
 """
 
@@ -27,6 +28,7 @@ from ._responder import (
 )
 from ._service import FakeBatchService, RecordedRequest
 from ._setup import FakeSetup, Front, fake_client
+from ._webhooks import WebhookDelivery, WebhookFaults, WebhookSender, WebhookSenderStats
 
 __all__ = [
     "Admission",
@@ -48,6 +50,10 @@ __all__ = [
     "Responder",
     "ResponderResult",
     "VirtualClock",
+    "WebhookDelivery",
+    "WebhookFaults",
+    "WebhookSender",
+    "WebhookSenderStats",
     "chat_requests",
     "current_line_time",
     "estimate_tokens",

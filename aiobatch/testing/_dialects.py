@@ -135,6 +135,12 @@ class FakeDialect:
             validating (Azure's 2024 preview versions).
         key_required: refuse requests without credentials; False plays a local
             OpenAI-compatible server that takes requests with no key at all.
+        max_completion_window_hours: the longest ``completion_window`` a create may ask
+            for, as a duration in hours (``"36h"``) or days (``"7d"``), from ``24h``
+            (Groq's: 168, ``7d``); 24 takes only ``"24h"``.
+        legacy_endpoints: a create may name the endpoint as Azure's dated API
+            versions do, ``/chat/completions`` (no ``/v1``), its lines' ``url`` the same
+            (Azure).
     """
 
     name: DialectName = "openai"
@@ -146,6 +152,8 @@ class FakeDialect:
     capitalised_statuses: bool = False
     null_request_counts: bool = False
     key_required: bool = True
+    legacy_endpoints: bool = False
+    max_completion_window_hours: int = 24
 
     def __attrs_post_init__(self) -> None:
         if self.name not in DIALECT_NAMES:
@@ -170,7 +178,8 @@ class FakeDialect:
     @classmethod
     def azure(cls, **switches: Any) -> FakeDialect:
         """Azure OpenAI: ``api-key``, ``/openai`` paths, uploads ``pending`` for 2 s, no
-        expiry, an empty error file for successful batches.
+        expiry, an empty error file for successful batches, the ``/chat/completions``
+        endpoint of its dated API versions.
 
         ``azure(iso_timestamps=True, capitalised_statuses=True, null_request_counts=True)``
         adds the quirks of the 2024 preview API versions.
@@ -179,6 +188,7 @@ class FakeDialect:
             "file_pending_seconds": 2.0,
             "batches_expire": False,
             "empty_error_file": True,
+            "legacy_endpoints": True,
         }
         return cls(name="azure", **{**defaults, **switches})
 
@@ -205,6 +215,16 @@ class FakeDialect:
         raise ValueError(
             f"unknown fake dialect {value!r}: expected one of {', '.join(DIALECT_NAMES)}"
         )
+
+    def accepts_window(self, window: str) -> bool:
+        """Whether a create may ask for this ``completion_window``."""
+        if self.max_completion_window_hours <= 24:
+            return window == "24h"
+        match = re.fullmatch(r"([1-9][0-9]*)([hd])", window)
+        if match is None:
+            return False
+        hours = int(match.group(1)) * (24 if match.group(2) == "d" else 1)
+        return 24 <= hours <= self.max_completion_window_hours
 
     @property
     def batch_output_endpoint(self) -> bool:

@@ -30,7 +30,7 @@ import itertools
 import math
 import random
 from collections import defaultdict, deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
@@ -212,6 +212,11 @@ class Engine:
         self.forced: deque[tuple[BatchError, BatchStatus]] = deque()
         #: batch id -> the status string its answers report instead of the real one.
         self.status_overrides: dict[str, str] = {}
+        #: called with each batch that reaches a terminal status, and when (the webhook
+        #: sender); it must not block.
+        self.on_end: Callable[[BatchRecord, float], None] | None = None
+        #: called whenever a batch event is scheduled (the webhook sender's wake-up).
+        self.on_schedule: Callable[[], None] | None = None
 
     # -- time ---------------------------------------------------------------------------
 
@@ -231,6 +236,13 @@ class Engine:
             record = self.batches[batch_id]
             if record.version == version:
                 await self._fire(record, when)
+
+    def next_event_at(self) -> float | None:
+        """When the earliest pending batch event is due, or None when none is."""
+        heap = self._heap
+        while heap and self.batches[heap[0][2]].version != heap[0][3]:
+            heapq.heappop(heap)
+        return heap[0][0] if heap else None
 
     def new_id(self, prefix: str, digits: int = 32) -> str:
         """A fresh id such as ``batch_<hex>``, from the seeded generator."""
@@ -418,6 +430,8 @@ class Engine:
         when = self._next_event(record)
         if when is not None:
             heapq.heappush(self._heap, (when, next(self._tick), record.id, record.version))
+            if self.on_schedule is not None:
+                self.on_schedule()
 
     async def _fire(self, record: BatchRecord, when: float) -> None:
         status = record.status
@@ -506,6 +520,8 @@ class Engine:
         record.failed_at = when
         record.errors = errors
         record.input_content = b""
+        if self.on_end is not None:
+            self.on_end(record, when)
 
     def _lines_done(self, record: BatchRecord, when: float) -> int:
         if record.stop_at is not None:
@@ -626,6 +642,8 @@ class Engine:
         record.requests = ()
         record.outcomes = []
         record.input_content = b""
+        if self.on_end is not None:
+            self.on_end(record, when)
 
     def _result_file(
         self, record: BatchRecord, kind: str, lines: list[tuple[str, bytes]], when: float

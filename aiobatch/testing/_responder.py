@@ -18,6 +18,7 @@ from typing import Any
 
 from .._clock import Clock
 from .._models import BatchRequest
+from ._validate import LEGACY_ENDPOINTS
 from ._wire import error_envelope, stable_hex
 
 __all__ = [
@@ -159,7 +160,10 @@ class DefaultResponder:
         Returns:
             ``(status_code, body)``.
         """
-        route = self._routes.get(request.url)
+        # Azure's dated versions name the endpoint without /v1 (``/chat/completions``).
+        route = self._routes.get(request.url) or self._routes.get(
+            LEGACY_ENDPOINTS.get(request.url, "")
+        )
         if route is None:
             return 400, error_envelope(
                 f"The fake batch service does not simulate {request.url}; "

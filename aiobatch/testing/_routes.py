@@ -10,11 +10,12 @@ JSON-ready data (rewritten by the dialect) or file bytes, or raises ``_Reply``.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
 from .._convert import to_wire
-from .._models import BatchErrors, BatchPage, FileDeleted, FilePage
+from .._models import BatchErrors, BatchPage, BatchRequest, FileDeleted, FilePage
 from ..transport import Multipart, Request
 from ._checks import (
     _bad,
@@ -23,14 +24,26 @@ from ._checks import (
     _int_param,
     _json_object,
     _not_found,
+    _Reply,
     _required_str,
 )
 from ._config import FakeConfig
 from ._dialects import FakeDialect
 from ._engine import BatchRecord, CancelRefused, Engine, FileRecord
-from ._validate import ENDPOINTS
+from ._validate import ENDPOINTS, LEGACY_ENDPOINTS
 
-__all__ = ["UPLOAD_PURPOSES", "OpenAIRoutes"]
+__all__ = ["ONLINE_ENDPOINTS", "UPLOAD_PURPOSES", "OpenAIRoutes"]
+
+#: The ordinary endpoints the fake answers online (``POST``), with the service's responder.
+ONLINE_ENDPOINTS: frozenset[str] = frozenset(
+    {
+        "/v1/chat/completions",
+        "/v1/embeddings",
+        "/v1/responses",
+        "/v1/completions",
+        "/v1/moderations",
+    }
+)
 
 #: Purposes accepted by ``POST /v1/files``.
 UPLOAD_PURPOSES: tuple[str, ...] = (
@@ -44,7 +57,8 @@ UPLOAD_PURPOSES: tuple[str, ...] = (
 
 
 class OpenAIRoutes:
-    """The Files and Batches endpoints of the fake, on one engine.
+    """The Files and Batches endpoints of the fake, on one engine, and the online
+    endpoints of :data:`ONLINE_ENDPOINTS`, answered at once by the engine's responder.
 
     Args:
         engine: the simulation the endpoints read and change.
@@ -57,6 +71,7 @@ class OpenAIRoutes:
         self._engine = engine
         self.config = config
         self.dialect = dialect
+        self._online_count = 0
 
     async def route(
         self,
@@ -68,6 +83,9 @@ class OpenAIRoutes:
     ) -> Any:
         """Run the handler for a path; returns JSON-ready data or file bytes."""
         head, count = parts[0], len(parts)
+        online = "/v1/" + "/".join(parts)
+        if method == "POST" and online in ONLINE_ENDPOINTS:
+            return await self._online(online, request)
         if head == "files":
             if count == 1 and method == "POST":
                 return self._upload(request, now)
@@ -106,6 +124,20 @@ class OpenAIRoutes:
             ):
                 return await self._batch_output(self._batch(parts[1]), now)
         raise _not_found(f"Invalid URL ({method} /v1/{'/'.join(parts)})")
+
+    async def _online(self, url: str, request: Request) -> Any:
+        """One online request, answered by the responder as a batch line would be."""
+        self._online_count += 1
+        line = BatchRequest(
+            custom_id=f"online-{self._online_count}", url=url, body=_json_object(request)
+        )
+        result = self._engine.responder(line)
+        if inspect.isawaitable(result):
+            result = await result
+        status, body = result
+        if not 200 <= status < 300:
+            raise _Reply(status, body)
+        return body
 
     async def _batch_wire(self, record: BatchRecord, now: float) -> dict[str, Any]:
         """A batch's JSON now, as the dialect sends it."""
@@ -254,7 +286,8 @@ class OpenAIRoutes:
         data = _json_object(request)
         input_file_id = _required_str(data, "input_file_id")
         endpoint = _required_str(data, "endpoint")
-        if endpoint not in ENDPOINTS:
+        legacy = self.dialect.legacy_endpoints and endpoint in LEGACY_ENDPOINTS
+        if endpoint not in ENDPOINTS and not legacy:
             supported = ", ".join(repr(e) for e in ENDPOINTS)
             raise _bad(
                 f"Invalid value: {endpoint!r}. Supported values are: {supported}.",
@@ -262,9 +295,14 @@ class OpenAIRoutes:
                 code="invalid_value",
             )
         window = _required_str(data, "completion_window")
-        if window != "24h":
+        if not self.dialect.accepts_window(window):
+            supported = (
+                "'24h'"
+                if self.dialect.max_completion_window_hours <= 24
+                else f"durations from '24h' to {self.dialect.max_completion_window_hours}h"
+            )
             raise _bad(
-                f"Invalid value: {window!r}. Supported values are: '24h'.",
+                f"Invalid value: {window!r}. Supported values are: {supported}.",
                 param="completion_window",
                 code="invalid_value",
             )

@@ -16,6 +16,7 @@ from .._models import BatchError, BatchRequest
 
 __all__ = [
     "ENDPOINTS",
+    "LEGACY_ENDPOINTS",
     "MODEL_REQUIRED",
     "VALIDATION_MESSAGES",
     "ParsedInput",
@@ -33,6 +34,11 @@ ENDPOINTS: tuple[str, ...] = (
     "/v1/images/edits",
     "/v1/videos",
 )
+
+#: Endpoint names without ``/v1`` that Azure's dated API versions use (its batch how-to
+#: creates with ``endpoint="/chat/completions"`` and lines whose ``url`` is the same),
+#: and the endpoint each means.
+LEGACY_ENDPOINTS: Mapping[str, str] = {"/chat/completions": "/v1/chat/completions"}
 
 #: Endpoints whose lines must name a ``model``.
 MODEL_REQUIRED: frozenset[str] = frozenset(
@@ -167,7 +173,7 @@ def _check_line(
             ),
         )
     model = body.get("model")
-    if model is None and endpoint in MODEL_REQUIRED:
+    if model is None and LEGACY_ENDPOINTS.get(endpoint, endpoint) in MODEL_REQUIRED:
         return (
             None,
             None,

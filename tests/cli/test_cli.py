@@ -128,6 +128,10 @@ FRACTION_FLAGS = [
             "--slow-rate",
             "--malformed-rate",
             "--line-error-rate",
+            "--webhook-drop",
+            "--webhook-duplicate",
+            "--webhook-delay",
+            "--webhook-reorder",
         )
     ),
     *((["demo"], flag) for flag in ("--fault-rate", "--line-error-rate")),

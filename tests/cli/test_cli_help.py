@@ -46,7 +46,9 @@ def test_durations_and_fractions_name_their_units(capsys: pytest.CaptureFixture[
     assert "--fake-faults 0-1" in text
 
 
-@pytest.mark.parametrize("name", ["run", "failures"])
+@pytest.mark.parametrize(
+    "name", ["run", "failures", "watch", "status", "cancel", "fake-server", "demo", "diagram"]
+)
 def test_help_ends_with_examples(name: str, capsys: pytest.CaptureFixture[str]) -> None:
     """The command's help ends with an examples section naming the command."""
     text = help_of([name, "--help"], capsys)

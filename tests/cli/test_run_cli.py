@@ -35,6 +35,7 @@ from aiobatch import BatchClient, BatchRun, RetryPolicy, RunConfig, RunProgress
 from aiobatch._run._sqlite import JournalFile as Journal
 from aiobatch.cli import _run as cli_run
 from aiobatch.cli import main
+from aiobatch.cli._run import EXAMPLE_REQUESTS
 from aiobatch.testing import FakeBatchService, FakeConfig, Fault, VirtualClock, make_app
 
 REPORT_COUNTS = re.compile(
@@ -159,6 +160,45 @@ def test_rerun_with_the_same_journal_does_no_new_work(
     assert printed_counts(again) == printed_counts(finished["out"])
     assert len(services) == 1
     assert services[0].requests == ()
+
+
+PROGRESS_LINE = re.compile(
+    r"^([\d,]+)/([\d,]+) requests \(([\d,]+) ok, ([\d,]+) failed, [\d,]+ retrying\)"
+    r".* \| (\S+) elapsed, done$"
+)
+
+
+def test_final_progress_line_is_printed_once_and_agrees_with_the_report(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A run logs its final progress line once, with the report's requests, outcomes
+    and elapsed time; so does the same command run again on the finished journal."""
+    caplog.set_level(logging.INFO, logger="aiobatch.run")
+    output = tmp_path / "out.jsonl"
+    for _ in range(2):
+        caplog.clear()
+        assert main(run_argv(output)) == 1
+        report = capsys.readouterr().out
+        lines = [
+            r.getMessage()
+            for r in caplog.records
+            if r.name == "aiobatch.run" and " requests (" in r.getMessage()
+        ]
+        finals = [line for line in lines if line.endswith(", done")]
+        assert len(finals) == 1 and lines[-1] == finals[0], lines
+        match = PROGRESS_LINE.match(finals[0])
+        assert match is not None, finals[0]
+        done, total, ok, failed = (int(g.replace(",", "")) for g in match.groups()[:4])
+        requests, succeeded, failed_requests, pending = printed_counts(report)
+        assert (done, total, ok, failed) == (
+            requests - pending,
+            requests,
+            succeeded,
+            failed_requests,
+        )
+        elapsed = re.search(r": done, (\S+) elapsed", report)
+        assert elapsed is not None, report
+        assert match.group(5) == elapsed.group(1)
 
 
 # --- status --------------------------------------------------------------------------------
@@ -432,6 +472,7 @@ def test_run_with_a_bad_option_value_exits_with_a_message(
         ("openai", "OPENAI_API_KEY"),
         ("portkey", "PORTKEY_API_KEY"),
         ("azure", "AZURE_OPENAI_API_KEY"),
+        ("anthropic", "ANTHROPIC_API_KEY"),
     ],
 )
 def test_run_without_the_key_stops_before_any_work(
@@ -446,6 +487,8 @@ def test_run_without_the_key_stops_before_any_work(
     for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "PORTKEY_API_KEY", "AZURE_OPENAI_API_KEY"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.delenv("AZURE_OPENAI_AD_TOKEN", raising=False)
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    monkeypatch.delenv("ANTHROPIC_BASE_URL", raising=False)
     monkeypatch.setenv("PORTKEY_PROVIDER", "openai")
     monkeypatch.setenv("AZURE_OPENAI_ENDPOINT", "https://resource.openai.azure.invalid")
 
@@ -507,3 +550,37 @@ def test_fake_refuses_to_resume_an_unfinished_journal(
     assert str(journal) in err
     assert not output.exists()
     assert journal_meta(journal) == before
+
+
+def test_webhook_listen_needs_the_secret_in_the_environment(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """run --webhook-listen without the secret's variable set is a usage error that
+    names the variable, before any work."""
+    monkeypatch.delenv("AIOBATCH_TEST_HOOK_SECRET", raising=False)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    args = ["run", EXAMPLE_REQUESTS, "-o", str(tmp_path / "out.jsonl")]
+    args += ["--webhook-listen", "127.0.0.1:0", "--webhook-secret-env", "AIOBATCH_TEST_HOOK_SECRET"]
+    assert main(args) == 2
+    assert "AIOBATCH_TEST_HOOK_SECRET" in capsys.readouterr().err
+    assert not (tmp_path / "out.jsonl.journal").exists()
+
+
+def test_webhook_listen_is_refused_with_the_virtual_clock_fake(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """run --fake --webhook-listen is refused, pointing at fake-server --webhook-url."""
+    monkeypatch.setenv("OPENAI_WEBHOOK_SECRET", "whsec_c2VjcmV0")
+    args = ["run", EXAMPLE_REQUESTS, "--fake", "-o", str(tmp_path / "out.jsonl")]
+    assert main([*args, "--webhook-listen", "127.0.0.1:0"]) == 2
+    assert "fake-server --webhook-url" in capsys.readouterr().err
+
+
+def test_fake_server_webhooks_need_the_secret_in_the_environment(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fake-server --webhook-url without the secret's variable set exits 2 naming it."""
+    monkeypatch.delenv("AIOBATCH_TEST_HOOK_SECRET", raising=False)
+    args = ["fake-server", "--port", "0", "--webhook-url", "http://127.0.0.1:9/webhooks"]
+    assert main([*args, "--webhook-secret-env", "AIOBATCH_TEST_HOOK_SECRET"]) == 2
+    assert "AIOBATCH_TEST_HOOK_SECRET" in capsys.readouterr().err

@@ -175,6 +175,55 @@ async def test_azure_sdk_runs_a_batch_through_the_lifecycle(
     assert versions == {"2024-10-21"}
 
 
+def azure_doc_lines(deployment: str, count: int = 3) -> bytes:
+    """Input lines as Azure's batch how-to writes them: ``"url": "/chat/completions"``
+    (no ``/v1``) and a Global-Batch deployment's name as the ``model``."""
+    lines = [
+        {
+            "custom_id": f"task-{i}",
+            "method": "POST",
+            "url": "/chat/completions",
+            "body": {
+                "model": deployment,
+                "messages": [
+                    {"role": "system", "content": "You are an AI assistant."},
+                    {"role": "user", "content": f"Question {i}?"},
+                ],
+            },
+        }
+        for i in range(count)
+    ]
+    return "".join(json.dumps(line) + "\n" for line in lines).encode()
+
+
+async def test_azure_sdk_runs_the_documentation_example_on_the_legacy_endpoint(
+    azure: AsyncAzureOpenAI, clock: VirtualClock, tmp_path: Path
+) -> None:
+    """Azure's how-to with a dated api-version: lines for /chat/completions naming a
+    deployment, batches.create(endpoint="/chat/completions"): the batch completes with a
+    chat completion per task."""
+    source = tmp_path / "test.jsonl"
+    source.write_bytes(azure_doc_lines("gpt-4o-batch"))
+    uploaded = await azure.files.create(file=source, purpose="batch")
+    clock.advance(2)
+    batch = await azure.batches.create(
+        input_file_id=uploaded.id,
+        endpoint="/chat/completions",  # type: ignore[arg-type]  # Azure's dated versions
+        completion_window="24h",
+    )
+    clock.advance(3600)
+    done = await azure.batches.retrieve(batch.id)
+    assert done.status == "completed", done.errors
+    assert done.request_counts is not None and done.request_counts.completed == 3
+    assert done.output_file_id is not None
+    output = [
+        json.loads(x) for x in (await azure.files.content(done.output_file_id)).text.splitlines()
+    ]
+    assert sorted(r["custom_id"] for r in output) == ["task-0", "task-1", "task-2"]
+    bodies = [r["response"]["body"] for r in output]
+    assert all(b["object"] == "chat.completion" and b["model"] == "gpt-4o-batch" for b in bodies)
+
+
 async def test_azure_sdk_cancel_and_auth_errors(
     azure: AsyncAzureOpenAI, azure_root: str, clock: VirtualClock, tmp_path: Path
 ) -> None:

@@ -452,9 +452,13 @@ async def test_readme_providers_example_runs(monkeypatch: pytest.MonkeyPatch) ->
         "PORTKEY_PROVIDER": "@openai-prod",
         "AZURE_OPENAI_API_KEY": "az-env",
         "AZURE_OPENAI_ENDPOINT": "https://env.openai.azure.com",
+        "ANTHROPIC_API_KEY": "sk-ant-env",
+        "GROQ_API_KEY": "gsk-env",
+        "GEMINI_API_KEY": "gm-env",
     }.items():
         monkeypatch.setenv(name, value)
-    monkeypatch.delenv("OPENAI_API_VERSION", raising=False)
+    for name in ("OPENAI_API_VERSION", "ANTHROPIC_BASE_URL", "GROQ_BASE_URL", "GEMINI_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
     namespace: dict[str, Any] = {}
     exec(compile(block, "README.md", "exec"), namespace)
     clients = [v for v in namespace.values() if isinstance(v, BatchClient)]
@@ -465,6 +469,9 @@ async def test_readme_providers_example_runs(monkeypatch: pytest.MonkeyPatch) ->
         "portkey",
         "azure",
         "azure",
+        "anthropic",
+        "groq",
+        "gemini",
         "compatible",
     ]
     for client in clients:

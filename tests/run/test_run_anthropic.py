@@ -122,6 +122,34 @@ async def test_a_create_lost_before_the_server_is_sent_again(
     assert len(service.batch_ids) == 1
 
 
+async def test_shards_of_one_size_take_turns_so_a_lost_create_is_not_mistaken(
+    clock: VirtualClock, tmp_path: Path
+) -> None:
+    """Two shards of the same request count: the first create is made but its answer
+    lost, the second is dropped before the server; each shard ends with its own batch
+    and every request's own result (a request count cannot tell two such shards apart
+    unless they take turns)."""
+    source = write(tmp_path / "in.jsonl", [message_line(f"r-{i}", f"q {i}") for i in range(6)])
+    out = tmp_path / "out.jsonl"
+    async with anthropic_env(clock) as (service, client):
+        service.faults.add(Fault.drop(after=True, method="POST", path="/messages/batches"))
+        service.faults.add(Fault.drop(after=False, method="POST", path="/messages/batches"))
+        run = BatchRun(
+            client,
+            source,
+            journal=tmp_path / "run.journal",
+            output=out,
+            config=RunConfig(max_lines=3),
+        )
+        report = await run.run()
+    results = [json.loads(line) for line in out.read_text().splitlines()]
+    assert report.state == "done"
+    assert len(service.batch_ids) == 2
+    assert [r["custom_id"] for r in results] == [f"r-{i}" for i in range(6)]
+    assert all(f"q {r['custom_id'][2:]}" in json.dumps(r["response"]["body"]) for r in results)
+    assert (report.succeeded, report.retried) == (6, 0)
+
+
 async def test_custom_ids_are_checked_by_anthropics_rule(
     clock: VirtualClock, tmp_path: Path
 ) -> None:

@@ -56,7 +56,7 @@ from aiobatch._run import cancel_batches
 from aiobatch._run._sqlite import JournalFile as Journal
 from aiobatch.cli import main
 from aiobatch.errors import AiobatchError, InputError, PreflightError, RunError, TransportError
-from aiobatch.testing import FakeBatchService, Fault, VirtualClock, make_app
+from aiobatch.testing import FakeBatchService, FakeSetup, Fault, VirtualClock, make_app
 from aiobatch.transport import Request, Response
 
 MODEL = "gpt-4o-mini"
@@ -573,7 +573,7 @@ async def test_cancel_command_cancels_the_batch_of_a_shard_left_creating(
 
 @pytest.mark.parametrize("entry", ["run", "results"])
 async def test_output_in_a_missing_folder_is_refused_before_anything_is_done(
-    clock: VirtualClock, tmp_path: Path, entry: str
+    aiobatch_fake: FakeSetup, tmp_path: Path, entry: str
 ) -> None:
     """An output path whose folder does not exist raises InputError at once: the input
     is not read, nothing is sent, no journal is left."""
@@ -586,11 +586,10 @@ async def test_output_in_a_missing_folder_is_refused_before_anything_is_done(
 
     journal = tmp_path / "run.journal"
     output = tmp_path / "missing" / "out.jsonl"
-    service = service_on(clock)
-    async with client_for(clock, service.transport()) as client, clock.auto_advance():
-        run = BatchRun(client, source(), journal=journal, output=output, config=config())
-        with pytest.raises(InputError, match="missing"):
-            await (run.run() if entry == "run" else _drain(run))
+    service, client = aiobatch_fake.service, aiobatch_fake.client
+    run = BatchRun(client, source(), journal=journal, output=output, config=config())
+    with pytest.raises(InputError, match="missing"):
+        await (run.run() if entry == "run" else _drain(run))
     assert read == []
     assert service.requests == ()
     assert journal_files(journal) == []
@@ -599,7 +598,7 @@ async def test_output_in_a_missing_folder_is_refused_before_anything_is_done(
 
 @pytest.mark.parametrize("entry", ["run", "results"])
 async def test_output_path_that_is_a_directory_is_refused_before_anything_is_sent(
-    clock: VirtualClock, tmp_path: Path, entry: str
+    aiobatch_fake: FakeSetup, tmp_path: Path, entry: str
 ) -> None:
     """An output path that is an existing directory raises InputError naming it at once,
     instead of after every batch has run: nothing is sent, no journal is left."""
@@ -607,11 +606,10 @@ async def test_output_path_that_is_a_directory_is_refused_before_anything_is_sen
     journal = tmp_path / "run.journal"
     output = tmp_path / "results"
     output.mkdir()
-    service = service_on(clock)
-    async with client_for(clock, service.transport()) as client, clock.auto_advance():
-        run = BatchRun(client, source, journal=journal, output=output, config=config())
-        with pytest.raises(InputError, match="is a directory") as caught:
-            await (run.run() if entry == "run" else _drain(run))
+    service, client = aiobatch_fake.service, aiobatch_fake.client
+    run = BatchRun(client, source, journal=journal, output=output, config=config())
+    with pytest.raises(InputError, match="is a directory") as caught:
+        await (run.run() if entry == "run" else _drain(run))
     assert str(output) in str(caught.value)
     assert service.requests == ()
     assert journal_files(journal) == []
@@ -633,7 +631,7 @@ async def _nothing() -> AsyncIterator[dict[str, Any]]:
 
 @pytest.mark.parametrize("kind", ["empty-list", "empty-async"])
 async def test_empty_input_completes_with_an_empty_output(
-    clock: VirtualClock, tmp_path: Path, kind: str
+    aiobatch_fake: FakeSetup, tmp_path: Path, kind: str
 ) -> None:
     """An empty iterable source completes: a "done" report with 0 requests, an empty
     output file, nothing sent to the server."""
@@ -642,16 +640,15 @@ async def test_empty_input_completes_with_an_empty_output(
         "empty-async": _nothing,
     }
     output = tmp_path / "out.jsonl"
-    service = service_on(clock)
-    async with client_for(clock, service.transport()) as client, clock.auto_advance():
-        run = BatchRun(
-            client,
-            sources[kind](),
-            journal=tmp_path / "run.journal",
-            output=output,
-            config=config(),
-        )
-        report = await run.run()
+    service, client = aiobatch_fake.service, aiobatch_fake.client
+    run = BatchRun(
+        client,
+        sources[kind](),
+        journal=tmp_path / "run.journal",
+        output=output,
+        config=config(),
+    )
+    report = await run.run()
     assert report.state == "done"
     assert (report.requests, report.succeeded, report.failed, report.pending) == (0, 0, 0, 0)
     assert output.exists()
@@ -662,7 +659,7 @@ async def test_empty_input_completes_with_an_empty_output(
 
 @pytest.mark.parametrize("content", [b"", b"\n  \n\t\r\n\n"], ids=["empty", "blank-lines"])
 async def test_an_input_file_without_requests_is_refused_before_anything_is_sent(
-    clock: VirtualClock, tmp_path: Path, content: bytes
+    aiobatch_fake: FakeSetup, tmp_path: Path, content: bytes
 ) -> None:
     """An input file that is empty or holds only blank lines raises PreflightError (code
     ``empty_input``) naming the file: nothing is sent, no journal or output is left."""
@@ -670,11 +667,10 @@ async def test_an_input_file_without_requests_is_refused_before_anything_is_sent
     source.write_bytes(content)
     journal = tmp_path / "run.journal"
     output = tmp_path / "out.jsonl"
-    service = service_on(clock)
-    async with client_for(clock, service.transport()) as client, clock.auto_advance():
-        run = BatchRun(client, source, journal=journal, output=output, config=config())
-        with pytest.raises(PreflightError, match="no requests") as caught:
-            await run.run()
+    service, client = aiobatch_fake.service, aiobatch_fake.client
+    run = BatchRun(client, source, journal=journal, output=output, config=config())
+    with pytest.raises(PreflightError, match="no requests") as caught:
+        await run.run()
     assert str(source) in str(caught.value)
     assert caught.value.source == str(source)
     assert [problem.code for problem in caught.value.problems] == ["empty_input"]

@@ -16,6 +16,7 @@ from typing import Any
 
 from conftest import (
     Handler,
+    chat_line,
     client_for,
     config,
     error_response,
@@ -28,7 +29,7 @@ from conftest import (
     write_jsonl,
 )
 
-from aiobatch import BatchRun, ProgressDisplay, format_report
+from aiobatch import BatchRun, Price, ProgressDisplay, ResultSuccess, format_report, read_results
 from aiobatch.testing import LineErrorRule, VirtualClock
 from aiobatch.transport import Request, Response
 
@@ -198,3 +199,41 @@ async def test_progress_lines_keep_coming_while_a_batch_runs_for_minutes(
     assert end - start >= 600.0
     gaps = [b - a for a, b in zip([start, *lines], [*lines, end], strict=True)]
     assert max(gaps) <= 90.0, f"{len(lines)} progress lines in {end - start:.0f} s: {gaps}"
+
+
+# --- tokens and cost ------------------------------------------------------------------------------
+
+
+async def test_the_report_has_tokens_and_cost_per_model(
+    clock: VirtualClock, tmp_path: Path
+) -> None:
+    """With RunConfig.prices, the report a run returns has each model's tokens (from its
+    final results, each request once) and the cost of those at its price; a model
+    without a price has tokens and no cost."""
+    service = service_on(clock)
+    lines = [chat_line(f"c{i}", f"question {i}") for i in range(3)]
+    lines += [chat_line(f"m{i}", f"other {i}", model="gpt-4o") for i in range(2)]
+    source = write_jsonl(tmp_path / "in.jsonl", lines)
+    output = tmp_path / "out.jsonl"
+    prices = {"gpt-4o-mini": Price(input=0.15, output=0.6)}
+    async with client_for(clock, service.transport()) as client, clock.auto_advance():
+        run = BatchRun(
+            client,
+            source,
+            journal=tmp_path / "run.journal",
+            output=output,
+            config=config(prices=prices),
+        )
+        report = await run.run()
+    used: dict[str, list[int]] = {}
+    for result in read_results(output):
+        assert isinstance(result, ResultSuccess)
+        usage = result.body["usage"]
+        tokens = used.setdefault(result.body["model"], [0, 0])
+        tokens[0] += usage["prompt_tokens"]
+        tokens[1] += usage["completion_tokens"]
+    assert {m: list(t) for m, t in report.tokens_by_model.items()} == used
+    mini_in, mini_out = used["gpt-4o-mini"]
+    assert report.cost_by_model == {"gpt-4o-mini": (mini_in * 0.15 + mini_out * 0.6) / 1e6}
+    assert report.cost == report.cost_by_model["gpt-4o-mini"]
+    assert config(prices={"gpt-4o": (2.5, 10.0)}).prices == {"gpt-4o": Price(2.5, 10.0)}

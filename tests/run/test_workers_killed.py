@@ -42,7 +42,7 @@ async def _worker(url: str, base_url: str) -> asyncio.subprocess.Process:
 async def test_a_killed_worker_loses_nothing_and_doubles_nothing(
     trial: int, tmp_path: Path
 ) -> None:
-    """One of three workers SIGKILLed at a random moment: one batch per shard, one
+    """One of three workers SIGKILLed at a random moment of the run: one batch per shard, one
     result per request, every request answered."""
     service = FakeBatchService(
         config=FakeConfig(
@@ -65,7 +65,14 @@ async def test_a_killed_worker_loses_nothing_and_doubles_nothing(
     rng = random.Random(trial)
     async with serve(make_app(service)) as base_url:
         workers = [await _worker(url, base_url) for _ in range(3)]
-        await asyncio.sleep(rng.uniform(0.5, 3.0))
+        # A random moment of the run: after a random number of its 20 batches were made
+        # (a wall-clock delay could fall after the end of a fast run).
+        made = rng.randint(1, REQUESTS // MAX_LINES - 5)
+        for _ in range(6000):  # at most two minutes
+            if len(service.batch_ids) >= made or workers[0].returncode is not None:
+                break
+            await asyncio.sleep(0.02)
+        assert workers[0].returncode is None, "the run ended before the kill"
         workers[0].send_signal(signal.SIGKILL)
         codes = [await asyncio.wait_for(w.wait(), 240) for w in workers]
         errors = [(await w.stderr.read()).decode()[-2000:] for w in workers[1:]]  # type: ignore[union-attr]

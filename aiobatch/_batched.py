@@ -1,0 +1,759 @@
+"""The coalescing client: ordinary awaited calls, gathered into batches, answered one by one.
+
+:class:`BatchedOpenAI` has the shape of the official SDK's ``AsyncOpenAI`` for the
+endpoints a batch can call (``chat.completions.create(**params)``, ``embeddings``,
+``responses``, ``completions``, ``moderations``). Each call is checked at once (the run
+layer's preflight), given a deterministic key, and queued in the group of its
+``(endpoint, model)``. A group is flushed when it is full (the provider's lines, bytes,
+embedding inputs, or ``RunConfig.enqueued_token_limits`` of its model), when its oldest
+call has waited ``max_wait``, on :meth:`BatchedOpenAI.flush` and on close. A flush hands
+its requests to one :class:`~aiobatch.BatchRun` with a journal file of its own (in the
+client's journal folder), whose results resolve the awaiting calls.
+
+Exactly once across reruns: a request's key is the hash of its canonical body plus its
+occurrence among identical requests of this client. On start, the client reads the
+journals already in its folder: a call whose key has a final result there is answered
+from it, and a journal with unfinished requests is run again (its run adopts its
+batches), so a harness run again after a crash pays for nothing twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import os
+import shutil
+import sqlite3
+import tempfile
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import attrs
+
+from ._aio import cancel_and_wait, sleep_or_set
+from ._client import BatchClient
+from ._convert import decode_result_line
+from ._models import ResultError, ResultHTTPError, ResultLine, ResultSuccess
+from ._run import BatchEvent, BatchRun, RunConfig
+from ._run._outcomes import CANCELLED_CODES
+from ._run._preflight import Preflight, generated_custom_id
+from ._run._progress import RunProgress
+from .errors import (
+    BatchedTimeoutError,
+    BatchEndedError,
+    ClosedError,
+    InputError,
+    RequestFailedError,
+    RequestNotRunError,
+)
+
+__all__ = ["BATCHED_ENDPOINTS", "BatchedOpenAI", "BatchedResult", "BatchedStats"]
+
+logger = logging.getLogger("aiobatch.batched")
+
+#: The endpoints a batched call may go to, and the official SDK type of each answer.
+BATCHED_ENDPOINTS: Mapping[str, tuple[str, str]] = {
+    "/v1/chat/completions": ("openai.types.chat", "ChatCompletion"),
+    "/v1/embeddings": ("openai.types", "CreateEmbeddingResponse"),
+    "/v1/responses": ("openai.types.responses", "Response"),
+    "/v1/completions": ("openai.types", "Completion"),
+    "/v1/moderations": ("openai.types", "ModerationCreateResponse"),
+}
+
+_JOURNAL_SUFFIX = ".journal"
+_ENDED_CODES = frozenset({"batch_expired", *CANCELLED_CODES})
+
+
+@attrs.frozen(slots=True)
+class BatchedResult:
+    """A batched call's answer when the ``openai`` package is not used.
+
+    Attributes:
+        body: the response body, decoded JSON.
+        status_code: the line's HTTP status.
+        request_id: the line's request id, when the server gave one.
+        custom_id: the request's key in its batch.
+        batch_id: the batch it came from (None when it came from a journal without one).
+    """
+
+    body: Any
+    status_code: int
+    request_id: str | None
+    custom_id: str
+    batch_id: str | None
+
+    @property
+    def usage(self) -> Any:
+        """The body's ``usage``, when it has one."""
+        return self.body.get("usage") if isinstance(self.body, Mapping) else None
+
+
+@attrs.frozen(slots=True)
+class BatchedStats:
+    """What a :class:`BatchedOpenAI` holds and did.
+
+    Attributes:
+        queued: calls waiting in a group for their flush.
+        submitted: calls flushed into a batch run and waiting for their result.
+        done: calls answered with a success.
+        failed: calls answered with an error (a failed line, or a request not run).
+        cancelled: calls whose caller was cancelled.
+        reused: calls answered from a journal of an earlier run, without a new batch.
+        flushes: batch runs started (including the ones resumed on start).
+    """
+
+    queued: int
+    submitted: int
+    done: int
+    failed: int
+    cancelled: int
+    reused: int
+    flushes: int
+
+    @property
+    def pending(self) -> int:
+        """Calls not answered yet (queued or submitted)."""
+        return self.queued + self.submitted
+
+
+@attrs.define(slots=True, eq=False)
+class _Call:
+    """One awaiting call."""
+
+    key: str
+    url: str
+    model: str
+    data: bytes
+    tokens: int
+    inputs: int
+    future: asyncio.Future[tuple[ResultLine, str | None]]
+    group: _Group | None = None
+    #: it holds one of ``max_pending``'s slots (a call of a resumed journal does not).
+    slot: bool = False
+
+
+@attrs.define(slots=True, eq=False)
+class _Group:
+    """The calls of one ``(endpoint, model)`` waiting for their flush."""
+
+    url: str
+    model: str
+    calls: dict[str, _Call] = attrs.field(factory=dict)
+    size: int = 0
+    tokens: int = 0
+    inputs: int = 0
+    since: float = 0.0
+
+    def add(self, call: _Call, now: float) -> None:
+        if not self.calls:
+            self.since = now
+        self.calls[call.key] = call
+        call.group = self
+        self.size += len(call.data) + 1
+        self.tokens += call.tokens
+        self.inputs += call.inputs
+
+    def remove(self, call: _Call) -> None:
+        if self.calls.pop(call.key, None) is not None:
+            call.group = None
+            self.size -= len(call.data) + 1
+            self.tokens -= call.tokens
+            self.inputs -= call.inputs
+
+    def take(self) -> list[_Call]:
+        calls = list(self.calls.values())
+        for call in calls:
+            call.group = None
+        self.calls = {}
+        self.size = self.tokens = self.inputs = 0
+        return calls
+
+
+@attrs.define(eq=False)
+class _Flush:
+    """One batch run over flushed calls (or a journal resumed on start)."""
+
+    path: str
+    run: BatchRun
+    waiting: dict[str, _Call]
+    #: keys of a resumed journal not final yet (answers nobody asked for are kept).
+    expected: set[str] = attrs.field(factory=set)
+    task: asyncio.Task[None] | None = None
+
+
+class _Create:
+    """``namespace.create(**params)`` for one endpoint."""
+
+    def __init__(self, owner: BatchedOpenAI, url: str) -> None:
+        self._owner = owner
+        self._url = url
+
+    async def create(self, *, deadline: float | None = None, **params: Any) -> Any:
+        """Send one request through a batch and return its answer when it is in
+        (``deadline``: seconds to wait for it, instead of the client's; not sent)."""
+        return await self._owner.request(self._url, params, deadline=deadline)
+
+
+class _Chat:
+    def __init__(self, owner: BatchedOpenAI) -> None:
+        self.completions = _Create(owner, "/v1/chat/completions")
+
+
+class BatchedOpenAI:
+    """Awaitable calls with the shape of ``openai.AsyncOpenAI``, run through batches.
+
+    Use it as an async context manager over a :class:`~aiobatch.BatchClient`::
+
+        async with BatchedOpenAI(client, journal="harness-journals") as openai:
+            answers = await asyncio.gather(
+                *(openai.chat.completions.create(model="gpt-4o-mini", messages=m) for m in prompts)
+            )
+
+    Each call returns when its request's result is in: with the ``openai`` package
+    installed, the SDK's own type (``ChatCompletion``, ``CreateEmbeddingResponse``,
+    ``Response``, ``Completion``, ``ModerationCreateResponse``), else a
+    :class:`BatchedResult`. A line that failed raises
+    :class:`~aiobatch.errors.RequestFailedError` (status, code, message, request id); a
+    request whose batches expired or were cancelled in every retry round raises
+    :class:`~aiobatch.errors.BatchEndedError`, any other request that never ran
+    :class:`~aiobatch.errors.RequestNotRunError`.
+
+    Args:
+        client: the client to send with (not closed by this one).
+        journal: a folder for the journals (one SQLite file per flush), created when
+            missing: calls answered there before (a crashed or finished earlier run of
+            the same harness) are answered from it. None: a temporary folder, removed
+            on close (nothing survives the process).
+        max_wait: seconds the oldest call of a group waits before the group is flushed.
+        max_pending: the most calls held (queued or submitted); beyond it, a call waits
+            for room (and the groups are flushed at once).
+        reuse: answer calls from the journals of earlier runs (True), or always send
+            them (False: fresh samples; the folder's journals are left alone).
+        config: the run settings of every flush (``order`` is always completion).
+        sdk_types: return the ``openai`` SDK's types (None: when it is installed).
+        on_progress: called with a :class:`~aiobatch.RunProgress` summed over every
+            flush, whenever one changed (for :class:`~aiobatch.ProgressDisplay`).
+        deadline: seconds a call waits for its result before it raises
+            :class:`~aiobatch.errors.BatchedTimeoutError` (None: no limit); a call's
+            ``create(deadline=...)`` overrides it.
+        on_event: called with a :class:`~aiobatch.BatchCreated` when a flush's batch is
+            open on the server (its id, endpoint, model and request count) and a
+            :class:`~aiobatch.BatchEnded` when it ends (its status and request counts);
+            must be quick (its exceptions are logged, never propagated).
+
+    Raises:
+        ValueError: ``max_wait`` is negative or ``max_pending`` is not positive.
+    """
+
+    def __init__(
+        self,
+        client: BatchClient,
+        *,
+        journal: str | os.PathLike[str] | None = None,
+        max_wait: float = 30.0,
+        max_pending: int = 100_000,
+        reuse: bool = True,
+        config: RunConfig | None = None,
+        sdk_types: bool | None = None,
+        on_progress: Callable[[RunProgress], None] | None = None,
+        on_event: Callable[[BatchEvent], None] | None = None,
+        deadline: float | None = None,
+    ) -> None:
+        if not max_wait >= 0:
+            raise ValueError(f"max_wait must be >= 0, got {max_wait!r}")
+        if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
+            raise ValueError(f"max_pending must be a positive int, got {max_pending!r}")
+        _check_deadline(deadline)
+        self._deadline = deadline
+        self._client = client
+        self._clock = client.clock
+        self._folder = os.fspath(journal) if journal is not None else None
+        self._temp: str | None = None
+        self._max_wait = float(max_wait)
+        self._reuse = reuse
+        base = config if config is not None else RunConfig()
+        self._config = attrs.evolve(base, order="completion")
+        limits = client.provider.limits
+        self._max_lines = base.max_lines or limits.max_lines
+        self._max_bytes = base.max_bytes or limits.max_bytes
+        self._max_inputs = limits.max_embedding_inputs
+        self._id_pattern = limits.custom_id_pattern
+        self._sdk = _sdk_available() if sdk_types is None else sdk_types
+        self._on_progress = on_progress
+        self._on_event = on_event
+        self._slots = asyncio.Semaphore(max_pending)
+        self._groups: dict[tuple[str, str], _Group] = {}
+        self._occurrences: dict[str, int] = {}
+        self._known: dict[str, tuple[bytes | ResultLine, str | None]] = {}
+        self._resuming: dict[str, _Flush] = {}
+        self._flushes: set[_Flush] = set()
+        self._progress: dict[str, RunProgress] = {}
+        self._wake = asyncio.Event()
+        self._ticker: asyncio.Task[None] | None = None
+        self._state = "new"
+        self._queued = self._submitted = 0
+        self._done = self._failed = self._cancelled = self._reused = self._started = 0
+        self.chat = _Chat(self)
+        self.embeddings = _Create(self, "/v1/embeddings")
+        self.responses = _Create(self, "/v1/responses")
+        self.completions = _Create(self, "/v1/completions")
+        self.moderations = _Create(self, "/v1/moderations")
+
+    # --- life ----------------------------------------------------------------------------
+
+    async def __aenter__(self) -> BatchedOpenAI:
+        await self.start()
+        return self
+
+    async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
+        await self.aclose(cancel=exc_type is not None and exc_type is not GeneratorExit)
+
+    async def start(self) -> None:
+        """Open the journal folder: index the answers already there, resume the journals
+        left unfinished (their batches are adopted, not made again). Idempotent."""
+        if self._state != "new":
+            return
+        if self._folder is None:
+            self._temp = tempfile.mkdtemp(prefix="aiobatch-batched-")
+        else:
+            os.makedirs(self._folder, exist_ok=True)
+            if self._reuse:
+                for path, pending in self._index_folder():  # a few reads, once
+                    self._start_flush(path, None, [], expected=pending)
+        self._state = "open"
+        self._ticker = asyncio.ensure_future(self._tick())
+
+    def _index_folder(self) -> list[tuple[str, set[str]]]:
+        """Read every journal of the folder: its final results go into ``_known``; the
+        journals with requests still open are returned, with those requests' keys."""
+        assert self._folder is not None
+        unfinished: list[tuple[str, set[str]]] = []
+        for name in sorted(os.listdir(self._folder)):
+            if not name.endswith(_JOURNAL_SUFFIX):
+                continue
+            path = os.path.join(self._folder, name)
+            try:
+                finals, open_keys = _read_journal(path)
+            except sqlite3.DatabaseError as exc:
+                logger.warning("batched: skipping %s, which cannot be read: %s", path, exc)
+                continue
+            self._known.update(finals)
+            if open_keys:
+                unfinished.append((path, open_keys))
+        return unfinished
+
+    async def flush(self) -> None:
+        """Flush every group now (their batch runs start; this does not wait for them)."""
+        for group in list(self._groups.values()):
+            self._flush_group(group)
+
+    async def aclose(self, *, cancel: bool = False) -> None:
+        """Close: flush the groups and wait for every call's answer (``cancel=False``),
+        or cancel the open batches and fail the calls still waiting with
+        :class:`~aiobatch.errors.ClosedError` (``cancel=True``). No call is left
+        hanging either way. The client given is not closed."""
+        if self._state == "closed":
+            return
+        if self._state == "new":
+            self._state = "closed"
+            return
+        self._state = "closing"
+        if cancel:
+            for group in list(self._groups.values()):
+                for call in group.take():
+                    self._fail(call, ClosedError("the batched client was closed with cancel=True"))
+            for flush in list(self._flushes):
+                flush.run.cancel()
+        else:
+            await self.flush()
+        while self._flushes:
+            tasks = [flush.task for flush in self._flushes if flush.task is not None]
+            await asyncio.wait(tasks)
+        self._state = "closed"
+        if self._ticker is not None:
+            await cancel_and_wait([self._ticker])
+        if self._temp is not None:
+            shutil.rmtree(self._temp, ignore_errors=True)
+
+    # --- observing -----------------------------------------------------------------------
+
+    def stats(self) -> BatchedStats:
+        """Counts of the calls held and answered."""
+        return BatchedStats(
+            queued=self._queued,
+            submitted=self._submitted,
+            done=self._done,
+            failed=self._failed,
+            cancelled=self._cancelled,
+            reused=self._reused,
+            flushes=self._started,
+        )
+
+    def progress(self) -> RunProgress:
+        """Every flush's :class:`~aiobatch.RunProgress`, summed (the state is this
+        client's: ``running`` while open, ``done`` once closed)."""
+        batches: dict[str, int] = {}
+        total = succeeded = failed = retrying = round_ = 0
+        elapsed = 0.0
+        for snapshot in self._progress.values():
+            total += snapshot.total
+            succeeded += snapshot.succeeded
+            failed += snapshot.failed
+            retrying += snapshot.retrying
+            round_ = max(round_, snapshot.round)
+            elapsed = max(elapsed, snapshot.elapsed)
+            for status, count in snapshot.batches.items():
+                batches[status] = batches.get(status, 0) + count
+        state = {"closed": "done", "closing": "stopping"}.get(self._state, "running")
+        return RunProgress(
+            total=total + self._queued,
+            succeeded=succeeded,
+            failed=failed,
+            retrying=retrying,
+            batches=batches,
+            round=round_,
+            elapsed=elapsed,
+            state=state,
+        )
+
+    # --- calls ---------------------------------------------------------------------------
+
+    async def request(
+        self, url: str, body: Mapping[str, Any], *, deadline: float | None = None
+    ) -> Any:
+        """Send one request body to ``url`` (one of :data:`BATCHED_ENDPOINTS`) through a
+        batch; what the endpoint's ``create`` returns.
+
+        Raises:
+            InputError: the endpoint is not batchable, or the body is one a batch
+                refuses (``stream=True``, no model, larger than a batch); raised at
+                once, nothing is queued.
+            ClosedError: the client is not open.
+            RequestFailedError, BatchEndedError, RequestNotRunError: the request's
+                line failed.
+            BatchedTimeoutError: ``deadline`` (or the client's) passed first.
+        """
+        _check_deadline(deadline)
+        if deadline is None:
+            deadline = self._deadline
+        if self._state != "open":
+            raise ClosedError(f"the batched client is {self._state}; use it inside 'async with'")
+        if url not in BATCHED_ENDPOINTS:
+            raise InputError(
+                f"{url} is not an endpoint batches can call; use one of "
+                + ", ".join(BATCHED_ENDPOINTS)
+            )
+        call = self._prepare(url, dict(body))
+        known = self._known.pop(call.key, None)
+        if known is not None:
+            self._reused += 1
+            line = known[0]
+            if not isinstance(line, (ResultSuccess, ResultHTTPError, ResultError)):
+                line = decode_result_line(line, what=f"the journaled result of {call.key}")
+            return self._answer(call, line, known[1])
+        resumed = self._resuming.get(call.key)
+        if resumed is not None:
+            resumed.waiting[call.key] = call
+            self._submitted += 1
+            return await self._await(call, deadline)
+        await self._slots.acquire()
+        if self._state != "open":
+            self._slots.release()
+            raise ClosedError("the batched client was closed while this call waited for room")
+        call.slot = True
+        self._enqueue(call)
+        if self._slots.locked():
+            await self.flush()  # max_pending reached: the held calls go out now
+        return await self._await(call, deadline)
+
+    def _prepare(self, url: str, body: dict[str, Any]) -> _Call:
+        """Check the request as a batch line and give it its key (raises at once)."""
+        base = generated_custom_id("POST", url, body)
+        occurrence = self._occurrences.get(base, 0) + 1
+        key = f"{base}-{occurrence}"
+        check = Preflight(max_line_bytes=self._max_bytes, custom_id_pattern=self._id_pattern)
+        prepared = check.check_item(
+            {"custom_id": key, "method": "POST", "url": url, "body": body}, 1
+        )
+        check.finish()
+        assert prepared is not None
+        assert prepared.model is not None
+        limit = self._config.enqueued_token_limits.get(prepared.model)
+        if limit is not None and prepared.tokens > limit:
+            raise InputError(
+                f"the request has about {prepared.tokens:,} prompt tokens; at most {limit:,} "
+                f"may be enqueued for {prepared.model} (RunConfig.enqueued_token_limits)"
+            )
+        if prepared.inputs > self._max_inputs:
+            raise InputError(
+                f"the request has {prepared.inputs:,} embedding inputs; a batch takes at most "
+                f"{self._max_inputs:,}"
+            )
+        self._occurrences[base] = occurrence
+        future: asyncio.Future[tuple[ResultLine, str | None]] = (
+            asyncio.get_running_loop().create_future()
+        )
+        return _Call(
+            key, url, prepared.model, prepared.data, prepared.tokens, prepared.inputs, future
+        )
+
+    def _enqueue(self, call: _Call) -> None:
+        model = call.model
+        group = self._groups.get((call.url, model))
+        if group is None:
+            group = self._groups[(call.url, model)] = _Group(call.url, model)
+        limit = self._config.enqueued_token_limits.get(model)
+        if group.calls and (
+            len(group.calls) + 1 > self._max_lines
+            or group.size + len(call.data) + 1 > self._max_bytes
+            or group.inputs + call.inputs > self._max_inputs
+            or (limit is not None and group.tokens + call.tokens > limit)
+        ):
+            self._flush_group(group)
+        first = not group.calls
+        group.add(call, self._clock.monotonic())
+        self._queued += 1
+        if len(group.calls) >= self._max_lines:
+            self._flush_group(group)
+        elif first:
+            self._wake.set()
+
+    async def _await(self, call: _Call, deadline: float | None) -> Any:
+        try:
+            if deadline is not None and not await self._within(call.future, deadline):
+                self._withdraw(call)
+                call.future.cancel()
+                self._failed += 1
+                raise BatchedTimeoutError(
+                    f"request {call.key} ({call.url}, {call.model}) had no result after its "
+                    f"deadline of {deadline:g} s; if it was sent, its batch keeps it and its "
+                    "result goes to the journal",
+                    custom_id=call.key,
+                    url=call.url,
+                    model=call.model,
+                    deadline=deadline,
+                )
+            line, batch_id = await call.future
+        except asyncio.CancelledError:
+            self._withdraw(call)
+            self._cancelled += 1
+            raise
+        return self._answer(call, line, batch_id)
+
+    async def _within(self, future: asyncio.Future[Any], seconds: float) -> bool:
+        """Whether ``future`` is done within ``seconds`` on the client's clock."""
+        timer = asyncio.ensure_future(self._clock.sleep(seconds))
+        try:
+            await asyncio.wait([future, timer], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            await cancel_and_wait([timer])
+        return future.done()
+
+    def _withdraw(self, call: _Call) -> None:
+        """Take a call nobody waits for any more out of its group (a sent call's result
+        is dropped when it comes)."""
+        if call.group is not None:
+            call.group.remove(call)
+            self._queued -= 1
+            self._release_of(call)
+
+    def _release_of(self, call: _Call) -> None:
+        if call.slot:
+            call.slot = False
+            self._slots.release()
+
+    def _answer(self, call: _Call, line: ResultLine, batch_id: str | None) -> Any:
+        """The call's return value, or its error raised."""
+        if isinstance(line, ResultSuccess):
+            self._done += 1
+            return self._result(call, line, batch_id)
+        self._failed += 1
+        if isinstance(line, ResultHTTPError):
+            raise _status_error(call, line, batch_id)
+        assert isinstance(line, ResultError)
+        code = line.error.code
+        error_class = BatchEndedError if code in _ENDED_CODES else RequestNotRunError
+        raise error_class(
+            line.error.message or "no message",
+            code=code,
+            custom_id=call.key,
+            batch_id=batch_id,
+        )
+
+    def _result(self, call: _Call, line: ResultSuccess, batch_id: str | None) -> Any:
+        response = line.response
+        if self._sdk and isinstance(response.body, dict):
+            module, name = BATCHED_ENDPOINTS[call.url]
+            sdk_type: Any = getattr(importlib.import_module(module), name)
+            return sdk_type.construct(**response.body)
+        return BatchedResult(
+            body=response.body,
+            status_code=response.status_code,
+            request_id=response.request_id,
+            custom_id=call.key,
+            batch_id=batch_id,
+        )
+
+    def _fail(self, call: _Call, error: BaseException) -> None:
+        self._queued -= 1
+        self._release_of(call)
+        if not call.future.done():
+            call.future.set_exception(error)
+            self._failed += 1
+
+    # --- flushing ------------------------------------------------------------------------
+
+    def _flush_group(self, group: _Group) -> None:
+        calls = group.take()
+        if not calls:
+            return
+        self._queued -= len(calls)
+        self._submitted += len(calls)
+        folder = self._folder if self._folder is not None else self._temp
+        assert folder is not None
+        name = f"flush-{int(self._clock.now())}-{uuid.uuid4().hex[:12]}{_JOURNAL_SUFFIX}"
+        self._start_flush(os.path.join(folder, name), calls, calls, expected=set())
+
+    def _start_flush(
+        self, path: str, source: list[_Call] | None, calls: list[_Call], *, expected: set[str]
+    ) -> None:
+        lines = None if source is None else [call.data for call in source]
+        key = path
+
+        def progress(snapshot: RunProgress) -> None:
+            self._progress[key] = snapshot
+            if self._on_progress is not None:
+                self._on_progress(self.progress())
+
+        run = BatchRun(
+            self._client,
+            lines,
+            journal=path,
+            config=self._config,
+            on_progress=progress,
+            on_batch=self._on_event,
+        )
+        flush = _Flush(path, run, {call.key: call for call in calls}, expected)
+        for pending in expected:
+            self._resuming[pending] = flush
+        self._flushes.add(flush)
+        self._started += 1
+        flush.task = asyncio.ensure_future(self._drive(flush))
+
+    async def _drive(self, flush: _Flush) -> None:
+        """Run one flush and resolve its calls as their results arrive."""
+        runner = asyncio.ensure_future(flush.run.run())
+        error: BaseException | None = None
+        try:
+            async for result in flush.run.results():
+                self._settle(flush, result.custom_id, result.result, result.batch_id)
+            await runner
+        except Exception as exc:
+            error = exc
+            logger.error("batched: the batch run of %s failed: %s", flush.path, exc)
+        except asyncio.CancelledError:
+            await cancel_and_wait([runner])
+            raise
+        finally:
+            self._flushes.discard(flush)
+            leftover = list(flush.waiting.values())
+            flush.waiting.clear()
+            for pending in flush.expected:
+                self._resuming.pop(pending, None)
+            for call in leftover:
+                self._submitted -= 1
+                self._release_of(call)
+                if not call.future.done():
+                    if error is None:
+                        error = ClosedError(
+                            "the batched client was closed with cancel=True before this "
+                            "request's result came; its journal keeps it for the next run"
+                        )
+                    call.future.set_exception(error)
+
+    def _settle(self, flush: _Flush, key: str, line: ResultLine, batch_id: str | None) -> None:
+        call = flush.waiting.pop(key, None)
+        if call is None:
+            if key in flush.expected:  # resumed, nobody asked yet: kept for the asker
+                self._resuming.pop(key, None)
+                self._known[key] = (line, batch_id)
+            return
+        self._submitted -= 1
+        self._release_of(call)
+        if not call.future.done():
+            call.future.set_result((line, batch_id))
+
+    async def _tick(self) -> None:
+        """Flush each group whose oldest call has waited ``max_wait``."""
+        while True:
+            now = self._clock.monotonic()
+            wait: float | None = None
+            for group in list(self._groups.values()):
+                if not group.calls:
+                    continue
+                due = group.since + self._max_wait
+                if due <= now:
+                    self._flush_group(group)
+                else:
+                    wait = due - now if wait is None else min(wait, due - now)
+            self._wake.clear()
+            await sleep_or_set(self._clock, wait, self._wake)
+
+
+def _check_deadline(deadline: float | None) -> None:
+    if deadline is not None and not deadline > 0:
+        raise ValueError(f"deadline must be > 0 seconds, got {deadline!r}")
+
+
+def _sdk_available() -> bool:
+    try:
+        importlib.import_module("openai.types.chat")
+    except ImportError:
+        return False
+    return True
+
+
+def _status_error(call: _Call, line: ResultHTTPError, batch_id: str | None) -> RequestFailedError:
+    response = line.response
+    body = response.body
+    envelope = body.get("error") if isinstance(body, dict) else None
+    envelope = envelope if isinstance(envelope, dict) else {}
+    message = envelope.get("message")
+    return RequestFailedError(
+        message if isinstance(message, str) else f"the request failed with {response.status_code}",
+        status_code=response.status_code,
+        custom_id=call.key,
+        batch_id=batch_id,
+        request_id=response.request_id,
+        body=body,
+        error_type=_str_or_none(envelope.get("type")),
+        error_code=_str_or_none(envelope.get("code")),
+        error_param=_str_or_none(envelope.get("param")),
+        url=call.url,
+    )
+
+
+def _str_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _read_journal(path: str) -> tuple[dict[str, tuple[bytes, str | None]], set[str]]:
+    """A flush journal's final results by key, and its keys without one (read-only)."""
+    db = sqlite3.connect(f"file:{os.path.abspath(path)}?mode=ro", uri=True)
+    try:
+        finals: dict[str, tuple[bytes, str | None]] = {}
+        for key, data, batch_id in db.execute(
+            "SELECT q.custom_id, r.data, r.batch_id FROM results r JOIN requests q ON q.seq = r.seq"
+        ):
+            finals[str(key)] = (bytes(data), batch_id)
+        open_keys = {
+            str(key)
+            for (key,) in db.execute(
+                "SELECT custom_id FROM requests WHERE seq NOT IN (SELECT seq FROM results)"
+            )
+        }
+        return finals, open_keys
+    finally:
+        db.close()

@@ -1,0 +1,118 @@
+"""The coalescing client against BatchRun: N concurrent awaited calls through the
+in-memory fake, versus the same N requests run as a JSONL file by ``BatchRun``.
+
+Both run on a virtual clock (auto-advancing), so the wall time is the client's own
+work. Printed: wall time of each, the ratio per request (the goal: within 1.5x of
+BatchRun), peak RSS of the process, and the memory each pending call holds beyond its
+request body (tracemalloc, measured while every call is queued and none flushed; the
+goal: under 2 KiB).
+
+Run: ``python benchmarks/bench_batched.py [--calls 100000]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import resource
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+from aiobatch import BatchedOpenAI, BatchRun, FleetConfig, RunConfig
+from aiobatch.testing import FakeConfig, fake_client
+
+FLEET = FleetConfig(min_interval=5.0, max_interval=30.0, jitter=0.0, seed=0)
+FAKE = FakeConfig(
+    validation_seconds=30.0, lines_per_second=2000.0, finalizing_seconds=10.0, request_log_size=0
+)
+
+
+def body(i: int) -> dict[str, Any]:
+    return {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": f"question {i}"}]}
+
+
+async def batched(n: int, folder: str) -> float:
+    async with fake_client(config=FAKE) as fake, fake.clock.auto_advance():
+        start = time.perf_counter()
+        async with BatchedOpenAI(
+            fake.client,
+            journal=folder,
+            config=RunConfig(fleet=FLEET),
+            max_pending=n,
+            sdk_types=False,
+        ) as client:
+            results = await asyncio.gather(
+                *(client.chat.completions.create(**body(i)) for i in range(n))
+            )
+        wall = time.perf_counter() - start
+    assert len(results) == n
+    return wall
+
+
+async def batch_run(n: int, folder: str) -> float:
+    source = Path(folder) / "requests.jsonl"
+    with source.open("w") as fh:
+        for i in range(n):
+            line = {"custom_id": f"r-{i}", "method": "POST", "url": "/v1/chat/completions"}
+            fh.write(json.dumps({**line, "body": body(i)}) + "\n")
+    async with fake_client(config=FAKE) as fake, fake.clock.auto_advance():
+        start = time.perf_counter()
+        run = BatchRun(
+            fake.client,
+            str(source),
+            journal=Path(folder) / "run.journal",
+            config=RunConfig(fleet=FLEET, order="completion"),
+        )
+        count = 0
+        runner = asyncio.ensure_future(run.run())
+        async for _ in run.results():
+            count += 1
+        await runner
+        wall = time.perf_counter() - start
+    assert count == n
+    return wall
+
+
+async def pending_bytes(n: int) -> float:
+    """Bytes each queued call holds beyond its request body (nothing flushed yet)."""
+    async with fake_client(config=FAKE) as fake:
+        client = BatchedOpenAI(fake.client, max_wait=1e9, max_pending=n + 1, sdk_types=False)
+        await client.start()
+        bodies = [body(i) for i in range(n)]
+        body_bytes = sum(len(json.dumps(b, separators=(",", ":"))) + 80 for b in bodies)
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        tasks = [asyncio.ensure_future(client.chat.completions.create(**b)) for b in bodies]
+        await asyncio.sleep(0)
+        held = tracemalloc.get_traced_memory()[0] - before
+        tracemalloc.stop()
+        assert client.stats().queued == n
+        await client.aclose(cancel=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return (held - body_bytes) / n
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--calls", type=int, default=100_000)
+    args = parser.parse_args()
+    n = args.calls
+    with tempfile.TemporaryDirectory() as a, tempfile.TemporaryDirectory() as b:
+        run_wall = asyncio.run(batch_run(n, b))
+        batched_wall = asyncio.run(batched(n, a))
+    per_call = asyncio.run(pending_bytes(min(n, 20_000)))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"{n:,} requests")
+    print(f"BatchRun (file):      {run_wall:7.2f} s  {run_wall / n * 1e6:7.1f} us/request")
+    print(f"BatchedOpenAI (calls): {batched_wall:6.2f} s  {batched_wall / n * 1e6:7.1f} us/request")
+    print(f"ratio: {batched_wall / run_wall:.2f}x BatchRun (goal <= 1.5x)")
+    print(f"per pending call beyond its line: {per_call:,.0f} B (goal < 2048)")
+    print(f"peak RSS of the process: {peak:,.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()

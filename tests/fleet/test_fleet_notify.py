@@ -1,0 +1,127 @@
+"""The fleet's webhook fast path: notify() makes a batch due at once, webhook_interval
+stretches the polls into a safety net."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from aiobatch import BatchDone, BatchStatus, Fleet, FleetConfig, FleetEvent
+
+#: Batches take 30 s validating, 2 s per line, 10 s finalizing (see FLEET_TIMINGS).
+WEBHOOKS = FleetConfig(jitter=0.0, seed=0, webhook_interval=600.0)
+
+
+async def test_notify_detects_the_end_at_once(make_env: Callable[..., Any]) -> None:
+    """With polls 10 minutes apart, a notify at the batch's end makes its BatchDone
+    arrive without waiting for the next poll, with one retrieve."""
+    async with make_env() as env, env.clock.auto_advance():
+        (batch,) = await env.create(1, lines=5)
+        done_at: list[float] = []
+
+        def on_event(event: FleetEvent) -> None:
+            if isinstance(event, BatchDone):
+                done_at.append(env.clock.now())
+
+        async with Fleet(env.client, config=WEBHOOKS, on_event=on_event) as fleet:
+            fleet.add(batch)
+            await env.clock.sleep(50.0)  # ended at 30 + 10 + 10 s: nobody polled since
+            assert fleet.open_ids == [batch.id]
+            before = env.calls("GET", "/batches/*")
+            notified_at = env.clock.now()
+            assert fleet.notify(batch.id)
+            await fleet.wait_all()
+        assert done_at and done_at[0] - notified_at <= 1.0
+        assert env.calls("GET", "/batches/*") == before + 1
+        assert fleet.outcome(batch.id) is not None
+        assert fleet.stats.notifications == 1
+
+
+async def test_webhook_interval_polls_as_a_safety_net(make_env: Callable[..., Any]) -> None:
+    """Without any notify, a batch is still detected by the poll webhook_interval apart."""
+    async with make_env() as env, env.clock.auto_advance():
+        (batch,) = await env.create(1, lines=5)
+        start = env.clock.now()
+        async with Fleet(env.client, config=WEBHOOKS) as fleet:
+            fleet.add(batch)
+            outcomes = await fleet.wait_all()
+        polls = env.fleet_requests(start)
+    assert outcomes[batch.id].batch is not None
+    assert outcomes[batch.id].batch.status is BatchStatus.COMPLETED
+    assert [round(t - start) for t in polls] == [600]
+
+
+async def test_safety_net_polls_of_batches_added_apart_share_one_sweep(
+    make_env: Callable[..., Any],
+) -> None:
+    """Open batches added minutes apart are polled on one shared webhook_interval beat,
+    jitter or not: each safety-net poll is one list page for all, never a retrieve each."""
+    config = FleetConfig(seed=0, webhook_interval=600.0)  # the default jitter, 0.1
+    async with make_env() as env, env.clock.auto_advance():
+        batches = await env.create(20, lines=1000)  # each runs ~2,000 s
+        async with Fleet(env.client, config=config) as fleet:
+            for batch in batches:
+                fleet.add(batch)
+                await env.clock.sleep(15.0)
+            await env.clock.sleep(1_900.0 - 15.0 * len(batches))
+            assert len(fleet.open_ids) == len(batches)
+            stats = fleet.stats
+            assert (stats.retrieves, stats.list_pages) == (0, 3)  # at 600, 1,200, 1,800 s
+            for batch in batches:
+                fleet.remove(batch.id)
+
+
+async def test_notify_of_an_unknown_batch_is_counted_and_ignored(
+    make_env: Callable[..., Any],
+) -> None:
+    """notify() for an id the fleet does not track sends nothing and is counted."""
+    async with make_env() as env, env.clock.auto_advance():
+        (batch,) = await env.create(1)
+        start = env.clock.now()
+        async with Fleet(env.client, config=WEBHOOKS) as fleet:
+            fleet.add(batch)
+            assert not fleet.notify("batch_not_ours")
+            await env.clock.sleep(5.0)
+            assert env.fleet_requests(start) == []
+            assert fleet.stats.unknown_notifications == 1
+            assert fleet.stats.notifications == 0
+
+
+async def test_a_notify_that_outruns_the_server_looks_again_soon(
+    make_env: Callable[..., Any],
+) -> None:
+    """A notify for a batch still running (the event came before the read side shows
+    the end) brings a retrieve now and another after min_interval, not 10 minutes."""
+    async with make_env() as env, env.clock.auto_advance():
+        (batch,) = await env.create(1, lines=50)  # runs ~130 s
+        start = env.clock.now()
+        async with Fleet(env.client, config=WEBHOOKS) as fleet:
+            fleet.add(batch)
+            await env.clock.sleep(40.0)
+            fleet.notify(batch.id)
+            await env.clock.sleep(30.0)
+            polls = [round(t - start) for t in env.fleet_requests(start)]
+            fleet.remove(batch.id)
+    assert polls == [40, 45]
+
+
+async def test_many_notified_batches_share_a_sweep(make_env: Callable[..., Any]) -> None:
+    """When many batches are notified together, one list page observes them all."""
+    async with make_env() as env, env.clock.auto_advance():
+        batches = await env.create(30, lines=1)
+        async with Fleet(env.client, config=WEBHOOKS) as fleet:
+            fleet.add_many(batches)
+            await env.clock.sleep(60.0)
+            for batch in batches:
+                fleet.notify(batch.id)
+            await fleet.wait_all()
+        assert fleet.stats.list_pages == 1
+        assert fleet.stats.retrieves == 0
+
+
+def test_webhook_interval_may_not_be_shorter_than_min_interval() -> None:
+    """A safety-net interval below min_interval is refused."""
+    with pytest.raises(ValueError, match="webhook_interval"):
+        FleetConfig(min_interval=5.0, webhook_interval=1.0)
