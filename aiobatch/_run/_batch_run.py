@@ -120,6 +120,15 @@ class BatchRun:
             logged, never propagated).
     """
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> BatchRun:
+        # On a PostgreSQL journal a run shares its shards with workers by leases.
+        journal = kwargs.get("journal")
+        if cls is BatchRun and journal is not None and is_postgres_url(os.fspath(journal)):
+            from ._worker import SharedRun
+
+            return object.__new__(SharedRun)
+        return object.__new__(cls)
+
     def __init__(
         self,
         client: BatchClient,
@@ -574,11 +583,17 @@ class BatchRun:
             return
         for shard in shards:
             ctx.round = max(ctx.round, shard.round)
-            ctx.put_status(shard.key, _S.PLANNED.value)
-            self._start_submit(ctx, shard.key)
+        await self._take_planned(ctx, shards)
         if shards:
             logger.info("run %s: planned %d batch(es)", self._run_id, len(shards))
         self._emit_progress()
+
+    async def _take_planned(self, ctx: RunContext, shards: list[Shard]) -> None:
+        """Start submitting the shards just planned (a run shared by workers claims
+        its share of them instead)."""
+        for shard in shards:
+            ctx.put_status(shard.key, _S.PLANNED.value)
+            self._start_submit(ctx, shard.key)
 
     def _spawn(self, coroutine: Any, *, name: str) -> asyncio.Task[None]:
         task: asyncio.Task[None] = asyncio.ensure_future(coroutine)

@@ -60,7 +60,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
 __all__ = ["SCHEMA_VERSION", "PostgresJournal", "connect_failure"]
 
 #: The schema this aiobatch writes; older ones are migrated forward on opening.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _PROGRAM = "aiobatch"
 #: The first key of every advisory lock aiobatch takes ("aiob").
 _LOCK_SPACE = 0x61696F62
@@ -164,6 +164,16 @@ MIGRATIONS: Mapping[int, tuple[str, ...]] = {
         "ALTER TABLE aiobatch_shards ADD COLUMN lease_until DOUBLE PRECISION",
         "ALTER TABLE aiobatch_runs ADD COLUMN planner TEXT",
         "ALTER TABLE aiobatch_runs ADD COLUMN planner_until DOUBLE PRECISION",
+    ),
+    # Live workers of a run (each renews its row with its leases): shards are claimed in
+    # fair shares among them.
+    3: (
+        """CREATE TABLE aiobatch_workers (
+            rid BIGINT NOT NULL,
+            worker TEXT NOT NULL,
+            seen_until DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (rid, worker)
+        )""",
     ),
 }
 
@@ -688,10 +698,9 @@ class PostgresJournal:
                 key,
             )
             row = await conn.fetchrow(
+                # A new shard is leased to nobody: whichever worker claims it acts on it.
                 "INSERT INTO aiobatch_shards (rid, key, round, url, model, lines, bytes, "
-                "tokens, state, planned_at, lease_owner, lease_until) VALUES ($1, $2, $3, $4, "
-                f"$5, $6, $7, $8, $9, $10, $11::text, CASE WHEN $11::text IS NULL THEN NULL "
-                f"ELSE {_NOW} + $12 END) "
+                "tokens, state, planned_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) "
                 f"RETURNING {', '.join(SHARD_FIELDS)}",
                 rid,
                 key,
@@ -703,8 +712,6 @@ class PostgresJournal:
                 plan.tokens,
                 ShardState.PLANNED.value,
                 planned_at,
-                self.owner,
-                self.lease_seconds,
             )
         return _shard(row)
 
@@ -980,10 +987,24 @@ class PostgresJournal:
 
     async def claim(self, limit: int) -> list[Shard]:
         """Take the leases of up to ``limit`` unfinished shards that no worker holds (never
-        leased, or let lapse), skipping rows another worker is claiming right now."""
+        leased, or let lapse), skipping rows another worker is claiming right now; never
+        more than this worker's fair share (the unfinished shards over the live
+        workers), so that workers joining later find work too."""
         assert self.owner is not None
         rid = await self.rid()
         async with self._tx() as conn:
+            share = await conn.fetchrow(
+                "SELECT count(*), count(*) FILTER (WHERE lease_owner = $2 AND lease_until > "
+                f"{_NOW}), (SELECT count(*) FROM aiobatch_workers WHERE rid = $1 AND "
+                f"(seen_until > {_NOW} OR worker = $2)) FROM aiobatch_shards "
+                "WHERE rid = $1 AND state != 'collected'",
+                rid,
+                self.owner,
+            )
+            unfinished, held, workers = (int(v) for v in share)
+            limit = min(limit, -(-unfinished // max(1, workers)) - held)
+            if limit <= 0:
+                return []
             rows = await conn.fetch(
                 f"UPDATE aiobatch_shards s SET lease_owner = $2, lease_until = {_NOW} + $3 "
                 "FROM (SELECT key FROM aiobatch_shards WHERE rid = $1 AND state != 'collected' "
@@ -1018,7 +1039,26 @@ class PostgresJournal:
                 self.owner,
                 self.lease_seconds,
             )
+            await conn.execute(
+                "INSERT INTO aiobatch_workers (rid, worker, seen_until) VALUES "
+                f"($1, $2, {_NOW} + $3) ON CONFLICT (rid, worker) DO UPDATE SET "
+                "seen_until = excluded.seen_until",
+                rid,
+                self.owner,
+                self.lease_seconds,
+            )
         return {str(row[0]) for row in rows}
+
+    async def live_workers(self) -> list[str]:
+        """The workers of this run that renewed their leases within the lease time."""
+        rid = await self.rid()
+        async with self._conn() as conn:
+            rows = await conn.fetch(
+                f"SELECT worker FROM aiobatch_workers WHERE rid = $1 AND seen_until > {_NOW} "
+                "ORDER BY worker",
+                rid,
+            )
+        return [str(row[0]) for row in rows]
 
     async def plan_lease(self) -> bool:
         """Take (or keep) the run's planner lease: one worker plans at a time."""
@@ -1051,4 +1091,7 @@ class PostgresJournal:
                 "WHERE rid = $1 AND planner = $2",
                 rid,
                 self.owner,
+            )
+            await conn.execute(
+                "DELETE FROM aiobatch_workers WHERE rid = $1 AND worker = $2", rid, self.owner
             )

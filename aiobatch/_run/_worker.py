@@ -8,8 +8,10 @@ run together. Each acts only on the shards it holds a *lease* on (``lease_owner`
   (``UPDATE ... FROM (SELECT ... FOR UPDATE SKIP LOCKED)``), and carries each on from its
   recorded state exactly as a resumed run does (a lost upload or a lost create is looked
   up the same way, so an adopted shard never gets a second batch);
-- it *plans* only while it holds the run's planner lease, and the shards it plans are
-  leased to it;
+- it *plans* only while it holds the run's planner lease; the shards it plans are
+  leased to nobody, and every worker claims at most its fair share of the unfinished
+  shards (their number over the live workers, each of which renews a row of
+  ``aiobatch_workers`` with its leases);
 - a heartbeat renews its leases every third of the lease time; a shard whose lease is
   gone is dropped at once (its submission cancelled, its batch no longer tracked), and
   every journal write about a shard checks the lease in the same transaction
@@ -23,6 +25,11 @@ pgqueuer): a shard is no fire-and-forget job but a long-lived state machine whos
 step is a journal write; the lease check must sit in the same transaction as that write
 (fencing), which a queue's job row cannot give, and the extra dependency would buy only
 the ``SKIP LOCKED`` claim, a dozen lines here.
+
+``aiobatch run`` (a :class:`BatchRun`) on a PostgreSQL journal is such a worker too
+(:class:`SharedRun`): it also ingests the input, holds the run's advisory lock (one
+``aiobatch run`` per run at a time) and writes the output file at the end, so workers
+joining its run share its shards instead of trampling on them.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import contextlib
 import os
 import socket
 import uuid
+from typing import Any
 
 from .._aio import sleep_or_set
 from .._client import BatchClient
@@ -44,82 +52,37 @@ from ._records import Shard
 from ._report import RunReport
 from ._states import SUBMITTING, ShardState
 
-__all__ = ["Worker"]
+__all__ = ["SharedRun", "Worker"]
 
 _S = ShardState
 
 
-class Worker(BatchRun):
-    """One worker of a run shared through a PostgreSQL journal (see the module notes).
+class _Leased(BatchRun):
+    """What a process acting on a shared run by leases does (see the module notes)."""
 
-    :meth:`run` carries the run on until every request has its final result (or the run
-    is cancelled, or :meth:`stop`), acting only on the shards it leases, and returns the
-    run's report.
+    lease_seconds = 30.0
+    worker_id = ""
+    _claim_limit = 1000
 
-    Args:
-        client: the client to call (not closed by the worker).
-        journal: the ``postgresql://`` URL of the run's database.
-        run: the run's id or name (else the URL's ``?run=``).
-        config: as for :class:`BatchRun` (every worker of a run should use the same).
-        lease_seconds: how long a lease lasts without renewal: a dead worker's shards
-            are adopted after this long.
-        claim_limit: shards one worker holds at most.
-        worker_id: this worker's name in the leases (default: host, pid and a random
-            part).
-    """
-
-    def __init__(
-        self,
-        client: BatchClient,
-        *,
-        journal: str,
-        run: str | None = None,
-        config: RunConfig | None = None,
-        lease_seconds: float = 30.0,
-        claim_limit: int = 1000,
-        worker_id: str | None = None,
-    ) -> None:
-        if run is not None:
-            sep = "&" if "?" in journal else "?"
-            journal = f"{journal}{sep}run={run}"
-        super().__init__(client, None, journal=journal, config=config)
+    def _init_leases(self, worker_id: str | None) -> None:
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-        self.lease_seconds = lease_seconds
-        self._claim_limit = claim_limit
         self._mine: set[str] = set()
         self._renewed_at = 0.0
 
     async def _open_journal(self, *, create: bool) -> Journal:
-        journal = await super()._open_journal(create=False)
+        journal = await super()._open_journal(create=create)
         assert isinstance(journal, PostgresJournal)
         journal.owner = self.worker_id
         journal.lease_seconds = self.lease_seconds
         return journal
 
-    async def _run(self) -> RunReport:
-        journal = await self._open_journal(create=False)
-        assert isinstance(journal, PostgresJournal)
+    async def _drive(self, journal: Journal) -> RunReport:
         try:
-            if await journal.meta() is None:
-                raise JournalError(f"no run {journal.name!r} in {journal.location}")
-            try:
-                return await self._drive(journal)
-            finally:
-                self._ctx = None
-                self._results_changed.set()
-                with contextlib.suppress(JournalError):  # else they lapse on their own
-                    await journal.drop_leases()
+            return await super()._drive(journal)
         finally:
-            await journal.close()
-
-    async def _open(self, journal: Journal) -> bool:
-        # Joining never clears a cancel flag: it may be meant for every worker.
-        return False
-
-    async def _record_state(self, journal: Journal, state: str) -> None:
-        # One worker stopping (or failing) does not stop the run: the others go on.
-        if state == "cancelled":
-            await super()._record_state(journal, state)
+            assert isinstance(journal, PostgresJournal)
+            with contextlib.suppress(JournalError):  # else they lapse on their own
+                await journal.drop_leases()
 
     def _acts_on(self, key: str) -> bool:
         return key in self._mine
@@ -134,6 +97,10 @@ class Worker(BatchRun):
 
     async def _resume(self, ctx: RunContext) -> None:
         await self._heartbeat(ctx)
+
+    async def _take_planned(self, ctx: RunContext, shards: list[Shard]) -> None:
+        # Planned shards are leased to nobody: take this worker's share like any other.
+        await self._claim(ctx)
 
     async def _claim(self, ctx: RunContext) -> None:
         """Take free shards and carry each on from where the journal left it."""
@@ -219,3 +186,76 @@ class Worker(BatchRun):
             ):
                 return  # every request answered and every shard settled
             await sleep_or_set(clock, max(0.0, min(next_beat - now, 1.0)), self._changed)
+
+
+class Worker(_Leased):
+    """One worker of a run shared through a PostgreSQL journal (see the module notes).
+
+    :meth:`run` carries the run on until every request has its final result (or the run
+    is cancelled, or :meth:`stop`), acting only on the shards it leases, and returns the
+    run's report.
+
+    Args:
+        client: the client to call (not closed by the worker).
+        journal: the ``postgresql://`` URL of the run's database.
+        run: the run's id or name (else the URL's ``?run=``).
+        config: as for :class:`BatchRun` (every worker of a run should use the same).
+        lease_seconds: how long a lease lasts without renewal: a dead worker's shards
+            are adopted after this long.
+        claim_limit: shards one worker holds at most.
+        worker_id: this worker's name in the leases (default: host, pid and a random
+            part).
+    """
+
+    def __init__(
+        self,
+        client: BatchClient,
+        *,
+        journal: str,
+        run: str | None = None,
+        config: RunConfig | None = None,
+        lease_seconds: float = 30.0,
+        claim_limit: int = 1000,
+        worker_id: str | None = None,
+    ) -> None:
+        if run is not None:
+            sep = "&" if "?" in journal else "?"
+            journal = f"{journal}{sep}run={run}"
+        super().__init__(client, None, journal=journal, config=config)
+        self._init_leases(worker_id)
+        self.lease_seconds = lease_seconds
+        self._claim_limit = claim_limit
+
+    async def _run(self) -> RunReport:
+        journal = await self._open_journal(create=False)
+        assert isinstance(journal, PostgresJournal)
+        try:
+            if await journal.meta() is None:
+                raise JournalError(f"no run {journal.name!r} in {journal.location}")
+            try:
+                return await self._drive(journal)
+            finally:
+                self._ctx = None
+                self._results_changed.set()
+        finally:
+            await journal.close()
+
+    async def _open(self, journal: Journal) -> bool:
+        # Joining never clears a cancel flag: it may be meant for every worker.
+        return False
+
+    async def _record_state(self, journal: Journal, state: str) -> None:
+        # One worker stopping (or failing) does not stop the run: the others go on.
+        if state == "cancelled":
+            await super()._record_state(journal, state)
+
+
+class SharedRun(_Leased):
+    """A :class:`BatchRun` on a PostgreSQL journal (``BatchRun(...)`` makes one): it
+    ingests the input, acts on its share of the shards by leases like a :class:`Worker`
+    (so workers may join it), and writes the output file once every request has its
+    result."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_leases(None)

@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -38,6 +39,7 @@ from .._run import (
 from .._run import JournalFile as Journal
 from .._run._open import open_journal, pg_run_name
 from .._run._pg_url import is_postgres_url, redact_url
+from .._run._report import build_report
 from .._run._states import ShardState
 from ..errors import AiobatchError, ConfigurationError, JournalError, PreflightError
 from ..testing import (
@@ -563,7 +565,67 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _journal_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("journal", help="the run's journal file")
+    parser.add_argument(
+        "journal",
+        help="the run's journal file, or the postgresql:// URL of its database (with "
+        "?run=ID or --run)",
+    )
+    parser.add_argument(
+        "--run",
+        default=None,
+        help="with a postgresql:// URL: the run's id or name (default: the URL's ?run=)",
+    )
+
+
+async def _pg_run(args: argparse.Namespace) -> Any:
+    """The PostgreSQL journal of the run ``args`` name.
+
+    Raises:
+        JournalError: no run is named, or the database holds no such run.
+    """
+    from .._run._postgres import PostgresJournal
+
+    journal = await PostgresJournal.open(args.journal, name=args.run)
+    if await journal.meta() is None:
+        await journal.close()
+        raise JournalError(f"no run in the journal {journal.location}")
+    return journal
+
+
+async def _pg_status(args: argparse.Namespace) -> tuple[Any, dict[str, tuple[int, int]]]:
+    journal = await _pg_run(args)
+    try:
+        live = bool(await journal.live_workers())
+        report = build_report(await journal.meta(), await journal.counts(), live=live)
+        return report, await journal.tokens_by_model()
+    finally:
+        await journal.close()
+
+
+async def _pg_cancel(args: argparse.Namespace) -> str:
+    """Flag the run's cancel in the database: every worker sees it at its next heartbeat.
+
+    Raises:
+        JournalError: no such run, or it is done already.
+    """
+    journal = await _pg_run(args)
+    try:
+        meta = await journal.meta()
+        if meta.state == "done":
+            raise JournalError("the run is already done")
+        await journal.request_cancel(time.time())
+        workers = await journal.live_workers()
+    finally:
+        await journal.close()
+    if workers:
+        return (
+            f"cancel requested; the {len(workers)} worker(s) of run {meta.run_id} stop within "
+            "a third of their lease time, cancelling their open batches"
+        )
+    return (
+        f"cancel requested; no worker of run {meta.run_id} is alive now: the next worker "
+        "that joins it cancels its open batches"
+    )
 
 
 def _status_arguments(parser: argparse.ArgumentParser) -> None:
@@ -600,13 +662,10 @@ exit status: 0 the report was printed, 1 the journal cannot be read"""
 )
 def _status(args: argparse.Namespace) -> int:
     try:
-        with Journal(args.journal, readonly=True) as journal:
-            try:
-                live: bool | None = run_is_live(args.journal)
-            except OSError:  # no lock file can be made beside it: cannot tell
-                live = None
-            report = read_report(journal, live=live)
-            tokens = journal.tokens_by_model()
+        if is_postgres_url(args.journal):
+            report, tokens = asyncio.run(_pg_status(args))
+        else:
+            report, tokens = _file_status(args)
     except JournalError as exc:
         print(f"aiobatch status: {exc}", file=sys.stderr)
         return 1
@@ -626,6 +685,15 @@ def _status(args: argparse.Namespace) -> int:
     else:
         out("\n".join([format_report(report), *cost_lines(tokens, args.prices)]))
     return 0
+
+
+def _file_status(args: argparse.Namespace) -> tuple[Any, dict[str, tuple[int, int]]]:
+    with Journal(args.journal, readonly=True) as journal:
+        try:
+            live: bool | None = run_is_live(args.journal)
+        except OSError:  # no lock file can be made beside it: cannot tell
+            live = None
+        return read_report(journal, live=live), journal.tokens_by_model()
 
 
 def _plain(value: Any) -> Any:
@@ -663,6 +731,13 @@ exit status: 0 cancelled (or nothing to cancel), 1 the run is done or the journa
 provider cannot be used""",
 )
 def _cancel(args: argparse.Namespace) -> int:
+    if is_postgres_url(args.journal):
+        try:
+            out(asyncio.run(_pg_cancel(args)))
+        except JournalError as exc:
+            print(f"aiobatch cancel: {exc}", file=sys.stderr)
+            return 1
+        return 0
     try:
         with Journal(args.journal) as journal:
             state = journal.get_meta("state")

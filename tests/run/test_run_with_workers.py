@@ -1,0 +1,158 @@
+"""``BatchRun`` (``aiobatch run``) on a PostgreSQL journal and ``aiobatch worker``
+processes on the same run: they share the shards by leases, never act on the same one,
+and a cancel flagged in the database reaches every one of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from conftest import chat_line, config, service_on
+from pg import pg_url
+
+from aiobatch import BatchRun, RetryPolicy, RunConfig
+from aiobatch._run._ingest import ingest
+from aiobatch._run._postgres import PostgresJournal
+from aiobatch._run._worker import Worker
+from aiobatch.testing import FakeBatchService, VirtualClock, fake_client
+
+
+def _requests(n: int) -> list[dict[str, object]]:
+    return [chat_line(f"r-{i}", f"question {i}") for i in range(n)]
+
+
+async def _batches_per_shard(service: FakeBatchService) -> Counter[str]:
+    batches = [await service.get_batch(b) for b in service.batch_ids]
+    return Counter((b.metadata or {}).get("aiobatch_shard", "") for b in batches)
+
+
+async def _ingested(url: str, n: int) -> PostgresJournal:
+    """The run's journal with its requests recorded and nothing planned."""
+    journal = await PostgresJournal.open(url)
+    await ingest(
+        journal, _requests(n), config=RunConfig(), clock=VirtualClock(), max_line_bytes=10**7
+    )
+    return journal
+
+
+async def _planned(journal: PostgresJournal) -> None:
+    """Wait until a worker planned the run's shards."""
+    for _ in range(10_000):
+        if await journal.shard_count():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("no worker planned the run")
+
+
+async def test_a_run_and_two_workers_share_its_shards(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A BatchRun on PostgreSQL joining a run that two workers carry: they act side by
+    side, every shard gets one batch, every request one result in the output."""
+    caplog.set_level(logging.INFO, logger="aiobatch.run")
+    url = pg_url(str(tmp_path), run="shared")
+    journal = await _ingested(url, 60)
+    clock = VirtualClock()
+    service = service_on(clock)
+    out = tmp_path / "out.jsonl"
+    async with (
+        fake_client(service=service, clock=clock, retry=RetryPolicy.for_testing()) as fake,
+        clock.auto_advance(),
+    ):
+        workers = [
+            Worker(
+                fake.client, journal=url, config=config(max_lines=5), worker_id=f"w{i}",
+                claim_limit=4,
+            )
+            for i in range(2)
+        ]  # fmt: skip
+        tasks = [asyncio.ensure_future(w.run()) for w in workers]
+        await _planned(journal)
+        run = BatchRun(
+            fake.client, _requests(60), journal=url, output=out, config=config(max_lines=5)
+        )
+        reports = await asyncio.gather(run.run(), *tasks)
+    await journal.close()
+    assert reports[0].state == "done"
+    per_shard = await _batches_per_shard(service)
+    assert len(per_shard) == 12 and set(per_shard.values()) == {1}
+    ids = Counter(json.loads(line)["custom_id"] for line in out.read_text().splitlines())
+    assert ids == Counter(f"r-{i}" for i in range(60))
+    # No process tripped over another's step (each such trip logs a warning).
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    took = [r.getMessage() for r in caplog.records if " took shard " in r.getMessage()]
+    assert any("worker w" in message for message in took)  # the workers did act
+
+
+def _cli(*args: str) -> tuple[int, str]:
+    """Run the command line in this thread, capturing what it prints."""
+    import contextlib
+    import io
+
+    from aiobatch.cli import main
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        try:
+            code = main(list(args))
+        except SystemExit as exc:  # argparse refusing the arguments
+            code = int(exc.code or 0)
+    return code, printed.getvalue()
+
+
+async def test_a_cancel_by_url_stops_every_worker_and_cancels_their_batches(
+    tmp_path: Path,
+) -> None:
+    """``aiobatch cancel URL --run ID`` while two workers carry a run: both stop with a
+    cancelled report, and every batch they had open is cancelled."""
+    url = pg_url(str(tmp_path), run="shared")
+    journal = await _ingested(url, 40)
+    clock = VirtualClock()
+    service = service_on(clock, lines_per_second=0.01)  # the batches stay in progress
+    async with (
+        fake_client(service=service, clock=clock, retry=RetryPolicy.for_testing()) as fake,
+        clock.auto_advance(),
+    ):
+        workers = [
+            Worker(fake.client, journal=url, config=config(max_lines=5), lease_seconds=3.0)
+            for _ in range(2)
+        ]
+        tasks = [asyncio.ensure_future(w.run()) for w in workers]
+        for _ in range(10_000):
+            if len(service.batch_ids) == 8:
+                break
+            await asyncio.sleep(0.01)
+        run_id = (await journal.meta()).run_id  # type: ignore[union-attr]
+        base = url.split("&run=")[0]
+        code, said = await asyncio.to_thread(_cli, "cancel", base, "--run", run_id)
+        assert code == 0 and "cancel requested" in said
+        reports = await asyncio.gather(*tasks)
+        batches = [await service.get_batch(b) for b in service.batch_ids]
+    await journal.close()
+    assert [r.state for r in reports] == ["cancelled", "cancelled"]
+    assert {b.status.value for b in batches} == {"cancelled"}
+
+
+async def test_status_by_url_shows_one_run_of_many_in_a_database(tmp_path: Path) -> None:
+    """Two runs in one database: ``aiobatch status URL?run=NAME --json`` reports each
+    run's own requests, and ``--run`` names a run the same way."""
+    url = pg_url(str(tmp_path))
+    first = await _ingested(url + "&run=first", 7)
+    second = await _ingested(url + "&run=second", 3)
+    second_id = (await second.meta()).run_id  # type: ignore[union-attr]
+    await first.close()
+    await second.close()
+    code, said = await asyncio.to_thread(_cli, "status", url + "&run=first", "--json")
+    assert code == 0
+    assert json.loads(said)["requests"] == 7
+    code, said = await asyncio.to_thread(_cli, "status", url, "--run", second_id, "--json")
+    assert code == 0
+    shown = json.loads(said)
+    assert (shown["requests"], shown["run_id"]) == (3, second_id)
+    code, said = await asyncio.to_thread(_cli, "status", url, "--run", "third")
+    assert code == 1
