@@ -33,6 +33,7 @@ import attrs
 from ..errors import JournalError, LeaseLostError, TooManyBatchesError
 from ._journal import CHUNK_BYTES
 from ._pg_url import PgLocation, parse_postgres_url
+from ._postgres_schema import _LOCK_SPACE, _PROGRAM, MIGRATIONS, SCHEMA_VERSION
 from ._records import (
     SHARD_FIELDS,
     FinalResult,
@@ -59,123 +60,6 @@ except ImportError as exc:  # pragma: no cover - depends on the install
 
 __all__ = ["SCHEMA_VERSION", "PostgresJournal", "connect_failure"]
 
-#: The schema this aiobatch writes; older ones are migrated forward on opening.
-SCHEMA_VERSION = 3
-_PROGRAM = "aiobatch"
-#: The first key of every advisory lock aiobatch takes ("aiob").
-_LOCK_SPACE = 0x61696F62
-
-#: Version -> the statements that bring the schema from the version before to it.
-MIGRATIONS: Mapping[int, tuple[str, ...]] = {
-    1: (
-        """CREATE TABLE aiobatch_schema (
-            program TEXT NOT NULL,
-            version INTEGER NOT NULL
-        )""",
-        """CREATE TABLE aiobatch_runs (
-            rid BIGSERIAL PRIMARY KEY,
-            name TEXT NOT NULL UNIQUE,
-            run_id TEXT UNIQUE,
-            source TEXT NOT NULL DEFAULT '',
-            fingerprint TEXT NOT NULL DEFAULT '',
-            state TEXT NOT NULL DEFAULT 'running',
-            started_at DOUBLE PRECISION NOT NULL DEFAULT 0,
-            updated_at DOUBLE PRECISION NOT NULL DEFAULT 0,
-            skipped INTEGER NOT NULL DEFAULT 0,
-            problems TEXT NOT NULL DEFAULT '',
-            "order" TEXT NOT NULL DEFAULT 'input',
-            cancel_requested TEXT,
-            output_written TEXT,
-            extra_uploads_deleted INTEGER NOT NULL DEFAULT 0
-        )""",
-        """CREATE TABLE aiobatch_requests (
-            rid BIGINT NOT NULL,
-            seq INTEGER NOT NULL,
-            custom_id TEXT NOT NULL,
-            line INTEGER NOT NULL,
-            url TEXT NOT NULL,
-            model TEXT,
-            tokens INTEGER NOT NULL,
-            inputs INTEGER NOT NULL DEFAULT 1,
-            data BYTEA NOT NULL,
-            state TEXT NOT NULL DEFAULT 'pending',
-            shard TEXT,
-            pos INTEGER,
-            attempts INTEGER NOT NULL DEFAULT 0,
-            last_error BYTEA,
-            batches INTEGER NOT NULL DEFAULT 0,
-            PRIMARY KEY (rid, seq),
-            UNIQUE (rid, custom_id)
-        )""",
-        "CREATE INDEX aiobatch_requests_pending ON aiobatch_requests (rid, url, model, seq) "
-        "WHERE state = 'pending'",
-        "CREATE INDEX aiobatch_requests_shard ON aiobatch_requests (rid, shard, seq)",
-        """CREATE TABLE aiobatch_shards (
-            rid BIGINT NOT NULL,
-            key TEXT NOT NULL,
-            round INTEGER NOT NULL,
-            url TEXT NOT NULL,
-            model TEXT,
-            lines INTEGER NOT NULL,
-            bytes BIGINT NOT NULL,
-            tokens BIGINT NOT NULL,
-            state TEXT NOT NULL,
-            planned_at DOUBLE PRECISION NOT NULL,
-            upload_started_at DOUBLE PRECISION,
-            file_id TEXT,
-            creates INTEGER NOT NULL DEFAULT 0,
-            create_key TEXT,
-            create_started_at DOUBLE PRECISION,
-            not_before DOUBLE PRECISION,
-            batch_id TEXT,
-            status TEXT,
-            output_file_id TEXT,
-            error_file_id TEXT,
-            output_done INTEGER NOT NULL DEFAULT 0,
-            error_done INTEGER NOT NULL DEFAULT 0,
-            cancel_reason TEXT,
-            history TEXT NOT NULL DEFAULT '',
-            input_tokens BIGINT NOT NULL DEFAULT 0,
-            output_tokens BIGINT NOT NULL DEFAULT 0,
-            note TEXT,
-            PRIMARY KEY (rid, key)
-        )""",
-        "CREATE INDEX aiobatch_shards_state ON aiobatch_shards (rid, state)",
-        """CREATE TABLE aiobatch_results (
-            rid BIGINT NOT NULL,
-            seq INTEGER NOT NULL,
-            n BIGSERIAL NOT NULL,
-            kind TEXT NOT NULL,
-            code TEXT,
-            shard TEXT,
-            batch_id TEXT,
-            attempts INTEGER NOT NULL,
-            input_tokens BIGINT NOT NULL DEFAULT 0,
-            output_tokens BIGINT NOT NULL DEFAULT 0,
-            data BYTEA NOT NULL,
-            PRIMARY KEY (rid, seq)
-        )""",
-        "CREATE INDEX aiobatch_results_n ON aiobatch_results (rid, n)",
-    ),
-    # Leases: which worker acts on a shard (and plans a run) until when, on the
-    # database's clock (seconds since the epoch).
-    2: (
-        "ALTER TABLE aiobatch_shards ADD COLUMN lease_owner TEXT",
-        "ALTER TABLE aiobatch_shards ADD COLUMN lease_until DOUBLE PRECISION",
-        "ALTER TABLE aiobatch_runs ADD COLUMN planner TEXT",
-        "ALTER TABLE aiobatch_runs ADD COLUMN planner_until DOUBLE PRECISION",
-    ),
-    # Live workers of a run (each renews its row with its leases): shards are claimed in
-    # fair shares among them.
-    3: (
-        """CREATE TABLE aiobatch_workers (
-            rid BIGINT NOT NULL,
-            worker TEXT NOT NULL,
-            seen_until DOUBLE PRECISION NOT NULL,
-            PRIMARY KEY (rid, worker)
-        )""",
-    ),
-}
 
 #: The database's clock, in seconds since the epoch (leases are read and set by it).
 _NOW = "extract(epoch FROM clock_timestamp())"
