@@ -36,7 +36,6 @@ from typing import Any
 import attrs
 
 from ..errors import JournalError, ShardMoveError, TooManyBatchesError
-from ._journal import CHUNK_BYTES
 from ._records import (
     SHARD_FIELDS,
     FailedRequest,
@@ -52,7 +51,8 @@ from ._records import (
     Shard,
     ShardPlan,
 )
-from ._sqlite_db import Db
+from ._sqlite_db import PAGE_BYTES, PAGE_LINES, Db, Page, SeqRun, seq_runs
+from ._sqlite_schema import PAGE_SIZE, READABLE_VERSIONS, SCHEMA, SCHEMA_VERSION, UPGRADES
 from ._states import ShardState, allowed
 
 __all__ = [
@@ -65,82 +65,6 @@ __all__ = [
     "seq_runs",
 ]
 
-SCHEMA_VERSION = 6
-
-#: The schema versions ``aiobatch status`` reads (what it reads is the same in each).
-READABLE_VERSIONS = frozenset({"4", "5", str(SCHEMA_VERSION)})
-
-#: The page size of a new journal file (measured: see benchmarks/bench_run_100k.py).
-PAGE_SIZE = 4096
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (
-    key TEXT PRIMARY KEY,
-    value TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS requests (
-    seq INTEGER PRIMARY KEY,
-    custom_id TEXT NOT NULL UNIQUE,
-    line INTEGER NOT NULL,
-    url TEXT NOT NULL,
-    model TEXT,
-    tokens INTEGER NOT NULL,
-    inputs INTEGER NOT NULL DEFAULT 1,
-    data BLOB NOT NULL,
-    state TEXT NOT NULL DEFAULT 'pending',  -- 'pending' or 'queued'; done: in results
-    shard TEXT,
-    pos INTEGER,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    last_error BLOB,
-    batches INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS requests_pending ON requests (url, model, seq)
-    WHERE state = 'pending';
-CREATE INDEX IF NOT EXISTS requests_shard ON requests (shard, seq) WHERE shard IS NOT NULL;
-CREATE INDEX IF NOT EXISTS requests_retried ON requests (seq) WHERE attempts > 0;
-CREATE TABLE IF NOT EXISTS shards (
-    key TEXT PRIMARY KEY,
-    round INTEGER NOT NULL,
-    url TEXT NOT NULL,
-    model TEXT,
-    lines INTEGER NOT NULL,
-    bytes INTEGER NOT NULL,
-    tokens INTEGER NOT NULL,
-    state TEXT NOT NULL,
-    planned_at REAL NOT NULL,
-    upload_started_at REAL,
-    file_id TEXT,
-    creates INTEGER NOT NULL DEFAULT 0,
-    create_key TEXT,
-    create_started_at REAL,
-    not_before REAL,
-    batch_id TEXT,
-    status TEXT,
-    output_file_id TEXT,
-    error_file_id TEXT,
-    output_done INTEGER NOT NULL DEFAULT 0,
-    error_done INTEGER NOT NULL DEFAULT 0,
-    cancel_reason TEXT,
-    history TEXT NOT NULL DEFAULT '',
-    input_tokens INTEGER NOT NULL DEFAULT 0,
-    output_tokens INTEGER NOT NULL DEFAULT 0,
-    note TEXT
-);
-CREATE INDEX IF NOT EXISTS shards_state ON shards (state);
-CREATE TABLE IF NOT EXISTS results (
-    n INTEGER PRIMARY KEY AUTOINCREMENT,
-    seq INTEGER NOT NULL UNIQUE REFERENCES requests (seq),
-    kind TEXT NOT NULL,
-    code TEXT,
-    shard TEXT,
-    batch_id TEXT,
-    attempts INTEGER NOT NULL,
-    input_tokens INTEGER NOT NULL DEFAULT 0,
-    output_tokens INTEGER NOT NULL DEFAULT 0,
-    data BLOB NOT NULL
-);
-"""
-
 _SHARD_SELECT = f"SELECT {', '.join(SHARD_FIELDS)} FROM shards"
 #: Ids looked up per statement (SQLite before 3.32 takes at most 999 parameters).
 _IDS_PER_QUERY = 500
@@ -151,56 +75,6 @@ _CACHE_KIB = 16 * 1024
 #: A request (a row of ``requests``) without its result.
 _NO_RESULT = "NOT EXISTS (SELECT 1 FROM results WHERE results.seq = requests.seq)"
 _META_FLOATS = ("started_at", "updated_at")
-
-
-#: Lines read from the journal at a time (shard files, the output file), at most...
-PAGE_LINES = 4096
-#: ... and no more once they make this many bytes.
-PAGE_BYTES = CHUNK_BYTES
-
-
-@attrs.frozen(slots=True)
-class Page:
-    """Lines read from the journal, and the cursor of the last (-1: none read)."""
-
-    lines: list[bytes]
-    last: int
-
-    def __bool__(self) -> bool:
-        return bool(self.lines)
-
-
-@attrs.frozen(slots=True)
-class SeqRun:
-    """Consecutive requests of a shard plan: ``first`` to ``last`` (their ``seq``), the
-    first at line ``pos`` of the shard's file."""
-
-    first: int
-    last: int
-    pos: int
-
-    @property
-    def size(self) -> int:
-        return self.last - self.first + 1
-
-
-def seq_runs(seqs: Sequence[int], *, most: int | None = None) -> list[SeqRun]:
-    """The runs of consecutive ``seqs`` (in input order), each of at most ``most``."""
-    runs: list[SeqRun] = []
-    start = 0
-    count = len(seqs)
-    while start < count:
-        limit = count if most is None else min(count, start + most)
-        first = seqs[start]
-        if seqs[limit - 1] - first == limit - 1 - start:
-            end = limit - 1  # the seqs rise strictly: the whole window is one run
-        else:
-            end = start
-            while end + 1 < limit and seqs[end + 1] == first + (end + 1 - start):
-                end += 1
-        runs.append(SeqRun(first, seqs[end], start + 1))
-        start = end + 1
-    return runs
 
 
 def _shard(row: Sequence[Any]) -> Shard:
@@ -272,7 +146,7 @@ class JournalFile:
                 self._db.execute(f"PRAGMA cache_size=-{_CACHE_KIB}")
                 if exists:
                     self._upgrade()
-                self._db.executescript(_SCHEMA)
+                self._db.executescript(SCHEMA)
             version = self.get_meta("schema_version")
             if version is None and exists and readonly:
                 raise JournalError(f"{self.path} is not an aiobatch journal (no schema version)")
@@ -313,14 +187,9 @@ class JournalFile:
         if version not in ("4", "5"):
             return
         with self.transaction() as db:
-            if version == "4":
-                db.execute("ALTER TABLE requests ADD COLUMN batches INTEGER NOT NULL DEFAULT 0")
-                db.execute("UPDATE requests SET batches = attempts + (state != 'pending')")
-                db.execute(
-                    "UPDATE shards SET state = 'uploading' "
-                    "WHERE state = 'planned' AND upload_started_at IS NOT NULL"
-                )
-            db.execute("UPDATE requests SET state = 'queued' WHERE state = 'done'")
+            for step in range(int(version), SCHEMA_VERSION):
+                for statement in UPGRADES[step + 1]:
+                    db.execute(statement)
             self.put_meta(db, {"schema_version": str(SCHEMA_VERSION)})
 
     def _is_journal(self) -> bool:

@@ -17,9 +17,23 @@ import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from typing import IO, Any
 
-from ..errors import JournalError
+import attrs
 
-__all__ = ["Db", "FileLock", "journal_failure", "remove_journal", "run_is_live"]
+from ..errors import JournalError
+from ._journal import CHUNK_BYTES
+
+__all__ = [
+    "PAGE_BYTES",
+    "PAGE_LINES",
+    "Db",
+    "FileLock",
+    "Page",
+    "SeqRun",
+    "journal_failure",
+    "remove_journal",
+    "run_is_live",
+    "seq_runs",
+]
 
 
 #: Errors of SQLite that are bugs in the statements, not failures of the file.
@@ -275,3 +289,53 @@ def remove_journal(path: str) -> None:
     for suffix in ("", "-wal", "-shm", ".lock"):
         with contextlib.suppress(OSError):
             os.unlink(path + suffix)
+
+
+#: Lines read from the journal at a time (shard files, the output file), at most...
+PAGE_LINES = 4096
+#: ... and no more once they make this many bytes.
+PAGE_BYTES = CHUNK_BYTES
+
+
+@attrs.frozen(slots=True)
+class Page:
+    """Lines read from the journal, and the cursor of the last (-1: none read)."""
+
+    lines: list[bytes]
+    last: int
+
+    def __bool__(self) -> bool:
+        return bool(self.lines)
+
+
+@attrs.frozen(slots=True)
+class SeqRun:
+    """Consecutive requests of a shard plan: ``first`` to ``last`` (their ``seq``), the
+    first at line ``pos`` of the shard's file."""
+
+    first: int
+    last: int
+    pos: int
+
+    @property
+    def size(self) -> int:
+        return self.last - self.first + 1
+
+
+def seq_runs(seqs: Sequence[int], *, most: int | None = None) -> list[SeqRun]:
+    """The runs of consecutive ``seqs`` (in input order), each of at most ``most``."""
+    runs: list[SeqRun] = []
+    start = 0
+    count = len(seqs)
+    while start < count:
+        limit = count if most is None else min(count, start + most)
+        first = seqs[start]
+        if seqs[limit - 1] - first == limit - 1 - start:
+            end = limit - 1  # the seqs rise strictly: the whole window is one run
+        else:
+            end = start
+            while end + 1 < limit and seqs[end + 1] == first + (end + 1 - start):
+                end += 1
+        runs.append(SeqRun(first, seqs[end], start + 1))
+        start = end + 1
+    return runs

@@ -1,0 +1,102 @@
+"""The SQLite journal's schema: its version, the tables, and the statements that bring a
+journal of an earlier version forward in place (:meth:`JournalFile._upgrade
+<aiobatch._run._sqlite.JournalFile>` runs them in one transaction)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+
+__all__ = ["PAGE_SIZE", "READABLE_VERSIONS", "SCHEMA", "SCHEMA_VERSION", "UPGRADES"]
+
+SCHEMA_VERSION = 6
+
+#: The schema versions ``aiobatch status`` reads (what it reads is the same in each).
+READABLE_VERSIONS = frozenset({"4", "5", str(SCHEMA_VERSION)})
+
+#: The page size of a new journal file (measured: see benchmarks/bench_run_100k.py).
+PAGE_SIZE = 4096
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS requests (
+    seq INTEGER PRIMARY KEY,
+    custom_id TEXT NOT NULL UNIQUE,
+    line INTEGER NOT NULL,
+    url TEXT NOT NULL,
+    model TEXT,
+    tokens INTEGER NOT NULL,
+    inputs INTEGER NOT NULL DEFAULT 1,
+    data BLOB NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending',  -- 'pending' or 'queued'; done: in results
+    shard TEXT,
+    pos INTEGER,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error BLOB,
+    batches INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS requests_pending ON requests (url, model, seq)
+    WHERE state = 'pending';
+CREATE INDEX IF NOT EXISTS requests_shard ON requests (shard, seq) WHERE shard IS NOT NULL;
+CREATE INDEX IF NOT EXISTS requests_retried ON requests (seq) WHERE attempts > 0;
+CREATE TABLE IF NOT EXISTS shards (
+    key TEXT PRIMARY KEY,
+    round INTEGER NOT NULL,
+    url TEXT NOT NULL,
+    model TEXT,
+    lines INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,
+    tokens INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    planned_at REAL NOT NULL,
+    upload_started_at REAL,
+    file_id TEXT,
+    creates INTEGER NOT NULL DEFAULT 0,
+    create_key TEXT,
+    create_started_at REAL,
+    not_before REAL,
+    batch_id TEXT,
+    status TEXT,
+    output_file_id TEXT,
+    error_file_id TEXT,
+    output_done INTEGER NOT NULL DEFAULT 0,
+    error_done INTEGER NOT NULL DEFAULT 0,
+    cancel_reason TEXT,
+    history TEXT NOT NULL DEFAULT '',
+    input_tokens INTEGER NOT NULL DEFAULT 0,
+    output_tokens INTEGER NOT NULL DEFAULT 0,
+    note TEXT
+);
+CREATE INDEX IF NOT EXISTS shards_state ON shards (state);
+CREATE TABLE IF NOT EXISTS results (
+    n INTEGER PRIMARY KEY AUTOINCREMENT,
+    seq INTEGER NOT NULL UNIQUE REFERENCES requests (seq),
+    kind TEXT NOT NULL,
+    code TEXT,
+    shard TEXT,
+    batch_id TEXT,
+    attempts INTEGER NOT NULL,
+    input_tokens INTEGER NOT NULL DEFAULT 0,
+    output_tokens INTEGER NOT NULL DEFAULT 0,
+    data BLOB NOT NULL
+);
+"""
+
+#: Version -> the statements that bring a journal of the version before to it.
+UPGRADES: Mapping[int, tuple[str, ...]] = MappingProxyType(
+    {
+        # ``requests.batches``, estimated from what the journal knows (its rounds, and
+        # the shard it is in); a shard whose upload was started is ``uploading``.
+        5: (
+            "ALTER TABLE requests ADD COLUMN batches INTEGER NOT NULL DEFAULT 0",
+            "UPDATE requests SET batches = attempts + (state != 'pending')",
+            "UPDATE shards SET state = 'uploading' "
+            "WHERE state = 'planned' AND upload_started_at IS NOT NULL",
+        ),
+        # A request with a result is no longer marked ``done`` (its result row says it).
+        6: ("UPDATE requests SET state = 'queued' WHERE state = 'done'",),
+    }
+)
