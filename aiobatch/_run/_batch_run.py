@@ -27,7 +27,6 @@ import attrs
 
 from .._aio import cancel_and_wait, sleep_or_set
 from .._client import BatchClient
-from .._convert import decode_result_line
 from .._fleet import BatchDone, Fleet, FleetConfig, StatusChanged, TrackingError
 from .._lifecycle import TERMINAL
 from .._models import Batch
@@ -50,11 +49,12 @@ from ..webhooks import DEFAULT_WEBHOOK_INTERVAL, WebhookReceiver
 from ._collect import collect, delete_files
 from ._config import RequestSource, RunConfig, RunResult
 from ._context import Next, RunContext, Stop, logger
-from ._events import BatchCreated, BatchEnded, BatchEvent
+from ._events import BatchAnnouncer, BatchEvent
 from ._failures import Streak, heard_from_server, step_failed, tracking_failed
 from ._ingest import check_source, ingest
 from ._journal import Journal
 from ._open import is_postgres_url, open_journal, pg_run_name
+from ._output import next_results, write_output
 from ._planning import plan
 from ._progress import RunProgress
 from ._records import Shard
@@ -142,9 +142,7 @@ class BatchRun:
         on_batch: Callable[[BatchEvent], None] | None = None,
     ) -> None:
         self._client = client
-        self._on_batch = on_batch
-        #: what each batch announced as created holds: (shard, endpoint, model).
-        self._announced: dict[str, tuple[str, str, str | None]] = {}
+        self._batches = BatchAnnouncer(on_batch)
         self._webhooks = webhooks
         self._source = source
         self._journal_path = os.fspath(journal)
@@ -251,23 +249,10 @@ class BatchRun:
                     reader = await self._open_journal(create=False)
                 if reader is not None:
                     self._results_changed.clear()
-                    rows = await reader.result_rows(order=order, after=cursor, limit=1000)
-                    yielded = False
-                    for row in rows:
-                        if order == "input" and row.seq != cursor + 1:
-                            break
-                        cursor = row.seq if order == "input" else row.n
-                        yielded = True
-                        yield RunResult(
-                            custom_id=row.custom_id,
-                            index=row.seq,
-                            result=decode_result_line(
-                                row.data, what=f"the result of {row.custom_id!r}"
-                            ),
-                            attempts=row.attempts,
-                            batch_id=row.batch_id,
-                        )
-                    if yielded:
+                    batch, cursor = await next_results(reader, order=order, cursor=cursor)
+                    for result in batch:
+                        yield result
+                    if batch:
                         continue
                 if finished:
                     runner.result()  # the run's error, if it failed
@@ -510,7 +495,7 @@ class BatchRun:
             self._start_submit(ctx, shard.key)
         for shard in await ctx.journal.shards(_S.OPEN):
             self._track(ctx, shard)
-            self._batch_created(shard, adopted=True)
+            self._batches.created(shard, adopted=True)
         for shard in await ctx.journal.shards(_S.COLLECTING):
             assert shard.batch_id is not None
             ctx.shard_of[shard.batch_id] = shard.key
@@ -730,7 +715,7 @@ class BatchRun:
         if result.state is _S.OPEN:
             shard = await ctx.journal.shard(key)
             self._track(ctx, shard, result.batch)
-            self._batch_created(shard, adopted=False)
+            self._batches.created(shard, adopted=False)
         elif result.state in SUBMITTING:
             ctx.set_status(key, result.state.value)
             if key not in self._submitting and not self._stopping.is_set():
@@ -770,7 +755,7 @@ class BatchRun:
                     continue
                 ctx.set_status(key, event.batch.status.value)
             elif isinstance(event, BatchDone):
-                self._batch_ended(key, event)
+                self._batches.ended(key, event)
                 self._start_collect(ctx, key, event)
         # The events end only when the fleet stopped on its own (the run cancels this
         # task before it closes the fleet): nothing tracks the batches any more.
@@ -839,38 +824,6 @@ class BatchRun:
                     ctx.shard_of.pop(shard.batch_id, None)
             self._changed.set()
 
-    def _batch_created(self, shard: Shard, *, adopted: bool) -> None:
-        if self._on_batch is None or shard.batch_id is None:
-            return
-        self._announced[shard.batch_id] = (shard.key, shard.url, shard.model)
-        self._emit_batch(
-            BatchCreated(shard.batch_id, shard.key, shard.url, shard.model, shard.lines, adopted)
-        )
-
-    def _batch_ended(self, key: str, done: BatchDone) -> None:
-        if self._on_batch is None:
-            return
-        _, url, model = self._announced.get(done.batch_id, (key, "", None))
-        batch = done.batch
-        self._emit_batch(
-            BatchEnded(
-                done.batch_id,
-                key,
-                url,
-                model,
-                status=batch.status.value if batch is not None else None,
-                reason=done.reason.value,
-                counts=batch.request_counts if batch is not None else None,
-            )
-        )
-
-    def _emit_batch(self, event: BatchEvent) -> None:
-        assert self._on_batch is not None
-        try:
-            self._on_batch(event)
-        except Exception:  # an observer must never break the run
-            logger.exception("batch event callback failed")
-
     def _emit_progress(self) -> None:
         callback = self._on_progress
         if callback is not None:
@@ -883,18 +836,5 @@ class BatchRun:
 
     async def _write_output(self, journal: Journal) -> None:
         """Write every final result to the output file, atomically, in order."""
-        target = self._output
-        if target is None:
-            return
-        temp = f"{target}.{os.getpid()}.part"
-        # A chunk of lines at a time (at most a few MB), the loop running in between.
-        # The flush to disk stays in the loop's thread: a wait on a thread looks idle to
-        # a VirtualClock's auto_advance, which would jump time meanwhile.
-        with open(temp, "wb") as fh:  # noqa: ASYNC230 - written a chunk at a time
-            async for lines in journal.result_lines(order=self._config.order):
-                fh.write(b"\n".join(lines))
-                fh.write(b"\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(temp, target)
-        await journal.set_output(_absolute(target))
+        if self._output is not None:
+            await write_output(journal, self._output, order=self._config.order)

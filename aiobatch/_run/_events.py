@@ -7,13 +7,21 @@ fleet stops tracking it (its terminal status and counts, or why it was given up)
 
 from __future__ import annotations
 
-from typing import TypeAlias
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeAlias
 
 import attrs
 
 from .._models import RequestCounts
 
-__all__ = ["BatchCreated", "BatchEnded", "BatchEvent"]
+if TYPE_CHECKING:
+    from .._fleet import BatchDone
+    from ._records import Shard
+
+__all__ = ["BatchAnnouncer", "BatchCreated", "BatchEnded", "BatchEvent"]
+
+logger = logging.getLogger("aiobatch.run")
 
 
 @attrs.frozen(slots=True)
@@ -62,3 +70,47 @@ class BatchEnded:
 
 
 BatchEvent: TypeAlias = BatchCreated | BatchEnded
+
+
+class BatchAnnouncer:
+    """Sends a run's batch events to its callback (``BatchRun(on_batch=...)``): a batch
+    made or adopted, then the same batch ended, with its shard's endpoint and model. A
+    failing callback is logged, never passed on."""
+
+    def __init__(self, callback: Callable[[BatchEvent], None] | None) -> None:
+        self._callback = callback
+        self._announced: dict[str, tuple[str, str, str | None]] = {}
+
+    def created(self, shard: Shard, *, adopted: bool) -> None:
+        """A shard's batch is open (made by the run, or ``adopted`` on a resume)."""
+        if self._callback is None or shard.batch_id is None:
+            return
+        self._announced[shard.batch_id] = (shard.key, shard.url, shard.model)
+        self._emit(
+            BatchCreated(shard.batch_id, shard.key, shard.url, shard.model, shard.lines, adopted)
+        )
+
+    def ended(self, key: str, done: BatchDone) -> None:
+        """The fleet stopped tracking a shard's batch."""
+        if self._callback is None:
+            return
+        _, url, model = self._announced.get(done.batch_id, (key, "", None))
+        batch = done.batch
+        self._emit(
+            BatchEnded(
+                done.batch_id,
+                key,
+                url,
+                model,
+                status=batch.status.value if batch is not None else None,
+                reason=done.reason.value,
+                counts=batch.request_counts if batch is not None else None,
+            )
+        )
+
+    def _emit(self, event: BatchEvent) -> None:
+        assert self._callback is not None
+        try:
+            self._callback(event)
+        except Exception:  # an observer must never break the run
+            logger.exception("batch event callback failed")
