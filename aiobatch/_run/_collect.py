@@ -18,10 +18,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+import attrs
+
 from .._convert import result_line_bytes, summarize_result_line
 from .._fleet import BatchDone, DoneReason
 from .._lifecycle import BatchStatus
-from .._models import Batch
+from .._models import Batch, ResultSummary
 from ..errors import AiobatchError, DecodeError, NotFoundError, describe
 from ._context import Next, RunContext, logger
 from ._outcomes import (
@@ -35,7 +37,7 @@ from ._outcomes import (
     token_limited,
     undecodable,
 )
-from ._records import FinalResult, Member, RetryLine, Shard
+from ._records import FinalResult, RetryLine, Shard
 from ._settle import settle, settle_batch
 from ._states import ShardState
 
@@ -73,13 +75,12 @@ async def collect(ctx: RunContext, shard: Shard, done: BatchDone | None) -> Next
         )
     elif batch is None:
         batch = await _retrieve_or_recall(ctx, shard)
-    members = await ctx.journal.members(shard.key)
     for column, progress in (("output_file_id", "output_done"), ("error_file_id", "error_done")):
         file_id = getattr(shard, column)
         if not file_id or (column == "error_file_id" and file_id == shard.output_file_id):
             continue
         try:
-            await _read_file(ctx, shard, members, file_id, progress)
+            await _read_file(ctx, shard, file_id, progress)
         except NotFoundError:
             gone = ctx.gone.get(file_id, 0) + 1
             ctx.gone[file_id] = gone
@@ -183,33 +184,19 @@ async def _with_output(ctx: RunContext, batch: Batch) -> Batch:
     return batch
 
 
-async def _read_file(
-    ctx: RunContext, shard: Shard, members: dict[str, Member], file_id: str, column: str
-) -> None:
+async def _read_file(ctx: RunContext, shard: Shard, file_id: str, column: str) -> None:
     """Stream one result file into the journal, resuming after the lines already
-    committed; each chunk of lines is one transaction with the new line count."""
+    committed. Lines are read in chunks (``collect_chunk`` lines or
+    ``collect_chunk_bytes``); the requests they name are looked up in the journal, their
+    outcomes decided, and the chunk committed in one transaction with the new line
+    count, so a collection holds one chunk whatever the size of the shard."""
     skip = int(getattr(shard, column))
     number = 0
-    finals: list[FinalResult] = []
-    retries: list[RetryLine] = []
     tokens = [shard.input_tokens, shard.output_tokens]
     config = ctx.config
-    held = 0  # bytes of the lines waiting for the next commit
+    chunk: list[_Line] = []
+    held = 0  # bytes of the lines of the chunk
     cancelled_by_run = shard.cancel_reason == "run"
-
-    async def commit(upto: int) -> None:
-        await ctx.journal.record(
-            shard.key,
-            finals,
-            retries,
-            **{column: upto},
-            input_tokens=tokens[0],
-            output_tokens=tokens[1],
-        )
-        ctx.counted(finals, retries)
-        finals.clear()
-        retries.clear()
-        ctx.results_changed.set()
 
     def final(
         seq: int, kind: str, code: str | None, attempts: int, data: bytes, used: tuple[int, int]
@@ -226,40 +213,36 @@ async def _read_file(
             output_tokens=used[1],
         )
 
-    async with contextlib.aclosing(ctx.client.iter_file_lines(file_id)) as lines:
-        async for raw in lines:
-            number += 1
-            if number <= skip or not raw.strip():
-                continue
-            try:
-                result = summarize_result_line(raw, what=f"line {number} of file {file_id}")
-            except DecodeError as exc:
-                # The request ran (and was paid): end it with the decode error rather
-                # than run it again, when the line says which request it is.
-                cid = undecodable(raw, members)
-                logger.warning("run %s: a result line does not decode: %s", ctx.run_id, exc)
-                if cid is not None:
-                    named = members[cid]
-                    members[cid] = Member(named.seq, named.attempts, False)
-                    why = "undecodable_result"
-                    line = own_error(cid, why, describe(exc))
-                    finals.append(final(named.seq, "error", why, named.attempts, line, (0, 0)))
-                continue
-            member = members.get(result.custom_id)
-            if member is None or not member.queued:
-                if member is None:
+    async def commit(upto: int) -> None:
+        ids = [line.custom_id for line in chunk if line.custom_id is not None]
+        members = await ctx.journal.members(shard.key, ids) if ids else {}
+        finals: list[FinalResult] = []
+        retries: list[RetryLine] = []
+        decided: set[str] = set()  # requests given an outcome in this chunk
+        for line in chunk:
+            cid = line.custom_id
+            member = members.get(cid) if cid is not None else None
+            if member is None or not member.queued or cid in decided:
+                if member is None and line.result is not None:
                     logger.warning(
                         "run %s: batch %s returned custom_id %r, which it was not sent",
                         ctx.run_id,
                         shard.batch_id,
-                        result.custom_id,
+                        cid,
                     )
                 continue
+            assert cid is not None
+            decided.add(cid)
             seq, attempts = member.seq, member.attempts
-            members[result.custom_id] = Member(seq, attempts, False)
+            result = line.result
+            if result is None:
+                # The request ran (and was paid) but its line does not decode: end it
+                # with the decode error rather than run it again.
+                why = "undecodable_result"
+                data = own_error(cid, why, line.error)
+                finals.append(final(seq, "error", why, attempts, data, (0, 0)))
+                continue
             kind, code, retryable = classify(result)
-            data = result_line_bytes(raw)
-            held += len(data)
             free = cancelled_by_run and code in CANCELLED_CODES
             match fate(
                 attempts=attempts, retryable=retryable, free=free, max_rounds=config.max_rounds
@@ -268,19 +251,55 @@ async def _read_file(
                     # Our own cancel: the line runs again as if for the first time.
                     retries.append(RetryLine(seq, attempts, None))
                 case Fate.AGAIN:
-                    retries.append(RetryLine(seq, attempts + 1, data))
+                    retries.append(RetryLine(seq, attempts + 1, line.data))
                 case Fate.FINAL:
                     used = line_tokens(result)
                     tokens[0] += used[0]
                     tokens[1] += used[1]
-                    finals.append(final(seq, kind, code, attempts, data, used))
-            if len(finals) + len(retries) >= config.collect_chunk or (
-                held >= config.collect_chunk_bytes
-            ):
+                    finals.append(final(seq, kind, code, attempts, line.data, used))
+        await ctx.journal.record(
+            shard.key,
+            finals,
+            retries,
+            **{column: upto},
+            input_tokens=tokens[0],
+            output_tokens=tokens[1],
+        )
+        ctx.counted(finals, retries)
+        chunk.clear()
+        ctx.results_changed.set()
+
+    async with contextlib.aclosing(ctx.client.iter_file_lines(file_id)) as lines:
+        async for raw in lines:
+            number += 1
+            if number <= skip or not raw.strip():
+                continue
+            try:
+                result = summarize_result_line(raw, what=f"line {number} of file {file_id}")
+            except DecodeError as exc:
+                logger.warning("run %s: a result line does not decode: %s", ctx.run_id, exc)
+                # Ended with the error when it says which request it is.
+                chunk.append(_Line(undecodable(raw), None, b"", describe(exc)))
+            else:
+                data = result_line_bytes(raw)  # in OpenAI's shape, whatever the provider
+                held += len(data)
+                chunk.append(_Line(result.custom_id, result, data))
+            if len(chunk) >= config.collect_chunk or held >= config.collect_chunk_bytes:
                 await commit(number)
                 held = 0
                 await asyncio.sleep(0)  # let the other batches' tasks run
     await commit(number)
+
+
+@attrs.frozen(slots=True)
+class _Line:
+    """A result line waiting in a chunk: the request it names (None: none can be told),
+    what it says (None: it does not decode, ``error`` says why) and its bytes."""
+
+    custom_id: str | None
+    result: ResultSummary | None
+    data: bytes
+    error: str = ""
 
 
 async def delete_files(ctx: RunContext, shard: Shard) -> None:

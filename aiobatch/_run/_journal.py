@@ -143,8 +143,9 @@ class Journal(Protocol):
         """A shard's request lines (without newlines), in input order, in chunks of at
         most :data:`CHUNK_BYTES`."""
 
-    async def members(self, key: str) -> dict[str, Member]:
-        """A shard's requests by ``custom_id``."""
+    async def members(self, key: str, custom_ids: Sequence[str]) -> dict[str, Member]:
+        """The requests of shard ``key`` among ``custom_ids`` (those of a chunk of result
+        lines), by ``custom_id``; ids not in the shard are left out."""
 
     async def queued_at(self, key: str) -> dict[int, QueuedLine]:
         """A shard's requests without an outcome, by their 1-based line in its file."""

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import enum
 import json
-from collections.abc import Mapping
 from typing import Any
 
 from .._models import Batch, ResultSummary
-from ._records import Member
 
 __all__ = [
     "CANCELLED_CODES",
@@ -135,19 +133,15 @@ def classify(result: ResultSummary) -> tuple[str, str | None, bool]:
     return "error", code, code in RETRYABLE_LINE_CODES
 
 
-def undecodable(raw: bytes, members: Mapping[str, Member]) -> str | None:
-    """The ``custom_id`` of the queued request a result line that does not decode
-    names, if it is JSON with a ``custom_id`` at all."""
+def undecodable(raw: bytes) -> str | None:
+    """The ``custom_id`` a result line that does not decode names, if it is JSON with a
+    ``custom_id`` string at all."""
     try:
         value = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     cid = value.get("custom_id") if isinstance(value, dict) else None
-    member = members.get(cid) if isinstance(cid, str) else None
-    if member is None or not member.queued:
-        return None
-    assert isinstance(cid, str)
-    return cid
+    return cid if isinstance(cid, str) else None
 
 
 def describe_errors(batch: Batch, most: int = 5) -> str:

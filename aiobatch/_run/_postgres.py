@@ -517,14 +517,15 @@ class PostgresJournal:
             yield [bytes(r[1]) for r in rows]
             after = int(rows[-1][0])
 
-    async def members(self, key: str) -> dict[str, Member]:
+    async def members(self, key: str, custom_ids: Sequence[str]) -> dict[str, Member]:
         rid = await self.rid()
         async with self._conn() as conn:
             rows = await conn.fetch(
                 "SELECT custom_id, seq, attempts, state FROM aiobatch_requests "
-                "WHERE rid = $1 AND shard = $2",
+                "WHERE rid = $1 AND shard = $2 AND custom_id = ANY($3::text[])",
                 rid,
                 key,
+                list(custom_ids),
             )
         return {r[0]: Member(r[1], r[2], r[3] == "queued") for r in rows}
 

@@ -70,8 +70,6 @@ _SHARD_SELECT = f"SELECT {', '.join(SHARD_FIELDS)} FROM shards"
 _IDS_PER_QUERY = 500
 #: WAL bytes after which a commit checkpoints them into the file (and fsyncs).
 _CHECKPOINT_BYTES = 40 * 1024 * 1024
-#: SQLite's page cache of the run's connection, KiB.
-_CACHE_KIB = 16 * 1024
 #: A request (a row of ``requests``) without its result.
 _NO_RESULT = "NOT EXISTS (SELECT 1 FROM results WHERE results.seq = requests.seq)"
 _META_FLOATS = ("started_at", "updated_at")
@@ -143,7 +141,6 @@ class JournalFile:
                 # Checkpoint (and fsync) every ~40 MB of log rather than every 4 MB:
                 # collection writes in bulk.
                 self._db.execute(f"PRAGMA wal_autocheckpoint={_CHECKPOINT_BYTES // PAGE_SIZE}")
-                self._db.execute(f"PRAGMA cache_size=-{_CACHE_KIB}")
                 if exists:
                     self._upgrade()
                 self._db.executescript(SCHEMA)
@@ -439,16 +436,19 @@ class JournalFile:
             rows.close()
         return Page(found, last)
 
-    def members(self, key: str) -> dict[str, Member]:
-        """A shard's requests (queued or resolved), by ``custom_id``."""
-        return {
-            cid: Member(seq, attempts, bool(queued))
+    def members(self, key: str, custom_ids: Sequence[str]) -> dict[str, Member]:
+        """The requests of a shard (queued or resolved) among ``custom_ids``, by id."""
+        found: dict[str, Member] = {}
+        for start in range(0, len(custom_ids), _IDS_PER_QUERY):
+            part = custom_ids[start : start + _IDS_PER_QUERY]
+            marks = ", ".join("?" * len(part))
             for cid, seq, attempts, queued in self._db.execute(
                 f"SELECT custom_id, seq, attempts, state = 'queued' AND {_NO_RESULT} "
-                "FROM requests WHERE shard = ?",
-                (key,),
-            )
-        }
+                f"FROM requests WHERE custom_id IN ({marks}) AND shard = ?",
+                (*part, key),
+            ):
+                found[cid] = Member(seq, attempts, bool(queued))
+        return found
 
     def queued_at(self, key: str) -> dict[int, QueuedLine]:
         """A shard's requests that have no outcome yet, by their 1-based line in the

@@ -206,9 +206,9 @@ class SQLiteJournal:
             yield page.lines
             await _turn()
 
-    async def members(self, key: str) -> dict[str, Member]:
+    async def members(self, key: str, custom_ids: Sequence[str]) -> dict[str, Member]:
         async with self._turn:
-            return self.file.members(key)
+            return self.file.members(key, custom_ids)
 
     async def queued_at(self, key: str) -> dict[int, QueuedLine]:
         async with self._turn:

@@ -11,7 +11,7 @@ import backoff
 import pytest
 
 import aiobatch
-from aiobatch._convert import decode_result_line
+from aiobatch._convert import summarize_result_line
 from aiobatch._retry import (
     RetryPolicy,
     RetryState,
@@ -179,7 +179,7 @@ def test_retry_reason_and_is_transient_are_one_rule_for_every_status() -> None:
 def test_a_result_line_409_is_final_while_an_api_call_409_is_transient() -> None:
     """The result-line rule retries 408, 429 and 5xx lines but not 409 lines."""
     for status, again in ((408, True), (409, False), (429, True), (500, True), (400, False)):
-        line = decode_result_line(
+        line = summarize_result_line(
             f'{{"id": "r", "custom_id": "c", "response": {{"status_code": {status}, '
             f'"request_id": "q", "body": {{}}}}, "error": null}}'
         )

@@ -257,8 +257,9 @@ async def test_a_request_with_a_result_is_done_wherever_it_is_read(journal: Jour
     requests = await _ingest(journal, 3)
     await journal.add_shard("s0", _plan(requests), planned_at=11.0)
     await journal.record("s0", [_final(0)], output_done=1)
-    members = await journal.members("s0")
+    members = await journal.members("s0", ["r0", "r1", "r2", "elsewhere"])
     assert {cid: m.queued for cid, m in members.items()} == {"r0": False, "r1": True, "r2": True}
+    assert [m.seq for m in (await journal.members("s0", ["r2"])).values()] == [2]
     assert [q.custom_id for q in (await journal.queued_at("s0")).values()] == ["r1", "r2"]
     assert (await journal.counts()).requests == {"queued": 2, "done": 1}
     await journal.record("s0", [], [RetryLine(0, 1, b"{}"), RetryLine(1, 1, b"{}")])
