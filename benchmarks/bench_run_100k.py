@@ -355,11 +355,12 @@ async def run_over_http(
         growth = _common.peak() - rss0
         for task in tasks:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if tasks:
+            await asyncio.wait(tasks, timeout=10)
         if others is not None:
             polls = len(others.open_ids)
-            await others.aclose()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(others.aclose(), 10)
     await transport.aclose()
     row: dict[str, Any] = {
         "seconds": seconds,

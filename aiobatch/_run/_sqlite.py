@@ -66,6 +66,9 @@ __all__ = [
 ]
 
 _SHARD_SELECT = f"SELECT {', '.join(SHARD_FIELDS)} FROM shards"
+#: SQLite's page cache of the run's connection, KiB: the unique indexes of requests and
+#: results take random inserts and look-ups, which go to the file when it is too small.
+_CACHE_KIB = 16 * 1024
 #: Ids looked up per statement (SQLite before 3.32 takes at most 999 parameters).
 _IDS_PER_QUERY = 500
 #: WAL bytes after which a commit checkpoints them into the file (and fsyncs).
@@ -141,6 +144,7 @@ class JournalFile:
                 # Checkpoint (and fsync) every ~40 MB of log rather than every 4 MB:
                 # collection writes in bulk.
                 self._db.execute(f"PRAGMA wal_autocheckpoint={_CHECKPOINT_BYTES // PAGE_SIZE}")
+                self._db.execute(f"PRAGMA cache_size=-{_CACHE_KIB}")
                 if exists:
                     self._upgrade()
                 self._db.executescript(SCHEMA)
@@ -444,7 +448,8 @@ class JournalFile:
             marks = ", ".join("?" * len(part))
             for cid, seq, attempts, queued in self._db.execute(
                 f"SELECT custom_id, seq, attempts, state = 'queued' AND {_NO_RESULT} "
-                f"FROM requests WHERE custom_id IN ({marks}) AND shard = ?",
+                # By the ids' index (``+``: not by the shard's, which has every row of it).
+                f"FROM requests WHERE custom_id IN ({marks}) AND +shard = ?",
                 (*part, key),
             ):
                 found[cid] = Member(seq, attempts, bool(queued))
