@@ -33,6 +33,7 @@ from aiobatch import (
     RunResult,
 )
 from aiobatch._run._sqlite import JournalFile
+from aiobatch.cli import main as cli_main
 from aiobatch.testing import (
     FakeBatchService,
     FakeConfig,
@@ -42,6 +43,7 @@ from aiobatch.testing import (
     fake_client,
     make_app,
 )
+from aiobatch.testing.pytest_plugin import FakeServer
 from aiobatch.transport import FilePart, InMemoryTransport, Multipart, Request, Response
 
 BASE_URL = "http://fake.local/v1"
@@ -480,3 +482,39 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     from pg import stop_pg_server
 
     stop_pg_server()
+
+
+# --- the CLI over the plugin's fake server -------------------------------------------
+
+
+class Cli:
+    """Runs ``aiobatch`` against the server, in a thread (it runs its own loop)."""
+
+    def __init__(self, server: FakeServer, capsys: pytest.CaptureFixture[str]) -> None:
+        self.server = server
+        self.capsys = capsys
+
+    async def __call__(self, *argv: str) -> tuple[int, str, str]:
+        """(exit status, stdout, stderr) of ``aiobatch ARGV --provider compatible ...``."""
+        self.capsys.readouterr()
+        where = ["--provider", "compatible", "--base-url", self.server.base_url]
+        code = await asyncio.to_thread(cli_main, [*argv, *where])
+        captured = self.capsys.readouterr()
+        return code, captured.out, captured.err
+
+
+@pytest.fixture
+def cli(
+    aiobatch_server: FakeServer,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> Cli:
+    """``aiobatch`` against the plugin's fake server, with its key in the environment."""
+    monkeypatch.setenv("OPENAI_API_KEY", aiobatch_server.api_key)
+    return Cli(aiobatch_server, capsys)
+
+
+async def create(client: BatchClient, n: int, **metadata: str) -> Any:
+    """A batch of ``n`` requests with ``metadata``."""
+    uploaded = await client.upload_file(chat_requests(n))
+    return await client.create_batch(uploaded.id, "/v1/chat/completions", metadata=metadata)

@@ -3,53 +3,18 @@ plugin's ``aiobatch_server``): tables and ``--json``."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
+from conftest import Cli, create
 
 from aiobatch import BatchClient
 from aiobatch.cli import main
 from aiobatch.testing import chat_requests
-from aiobatch.testing.pytest_plugin import FakeServer
 
 #: Batches stay in progress long enough to be listed open and cancelled.
 SLOW = {"validation_seconds": 0.0, "lines_per_second": 0.001}
-
-
-class Cli:
-    """Runs ``aiobatch`` against the server, in a thread (it runs its own loop)."""
-
-    def __init__(self, server: FakeServer, capsys: pytest.CaptureFixture[str]) -> None:
-        self.server = server
-        self.capsys = capsys
-
-    async def __call__(self, *argv: str) -> tuple[int, str, str]:
-        """(exit status, stdout, stderr) of ``aiobatch ARGV --provider compatible ...``."""
-        self.capsys.readouterr()
-        where = ["--provider", "compatible", "--base-url", self.server.base_url]
-        code = await asyncio.to_thread(main, [*argv, *where])
-        captured = self.capsys.readouterr()
-        return code, captured.out, captured.err
-
-
-@pytest.fixture
-def cli(
-    aiobatch_server: FakeServer,
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
-) -> Cli:
-    """``aiobatch`` against the plugin's fake server, with its key in the environment."""
-    monkeypatch.setenv("OPENAI_API_KEY", aiobatch_server.api_key)
-    return Cli(aiobatch_server, capsys)
-
-
-async def create(client: BatchClient, n: int, **metadata: str) -> Any:
-    """A batch of ``n`` requests with ``metadata``."""
-    uploaded = await client.upload_file(chat_requests(n))
-    return await client.create_batch(uploaded.id, "/v1/chat/completions", metadata=metadata)
 
 
 def table_rows(text: str) -> dict[str, list[str]]:

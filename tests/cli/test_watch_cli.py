@@ -4,55 +4,19 @@ says how they ended."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-from typing import Any
 
 import pytest
+from conftest import Cli, create
 
 from aiobatch import BatchClient
-from aiobatch.cli import main
-from aiobatch.testing import LineErrorRule, chat_requests
-from aiobatch.testing.pytest_plugin import FakeServer
+from aiobatch.testing import LineErrorRule
 
 #: Batches take a few tenths of a second: they are open when the watch starts.
 STEADY = {"validation_seconds": 0.0, "lines_per_second": 10.0}
 #: Polls fast enough for those batches.
 FAST_POLLS = ("--poll-min", "0.05s", "--poll-max", "0.1s")
-
-
-class Cli:
-    """Runs ``aiobatch`` against the server, in a thread (it runs its own loop)."""
-
-    def __init__(self, server: FakeServer, capsys: pytest.CaptureFixture[str]) -> None:
-        self.server = server
-        self.capsys = capsys
-
-    async def __call__(self, *argv: str) -> tuple[int, str, str]:
-        """(exit status, stdout, stderr) of ``aiobatch ARGV --provider compatible ...``."""
-        self.capsys.readouterr()
-        where = ["--provider", "compatible", "--base-url", self.server.base_url]
-        code = await asyncio.to_thread(main, [*argv, *where])
-        captured = self.capsys.readouterr()
-        return code, captured.out, captured.err
-
-
-@pytest.fixture
-def cli(
-    aiobatch_server: FakeServer,
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
-) -> Cli:
-    """``aiobatch`` against the plugin's fake server, with its key in the environment."""
-    monkeypatch.setenv("OPENAI_API_KEY", aiobatch_server.api_key)
-    return Cli(aiobatch_server, capsys)
-
-
-async def create(client: BatchClient, n: int, **metadata: str) -> Any:
-    """A batch of ``n`` requests with ``metadata``."""
-    uploaded = await client.upload_file(chat_requests(n))
-    return await client.create_batch(uploaded.id, "/v1/chat/completions", metadata=metadata)
 
 
 @pytest.mark.aiobatch(**STEADY)
