@@ -82,6 +82,23 @@ class RequestBudget:
             return self._paused_until
         return None
 
+    def set_rate(self, rate: float, burst: int | None = None) -> None:
+        """Change the rate (and the burst) from now on: what was earned so far at the old
+        rate is kept (at most the new burst), a waiter's wait is counted at the new one.
+
+        Workers sharing one account's budget each set their share this way (see
+        :mod:`aiobatch._run._shared_budget`).
+        """
+        if not (rate > 0 and math.isfinite(rate)):
+            raise ValueError(f"rate must be a positive number of requests per second, got {rate!r}")
+        if burst is not None and not (isinstance(burst, int) and burst >= 1):
+            raise ValueError(f"burst must be an int >= 1, got {burst!r}")
+        self._refill(self._clock.monotonic())
+        self._rate = float(rate)
+        if burst is not None:
+            self._burst = burst
+            self._tokens = min(self._tokens, float(burst))
+
     def _refill(self, now: float) -> None:
         start = max(self._updated, self._paused_until)
         if now > start:
@@ -111,7 +128,9 @@ class RequestBudget:
                     self._tokens -= 1.0
                     self._granted += 1
                     return
-                await clock.sleep(wait)
+                # Sleep at most a second at a time: a rate lowered meanwhile (set_rate)
+                # is seen before the next grant.
+                await clock.sleep(min(wait, 1.0))
 
     def pause(self, seconds: float) -> None:
         """Grant nothing for ``seconds`` from now (a longer pause already set is kept).

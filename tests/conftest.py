@@ -518,3 +518,14 @@ async def create(client: BatchClient, n: int, **metadata: str) -> Any:
     """A batch of ``n`` requests with ``metadata``."""
     uploaded = await client.upload_file(chat_requests(n))
     return await client.create_batch(uploaded.id, "/v1/chat/completions", metadata=metadata)
+
+
+def within_bucket(times: list[float], rate: float, burst: int) -> bool:
+    """Whether, over every span [t_i, t_j], at most burst + rate * span grants happened
+    (spans measured to the microsecond the budget rounds to)."""
+    times = sorted(times)
+    return all(
+        j - i + 1 <= burst + rate * (times[j] - times[i] + 1e-5) + 1e-9
+        for i in range(len(times))
+        for j in range(i, len(times))
+    )

@@ -18,7 +18,8 @@ write is one transaction.
 The schema is versioned (``aiobatch_schema``) and migrated forward on opening, under an
 advisory lock so that workers opening at once do not race; a database that holds other
 programs' tables (without aiobatch's), or aiobatch's tables at a newer version, is
-refused.
+refused (:mod:`._postgres_schema`). The workers' leases are in :mod:`._postgres_leases`,
+a new run's ingest in :mod:`._postgres_ingest`.
 """
 
 from __future__ import annotations
@@ -33,7 +34,16 @@ import attrs
 from ..errors import JournalError, LeaseLostError, TooManyBatchesError
 from ._journal import CHUNK_BYTES
 from ._pg_url import PgLocation, parse_postgres_url
-from ._postgres_schema import _LOCK_SPACE, _PROGRAM, MIGRATIONS, SCHEMA_VERSION
+from ._postgres_ingest import PgIngest
+from ._postgres_leases import PgLeases
+from ._postgres_schema import (
+    _LOCK_SPACE,
+    _NOW,
+    _SHARD_SELECT,
+    SCHEMA_VERSION,
+    _shard,
+    migrate,
+)
 from ._records import (
     SHARD_FIELDS,
     FinalResult,
@@ -61,10 +71,6 @@ except ImportError as exc:  # pragma: no cover - depends on the install
 __all__ = ["SCHEMA_VERSION", "PostgresJournal", "connect_failure"]
 
 
-#: The database's clock, in seconds since the epoch (leases are read and set by it).
-_NOW = "extract(epoch FROM clock_timestamp())"
-
-_SHARD_SELECT = f"SELECT {', '.join(SHARD_FIELDS)} FROM aiobatch_shards"
 _META_FIELDS = tuple(field.name for field in attrs.fields(RunMeta))
 _META_SELECT = "SELECT " + ", ".join(f'"{name}"' for name in _META_FIELDS) + " FROM aiobatch_runs"
 
@@ -77,10 +83,6 @@ _GONE: tuple[type[BaseException], ...] = (
     asyncpg.CannotConnectNowError,
     asyncpg.AdminShutdownError,
 )
-
-
-def _shard(row: Any) -> Shard:
-    return Shard(**dict(zip(SHARD_FIELDS, row, strict=True)))
 
 
 def connect_failure(shown: str, exc: BaseException) -> JournalError:
@@ -111,53 +113,7 @@ def _bounded(query: str, most_bytes: str) -> str:
     )
 
 
-class _PgIngest:
-    def __init__(self, journal: PostgresJournal, conn: Any, rid: int) -> None:
-        self._journal = journal
-        self._conn = conn
-        self._rid = rid
-
-    async def add(self, requests: Sequence[PreparedRequest]) -> None:
-        if not requests:
-            return
-        rid = self._rid
-        await self._conn.copy_records_to_table(
-            "aiobatch_requests",
-            records=[
-                (rid, r.seq, r.custom_id, r.line, r.url, r.model, r.tokens, r.inputs, r.data)
-                for r in requests
-            ],
-            columns=["rid", "seq", "custom_id", "line", "url", "model", "tokens", "inputs", "data"],
-        )
-
-    async def taken(self, custom_ids: Sequence[str]) -> dict[str, int]:
-        rows = await self._conn.fetch(
-            "SELECT custom_id, line FROM aiobatch_requests "
-            "WHERE rid = $1 AND custom_id = ANY($2::text[])",
-            self._rid,
-            list(custom_ids),
-        )
-        return {str(row[0]): int(row[1]) for row in rows}
-
-    async def start(self, meta: RunMeta) -> None:
-        await self._conn.execute(
-            "UPDATE aiobatch_runs SET run_id = $2, source = $3, fingerprint = $4, "
-            "started_at = $5, updated_at = $6, state = $7, skipped = $8, problems = $9, "
-            '"order" = $10 WHERE rid = $1',
-            self._rid,
-            meta.run_id,
-            meta.source,
-            meta.fingerprint,
-            meta.started_at,
-            meta.updated_at,
-            meta.state,
-            meta.skipped,
-            meta.problems,
-            meta.order,
-        )
-
-
-class PostgresJournal:
+class PostgresJournal(PgLeases):
     """The :class:`~aiobatch._run._journal.Journal` of one run in a PostgreSQL database.
 
     Open it with :meth:`open` (it connects, and creates or migrates the schema).
@@ -247,49 +203,8 @@ class PostgresJournal:
             yield conn
 
     async def _migrate(self) -> None:
-        shown = self._where.shown
         async with self._tx() as conn:
-            await conn.execute(
-                "SELECT pg_advisory_xact_lock($1, hashtext(current_schema()))", _LOCK_SPACE
-            )
-            tables = {
-                str(r[0])
-                for r in await conn.fetch(
-                    "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()"
-                )
-            }
-            version = 0
-            if "aiobatch_schema" in tables:
-                row = await conn.fetchrow("SELECT program, version FROM aiobatch_schema")
-                if row is None or row[0] != _PROGRAM:
-                    raise JournalError(
-                        f"the database {shown} holds an 'aiobatch_schema' table that is not "
-                        "aiobatch's; use another database or ?schema=NAME"
-                    )
-                version = int(row[1])
-            elif tables:
-                listed = ", ".join(sorted(tables)[:5])
-                raise JournalError(
-                    f"the database {shown} holds another program's tables ({listed}) and no "
-                    "aiobatch journal; use an empty database, or a schema of aiobatch's own "
-                    "with ?schema=NAME in the URL"
-                )
-            if version > SCHEMA_VERSION:
-                raise JournalError(
-                    f"the database {shown} has aiobatch journal schema {version}; this aiobatch "
-                    f"reads up to {SCHEMA_VERSION}: upgrade aiobatch"
-                )
-            for target in range(version + 1, SCHEMA_VERSION + 1):
-                for statement in MIGRATIONS[target]:
-                    await conn.execute(statement)
-                if target == 1:
-                    await conn.execute(
-                        "INSERT INTO aiobatch_schema (program, version) VALUES ($1, $2)",
-                        _PROGRAM,
-                        target,
-                    )
-                else:
-                    await conn.execute("UPDATE aiobatch_schema SET version = $1", target)
+            await migrate(conn, self._where.shown)
 
     @property
     def location(self) -> str:
@@ -361,7 +276,7 @@ class PostgresJournal:
         return rid
 
     @contextlib.asynccontextmanager
-    async def ingest(self) -> AsyncIterator[_PgIngest]:
+    async def ingest(self) -> AsyncIterator[PgIngest]:
         async with self._tx() as conn:
             try:
                 rid = await conn.fetchval(
@@ -369,7 +284,7 @@ class PostgresJournal:
                 )
             except asyncpg.UniqueViolationError as exc:
                 raise JournalError(f"the journal {self.location} holds a run already") from exc
-            yield _PgIngest(self, conn, int(rid))
+            yield PgIngest(conn, int(rid))
         self._rid = int(rid)
 
     async def meta(self) -> RunMeta | None:
@@ -418,12 +333,12 @@ class PostgresJournal:
         async with self._conn() as conn:
             return await conn.fetchval(query, rid, *args)
 
+    async def _count(self, table: str, where: str = "true") -> int:
+        """How many of the run's rows of ``table`` match ``where``."""
+        return int(await self._value(f"SELECT count(*) FROM {table} WHERE rid = $1 AND {where}"))
+
     async def pending_count(self) -> int:
-        return int(
-            await self._value(
-                "SELECT count(*) FROM aiobatch_requests WHERE rid = $1 AND state = 'pending'"
-            )
-        )
+        return await self._count("aiobatch_requests", "state = 'pending'")
 
     async def has_fresh_pending(self) -> bool:
         return bool(
@@ -434,19 +349,10 @@ class PostgresJournal:
         )
 
     async def not_done_count(self) -> int:
-        return int(
-            await self._value(
-                "SELECT count(*) FROM aiobatch_requests WHERE rid = $1 AND state != 'done'"
-            )
-        )
+        return await self._count("aiobatch_requests", "state != 'done'")
 
     async def retrying_count(self) -> int:
-        return int(
-            await self._value(
-                "SELECT count(*) FROM aiobatch_requests WHERE rid = $1 AND state != 'done' "
-                "AND attempts > 0"
-            )
-        )
+        return await self._count("aiobatch_requests", "state != 'done' AND attempts > 0")
 
     async def requeue_orphans(self) -> int:
         rid = await self._write_rid()
@@ -625,7 +531,7 @@ class PostgresJournal:
         return [_shard(row) for row in rows]
 
     async def shard_count(self) -> int:
-        return int(await self._value("SELECT count(*) FROM aiobatch_shards WHERE rid = $1"))
+        return await self._count("aiobatch_shards")
 
     async def _fence(self, conn: Any, rid: int, key: str) -> str | None:
         """Lock a shard's row for this transaction and return its state; with leases,
@@ -826,13 +732,9 @@ class PostgresJournal:
                 "AND kind != 'success' GROUP BY coalesce(code, kind)"
             )
             tokens = await conn.fetchrow(
-                "SELECT coalesce(sum(input_tokens), 0), coalesce(sum(output_tokens), 0) "
-                "FROM aiobatch_results WHERE rid = $1",
-                rid,
-            )
-            retried = await conn.fetchval(
-                "SELECT count(*) FROM aiobatch_requests WHERE rid = $1 AND attempts > 0 "
-                "AND state != 'pending'",
+                "SELECT coalesce(sum(input_tokens), 0), coalesce(sum(output_tokens), 0), "
+                "(SELECT count(*) FROM aiobatch_requests WHERE rid = $1 AND attempts > 0 "
+                "AND state != 'pending') FROM aiobatch_results WHERE rid = $1",
                 rid,
             )
             shard_states = await pairs(
@@ -856,7 +758,7 @@ class PostgresJournal:
             codes=codes,
             input_tokens=int(tokens[0]),
             output_tokens=int(tokens[1]),
-            retried=int(retried),
+            retried=int(tokens[2]),
             shard_states=shard_states,
             statuses=statuses,
             batches=int(figures[0]),
@@ -867,116 +769,3 @@ class PostgresJournal:
 
     async def open_batches(self) -> list[Shard]:
         return [s for s in await self.shards(ShardState.OPEN) if s.batch_id is not None]
-
-    # --- leases (workers sharing a run) ----------------------------------------------------
-
-    async def claim(self, limit: int) -> list[Shard]:
-        """Take the leases of up to ``limit`` unfinished shards that no worker holds (never
-        leased, or let lapse), skipping rows another worker is claiming right now; never
-        more than this worker's fair share (the unfinished shards over the live
-        workers), so that workers joining later find work too."""
-        assert self.owner is not None
-        rid = await self.rid()
-        async with self._tx() as conn:
-            share = await conn.fetchrow(
-                "SELECT count(*), count(*) FILTER (WHERE lease_owner = $2 AND lease_until > "
-                f"{_NOW}), (SELECT count(*) FROM aiobatch_workers WHERE rid = $1 AND "
-                f"(seen_until > {_NOW} OR worker = $2)) FROM aiobatch_shards "
-                "WHERE rid = $1 AND state != 'collected'",
-                rid,
-                self.owner,
-            )
-            unfinished, held, workers = (int(v) for v in share)
-            limit = min(limit, -(-unfinished // max(1, workers)) - held)
-            if limit <= 0:
-                return []
-            rows = await conn.fetch(
-                f"UPDATE aiobatch_shards s SET lease_owner = $2, lease_until = {_NOW} + $3 "
-                "FROM (SELECT key FROM aiobatch_shards WHERE rid = $1 AND state != 'collected' "
-                f"AND (lease_until IS NULL OR lease_until < {_NOW}) ORDER BY key LIMIT $4 "
-                "FOR UPDATE SKIP LOCKED) AS free WHERE s.rid = $1 AND s.key = free.key "
-                f"RETURNING {', '.join('s.' + f for f in SHARD_FIELDS)}",
-                rid,
-                self.owner,
-                self.lease_seconds,
-                limit,
-            )
-        return [_shard(row) for row in rows]
-
-    async def renew(self) -> set[str]:
-        """Renew this worker's leases; returns the keys of the unfinished shards it still
-        holds (a shard missing from them was lost: stop acting on it)."""
-        assert self.owner is not None
-        rid = await self.rid()
-        async with self._tx() as conn:
-            rows = await conn.fetch(
-                f"UPDATE aiobatch_shards SET lease_until = {_NOW} + $3 WHERE rid = $1 "
-                f"AND lease_owner = $2 AND lease_until > {_NOW} AND state != 'collected' "
-                "RETURNING key",
-                rid,
-                self.owner,
-                self.lease_seconds,
-            )
-            await conn.execute(
-                f"UPDATE aiobatch_runs SET planner_until = {_NOW} + $3 WHERE rid = $1 "
-                f"AND planner = $2 AND planner_until > {_NOW}",
-                rid,
-                self.owner,
-                self.lease_seconds,
-            )
-            await conn.execute(
-                "INSERT INTO aiobatch_workers (rid, worker, seen_until) VALUES "
-                f"($1, $2, {_NOW} + $3) ON CONFLICT (rid, worker) DO UPDATE SET "
-                "seen_until = excluded.seen_until",
-                rid,
-                self.owner,
-                self.lease_seconds,
-            )
-        return {str(row[0]) for row in rows}
-
-    async def live_workers(self) -> list[str]:
-        """The workers of this run that renewed their leases within the lease time."""
-        rid = await self.rid()
-        async with self._conn() as conn:
-            rows = await conn.fetch(
-                f"SELECT worker FROM aiobatch_workers WHERE rid = $1 AND seen_until > {_NOW} "
-                "ORDER BY worker",
-                rid,
-            )
-        return [str(row[0]) for row in rows]
-
-    async def plan_lease(self) -> bool:
-        """Take (or keep) the run's planner lease: one worker plans at a time."""
-        assert self.owner is not None
-        rid = await self._write_rid()
-        async with self._tx() as conn:
-            got = await conn.fetchval(
-                f"UPDATE aiobatch_runs SET planner = $2, planner_until = {_NOW} + $3 "
-                f"WHERE rid = $1 AND (planner = $2 OR planner IS NULL OR planner_until < {_NOW}) "
-                "RETURNING rid",
-                rid,
-                self.owner,
-                self.lease_seconds,
-            )
-        return got is not None
-
-    async def drop_leases(self) -> None:
-        """Let every lease of this worker go at once (a clean stop)."""
-        assert self.owner is not None
-        rid = await self.rid()
-        async with self._tx() as conn:
-            await conn.execute(
-                "UPDATE aiobatch_shards SET lease_until = NULL, lease_owner = NULL "
-                "WHERE rid = $1 AND lease_owner = $2",
-                rid,
-                self.owner,
-            )
-            await conn.execute(
-                "UPDATE aiobatch_runs SET planner = NULL, planner_until = NULL "
-                "WHERE rid = $1 AND planner = $2",
-                rid,
-                self.owner,
-            )
-            await conn.execute(
-                "DELETE FROM aiobatch_workers WHERE rid = $1 AND worker = $2", rid, self.owner
-            )

@@ -4,14 +4,29 @@ database forward (:mod:`aiobatch._run._postgres` applies them under an advisory 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
-__all__ = ["MIGRATIONS", "SCHEMA_VERSION"]
+from ..errors import JournalError
+from ._records import SHARD_FIELDS, Shard
+
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "migrate"]
 
 #: The schema this aiobatch writes; older ones are migrated forward on opening.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 _PROGRAM = "aiobatch"
 #: The first key of every advisory lock aiobatch takes ("aiob").
 _LOCK_SPACE = 0x61696F62
+
+#: The database's clock, in seconds since the epoch (leases are read and set by it).
+_NOW = "extract(epoch FROM clock_timestamp())"
+
+_SHARD_SELECT = f"SELECT {', '.join(SHARD_FIELDS)} FROM aiobatch_shards"
+
+
+def _shard(row: Any) -> Shard:
+    """A shard from its row (the columns of ``SHARD_FIELDS``, in order)."""
+    return Shard(**dict(zip(SHARD_FIELDS, row, strict=True)))
+
 
 #: Version -> the statements that bring the schema from the version before to it.
 MIGRATIONS: Mapping[int, tuple[str, ...]] = {
@@ -123,4 +138,57 @@ MIGRATIONS: Mapping[int, tuple[str, ...]] = {
             PRIMARY KEY (rid, worker)
         )""",
     ),
+    # The share of the run's request budget each worker took (1 / share_of): a worker
+    # joining sends nothing until every other live one took its new share.
+    4: ("ALTER TABLE aiobatch_workers ADD COLUMN share_of INTEGER",),
 }
+
+
+async def migrate(conn: Any, shown: str) -> None:
+    """Bring the schema of the database behind ``conn`` (shown as ``shown``) to
+    :data:`SCHEMA_VERSION`, in the caller's transaction, under an advisory lock so that
+    processes opening at once do not race.
+
+    Raises:
+        JournalError: the database holds another program's tables (without aiobatch's),
+            or aiobatch's at a newer version.
+    """
+    await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext(current_schema()))", _LOCK_SPACE)
+    tables = {
+        str(r[0])
+        for r in await conn.fetch(
+            "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()"
+        )
+    }
+    version = 0
+    if "aiobatch_schema" in tables:
+        row = await conn.fetchrow("SELECT program, version FROM aiobatch_schema")
+        if row is None or row[0] != _PROGRAM:
+            raise JournalError(
+                f"the database {shown} holds an 'aiobatch_schema' table that is not "
+                "aiobatch's; use another database or ?schema=NAME"
+            )
+        version = int(row[1])
+    elif tables:
+        listed = ", ".join(sorted(tables)[:5])
+        raise JournalError(
+            f"the database {shown} holds another program's tables ({listed}) and no "
+            "aiobatch journal; use an empty database, or a schema of aiobatch's own "
+            "with ?schema=NAME in the URL"
+        )
+    if version > SCHEMA_VERSION:
+        raise JournalError(
+            f"the database {shown} has aiobatch journal schema {version}; this aiobatch "
+            f"reads up to {SCHEMA_VERSION}: upgrade aiobatch"
+        )
+    for target in range(version + 1, SCHEMA_VERSION + 1):
+        for statement in MIGRATIONS[target]:
+            await conn.execute(statement)
+        if target == 1:
+            await conn.execute(
+                "INSERT INTO aiobatch_schema (program, version) VALUES ($1, $2)",
+                _PROGRAM,
+                target,
+            )
+        else:
+            await conn.execute("UPDATE aiobatch_schema SET version = $1", target)

@@ -12,13 +12,15 @@ run together. Each acts only on the shards it holds a *lease* on (``lease_owner`
   leased to nobody, and every worker claims at most its fair share of the unfinished
   shards (their number over the live workers, each of which renews a row of
   ``aiobatch_workers`` with its leases);
-- a heartbeat renews its leases every third of the lease time; a shard whose lease is
+- a heartbeat renews its leases every third of the lease time (and sets this worker's
+  share of the run's request budget, :mod:`._shared_budget`); a shard whose lease is
   gone is dropped at once (its submission cancelled, its batch no longer tracked), and
   every journal write about a shard checks the lease in the same transaction
   (:class:`~aiobatch.errors.LeaseLostError`, nothing written);
-- when the heartbeat cannot reach the database for two thirds of the lease time, the
-  worker stops acting altogether and lets its leases lapse rather than risk a double
-  submit.
+- when the heartbeat cannot reach the database for half the lease time (it finds out
+  at the next heartbeat, well before the lease lapses), the worker stops acting
+  altogether (:class:`~aiobatch.errors.RunError`) and lets its leases lapse rather than
+  risk a double submit.
 
 Why leases in our own tables rather than a job-queue library (procrastinate,
 pgqueuer): a shard is no fire-and-forget job but a long-lived state machine whose every
@@ -41,7 +43,9 @@ import uuid
 from typing import Any
 
 from .._aio import sleep_or_set
+from .._budget import RequestBudget
 from .._client import BatchClient
+from .._fleet import FleetConfig
 from ..errors import JournalError, RunError
 from ._batch_run import BatchRun
 from ._config import RunConfig
@@ -50,6 +54,7 @@ from ._journal import Journal
 from ._postgres import PostgresJournal
 from ._records import Shard
 from ._report import RunReport
+from ._shared_budget import SharedBudget
 from ._states import SUBMITTING, ShardState
 
 __all__ = ["SharedRun", "Worker"]
@@ -63,11 +68,17 @@ class _Leased(BatchRun):
     lease_seconds = 30.0
     worker_id = ""
     _claim_limit = 1000
+    _shared: SharedBudget | None = None
 
     def _init_leases(self, worker_id: str | None) -> None:
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self._mine: set[str] = set()
         self._renewed_at = 0.0
+
+    @property
+    def request_budget(self) -> RequestBudget | None:
+        """This worker's share of the run's request budget (None when it has none)."""
+        return self._shared.budget if self._shared is not None else None
 
     async def _open_journal(self, *, create: bool) -> Journal:
         journal = await super()._open_journal(create=create)
@@ -128,14 +139,20 @@ class _Leased(BatchRun):
 
     async def _heartbeat(self, ctx: RunContext) -> None:
         """Renew the leases, drop the lost ones, claim free shards; stop acting when the
-        database stayed out of reach for two thirds of the lease time."""
+        database stayed out of reach for half the lease time; take this worker's share of
+        the request budget."""
         journal = ctx.journal
         assert isinstance(journal, PostgresJournal)
         clock = self._clock
+        started = clock.monotonic()
         try:
             held = await journal.renew()
+            if self._shared is not None:
+                await self._shared.split(journal, len(await journal.live_workers()))
         except JournalError as exc:
-            if clock.monotonic() - self._renewed_at > self.lease_seconds * 2 / 3:
+            # Half the lease time without a renewal: stop before another worker may adopt
+            # these shards (at the lease time), never acting on a shard it may hold.
+            if clock.monotonic() - self._renewed_at >= self.lease_seconds / 2:
                 raise RunError(
                     f"run {self._run_id}: worker {self.worker_id} cannot renew its leases "
                     f"({exc}); it stops acting and lets them lapse, and another worker (or "
@@ -143,7 +160,7 @@ class _Leased(BatchRun):
                 ) from exc
             logger.warning("run %s: could not renew the leases: %s", self._run_id, exc)
             return
-        self._renewed_at = clock.monotonic()
+        self._renewed_at = started
         for key in self._mine - held:
             shard = await journal.shard(key)
             if shard.state is not _S.COLLECTED:
@@ -205,6 +222,12 @@ class Worker(_Leased):
         claim_limit: shards one worker holds at most.
         worker_id: this worker's name in the leases (default: host, pid and a random
             part).
+        requests_per_second: the provider account's request budget for every worker of
+            the run together (give each the same); every request this worker sends
+            takes from its share (:mod:`aiobatch._run._shared_budget`). None: no
+            budget beyond the fleet's own for its polls.
+        burst: the most requests the workers together send at once (default: the
+            fleet's burst, 20).
     """
 
     def __init__(
@@ -217,10 +240,15 @@ class Worker(_Leased):
         lease_seconds: float = 30.0,
         claim_limit: int = 1000,
         worker_id: str | None = None,
+        requests_per_second: float | None = None,
+        burst: int | None = None,
     ) -> None:
         if run is not None:
             sep = "&" if "?" in journal else "?"
             journal = f"{journal}{sep}run={run}"
+        if requests_per_second is not None:
+            self._shared = SharedBudget(requests_per_second, burst or FleetConfig().burst, client)
+            client = self._shared.client
         super().__init__(client, None, journal=journal, config=config)
         self._init_leases(worker_id)
         self.lease_seconds = lease_seconds
@@ -254,8 +282,18 @@ class SharedRun(_Leased):
     """A :class:`BatchRun` on a PostgreSQL journal (``BatchRun(...)`` makes one): it
     ingests the input, acts on its share of the shards by leases like a :class:`Worker`
     (so workers may join it), and writes the output file once every request has its
-    result."""
+    result.
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    A fleet config in its ``config`` (``aiobatch run --requests-per-second``) is the
+    account's budget shared with the run's workers: every request it sends takes from
+    its share (:mod:`aiobatch._run._shared_budget`).
+    """
+
+    def __init__(self, client: BatchClient, *args: Any, **kwargs: Any) -> None:
+        config = kwargs.get("config")
+        fleet = config.fleet if isinstance(config, RunConfig) else None
+        if fleet is not None:
+            self._shared = SharedBudget(fleet.requests_per_second, fleet.burst, client)
+            client = self._shared.client
+        super().__init__(client, *args, **kwargs)
         self._init_leases(None)

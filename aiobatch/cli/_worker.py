@@ -20,7 +20,7 @@ from .._provider import require_key
 from .._run import RunConfig, format_report
 from .._run._pg_url import is_postgres_url, redact_url
 from ..errors import AiobatchError, ConfigurationError
-from ._args import count, duration, out
+from ._args import count, duration, out, positive
 from ._command import command
 from ._run import _provider, _provider_arguments
 
@@ -39,6 +39,21 @@ def _worker_arguments(parser: argparse.ArgumentParser) -> None:
         type=duration,
         default=30.0,
         help="lease time: a dead worker's shards are adopted after this long (default 30s)",
+    )
+    parser.add_argument(
+        "--requests-per-second",
+        type=positive,
+        default=None,
+        help="the provider account's request budget, for every worker of the run together "
+        "(give each worker the same): each takes its share, the budget over the live "
+        "workers, and every request it sends (uploads, creates, polls, downloads, cancels) "
+        "takes from it (default: no budget beyond the polls' own)",
+    )
+    parser.add_argument(
+        "--burst",
+        type=count,
+        default=None,
+        help="the most requests the workers together send at once (default 20)",
     )
     parser.add_argument("--max-lines", type=count, default=None, help="requests per batch")
     parser.add_argument(
@@ -89,7 +104,13 @@ async def _work(args: argparse.Namespace) -> int:
             fleet = FleetConfig(min_interval=min(1.0, args.poll_max), max_interval=args.poll_max)
         config = RunConfig(max_lines=args.max_lines, fleet=fleet)
         worker = Worker(
-            client, journal=args.journal, run=args.run, config=config, lease_seconds=args.lease
+            client,
+            journal=args.journal,
+            run=args.run,
+            config=config,
+            lease_seconds=args.lease,
+            requests_per_second=args.requests_per_second,
+            burst=args.burst,
         )
         loop = asyncio.get_running_loop()
         with contextlib.suppress(NotImplementedError, RuntimeError):

@@ -5,22 +5,12 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from conftest import within_bucket
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aiobatch import RequestBudget
 from aiobatch.testing import RateLimit, RateLimiter, VirtualClock
-
-
-def within_bucket(times: list[float], rate: float, burst: int) -> bool:
-    """Whether, over every span [t_i, t_j], at most burst + rate * span grants happened
-    (spans measured to the microsecond the budget rounds to)."""
-    times = sorted(times)
-    return all(
-        j - i + 1 <= burst + rate * (times[j] - times[i] + 1e-5) + 1e-9
-        for i in range(len(times))
-        for j in range(i, len(times))
-    )
 
 
 async def grant_times(
@@ -154,3 +144,15 @@ def test_rejects_a_budget_that_cannot_work() -> None:
         RequestBudget(0.0, 1, clock=clock)
     with pytest.raises(ValueError, match="burst"):
         RequestBudget(1.0, 0, clock=clock)
+
+
+async def test_a_lowered_rate_applies_from_then_on_even_to_a_waiter() -> None:
+    """set_rate lowers the rate and the burst at once: a waiter and everyone after it are
+    granted at the new rate, and tokens saved above the new burst are gone."""
+    clock = VirtualClock()
+    budget = RequestBudget(10.0, 5, clock=clock)
+    clock.advance(1.0)  # the bucket is full: 5 tokens
+    budget.set_rate(1.0, 2)
+    granted = await grant_times(clock, budget, [0.0] * 4)
+    assert sorted(granted) == pytest.approx([0.0, 0.0, 1.0, 2.0])
+    assert budget.rate == 1.0 and budget.burst == 2

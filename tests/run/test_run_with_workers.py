@@ -12,7 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import chat_line, config, service_on
+from conftest import chat_line, config, service_on, within_bucket
 from pg import pg_url
 
 from aiobatch import BatchRun, RetryPolicy, RunConfig
@@ -113,7 +113,7 @@ async def test_a_cancel_by_url_stops_every_worker_and_cancels_their_batches(
     url = pg_url(str(tmp_path), run="shared")
     journal = await _ingested(url, 40)
     clock = VirtualClock()
-    service = service_on(clock, lines_per_second=0.01)  # the batches stay in progress
+    service = service_on(clock, lines_per_second=0.0001)  # the batches stay in progress
     async with (
         fake_client(service=service, clock=clock, retry=RetryPolicy.for_testing()) as fake,
         clock.auto_advance(),
@@ -156,3 +156,32 @@ async def test_status_by_url_shows_one_run_of_many_in_a_database(tmp_path: Path)
     assert (shown["requests"], shown["run_id"]) == (3, second_id)
     code, said = await asyncio.to_thread(_cli, "status", url, "--run", "third")
     assert code == 1
+
+
+async def test_workers_share_one_request_budget_for_every_request(tmp_path: Path) -> None:
+    """Three workers given one account budget: the fake sees every request (uploads,
+    creates, polls, downloads) at most ``burst + rate * span`` over any span together."""
+    url = pg_url(str(tmp_path), run="shared")
+    journal = await _ingested(url, 120)
+    clock = VirtualClock()
+    service = service_on(clock)
+    rate, burst = 2.0, 3
+    async with (
+        fake_client(service=service, clock=clock, retry=RetryPolicy.for_testing()) as fake,
+        clock.auto_advance(),
+    ):
+        workers = [
+            Worker(
+                fake.client, journal=url, config=config(max_lines=10), worker_id=f"w{i}",
+                lease_seconds=6.0, requests_per_second=rate, burst=burst,
+            )
+            for i in range(3)
+        ]  # fmt: skip
+        reports = await asyncio.gather(*(w.run() for w in workers))
+    assert await journal.not_done_count() == 0
+    await journal.close()
+    assert {r.state for r in reports} == {"done"}
+    kinds = Counter(r.method + " " + r.path.split("/")[1] for r in service.requests)
+    assert kinds["POST files"] >= 12 and kinds["POST batches"] >= 12 and kinds["GET files"]
+    assert [w.request_budget.granted for w in workers if w.request_budget] != [0, 0, 0]
+    assert within_bucket([r.at for r in service.requests], rate, burst)

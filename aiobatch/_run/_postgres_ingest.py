@@ -1,0 +1,59 @@
+"""Recording a new run's requests in a PostgreSQL journal (one transaction, ``COPY``):
+what :meth:`PostgresJournal.ingest <aiobatch._run._postgres.PostgresJournal.ingest>`
+yields."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from ._records import PreparedRequest, RunMeta
+
+__all__ = ["PgIngest"]
+
+
+class PgIngest:
+    """The requests of a new run, added on the ingest's connection ``conn``."""
+
+    def __init__(self, conn: Any, rid: int) -> None:
+        self._conn = conn
+        self._rid = rid
+
+    async def add(self, requests: Sequence[PreparedRequest]) -> None:
+        if not requests:
+            return
+        rid = self._rid
+        await self._conn.copy_records_to_table(
+            "aiobatch_requests",
+            records=[
+                (rid, r.seq, r.custom_id, r.line, r.url, r.model, r.tokens, r.inputs, r.data)
+                for r in requests
+            ],
+            columns=["rid", "seq", "custom_id", "line", "url", "model", "tokens", "inputs", "data"],
+        )
+
+    async def taken(self, custom_ids: Sequence[str]) -> dict[str, int]:
+        rows = await self._conn.fetch(
+            "SELECT custom_id, line FROM aiobatch_requests "
+            "WHERE rid = $1 AND custom_id = ANY($2::text[])",
+            self._rid,
+            list(custom_ids),
+        )
+        return {str(row[0]): int(row[1]) for row in rows}
+
+    async def start(self, meta: RunMeta) -> None:
+        await self._conn.execute(
+            "UPDATE aiobatch_runs SET run_id = $2, source = $3, fingerprint = $4, "
+            "started_at = $5, updated_at = $6, state = $7, skipped = $8, problems = $9, "
+            '"order" = $10 WHERE rid = $1',
+            self._rid,
+            meta.run_id,
+            meta.source,
+            meta.fingerprint,
+            meta.started_at,
+            meta.updated_at,
+            meta.state,
+            meta.skipped,
+            meta.problems,
+            meta.order,
+        )
