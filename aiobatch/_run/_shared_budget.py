@@ -30,7 +30,22 @@ from .._client import BatchClient
 from ..transport._base import Request, Response, Transport
 from ._postgres_leases import PgLeases
 
-__all__ = ["BudgetedTransport", "SharedBudget"]
+__all__ = ["BudgetedTransport", "SharedBudget", "client_over"]
+
+
+def client_over(client: BatchClient, transport: Transport) -> BatchClient:
+    """``client`` sending through ``transport`` (which wraps its transport): the same
+    provider, retry policy, clock and timeouts; closed when ``client`` is."""
+    child = BatchClient(
+        provider=client.provider,
+        transport=transport,
+        retry=client.retry_policy,
+        clock=client.clock,
+        timeout=client._timeout,
+        create_settle=client.create_settle,
+    )
+    child._parent = client
+    return child
 
 
 class BudgetedTransport:
@@ -74,15 +89,9 @@ class SharedBudget:
         self.budget = RequestBudget(rate, burst, clock=client.clock)
         #: set once this worker may send (every other live worker took its new share)
         self.cleared = asyncio.Event()
-        self.client = BatchClient(
-            provider=client.provider,
-            transport=BudgetedTransport(client._transport, self.budget, self.cleared),
-            retry=client.retry_policy,
-            clock=client.clock,
-            timeout=client._timeout,
-            create_settle=client.create_settle,
+        self.client = client_over(
+            client, BudgetedTransport(client._transport, self.budget, self.cleared)
         )
-        self.client._parent = client
 
     async def split(self, journal: PgLeases, workers: int) -> None:
         """Take this worker's share among ``workers`` live ones and record it (at each

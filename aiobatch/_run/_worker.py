@@ -51,10 +51,11 @@ from ._batch_run import BatchRun
 from ._config import RunConfig
 from ._context import RunContext, logger
 from ._journal import Journal
+from ._kill_hook import KillingTransport, KillSwitch
 from ._postgres import PostgresJournal
 from ._records import Shard
 from ._report import RunReport
-from ._shared_budget import SharedBudget
+from ._shared_budget import SharedBudget, client_over
 from ._states import SUBMITTING, ShardState
 
 __all__ = ["SharedRun", "Worker"]
@@ -69,6 +70,7 @@ class _Leased(BatchRun):
     worker_id = ""
     _claim_limit = 1000
     _shared: SharedBudget | None = None
+    _kill: KillSwitch | None = None
 
     def _init_leases(self, worker_id: str | None) -> None:
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
@@ -120,7 +122,10 @@ class _Leased(BatchRun):
         room = self._claim_limit - len(self._mine)
         if room <= 0 or self._stopping.is_set():
             return
-        for shard in await journal.claim(room):
+        shards = await journal.claim(room)
+        if shards and self._kill is not None:
+            self._kill.reached("after_claim")
+        for shard in shards:
             logger.info("run %s: worker %s took shard %s", self._run_id, self.worker_id, shard.key)
             self._adopt(ctx, shard)
 
@@ -246,6 +251,9 @@ class Worker(_Leased):
         if run is not None:
             sep = "&" if "?" in journal else "?"
             journal = f"{journal}{sep}run={run}"
+        self._kill = KillSwitch.from_env()  # test-only (see ._kill_hook)
+        if self._kill is not None:
+            client = client_over(client, KillingTransport(client._transport, self._kill))
         if requests_per_second is not None:
             self._shared = SharedBudget(requests_per_second, burst or FleetConfig().burst, client)
             client = self._shared.client
