@@ -26,17 +26,28 @@ def _missing() -> str | None:
     return None
 
 
+def _skip_unless_postgres() -> None:
+    missing = _missing()
+    if missing is not None:
+        if os.environ.get("AIOBATCH_REQUIRE_POSTGRES") == "1":
+            pytest.fail(f"PostgreSQL tests are required here, but {missing}")
+        pytest.skip(missing)
+
+
 def pg_server() -> TempPostgres:
     """The session's server (started on first use)."""
     global _server
     if _server is None:
-        missing = _missing()
-        if missing is not None:
-            if os.environ.get("AIOBATCH_REQUIRE_POSTGRES") == "1":
-                pytest.fail(f"PostgreSQL tests are required here, but {missing}")
-            pytest.skip(missing)
+        _skip_unless_postgres()
         _server = TempPostgres().start()
     return _server
+
+
+def own_pg_server(*, durable: bool = False) -> TempPostgres:
+    """A server of the caller's own, started (the caller stops it): for a test that stops
+    the server under a run."""
+    _skip_unless_postgres()
+    return TempPostgres(durable=durable).start()
 
 
 def stop_pg_server() -> None:

@@ -53,7 +53,7 @@ class TempPostgres:
 
     user = "aiobatch"
 
-    def __init__(self, bin_dir: str | None = None) -> None:
+    def __init__(self, bin_dir: str | None = None, *, durable: bool = False) -> None:
         found = bin_dir or find_pg_bin()
         if found is None:
             raise RuntimeError(
@@ -62,6 +62,8 @@ class TempPostgres:
             )
         self.bin_dir = found
         self.folder = ""
+        #: commits survive the server being killed (:meth:`halt`): slower, for such tests
+        self.durable = durable
         self._as = _server_user()
 
     def _cmd(self, name: str, *args: str) -> list[str]:
@@ -92,26 +94,7 @@ class TempPostgres:
                 stderr=subprocess.PIPE,
                 check=True,
             )
-            options = (
-                f"-c listen_addresses='' -k {self.socket_dir} -c fsync=off "
-                "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
-            )
-            subprocess.run(
-                self._cmd(
-                    "pg_ctl",
-                    "-D",
-                    data,
-                    "-o",
-                    options,
-                    "-l",
-                    os.path.join(self.folder, "log"),
-                    "-w",
-                    "start",
-                ),
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                check=True,
-            )
+            self._pg_start()
         except subprocess.CalledProcessError as exc:
             log = ""
             with contextlib.suppress(OSError), open(os.path.join(self.folder, "log")) as fh:
@@ -121,6 +104,46 @@ class TempPostgres:
                 f"could not start a test PostgreSQL: {exc.stderr.decode(errors='replace')}{log}"
             ) from exc
         return self
+
+    def _pg_start(self) -> None:
+        options = (
+            f"-c listen_addresses='' -k {self.socket_dir} -c fsync=off "
+            "-c full_page_writes=off -c max_connections=200"
+        )
+        if not self.durable:
+            options += " -c synchronous_commit=off"
+        subprocess.run(
+            self._cmd(
+                "pg_ctl",
+                "-D",
+                os.path.join(self.folder, "data"),
+                "-o",
+                options,
+                "-l",
+                os.path.join(self.folder, "log"),
+                "-w",
+                "start",
+            ),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            check=True,
+        )
+
+    def halt(self) -> None:
+        """Stop the server at once (``pg_ctl stop -m immediate``: a crash), keeping its data;
+        :meth:`restart` brings it back."""
+        subprocess.run(
+            self._cmd("pg_ctl", "-D", os.path.join(self.folder, "data"), "-m", "immediate", "-w",
+                      "stop"),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            check=True,
+            timeout=60,
+        )  # fmt: skip
+
+    def restart(self) -> None:
+        """Start the server again after :meth:`halt` (it recovers like after a crash)."""
+        self._pg_start()
 
     def url(self, database: str = "postgres") -> str:
         """A URL to ``database`` on this server (over its socket)."""

@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 from conftest import chat_line, config, service_on, within_bucket
-from pg import pg_url
+from pg import own_pg_server, pg_url
 
 from aiobatch import BatchRun, RetryPolicy, RunConfig
 from aiobatch._run._ingest import ingest
 from aiobatch._run._postgres import PostgresJournal
 from aiobatch._run._worker import Worker
+from aiobatch.errors import JournalError, RunError
 from aiobatch.testing import FakeBatchService, VirtualClock, fake_client
 
 
@@ -185,3 +186,49 @@ async def test_workers_share_one_request_budget_for_every_request(tmp_path: Path
     assert kinds["POST files"] >= 12 and kinds["POST batches"] >= 12 and kinds["GET files"]
     assert [w.request_budget.granted for w in workers if w.request_budget] != [0, 0, 0]
     assert within_bucket([r.at for r in service.requests], rate, burst)
+
+
+async def test_a_database_gone_mid_run_stops_the_worker_and_the_run_resumes_when_back(
+    tmp_path: Path,
+) -> None:
+    """The database killed mid-run (``pg_ctl stop -m immediate``): the worker stops with a
+    typed error naming the database; once it is back, a new worker adopts the lapsed
+    leases and finishes the run, one batch per shard, one result per request."""
+    pg = own_pg_server(durable=True)
+    try:
+        url = pg.url() + "&run=shared"
+        journal = await _ingested(url, 200)
+        await journal.close()
+        clock = VirtualClock()
+        service = service_on(clock, lines_per_second=2.0)
+        async with (
+            fake_client(service=service, clock=clock, retry=RetryPolicy.for_testing()) as fake,
+            clock.auto_advance(),
+        ):
+            first = Worker(fake.client, journal=url, config=config(max_lines=10), lease_seconds=2.0)
+            task = asyncio.ensure_future(first.run())
+            for _ in range(10_000):
+                if len(service.batch_ids) >= 5 or task.done():
+                    break
+                await asyncio.sleep(0.01)
+            assert not task.done()
+            await asyncio.to_thread(pg.halt)
+            with pytest.raises((JournalError, RunError)) as stopped:
+                await asyncio.wait_for(task, 60)
+            assert "journal" in str(stopped.value) or "database" in str(stopped.value)
+            await asyncio.to_thread(pg.restart)
+            second = Worker(
+                fake.client, journal=url, config=config(max_lines=10), lease_seconds=2.0
+            )
+            report = await asyncio.wait_for(second.run(), 120)
+        assert report.state == "done"
+        journal = await PostgresJournal.open(url)
+        assert await journal.not_done_count() == 0
+        shards = await journal.shards()
+        await journal.close()
+        got = pg.psql("SELECT count(*), count(DISTINCT seq) FROM aiobatch_results")
+        assert got.strip() == "200|200"
+        per_shard = await _batches_per_shard(service)
+        assert per_shard == Counter(s.key for s in shards)
+    finally:
+        pg.stop()
