@@ -15,7 +15,9 @@ thing; see DESIGN.md):
   state;
 - ``_control``: cancel, liveness, from outside the run's process;
 - ``_report``, ``_progress``: what a run did, and a live display of it;
-- ``_batch_run``: :class:`BatchRun`, which dispatches by state.
+- ``_batch_run``: :class:`BatchRun`, which dispatches by state;
+- ``_worker``: :class:`Worker` and :class:`SharedRun`, runs shared by several processes
+  on a PostgreSQL journal (``_postgres*``), by leases.
 """
 
 from ._batch_run import BatchRun
@@ -28,6 +30,7 @@ from ._report import RunReport, build_report, format_report, read_report
 from ._sqlite import JournalFile
 from ._sqlite_journal import SQLiteJournal
 from ._states import SHARD_MOVES, ShardState
+from ._worker import SharedRun, Worker
 
 __all__ = [
     "SHARD_MOVES",
@@ -45,7 +48,9 @@ __all__ = [
     "RunReport",
     "RunResult",
     "SQLiteJournal",
+    "SharedRun",
     "ShardState",
+    "Worker",
     "build_report",
     "cancel_batches",
     "format_report",

@@ -53,7 +53,7 @@ from ._events import BatchAnnouncer, BatchEvent
 from ._failures import Streak, heard_from_server, step_failed, tracking_failed
 from ._ingest import check_source, ingest
 from ._journal import Journal
-from ._open import is_postgres_url, open_journal, pg_run_name
+from ._open import is_postgres_url, open_journal, pg_run_name, shared_run_class
 from ._output import next_results, write_output
 from ._planning import plan
 from ._progress import RunProgress
@@ -122,12 +122,8 @@ class BatchRun:
 
     def __new__(cls, *args: Any, **kwargs: Any) -> BatchRun:
         # On a PostgreSQL journal a run shares its shards with workers by leases.
-        journal = kwargs.get("journal")
-        if cls is BatchRun and journal is not None and is_postgres_url(os.fspath(journal)):
-            from ._worker import SharedRun
-
-            return object.__new__(SharedRun)
-        return object.__new__(cls)
+        shared = shared_run_class(kwargs.get("journal")) if cls is BatchRun else None
+        return object.__new__(shared if shared is not None else cls)
 
     def __init__(
         self,

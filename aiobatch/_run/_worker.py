@@ -40,7 +40,7 @@ import contextlib
 import os
 import socket
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from .._aio import sleep_or_set
 from .._budget import RequestBudget
@@ -52,15 +52,25 @@ from ._config import RunConfig
 from ._context import RunContext, logger
 from ._journal import Journal
 from ._kill_hook import KillingTransport, KillSwitch
-from ._postgres import PostgresJournal
+from ._open import register_shared_run
+from ._postgres_leases import PgLeases
 from ._records import Shard
 from ._report import RunReport
 from ._shared_budget import SharedBudget, client_over
 from ._states import SUBMITTING, ShardState
 
+if TYPE_CHECKING:
+    from ._postgres import PostgresJournal  # asyncpg: only with aiobatch[postgres]
+
 __all__ = ["SharedRun", "Worker"]
 
 _S = ShardState
+
+
+def _pg(journal: Journal) -> PostgresJournal:
+    """The PostgreSQL journal a leased run works on (opened from its URL)."""
+    assert isinstance(journal, PgLeases)
+    return cast("PostgresJournal", journal)
 
 
 class _Leased(BatchRun):
@@ -83,8 +93,7 @@ class _Leased(BatchRun):
         return self._shared.budget if self._shared is not None else None
 
     async def _open_journal(self, *, create: bool) -> Journal:
-        journal = await super()._open_journal(create=create)
-        assert isinstance(journal, PostgresJournal)
+        journal = _pg(await super()._open_journal(create=create))
         journal.owner = self.worker_id
         journal.lease_seconds = self.lease_seconds
         return journal
@@ -93,9 +102,8 @@ class _Leased(BatchRun):
         try:
             return await super()._drive(journal)
         finally:
-            assert isinstance(journal, PostgresJournal)
             with contextlib.suppress(JournalError):  # else they lapse on their own
-                await journal.drop_leases()
+                await _pg(journal).drop_leases()
 
     def _acts_on(self, key: str) -> bool:
         return key in self._mine
@@ -117,8 +125,7 @@ class _Leased(BatchRun):
 
     async def _claim(self, ctx: RunContext) -> None:
         """Take free shards and carry each on from where the journal left it."""
-        journal = ctx.journal
-        assert isinstance(journal, PostgresJournal)
+        journal = _pg(ctx.journal)
         room = self._claim_limit - len(self._mine)
         if room <= 0 or self._stopping.is_set():
             return
@@ -146,8 +153,7 @@ class _Leased(BatchRun):
         """Renew the leases, drop the lost ones, claim free shards; stop acting when the
         database stayed out of reach for half the lease time; take this worker's share of
         the request budget."""
-        journal = ctx.journal
-        assert isinstance(journal, PostgresJournal)
+        journal = _pg(ctx.journal)
         clock = self._clock
         started = clock.monotonic()
         try:
@@ -184,8 +190,7 @@ class _Leased(BatchRun):
         """Heartbeat, claim, plan while holding the planner lease, until every request
         of the run has its final result (whichever worker got it)."""
         clock = self._clock
-        journal = ctx.journal
-        assert isinstance(journal, PostgresJournal)
+        journal = _pg(ctx.journal)
         beat = self.lease_seconds / 3
         next_beat = clock.monotonic() + beat
         while True:
@@ -263,8 +268,7 @@ class Worker(_Leased):
         self._claim_limit = claim_limit
 
     async def _run(self) -> RunReport:
-        journal = await self._open_journal(create=False)
-        assert isinstance(journal, PostgresJournal)
+        journal = _pg(await self._open_journal(create=False))
         try:
             if await journal.meta() is None:
                 raise JournalError(f"no run {journal.name!r} in {journal.location}")
@@ -305,3 +309,7 @@ class SharedRun(_Leased):
             client = self._shared.client
         super().__init__(client, *args, **kwargs)
         self._init_leases(None)
+
+
+# ``BatchRun(..., journal="postgresql://...")`` builds a SharedRun (see ._open).
+register_shared_run(SharedRun)

@@ -25,7 +25,9 @@ from ..errors import AiobatchError, ConfigurationError
 from ._args import count, out
 from ._command import command
 from ._exit import ERROR, OK, USAGE
-from ._run import _pairs, _provider, _provider_arguments
+from ._provider_args import provider as _provider
+from ._provider_args import provider_arguments as _provider_arguments
+from ._run import _pairs
 
 __all__ = ["batch_row", "file_row", "table"]
 

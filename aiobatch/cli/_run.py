@@ -22,9 +22,9 @@ from typing import Any
 
 import attrs
 
-from .._client import DEFAULT_CREATE_SETTLE, BatchClient
+from .._client import BatchClient
 from .._fleet import FleetConfig
-from .._provider import PROVIDER_NAMES, Provider, provider_from_env, require_key
+from .._provider import require_key
 from .._retry import RetryPolicy
 from .._run import (
     BatchRun,
@@ -73,6 +73,8 @@ from ._exit import (
     error_code,
     finished_code,
 )
+from ._provider_args import provider as _provider
+from ._provider_args import provider_arguments as _provider_arguments
 
 __all__ = ["EXAMPLE_REQUESTS", "fake_environment"]
 
@@ -254,31 +256,6 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
         help="share of requests that always fail with a 400",
     )
     fake.add_argument("--fake-seed", type=int, default=0, help="makes a fake run repeatable")
-
-
-def _provider_arguments(group: argparse._ActionsContainer, what: str) -> None:
-    """``--provider`` and ``--base-url``, read by :func:`_provider`, and ``--create-settle``
-    for the client."""
-    group.add_argument(
-        "--provider",
-        choices=PROVIDER_NAMES,
-        default="openai",
-        help=f"{what}; keys and endpoints come from its environment variables",
-    )
-    group.add_argument("--base-url", default=None, help="the API root (not for azure)")
-    group.add_argument(
-        "--create-settle",
-        type=duration,
-        default=DEFAULT_CREATE_SETTLE,
-        metavar="SECONDS",
-        help="how long a create that may still be on its way (after a crash or a lost "
-        "answer) is given to land before its batch is looked up; shorten it only for a "
-        "server that acts at once, such as a local test server",
-    )
-
-
-def _provider(args: argparse.Namespace) -> Provider:
-    return provider_from_env(args.provider, base_url=args.base_url)
 
 
 def fake_environment(

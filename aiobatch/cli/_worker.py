@@ -22,7 +22,7 @@ from .._run._pg_url import is_postgres_url, redact_url
 from ..errors import AiobatchError, ConfigurationError
 from ._args import count, duration, out, positive
 from ._command import command
-from ._run import _provider, _provider_arguments
+from ._provider_args import provider, provider_arguments
 
 __all__: list[str] = []
 
@@ -59,7 +59,7 @@ def _worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--poll-max", type=duration, default=None, help="the longest pause between polls"
     )
-    _provider_arguments(parser, "the provider")
+    provider_arguments(parser, "the provider")
     parser.add_argument("-q", "--quiet", action="store_true", help="print only the report")
 
 
@@ -79,7 +79,7 @@ def _worker(args: argparse.Namespace) -> int:
         print("aiobatch worker: --journal must be a postgresql:// URL", file=sys.stderr)
         return 2
     try:
-        require_key(_provider(args))
+        require_key(provider(args))
     except ConfigurationError as exc:
         print(f"aiobatch worker: {exc}", file=sys.stderr)
         return 2
@@ -98,7 +98,7 @@ def _worker(args: argparse.Namespace) -> int:
 async def _work(args: argparse.Namespace) -> int:
     from .._run._worker import Worker
 
-    async with BatchClient(provider=_provider(args), create_settle=args.create_settle) as client:
+    async with BatchClient(provider=provider(args), create_settle=args.create_settle) as client:
         fleet = None
         if args.poll_max is not None:
             fleet = FleetConfig(min_interval=min(1.0, args.poll_max), max_interval=args.poll_max)
