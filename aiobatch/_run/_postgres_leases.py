@@ -32,6 +32,20 @@ class PgLeases:
 
         def _tx(self) -> contextlib.AbstractAsyncContextManager[Any]: ...
 
+    async def _fair_share(self, conn: Any, rid: int) -> tuple[int, int]:
+        """This worker's fair share of the run's unfinished shards (their number over the
+        live workers, rounded up), and how many of them it holds."""
+        row = await conn.fetchrow(
+            "SELECT count(*), count(*) FILTER (WHERE lease_owner = $2 AND lease_until > "
+            f"{_NOW}), (SELECT count(*) FROM aiobatch_workers WHERE rid = $1 AND "
+            f"(seen_until > {_NOW} OR worker = $2)) FROM aiobatch_shards "
+            "WHERE rid = $1 AND state != 'collected'",
+            rid,
+            self.owner,
+        )
+        unfinished, held, workers = (int(v) for v in row)
+        return -(-unfinished // max(1, workers)), held
+
     async def claim(self, limit: int) -> list[Shard]:
         """Take the leases of up to ``limit`` unfinished shards that no worker holds (never
         leased, or let lapse), skipping rows another worker is claiming right now; never
@@ -40,16 +54,8 @@ class PgLeases:
         assert self.owner is not None
         rid = await self.rid()
         async with self._tx() as conn:
-            share = await conn.fetchrow(
-                "SELECT count(*), count(*) FILTER (WHERE lease_owner = $2 AND lease_until > "
-                f"{_NOW}), (SELECT count(*) FROM aiobatch_workers WHERE rid = $1 AND "
-                f"(seen_until > {_NOW} OR worker = $2)) FROM aiobatch_shards "
-                "WHERE rid = $1 AND state != 'collected'",
-                rid,
-                self.owner,
-            )
-            unfinished, held, workers = (int(v) for v in share)
-            limit = min(limit, -(-unfinished // max(1, workers)) - held)
+            share, held = await self._fair_share(conn, rid)
+            limit = min(limit, share - held)
             if limit <= 0:
                 return []
             rows = await conn.fetch(
@@ -64,6 +70,29 @@ class PgLeases:
                 limit,
             )
         return [_shard(row) for row in rows]
+
+    async def shed(self) -> list[str]:
+        """Let go of the leases this worker holds beyond its fair share (the unfinished
+        shards over the live workers) on shards it has not started (``planned``: nothing
+        sent for them yet), so that workers joining later share the work; returns their
+        keys."""
+        assert self.owner is not None
+        rid = await self.rid()
+        async with self._tx() as conn:
+            share, held = await self._fair_share(conn, rid)
+            surplus = held - share
+            if surplus <= 0:
+                return []
+            rows = await conn.fetch(
+                "UPDATE aiobatch_shards s SET lease_owner = NULL, lease_until = NULL "
+                "FROM (SELECT key FROM aiobatch_shards WHERE rid = $1 AND lease_owner = $2 "
+                "AND state = 'planned' ORDER BY key DESC LIMIT $3 FOR UPDATE SKIP LOCKED) "
+                "AS spare WHERE s.rid = $1 AND s.key = spare.key RETURNING s.key",
+                rid,
+                self.owner,
+                surplus,
+            )
+        return [str(row[0]) for row in rows]
 
     async def renew(self) -> set[str]:
         """Renew this worker's leases; returns the keys of the unfinished shards it still

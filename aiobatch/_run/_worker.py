@@ -11,7 +11,9 @@ run together. Each acts only on the shards it holds a *lease* on (``lease_owner`
 - it *plans* only while it holds the run's planner lease; the shards it plans are
   leased to nobody, and every worker claims at most its fair share of the unfinished
   shards (their number over the live workers, each of which renews a row of
-  ``aiobatch_workers`` with its leases);
+  ``aiobatch_workers`` with its leases); at each heartbeat it lets go of the shards
+  beyond its share that it has not started (nothing sent for them), so that a worker
+  joining later gets work too;
 - a heartbeat renews its leases every third of the lease time (and sets this worker's
   share of the run's request budget, :mod:`._shared_budget`); a shard whose lease is
   gone is dropped at once (its submission cancelled, its batch no longer tracked), and
@@ -172,6 +174,9 @@ class _Leased(BatchRun):
             logger.warning("run %s: could not renew the leases: %s", self._run_id, exc)
             return
         self._renewed_at = started
+        for key in await journal.shed():  # workers that joined later take them
+            logger.info("run %s: worker %s let shard %s go", self._run_id, self.worker_id, key)
+            self._lost(ctx, key)
         for key in self._mine - held:
             shard = await journal.shard(key)
             if shard.state is not _S.COLLECTED:

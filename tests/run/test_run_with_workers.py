@@ -232,3 +232,33 @@ async def test_a_database_gone_mid_run_stops_the_worker_and_the_run_resumes_when
         assert per_shard == Counter(s.key for s in shards)
     finally:
         pg.stop()
+
+
+async def test_a_worker_joining_late_gets_a_share_of_the_shards_not_started(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker that planned every shard alone lets the ones it has not started go when a
+    second worker joins, and the second one carries them: one batch per shard."""
+    caplog.set_level(logging.INFO, logger="aiobatch.run")
+    url = pg_url(str(tmp_path), run="shared")
+    journal = await _ingested(url, 60)
+    clock = VirtualClock()
+    service = service_on(clock)
+    slow = config(max_lines=5, max_submissions=1)  # the shards wait their turn, planned
+    async with (
+        fake_client(service=service, clock=clock, retry=RetryPolicy.for_testing()) as fake,
+        clock.auto_advance(),
+    ):
+        first = Worker(fake.client, journal=url, config=slow, worker_id="w0", lease_seconds=3.0)
+        tasks = [asyncio.ensure_future(first.run())]
+        await _planned(journal)
+        second = Worker(fake.client, journal=url, config=slow, worker_id="w1", lease_seconds=3.0)
+        tasks.append(asyncio.ensure_future(second.run()))
+        reports = await asyncio.gather(*tasks)
+    await journal.close()
+    assert [r.state for r in reports] == ["done", "done"]
+    per_shard = await _batches_per_shard(service)
+    assert len(per_shard) == 12 and set(per_shard.values()) == {1}
+    said = [r.getMessage() for r in caplog.records]
+    assert any("worker w0 let shard" in m for m in said)
+    assert any("worker w1 took shard" in m for m in said)
