@@ -453,6 +453,7 @@ class PostgresJournal(PgLeases):
     ) -> Shard:
         rid = await self._write_rid()
         async with self._tx() as conn:
+            await self.fence_planner(conn, rid, key)
             await conn.execute(
                 "UPDATE aiobatch_requests r SET state = 'queued', shard = $2, pos = u.pos, "
                 "batches = r.batches + 1 FROM unnest($3::int[], $4::int[]) AS u(seq, pos) "

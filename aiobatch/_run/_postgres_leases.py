@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 from typing import TYPE_CHECKING, Any
 
+from ..errors import LeaseLostError
 from ._postgres_schema import _NOW, _shard
 from ._records import SHARD_FIELDS, Shard
 
@@ -156,6 +157,31 @@ class PgLeases:
                 self.owner,
             )
         return None if smallest is None else int(smallest)
+
+    async def fence_planner(self, conn: Any, rid: int, key: str) -> None:
+        """In the transaction of ``conn``, check that this worker still holds the run's
+        planner lease and extend it (planning a large run outlasts a heartbeat); with
+        leases, planning a shard under a lapsed planner lease would race the worker that
+        took it.
+
+        Raises:
+            LeaseLostError: another worker plans now (nothing was written).
+        """
+        if self.owner is None:
+            return
+        held = await conn.fetchval(
+            f"UPDATE aiobatch_runs SET planner_until = {_NOW} + $3 WHERE rid = $1 "
+            f"AND planner = $2 AND planner_until > {_NOW} RETURNING rid",
+            rid,
+            self.owner,
+            self.lease_seconds,
+        )
+        if held is None:
+            raise LeaseLostError(
+                f"worker {self.owner} lost the planner lease of the run before planning shard "
+                f"{key}; another worker plans it",
+                shard=key,
+            )
 
     async def plan_lease(self) -> bool:
         """Take (or keep) the run's planner lease: one worker plans at a time."""

@@ -48,7 +48,7 @@ from .._aio import sleep_or_set
 from .._budget import RequestBudget
 from .._client import BatchClient
 from .._fleet import FleetConfig
-from ..errors import JournalError, RunError
+from ..errors import JournalError, LeaseLostError, RunError
 from ._batch_run import BatchRun
 from ._config import RunConfig
 from ._context import RunContext, logger
@@ -120,6 +120,13 @@ class _Leased(BatchRun):
 
     async def _resume(self, ctx: RunContext) -> None:
         await self._heartbeat(ctx)
+
+    async def _plan(self, ctx: RunContext) -> None:
+        try:
+            await super()._plan(ctx)
+        except LeaseLostError as exc:  # another worker plans now
+            logger.info("run %s: %s", self._run_id, exc)
+            await self._claim(ctx)
 
     async def _take_planned(self, ctx: RunContext, shards: list[Shard]) -> None:
         # Planned shards are leased to nobody: take this worker's share like any other.

@@ -18,8 +18,9 @@ from pg import own_pg_server, pg_url
 from aiobatch import BatchRun, RetryPolicy, RunConfig
 from aiobatch._run._ingest import ingest
 from aiobatch._run._postgres import PostgresJournal
+from aiobatch._run._records import ShardPlan
 from aiobatch._run._worker import Worker
-from aiobatch.errors import JournalError, RunError
+from aiobatch.errors import JournalError, LeaseLostError, RunError
 from aiobatch.testing import FakeBatchService, VirtualClock, fake_client
 
 
@@ -262,3 +263,24 @@ async def test_a_worker_joining_late_gets_a_share_of_the_shards_not_started(
     said = [r.getMessage() for r in caplog.records]
     assert any("worker w0 let shard" in m for m in said)
     assert any("worker w1 took shard" in m for m in said)
+
+
+async def test_a_worker_whose_planner_lease_lapsed_plans_nothing_more(tmp_path: Path) -> None:
+    """Planning outlasting the planner lease: once another worker took the lease, the first
+    one's next shard is refused (LeaseLostError, nothing written), so two planners never
+    write the same shard."""
+    url = pg_url(str(tmp_path), run="shared")
+    first = await _ingested(url, 4)
+    second = await PostgresJournal.open(url)
+    first.owner, second.owner = "w0", "w1"
+    first.lease_seconds = 0.0  # its planner lease lapses at once
+    assert await first.plan_lease()
+    assert await second.plan_lease()
+    plan = ShardPlan("/v1/chat/completions", "gpt-4o-mini", (1, 2), 100, 10)
+    with pytest.raises(LeaseLostError):
+        await first.add_shard("s000000", plan, planned_at=1.0)
+    assert await second.shard_count() == 0
+    await second.add_shard("s000000", plan, planned_at=1.0)
+    assert [s.key for s in await first.shards()] == ["s000000"]
+    await first.close()
+    await second.close()
