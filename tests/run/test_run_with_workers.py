@@ -13,15 +13,17 @@ from pathlib import Path
 
 import pytest
 from conftest import chat_line, config, service_on, within_bucket
-from pg import own_pg_server, pg_url
+from pg import own_pg_server, pg_server, pg_url
 
 from aiobatch import BatchRun, RetryPolicy, RunConfig
 from aiobatch._run._ingest import ingest
 from aiobatch._run._postgres import PostgresJournal
 from aiobatch._run._records import ShardPlan
+from aiobatch._run._shared_budget import client_over
 from aiobatch._run._worker import Worker
 from aiobatch.errors import JournalError, LeaseLostError, RunError
 from aiobatch.testing import FakeBatchService, VirtualClock, fake_client
+from aiobatch.transport import Request, Response, Transport
 
 
 def _requests(n: int) -> list[dict[str, object]]:
@@ -235,6 +237,21 @@ async def test_a_database_gone_mid_run_stops_the_worker_and_the_run_resumes_when
         pg.stop()
 
 
+class _Gated:
+    """A transport that sends nothing until ``opened`` is set."""
+
+    def __init__(self, inner: Transport) -> None:
+        self.inner = inner
+        self.opened = asyncio.Event()
+
+    async def send(self, request: Request, *, stream: bool = False) -> Response:
+        await self.opened.wait()
+        return await self.inner.send(request, stream=stream)
+
+    async def aclose(self) -> None:
+        pass
+
+
 async def test_a_worker_joining_late_gets_a_share_of_the_shards_not_started(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -250,11 +267,24 @@ async def test_a_worker_joining_late_gets_a_share_of_the_shards_not_started(
         fake_client(service=service, clock=clock, retry=RetryPolicy.for_testing()) as fake,
         clock.auto_advance(),
     ):
-        first = Worker(fake.client, journal=url, config=slow, worker_id="w0", lease_seconds=3.0)
+        # The first worker sends nothing until the second one took shards.
+        gated = _Gated(fake.client._transport)
+        held = client_over(fake.client, gated)
+        first = Worker(held, journal=url, config=slow, worker_id="w0", lease_seconds=3.0)
         tasks = [asyncio.ensure_future(first.run())]
-        await _planned(journal)
+        schema = url.split("schema=")[1].split("&")[0]
+        query = f"SELECT count(*) FROM {schema}.aiobatch_shards WHERE lease_owner = 'w0'"
+        for _ in range(10_000):  # the first worker planned and took all 12 shards
+            if (await asyncio.to_thread(pg_server().psql, query)).strip() == "12":
+                break
+            await asyncio.sleep(0.01)
         second = Worker(fake.client, journal=url, config=slow, worker_id="w1", lease_seconds=3.0)
         tasks.append(asyncio.ensure_future(second.run()))
+        for _ in range(10_000):
+            if any("worker w1 took shard" in r.getMessage() for r in caplog.records):
+                break
+            await asyncio.sleep(0.01)
+        gated.opened.set()
         reports = await asyncio.gather(*tasks)
     await journal.close()
     assert [r.state for r in reports] == ["done", "done"]
