@@ -58,7 +58,7 @@ from ._output import next_results, write_output
 from ._planning import plan
 from ._progress import RunProgress
 from ._records import Shard
-from ._report import RunReport, build_report
+from ._report import RunReport, as_shown, final_report, load_counts
 from ._sqlite_db import remove_journal
 from ._states import SUBMITTING, ShardState
 from ._submit import WAITS, Step, resolve_create, submission_steps
@@ -289,15 +289,7 @@ class BatchRun:
         snapshot = ctx.progress(state=self._state, started_at=self._started_at)
         final = self._final
         if final is not None:
-            snapshot = attrs.evolve(
-                snapshot,
-                total=final.requests,
-                succeeded=final.succeeded,
-                failed=final.failed,
-                batches={status: n for status, n in final.statuses.items() if n},
-                round=final.rounds,
-                elapsed=final.elapsed,
-            )
+            snapshot = as_shown(snapshot, final)
         self._last_progress = snapshot
         return snapshot
 
@@ -388,7 +380,7 @@ class BatchRun:
         self._ctx = ctx
         if meta.state == "done":
             self._state = "done"
-            await self._load_counts(ctx)
+            await load_counts(ctx)
             await self._write_output(journal)
             await ctx.fleet.aclose()
             return await self._final_report(journal)
@@ -396,7 +388,7 @@ class BatchRun:
         # while this run checked its input is this run's.
         await journal.set_state("running", at=self._clock.now(), clear_cancel=resuming)
         self._state = "running"
-        await self._load_counts(ctx)
+        await load_counts(ctx)
         cancelled: BaseException | None = None
         if self._webhooks is not None:
             self._webhooks.attach(ctx.fleet)
@@ -457,34 +449,13 @@ class BatchRun:
             return f"{self._output}.{run_id}.files"
         return os.path.join(tempfile.gettempdir(), f"aiobatch-{run_id}.files")
 
-    @staticmethod
-    async def _report(journal: Journal) -> RunReport:
-        return build_report(await journal.meta(), await journal.counts())
-
     async def _final_report(self, journal: Journal) -> RunReport:
         """The report of the run as it ends, shown once more as its last progress
         snapshot (with the report's figures, so that the two agree)."""
-        report = await self._report(journal)
-        tokens = await journal.tokens_by_model()
-        prices = self._config.prices
-        report = attrs.evolve(
-            report,
-            tokens_by_model=tokens,
-            cost_by_model={m: prices[m].cost(*t) for m, t in tokens.items() if m in prices},
-        )
+        report = await final_report(journal, self._config.prices)
         self._final = report
         self._emit_progress()
         return report
-
-    async def _load_counts(self, ctx: RunContext) -> None:
-        report = await self._report(ctx.journal)
-        ctx.counts.update(
-            total=report.requests,
-            succeeded=report.succeeded,
-            failed=report.failed,
-            retrying=await ctx.journal.retrying_count(),
-        )
-        ctx.round = report.rounds
 
     # --- supervision ---------------------------------------------------------------------
 

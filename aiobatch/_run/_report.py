@@ -12,9 +12,22 @@ from ._progress import BATCH_STATUS_ORDER, _elapsed_text
 from ._records import JournalCounts, RunMeta
 
 if TYPE_CHECKING:
+    from ._config import Price
+    from ._context import RunContext
+    from ._journal import Journal
+    from ._progress import RunProgress
     from ._sqlite import JournalFile
 
-__all__ = ["RunReport", "build_report", "format_report", "read_report"]
+__all__ = [
+    "RunReport",
+    "as_shown",
+    "build_report",
+    "final_report",
+    "format_report",
+    "journal_report",
+    "load_counts",
+    "read_report",
+]
 
 
 def _frozen(value: Mapping[str, int]) -> Mapping[str, int]:
@@ -169,6 +182,49 @@ def build_report(
         output=meta.output_written if meta is not None else None,
         extra_uploads_deleted=meta.extra_uploads_deleted if meta is not None else 0,
         live=live,
+    )
+
+
+async def journal_report(journal: Journal) -> RunReport:
+    """The report of the run a :class:`~._journal.Journal` holds."""
+    return build_report(await journal.meta(), await journal.counts())
+
+
+async def final_report(journal: Journal, prices: Mapping[str, Price]) -> RunReport:
+    """The report a run returns as it ends: with its tokens, and their cost for the
+    models ``prices`` has."""
+    report = await journal_report(journal)
+    tokens = await journal.tokens_by_model()
+    return attrs.evolve(
+        report,
+        tokens_by_model=tokens,
+        cost_by_model={m: prices[m].cost(*t) for m, t in tokens.items() if m in prices},
+    )
+
+
+async def load_counts(ctx: RunContext) -> None:
+    """Start a run's progress figures from what its journal already holds."""
+    report = await journal_report(ctx.journal)
+    ctx.counts.update(
+        total=report.requests,
+        succeeded=report.succeeded,
+        failed=report.failed,
+        retrying=await ctx.journal.retrying_count(),
+    )
+    ctx.round = report.rounds
+
+
+def as_shown(snapshot: RunProgress, final: RunReport) -> RunProgress:
+    """A progress snapshot with the figures of the report the run ended with (so that
+    the two agree)."""
+    return attrs.evolve(
+        snapshot,
+        total=final.requests,
+        succeeded=final.succeeded,
+        failed=final.failed,
+        batches={status: n for status, n in final.statuses.items() if n},
+        round=final.rounds,
+        elapsed=final.elapsed,
     )
 
 
