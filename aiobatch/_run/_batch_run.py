@@ -20,37 +20,30 @@ import contextlib
 import math
 import os
 import tempfile
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from typing import Any
 
 import attrs
 
 from .._aio import cancel_and_wait, sleep_or_set
 from .._client import BatchClient
-from .._fleet import BatchDone, Fleet, FleetConfig, StatusChanged, TrackingError
+from .._fleet import BatchDone, Fleet, FleetConfig
 from .._lifecycle import TERMINAL
 from .._models import Batch
 from ..errors import (
     AiobatchError,
-    APIStatusError,
-    AuthenticationError,
-    ClosedError,
-    DecodeError,
     InputError,
     JournalError,
     LeaseLostError,
-    PermissionDeniedError,
     RunError,
     TooManyBatchesError,
-    TransportError,
     describe,
 )
 from ..webhooks import DEFAULT_WEBHOOK_INTERVAL, WebhookReceiver
-from ._collect import collect, delete_files
 from ._config import RequestSource, RunConfig, RunResult
-from ._context import Next, RunContext, Stop, logger
+from ._context import Next, RunContext, logger
+from ._dispatch import collect_shard, consume, submit_shard
 from ._events import BatchAnnouncer, BatchEvent
-from ._failures import Streak, heard_from_server, step_failed, tracking_failed
 from ._ingest import check_source, ingest
 from ._journal import Journal
 from ._open import is_postgres_url, open_journal, pg_run_name
@@ -61,7 +54,7 @@ from ._records import Shard
 from ._report import RunReport, as_shown, final_report, load_counts
 from ._sqlite_db import remove_journal
 from ._states import SUBMITTING, ShardState
-from ._submit import WAITS, Step, resolve_create, submission_steps
+from ._submit import Step, resolve_create, submission_steps
 
 __all__ = ["BatchRun"]
 
@@ -393,7 +386,10 @@ class BatchRun:
         if self._webhooks is not None:
             self._webhooks.attach(ctx.fleet)
         try:
-            self._spawn(self._consume(ctx, ctx.fleet.events()), name="events")
+            self._spawn(
+                consume(ctx, ctx.fleet.events(), lost=self._lost, done=self._batch_done),
+                name="events",
+            )
             ctx.network_since = self._clock.monotonic()
             await self._resume(ctx)
             try:
@@ -641,45 +637,7 @@ class BatchRun:
             task.add_done_callback(lambda _: self._submitting.pop(key, None))
 
     async def _submit(self, ctx: RunContext, key: str) -> None:
-        """Take one shard from its recorded state to an open, tracked batch, one step of
-        its provider's strategy at a time."""
-        streak = Streak()
-        while not self._stopping.is_set():
-            shard = await ctx.journal.shard(key)
-            step = self._steps.get(shard.state)
-            if step is None:
-                return
-            try:
-                wait = WAITS.get(shard.state)
-                if wait is not None:
-                    await wait(ctx, shard)
-                async with self._submit_slots:
-                    streak.started = self._clock.monotonic()
-                    result = await step(ctx, shard)
-                streak.reset()
-                heard_from_server(ctx)
-            except Stop:
-                return
-            except (RunError, JournalError):
-                raise  # the journal failing is no step to try again
-            except (AuthenticationError, PermissionDeniedError) as exc:
-                raise RunError(
-                    f"run {self._run_id}: the server refused the credentials ({exc}); "
-                    "the journal is intact: fix them and run again"
-                ) from exc
-            except ClosedError as exc:
-                raise RunError(
-                    f"run {self._run_id}: the client was closed under the run; the journal "
-                    "is intact: run again to continue"
-                ) from exc
-            except AiobatchError as exc:
-                delay = step_failed(ctx, f"shard {key} ({shard.state})", streak, exc)
-                try:
-                    await ctx.pause(delay)
-                except Stop:
-                    return
-                continue
-            await self._after(ctx, key, result)
+        await submit_shard(ctx, key, steps=self._steps, slots=self._submit_slots, after=self._after)
 
     async def _after(self, ctx: RunContext, key: str, result: Next) -> None:
         """Act on a step's answer: track an open batch, submit a shard sent back."""
@@ -710,30 +668,9 @@ class BatchRun:
 
     # --- tracking and collection ---------------------------------------------------------
 
-    async def _consume(self, ctx: RunContext, events: AsyncIterator[Any]) -> None:
-        async for event in events:
-            if isinstance(event, TrackingError):
-                tracking_failed(ctx, event.error)
-            key = ctx.shard_of.get(event.batch_id) if event.batch_id is not None else None
-            if key is None:
-                continue
-            if isinstance(event, StatusChanged):
-                try:
-                    await ctx.journal.update(key, status=event.batch.status.value)
-                except LeaseLostError as exc:
-                    logger.warning("run %s: %s", self._run_id, exc)
-                    self._lost(ctx, key)
-                    continue
-                ctx.set_status(key, event.batch.status.value)
-            elif isinstance(event, BatchDone):
-                self._batches.ended(key, event)
-                self._start_collect(ctx, key, event)
-        # The events end only when the fleet stopped on its own (the run cancels this
-        # task before it closes the fleet): nothing tracks the batches any more.
-        raise RunError(
-            f"run {self._run_id}: the fleet stopped tracking the batches (was the client "
-            "closed?); the journal is intact: run again to continue"
-        )
+    def _batch_done(self, ctx: RunContext, key: str, event: BatchDone) -> None:
+        self._batches.ended(key, event)
+        self._start_collect(ctx, key, event)
 
     def _lost(self, ctx: RunContext, key: str) -> None:
         """Stop acting on shard ``key`` at once (a worker's lease on it is gone): its
@@ -754,39 +691,20 @@ class BatchRun:
         self._spawn(self._collect(ctx, key, done), name=f"collect {key}")
 
     async def _collect(self, ctx: RunContext, key: str, done: BatchDone | None) -> None:
-        """Read a finished batch's files into the journal and settle every line."""
+        """Collect a finished batch, and act on the shard's next state."""
         self._collecting.add(key)
         try:
-            ctx.budget.release(key)
-            if done is not None:
-                ctx.fleet.forget(done.batch_id)
-            streak = Streak()
-            async with self._collect_slots:
-                while True:
-                    shard = await ctx.journal.shard(key)
-                    if shard.state is _S.COLLECTED:
-                        return
-                    streak.started = self._clock.monotonic()
-                    try:
-                        result = await collect(ctx, shard, done)
-                        heard_from_server(ctx)
-                    except (TransportError, APIStatusError, DecodeError) as exc:
-                        delay = step_failed(ctx, f"collecting shard {key}", streak, exc)
-                        await self._clock.sleep(delay)
-                        done = None
-                        continue
-                    if result.state is _S.OPEN:
-                        # Still running at its deadline: cancelled, tracked to its end.
-                        shard = await ctx.journal.shard(key)
-                        self._track(ctx, shard, result.batch, deadline=False)
-                        assert result.batch is not None
-                        ctx.fleet.cancel(result.batch.id)
-                    elif result.state is _S.UPLOADED:
-                        if not self._stopping.is_set():
-                            self._start_submit(ctx, key)
-                    elif self._config.delete_files:
-                        await delete_files(ctx, await ctx.journal.shard(key))
-                    return
+            result = await collect_shard(ctx, key, done, slots=self._collect_slots)
+            if result is None:
+                return
+            if result.state is _S.OPEN:
+                # Still running at its deadline: cancelled, tracked to its end.
+                shard = await ctx.journal.shard(key)
+                self._track(ctx, shard, result.batch, deadline=False)
+                assert result.batch is not None
+                ctx.fleet.cancel(result.batch.id)
+            elif result.state is _S.UPLOADED and not self._stopping.is_set():
+                self._start_submit(ctx, key)
         finally:
             self._collecting.discard(key)
             if self._ctx is not None:
