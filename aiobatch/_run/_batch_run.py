@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import os
 import tempfile
 from collections.abc import AsyncGenerator, Callable, Mapping
@@ -31,15 +30,14 @@ from .._fleet import BatchDone, Fleet, FleetConfig
 from .._lifecycle import TERMINAL
 from .._models import Batch
 from ..errors import (
-    AiobatchError,
     InputError,
     JournalError,
     LeaseLostError,
     RunError,
     TooManyBatchesError,
-    describe,
 )
 from ..webhooks import DEFAULT_WEBHOOK_INTERVAL, WebhookReceiver
+from ._cancel import wind_down
 from ._config import RequestSource, RunConfig, RunResult
 from ._context import Next, RunContext, logger
 from ._dispatch import collect_shard, consume, submit_shard
@@ -54,7 +52,7 @@ from ._records import Shard
 from ._report import RunReport, as_shown, final_report, load_counts
 from ._sqlite_db import remove_journal
 from ._states import SUBMITTING, ShardState
-from ._submit import Step, resolve_create, submission_steps
+from ._submit import Step, submission_steps
 
 __all__ = ["BatchRun"]
 
@@ -398,7 +396,14 @@ class BatchRun:
                 cancelled = exc
                 self._request_stop("cancelled")
             if self._stop_reason == "cancelled" and self._failure is None:
-                await self._wind_down(ctx)
+                await wind_down(
+                    ctx,
+                    submitting=self._submitting,
+                    collecting=self._collecting,
+                    failed=lambda: self._failure is not None,
+                    acts_on=self._acts_on,
+                    track=self._track,
+                )
         finally:
             if self._webhooks is not None:
                 self._webhooks.detach(ctx.fleet)
@@ -572,61 +577,6 @@ class BatchRun:
             if self._ctx is not None:
                 self._ctx.budget.changed.set()
             self._emit_progress()
-
-    async def _wind_down(self, ctx: RunContext) -> None:
-        """After a cancel: let in-flight submissions finish their step, cancel every open
-        batch, and collect what they finished."""
-        journal = ctx.journal
-        await journal.set_state("cancelling", at=self._clock.now())
-        deadline = (
-            self._clock.monotonic() + self._config.cancel_timeout
-            if self._config.cancel_timeout is not None
-            else math.inf
-        )
-        while self._submitting and self._failure is None:
-            await self._wait_changed(deadline)
-            if self._clock.monotonic() >= deadline:
-                break
-        # A create whose answer was lost may have made a batch: find it, to cancel it
-        # (a create still being sent, past the cancel timeout, is left to the next run).
-        for shard in await journal.shards(_S.CREATING):
-            if shard.key in self._submitting or not self._acts_on(shard.key):
-                continue
-            try:
-                step = await resolve_create(ctx, shard, during_cancel=True)
-            except AiobatchError as exc:
-                logger.warning(
-                    "run %s: could not tell whether shard %s has a batch (%s); the next run "
-                    "looks again",
-                    self._run_id,
-                    shard.key,
-                    describe(exc),
-                )
-                continue
-            if step.state is _S.OPEN:
-                self._track(ctx, await journal.shard(shard.key), step.batch)
-        fleet = ctx.fleet
-        for batch_id in fleet.open_ids:
-            key = ctx.shard_of.get(batch_id)
-            if key is not None:
-                await journal.update(key, cancel_reason="run")
-            with contextlib.suppress(KeyError):
-                fleet.cancel(batch_id)
-        while (ctx.shard_of or self._collecting) and self._failure is None:
-            if self._clock.monotonic() >= deadline:
-                logger.warning(
-                    "run %s: %d batch(es) still cancelling at the cancel timeout; the "
-                    "journal keeps them for the next run",
-                    self._run_id,
-                    len(fleet.open_ids),
-                )
-                break
-            await self._wait_changed(deadline)
-
-    async def _wait_changed(self, deadline: float) -> None:
-        self._changed.clear()
-        left = None if deadline == math.inf else deadline - self._clock.monotonic()
-        await sleep_or_set(self._clock, left, self._changed)
 
     # --- submission ----------------------------------------------------------------------
 
