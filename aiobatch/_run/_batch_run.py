@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import tempfile
 from collections.abc import AsyncGenerator, Callable, Mapping
 from typing import Any
 
@@ -26,23 +25,21 @@ import attrs
 
 from .._aio import cancel_and_wait, sleep_or_set
 from .._client import BatchClient
-from .._fleet import BatchDone, Fleet, FleetConfig
+from .._fleet import BatchDone
 from .._lifecycle import TERMINAL
 from .._models import Batch
 from ..errors import (
-    InputError,
     JournalError,
     LeaseLostError,
     RunError,
     TooManyBatchesError,
 )
-from ..webhooks import DEFAULT_WEBHOOK_INTERVAL, WebhookReceiver
+from ..webhooks import WebhookReceiver
 from ._cancel import wind_down
 from ._config import RequestSource, RunConfig, RunResult
 from ._context import Next, RunContext, logger
 from ._dispatch import collect_shard, consume, submit_shard
 from ._events import BatchAnnouncer, BatchEvent
-from ._ingest import check_source, ingest
 from ._journal import Journal
 from ._open import is_postgres_url, open_journal, pg_run_name
 from ._output import next_results, write_output
@@ -50,7 +47,7 @@ from ._planning import plan
 from ._progress import RunProgress
 from ._records import Shard
 from ._report import RunReport, as_shown, final_report, load_counts
-from ._sqlite_db import remove_journal
+from ._start import check_output, default_work_dir, ingest_or_check, run_context
 from ._states import SUBMITTING, ShardState
 from ._submit import Step, submission_steps
 
@@ -58,16 +55,6 @@ __all__ = ["BatchRun"]
 
 _S = ShardState
 _TERMINAL_STATUSES = frozenset(status.value for status in TERMINAL)
-
-
-def _check_output(output: str | None) -> None:
-    """Refuse, before any work, an output file that cannot be written at the end."""
-    if output is not None:
-        if os.path.isdir(output):
-            raise InputError(f"the output path {output} is a directory; give a file path")
-        folder = os.path.dirname(os.path.abspath(output))
-        if not os.path.isdir(folder):
-            raise InputError(f"the output file's folder {folder} does not exist")
 
 
 def _exists(path: str) -> bool:
@@ -287,7 +274,7 @@ class BatchRun:
     # --- the run -------------------------------------------------------------------------
 
     async def _run(self) -> RunReport:
-        _check_output(self._output)
+        check_output(self._output)
         path = self._journal_path
         if self._source is None and self._pg_name is None and not _exists(path):
             raise JournalError(f"no journal at {path}, and no requests to start a run with")
@@ -310,26 +297,13 @@ class BatchRun:
     async def _open(self, journal: Journal) -> bool:
         """Ingest the source into a new journal, or check it against the journal's;
         True when the run resumes."""
-        meta = await journal.meta()
-        if meta is None:
-            assert self._source is not None
-            try:
-                await ingest(
-                    journal,
-                    self._source,
-                    config=self._config,
-                    clock=self._clock,
-                    max_line_bytes=self._config.max_bytes or self._client.provider.limits.max_bytes,
-                    custom_id_pattern=self._client.provider.limits.custom_id_pattern,
-                )
-            except BaseException:
-                if self._pg_name is None:  # a database ingest left nothing behind
-                    await journal.close()
-                    remove_journal(self._journal_path)
-                raise
-            return False
-        await check_source(journal, meta, self._source)
-        return True
+        return await ingest_or_check(
+            journal,
+            self._source,
+            client=self._client,
+            config=self._config,
+            remove=self._journal_path if self._pg_name is None else None,
+        )
 
     async def _drive(self, journal: Journal) -> RunReport:
         resuming = await self._open(journal)
@@ -339,31 +313,15 @@ class BatchRun:
         assert meta is not None
         self._run_id = meta.run_id
         self._started_at = meta.started_at
-        fleet_config = self._config.fleet or FleetConfig()
-        if fleet_config.max_retry_wait != self._config.max_retry_wait:
-            fleet_config = attrs.evolve(fleet_config, max_retry_wait=self._config.max_retry_wait)
-        if self._config.batch_timeout is not None or fleet_config.timeout is not None:
-            # A deadline cancels the batch and keeps tracking it to its end: its lines
-            # must not run elsewhere while it may still run them.
-            fleet_config = attrs.evolve(fleet_config, cancel_on_deadline=True)
-        if self._webhooks is not None and fleet_config.webhook_interval is None:
-            interval = max(DEFAULT_WEBHOOK_INTERVAL, fleet_config.min_interval)
-            fleet_config = attrs.evolve(fleet_config, webhook_interval=interval)
-        limits = self._client.provider.limits
-        ctx = RunContext(
-            client=self._client,
-            config=self._config,
-            journal=journal,
-            run_id=meta.run_id,
-            fleet=Fleet(
-                self._client, config=fleet_config, status_aliases=self._config.status_aliases
-            ),
+        ctx = run_context(
+            self._client,
+            self._config,
+            journal,
+            meta.run_id,
+            webhooks=self._webhooks is not None,
+            work_dir=self._config.work_dir or self._default_work_dir(meta.run_id),
             emit=self._emit_progress,
             stop=self._request_stop,
-            max_lines=self._config.max_lines or limits.max_lines,
-            max_bytes=self._config.max_bytes or limits.max_bytes,
-            max_inputs=limits.max_embedding_inputs,
-            work_dir=self._config.work_dir or self._default_work_dir(meta.run_id),
             stopping=self._stopping,
             changed=self._changed,
             results_changed=self._results_changed,
@@ -442,13 +400,9 @@ class BatchRun:
         return await open_journal(self._journal_path, create=create, name=self._pg_name)
 
     def _default_work_dir(self, run_id: str) -> str:
-        """Where shard files are written: beside a SQLite journal; beside the output
-        file (else in the temporary folder) for a database journal."""
-        if self._pg_name is None:
-            return self._journal_path + ".files"
-        if self._output is not None:
-            return f"{self._output}.{run_id}.files"
-        return os.path.join(tempfile.gettempdir(), f"aiobatch-{run_id}.files")
+        return default_work_dir(
+            self._journal_path, pg_name=self._pg_name, output=self._output, run_id=run_id
+        )
 
     async def _final_report(self, journal: Journal) -> RunReport:
         """The report of the run as it ends, shown once more as its last progress
