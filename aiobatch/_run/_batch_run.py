@@ -31,7 +31,6 @@ from .._models import Batch
 from ..errors import (
     JournalError,
     LeaseLostError,
-    RunError,
     TooManyBatchesError,
 )
 from ..webhooks import WebhookReceiver
@@ -50,6 +49,7 @@ from ._report import RunReport, as_shown, final_report, load_counts
 from ._start import check_output, default_work_dir, ingest_or_check, run_context
 from ._states import SUBMITTING, ShardState
 from ._submit import Step, submission_steps
+from ._supervise import supervise
 
 __all__ = ["BatchRun"]
 
@@ -146,7 +146,6 @@ class BatchRun:
         self._failure: BaseException | None = None
         self._submit_slots = asyncio.Semaphore(self._config.max_submissions)
         self._collect_slots = asyncio.Semaphore(self._config.max_collections)
-        self._retry_since: float | None = None
         self._started_at = 0.0
         self._state = "new"
         self._runner: asyncio.Task[RunReport] | None = None
@@ -432,57 +431,12 @@ class BatchRun:
 
     async def _supervise(self, ctx: RunContext) -> None:
         """Plan shards when lines are pending, until every request has its result."""
-        clock = self._clock
-        journal = ctx.journal
-        next_cancel_check = clock.monotonic()
-        while True:
-            self._changed.clear()
-            if self._failure is not None or self._stopping.is_set():
-                return
-            now = clock.monotonic()
-            if now >= next_cancel_check:
-                next_cancel_check = now + self._config.cancel_poll_interval
-                await journal.touch(clock.now())
-                self._emit_progress()  # elapsed time and ETA move on while nothing changes
-                if await ctx.cancel_requested():
-                    return
-            busy = bool(self._submitting or self._collecting or ctx.shard_of)
-            pending = await journal.pending_count()
-            if pending:
-                if self._retry_since is None:
-                    self._retry_since = now
-                due = self._retry_since + self._config.retry_coalesce
-                if not busy or now >= due or await journal.has_fresh_pending():
-                    await self._plan(ctx)
-                    self._retry_since = None
-                    continue
-            else:
-                self._retry_since = None
-                if not busy:
-                    if await journal.not_done_count() == 0:
-                        return
-                    if not await self._requeue_orphans(ctx):
-                        raise RunError(
-                            f"run {self._run_id}: requests are queued in shards that "
-                            "nothing tracks; this is a bug in aiobatch (the journal is intact)"
-                        )
-                    continue
-            wait = next_cancel_check - now
-            if pending and self._retry_since is not None:
-                wait = min(wait, self._retry_since + self._config.retry_coalesce - now)
-            await sleep_or_set(clock, wait, self._changed)
-
-    async def _requeue_orphans(self, ctx: RunContext) -> bool:
-        """Requests left ``queued`` in a shard that is already collected (which should
-        not happen) become pending again; True when there were any."""
-        moved = await ctx.journal.requeue_orphans()
-        if moved:
-            logger.warning(
-                "run %s: %d request(s) were queued in collected shards; submitting them again",
-                self._run_id,
-                moved,
-            )
-        return moved > 0
+        await supervise(
+            ctx,
+            busy=lambda: bool(self._submitting or self._collecting or ctx.shard_of),
+            failed=lambda: self._failure is not None,
+            plan=self._plan,
+        )
 
     async def _plan(self, ctx: RunContext) -> None:
         """Plan shards for the pending requests and start their submission."""
