@@ -23,7 +23,7 @@ from typing import Any
 
 import attrs
 
-from .._aio import cancel_and_wait, sleep_or_set
+from .._aio import cancel_and_wait
 from .._client import BatchClient
 from .._fleet import BatchDone
 from .._lifecycle import TERMINAL
@@ -39,9 +39,10 @@ from ._config import RequestSource, RunConfig, RunResult
 from ._context import Next, RunContext, logger
 from ._dispatch import collect_shard, consume, submit_shard
 from ._events import BatchAnnouncer, BatchEvent
+from ._follow import follow_results
 from ._journal import Journal
 from ._open import is_postgres_url, open_journal, pg_run_name
-from ._output import next_results, write_output
+from ._output import write_output
 from ._planning import plan
 from ._progress import RunProgress
 from ._records import Shard
@@ -216,28 +217,20 @@ class BatchRun:
         """
         started_here = self._runner is None
         runner = self._start()
-        order = self._config.order
-        reader: Journal | None = None
-        cursor = -1
+        results = follow_results(
+            runner,
+            order=self._config.order,
+            clock=self._clock,
+            ingested=lambda: self._ingested,
+            open_reader=lambda: self._open_journal(create=False),
+            changed=self._results_changed,
+            finished=self._finished,
+        )
         try:
-            while True:
-                finished = runner.done()
-                if reader is None and self._ingested:
-                    reader = await self._open_journal(create=False)
-                if reader is not None:
-                    self._results_changed.clear()
-                    batch, cursor = await next_results(reader, order=order, cursor=cursor)
-                    for result in batch:
-                        yield result
-                    if batch:
-                        continue
-                if finished:
-                    runner.result()  # the run's error, if it failed
-                    return
-                await sleep_or_set(self._clock, None, self._results_changed, self._finished)
+            async with contextlib.aclosing(results):
+                async for result in results:
+                    yield result
         finally:
-            if reader is not None:
-                await reader.close()
             if started_here and not runner.done():
                 # Nobody else awaits the run this iterator started: stop it (its batches
                 # keep running; the journal has everything) rather than leave it behind.
