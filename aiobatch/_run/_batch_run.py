@@ -26,7 +26,6 @@ import attrs
 from .._aio import cancel_and_wait
 from .._client import BatchClient
 from .._fleet import BatchDone
-from .._lifecycle import TERMINAL
 from .._models import Batch
 from ..errors import (
     JournalError,
@@ -37,7 +36,7 @@ from ..webhooks import WebhookReceiver
 from ._cancel import wind_down
 from ._config import RequestSource, RunConfig, RunResult
 from ._context import Next, RunContext, logger
-from ._dispatch import collect_shard, consume, submit_shard
+from ._dispatch import collect_shard, consume, drop, submit_shard, track
 from ._events import BatchAnnouncer, BatchEvent
 from ._follow import follow_results
 from ._journal import Journal
@@ -55,7 +54,6 @@ from ._supervise import supervise
 __all__ = ["BatchRun"]
 
 _S = ShardState
-_TERMINAL_STATUSES = frozenset(status.value for status in TERMINAL)
 
 
 def _exists(path: str) -> bool:
@@ -504,18 +502,7 @@ class BatchRun:
     def _track(
         self, ctx: RunContext, shard: Shard, batch: Batch | None = None, *, deadline: bool = True
     ) -> None:
-        """Hand a shard's batch to the fleet (``batch`` when known, else its id)."""
-        assert shard.batch_id is not None
-        ctx.shard_of[shard.batch_id] = shard.key
-        ctx.put_status(shard.key, shard.status or "validating")
-        if shard.status not in _TERMINAL_STATUSES:
-            ctx.budget.reserve(shard)
-        timeout = self._config.batch_timeout if deadline else None
-        if timeout is not None:
-            created = shard.create_started_at or shard.planned_at
-            timeout = max(0.0, created + timeout - self._clock.now())
-        ctx.fleet.add(batch if batch is not None else shard.batch_id, timeout=timeout)
-        self._emit_progress()
+        track(ctx, shard, batch, deadline=deadline)
 
     # --- tracking and collection ---------------------------------------------------------
 
@@ -524,18 +511,7 @@ class BatchRun:
         self._start_collect(ctx, key, event)
 
     def _lost(self, ctx: RunContext, key: str) -> None:
-        """Stop acting on shard ``key`` at once (a worker's lease on it is gone): its
-        submission is cancelled and its batch no longer tracked here."""
-        task = self._submitting.pop(key, None)
-        if task is not None:
-            task.cancel()
-        for batch_id, owner in list(ctx.shard_of.items()):
-            if owner == key:
-                del ctx.shard_of[batch_id]
-                ctx.fleet.remove(batch_id)
-                ctx.fleet.forget(batch_id)
-        ctx.budget.release(key)
-        self._changed.set()
+        drop(ctx, key, self._submitting.pop(key, None))
 
     def _start_collect(self, ctx: RunContext, key: str, done: BatchDone | None) -> None:
         self._collecting.add(key)

@@ -13,6 +13,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 from .._fleet import BatchDone, StatusChanged, TrackingError
+from .._lifecycle import TERMINAL
+from .._models import Batch
 from ..errors import (
     AiobatchError,
     APIStatusError,
@@ -28,12 +30,14 @@ from ..errors import (
 from ._collect import collect, delete_files
 from ._context import Next, RunContext, Stop, logger
 from ._failures import Streak, heard_from_server, step_failed, tracking_failed
+from ._records import Shard
 from ._states import ShardState
 from ._submit import WAITS, Step
 
-__all__ = ["collect_shard", "consume", "submit_shard"]
+__all__ = ["collect_shard", "consume", "drop", "submit_shard", "track"]
 
 _S = ShardState
+_TERMINAL_STATUSES = frozenset(status.value for status in TERMINAL)
 
 
 async def submit_shard(
@@ -83,6 +87,38 @@ async def submit_shard(
                 return
             continue
         await after(ctx, key, result)
+
+
+def track(
+    ctx: RunContext, shard: Shard, batch: Batch | None = None, *, deadline: bool = True
+) -> None:
+    """Hand a shard's batch to the fleet (``batch`` when known, else its id), with
+    what is left of its ``batch_timeout`` when ``deadline``."""
+    assert shard.batch_id is not None
+    ctx.shard_of[shard.batch_id] = shard.key
+    ctx.put_status(shard.key, shard.status or "validating")
+    if shard.status not in _TERMINAL_STATUSES:
+        ctx.budget.reserve(shard)
+    timeout = ctx.config.batch_timeout if deadline else None
+    if timeout is not None:
+        created = shard.create_started_at or shard.planned_at
+        timeout = max(0.0, created + timeout - ctx.clock.now())
+    ctx.fleet.add(batch if batch is not None else shard.batch_id, timeout=timeout)
+    ctx.emit()
+
+
+def drop(ctx: RunContext, key: str, submission: asyncio.Task[None] | None) -> None:
+    """Stop acting on shard ``key`` at once (a worker's lease on it is gone): its
+    ``submission`` is cancelled and its batch no longer tracked here."""
+    if submission is not None:
+        submission.cancel()
+    for batch_id, owner in list(ctx.shard_of.items()):
+        if owner == key:
+            del ctx.shard_of[batch_id]
+            ctx.fleet.remove(batch_id)
+            ctx.fleet.forget(batch_id)
+    ctx.budget.release(key)
+    ctx.changed.set()
 
 
 async def collect_shard(
