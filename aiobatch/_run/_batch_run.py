@@ -21,8 +21,6 @@ import os
 from collections.abc import AsyncGenerator, Callable, Mapping
 from typing import Any
 
-import attrs
-
 from .._aio import cancel_and_wait
 from .._client import BatchClient
 from .._fleet import BatchDone
@@ -45,7 +43,7 @@ from ._output import write_output
 from ._planning import plan
 from ._progress import RunProgress
 from ._records import Shard
-from ._report import RunReport, as_shown, final_report, load_counts
+from ._report import RunReport, final_report, load_counts, run_progress
 from ._start import check_output, default_work_dir, ingest_or_check, run_context
 from ._states import SUBMITTING, ShardState
 from ._submit import Step, submission_steps
@@ -239,25 +237,13 @@ class BatchRun:
     def progress(self) -> RunProgress:
         """A snapshot of the run, for display (after the run: its last one, whose
         figures are the report's)."""
-        ctx = self._ctx
-        if ctx is None:
-            last = self._last_progress
-            if last is not None:
-                return last if last.state == self._state else attrs.evolve(last, state=self._state)
-            return RunProgress(
-                total=0,
-                succeeded=0,
-                failed=0,
-                retrying=0,
-                batches={},
-                round=0,
-                elapsed=0.0,
-                state=self._state,
-            )
-        snapshot = ctx.progress(state=self._state, started_at=self._started_at)
-        final = self._final
-        if final is not None:
-            snapshot = as_shown(snapshot, final)
+        snapshot = run_progress(
+            self._ctx,
+            state=self._state,
+            started_at=self._started_at,
+            final=self._final,
+            last=self._last_progress,
+        )
         self._last_progress = snapshot
         return snapshot
 

@@ -8,14 +8,13 @@ from typing import TYPE_CHECKING
 
 import attrs
 
-from ._progress import BATCH_STATUS_ORDER, _elapsed_text
+from ._progress import BATCH_STATUS_ORDER, RunProgress, _elapsed_text
 from ._records import JournalCounts, RunMeta
 
 if TYPE_CHECKING:
     from ._config import Price
     from ._context import RunContext
     from ._journal import Journal
-    from ._progress import RunProgress
     from ._sqlite import JournalFile
 
 __all__ = [
@@ -27,6 +26,7 @@ __all__ = [
     "journal_report",
     "load_counts",
     "read_report",
+    "run_progress",
 ]
 
 
@@ -212,6 +212,36 @@ async def load_counts(ctx: RunContext) -> None:
         retrying=await ctx.journal.retrying_count(),
     )
     ctx.round = report.rounds
+
+
+def run_progress(
+    ctx: RunContext | None,
+    *,
+    state: str,
+    started_at: float,
+    final: RunReport | None,
+    last: RunProgress | None,
+) -> RunProgress:
+    """A snapshot of a run, for display: before the run has a context (and after),
+    its ``last`` one in its ``state`` now; with the figures of the report it ended with,
+    once it has one (``final``)."""
+    if ctx is None:
+        if last is not None:
+            return last if last.state == state else attrs.evolve(last, state=state)
+        return RunProgress(
+            total=0,
+            succeeded=0,
+            failed=0,
+            retrying=0,
+            batches={},
+            round=0,
+            elapsed=0.0,
+            state=state,
+        )
+    snapshot = ctx.progress(state=state, started_at=started_at)
+    if final is not None:
+        snapshot = as_shown(snapshot, final)
+    return snapshot
 
 
 def as_shown(snapshot: RunProgress, final: RunReport) -> RunProgress:
