@@ -34,7 +34,7 @@ from ..webhooks import WebhookReceiver
 from ._cancel import wind_down
 from ._config import RequestSource, RunConfig, RunResult
 from ._context import Next, RunContext, logger
-from ._dispatch import collect_shard, consume, drop, submit_shard, track
+from ._dispatch import collect_shard, consume, drop, resume, submit_shard, track
 from ._events import BatchAnnouncer, BatchEvent
 from ._follow import follow_results
 from ._journal import Journal
@@ -289,13 +289,16 @@ class BatchRun:
         assert meta is not None
         self._run_id = meta.run_id
         self._started_at = meta.started_at
+        work_dir = self._config.work_dir or default_work_dir(
+            self._journal_path, pg_name=self._pg_name, output=self._output, run_id=meta.run_id
+        )
         ctx = run_context(
             self._client,
             self._config,
             journal,
             meta.run_id,
             webhooks=self._webhooks is not None,
-            work_dir=self._config.work_dir or self._default_work_dir(meta.run_id),
+            work_dir=work_dir,
             emit=self._emit_progress,
             stop=self._request_stop,
             stopping=self._stopping,
@@ -359,7 +362,7 @@ class BatchRun:
         self._state = "done"
         if self._config.work_dir is None:
             with contextlib.suppress(OSError):
-                os.rmdir(self._default_work_dir(meta.run_id))  # only when empty
+                os.rmdir(work_dir)  # only when empty
         await self._write_output(journal)
         return await self._final_report(journal)
 
@@ -375,11 +378,6 @@ class BatchRun:
     async def _open_journal(self, *, create: bool) -> Journal:
         return await open_journal(self._journal_path, create=create, name=self._pg_name)
 
-    def _default_work_dir(self, run_id: str) -> str:
-        return default_work_dir(
-            self._journal_path, pg_name=self._pg_name, output=self._output, run_id=run_id
-        )
-
     async def _final_report(self, journal: Journal) -> RunReport:
         """The report of the run as it ends, shown once more as its last progress
         snapshot (with the report's figures, so that the two agree)."""
@@ -392,19 +390,13 @@ class BatchRun:
 
     async def _resume(self, ctx: RunContext) -> None:
         """Pick up every shard where the journal left it."""
-        for shard in await ctx.journal.shards(*SUBMITTING):
-            ctx.put_status(shard.key, shard.state.value)
-            self._start_submit(ctx, shard.key)
-        for shard in await ctx.journal.shards(_S.OPEN):
-            self._track(ctx, shard)
-            self._batches.created(shard, adopted=True)
-        for shard in await ctx.journal.shards(_S.COLLECTING):
-            assert shard.batch_id is not None
-            ctx.shard_of[shard.batch_id] = shard.key
-            ctx.put_status(shard.key, shard.status or "collecting")
-            self._start_collect(ctx, shard.key, None)
-        for shard in await ctx.journal.shards(_S.COLLECTED):
-            ctx.put_status(shard.key, shard.status or "collected")
+        await resume(
+            ctx,
+            submit=self._start_submit,
+            track=self._track,
+            collect=self._start_collect,
+            adopted=lambda shard: self._batches.created(shard, adopted=True),
+        )
 
     async def _supervise(self, ctx: RunContext) -> None:
         """Plan shards when lines are pending, until every request has its result."""

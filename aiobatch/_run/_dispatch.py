@@ -31,13 +31,39 @@ from ._collect import collect, delete_files
 from ._context import Next, RunContext, Stop, logger
 from ._failures import Streak, heard_from_server, step_failed, tracking_failed
 from ._records import Shard
-from ._states import ShardState
+from ._states import SUBMITTING, ShardState
 from ._submit import WAITS, Step
 
-__all__ = ["collect_shard", "consume", "drop", "submit_shard", "track"]
+__all__ = ["collect_shard", "consume", "drop", "resume", "submit_shard", "track"]
 
 _S = ShardState
 _TERMINAL_STATUSES = frozenset(status.value for status in TERMINAL)
+
+
+async def resume(
+    ctx: RunContext,
+    *,
+    submit: Callable[[RunContext, str], None],
+    track: Callable[[RunContext, Shard], None],
+    collect: Callable[[RunContext, str, BatchDone | None], None],
+    adopted: Callable[[Shard], None],
+) -> None:
+    """Pick up every shard where the journal left it: ``submit`` the ones on their way
+    to a batch, ``track`` (and announce as ``adopted``) the open batches, ``collect``
+    the ones being collected."""
+    for shard in await ctx.journal.shards(*SUBMITTING):
+        ctx.put_status(shard.key, shard.state.value)
+        submit(ctx, shard.key)
+    for shard in await ctx.journal.shards(_S.OPEN):
+        track(ctx, shard)
+        adopted(shard)
+    for shard in await ctx.journal.shards(_S.COLLECTING):
+        assert shard.batch_id is not None
+        ctx.shard_of[shard.batch_id] = shard.key
+        ctx.put_status(shard.key, shard.status or "collecting")
+        collect(ctx, shard.key, None)
+    for shard in await ctx.journal.shards(_S.COLLECTED):
+        ctx.put_status(shard.key, shard.status or "collected")
 
 
 async def submit_shard(
