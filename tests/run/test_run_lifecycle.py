@@ -32,6 +32,8 @@ from conftest import (
     config,
     executed,
     in_front,
+    is_success,
+    read_output,
     serve,
     service_on,
 )
@@ -79,17 +81,6 @@ def write_jsonl(path: Path, lines: Iterable[Mapping[str, Any]]) -> Path:
     """Write request objects as a JSONL file; returns the path."""
     path.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
     return path
-
-
-def read_output(path: Path) -> list[dict[str, Any]]:
-    """The decoded lines of an output file."""
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-
-
-def is_success(line: Mapping[str, Any]) -> bool:
-    """An output line holds a 200 response and no error."""
-    response = line.get("response")
-    return line.get("error") is None and response is not None and response["status_code"] == 200
 
 
 def journal_meta(path: Path) -> dict[str, str]:
