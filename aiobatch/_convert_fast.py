@@ -1,10 +1,10 @@
 """The converter's lean reading of result lines with msgspec (``aiobatch[fast]``).
 
-Part of :mod:`aiobatch._convert`, which imports it when msgspec is installed: the same
-summary as ``_convert._summary_plain``, several times faster, because msgspec reads
-only the fields the summary needs (and checks their types) and skips the rest of the
-line (a chat reply of kilobytes is never made into Python objects). Any line of
-another shape gives None, and the typed decode decides.
+Part of :mod:`aiobatch._convert` (:mod:`._convert_results` imports it when msgspec is
+installed): the same summary as ``_convert_results._summary_plain``, several times
+faster, because msgspec reads only the fields the summary needs (and checks their types)
+and skips the rest of the line (a chat reply of kilobytes is never made into Python
+objects). Any line of another shape gives None, and the typed decode decides.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ _decode = msgspec.json.Decoder(_Line).decode
 
 def _tokens(usage: _Usage | None) -> tuple[int, int]:
     """(input, output) tokens: the first field pair that is there (as
-    ``_convert.usage_tokens``)."""
+    ``_convert_results.usage_tokens``)."""
     if usage is None:
         return 0, 0
     if not isinstance(usage.prompt_tokens, msgspec.UnsetType):

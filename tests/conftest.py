@@ -380,6 +380,17 @@ def write_jsonl(path: Path, lines: Iterable[Mapping[str, Any]]) -> Path:
     return path
 
 
+def read_output(path: Path) -> list[dict[str, Any]]:
+    """The decoded lines of an output file."""
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def is_success(line: Mapping[str, Any]) -> bool:
+    """An output line holds a 200 response and no error."""
+    response = line.get("response")
+    return line.get("error") is None and response is not None and response["status_code"] == 200
+
+
 async def run_to_end(run: BatchRun) -> tuple[RunReport, list[RunResult]]:
     """Run to the end with results() read alongside."""
     streamed = asyncio.ensure_future(_all_results(run))

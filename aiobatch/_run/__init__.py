@@ -11,10 +11,17 @@ thing; see DESIGN.md):
 - ``_planning``: cutting pending requests into shards;
 - ``_outcomes``: what a result means (final, or another round);
 - ``_context``: what the steps share;
+- ``_start``: what a run settles before its first step (output check, ingest or
+  source check, work folder, the steps' context and the fleet's config);
 - ``_submit``, ``_collect``, ``_settle``: the steps, each returning the shard's next
   state;
-- ``_control``: cancel, liveness, from outside the run's process;
-- ``_report``, ``_progress``: what a run did, and a live display of it;
+- ``_dispatch``: a shard's tasks (its submission and collection loops, the fleet's
+  events, resume, tracking);
+- ``_supervise``: the loop that plans pending requests until every one has its result;
+- ``_cancel``: a cancel from inside the run (:func:`wind_down`); ``_control``: cancel,
+  liveness, from outside the run's process;
+- ``_report``, ``_progress``: what a run did, and a live display of it; ``_follow``:
+  its final results as they come;
 - ``_batch_run``: :class:`BatchRun`, which dispatches by state;
 - ``_worker``: :class:`Worker` and :class:`SharedRun`, runs shared by several processes
   on a PostgreSQL journal (``_postgres*``), by leases.

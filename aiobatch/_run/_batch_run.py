@@ -17,66 +17,41 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import os
-import tempfile
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from typing import Any
 
-import attrs
-
-from .._aio import cancel_and_wait, sleep_or_set
+from .._aio import cancel_and_wait
 from .._client import BatchClient
-from .._fleet import BatchDone, Fleet, FleetConfig, StatusChanged, TrackingError
-from .._lifecycle import TERMINAL
+from .._fleet import BatchDone
 from .._models import Batch
 from ..errors import (
-    AiobatchError,
-    APIStatusError,
-    AuthenticationError,
-    ClosedError,
-    DecodeError,
-    InputError,
     JournalError,
     LeaseLostError,
-    PermissionDeniedError,
-    RunError,
     TooManyBatchesError,
-    TransportError,
-    describe,
 )
-from ..webhooks import DEFAULT_WEBHOOK_INTERVAL, WebhookReceiver
-from ._collect import collect, delete_files
+from ..webhooks import WebhookReceiver
+from ._cancel import wind_down
 from ._config import RequestSource, RunConfig, RunResult
-from ._context import Next, RunContext, Stop, logger
+from ._context import Next, RunContext, logger
+from ._dispatch import collect_shard, consume, drop, resume, submit_shard, track
 from ._events import BatchAnnouncer, BatchEvent
-from ._failures import Streak, heard_from_server, step_failed, tracking_failed
-from ._ingest import check_source, ingest
+from ._follow import follow_results
 from ._journal import Journal
 from ._open import is_postgres_url, open_journal, pg_run_name, shared_run_class
-from ._output import next_results, write_output
+from ._output import write_output
 from ._planning import plan
 from ._progress import RunProgress
 from ._records import Shard
-from ._report import RunReport, build_report
-from ._sqlite_db import remove_journal
+from ._report import RunReport, final_report, load_counts, run_progress
+from ._start import check_output, default_work_dir, ingest_or_check, run_context
 from ._states import SUBMITTING, ShardState
-from ._submit import WAITS, Step, resolve_create, submission_steps
+from ._submit import Step, submission_steps
+from ._supervise import supervise
 
 __all__ = ["BatchRun"]
 
 _S = ShardState
-_TERMINAL_STATUSES = frozenset(status.value for status in TERMINAL)
-
-
-def _check_output(output: str | None) -> None:
-    """Refuse, before any work, an output file that cannot be written at the end."""
-    if output is not None:
-        if os.path.isdir(output):
-            raise InputError(f"the output path {output} is a directory; give a file path")
-        folder = os.path.dirname(os.path.abspath(output))
-        if not os.path.isdir(folder):
-            raise InputError(f"the output file's folder {folder} does not exist")
 
 
 def _exists(path: str) -> bool:
@@ -164,7 +139,6 @@ class BatchRun:
         self._failure: BaseException | None = None
         self._submit_slots = asyncio.Semaphore(self._config.max_submissions)
         self._collect_slots = asyncio.Semaphore(self._config.max_collections)
-        self._retry_since: float | None = None
         self._started_at = 0.0
         self._state = "new"
         self._runner: asyncio.Task[RunReport] | None = None
@@ -235,28 +209,20 @@ class BatchRun:
         """
         started_here = self._runner is None
         runner = self._start()
-        order = self._config.order
-        reader: Journal | None = None
-        cursor = -1
+        results = follow_results(
+            runner,
+            order=self._config.order,
+            clock=self._clock,
+            ingested=lambda: self._ingested,
+            open_reader=lambda: self._open_journal(create=False),
+            changed=self._results_changed,
+            finished=self._finished,
+        )
         try:
-            while True:
-                finished = runner.done()
-                if reader is None and self._ingested:
-                    reader = await self._open_journal(create=False)
-                if reader is not None:
-                    self._results_changed.clear()
-                    batch, cursor = await next_results(reader, order=order, cursor=cursor)
-                    for result in batch:
-                        yield result
-                    if batch:
-                        continue
-                if finished:
-                    runner.result()  # the run's error, if it failed
-                    return
-                await sleep_or_set(self._clock, None, self._results_changed, self._finished)
+            async with contextlib.aclosing(results):
+                async for result in results:
+                    yield result
         finally:
-            if reader is not None:
-                await reader.close()
             if started_here and not runner.done():
                 # Nobody else awaits the run this iterator started: stop it (its batches
                 # keep running; the journal has everything) rather than leave it behind.
@@ -267,40 +233,20 @@ class BatchRun:
     def progress(self) -> RunProgress:
         """A snapshot of the run, for display (after the run: its last one, whose
         figures are the report's)."""
-        ctx = self._ctx
-        if ctx is None:
-            last = self._last_progress
-            if last is not None:
-                return last if last.state == self._state else attrs.evolve(last, state=self._state)
-            return RunProgress(
-                total=0,
-                succeeded=0,
-                failed=0,
-                retrying=0,
-                batches={},
-                round=0,
-                elapsed=0.0,
-                state=self._state,
-            )
-        snapshot = ctx.progress(state=self._state, started_at=self._started_at)
-        final = self._final
-        if final is not None:
-            snapshot = attrs.evolve(
-                snapshot,
-                total=final.requests,
-                succeeded=final.succeeded,
-                failed=final.failed,
-                batches={status: n for status, n in final.statuses.items() if n},
-                round=final.rounds,
-                elapsed=final.elapsed,
-            )
+        snapshot = run_progress(
+            self._ctx,
+            state=self._state,
+            started_at=self._started_at,
+            final=self._final,
+            last=self._last_progress,
+        )
         self._last_progress = snapshot
         return snapshot
 
     # --- the run -------------------------------------------------------------------------
 
     async def _run(self) -> RunReport:
-        _check_output(self._output)
+        check_output(self._output)
         path = self._journal_path
         if self._source is None and self._pg_name is None and not _exists(path):
             raise JournalError(f"no journal at {path}, and no requests to start a run with")
@@ -323,26 +269,13 @@ class BatchRun:
     async def _open(self, journal: Journal) -> bool:
         """Ingest the source into a new journal, or check it against the journal's;
         True when the run resumes."""
-        meta = await journal.meta()
-        if meta is None:
-            assert self._source is not None
-            try:
-                await ingest(
-                    journal,
-                    self._source,
-                    config=self._config,
-                    clock=self._clock,
-                    max_line_bytes=self._config.max_bytes or self._client.provider.limits.max_bytes,
-                    custom_id_pattern=self._client.provider.limits.custom_id_pattern,
-                )
-            except BaseException:
-                if self._pg_name is None:  # a database ingest left nothing behind
-                    await journal.close()
-                    remove_journal(self._journal_path)
-                raise
-            return False
-        await check_source(journal, meta, self._source)
-        return True
+        return await ingest_or_check(
+            journal,
+            self._source,
+            client=self._client,
+            config=self._config,
+            remove=self._journal_path if self._pg_name is None else None,
+        )
 
     async def _drive(self, journal: Journal) -> RunReport:
         resuming = await self._open(journal)
@@ -352,31 +285,18 @@ class BatchRun:
         assert meta is not None
         self._run_id = meta.run_id
         self._started_at = meta.started_at
-        fleet_config = self._config.fleet or FleetConfig()
-        if fleet_config.max_retry_wait != self._config.max_retry_wait:
-            fleet_config = attrs.evolve(fleet_config, max_retry_wait=self._config.max_retry_wait)
-        if self._config.batch_timeout is not None or fleet_config.timeout is not None:
-            # A deadline cancels the batch and keeps tracking it to its end: its lines
-            # must not run elsewhere while it may still run them.
-            fleet_config = attrs.evolve(fleet_config, cancel_on_deadline=True)
-        if self._webhooks is not None and fleet_config.webhook_interval is None:
-            interval = max(DEFAULT_WEBHOOK_INTERVAL, fleet_config.min_interval)
-            fleet_config = attrs.evolve(fleet_config, webhook_interval=interval)
-        limits = self._client.provider.limits
-        ctx = RunContext(
-            client=self._client,
-            config=self._config,
-            journal=journal,
-            run_id=meta.run_id,
-            fleet=Fleet(
-                self._client, config=fleet_config, status_aliases=self._config.status_aliases
-            ),
+        work_dir = self._config.work_dir or default_work_dir(
+            self._journal_path, pg_name=self._pg_name, output=self._output, run_id=meta.run_id
+        )
+        ctx = run_context(
+            self._client,
+            self._config,
+            journal,
+            meta.run_id,
+            webhooks=self._webhooks is not None,
+            work_dir=work_dir,
             emit=self._emit_progress,
             stop=self._request_stop,
-            max_lines=self._config.max_lines or limits.max_lines,
-            max_bytes=self._config.max_bytes or limits.max_bytes,
-            max_inputs=limits.max_embedding_inputs,
-            work_dir=self._config.work_dir or self._default_work_dir(meta.run_id),
             stopping=self._stopping,
             changed=self._changed,
             results_changed=self._results_changed,
@@ -384,7 +304,7 @@ class BatchRun:
         self._ctx = ctx
         if meta.state == "done":
             self._state = "done"
-            await self._load_counts(ctx)
+            await load_counts(ctx)
             await self._write_output(journal)
             await ctx.fleet.aclose()
             return await self._final_report(journal)
@@ -392,12 +312,15 @@ class BatchRun:
         # while this run checked its input is this run's.
         await journal.set_state("running", at=self._clock.now(), clear_cancel=resuming)
         self._state = "running"
-        await self._load_counts(ctx)
+        await load_counts(ctx)
         cancelled: BaseException | None = None
         if self._webhooks is not None:
             self._webhooks.attach(ctx.fleet)
         try:
-            self._spawn(self._consume(ctx, ctx.fleet.events()), name="events")
+            self._spawn(
+                consume(ctx, ctx.fleet.events(), lost=self._lost, done=self._batch_done),
+                name="events",
+            )
             ctx.network_since = self._clock.monotonic()
             await self._resume(ctx)
             try:
@@ -406,7 +329,14 @@ class BatchRun:
                 cancelled = exc
                 self._request_stop("cancelled")
             if self._stop_reason == "cancelled" and self._failure is None:
-                await self._wind_down(ctx)
+                await wind_down(
+                    ctx,
+                    submitting=self._submitting,
+                    collecting=self._collecting,
+                    failed=lambda: self._failure is not None,
+                    acts_on=self._acts_on,
+                    track=self._track,
+                )
         finally:
             if self._webhooks is not None:
                 self._webhooks.detach(ctx.fleet)
@@ -428,7 +358,7 @@ class BatchRun:
         self._state = "done"
         if self._config.work_dir is None:
             with contextlib.suppress(OSError):
-                os.rmdir(self._default_work_dir(meta.run_id))  # only when empty
+                os.rmdir(work_dir)  # only when empty
         await self._write_output(journal)
         return await self._final_report(journal)
 
@@ -444,115 +374,34 @@ class BatchRun:
     async def _open_journal(self, *, create: bool) -> Journal:
         return await open_journal(self._journal_path, create=create, name=self._pg_name)
 
-    def _default_work_dir(self, run_id: str) -> str:
-        """Where shard files are written: beside a SQLite journal; beside the output
-        file (else in the temporary folder) for a database journal."""
-        if self._pg_name is None:
-            return self._journal_path + ".files"
-        if self._output is not None:
-            return f"{self._output}.{run_id}.files"
-        return os.path.join(tempfile.gettempdir(), f"aiobatch-{run_id}.files")
-
-    @staticmethod
-    async def _report(journal: Journal) -> RunReport:
-        return build_report(await journal.meta(), await journal.counts())
-
     async def _final_report(self, journal: Journal) -> RunReport:
         """The report of the run as it ends, shown once more as its last progress
         snapshot (with the report's figures, so that the two agree)."""
-        report = await self._report(journal)
-        tokens = await journal.tokens_by_model()
-        prices = self._config.prices
-        report = attrs.evolve(
-            report,
-            tokens_by_model=tokens,
-            cost_by_model={m: prices[m].cost(*t) for m, t in tokens.items() if m in prices},
-        )
+        report = await final_report(journal, self._config.prices)
         self._final = report
         self._emit_progress()
         return report
-
-    async def _load_counts(self, ctx: RunContext) -> None:
-        report = await self._report(ctx.journal)
-        ctx.counts.update(
-            total=report.requests,
-            succeeded=report.succeeded,
-            failed=report.failed,
-            retrying=await ctx.journal.retrying_count(),
-        )
-        ctx.round = report.rounds
 
     # --- supervision ---------------------------------------------------------------------
 
     async def _resume(self, ctx: RunContext) -> None:
         """Pick up every shard where the journal left it."""
-        for shard in await ctx.journal.shards(*SUBMITTING):
-            ctx.put_status(shard.key, shard.state.value)
-            self._start_submit(ctx, shard.key)
-        for shard in await ctx.journal.shards(_S.OPEN):
-            self._track(ctx, shard)
-            self._batches.created(shard, adopted=True)
-        for shard in await ctx.journal.shards(_S.COLLECTING):
-            assert shard.batch_id is not None
-            ctx.shard_of[shard.batch_id] = shard.key
-            ctx.put_status(shard.key, shard.status or "collecting")
-            self._start_collect(ctx, shard.key, None)
-        for shard in await ctx.journal.shards(_S.COLLECTED):
-            ctx.put_status(shard.key, shard.status or "collected")
+        await resume(
+            ctx,
+            submit=self._start_submit,
+            track=self._track,
+            collect=self._start_collect,
+            adopted=lambda shard: self._batches.created(shard, adopted=True),
+        )
 
     async def _supervise(self, ctx: RunContext) -> None:
         """Plan shards when lines are pending, until every request has its result."""
-        clock = self._clock
-        journal = ctx.journal
-        next_cancel_check = clock.monotonic()
-        while True:
-            self._changed.clear()
-            if self._failure is not None or self._stopping.is_set():
-                return
-            now = clock.monotonic()
-            if now >= next_cancel_check:
-                next_cancel_check = now + self._config.cancel_poll_interval
-                await journal.touch(clock.now())
-                self._emit_progress()  # elapsed time and ETA move on while nothing changes
-                if await ctx.cancel_requested():
-                    return
-            busy = bool(self._submitting or self._collecting or ctx.shard_of)
-            pending = await journal.pending_count()
-            if pending:
-                if self._retry_since is None:
-                    self._retry_since = now
-                due = self._retry_since + self._config.retry_coalesce
-                if not busy or now >= due or await journal.has_fresh_pending():
-                    await self._plan(ctx)
-                    self._retry_since = None
-                    continue
-            else:
-                self._retry_since = None
-                if not busy:
-                    if await journal.not_done_count() == 0:
-                        return
-                    if not await self._requeue_orphans(ctx):
-                        raise RunError(
-                            f"run {self._run_id}: requests are queued in shards that "
-                            "nothing tracks; this is a bug in aiobatch (the journal is intact)"
-                        )
-                    continue
-            wait = next_cancel_check - now
-            if pending and self._retry_since is not None:
-                wait = min(wait, self._retry_since + self._config.retry_coalesce - now)
-            await sleep_or_set(clock, wait, self._changed)
-
-    async def _requeue_orphans(self, ctx: RunContext) -> bool:
-        """Requests left ``queued`` in a shard that is already collected (which should
-        not happen) become pending again; True when there were any."""
-        moved = await ctx.journal.requeue_orphans()
-        if moved:
-            logger.warning(
-                "run %s: %d request(s) were queued in collected shards; submitting them again",
-                self._run_id,
-                moved,
-            )
-        return moved > 0
+        await supervise(
+            ctx,
+            busy=lambda: bool(self._submitting or self._collecting or ctx.shard_of),
+            failed=lambda: self._failure is not None,
+            plan=self._plan,
+        )
 
     async def _plan(self, ctx: RunContext) -> None:
         """Plan shards for the pending requests and start their submission."""
@@ -602,61 +451,6 @@ class BatchRun:
                 self._ctx.budget.changed.set()
             self._emit_progress()
 
-    async def _wind_down(self, ctx: RunContext) -> None:
-        """After a cancel: let in-flight submissions finish their step, cancel every open
-        batch, and collect what they finished."""
-        journal = ctx.journal
-        await journal.set_state("cancelling", at=self._clock.now())
-        deadline = (
-            self._clock.monotonic() + self._config.cancel_timeout
-            if self._config.cancel_timeout is not None
-            else math.inf
-        )
-        while self._submitting and self._failure is None:
-            await self._wait_changed(deadline)
-            if self._clock.monotonic() >= deadline:
-                break
-        # A create whose answer was lost may have made a batch: find it, to cancel it
-        # (a create still being sent, past the cancel timeout, is left to the next run).
-        for shard in await journal.shards(_S.CREATING):
-            if shard.key in self._submitting or not self._acts_on(shard.key):
-                continue
-            try:
-                step = await resolve_create(ctx, shard, during_cancel=True)
-            except AiobatchError as exc:
-                logger.warning(
-                    "run %s: could not tell whether shard %s has a batch (%s); the next run "
-                    "looks again",
-                    self._run_id,
-                    shard.key,
-                    describe(exc),
-                )
-                continue
-            if step.state is _S.OPEN:
-                self._track(ctx, await journal.shard(shard.key), step.batch)
-        fleet = ctx.fleet
-        for batch_id in fleet.open_ids:
-            key = ctx.shard_of.get(batch_id)
-            if key is not None:
-                await journal.update(key, cancel_reason="run")
-            with contextlib.suppress(KeyError):
-                fleet.cancel(batch_id)
-        while (ctx.shard_of or self._collecting) and self._failure is None:
-            if self._clock.monotonic() >= deadline:
-                logger.warning(
-                    "run %s: %d batch(es) still cancelling at the cancel timeout; the "
-                    "journal keeps them for the next run",
-                    self._run_id,
-                    len(fleet.open_ids),
-                )
-                break
-            await self._wait_changed(deadline)
-
-    async def _wait_changed(self, deadline: float) -> None:
-        self._changed.clear()
-        left = None if deadline == math.inf else deadline - self._clock.monotonic()
-        await sleep_or_set(self._clock, left, self._changed)
-
     # --- submission ----------------------------------------------------------------------
 
     def _start_submit(self, ctx: RunContext, key: str) -> None:
@@ -666,45 +460,7 @@ class BatchRun:
             task.add_done_callback(lambda _: self._submitting.pop(key, None))
 
     async def _submit(self, ctx: RunContext, key: str) -> None:
-        """Take one shard from its recorded state to an open, tracked batch, one step of
-        its provider's strategy at a time."""
-        streak = Streak()
-        while not self._stopping.is_set():
-            shard = await ctx.journal.shard(key)
-            step = self._steps.get(shard.state)
-            if step is None:
-                return
-            try:
-                wait = WAITS.get(shard.state)
-                if wait is not None:
-                    await wait(ctx, shard)
-                async with self._submit_slots:
-                    streak.started = self._clock.monotonic()
-                    result = await step(ctx, shard)
-                streak.reset()
-                heard_from_server(ctx)
-            except Stop:
-                return
-            except (RunError, JournalError):
-                raise  # the journal failing is no step to try again
-            except (AuthenticationError, PermissionDeniedError) as exc:
-                raise RunError(
-                    f"run {self._run_id}: the server refused the credentials ({exc}); "
-                    "the journal is intact: fix them and run again"
-                ) from exc
-            except ClosedError as exc:
-                raise RunError(
-                    f"run {self._run_id}: the client was closed under the run; the journal "
-                    "is intact: run again to continue"
-                ) from exc
-            except AiobatchError as exc:
-                delay = step_failed(ctx, f"shard {key} ({shard.state})", streak, exc)
-                try:
-                    await ctx.pause(delay)
-                except Stop:
-                    return
-                continue
-            await self._after(ctx, key, result)
+        await submit_shard(ctx, key, steps=self._steps, slots=self._submit_slots, after=self._after)
 
     async def _after(self, ctx: RunContext, key: str, result: Next) -> None:
         """Act on a step's answer: track an open batch, submit a shard sent back."""
@@ -720,98 +476,36 @@ class BatchRun:
     def _track(
         self, ctx: RunContext, shard: Shard, batch: Batch | None = None, *, deadline: bool = True
     ) -> None:
-        """Hand a shard's batch to the fleet (``batch`` when known, else its id)."""
-        assert shard.batch_id is not None
-        ctx.shard_of[shard.batch_id] = shard.key
-        ctx.put_status(shard.key, shard.status or "validating")
-        if shard.status not in _TERMINAL_STATUSES:
-            ctx.budget.reserve(shard)
-        timeout = self._config.batch_timeout if deadline else None
-        if timeout is not None:
-            created = shard.create_started_at or shard.planned_at
-            timeout = max(0.0, created + timeout - self._clock.now())
-        ctx.fleet.add(batch if batch is not None else shard.batch_id, timeout=timeout)
-        self._emit_progress()
+        track(ctx, shard, batch, deadline=deadline)
 
     # --- tracking and collection ---------------------------------------------------------
 
-    async def _consume(self, ctx: RunContext, events: AsyncIterator[Any]) -> None:
-        async for event in events:
-            if isinstance(event, TrackingError):
-                tracking_failed(ctx, event.error)
-            key = ctx.shard_of.get(event.batch_id) if event.batch_id is not None else None
-            if key is None:
-                continue
-            if isinstance(event, StatusChanged):
-                try:
-                    await ctx.journal.update(key, status=event.batch.status.value)
-                except LeaseLostError as exc:
-                    logger.warning("run %s: %s", self._run_id, exc)
-                    self._lost(ctx, key)
-                    continue
-                ctx.set_status(key, event.batch.status.value)
-            elif isinstance(event, BatchDone):
-                self._batches.ended(key, event)
-                self._start_collect(ctx, key, event)
-        # The events end only when the fleet stopped on its own (the run cancels this
-        # task before it closes the fleet): nothing tracks the batches any more.
-        raise RunError(
-            f"run {self._run_id}: the fleet stopped tracking the batches (was the client "
-            "closed?); the journal is intact: run again to continue"
-        )
+    def _batch_done(self, ctx: RunContext, key: str, event: BatchDone) -> None:
+        self._batches.ended(key, event)
+        self._start_collect(ctx, key, event)
 
     def _lost(self, ctx: RunContext, key: str) -> None:
-        """Stop acting on shard ``key`` at once (a worker's lease on it is gone): its
-        submission is cancelled and its batch no longer tracked here."""
-        task = self._submitting.pop(key, None)
-        if task is not None:
-            task.cancel()
-        for batch_id, owner in list(ctx.shard_of.items()):
-            if owner == key:
-                del ctx.shard_of[batch_id]
-                ctx.fleet.remove(batch_id)
-                ctx.fleet.forget(batch_id)
-        ctx.budget.release(key)
-        self._changed.set()
+        drop(ctx, key, self._submitting.pop(key, None))
 
     def _start_collect(self, ctx: RunContext, key: str, done: BatchDone | None) -> None:
         self._collecting.add(key)
         self._spawn(self._collect(ctx, key, done), name=f"collect {key}")
 
     async def _collect(self, ctx: RunContext, key: str, done: BatchDone | None) -> None:
-        """Read a finished batch's files into the journal and settle every line."""
+        """Collect a finished batch, and act on the shard's next state."""
         self._collecting.add(key)
         try:
-            ctx.budget.release(key)
-            if done is not None:
-                ctx.fleet.forget(done.batch_id)
-            streak = Streak()
-            async with self._collect_slots:
-                while True:
-                    shard = await ctx.journal.shard(key)
-                    if shard.state is _S.COLLECTED:
-                        return
-                    streak.started = self._clock.monotonic()
-                    try:
-                        result = await collect(ctx, shard, done)
-                        heard_from_server(ctx)
-                    except (TransportError, APIStatusError, DecodeError) as exc:
-                        delay = step_failed(ctx, f"collecting shard {key}", streak, exc)
-                        await self._clock.sleep(delay)
-                        done = None
-                        continue
-                    if result.state is _S.OPEN:
-                        # Still running at its deadline: cancelled, tracked to its end.
-                        shard = await ctx.journal.shard(key)
-                        self._track(ctx, shard, result.batch, deadline=False)
-                        assert result.batch is not None
-                        ctx.fleet.cancel(result.batch.id)
-                    elif result.state is _S.UPLOADED:
-                        if not self._stopping.is_set():
-                            self._start_submit(ctx, key)
-                    elif self._config.delete_files:
-                        await delete_files(ctx, await ctx.journal.shard(key))
-                    return
+            result = await collect_shard(ctx, key, done, slots=self._collect_slots)
+            if result is None:
+                return
+            if result.state is _S.OPEN:
+                # Still running at its deadline: cancelled, tracked to its end.
+                shard = await ctx.journal.shard(key)
+                self._track(ctx, shard, result.batch, deadline=False)
+                assert result.batch is not None
+                ctx.fleet.cancel(result.batch.id)
+            elif result.state is _S.UPLOADED and not self._stopping.is_set():
+                self._start_submit(ctx, key)
         finally:
             self._collecting.discard(key)
             if self._ctx is not None:

@@ -8,13 +8,26 @@ from typing import TYPE_CHECKING
 
 import attrs
 
-from ._progress import BATCH_STATUS_ORDER, _elapsed_text
+from ._progress import BATCH_STATUS_ORDER, RunProgress, _elapsed_text
 from ._records import JournalCounts, RunMeta
 
 if TYPE_CHECKING:
+    from ._config import Price
+    from ._context import RunContext
+    from ._journal import Journal
     from ._sqlite import JournalFile
 
-__all__ = ["RunReport", "build_report", "format_report", "read_report"]
+__all__ = [
+    "RunReport",
+    "as_shown",
+    "build_report",
+    "final_report",
+    "format_report",
+    "journal_report",
+    "load_counts",
+    "read_report",
+    "run_progress",
+]
 
 
 def _frozen(value: Mapping[str, int]) -> Mapping[str, int]:
@@ -169,6 +182,79 @@ def build_report(
         output=meta.output_written if meta is not None else None,
         extra_uploads_deleted=meta.extra_uploads_deleted if meta is not None else 0,
         live=live,
+    )
+
+
+async def journal_report(journal: Journal) -> RunReport:
+    """The report of the run a :class:`~._journal.Journal` holds."""
+    return build_report(await journal.meta(), await journal.counts())
+
+
+async def final_report(journal: Journal, prices: Mapping[str, Price]) -> RunReport:
+    """The report a run returns as it ends: with its tokens, and their cost for the
+    models ``prices`` has."""
+    report = await journal_report(journal)
+    tokens = await journal.tokens_by_model()
+    return attrs.evolve(
+        report,
+        tokens_by_model=tokens,
+        cost_by_model={m: prices[m].cost(*t) for m, t in tokens.items() if m in prices},
+    )
+
+
+async def load_counts(ctx: RunContext) -> None:
+    """Start a run's progress figures from what its journal already holds."""
+    report = await journal_report(ctx.journal)
+    ctx.counts.update(
+        total=report.requests,
+        succeeded=report.succeeded,
+        failed=report.failed,
+        retrying=await ctx.journal.retrying_count(),
+    )
+    ctx.round = report.rounds
+
+
+def run_progress(
+    ctx: RunContext | None,
+    *,
+    state: str,
+    started_at: float,
+    final: RunReport | None,
+    last: RunProgress | None,
+) -> RunProgress:
+    """A snapshot of a run, for display: before the run has a context (and after),
+    its ``last`` one in its ``state`` now; with the figures of the report it ended with,
+    once it has one (``final``)."""
+    if ctx is None:
+        if last is not None:
+            return last if last.state == state else attrs.evolve(last, state=state)
+        return RunProgress(
+            total=0,
+            succeeded=0,
+            failed=0,
+            retrying=0,
+            batches={},
+            round=0,
+            elapsed=0.0,
+            state=state,
+        )
+    snapshot = ctx.progress(state=state, started_at=started_at)
+    if final is not None:
+        snapshot = as_shown(snapshot, final)
+    return snapshot
+
+
+def as_shown(snapshot: RunProgress, final: RunReport) -> RunProgress:
+    """A progress snapshot with the figures of the report the run ended with (so that
+    the two agree)."""
+    return attrs.evolve(
+        snapshot,
+        total=final.requests,
+        succeeded=final.succeeded,
+        failed=final.failed,
+        batches={status: n for status, n in final.statuses.items() if n},
+        round=final.rounds,
+        elapsed=final.elapsed,
     )
 
 

@@ -8,6 +8,8 @@ import contextlib
 import os
 import re
 import sys
+from collections.abc import Callable
+from typing import TypeVar
 
 from .._secret import Secret
 from ..errors import ConfigurationError
@@ -25,6 +27,8 @@ __all__ = [
     "statuses",
     "webhook_secret",
 ]
+
+_N = TypeVar("_N", int, float)
 
 
 def out(text: str) -> None:
@@ -67,12 +71,18 @@ def duration_text(seconds: float) -> str:
     return f"{seconds:g}s"
 
 
+def _read(text: str, kind: Callable[[str], _N], what: str) -> _N:
+    """``text`` read by ``kind`` (``float`` or ``int``); else the flag's error that it is
+    not ``what``."""
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
+
+
 def rate(text: str) -> float:
     """A probability in [0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    value = _read(text, float, "a number")
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
     return value
@@ -80,10 +90,7 @@ def rate(text: str) -> float:
 
 def non_negative(text: str) -> float:
     """A number >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    value = _read(text, float, "a number")
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return value
@@ -102,10 +109,7 @@ def statuses(text: str) -> tuple[int, ...]:
 
 def positive(text: str) -> float:
     """A finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    value = _read(text, float, "a number")
     if not (value > 0 and value != float("inf")):
         raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
     return value
@@ -113,10 +117,7 @@ def positive(text: str) -> float:
 
 def count(text: str) -> int:
     """An integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    value = _read(text, int, "an integer")
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
     return value
@@ -124,10 +125,7 @@ def count(text: str) -> int:
 
 def port(text: str) -> int:
     """A TCP port (0 picks a free one)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port: {text!r}") from None
+    value = _read(text, int, "a port")
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"port must be 0-65535, got {text}")
     return value

@@ -21,17 +21,18 @@ from typing import Any
 
 import pytest
 from conftest import (
-    API_KEY,
-    BASE_URL,
     EXAMPLE,
     batch_ids_in,
     chat_line,
+    client_for,
+    is_success,
     make_requests,
+    read_output,
     run_argv,
     serve,
 )
 
-from aiobatch import BatchClient, BatchRun, RetryPolicy, RunConfig, RunProgress
+from aiobatch import BatchRun, RunConfig, RunProgress
 from aiobatch._run._sqlite import JournalFile as Journal
 from aiobatch.cli import _run as cli_run
 from aiobatch.cli import main
@@ -47,17 +48,6 @@ def example_ids() -> list[str]:
     """The custom_ids of the bundled example file, in order."""
     with EXAMPLE.open(encoding="utf-8") as fh:
         return [json.loads(line)["custom_id"] for line in fh if line.strip()]
-
-
-def read_output(path: Path) -> list[dict[str, Any]]:
-    """The decoded lines of an output file."""
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-
-
-def is_success(line: dict[str, Any]) -> bool:
-    """An output line holds a 200 response and no error."""
-    response = line.get("response")
-    return line.get("error") is None and response is not None and response["status_code"] == 200
 
 
 def printed_counts(text: str) -> tuple[int, int, int, int]:
@@ -101,13 +91,7 @@ async def _cancelled_run(source: Path, journal: Path) -> str:
         holder[0].cancel()
 
     async with (
-        BatchClient(
-            api_key=API_KEY,
-            base_url=BASE_URL,
-            transport=service.transport(),
-            clock=clock,
-            retry=RetryPolicy.for_testing(max_attempts=3),
-        ) as client,
+        client_for(clock, service.transport()) as client,
         clock.auto_advance(),
     ):
         run = BatchRun(client, source, journal=journal, on_progress=on_progress)
@@ -283,13 +267,7 @@ async def test_status_tells_a_killed_run_from_a_live_one(
         config=FakeConfig(lines_per_second=0.01, cancel_seconds=1000.0),
     )
     async with (
-        BatchClient(
-            api_key=API_KEY,
-            base_url=BASE_URL,
-            transport=service.transport(),
-            clock=clock,
-            retry=RetryPolicy.for_testing(max_attempts=3),
-        ) as client,
+        client_for(clock, service.transport()) as client,
         clock.auto_advance(),
     ):
         run = BatchRun(client, source, journal=journal, config=RunConfig(cancel_poll_interval=5.0))
@@ -392,13 +370,7 @@ async def test_cancel_flags_a_running_run(
         config=FakeConfig(validation_seconds=30.0, lines_per_second=0.1, finalizing_seconds=10),
     )
     async with (
-        BatchClient(
-            api_key=API_KEY,
-            base_url=BASE_URL,
-            transport=service.transport(),
-            clock=clock,
-            retry=RetryPolicy.for_testing(max_attempts=3),
-        ) as client,
+        client_for(clock, service.transport()) as client,
         clock.auto_advance(),
     ):
         run = BatchRun(client, source, journal=journal)

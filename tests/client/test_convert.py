@@ -11,8 +11,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from aiobatch._convert import (
-    _summary_fast,
-    _summary_plain,
     decode,
     decode_json,
     decode_result_line,
@@ -25,6 +23,7 @@ from aiobatch._convert import (
     to_wire,
     upload_form_fields,
 )
+from aiobatch._convert_results import _summary_fast, _summary_plain
 from aiobatch._lifecycle import BatchStatus
 from aiobatch._models import (
     Batch,

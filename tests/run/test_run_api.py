@@ -18,11 +18,11 @@ from typing import Any
 
 import pytest
 from conftest import (
-    API_KEY,
-    BASE_URL,
     chat_line,
     client_for,
     config,
+    is_success,
+    read_output,
     run_to_end,
     service_on,
 )
@@ -31,7 +31,6 @@ from aiobatch import (
     BatchClient,
     BatchRun,
     BatchStatus,
-    RetryPolicy,
     RunConfig,
     RunProgress,
     RunReport,
@@ -62,13 +61,7 @@ async def fake_env(
     settings = {**TIMINGS, "request_log_size": None, **config}
     service = FakeBatchService(clock=clock, config=FakeConfig(**settings))
     async with (
-        BatchClient(
-            api_key=API_KEY,
-            base_url=BASE_URL,
-            transport=service.transport(),
-            clock=clock,
-            retry=RetryPolicy.for_testing(max_attempts=3),
-        ) as client,
+        client_for(clock, service.transport()) as client,
         clock.auto_advance(),
     ):
         yield service, client
@@ -84,17 +77,6 @@ def write_jsonl(path: Path, lines: Iterable[Mapping[str, Any] | str]) -> Path:
     text = "".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines)
     path.write_text(text, encoding="utf-8")
     return path
-
-
-def read_output(path: Path) -> list[dict[str, Any]]:
-    """The decoded lines of an output file."""
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-
-
-def is_success(line: Mapping[str, Any]) -> bool:
-    """An output line holds a 200 response and no error."""
-    response = line.get("response")
-    return line.get("error") is None and response is not None and response["status_code"] == 200
 
 
 def journal_report(path: Path) -> RunReport:

@@ -32,6 +32,8 @@ from conftest import (
     config,
     executed,
     in_front,
+    is_success,
+    read_output,
     serve,
     service_on,
 )
@@ -81,17 +83,6 @@ def write_jsonl(path: Path, lines: Iterable[Mapping[str, Any]]) -> Path:
     return path
 
 
-def read_output(path: Path) -> list[dict[str, Any]]:
-    """The decoded lines of an output file."""
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-
-
-def is_success(line: Mapping[str, Any]) -> bool:
-    """An output line holds a 200 response and no error."""
-    response = line.get("response")
-    return line.get("error") is None and response is not None and response["status_code"] == 200
-
-
 def journal_meta(path: Path) -> dict[str, str]:
     """The journal's meta values (read-only, as ``aiobatch status`` reads them)."""
     with Journal(path, readonly=True) as journal:
@@ -120,6 +111,46 @@ async def shards_of_batches(service: FakeBatchService) -> Counter[str]:
     return Counter(
         (b.metadata or {}).get("aiobatch_shard", "?") for b in await batches_on_server(service)
     )
+
+
+async def stopped_at_the_second_create(
+    run: BatchRun, holder: list[BatchRun], service: FakeBatchService, journal: Path
+) -> None:
+    """``run`` (first in ``holder``, over a :func:`hanging_create` of the second create
+    that stops it) stops with its first shard open and its second left 'creating',
+    both batches made."""
+    holder.append(run)
+    assert (await run.run()).state == "stopped"
+    states = {s["key"]: s["state"] for s in _shards(journal)}
+    assert states == {"s000000": "open", "s000001": "creating"}, states
+    assert len(service.batch_ids) == 2
+
+
+async def cancelled_once_each(service: FakeBatchService, journal: Path, why: str) -> None:
+    """The service holds two batches, each a journal shard's, each asked to cancel once
+    and now cancelling or ended (``why``: what a third batch would mean)."""
+    on_server = await batches_on_server(service)
+    assert len(on_server) == 2, why
+    assert all(b.status in TERMINAL or b.status is BatchStatus.CANCELLING for b in on_server), {
+        b.id: b.status.value for b in on_server
+    }
+    for batch in on_server:
+        assert service.request_count("POST", f"/batches/{batch.id}/cancel") == 1, batch.id
+    assert {s["batch_id"] for s in _shards(journal)} == {b.id for b in on_server}
+
+
+async def next_run_completes(
+    run: BatchRun, service: FakeBatchService, items: list[dict[str, Any]], output: Path
+) -> None:
+    """``run`` (on the journal again) completes every request once, in input order,
+    without a retry, and no shard got a second batch."""
+    final = await run.run()
+    shards = await shards_of_batches(service)
+    assert final.state == "done"
+    assert final.succeeded == len(items)
+    assert (final.retried, final.rounds) == (0, 0)
+    assert [line["custom_id"] for line in read_output(output)] == [i["custom_id"] for i in items]
+    assert all(count == 1 for count in shards.values()), shards
 
 
 async def ran_lines(service: FakeBatchService) -> dict[str, list[tuple[str, str]]]:
@@ -410,24 +441,10 @@ async def test_cancel_also_cancels_the_batch_of_a_create_whose_answer_was_lost(
             assert fired[("GET", "/batches", "http")] == 3
 
         assert report.state == "cancelled"
-        on_server = await batches_on_server(service)
-        assert len(on_server) == 2, "the lost create made no batch"
-        assert all(b.status in TERMINAL or b.status is BatchStatus.CANCELLING for b in on_server), {
-            b.id: b.status.value for b in on_server
-        }
-        for batch in on_server:
-            assert service.request_count("POST", f"/batches/{batch.id}/cancel") == 1, batch.id
-        assert {s["batch_id"] for s in _shards(journal)} == {b.id for b in on_server}
+        await cancelled_once_each(service, journal, "the lost create made no batch")
 
-        final = await BatchRun(
-            client, source, journal=journal, output=output, config=settings
-        ).run()
-        shards = await shards_of_batches(service)
-    assert final.state == "done"
-    assert final.succeeded == 10
-    assert (final.retried, final.rounds) == (0, 0)
-    assert [line["custom_id"] for line in read_output(output)] == [i["custom_id"] for i in items]
-    assert all(count == 1 for count in shards.values()), shards
+        again = BatchRun(client, source, journal=journal, output=output, config=settings)
+        await next_run_completes(again, service, items, output)
 
 
 async def test_cancel_of_a_resumed_run_cancels_the_batch_of_a_shard_left_creating(
@@ -446,11 +463,7 @@ async def test_cancel_of_a_resumed_run_cancels_the_batch_of_a_shard_left_creatin
     transport = hanging_create(service, 2, lambda: holder[0].stop())
     async with client_for(clock, transport) as client, clock.auto_advance():
         first = BatchRun(client, source, journal=journal, output=output, config=settings)
-        holder.append(first)
-        assert (await first.run()).state == "stopped"
-        states = {s["key"]: s["state"] for s in _shards(journal)}
-        assert states == {"s000000": "open", "s000001": "creating"}, states
-        assert len(service.batch_ids) == 2
+        await stopped_at_the_second_create(first, holder, service, journal)
 
         def cancel_at_start(_: RunProgress) -> None:
             if len(holder) == 1:
@@ -467,24 +480,10 @@ async def test_cancel_of_a_resumed_run_cancels_the_batch_of_a_shard_left_creatin
         )
         report = await second.run()
         assert report.state == "cancelled"
-        on_server = await batches_on_server(service)
-        assert len(on_server) == 2, "the cancelled run created a batch"
-        assert all(b.status in TERMINAL or b.status is BatchStatus.CANCELLING for b in on_server), {
-            b.id: b.status.value for b in on_server
-        }
-        for batch in on_server:
-            assert service.request_count("POST", f"/batches/{batch.id}/cancel") == 1, batch.id
-        assert {s["batch_id"] for s in _shards(journal)} == {b.id for b in on_server}
+        await cancelled_once_each(service, journal, "the cancelled run created a batch")
 
-        final = await BatchRun(
-            client, source, journal=journal, output=output, config=settings
-        ).run()
-        shards = await shards_of_batches(service)
-    assert final.state == "done"
-    assert final.succeeded == 10
-    assert (final.retried, final.rounds) == (0, 0)
-    assert [line["custom_id"] for line in read_output(output)] == [i["custom_id"] for i in items]
-    assert all(count == 1 for count in shards.values()), shards
+        again = BatchRun(client, source, journal=journal, output=output, config=settings)
+        await next_run_completes(again, service, items, output)
 
 
 async def test_cancel_batches_finds_and_cancels_the_batch_of_a_shard_in_creating(
@@ -503,11 +502,7 @@ async def test_cancel_batches_finds_and_cancels_the_batch_of_a_shard_in_creating
     transport = hanging_create(service, 2, lambda: holder[0].stop())
     async with client_for(clock, transport) as client, clock.auto_advance():
         run = BatchRun(client, source, journal=journal, output=output, config=settings)
-        holder.append(run)
-        assert (await run.run()).state == "stopped"
-        states = {s["key"]: s["state"] for s in _shards(journal)}
-        assert states == {"s000000": "open", "s000001": "creating"}, states
-        assert len(service.batch_ids) == 2
+        await stopped_at_the_second_create(run, holder, service, journal)
 
         sent = await cancel_batches(journal, client)
         assert sorted(sent) == sorted(service.batch_ids)
@@ -518,15 +513,8 @@ async def test_cancel_batches_finds_and_cancels_the_batch_of_a_shard_in_creating
         rows = {s["key"]: s for s in _shards(journal)}
         assert rows["s000001"]["batch_id"] in service.batch_ids
 
-        final = await BatchRun(
-            client, source, journal=journal, output=output, config=settings
-        ).run()
-        shards = await shards_of_batches(service)
-    assert final.state == "done"
-    assert final.succeeded == 10
-    assert (final.retried, final.rounds) == (0, 0)
-    assert [line["custom_id"] for line in read_output(output)] == [i["custom_id"] for i in items]
-    assert all(count == 1 for count in shards.values()), shards
+        again = BatchRun(client, source, journal=journal, output=output, config=settings)
+        await next_run_completes(again, service, items, output)
 
 
 async def test_cancel_command_cancels_the_batch_of_a_shard_left_creating(

@@ -11,11 +11,11 @@ import json
 import tempfile
 from pathlib import Path
 
-from conftest import API_KEY, BASE_URL, chat_line, config, jsonl
+from conftest import chat_line, client_for, config, jsonl
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aiobatch import BatchClient, BatchRun, RetryPolicy
+from aiobatch import BatchRun, RetryPolicy
 from aiobatch._run._sqlite import JournalFile
 from aiobatch._run._states import ShardState
 from aiobatch.testing import FakeBatchService, FakeConfig, Fault, VirtualClock
@@ -50,12 +50,8 @@ async def _scenario(folder: Path, events: list[str], pauses: list[float], slow: 
         _arm(service, event)
     interrupts = [e for e in events if e in ("cancel", "crash")]
     async with (
-        BatchClient(
-            api_key=API_KEY,
-            base_url=BASE_URL,
-            transport=service.transport(),
-            clock=clock,
-            retry=RetryPolicy.for_testing(max_attempts=4),
+        client_for(
+            clock, service.transport(), retry=RetryPolicy.for_testing(max_attempts=4)
         ) as client,
         clock.auto_advance(),
     ):
