@@ -11,8 +11,9 @@ import logging
 from collections import Counter
 from pathlib import Path
 
+import attrs
 import pytest
-from conftest import chat_line, config, service_on, within_bucket
+from conftest import FAST_FLEET, chat_line, config, service_on, within_bucket
 from pg import own_pg_server, pg_server, pg_url
 
 from aiobatch import BatchRun, RetryPolicy, RunConfig
@@ -314,3 +315,26 @@ async def test_a_worker_whose_planner_lease_lapsed_plans_nothing_more(tmp_path: 
     assert [s.key for s in await first.shards()] == ["s000000"]
     await first.close()
     await second.close()
+
+
+async def test_a_postgres_run_keeps_its_fleet_rate_for_every_request(tmp_path: Path) -> None:
+    """``BatchRun`` on PostgreSQL with a fleet rate (``aiobatch run --requests-per-second``):
+    uploads, creates, polls and downloads together stay within ``burst + rate * span``."""
+    url = pg_url(str(tmp_path), run="shared")
+    clock = VirtualClock()
+    service = service_on(clock)
+    fleet = attrs.evolve(FAST_FLEET, requests_per_second=2.0, burst=3)
+    async with (
+        fake_client(service=service, clock=clock, retry=RetryPolicy.for_testing()) as fake,
+        clock.auto_advance(),
+    ):
+        run = BatchRun(
+            fake.client, _requests(60), journal=url, output=tmp_path / "out.jsonl",
+            config=config(max_lines=10, fleet=fleet),
+        )  # fmt: skip
+        report = await run.run()
+    assert report.state == "done"
+    assert (
+        Counter(r.method + " " + r.path.split("/")[1] for r in service.requests)["POST files"] == 6
+    )
+    assert within_bucket([r.at for r in service.requests], 2.0, 3)
