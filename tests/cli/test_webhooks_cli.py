@@ -44,8 +44,9 @@ async def _aiobatch(*argv: str, env: dict[str, str]) -> asyncio.subprocess.Proce
 @pytest.fixture
 async def hook_server() -> AsyncIterator[tuple[str, str]]:
     """``aiobatch fake-server`` signing webhooks (secret from AIOBATCH_TEST_HOOK_SECRET)
-    to a free loopback port; yields its base URL and the webhook URL. Batches spend 2 s
-    validating, so the run tracks its batch before the webhook comes."""
+    to a free loopback port; yields its base URL and the webhook URL. Batches spend 3 s
+    validating, so the run tracks its batch before the webhook comes (a webhook for a
+    batch no fleet tracks yet is ignored)."""
     hook_url = f"http://127.0.0.1:{_free_port()}/webhooks"
     proc = await _aiobatch(
         "fake-server",
@@ -54,7 +55,7 @@ async def hook_server() -> AsyncIterator[tuple[str, str]]:
         "--api-key",
         "sk-test",
         "--validation-seconds",
-        "2",
+        "3",
         "--finalizing-seconds",
         "0",
         "--lines-per-second",
