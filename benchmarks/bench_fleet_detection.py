@@ -75,7 +75,8 @@ async def setup(
     return clock, service, batches, done_at
 
 
-async def run_fleet(args: argparse.Namespace) -> dict[str, Any]:
+async def run_fleet(args: argparse.Namespace, config: FleetConfig | None = None) -> dict[str, Any]:
+    """The fleet's run; ``config`` replaces the one the flags make (same server)."""
     clock, service, batches, done_at = await setup(args.batches, args.rps, args.seed)
     client = _common.client_for(service, clock)
     delays: list[float] = []
@@ -88,7 +89,7 @@ async def run_fleet(args: argparse.Namespace) -> dict[str, Any]:
                 return
             delays.append(clock.now() - done_at[event.batch_id])
 
-    config = FleetConfig(
+    config = config or FleetConfig(
         requests_per_second=args.rps,
         burst=args.fleet_burst,
         max_interval=args.max_interval,

@@ -3,17 +3,18 @@ that hands batch events to a fleet (answers, repeats, refusals, counts)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import openai
 import pytest
 from pytest_aiohttp import AiohttpClient
 
-from aiobatch import Secret, SystemClock
+from aiobatch import Fleet, FleetConfig, Secret, SystemClock
 from aiobatch.errors import (
     AiobatchError,
     ConfigurationError,
@@ -23,6 +24,7 @@ from aiobatch.errors import (
     WebhookTimestampError,
 )
 from aiobatch.testing import VirtualClock
+from aiobatch.transport import Request, Response
 from aiobatch.webhooks import (
     WebhookEvent,
     WebhookReceiver,
@@ -382,6 +384,73 @@ async def test_an_oversized_body_is_refused_unread(
     body = b"x" * 1000
     assert await post(client, signed(body), body) == 413
     assert receiver.stats.refused_bodies == 1
+
+
+async def test_a_flood_of_bad_deliveries_costs_no_api_request(
+    make_env: Callable[..., Any],
+) -> None:
+    """Hundreds of forged, tampered, stale, future-dated, unsigned and unreadable
+    deliveries naming a tracked batch are refused: the fleet sends no request for them."""
+    async with make_env() as env:
+        (batch,) = await env.create(1)
+        async with Fleet(env.client, config=FleetConfig(webhook_interval=600.0)) as fleet:
+            fleet.add(batch)
+            receiver = WebhookReceiver(SECRET, fleet=fleet, clock=env.clock)
+            body = event_body(batch.id)
+            now = env.clock.now()
+            cases = [
+                (signed(body, secret=OTHER, at=now), body),
+                (signed(body, at=now), body.replace(b"evt_1", b"evt_2")),
+                (signed(body, at=now - 3600), body),
+                (signed(body, at=now + 3600), body),
+                ({}, body),
+                (signed(b"[]", at=now), b"[]"),
+            ]
+            start = env.clock.now()
+            async with env.clock.auto_advance():
+                for n in range(600):
+                    headers, data = cases[n % len(cases)]
+                    assert receiver.receive(headers, data) in (400, 401)
+                await env.clock.sleep(300.0)
+            assert env.fleet_requests(start) == []
+            assert fleet.stats.notifications == 0
+            assert receiver.stats.refused == 600
+            fleet.remove(batch.id)
+
+
+async def test_the_answer_does_not_wait_for_the_retrieve(
+    aiohttp_client: AiohttpClient, make_env: Callable[..., Any]
+) -> None:
+    """A valid delivery is answered 200 while the retrieve it prompts is still unanswered
+    (a slow API never makes the sender time out and retry)."""
+    release = asyncio.Event()
+    held: list[str] = []
+
+    async def hold_retrieves(
+        request: Request, handle: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        if request.method == "GET" and "/batches/" in request.url:
+            held.append(request.url)
+            await release.wait()
+        return await handle(request)
+
+    async with make_env(front=hold_retrieves) as env:
+        (batch,) = await env.create(1)
+        async with Fleet(env.client, config=FleetConfig(webhook_interval=600.0)) as fleet:
+            fleet.add(batch)
+            receiver = WebhookReceiver(SECRET, fleet=fleet, clock=env.clock)
+            client = await aiohttp_client(make_webhook_app(receiver))
+            body = event_body(batch.id)
+            answer = post(client, signed(body, at=env.clock.now()), body)
+            assert await asyncio.wait_for(answer, timeout=10) == 200
+            for _ in range(100):  # let the fleet's scheduler send the retrieve
+                if held:
+                    break
+                await asyncio.sleep(0)
+            assert len(held) == 1 and fleet.stats.retrieves == 1
+            assert fleet.stats.observations == 1  # the added snapshot; no answer yet
+            release.set()
+            fleet.remove(batch.id)
 
 
 def test_the_id_memory_is_bounded(clock: VirtualClock) -> None:

@@ -365,6 +365,18 @@ async def _tokens_by_model(journal: str, args: argparse.Namespace) -> dict[str, 
         await done.close()
 
 
+def _webhook_summary(receiver: WebhookReceiver) -> str:
+    """What the run's webhook receiver did, in one line (a run that got none, or only
+    refused ones, points at the registration or the secret)."""
+    s = receiver.stats
+    return (
+        f"webhooks: {s.received} received, {s.notified} named this run's batches, "
+        f"{s.duplicates} duplicates, {s.unknown_batches} for other batches, {s.refused} "
+        f"refused (signature {s.refused_signatures}, timestamp {s.refused_timestamps}, "
+        f"unsigned {s.refused_headers}, body {s.refused_bodies})"
+    )
+
+
 async def _run_async(args: argparse.Namespace, journal: str) -> int:
     shown = redact_url(journal)
     config = _config(args)
@@ -431,6 +443,8 @@ async def _run_async(args: argparse.Namespace, journal: str) -> int:
                 loop.remove_signal_handler(signal.SIGTERM)
         if display is not None:
             display.close(run.progress())
+        if receiver is not None:
+            print(f"aiobatch: {_webhook_summary(receiver)}", file=sys.stderr)
     tokens = await _tokens_by_model(journal, args)
     out("\n".join([format_report(report), *cost_lines(tokens, args.prices)]))
     if report.state == "cancelled":

@@ -3,12 +3,14 @@ stretches the polls into a safety net."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from aiobatch import BatchDone, BatchStatus, Fleet, FleetConfig, FleetEvent
+from aiobatch.testing import chat_requests
 
 #: Batches take 30 s validating, 2 s per line, 10 s finalizing (see FLEET_TIMINGS).
 WEBHOOKS = FleetConfig(jitter=0.0, seed=0, webhook_interval=600.0)
@@ -119,6 +121,88 @@ async def test_many_notified_batches_share_a_sweep(make_env: Callable[..., Any])
             await fleet.wait_all()
         assert fleet.stats.list_pages == 1
         assert fleet.stats.retrieves == 0
+
+
+async def test_a_burst_of_notifies_costs_a_list_page_per_hundred_batches(
+    make_env: Callable[..., Any],
+) -> None:
+    """250 batches notified at once (deliveries queued while a receiver was down) are
+    observed with ceil(250 / 100) = 3 list pages, no retrieve, each BatchDone carrying
+    the batch as a retrieve would (status, output file, counts)."""
+    async with make_env() as env, env.clock.auto_advance():
+        batches = await env.create(250, lines=1)
+        async with Fleet(env.client, config=WEBHOOKS) as fleet:
+            fleet.add_many(batches)
+            await env.clock.sleep(60.0)  # every batch ended at 30 + 2 + 10 s
+            start = env.clock.now()
+            for batch in batches:
+                fleet.notify(batch.id)
+            outcomes = await fleet.wait_all()
+            took = env.clock.now() - start
+        assert (fleet.stats.list_pages, fleet.stats.retrieves) == (3, 0)
+    assert took <= WEBHOOKS.coalesce + 1.0
+    for batch in batches:
+        done = outcomes[batch.id].batch
+        assert done is not None and done.status is BatchStatus.COMPLETED
+        assert done.output_file_id and done.request_counts is not None
+        assert done.request_counts.completed == 1
+
+
+async def test_notifies_for_ended_or_unknown_batches_cost_no_request(
+    make_env: Callable[..., Any],
+) -> None:
+    """Repeated notifies after a batch's end, and notifies for ids never tracked, send
+    nothing: one retrieve in all for one batch notified 50 times over."""
+    async with make_env() as env, env.clock.auto_advance():
+        (batch,) = await env.create(1, lines=1)
+        async with Fleet(env.client, config=WEBHOOKS) as fleet:
+            fleet.add(batch)
+            await env.clock.sleep(60.0)
+            start = env.clock.now()
+            fleet.notify(batch.id)
+            await fleet.wait_all()
+            for n in range(50):
+                fleet.notify(batch.id)
+                fleet.notify(f"batch_stranger_{n}")
+            await env.clock.sleep(1_200.0)
+            assert len(env.fleet_requests(start)) == 1
+            assert fleet.stats.unknown_notifications == 100
+
+
+async def test_dropped_notifies_are_caught_by_the_safety_net_in_time(
+    make_env: Callable[..., Any],
+) -> None:
+    """Of batches ending at scattered times, the notified ones are done at their end
+    and the others (their webhook lost) within one webhook_interval of it."""
+    async with make_env() as env, env.clock.auto_advance():
+        sizes = [5, 40, 300, 700, 1200, 2000]  # ending ~50 s to ~4,000 s in
+        uploaded = [await env.client.upload_file(chat_requests(n)) for n in sizes]
+        batches = [await env.client.create_batch(u.id, "/v1/chat/completions") for u in uploaded]
+        ends = {
+            b.id: env.clock.now() + 30.0 + 2.0 * n + 10.0
+            for b, n in zip(batches, sizes, strict=True)
+        }
+        lost = {batches[1].id, batches[3].id, batches[5].id}
+        delays: dict[str, float] = {}
+
+        def on_event(event: FleetEvent) -> None:
+            if isinstance(event, BatchDone):
+                delays[event.batch_id] = env.clock.now() - ends[event.batch_id]
+
+        async def webhooks(fleet: Fleet) -> None:
+            for batch_id, end in sorted(ends.items(), key=lambda item: item[1]):
+                await env.clock.sleep(max(0.0, end - env.clock.now()))
+                if batch_id not in lost:
+                    fleet.notify(batch_id)
+
+        async with Fleet(env.client, config=WEBHOOKS, on_event=on_event) as fleet:
+            fleet.add_many(batches)
+            sender = asyncio.ensure_future(webhooks(fleet))
+            outcomes = await fleet.wait_all()
+            await sender
+    assert all(done.finished for done in outcomes.values())
+    assert all(delays[b] <= 1.0 for b in ends if b not in lost)
+    assert all(0.0 <= delays[b] <= WEBHOOKS.webhook_interval for b in lost)  # type: ignore[operator]
 
 
 def test_webhook_interval_may_not_be_shorter_than_min_interval() -> None:
