@@ -168,6 +168,8 @@ class Fleet:
         self._origin = self._clock.monotonic()
         self._tracked: dict[str, Tracked] = {}
         self._outcomes: dict[str, BatchDone] = {}
+        #: ids notified before they were added (a webhook can outrun create's answer).
+        self._early: dict[str, None] = {}
         self._due = DueQueue(self._tracked)
         self._list = BatchList(cfg)
         self._semaphore = asyncio.Semaphore(cfg.max_concurrency)
@@ -258,6 +260,8 @@ class Fleet:
         else:
             self._due.schedule(record, now)
         self._wake.set()
+        if self._early.pop(batch_id, 0) is None:
+            self.notify(batch_id)
 
     def add_many(self, batches: Iterable[str | Batch], *, timeout: float | None = None) -> None:
         """:meth:`add` each of ``batches``."""
@@ -290,6 +294,10 @@ class Fleet:
         record = self._tracked.get(batch_id) if isinstance(batch_id, str) else None
         if record is None or self._closed:
             self.stats.unknown_notifications += 1
+            if record is None and isinstance(batch_id, str) and not self._closed:
+                self._early[batch_id] = None
+                if len(self._early) > 1000:
+                    del self._early[next(iter(self._early))]
             return False
         self.stats.notifications += 1
         if record.due == math.inf:

@@ -91,6 +91,24 @@ async def test_notify_of_an_unknown_batch_is_counted_and_ignored(
             assert fleet.stats.notifications == 0
 
 
+async def test_a_notify_before_its_batch_is_added_is_acted_on_when_added(
+    make_env: Callable[..., Any],
+) -> None:
+    """A webhook that arrives before its batch is added (it outran the create's answer)
+    makes the batch due as soon as it is added, not at the next safety-net poll."""
+    async with make_env() as env, env.clock.auto_advance():
+        (batch,) = await env.create(1, lines=5)
+        async with Fleet(env.client, config=WEBHOOKS) as fleet:
+            await env.clock.sleep(50.0)  # ended at 30 + 10 + 10 s
+            assert not fleet.notify(batch.id)
+            added_at = env.clock.now()
+            fleet.add(batch)  # the create's snapshot: still validating
+            await fleet.wait_all()
+            assert env.clock.now() - added_at <= 1.0
+            done = fleet.outcome(batch.id)
+        assert done is not None and done.batch.status is BatchStatus.COMPLETED
+
+
 async def test_a_notify_that_outruns_the_server_looks_again_soon(
     make_env: Callable[..., Any],
 ) -> None:
