@@ -728,6 +728,8 @@ class PostgresJournal:
         key: str | None,
         finals: Sequence[FinalResult],
         retries: Sequence[RetryLine] = (),
+        *,
+        background: bool = False,  # the server writes: nothing holds the loop
         **fields: Any,
     ) -> None:
         rid = await self._write_rid()
