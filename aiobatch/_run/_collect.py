@@ -5,7 +5,8 @@ fleet reported ended and returns its next state:
 
 - ``collected``: its output and error files were streamed into the journal (in chunks,
   each committed with the count of lines read, so a collection cut short resumes after
-  the last committed line and no result is recorded twice) and every request without a
+  the last committed line and no result is recorded twice; on the real clock a chunk is
+  written in a worker thread while the next one is read) and every request without a
   result line was settled;
 - ``uploaded``: the batch failed with ``token_limit_exceeded`` and is created again from
   the same file, after a backoff;

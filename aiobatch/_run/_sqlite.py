@@ -17,12 +17,14 @@ Everything a run knows is here, written before it acts on it:
 - ``results``: the final result line of each request, at most one (``seq`` is unique);
   the row order is the completion order.
 
-The run writes through one connection from the event loop's thread; each write is a
-short transaction (``BEGIN IMMEDIATE``), so another process (``aiobatch status`` or
-``aiobatch cancel``) can read and flag the journal while a run goes on. WAL mode with
-``synchronous=NORMAL`` keeps every committed transaction through a killed process (only a
-power loss may lose the last ones). A new file has 16 KiB pages (fewer, larger writes
-for the request and result lines, which are hundreds of bytes to megabytes each).
+The run writes through one connection, from the event loop's thread (a chunk of
+results on the real clock: from a worker thread, one statement at a time all the
+same); each write is a short transaction (``BEGIN IMMEDIATE``), so another process
+(``aiobatch status`` or ``aiobatch cancel``) can read and flag the journal while a run
+goes on. WAL mode with ``synchronous=NORMAL`` keeps every committed transaction through
+a killed process (only a power loss may lose the last ones). A new file has 64 KiB
+pages (fewer, larger writes for the request and result lines, which are hundreds of
+bytes to megabytes each).
 """
 
 from __future__ import annotations
