@@ -5,7 +5,8 @@ fleet reported ended and returns its next state:
 
 - ``collected``: its output and error files were streamed into the journal (in chunks,
   each committed with the count of lines read, so a collection cut short resumes after
-  the last committed line and no result is recorded twice) and every request without a
+  the last committed line and no result is recorded twice; on the real clock a chunk is
+  written in a worker thread while the next one is read) and every request without a
   result line was settled;
 - ``uploaded``: the batch failed with ``token_limit_exceeded`` and is created again from
   the same file, after a backoff;
@@ -20,6 +21,7 @@ import contextlib
 
 import attrs
 
+from .._clock import SystemClock
 from .._convert import result_line_bytes, summarize_result_line
 from .._fleet import BatchDone, DoneReason
 from .._lifecycle import BatchStatus
@@ -213,7 +215,37 @@ async def _read_file(ctx: RunContext, shard: Shard, file_id: str, column: str) -
             output_tokens=used[1],
         )
 
+    # On the real clock a chunk is written in a worker thread while the next one is
+    # read (a VirtualClock's auto_advance would take that wait for idleness).
+    background = isinstance(ctx.clock, SystemClock)
+    writing: asyncio.Future[None] | None = None  # the chunk being written
+
+    async def written() -> None:
+        """Wait for the chunk being written (before a chunk's look-up: it sees the
+        results of every earlier line)."""
+        nonlocal writing
+        if writing is not None:
+            done, writing = writing, None
+            await done
+
+    async def write(
+        finals: list[FinalResult], retries: list[RetryLine], upto: int, used: tuple[int, int]
+    ) -> None:
+        await ctx.journal.record(
+            shard.key,
+            finals,
+            retries,
+            background=background,
+            **{column: upto},
+            input_tokens=used[0],
+            output_tokens=used[1],
+        )
+        ctx.counted(finals, retries)
+        ctx.results_changed.set()
+
     async def commit(upto: int) -> None:
+        nonlocal writing
+        await written()
         ids = [line.custom_id for line in chunk if line.custom_id is not None]
         members = await ctx.journal.members(shard.key, ids) if ids else {}
         await asyncio.sleep(0)  # the look-up and the commit are two turns of the loop
@@ -258,38 +290,36 @@ async def _read_file(ctx: RunContext, shard: Shard, file_id: str, column: str) -
                     tokens[0] += used[0]
                     tokens[1] += used[1]
                     finals.append(final(seq, kind, code, attempts, line.data, used))
-        await ctx.journal.record(
-            shard.key,
-            finals,
-            retries,
-            **{column: upto},
-            input_tokens=tokens[0],
-            output_tokens=tokens[1],
-        )
-        ctx.counted(finals, retries)
         chunk.clear()
-        ctx.results_changed.set()
+        step = write(finals, retries, upto, (tokens[0], tokens[1]))
+        if background:
+            writing = asyncio.ensure_future(step)
+        else:
+            await step
 
-    async with contextlib.aclosing(ctx.client.iter_file_lines(file_id)) as lines:
-        async for raw in lines:
-            number += 1
-            if number <= skip or not raw.strip():
-                continue
-            try:
-                result = summarize_result_line(raw, what=f"line {number} of file {file_id}")
-            except DecodeError as exc:
-                logger.warning("run %s: a result line does not decode: %s", ctx.run_id, exc)
-                # Ended with the error when it says which request it is.
-                chunk.append(_Line(undecodable(raw), None, b"", describe(exc)))
-            else:
-                data = result_line_bytes(raw)  # in OpenAI's shape, whatever the provider
-                held += len(data)
-                chunk.append(_Line(result.custom_id, result, data))
-            if len(chunk) >= config.collect_chunk or held >= config.collect_chunk_bytes:
-                await commit(number)
-                held = 0
-                await asyncio.sleep(0)  # let the other batches' tasks run
-    await commit(number)
+    try:
+        async with contextlib.aclosing(ctx.client.iter_file_lines(file_id)) as lines:
+            async for raw in lines:
+                number += 1
+                if number <= skip or not raw.strip():
+                    continue
+                try:
+                    result = summarize_result_line(raw, what=f"line {number} of file {file_id}")
+                except DecodeError as exc:
+                    logger.warning("run %s: a result line does not decode: %s", ctx.run_id, exc)
+                    # Ended with the error when it says which request it is.
+                    chunk.append(_Line(undecodable(raw), None, b"", describe(exc)))
+                else:
+                    data = result_line_bytes(raw)  # in OpenAI's shape, whatever the provider
+                    held += len(data)
+                    chunk.append(_Line(result.custom_id, result, data))
+                if len(chunk) >= config.collect_chunk or held >= config.collect_chunk_bytes:
+                    await commit(number)
+                    held = 0
+                    await asyncio.sleep(0)  # let the other batches' tasks run
+        await commit(number)
+    finally:
+        await written()  # a chunk committed is counted, whatever ended the reading
 
 
 @attrs.frozen(slots=True)

@@ -189,10 +189,14 @@ class Journal(Protocol):
         key: str | None,
         finals: Sequence[FinalResult],
         retries: Sequence[RetryLine] = (),
+        *,
+        background: bool = False,
         **fields: Any,
     ) -> None:
         """At once: final results (a request that has one keeps it), requests back to
-        pending, and fields of shard ``key``."""
+        pending, and fields of shard ``key``. ``background``: the backend may do the
+        write in another thread (the run passes it only on the real clock: a
+        VirtualClock's auto_advance takes a wait on a thread for idleness)."""
 
     async def settle(
         self,

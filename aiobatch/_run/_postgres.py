@@ -635,6 +635,8 @@ class PostgresJournal(PgLeases):
         key: str | None,
         finals: Sequence[FinalResult],
         retries: Sequence[RetryLine] = (),
+        *,
+        background: bool = False,  # the server writes: nothing holds the loop
         **fields: Any,
     ) -> None:
         rid = await self._write_rid()

@@ -17,12 +17,14 @@ Everything a run knows is here, written before it acts on it:
 - ``results``: the final result line of each request, at most one (``seq`` is unique);
   the row order is the completion order.
 
-The run writes through one connection from the event loop's thread; each write is a
-short transaction (``BEGIN IMMEDIATE``), so another process (``aiobatch status`` or
-``aiobatch cancel``) can read and flag the journal while a run goes on. WAL mode with
-``synchronous=NORMAL`` keeps every committed transaction through a killed process (only a
-power loss may lose the last ones). A new file has 16 KiB pages (fewer, larger writes
-for the request and result lines, which are hundreds of bytes to megabytes each).
+The run writes through one connection, from the event loop's thread (a chunk of
+results on the real clock: from a worker thread, one statement at a time all the
+same); each write is a short transaction (``BEGIN IMMEDIATE``), so another process
+(``aiobatch status`` or ``aiobatch cancel``) can read and flag the journal while a run
+goes on. WAL mode with ``synchronous=NORMAL`` keeps every committed transaction through
+a killed process (only a power loss may lose the last ones). A new file has 64 KiB
+pages (fewer, larger writes for the request and result lines, which are hundreds of
+bytes to megabytes each).
 """
 
 from __future__ import annotations
@@ -126,13 +128,17 @@ class JournalFile:
                     uri, uri=True, isolation_level=None, timeout=busy_timeout
                 )
             else:
-                connection = sqlite3.connect(self.path, isolation_level=None, timeout=busy_timeout)
+                # One statement at a time, from the loop's thread or from the worker
+                # thread of a result chunk (SQLiteJournal's lock sees to it).
+                connection = sqlite3.connect(
+                    self.path, isolation_level=None, timeout=busy_timeout, check_same_thread=False
+                )
         except sqlite3.DatabaseError as exc:
             raise JournalError(f"{self.path} cannot be opened: {exc}") from exc
         self._db = Db(connection, self.path)
         try:
             if not readonly:
-                if exists and not self._is_journal():
+                if exists and not self._db.is_journal():
                     raise JournalError(
                         f"{self.path} is not an aiobatch journal (it holds other tables); "
                         "choose another path"
@@ -192,19 +198,6 @@ class JournalFile:
                 for statement in UPGRADES[step + 1]:
                     db.execute(statement)
             self.put_meta(db, {"schema_version": str(SCHEMA_VERSION)})
-
-    def _is_journal(self) -> bool:
-        """The open file is empty, or holds an aiobatch ``meta`` table."""
-        tables = {
-            str(name)
-            for (name,) in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
-        }
-        if not tables:
-            return True
-        if "meta" not in tables:
-            return False
-        row = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-        return row is not None
 
     def close(self) -> None:
         """Close the file (safe to call twice)."""
@@ -415,30 +408,12 @@ class JournalFile:
     ) -> Page:
         """A shard's request lines in input order past the request ``after`` (a seq):
         at most ``lines`` of them, and no more once they make ``size`` bytes."""
-        return self._page(
+        return self._db.page(
             "SELECT seq, data FROM requests WHERE shard = ? AND state != 'pending' "
             "AND seq > ? ORDER BY seq LIMIT ?",
             (key, after, lines),
             size,
         )
-
-    def _page(self, query: str, values: Sequence[Any], size: int) -> Page:
-        """The rows ``(cursor, data)`` of ``query`` until they make ``size`` bytes (the
-        statement is done with when this returns)."""
-        rows = self._db.execute(query, values)
-        found: list[bytes] = []
-        held = 0
-        last = -1
-        try:
-            for cursor, data in rows:
-                found.append(bytes(data))
-                last = int(cursor)
-                held += len(data) + 1
-                if held >= size:
-                    break
-        finally:
-            rows.close()
-        return Page(found, last)
 
     def members(self, key: str, custom_ids: Sequence[str]) -> dict[str, Member]:
         """The requests of a shard (queued or resolved) among ``custom_ids``, by id."""
@@ -706,7 +681,7 @@ class JournalFile:
         completion order): at most ``lines``, and no more once they make ``size``
         bytes."""
         column = "seq" if order == "input" else "n"
-        return self._page(
+        return self._db.page(
             f"SELECT {column}, data FROM results WHERE {column} > ? ORDER BY {column} LIMIT ?",
             (after, lines),
             size,
@@ -722,16 +697,20 @@ class JournalFile:
         ).fetchone()
         requests = {"pending": pending, "queued": total - pending - done, "done": done}
         requests = {k: v for k, v in requests.items() if v}
-        kinds = dict(db.execute("SELECT kind, count(*) FROM results GROUP BY kind").fetchall())
-        codes = dict(
-            db.execute(
-                "SELECT coalesce(code, kind), count(*) FROM results WHERE kind != 'success' "
-                "GROUP BY coalesce(code, kind)"
-            ).fetchall()
-        )
-        tokens = db.execute(
-            "SELECT coalesce(sum(input_tokens), 0), coalesce(sum(output_tokens), 0) FROM results"
-        ).fetchone()
+        # One pass over the results (their lines are in their rows): by kind and code.
+        kinds: dict[str, int] = {}
+        codes: dict[str, int] = {}
+        tokens = [0, 0]
+        for kind, code, count, used_in, used_out in db.execute(
+            "SELECT kind, code, count(*), coalesce(sum(input_tokens), 0), "
+            "coalesce(sum(output_tokens), 0) FROM results GROUP BY kind, code"
+        ):
+            kinds[kind] = kinds.get(kind, 0) + count
+            if kind != "success":
+                name = kind if code is None else code
+                codes[name] = codes.get(name, 0) + count
+            tokens[0] += used_in
+            tokens[1] += used_out
         # Re-submitted: a retryable failure, and sent again (or ended) since; a request
         # still waiting for its retry round is not re-submitted yet.
         # ``aiobatch status`` (read-only) reads every request row for it, so that damage

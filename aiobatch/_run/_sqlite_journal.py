@@ -1,6 +1,7 @@
 """The run's :class:`~aiobatch._run._journal.Journal` on a SQLite file: :class:`SQLiteJournal`.
 
-Its statements run in the event loop's thread, through
+Its statements run in the event loop's thread (a chunk of results on the real clock:
+in a worker thread, see :meth:`SQLiteJournal.record`), through
 :class:`~aiobatch._run._sqlite.JournalFile`, one coroutine at a time (an
 :class:`asyncio.Lock`); the file's own lock (``JOURNAL.lock``) keeps it to one process.
 
@@ -15,8 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from ._records import (
@@ -69,6 +71,22 @@ def _run_slices(runs: list[SeqRun], size: int = SLICE_ROWS) -> Iterator[list[Seq
 async def _turn() -> None:
     """Let the loop run other tasks."""
     await asyncio.sleep(0)
+
+
+async def _in_thread(function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``function`` run in a worker thread, the loop running meanwhile; the caller
+    holds the journal's lock, and keeps it until the thread is done even when it is
+    cancelled (no other statement may use the connection meanwhile)."""
+    future = asyncio.get_running_loop().run_in_executor(
+        None, functools.partial(function, *args, **kwargs)
+    )
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        while not future.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait([future])
+        raise
 
 
 class _SQLiteIngest:
@@ -269,9 +287,14 @@ class SQLiteJournal:
         key: str | None,
         finals: Sequence[FinalResult],
         retries: Sequence[RetryLine] = (),
+        *,
+        background: bool = False,
         **fields: Any,
     ) -> None:
         async with self._turn:
+            if background:
+                await _in_thread(self.file.record, key, finals, retries, **fields)
+                return
             with self.file.transaction() as db:
                 await self._record(db, finals, retries)
                 if key is not None and fields:
@@ -306,7 +329,8 @@ class SQLiteJournal:
             await _turn()
 
     async def tokens_by_model(self) -> dict[str, tuple[int, int]]:
-        return self.file.tokens_by_model()
+        async with self._turn:
+            return self.file.tokens_by_model()
 
     async def counts(self) -> JournalCounts:
         async with self._turn:

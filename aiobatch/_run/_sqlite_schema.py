@@ -14,8 +14,11 @@ SCHEMA_VERSION = 6
 #: The schema versions ``aiobatch status`` reads (what it reads is the same in each).
 READABLE_VERSIONS = frozenset({"4", "5", str(SCHEMA_VERSION)})
 
-#: The page size of a new journal file (measured: see benchmarks/bench_run_100k.py).
-PAGE_SIZE = 4096
+#: The page size of a new journal file: 64 KiB, SQLite's largest. Result lines are KB
+#: to MB each: with 4 KiB pages a line was a chain of overflow pages and every page a
+#: frame (two writes) of the log, and collecting 200 MB of output took 40% longer
+#: (benchmarks/bench_run_collect.py). The price: a damaged page loses more rows.
+PAGE_SIZE = 65536
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (

@@ -159,6 +159,48 @@ async def test_one_final_result_per_request(journal: Journal) -> None:
     assert lines == [b'{"ok":1}', b'{"ok":1}']
 
 
+async def test_a_background_record_is_a_record(journal: Journal) -> None:
+    """``record(background=True)`` (collection on the real clock) writes the same
+    results, line count and tokens as a record in the loop, and the first result of a
+    request still stands."""
+    requests = await _ingest(journal, 3)
+    await journal.add_shard("s0", _plan(requests), planned_at=11.0)
+    await journal.record("s0", [_final(0)], output_done=1)
+    await journal.record(
+        "s0",
+        [_final(0, b'{"ok":2}'), _final(1)],
+        [RetryLine(2, 1, b"boom")],
+        background=True,
+        output_done=3,
+        input_tokens=7,
+    )
+    rows = await journal.result_rows(order="input", after=-1, limit=10)
+    assert [(r.seq, r.data) for r in rows] == [(0, b'{"ok":1}'), (1, b'{"ok":1}')]
+    shard = await journal.shard("s0")
+    assert (shard.output_done, shard.input_tokens) == (3, 7)
+    assert await journal.pending_count() == 1
+
+
+async def test_a_cancelled_background_record_leaves_the_journal_whole(journal: Journal) -> None:
+    """A background record cancelled while it writes is all or nothing, and the
+    journal takes the next statement at once (the write never overlaps it)."""
+    requests = await _ingest(journal, 2000)
+    await journal.add_shard("s0", _plan(requests), planned_at=11.0)
+    finals = [_final(r.seq, b"x" * 2000) for r in requests]
+    task = asyncio.ensure_future(
+        journal.record("s0", finals, background=True, output_done=len(finals))
+    )
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    done = len(await journal.result_rows(order="input", after=-1, limit=5000))
+    assert done in (0, len(finals))
+    assert (await journal.shard("s0")).output_done == (len(finals) if done else 0)
+    await journal.record("s0", [], output_done=1)
+    assert (await journal.shard("s0")).output_done == 1
+
+
 async def test_tokens_are_summed_by_the_model_of_their_shard(journal: Journal) -> None:
     """tokens_by_model() counts each final result once, under its shard's model."""
     requests = await _ingest(journal, 3)

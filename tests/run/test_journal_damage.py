@@ -24,6 +24,7 @@ from conftest import (
 )
 
 from aiobatch import BatchRun, RunConfig, read_report
+from aiobatch._run import _sqlite
 from aiobatch._run._sqlite import JournalFile as Journal
 from aiobatch.cli import main
 from aiobatch.errors import JournalError
@@ -58,6 +59,13 @@ def damage_page(path: Path, page: int) -> None:
     with path.open("r+b") as fh:
         fh.seek((page - 1) * size)
         fh.write(b"\xff" * size)
+
+
+@pytest.fixture
+def small_pages(monkeypatch: pytest.MonkeyPatch) -> None:
+    """New journals get 4 KiB pages (not 64 KiB), so that a small run's rows spread
+    over several pages and a damaged page or a cut log hits some of them only."""
+    monkeypatch.setattr(_sqlite, "PAGE_SIZE", 4096)
 
 
 def finished_run(tmp_path: Path, *extra: str, lines: int = 60) -> tuple[Path, list[str]]:
@@ -134,7 +142,7 @@ def _copy(source: Path, target: Path) -> None:
 
 
 def test_a_journal_with_a_truncated_wal_is_reported_as_damaged(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], small_pages: None
 ) -> None:
     """A journal whose ``-wal`` file was cut short after a checkpoint (its pages are a
     mix of two moments) is reported as damaged by ``aiobatch status``; the same journal
@@ -188,7 +196,7 @@ def _dbstat(path: Path, table: str) -> list[tuple[int, str, int]]:
 
 
 def test_unreadable_shard_rows_are_skipped_and_the_readable_ones_listed(
-    tmp_path: Path,
+    tmp_path: Path, small_pages: None
 ) -> None:
     """When a page of the shards table itself is damaged, the error still lists the
     batches of every shard row on the other pages, and says some could not be read."""
