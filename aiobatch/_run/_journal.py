@@ -33,6 +33,7 @@ from ._records import (
     FinalResult,
     JournalCounts,
     Member,
+    ModelTokens,
     PreparedRequest,
     QueuedLine,
     RequestGroup,
@@ -218,7 +219,7 @@ class Journal(Protocol):
     async def counts(self) -> JournalCounts:
         """The run's figures."""
 
-    async def tokens_by_model(self) -> dict[str, tuple[int, int]]:
+    async def tokens_by_model(self) -> dict[str, ModelTokens]:
         """Prompt and completion tokens of the final results by the model of the shard
         that produced them (each result counted once; ``""`` for no model)."""
 

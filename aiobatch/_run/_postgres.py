@@ -49,6 +49,7 @@ from ._records import (
     FinalResult,
     JournalCounts,
     Member,
+    ModelTokens,
     PreparedRequest,
     QueuedLine,
     RequestGroup,
@@ -705,7 +706,7 @@ class PostgresJournal(PgLeases):
             yield [bytes(r[1]) for r in rows]
             after = int(rows[-1][0])
 
-    async def tokens_by_model(self) -> dict[str, tuple[int, int]]:
+    async def tokens_by_model(self) -> dict[str, ModelTokens]:
         rid = await self.rid()
         async with self._conn() as conn:
             rows = await conn.fetch(
@@ -715,7 +716,7 @@ class PostgresJournal(PgLeases):
                 "WHERE r.rid = $1 GROUP BY coalesce(s.model, '')",
                 rid,
             )
-        return {str(model): (int(i), int(o)) for model, i, o in rows if i or o}
+        return {str(model): ModelTokens(int(i), int(o)) for model, i, o in rows if i or o}
 
     async def counts(self) -> JournalCounts:
         rid = await self.rid()

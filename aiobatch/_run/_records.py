@@ -26,6 +26,7 @@ __all__ = [
     "FailedRequest",
     "FinalResult",
     "JournalCounts",
+    "ModelTokens",
     "Member",
     "PreparedRequest",
     "QueuedLine",
@@ -35,6 +36,7 @@ __all__ = [
     "RunMeta",
     "Shard",
     "ShardPlan",
+    "token_pairs",
 ]
 
 
@@ -370,3 +372,17 @@ class FailedRequest:
     attempts: int
     request: bytes
     result: bytes
+
+
+@attrs.frozen(slots=True)
+class ModelTokens:
+    """The tokens of a model's final results: ``input`` (prompt) and ``output``
+    (completion)."""
+
+    input: int
+    output: int
+
+
+def token_pairs(tokens: Mapping[str, ModelTokens]) -> dict[str, tuple[int, int]]:
+    """``tokens`` as the (input, output) pairs of :attr:`RunReport.tokens_by_model`."""
+    return {model: (t.input, t.output) for model, t in tokens.items()}

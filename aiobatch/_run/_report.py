@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import attrs
 
 from ._progress import BATCH_STATUS_ORDER, RunProgress, _elapsed_text
-from ._records import JournalCounts, RunMeta
+from ._records import JournalCounts, RunMeta, token_pairs
 
 if TYPE_CHECKING:
     from ._config import Price
@@ -197,8 +197,10 @@ async def final_report(journal: Journal, prices: Mapping[str, Price]) -> RunRepo
     tokens = await journal.tokens_by_model()
     return attrs.evolve(
         report,
-        tokens_by_model=tokens,
-        cost_by_model={m: prices[m].cost(*t) for m, t in tokens.items() if m in prices},
+        tokens_by_model=token_pairs(tokens),
+        cost_by_model={
+            m: prices[m].cost(t.input, t.output) for m, t in tokens.items() if m in prices
+        },
     )
 
 

@@ -44,6 +44,7 @@ from ._records import (
     FinalResult,
     JournalCounts,
     Member,
+    ModelTokens,
     PreparedRequest,
     QueuedLine,
     RequestGroup,
@@ -780,7 +781,7 @@ class JournalFile:
                 result=bytes(result),
             )
 
-    def tokens_by_model(self) -> dict[str, tuple[int, int]]:
+    def tokens_by_model(self) -> dict[str, ModelTokens]:
         """Prompt and completion tokens of the final results, by the model of the shard
         that produced them (each result counted once; ``""`` for results of no shard or
         a shard without a model)."""
@@ -789,4 +790,4 @@ class JournalFile:
             "coalesce(sum(r.output_tokens), 0) FROM results r "
             "LEFT JOIN shards s ON s.key = r.shard GROUP BY coalesce(s.model, '')"
         )
-        return {str(model): (int(i), int(o)) for model, i, o in rows if i or o}
+        return {str(model): ModelTokens(int(i), int(o)) for model, i, o in rows if i or o}

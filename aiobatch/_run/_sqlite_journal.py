@@ -25,6 +25,7 @@ from ._records import (
     FinalResult,
     JournalCounts,
     Member,
+    ModelTokens,
     PreparedRequest,
     QueuedLine,
     RequestGroup,
@@ -328,7 +329,7 @@ class SQLiteJournal:
             yield page.lines
             await _turn()
 
-    async def tokens_by_model(self) -> dict[str, tuple[int, int]]:
+    async def tokens_by_model(self) -> dict[str, ModelTokens]:
         async with self._turn:
             return self.file.tokens_by_model()
 

@@ -39,6 +39,7 @@ from .._run import (
 from .._run import JournalFile as Journal
 from .._run._open import open_journal, pg_run_name
 from .._run._pg_url import is_postgres_url, redact_url
+from .._run._records import token_pairs
 from .._run._report import build_report
 from .._run._states import ShardState
 from ..errors import AiobatchError, ConfigurationError, JournalError, PreflightError
@@ -360,7 +361,7 @@ async def _tokens_by_model(journal: str, args: argparse.Namespace) -> dict[str, 
     name = pg_run_name(journal, output=args.output, source=args.input, required=False)
     done = await open_journal(journal, create=False, name=name)
     try:
-        return await done.tokens_by_model()
+        return token_pairs(await done.tokens_by_model())
     finally:
         await done.close()
 
@@ -588,7 +589,7 @@ async def _pg_status(args: argparse.Namespace) -> tuple[Any, dict[str, tuple[int
     try:
         live = bool(await journal.live_workers())
         report = build_report(await journal.meta(), await journal.counts(), live=live)
-        return report, await journal.tokens_by_model()
+        return report, token_pairs(await journal.tokens_by_model())
     finally:
         await journal.close()
 
@@ -684,7 +685,7 @@ def _file_status(args: argparse.Namespace) -> tuple[Any, dict[str, tuple[int, in
             live: bool | None = run_is_live(args.journal)
         except OSError:  # no lock file can be made beside it: cannot tell
             live = None
-        return read_report(journal, live=live), journal.tokens_by_model()
+        return read_report(journal, live=live), token_pairs(journal.tokens_by_model())
 
 
 def _plain(value: Any) -> Any:

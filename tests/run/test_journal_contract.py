@@ -16,6 +16,7 @@ from pg import pg_url
 from aiobatch._run._journal import CHUNK_BYTES, Journal
 from aiobatch._run._records import (
     FinalResult,
+    ModelTokens,
     PreparedRequest,
     RequestGroup,
     RetryLine,
@@ -221,7 +222,7 @@ async def test_tokens_are_summed_by_the_model_of_their_shard(journal: Journal) -
     ]
     await journal.record("s0", used)
     await journal.record("s0", used[:1])  # a result recorded twice counts once
-    assert await journal.tokens_by_model() == {"m": (30, 3)}
+    assert await journal.tokens_by_model() == {"m": ModelTokens(input=30, output=3)}
 
 
 async def test_settle_sends_lines_back_and_closes_the_shard(journal: Journal) -> None:
