@@ -58,10 +58,6 @@ def _exists(path: str) -> bool:
     return os.path.exists(path)
 
 
-def _absolute(path: str) -> str:
-    return os.path.abspath(path)
-
-
 class BatchRun:
     """A whole request set through the Batch API, resumable, each request answered once.
 
