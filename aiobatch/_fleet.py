@@ -260,7 +260,8 @@ class Fleet:
         else:
             self._due.schedule(record, now)
         self._wake.set()
-        if self._early.pop(batch_id, 0) is None:
+        if batch_id in self._early:
+            del self._early[batch_id]
             self.notify(batch_id)
 
     def add_many(self, batches: Iterable[str | Batch], *, timeout: float | None = None) -> None:

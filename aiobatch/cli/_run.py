@@ -388,11 +388,16 @@ async def _run_async(args: argparse.Namespace, journal: str) -> int:
         receiver = None
         if args.webhook_listen is not None:
             host, port = args.webhook_listen
-            receiver = WebhookReceiver(webhook_secret(args.webhook_secret_env))
+            receiver = listening = WebhookReceiver(webhook_secret(args.webhook_secret_env))
             url = await stack.enter_async_context(
                 run_webhook_server(receiver, host=host, port=port, path=args.webhook_path)
             )
             print(f"aiobatch: receiving webhooks on {url}", file=sys.stderr)
+            # Printed however the run ends: a failed or interrupted run is when "0
+            # received" or "refused (signature ...)" points at the registration or secret.
+            stack.callback(
+                lambda: print(f"aiobatch: {_webhook_summary(listening)}", file=sys.stderr)
+            )
         run = BatchRun(
             client,
             args.input,
@@ -444,8 +449,6 @@ async def _run_async(args: argparse.Namespace, journal: str) -> int:
                 loop.remove_signal_handler(signal.SIGTERM)
         if display is not None:
             display.close(run.progress())
-        if receiver is not None:
-            print(f"aiobatch: {_webhook_summary(receiver)}", file=sys.stderr)
     tokens = await _tokens_by_model(journal, args)
     out("\n".join([format_report(report), *cost_lines(tokens, args.prices)]))
     if report.state == "cancelled":

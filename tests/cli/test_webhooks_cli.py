@@ -45,8 +45,8 @@ async def _aiobatch(*argv: str, env: dict[str, str]) -> asyncio.subprocess.Proce
 async def hook_server() -> AsyncIterator[tuple[str, str]]:
     """``aiobatch fake-server`` signing webhooks (secret from AIOBATCH_TEST_HOOK_SECRET)
     to a free loopback port; yields its base URL and the webhook URL. Batches spend 3 s
-    validating, so the run tracks its batch before the webhook comes (a webhook for a
-    batch no fleet tracks yet is ignored)."""
+    validating, so the run tracks its batch before the webhook comes (one that came
+    earlier would wait until the run adds the batch)."""
     hook_url = f"http://127.0.0.1:{_free_port()}/webhooks"
     proc = await _aiobatch(
         "fake-server",
@@ -115,3 +115,35 @@ async def test_run_ends_on_the_fake_servers_signed_webhook(
     assert ", 0 refused (" in stderr, stderr
     ids = sorted(json.loads(line)["custom_id"] for line in output.read_text().splitlines())
     assert ids == ["q-0", "q-1", "q-2"], out.decode()
+
+
+async def test_a_run_that_fails_still_says_what_its_webhook_receiver_did(
+    tmp_path: Path, hook_server: tuple[str, str]
+) -> None:
+    """A run the server refuses (a wrong key: exit 3) still prints its receiver's
+    summary, the line that tells a bad webhook registration or secret apart."""
+    base_url, hook_url = hook_server
+    listen = hook_url.removeprefix("http://").removesuffix("/webhooks")
+    run = await _aiobatch(
+        "run",
+        str(make_requests(tmp_path / "in.jsonl", 2)),
+        "-o",
+        str(tmp_path / "out.jsonl"),
+        "--provider",
+        "compatible",
+        "--base-url",
+        base_url,
+        "--webhook-listen",
+        listen,
+        "--no-progress",
+        env={"OPENAI_API_KEY": "sk-wrong", "OPENAI_WEBHOOK_SECRET": SECRET},
+    )
+    try:
+        _, err = await asyncio.wait_for(run.communicate(), timeout=RUN_TIMEOUT)
+    finally:
+        if run.returncode is None:
+            run.kill()
+            await run.wait()
+    stderr = err.decode()
+    assert run.returncode == 3, stderr
+    assert "webhooks: 0 received, 0 named this run's batches" in stderr, stderr
