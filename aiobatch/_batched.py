@@ -21,26 +21,29 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import json
 import logging
 import os
 import shutil
 import sqlite3
 import tempfile
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 import attrs
 
 from ._aio import cancel_and_wait, sleep_or_set
 from ._client import BatchClient
-from ._convert import decode_result_line
-from ._models import ResultError, ResultHTTPError, ResultLine, ResultSuccess
+from ._convert import decode_result_line, to_wire, usage_tokens
+from ._models import LineResponse, ResultError, ResultHTTPError, ResultLine, ResultSuccess
+from ._retry import is_transient_status
 from ._run import BatchEvent, BatchRun, RunConfig
 from ._run._outcomes import CANCELLED_CODES
 from ._run._preflight import Preflight, generated_custom_id
 from ._run._progress import RunProgress
 from .errors import (
+    APIStatusError,
     BatchedTimeoutError,
     BatchEndedError,
     ClosedError,
@@ -63,6 +66,8 @@ BATCHED_ENDPOINTS: Mapping[str, tuple[str, str]] = {
 }
 
 _JOURNAL_SUFFIX = ".journal"
+#: The file (in the journal folder) of the answers of calls sent online.
+ONLINE_ANSWERS = "online-answers.sqlite"
 _ENDED_CODES = frozenset({"batch_expired", *CANCELLED_CODES})
 
 
@@ -102,6 +107,13 @@ class BatchedStats:
         cancelled: calls whose caller was cancelled.
         reused: calls answered from a journal of an earlier run, without a new batch.
         flushes: batch runs started (including the ones resumed on start).
+        online: calls sent to the online endpoint and waiting for its answer.
+        fallbacks: calls sent to the online endpoint (``realtime_fallback``), at full
+            price.
+        duplicate_results: results that came from a batch for a request already
+            answered online: paid twice (kept in the journal, never returned).
+        duplicate_input_tokens, duplicate_output_tokens: the tokens of those results
+            (their ``usage``), the duplicate cost.
     """
 
     queued: int
@@ -111,11 +123,16 @@ class BatchedStats:
     cancelled: int
     reused: int
     flushes: int
+    online: int = 0
+    fallbacks: int = 0
+    duplicate_results: int = 0
+    duplicate_input_tokens: int = 0
+    duplicate_output_tokens: int = 0
 
     @property
     def pending(self) -> int:
-        """Calls not answered yet (queued or submitted)."""
-        return self.queued + self.submitted
+        """Calls not answered yet (queued, submitted or online)."""
+        return self.queued + self.submitted + self.online
 
 
 @attrs.define(slots=True, eq=False)
@@ -129,7 +146,8 @@ class _Call:
     tokens: int
     inputs: int
     future: asyncio.Future[tuple[ResultLine, str | None]]
-    group: _Group | None = None
+    #: where it waits: its group (queued), its flush (submitted), or nowhere.
+    home: _Group | _Flush | None = None
     #: it holds one of ``max_pending``'s slots (a call of a resumed journal does not).
     slot: bool = False
 
@@ -150,14 +168,13 @@ class _Group:
         if not self.calls:
             self.since = now
         self.calls[call.key] = call
-        call.group = self
+        call.home = self
         self.size += len(call.data) + 1
         self.tokens += call.tokens
         self.inputs += call.inputs
 
     def remove(self, call: _Call) -> None:
         if self.calls.pop(call.key, None) is not None:
-            call.group = None
             self.size -= len(call.data) + 1
             self.tokens -= call.tokens
             self.inputs -= call.inputs
@@ -165,7 +182,7 @@ class _Group:
     def take(self) -> list[_Call]:
         calls = list(self.calls.values())
         for call in calls:
-            call.group = None
+            call.home = None
         self.calls = {}
         self.size = self.tokens = self.inputs = 0
         return calls
@@ -177,10 +194,14 @@ class _Flush:
 
     path: str
     run: BatchRun
+    #: the calls that wait for its results.
     waiting: dict[str, _Call]
-    #: keys of a resumed journal not final yet (answers nobody asked for are kept).
+    #: keys of a resumed journal not final yet that nobody asked for (their answers are
+    #: kept for the asker).
     expected: set[str] = attrs.field(factory=set)
     task: asyncio.Task[None] | None = None
+    #: a call of it went online (``realtime_fallback``).
+    fell_back: bool = False
 
 
 class _Create:
@@ -190,10 +211,21 @@ class _Create:
         self._owner = owner
         self._url = url
 
-    async def create(self, *, deadline: float | None = None, **params: Any) -> Any:
-        """Send one request through a batch and return its answer when it is in
-        (``deadline``: seconds to wait for it, instead of the client's; not sent)."""
-        return await self._owner.request(self._url, params, deadline=deadline)
+    def create(
+        self,
+        *,
+        deadline: float | None = None,
+        realtime_fallback: bool | None = None,
+        **params: Any,
+    ) -> Coroutine[Any, Any, Any]:
+        """Send one request through a batch; await it for its answer (``deadline`` and
+        ``realtime_fallback``: this call's, instead of the client's; not sent).
+
+        A plain function returning the call's coroutine (as ``async def`` would), so
+        that a waiting call holds one coroutine, not two."""
+        return self._owner.request(
+            self._url, params, deadline=deadline, realtime_fallback=realtime_fallback
+        )
 
 
 class _Chat:
@@ -238,6 +270,14 @@ class BatchedOpenAI:
         deadline: seconds a call waits for its result before it raises
             :class:`~aiobatch.errors.BatchedTimeoutError` (None: no limit); a call's
             ``create(deadline=...)`` overrides it.
+        realtime_fallback: a call whose deadline passes is sent to the ordinary online
+            endpoint instead (at full price) and answered from there; so is a call whose
+            batches expired or were cancelled in every round. The online answer is
+            journaled (a rerun gets it from the journal); a result its batch brings
+            later is kept in the batch's journal, never returned, and counted in
+            :meth:`stats` as a duplicate (``duplicate_results`` and their tokens). A
+            batch whose every call went online is cancelled. A call's
+            ``create(realtime_fallback=...)`` overrides it.
         on_event: called with a :class:`~aiobatch.BatchCreated` when a flush's batch is
             open on the server (its id, endpoint, model and request count) and a
             :class:`~aiobatch.BatchEnded` when it ends (its status and request counts);
@@ -260,6 +300,7 @@ class BatchedOpenAI:
         on_progress: Callable[[RunProgress], None] | None = None,
         on_event: Callable[[BatchEvent], None] | None = None,
         deadline: float | None = None,
+        realtime_fallback: bool = False,
     ) -> None:
         if not max_wait >= 0:
             raise ValueError(f"max_wait must be >= 0, got {max_wait!r}")
@@ -267,6 +308,7 @@ class BatchedOpenAI:
             raise ValueError(f"max_pending must be a positive int, got {max_pending!r}")
         _check_deadline(deadline)
         self._deadline = deadline
+        self._fallback = realtime_fallback
         self._client = client
         self._clock = client.clock
         self._folder = os.fspath(journal) if journal is not None else None
@@ -295,6 +337,16 @@ class BatchedOpenAI:
         self._state = "new"
         self._queued = self._submitted = 0
         self._done = self._failed = self._cancelled = self._reused = self._started = 0
+        self._online = self._fallbacks = 0
+        self._duplicates = self._duplicate_in = self._duplicate_out = 0
+        #: keys whose call is being answered online -> the batch's result, if it came
+        #: meanwhile.
+        self._falling: dict[str, tuple[ResultLine, str | None] | None] = {}
+        #: keys with a journaled online answer (a batch's result for one is a duplicate).
+        self._online_keys: set[str] = set()
+        self._answers: _OnlineAnswers | None = None
+        self._online_idle = asyncio.Event()
+        self._online_idle.set()
         self.chat = _Chat(self)
         self.embeddings = _Create(self, "/v1/embeddings")
         self.responses = _Create(self, "/v1/responses")
@@ -321,7 +373,10 @@ class BatchedOpenAI:
             os.makedirs(self._folder, exist_ok=True)
             if self._reuse:
                 for path, pending in self._index_folder():  # a few reads, once
-                    self._start_flush(path, None, [], expected=pending)
+                    # a request answered online is not run again
+                    pending -= self._online_keys
+                    if pending:
+                        self._start_flush(path, None, [], expected=pending)
         self._state = "open"
         self._ticker = asyncio.ensure_future(self._tick())
 
@@ -342,6 +397,15 @@ class BatchedOpenAI:
             self._known.update(finals)
             if open_keys:
                 unfinished.append((path, open_keys))
+        online = os.path.join(self._folder, ONLINE_ANSWERS)
+        if os.path.exists(online):
+            try:
+                answers = _read_online_answers(online)
+            except sqlite3.DatabaseError as exc:
+                logger.warning("batched: skipping %s, which cannot be read: %s", online, exc)
+            else:
+                self._known.update(answers)  # the answer the caller got wins
+                self._online_keys.update(answers)
         return unfinished
 
     async def flush(self) -> None:
@@ -371,6 +435,9 @@ class BatchedOpenAI:
         while self._flushes:
             tasks = [flush.task for flush in self._flushes if flush.task is not None]
             await asyncio.wait(tasks)
+        await self._online_idle.wait()
+        if self._answers is not None:
+            self._answers.close()
         self._state = "closed"
         if self._ticker is not None:
             await cancel_and_wait([self._ticker])
@@ -389,6 +456,11 @@ class BatchedOpenAI:
             cancelled=self._cancelled,
             reused=self._reused,
             flushes=self._started,
+            online=self._online,
+            fallbacks=self._fallbacks,
+            duplicate_results=self._duplicates,
+            duplicate_input_tokens=self._duplicate_in,
+            duplicate_output_tokens=self._duplicate_out,
         )
 
     def progress(self) -> RunProgress:
@@ -421,7 +493,12 @@ class BatchedOpenAI:
     # --- calls ---------------------------------------------------------------------------
 
     async def request(
-        self, url: str, body: Mapping[str, Any], *, deadline: float | None = None
+        self,
+        url: str,
+        body: Mapping[str, Any],
+        *,
+        deadline: float | None = None,
+        realtime_fallback: bool | None = None,
     ) -> Any:
         """Send one request body to ``url`` (one of :data:`BATCHED_ENDPOINTS`) through a
         batch; what the endpoint's ``create`` returns.
@@ -432,12 +509,16 @@ class BatchedOpenAI:
                 once, nothing is queued.
             ClosedError: the client is not open.
             RequestFailedError, BatchEndedError, RequestNotRunError: the request's
-                line failed.
-            BatchedTimeoutError: ``deadline`` (or the client's) passed first.
+                line failed (or its online answer was an HTTP error).
+            BatchedTimeoutError: ``deadline`` (or the client's) passed first, without
+                ``realtime_fallback``.
+            TransportError: with ``realtime_fallback``, the online request could not
+                be sent (after the client's retries).
         """
         _check_deadline(deadline)
         if deadline is None:
             deadline = self._deadline
+        fallback = self._fallback if realtime_fallback is None else realtime_fallback
         if self._state != "open":
             raise ClosedError(f"the batched client is {self._state}; use it inside 'async with'")
         if url not in BATCHED_ENDPOINTS:
@@ -445,7 +526,8 @@ class BatchedOpenAI:
                 f"{url} is not an endpoint batches can call; use one of "
                 + ", ".join(BATCHED_ENDPOINTS)
             )
-        call = self._prepare(url, dict(body))
+        call = self._prepare(url, body)
+        del body  # encoded in the call: the caller's objects are not held while it waits
         known = self._known.pop(call.key, None)
         if known is not None:
             self._reused += 1
@@ -453,22 +535,46 @@ class BatchedOpenAI:
             if not isinstance(line, (ResultSuccess, ResultHTTPError, ResultError)):
                 line = decode_result_line(line, what=f"the journaled result of {call.key}")
             return self._answer(call, line, known[1])
-        resumed = self._resuming.get(call.key)
+        resumed = self._resuming.pop(call.key, None)
         if resumed is not None:
+            resumed.expected.discard(call.key)
             resumed.waiting[call.key] = call
+            call.home = resumed
             self._submitted += 1
-            return await self._await(call, deadline)
-        await self._slots.acquire()
-        if self._state != "open":
-            self._slots.release()
-            raise ClosedError("the batched client was closed while this call waited for room")
-        call.slot = True
-        self._enqueue(call)
-        if self._slots.locked():
-            await self.flush()  # max_pending reached: the held calls go out now
-        return await self._await(call, deadline)
+        else:
+            await self._slots.acquire()
+            if self._state != "open":
+                self._slots.release()
+                raise ClosedError("the batched client was closed while this call waited for room")
+            call.slot = True
+            self._enqueue(call)
+            if self._slots.locked():
+                await self.flush()  # max_pending reached: the held calls go out now
+        try:
+            if deadline is not None and not await self._within(call.future, deadline):
+                if fallback:
+                    return await self._go_online(call)
+                self._withdraw(call)
+                self._failed += 1
+                raise BatchedTimeoutError(
+                    f"request {call.key} ({call.url}, {call.model}) had no result after its "
+                    f"deadline of {deadline:g} s; if it was sent, its batch keeps it and its "
+                    "result goes to the journal",
+                    custom_id=call.key,
+                    url=call.url,
+                    model=call.model,
+                    deadline=deadline,
+                )
+            line, batch_id = await call.future
+        except asyncio.CancelledError:
+            self._withdraw(call)
+            self._cancelled += 1
+            raise
+        if fallback and isinstance(line, ResultError) and line.error.code in _ENDED_CODES:
+            return await self._go_online(call)  # its batches expired or were cancelled
+        return self._answer(call, line, batch_id)
 
-    def _prepare(self, url: str, body: dict[str, Any]) -> _Call:
+    def _prepare(self, url: str, body: Mapping[str, Any]) -> _Call:
         """Check the request as a batch line and give it its key (raises at once)."""
         base = generated_custom_id("POST", url, body)
         occurrence = self._occurrences.get(base, 0) + 1
@@ -520,28 +626,6 @@ class BatchedOpenAI:
         elif first:
             self._wake.set()
 
-    async def _await(self, call: _Call, deadline: float | None) -> Any:
-        try:
-            if deadline is not None and not await self._within(call.future, deadline):
-                self._withdraw(call)
-                call.future.cancel()
-                self._failed += 1
-                raise BatchedTimeoutError(
-                    f"request {call.key} ({call.url}, {call.model}) had no result after its "
-                    f"deadline of {deadline:g} s; if it was sent, its batch keeps it and its "
-                    "result goes to the journal",
-                    custom_id=call.key,
-                    url=call.url,
-                    model=call.model,
-                    deadline=deadline,
-                )
-            line, batch_id = await call.future
-        except asyncio.CancelledError:
-            self._withdraw(call)
-            self._cancelled += 1
-            raise
-        return self._answer(call, line, batch_id)
-
     async def _within(self, future: asyncio.Future[Any], seconds: float) -> bool:
         """Whether ``future`` is done within ``seconds`` on the client's clock."""
         timer = asyncio.ensure_future(self._clock.sleep(seconds))
@@ -552,12 +636,106 @@ class BatchedOpenAI:
         return future.done()
 
     def _withdraw(self, call: _Call) -> None:
-        """Take a call nobody waits for any more out of its group (a sent call's result
-        is dropped when it comes)."""
-        if call.group is not None:
-            call.group.remove(call)
+        """Take a call nobody waits for any more (or that goes online) out of its group
+        or its flush: a queued call is never sent; a sent call's result is dropped when
+        it comes (its journal keeps it)."""
+        home = call.home
+        if home is None:
+            return
+        call.home = None
+        if isinstance(home, _Group):
+            home.remove(call)
             self._queued -= 1
-            self._release_of(call)
+        elif home.waiting.pop(call.key, None) is not None:
+            self._submitted -= 1
+        self._release_of(call)
+        call.future.cancel()
+
+    async def _go_online(self, call: _Call) -> Any:
+        """Answer a call from the online endpoint (``realtime_fallback``): its journaled
+        answer, or its error raised. A result its batch brings meanwhile or later is a
+        duplicate; when the online request fails, such a result answers instead."""
+        flush = call.home if isinstance(call.home, _Flush) else None
+        self._falling[call.key] = None
+        self._withdraw(call)
+        self._fallbacks += 1
+        self._online += 1
+        self._online_idle.clear()
+        if flush is not None:
+            flush.fell_back = True
+            self._cancel_if_unwanted(flush)
+        try:
+            line, final = await self._send_online(call)
+            if final:
+                self._journal_online(call, line)
+        except asyncio.CancelledError:
+            self._falling.pop(call.key, None)
+            self._cancelled += 1
+            raise
+        except Exception:
+            late = self._falling.pop(call.key, None)
+            if late is not None and not isinstance(late[0], ResultError):
+                return self._answer(call, *late)  # the batch answered after all
+            self._failed += 1
+            raise
+        finally:
+            self._online -= 1
+            if not self._online:
+                self._online_idle.set()
+        late = self._falling.pop(call.key, None)
+        if late is not None:
+            if not final and not isinstance(late[0], ResultError):
+                return self._answer(call, *late)  # a batch answer beats a retryable error
+            self._count_duplicate(late[0])
+        return self._answer(call, line, None)
+
+    async def _send_online(self, call: _Call) -> tuple[ResultLine, bool]:
+        """The call's request sent to the online endpoint (retried as the client
+        retries): its answer as a result line, and whether that is final (a success, or
+        an error that sending again would not change)."""
+        body = json.loads(call.data)["body"]
+        try:
+            response = await self._client.send_online(call.url, body)
+        except APIStatusError as exc:
+            answer = LineResponse(
+                status_code=exc.status_code, body=exc.body, request_id=exc.request_id
+            )
+            final = not is_transient_status(exc.status_code)
+            return ResultHTTPError(custom_id=call.key, response=answer), final
+        return ResultSuccess(custom_id=call.key, response=response), True
+
+    def _journal_online(self, call: _Call, line: ResultLine) -> None:
+        """Keep an online answer in the journal folder (before the caller gets it)."""
+        if self._answers is None:
+            folder = self._folder if self._folder is not None else self._temp
+            assert folder is not None
+            self._answers = _OnlineAnswers(os.path.join(folder, ONLINE_ANSWERS))
+        data = json.dumps(to_wire(line), separators=(",", ":"), ensure_ascii=False).encode()
+        self._answers.add(call.key, call.url, data, self._clock.now())
+        self._online_keys.add(call.key)
+
+    def _count_duplicate(self, line: ResultLine) -> None:
+        """A batch's result for a request answered online: paid twice."""
+        if isinstance(line, ResultError):
+            return  # it did not run: no cost
+        self._duplicates += 1
+        if isinstance(line, ResultSuccess):
+            used_in, used_out = usage_tokens(line.response.body)
+            self._duplicate_in += used_in
+            self._duplicate_out += used_out
+        logger.info(
+            "batched: request %s, answered online, also came from its batch (a duplicate "
+            "cost; kept in the journal, not returned)",
+            line.custom_id,
+        )
+
+    def _cancel_if_unwanted(self, flush: _Flush) -> None:
+        """Cancel a flush's batch run when no call waits for it any more (a batch cannot
+        drop single lines)."""
+        task = flush.task
+        if not flush.waiting and not flush.expected and task is not None and not task.done():
+            logger.info("batched: every call of %s went online; cancelling it", flush.path)
+            flush.run.cancel()
 
     def _release_of(self, call: _Call) -> None:
         if call.slot:
@@ -636,6 +814,8 @@ class BatchedOpenAI:
             on_batch=self._on_event,
         )
         flush = _Flush(path, run, {call.key: call for call in calls}, expected)
+        for call in calls:
+            call.home = flush
         for pending in expected:
             self._resuming[pending] = flush
         self._flushes.add(flush)
@@ -663,6 +843,7 @@ class BatchedOpenAI:
             for pending in flush.expected:
                 self._resuming.pop(pending, None)
             for call in leftover:
+                call.home = None
                 self._submitted -= 1
                 self._release_of(call)
                 if not call.future.done():
@@ -676,10 +857,20 @@ class BatchedOpenAI:
     def _settle(self, flush: _Flush, key: str, line: ResultLine, batch_id: str | None) -> None:
         call = flush.waiting.pop(key, None)
         if call is None:
-            if key in flush.expected:  # resumed, nobody asked yet: kept for the asker
+            if key in self._falling:  # its online answer is on its way
+                if self._falling[key] is None:
+                    self._falling[key] = (line, batch_id)
+            elif key in self._online_keys:  # answered online: paid twice
+                self._count_duplicate(line)
+                if key in flush.expected:
+                    flush.expected.discard(key)
+                    self._resuming.pop(key, None)
+            elif key in flush.expected:  # resumed, nobody asked yet: kept for the asker
+                flush.expected.discard(key)
                 self._resuming.pop(key, None)
                 self._known[key] = (line, batch_id)
             return
+        call.home = None
         self._submitted -= 1
         self._release_of(call)
         if not call.future.done():
@@ -737,6 +928,42 @@ def _status_error(call: _Call, line: ResultHTTPError, batch_id: str | None) -> R
 
 def _str_or_none(value: Any) -> str | None:
     return value if isinstance(value, str) else None
+
+
+class _OnlineAnswers:
+    """The answers of calls sent online, by key, in a SQLite file of the journal folder
+    (written in the loop's thread, as the run's journal is: one small commit each)."""
+
+    def __init__(self, path: str) -> None:
+        self._db = sqlite3.connect(path, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS answers (custom_id TEXT PRIMARY KEY, url TEXT NOT NULL, "
+            "data BLOB NOT NULL, answered_at REAL NOT NULL)"
+        )
+
+    def add(self, key: str, url: str, data: bytes, at: float) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO answers (custom_id, url, data, answered_at) "
+            "VALUES (?, ?, ?, ?)",
+            (key, url, data, at),
+        )
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def _read_online_answers(path: str) -> dict[str, tuple[bytes, str | None]]:
+    """The online answers kept in ``path``, by key (read-only)."""
+    db = sqlite3.connect(f"file:{os.path.abspath(path)}?mode=ro", uri=True)
+    try:
+        return {
+            str(key): (bytes(data), None)
+            for key, data in db.execute("SELECT custom_id, data FROM answers")
+        }
+    finally:
+        db.close()
 
 
 def _read_journal(path: str) -> tuple[dict[str, tuple[bytes, str | None]], set[str]]:
