@@ -20,6 +20,8 @@ batches), so a harness run again after a crash pays for nothing twice.
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import importlib
 import json
 import logging
@@ -28,7 +30,7 @@ import shutil
 import sqlite3
 import tempfile
 import uuid
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
 import attrs
@@ -42,7 +44,9 @@ from ._run import BatchEvent, BatchRun, RunConfig
 from ._run._outcomes import CANCELLED_CODES
 from ._run._preflight import Preflight, generated_custom_id
 from ._run._progress import RunProgress
+from ._run._records import PreparedRequest
 from .errors import (
+    AiobatchError,
     APIStatusError,
     BatchedTimeoutError,
     BatchEndedError,
@@ -135,9 +139,25 @@ class BatchedStats:
         return self.queued + self.submitted + self.online
 
 
-@attrs.define(slots=True, eq=False)
-class _Call:
-    """One awaiting call."""
+class _Call(asyncio.Future[Any]):
+    """One call, and the future its caller awaits: resolved with the call's answer (or
+    its error) when ``plain``; else with its ``(result line, batch id)``, which the
+    caller's coroutine turns into the answer (a call with a deadline or a fallback).
+
+    A plain call is awaited as it is: no task or coroutine of ours waits for it."""
+
+    __slots__ = (
+        "data",
+        "home",
+        "inputs",
+        "key",
+        "model",
+        "owner",
+        "plain",
+        "slot",
+        "tokens",
+        "url",
+    )
 
     key: str
     url: str
@@ -145,11 +165,47 @@ class _Call:
     data: bytes
     tokens: int
     inputs: int
-    future: asyncio.Future[tuple[ResultLine, str | None]]
+    plain: bool
+    #: the client it is of (told when a plain call is cancelled)
+    owner: BatchedOpenAI
     #: where it waits: its group (queued), its flush (submitted), or nowhere.
-    home: _Group | _Flush | None = None
+    home: _Group | _Flush | None
     #: it holds one of ``max_pending``'s slots (a call of a resumed journal does not).
-    slot: bool = False
+    slot: bool
+
+    def __init__(
+        self,
+        key: str,
+        url: str,
+        model: str,
+        data: bytes,
+        tokens: int,
+        inputs: int,
+        *,
+        plain: bool,
+        owner: BatchedOpenAI,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        super().__init__(loop=loop)
+        self.owner = owner
+        self.key = key
+        self.url = url
+        self.model = model
+        self.data = data
+        self.tokens = tokens
+        self.inputs = inputs
+        self.plain = plain
+        self.home = None
+        self.slot = False
+
+    def cancel(self, msg: Any | None = None) -> bool:
+        """Cancel the future; a plain call's client takes it out (no callback per call
+        is needed for that)."""
+        if not super().cancel(msg):
+            return False
+        if self.plain:
+            self.owner._plain_cancelled(self)
+        return True
 
 
 @attrs.define(slots=True, eq=False)
@@ -217,12 +273,11 @@ class _Create:
         deadline: float | None = None,
         realtime_fallback: bool | None = None,
         **params: Any,
-    ) -> Coroutine[Any, Any, Any]:
-        """Send one request through a batch; await it for its answer (``deadline`` and
-        ``realtime_fallback``: this call's, instead of the client's; not sent).
-
-        A plain function returning the call's coroutine (as ``async def`` would), so
-        that a waiting call holds one coroutine, not two."""
+    ) -> Awaitable[Any]:
+        """Send one request through a batch; await what this returns for its answer
+        (``deadline`` and ``realtime_fallback``: this call's, instead of the client's;
+        not sent). A plain function, as the SDK's ``async def create`` is used: a call
+        without a deadline or fallback waits as a future, no coroutine."""
         return self._owner.request(
             self._url, params, deadline=deadline, realtime_fallback=realtime_fallback
         )
@@ -322,10 +377,13 @@ class BatchedOpenAI:
         self._max_bytes = base.max_bytes or limits.max_bytes
         self._max_inputs = limits.max_embedding_inputs
         self._id_pattern = limits.custom_id_pattern
+        self._check = self._new_check()
         self._sdk = _sdk_available() if sdk_types is None else sdk_types
         self._on_progress = on_progress
         self._on_event = on_event
-        self._slots = asyncio.Semaphore(max_pending)
+        #: slots of ``max_pending`` free, and the calls waiting for one
+        self._free = max_pending
+        self._room_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._groups: dict[tuple[str, str], _Group] = {}
         self._occurrences: dict[str, int] = {}
         self._known: dict[str, tuple[bytes | ResultLine, str | None]] = {}
@@ -410,6 +468,9 @@ class BatchedOpenAI:
 
     async def flush(self) -> None:
         """Flush every group now (their batch runs start; this does not wait for them)."""
+        self._flush_all()
+
+    def _flush_all(self) -> None:
         for group in list(self._groups.values()):
             self._flush_group(group)
 
@@ -492,16 +553,18 @@ class BatchedOpenAI:
 
     # --- calls ---------------------------------------------------------------------------
 
-    async def request(
+    def request(
         self,
         url: str,
         body: Mapping[str, Any],
         *,
         deadline: float | None = None,
         realtime_fallback: bool | None = None,
-    ) -> Any:
+    ) -> Awaitable[Any]:
         """Send one request body to ``url`` (one of :data:`BATCHED_ENDPOINTS`) through a
-        batch; what the endpoint's ``create`` returns.
+        batch; await what this returns for what the endpoint's ``create`` returns. The
+        errors below are raised when it is awaited (bad input is found at once: nothing
+        is queued).
 
         Raises:
             InputError: the endpoint is not batchable, or the body is one a batch
@@ -515,18 +578,25 @@ class BatchedOpenAI:
             TransportError: with ``realtime_fallback``, the online request could not
                 be sent (after the client's retries).
         """
-        _check_deadline(deadline)
-        if deadline is None:
-            deadline = self._deadline
         fallback = self._fallback if realtime_fallback is None else realtime_fallback
-        if self._state != "open":
-            raise ClosedError(f"the batched client is {self._state}; use it inside 'async with'")
-        if url not in BATCHED_ENDPOINTS:
-            raise InputError(
-                f"{url} is not an endpoint batches can call; use one of "
-                + ", ".join(BATCHED_ENDPOINTS)
-            )
-        call = self._prepare(url, body)
+        try:
+            _check_deadline(deadline)
+            if deadline is None:
+                deadline = self._deadline
+            if self._state != "open":
+                raise ClosedError(
+                    f"the batched client is {self._state}; use it inside 'async with'"
+                )
+            if url not in BATCHED_ENDPOINTS:
+                raise InputError(
+                    f"{url} is not an endpoint batches can call; use one of "
+                    + ", ".join(BATCHED_ENDPOINTS)
+                )
+            call = self._prepare(url, body, plain=deadline is None and not fallback)
+        except (AiobatchError, ValueError) as exc:
+            failed: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            failed.set_exception(exc)
+            return failed
         del body  # encoded in the call: the caller's objects are not held while it waits
         known = self._known.pop(call.key, None)
         if known is not None:
@@ -534,24 +604,70 @@ class BatchedOpenAI:
             line = known[0]
             if not isinstance(line, (ResultSuccess, ResultHTTPError, ResultError)):
                 line = decode_result_line(line, what=f"the journaled result of {call.key}")
-            return self._answer(call, line, known[1])
+            call.plain = True
+            self._resolve(call, line, known[1])
+            return call
         resumed = self._resuming.pop(call.key, None)
         if resumed is not None:
             resumed.expected.discard(call.key)
             resumed.waiting[call.key] = call
             call.home = resumed
             self._submitted += 1
+        elif self._free and not self._room_waiters:
+            self._free -= 1
+            self._hold(call)
         else:
-            await self._slots.acquire()
-            if self._state != "open":
-                self._slots.release()
-                raise ClosedError("the batched client was closed while this call waited for room")
-            call.slot = True
-            self._enqueue(call)
-            if self._slots.locked():
-                await self.flush()  # max_pending reached: the held calls go out now
+            return self._after_room(call, deadline, fallback)
+        if call.plain:
+            return call
+        return self._await(call, deadline, fallback)
+
+    def _hold(self, call: _Call) -> None:
+        """Queue a call that took a slot of ``max_pending``."""
+        call.slot = True
+        self._enqueue(call)
+        if not self._free:
+            self._flush_all()  # max_pending reached: the held calls go out now
+
+    async def _after_room(self, call: _Call, deadline: float | None, fallback: bool) -> Any:
+        """Wait for a slot of ``max_pending``, queue the call, and await it."""
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._room_waiters.append(waiter)
         try:
-            if deadline is not None and not await self._within(call.future, deadline):
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self._release_slot()  # handed over just now: passed on
+            raise
+        finally:
+            with contextlib.suppress(ValueError):
+                self._room_waiters.remove(waiter)
+        if self._state != "open":
+            self._release_slot()
+            raise ClosedError("the batched client was closed while this call waited for room")
+        self._hold(call)
+        if call.plain:
+            return await call
+        return await self._await(call, deadline, fallback)
+
+    def _release_slot(self) -> None:
+        """A slot of ``max_pending`` free again: to the first call waiting for one."""
+        while self._room_waiters:
+            waiter = self._room_waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self._free += 1
+
+    def _plain_cancelled(self, call: _Call) -> None:
+        """A plain call's caller cancelled it: take it out."""
+        self._withdraw(call)
+        self._cancelled += 1
+
+    async def _await(self, call: _Call, deadline: float | None, fallback: bool) -> Any:
+        """Await a call with a deadline or a fallback: its answer."""
+        try:
+            if deadline is not None and not await self._within(call, deadline):
                 if fallback:
                     return await self._go_online(call)
                 self._withdraw(call)
@@ -565,25 +681,42 @@ class BatchedOpenAI:
                     model=call.model,
                     deadline=deadline,
                 )
-            line, batch_id = await call.future
+            line, batch_id = await call
+            if fallback and isinstance(line, ResultError) and line.error.code in _ENDED_CODES:
+                return await self._go_online(call)  # its batches expired or were cancelled
         except asyncio.CancelledError:
             self._withdraw(call)
             self._cancelled += 1
             raise
-        if fallback and isinstance(line, ResultError) and line.error.code in _ENDED_CODES:
-            return await self._go_online(call)  # its batches expired or were cancelled
         return self._answer(call, line, batch_id)
 
-    def _prepare(self, url: str, body: Mapping[str, Any]) -> _Call:
+    def _resolve(self, call: _Call, line: ResultLine, batch_id: str | None) -> None:
+        """Resolve a call's future: a plain call's with its answer or its error, any
+        other's with its result line (its coroutine answers)."""
+        if call.done():
+            return
+        if not call.plain:
+            call.set_result((line, batch_id))
+            return
+        try:
+            answer = self._answer(call, line, batch_id)
+        except Exception as exc:
+            call.set_exception(exc)
+        else:
+            call.set_result(answer)
+
+    def _prepare(self, url: str, body: Mapping[str, Any], *, plain: bool) -> _Call:
         """Check the request as a batch line and give it its key (raises at once)."""
         base = generated_custom_id("POST", url, body)
         occurrence = self._occurrences.get(base, 0) + 1
         key = f"{base}-{occurrence}"
-        check = Preflight(max_line_bytes=self._max_bytes, custom_id_pattern=self._id_pattern)
+        check = self._check
         prepared = check.check_item(
             {"custom_id": key, "method": "POST", "url": url, "body": body}, 1
         )
-        check.finish()
+        if prepared is None:  # its problems are raised; the next call gets a fresh check
+            self._check = self._new_check()
+            check.finish()
         assert prepared is not None
         assert prepared.model is not None
         limit = self._config.enqueued_token_limits.get(prepared.model)
@@ -598,11 +731,25 @@ class BatchedOpenAI:
                 f"{self._max_inputs:,}"
             )
         self._occurrences[base] = occurrence
-        future: asyncio.Future[tuple[ResultLine, str | None]] = (
-            asyncio.get_running_loop().create_future()
-        )
         return _Call(
-            key, url, prepared.model, prepared.data, prepared.tokens, prepared.inputs, future
+            key,
+            url,
+            prepared.model,
+            prepared.data,
+            prepared.tokens,
+            prepared.inputs,
+            plain=plain,
+            owner=self,
+            loop=asyncio.get_running_loop(),
+        )
+
+    def _new_check(self) -> Preflight:
+        """The check of the calls' request lines (one for every call while they pass:
+        it remembers no id, so it holds nothing per call)."""
+        return Preflight(
+            max_line_bytes=self._max_bytes,
+            custom_id_pattern=self._id_pattern,
+            remember_ids=False,
         )
 
     def _enqueue(self, call: _Call) -> None:
@@ -649,7 +796,7 @@ class BatchedOpenAI:
         elif home.waiting.pop(call.key, None) is not None:
             self._submitted -= 1
         self._release_of(call)
-        call.future.cancel()
+        call.cancel()
 
     async def _go_online(self, call: _Call) -> Any:
         """Answer a call from the online endpoint (``realtime_fallback``): its journaled
@@ -670,7 +817,6 @@ class BatchedOpenAI:
                 self._journal_online(call, line)
         except asyncio.CancelledError:
             self._falling.pop(call.key, None)
-            self._cancelled += 1
             raise
         except Exception:
             late = self._falling.pop(call.key, None)
@@ -740,7 +886,7 @@ class BatchedOpenAI:
     def _release_of(self, call: _Call) -> None:
         if call.slot:
             call.slot = False
-            self._slots.release()
+            self._release_slot()
 
     def _answer(self, call: _Call, line: ResultLine, batch_id: str | None) -> Any:
         """The call's return value, or its error raised."""
@@ -777,8 +923,8 @@ class BatchedOpenAI:
     def _fail(self, call: _Call, error: BaseException) -> None:
         self._queued -= 1
         self._release_of(call)
-        if not call.future.done():
-            call.future.set_exception(error)
+        if not call.done():
+            call.set_exception(error)
             self._failed += 1
 
     # --- flushing ------------------------------------------------------------------------
@@ -797,7 +943,22 @@ class BatchedOpenAI:
     def _start_flush(
         self, path: str, source: list[_Call] | None, calls: list[_Call], *, expected: set[str]
     ) -> None:
-        lines = None if source is None else [call.data for call in source]
+        # PreparedRequest: the run takes them as they are, made as it reads them (a
+        # list would hold them all for as long as the run goes)
+        lines: Iterator[Any] | None = None
+        if source is not None:
+            lines = (
+                PreparedRequest(
+                    seq=0,
+                    url=call.url,
+                    model=call.model,
+                    tokens=call.tokens,
+                    inputs=call.inputs,
+                    custom_id=call.key,
+                    data=call.data,
+                )
+                for call in source
+            )
         key = path
 
         def progress(snapshot: RunProgress) -> None:
@@ -846,13 +1007,13 @@ class BatchedOpenAI:
                 call.home = None
                 self._submitted -= 1
                 self._release_of(call)
-                if not call.future.done():
+                if not call.done():
                     if error is None:
                         error = ClosedError(
                             "the batched client was closed with cancel=True before this "
                             "request's result came; its journal keeps it for the next run"
                         )
-                    call.future.set_exception(error)
+                    call.set_exception(error)
 
     def _settle(self, flush: _Flush, key: str, line: ResultLine, batch_id: str | None) -> None:
         call = flush.waiting.pop(key, None)
@@ -873,8 +1034,7 @@ class BatchedOpenAI:
         call.home = None
         self._submitted -= 1
         self._release_of(call)
-        if not call.future.done():
-            call.future.set_result((line, batch_id))
+        self._resolve(call, line, batch_id)
 
     async def _tick(self) -> None:
         """Flush each group whose oldest call has waited ``max_wait``."""

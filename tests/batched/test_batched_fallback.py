@@ -268,3 +268,41 @@ async def test_without_fallback_an_expired_deadline_still_raises(clock: VirtualC
             await within(clock, 600, chat(openai, "strict", realtime_fallback=False))
         await openai.aclose(cancel=True)
     assert online_posts(service) == 0
+
+
+async def test_a_fallback_answer_is_the_sdk_type(clock: VirtualClock) -> None:
+    """With the openai package, an online answer is the SDK's own type too."""
+    from openai.types.chat import ChatCompletion
+
+    async with (
+        fake(clock, **SLOW) as (_, client),
+        BatchedOpenAI(
+            client, config=run_config(), max_wait=1.0, deadline=30.0, realtime_fallback=True
+        ) as openai,
+    ):
+        completion = await within(clock, 600, chat(openai, "typed"))
+    assert isinstance(completion, ChatCompletion)
+    assert completion.choices[0].message.content.endswith("to: typed")  # type: ignore[union-attr]
+
+
+async def test_a_caller_cancelled_during_its_online_request_leaves_nothing(
+    clock: VirtualClock,
+) -> None:
+    """A caller cancelled while its online request is on its way holds nothing
+    afterwards, and closing the client does not hang."""
+    async with (
+        fake(clock, **SLOW) as (service, client),
+        BatchedOpenAI(
+            client, config=run_config(), max_wait=1.0, deadline=10.0, realtime_fallback=True
+        ) as openai,
+    ):
+        service.faults.add(Fault.slow(20.0, method="POST", path="/chat/completions"))
+        task = asyncio.ensure_future(chat(openai, "gone"))
+        await clock.sleep(15.0)
+        assert openai.stats().online == 1
+        task.cancel()
+        await asyncio.sleep(0)
+        stats = openai.stats()
+        assert (stats.online, stats.pending, stats.cancelled) == (0, 0, 1)
+        await within(clock, 600, openai.aclose())
+    assert task.cancelled()
