@@ -208,6 +208,44 @@ class _Call(asyncio.Future[Any]):
         return True
 
 
+class _Awaiting:
+    """What ``create()`` returns for a plain call: a coroutine (as the SDK's ``create``
+    returns one: awaited, gathered, run as a task) that waits for the call's future,
+    with no frame of its own."""
+
+    __slots__ = ("call",)
+
+    def __init__(self, call: _Call) -> None:
+        self.call = call
+
+    def __await__(self) -> _Awaiting:
+        return self
+
+    def __iter__(self) -> _Awaiting:
+        return self
+
+    def __next__(self) -> Any:
+        return self.send(None)
+
+    def send(self, value: Any) -> Any:
+        """Step it: the call's future while it is not done (the task waits for it),
+        then its answer (or its error raised)."""
+        call = self.call
+        if not call.done():
+            call._asyncio_future_blocking = True
+            return call
+        raise StopIteration(call.result())
+
+    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
+        """The caller's task was cancelled (or an error thrown in): the call is taken
+        out, the error raised."""
+        self.call.cancel()
+        raise typ if val is None else val
+
+    def close(self) -> None:
+        """Nothing to close (the call stays queued; its answer is dropped)."""
+
+
 @attrs.define(slots=True, eq=False)
 class _Group:
     """The calls of one ``(endpoint, model)`` waiting for their flush."""
@@ -594,9 +632,7 @@ class BatchedOpenAI:
                 )
             call = self._prepare(url, body, plain=deadline is None and not fallback)
         except (AiobatchError, ValueError) as exc:
-            failed: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-            failed.set_exception(exc)
-            return failed
+            return _raise(exc)
         del body  # encoded in the call: the caller's objects are not held while it waits
         known = self._known.pop(call.key, None)
         if known is not None:
@@ -606,7 +642,7 @@ class BatchedOpenAI:
                 line = decode_result_line(line, what=f"the journaled result of {call.key}")
             call.plain = True
             self._resolve(call, line, known[1])
-            return call
+            return _Awaiting(call)
         resumed = self._resuming.pop(call.key, None)
         if resumed is not None:
             resumed.expected.discard(call.key)
@@ -619,7 +655,7 @@ class BatchedOpenAI:
         else:
             return self._after_room(call, deadline, fallback)
         if call.plain:
-            return call
+            return _Awaiting(call)
         return self._await(call, deadline, fallback)
 
     def _hold(self, call: _Call) -> None:
@@ -1051,6 +1087,11 @@ class BatchedOpenAI:
                     wait = due - now if wait is None else min(wait, due - now)
             self._wake.clear()
             await sleep_or_set(self._clock, wait, self._wake)
+
+
+async def _raise(error: BaseException) -> Any:
+    """A call's error, raised where it is awaited (as the SDK's ``create`` raises)."""
+    raise error
 
 
 def _check_deadline(deadline: float | None) -> None:
