@@ -20,27 +20,34 @@ batches), so a harness run again after a crash pays for nothing twice.
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import importlib
+import json
 import logging
 import os
 import shutil
 import sqlite3
 import tempfile
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
 import attrs
 
 from ._aio import cancel_and_wait, sleep_or_set
 from ._client import BatchClient
-from ._convert import decode_result_line
-from ._models import ResultError, ResultHTTPError, ResultLine, ResultSuccess
+from ._convert import decode_result_line, to_wire, usage_tokens
+from ._models import LineResponse, ResultError, ResultHTTPError, ResultLine, ResultSuccess
+from ._retry import is_transient_status
 from ._run import BatchEvent, BatchRun, RunConfig
 from ._run._outcomes import CANCELLED_CODES
 from ._run._preflight import Preflight, generated_custom_id
 from ._run._progress import RunProgress
+from ._run._records import PreparedRequest
 from .errors import (
+    AiobatchError,
+    APIStatusError,
     BatchedTimeoutError,
     BatchEndedError,
     ClosedError,
@@ -63,6 +70,8 @@ BATCHED_ENDPOINTS: Mapping[str, tuple[str, str]] = {
 }
 
 _JOURNAL_SUFFIX = ".journal"
+#: The file (in the journal folder) of the answers of calls sent online.
+ONLINE_ANSWERS = "online-answers.sqlite"
 _ENDED_CODES = frozenset({"batch_expired", *CANCELLED_CODES})
 
 
@@ -102,6 +111,13 @@ class BatchedStats:
         cancelled: calls whose caller was cancelled.
         reused: calls answered from a journal of an earlier run, without a new batch.
         flushes: batch runs started (including the ones resumed on start).
+        online: calls sent to the online endpoint and waiting for its answer.
+        fallbacks: calls sent to the online endpoint (``realtime_fallback``), at full
+            price.
+        duplicate_results: results that came from a batch for a request already
+            answered online: paid twice (kept in the journal, never returned).
+        duplicate_input_tokens, duplicate_output_tokens: the tokens of those results
+            (their ``usage``), the duplicate cost.
     """
 
     queued: int
@@ -111,16 +127,37 @@ class BatchedStats:
     cancelled: int
     reused: int
     flushes: int
+    online: int = 0
+    fallbacks: int = 0
+    duplicate_results: int = 0
+    duplicate_input_tokens: int = 0
+    duplicate_output_tokens: int = 0
 
     @property
     def pending(self) -> int:
-        """Calls not answered yet (queued or submitted)."""
-        return self.queued + self.submitted
+        """Calls not answered yet (queued, submitted or online)."""
+        return self.queued + self.submitted + self.online
 
 
-@attrs.define(slots=True, eq=False)
-class _Call:
-    """One awaiting call."""
+class _Call(asyncio.Future[Any]):
+    """One call, and the future its caller awaits: resolved with the call's answer (or
+    its error) when ``plain``; else with its ``(result line, batch id)``, which the
+    caller's coroutine turns into the answer (a call with a deadline or a fallback).
+
+    A plain call is awaited as it is: no task or coroutine of ours waits for it."""
+
+    __slots__ = (
+        "data",
+        "home",
+        "inputs",
+        "key",
+        "model",
+        "owner",
+        "plain",
+        "slot",
+        "tokens",
+        "url",
+    )
 
     key: str
     url: str
@@ -128,10 +165,85 @@ class _Call:
     data: bytes
     tokens: int
     inputs: int
-    future: asyncio.Future[tuple[ResultLine, str | None]]
-    group: _Group | None = None
+    plain: bool
+    #: the client it is of (told when a plain call is cancelled)
+    owner: BatchedOpenAI
+    #: where it waits: its group (queued), its flush (submitted), or nowhere.
+    home: _Group | _Flush | None
     #: it holds one of ``max_pending``'s slots (a call of a resumed journal does not).
-    slot: bool = False
+    slot: bool
+
+    def __init__(
+        self,
+        key: str,
+        url: str,
+        model: str,
+        data: bytes,
+        tokens: int,
+        inputs: int,
+        *,
+        plain: bool,
+        owner: BatchedOpenAI,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        super().__init__(loop=loop)
+        self.owner = owner
+        self.key = key
+        self.url = url
+        self.model = model
+        self.data = data
+        self.tokens = tokens
+        self.inputs = inputs
+        self.plain = plain
+        self.home = None
+        self.slot = False
+
+    def cancel(self, msg: Any | None = None) -> bool:
+        """Cancel the future; a plain call's client takes it out (no callback per call
+        is needed for that)."""
+        if not super().cancel(msg):
+            return False
+        if self.plain:
+            self.owner._plain_cancelled(self)
+        return True
+
+
+class _Awaiting:
+    """What ``create()`` returns for a plain call: a coroutine (as the SDK's ``create``
+    returns one: awaited, gathered, run as a task) that waits for the call's future,
+    with no frame of its own."""
+
+    __slots__ = ("call",)
+
+    def __init__(self, call: _Call) -> None:
+        self.call = call
+
+    def __await__(self) -> _Awaiting:
+        return self
+
+    def __iter__(self) -> _Awaiting:
+        return self
+
+    def __next__(self) -> Any:
+        return self.send(None)
+
+    def send(self, value: Any) -> Any:
+        """Step it: the call's future while it is not done (the task waits for it),
+        then its answer (or its error raised)."""
+        call = self.call
+        if not call.done():
+            call._asyncio_future_blocking = True
+            return call
+        raise StopIteration(call.result())
+
+    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
+        """The caller's task was cancelled (or an error thrown in): the call is taken
+        out, the error raised."""
+        self.call.cancel()
+        raise typ if val is None else val
+
+    def close(self) -> None:
+        """Nothing to close (the call stays queued; its answer is dropped)."""
 
 
 @attrs.define(slots=True, eq=False)
@@ -150,14 +262,13 @@ class _Group:
         if not self.calls:
             self.since = now
         self.calls[call.key] = call
-        call.group = self
+        call.home = self
         self.size += len(call.data) + 1
         self.tokens += call.tokens
         self.inputs += call.inputs
 
     def remove(self, call: _Call) -> None:
         if self.calls.pop(call.key, None) is not None:
-            call.group = None
             self.size -= len(call.data) + 1
             self.tokens -= call.tokens
             self.inputs -= call.inputs
@@ -165,7 +276,7 @@ class _Group:
     def take(self) -> list[_Call]:
         calls = list(self.calls.values())
         for call in calls:
-            call.group = None
+            call.home = None
         self.calls = {}
         self.size = self.tokens = self.inputs = 0
         return calls
@@ -177,10 +288,14 @@ class _Flush:
 
     path: str
     run: BatchRun
+    #: the calls that wait for its results.
     waiting: dict[str, _Call]
-    #: keys of a resumed journal not final yet (answers nobody asked for are kept).
+    #: keys of a resumed journal not final yet that nobody asked for (their answers are
+    #: kept for the asker).
     expected: set[str] = attrs.field(factory=set)
     task: asyncio.Task[None] | None = None
+    #: a call of it went online (``realtime_fallback``).
+    fell_back: bool = False
 
 
 class _Create:
@@ -190,10 +305,20 @@ class _Create:
         self._owner = owner
         self._url = url
 
-    async def create(self, *, deadline: float | None = None, **params: Any) -> Any:
-        """Send one request through a batch and return its answer when it is in
-        (``deadline``: seconds to wait for it, instead of the client's; not sent)."""
-        return await self._owner.request(self._url, params, deadline=deadline)
+    def create(
+        self,
+        *,
+        deadline: float | None = None,
+        realtime_fallback: bool | None = None,
+        **params: Any,
+    ) -> Awaitable[Any]:
+        """Send one request through a batch; await what this returns for its answer
+        (``deadline`` and ``realtime_fallback``: this call's, instead of the client's;
+        not sent). A plain function, as the SDK's ``async def create`` is used: a call
+        without a deadline or fallback waits as a future, no coroutine."""
+        return self._owner.request(
+            self._url, params, deadline=deadline, realtime_fallback=realtime_fallback
+        )
 
 
 class _Chat:
@@ -238,6 +363,14 @@ class BatchedOpenAI:
         deadline: seconds a call waits for its result before it raises
             :class:`~aiobatch.errors.BatchedTimeoutError` (None: no limit); a call's
             ``create(deadline=...)`` overrides it.
+        realtime_fallback: a call whose deadline passes is sent to the ordinary online
+            endpoint instead (at full price) and answered from there; so is a call whose
+            batches expired or were cancelled in every round. The online answer is
+            journaled (a rerun gets it from the journal); a result its batch brings
+            later is kept in the batch's journal, never returned, and counted in
+            :meth:`stats` as a duplicate (``duplicate_results`` and their tokens). A
+            batch whose every call went online is cancelled. A call's
+            ``create(realtime_fallback=...)`` overrides it.
         on_event: called with a :class:`~aiobatch.BatchCreated` when a flush's batch is
             open on the server (its id, endpoint, model and request count) and a
             :class:`~aiobatch.BatchEnded` when it ends (its status and request counts);
@@ -260,6 +393,7 @@ class BatchedOpenAI:
         on_progress: Callable[[RunProgress], None] | None = None,
         on_event: Callable[[BatchEvent], None] | None = None,
         deadline: float | None = None,
+        realtime_fallback: bool = False,
     ) -> None:
         if not max_wait >= 0:
             raise ValueError(f"max_wait must be >= 0, got {max_wait!r}")
@@ -267,6 +401,7 @@ class BatchedOpenAI:
             raise ValueError(f"max_pending must be a positive int, got {max_pending!r}")
         _check_deadline(deadline)
         self._deadline = deadline
+        self._fallback = realtime_fallback
         self._client = client
         self._clock = client.clock
         self._folder = os.fspath(journal) if journal is not None else None
@@ -280,10 +415,13 @@ class BatchedOpenAI:
         self._max_bytes = base.max_bytes or limits.max_bytes
         self._max_inputs = limits.max_embedding_inputs
         self._id_pattern = limits.custom_id_pattern
+        self._check = self._new_check()
         self._sdk = _sdk_available() if sdk_types is None else sdk_types
         self._on_progress = on_progress
         self._on_event = on_event
-        self._slots = asyncio.Semaphore(max_pending)
+        #: slots of ``max_pending`` free, and the calls waiting for one
+        self._free = max_pending
+        self._room_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._groups: dict[tuple[str, str], _Group] = {}
         self._occurrences: dict[str, int] = {}
         self._known: dict[str, tuple[bytes | ResultLine, str | None]] = {}
@@ -295,6 +433,16 @@ class BatchedOpenAI:
         self._state = "new"
         self._queued = self._submitted = 0
         self._done = self._failed = self._cancelled = self._reused = self._started = 0
+        self._online = self._fallbacks = 0
+        self._duplicates = self._duplicate_in = self._duplicate_out = 0
+        #: keys whose call is being answered online -> the batch's result, if it came
+        #: meanwhile.
+        self._falling: dict[str, tuple[ResultLine, str | None] | None] = {}
+        #: keys with a journaled online answer (a batch's result for one is a duplicate).
+        self._online_keys: set[str] = set()
+        self._answers: _OnlineAnswers | None = None
+        self._online_idle = asyncio.Event()
+        self._online_idle.set()
         self.chat = _Chat(self)
         self.embeddings = _Create(self, "/v1/embeddings")
         self.responses = _Create(self, "/v1/responses")
@@ -321,7 +469,10 @@ class BatchedOpenAI:
             os.makedirs(self._folder, exist_ok=True)
             if self._reuse:
                 for path, pending in self._index_folder():  # a few reads, once
-                    self._start_flush(path, None, [], expected=pending)
+                    # a request answered online is not run again
+                    pending -= self._online_keys
+                    if pending:
+                        self._start_flush(path, None, [], expected=pending)
         self._state = "open"
         self._ticker = asyncio.ensure_future(self._tick())
 
@@ -342,10 +493,22 @@ class BatchedOpenAI:
             self._known.update(finals)
             if open_keys:
                 unfinished.append((path, open_keys))
+        online = os.path.join(self._folder, ONLINE_ANSWERS)
+        if os.path.exists(online):
+            try:
+                answers = _read_online_answers(online)
+            except sqlite3.DatabaseError as exc:
+                logger.warning("batched: skipping %s, which cannot be read: %s", online, exc)
+            else:
+                self._known.update(answers)  # the answer the caller got wins
+                self._online_keys.update(answers)
         return unfinished
 
     async def flush(self) -> None:
         """Flush every group now (their batch runs start; this does not wait for them)."""
+        self._flush_all()
+
+    def _flush_all(self) -> None:
         for group in list(self._groups.values()):
             self._flush_group(group)
 
@@ -371,6 +534,9 @@ class BatchedOpenAI:
         while self._flushes:
             tasks = [flush.task for flush in self._flushes if flush.task is not None]
             await asyncio.wait(tasks)
+        await self._online_idle.wait()
+        if self._answers is not None:
+            self._answers.close()
         self._state = "closed"
         if self._ticker is not None:
             await cancel_and_wait([self._ticker])
@@ -389,6 +555,11 @@ class BatchedOpenAI:
             cancelled=self._cancelled,
             reused=self._reused,
             flushes=self._started,
+            online=self._online,
+            fallbacks=self._fallbacks,
+            duplicate_results=self._duplicates,
+            duplicate_input_tokens=self._duplicate_in,
+            duplicate_output_tokens=self._duplicate_out,
         )
 
     def progress(self) -> RunProgress:
@@ -420,11 +591,18 @@ class BatchedOpenAI:
 
     # --- calls ---------------------------------------------------------------------------
 
-    async def request(
-        self, url: str, body: Mapping[str, Any], *, deadline: float | None = None
-    ) -> Any:
+    def request(
+        self,
+        url: str,
+        body: Mapping[str, Any],
+        *,
+        deadline: float | None = None,
+        realtime_fallback: bool | None = None,
+    ) -> Awaitable[Any]:
         """Send one request body to ``url`` (one of :data:`BATCHED_ENDPOINTS`) through a
-        batch; what the endpoint's ``create`` returns.
+        batch; await what this returns for what the endpoint's ``create`` returns. The
+        errors below are raised when it is awaited (bad input is found at once: nothing
+        is queued).
 
         Raises:
             InputError: the endpoint is not batchable, or the body is one a batch
@@ -432,52 +610,149 @@ class BatchedOpenAI:
                 once, nothing is queued.
             ClosedError: the client is not open.
             RequestFailedError, BatchEndedError, RequestNotRunError: the request's
-                line failed.
-            BatchedTimeoutError: ``deadline`` (or the client's) passed first.
+                line failed (or its online answer was an HTTP error).
+            BatchedTimeoutError: ``deadline`` (or the client's) passed first, without
+                ``realtime_fallback``.
+            TransportError: with ``realtime_fallback``, the online request could not
+                be sent (after the client's retries).
         """
-        _check_deadline(deadline)
-        if deadline is None:
-            deadline = self._deadline
-        if self._state != "open":
-            raise ClosedError(f"the batched client is {self._state}; use it inside 'async with'")
-        if url not in BATCHED_ENDPOINTS:
-            raise InputError(
-                f"{url} is not an endpoint batches can call; use one of "
-                + ", ".join(BATCHED_ENDPOINTS)
-            )
-        call = self._prepare(url, dict(body))
+        fallback = self._fallback if realtime_fallback is None else realtime_fallback
+        try:
+            _check_deadline(deadline)
+            if deadline is None:
+                deadline = self._deadline
+            if self._state != "open":
+                raise ClosedError(
+                    f"the batched client is {self._state}; use it inside 'async with'"
+                )
+            if url not in BATCHED_ENDPOINTS:
+                raise InputError(
+                    f"{url} is not an endpoint batches can call; use one of "
+                    + ", ".join(BATCHED_ENDPOINTS)
+                )
+            call = self._prepare(url, body, plain=deadline is None and not fallback)
+        except (AiobatchError, ValueError) as exc:
+            return _raise(exc)
+        del body  # encoded in the call: the caller's objects are not held while it waits
         known = self._known.pop(call.key, None)
         if known is not None:
             self._reused += 1
             line = known[0]
             if not isinstance(line, (ResultSuccess, ResultHTTPError, ResultError)):
                 line = decode_result_line(line, what=f"the journaled result of {call.key}")
-            return self._answer(call, line, known[1])
-        resumed = self._resuming.get(call.key)
+            call.plain = True
+            self._resolve(call, line, known[1])
+            return _Awaiting(call)
+        resumed = self._resuming.pop(call.key, None)
         if resumed is not None:
+            resumed.expected.discard(call.key)
             resumed.waiting[call.key] = call
+            call.home = resumed
             self._submitted += 1
-            return await self._await(call, deadline)
-        await self._slots.acquire()
-        if self._state != "open":
-            self._slots.release()
-            raise ClosedError("the batched client was closed while this call waited for room")
+        elif self._free and not self._room_waiters:
+            self._free -= 1
+            self._hold(call)
+        else:
+            return self._after_room(call, deadline, fallback)
+        if call.plain:
+            return _Awaiting(call)
+        return self._await(call, deadline, fallback)
+
+    def _hold(self, call: _Call) -> None:
+        """Queue a call that took a slot of ``max_pending``."""
         call.slot = True
         self._enqueue(call)
-        if self._slots.locked():
-            await self.flush()  # max_pending reached: the held calls go out now
-        return await self._await(call, deadline)
+        if not self._free:
+            self._flush_all()  # max_pending reached: the held calls go out now
 
-    def _prepare(self, url: str, body: dict[str, Any]) -> _Call:
+    async def _after_room(self, call: _Call, deadline: float | None, fallback: bool) -> Any:
+        """Wait for a slot of ``max_pending``, queue the call, and await it."""
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._room_waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self._release_slot()  # handed over just now: passed on
+            raise
+        finally:
+            with contextlib.suppress(ValueError):
+                self._room_waiters.remove(waiter)
+        if self._state != "open":
+            self._release_slot()
+            raise ClosedError("the batched client was closed while this call waited for room")
+        self._hold(call)
+        if call.plain:
+            return await call
+        return await self._await(call, deadline, fallback)
+
+    def _release_slot(self) -> None:
+        """A slot of ``max_pending`` free again: to the first call waiting for one."""
+        while self._room_waiters:
+            waiter = self._room_waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self._free += 1
+
+    def _plain_cancelled(self, call: _Call) -> None:
+        """A plain call's caller cancelled it: take it out."""
+        self._withdraw(call)
+        self._cancelled += 1
+
+    async def _await(self, call: _Call, deadline: float | None, fallback: bool) -> Any:
+        """Await a call with a deadline or a fallback: its answer."""
+        try:
+            if deadline is not None and not await self._within(call, deadline):
+                if fallback:
+                    return await self._go_online(call)
+                self._withdraw(call)
+                self._failed += 1
+                raise BatchedTimeoutError(
+                    f"request {call.key} ({call.url}, {call.model}) had no result after its "
+                    f"deadline of {deadline:g} s; if it was sent, its batch keeps it and its "
+                    "result goes to the journal",
+                    custom_id=call.key,
+                    url=call.url,
+                    model=call.model,
+                    deadline=deadline,
+                )
+            line, batch_id = await call
+            if fallback and isinstance(line, ResultError) and line.error.code in _ENDED_CODES:
+                return await self._go_online(call)  # its batches expired or were cancelled
+        except asyncio.CancelledError:
+            self._withdraw(call)
+            self._cancelled += 1
+            raise
+        return self._answer(call, line, batch_id)
+
+    def _resolve(self, call: _Call, line: ResultLine, batch_id: str | None) -> None:
+        """Resolve a call's future: a plain call's with its answer or its error, any
+        other's with its result line (its coroutine answers)."""
+        if call.done():
+            return
+        if not call.plain:
+            call.set_result((line, batch_id))
+            return
+        try:
+            answer = self._answer(call, line, batch_id)
+        except Exception as exc:
+            call.set_exception(exc)
+        else:
+            call.set_result(answer)
+
+    def _prepare(self, url: str, body: Mapping[str, Any], *, plain: bool) -> _Call:
         """Check the request as a batch line and give it its key (raises at once)."""
         base = generated_custom_id("POST", url, body)
         occurrence = self._occurrences.get(base, 0) + 1
         key = f"{base}-{occurrence}"
-        check = Preflight(max_line_bytes=self._max_bytes, custom_id_pattern=self._id_pattern)
+        check = self._check
         prepared = check.check_item(
             {"custom_id": key, "method": "POST", "url": url, "body": body}, 1
         )
-        check.finish()
+        if prepared is None:  # its problems are raised; the next call gets a fresh check
+            self._check = self._new_check()
+            check.finish()
         assert prepared is not None
         assert prepared.model is not None
         limit = self._config.enqueued_token_limits.get(prepared.model)
@@ -492,11 +767,25 @@ class BatchedOpenAI:
                 f"{self._max_inputs:,}"
             )
         self._occurrences[base] = occurrence
-        future: asyncio.Future[tuple[ResultLine, str | None]] = (
-            asyncio.get_running_loop().create_future()
-        )
         return _Call(
-            key, url, prepared.model, prepared.data, prepared.tokens, prepared.inputs, future
+            key,
+            url,
+            prepared.model,
+            prepared.data,
+            prepared.tokens,
+            prepared.inputs,
+            plain=plain,
+            owner=self,
+            loop=asyncio.get_running_loop(),
+        )
+
+    def _new_check(self) -> Preflight:
+        """The check of the calls' request lines (one for every call while they pass:
+        it remembers no id, so it holds nothing per call)."""
+        return Preflight(
+            max_line_bytes=self._max_bytes,
+            custom_id_pattern=self._id_pattern,
+            remember_ids=False,
         )
 
     def _enqueue(self, call: _Call) -> None:
@@ -520,28 +809,6 @@ class BatchedOpenAI:
         elif first:
             self._wake.set()
 
-    async def _await(self, call: _Call, deadline: float | None) -> Any:
-        try:
-            if deadline is not None and not await self._within(call.future, deadline):
-                self._withdraw(call)
-                call.future.cancel()
-                self._failed += 1
-                raise BatchedTimeoutError(
-                    f"request {call.key} ({call.url}, {call.model}) had no result after its "
-                    f"deadline of {deadline:g} s; if it was sent, its batch keeps it and its "
-                    "result goes to the journal",
-                    custom_id=call.key,
-                    url=call.url,
-                    model=call.model,
-                    deadline=deadline,
-                )
-            line, batch_id = await call.future
-        except asyncio.CancelledError:
-            self._withdraw(call)
-            self._cancelled += 1
-            raise
-        return self._answer(call, line, batch_id)
-
     async def _within(self, future: asyncio.Future[Any], seconds: float) -> bool:
         """Whether ``future`` is done within ``seconds`` on the client's clock."""
         timer = asyncio.ensure_future(self._clock.sleep(seconds))
@@ -552,17 +819,110 @@ class BatchedOpenAI:
         return future.done()
 
     def _withdraw(self, call: _Call) -> None:
-        """Take a call nobody waits for any more out of its group (a sent call's result
-        is dropped when it comes)."""
-        if call.group is not None:
-            call.group.remove(call)
+        """Take a call nobody waits for any more (or that goes online) out of its group
+        or its flush: a queued call is never sent; a sent call's result is dropped when
+        it comes (its journal keeps it)."""
+        home = call.home
+        if home is None:
+            return
+        call.home = None
+        if isinstance(home, _Group):
+            home.remove(call)
             self._queued -= 1
-            self._release_of(call)
+        elif home.waiting.pop(call.key, None) is not None:
+            self._submitted -= 1
+        self._release_of(call)
+        call.cancel()
+
+    async def _go_online(self, call: _Call) -> Any:
+        """Answer a call from the online endpoint (``realtime_fallback``): its journaled
+        answer, or its error raised. A result its batch brings meanwhile or later is a
+        duplicate; when the online request fails, such a result answers instead."""
+        flush = call.home if isinstance(call.home, _Flush) else None
+        self._falling[call.key] = None
+        self._withdraw(call)
+        self._fallbacks += 1
+        self._online += 1
+        self._online_idle.clear()
+        if flush is not None:
+            flush.fell_back = True
+            self._cancel_if_unwanted(flush)
+        try:
+            line, final = await self._send_online(call)
+            if final:
+                self._journal_online(call, line)
+        except asyncio.CancelledError:
+            self._falling.pop(call.key, None)
+            raise
+        except Exception:
+            late = self._falling.pop(call.key, None)
+            if late is not None and not isinstance(late[0], ResultError):
+                return self._answer(call, *late)  # the batch answered after all
+            self._failed += 1
+            raise
+        finally:
+            self._online -= 1
+            if not self._online:
+                self._online_idle.set()
+        late = self._falling.pop(call.key, None)
+        if late is not None:
+            if not final and not isinstance(late[0], ResultError):
+                return self._answer(call, *late)  # a batch answer beats a retryable error
+            self._count_duplicate(late[0])
+        return self._answer(call, line, None)
+
+    async def _send_online(self, call: _Call) -> tuple[ResultLine, bool]:
+        """The call's request sent to the online endpoint (retried as the client
+        retries): its answer as a result line, and whether that is final (a success, or
+        an error that sending again would not change)."""
+        body = json.loads(call.data)["body"]
+        try:
+            response = await self._client.send_online(call.url, body)
+        except APIStatusError as exc:
+            answer = LineResponse(
+                status_code=exc.status_code, body=exc.body, request_id=exc.request_id
+            )
+            final = not is_transient_status(exc.status_code)
+            return ResultHTTPError(custom_id=call.key, response=answer), final
+        return ResultSuccess(custom_id=call.key, response=response), True
+
+    def _journal_online(self, call: _Call, line: ResultLine) -> None:
+        """Keep an online answer in the journal folder (before the caller gets it)."""
+        if self._answers is None:
+            folder = self._folder if self._folder is not None else self._temp
+            assert folder is not None
+            self._answers = _OnlineAnswers(os.path.join(folder, ONLINE_ANSWERS))
+        data = json.dumps(to_wire(line), separators=(",", ":"), ensure_ascii=False).encode()
+        self._answers.add(call.key, call.url, data, self._clock.now())
+        self._online_keys.add(call.key)
+
+    def _count_duplicate(self, line: ResultLine) -> None:
+        """A batch's result for a request answered online: paid twice."""
+        if isinstance(line, ResultError):
+            return  # it did not run: no cost
+        self._duplicates += 1
+        if isinstance(line, ResultSuccess):
+            used_in, used_out = usage_tokens(line.response.body)
+            self._duplicate_in += used_in
+            self._duplicate_out += used_out
+        logger.info(
+            "batched: request %s, answered online, also came from its batch (a duplicate "
+            "cost; kept in the journal, not returned)",
+            line.custom_id,
+        )
+
+    def _cancel_if_unwanted(self, flush: _Flush) -> None:
+        """Cancel a flush's batch run when no call waits for it any more (a batch cannot
+        drop single lines)."""
+        task = flush.task
+        if not flush.waiting and not flush.expected and task is not None and not task.done():
+            logger.info("batched: every call of %s went online; cancelling it", flush.path)
+            flush.run.cancel()
 
     def _release_of(self, call: _Call) -> None:
         if call.slot:
             call.slot = False
-            self._slots.release()
+            self._release_slot()
 
     def _answer(self, call: _Call, line: ResultLine, batch_id: str | None) -> Any:
         """The call's return value, or its error raised."""
@@ -599,8 +959,8 @@ class BatchedOpenAI:
     def _fail(self, call: _Call, error: BaseException) -> None:
         self._queued -= 1
         self._release_of(call)
-        if not call.future.done():
-            call.future.set_exception(error)
+        if not call.done():
+            call.set_exception(error)
             self._failed += 1
 
     # --- flushing ------------------------------------------------------------------------
@@ -619,7 +979,22 @@ class BatchedOpenAI:
     def _start_flush(
         self, path: str, source: list[_Call] | None, calls: list[_Call], *, expected: set[str]
     ) -> None:
-        lines = None if source is None else [call.data for call in source]
+        # PreparedRequest: the run takes them as they are, made as it reads them (a
+        # list would hold them all for as long as the run goes)
+        lines: Iterator[Any] | None = None
+        if source is not None:
+            lines = (
+                PreparedRequest(
+                    seq=0,
+                    url=call.url,
+                    model=call.model,
+                    tokens=call.tokens,
+                    inputs=call.inputs,
+                    custom_id=call.key,
+                    data=call.data,
+                )
+                for call in source
+            )
         key = path
 
         def progress(snapshot: RunProgress) -> None:
@@ -636,6 +1011,8 @@ class BatchedOpenAI:
             on_batch=self._on_event,
         )
         flush = _Flush(path, run, {call.key: call for call in calls}, expected)
+        for call in calls:
+            call.home = flush
         for pending in expected:
             self._resuming[pending] = flush
         self._flushes.add(flush)
@@ -663,27 +1040,37 @@ class BatchedOpenAI:
             for pending in flush.expected:
                 self._resuming.pop(pending, None)
             for call in leftover:
+                call.home = None
                 self._submitted -= 1
                 self._release_of(call)
-                if not call.future.done():
+                if not call.done():
                     if error is None:
                         error = ClosedError(
                             "the batched client was closed with cancel=True before this "
                             "request's result came; its journal keeps it for the next run"
                         )
-                    call.future.set_exception(error)
+                    call.set_exception(error)
 
     def _settle(self, flush: _Flush, key: str, line: ResultLine, batch_id: str | None) -> None:
         call = flush.waiting.pop(key, None)
         if call is None:
-            if key in flush.expected:  # resumed, nobody asked yet: kept for the asker
+            if key in self._falling:  # its online answer is on its way
+                if self._falling[key] is None:
+                    self._falling[key] = (line, batch_id)
+            elif key in self._online_keys:  # answered online: paid twice
+                self._count_duplicate(line)
+                if key in flush.expected:
+                    flush.expected.discard(key)
+                    self._resuming.pop(key, None)
+            elif key in flush.expected:  # resumed, nobody asked yet: kept for the asker
+                flush.expected.discard(key)
                 self._resuming.pop(key, None)
                 self._known[key] = (line, batch_id)
             return
+        call.home = None
         self._submitted -= 1
         self._release_of(call)
-        if not call.future.done():
-            call.future.set_result((line, batch_id))
+        self._resolve(call, line, batch_id)
 
     async def _tick(self) -> None:
         """Flush each group whose oldest call has waited ``max_wait``."""
@@ -700,6 +1087,11 @@ class BatchedOpenAI:
                     wait = due - now if wait is None else min(wait, due - now)
             self._wake.clear()
             await sleep_or_set(self._clock, wait, self._wake)
+
+
+async def _raise(error: BaseException) -> Any:
+    """A call's error, raised where it is awaited (as the SDK's ``create`` raises)."""
+    raise error
 
 
 def _check_deadline(deadline: float | None) -> None:
@@ -737,6 +1129,42 @@ def _status_error(call: _Call, line: ResultHTTPError, batch_id: str | None) -> R
 
 def _str_or_none(value: Any) -> str | None:
     return value if isinstance(value, str) else None
+
+
+class _OnlineAnswers:
+    """The answers of calls sent online, by key, in a SQLite file of the journal folder
+    (written in the loop's thread, as the run's journal is: one small commit each)."""
+
+    def __init__(self, path: str) -> None:
+        self._db = sqlite3.connect(path, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS answers (custom_id TEXT PRIMARY KEY, url TEXT NOT NULL, "
+            "data BLOB NOT NULL, answered_at REAL NOT NULL)"
+        )
+
+    def add(self, key: str, url: str, data: bytes, at: float) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO answers (custom_id, url, data, answered_at) "
+            "VALUES (?, ?, ?, ?)",
+            (key, url, data, at),
+        )
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def _read_online_answers(path: str) -> dict[str, tuple[bytes, str | None]]:
+    """The online answers kept in ``path``, by key (read-only)."""
+    db = sqlite3.connect(f"file:{os.path.abspath(path)}?mode=ro", uri=True)
+    try:
+        return {
+            str(key): (bytes(data), None)
+            for key, data in db.execute("SELECT custom_id, data FROM answers")
+        }
+    finally:
+        db.close()
 
 
 def _read_journal(path: str) -> tuple[dict[str, tuple[bytes, str | None]], set[str]]:

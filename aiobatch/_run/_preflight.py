@@ -386,7 +386,23 @@ class Preflight:
         return self._at_once(self.inspect_item(item, index))
 
     def inspect_item(self, item: Mapping[str, Any] | str | bytes, index: int) -> Inspected | None:
-        """:meth:`check_item` but for duplicates (see :meth:`inspect_line`)."""
+        """:meth:`check_item` but for duplicates (see :meth:`inspect_line`). A
+        :class:`PreparedRequest` (a line this class checked before) is taken as it is."""
+        if isinstance(item, PreparedRequest):
+            return Inspected(
+                index,
+                [],
+                claim=item.custom_id,
+                generated=item.generated_id,
+                unit="item",
+                ready=True,
+                url=item.url,
+                model=item.model,
+                data=item.data,
+                size=item.size,
+                tokens=item.tokens,
+                inputs=item.inputs,
+            )
         if isinstance(item, Mapping):
             try:
                 raw = _encode(item)

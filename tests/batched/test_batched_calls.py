@@ -211,6 +211,48 @@ async def test_a_call_a_batch_refuses_raises_at_once(
     assert service.batch_ids == []
 
 
+async def test_calls_run_as_tasks_as_the_sdk_calls_do(clock: VirtualClock) -> None:
+    """A call's create() is used as the SDK's coroutine is: run as a task (create_task,
+    ensure_future then asyncio.wait) it is answered, a cancelled one is taken out, a
+    refused one raises."""
+    async with (
+        fake(clock) as (_, client),
+        BatchedOpenAI(client, config=run_config(), sdk_types=False) as openai,
+    ):
+        tasks = [asyncio.create_task(chat(openai, f"q{i}")) for i in range(3)]
+        refused = asyncio.create_task(chat(openai, "streamed", stream=True))
+        waited = asyncio.ensure_future(chat(openai, "waited"))
+        await asyncio.sleep(0)
+        tasks[2].cancel()
+        results = await within(clock, 600, asyncio.gather(*tasks[:2]))
+        with pytest.raises(PreflightError):
+            await refused
+        done, _ = await within(clock, 600, asyncio.wait([waited]))
+        stats = openai.stats()
+    assert [text_of(r)[-5:] for r in results] == ["o: q0", "o: q1"]
+    assert text_of(done.pop().result()).endswith("to: waited")
+    assert tasks[2].cancelled()
+    assert (stats.done, stats.cancelled, stats.pending) == (3, 1, 0)
+
+
+async def test_a_refused_call_leaves_the_next_calls_unaffected(clock: VirtualClock) -> None:
+    """After a call a batch refuses has raised, the next calls are checked afresh: a
+    second refused call names only its own problem, good calls are answered."""
+    async with (
+        fake(clock) as (_, client),
+        BatchedOpenAI(client, config=run_config(), sdk_types=False) as openai,
+    ):
+        with pytest.raises(PreflightError):
+            await chat(openai, "streamed", stream=True)
+        with pytest.raises(PreflightError) as caught:
+            await chat(openai, "no model", model="")
+        assert caught.value.count == 1
+        assert "stream" not in str(caught.value)
+        results = await within(clock, 600, asyncio.gather(chat(openai, "a"), chat(openai, "b")))
+    assert text_of(results[0]).endswith("to: a")
+    assert text_of(results[1]).endswith("to: b")
+
+
 async def test_an_unknown_endpoint_raises_at_once(clock: VirtualClock) -> None:
     """An endpoint batches cannot call raises InputError before anything is queued."""
     async with fake(clock) as (service, client), BatchedOpenAI(client) as openai:
