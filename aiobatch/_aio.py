@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from typing import Any
@@ -15,27 +14,30 @@ __all__ = ["cancel_and_wait", "first_of", "run_all", "run_bounded", "sleep_or_se
 
 async def first_of(*futures: asyncio.Future[Any]) -> None:
     """Wait until one of ``futures`` is done; cancel the others and wait for them to end
-    (also when this wait itself is cancelled), so none is left running."""
+    (also when this wait itself is cancelled), so none is left running. The error of a
+    future that ended by failing is raised; a cancel of this wait is never swallowed."""
     try:
         await asyncio.wait(futures, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        for future in futures:
-            if not future.done():
-                future.cancel()
-        for future in futures:
-            with contextlib.suppress(asyncio.CancelledError):
-                await future
+        await cancel_and_wait(futures)
+    for future in futures:
+        error = None if future.cancelled() else future.exception()
+        if error is not None:
+            raise error
 
 
 async def cancel_and_wait(tasks: Iterable[asyncio.Future[Any]]) -> None:
     """Cancel every task, then wait for each to end; their errors are not raised (the
-    caller is closing down)."""
+    caller is closing down). A cancel of this wait itself is passed on, not swallowed
+    (``asyncio.wait`` raises only for its caller's own cancel)."""
     tasks = list(tasks)
     for task in tasks:
         task.cancel()
+    if tasks:
+        await asyncio.wait(tasks)
     for task in tasks:
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
+        if not task.cancelled():
+            task.exception()  # retrieved: not logged as "never retrieved"
 
 
 async def sleep_or_set(clock: Clock, seconds: float | None, *events: asyncio.Event) -> None:

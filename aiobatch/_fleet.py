@@ -45,7 +45,6 @@ users through :mod:`aiobatch._fleet_events`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import math
@@ -55,7 +54,7 @@ from typing import Any
 
 import attrs
 
-from ._aio import first_of, run_all, run_bounded, sleep_or_set
+from ._aio import cancel_and_wait, first_of, run_all, run_bounded, sleep_or_set
 from ._budget import RequestBudget
 from ._client import BatchClient
 from ._fleet_events import (
@@ -427,11 +426,9 @@ class Fleet:
         self._closed = True
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
             # A scheduler that failed earlier (its failure was logged and handed to
             # every waiter) does not fail the close: it still cleans up below.
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            await cancel_and_wait([task])
         await self._events.aclose()
         self._idle.set()
         await self._client.aclose()

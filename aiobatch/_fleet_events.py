@@ -220,8 +220,10 @@ class EventHub:
         self.queues.clear()
 
     async def aclose(self) -> None:
-        """Cancel the coroutine callbacks still running, then :meth:`end`."""
-        await cancel_and_wait(self._callback_tasks)
+        """Cancel the coroutine callbacks still running (but the one calling this, when
+        a callback closes the fleet: it runs on to its end), then :meth:`end`."""
+        me = asyncio.current_task()
+        await cancel_and_wait([task for task in self._callback_tasks if task is not me])
         self._callback_tasks.clear()
         self.end()
 

@@ -6,7 +6,9 @@ import asyncio
 import heapq
 import itertools
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
+
+from .._aio import cancel_and_wait
 
 __all__ = ["VirtualClock"]
 
@@ -91,9 +93,7 @@ class VirtualClock:
         try:
             yield self
         finally:
-            driver.cancel()
-            with suppress(asyncio.CancelledError):
-                await driver
+            await cancel_and_wait([driver])
 
     async def _drive(self) -> None:
         while True:

@@ -1,0 +1,90 @@
+"""The small asyncio helpers the fleet and the runner wait with: a cancel that reaches
+them while they clean up still cancels their caller."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiobatch._aio import cancel_and_wait, first_of
+
+
+def _slow_to_end(release: asyncio.Event) -> asyncio.Task[None]:
+    """A task that, once cancelled, takes until ``release`` to end."""
+
+    async def body() -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            await asyncio.shield(release.wait())
+            raise
+
+    return asyncio.ensure_future(body())
+
+
+async def _turns(n: int = 20) -> None:
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+async def test_first_of_passes_on_a_cancel_that_comes_while_the_losers_end() -> None:
+    """A task cancelled while first_of waits for the other futures to end is cancelled,
+    not left running as if nothing happened."""
+    release = asyncio.Event()
+    winner = asyncio.ensure_future(asyncio.sleep(0))
+    loser = _slow_to_end(release)
+    after: list[str] = []
+
+    async def waiter() -> None:
+        await first_of(winner, loser)
+        after.append("went on")
+        await asyncio.Event().wait()
+
+    task = asyncio.ensure_future(waiter())
+    await _turns()  # the winner is done; first_of waits for the loser to end
+    assert not task.done() and loser.cancelled() is False
+    task.cancel()
+    await _turns()
+    release.set()
+    await _turns()
+    assert task.cancelled()
+    assert after == []
+
+
+async def test_cancel_and_wait_passes_on_a_cancel_that_comes_while_it_waits() -> None:
+    """A task cancelled while cancel_and_wait waits for the tasks to end is cancelled."""
+    release = asyncio.Event()
+    slow = _slow_to_end(release)
+    after: list[str] = []
+
+    async def closer() -> None:
+        await cancel_and_wait([slow])
+        after.append("went on")
+        await asyncio.Event().wait()
+
+    await _turns()
+    task = asyncio.ensure_future(closer())
+    await _turns()
+    task.cancel()
+    await _turns()
+    release.set()
+    await _turns()
+    assert task.cancelled()
+    assert after == []
+    assert slow.done()
+
+
+async def test_first_of_raises_the_error_of_the_future_that_ended_first() -> None:
+    """When the first future to end failed, first_of raises its error."""
+
+    async def fails() -> None:
+        raise ValueError("boom")
+
+    failing = asyncio.ensure_future(fails())
+    idle = asyncio.ensure_future(asyncio.Event().wait())
+    try:
+        await first_of(failing, idle)
+    except ValueError as exc:
+        assert str(exc) == "boom"
+    else:
+        raise AssertionError("first_of did not raise")
+    assert idle.cancelled()
