@@ -67,6 +67,7 @@ from ._convert_results import (
     decode_result_line,
     result_line_bytes,
     summarize,
+    summarize_result,
     summarize_result_line,
     usage_tokens,
 )
@@ -86,6 +87,7 @@ __all__ = [
     "result_line_bytes",
     "structure",
     "summarize",
+    "summarize_result",
     "summarize_result_line",
     "to_wire",
     "upload_form_fields",

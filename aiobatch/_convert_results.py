@@ -23,6 +23,7 @@ __all__ = [
     "decode_result_line",
     "result_line_bytes",
     "summarize",
+    "summarize_result",
     "summarize_result_line",
     "usage_tokens",
 ]
@@ -110,6 +111,21 @@ def summarize_result_line(line: bytes | str, *, what: str = "result line") -> Re
     if summary is None:
         summary = summarize(decode_result_line(line, what=what))
     return summary
+
+
+def summarize_result(raw: bytes, *, what: str = "result line") -> tuple[ResultSummary, bytes]:
+    """:func:`summarize_result_line` and :func:`result_line_bytes` of one line, reading
+    it once: a line the lean reading takes is in the OpenAI shape (it has a
+    ``response`` or an ``error`` object, which an Anthropic line has not), so its bytes
+    are ``raw`` stripped, without looking for ``"result"`` through the whole line.
+
+    Raises:
+        DecodeError: the line does not decode (as :func:`decode_result_line`).
+    """
+    summary = _summary_fast(raw) if _summary_fast is not None else _summary_plain(raw)
+    if summary is not None:
+        return summary, raw.strip()
+    return summarize(decode_result_line(raw, what=what)), result_line_bytes(raw)
 
 
 def _summary_plain(line: bytes | str) -> ResultSummary | None:

@@ -22,7 +22,7 @@ import contextlib
 import attrs
 
 from .._clock import SystemClock
-from .._convert import result_line_bytes, summarize_result_line
+from .._convert import summarize_result
 from .._fleet import BatchDone, DoneReason
 from .._lifecycle import BatchStatus
 from .._models import Batch, ResultSummary
@@ -304,13 +304,13 @@ async def _read_file(ctx: RunContext, shard: Shard, file_id: str, column: str) -
                 if number <= skip or not raw.strip():
                     continue
                 try:
-                    result = summarize_result_line(raw, what=f"line {number} of file {file_id}")
+                    # The line in OpenAI's shape, whatever the provider.
+                    result, data = summarize_result(raw, what=f"line {number} of file {file_id}")
                 except DecodeError as exc:
                     logger.warning("run %s: a result line does not decode: %s", ctx.run_id, exc)
                     # Ended with the error when it says which request it is.
                     chunk.append(_Line(undecodable(raw), None, b"", describe(exc)))
                 else:
-                    data = result_line_bytes(raw)  # in OpenAI's shape, whatever the provider
                     held += len(data)
                     chunk.append(_Line(result.custom_id, result, data))
                 if len(chunk) >= config.collect_chunk or held >= config.collect_chunk_bytes:

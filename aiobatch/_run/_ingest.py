@@ -30,7 +30,7 @@ from ._records import RunMeta
 __all__ = ["check_source", "ingest"]
 
 #: Lines checked per batch, at most ...
-_BATCH_LINES = 2000
+_BATCH_LINES = 500
 #: ... and no more once they make this many bytes.
 _BATCH_BYTES = 4 * 1024 * 1024
 #: Bytes of a file read (and hashed) at a time.

@@ -54,7 +54,7 @@ from ._records import (
     Shard,
     ShardPlan,
 )
-from ._sqlite_db import PAGE_BYTES, PAGE_LINES, Db, Page, SeqRun, seq_runs
+from ._sqlite_db import PAGE_BYTES, PAGE_LINES, Checkpointer, Db, Page, SeqRun, seq_runs
 from ._sqlite_schema import PAGE_SIZE, READABLE_VERSIONS, SCHEMA, SCHEMA_VERSION, UPGRADES
 from ._states import ShardState, allowed
 
@@ -76,6 +76,8 @@ _CACHE_KIB = 16 * 1024
 _IDS_PER_QUERY = 500
 #: WAL bytes after which a commit checkpoints them into the file (and fsyncs).
 _CHECKPOINT_BYTES = 40 * 1024 * 1024
+#: Seconds between two copies of the log by :meth:`JournalFile.checkpoint_in_thread`.
+_CHECKPOINT_EVERY = 0.25
 #: A request (a row of ``requests``) without its result.
 _NO_RESULT = "NOT EXISTS (SELECT 1 FROM results WHERE results.seq = requests.seq)"
 _META_FLOATS = ("started_at", "updated_at")
@@ -119,6 +121,7 @@ class JournalFile:
     ) -> None:
         self.path = os.fspath(path)
         self.readonly = readonly
+        self._checkpointer: Checkpointer | None = None
         exists = os.path.exists(self.path)
         if not exists and not create:
             raise JournalError(f"no journal at {self.path}")
@@ -200,8 +203,18 @@ class JournalFile:
                     db.execute(statement)
             self.put_meta(db, {"schema_version": str(SCHEMA_VERSION)})
 
+    def checkpoint_in_thread(self) -> None:
+        """From now on the log is copied into the file by a thread of its own
+        (:class:`Checkpointer`), not by the commits."""
+        if self._checkpointer is None and not self.readonly:
+            self._checkpointer = Checkpointer(self.path, every=_CHECKPOINT_EVERY)
+            self._db.execute("PRAGMA wal_autocheckpoint=0")
+
     def close(self) -> None:
         """Close the file (safe to call twice)."""
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
+            self._checkpointer = None
         self._db.close()
 
     def __enter__(self) -> JournalFile:
@@ -225,6 +238,8 @@ class JournalFile:
             self._db.rollback()
             raise
         self._db.execute("COMMIT")
+        if self._checkpointer is not None:
+            self._checkpointer.poke()
 
     # --- meta ----------------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ import contextlib
 import fcntl
 import os
 import sqlite3
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from typing import IO, Any
 
@@ -25,6 +26,7 @@ from ._journal import CHUNK_BYTES
 __all__ = [
     "PAGE_BYTES",
     "PAGE_LINES",
+    "Checkpointer",
     "Db",
     "FileLock",
     "Page",
@@ -181,6 +183,50 @@ class Db:
 
     def close(self) -> None:
         self._connection.close()
+
+
+class Checkpointer:
+    """Copies a journal's log (its ``-wal`` file) into the file from a thread and a
+    connection of its own, so that a commit never waits for that copy. (SQLite's own
+    checkpoint runs in the committing thread, the event loop's for most statements: it
+    copied up to ~40 MB of log and synced the file there, and all of a big ingest's at
+    its commit.) A copy starts after a commit, at most one every ``every`` seconds; it
+    takes what no reader still needs (``PASSIVE``), and a failed copy is left to the
+    next one (the run's own connection meets any failure of the file itself)."""
+
+    def __init__(self, path: str, *, every: float) -> None:
+        self._connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._every = every
+        self._poked = threading.Event()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, name=f"aiobatch checkpoint {os.path.basename(path)}", daemon=True
+        )
+        self._thread.start()
+
+    def poke(self) -> None:
+        """A commit wrote to the log."""
+        self._poked.set()
+
+    def stop(self) -> None:
+        """End the thread (after the copy under way) and close its connection."""
+        self._stopped.set()
+        self._poked.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        try:
+            while True:
+                self._poked.wait()
+                if self._stopped.is_set():
+                    return
+                self._poked.clear()
+                with contextlib.suppress(sqlite3.Error):
+                    self._connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                if self._stopped.wait(self._every):
+                    return
+        finally:
+            self._connection.close()
 
 
 #: Unreadable shard rows in a row after which the salvage stops looking for more.

@@ -125,6 +125,7 @@ class SQLiteJournal:
         self, path: str | os.PathLike[str], *, create: bool = False, busy_timeout: float = 10.0
     ) -> None:
         self.file = JournalFile(path, create=create, busy_timeout=busy_timeout)
+        self.file.checkpoint_in_thread()  # no commit in the loop copies the log
         self._lock = FileLock(self.file.path)
         self._turn = asyncio.Lock()
 

@@ -17,8 +17,10 @@ from aiobatch._convert import (
     encode_create_batch,
     encode_request_line,
     parse_error_body,
+    result_line_bytes,
     structure,
     summarize,
+    summarize_result,
     summarize_result_line,
     to_wire,
     upload_form_fields,
@@ -489,3 +491,41 @@ def test_unusual_result_lines_read_the_same_lean_or_typed(line: str) -> None:
         expected = typed(form)
         for name, read in _LEAN_READERS.items():
             assert _summary_or_error(read)(form) == expected, name
+
+
+_anthropic_results = st.fixed_dictionaries(
+    {"custom_id": st.text(max_size=6)},
+    optional={
+        "result": st.one_of(
+            st.fixed_dictionaries(
+                {"type": st.just("succeeded")},
+                optional={"message": st.fixed_dictionaries({"content": st.just([])})},
+            ),
+            st.fixed_dictionaries({"type": st.sampled_from(["canceled", "expired", "mystery"])}),
+            json_values,
+        ),
+        "response": st.one_of(st.none(), _response),
+        "error": st.one_of(st.none(), _line_error),
+    },
+)
+
+
+def _pair_or_error(read: Callable[[bytes], object]) -> Callable[[bytes], object]:
+    def call(line: bytes) -> object:
+        try:
+            return read(line)
+        except DecodeError:
+            return DecodeError
+
+    return call
+
+
+@given(st.one_of(result_objects, _anthropic_results), st.booleans())
+def test_a_result_line_read_once_gives_its_summary_and_its_openai_bytes(
+    value: dict[str, Any], spaced: bool
+) -> None:
+    """summarize_result gives what summarize_result_line and result_line_bytes give for
+    any result line, OpenAI's or Anthropic's (a line that does not decode is refused)."""
+    line = b"  " + json.dumps(value, separators=(", ", ": ") if spaced else (",", ":")).encode()
+    expected = _pair_or_error(lambda raw: (summarize_result_line(raw), result_line_bytes(raw)))
+    assert _pair_or_error(summarize_result)(line) == expected(line)
