@@ -134,7 +134,8 @@ class SQLiteJournal:
         return self.file.path
 
     async def close(self) -> None:
-        self.file.close()
+        async with self._turn:  # after a chunk being written in a worker thread
+            self.file.close()
 
     async def acquire(self) -> None:
         self._lock.acquire()

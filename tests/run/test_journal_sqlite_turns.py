@@ -3,6 +3,7 @@ from it (the output file, a shard's file) gives the loop back often."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from aiobatch._run._records import FinalResult, PreparedRequest, RunMeta, ShardPlan
@@ -11,12 +12,9 @@ from aiobatch._run._sqlite_journal import SQLiteJournal
 URL = "/v1/chat/completions"
 
 
-async def test_output_lines_come_in_chunks_of_at_most_1024_lines(tmp_path: Path) -> None:
-    """The output's lines are read 1024 at most between two turns of the loop (4096
-    lines of a few hundred bytes held it 150-200 ms on a busy machine), every line once
-    and in input order."""
-    journal = SQLiteJournal(tmp_path / "run.journal", create=True)
-    count = 3000
+async def _journal_with_a_shard(path: Path, count: int) -> tuple[SQLiteJournal, list[FinalResult]]:
+    """A journal of ``count`` requests in shard ``s0``, and a final result for each."""
+    journal = SQLiteJournal(path, create=True)
     requests = [
         PreparedRequest(
             seq=seq,
@@ -46,8 +44,32 @@ async def test_output_lines_come_in_chunks_of_at_most_1024_lines(tmp_path: Path)
         )
         for seq in reversed(range(count))
     ]
+    return journal, finals
+
+
+async def test_output_lines_come_in_chunks_of_at_most_1024_lines(tmp_path: Path) -> None:
+    """The output's lines are read 1024 at most between two turns of the loop (4096
+    lines of a few hundred bytes held it 150-200 ms on a busy machine), every line once
+    and in input order."""
+    count = 3000
+    journal, finals = await _journal_with_a_shard(tmp_path / "run.journal", count)
     await journal.record("s0", finals, output_done=count)
     chunks = [list(chunk) async for chunk in journal.result_lines(order="input")]
     await journal.close()
     assert max(len(chunk) for chunk in chunks) <= 1024
     assert [line for chunk in chunks for line in chunk] == [b"%d" % seq for seq in range(count)]
+
+
+async def test_a_close_during_a_background_record_waits_for_it(tmp_path: Path) -> None:
+    """Closing the journal while a chunk is written in a worker thread waits for that
+    write: the chunk lands whole and the file is closed after it, not under it."""
+    count = 20000
+    journal, finals = await _journal_with_a_shard(tmp_path / "run.journal", count)
+    write = asyncio.ensure_future(journal.record("s0", finals, background=True, output_done=count))
+    await asyncio.sleep(0)  # the write is under way in its thread
+    await journal.close()
+    await write
+    again = SQLiteJournal(tmp_path / "run.journal")
+    rows = await again.result_rows(order="input", after=-1, limit=2 * count)
+    await again.close()
+    assert len(rows) == count
