@@ -15,6 +15,13 @@ occurrence among identical requests of this client. On start, the client reads t
 journals already in its folder: a call whose key has a final result there is answered
 from it, and a journal with unfinished requests is run again (its run adopts its
 batches), so a harness run again after a crash pays for nothing twice.
+
+This module owns the client class, its SDK-shaped namespaces, its life (start, flush,
+close), its counts and the path of one call (checked, keyed, held, awaited, withdrawn).
+The rest is in sibling modules: ``_batched_calls`` (the call objects and where they wait),
+``_batched_groups`` (the coalescing and the flushes' batch runs), ``_batched_online`` (the
+realtime fallback and its online-answers file) and ``_batched_results`` (the answers:
+SDK types, :class:`BatchedResult`, typed errors, :class:`BatchedStats`).
 """
 
 from __future__ import annotations
@@ -22,280 +29,44 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import importlib
-import json
 import logging
 import os
 import shutil
 import sqlite3
 import tempfile
-import uuid
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import attrs
 
-from ._aio import cancel_and_wait, sleep_or_set
+from ._aio import cancel_and_wait
+from ._batched_calls import _Awaiting, _Call, _check_deadline, _Flush, _Group, _raise
+from ._batched_groups import _JOURNAL_SUFFIX, _Flushing, _read_journal
+from ._batched_online import ONLINE_ANSWERS, _Online, _OnlineAnswers, _read_online_answers
+from ._batched_results import (
+    _ENDED_CODES,
+    BATCHED_ENDPOINTS,
+    BatchedResult,
+    BatchedStats,
+    _Answering,
+    _sdk_available,
+)
 from ._client import BatchClient
-from ._convert import decode_result_line, to_wire, usage_tokens
-from ._models import LineResponse, ResultError, ResultHTTPError, ResultLine, ResultSuccess
-from ._retry import is_transient_status
-from ._run import BatchEvent, BatchRun, RunConfig
-from ._run._outcomes import CANCELLED_CODES
+from ._convert import decode_result_line
+from ._models import ResultError, ResultHTTPError, ResultLine, ResultSuccess
+from ._run import BatchEvent, RunConfig
 from ._run._preflight import Preflight, generated_custom_id
 from ._run._progress import RunProgress
-from ._run._records import PreparedRequest
 from .errors import (
     AiobatchError,
-    APIStatusError,
     BatchedTimeoutError,
-    BatchEndedError,
     ClosedError,
     InputError,
-    RequestFailedError,
-    RequestNotRunError,
 )
 
 __all__ = ["BATCHED_ENDPOINTS", "BatchedOpenAI", "BatchedResult", "BatchedStats"]
 
 logger = logging.getLogger("aiobatch.batched")
-
-#: The endpoints a batched call may go to, and the official SDK type of each answer.
-BATCHED_ENDPOINTS: Mapping[str, tuple[str, str]] = {
-    "/v1/chat/completions": ("openai.types.chat", "ChatCompletion"),
-    "/v1/embeddings": ("openai.types", "CreateEmbeddingResponse"),
-    "/v1/responses": ("openai.types.responses", "Response"),
-    "/v1/completions": ("openai.types", "Completion"),
-    "/v1/moderations": ("openai.types", "ModerationCreateResponse"),
-}
-
-_JOURNAL_SUFFIX = ".journal"
-#: The file (in the journal folder) of the answers of calls sent online.
-ONLINE_ANSWERS = "online-answers.sqlite"
-_ENDED_CODES = frozenset({"batch_expired", *CANCELLED_CODES})
-
-
-@attrs.frozen(slots=True)
-class BatchedResult:
-    """A batched call's answer when the ``openai`` package is not used.
-
-    Attributes:
-        body: the response body, decoded JSON.
-        status_code: the line's HTTP status.
-        request_id: the line's request id, when the server gave one.
-        custom_id: the request's key in its batch.
-        batch_id: the batch it came from (None when it came from a journal without one).
-    """
-
-    body: Any
-    status_code: int
-    request_id: str | None
-    custom_id: str
-    batch_id: str | None
-
-    @property
-    def usage(self) -> Any:
-        """The body's ``usage``, when it has one."""
-        return self.body.get("usage") if isinstance(self.body, Mapping) else None
-
-
-@attrs.frozen(slots=True)
-class BatchedStats:
-    """What a :class:`BatchedOpenAI` holds and did.
-
-    Attributes:
-        queued: calls waiting in a group for their flush.
-        submitted: calls flushed into a batch run and waiting for their result.
-        done: calls answered with a success.
-        failed: calls answered with an error (a failed line, or a request not run).
-        cancelled: calls whose caller was cancelled.
-        reused: calls answered from a journal of an earlier run, without a new batch.
-        flushes: batch runs started (including the ones resumed on start).
-        online: calls sent to the online endpoint and waiting for its answer.
-        fallbacks: calls sent to the online endpoint (``realtime_fallback``), at full
-            price.
-        duplicate_results: results that came from a batch for a request already
-            answered online: paid twice (kept in the journal, never returned).
-        duplicate_input_tokens, duplicate_output_tokens: the tokens of those results
-            (their ``usage``), the duplicate cost.
-    """
-
-    queued: int
-    submitted: int
-    done: int
-    failed: int
-    cancelled: int
-    reused: int
-    flushes: int
-    online: int = 0
-    fallbacks: int = 0
-    duplicate_results: int = 0
-    duplicate_input_tokens: int = 0
-    duplicate_output_tokens: int = 0
-
-    @property
-    def pending(self) -> int:
-        """Calls not answered yet (queued, submitted or online)."""
-        return self.queued + self.submitted + self.online
-
-
-class _Call(asyncio.Future[Any]):
-    """One call, and the future its caller awaits: resolved with the call's answer (or
-    its error) when ``plain``; else with its ``(result line, batch id)``, which the
-    caller's coroutine turns into the answer (a call with a deadline or a fallback).
-
-    A plain call is awaited as it is: no task or coroutine of ours waits for it."""
-
-    __slots__ = (
-        "data",
-        "home",
-        "inputs",
-        "key",
-        "model",
-        "owner",
-        "plain",
-        "slot",
-        "tokens",
-        "url",
-    )
-
-    key: str
-    url: str
-    model: str
-    data: bytes
-    tokens: int
-    inputs: int
-    plain: bool
-    #: the client it is of (told when a plain call is cancelled)
-    owner: BatchedOpenAI
-    #: where it waits: its group (queued), its flush (submitted), or nowhere.
-    home: _Group | _Flush | None
-    #: it holds one of ``max_pending``'s slots (a call of a resumed journal does not).
-    slot: bool
-
-    def __init__(
-        self,
-        key: str,
-        url: str,
-        model: str,
-        data: bytes,
-        tokens: int,
-        inputs: int,
-        *,
-        plain: bool,
-        owner: BatchedOpenAI,
-        loop: asyncio.AbstractEventLoop,
-    ) -> None:
-        super().__init__(loop=loop)
-        self.owner = owner
-        self.key = key
-        self.url = url
-        self.model = model
-        self.data = data
-        self.tokens = tokens
-        self.inputs = inputs
-        self.plain = plain
-        self.home = None
-        self.slot = False
-
-    def cancel(self, msg: Any | None = None) -> bool:
-        """Cancel the future; a plain call's client takes it out (no callback per call
-        is needed for that)."""
-        if not super().cancel(msg):
-            return False
-        if self.plain:
-            self.owner._plain_cancelled(self)
-        return True
-
-
-class _Awaiting:
-    """What ``create()`` returns for a plain call: a coroutine (as the SDK's ``create``
-    returns one: awaited, gathered, run as a task) that waits for the call's future,
-    with no frame of its own."""
-
-    __slots__ = ("call",)
-
-    def __init__(self, call: _Call) -> None:
-        self.call = call
-
-    def __await__(self) -> _Awaiting:
-        return self
-
-    def __iter__(self) -> _Awaiting:
-        return self
-
-    def __next__(self) -> Any:
-        return self.send(None)
-
-    def send(self, value: Any) -> Any:
-        """Step it: the call's future while it is not done (the task waits for it),
-        then its answer (or its error raised)."""
-        call = self.call
-        if not call.done():
-            call._asyncio_future_blocking = True
-            return call
-        raise StopIteration(call.result())
-
-    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
-        """The caller's task was cancelled (or an error thrown in): the call is taken
-        out, the error raised."""
-        self.call.cancel()
-        raise typ if val is None else val
-
-    def close(self) -> None:
-        """Nothing to close (the call stays queued; its answer is dropped)."""
-
-
-@attrs.define(slots=True, eq=False)
-class _Group:
-    """The calls of one ``(endpoint, model)`` waiting for their flush."""
-
-    url: str
-    model: str
-    calls: dict[str, _Call] = attrs.field(factory=dict)
-    size: int = 0
-    tokens: int = 0
-    inputs: int = 0
-    since: float = 0.0
-
-    def add(self, call: _Call, now: float) -> None:
-        if not self.calls:
-            self.since = now
-        self.calls[call.key] = call
-        call.home = self
-        self.size += len(call.data) + 1
-        self.tokens += call.tokens
-        self.inputs += call.inputs
-
-    def remove(self, call: _Call) -> None:
-        if self.calls.pop(call.key, None) is not None:
-            self.size -= len(call.data) + 1
-            self.tokens -= call.tokens
-            self.inputs -= call.inputs
-
-    def take(self) -> list[_Call]:
-        calls = list(self.calls.values())
-        for call in calls:
-            call.home = None
-        self.calls = {}
-        self.size = self.tokens = self.inputs = 0
-        return calls
-
-
-@attrs.define(eq=False)
-class _Flush:
-    """One batch run over flushed calls (or a journal resumed on start)."""
-
-    path: str
-    run: BatchRun
-    #: the calls that wait for its results.
-    waiting: dict[str, _Call]
-    #: keys of a resumed journal not final yet that nobody asked for (their answers are
-    #: kept for the asker).
-    expected: set[str] = attrs.field(factory=set)
-    task: asyncio.Task[None] | None = None
-    #: a call of it went online (``realtime_fallback``).
-    fell_back: bool = False
 
 
 class _Create:
@@ -326,7 +97,7 @@ class _Chat:
         self.completions = _Create(owner, "/v1/chat/completions")
 
 
-class BatchedOpenAI:
+class BatchedOpenAI(_Answering, _Online, _Flushing):
     """Awaitable calls with the shape of ``openai.AsyncOpenAI``, run through batches.
 
     Use it as an async context manager over a :class:`~aiobatch.BatchClient`::
@@ -788,27 +559,6 @@ class BatchedOpenAI:
             remember_ids=False,
         )
 
-    def _enqueue(self, call: _Call) -> None:
-        model = call.model
-        group = self._groups.get((call.url, model))
-        if group is None:
-            group = self._groups[(call.url, model)] = _Group(call.url, model)
-        limit = self._config.enqueued_token_limits.get(model)
-        if group.calls and (
-            len(group.calls) + 1 > self._max_lines
-            or group.size + len(call.data) + 1 > self._max_bytes
-            or group.inputs + call.inputs > self._max_inputs
-            or (limit is not None and group.tokens + call.tokens > limit)
-        ):
-            self._flush_group(group)
-        first = not group.calls
-        group.add(call, self._clock.monotonic())
-        self._queued += 1
-        if len(group.calls) >= self._max_lines:
-            self._flush_group(group)
-        elif first:
-            self._wake.set()
-
     async def _within(self, future: asyncio.Future[Any], seconds: float) -> bool:
         """Whether ``future`` is done within ``seconds`` on the client's clock."""
         timer = asyncio.ensure_future(self._clock.sleep(seconds))
@@ -834,127 +584,10 @@ class BatchedOpenAI:
         self._release_of(call)
         call.cancel()
 
-    async def _go_online(self, call: _Call) -> Any:
-        """Answer a call from the online endpoint (``realtime_fallback``): its journaled
-        answer, or its error raised. A result its batch brings meanwhile or later is a
-        duplicate; when the online request fails, such a result answers instead."""
-        flush = call.home if isinstance(call.home, _Flush) else None
-        self._falling[call.key] = None
-        self._withdraw(call)
-        self._fallbacks += 1
-        self._online += 1
-        self._online_idle.clear()
-        if flush is not None:
-            flush.fell_back = True
-            self._cancel_if_unwanted(flush)
-        try:
-            line, final = await self._send_online(call)
-            if final:
-                self._journal_online(call, line)
-        except asyncio.CancelledError:
-            self._falling.pop(call.key, None)
-            raise
-        except Exception:
-            late = self._falling.pop(call.key, None)
-            if late is not None and not isinstance(late[0], ResultError):
-                return self._answer(call, *late)  # the batch answered after all
-            self._failed += 1
-            raise
-        finally:
-            self._online -= 1
-            if not self._online:
-                self._online_idle.set()
-        late = self._falling.pop(call.key, None)
-        if late is not None:
-            if not final and not isinstance(late[0], ResultError):
-                return self._answer(call, *late)  # a batch answer beats a retryable error
-            self._count_duplicate(late[0])
-        return self._answer(call, line, None)
-
-    async def _send_online(self, call: _Call) -> tuple[ResultLine, bool]:
-        """The call's request sent to the online endpoint (retried as the client
-        retries): its answer as a result line, and whether that is final (a success, or
-        an error that sending again would not change)."""
-        body = json.loads(call.data)["body"]
-        try:
-            response = await self._client.send_online(call.url, body)
-        except APIStatusError as exc:
-            answer = LineResponse(
-                status_code=exc.status_code, body=exc.body, request_id=exc.request_id
-            )
-            final = not is_transient_status(exc.status_code)
-            return ResultHTTPError(custom_id=call.key, response=answer), final
-        return ResultSuccess(custom_id=call.key, response=response), True
-
-    def _journal_online(self, call: _Call, line: ResultLine) -> None:
-        """Keep an online answer in the journal folder (before the caller gets it)."""
-        if self._answers is None:
-            folder = self._folder if self._folder is not None else self._temp
-            assert folder is not None
-            self._answers = _OnlineAnswers(os.path.join(folder, ONLINE_ANSWERS))
-        data = json.dumps(to_wire(line), separators=(",", ":"), ensure_ascii=False).encode()
-        self._answers.add(call.key, call.url, data, self._clock.now())
-        self._online_keys.add(call.key)
-
-    def _count_duplicate(self, line: ResultLine) -> None:
-        """A batch's result for a request answered online: paid twice."""
-        if isinstance(line, ResultError):
-            return  # it did not run: no cost
-        self._duplicates += 1
-        if isinstance(line, ResultSuccess):
-            used_in, used_out = usage_tokens(line.response.body)
-            self._duplicate_in += used_in
-            self._duplicate_out += used_out
-        logger.info(
-            "batched: request %s, answered online, also came from its batch (a duplicate "
-            "cost; kept in the journal, not returned)",
-            line.custom_id,
-        )
-
-    def _cancel_if_unwanted(self, flush: _Flush) -> None:
-        """Cancel a flush's batch run when no call waits for it any more (a batch cannot
-        drop single lines)."""
-        task = flush.task
-        if not flush.waiting and not flush.expected and task is not None and not task.done():
-            logger.info("batched: every call of %s went online; cancelling it", flush.path)
-            flush.run.cancel()
-
     def _release_of(self, call: _Call) -> None:
         if call.slot:
             call.slot = False
             self._release_slot()
-
-    def _answer(self, call: _Call, line: ResultLine, batch_id: str | None) -> Any:
-        """The call's return value, or its error raised."""
-        if isinstance(line, ResultSuccess):
-            self._done += 1
-            return self._result(call, line, batch_id)
-        self._failed += 1
-        if isinstance(line, ResultHTTPError):
-            raise _status_error(call, line, batch_id)
-        assert isinstance(line, ResultError)
-        code = line.error.code
-        error_class = BatchEndedError if code in _ENDED_CODES else RequestNotRunError
-        raise error_class(
-            line.error.message or "no message",
-            code=code,
-            custom_id=call.key,
-            batch_id=batch_id,
-        )
-
-    def _result(self, call: _Call, line: ResultSuccess, batch_id: str | None) -> Any:
-        response = line.response
-        if self._sdk and isinstance(response.body, dict):
-            module, name = BATCHED_ENDPOINTS[call.url]
-            sdk_type: Any = getattr(importlib.import_module(module), name)
-            return sdk_type.construct(**response.body)
-        return BatchedResult(
-            body=response.body,
-            status_code=response.status_code,
-            request_id=response.request_id,
-            custom_id=call.key,
-            batch_id=batch_id,
-        )
 
     def _fail(self, call: _Call, error: BaseException) -> None:
         self._queued -= 1
@@ -962,226 +595,3 @@ class BatchedOpenAI:
         if not call.done():
             call.set_exception(error)
             self._failed += 1
-
-    # --- flushing ------------------------------------------------------------------------
-
-    def _flush_group(self, group: _Group) -> None:
-        calls = group.take()
-        if not calls:
-            return
-        self._queued -= len(calls)
-        self._submitted += len(calls)
-        folder = self._folder if self._folder is not None else self._temp
-        assert folder is not None
-        name = f"flush-{int(self._clock.now())}-{uuid.uuid4().hex[:12]}{_JOURNAL_SUFFIX}"
-        self._start_flush(os.path.join(folder, name), calls, calls, expected=set())
-
-    def _start_flush(
-        self, path: str, source: list[_Call] | None, calls: list[_Call], *, expected: set[str]
-    ) -> None:
-        # PreparedRequest: the run takes them as they are, made as it reads them (a
-        # list would hold them all for as long as the run goes)
-        lines: Iterator[Any] | None = None
-        if source is not None:
-            lines = (
-                PreparedRequest(
-                    seq=0,
-                    url=call.url,
-                    model=call.model,
-                    tokens=call.tokens,
-                    inputs=call.inputs,
-                    custom_id=call.key,
-                    data=call.data,
-                )
-                for call in source
-            )
-        key = path
-
-        def progress(snapshot: RunProgress) -> None:
-            self._progress[key] = snapshot
-            if self._on_progress is not None:
-                self._on_progress(self.progress())
-
-        run = BatchRun(
-            self._client,
-            lines,
-            journal=path,
-            config=self._config,
-            on_progress=progress,
-            on_batch=self._on_event,
-        )
-        flush = _Flush(path, run, {call.key: call for call in calls}, expected)
-        for call in calls:
-            call.home = flush
-        for pending in expected:
-            self._resuming[pending] = flush
-        self._flushes.add(flush)
-        self._started += 1
-        flush.task = asyncio.ensure_future(self._drive(flush))
-
-    async def _drive(self, flush: _Flush) -> None:
-        """Run one flush and resolve its calls as their results arrive."""
-        runner = asyncio.ensure_future(flush.run.run())
-        error: BaseException | None = None
-        try:
-            async for result in flush.run.results():
-                self._settle(flush, result.custom_id, result.result, result.batch_id)
-            await runner
-        except Exception as exc:
-            error = exc
-            logger.error("batched: the batch run of %s failed: %s", flush.path, exc)
-        except asyncio.CancelledError:
-            await cancel_and_wait([runner])
-            raise
-        finally:
-            self._flushes.discard(flush)
-            leftover = list(flush.waiting.values())
-            flush.waiting.clear()
-            for pending in flush.expected:
-                self._resuming.pop(pending, None)
-            for call in leftover:
-                call.home = None
-                self._submitted -= 1
-                self._release_of(call)
-                if not call.done():
-                    if error is None:
-                        error = ClosedError(
-                            "the batched client was closed with cancel=True before this "
-                            "request's result came; its journal keeps it for the next run"
-                        )
-                    call.set_exception(error)
-
-    def _settle(self, flush: _Flush, key: str, line: ResultLine, batch_id: str | None) -> None:
-        call = flush.waiting.pop(key, None)
-        if call is None:
-            if key in self._falling:  # its online answer is on its way
-                if self._falling[key] is None:
-                    self._falling[key] = (line, batch_id)
-            elif key in self._online_keys:  # answered online: paid twice
-                self._count_duplicate(line)
-                if key in flush.expected:
-                    flush.expected.discard(key)
-                    self._resuming.pop(key, None)
-            elif key in flush.expected:  # resumed, nobody asked yet: kept for the asker
-                flush.expected.discard(key)
-                self._resuming.pop(key, None)
-                self._known[key] = (line, batch_id)
-            return
-        call.home = None
-        self._submitted -= 1
-        self._release_of(call)
-        self._resolve(call, line, batch_id)
-
-    async def _tick(self) -> None:
-        """Flush each group whose oldest call has waited ``max_wait``."""
-        while True:
-            now = self._clock.monotonic()
-            wait: float | None = None
-            for group in list(self._groups.values()):
-                if not group.calls:
-                    continue
-                due = group.since + self._max_wait
-                if due <= now:
-                    self._flush_group(group)
-                else:
-                    wait = due - now if wait is None else min(wait, due - now)
-            self._wake.clear()
-            await sleep_or_set(self._clock, wait, self._wake)
-
-
-async def _raise(error: BaseException) -> Any:
-    """A call's error, raised where it is awaited (as the SDK's ``create`` raises)."""
-    raise error
-
-
-def _check_deadline(deadline: float | None) -> None:
-    if deadline is not None and not deadline > 0:
-        raise ValueError(f"deadline must be > 0 seconds, got {deadline!r}")
-
-
-def _sdk_available() -> bool:
-    try:
-        importlib.import_module("openai.types.chat")
-    except ImportError:
-        return False
-    return True
-
-
-def _status_error(call: _Call, line: ResultHTTPError, batch_id: str | None) -> RequestFailedError:
-    response = line.response
-    body = response.body
-    envelope = body.get("error") if isinstance(body, dict) else None
-    envelope = envelope if isinstance(envelope, dict) else {}
-    message = envelope.get("message")
-    return RequestFailedError(
-        message if isinstance(message, str) else f"the request failed with {response.status_code}",
-        status_code=response.status_code,
-        custom_id=call.key,
-        batch_id=batch_id,
-        request_id=response.request_id,
-        body=body,
-        error_type=_str_or_none(envelope.get("type")),
-        error_code=_str_or_none(envelope.get("code")),
-        error_param=_str_or_none(envelope.get("param")),
-        url=call.url,
-    )
-
-
-def _str_or_none(value: Any) -> str | None:
-    return value if isinstance(value, str) else None
-
-
-class _OnlineAnswers:
-    """The answers of calls sent online, by key, in a SQLite file of the journal folder
-    (written in the loop's thread, as the run's journal is: one small commit each)."""
-
-    def __init__(self, path: str) -> None:
-        self._db = sqlite3.connect(path, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS answers (custom_id TEXT PRIMARY KEY, url TEXT NOT NULL, "
-            "data BLOB NOT NULL, answered_at REAL NOT NULL)"
-        )
-
-    def add(self, key: str, url: str, data: bytes, at: float) -> None:
-        self._db.execute(
-            "INSERT OR REPLACE INTO answers (custom_id, url, data, answered_at) "
-            "VALUES (?, ?, ?, ?)",
-            (key, url, data, at),
-        )
-
-    def close(self) -> None:
-        self._db.close()
-
-
-def _read_online_answers(path: str) -> dict[str, tuple[bytes, str | None]]:
-    """The online answers kept in ``path``, by key (read-only)."""
-    db = sqlite3.connect(f"file:{os.path.abspath(path)}?mode=ro", uri=True)
-    try:
-        return {
-            str(key): (bytes(data), None)
-            for key, data in db.execute("SELECT custom_id, data FROM answers")
-        }
-    finally:
-        db.close()
-
-
-def _read_journal(path: str) -> tuple[dict[str, tuple[bytes, str | None]], set[str]]:
-    """A flush journal's final results by key, and its keys without one (read-only)."""
-    db = sqlite3.connect(f"file:{os.path.abspath(path)}?mode=ro", uri=True)
-    try:
-        finals: dict[str, tuple[bytes, str | None]] = {}
-        for key, data, batch_id in db.execute(
-            "SELECT q.custom_id, r.data, r.batch_id FROM results r JOIN requests q ON q.seq = r.seq"
-        ):
-            finals[str(key)] = (bytes(data), batch_id)
-        open_keys = {
-            str(key)
-            for (key,) in db.execute(
-                "SELECT custom_id FROM requests WHERE seq NOT IN (SELECT seq FROM results)"
-            )
-        }
-        return finals, open_keys
-    finally:
-        db.close()
