@@ -30,22 +30,7 @@ from .._client import BatchClient
 from ..transport._base import Request, Response, Transport
 from ._postgres_leases import PgLeases
 
-__all__ = ["BudgetedTransport", "SharedBudget", "client_over"]
-
-
-def client_over(client: BatchClient, transport: Transport) -> BatchClient:
-    """``client`` sending through ``transport`` (which wraps its transport): the same
-    provider, retry policy, clock and timeouts; closed when ``client`` is."""
-    child = BatchClient(
-        provider=client.provider,
-        transport=transport,
-        retry=client.retry_policy,
-        clock=client.clock,
-        timeout=client._timeout,
-        create_settle=client.create_settle,
-    )
-    child._parent = client
-    return child
+__all__ = ["BudgetedTransport", "SharedBudget"]
 
 
 class BudgetedTransport:
@@ -89,8 +74,8 @@ class SharedBudget:
         self.budget = RequestBudget(rate, burst, clock=client.clock)
         #: set once this worker may send (every other live worker took its new share)
         self.cleared = asyncio.Event()
-        self.client = client_over(
-            client, BudgetedTransport(client._transport, self.budget, self.cleared)
+        self.client = client.with_options(
+            wrap_transport=lambda inner: BudgetedTransport(inner, self.budget, self.cleared)
         )
 
     async def split(self, journal: PgLeases, workers: int) -> None:

@@ -8,22 +8,23 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import shutil
+import tempfile
 from collections import Counter
 from pathlib import Path
 
 import attrs
 import pytest
 from conftest import FAST_FLEET, chat_line, config, service_on, within_bucket
-from pg import own_pg_server, pg_server, pg_url
+from pg import FrozenLink, own_pg_server, pg_server, pg_url
 
-from aiobatch import BatchRun, RetryPolicy, RunConfig
+from aiobatch import BatchClient, BatchRun, RetryPolicy, RunConfig
 from aiobatch._run._ingest import ingest
 from aiobatch._run._postgres import PostgresJournal
 from aiobatch._run._records import ShardPlan
-from aiobatch._run._shared_budget import client_over
 from aiobatch._run._worker import Worker
-from aiobatch.errors import JournalError, LeaseLostError, RunError
-from aiobatch.testing import FakeBatchService, VirtualClock, fake_client
+from aiobatch.errors import JournalError, LeaseExpiredError, LeaseLostError, RunError
+from aiobatch.testing import FakeBatchService, Fault, VirtualClock, fake_client
 from aiobatch.transport import Request, Response, Transport
 
 
@@ -241,9 +242,13 @@ async def test_a_database_gone_mid_run_stops_the_worker_and_the_run_resumes_when
 class _Gated:
     """A transport that sends nothing until ``opened`` is set."""
 
-    def __init__(self, inner: Transport) -> None:
-        self.inner = inner
+    def __init__(self) -> None:
         self.opened = asyncio.Event()
+
+    def over(self, inner: Transport) -> _Gated:
+        """Gate ``inner``."""
+        self.inner = inner
+        return self
 
     async def send(self, request: Request, *, stream: bool = False) -> Response:
         await self.opened.wait()
@@ -269,8 +274,8 @@ async def test_a_worker_joining_late_gets_a_share_of_the_shards_not_started(
         clock.auto_advance(),
     ):
         # The first worker sends nothing until the second one took shards.
-        gated = _Gated(fake.client._transport)
-        held = client_over(fake.client, gated)
+        gated = _Gated()
+        held = fake.client.with_options(wrap_transport=gated.over)
         first = Worker(held, journal=url, config=slow, worker_id="w0", lease_seconds=3.0)
         tasks = [asyncio.ensure_future(first.run())]
         schema = url.split("schema=")[1].split("&")[0]
@@ -338,3 +343,77 @@ async def test_a_postgres_run_keeps_its_fleet_rate_for_every_request(tmp_path: P
         Counter(r.method + " " + r.path.split("/")[1] for r in service.requests)["POST files"] == 6
     )
     assert within_bucket([r.at for r in service.requests], 2.0, 3)
+
+
+class _Shared:
+    """Another client's transport, never closed by the client sending through it."""
+
+    def __init__(self, inner: Transport) -> None:
+        self.inner = inner
+
+    async def send(self, request: Request, *, stream: bool = False) -> Response:
+        return await self.inner.send(request, stream=stream)
+
+    async def aclose(self) -> None:
+        pass
+
+
+def _creates(service: FakeBatchService) -> int:
+    return sum(1 for r in service.requests if r.method == "POST" and r.path.endswith("/batches"))
+
+
+async def test_a_partitioned_worker_sends_no_create_once_its_leases_may_have_lapsed(
+    tmp_path: Path,
+) -> None:
+    """A worker cut off from its database (its queries hang) after recording a create,
+    whose create then waits out a Retry-After: another worker adopts the shard and makes
+    its batch; the cut-off one sends nothing more (LeaseExpiredError): one batch."""
+    url = pg_url(str(tmp_path), run="shared")
+    journal = await _ingested(url, 10)
+    clock = VirtualClock()
+    service = service_on(clock)
+    service.faults.add(Fault.http(429, retry_after=60, method="POST", path="/batches"))
+    stalled = VirtualClock(start=clock.now())  # the first worker's: it moves when told
+    folder = tempfile.mkdtemp(prefix="aiobatch-link-")
+    try:
+        async with (
+            FrozenLink(pg_server(), folder) as link,
+            fake_client(service=service, clock=clock, retry=RetryPolicy.for_testing()) as fake,
+            BatchClient(
+                provider=fake.client.provider, transport=_Shared(fake.client._transport),
+                clock=stalled, create_settle=fake.client.create_settle,
+            ) as own,
+        ):  # fmt: skip
+            first = Worker(
+                own, journal=link.url(url), config=config(max_lines=10), worker_id="w0",
+                lease_seconds=2.0,
+            )  # fmt: skip
+            first_run = asyncio.ensure_future(first.run())
+            for _ in range(10_000):  # its create was answered 429, retry after 60 s
+                if _creates(service) or first_run.done():
+                    break
+                await asyncio.sleep(0.01)
+            assert _creates(service) == 1 and not first_run.done()
+            link.freeze()
+            async with clock.auto_advance():
+                second = Worker(
+                    fake.client, journal=url, config=config(max_lines=10), worker_id="w1",
+                    lease_seconds=2.0,
+                )  # fmt: skip
+                report = await asyncio.wait_for(second.run(), 60)
+            assert report.state == "done" and len(service.batch_ids) == 1
+            async with stalled.auto_advance():  # the first worker's Retry-After runs out
+                for _ in range(300):
+                    if first_run.done() or len(service.batch_ids) > 1:
+                        break
+                    await asyncio.sleep(0.01)
+                link.thaw()
+                first.stop()
+                outcome = await asyncio.gather(
+                    asyncio.wait_for(first_run, 60), return_exceptions=True
+                )
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    await journal.close()
+    assert await _batches_per_shard(service) == Counter({"s000000": 1})
+    assert isinstance(outcome[0], LeaseExpiredError)
