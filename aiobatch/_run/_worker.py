@@ -423,19 +423,17 @@ class SharedRun(_Leased):
     (so workers may join it), and writes the output file once every request has its
     result.
 
-    A fleet config in its ``config`` (``aiobatch run --requests-per-second``) is the
+    A ``RunConfig.requests_per_second`` (``aiobatch run --requests-per-second``) is the
     account's budget shared with the run's workers: every request it sends takes from
-    its share (:mod:`aiobatch._run._shared_budget`).
+    its share (:mod:`aiobatch._run._shared_budget`), at most ``fleet.burst`` at once.
+    Without it there is no shared budget (a fleet config alone paces only its polls).
     """
 
     def __init__(self, client: BatchClient, *args: Any, **kwargs: Any) -> None:
         config = kwargs.get("config")
-        fleet = config.fleet if isinstance(config, RunConfig) else None
-        client = (
-            self._fenced(client, fleet.requests_per_second, fleet.burst)
-            if fleet is not None
-            else self._fenced(client, None, 1)
-        )
+        rate = config.requests_per_second if isinstance(config, RunConfig) else None
+        fleet = (config.fleet if isinstance(config, RunConfig) else None) or FleetConfig()
+        client = self._fenced(client, rate, fleet.burst)
         super().__init__(client, *args, **kwargs)
         self._init_leases(None)
 

@@ -322,13 +322,39 @@ async def test_a_worker_whose_planner_lease_lapsed_plans_nothing_more(tmp_path: 
     await second.close()
 
 
-async def test_a_postgres_run_keeps_its_fleet_rate_for_every_request(tmp_path: Path) -> None:
-    """``BatchRun`` on PostgreSQL with a fleet rate (``aiobatch run --requests-per-second``):
-    uploads, creates, polls and downloads together stay within ``burst + rate * span``."""
+async def test_a_postgres_run_keeps_its_requests_per_second_for_every_request(
+    tmp_path: Path,
+) -> None:
+    """``BatchRun`` on PostgreSQL with ``RunConfig.requests_per_second``
+    (``aiobatch run --requests-per-second``): uploads, creates, polls and downloads
+    together stay within ``burst + rate * span`` (the burst is the fleet's)."""
     url = pg_url(str(tmp_path), run="shared")
     clock = VirtualClock()
     service = service_on(clock)
-    fleet = attrs.evolve(FAST_FLEET, requests_per_second=2.0, burst=3)
+    fleet = attrs.evolve(FAST_FLEET, burst=3)
+    async with (
+        fake_client(service=service, clock=clock, retry=RetryPolicy.for_testing()) as fake,
+        clock.auto_advance(),
+    ):
+        run = BatchRun(
+            fake.client, _requests(60), journal=url, output=tmp_path / "out.jsonl",
+            config=config(max_lines=10, fleet=fleet, requests_per_second=2.0),
+        )  # fmt: skip
+        report = await run.run()
+    assert report.state == "done"
+    assert (
+        Counter(r.method + " " + r.path.split("/")[1] for r in service.requests)["POST files"] == 6
+    )
+    assert within_bucket([r.at for r in service.requests], 2.0, 3)
+
+
+async def test_a_fleet_config_alone_puts_no_budget_on_a_postgres_run(tmp_path: Path) -> None:
+    """A fleet config without ``RunConfig.requests_per_second`` (``--poll-min`` alone) on
+    PostgreSQL: the fleet's own rate paces only its polls; the uploads go out at once."""
+    url = pg_url(str(tmp_path), run="shared")
+    clock = VirtualClock()
+    service = service_on(clock)
+    fleet = attrs.evolve(FAST_FLEET, requests_per_second=0.5, burst=1)
     async with (
         fake_client(service=service, clock=clock, retry=RetryPolicy.for_testing()) as fake,
         clock.auto_advance(),
@@ -339,10 +365,8 @@ async def test_a_postgres_run_keeps_its_fleet_rate_for_every_request(tmp_path: P
         )  # fmt: skip
         report = await run.run()
     assert report.state == "done"
-    assert (
-        Counter(r.method + " " + r.path.split("/")[1] for r in service.requests)["POST files"] == 6
-    )
-    assert within_bucket([r.at for r in service.requests], 2.0, 3)
+    uploads = [r.at for r in service.requests if r.method == "POST" and r.path == "/files"]
+    assert len(uploads) == 6 and max(uploads) - min(uploads) < 1.0
 
 
 class _Shared:
