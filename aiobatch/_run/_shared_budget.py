@@ -8,7 +8,10 @@ rows of ``aiobatch_workers`` renewed within the lease time, this one included), 
 again at every heartbeat (a third of the lease time). After counting, a worker takes its
 share and records ``n`` in its row (``share_of``). A worker that joins sends nothing until
 every other live worker has recorded a share at least as small as its own (so it has
-lowered its rate): at most a heartbeat period or two. (Of two workers joining at once, at
+lowered its rate): at most a heartbeat period or two; it then starts with an empty
+bucket (unless it is alone) (the others may have just spent theirs at their old share), and one whose
+share shrinks keeps at most its new burst. A worker counted out by the others (its row
+lapsed: its heartbeat was late) and back waits the same way to be cleared again. (Of two workers joining at once, at
 least one counts the other: each commits its row before counting; and one that counted
 before a newcomer's row holds the newcomer back until it counts again.) A worker that
 dies keeps its row until its lease lapses, so the others only raise their shares once it
@@ -89,4 +92,10 @@ class SharedBudget:
         self.budget.set_rate(self.rate / self.workers, max(1, self.total_burst // self.workers))
         smallest = await journal.take_share(self.workers)
         if smallest is None or smallest >= self.workers:
+            if not self.cleared.is_set() and smallest is not None:
+                # The others may have spent their whole bucket just before lowering
+                # their share: this worker earns its own from now on.
+                self.budget.empty()
             self.cleared.set()
+        else:
+            self.cleared.clear()  # (again) one worker more than another counted

@@ -22,6 +22,7 @@ from aiobatch import BatchClient, BatchRun, RetryPolicy, RunConfig
 from aiobatch._run._ingest import ingest
 from aiobatch._run._postgres import PostgresJournal
 from aiobatch._run._records import ShardPlan
+from aiobatch._run._shared_budget import SharedBudget
 from aiobatch._run._worker import Worker
 from aiobatch.errors import JournalError, LeaseExpiredError, LeaseLostError, RunError
 from aiobatch.testing import FakeBatchService, Fault, VirtualClock, fake_client
@@ -441,3 +442,74 @@ async def test_a_partitioned_worker_sends_no_create_once_its_leases_may_have_lap
     await journal.close()
     assert await _batches_per_shard(service) == Counter({"s000000": 1})
     assert isinstance(outcome[0], LeaseExpiredError)
+
+
+async def _advance(clock: VirtualClock, seconds: float) -> None:
+    """Move ``clock`` on by ``seconds`` a tenth of a second at a time, letting every
+    task woken run."""
+    for _ in range(round(seconds * 10)):
+        clock.advance(0.1)
+        for _ in range(20):
+            await asyncio.sleep(0)
+
+
+async def test_a_worker_joining_the_shared_budget_starts_with_an_empty_bucket(
+    tmp_path: Path,
+) -> None:
+    """Two workers' shares of one budget (1/s, burst 20): the second joins while the
+    first spends its full bucket and rate until its next heartbeat; together they are
+    granted at most ``burst + rate * span`` over any span."""
+    url = pg_url(str(tmp_path), run="shared")
+    journals = [await _ingested(url, 1), await PostgresJournal.open(url)]
+    for i, journal in enumerate(journals):
+        journal.owner, journal.lease_seconds = f"w{i}", 600.0
+    granted: list[float] = []
+    async with fake_client() as fake:
+        clock = fake.clock
+        budgets = [SharedBudget(1.0, 20, fake.client) for _ in journals]
+
+        async def spend(budget: SharedBudget) -> None:
+            while True:
+                await budget.cleared.wait()
+                await budget.budget.acquire()
+                granted.append(clock.now())
+
+        await journals[0].renew()
+        await budgets[0].split(journals[0], 1)  # alone: the full rate and a full bucket
+        await journals[1].renew()
+        await budgets[1].split(journals[1], 2)  # joins: held back until the first counts 2
+        spenders = [asyncio.ensure_future(spend(b)) for b in budgets]
+        await _advance(clock, 10.0)  # (the database's answers take no virtual time)
+        await budgets[0].split(journals[0], 2)  # the first one's next heartbeat
+        await budgets[1].split(journals[1], 2)  # the second one's: cleared
+        await _advance(clock, 5.0)
+        for spender in spenders:
+            spender.cancel()
+        await asyncio.gather(*spenders, return_exceptions=True)
+    for journal in journals:
+        await journal.close()
+    assert len(granted) >= 30
+    assert within_bucket(granted, 1.0, 20)
+
+
+async def test_a_worker_whose_budget_row_lapsed_waits_to_be_cleared_again(
+    tmp_path: Path,
+) -> None:
+    """A worker counted out by the others (its row lapsed) and back: it counts one more
+    worker than they do, so it sends nothing until they lowered their shares again."""
+    url = pg_url(str(tmp_path), run="shared")
+    journals = [await _ingested(url, 1), await PostgresJournal.open(url)]
+    for i, journal in enumerate(journals):
+        journal.owner, journal.lease_seconds = f"w{i}", 600.0
+    async with fake_client() as fake:
+        budgets = [SharedBudget(1.0, 20, fake.client) for _ in journals]
+        for journal in journals:
+            await journal.renew()
+        for journal, budget in zip(journals, budgets, strict=True):
+            await budget.split(journal, 2)
+        assert budgets[1].cleared.is_set()
+        await budgets[0].split(journals[0], 1)  # the first one counted the second out
+        await budgets[1].split(journals[1], 2)  # the second, back: the first sends at 1/1
+        assert not budgets[1].cleared.is_set()
+    for journal in journals:
+        await journal.close()
