@@ -9,9 +9,10 @@ again at every heartbeat (a third of the lease time). After counting, a worker t
 share and records ``n`` in its row (``share_of``). A worker that joins sends nothing until
 every other live worker has recorded a share at least as small as its own (so it has
 lowered its rate): at most a heartbeat period or two; it then starts with an empty
-bucket (unless it is alone) (the others may have just spent theirs at their old share), and one whose
-share shrinks keeps at most its new burst. A worker counted out by the others (its row
-lapsed: its heartbeat was late) and back waits the same way to be cleared again. (Of two workers joining at once, at
+bucket, unless it is alone (the others may have just spent theirs at their old share),
+and one whose share shrinks keeps at most its new burst. A worker counted out by the
+others (its row lapsed: its heartbeat was late) and back waits the same way to be
+cleared again. (Of two workers joining at once, at
 least one counts the other: each commits its row before counting; and one that counted
 before a newcomer's row holds the newcomer back until it counts again.) A worker that
 dies keeps its row until its lease lapses, so the others only raise their shares once it
