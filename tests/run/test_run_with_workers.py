@@ -370,6 +370,28 @@ async def test_a_fleet_config_alone_puts_no_budget_on_a_postgres_run(tmp_path: P
     assert len(uploads) == 6 and max(uploads) - min(uploads) < 1.0
 
 
+async def test_a_429_pauses_the_shared_budget_of_a_postgres_run(tmp_path: Path) -> None:
+    """A 429 with ``retry-after: 30`` on a create, on a run with a shared budget: the run
+    sends nothing for those 30 s (no other upload or create hits the server meanwhile)."""
+    url = pg_url(str(tmp_path), run="shared")
+    clock = VirtualClock()
+    service = service_on(clock)
+    service.faults.add(Fault.http(429, retry_after=30, method="POST", path="/batches"))
+    async with (
+        fake_client(service=service, clock=clock, retry=RetryPolicy.for_testing()) as fake,
+        clock.auto_advance(),
+    ):
+        run = BatchRun(
+            fake.client, _requests(60), journal=url, output=tmp_path / "out.jsonl",
+            config=config(max_lines=10, max_submissions=6, requests_per_second=50.0),
+        )  # fmt: skip
+        report = await run.run()
+    assert report.state == "done"
+    limited = next(r.at for r in service.requests if r.status == 429)
+    during = [r for r in service.requests if limited < r.at < limited + 30.0]
+    assert during == []
+
+
 class _Shared:
     """Another client's transport, never closed by the client sending through it."""
 
