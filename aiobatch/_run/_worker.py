@@ -22,11 +22,13 @@ run together. Each acts only on the shards it holds a *lease* on (``lease_owner`
   (:class:`~aiobatch.errors.LeaseLostError`, nothing written);
 - every request to the provider is fenced too (:mod:`._lease_fence`): once half the
   lease time has passed since the start of the last renewal that succeeded (the
-  database out of reach, or hung), the worker sends nothing more (a create or an upload
-  that waited in the request budget or out a ``Retry-After`` included) and stops
-  (:class:`~aiobatch.errors.LeaseExpiredError`), well before another worker may adopt
-  its shards (at the lease time); a request already on the wire then is the only one
-  that may still land, and the adopting worker finds it by the same lookups as a resume.
+  database out of reach, or hung), the worker's requests wait (a create or an upload
+  that waited in the request budget or out a ``Retry-After`` included) until a renewal
+  succeeds (the shards lost are dropped first); once the whole lease time has passed
+  without one, the leases are gone: the worker stops
+  (:class:`~aiobatch.errors.LeaseExpiredError`) and the waiting requests are never
+  sent. Only a request already on the wire at half the lease time may still land, and
+  the adopting worker finds it by the same lookups as a resume.
 
 Why leases in our own tables rather than a job-queue library (procrastinate,
 pgqueuer): a shard is no fire-and-forget job but a long-lived state machine whose every
@@ -96,9 +98,8 @@ class _Leased(BatchRun):
     def _init_leases(self, worker_id: str | None) -> None:
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self._mine: set[str] = set()
-        #: the shards held before the last renewal, and those it still found held (for
-        #: :meth:`_take_stock`)
-        self._held: tuple[set[str], set[str]] | None = None
+        #: a renewal succeeded since the last :meth:`_take_stock`
+        self._renewed = False
         self._supervisor: asyncio.Task[None] | None = None
 
     def _fenced(
@@ -216,12 +217,12 @@ class _Leased(BatchRun):
         return task.result()
 
     async def _renew(self, ctx: RunContext) -> bool:
-        """Renew the leases (and take this worker's share of the request budget); True
-        when renewed. Past the fence (half the lease time since the last renewal that
-        started and succeeded) it raises: the worker stops acting.
+        """Renew the leases (and take this worker's share of the request budget), drop
+        the shards lost; True when renewed. Once the lease time has passed without a
+        renewal it raises: the worker stops acting.
 
         Raises:
-            LeaseExpiredError: no renewal for half the lease time.
+            LeaseExpiredError: no renewal for the lease time.
         """
         journal = _pg(ctx.journal)
         started = self._fence.now()
@@ -231,50 +232,49 @@ class _Leased(BatchRun):
             if self._shared is not None:
                 workers = await self._within(journal.live_workers(), "a count of the workers")
                 await self._within(self._shared.split(journal, len(workers)), "a budget share")
+            # Drop the shards lost before the held requests go (the fence is renewed).
+            for key in (mine & self._mine) - held:
+                shard = await self._within(journal.shard(key), "a shard's state")
+                if shard.state is not _S.COLLECTED:
+                    logger.warning(
+                        "run %s: worker %s lost its lease on shard %s; another worker "
+                        "carries it on",
+                        self._run_id,
+                        self.worker_id,
+                        key,
+                    )
+                    self._lost(ctx, key)
+                else:
+                    self._mine.discard(key)
         except JournalError as exc:
-            # Half the lease time without a renewal: stop before another worker may adopt
-            # these shards (at the lease time); the fence already refuses every request.
-            if self._fence.lapsed:
-                try:
-                    self._fence.check()
-                except LeaseExpiredError as expired:
-                    raise expired from exc
+            # The lease time without a renewal: another worker may adopt these shards
+            # now; the fence held every request since half that time.
+            if self._fence.gone:
+                raise self._fence.expire() from exc
             logger.warning("run %s: could not renew the leases: %s", self._run_id, exc)
             return False
         self._fence.renewed(started, self.lease_seconds)
-        self._held = (mine, held)
+        self._renewed = True
         self._changed.set()
         return True
 
     async def _take_stock(self, ctx: RunContext) -> None:
-        """After a renewal: drop the shards lost, let go of the ones beyond this worker's
-        share, claim free shards."""
-        renewal, self._held = self._held, None
-        if renewal is None:
+        """After a renewal: let go of the shards beyond this worker's share, claim free
+        shards."""
+        if not self._renewed:
             return
-        mine, held = renewal
+        self._renewed = False
         journal = _pg(ctx.journal)
         for key in await journal.shed():  # workers that joined later take them
             logger.info("run %s: worker %s let shard %s go", self._run_id, self.worker_id, key)
             self._lost(ctx, key)
-        for key in (mine & self._mine) - held:
-            shard = await journal.shard(key)
-            if shard.state is not _S.COLLECTED:
-                logger.warning(
-                    "run %s: worker %s lost its lease on shard %s; another worker carries it on",
-                    self._run_id,
-                    self.worker_id,
-                    key,
-                )
-                self._lost(ctx, key)
-            else:
-                self._mine.discard(key)
         await self._claim(ctx)
 
     async def _beat(self, ctx: RunContext) -> None:
         """The heartbeat, a task of its own (a long planning step or a hung journal call
-        never holds it up): renew every third of the lease time; past the fence, stop
-        the worker (its supervision is cancelled even when hung on the database)."""
+        never holds it up): renew every third of the lease time; once the leases are
+        gone, stop the worker (its supervision is cancelled even when hung on the
+        database)."""
         beat = self.lease_seconds / 3
         while not self._stopping.is_set():
             await sleep_or_set(self._clock, beat, self._stopping)
