@@ -392,6 +392,44 @@ async def test_a_429_pauses_the_shared_budget_of_a_postgres_run(tmp_path: Path) 
     assert during == []
 
 
+async def test_a_worker_whose_database_stalls_for_less_than_the_lease_carries_on(
+    tmp_path: Path,
+) -> None:
+    """A worker's database link frozen past half its lease time but not the whole: its
+    provider requests wait meanwhile, and once the link is back it renews and finishes
+    the run (one batch per shard, no error)."""
+    url = pg_url(str(tmp_path), run="shared")
+    journal = await _ingested(url, 40)
+    clock = VirtualClock()
+    service = service_on(clock)
+    folder = tempfile.mkdtemp(prefix="aiobatch-link-")
+    try:
+        async with (
+            FrozenLink(pg_server(), folder) as link,
+            fake_client(service=service, clock=clock, retry=RetryPolicy.for_testing()) as fake,
+            clock.auto_advance(),
+        ):
+            worker = Worker(
+                fake.client, journal=link.url(url), config=config(max_lines=10),
+                lease_seconds=4.0,
+            )  # fmt: skip
+            task = asyncio.ensure_future(worker.run())
+            for _ in range(10_000):
+                if len(service.batch_ids) >= 2 or task.done():
+                    break
+                await asyncio.sleep(0.01)
+            link.freeze()
+            await asyncio.sleep(2.5)  # real time: the leases run on the database's clock
+            link.thaw()
+            report = await asyncio.wait_for(task, 60)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    assert report.state == "done"
+    shards = await journal.shards()
+    await journal.close()
+    assert await _batches_per_shard(service) == Counter(s.key for s in shards)
+
+
 class _Shared:
     """Another client's transport, never closed by the client sending through it."""
 
