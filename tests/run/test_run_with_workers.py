@@ -430,6 +430,51 @@ async def test_a_worker_whose_database_stalls_for_less_than_the_lease_carries_on
     assert await _batches_per_shard(service) == Counter(s.key for s in shards)
 
 
+async def test_a_failure_at_a_workers_first_heartbeat_gets_the_same_grace(
+    tmp_path: Path,
+) -> None:
+    """A worker whose first lease renewal fails (its connection cut while it waits on a
+    lock) does not stop at once: it renews at its next heartbeat and finishes the run."""
+    import asyncpg
+
+    from aiobatch._run._pg_url import parse_postgres_url
+
+    url = pg_url(str(tmp_path), run="shared")
+    journal = await _ingested(url, 10)
+    where = parse_postgres_url(url)
+    locker = await asyncpg.connect(where.dsn)
+    clock = VirtualClock()
+    service = service_on(clock)
+    async with (
+        fake_client(service=service, clock=clock, retry=RetryPolicy.for_testing()) as fake,
+        clock.auto_advance(),
+    ):
+        async with locker.transaction():
+            await locker.execute(f'LOCK TABLE "{where.schema}".aiobatch_workers')
+            worker = Worker(
+                fake.client, journal=url, config=config(max_lines=10), worker_id="w0",
+                lease_seconds=30.0,
+            )  # fmt: skip
+            task = asyncio.ensure_future(worker.run())
+            waiting = None
+            for _ in range(10_000):  # its first renewal waits on the lock
+                await locker.execute("SELECT pg_stat_clear_snapshot()")
+                waiting = await locker.fetchval(
+                    "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND query LIKE '%aiobatch_workers%' AND pid != pg_backend_pid()"
+                )
+                if waiting is not None or task.done():
+                    break
+                await asyncio.sleep(0.01)
+            assert waiting is not None
+            await locker.execute("SELECT pg_terminate_backend($1)", waiting)
+        report = await asyncio.wait_for(task, 60)
+    await locker.close()
+    await journal.close()
+    assert report.state == "done"
+    assert await _batches_per_shard(service) == Counter({"s000000": 1})
+
+
 class _Shared:
     """Another client's transport, never closed by the client sending through it."""
 
