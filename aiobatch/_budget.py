@@ -99,6 +99,16 @@ class RequestBudget:
             self._burst = burst
             self._tokens = min(self._tokens, float(burst))
 
+    def empty(self) -> None:
+        """Drop what was earned so far: the next grant waits a full ``1 / rate``.
+
+        A worker that starts (or starts again) to take its share of an account's budget
+        shared with others does so, since they may still be spending at their old share
+        (see :mod:`aiobatch._run._shared_budget`).
+        """
+        self._refill(self._clock.monotonic())
+        self._tokens = min(self._tokens, 0.0)
+
     def _refill(self, now: float) -> None:
         start = max(self._updated, self._paused_until)
         if now > start:

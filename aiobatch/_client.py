@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, Iterable, Mapping
+from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
 from typing import Any
 
 from ._client_core import quote_id, response_lines
@@ -229,7 +229,11 @@ class BatchClient(FileCalls):
         return f"BatchClient(base_url={self._provider.base_url!r}, transport={self._transport!r})"
 
     def with_options(
-        self, *, retry: RetryPolicy | None = None, timeout: float | _Keep | None = _KEEP
+        self,
+        *,
+        retry: RetryPolicy | None = None,
+        timeout: float | _Keep | None = _KEEP,
+        wrap_transport: Callable[[Transport], Transport] | None = None,
     ) -> BatchClient:
         """A client for the same provider, over the same transport and clock, with other
         options (like the official SDK's ``with_options``).
@@ -242,10 +246,14 @@ class BatchClient(FileCalls):
         Args:
             retry: the retry policy of the new client (default: this one's).
             timeout: seconds per control request (default: this one's).
+            wrap_transport: the new client sends through ``wrap_transport(transport)``
+                instead of this one's transport (a wrapper that adds a check or a wait
+                before each request); the wrapper is not closed by either client.
         """
+        transport = self._transport
         child = BatchClient(
             provider=self._provider,
-            transport=self._transport,
+            transport=wrap_transport(transport) if wrap_transport is not None else transport,
             retry=retry if retry is not None else self._retry,
             clock=self._clock,
             timeout=self._timeout if isinstance(timeout, _Keep) else timeout,

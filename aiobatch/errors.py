@@ -56,6 +56,8 @@ repr ever contains an API key.
     │   └── LeaseLostError             a worker's lease on a shard ran out or was taken
     └── RunError                       a run cannot go on (a step kept failing, credentials
         │                              refused); the journal is intact: run again to continue
+        ├── LeaseExpiredError          a worker of a shared run could not renew its leases
+        │                              in time: it sends nothing more and stops
         ├── TooManyBatchesError        a request would go into more batches than
         │                              ``RunConfig.max_batches_per_request`` allows
         └── StepFailedError            a step kept failing until the run gave up
@@ -86,6 +88,7 @@ __all__ = [
     "InputError",
     "InvalidTransitionError",
     "JournalError",
+    "LeaseExpiredError",
     "LeaseLostError",
     "LookupIncompleteError",
     "NoOutputError",
@@ -535,6 +538,14 @@ class RunError(AiobatchError):
     """A run cannot go on: a step kept failing after its retries, or the server refused
     the credentials. Everything done so far is in the journal: fix the cause and start
     the run again with the same journal to continue it."""
+
+
+class LeaseExpiredError(RunError):
+    """A worker of a shared run (PostgreSQL journal) could not renew its leases for half
+    the lease time (the database out of reach, or too slow to answer): it may no longer
+    hold its shards, so it sends no further request to the provider and stops, and its
+    leases lapse; another worker (or this one, started again) adopts its shards, looking
+    up what it may have sent, so no batch is made twice."""
 
 
 class TooManyBatchesError(RunError):

@@ -7,6 +7,8 @@ PostgreSQL tests skip when the machine has no PostgreSQL or no asyncpg, unless
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import importlib.util
 import os
@@ -64,3 +66,59 @@ def pg_url(key: str, *, run: str | None = None) -> str:
     schema = "t_" + hashlib.sha1(key.encode()).hexdigest()[:16]
     url = pg_server().url() + f"&schema={schema}"
     return url + (f"&run={run}" if run else "")
+
+
+class FrozenLink:
+    """A Unix-socket proxy in front of a server's socket: a worker connected through it
+    loses its database on :meth:`freeze` (its queries hang, unanswered, as over a
+    partitioned network) and gets it back on :meth:`thaw`."""
+
+    def __init__(self, server: TempPostgres, folder: str) -> None:
+        self._target = os.path.join(server.socket_dir, ".s.PGSQL.5432")
+        self._server_dir = server.socket_dir
+        self.folder = folder
+        self._thawed = asyncio.Event()
+        self._thawed.set()
+        self._pipes: set[asyncio.Task[None]] = set()
+        self._listener: asyncio.AbstractServer | None = None
+
+    def freeze(self) -> None:
+        """Hold every byte either way from now on."""
+        self._thawed.clear()
+
+    def thaw(self) -> None:
+        """Let the bytes flow again."""
+        self._thawed.set()
+
+    def url(self, url: str) -> str:
+        """``url`` (on the server) through this link."""
+        return url.replace(self._server_dir, self.folder)
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError, ConnectionError):
+            while data := await reader.read(65536):
+                await self._thawed.wait()
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self._thawed.wait()
+        up_reader, up_writer = await asyncio.open_unix_connection(self._target)
+        for pipe in (self._pipe(reader, up_writer), self._pipe(up_reader, writer)):
+            task = asyncio.ensure_future(pipe)
+            self._pipes.add(task)
+            task.add_done_callback(self._pipes.discard)
+
+    async def __aenter__(self) -> FrozenLink:
+        path = os.path.join(self.folder, ".s.PGSQL.5432")
+        self._listener = await asyncio.start_unix_server(self._accept, path=path)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.thaw()
+        assert self._listener is not None
+        self._listener.close()
+        for task in list(self._pipes):
+            task.cancel()
+        await asyncio.gather(*self._pipes, return_exceptions=True)

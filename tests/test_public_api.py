@@ -39,6 +39,12 @@ def test_public_classes_are_reachable_from_their_package() -> None:
     assert "CompatibleProvider" in aiobatch.__all__
     assert "FakeDialect" in aiobatch.testing.__all__
     assert issubclass(aiobatch.errors.ConfigurationError, ValueError)
+    assert aiobatch.Worker.__name__ == "Worker"  # a worker of a run shared on PostgreSQL
+
+
+def test_readme_names_no_private_module() -> None:
+    """The README sends users to public import paths only (never ``aiobatch._x``)."""
+    assert re.findall(r"aiobatch\._\w+", README) == []
 
 
 def test_package_ships_py_typed() -> None:

@@ -83,7 +83,13 @@ class RunConfig:
             Models not listed have no client-side limit.
         token_estimator: estimates a request body's prompt tokens (default
             :func:`aiobatch._run._preflight.estimate_tokens`, about 4 characters a token).
-        fleet: how batches are polled (default :class:`FleetConfig` defaults).
+        fleet: how batches are polled (default :class:`FleetConfig` defaults); its
+            ``requests_per_second`` paces the fleet's own polls only.
+        requests_per_second: the provider account's request budget for every request
+            of the run (uploads, creates, polls, downloads, each retry), on a PostgreSQL
+            journal shared with the run's workers (each takes its share; give each the
+            same); its burst is ``fleet.burst``. None (the default): no budget beyond
+            the fleet's for its polls. Ignored on a SQLite journal.
         batch_timeout: cancel a batch still open this long after its creation and keep
             its finished lines (the rest go to a retry round); None for no limit.
         max_submissions: shards uploaded and created at once.
@@ -164,6 +170,7 @@ class RunConfig:
     enqueued_token_limits: Mapping[str, int] = attrs.field(factory=dict)
     token_estimator: Callable[[Mapping[str, Any]], int] | None = None
     fleet: FleetConfig | None = None
+    requests_per_second: float | None = attrs.field(default=None, validator=positive_or_none)
     batch_timeout: float | None = attrs.field(default=None, validator=positive_or_none)
     max_submissions: int = attrs.field(default=8, validator=positive)
     max_collections: int = attrs.field(default=4, validator=positive)

@@ -1,6 +1,9 @@
 """Test-only: SIGKILL a worker process at a named point of its work, for the kill trials
-(``tests/run/test_workers_killed.py``). Never set it otherwise.
+(``tests/run/test_workers_killed.py``), which run ``aiobatch worker`` processes and so
+cannot inject it in Python. Never set it otherwise.
 
+It is armed only when *both* variables are set: ``AIOBATCH_TESTING=1`` (declaring a test
+process) and ``AIOBATCH_TEST_KILL_AT``; either alone does nothing.
 ``AIOBATCH_TEST_KILL_AT=POINT[:N]`` kills the process (``os.kill(os.getpid(), SIGKILL)``,
 no cleanup, as a crash) the ``N``-th time (default the first) it reaches ``POINT``:
 
@@ -23,10 +26,13 @@ __all__ = ["KILL_POINTS", "KillSwitch", "KillingTransport"]
 
 KILL_POINTS = ("after_claim", "after_upload", "mid_create", "mid_collection")
 ENV = "AIOBATCH_TEST_KILL_AT"
+#: must be ``1`` too for :data:`ENV` to arm anything
+TESTING_ENV = "AIOBATCH_TESTING"
 
 
 class KillSwitch:
-    """The process's kill point, read from :data:`ENV` (None when unset)."""
+    """The process's kill point, read from :data:`ENV` (None when unset, or when
+    :data:`TESTING_ENV` is not ``1``)."""
 
     def __init__(self, point: str, nth: int) -> None:
         self.point = point
@@ -35,7 +41,7 @@ class KillSwitch:
     @classmethod
     def from_env(cls) -> KillSwitch | None:
         spec = os.environ.get(ENV)
-        if not spec:
+        if not spec or os.environ.get(TESTING_ENV) != "1":
             return None
         point, _, nth = spec.partition(":")
         if point not in KILL_POINTS:

@@ -14,15 +14,21 @@ run together. Each acts only on the shards it holds a *lease* on (``lease_owner`
   ``aiobatch_workers`` with its leases); at each heartbeat it lets go of the shards
   beyond its share that it has not started (nothing sent for them), so that a worker
   joining later gets work too;
-- a heartbeat renews its leases every third of the lease time (and sets this worker's
-  share of the run's request budget, :mod:`._shared_budget`); a shard whose lease is
-  gone is dropped at once (its submission cancelled, its batch no longer tracked), and
-  every journal write about a shard checks the lease in the same transaction
+- a heartbeat, a task of its own, renews its leases every third of the lease time (and
+  sets this worker's share of the run's request budget, :mod:`._shared_budget`),
+  giving the database a third of the lease time to answer; a shard whose lease is gone
+  is dropped (its submission cancelled, its batch no longer tracked), and every journal
+  write about a shard checks the lease in the same transaction
   (:class:`~aiobatch.errors.LeaseLostError`, nothing written);
-- when the heartbeat cannot reach the database for half the lease time (it finds out
-  at the next heartbeat, well before the lease lapses), the worker stops acting
-  altogether (:class:`~aiobatch.errors.RunError`) and lets its leases lapse rather than
-  risk a double submit.
+- every request to the provider is fenced too (:mod:`._lease_fence`): once half the
+  lease time has passed since the start of the last renewal that succeeded (the
+  database out of reach, or hung), the worker's requests wait (a create or an upload
+  that waited in the request budget or out a ``Retry-After`` included) until a renewal
+  succeeds (the shards lost are dropped first); once the whole lease time has passed
+  without one, the leases are gone: the worker stops
+  (:class:`~aiobatch.errors.LeaseExpiredError`) and the waiting requests are never
+  sent. Only a request already on the wire at half the lease time may still land, and
+  the adopting worker finds it by the same lookups as a resume.
 
 Why leases in our own tables rather than a job-queue library (procrastinate,
 pgqueuer): a shard is no fire-and-forget job but a long-lived state machine whose every
@@ -38,27 +44,31 @@ joining its run share its shards instead of trampling on them.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import socket
 import uuid
-from typing import TYPE_CHECKING, Any, cast
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from .._aio import sleep_or_set
 from .._budget import RequestBudget
 from .._client import BatchClient
 from .._fleet import FleetConfig
-from ..errors import JournalError, LeaseLostError, RunError
+from ..errors import JournalError, LeaseExpiredError, LeaseLostError
+from ..transport._base import Transport
 from ._batch_run import BatchRun
 from ._config import RunConfig
 from ._context import RunContext, logger
 from ._journal import Journal
 from ._kill_hook import KillingTransport, KillSwitch
+from ._lease_fence import FencedTransport, LeaseFence
 from ._open import register_shared_run
 from ._postgres_leases import PgLeases
 from ._records import Shard
 from ._report import RunReport
-from ._shared_budget import SharedBudget, client_over
+from ._shared_budget import SharedBudget
 from ._states import SUBMITTING, ShardState
 
 if TYPE_CHECKING:
@@ -67,6 +77,7 @@ if TYPE_CHECKING:
 __all__ = ["SharedRun", "Worker"]
 
 _S = ShardState
+T = TypeVar("T")
 
 
 def _pg(journal: Journal) -> PostgresJournal:
@@ -87,7 +98,33 @@ class _Leased(BatchRun):
     def _init_leases(self, worker_id: str | None) -> None:
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self._mine: set[str] = set()
-        self._renewed_at = 0.0
+        #: a renewal succeeded since the last :meth:`_take_stock`
+        self._renewed = False
+        self._supervisor: asyncio.Task[None] | None = None
+
+    def _fenced(
+        self,
+        client: BatchClient,
+        requests_per_second: float | None,
+        burst: int,
+        kill: KillSwitch | None = None,
+    ) -> BatchClient:
+        """``client`` as this worker sends through it: every request checked against
+        the lease fence (:mod:`._lease_fence`), after its grant from this worker's share
+        of the run's request budget when there is one."""
+        self._fence = LeaseFence("")
+        fence = self._fence
+
+        def wrap(transport: Transport) -> Transport:
+            if kill is not None:  # test-only (see ._kill_hook)
+                transport = KillingTransport(transport, kill)
+            return FencedTransport(transport, fence)
+
+        client = client.with_options(wrap_transport=wrap)
+        if requests_per_second is not None:
+            self._shared = SharedBudget(requests_per_second, burst, client)
+            client = self._shared.client
+        return client
 
     @property
     def request_budget(self) -> RequestBudget | None:
@@ -105,7 +142,15 @@ class _Leased(BatchRun):
             return await super()._drive(journal)
         finally:
             with contextlib.suppress(JournalError):  # else they lapse on their own
-                await _pg(journal).drop_leases()
+                await self._within(_pg(journal).drop_leases(), "letting the leases go")
+
+    async def _record_state(self, journal: Journal, state: str) -> None:
+        # A database gone quiet must not hold up a worker that stops because of it.
+        if state != "failed":
+            await self._within(super()._record_state(journal, state), "recording the run state")
+            return
+        with contextlib.suppress(JournalError):
+            await self._within(super()._record_state(journal, state), "recording the failure")
 
     def _acts_on(self, key: str) -> bool:
         return key in self._mine
@@ -117,9 +162,6 @@ class _Leased(BatchRun):
     def _lost(self, ctx: RunContext, key: str) -> None:
         self._mine.discard(key)
         super()._lost(ctx, key)
-
-    async def _resume(self, ctx: RunContext) -> None:
-        await self._heartbeat(ctx)
 
     async def _plan(self, ctx: RunContext) -> None:
         try:
@@ -158,49 +200,120 @@ class _Leased(BatchRun):
             ctx.put_status(shard.key, shard.status or "collecting")
             self._start_collect(ctx, shard.key, None)
 
-    async def _heartbeat(self, ctx: RunContext) -> None:
-        """Renew the leases, drop the lost ones, claim free shards; stop acting when the
-        database stayed out of reach for half the lease time; take this worker's share of
-        the request budget."""
-        journal = _pg(ctx.journal)
-        clock = self._clock
-        started = clock.monotonic()
+    async def _within(self, call: Awaitable[T], what: str) -> T:
+        """``call``'s answer, or JournalError when the database gives none within a third
+        of the lease time (a hung link: the call is cancelled, never waited for)."""
+        task = asyncio.ensure_future(call)
+        limit = self.lease_seconds / 3
         try:
-            held = await journal.renew()
+            done, _ = await asyncio.wait({task}, timeout=limit)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        if not done:
+            task.cancel()
+            task.add_done_callback(_forget)
+            raise JournalError(f"the database did not answer {what} within {limit:g} s")
+        return task.result()
+
+    async def _renew(self, ctx: RunContext) -> bool:
+        """Renew the leases (and take this worker's share of the request budget), drop
+        the shards lost; True when renewed. Once the lease time has passed without a
+        renewal it raises: the worker stops acting.
+
+        Raises:
+            LeaseExpiredError: no renewal for the lease time.
+        """
+        journal = _pg(ctx.journal)
+        started = self._fence.now()
+        mine = set(self._mine)  # a shard claimed meanwhile is judged at the next one
+        try:
+            held = await self._within(journal.renew(), "a lease renewal")
             if self._shared is not None:
-                await self._shared.split(journal, len(await journal.live_workers()))
+                workers = await self._within(journal.live_workers(), "a count of the workers")
+                await self._within(self._shared.split(journal, len(workers)), "a budget share")
+            # Drop the shards lost before the held requests go (the fence is renewed).
+            for key in (mine & self._mine) - held:
+                shard = await self._within(journal.shard(key), "a shard's state")
+                if shard.state is not _S.COLLECTED:
+                    logger.warning(
+                        "run %s: worker %s lost its lease on shard %s; another worker "
+                        "carries it on",
+                        self._run_id,
+                        self.worker_id,
+                        key,
+                    )
+                    self._lost(ctx, key)
+                else:
+                    self._mine.discard(key)
         except JournalError as exc:
-            # Half the lease time without a renewal: stop before another worker may adopt
-            # these shards (at the lease time), never acting on a shard it may hold.
-            if clock.monotonic() - self._renewed_at >= self.lease_seconds / 2:
-                raise RunError(
-                    f"run {self._run_id}: worker {self.worker_id} cannot renew its leases "
-                    f"({exc}); it stops acting and lets them lapse, and another worker (or "
-                    "this one, started again) adopts its shards"
-                ) from exc
+            # The lease time without a renewal: another worker may adopt these shards
+            # now; the fence held every request since half that time.
+            if self._fence.gone:
+                raise self._fence.expire() from exc
             logger.warning("run %s: could not renew the leases: %s", self._run_id, exc)
+            return False
+        self._fence.renewed(started, self.lease_seconds)
+        self._renewed = True
+        self._changed.set()
+        return True
+
+    async def _take_stock(self, ctx: RunContext) -> None:
+        """After a renewal: let go of the shards beyond this worker's share, claim free
+        shards."""
+        if not self._renewed:
             return
-        self._renewed_at = started
+        self._renewed = False
+        journal = _pg(ctx.journal)
         for key in await journal.shed():  # workers that joined later take them
             logger.info("run %s: worker %s let shard %s go", self._run_id, self.worker_id, key)
             self._lost(ctx, key)
-        for key in self._mine - held:
-            shard = await journal.shard(key)
-            if shard.state is not _S.COLLECTED:
-                logger.warning(
-                    "run %s: worker %s lost its lease on shard %s; another worker carries it on",
-                    self._run_id,
-                    self.worker_id,
-                    key,
-                )
-                self._lost(ctx, key)
-            else:
-                self._mine.discard(key)
         await self._claim(ctx)
 
+    async def _beat(self, ctx: RunContext) -> None:
+        """The heartbeat, a task of its own (a long planning step or a hung journal call
+        never holds it up): renew every third of the lease time; once the leases are
+        gone, stop the worker (its supervision is cancelled even when hung on the
+        database)."""
+        beat = self.lease_seconds / 3
+        while not self._stopping.is_set():
+            await sleep_or_set(self._clock, beat, self._stopping)
+            if self._stopping.is_set():
+                return
+            try:
+                await self._renew(ctx)
+            except LeaseExpiredError as exc:
+                if self._failure is None:
+                    self._failure = exc
+                self._stopping.set()
+                self._changed.set()
+                if self._supervisor is not None:
+                    self._supervisor.cancel()
+                return
+
+    async def _resume(self, ctx: RunContext) -> None:
+        # Nothing is held yet: the first renewal gets the same grace as any other.
+        self._fence.worker = self.worker_id
+        self._fence.renewed(self._fence.now(), self.lease_seconds)
+        await self._renew(ctx)
+        await self._take_stock(ctx)
+        self._spawn(self._beat(ctx), name="heartbeat")
+
     async def _supervise(self, ctx: RunContext) -> None:
-        """Heartbeat, claim, plan while holding the planner lease, until every request
-        of the run has its final result (whichever worker got it)."""
+        self._supervisor = asyncio.ensure_future(self._supervise_loop(ctx))
+        try:
+            await self._supervisor
+        except asyncio.CancelledError:
+            if not (self._supervisor.cancelled() and isinstance(self._failure, LeaseExpiredError)):
+                raise
+            # the heartbeat cut it short: the worker stops (with self._failure)
+        finally:
+            self._supervisor = None
+
+    async def _supervise_loop(self, ctx: RunContext) -> None:
+        """Claim, plan while holding the planner lease, until every request of the run
+        has its final result (whichever worker got it); the heartbeat (:meth:`_beat`)
+        renews the leases meanwhile."""
         clock = self._clock
         journal = _pg(ctx.journal)
         beat = self.lease_seconds / 3
@@ -209,10 +322,10 @@ class _Leased(BatchRun):
             self._changed.clear()
             if self._failure is not None or self._stopping.is_set():
                 return
+            await self._take_stock(ctx)
             now = clock.monotonic()
             if now >= next_beat:
                 next_beat = now + beat
-                await self._heartbeat(ctx)
                 await journal.touch(clock.now())
                 self._emit_progress()
                 if await ctx.cancel_requested():
@@ -225,6 +338,12 @@ class _Leased(BatchRun):
             ):
                 return  # every request answered and every shard settled
             await sleep_or_set(clock, max(0.0, min(next_beat - now, 1.0)), self._changed)
+
+
+def _forget(task: asyncio.Future[Any]) -> None:
+    """Retrieve the outcome of a call given up on (so that it is not reported)."""
+    if not task.cancelled():
+        task.exception()
 
 
 class Worker(_Leased):
@@ -269,11 +388,7 @@ class Worker(_Leased):
             sep = "&" if "?" in journal else "?"
             journal = f"{journal}{sep}run={run}"
         self._kill = KillSwitch.from_env()  # test-only (see ._kill_hook)
-        if self._kill is not None:
-            client = client_over(client, KillingTransport(client._transport, self._kill))
-        if requests_per_second is not None:
-            self._shared = SharedBudget(requests_per_second, burst or FleetConfig().burst, client)
-            client = self._shared.client
+        client = self._fenced(client, requests_per_second, burst or FleetConfig().burst, self._kill)
         super().__init__(client, None, journal=journal, config=config)
         self._init_leases(worker_id)
         self.lease_seconds = lease_seconds
@@ -308,17 +423,17 @@ class SharedRun(_Leased):
     (so workers may join it), and writes the output file once every request has its
     result.
 
-    A fleet config in its ``config`` (``aiobatch run --requests-per-second``) is the
+    A ``RunConfig.requests_per_second`` (``aiobatch run --requests-per-second``) is the
     account's budget shared with the run's workers: every request it sends takes from
-    its share (:mod:`aiobatch._run._shared_budget`).
+    its share (:mod:`aiobatch._run._shared_budget`), at most ``fleet.burst`` at once.
+    Without it there is no shared budget (a fleet config alone paces only its polls).
     """
 
     def __init__(self, client: BatchClient, *args: Any, **kwargs: Any) -> None:
         config = kwargs.get("config")
-        fleet = config.fleet if isinstance(config, RunConfig) else None
-        if fleet is not None:
-            self._shared = SharedBudget(fleet.requests_per_second, fleet.burst, client)
-            client = self._shared.client
+        rate = config.requests_per_second if isinstance(config, RunConfig) else None
+        fleet = (config.fleet if isinstance(config, RunConfig) else None) or FleetConfig()
+        client = self._fenced(client, rate, fleet.burst)
         super().__init__(client, *args, **kwargs)
         self._init_leases(None)
 

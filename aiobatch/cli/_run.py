@@ -190,7 +190,9 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
         "--requests-per-second",
         type=positive,
         default=None,
-        help="the control-plane request budget while tracking",
+        help="the provider account's request budget: paces the polls; on a PostgreSQL "
+        "journal also every other request (uploads, creates, downloads), shared with the "
+        "run's workers (give them the same --requests-per-second)",
     )
     how.add_argument(
         "--give-up-after",
@@ -353,6 +355,7 @@ def _config(args: argparse.Namespace) -> RunConfig:
         give_up_after=args.give_up_after,
         delete_files=args.delete_files,
         fleet=fleet,
+        requests_per_second=args.requests_per_second,
     )
 
 

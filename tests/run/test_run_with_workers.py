@@ -8,22 +8,24 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import shutil
+import tempfile
 from collections import Counter
 from pathlib import Path
 
 import attrs
 import pytest
 from conftest import FAST_FLEET, chat_line, config, service_on, within_bucket
-from pg import own_pg_server, pg_server, pg_url
+from pg import FrozenLink, own_pg_server, pg_server, pg_url
 
-from aiobatch import BatchRun, RetryPolicy, RunConfig
+from aiobatch import BatchClient, BatchRun, RetryPolicy, RunConfig
 from aiobatch._run._ingest import ingest
 from aiobatch._run._postgres import PostgresJournal
 from aiobatch._run._records import ShardPlan
-from aiobatch._run._shared_budget import client_over
+from aiobatch._run._shared_budget import SharedBudget
 from aiobatch._run._worker import Worker
-from aiobatch.errors import JournalError, LeaseLostError, RunError
-from aiobatch.testing import FakeBatchService, VirtualClock, fake_client
+from aiobatch.errors import JournalError, LeaseExpiredError, LeaseLostError, RunError
+from aiobatch.testing import FakeBatchService, Fault, VirtualClock, fake_client
 from aiobatch.transport import Request, Response, Transport
 
 
@@ -241,9 +243,13 @@ async def test_a_database_gone_mid_run_stops_the_worker_and_the_run_resumes_when
 class _Gated:
     """A transport that sends nothing until ``opened`` is set."""
 
-    def __init__(self, inner: Transport) -> None:
-        self.inner = inner
+    def __init__(self) -> None:
         self.opened = asyncio.Event()
+
+    def over(self, inner: Transport) -> _Gated:
+        """Gate ``inner``."""
+        self.inner = inner
+        return self
 
     async def send(self, request: Request, *, stream: bool = False) -> Response:
         await self.opened.wait()
@@ -269,8 +275,8 @@ async def test_a_worker_joining_late_gets_a_share_of_the_shards_not_started(
         clock.auto_advance(),
     ):
         # The first worker sends nothing until the second one took shards.
-        gated = _Gated(fake.client._transport)
-        held = client_over(fake.client, gated)
+        gated = _Gated()
+        held = fake.client.with_options(wrap_transport=gated.over)
         first = Worker(held, journal=url, config=slow, worker_id="w0", lease_seconds=3.0)
         tasks = [asyncio.ensure_future(first.run())]
         schema = url.split("schema=")[1].split("&")[0]
@@ -317,13 +323,39 @@ async def test_a_worker_whose_planner_lease_lapsed_plans_nothing_more(tmp_path: 
     await second.close()
 
 
-async def test_a_postgres_run_keeps_its_fleet_rate_for_every_request(tmp_path: Path) -> None:
-    """``BatchRun`` on PostgreSQL with a fleet rate (``aiobatch run --requests-per-second``):
-    uploads, creates, polls and downloads together stay within ``burst + rate * span``."""
+async def test_a_postgres_run_keeps_its_requests_per_second_for_every_request(
+    tmp_path: Path,
+) -> None:
+    """``BatchRun`` on PostgreSQL with ``RunConfig.requests_per_second``
+    (``aiobatch run --requests-per-second``): uploads, creates, polls and downloads
+    together stay within ``burst + rate * span`` (the burst is the fleet's)."""
     url = pg_url(str(tmp_path), run="shared")
     clock = VirtualClock()
     service = service_on(clock)
-    fleet = attrs.evolve(FAST_FLEET, requests_per_second=2.0, burst=3)
+    fleet = attrs.evolve(FAST_FLEET, burst=3)
+    async with (
+        fake_client(service=service, clock=clock, retry=RetryPolicy.for_testing()) as fake,
+        clock.auto_advance(),
+    ):
+        run = BatchRun(
+            fake.client, _requests(60), journal=url, output=tmp_path / "out.jsonl",
+            config=config(max_lines=10, fleet=fleet, requests_per_second=2.0),
+        )  # fmt: skip
+        report = await run.run()
+    assert report.state == "done"
+    assert (
+        Counter(r.method + " " + r.path.split("/")[1] for r in service.requests)["POST files"] == 6
+    )
+    assert within_bucket([r.at for r in service.requests], 2.0, 3)
+
+
+async def test_a_fleet_config_alone_puts_no_budget_on_a_postgres_run(tmp_path: Path) -> None:
+    """A fleet config without ``RunConfig.requests_per_second`` (``--poll-min`` alone) on
+    PostgreSQL: the fleet's own rate paces only its polls; the uploads go out at once."""
+    url = pg_url(str(tmp_path), run="shared")
+    clock = VirtualClock()
+    service = service_on(clock)
+    fleet = attrs.evolve(FAST_FLEET, requests_per_second=0.01, burst=1)  # 100 s apart
     async with (
         fake_client(service=service, clock=clock, retry=RetryPolicy.for_testing()) as fake,
         clock.auto_advance(),
@@ -334,7 +366,255 @@ async def test_a_postgres_run_keeps_its_fleet_rate_for_every_request(tmp_path: P
         )  # fmt: skip
         report = await run.run()
     assert report.state == "done"
-    assert (
-        Counter(r.method + " " + r.path.split("/")[1] for r in service.requests)["POST files"] == 6
-    )
-    assert within_bucket([r.at for r in service.requests], 2.0, 3)
+    uploads = [r.at for r in service.requests if r.method == "POST" and r.path == "/files"]
+    assert len(uploads) == 6 and max(uploads) - min(uploads) < 100.0
+
+
+async def test_a_429_pauses_the_shared_budget_of_a_postgres_run(tmp_path: Path) -> None:
+    """A 429 with ``retry-after: 30`` on a create, on a run with a shared budget: the run
+    sends nothing for those 30 s (no other upload or create hits the server meanwhile)."""
+    url = pg_url(str(tmp_path), run="shared")
+    clock = VirtualClock()
+    service = service_on(clock)
+    service.faults.add(Fault.http(429, retry_after=30, method="POST", path="/batches"))
+    async with (
+        fake_client(service=service, clock=clock, retry=RetryPolicy.for_testing()) as fake,
+        clock.auto_advance(),
+    ):
+        run = BatchRun(
+            fake.client, _requests(60), journal=url, output=tmp_path / "out.jsonl",
+            config=config(max_lines=10, max_submissions=6, requests_per_second=50.0),
+        )  # fmt: skip
+        report = await run.run()
+    assert report.state == "done"
+    limited = next(r.at for r in service.requests if r.status == 429)
+    during = [r for r in service.requests if limited < r.at < limited + 30.0]
+    assert during == []
+
+
+async def test_a_worker_whose_database_stalls_for_less_than_the_lease_carries_on(
+    tmp_path: Path,
+) -> None:
+    """A worker's database link frozen past half its lease time but not the whole: its
+    provider requests wait meanwhile, and once the link is back it renews and finishes
+    the run (one batch per shard, no error)."""
+    url = pg_url(str(tmp_path), run="shared")
+    journal = await _ingested(url, 40)
+    clock = VirtualClock()
+    service = service_on(clock)
+    folder = tempfile.mkdtemp(prefix="aiobatch-link-")
+    try:
+        async with (
+            FrozenLink(pg_server(), folder) as link,
+            fake_client(service=service, clock=clock, retry=RetryPolicy.for_testing()) as fake,
+            clock.auto_advance(),
+        ):
+            worker = Worker(
+                fake.client, journal=link.url(url), config=config(max_lines=10),
+                lease_seconds=4.0,
+            )  # fmt: skip
+            task = asyncio.ensure_future(worker.run())
+            for _ in range(10_000):
+                if len(service.batch_ids) >= 2 or task.done():
+                    break
+                await asyncio.sleep(0.01)
+            link.freeze()
+            await asyncio.sleep(2.5)  # real time: the leases run on the database's clock
+            link.thaw()
+            report = await asyncio.wait_for(task, 60)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    assert report.state == "done"
+    shards = await journal.shards()
+    await journal.close()
+    assert await _batches_per_shard(service) == Counter(s.key for s in shards)
+
+
+async def test_a_failure_at_a_workers_first_heartbeat_gets_the_same_grace(
+    tmp_path: Path,
+) -> None:
+    """A worker whose first lease renewal fails (its connection cut while it waits on a
+    lock) does not stop at once: it renews at its next heartbeat and finishes the run."""
+    import asyncpg
+
+    from aiobatch._run._pg_url import parse_postgres_url
+
+    url = pg_url(str(tmp_path), run="shared")
+    journal = await _ingested(url, 10)
+    where = parse_postgres_url(url)
+    locker = await asyncpg.connect(where.dsn)
+    clock = VirtualClock()
+    service = service_on(clock)
+    async with (
+        fake_client(service=service, clock=clock, retry=RetryPolicy.for_testing()) as fake,
+        clock.auto_advance(),
+    ):
+        async with locker.transaction():
+            await locker.execute(f'LOCK TABLE "{where.schema}".aiobatch_workers')
+            worker = Worker(
+                fake.client, journal=url, config=config(max_lines=10), worker_id="w0",
+                lease_seconds=30.0,
+            )  # fmt: skip
+            task = asyncio.ensure_future(worker.run())
+            waiting = None
+            for _ in range(10_000):  # its first renewal waits on the lock
+                await locker.execute("SELECT pg_stat_clear_snapshot()")
+                waiting = await locker.fetchval(
+                    "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND query LIKE '%aiobatch_workers%' AND pid != pg_backend_pid()"
+                )
+                if waiting is not None or task.done():
+                    break
+                await asyncio.sleep(0.01)
+            assert waiting is not None
+            await locker.execute("SELECT pg_terminate_backend($1)", waiting)
+        report = await asyncio.wait_for(task, 60)
+    await locker.close()
+    await journal.close()
+    assert report.state == "done"
+    assert await _batches_per_shard(service) == Counter({"s000000": 1})
+
+
+class _Shared:
+    """Another client's transport, never closed by the client sending through it."""
+
+    def __init__(self, inner: Transport) -> None:
+        self.inner = inner
+
+    async def send(self, request: Request, *, stream: bool = False) -> Response:
+        return await self.inner.send(request, stream=stream)
+
+    async def aclose(self) -> None:
+        pass
+
+
+def _creates(service: FakeBatchService) -> int:
+    return sum(1 for r in service.requests if r.method == "POST" and r.path.endswith("/batches"))
+
+
+async def test_a_partitioned_worker_sends_no_create_once_its_leases_may_have_lapsed(
+    tmp_path: Path,
+) -> None:
+    """A worker cut off from its database (its queries hang) after recording a create,
+    whose create then waits out a Retry-After: another worker adopts the shard and makes
+    its batch; the cut-off one sends nothing more (LeaseExpiredError): one batch."""
+    url = pg_url(str(tmp_path), run="shared")
+    journal = await _ingested(url, 10)
+    clock = VirtualClock()
+    service = service_on(clock)
+    service.faults.add(Fault.http(429, retry_after=60, method="POST", path="/batches"))
+    stalled = VirtualClock(start=clock.now())  # the first worker's: it moves when told
+    folder = tempfile.mkdtemp(prefix="aiobatch-link-")
+    try:
+        async with (
+            FrozenLink(pg_server(), folder) as link,
+            fake_client(service=service, clock=clock, retry=RetryPolicy.for_testing()) as fake,
+            BatchClient(
+                provider=fake.client.provider, transport=_Shared(fake.client._transport),
+                clock=stalled, create_settle=fake.client.create_settle,
+            ) as own,
+        ):  # fmt: skip
+            first = Worker(
+                own, journal=link.url(url), config=config(max_lines=10), worker_id="w0",
+                lease_seconds=2.0,
+            )  # fmt: skip
+            first_run = asyncio.ensure_future(first.run())
+            for _ in range(10_000):  # its create was answered 429, retry after 60 s
+                if _creates(service) or first_run.done():
+                    break
+                await asyncio.sleep(0.01)
+            assert _creates(service) == 1 and not first_run.done()
+            link.freeze()
+            async with clock.auto_advance():
+                second = Worker(
+                    fake.client, journal=url, config=config(max_lines=10), worker_id="w1",
+                    lease_seconds=2.0,
+                )  # fmt: skip
+                report = await asyncio.wait_for(second.run(), 60)
+            assert report.state == "done" and len(service.batch_ids) == 1
+            async with stalled.auto_advance():  # the first worker's Retry-After runs out
+                for _ in range(300):
+                    if first_run.done() or len(service.batch_ids) > 1:
+                        break
+                    await asyncio.sleep(0.01)
+                link.thaw()
+                first.stop()
+                outcome = await asyncio.gather(
+                    asyncio.wait_for(first_run, 60), return_exceptions=True
+                )
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    await journal.close()
+    assert await _batches_per_shard(service) == Counter({"s000000": 1})
+    assert isinstance(outcome[0], LeaseExpiredError)
+
+
+async def _advance(clock: VirtualClock, seconds: float) -> None:
+    """Move ``clock`` on by ``seconds`` a tenth of a second at a time, letting every
+    task woken run."""
+    for _ in range(round(seconds * 10)):
+        clock.advance(0.1)
+        for _ in range(20):
+            await asyncio.sleep(0)
+
+
+async def test_a_worker_joining_the_shared_budget_starts_with_an_empty_bucket(
+    tmp_path: Path,
+) -> None:
+    """Two workers' shares of one budget (1/s, burst 20): the second joins while the
+    first spends its full bucket and rate until its next heartbeat; together they are
+    granted at most ``burst + rate * span`` over any span."""
+    url = pg_url(str(tmp_path), run="shared")
+    journals = [await _ingested(url, 1), await PostgresJournal.open(url)]
+    for i, journal in enumerate(journals):
+        journal.owner, journal.lease_seconds = f"w{i}", 600.0
+    granted: list[float] = []
+    async with fake_client() as fake:
+        clock = fake.clock
+        budgets = [SharedBudget(1.0, 20, fake.client) for _ in journals]
+
+        async def spend(budget: SharedBudget) -> None:
+            while True:
+                await budget.cleared.wait()
+                await budget.budget.acquire()
+                granted.append(clock.now())
+
+        await journals[0].renew()
+        await budgets[0].split(journals[0], 1)  # alone: the full rate and a full bucket
+        await journals[1].renew()
+        await budgets[1].split(journals[1], 2)  # joins: held back until the first counts 2
+        spenders = [asyncio.ensure_future(spend(b)) for b in budgets]
+        await _advance(clock, 10.0)  # (the database's answers take no virtual time)
+        await budgets[0].split(journals[0], 2)  # the first one's next heartbeat
+        await budgets[1].split(journals[1], 2)  # the second one's: cleared
+        await _advance(clock, 5.0)
+        for spender in spenders:
+            spender.cancel()
+        await asyncio.gather(*spenders, return_exceptions=True)
+    for journal in journals:
+        await journal.close()
+    assert len(granted) >= 30
+    assert within_bucket(granted, 1.0, 20)
+
+
+async def test_a_worker_whose_budget_row_lapsed_waits_to_be_cleared_again(
+    tmp_path: Path,
+) -> None:
+    """A worker counted out by the others (its row lapsed) and back: it counts one more
+    worker than they do, so it sends nothing until they lowered their shares again."""
+    url = pg_url(str(tmp_path), run="shared")
+    journals = [await _ingested(url, 1), await PostgresJournal.open(url)]
+    for i, journal in enumerate(journals):
+        journal.owner, journal.lease_seconds = f"w{i}", 600.0
+    async with fake_client() as fake:
+        budgets = [SharedBudget(1.0, 20, fake.client) for _ in journals]
+        for journal in journals:
+            await journal.renew()
+        for journal, budget in zip(journals, budgets, strict=True):
+            await budget.split(journal, 2)
+        assert budgets[1].cleared.is_set()
+        await budgets[0].split(journals[0], 1)  # the first one counted the second out
+        await budgets[1].split(journals[1], 2)  # the second, back: the first sends at 1/1
+        assert not budgets[1].cleared.is_set()
+    for journal in journals:
+        await journal.close()

@@ -55,6 +55,7 @@ async def _worker(url: str, base_url: str, kill_at: str | None) -> asyncio.subpr
     env.pop("AIOBATCH_TEST_KILL_AT", None)
     if kill_at is not None:
         env["AIOBATCH_TEST_KILL_AT"] = kill_at
+        env["AIOBATCH_TESTING"] = "1"
     return await asyncio.create_subprocess_exec(
         sys.executable, "-c", _MAIN, "worker", "--journal", url, "--lease", "2s",
         "--max-lines", str(MAX_LINES), "--poll-max", "0.5", "--base-url", base_url,
@@ -120,3 +121,18 @@ async def test_a_worker_killed_at_a_named_point_loses_nothing_and_doubles_nothin
     assert per_shard == collections.Counter(s.key for s in shards)
     start = service.requests[0].at
     assert over_budget([r.at - start for r in service.requests])[:3] == []
+
+
+def test_the_kill_point_is_ignored_unless_testing_is_declared(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``AIOBATCH_TEST_KILL_AT`` alone arms nothing in a shipped worker; only together
+    with ``AIOBATCH_TESTING=1`` (as the kill trials set) does it."""
+    from aiobatch._run._kill_hook import KillSwitch
+
+    monkeypatch.delenv("AIOBATCH_TESTING", raising=False)
+    monkeypatch.setenv("AIOBATCH_TEST_KILL_AT", "mid_create")
+    assert KillSwitch.from_env() is None
+    monkeypatch.setenv("AIOBATCH_TESTING", "1")
+    switch = KillSwitch.from_env()
+    assert switch is not None and switch.point == "mid_create"
