@@ -29,6 +29,7 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
+from ..errors import TooManyBatchesError
 from ._records import (
     FinalResult,
     JournalCounts,
@@ -45,11 +46,27 @@ from ._records import (
 )
 from ._states import ShardState
 
-__all__ = ["CHUNK_BYTES", "Ingest", "Journal"]
+__all__ = ["CHUNK_BYTES", "Ingest", "Journal", "too_many_batches"]
 
 #: The most bytes of lines one chunk of :meth:`Journal.shard_lines` or
 #: :meth:`Journal.result_lines` holds (one line may be longer).
 CHUNK_BYTES = 4 * 1024 * 1024
+
+
+def too_many_batches(custom_id: str, batches: int, limit: int) -> TooManyBatchesError:
+    """The error every backend raises when request ``custom_id`` would go into batch
+    number ``batches``, past ``max_batches_per_request`` (``limit``)."""
+    return TooManyBatchesError(
+        f"request {custom_id!r} would go into batch number {batches}, past "
+        f"max_batches_per_request={limit}: the server keeps failing "
+        "its batches in a way that spends no retry round (see the warnings "
+        "above for its errors). Nothing more was created and the journal "
+        "is intact: look into the server's errors, then run again with a "
+        "higher max_batches_per_request to go on",
+        custom_id=custom_id,
+        batches=batches,
+        limit=limit,
+    )
 
 
 class Ingest(Protocol):

@@ -31,8 +31,8 @@ from typing import Any
 
 import attrs
 
-from ..errors import JournalError, LeaseLostError, TooManyBatchesError
-from ._journal import CHUNK_BYTES
+from ..errors import JournalError, LeaseLostError
+from ._journal import CHUNK_BYTES, too_many_batches
 from ._pg_url import PgLocation, parse_postgres_url
 from ._postgres_ingest import PgIngest
 from ._postgres_leases import PgLeases
@@ -473,17 +473,7 @@ class PostgresJournal(PgLeases):
                 )
                 if row is not None and row[1] > max_batches:
                     cid, batches = row[0], row[1]
-                    raise TooManyBatchesError(
-                        f"request {cid!r} would go into batch number {batches}, past "
-                        f"max_batches_per_request={max_batches}: the server keeps failing "
-                        "its batches in a way that spends no retry round (see the warnings "
-                        "above for its errors). Nothing more was created and the journal "
-                        "is intact: look into the server's errors, then run again with a "
-                        "higher max_batches_per_request to go on",
-                        custom_id=str(cid),
-                        batches=int(batches),
-                        limit=max_batches,
-                    )
+                    raise too_many_batches(str(cid), int(batches), max_batches)
             round_ = await conn.fetchval(
                 "SELECT coalesce(max(attempts), 0) FROM aiobatch_requests "
                 "WHERE rid = $1 AND shard = $2",

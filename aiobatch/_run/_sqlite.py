@@ -37,7 +37,8 @@ from typing import Any
 
 import attrs
 
-from ..errors import JournalError, ShardMoveError, TooManyBatchesError
+from ..errors import JournalError, ShardMoveError
+from ._journal import too_many_batches
 from ._records import (
     SHARD_FIELDS,
     FailedRequest,
@@ -515,17 +516,7 @@ class JournalFile:
                 "ORDER BY batches DESC, seq LIMIT 1",
                 (key,),
             ).fetchone()
-            raise TooManyBatchesError(
-                f"request {cid!r} would go into batch number {batches}, past "
-                f"max_batches_per_request={max_batches}: the server keeps failing "
-                "its batches in a way that spends no retry round (see the warnings "
-                "above for its errors). Nothing more was created and the journal "
-                "is intact: look into the server's errors, then run again with a "
-                "higher max_batches_per_request to go on",
-                custom_id=str(cid),
-                batches=int(batches),
-                limit=max_batches,
-            )
+            raise too_many_batches(str(cid), int(batches), max_batches)
         db.execute(
             "INSERT INTO shards (key, round, url, model, lines, bytes, tokens, state, "
             "planned_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
