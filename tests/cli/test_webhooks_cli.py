@@ -78,15 +78,12 @@ async def hook_server() -> AsyncIterator[tuple[str, str]]:
             await proc.wait()
 
 
-async def test_run_ends_on_the_fake_servers_signed_webhook(
-    tmp_path: Path, hook_server: tuple[str, str]
-) -> None:
-    """A run listening for webhooks (secret from OPENAI_WEBHOOK_SECRET) writes its output
-    within RUN_TIMEOUT, long before its first safety-net poll, and reports one verified
-    webhook that named its batch and none refused."""
+async def _run_listening(
+    source: Path, output: Path, hook_server: tuple[str, str], *, key: str
+) -> tuple[int | None, str, str]:
+    """``aiobatch run SOURCE -o OUTPUT --webhook-listen`` against the fake server, with
+    API key ``key``: its exit status, stdout and stderr."""
     base_url, hook_url = hook_server
-    source = make_requests(tmp_path / "in.jsonl", 3)
-    output = tmp_path / "out.jsonl"
     listen = hook_url.removeprefix("http://").removesuffix("/webhooks")
     run = await _aiobatch(
         "run",
@@ -100,7 +97,7 @@ async def test_run_ends_on_the_fake_servers_signed_webhook(
         "--webhook-listen",
         listen,
         "--no-progress",
-        env={"OPENAI_API_KEY": "sk-test", "OPENAI_WEBHOOK_SECRET": SECRET},
+        env={"OPENAI_API_KEY": key, "OPENAI_WEBHOOK_SECRET": SECRET},
     )
     try:
         out, err = await asyncio.wait_for(run.communicate(), timeout=RUN_TIMEOUT)
@@ -108,13 +105,25 @@ async def test_run_ends_on_the_fake_servers_signed_webhook(
         if run.returncode is None:
             run.kill()
             await run.wait()
-    stderr = err.decode()
-    assert run.returncode == 0, stderr
+    return run.returncode, out.decode(), err.decode()
+
+
+async def test_run_ends_on_the_fake_servers_signed_webhook(
+    tmp_path: Path, hook_server: tuple[str, str]
+) -> None:
+    """A run listening for webhooks (secret from OPENAI_WEBHOOK_SECRET) writes its output
+    within RUN_TIMEOUT, long before its first safety-net poll, and reports one verified
+    webhook that named its batch and none refused."""
+    hook_url = hook_server[1]
+    source = make_requests(tmp_path / "in.jsonl", 3)
+    output = tmp_path / "out.jsonl"
+    code, out, stderr = await _run_listening(source, output, hook_server, key="sk-test")
+    assert code == 0, stderr
     assert f"receiving webhooks on {hook_url}" in stderr, stderr
     assert "webhooks: 1 received, 1 named this run's batches" in stderr, stderr
     assert ", 0 refused (" in stderr, stderr
     ids = sorted(json.loads(line)["custom_id"] for line in output.read_text().splitlines())
-    assert ids == ["q-0", "q-1", "q-2"], out.decode()
+    assert ids == ["q-0", "q-1", "q-2"], out
 
 
 async def test_a_run_that_fails_still_says_what_its_webhook_receiver_did(
@@ -122,28 +131,9 @@ async def test_a_run_that_fails_still_says_what_its_webhook_receiver_did(
 ) -> None:
     """A run the server refuses (a wrong key: exit 3) still prints its receiver's
     summary, the line that tells a bad webhook registration or secret apart."""
-    base_url, hook_url = hook_server
-    listen = hook_url.removeprefix("http://").removesuffix("/webhooks")
-    run = await _aiobatch(
-        "run",
-        str(make_requests(tmp_path / "in.jsonl", 2)),
-        "-o",
-        str(tmp_path / "out.jsonl"),
-        "--provider",
-        "compatible",
-        "--base-url",
-        base_url,
-        "--webhook-listen",
-        listen,
-        "--no-progress",
-        env={"OPENAI_API_KEY": "sk-wrong", "OPENAI_WEBHOOK_SECRET": SECRET},
+    source = make_requests(tmp_path / "in.jsonl", 2)
+    code, _, stderr = await _run_listening(
+        source, tmp_path / "out.jsonl", hook_server, key="sk-wrong"
     )
-    try:
-        _, err = await asyncio.wait_for(run.communicate(), timeout=RUN_TIMEOUT)
-    finally:
-        if run.returncode is None:
-            run.kill()
-            await run.wait()
-    stderr = err.decode()
-    assert run.returncode == 3, stderr
+    assert code == 3, stderr
     assert "webhooks: 0 received, 0 named this run's batches" in stderr, stderr
