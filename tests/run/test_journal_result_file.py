@@ -4,6 +4,7 @@ missing or cut short is a JournalError naming it and the request."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from aiobatch.errors import JournalError
 from aiobatch.testing import VirtualClock
 
 
-async def _finished(tmp_path: Path, n: int = 12) -> tuple[Path, Path]:
+async def _run_finished(tmp_path: Path, n: int = 12) -> tuple[Path, Path]:
     """A finished run of ``n`` requests in 3 batches: its journal and output file."""
     clock = VirtualClock()
     source = write_jsonl(tmp_path / "in.jsonl", requests(n))
@@ -30,7 +31,7 @@ async def _finished(tmp_path: Path, n: int = 12) -> tuple[Path, Path]:
     return journal, output
 
 
-async def _unfinished(tmp_path: Path, n: int = 4) -> Path:
+async def _run_unfinished(tmp_path: Path, n: int = 4) -> Path:
     """The journal of a run cancelled at its first progress report (no results)."""
     clock = VirtualClock()
     source = write_jsonl(tmp_path / "in.jsonl", requests(n))
@@ -47,16 +48,27 @@ async def _unfinished(tmp_path: Path, n: int = 4) -> Path:
     return journal
 
 
+def _finished(tmp_path: Path) -> tuple[Path, Path]:
+    return asyncio.run(_run_finished(tmp_path))
+
+
+def _record_and_fail(db: JournalFile, finals: list[FinalResult]) -> None:
+    """Record ``finals`` in a transaction that then fails (and rolls back)."""
+    with db.transaction() as tx:
+        db.record_rows(tx, finals, ())
+        raise RuntimeError("the commit never came")
+
+
 def _final(seq: int, data: bytes) -> FinalResult:
     return FinalResult(
         seq=seq, kind="success", code=None, shard=None, batch_id=None, attempts=0, data=data
     )
 
 
-async def test_a_finished_runs_result_lines_are_in_the_data_file_once(tmp_path: Path) -> None:
+def test_a_finished_runs_result_lines_are_in_the_data_file_once(tmp_path: Path) -> None:
     """Every line of the output is in the journal's ``-data`` file, once, and the
     journal reads them back in input order."""
-    journal, output = await _finished(tmp_path)
+    journal, output = _finished(tmp_path)
     lines = output.read_bytes().splitlines()
     data = Path(f"{journal}-data").read_bytes()
     assert len(data) == sum(len(line) for line in lines)
@@ -67,14 +79,13 @@ async def test_a_finished_runs_result_lines_are_in_the_data_file_once(tmp_path: 
     assert [line["custom_id"] for line in read_output(output)] == [f"r-{n}" for n in range(12)]
 
 
-async def test_a_chunk_rolled_back_is_written_over_and_never_read(tmp_path: Path) -> None:
+def test_a_chunk_rolled_back_is_written_over_and_never_read(tmp_path: Path) -> None:
     """A chunk whose transaction rolled back after its lines were written leaves no
     trace: the next chunk's lines take their place and are the ones read back."""
-    journal = await _unfinished(tmp_path)
+    journal = asyncio.run(_run_unfinished(tmp_path))
     with JournalFile(journal) as db:
-        with pytest.raises(RuntimeError), db.transaction() as tx:
-            db.record_rows(tx, [_final(0, b"A" * 40), _final(1, b"B" * 40)], ())
-            raise RuntimeError("the commit never came")
+        with pytest.raises(RuntimeError, match="never came"):
+            _record_and_fail(db, [_final(0, b"A" * 40), _final(1, b"B" * 40)])
         assert list(db.result_lines()) == []
         db.record(None, [_final(2, b'{"c":1}'), _final(3, b'{"d":22}')])
         assert list(db.result_lines()) == [b'{"c":1}', b'{"d":22}']
@@ -82,10 +93,10 @@ async def test_a_chunk_rolled_back_is_written_over_and_never_read(tmp_path: Path
     assert Path(f"{journal}-data").read_bytes()[:15] == b'{"c":1}{"d":22}'
 
 
-async def test_a_data_file_cut_short_is_a_journal_error_naming_it(tmp_path: Path) -> None:
+def test_a_data_file_cut_short_is_a_journal_error_naming_it(tmp_path: Path) -> None:
     """Reading results whose lines are past the end of a truncated ``-data`` file raises
     JournalError naming the file and the request, not a short or empty line."""
-    journal, _output = await _finished(tmp_path)
+    journal, _output = _finished(tmp_path)
     data = Path(f"{journal}-data")
     data.write_bytes(data.read_bytes()[:-10])
     with JournalFile(journal, readonly=True) as db, pytest.raises(JournalError) as caught:
@@ -96,10 +107,10 @@ async def test_a_data_file_cut_short_is_a_journal_error_naming_it(tmp_path: Path
     assert "request" in message
 
 
-async def test_a_missing_data_file_is_a_journal_error_naming_it(tmp_path: Path) -> None:
+def test_a_missing_data_file_is_a_journal_error_naming_it(tmp_path: Path) -> None:
     """A journal whose ``-data`` file was not copied along says so when its results are
     read."""
-    journal, _output = await _finished(tmp_path)
+    journal, _output = _finished(tmp_path)
     Path(f"{journal}-data").unlink()
     with JournalFile(journal, readonly=True) as db, pytest.raises(JournalError) as caught:
         list(db.result_lines())

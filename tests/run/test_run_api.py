@@ -88,7 +88,8 @@ def journal_report(path: Path) -> RunReport:
 def journal_files(journal: Path) -> list[str]:
     """The journal's files (the database, its WAL and shared memory, its result lines)
     that exist."""
-    return [name for name in (f"{journal}{s}" for s in ("", "-wal", "-shm", "-data")) if Path(name).exists()]
+    names = (f"{journal}{s}" for s in ("", "-wal", "-shm", "-data"))
+    return [name for name in names if Path(name).exists()]
 
 
 def as_schema_6(db: sqlite3.Connection, journal: Path) -> None:
