@@ -31,6 +31,25 @@ DATA_SUFFIX = "-data"
 _sync = getattr(os, "fdatasync", os.fsync)
 
 
+#: Buffers per vectored write (Linux takes at most 1024).
+_IOV_MAX = 1024
+
+
+def _write_at(fd: int, lines: Sequence[bytes], at: int) -> int:
+    """Write ``lines`` from offset ``at`` (from the lines themselves where the system
+    has ``pwritev``: a chunk of megabytes is not copied into one first); the offset
+    after them."""
+    total = sum(map(len, lines))
+    written = os.pwritev(fd, lines, at) if hasattr(os, "pwritev") else 0
+    if written < total:  # no pwritev, or a short write: the rest in one piece
+        rest = memoryview(b"".join(lines))[written:]
+        while rest:
+            done = os.pwrite(fd, rest, at + written)
+            rest = rest[done:]
+            written += done
+    return at + total
+
+
 class ResultData:
     """The result file of the journal at ``journal_path``, opened on first use.
 
@@ -64,14 +83,10 @@ class ResultData:
         Raises:
             JournalError: the file cannot be written (a full disk...).
         """
-        blob = b"".join(lines)
         fd = self._open()
         try:
-            view = memoryview(blob)
-            while view:
-                written = os.pwrite(fd, view, at)
-                view = view[written:]
-                at += written
+            for start in range(0, len(lines), _IOV_MAX):
+                at = _write_at(fd, lines[start : start + _IOV_MAX], at)
             _sync(fd)
         except OSError as exc:
             raise JournalError(

@@ -5,6 +5,7 @@ missing or cut short is a JournalError naming it and the request."""
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from conftest import client_for, read_output, requests, service_on, write_jsonl
 from aiobatch import BatchRun, RunConfig, RunProgress
 from aiobatch._run._records import FinalResult
 from aiobatch._run._sqlite import JournalFile
+from aiobatch._run._sqlite_data import ResultData
 from aiobatch.errors import JournalError
 from aiobatch.testing import VirtualClock
 
@@ -116,3 +118,27 @@ def test_a_missing_data_file_is_a_journal_error_naming_it(tmp_path: Path) -> Non
         list(db.result_lines())
     assert f"{journal}-data" in str(caught.value)
     assert "beside the journal" in str(caught.value)
+
+
+@pytest.mark.parametrize("system", ["short pwritev", "no pwritev"])
+def test_a_chunk_is_written_whole_whatever_the_system_writes_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, system: str
+) -> None:
+    """A chunk's lines are all written at their offsets when a vectored write takes
+    only part of them, or when the system has none."""
+    if system == "no pwritev":
+        monkeypatch.delattr(os, "pwritev", raising=False)
+    else:
+        real = os.pwritev
+
+        def first_only(fd: int, buffers: list[bytes], offset: int) -> int:
+            return real(fd, buffers[:1], offset)
+
+        monkeypatch.setattr(os, "pwritev", first_only)
+    data = ResultData(str(tmp_path / "run.journal"), readonly=False)
+    try:
+        data.write(3, [b"abc", b"defg", b"h"])
+        assert data.read_many([(3, 3, 0), (6, 4, 1), (10, 1, 2)]) == [b"abc", b"defg", b"h"]
+    finally:
+        data.close()
+    assert (tmp_path / "run.journal-data").read_bytes() == b"\0\0\0abcdefgh"
