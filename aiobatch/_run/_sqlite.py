@@ -181,12 +181,12 @@ class JournalFile:
                         else ""
                     )
                 )
+            # Where a result line is (a journal before schema 7, read only, has no -data).
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(results)")}
         except BaseException:
             self._db.close()
             raise
         self.created = not exists
-        # Where a result line is (a journal before schema 7, read only, has no -data).
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(results)")}
         self._line_at = "data_at, data_size" if "data_at" in columns else "NULL, NULL"
 
     def _upgrade(self) -> None:
@@ -196,7 +196,8 @@ class JournalFile:
         rounds, and the shard it is in), and a shard whose upload was started is
         ``uploading`` (schema 4 kept it ``planned``). 5 to 6: a request with a result is
         no longer marked ``done`` (its result row says it): ``done`` becomes ``queued``,
-        the shard it is in.
+        the shard it is in. 6 to 7: ``results`` gains ``data_at`` and ``data_size`` (the
+        rows written before keep their line in ``data``; new ones go to ``-data``).
         """
         row = self._db.execute(
             "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
