@@ -323,7 +323,7 @@ def child(args: argparse.Namespace) -> None:
     row["output_bytes"] = output.stat().st_size
     row["journal_bytes"] = sum(
         os.path.getsize(f"{journal}{suffix}")
-        for suffix in ("", "-wal")
+        for suffix in ("", "-wal", "-data")
         if os.path.exists(f"{journal}{suffix}")
     )
     print(json.dumps(row), flush=True)
@@ -484,7 +484,8 @@ def main() -> None:
         f"{run['write_seconds']:.2f}s / at least {max(0.0, run['write_growth']):.1f} MB"
     )
     print(
-        f"journal on disk {run['journal_bytes'] / MB:.1f} MB; results {run['succeeded']} of "
+        f"journal on disk (with its log and result lines) {run['journal_bytes'] / MB:.1f} MB; "
+        f"results {run['succeeded']} of "
         f"{run['requests']} succeeded"
     )
 
