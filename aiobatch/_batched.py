@@ -62,6 +62,7 @@ from .errors import (
     BatchedTimeoutError,
     ClosedError,
     InputError,
+    JournalError,
 )
 
 __all__ = ["BATCHED_ENDPOINTS", "BatchedOpenAI", "BatchedResult", "BatchedStats"]
@@ -258,7 +259,7 @@ class BatchedOpenAI(_Answering, _Online, _Flushing):
             path = os.path.join(self._folder, name)
             try:
                 finals, open_keys = _read_journal(path)
-            except sqlite3.DatabaseError as exc:
+            except (sqlite3.DatabaseError, JournalError) as exc:
                 logger.warning("batched: skipping %s, which cannot be read: %s", path, exc)
                 continue
             self._known.update(finals)

@@ -22,6 +22,7 @@ from ._models import ResultLine
 from ._run import BatchEvent, BatchRun, RunConfig
 from ._run._progress import RunProgress
 from ._run._records import PreparedRequest
+from ._run._sqlite import JournalFile
 from .errors import ClosedError
 
 logger = logging.getLogger("aiobatch.batched")
@@ -211,14 +212,20 @@ class _Flushing:
 
 
 def _read_journal(path: str) -> tuple[dict[str, tuple[bytes, str | None]], set[str]]:
-    """A flush journal's final results by key, and its keys without one (read-only)."""
+    """A flush journal's final results by key, and its keys without one (read-only).
+
+    Raises:
+        JournalError: the file is no journal this aiobatch reads.
+        sqlite3.DatabaseError: it cannot be read.
+    """
+    finals: dict[str, tuple[bytes, str | None]] = {}
+    with JournalFile(path, readonly=True) as journal:
+        after = -1
+        while rows := journal.result_rows(order="completion", after=after):
+            after = rows[-1].n
+            finals.update((row.custom_id, (row.data, row.batch_id)) for row in rows)
     db = sqlite3.connect(f"file:{os.path.abspath(path)}?mode=ro", uri=True)
     try:
-        finals: dict[str, tuple[bytes, str | None]] = {}
-        for key, data, batch_id in db.execute(
-            "SELECT q.custom_id, r.data, r.batch_id FROM results r JOIN requests q ON q.seq = r.seq"
-        ):
-            finals[str(key)] = (bytes(data), batch_id)
         open_keys = {
             str(key)
             for (key,) in db.execute(

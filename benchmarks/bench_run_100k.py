@@ -485,7 +485,7 @@ def child(args: argparse.Namespace) -> None:
         journal = folder / FILES[1]
         row["journal_bytes"] = sum(
             os.path.getsize(f"{journal}{suffix}")
-            for suffix in ("", "-wal")
+            for suffix in ("", "-wal", "-data")
             if os.path.exists(f"{journal}{suffix}")
         )
         row["output_bytes"] = (folder / FILES[2]).stat().st_size
@@ -700,7 +700,8 @@ def in_memory(
     print(f"output file: sha256 {runner['output_sha256'][:16]}..., {verdict}")
     print(
         f"BatchRun: {runner['succeeded']} succeeded, {runner['failed']} failed of "
-        f"{runner['requests']}; journal on disk {runner['journal_bytes'] / MB:.1f} MB; "
+        f"{runner['requests']}; journal on disk (with its log and result lines) "
+        f"{runner['journal_bytes'] / MB:.1f} MB; "
         f"output file {runner['output_bytes'] / MB:.1f} MB"
     )
     print(f"naive: {naives[0]['succeeded']} succeeded, {naives[0]['failed']} failed", end="")

@@ -25,7 +25,8 @@ nor an earlier measurement's freed memory is in the measured process:
 2. Baseline, same file, same server: ``client.download_file(id, path)``, raw streaming
    to disk.
 3. ``client.iter_results(id)``: aiobatch's streamed decode of every line, no journal
-   (what collection costs before SQLite).
+   (what collection costs before SQLite), and ``client.iter_file_lines(id)``: the lines
+   only, not decoded (the least a collection that looks at each line costs).
 4. The peer practice: ``await client.file_content(id)``, then ``splitlines`` and
    ``json.loads`` of every line into a dict by ``custom_id``.
 
@@ -293,6 +294,9 @@ async def child_read(args: argparse.Namespace) -> dict[str, Any]:
         elif args.kind == "stream":
             async for _ in client.iter_results(args.file_id):
                 lines += 1
+        elif args.kind == "lines":
+            async for _ in client.iter_file_lines(args.file_id):
+                lines += 1
         else:  # the peer practice: the whole file in memory, then every line parsed
             content = await client.file_content(args.file_id)
             by_id = {}
@@ -319,7 +323,7 @@ def child(args: argparse.Namespace) -> None:
     row["output_bytes"] = output.stat().st_size
     row["journal_bytes"] = sum(
         os.path.getsize(f"{journal}{suffix}")
-        for suffix in ("", "-wal")
+        for suffix in ("", "-wal", "-data")
         if os.path.exists(f"{journal}{suffix}")
     )
     print(json.dumps(row), flush=True)
@@ -363,7 +367,7 @@ def main() -> None:
     serve_cmd = sub.add_parser("serve", help="(internal) the fake server")
     serve_cmd.add_argument("--port", type=int, required=True)
     child_cmd = sub.add_parser("child", help="(internal) one measurement")
-    child_cmd.add_argument("kind", choices=("run", "download", "stream", "read-all"))
+    child_cmd.add_argument("kind", choices=("run", "download", "stream", "lines", "read-all"))
     child_cmd.add_argument("--base", required=True)
     child_cmd.add_argument("--dir", required=True)
     child_cmd.add_argument("--file-id")
@@ -410,6 +414,7 @@ def main() -> None:
         file_id = ["--file-id", run["file_id"]]
         rows = {"download": downloads[0]}
         rows["stream"] = spawn(base, folder, "stream", *file_id)
+        rows["lines"] = spawn(base, folder, "lines", *file_id)
         if not args.skip_read_all:
             rows["read-all"] = spawn(base, folder, "read-all", *file_id)
         traced = None
@@ -444,6 +449,11 @@ def main() -> None:
         rows["stream"]["seconds"],
         rows["stream"]["growth"],
     )
+    line(
+        "iter_file_lines, lines only (no decode)",
+        rows["lines"]["seconds"],
+        rows["lines"]["growth"],
+    )
     if "read-all" in rows:
         row = rows["read-all"]
         line("file_content + json.loads (peer practice)", row["seconds"], row["growth"])
@@ -474,7 +484,8 @@ def main() -> None:
         f"{run['write_seconds']:.2f}s / at least {max(0.0, run['write_growth']):.1f} MB"
     )
     print(
-        f"journal on disk {run['journal_bytes'] / MB:.1f} MB; results {run['succeeded']} of "
+        f"journal on disk (with its log and result lines) {run['journal_bytes'] / MB:.1f} MB; "
+        f"results {run['succeeded']} of "
         f"{run['requests']} succeeded"
     )
 

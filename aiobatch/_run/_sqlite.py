@@ -14,8 +14,9 @@ Everything a run knows is here, written before it acts on it:
 - ``shards``: one row per batch-to-be: the intent (its requests) is recorded before its
   file is uploaded; then its file id, its create key (before the create is sent), its
   batch id, its status, and how many lines of its output and error files are collected.
-- ``results``: the final result line of each request, at most one (``seq`` is unique);
-  the row order is the completion order.
+- ``results``: the final result of each request, at most one (``seq`` is unique); the
+  row order is the completion order. The result line itself is in the journal's
+  ``-data`` file beside it, written once (see :mod:`._sqlite_data`).
 
 The run writes through one connection, from the event loop's thread (a chunk of
 results on the real clock: from a worker thread, one statement at a time all the
@@ -55,6 +56,7 @@ from ._records import (
     Shard,
     ShardPlan,
 )
+from ._sqlite_data import ResultData
 from ._sqlite_db import PAGE_BYTES, PAGE_LINES, Checkpointer, Db, Page, SeqRun, seq_runs
 from ._sqlite_schema import PAGE_SIZE, READABLE_VERSIONS, SCHEMA, SCHEMA_VERSION, UPGRADES
 from ._states import ShardState, allowed
@@ -141,6 +143,7 @@ class JournalFile:
         except sqlite3.DatabaseError as exc:
             raise JournalError(f"{self.path} cannot be opened: {exc}") from exc
         self._db = Db(connection, self.path)
+        self._data = ResultData(self.path, readonly=readonly)
         try:
             if not readonly:
                 if exists and not self._db.is_journal():
@@ -178,10 +181,13 @@ class JournalFile:
                         else ""
                     )
                 )
+            # Where a result line is (a journal before schema 7, read only, has no -data).
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(results)")}
         except BaseException:
             self._db.close()
             raise
         self.created = not exists
+        self._line_at = "data_at, data_size" if "data_at" in columns else "NULL, NULL"
 
     def _upgrade(self) -> None:
         """Bring a journal of an earlier schema to this one, in place, in one transaction.
@@ -190,13 +196,14 @@ class JournalFile:
         rounds, and the shard it is in), and a shard whose upload was started is
         ``uploading`` (schema 4 kept it ``planned``). 5 to 6: a request with a result is
         no longer marked ``done`` (its result row says it): ``done`` becomes ``queued``,
-        the shard it is in.
+        the shard it is in. 6 to 7: ``results`` gains ``data_at`` and ``data_size`` (the
+        rows written before keep their line in ``data``; new ones go to ``-data``).
         """
         row = self._db.execute(
             "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
         ).fetchone()
         version = self.get_meta("schema_version") if row is not None else None
-        if version not in ("4", "5"):
+        if version not in ("4", "5", "6"):
             return
         with self.transaction() as db:
             for step in range(int(version), SCHEMA_VERSION):
@@ -217,6 +224,7 @@ class JournalFile:
             self._checkpointer.stop()
             self._checkpointer = None
         self._db.close()
+        self._data.close()
 
     def __enter__(self) -> JournalFile:
         return self
@@ -596,25 +604,38 @@ class JournalFile:
         retries: Sequence[RetryLine],
     ) -> None:
         """Final results and requests back to pending (see :meth:`record`), inside the
-        caller's transaction. A request that already has its result keeps it."""
-        db.executemany(
-            "INSERT OR IGNORE INTO results (seq, kind, code, shard, batch_id, attempts, "
-            "input_tokens, output_tokens, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                (
-                    f.seq,
-                    f.kind,
-                    f.code,
-                    f.shard,
-                    f.batch_id,
-                    f.attempts,
-                    f.input_tokens,
-                    f.output_tokens,
-                    f.data,
+        caller's transaction. A request that already has its result keeps it. The
+        result lines are appended to the ``-data`` file first (a line whose request
+        had its result already is written, and never read)."""
+        if finals:
+            row = db.execute("SELECT value FROM meta WHERE key = 'data_end'").fetchone()
+            end = int(row[0]) if row is not None else 0
+            self._data.write(end, [f.data for f in finals])
+            located = []
+            for f in finals:
+                size = len(f.data)
+                located.append(
+                    (
+                        f.seq,
+                        f.kind,
+                        f.code,
+                        f.shard,
+                        f.batch_id,
+                        f.attempts,
+                        f.input_tokens,
+                        f.output_tokens,
+                        end,
+                        size,
+                    )
                 )
-                for f in finals
-            ),
-        )
+                end += size
+            db.executemany(
+                "INSERT OR IGNORE INTO results (seq, kind, code, shard, batch_id, attempts, "
+                "input_tokens, output_tokens, data, data_at, data_size) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, X'', ?, ?)",
+                located,
+            )
+            self.put_meta(db, {"data_end": str(end)})
         # A request with a result is done: it goes back to pending no more.
         db.executemany(
             "UPDATE requests SET state = 'pending', attempts = ?, last_error = ? "
@@ -656,6 +677,7 @@ class JournalFile:
         seq), ``"completion"`` walks the completion counter ``n`` (``after`` is an
         ``n``)."""
         column = "r.seq" if order == "input" else "r.n"
+        line = self._line
         return [
             ResultRow(
                 n=int(n),
@@ -663,16 +685,23 @@ class JournalFile:
                 custom_id=str(cid),
                 attempts=int(att),
                 batch_id=bid,
-                data=bytes(data),
+                data=line(seq, data, at, size),
                 kind=str(kind),
             )
-            for n, seq, cid, att, bid, data, kind in self._db.execute(
-                "SELECT r.n, r.seq, q.custom_id, r.attempts, r.batch_id, r.data, r.kind "
+            for n, seq, cid, att, bid, data, at, size, kind in self._db.execute(
+                "SELECT r.n, r.seq, q.custom_id, r.attempts, r.batch_id, r.data, "
+                f"{self._line_at}, r.kind "
                 f"FROM results r JOIN requests q ON q.seq = r.seq WHERE {column} > ? "
                 f"ORDER BY {column} LIMIT ?",
                 (after, limit),
             )
         ]
+
+    def _line(self, seq: int, data: bytes, at: int | None, size: int | None) -> bytes:
+        """A result line: from the ``-data`` file, or (before schema 7) the row."""
+        if at is None or size is None:
+            return bytes(data)
+        return self._data.read(at, size, seq)
 
     def result_lines(self, *, order: str = "input") -> Iterator[bytes]:
         """Every final result line, in ``order``, read page by page."""
@@ -688,11 +717,33 @@ class JournalFile:
         completion order): at most ``lines``, and no more once they make ``size``
         bytes."""
         column = "seq" if order == "input" else "n"
-        return self._db.page(
-            f"SELECT {column}, data FROM results WHERE {column} > ? ORDER BY {column} LIMIT ?",
+        found: list[bytes | None] = []  # None: in the -data file, at spans[...]
+        spans: list[tuple[int, int, int]] = []
+        held = 0
+        last = -1
+        rows = self._db.execute(
+            f"SELECT {column}, seq, data, {self._line_at} FROM results WHERE {column} > ? "
+            f"ORDER BY {column} LIMIT ?",
             (after, lines),
-            size,
         )
+        try:
+            for cursor, seq, data, at, length in rows:
+                if at is None:
+                    found.append(bytes(data))
+                    held += len(data) + 1
+                else:
+                    found.append(None)
+                    spans.append((at, length, seq))
+                    held += length + 1
+                last = int(cursor)
+                if held >= size:
+                    break
+        finally:
+            rows.close()
+        if not spans:
+            return Page([line for line in found if line is not None], last)
+        read = iter(self._data.read_many(spans))
+        return Page([next(read) if line is None else line for line in found], last)
 
     def counts(self) -> JournalCounts:
         """The figures of a report, read in one go."""
@@ -771,9 +822,9 @@ class JournalFile:
     def failed_requests(self) -> Iterator[FailedRequest]:
         """Every request whose final result is an error, in input order, with its
         request line (streamed; no write may happen on this connection meanwhile)."""
-        for seq, cid, kind, code, bid, att, request, result in self._db.execute(
+        for seq, cid, kind, code, bid, att, request, result, at, size in self._db.execute(
             "SELECT r.seq, q.custom_id, r.kind, r.code, r.batch_id, r.attempts, q.data, "
-            "r.data FROM results r JOIN requests q ON q.seq = r.seq "
+            f"r.data, {self._line_at} FROM results r JOIN requests q ON q.seq = r.seq "
             "WHERE r.kind != 'success' ORDER BY r.seq"
         ):
             yield FailedRequest(
@@ -784,7 +835,7 @@ class JournalFile:
                 batch_id=bid,
                 attempts=int(att),
                 request=bytes(request),
-                result=bytes(result),
+                result=self._line(seq, result, at, size),
             )
 
     def tokens_by_model(self) -> dict[str, ModelTokens]:

@@ -363,7 +363,7 @@ def run_is_live(journal_path: str | os.PathLike[str]) -> bool:
 
 def remove_journal(path: str) -> None:
     """Delete a journal file and its side files (a run refused before it started)."""
-    for suffix in ("", "-wal", "-shm", ".lock"):
+    for suffix in ("", "-wal", "-shm", "-data", ".lock"):
         with contextlib.suppress(OSError):
             os.unlink(path + suffix)
 

@@ -9,10 +9,10 @@ from types import MappingProxyType
 
 __all__ = ["PAGE_SIZE", "READABLE_VERSIONS", "SCHEMA", "SCHEMA_VERSION", "UPGRADES"]
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 #: The schema versions ``aiobatch status`` reads (what it reads is the same in each).
-READABLE_VERSIONS = frozenset({"4", "5", str(SCHEMA_VERSION)})
+READABLE_VERSIONS = frozenset({"4", "5", "6", str(SCHEMA_VERSION)})
 
 #: The page size of a new journal file: 64 KiB, SQLite's largest. Result lines are KB
 #: to MB each: with 4 KiB pages a line was a chain of overflow pages and every page a
@@ -20,6 +20,11 @@ READABLE_VERSIONS = frozenset({"4", "5", str(SCHEMA_VERSION)})
 #: (benchmarks/bench_run_collect.py). The price: a damaged page loses more rows.
 PAGE_SIZE = 65536
 
+#: ``results``: since schema 7 a result line is in the journal's ``-data`` file, at
+#: ``data_at`` (``data_size`` bytes), and ``data`` is empty; a row written before holds
+#: its line in ``data`` (``data_at`` NULL). ``n``, the completion order, is the rowid:
+#: results are never deleted, so each new row takes a higher one (journals before
+#: schema 7 say ``AUTOINCREMENT``, which costs a write of ``sqlite_sequence`` per row).
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
@@ -75,7 +80,7 @@ CREATE TABLE IF NOT EXISTS shards (
 );
 CREATE INDEX IF NOT EXISTS shards_state ON shards (state);
 CREATE TABLE IF NOT EXISTS results (
-    n INTEGER PRIMARY KEY AUTOINCREMENT,
+    n INTEGER PRIMARY KEY,
     seq INTEGER NOT NULL UNIQUE REFERENCES requests (seq),
     kind TEXT NOT NULL,
     code TEXT,
@@ -84,7 +89,9 @@ CREATE TABLE IF NOT EXISTS results (
     attempts INTEGER NOT NULL,
     input_tokens INTEGER NOT NULL DEFAULT 0,
     output_tokens INTEGER NOT NULL DEFAULT 0,
-    data BLOB NOT NULL
+    data BLOB NOT NULL,
+    data_at INTEGER,
+    data_size INTEGER
 );
 """
 
@@ -101,5 +108,11 @@ UPGRADES: Mapping[int, tuple[str, ...]] = MappingProxyType(
         ),
         # A request with a result is no longer marked ``done`` (its result row says it).
         6: ("UPDATE requests SET state = 'queued' WHERE state = 'done'",),
+        # Result lines go to the journal's ``-data`` file (the rows already written
+        # keep theirs in ``data``).
+        7: (
+            "ALTER TABLE results ADD COLUMN data_at INTEGER",
+            "ALTER TABLE results ADD COLUMN data_size INTEGER",
+        ),
     }
 )

@@ -86,8 +86,26 @@ def journal_report(path: Path) -> RunReport:
 
 
 def journal_files(journal: Path) -> list[str]:
-    """The journal's SQLite files (the database, its WAL and shared memory) that exist."""
-    return [name for name in (f"{journal}{s}" for s in ("", "-wal", "-shm")) if Path(name).exists()]
+    """The journal's files (the database, its WAL and shared memory, its result lines)
+    that exist."""
+    names = (f"{journal}{s}" for s in ("", "-wal", "-shm", "-data"))
+    return [name for name in names if Path(name).exists()]
+
+
+def as_schema_6(db: sqlite3.Connection, journal: Path) -> None:
+    """Make a journal's results look as aiobatch before schema 7 wrote them: each line
+    in its row (``results.data``), no ``-data`` file."""
+    data = Path(f"{journal}-data")
+    content = data.read_bytes() if data.exists() else b""
+    rows = db.execute("SELECT seq, data_at, data_size FROM results").fetchall()
+    for seq, at, size in rows:
+        db.execute("UPDATE results SET data = ? WHERE seq = ?", (content[at : at + size], seq))
+    db.execute("ALTER TABLE results DROP COLUMN data_at")
+    db.execute("ALTER TABLE results DROP COLUMN data_size")
+    db.execute("DELETE FROM meta WHERE key = 'data_end'")
+    db.execute("UPDATE meta SET value = '6' WHERE key = 'schema_version'")
+    db.commit()
+    data.unlink(missing_ok=True)
 
 
 def journal_meta(path: Path) -> dict[str, str]:
@@ -638,6 +656,7 @@ async def test_a_journal_of_the_previous_schema_is_upgraded_and_resumed(
         stopped = await _cancelled_at_start(client, source, journal)
         assert stopped.pending == 8
         db = sqlite3.connect(journal)
+        as_schema_6(db, journal)
         db.execute("ALTER TABLE requests DROP COLUMN batches")
         db.execute("UPDATE meta SET value = '4' WHERE key = 'schema_version'")
         db.commit()
@@ -664,6 +683,7 @@ async def test_a_schema_5_journal_with_results_is_upgraded_and_resumed(
         await BatchRun(client, source, journal=journal, config=RunConfig(max_lines=4)).run()
         # As schema 5 left it when stopped with one shard collected, the other open.
         db = sqlite3.connect(journal)
+        as_schema_6(db, journal)
         db.execute("DELETE FROM results WHERE shard = 's000001'")
         db.execute(
             "UPDATE shards SET state = 'open', status = 'in_progress', output_done = 0, "

@@ -96,8 +96,8 @@ def journal_report(path: Path) -> RunReport:
 
 
 def journal_files(journal: Path) -> list[str]:
-    """The journal's files (database, WAL, shared memory, lock) that exist."""
-    names = (f"{journal}{s}" for s in ("", "-wal", "-shm", ".lock"))
+    """The journal's files (database, WAL, shared memory, result lines, lock) that exist."""
+    names = (f"{journal}{s}" for s in ("", "-wal", "-shm", "-data", ".lock"))
     return [name for name in names if Path(name).exists()]
 
 

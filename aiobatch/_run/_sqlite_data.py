@@ -1,0 +1,148 @@
+"""The file of a journal's result lines: ``<journal>-data``, beside the SQLite file.
+
+A result line is written once. The transaction that records a chunk of results appends
+their lines to this file (one write, then ``fdatasync``) before it inserts their rows;
+each row of ``results`` keeps where its line is (``data_at``, ``data_size``), and
+``meta.data_end`` the end of the bytes that committed rows use. Bytes past ``data_end``
+(a transaction rolled back, a process killed before its commit) are written over by
+the next append, so they are never read. In the SQLite file itself the line would be
+written twice (the log, then the file) and read back page by page: collecting 200 MB of
+output spent most of its time there (benchmarks/bench_run_collect.py).
+
+Rows of a journal from before schema 7 hold their line in ``results.data``
+(``data_at`` is NULL); they are read from there.
+
+Only the run holding the journal's lock appends: ``aiobatch status`` and ``aiobatch
+cancel`` never write results.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from ..errors import JournalError
+
+__all__ = ["DATA_SUFFIX", "ResultData"]
+
+#: The suffix of the result file's name after the journal's.
+DATA_SUFFIX = "-data"
+
+_sync = getattr(os, "fdatasync", os.fsync)
+
+
+#: Buffers per vectored write (Linux takes at most 1024).
+_IOV_MAX = 1024
+
+
+def _write_at(fd: int, lines: Sequence[bytes], at: int) -> int:
+    """Write ``lines`` from offset ``at`` (from the lines themselves where the system
+    has ``pwritev``: a chunk of megabytes is not copied into one first); the offset
+    after them."""
+    total = sum(map(len, lines))
+    written = os.pwritev(fd, lines, at) if hasattr(os, "pwritev") else 0
+    if written < total:  # no pwritev, or a short write: the rest in one piece
+        rest = memoryview(b"".join(lines))[written:]
+        while rest:
+            done = os.pwrite(fd, rest, at + written)
+            rest = rest[done:]
+            written += done
+    return at + total
+
+
+class ResultData:
+    """The result file of the journal at ``journal_path``, opened on first use.
+
+    Args:
+        journal_path: the journal's SQLite file.
+        readonly: only read it (never create it).
+    """
+
+    __slots__ = ("_fd", "_readonly", "path")
+
+    def __init__(self, journal_path: str, *, readonly: bool) -> None:
+        self.path = journal_path + DATA_SUFFIX
+        self._readonly = readonly
+        self._fd: int | None = None
+
+    def _open(self) -> int:
+        if self._fd is None:
+            flags = os.O_RDONLY if self._readonly else os.O_RDWR | os.O_CREAT
+            try:
+                self._fd = os.open(self.path, flags | getattr(os, "O_CLOEXEC", 0), 0o666)
+            except OSError as exc:
+                raise JournalError(
+                    f"{self.path}: the journal's result lines cannot be opened "
+                    f"({exc.strerror or exc}); it must stay beside the journal file"
+                ) from exc
+        return self._fd
+
+    def write(self, at: int, lines: Sequence[bytes]) -> None:
+        """Write ``lines`` one after another from offset ``at``, and sync them to disk.
+
+        Raises:
+            JournalError: the file cannot be written (a full disk...).
+        """
+        fd = self._open()
+        try:
+            for start in range(0, len(lines), _IOV_MAX):
+                at = _write_at(fd, lines[start : start + _IOV_MAX], at)
+            _sync(fd)
+        except OSError as exc:
+            raise JournalError(
+                f"{self.path}: the journal's result lines cannot be written "
+                f"({exc.strerror or exc}); nothing of this chunk was recorded"
+            ) from exc
+
+    def read(self, at: int, size: int, seq: int) -> bytes:
+        """The ``size`` bytes at ``at`` (the line of request ``seq``).
+
+        Raises:
+            JournalError: the file is missing or shorter than the journal says.
+        """
+        try:
+            data = os.pread(self._open(), size, at)
+        except OSError as exc:
+            raise JournalError(
+                f"{self.path}: the result of request {seq} cannot be read ({exc.strerror or exc})"
+            ) from exc
+        if len(data) != size:
+            raise JournalError(
+                f"{self.path}: the result of request {seq} is cut short ({len(data)} of "
+                f"{size} bytes at offset {at}): the file was truncated or replaced"
+            )
+        return data
+
+    def read_many(self, spans: Sequence[tuple[int, int, int]]) -> list[bytes]:
+        """The lines at ``spans`` (``(at, size, seq)`` each), in their order: lines that
+        follow each other in the file (results read in completion order) are read
+        together.
+
+        Raises:
+            JournalError: the file is missing or shorter than the journal says.
+        """
+        lines: list[bytes] = []
+        start = 0
+        while start < len(spans):
+            at, size, seq = spans[start]
+            end = start + 1
+            stop = at + size
+            while end < len(spans) and spans[end][0] == stop:
+                stop += spans[end][1]
+                end += 1
+            if end == start + 1:
+                lines.append(self.read(at, size, seq))
+            else:
+                run = memoryview(self.read(at, stop - at, seq))
+                offset = 0
+                for _at, length, _seq in spans[start:end]:
+                    lines.append(bytes(run[offset : offset + length]))
+                    offset += length
+            start = end
+        return lines
+
+    def close(self) -> None:
+        """Close the file (safe to call twice)."""
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)

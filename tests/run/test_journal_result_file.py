@@ -1,0 +1,144 @@
+"""The journal's result lines live in its ``-data`` file, written once: a finished run's
+lines are there, a chunk whose transaction rolled back is never read, and a file that is
+missing or cut short is a JournalError naming it and the request."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+from conftest import client_for, read_output, requests, service_on, write_jsonl
+
+from aiobatch import BatchRun, RunConfig, RunProgress
+from aiobatch._run._records import FinalResult
+from aiobatch._run._sqlite import JournalFile
+from aiobatch._run._sqlite_data import ResultData
+from aiobatch.errors import JournalError
+from aiobatch.testing import VirtualClock
+
+
+async def _run_finished(tmp_path: Path, n: int = 12) -> tuple[Path, Path]:
+    """A finished run of ``n`` requests in 3 batches: its journal and output file."""
+    clock = VirtualClock()
+    source = write_jsonl(tmp_path / "in.jsonl", requests(n))
+    journal, output = tmp_path / "run.journal", tmp_path / "out.jsonl"
+    async with client_for(clock, service_on(clock).transport()) as client, clock.auto_advance():
+        run = BatchRun(
+            client, source, journal=journal, output=output, config=RunConfig(max_lines=4)
+        )
+        report = await run.run()
+    assert report.succeeded == n
+    return journal, output
+
+
+async def _run_unfinished(tmp_path: Path, n: int = 4) -> Path:
+    """The journal of a run cancelled at its first progress report (no results)."""
+    clock = VirtualClock()
+    source = write_jsonl(tmp_path / "in.jsonl", requests(n))
+    journal = tmp_path / "run.journal"
+    holder: list[BatchRun] = []
+
+    def on_progress(_: RunProgress) -> None:
+        holder[0].cancel()
+
+    async with client_for(clock, service_on(clock).transport()) as client, clock.auto_advance():
+        holder.append(BatchRun(client, source, journal=journal, on_progress=on_progress))
+        report = await holder[0].run()
+    assert report.pending == n
+    return journal
+
+
+def _finished(tmp_path: Path) -> tuple[Path, Path]:
+    return asyncio.run(_run_finished(tmp_path))
+
+
+def _record_and_fail(db: JournalFile, finals: list[FinalResult]) -> None:
+    """Record ``finals`` in a transaction that then fails (and rolls back)."""
+    with db.transaction() as tx:
+        db.record_rows(tx, finals, ())
+        raise RuntimeError("the commit never came")
+
+
+def _final(seq: int, data: bytes) -> FinalResult:
+    return FinalResult(
+        seq=seq, kind="success", code=None, shard=None, batch_id=None, attempts=0, data=data
+    )
+
+
+def test_a_finished_runs_result_lines_are_in_the_data_file_once(tmp_path: Path) -> None:
+    """Every line of the output is in the journal's ``-data`` file, once, and the
+    journal reads them back in input order."""
+    journal, output = _finished(tmp_path)
+    lines = output.read_bytes().splitlines()
+    data = Path(f"{journal}-data").read_bytes()
+    assert len(data) == sum(len(line) for line in lines)
+    assert all(data.count(line) == 1 for line in lines)
+    with JournalFile(journal, readonly=True) as db:
+        assert list(db.result_lines(order="input")) == lines
+        assert sorted(db.result_lines(order="completion")) == sorted(lines)
+    assert [line["custom_id"] for line in read_output(output)] == [f"r-{n}" for n in range(12)]
+
+
+def test_a_chunk_rolled_back_is_written_over_and_never_read(tmp_path: Path) -> None:
+    """A chunk whose transaction rolled back after its lines were written leaves no
+    trace: the next chunk's lines take their place and are the ones read back."""
+    journal = asyncio.run(_run_unfinished(tmp_path))
+    with JournalFile(journal) as db:
+        with pytest.raises(RuntimeError, match="never came"):
+            _record_and_fail(db, [_final(0, b"A" * 40), _final(1, b"B" * 40)])
+        assert list(db.result_lines()) == []
+        db.record(None, [_final(2, b'{"c":1}'), _final(3, b'{"d":22}')])
+        assert list(db.result_lines()) == [b'{"c":1}', b'{"d":22}']
+        assert db.counts().requests["done"] == 2
+    assert Path(f"{journal}-data").read_bytes()[:15] == b'{"c":1}{"d":22}'
+
+
+def test_a_data_file_cut_short_is_a_journal_error_naming_it(tmp_path: Path) -> None:
+    """Reading results whose lines are past the end of a truncated ``-data`` file raises
+    JournalError naming the file and the request, not a short or empty line."""
+    journal, _output = _finished(tmp_path)
+    data = Path(f"{journal}-data")
+    data.write_bytes(data.read_bytes()[:-10])
+    with JournalFile(journal, readonly=True) as db, pytest.raises(JournalError) as caught:
+        list(db.result_lines(order="completion"))
+    message = str(caught.value)
+    assert f"{data}" in message
+    assert "cut short" in message
+    assert "request" in message
+
+
+def test_a_missing_data_file_is_a_journal_error_naming_it(tmp_path: Path) -> None:
+    """A journal whose ``-data`` file was not copied along says so when its results are
+    read."""
+    journal, _output = _finished(tmp_path)
+    Path(f"{journal}-data").unlink()
+    with JournalFile(journal, readonly=True) as db, pytest.raises(JournalError) as caught:
+        list(db.result_lines())
+    assert f"{journal}-data" in str(caught.value)
+    assert "beside the journal" in str(caught.value)
+
+
+@pytest.mark.parametrize("system", ["short pwritev", "no pwritev"])
+def test_a_chunk_is_written_whole_whatever_the_system_writes_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, system: str
+) -> None:
+    """A chunk's lines are all written at their offsets when a vectored write takes
+    only part of them, or when the system has none."""
+    if system == "no pwritev":
+        monkeypatch.delattr(os, "pwritev", raising=False)
+    else:
+        real = os.pwritev
+
+        def first_only(fd: int, buffers: list[bytes], offset: int) -> int:
+            return real(fd, buffers[:1], offset)
+
+        monkeypatch.setattr(os, "pwritev", first_only)
+    data = ResultData(str(tmp_path / "run.journal"), readonly=False)
+    try:
+        data.write(3, [b"abc", b"defg", b"h"])
+        assert data.read_many([(3, 3, 0), (6, 4, 1), (10, 1, 2)]) == [b"abc", b"defg", b"h"]
+    finally:
+        data.close()
+    assert (tmp_path / "run.journal-data").read_bytes() == b"\0\0\0abcdefgh"
