@@ -32,7 +32,7 @@ from typing import Any
 import attrs
 
 from ..errors import JournalError, LeaseLostError
-from ._journal import CHUNK_BYTES, too_many_batches
+from ._journal import CHUNK_BYTES, PENDING_PAGE, too_many_batches
 from ._pg_url import PgLocation, parse_postgres_url
 from ._postgres_ingest import PgIngest
 from ._postgres_leases import PgLeases
@@ -377,7 +377,7 @@ class PostgresJournal(PgLeases):
         return [RequestGroup(str(r[0]), None if r[1] is None else str(r[1])) for r in rows]
 
     async def pending_requests(
-        self, url: str, model: str | None, *, chunk: int = 10_000
+        self, url: str, model: str | None, *, chunk: int = PENDING_PAGE
     ) -> AsyncIterator[PreparedRequest]:
         rid = await self.rid()
         after = -1

@@ -21,6 +21,7 @@ import os
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
+from ._journal import PENDING_PAGE
 from ._records import (
     FinalResult,
     JournalCounts,
@@ -43,9 +44,6 @@ __all__ = ["SLICE_ROWS", "SQLiteJournal"]
 
 #: The most rows one statement batch writes before the loop runs other tasks.
 SLICE_ROWS = 4096
-
-#: Pending requests read per page while planning.
-_PENDING_PAGE = 10_000
 
 T = TypeVar("T")
 
@@ -208,7 +206,7 @@ class SQLiteJournal:
         after = -1
         while True:
             async with self._turn:
-                page = self.file.pending_page(url, model, after=after, limit=_PENDING_PAGE)
+                page = self.file.pending_page(url, model, after=after, limit=PENDING_PAGE)
             if not page:
                 return
             after = page[-1].seq

@@ -7,6 +7,7 @@ is added to ``BACKENDS`` and must pass the module unchanged.
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -368,6 +369,33 @@ async def test_recording_a_large_shard_lets_other_tasks_run(journal: Journal) ->
     assert shard.lines == count
     assert await journal.pending_count() == 0
     assert len(await journal.queued_at("s0")) == count
+
+
+async def test_pending_requests_come_at_most_2048_between_turns_of_the_loop(
+    journal: Journal,
+) -> None:
+    """A group's pending requests are read at most 2048 between two turns of the loop
+    (planning read pages of 10,000, which held the loop 150-350 ms at 100,000 requests),
+    each pending request once and in input order."""
+    count = 5000
+    await _ingest(journal, count)
+    ticks = 0
+    stop = asyncio.Event()
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while not stop.is_set():
+            ticks += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.ensure_future(ticker())
+    await asyncio.sleep(0)
+    seen = [(ticks, request.seq) async for request in journal.pending_requests(URL, "m")]
+    stop.set()
+    await task
+    between_turns = Counter(tick for tick, _seq in seen)
+    assert max(between_turns.values()) <= 2048
+    assert [seq for _tick, seq in seen] == list(range(count))
 
 
 async def test_an_ingest_tells_which_ids_its_requests_use(journal: Journal) -> None:
