@@ -23,6 +23,7 @@ from typing import Any
 
 from .._aio import cancel_and_wait
 from .._client import BatchClient
+from .._clock import SystemClock
 from .._fleet import BatchDone
 from .._models import Batch
 from ..errors import (
@@ -373,7 +374,10 @@ class BatchRun:
     async def _final_report(self, journal: Journal) -> RunReport:
         """The report of the run as it ends, shown once more as its last progress
         snapshot (with the report's figures, so that the two agree)."""
-        report = await final_report(journal, self._config.prices)
+        # On the real clock its figures are read in a worker thread (a pass over every
+        # result); a VirtualClock's auto_advance would take that wait for idleness.
+        background = isinstance(self._clock, SystemClock)
+        report = await final_report(journal, self._config.prices, background=background)
         self._final = report
         self._emit_progress()
         return report

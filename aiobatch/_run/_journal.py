@@ -238,12 +238,14 @@ class Journal(Protocol):
         """Every final result line, in ``order``, in chunks of at most
         :data:`CHUNK_BYTES`."""
 
-    async def counts(self) -> JournalCounts:
-        """The run's figures."""
+    async def counts(self, *, background: bool = False) -> JournalCounts:
+        """The run's figures. ``background``: the backend may read them in another
+        thread (the run passes it only on the real clock, as for :meth:`record`)."""
 
-    async def tokens_by_model(self) -> dict[str, ModelTokens]:
+    async def tokens_by_model(self, *, background: bool = False) -> dict[str, ModelTokens]:
         """Prompt and completion tokens of the final results by the model of the shard
-        that produced them (each result counted once; ``""`` for no model)."""
+        that produced them (each result counted once; ``""`` for no model).
+        ``background``: as for :meth:`counts`."""
 
     async def open_batches(self) -> list[Shard]:
         """The shards whose batch is being tracked."""

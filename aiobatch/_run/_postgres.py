@@ -696,7 +696,8 @@ class PostgresJournal(PgLeases):
             yield [bytes(r[1]) for r in rows]
             after = int(rows[-1][0])
 
-    async def tokens_by_model(self) -> dict[str, ModelTokens]:
+    async def tokens_by_model(self, *, background: bool = False) -> dict[str, ModelTokens]:
+        # ``background`` is moot: the server reads, nothing holds the loop.
         rid = await self.rid()
         async with self._conn() as conn:
             rows = await conn.fetch(
@@ -708,7 +709,8 @@ class PostgresJournal(PgLeases):
             )
         return {str(model): ModelTokens(int(i), int(o)) for model, i, o in rows if i or o}
 
-    async def counts(self) -> JournalCounts:
+    async def counts(self, *, background: bool = False) -> JournalCounts:
+        # ``background`` is moot: the server reads, nothing holds the loop.
         rid = await self.rid()
         async with self._conn() as conn, conn.transaction(isolation="repeatable_read"):
 

@@ -1,7 +1,7 @@
 """The run's :class:`~aiobatch._run._journal.Journal` on a SQLite file: :class:`SQLiteJournal`.
 
-Its statements run in the event loop's thread (a chunk of results on the real clock:
-in a worker thread, see :meth:`SQLiteJournal.record`), through
+Its statements run in the event loop's thread (a chunk of results and the report's
+figures on the real clock: in a worker thread, see :meth:`SQLiteJournal.record`), through
 :class:`~aiobatch._run._sqlite.JournalFile`, one coroutine at a time (an
 :class:`asyncio.Lock`); the file's own lock (``JOURNAL.lock``) keeps it to one process.
 
@@ -329,12 +329,16 @@ class SQLiteJournal:
             yield page.lines
             await _turn()
 
-    async def tokens_by_model(self) -> dict[str, ModelTokens]:
+    async def tokens_by_model(self, *, background: bool = False) -> dict[str, ModelTokens]:
         async with self._turn:
+            if background:  # a pass over every result: ~60 ms at 100,000
+                return await _in_thread(self.file.tokens_by_model)
             return self.file.tokens_by_model()
 
-    async def counts(self) -> JournalCounts:
+    async def counts(self, *, background: bool = False) -> JournalCounts:
         async with self._turn:
+            if background:  # a pass over every result: ~60 ms at 100,000
+                return await _in_thread(self.file.counts)
             return self.file.counts()
 
     async def open_batches(self) -> list[Shard]:

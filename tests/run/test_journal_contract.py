@@ -203,6 +203,54 @@ async def test_a_cancelled_background_record_leaves_the_journal_whole(journal: J
     assert (await journal.shard("s0")).output_done == 1
 
 
+async def test_background_figures_let_other_tasks_run_and_are_the_same(journal: Journal) -> None:
+    """``counts(background=True)`` and ``tokens_by_model(background=True)`` (the run's
+    report on the real clock) let other tasks run while they are read (over 100,000
+    results each held the loop ~60 ms), and give the same figures as in the loop."""
+    requests = await _ingest(journal, 50)
+    await journal.add_shard("s0", _plan(requests), planned_at=11.0)
+    finals = [
+        FinalResult(
+            seq=r.seq,
+            kind="success" if r.seq % 5 else "error",
+            code=None if r.seq % 5 else "boom",
+            shard="s0",
+            batch_id="b",
+            attempts=0,
+            data=b'{"ok":1}',
+            input_tokens=r.seq,
+            output_tokens=1,
+        )
+        for r in requests[:40]
+    ]
+    await journal.record("s0", finals, output_done=40)
+    ticks = 0
+    stop = asyncio.Event()
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while not stop.is_set():
+            ticks += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.ensure_future(ticker())
+    await asyncio.sleep(0)
+    during = []
+    before = ticks
+    counts = await journal.counts(background=True)
+    during.append(ticks - before)
+    before = ticks
+    tokens = await journal.tokens_by_model(background=True)
+    during.append(ticks - before)
+    stop.set()
+    await task
+    assert min(during) >= 1
+    assert counts == await journal.counts()
+    assert counts.kinds == {"success": 32, "error": 8}
+    assert tokens == await journal.tokens_by_model()
+    assert tokens == {"m": ModelTokens(input=sum(range(40)), output=40)}
+
+
 async def test_tokens_are_summed_by_the_model_of_their_shard(journal: Journal) -> None:
     """tokens_by_model() counts each final result once, under its shard's model."""
     requests = await _ingest(journal, 3)
