@@ -261,7 +261,8 @@ class BatchRun:
                 self._results_changed.set()
                 await journal.release()
         finally:
-            await journal.close()
+            # On the real clock in a worker thread (SQLite copies the log into the file).
+            await journal.close(background=isinstance(self._clock, SystemClock))
 
     async def _open(self, journal: Journal) -> bool:
         """Ingest the source into a new journal, or check it against the journal's;

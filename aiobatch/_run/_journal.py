@@ -94,8 +94,9 @@ class Journal(Protocol):
     def location(self) -> str:
         """Where the journal is (a path, or a database and run), for messages."""
 
-    async def close(self) -> None:
-        """Close it (safe to call twice)."""
+    async def close(self, *, background: bool = False) -> None:
+        """Close it (safe to call twice). ``background``: the backend may close it in
+        another thread (the run passes it only on the real clock, as for :meth:`record`)."""
 
     # --- ownership -----------------------------------------------------------------------
 

@@ -211,7 +211,8 @@ class PostgresJournal(PgLeases):
     def location(self) -> str:
         return f"{self._where.shown} (run {self.name})"
 
-    async def close(self) -> None:
+    async def close(self, *, background: bool = False) -> None:
+        # ``background`` is moot: closing the pool is network work, nothing holds the loop.
         if self._closed:
             return
         self._closed = True

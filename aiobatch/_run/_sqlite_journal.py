@@ -131,9 +131,12 @@ class SQLiteJournal:
     def location(self) -> str:
         return self.file.path
 
-    async def close(self) -> None:
+    async def close(self, *, background: bool = False) -> None:
         async with self._turn:  # after a chunk being written in a worker thread
-            self.file.close()
+            if background:  # SQLite copies the log into the file: 60-90 ms at 100,000 results
+                await _in_thread(self.file.close)
+            else:
+                self.file.close()
 
     async def acquire(self) -> None:
         self._lock.acquire()
