@@ -177,10 +177,17 @@ class Journal(Protocol):
     # --- shards --------------------------------------------------------------------------
 
     async def add_shard(
-        self, key: str, plan: ShardPlan, *, planned_at: float, max_batches: int | None = None
+        self,
+        key: str,
+        plan: ShardPlan,
+        *,
+        planned_at: float,
+        max_batches: int | None = None,
+        background: bool = False,
     ) -> Shard:
         """Record a shard's intent: its row (``planned``) and its requests queued in it,
-        each counting one more batch.
+        each counting one more batch. ``background``: the backend may do the write in
+        another thread (the run passes it only on the real clock, as for :meth:`record`).
 
         Raises:
             TooManyBatchesError: a request would go into more than ``max_batches``

@@ -451,7 +451,13 @@ class PostgresJournal(PgLeases):
     # --- shards --------------------------------------------------------------------------
 
     async def add_shard(
-        self, key: str, plan: ShardPlan, *, planned_at: float, max_batches: int | None = None
+        self,
+        key: str,
+        plan: ShardPlan,
+        *,
+        planned_at: float,
+        max_batches: int | None = None,
+        background: bool = False,  # the server writes: nothing holds the loop
     ) -> Shard:
         rid = await self._write_rid()
         async with self._tx() as conn:

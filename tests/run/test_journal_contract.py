@@ -340,6 +340,45 @@ async def test_a_request_goes_into_a_bounded_number_of_batches(journal: Journal)
     assert await journal.pending_count() == 1
 
 
+async def test_a_background_intent_lets_other_tasks_run_and_is_an_intent(journal: Journal) -> None:
+    """``add_shard(background=True)`` (planning on the real clock; the commit of a
+    50,000-request intent held the loop 60 ms on a busy machine) lets other tasks run
+    while it records the shard, records the same intent as in the loop, and refuses a
+    shard past ``max_batches`` the same way, recording nothing of it."""
+    requests = await _ingest(journal, 4)
+    ticks = 0
+    stop = asyncio.Event()
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while not stop.is_set():
+            ticks += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.ensure_future(ticker())
+    await asyncio.sleep(0)
+    before = ticks
+    shard = await journal.add_shard(
+        "s0", _plan(requests[:3]), planned_at=11.0, max_batches=1, background=True
+    )
+    during = ticks - before
+    stop.set()
+    await task
+    assert during >= 1
+    assert (shard.key, shard.state, shard.lines, shard.round) == ("s0", _S.PLANNED, 3, 0)
+    queued = await journal.queued_at("s0")
+    assert [(pos, q.custom_id) for pos, q in queued.items()] == [(1, "r0"), (2, "r1"), (3, "r2")]
+    assert [r.seq async for r in journal.pending_requests(URL, "m")] == [3]
+    await journal.record(None, [], [RetryLine(0, 1, b"{}")])
+    with pytest.raises(TooManyBatchesError) as caught:
+        await journal.add_shard(
+            "s1", _plan([requests[0]]), planned_at=12.0, max_batches=1, background=True
+        )
+    assert (caught.value.custom_id, caught.value.batches) == ("r0", 2)
+    assert await journal.shard_count() == 1
+    assert await journal.pending_count() == 2
+
+
 async def test_cancel_flag_and_state(journal: Journal) -> None:
     """The cancel flag is seen once set and cleared with a new state on request."""
     await _ingest(journal, 1)
