@@ -528,4 +528,7 @@ class BatchRun:
     async def _write_output(self, journal: Journal) -> None:
         """Write every final result to the output file, atomically, in order."""
         if self._output is not None:
-            await write_output(journal, self._output, order=self._config.order)
+            background = isinstance(self._clock, SystemClock)  # see _final_report
+            await write_output(
+                journal, self._output, order=self._config.order, background=background
+            )

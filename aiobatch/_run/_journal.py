@@ -242,9 +242,12 @@ class Journal(Protocol):
         """Final results past a cursor (a ``seq`` in input order, an ``n`` in
         completion order)."""
 
-    def result_lines(self, *, order: str) -> AsyncIterator[Iterable[bytes]]:
+    def result_lines(
+        self, *, order: str, background: bool = False
+    ) -> AsyncIterator[Iterable[bytes]]:
         """Every final result line, in ``order``, in chunks of at most
-        :data:`CHUNK_BYTES`."""
+        :data:`CHUNK_BYTES`. ``background``: the backend may read each chunk in another
+        thread (the run passes it only on the real clock, as for :meth:`record`)."""
 
     async def counts(self, *, background: bool = False) -> JournalCounts:
         """The run's figures. ``background``: the backend may read them in another

@@ -680,7 +680,11 @@ class PostgresJournal(PgLeases):
         ]
 
     async def result_lines(
-        self, *, order: str, chunk: int = 8192
+        self,
+        *,
+        order: str,
+        chunk: int = 8192,
+        background: bool = False,  # the server reads: nothing holds the loop
     ) -> AsyncIterator[Iterable[bytes]]:
         column = "seq" if order == "input" else "n"
         rid = await self.rid()
