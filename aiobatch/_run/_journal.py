@@ -171,8 +171,10 @@ class Journal(Protocol):
         """The requests of shard ``key`` among ``custom_ids`` (those of a chunk of result
         lines), by ``custom_id``; ids not in the shard are left out."""
 
-    async def queued_at(self, key: str) -> dict[int, QueuedLine]:
-        """A shard's requests without an outcome, by their 1-based line in its file."""
+    async def queued_at(self, key: str, *, background: bool = False) -> dict[int, QueuedLine]:
+        """A shard's requests without an outcome, by their 1-based line in its file.
+        ``background``: the backend may read them in another thread (the run passes it
+        only on the real clock, as for :meth:`record`)."""
 
     # --- shards --------------------------------------------------------------------------
 

@@ -437,7 +437,8 @@ class PostgresJournal(PgLeases):
             )
         return {r[0]: Member(r[1], r[2], r[3] == "queued") for r in rows}
 
-    async def queued_at(self, key: str) -> dict[int, QueuedLine]:
+    async def queued_at(self, key: str, *, background: bool = False) -> dict[int, QueuedLine]:
+        # ``background`` is moot: the server reads, nothing holds the loop.
         rid = await self.rid()
         async with self._conn() as conn:
             rows = await conn.fetch(

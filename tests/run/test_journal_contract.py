@@ -124,6 +124,36 @@ async def test_intent_is_recorded_before_upload(journal: Journal) -> None:
     assert pending == [2]
 
 
+async def test_a_background_queued_at_lets_other_tasks_run_and_is_the_same(
+    journal: Journal,
+) -> None:
+    """``queued_at(key, background=True)`` (settling a batch on the real clock; a
+    50,000-request shard's look-up held the loop ~120 ms on a busy machine) lets other
+    tasks run while it reads, and gives the same lines as in the loop."""
+    requests = await _ingest(journal, 4)
+    await journal.add_shard("s0", _plan(requests), planned_at=11.0)
+    await journal.record("s0", [_final(1)], output_done=1)
+    ticks = 0
+    stop = asyncio.Event()
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while not stop.is_set():
+            ticks += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.ensure_future(ticker())
+    await asyncio.sleep(0)
+    before = ticks
+    queued = await journal.queued_at("s0", background=True)
+    during = ticks - before
+    stop.set()
+    await task
+    assert during >= 1
+    assert queued == await journal.queued_at("s0")
+    assert [(pos, q.custom_id) for pos, q in queued.items()] == [(1, "r0"), (3, "r2"), (4, "r3")]
+
+
 async def test_create_key_is_recorded_with_the_move(journal: Journal) -> None:
     """The create key and its start are on record once the shard is ``creating``."""
     requests = await _ingest(journal, 1)
