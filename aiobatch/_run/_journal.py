@@ -159,9 +159,13 @@ class Journal(Protocol):
     async def pending_groups(self) -> list[RequestGroup]:
         """The distinct (url, model) of the pending requests."""
 
-    def pending_requests(self, url: str, model: str | None) -> AsyncIterator[PreparedRequest]:
+    def pending_requests(
+        self, url: str, model: str | None, *, background: bool = False
+    ) -> AsyncIterator[PreparedRequest]:
         """The pending requests of one group, in input order, without their bytes; the
-        loop runs other tasks at least every :data:`PENDING_PAGE` of them."""
+        loop runs other tasks at least every :data:`PENDING_PAGE` of them.
+        ``background``: the backend may read each page in another thread (the run
+        passes it only on the real clock, as for :meth:`record`)."""
 
     def shard_lines(self, key: str) -> AsyncIterator[Sequence[bytes]]:
         """A shard's request lines (without newlines), in input order, in chunks of at

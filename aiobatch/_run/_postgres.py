@@ -378,7 +378,12 @@ class PostgresJournal(PgLeases):
         return [RequestGroup(str(r[0]), None if r[1] is None else str(r[1])) for r in rows]
 
     async def pending_requests(
-        self, url: str, model: str | None, *, chunk: int = PENDING_PAGE
+        self,
+        url: str,
+        model: str | None,
+        *,
+        chunk: int = PENDING_PAGE,
+        background: bool = False,  # the server reads: nothing holds the loop
     ) -> AsyncIterator[PreparedRequest]:
         rid = await self.rid()
         after = -1

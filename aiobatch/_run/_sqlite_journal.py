@@ -1,8 +1,8 @@
 """The run's :class:`~aiobatch._run._journal.Journal` on a SQLite file: :class:`SQLiteJournal`.
 
-Its statements run in the event loop's thread (on the real clock a shard's intent, a
-chunk of results, a shard's queued lines, the output's lines, the report's figures and
-the close: in a worker thread, see :meth:`SQLiteJournal.record`), through
+Its statements run in the event loop's thread (on the real clock planning's pages and
+intents, a chunk of results, a shard's queued lines, the output's lines, the report's
+figures and the close: in a worker thread, see :meth:`SQLiteJournal.record`), through
 :class:`~aiobatch._run._sqlite.JournalFile`, one coroutine at a time (an
 :class:`asyncio.Lock`); the file's own lock (``JOURNAL.lock``) keeps it to one process.
 
@@ -210,11 +210,18 @@ class SQLiteJournal:
         async with self._turn:
             return self.file.pending_groups()
 
-    async def pending_requests(self, url: str, model: str | None) -> AsyncIterator[PreparedRequest]:
+    async def pending_requests(
+        self, url: str, model: str | None, *, background: bool = False
+    ) -> AsyncIterator[PreparedRequest]:
         after = -1
         while True:
             async with self._turn:
-                page = self.file.pending_page(url, model, after=after, limit=PENDING_PAGE)
+                if background:
+                    page = await _in_thread(
+                        self.file.pending_page, url, model, after=after, limit=PENDING_PAGE
+                    )
+                else:
+                    page = self.file.pending_page(url, model, after=after, limit=PENDING_PAGE)
             if not page:
                 return
             after = page[-1].seq

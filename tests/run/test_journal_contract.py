@@ -587,6 +587,35 @@ async def test_pending_requests_come_at_most_2048_between_turns_of_the_loop(
     assert [seq for _tick, seq in seen] == list(range(count))
 
 
+async def test_background_pending_requests_let_other_tasks_run_while_each_page_is_read(
+    journal: Journal,
+) -> None:
+    """``pending_requests(background=True)`` (planning on the real clock) lets other
+    tasks run while each page of requests is read, and gives the same requests as in
+    the loop."""
+    count = 5000
+    await _ingest(journal, count)
+    ticks = 0
+    stop = asyncio.Event()
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while not stop.is_set():
+            ticks += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.ensure_future(ticker())
+    await asyncio.sleep(0)
+    start = ticks
+    seen = [(ticks, r) async for r in journal.pending_requests(URL, "m", background=True)]
+    stop.set()
+    await task
+    pages = Counter(tick for tick, _request in seen)
+    assert min(pages) > start  # the first page was read while other tasks ran
+    assert max(pages.values()) <= 2048
+    assert [r for _tick, r in seen] == [r async for r in journal.pending_requests(URL, "m")]
+
+
 async def test_an_ingest_tells_which_ids_its_requests_use(journal: Journal) -> None:
     """During an ingest, taken() gives the input line of the requests added so far
     under each id asked about (what finds duplicates), and nothing for the others."""
