@@ -15,10 +15,14 @@ at any point continues where it stopped when started again:
 Every method is a coroutine, so that a networked backend never blocks the event loop;
 the SQLite backend (:class:`~aiobatch._run._sqlite_journal.SQLiteJournal`) runs its
 statements in the loop's thread and cuts work on many rows into slices, between which
-the loop runs other tasks. Lines read in chunks (:meth:`Journal.shard_lines`,
-:meth:`Journal.result_lines`) come at most :data:`CHUNK_BYTES` at a time (or one line,
-when a line is longer), so reading them holds bounded memory however many there are. A
-request is done once it has its final result. A backend refuses a shard move the shard
+the loop runs other tasks. On the real clock the run passes ``background=True`` to the
+methods that read or write many rows at once (a shard's intent, a chunk of results,
+planning's pages, a shard's queued lines, the output's lines, the report's figures,
+the close): the SQLite backend runs those in a worker thread. Lines read in chunks
+(:meth:`Journal.shard_lines`, :meth:`Journal.result_lines`) come at most
+:data:`CHUNK_BYTES` at a time (or one line, when a line is longer), so reading them
+holds bounded memory however many there are. A request is done once it has its final
+result. A backend refuses a shard move the shard
 lifecycle (:mod:`aiobatch._run._states`) does not allow.
 ``tests/test_journal_contract.py`` is the contract every backend passes.
 """
