@@ -23,6 +23,7 @@ from typing import Any
 
 from .._aio import cancel_and_wait
 from .._client import BatchClient
+from .._clock import SystemClock
 from .._fleet import BatchDone
 from .._models import Batch
 from ..errors import (
@@ -260,7 +261,8 @@ class BatchRun:
                 self._results_changed.set()
                 await journal.release()
         finally:
-            await journal.close()
+            # On the real clock in a worker thread (SQLite copies the log into the file).
+            await journal.close(background=isinstance(self._clock, SystemClock))
 
     async def _open(self, journal: Journal) -> bool:
         """Ingest the source into a new journal, or check it against the journal's;
@@ -373,7 +375,10 @@ class BatchRun:
     async def _final_report(self, journal: Journal) -> RunReport:
         """The report of the run as it ends, shown once more as its last progress
         snapshot (with the report's figures, so that the two agree)."""
-        report = await final_report(journal, self._config.prices)
+        # On the real clock its figures are read in a worker thread (a pass over every
+        # result); a VirtualClock's auto_advance would take that wait for idleness.
+        background = isinstance(self._clock, SystemClock)
+        report = await final_report(journal, self._config.prices, background=background)
         self._final = report
         self._emit_progress()
         return report
@@ -523,4 +528,7 @@ class BatchRun:
     async def _write_output(self, journal: Journal) -> None:
         """Write every final result to the output file, atomically, in order."""
         if self._output is not None:
-            await write_output(journal, self._output, order=self._config.order)
+            background = isinstance(self._clock, SystemClock)  # see _final_report
+            await write_output(
+                journal, self._output, order=self._config.order, background=background
+            )

@@ -15,10 +15,14 @@ at any point continues where it stopped when started again:
 Every method is a coroutine, so that a networked backend never blocks the event loop;
 the SQLite backend (:class:`~aiobatch._run._sqlite_journal.SQLiteJournal`) runs its
 statements in the loop's thread and cuts work on many rows into slices, between which
-the loop runs other tasks. Lines read in chunks (:meth:`Journal.shard_lines`,
-:meth:`Journal.result_lines`) come at most :data:`CHUNK_BYTES` at a time (or one line,
-when a line is longer), so reading them holds bounded memory however many there are. A
-request is done once it has its final result. A backend refuses a shard move the shard
+the loop runs other tasks. On the real clock the run passes ``background=True`` to the
+methods that read or write many rows at once (a shard's intent, a chunk of results,
+planning's pages, a shard's queued lines, the output's lines, the report's figures,
+the close): the SQLite backend runs those in a worker thread. Lines read in chunks
+(:meth:`Journal.shard_lines`, :meth:`Journal.result_lines`) come at most
+:data:`CHUNK_BYTES` at a time (or one line, when a line is longer), so reading them
+holds bounded memory however many there are. A request is done once it has its final
+result. A backend refuses a shard move the shard
 lifecycle (:mod:`aiobatch._run._states`) does not allow.
 ``tests/test_journal_contract.py`` is the contract every backend passes.
 """
@@ -46,11 +50,15 @@ from ._records import (
 )
 from ._states import ShardState
 
-__all__ = ["CHUNK_BYTES", "Ingest", "Journal", "too_many_batches"]
+__all__ = ["CHUNK_BYTES", "PENDING_PAGE", "Ingest", "Journal", "too_many_batches"]
 
 #: The most bytes of lines one chunk of :meth:`Journal.shard_lines` or
 #: :meth:`Journal.result_lines` holds (one line may be longer).
 CHUNK_BYTES = 4 * 1024 * 1024
+
+#: The most pending requests :meth:`Journal.pending_requests` gives between two turns of
+#: the loop (planning cuts each as it comes: pages of 10,000 held the loop 150-350 ms).
+PENDING_PAGE = 2048
 
 
 def too_many_batches(custom_id: str, batches: int, limit: int) -> TooManyBatchesError:
@@ -90,8 +98,9 @@ class Journal(Protocol):
     def location(self) -> str:
         """Where the journal is (a path, or a database and run), for messages."""
 
-    async def close(self) -> None:
-        """Close it (safe to call twice)."""
+    async def close(self, *, background: bool = False) -> None:
+        """Close it (safe to call twice). ``background``: the backend may close it in
+        another thread (the run passes it only on the real clock, as for :meth:`record`)."""
 
     # --- ownership -----------------------------------------------------------------------
 
@@ -154,8 +163,13 @@ class Journal(Protocol):
     async def pending_groups(self) -> list[RequestGroup]:
         """The distinct (url, model) of the pending requests."""
 
-    def pending_requests(self, url: str, model: str | None) -> AsyncIterator[PreparedRequest]:
-        """The pending requests of one group, in input order, without their bytes."""
+    def pending_requests(
+        self, url: str, model: str | None, *, background: bool = False
+    ) -> AsyncIterator[PreparedRequest]:
+        """The pending requests of one group, in input order, without their bytes; the
+        loop runs other tasks at least every :data:`PENDING_PAGE` of them.
+        ``background``: the backend may read each page in another thread (the run
+        passes it only on the real clock, as for :meth:`record`)."""
 
     def shard_lines(self, key: str) -> AsyncIterator[Sequence[bytes]]:
         """A shard's request lines (without newlines), in input order, in chunks of at
@@ -165,16 +179,25 @@ class Journal(Protocol):
         """The requests of shard ``key`` among ``custom_ids`` (those of a chunk of result
         lines), by ``custom_id``; ids not in the shard are left out."""
 
-    async def queued_at(self, key: str) -> dict[int, QueuedLine]:
-        """A shard's requests without an outcome, by their 1-based line in its file."""
+    async def queued_at(self, key: str, *, background: bool = False) -> dict[int, QueuedLine]:
+        """A shard's requests without an outcome, by their 1-based line in its file.
+        ``background``: the backend may read them in another thread (the run passes it
+        only on the real clock, as for :meth:`record`)."""
 
     # --- shards --------------------------------------------------------------------------
 
     async def add_shard(
-        self, key: str, plan: ShardPlan, *, planned_at: float, max_batches: int | None = None
+        self,
+        key: str,
+        plan: ShardPlan,
+        *,
+        planned_at: float,
+        max_batches: int | None = None,
+        background: bool = False,
     ) -> Shard:
         """Record a shard's intent: its row (``planned``) and its requests queued in it,
-        each counting one more batch.
+        each counting one more batch. ``background``: the backend may do the write in
+        another thread (the run passes it only on the real clock, as for :meth:`record`).
 
         Raises:
             TooManyBatchesError: a request would go into more than ``max_batches``
@@ -229,16 +252,21 @@ class Journal(Protocol):
         """Final results past a cursor (a ``seq`` in input order, an ``n`` in
         completion order)."""
 
-    def result_lines(self, *, order: str) -> AsyncIterator[Iterable[bytes]]:
+    def result_lines(
+        self, *, order: str, background: bool = False
+    ) -> AsyncIterator[Iterable[bytes]]:
         """Every final result line, in ``order``, in chunks of at most
-        :data:`CHUNK_BYTES`."""
+        :data:`CHUNK_BYTES`. ``background``: the backend may read each chunk in another
+        thread (the run passes it only on the real clock, as for :meth:`record`)."""
 
-    async def counts(self) -> JournalCounts:
-        """The run's figures."""
+    async def counts(self, *, background: bool = False) -> JournalCounts:
+        """The run's figures. ``background``: the backend may read them in another
+        thread (the run passes it only on the real clock, as for :meth:`record`)."""
 
-    async def tokens_by_model(self) -> dict[str, ModelTokens]:
+    async def tokens_by_model(self, *, background: bool = False) -> dict[str, ModelTokens]:
         """Prompt and completion tokens of the final results by the model of the shard
-        that produced them (each result counted once; ``""`` for no model)."""
+        that produced them (each result counted once; ``""`` for no model).
+        ``background``: as for :meth:`counts`."""
 
     async def open_batches(self) -> list[Shard]:
         """The shards whose batch is being tracked."""

@@ -35,16 +35,19 @@ async def next_results(
     return results, cursor
 
 
-async def write_output(journal: Journal, target: str, *, order: str) -> None:
+async def write_output(
+    journal: Journal, target: str, *, order: str, background: bool = False
+) -> None:
     """Write every final result to ``target``, atomically, in ``order``.
 
-    A chunk of lines at a time (at most a few MB), the loop running in between. The
+    A chunk of lines at a time (at most a few MB), the loop running in between (with
+    ``background``, on the real clock: each chunk read in a worker thread). The
     flush to disk stays in the loop's thread: a wait on a thread looks idle to a
     VirtualClock's auto_advance, which would jump time meanwhile.
     """
     temp = f"{target}.{os.getpid()}.part"
     with open(temp, "wb") as fh:  # noqa: ASYNC230 - written a chunk at a time
-        async for lines in journal.result_lines(order=order):
+        async for lines in journal.result_lines(order=order, background=background):
             fh.write(b"\n".join(lines))
             fh.write(b"\n")
         fh.flush()

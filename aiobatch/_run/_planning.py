@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import attrs
 
+from .._clock import SystemClock
 from ..errors import TooManyBatchesError
 from ._records import PreparedRequest, Shard, ShardPlan
 
@@ -191,6 +192,9 @@ async def plan(ctx: RunContext) -> list[Shard]:
     journal = ctx.journal
     limits = ctx.config.enqueued_token_limits
     now = ctx.clock.now()
+    # On the real clock the pages are read and each intent is written in a worker
+    # thread (a VirtualClock's auto_advance would take that wait for idleness).
+    background = isinstance(ctx.clock, SystemClock)
     index = await journal.shard_count()
     shards: list[Shard] = []
 
@@ -201,7 +205,11 @@ async def plan(ctx: RunContext) -> list[Shard]:
             index += 1
             shards.append(
                 await journal.add_shard(
-                    key, planned, planned_at=now, max_batches=ctx.config.batch_limit
+                    key,
+                    planned,
+                    planned_at=now,
+                    max_batches=ctx.config.batch_limit,
+                    background=background,
                 )
             )
 
@@ -214,7 +222,8 @@ async def plan(ctx: RunContext) -> list[Shard]:
             max_inputs=ctx.max_inputs if embeddings else None,
         )
         try:
-            async for request in journal.pending_requests(group.url, group.model):
+            pending = journal.pending_requests(group.url, group.model, background=background)
+            async for request in pending:
                 await record(cutter.add(request))
             await record(cutter.finish())
         except TooManyBatchesError as exc:

@@ -32,7 +32,7 @@ from typing import Any
 import attrs
 
 from ..errors import JournalError, LeaseLostError
-from ._journal import CHUNK_BYTES, too_many_batches
+from ._journal import CHUNK_BYTES, PENDING_PAGE, too_many_batches
 from ._pg_url import PgLocation, parse_postgres_url
 from ._postgres_ingest import PgIngest
 from ._postgres_leases import PgLeases
@@ -211,7 +211,8 @@ class PostgresJournal(PgLeases):
     def location(self) -> str:
         return f"{self._where.shown} (run {self.name})"
 
-    async def close(self) -> None:
+    async def close(self, *, background: bool = False) -> None:
+        # ``background`` is moot: closing the pool is network work, nothing holds the loop.
         if self._closed:
             return
         self._closed = True
@@ -377,7 +378,12 @@ class PostgresJournal(PgLeases):
         return [RequestGroup(str(r[0]), None if r[1] is None else str(r[1])) for r in rows]
 
     async def pending_requests(
-        self, url: str, model: str | None, *, chunk: int = 10_000
+        self,
+        url: str,
+        model: str | None,
+        *,
+        chunk: int = PENDING_PAGE,
+        background: bool = False,  # the server reads: nothing holds the loop
     ) -> AsyncIterator[PreparedRequest]:
         rid = await self.rid()
         after = -1
@@ -436,7 +442,8 @@ class PostgresJournal(PgLeases):
             )
         return {r[0]: Member(r[1], r[2], r[3] == "queued") for r in rows}
 
-    async def queued_at(self, key: str) -> dict[int, QueuedLine]:
+    async def queued_at(self, key: str, *, background: bool = False) -> dict[int, QueuedLine]:
+        # ``background`` is moot: the server reads, nothing holds the loop.
         rid = await self.rid()
         async with self._conn() as conn:
             rows = await conn.fetch(
@@ -450,7 +457,13 @@ class PostgresJournal(PgLeases):
     # --- shards --------------------------------------------------------------------------
 
     async def add_shard(
-        self, key: str, plan: ShardPlan, *, planned_at: float, max_batches: int | None = None
+        self,
+        key: str,
+        plan: ShardPlan,
+        *,
+        planned_at: float,
+        max_batches: int | None = None,
+        background: bool = False,  # the server writes: nothing holds the loop
     ) -> Shard:
         rid = await self._write_rid()
         async with self._tx() as conn:
@@ -673,7 +686,11 @@ class PostgresJournal(PgLeases):
         ]
 
     async def result_lines(
-        self, *, order: str, chunk: int = 8192
+        self,
+        *,
+        order: str,
+        chunk: int = 8192,
+        background: bool = False,  # the server reads: nothing holds the loop
     ) -> AsyncIterator[Iterable[bytes]]:
         column = "seq" if order == "input" else "n"
         rid = await self.rid()
@@ -696,7 +713,8 @@ class PostgresJournal(PgLeases):
             yield [bytes(r[1]) for r in rows]
             after = int(rows[-1][0])
 
-    async def tokens_by_model(self) -> dict[str, ModelTokens]:
+    async def tokens_by_model(self, *, background: bool = False) -> dict[str, ModelTokens]:
+        # ``background`` is moot: the server reads, nothing holds the loop.
         rid = await self.rid()
         async with self._conn() as conn:
             rows = await conn.fetch(
@@ -708,7 +726,8 @@ class PostgresJournal(PgLeases):
             )
         return {str(model): ModelTokens(int(i), int(o)) for model, i, o in rows if i or o}
 
-    async def counts(self) -> JournalCounts:
+    async def counts(self, *, background: bool = False) -> JournalCounts:
+        # ``background`` is moot: the server reads, nothing holds the loop.
         rid = await self.rid()
         async with self._conn() as conn, conn.transaction(isolation="repeatable_read"):
 

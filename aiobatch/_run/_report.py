@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import attrs
 
+from .._clock import SystemClock
 from ._progress import BATCH_STATUS_ORDER, RunProgress, _elapsed_text
 from ._records import JournalCounts, RunMeta, token_pairs
 
@@ -185,16 +186,19 @@ def build_report(
     )
 
 
-async def journal_report(journal: Journal) -> RunReport:
-    """The report of the run a :class:`~._journal.Journal` holds."""
-    return build_report(await journal.meta(), await journal.counts())
+async def journal_report(journal: Journal, *, background: bool = False) -> RunReport:
+    """The report of the run a :class:`~._journal.Journal` holds (``background``: its
+    figures may be read in another thread, see :meth:`~._journal.Journal.counts`)."""
+    return build_report(await journal.meta(), await journal.counts(background=background))
 
 
-async def final_report(journal: Journal, prices: Mapping[str, Price]) -> RunReport:
+async def final_report(
+    journal: Journal, prices: Mapping[str, Price], *, background: bool = False
+) -> RunReport:
     """The report a run returns as it ends: with its tokens, and their cost for the
-    models ``prices`` has."""
-    report = await journal_report(journal)
-    tokens = await journal.tokens_by_model()
+    models ``prices`` has (``background``: as for :func:`journal_report`)."""
+    report = await journal_report(journal, background=background)
+    tokens = await journal.tokens_by_model(background=background)
     return attrs.evolve(
         report,
         tokens_by_model=token_pairs(tokens),
@@ -205,8 +209,9 @@ async def final_report(journal: Journal, prices: Mapping[str, Price]) -> RunRepo
 
 
 async def load_counts(ctx: RunContext) -> None:
-    """Start a run's progress figures from what its journal already holds."""
-    report = await journal_report(ctx.journal)
+    """Start a run's progress figures from what its journal already holds (read in
+    another thread on the real clock: a resumed run may have many results)."""
+    report = await journal_report(ctx.journal, background=isinstance(ctx.clock, SystemClock))
     ctx.counts.update(
         total=report.requests,
         succeeded=report.succeeded,

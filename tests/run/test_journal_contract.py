@@ -7,6 +7,7 @@ is added to ``BACKENDS`` and must pass the module unchanged.
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -123,6 +124,36 @@ async def test_intent_is_recorded_before_upload(journal: Journal) -> None:
     assert pending == [2]
 
 
+async def test_a_background_queued_at_lets_other_tasks_run_and_is_the_same(
+    journal: Journal,
+) -> None:
+    """``queued_at(key, background=True)`` (settling a batch on the real clock; a
+    50,000-request shard's look-up held the loop ~120 ms on a busy machine) lets other
+    tasks run while it reads, and gives the same lines as in the loop."""
+    requests = await _ingest(journal, 4)
+    await journal.add_shard("s0", _plan(requests), planned_at=11.0)
+    await journal.record("s0", [_final(1)], output_done=1)
+    ticks = 0
+    stop = asyncio.Event()
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while not stop.is_set():
+            ticks += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.ensure_future(ticker())
+    await asyncio.sleep(0)
+    before = ticks
+    queued = await journal.queued_at("s0", background=True)
+    during = ticks - before
+    stop.set()
+    await task
+    assert during >= 1
+    assert queued == await journal.queued_at("s0")
+    assert [(pos, q.custom_id) for pos, q in queued.items()] == [(1, "r0"), (3, "r2"), (4, "r3")]
+
+
 async def test_create_key_is_recorded_with_the_move(journal: Journal) -> None:
     """The create key and its start are on record once the shard is ``creating``."""
     requests = await _ingest(journal, 1)
@@ -202,6 +233,88 @@ async def test_a_cancelled_background_record_leaves_the_journal_whole(journal: J
     assert (await journal.shard("s0")).output_done == 1
 
 
+async def test_background_figures_let_other_tasks_run_and_are_the_same(journal: Journal) -> None:
+    """``counts(background=True)`` and ``tokens_by_model(background=True)`` (the run's
+    report on the real clock) let other tasks run while they are read (over 100,000
+    results each held the loop ~60 ms), and give the same figures as in the loop."""
+    requests = await _ingest(journal, 50)
+    await journal.add_shard("s0", _plan(requests), planned_at=11.0)
+    finals = [
+        FinalResult(
+            seq=r.seq,
+            kind="success" if r.seq % 5 else "error",
+            code=None if r.seq % 5 else "boom",
+            shard="s0",
+            batch_id="b",
+            attempts=0,
+            data=b'{"ok":1}',
+            input_tokens=r.seq,
+            output_tokens=1,
+        )
+        for r in requests[:40]
+    ]
+    await journal.record("s0", finals, output_done=40)
+    ticks = 0
+    stop = asyncio.Event()
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while not stop.is_set():
+            ticks += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.ensure_future(ticker())
+    await asyncio.sleep(0)
+    during = []
+    before = ticks
+    counts = await journal.counts(background=True)
+    during.append(ticks - before)
+    before = ticks
+    tokens = await journal.tokens_by_model(background=True)
+    during.append(ticks - before)
+    stop.set()
+    await task
+    assert min(during) >= 1
+    assert counts == await journal.counts()
+    assert counts.kinds == {"success": 32, "error": 8}
+    assert tokens == await journal.tokens_by_model()
+    assert tokens == {"m": ModelTokens(input=sum(range(40)), output=40)}
+
+
+async def test_a_background_close_lets_other_tasks_run_and_keeps_everything(
+    journal: Journal, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """``close(background=True)`` (a run's end on the real clock; the SQLite file's last
+    copy of its log held the loop 60-90 ms after 100,000 results) lets other tasks run
+    while the journal closes, and the journal opened again holds what was written."""
+    requests = await _ingest(journal, 3)
+    await journal.add_shard("s0", _plan(requests), planned_at=11.0)
+    await journal.record("s0", [_final(0)], output_done=1)
+    ticks = 0
+    stop = asyncio.Event()
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while not stop.is_set():
+            ticks += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.ensure_future(ticker())
+    await asyncio.sleep(0)
+    before = ticks
+    await journal.close(background=True)
+    during = ticks - before
+    stop.set()
+    await task
+    assert during >= 1
+    again = await BACKENDS[request.node.callspec.params["journal"]](tmp_path)
+    try:
+        assert (await again.counts()).requests == {"queued": 2, "done": 1}
+        assert (await again.shard("s0")).output_done == 1
+    finally:
+        await again.close()
+
+
 async def test_tokens_are_summed_by_the_model_of_their_shard(journal: Journal) -> None:
     """tokens_by_model() counts each final result once, under its shard's model."""
     requests = await _ingest(journal, 3)
@@ -255,6 +368,45 @@ async def test_a_request_goes_into_a_bounded_number_of_batches(journal: Journal)
     assert (caught.value.custom_id, caught.value.batches) == ("r0", 2)
     assert await journal.shard_count() == 1
     assert await journal.pending_count() == 1
+
+
+async def test_a_background_intent_lets_other_tasks_run_and_is_an_intent(journal: Journal) -> None:
+    """``add_shard(background=True)`` (planning on the real clock; the commit of a
+    50,000-request intent held the loop 60 ms on a busy machine) lets other tasks run
+    while it records the shard, records the same intent as in the loop, and refuses a
+    shard past ``max_batches`` the same way, recording nothing of it."""
+    requests = await _ingest(journal, 4)
+    ticks = 0
+    stop = asyncio.Event()
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while not stop.is_set():
+            ticks += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.ensure_future(ticker())
+    await asyncio.sleep(0)
+    before = ticks
+    shard = await journal.add_shard(
+        "s0", _plan(requests[:3]), planned_at=11.0, max_batches=1, background=True
+    )
+    during = ticks - before
+    stop.set()
+    await task
+    assert during >= 1
+    assert (shard.key, shard.state, shard.lines, shard.round) == ("s0", _S.PLANNED, 3, 0)
+    queued = await journal.queued_at("s0")
+    assert [(pos, q.custom_id) for pos, q in queued.items()] == [(1, "r0"), (2, "r1"), (3, "r2")]
+    assert [r.seq async for r in journal.pending_requests(URL, "m")] == [3]
+    await journal.record(None, [], [RetryLine(0, 1, b"{}")])
+    with pytest.raises(TooManyBatchesError) as caught:
+        await journal.add_shard(
+            "s1", _plan([requests[0]]), planned_at=12.0, max_batches=1, background=True
+        )
+    assert (caught.value.custom_id, caught.value.batches) == ("r0", 2)
+    assert await journal.shard_count() == 1
+    assert await journal.pending_count() == 2
 
 
 async def test_cancel_flag_and_state(journal: Journal) -> None:
@@ -343,6 +495,44 @@ async def test_lines_come_in_chunks_of_bounded_bytes(journal: Journal) -> None:
         assert all(sum(map(len, chunk[:-1])) < CHUNK_BYTES for chunk in chunks)
 
 
+async def test_background_result_lines_let_other_tasks_run_while_each_chunk_is_read(
+    journal: Journal,
+) -> None:
+    """``result_lines(background=True)`` (the output file on the real clock; a chunk of
+    1024 lines held the loop 30-60 ms on a busy machine) lets other tasks run while
+    each chunk is read, and gives the same lines as in the loop."""
+    requests = [_big_request(seq, 300_000) for seq in range(30)]
+    async with journal.ingest() as sink:
+        await sink.add(requests)
+        await sink.start(RunMeta(run_id="run1"))
+    await journal.add_shard("s0", _plan(requests), planned_at=1.0)
+    await journal.record("s0", [_final(r.seq, r.data) for r in requests])
+    ticks = 0
+    stop = asyncio.Event()
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while not stop.is_set():
+            ticks += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.ensure_future(ticker())
+    await asyncio.sleep(0)
+    for order in ("input", "completion"):
+        during: list[int] = []
+        chunks: list[list[bytes]] = []
+        before = ticks
+        async for chunk in journal.result_lines(order=order, background=True):
+            during.append(ticks - before)
+            chunks.append(list(chunk))
+            before = ticks
+        assert len(chunks) >= 2
+        assert min(during) >= 1
+        assert [line for chunk in chunks for line in chunk] == [r.data for r in requests]
+    stop.set()
+    await task
+
+
 async def test_recording_a_large_shard_lets_other_tasks_run(journal: Journal) -> None:
     """Recording the intent of a shard of many requests does not hold the event loop
     to the end: other tasks run meanwhile, and the shard is recorded whole."""
@@ -368,6 +558,62 @@ async def test_recording_a_large_shard_lets_other_tasks_run(journal: Journal) ->
     assert shard.lines == count
     assert await journal.pending_count() == 0
     assert len(await journal.queued_at("s0")) == count
+
+
+async def test_pending_requests_come_at_most_2048_between_turns_of_the_loop(
+    journal: Journal,
+) -> None:
+    """A group's pending requests are read at most 2048 between two turns of the loop
+    (planning read pages of 10,000, which held the loop 150-350 ms at 100,000 requests),
+    each pending request once and in input order."""
+    count = 5000
+    await _ingest(journal, count)
+    ticks = 0
+    stop = asyncio.Event()
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while not stop.is_set():
+            ticks += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.ensure_future(ticker())
+    await asyncio.sleep(0)
+    seen = [(ticks, request.seq) async for request in journal.pending_requests(URL, "m")]
+    stop.set()
+    await task
+    between_turns = Counter(tick for tick, _seq in seen)
+    assert max(between_turns.values()) <= 2048
+    assert [seq for _tick, seq in seen] == list(range(count))
+
+
+async def test_background_pending_requests_let_other_tasks_run_while_each_page_is_read(
+    journal: Journal,
+) -> None:
+    """``pending_requests(background=True)`` (planning on the real clock) lets other
+    tasks run while each page of requests is read, and gives the same requests as in
+    the loop."""
+    count = 5000
+    await _ingest(journal, count)
+    ticks = 0
+    stop = asyncio.Event()
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while not stop.is_set():
+            ticks += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.ensure_future(ticker())
+    await asyncio.sleep(0)
+    start = ticks
+    seen = [(ticks, r) async for r in journal.pending_requests(URL, "m", background=True)]
+    stop.set()
+    await task
+    pages = Counter(tick for tick, _request in seen)
+    assert min(pages) > start  # the first page was read while other tasks ran
+    assert max(pages.values()) <= 2048
+    assert [r for _tick, r in seen] == [r async for r in journal.pending_requests(URL, "m")]
 
 
 async def test_an_ingest_tells_which_ids_its_requests_use(journal: Journal) -> None:
