@@ -88,25 +88,27 @@ class _Batches:
         self._items: list[Inspected] = []
         self._bytes = 0
 
-    async def add(self, item: Inspected | None) -> None:
+    def hold(self, item: Inspected | None) -> bool:
+        """Hold the next inspected line (None: a blank one); True when the batch is
+        full (then :meth:`flush` it)."""
         if item is None:
-            return
+            return False
         self._items.append(item)
         self._bytes += item.size
-        if len(self._items) >= _BATCH_LINES or self._bytes >= _BATCH_BYTES:
-            await self.flush()
-            await asyncio.sleep(0)
+        return len(self._items) >= _BATCH_LINES or self._bytes >= _BATCH_BYTES
 
     async def flush(self) -> None:
+        """Settle the held lines into the journal, then let the loop run other tasks."""
         items = self._items
         if items:
+            self._items = []
+            self._bytes = 0
             preflight = self._preflight
             earlier = await self._sink.taken(preflight.claims(items))
-            accepted = [r for r in preflight.resolve(items, earlier) if r is not None]
-            if accepted:
-                await self._sink.add(accepted)
-        self._items = []
-        self._bytes = 0
+            rows = preflight.resolve_rows(items, earlier)
+            if rows:
+                await self._sink.add(rows)
+            await asyncio.sleep(0)
 
 
 async def ingest(
@@ -138,8 +140,11 @@ async def ingest(
         batches = _Batches(preflight, sink)
         if is_path:
             digest = hashlib.sha256()
+            inspect = preflight.inspect_line
+            hold = batches.hold
             for number, raw in enumerate(_file_lines(name, digest), start=1):
-                await batches.add(preflight.inspect_line(raw, number))
+                if hold(inspect(raw, number)):
+                    await batches.flush()
             print_ = f"sha256:{digest.hexdigest()}"
         else:
             print_ = ""
@@ -147,11 +152,13 @@ async def ingest(
             if isinstance(source, AsyncIterable):
                 async for item in source:
                     index += 1
-                    await batches.add(preflight.inspect_item(item, index))
+                    if batches.hold(preflight.inspect_item(item, index)):
+                        await batches.flush()
             else:
                 for item in source:  # type: ignore[union-attr]
                     index += 1
-                    await batches.add(preflight.inspect_item(item, index))
+                    if batches.hold(preflight.inspect_item(item, index)):
+                        await batches.flush()
         await batches.flush()
         preflight.finish()
         if preflight.accepted == 0 and preflight.problem_count:

@@ -38,6 +38,7 @@ from ._records import (
     PreparedRequest,
     QueuedLine,
     RequestGroup,
+    RequestRow,
     ResultRow,
     RetryLine,
     RunMeta,
@@ -72,7 +73,7 @@ def too_many_batches(custom_id: str, batches: int, limit: int) -> TooManyBatches
 class Ingest(Protocol):
     """A new run's requests going into its journal: all or nothing."""
 
-    async def add(self, requests: Sequence[PreparedRequest]) -> None:
+    async def add(self, rows: Sequence[RequestRow]) -> None:
         """Add accepted requests (in input order)."""
 
     async def taken(self, custom_ids: Sequence[str]) -> dict[str, int]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ._records import PreparedRequest, RunMeta
+from ._records import RequestRow, RunMeta
 
 __all__ = ["PgIngest"]
 
@@ -19,16 +19,13 @@ class PgIngest:
         self._conn = conn
         self._rid = rid
 
-    async def add(self, requests: Sequence[PreparedRequest]) -> None:
-        if not requests:
+    async def add(self, rows: Sequence[RequestRow]) -> None:
+        if not rows:
             return
         rid = self._rid
         await self._conn.copy_records_to_table(
             "aiobatch_requests",
-            records=[
-                (rid, r.seq, r.custom_id, r.line, r.url, r.model, r.tokens, r.inputs, r.data)
-                for r in requests
-            ],
+            records=[(rid, *row) for row in rows],
             columns=["rid", "seq", "custom_id", "line", "url", "model", "tokens", "inputs", "data"],
         )
 

@@ -29,6 +29,7 @@ from ._records import (
     PreparedRequest,
     QueuedLine,
     RequestGroup,
+    RequestRow,
     ResultRow,
     RetryLine,
     RunMeta,
@@ -95,10 +96,10 @@ class _SQLiteIngest:
         self._file = file
         self._db = db
 
-    async def add(self, requests: Sequence[PreparedRequest]) -> None:
-        for part in _slices(requests):
+    async def add(self, rows: Sequence[RequestRow]) -> None:
+        for part in _slices(rows):
             self._file.add_requests(self._db, part)
-            if len(requests) > SLICE_ROWS:
+            if len(rows) > SLICE_ROWS:
                 await _turn()
 
     async def taken(self, custom_ids: Sequence[str]) -> dict[str, int]:

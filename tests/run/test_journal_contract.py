@@ -68,7 +68,7 @@ def _request(seq: int, model: str = "m") -> PreparedRequest:
 async def _ingest(journal: Journal, count: int) -> list[PreparedRequest]:
     requests = [_request(seq) for seq in range(count)]
     async with journal.ingest() as sink:
-        await sink.add(requests)
+        await sink.add([r.row() for r in requests])
         await sink.start(RunMeta(run_id="run1", started_at=10.0, updated_at=10.0))
     return requests
 
@@ -88,7 +88,7 @@ async def test_ingest_is_all_or_nothing(journal: Journal) -> None:
 
     async def failing_ingest() -> None:
         async with journal.ingest() as sink:
-            await sink.add([_request(0), _request(1)])
+            await sink.add([_request(0).row(), _request(1).row()])
             raise RuntimeError("preflight failed")
 
     with pytest.raises(RuntimeError):
@@ -330,7 +330,7 @@ async def test_lines_come_in_chunks_of_bounded_bytes(journal: Journal) -> None:
     one line), whatever the count of lines: reading them holds bounded memory."""
     requests = [_big_request(seq, 300_000) for seq in range(40)]
     async with journal.ingest() as sink:
-        await sink.add(requests)
+        await sink.add([r.row() for r in requests])
         await sink.start(RunMeta(run_id="run1"))
     await journal.add_shard("s0", _plan(requests), planned_at=1.0)
     chunks = [list(chunk) async for chunk in journal.shard_lines("s0")]
@@ -374,7 +374,7 @@ async def test_an_ingest_tells_which_ids_its_requests_use(journal: Journal) -> N
     """During an ingest, taken() gives the input line of the requests added so far
     under each id asked about (what finds duplicates), and nothing for the others."""
     async with journal.ingest() as sink:
-        await sink.add([_request(seq) for seq in range(1200)])
+        await sink.add([_request(seq).row() for seq in range(1200)])
         asked = [f"r{seq}" for seq in range(0, 2400, 2)]
         assert await sink.taken(asked) == {f"r{seq}": seq + 1 for seq in range(0, 1200, 2)}
         assert await sink.taken([]) == {}
