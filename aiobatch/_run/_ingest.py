@@ -5,9 +5,10 @@ are committed together, or not at all (a source with bad lines leaves no journal
 unless ``skip_invalid``).
 
 Lines are checked in batches (at most :data:`_BATCH_LINES` lines or
-:data:`_BATCH_BYTES` bytes): each batch's ids are looked up in the journal (which finds
-the duplicates, so no id of an accepted request is held in memory), its requests added,
-and the loop runs other tasks before the next batch.
+:data:`_BATCH_BYTES` bytes): each batch's requests are added to the journal, whose
+unique index on ``custom_id`` finds the duplicates (no id of an accepted request is held
+in memory; when the journal refuses a batch, its ids are looked up and the batch is
+checked again), and the loop runs other tasks before the next batch.
 """
 
 from __future__ import annotations
@@ -103,11 +104,18 @@ class _Batches:
         if items:
             self._items = []
             self._bytes = 0
-            preflight = self._preflight
-            earlier = await self._sink.taken(preflight.claims(items))
-            rows = preflight.resolve_rows(items, earlier)
-            if rows:
-                await self._sink.add(rows)
+            preflight, sink = self._preflight, self._sink
+            # Only the ids of lines rejected anyway are looked up first (their problems
+            # name the line that used the id before); the journal refuses the requests
+            # when another id was used before, and then every id is looked up.
+            mark = preflight.mark()
+            rejected = preflight.claims(items, rejected=True)
+            rows = preflight.resolve_rows(items, await sink.taken(rejected) if rejected else {})
+            if not await sink.add(rows):
+                preflight.undo(mark)
+                rows = preflight.resolve_rows(items, await sink.taken(preflight.claims(items)))
+                if not await sink.add(rows):  # pragma: no cover - every id was looked up
+                    raise AssertionError("a custom_id was taken twice")
             await asyncio.sleep(0)
 
 

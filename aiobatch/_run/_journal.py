@@ -73,8 +73,10 @@ def too_many_batches(custom_id: str, batches: int, limit: int) -> TooManyBatches
 class Ingest(Protocol):
     """A new run's requests going into its journal: all or nothing."""
 
-    async def add(self, rows: Sequence[RequestRow]) -> None:
-        """Add accepted requests (in input order)."""
+    async def add(self, rows: Sequence[RequestRow]) -> bool:
+        """Add accepted requests (in input order); when the custom_id of one of them
+        is used by a request added before, add none and return False (the caller
+        finds which with :meth:`taken`)."""
 
     async def taken(self, custom_ids: Sequence[str]) -> dict[str, int]:
         """Which of ``custom_ids`` the requests added so far use, each with the input

@@ -220,6 +220,9 @@ def generated_custom_id(method: str, url: str, body: Mapping[str, Any]) -> str:
 #: A problem of a line before it is recorded: (custom_id, field, code, message).
 _Problem = tuple[str | None, str | None, str, str]
 
+#: Where a :class:`Preflight` is (see :meth:`Preflight.mark`).
+_Mark = tuple[int, int, int, int, int, int]
+
 
 @attrs.define(slots=True)
 class Inspected:
@@ -428,10 +431,41 @@ class Preflight:
         return Inspected(index, [(None, None, "not_an_object", message)])
 
     @staticmethod
-    def claims(items: Iterable[Inspected]) -> list[str]:
+    def claims(items: Iterable[Inspected], *, rejected: bool = False) -> list[str]:
         """The ids that inspected lines claim (for the caller to look up, see
-        :meth:`resolve`)."""
+        :meth:`resolve`); ``rejected``: only those of the lines rejected whatever their
+        id (the caller finds the duplicates among the others otherwise, see
+        :meth:`mark`)."""
+        if rejected:
+            return [item.claim for item in items if item.claim is not None and not item.ready]
         return [item.claim for item in items if item.claim is not None]
+
+    def mark(self) -> _Mark:
+        """Where the check is, for :meth:`undo`: a caller may resolve lines with only
+        some of the ids looked up (see :meth:`claims`), try to store the requests where
+        an id can be used only once, and when one was used before, undo and resolve them
+        again with every id looked up."""
+        return (
+            self._accepted,
+            self._rejected,
+            self._problem_count,
+            len(self._problems),
+            len(self._rejected_ids),
+            -1 if self._first_line is None else len(self._first_line),
+        )
+
+    def undo(self, mark: _Mark) -> None:
+        """Forget the lines resolved since :meth:`mark` gave ``mark``."""
+        accepted, rejected, count, kept, rejected_ids, remembered = mark
+        self._accepted = accepted
+        self._rejected = rejected
+        self._problem_count = count
+        del self._problems[kept:]
+        for _ in range(len(self._rejected_ids) - rejected_ids):  # ids added since, last
+            self._rejected_ids.popitem()
+        if self._first_line is not None:
+            for _ in range(len(self._first_line) - remembered):
+                self._first_line.popitem()
 
     def resolve(
         self, items: Sequence[Inspected], earlier: Mapping[str, int]

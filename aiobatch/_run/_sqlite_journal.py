@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import functools
 import os
+import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -96,11 +97,24 @@ class _SQLiteIngest:
         self._file = file
         self._db = db
 
-    async def add(self, rows: Sequence[RequestRow]) -> None:
-        for part in _slices(rows):
-            self._file.add_requests(self._db, part)
-            if len(rows) > SLICE_ROWS:
-                await _turn()
+    async def add(self, rows: Sequence[RequestRow]) -> bool:
+        if not rows:
+            return True
+        db = self._db
+        db.execute("SAVEPOINT new_requests")
+        try:
+            for part in _slices(rows):
+                self._file.add_requests(db, part)
+                if len(rows) > SLICE_ROWS:
+                    await _turn()
+        except sqlite3.IntegrityError as exc:
+            if "requests.custom_id" not in str(exc):
+                raise
+            db.execute("ROLLBACK TO new_requests")
+            db.execute("RELEASE new_requests")
+            return False
+        db.execute("RELEASE new_requests")
+        return True
 
     async def taken(self, custom_ids: Sequence[str]) -> dict[str, int]:
         return self._file.taken(self._db, custom_ids)

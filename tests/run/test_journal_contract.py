@@ -10,6 +10,7 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+import attrs
 import pytest
 from pg import pg_url
 
@@ -368,6 +369,19 @@ async def test_recording_a_large_shard_lets_other_tasks_run(journal: Journal) ->
     assert shard.lines == count
     assert await journal.pending_count() == 0
     assert len(await journal.queued_at("s0")) == count
+
+
+async def test_an_ingest_adds_no_request_of_a_batch_whose_id_is_taken(journal: Journal) -> None:
+    """add() refuses (False) requests among which one uses an id added before, and adds
+    none of them; the ingest goes on and commits the rest."""
+    async with journal.ingest() as sink:
+        assert await sink.add([_request(seq).row() for seq in range(3)]) is True
+        taken = attrs.evolve(_request(4), custom_id="r1").row()
+        assert await sink.add([_request(3).row(), taken]) is False
+        assert await sink.add([_request(3).row()]) is True
+        await sink.start(RunMeta(run_id="run1"))
+    assert await journal.pending_count() == 4
+    assert [r.seq async for r in journal.pending_requests(URL, "m")] == [0, 1, 2, 3]
 
 
 async def test_an_ingest_tells_which_ids_its_requests_use(journal: Journal) -> None:

@@ -225,6 +225,34 @@ def test_duplicate_custom_id_names_the_first_line() -> None:
     assert "line 1" in problem.message
 
 
+def test_undone_lines_are_resolved_again_as_if_never_tried() -> None:
+    """Lines resolved after mark() and undone resolve again as on a checker that never
+    tried them: same requests and numbers, same problems and counts."""
+    first = [encode(request(f"a{n}")) for n in (1, 2)]
+    later = [encode(request("b")), bad({"stream": True}, custom_id="c"), encode(request("b"))]
+    later += [encode(request("d"))]
+
+    def items(preflight: Preflight, lines: list[bytes], start: int) -> list[Any]:
+        return [preflight.inspect_line(raw, n) for n, raw in enumerate(lines, start=start)]
+
+    tried = Preflight(source="in.jsonl", remember_ids=False)
+    tried.resolve(items(tried, first, 1), {})
+    mark = tried.mark()
+    tried.resolve(items(tried, later, 3), {})
+    tried.undo(mark)
+    fresh = Preflight(source="in.jsonl", remember_ids=False)
+    fresh.resolve(items(fresh, first, 1), {})
+    got = tried.resolve(items(tried, later, 3), {"b": 1})
+    assert got == fresh.resolve(items(fresh, later, 3), {"b": 1})
+    assert [p.seq for p in got if p is not None] == [2]
+    assert (tried.problems, tried.problem_count, tried.rejected, tried.accepted) == (
+        fresh.problems,
+        fresh.problem_count,
+        fresh.rejected,
+        fresh.accepted,
+    )
+
+
 def test_a_rejected_line_still_claims_its_custom_id() -> None:
     """Ids are unique across the source: a bad line's id makes a later good line a duplicate."""
     lines = [encode(request("a", stream=True)), encode(request("a"))]
