@@ -5,9 +5,10 @@ are committed together, or not at all (a source with bad lines leaves no journal
 unless ``skip_invalid``).
 
 Lines are checked in batches (at most :data:`_BATCH_LINES` lines or
-:data:`_BATCH_BYTES` bytes): each batch's ids are looked up in the journal (which finds
-the duplicates, so no id of an accepted request is held in memory), its requests added,
-and the loop runs other tasks before the next batch.
+:data:`_BATCH_BYTES` bytes): each batch's requests are added to the journal, whose
+unique index on ``custom_id`` finds the duplicates (no id of an accepted request is held
+in memory; when the journal refuses a batch, its ids are looked up and the batch is
+checked again), and the loop runs other tasks before the next batch.
 """
 
 from __future__ import annotations
@@ -88,25 +89,34 @@ class _Batches:
         self._items: list[Inspected] = []
         self._bytes = 0
 
-    async def add(self, item: Inspected | None) -> None:
+    def hold(self, item: Inspected | None) -> bool:
+        """Hold the next inspected line (None: a blank one); True when the batch is
+        full (then :meth:`flush` it)."""
         if item is None:
-            return
+            return False
         self._items.append(item)
         self._bytes += item.size
-        if len(self._items) >= _BATCH_LINES or self._bytes >= _BATCH_BYTES:
-            await self.flush()
-            await asyncio.sleep(0)
+        return len(self._items) >= _BATCH_LINES or self._bytes >= _BATCH_BYTES
 
     async def flush(self) -> None:
+        """Settle the held lines into the journal, then let the loop run other tasks."""
         items = self._items
         if items:
-            preflight = self._preflight
-            earlier = await self._sink.taken(preflight.claims(items))
-            accepted = [r for r in preflight.resolve(items, earlier) if r is not None]
-            if accepted:
-                await self._sink.add(accepted)
-        self._items = []
-        self._bytes = 0
+            self._items = []
+            self._bytes = 0
+            preflight, sink = self._preflight, self._sink
+            # Only the ids of lines rejected anyway are looked up first (their problems
+            # name the line that used the id before); the journal refuses the requests
+            # when another id was used before, and then every id is looked up.
+            mark = preflight.mark()
+            rejected = preflight.claims(items, rejected=True)
+            rows = preflight.resolve_rows(items, await sink.taken(rejected) if rejected else {})
+            if not await sink.add(rows):
+                preflight.undo(mark)
+                rows = preflight.resolve_rows(items, await sink.taken(preflight.claims(items)))
+                if not await sink.add(rows):  # pragma: no cover - every id was looked up
+                    raise AssertionError("a custom_id was taken twice")
+            await asyncio.sleep(0)
 
 
 async def ingest(
@@ -138,8 +148,11 @@ async def ingest(
         batches = _Batches(preflight, sink)
         if is_path:
             digest = hashlib.sha256()
+            inspect = preflight.inspect_line
+            hold = batches.hold
             for number, raw in enumerate(_file_lines(name, digest), start=1):
-                await batches.add(preflight.inspect_line(raw, number))
+                if hold(inspect(raw, number)):
+                    await batches.flush()
             print_ = f"sha256:{digest.hexdigest()}"
         else:
             print_ = ""
@@ -147,11 +160,13 @@ async def ingest(
             if isinstance(source, AsyncIterable):
                 async for item in source:
                     index += 1
-                    await batches.add(preflight.inspect_item(item, index))
+                    if batches.hold(preflight.inspect_item(item, index)):
+                        await batches.flush()
             else:
                 for item in source:  # type: ignore[union-attr]
                     index += 1
-                    await batches.add(preflight.inspect_item(item, index))
+                    if batches.hold(preflight.inspect_item(item, index)):
+                        await batches.flush()
         await batches.flush()
         preflight.finish()
         if preflight.accepted == 0 and preflight.problem_count:

@@ -42,6 +42,7 @@ from ._records import (
     PreparedRequest,
     QueuedLine,
     RequestGroup,
+    RequestRow,
     ResultRow,
     RetryLine,
     RunMeta,
@@ -80,8 +81,10 @@ def too_many_batches(custom_id: str, batches: int, limit: int) -> TooManyBatches
 class Ingest(Protocol):
     """A new run's requests going into its journal: all or nothing."""
 
-    async def add(self, requests: Sequence[PreparedRequest]) -> None:
-        """Add accepted requests (in input order)."""
+    async def add(self, rows: Sequence[RequestRow]) -> bool:
+        """Add accepted requests (in input order); when the custom_id of one of them
+        is used by a request added before, add none and return False (the caller
+        finds which with :meth:`taken`)."""
 
     async def taken(self, custom_ids: Sequence[str]) -> dict[str, int]:
         """Which of ``custom_ids`` the requests added so far use, each with the input

@@ -7,9 +7,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ._records import PreparedRequest, RunMeta
+import asyncpg
+
+from ._records import RequestRow, RunMeta
 
 __all__ = ["PgIngest"]
+
+_COLUMNS = ["rid", "seq", "custom_id", "line", "url", "model", "tokens", "inputs", "data"]
+#: The unique constraint of a run's custom_ids (its name as PostgreSQL makes it).
+_ID_CONSTRAINT = "aiobatch_requests_rid_custom_id_key"
 
 
 class PgIngest:
@@ -19,18 +25,22 @@ class PgIngest:
         self._conn = conn
         self._rid = rid
 
-    async def add(self, requests: Sequence[PreparedRequest]) -> None:
-        if not requests:
-            return
+    async def add(self, rows: Sequence[RequestRow]) -> bool:
+        if not rows:
+            return True
         rid = self._rid
-        await self._conn.copy_records_to_table(
-            "aiobatch_requests",
-            records=[
-                (rid, r.seq, r.custom_id, r.line, r.url, r.model, r.tokens, r.inputs, r.data)
-                for r in requests
-            ],
-            columns=["rid", "seq", "custom_id", "line", "url", "model", "tokens", "inputs", "data"],
-        )
+        try:
+            async with self._conn.transaction():  # a savepoint: the ingest's goes on
+                await self._conn.copy_records_to_table(
+                    "aiobatch_requests",
+                    records=[(rid, *row) for row in rows],
+                    columns=_COLUMNS,
+                )
+        except asyncpg.UniqueViolationError as exc:
+            if exc.constraint_name != _ID_CONSTRAINT:
+                raise
+            return False
+        return True
 
     async def taken(self, custom_ids: Sequence[str]) -> dict[str, int]:
         rows = await self._conn.fetch(

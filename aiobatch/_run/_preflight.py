@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NoReturn
@@ -44,7 +43,7 @@ import attrs
 
 from .. import _json
 from ..errors import PreflightError
-from ._records import PreparedRequest
+from ._records import PreparedRequest, RequestRow
 
 __all__ = [
     "DEFAULT_MAX_LINE_BYTES",
@@ -80,6 +79,9 @@ _LINE_BREAKS = (
 
 #: A whitespace character (what ``str.isspace`` says is one).
 _SPACE = re.compile(r"\s")
+
+#: How many good urls a :class:`Preflight` remembers (see ``Preflight._known_url``).
+_KNOWN_URLS = 64
 
 
 @attrs.frozen(slots=True)
@@ -165,7 +167,7 @@ def estimate_tokens(body: Mapping[str, Any]) -> int:
                 message_count += 1
                 content = message.get("content")
                 if type(content) is str:  # the common case, counted at once
-                    text_bytes += _utf8_size(content)
+                    text_bytes += len(content) if content.isascii() else _utf8_size(content)
                 elif content is not None:
                     pending.append(content)
     for name in ("input", "prompt", "instructions"):
@@ -189,7 +191,7 @@ def estimate_tokens(body: Mapping[str, Any]) -> int:
                 message_count += 1
             pending.append(value.get("text"))
             pending.append(value.get("content"))
-    return math.ceil(text_bytes / 4) + token_ints + 4 * message_count + 3
+    return (text_bytes + 3) // 4 + token_ints + 4 * message_count + 3
 
 
 def _utf8_size(text: str) -> int:
@@ -217,6 +219,9 @@ def generated_custom_id(method: str, url: str, body: Mapping[str, Any]) -> str:
 
 #: A problem of a line before it is recorded: (custom_id, field, code, message).
 _Problem = tuple[str | None, str | None, str, str]
+
+#: Where a :class:`Preflight` is (see :meth:`Preflight.mark`).
+_Mark = tuple[int, int, int, int, int, int]
 
 
 @attrs.define(slots=True)
@@ -308,6 +313,8 @@ class Preflight:
         self._rejected_ids: dict[str, int] = {}
         #: generated id -> how many requests produced it so far.
         self._generated: dict[str, int] = {}
+        #: good url -> whether it is an embeddings endpoint.
+        self._urls: dict[str, bool] = {}
 
     @property
     def source(self) -> str:
@@ -353,10 +360,11 @@ class Preflight:
     def inspect_line(self, raw: bytes, line: int) -> Inspected | None:
         """:meth:`check_line` but for duplicates: what the line is, for :meth:`resolve`
         (None when it is blank). Lines are inspected and resolved in source order."""
-        raw = _strip_line_end(raw)
+        if raw.endswith((b"\n", b"\r")):
+            raw = _strip_line_end(raw)
         if line == 1 and raw.startswith(_BOM):
             raw = raw[len(_BOM) :]
-        if not raw.strip():
+        if not raw or raw.isspace():  # blank (ASCII whitespace, what bytes.strip drops)
             return None
         return self._inspect(raw, line, unit="line", encoded=False)
 
@@ -423,10 +431,41 @@ class Preflight:
         return Inspected(index, [(None, None, "not_an_object", message)])
 
     @staticmethod
-    def claims(items: Iterable[Inspected]) -> list[str]:
+    def claims(items: Iterable[Inspected], *, rejected: bool = False) -> list[str]:
         """The ids that inspected lines claim (for the caller to look up, see
-        :meth:`resolve`)."""
+        :meth:`resolve`); ``rejected``: only those of the lines rejected whatever their
+        id (the caller finds the duplicates among the others otherwise, see
+        :meth:`mark`)."""
+        if rejected:
+            return [item.claim for item in items if item.claim is not None and not item.ready]
         return [item.claim for item in items if item.claim is not None]
+
+    def mark(self) -> _Mark:
+        """Where the check is, for :meth:`undo`: a caller may resolve lines with only
+        some of the ids looked up (see :meth:`claims`), try to store the requests where
+        an id can be used only once, and when one was used before, undo and resolve them
+        again with every id looked up."""
+        return (
+            self._accepted,
+            self._rejected,
+            self._problem_count,
+            len(self._problems),
+            len(self._rejected_ids),
+            -1 if self._first_line is None else len(self._first_line),
+        )
+
+    def undo(self, mark: _Mark) -> None:
+        """Forget the lines resolved since :meth:`mark` gave ``mark``."""
+        accepted, rejected, count, kept, rejected_ids, remembered = mark
+        self._accepted = accepted
+        self._rejected = rejected
+        self._problem_count = count
+        del self._problems[kept:]
+        for _ in range(len(self._rejected_ids) - rejected_ids):  # ids added since, last
+            self._rejected_ids.popitem()
+        if self._first_line is not None:
+            for _ in range(len(self._first_line) - remembered):
+                self._first_line.popitem()
 
     def resolve(
         self, items: Sequence[Inspected], earlier: Mapping[str, int]
@@ -445,11 +484,42 @@ class Preflight:
         Returns:
             For each item, its request, or None when it was rejected.
         """
+        return [
+            None
+            if row is None
+            else PreparedRequest(
+                seq=row.seq,
+                url=row.url,
+                model=row.model,
+                tokens=row.tokens,
+                inputs=row.inputs,
+                line=row.line,
+                custom_id=row.custom_id,
+                data=row.data,
+                size=item.size,
+                generated_id=item.generated,
+            )
+            for item, row in zip(items, self._settle(items, earlier), strict=True)
+        ]
+
+    def resolve_rows(
+        self, items: Sequence[Inspected], earlier: Mapping[str, int]
+    ) -> list[RequestRow]:
+        """:meth:`resolve`, the accepted requests as the journal's rows (the rejected
+        lines left out)."""
+        return [row for row in self._settle(items, earlier) if row is not None]
+
+    def _settle(
+        self, items: Sequence[Inspected], earlier: Mapping[str, int]
+    ) -> list[RequestRow | None]:
+        """What :meth:`resolve` does, each accepted line as its journal row."""
         remembered = self._first_line
         known = earlier if remembered is None else remembered
         rejected_ids = self._rejected_ids
         batch: dict[str, int] = {}  # the ids claimed by the lines accepted here
-        out: list[PreparedRequest | None] = []
+        taken = batch if remembered is None else remembered
+        seq = self._accepted
+        out: list[RequestRow | None] = []
         for item in items:
             claim = item.claim
             first = None
@@ -477,25 +547,21 @@ class Preflight:
                 continue
             assert item.ready
             assert claim is not None
-            if remembered is not None:
-                remembered[claim] = item.line
-            else:
-                batch[claim] = item.line
+            taken[claim] = item.line
             out.append(
-                PreparedRequest(
-                    seq=self._accepted,
-                    url=item.url,
-                    model=item.model,
-                    tokens=item.tokens,
-                    inputs=item.inputs,
-                    line=item.line,
-                    custom_id=claim,
-                    data=item.data,
-                    size=item.size,
-                    generated_id=item.generated,
+                RequestRow(
+                    seq,
+                    claim,
+                    item.line,
+                    item.url,
+                    item.model,
+                    item.tokens,
+                    item.inputs,
+                    item.data,
                 )
             )
-            self._accepted += 1
+            seq += 1
+        self._accepted = seq
         return out
 
     def finish(self) -> None:
@@ -539,7 +605,6 @@ class Preflight:
     def _inspect(self, raw: bytes, line: int, *, unit: str, encoded: bool) -> Inspected:
         """Check one line's bytes but for duplicates (``encoded``: they are our own
         compact encoding)."""
-        found: list[_Problem] = []
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -557,79 +622,43 @@ class Preflight:
             return Inspected(line, [(None, None, "not_an_object", message)])
 
         custom_id = request.get("custom_id")
-        problem_id: str | None = None
-        if custom_id is not None:
-            if not isinstance(custom_id, str):
-                message = f"must be a string, not {_json_type(custom_id)}"
-                found.append((None, "custom_id", "invalid_type", message))
-            elif not custom_id:
-                found.append((None, "custom_id", "invalid_value", "must not be empty"))
-            elif self._id_pattern is not None and not self._id_pattern.fullmatch(custom_id):
-                message = f"must match {self._id_pattern.pattern} (the provider's custom_id rule)"
-                found.append((custom_id, "custom_id", "invalid_value", message))
-            else:
-                problem_id = custom_id
-
         method = request.get("method", _ABSENT)
-        if method is not _ABSENT:
-            if not isinstance(method, str):
-                message = f"must be the string 'POST', not {_json_type(method)}"
-                found.append((problem_id, "method", "invalid_type", message))
-            elif method != "POST":
-                message = f"must be 'POST' (the only method batches support), not {_cut(method)!r}"
-                found.append((problem_id, "method", "invalid_value", message))
-
         url = request.get("url")
-        if url is None:
-            found.append((problem_id, "url", "missing_field", _missing(request, "url")))
-        elif not isinstance(url, str):
-            message = f"must be a string, not {_json_type(url)}"
-            found.append((problem_id, "url", "invalid_type", message))
-        elif not url.startswith("/"):
-            message = (
-                f"must be a path starting with '/', like '/v1/chat/completions', not {_cut(url)!r}"
-            )
-            found.append((problem_id, "url", "invalid_value", message))
-        elif _SPACE.search(url):
-            message = f"must not contain whitespace: {_cut(url)!r}"
-            found.append((problem_id, "url", "invalid_value", message))
-
         body = request.get("body")
-        model: str | None = None
-        if body is None:
-            found.append((problem_id, "body", "missing_field", _missing(request, "body")))
-        elif not isinstance(body, dict):
-            message = f"must be a JSON object, not {_json_type(body)}"
-            found.append((problem_id, "body", "invalid_type", message))
+        # The common line (its own id, POST, a url seen before, a body with a model) is
+        # known good after these few tests; any other goes through every check.
+        id_pattern = self._id_pattern
+        embeddings = self._urls.get(url) if type(url) is str else None
+        if (
+            embeddings is not None
+            and type(custom_id) is str
+            and custom_id
+            and method == "POST"
+            and type(body) is dict
+            and type(model := body.get("model")) is str
+            and model
+            and body.get("stream") is not True
+            and (id_pattern is None or id_pattern.fullmatch(custom_id))
+        ):
+            generated = False
         else:
-            model_value = body.get("model")
-            if model_value is None:
-                message = _missing(body, "model")
-                found.append((problem_id, "body.model", "missing_field", message))
-            elif not isinstance(model_value, str):
-                message = f"must be a string, not {_json_type(model_value)}"
-                found.append((problem_id, "body.model", "invalid_type", message))
-            elif not model_value:
-                found.append((problem_id, "body.model", "invalid_value", "must not be empty"))
-            else:
-                model = model_value
-            if body.get("stream") is True:
-                message = "streaming is not supported in batches (stream=true)"
-                found.append((problem_id, "body.stream", "stream_not_supported", message))
-
-        if found:
-            return Inspected(line, found, claim=problem_id, unit=unit)
-        assert isinstance(url, str)
-        assert isinstance(body, dict)
-
-        generated = custom_id is None
-        if generated:
-            custom_id = self._generate("POST", url, body)
+            found, problem_id, model = self._check(request, custom_id, method, url, body)
+            if found:
+                return Inspected(line, found, claim=problem_id, unit=unit)
+            assert isinstance(url, str)
+            assert isinstance(body, dict)
+            embeddings = self._known_url(url)
+            generated = custom_id is None
+            if generated:
+                custom_id = self._generate("POST", url, body)
         assert isinstance(custom_id, str)
+        assert isinstance(url, str)
 
         if generated or method is _ABSENT:
             data = _encode({"custom_id": custom_id, "method": "POST", **_without_id(request)})
-        elif not encoded and _needs_encoding(raw):
+        elif not encoded and (
+            b"\r" in raw or b"\n" in raw or (not raw.isascii() and _needs_encoding(raw))
+        ):
             data = _encode(request)
         else:
             data = raw
@@ -654,17 +683,91 @@ class Preflight:
         return Inspected(
             line,
             [],
-            claim=custom_id,
-            generated=generated,
-            unit=unit,
-            ready=True,
-            url=url,
-            model=model,
-            data=data,
-            size=size,
-            tokens=tokens,
-            inputs=count_inputs(url, body),
+            custom_id,
+            generated,
+            unit,
+            None,
+            True,
+            url,
+            model,
+            data,
+            size,
+            tokens,
+            count_inputs(url, body) if embeddings else 1,
         )
+
+    def _known_url(self, url: str) -> bool:
+        """Whether a good ``url`` is an embeddings endpoint (see :func:`count_inputs`);
+        remembered (for the first :data:`_KNOWN_URLS` urls) so that the next line of the
+        same url is known good at once."""
+        embeddings = url.rstrip("/").endswith("/embeddings")
+        if len(self._urls) < _KNOWN_URLS:
+            self._urls[url] = embeddings
+        return embeddings
+
+    def _check(
+        self, request: dict[str, Any], custom_id: Any, method: Any, url: Any, body: Any
+    ) -> tuple[list[_Problem], str | None, str | None]:
+        """Every check of a request's fields: its problems, the ``custom_id`` to name in
+        them (and that the line claims), and its model."""
+        found: list[_Problem] = []
+        problem_id: str | None = None
+        if custom_id is not None:
+            if not isinstance(custom_id, str):
+                message = f"must be a string, not {_json_type(custom_id)}"
+                found.append((None, "custom_id", "invalid_type", message))
+            elif not custom_id:
+                found.append((None, "custom_id", "invalid_value", "must not be empty"))
+            elif self._id_pattern is not None and not self._id_pattern.fullmatch(custom_id):
+                message = f"must match {self._id_pattern.pattern} (the provider's custom_id rule)"
+                found.append((custom_id, "custom_id", "invalid_value", message))
+            else:
+                problem_id = custom_id
+
+        if method is not _ABSENT:
+            if not isinstance(method, str):
+                message = f"must be the string 'POST', not {_json_type(method)}"
+                found.append((problem_id, "method", "invalid_type", message))
+            elif method != "POST":
+                message = f"must be 'POST' (the only method batches support), not {_cut(method)!r}"
+                found.append((problem_id, "method", "invalid_value", message))
+
+        if url is None:
+            found.append((problem_id, "url", "missing_field", _missing(request, "url")))
+        elif not isinstance(url, str):
+            message = f"must be a string, not {_json_type(url)}"
+            found.append((problem_id, "url", "invalid_type", message))
+        elif not url.startswith("/"):
+            message = (
+                f"must be a path starting with '/', like '/v1/chat/completions', not {_cut(url)!r}"
+            )
+            found.append((problem_id, "url", "invalid_value", message))
+        elif _SPACE.search(url):
+            message = f"must not contain whitespace: {_cut(url)!r}"
+            found.append((problem_id, "url", "invalid_value", message))
+
+        model: str | None = None
+        if body is None:
+            found.append((problem_id, "body", "missing_field", _missing(request, "body")))
+        elif not isinstance(body, dict):
+            message = f"must be a JSON object, not {_json_type(body)}"
+            found.append((problem_id, "body", "invalid_type", message))
+        else:
+            model_value = body.get("model")
+            if model_value is None:
+                message = _missing(body, "model")
+                found.append((problem_id, "body.model", "missing_field", message))
+            elif not isinstance(model_value, str):
+                message = f"must be a string, not {_json_type(model_value)}"
+                found.append((problem_id, "body.model", "invalid_type", message))
+            elif not model_value:
+                found.append((problem_id, "body.model", "invalid_value", "must not be empty"))
+            else:
+                model = model_value
+            if body.get("stream") is True:
+                message = "streaming is not supported in batches (stream=true)"
+                found.append((problem_id, "body.stream", "stream_not_supported", message))
+        return found, problem_id, model
 
     def _generate(self, method: str, url: str, body: Mapping[str, Any]) -> str:
         """The generated id of a request: the n-th identical request gets ``-n``."""

@@ -1,7 +1,8 @@
 """The records a run and its journal trade: frozen attrs classes, never positional tuples.
 
 - :class:`PreparedRequest`: one accepted request (preflight makes it; the journal keeps
-  it; planning reads it back without its bytes);
+  it; planning reads it back without its bytes); :class:`RequestRow` is the same request
+  as an ingest writes it (a named tuple: one per input line, so it must be cheap);
 - :class:`RequestGroup`: the requests that may share a batch (endpoint, model);
 - :class:`ShardPlan`: one batch-to-be, as planning cut it;
 - :class:`Shard`: a shard's journal row (its state is a :class:`ShardState`);
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from types import MappingProxyType
+from typing import NamedTuple
 
 import attrs
 
@@ -31,6 +33,7 @@ __all__ = [
     "PreparedRequest",
     "QueuedLine",
     "RequestGroup",
+    "RequestRow",
     "ResultRow",
     "RetryLine",
     "RunMeta",
@@ -79,6 +82,33 @@ class PreparedRequest:
     data: bytes = b""
     size: int = attrs.field(default=attrs.Factory(_line_size, takes_self=True))
     generated_id: bool = False
+
+    def row(self) -> RequestRow:
+        """The request as an ingest writes it."""
+        return RequestRow(
+            self.seq,
+            self.custom_id,
+            self.line,
+            self.url,
+            self.model,
+            self.tokens,
+            self.inputs,
+            self.data,
+        )
+
+
+class RequestRow(NamedTuple):
+    """An accepted request as an ingest writes it into the journal (the fields of
+    :class:`PreparedRequest` that the journal keeps, in the order of its columns)."""
+
+    seq: int
+    custom_id: str
+    line: int
+    url: str
+    model: str | None
+    tokens: int
+    inputs: int
+    data: bytes
 
 
 @attrs.frozen(slots=True)

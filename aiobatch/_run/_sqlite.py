@@ -50,6 +50,7 @@ from ._records import (
     PreparedRequest,
     QueuedLine,
     RequestGroup,
+    RequestRow,
     ResultRow,
     RetryLine,
     RunMeta,
@@ -319,15 +320,12 @@ class JournalFile:
 
     # --- requests ------------------------------------------------------------------------
 
-    def add_requests(self, db: Db, requests: Iterable[PreparedRequest]) -> None:
+    def add_requests(self, db: Db, rows: Iterable[RequestRow]) -> None:
         """Insert accepted requests inside the caller's transaction."""
         db.executemany(
             "INSERT INTO requests (seq, custom_id, line, url, model, tokens, inputs, data) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                (r.seq, r.custom_id, r.line, r.url, r.model, r.tokens, r.inputs, r.data)
-                for r in requests
-            ),
+            rows,
         )
 
     @staticmethod

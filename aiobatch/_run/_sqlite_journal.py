@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import functools
 import os
+import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -31,6 +32,7 @@ from ._records import (
     PreparedRequest,
     QueuedLine,
     RequestGroup,
+    RequestRow,
     ResultRow,
     RetryLine,
     RunMeta,
@@ -98,11 +100,24 @@ class _SQLiteIngest:
         self._file = file
         self._db = db
 
-    async def add(self, requests: Sequence[PreparedRequest]) -> None:
-        for part in _slices(requests):
-            self._file.add_requests(self._db, part)
-            if len(requests) > SLICE_ROWS:
-                await _turn()
+    async def add(self, rows: Sequence[RequestRow]) -> bool:
+        if not rows:
+            return True
+        db = self._db
+        db.execute("SAVEPOINT new_requests")
+        try:
+            for part in _slices(rows):
+                self._file.add_requests(db, part)
+                if len(rows) > SLICE_ROWS:
+                    await _turn()
+        except sqlite3.IntegrityError as exc:
+            if "requests.custom_id" not in str(exc):
+                raise
+            db.execute("ROLLBACK TO new_requests")
+            db.execute("RELEASE new_requests")
+            return False
+        db.execute("RELEASE new_requests")
+        return True
 
     async def taken(self, custom_ids: Sequence[str]) -> dict[str, int]:
         return self._file.taken(self._db, custom_ids)

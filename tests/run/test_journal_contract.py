@@ -11,6 +11,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+import attrs
 import pytest
 from pg import pg_url
 
@@ -69,7 +70,7 @@ def _request(seq: int, model: str = "m") -> PreparedRequest:
 async def _ingest(journal: Journal, count: int) -> list[PreparedRequest]:
     requests = [_request(seq) for seq in range(count)]
     async with journal.ingest() as sink:
-        await sink.add(requests)
+        await sink.add([r.row() for r in requests])
         await sink.start(RunMeta(run_id="run1", started_at=10.0, updated_at=10.0))
     return requests
 
@@ -89,7 +90,7 @@ async def test_ingest_is_all_or_nothing(journal: Journal) -> None:
 
     async def failing_ingest() -> None:
         async with journal.ingest() as sink:
-            await sink.add([_request(0), _request(1)])
+            await sink.add([_request(0).row(), _request(1).row()])
             raise RuntimeError("preflight failed")
 
     with pytest.raises(RuntimeError):
@@ -482,7 +483,7 @@ async def test_lines_come_in_chunks_of_bounded_bytes(journal: Journal) -> None:
     one line), whatever the count of lines: reading them holds bounded memory."""
     requests = [_big_request(seq, 300_000) for seq in range(40)]
     async with journal.ingest() as sink:
-        await sink.add(requests)
+        await sink.add([r.row() for r in requests])
         await sink.start(RunMeta(run_id="run1"))
     await journal.add_shard("s0", _plan(requests), planned_at=1.0)
     chunks = [list(chunk) async for chunk in journal.shard_lines("s0")]
@@ -503,7 +504,7 @@ async def test_background_result_lines_let_other_tasks_run_while_each_chunk_is_r
     each chunk is read, and gives the same lines as in the loop."""
     requests = [_big_request(seq, 300_000) for seq in range(30)]
     async with journal.ingest() as sink:
-        await sink.add(requests)
+        await sink.add([r.row() for r in requests])
         await sink.start(RunMeta(run_id="run1"))
     await journal.add_shard("s0", _plan(requests), planned_at=1.0)
     await journal.record("s0", [_final(r.seq, r.data) for r in requests])
@@ -616,11 +617,24 @@ async def test_background_pending_requests_let_other_tasks_run_while_each_page_i
     assert [r for _tick, r in seen] == [r async for r in journal.pending_requests(URL, "m")]
 
 
+async def test_an_ingest_adds_no_request_of_a_batch_whose_id_is_taken(journal: Journal) -> None:
+    """add() refuses (False) requests among which one uses an id added before, and adds
+    none of them; the ingest goes on and commits the rest."""
+    async with journal.ingest() as sink:
+        assert await sink.add([_request(seq).row() for seq in range(3)]) is True
+        taken = attrs.evolve(_request(4), custom_id="r1").row()
+        assert await sink.add([_request(3).row(), taken]) is False
+        assert await sink.add([_request(3).row()]) is True
+        await sink.start(RunMeta(run_id="run1"))
+    assert await journal.pending_count() == 4
+    assert [r.seq async for r in journal.pending_requests(URL, "m")] == [0, 1, 2, 3]
+
+
 async def test_an_ingest_tells_which_ids_its_requests_use(journal: Journal) -> None:
     """During an ingest, taken() gives the input line of the requests added so far
     under each id asked about (what finds duplicates), and nothing for the others."""
     async with journal.ingest() as sink:
-        await sink.add([_request(seq) for seq in range(1200)])
+        await sink.add([_request(seq).row() for seq in range(1200)])
         asked = [f"r{seq}" for seq in range(0, 2400, 2)]
         assert await sink.taken(asked) == {f"r{seq}": seq + 1 for seq in range(0, 1200, 2)}
         assert await sink.taken([]) == {}

@@ -28,7 +28,7 @@ async def _journal_with_a_shard(path: Path, count: int) -> tuple[SQLiteJournal, 
         for seq in range(count)
     ]
     async with journal.ingest() as sink:
-        await sink.add(requests)
+        await sink.add([r.row() for r in requests])
         await sink.start(RunMeta(run_id="run1", started_at=1.0, updated_at=1.0))
     plan = ShardPlan(URL, "m", tuple(range(count)), sum(r.size for r in requests), 0)
     await journal.add_shard("s0", plan, planned_at=2.0)
@@ -74,7 +74,7 @@ async def test_a_shard_intent_queues_at_most_2048_requests_between_turns(tmp_pat
         for seq in range(count)
     ]
     async with journal.ingest() as sink:
-        await sink.add(requests)
+        await sink.add([r.row() for r in requests])
         await sink.start(RunMeta(run_id="run1", started_at=1.0, updated_at=1.0))
     ticks = 0
     stop = asyncio.Event()

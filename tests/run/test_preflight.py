@@ -8,7 +8,10 @@ import pickle
 from collections.abc import Mapping
 from typing import Any
 
+import attrs
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from aiobatch._run._preflight import (
     LineProblem,
@@ -130,6 +133,83 @@ def test_each_kind_of_bad_line_is_reported(
     assert problem.message
 
 
+@pytest.mark.parametrize(("raw", "custom_id", "field", "code"), BAD_LINES)
+def test_a_bad_line_is_reported_the_same_after_a_good_line_of_its_url(
+    raw: bytes, custom_id: str | None, field: str | None, code: str
+) -> None:
+    """A bad line after good lines of the same url gets the same problems as alone."""
+    preflight, accepted = check_all([encode(request("good-1")), encode(request("good-2")), raw])
+    assert len(accepted) == 2
+    alone = Preflight(source="requests.jsonl")
+    assert alone.check_line(raw, 3) is None
+    assert preflight.problems == alone.problems
+
+
+def _judged(preflight: Preflight, raw: bytes, line: int) -> object:
+    """What a preflight makes of one line: its request (but its number), or its problems."""
+    before = preflight.problem_count
+    prepared = preflight.check_line(raw, line)
+    if prepared is None:
+        return preflight.problems[before:]
+    return attrs.evolve(prepared, seq=0)
+
+
+_ABSENT: Any = object()
+_ids = st.one_of(
+    st.just(_ABSENT), st.none(), st.just(""), st.just(7), st.sampled_from(["a", "b-1", "c d"])
+)
+_methods = st.sampled_from([_ABSENT, "POST", "post", "GET", None, 1])
+_urls = st.sampled_from(
+    [
+        *(_ABSENT, None, 3, "", "v1/x", "/v1/a b", "/v1/\u00a0"),
+        *("/v1/chat/completions", "/v1/embeddings", "/v1/embeddings/"),
+    ]
+)
+_bodies = st.one_of(
+    st.just(_ABSENT),
+    st.sampled_from([None, "text", [1]]),
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "model": st.sampled_from(["m", "", None, 4]),
+            "stream": st.sampled_from([True, False, None, 1]),
+            "input": st.sampled_from(["t", ["a", "b"], [[1], [2, 3]], [1, 2]]),
+            "messages": st.just([{"role": "user", "content": "hi \u2028 there"}]),
+        },
+    ),
+)
+
+
+@given(_ids, _methods, _urls, _bodies, st.booleans(), st.booleans())
+@example("c d", "POST", "/v1/chat/completions", {"model": "m"}, False, True)
+@example("a", "POST", "/v1/chat/completions", {"model": "m", "stream": True}, False, False)
+@example("a", "POST", "/v1/embeddings", {"model": "e", "input": ["a", "b"]}, True, False)
+def test_a_line_is_judged_the_same_after_a_good_line_of_its_url(
+    custom_id: Any, method: Any, url: Any, body: Any, spaced: bool, pattern: bool
+) -> None:
+    """Any line, good or bad, is accepted or rejected alike (same request, same problems)
+    whether or not a good line of the same url came before it."""
+    fields = {"custom_id": custom_id, "method": method, "url": url, "body": body}
+    obj = {k: v for k, v in fields.items() if v is not _ABSENT}
+    raw = json.dumps(obj, separators=(", ", ": ") if spaced else (",", ":")).encode()
+    options: dict[str, Any] = {"custom_id_pattern": r"[a-z0-9-]+"} if pattern else {}
+    warm = Preflight(source="in.jsonl", **options)
+    good = {"custom_id": "good", "url": None if url is _ABSENT else url, "body": {"model": "m"}}
+    warm.check_line(json.dumps(good).encode(), 1)  # accepted when the url is good
+    alone = Preflight(source="in.jsonl", **options)
+    assert _judged(warm, raw, 2) == _judged(alone, raw, 2)
+
+
+def test_embeddings_lines_after_the_first_count_their_inputs() -> None:
+    """Every embeddings line counts its inputs, not only the first of its url."""
+    lines = [
+        encode({"custom_id": f"e{n}", "url": "/v1/embeddings", "body": {"model": "e", "input": x}})
+        for n, x in enumerate([["a", "b"], ["a", "b", "c"], "one", [[1], [2]]])
+    ]
+    _, accepted = check_all(lines)
+    assert [p.inputs for p in accepted] == [2, 3, 1, 2]
+
+
 def test_duplicate_custom_id_names_the_first_line() -> None:
     """A custom_id used again is a duplicate, and the problem names the line that had it first."""
     lines = [encode(request("a")), encode(request("b")), encode(request("a", "other"))]
@@ -143,6 +223,34 @@ def test_duplicate_custom_id_names_the_first_line() -> None:
         "custom_id",
     )
     assert "line 1" in problem.message
+
+
+def test_undone_lines_are_resolved_again_as_if_never_tried() -> None:
+    """Lines resolved after mark() and undone resolve again as on a checker that never
+    tried them: same requests and numbers, same problems and counts."""
+    first = [encode(request(f"a{n}")) for n in (1, 2)]
+    later = [encode(request("b")), bad({"stream": True}, custom_id="c"), encode(request("b"))]
+    later += [encode(request("d"))]
+
+    def items(preflight: Preflight, lines: list[bytes], start: int) -> list[Any]:
+        return [preflight.inspect_line(raw, n) for n, raw in enumerate(lines, start=start)]
+
+    tried = Preflight(source="in.jsonl", remember_ids=False)
+    tried.resolve(items(tried, first, 1), {})
+    mark = tried.mark()
+    tried.resolve(items(tried, later, 3), {})
+    tried.undo(mark)
+    fresh = Preflight(source="in.jsonl", remember_ids=False)
+    fresh.resolve(items(fresh, first, 1), {})
+    got = tried.resolve(items(tried, later, 3), {"b": 1})
+    assert got == fresh.resolve(items(fresh, later, 3), {"b": 1})
+    assert [p.seq for p in got if p is not None] == [2]
+    assert (tried.problems, tried.problem_count, tried.rejected, tried.accepted) == (
+        fresh.problems,
+        fresh.problem_count,
+        fresh.rejected,
+        fresh.accepted,
+    )
 
 
 def test_a_rejected_line_still_claims_its_custom_id() -> None:
@@ -301,6 +409,14 @@ def test_blank_lines_are_skipped() -> None:
     assert [p.line for p in accepted] == [5]
     assert preflight.problem_count == 0
     assert preflight.rejected == 0
+
+
+def test_only_ascii_whitespace_makes_a_line_blank() -> None:
+    """A line of ASCII whitespace (vertical tab and form feed too) is blank; one holding a
+    non-breaking space is not, and is reported as not JSON."""
+    preflight, accepted = check_all([b"\x0b\x0c \t\r", b" \xc2\xa0 ", encode(request("a"))])
+    assert [p.line for p in accepted] == [3]
+    assert [(p.line, p.code) for p in preflight.problems] == [(2, "invalid_json")]
 
 
 def test_byte_order_mark_on_the_first_line_is_dropped() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sqlite3
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
@@ -26,6 +27,7 @@ from conftest import (
     run_to_end,
     service_on,
 )
+from pg import pg_url
 
 from aiobatch import (
     BatchClient,
@@ -201,6 +203,45 @@ async def test_duplicates_are_found_however_far_apart_they_are(
         (4600, "c", "duplicate_custom_id", "duplicate: line 2 already uses this custom_id"),
         (4601, "r-2", "duplicate_custom_id", "duplicate: line 3 already uses this custom_id"),
     ]
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+async def test_skipped_duplicates_far_apart_leave_the_first_use_of_each_id(
+    backend: str, clock: VirtualClock, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With skip_invalid, ids used again hundreds of lines later (by good lines, twice in
+    a row, or by a line bad for another reason too) are skipped naming the first use, and
+    the run answers every other line once, in order, on either journal."""
+    lines: list[Mapping[str, Any] | str] = [chat_line(f"r-{n}") for n in range(1300)]
+    lines[799] = chat_line("r-5", "again")  # line 800
+    lines[800] = chat_line("r-5", "and again")  # line 801
+    lines[801] = chat_line("r-6", stream=True)  # line 802: a duplicate, and streams
+    lines[1199] = chat_line("r-1198")  # line 1200: line 1199 has it
+    source = write_jsonl(tmp_path / "in.jsonl", lines)
+    journal: str | Path = tmp_path / "run.journal"
+    if backend == "postgres":
+        journal = pg_url(str(tmp_path))
+    output = tmp_path / "out.jsonl"
+    async with fake_env(clock, validation_seconds=1.0, lines_per_second=1000.0) as (_, client):
+        run = BatchRun(
+            client, source, journal=journal, output=output, config=config(skip_invalid=True)
+        )
+        with caplog.at_level(logging.WARNING):
+            report = await run.run()
+    prefix = f"skipped invalid input line: {source}:"
+    skipped = [
+        r.getMessage().removeprefix(prefix) for r in caplog.records if prefix in r.getMessage()
+    ]
+    assert skipped == [
+        "800: custom_id 'r-5': custom_id: duplicate: line 6 already uses this custom_id",
+        "801: custom_id 'r-5': custom_id: duplicate: line 6 already uses this custom_id",
+        "802: custom_id 'r-6': custom_id: duplicate: line 7 already uses this custom_id",
+        "802: custom_id 'r-6': body.stream: streaming is not supported in batches (stream=true)",
+        "1200: custom_id 'r-1198': custom_id: duplicate: line 1199 already uses this custom_id",
+    ]
+    assert (report.requests, report.succeeded, report.skipped) == (1296, 1296, 4)
+    expected = [f"r-{n}" for n in range(1300) if n not in {799, 800, 801, 1199}]
+    assert [line["custom_id"] for line in read_output(output)] == expected
 
 
 async def test_skip_invalid_runs_the_good_lines_and_counts_the_skipped(
