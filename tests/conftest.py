@@ -253,6 +253,35 @@ class FleetEnv:
         ]
 
 
+class Ticker:
+    """A task that counts the turns of the event loop until :meth:`stop` (how a test
+    sees that other tasks ran while something was read or written)."""
+
+    def __init__(self) -> None:
+        self.ticks = 0
+        self._stopped = asyncio.Event()
+        self._task: asyncio.Future[None] | None = None
+
+    @classmethod
+    async def start(cls) -> Ticker:
+        """A ticker that has ticked once."""
+        ticker = cls()
+        ticker._task = asyncio.ensure_future(ticker._run())
+        await asyncio.sleep(0)
+        return ticker
+
+    async def _run(self) -> None:
+        while not self._stopped.is_set():
+            self.ticks += 1
+            await asyncio.sleep(0)
+
+    async def stop(self) -> None:
+        """Stop counting (after the turn under way)."""
+        self._stopped.set()
+        if self._task is not None:
+            await self._task
+
+
 async def within(clock: VirtualClock, seconds: float, work: Awaitable[T]) -> T:
     """``work``'s result, or a failure when it is not done after ``seconds`` of virtual
     time (the clock auto-advances: a hang spins through virtual time)."""

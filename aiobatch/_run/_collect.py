@@ -247,7 +247,7 @@ async def _read_file(ctx: RunContext, shard: Shard, file_id: str, column: str) -
         nonlocal writing
         await written()
         ids = [line.custom_id for line in chunk if line.custom_id is not None]
-        members = await ctx.journal.members(shard.key, ids) if ids else {}
+        members = await ctx.journal.members(shard.key, ids, background=background) if ids else {}
         await asyncio.sleep(0)  # the look-up and the commit are two turns of the loop
         finals: list[FinalResult] = []
         retries: list[RetryLine] = []

@@ -178,9 +178,12 @@ class Journal(Protocol):
         """A shard's request lines (without newlines), in input order, in chunks of at
         most :data:`CHUNK_BYTES`."""
 
-    async def members(self, key: str, custom_ids: Sequence[str]) -> dict[str, Member]:
+    async def members(
+        self, key: str, custom_ids: Sequence[str], *, background: bool = False
+    ) -> dict[str, Member]:
         """The requests of shard ``key`` among ``custom_ids`` (those of a chunk of result
-        lines), by ``custom_id``; ids not in the shard are left out."""
+        lines), by ``custom_id``; ids not in the shard are left out. ``background``: the
+        backend may look them up in another thread (as for :meth:`queued_at`)."""
 
     async def queued_at(self, key: str, *, background: bool = False) -> dict[int, QueuedLine]:
         """A shard's requests without an outcome, by their 1-based line in its file.

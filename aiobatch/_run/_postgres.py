@@ -430,7 +430,10 @@ class PostgresJournal(PgLeases):
             yield [bytes(r[1]) for r in rows]
             after = int(rows[-1][0])
 
-    async def members(self, key: str, custom_ids: Sequence[str]) -> dict[str, Member]:
+    async def members(
+        self, key: str, custom_ids: Sequence[str], *, background: bool = False
+    ) -> dict[str, Member]:
+        # ``background`` is moot: the server looks them up.
         rid = await self.rid()
         async with self._conn() as conn:
             rows = await conn.fetch(

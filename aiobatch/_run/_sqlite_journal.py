@@ -255,8 +255,12 @@ class SQLiteJournal:
             yield page.lines
             await _turn()
 
-    async def members(self, key: str, custom_ids: Sequence[str]) -> dict[str, Member]:
+    async def members(
+        self, key: str, custom_ids: Sequence[str], *, background: bool = False
+    ) -> dict[str, Member]:
         async with self._turn:
+            if background:  # a chunk of 2,000 ids: 3 index look-ups each, ~20-40 ms
+                return await _in_thread(self.file.members, key, custom_ids)
             return self.file.members(key, custom_ids)
 
     async def queued_at(self, key: str, *, background: bool = False) -> dict[int, QueuedLine]:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import attrs
 import pytest
+from conftest import Ticker
 from pg import pg_url
 
 from aiobatch._run._journal import CHUNK_BYTES, Journal
@@ -134,25 +135,34 @@ async def test_a_background_queued_at_lets_other_tasks_run_and_is_the_same(
     requests = await _ingest(journal, 4)
     await journal.add_shard("s0", _plan(requests), planned_at=11.0)
     await journal.record("s0", [_final(1)], output_done=1)
-    ticks = 0
-    stop = asyncio.Event()
-
-    async def ticker() -> None:
-        nonlocal ticks
-        while not stop.is_set():
-            ticks += 1
-            await asyncio.sleep(0)
-
-    task = asyncio.ensure_future(ticker())
-    await asyncio.sleep(0)
-    before = ticks
+    ticker = await Ticker.start()
+    before = ticker.ticks
     queued = await journal.queued_at("s0", background=True)
-    during = ticks - before
-    stop.set()
-    await task
+    during = ticker.ticks - before
+    await ticker.stop()
     assert during >= 1
     assert queued == await journal.queued_at("s0")
     assert [(pos, q.custom_id) for pos, q in queued.items()] == [(1, "r0"), (3, "r2"), (4, "r3")]
+
+
+async def test_background_members_let_other_tasks_run_and_are_the_same(
+    journal: Journal,
+) -> None:
+    """``members(key, ids, background=True)`` (a chunk of result lines on the real
+    clock; 2,000 look-ups held the loop 20-40 ms on a busy machine) lets other tasks run
+    while it looks, and finds the same requests as in the loop."""
+    requests = await _ingest(journal, 4)
+    await journal.add_shard("s0", _plan(requests), planned_at=11.0)
+    await journal.record("s0", [_final(1)], output_done=1)
+    ids = ["r0", "r1", "r3", "elsewhere"]
+    ticker = await Ticker.start()
+    before = ticker.ticks
+    found = await journal.members("s0", ids, background=True)
+    during = ticker.ticks - before
+    await ticker.stop()
+    assert during >= 1
+    assert found == await journal.members("s0", ids)
+    assert {cid: m.queued for cid, m in found.items()} == {"r0": True, "r1": False, "r3": True}
 
 
 async def test_create_key_is_recorded_with_the_move(journal: Journal) -> None:
@@ -255,26 +265,15 @@ async def test_background_figures_let_other_tasks_run_and_are_the_same(journal: 
         for r in requests[:40]
     ]
     await journal.record("s0", finals, output_done=40)
-    ticks = 0
-    stop = asyncio.Event()
-
-    async def ticker() -> None:
-        nonlocal ticks
-        while not stop.is_set():
-            ticks += 1
-            await asyncio.sleep(0)
-
-    task = asyncio.ensure_future(ticker())
-    await asyncio.sleep(0)
+    ticker = await Ticker.start()
     during = []
-    before = ticks
+    before = ticker.ticks
     counts = await journal.counts(background=True)
-    during.append(ticks - before)
-    before = ticks
+    during.append(ticker.ticks - before)
+    before = ticker.ticks
     tokens = await journal.tokens_by_model(background=True)
-    during.append(ticks - before)
-    stop.set()
-    await task
+    during.append(ticker.ticks - before)
+    await ticker.stop()
     assert min(during) >= 1
     assert counts == await journal.counts()
     assert counts.kinds == {"success": 32, "error": 8}
@@ -291,22 +290,11 @@ async def test_a_background_close_lets_other_tasks_run_and_keeps_everything(
     requests = await _ingest(journal, 3)
     await journal.add_shard("s0", _plan(requests), planned_at=11.0)
     await journal.record("s0", [_final(0)], output_done=1)
-    ticks = 0
-    stop = asyncio.Event()
-
-    async def ticker() -> None:
-        nonlocal ticks
-        while not stop.is_set():
-            ticks += 1
-            await asyncio.sleep(0)
-
-    task = asyncio.ensure_future(ticker())
-    await asyncio.sleep(0)
-    before = ticks
+    ticker = await Ticker.start()
+    before = ticker.ticks
     await journal.close(background=True)
-    during = ticks - before
-    stop.set()
-    await task
+    during = ticker.ticks - before
+    await ticker.stop()
     assert during >= 1
     again = await BACKENDS[request.node.callspec.params["journal"]](tmp_path)
     try:
@@ -377,24 +365,13 @@ async def test_a_background_intent_lets_other_tasks_run_and_is_an_intent(journal
     while it records the shard, records the same intent as in the loop, and refuses a
     shard past ``max_batches`` the same way, recording nothing of it."""
     requests = await _ingest(journal, 4)
-    ticks = 0
-    stop = asyncio.Event()
-
-    async def ticker() -> None:
-        nonlocal ticks
-        while not stop.is_set():
-            ticks += 1
-            await asyncio.sleep(0)
-
-    task = asyncio.ensure_future(ticker())
-    await asyncio.sleep(0)
-    before = ticks
+    ticker = await Ticker.start()
+    before = ticker.ticks
     shard = await journal.add_shard(
         "s0", _plan(requests[:3]), planned_at=11.0, max_batches=1, background=True
     )
-    during = ticks - before
-    stop.set()
-    await task
+    during = ticker.ticks - before
+    await ticker.stop()
     assert during >= 1
     assert (shard.key, shard.state, shard.lines, shard.round) == ("s0", _S.PLANNED, 3, 0)
     queued = await journal.queued_at("s0")
@@ -508,30 +485,19 @@ async def test_background_result_lines_let_other_tasks_run_while_each_chunk_is_r
         await sink.start(RunMeta(run_id="run1"))
     await journal.add_shard("s0", _plan(requests), planned_at=1.0)
     await journal.record("s0", [_final(r.seq, r.data) for r in requests])
-    ticks = 0
-    stop = asyncio.Event()
-
-    async def ticker() -> None:
-        nonlocal ticks
-        while not stop.is_set():
-            ticks += 1
-            await asyncio.sleep(0)
-
-    task = asyncio.ensure_future(ticker())
-    await asyncio.sleep(0)
+    ticker = await Ticker.start()
     for order in ("input", "completion"):
         during: list[int] = []
         chunks: list[list[bytes]] = []
-        before = ticks
+        before = ticker.ticks
         async for chunk in journal.result_lines(order=order, background=True):
-            during.append(ticks - before)
+            during.append(ticker.ticks - before)
             chunks.append(list(chunk))
-            before = ticks
+            before = ticker.ticks
         assert len(chunks) >= 2
         assert min(during) >= 1
         assert [line for chunk in chunks for line in chunk] == [r.data for r in requests]
-    stop.set()
-    await task
+    await ticker.stop()
 
 
 async def test_recording_a_large_shard_lets_other_tasks_run(journal: Journal) -> None:
@@ -539,22 +505,11 @@ async def test_recording_a_large_shard_lets_other_tasks_run(journal: Journal) ->
     to the end: other tasks run meanwhile, and the shard is recorded whole."""
     count = 20_000
     requests = await _ingest(journal, count)
-    ticks = 0
-    stop = asyncio.Event()
-
-    async def ticker() -> None:
-        nonlocal ticks
-        while not stop.is_set():
-            ticks += 1
-            await asyncio.sleep(0)
-
-    task = asyncio.ensure_future(ticker())
-    await asyncio.sleep(0)
-    before = ticks
+    ticker = await Ticker.start()
+    before = ticker.ticks
     shard = await journal.add_shard("s0", _plan(requests), planned_at=1.0)
-    during = ticks - before
-    stop.set()
-    await task
+    during = ticker.ticks - before
+    await ticker.stop()
     assert during >= 2
     assert shard.lines == count
     assert await journal.pending_count() == 0
@@ -569,20 +524,9 @@ async def test_pending_requests_come_at_most_2048_between_turns_of_the_loop(
     each pending request once and in input order."""
     count = 5000
     await _ingest(journal, count)
-    ticks = 0
-    stop = asyncio.Event()
-
-    async def ticker() -> None:
-        nonlocal ticks
-        while not stop.is_set():
-            ticks += 1
-            await asyncio.sleep(0)
-
-    task = asyncio.ensure_future(ticker())
-    await asyncio.sleep(0)
-    seen = [(ticks, request.seq) async for request in journal.pending_requests(URL, "m")]
-    stop.set()
-    await task
+    ticker = await Ticker.start()
+    seen = [(ticker.ticks, request.seq) async for request in journal.pending_requests(URL, "m")]
+    await ticker.stop()
     between_turns = Counter(tick for tick, _seq in seen)
     assert max(between_turns.values()) <= 2048
     assert [seq for _tick, seq in seen] == list(range(count))
@@ -596,21 +540,10 @@ async def test_background_pending_requests_let_other_tasks_run_while_each_page_i
     the loop."""
     count = 5000
     await _ingest(journal, count)
-    ticks = 0
-    stop = asyncio.Event()
-
-    async def ticker() -> None:
-        nonlocal ticks
-        while not stop.is_set():
-            ticks += 1
-            await asyncio.sleep(0)
-
-    task = asyncio.ensure_future(ticker())
-    await asyncio.sleep(0)
-    start = ticks
-    seen = [(ticks, r) async for r in journal.pending_requests(URL, "m", background=True)]
-    stop.set()
-    await task
+    ticker = await Ticker.start()
+    start = ticker.ticks
+    seen = [(ticker.ticks, r) async for r in journal.pending_requests(URL, "m", background=True)]
+    await ticker.stop()
     pages = Counter(tick for tick, _request in seen)
     assert min(pages) > start  # the first page was read while other tasks ran
     assert max(pages.values()) <= 2048

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from conftest import Ticker
+
 from aiobatch._run._records import FinalResult, PreparedRequest, RunMeta, ShardPlan
 from aiobatch._run._sqlite_journal import SQLiteJournal
 
@@ -76,23 +78,12 @@ async def test_a_shard_intent_queues_at_most_2048_requests_between_turns(tmp_pat
     async with journal.ingest() as sink:
         await sink.add([r.row() for r in requests])
         await sink.start(RunMeta(run_id="run1", started_at=1.0, updated_at=1.0))
-    ticks = 0
-    stop = asyncio.Event()
-
-    async def ticker() -> None:
-        nonlocal ticks
-        while not stop.is_set():
-            ticks += 1
-            await asyncio.sleep(0)
-
-    task = asyncio.ensure_future(ticker())
-    await asyncio.sleep(0)
-    before = ticks
+    ticker = await Ticker.start()
+    before = ticker.ticks
     plan = ShardPlan(URL, "m", tuple(range(count)), 3 * count, 0)
     shard = await journal.add_shard("s0", plan, planned_at=2.0)
-    during = ticks - before
-    stop.set()
-    await task
+    during = ticker.ticks - before
+    await ticker.stop()
     queued = await journal.queued_at("s0")
     await journal.close()
     assert during >= -(-count // 2048)
