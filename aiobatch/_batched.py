@@ -57,6 +57,7 @@ from ._models import ResultError, ResultHTTPError, ResultLine, ResultSuccess
 from ._run import BatchEvent, RunConfig
 from ._run._preflight import Preflight, generated_custom_id
 from ._run._progress import RunProgress
+from ._run._sqlite import JournalFile
 from .errors import (
     AiobatchError,
     BatchedTimeoutError,
@@ -258,10 +259,14 @@ class BatchedOpenAI(_Answering, _Online, _Flushing):
                 continue
             path = os.path.join(self._folder, name)
             try:
-                finals, open_keys = _read_journal(path)
+                journal = JournalFile(path, readonly=True)
             except (sqlite3.DatabaseError, JournalError) as exc:
                 logger.warning("batched: skipping %s, which cannot be read: %s", path, exc)
                 continue
+            with journal:
+                # Not skipped once open: the requests of a journal whose results cannot
+                # be read (their -data file lost) would be sent, and paid, again.
+                finals, open_keys = _read_journal(journal, path)
             self._known.update(finals)
             if open_keys:
                 unfinished.append((path, open_keys))

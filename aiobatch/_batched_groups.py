@@ -211,19 +211,21 @@ class _Flushing:
             await sleep_or_set(self._clock, wait, self._wake)
 
 
-def _read_journal(path: str) -> tuple[dict[str, tuple[bytes, str | None]], set[str]]:
-    """A flush journal's final results by key, and its keys without one (read-only).
+def _read_journal(
+    journal: JournalFile, path: str
+) -> tuple[dict[str, tuple[bytes, str | None]], set[str]]:
+    """A flush journal's final results by key, and its keys without one.
 
     Raises:
-        JournalError: the file is no journal this aiobatch reads.
-        sqlite3.DatabaseError: it cannot be read.
+        JournalError: its results cannot be read (their ``-data`` file is missing or
+            cut short, the file is damaged).
+        sqlite3.DatabaseError: its requests cannot be read.
     """
     finals: dict[str, tuple[bytes, str | None]] = {}
-    with JournalFile(path, readonly=True) as journal:
-        after = -1
-        while rows := journal.result_rows(order="completion", after=after):
-            after = rows[-1].n
-            finals.update((row.custom_id, (row.data, row.batch_id)) for row in rows)
+    after = -1
+    while rows := journal.result_rows(order="completion", after=after):
+        after = rows[-1].n
+        finals.update((row.custom_id, (row.data, row.batch_id)) for row in rows)
     db = sqlite3.connect(f"file:{os.path.abspath(path)}?mode=ro", uri=True)
     try:
         open_keys = {

@@ -184,6 +184,8 @@ class JournalFile:
                 )
             # Where a result line is (a journal before schema 7, read only, has no -data).
             columns = {row[1] for row in self._db.execute("PRAGMA table_info(results)")}
+            if not readonly:  # a run resumes from here: its result lines must all be there
+                self._data.check(int(self.get_meta("data_end") or 0))
         except BaseException:
             self._db.close()
             raise
@@ -224,8 +226,10 @@ class JournalFile:
         if self._checkpointer is not None:
             self._checkpointer.stop()
             self._checkpointer = None
-        self._db.close()
-        self._data.close()
+        try:
+            self._db.close()
+        finally:
+            self._data.close()
 
     def __enter__(self) -> JournalFile:
         return self
@@ -692,7 +696,7 @@ class JournalFile:
                 f"FROM results r JOIN requests q ON q.seq = r.seq WHERE {column} > ? "
                 f"ORDER BY {column} LIMIT ?",
                 (after, limit),
-            )
+            ).fetchall()  # read whole: a line that cannot be read leaves no statement open
         ]
 
     def _line(self, seq: int, data: bytes, at: int | None, size: int | None) -> bytes:

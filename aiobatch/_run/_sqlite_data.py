@@ -31,6 +31,20 @@ DATA_SUFFIX = "-data"
 _sync = getattr(os, "fdatasync", os.fsync)
 
 
+def _sync_directory(path: str) -> None:
+    """Make a new file's name durable (its directory synced), where the system can."""
+    try:
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # a directory that cannot be synced (some systems): its name stays as it is
+    finally:
+        os.close(fd)
+
+
 #: Buffers per vectored write (Linux takes at most 1024).
 _IOV_MAX = 1024
 
@@ -65,9 +79,38 @@ class ResultData:
         self._readonly = readonly
         self._fd: int | None = None
 
-    def _open(self) -> int:
+    def check(self, end: int) -> None:
+        """Raise unless the file holds the ``end`` bytes that the journal's results use
+        (before a run resumes: a missing or shorter file would otherwise be written
+        over from ``end``, and the earlier lines read back as zeros).
+
+        Raises:
+            JournalError: the file is missing or shorter than ``end``.
+        """
+        if end <= 0:
+            return
+        try:
+            size = os.stat(self.path).st_size
+        except OSError as exc:
+            raise JournalError(
+                f"{self.path}: the journal's result lines cannot be opened "
+                f"({exc.strerror or exc}); it must stay beside the journal file (put it "
+                "back, or move the journal away and run again)"
+            ) from exc
+        if size < end:
+            raise JournalError(
+                f"{self.path}: the journal's result lines are cut short ({size:,} of "
+                f"{end:,} bytes): the file was truncated or replaced; put the original "
+                "back beside the journal, or move the journal away and run again"
+            )
+
+    def _open(self, *, create: bool = False) -> int:
+        """The file, opened on first use (created only by the first write of all: a
+        journal with results never makes a new, empty one)."""
         if self._fd is None:
-            flags = os.O_RDONLY if self._readonly else os.O_RDWR | os.O_CREAT
+            flags = os.O_RDONLY if self._readonly else os.O_RDWR
+            if create and not self._readonly:
+                flags |= os.O_CREAT
             try:
                 self._fd = os.open(self.path, flags | getattr(os, "O_CLOEXEC", 0), 0o666)
             except OSError as exc:
@@ -75,6 +118,8 @@ class ResultData:
                     f"{self.path}: the journal's result lines cannot be opened "
                     f"({exc.strerror or exc}); it must stay beside the journal file"
                 ) from exc
+            if create:
+                _sync_directory(self.path)
         return self._fd
 
     def write(self, at: int, lines: Sequence[bytes]) -> None:
@@ -83,7 +128,7 @@ class ResultData:
         Raises:
             JournalError: the file cannot be written (a full disk...).
         """
-        fd = self._open()
+        fd = self._open(create=at == 0)
         try:
             for start in range(0, len(lines), _IOV_MAX):
                 at = _write_at(fd, lines[start : start + _IOV_MAX], at)

@@ -21,6 +21,7 @@ from aiohttp import web
 from conftest import FAST_FLEET, executed, serve, within
 
 from aiobatch import BatchClient, BatchedOpenAI, BatchedStats, RunConfig
+from aiobatch.errors import JournalError
 from aiobatch.testing import FakeBatchService, FakeConfig, VirtualClock, fake_client, make_app
 
 FAST = {"validation_seconds": 5.0, "lines_per_second": 1000.0, "finalizing_seconds": 5.0}
@@ -61,6 +62,31 @@ async def test_a_rerun_is_answered_from_the_journal(clock: VirtualClock, tmp_pat
         assert stats.reused == 20
         assert set((await executed(service)).values()) == {1}
         assert len(await executed(service)) == 20
+
+
+def _lose_result_files(folder: Path) -> list[Path]:
+    """Delete the ``-data`` files of the folder's journals; their paths."""
+    lost = [path for path in folder.iterdir() if path.name.endswith(".journal-data")]
+    for path in lost:
+        path.unlink()
+    return lost
+
+
+async def test_a_journal_whose_results_file_is_lost_is_not_skipped(
+    clock: VirtualClock, tmp_path: Path
+) -> None:
+    """A rerun whose folder holds a journal with its ``-data`` file gone raises
+    JournalError naming that file, and sends nothing: skipping the journal would send
+    (and pay for) its requests again."""
+    service = FakeBatchService(clock=clock, config=FakeConfig(**FAST, request_log_size=None))
+    async with fake_client(service=service) as setup, clock.auto_advance():
+        await within(clock, 600, harness(setup.client, tmp_path, 20))
+        lost = _lose_result_files(tmp_path)
+        assert lost
+        sent = len(service.requests)
+        with pytest.raises(JournalError, match=re.escape(str(lost[0]))):
+            await within(clock, 600, harness(setup.client, tmp_path, 20))
+        assert len(service.requests) == sent
 
 
 async def test_reuse_false_sends_every_call_again(clock: VirtualClock, tmp_path: Path) -> None:

@@ -120,6 +120,46 @@ def test_a_missing_data_file_is_a_journal_error_naming_it(tmp_path: Path) -> Non
     assert "beside the journal" in str(caught.value)
 
 
+async def _resume(journal: Path) -> tuple[BaseException | None, list[str]]:
+    """Resume the run of ``journal`` (its input beside it) on a fresh fake: the error it
+    raised (None: it finished), and the requests the fake saw."""
+    clock = VirtualClock()
+    service = service_on(clock)
+    source = journal.parent / "in.jsonl"
+    error: BaseException | None = None
+    async with client_for(clock, service.transport()) as client, clock.auto_advance():
+        run = BatchRun(client, source, journal=journal, output=journal.parent / "out.jsonl")
+        try:
+            await run.run()
+        except JournalError as exc:
+            error = exc
+    return error, [f"{r.method} {r.path}" for r in service.requests]
+
+
+@pytest.mark.parametrize("damage", ["missing", "cut short"])
+def test_a_run_does_not_resume_over_a_data_file_missing_or_cut_short(
+    tmp_path: Path, damage: str
+) -> None:
+    """A journal whose results need more bytes than its ``-data`` file has (not copied
+    along, truncated) is refused before anything is sent: resuming would write over it
+    and read the earlier lines back as zeros."""
+    journal = asyncio.run(_run_unfinished(tmp_path))
+    with JournalFile(journal) as db:
+        db.record(None, [_final(0, b'{"a":1}'), _final(1, b'{"b":2}')])
+    data = Path(f"{journal}-data")
+    if damage == "missing":
+        data.unlink()
+    else:
+        data.write_bytes(data.read_bytes()[:-3])
+    error, sent = asyncio.run(_resume(journal))
+    assert isinstance(error, JournalError)
+    assert f"{data}" in str(error)
+    assert sent == []
+    assert not (tmp_path / "out.jsonl").exists()
+    with JournalFile(journal, readonly=True) as db:  # status still reads it
+        assert db.counts().requests["done"] == 2
+
+
 @pytest.mark.parametrize("system", ["short pwritev", "no pwritev"])
 def test_a_chunk_is_written_whole_whatever_the_system_writes_at_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, system: str
@@ -137,8 +177,9 @@ def test_a_chunk_is_written_whole_whatever_the_system_writes_at_once(
         monkeypatch.setattr(os, "pwritev", first_only)
     data = ResultData(str(tmp_path / "run.journal"), readonly=False)
     try:
+        data.write(0, [b"xyz"])
         data.write(3, [b"abc", b"defg", b"h"])
         assert data.read_many([(3, 3, 0), (6, 4, 1), (10, 1, 2)]) == [b"abc", b"defg", b"h"]
     finally:
         data.close()
-    assert (tmp_path / "run.journal-data").read_bytes() == b"\0\0\0abcdefgh"
+    assert (tmp_path / "run.journal-data").read_bytes() == b"xyzabcdefgh"
