@@ -844,9 +844,12 @@ class JournalFile:
         """Prompt and completion tokens of the final results, by the model of the shard
         that produced them (each result counted once; ``""`` for results of no shard or
         a shard without a model)."""
+        # Summed by shard in the order of the index results_kinds (no sort of the
+        # results), then by model over those few rows.
         rows = self._db.execute(
-            "SELECT coalesce(s.model, ''), coalesce(sum(r.input_tokens), 0), "
-            "coalesce(sum(r.output_tokens), 0) FROM results r "
-            "LEFT JOIN shards s ON s.key = r.shard GROUP BY coalesce(s.model, '')"
+            "SELECT coalesce(s.model, ''), coalesce(sum(t.i), 0), coalesce(sum(t.o), 0) "
+            "FROM (SELECT shard, sum(input_tokens) AS i, sum(output_tokens) AS o "
+            "FROM results GROUP BY kind, code, shard) t "
+            "LEFT JOIN shards s ON s.key = t.shard GROUP BY coalesce(s.model, '')"
         )
         return {str(model): ModelTokens(int(i), int(o)) for model, i, o in rows if i or o}
