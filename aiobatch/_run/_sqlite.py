@@ -757,20 +757,25 @@ class JournalFile:
         ).fetchone()
         requests = {"pending": pending, "queued": total - pending - done, "done": done}
         requests = {k: v for k, v in requests.items() if v}
-        # One pass over the results (their lines are in their rows): by kind and code.
+        # One pass over the results, summed here: SQLite's GROUP BY would sort them
+        # (its sorter takes 16 MiB with 64 KiB pages, which the process keeps), and an
+        # index to group them by doubled the cost of recording a result.
+        groups: dict[tuple[str, str | None], int] = {}
+        tokens = [0, 0]
+        for kind, code, used_in, used_out in db.execute(
+            "SELECT kind, code, input_tokens, output_tokens FROM results"
+        ):
+            group = (kind, code)
+            groups[group] = groups.get(group, 0) + 1
+            tokens[0] += used_in
+            tokens[1] += used_out
         kinds: dict[str, int] = {}
         codes: dict[str, int] = {}
-        tokens = [0, 0]
-        for kind, code, count, used_in, used_out in db.execute(
-            "SELECT kind, code, count(*), coalesce(sum(input_tokens), 0), "
-            "coalesce(sum(output_tokens), 0) FROM results GROUP BY kind, code"
-        ):
+        for (kind, code), count in groups.items():
             kinds[kind] = kinds.get(kind, 0) + count
             if kind != "success":
                 name = kind if code is None else code
                 codes[name] = codes.get(name, 0) + count
-            tokens[0] += used_in
-            tokens[1] += used_out
         # Re-submitted: a retryable failure, and sent again (or ended) since; a request
         # still waiting for its retry round is not re-submitted yet.
         # ``aiobatch status`` (read-only) reads every request row for it, so that damage
@@ -844,12 +849,24 @@ class JournalFile:
         """Prompt and completion tokens of the final results, by the model of the shard
         that produced them (each result counted once; ``""`` for results of no shard or
         a shard without a model)."""
-        # Summed by shard in the order of the index results_kinds (no sort of the
-        # results), then by model over those few rows.
-        rows = self._db.execute(
-            "SELECT coalesce(s.model, ''), coalesce(sum(t.i), 0), coalesce(sum(t.o), 0) "
-            "FROM (SELECT shard, sum(input_tokens) AS i, sum(output_tokens) AS o "
-            "FROM results GROUP BY kind, code, shard) t "
-            "LEFT JOIN shards s ON s.key = t.shard GROUP BY coalesce(s.model, '')"
-        )
-        return {str(model): ModelTokens(int(i), int(o)) for model, i, o in rows if i or o}
+        # Summed by shard here in one pass (no sort of the results: see counts()), then
+        # by model over those few sums.
+        by_shard: dict[str | None, list[int]] = {}
+        for shard, used_in, used_out in self._db.execute(
+            "SELECT shard, input_tokens, output_tokens FROM results"
+        ):
+            sums = by_shard.get(shard)
+            if sums is None:
+                by_shard[shard] = [used_in, used_out]
+            else:
+                sums[0] += used_in
+                sums[1] += used_out
+        shards = self._db.execute("SELECT key, model FROM shards")
+        models = {str(key): str(model or "") for key, model in shards}
+        totals: dict[str, list[int]] = {}
+        for shard, (used_in, used_out) in by_shard.items():
+            # A result of no shard (or of a shard without a model) counts under "".
+            total = totals.setdefault(models.get(shard, "") if shard else "", [0, 0])
+            total[0] += used_in
+            total[1] += used_out
+        return {model: ModelTokens(i, o) for model, (i, o) in totals.items() if i or o}

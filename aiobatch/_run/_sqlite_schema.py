@@ -93,11 +93,6 @@ CREATE TABLE IF NOT EXISTS results (
     data_at INTEGER,
     data_size INTEGER
 );
--- The report's counts by kind and code and its tokens by shard walk this index: a
--- GROUP BY without one sorts every result row (SQLite's sorter takes up to 16 MiB with
--- 64 KiB pages, which the process keeps). Made in any journal that lacks it on opening.
-CREATE INDEX IF NOT EXISTS results_kinds
-    ON results (kind, code, shard, input_tokens, output_tokens);
 """
 
 #: Version -> the statements that bring a journal of the version before to it.

@@ -1,6 +1,6 @@
-"""The SQLite journal's statements over every result follow an index: none sorts the
-results in memory (SQLite's sorter takes up to 16 MiB with the journal's 64 KiB pages,
-and the process keeps what it took)."""
+"""The SQLite journal's statements over every result read them without sorting them in
+memory (SQLite's sorter takes up to 16 MiB with the journal's 64 KiB pages, and the
+process keeps what it took)."""
 
 from __future__ import annotations
 
@@ -99,8 +99,8 @@ async def _report_statements(
 
 async def test_the_report_reads_the_results_without_sorting_them(tmp_path: Path) -> None:
     """The report's counts by kind and code and its tokens by model read the results
-    without a sort, in a new journal and in one made before their index (on opening),
-    and the figures are right."""
+    without a sort, with or without an index of results beside the table's own, and the
+    figures are right."""
     path = tmp_path / "run.journal"
     journal = await _journal(path)
     statements, counts, tokens = await _report_statements(journal)
@@ -110,7 +110,7 @@ async def test_the_report_reads_the_results_without_sorting_them(tmp_path: Path)
     assert counts.codes == {"e1": 2, "e2": 1}
     assert tokens == {"a": ModelTokens(60, 6), "b": ModelTokens(150, 15)}
 
-    db = sqlite3.connect(path)  # as a journal of an earlier aiobatch: no such index
+    db = sqlite3.connect(path)  # no index of results but the table's own
     for (name,) in db.execute(
         "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'results' "
         "AND sql IS NOT NULL"
