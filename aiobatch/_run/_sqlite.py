@@ -760,22 +760,23 @@ class JournalFile:
         # One pass over the results, summed here: SQLite's GROUP BY would sort them
         # (its sorter takes 16 MiB with 64 KiB pages, which the process keeps), and an
         # index to group them by doubled the cost of recording a result.
-        groups: dict[tuple[str, str | None], int] = {}
-        tokens = [0, 0]
+        # So SQLite sums the successes and the tokens, and the failures (usually few) are
+        # grouped here.
+        succeeded, used_in, used_out = db.execute(
+            "SELECT count(*), coalesce(sum(input_tokens), 0), coalesce(sum(output_tokens), 0) "
+            "FROM results WHERE kind = 'success'"
+        ).fetchone()
+        tokens = [int(used_in), int(used_out)]
+        kinds: dict[str, int] = {"success": int(succeeded)} if succeeded else {}
+        codes: dict[str, int] = {}
         for kind, code, used_in, used_out in db.execute(
-            "SELECT kind, code, input_tokens, output_tokens FROM results"
+            "SELECT kind, code, input_tokens, output_tokens FROM results WHERE kind != 'success'"
         ):
-            group = (kind, code)
-            groups[group] = groups.get(group, 0) + 1
+            kinds[kind] = kinds.get(kind, 0) + 1
+            name = kind if code is None else code
+            codes[name] = codes.get(name, 0) + 1
             tokens[0] += used_in
             tokens[1] += used_out
-        kinds: dict[str, int] = {}
-        codes: dict[str, int] = {}
-        for (kind, code), count in groups.items():
-            kinds[kind] = kinds.get(kind, 0) + count
-            if kind != "success":
-                name = kind if code is None else code
-                codes[name] = codes.get(name, 0) + count
         # Re-submitted: a retryable failure, and sent again (or ended) since; a request
         # still waiting for its retry round is not re-submitted yet.
         # ``aiobatch status`` (read-only) reads every request row for it, so that damage
