@@ -57,7 +57,7 @@ from ._records import (
     Shard,
     ShardPlan,
 )
-from ._sqlite_data import ResultData
+from ._sqlite_data import Located, ResultData
 from ._sqlite_db import PAGE_BYTES, PAGE_LINES, Checkpointer, Db, Page, SeqRun, seq_runs
 from ._sqlite_schema import PAGE_SIZE, READABLE_VERSIONS, SCHEMA, SCHEMA_VERSION, UPGRADES
 from ._states import ShardState, allowed
@@ -679,7 +679,14 @@ class JournalFile:
         seq), ``"completion"`` walks the completion counter ``n`` (``after`` is an
         ``n``)."""
         column = "r.seq" if order == "input" else "r.n"
-        line = self._line
+        rows = self._db.execute(
+            "SELECT r.n, q.custom_id, r.attempts, r.batch_id, r.kind, "
+            f"r.data, {self._line_at}, r.seq "
+            f"FROM results r JOIN requests q ON q.seq = r.seq WHERE {column} > ? "
+            f"ORDER BY {column} LIMIT ?",
+            (after, limit),
+        ).fetchall()  # read whole: a line that cannot be read leaves no statement open
+        lines = self._data.lines([row[5:] for row in rows])  # (data, at, size, seq)
         return [
             ResultRow(
                 n=int(n),
@@ -687,23 +694,11 @@ class JournalFile:
                 custom_id=str(cid),
                 attempts=int(att),
                 batch_id=bid,
-                data=line(seq, data, at, size),
+                data=line,
                 kind=str(kind),
             )
-            for n, seq, cid, att, bid, data, at, size, kind in self._db.execute(
-                "SELECT r.n, r.seq, q.custom_id, r.attempts, r.batch_id, r.data, "
-                f"{self._line_at}, r.kind "
-                f"FROM results r JOIN requests q ON q.seq = r.seq WHERE {column} > ? "
-                f"ORDER BY {column} LIMIT ?",
-                (after, limit),
-            ).fetchall()  # read whole: a line that cannot be read leaves no statement open
+            for (n, cid, att, bid, kind, *_located, seq), line in zip(rows, lines, strict=True)
         ]
-
-    def _line(self, seq: int, data: bytes, at: int | None, size: int | None) -> bytes:
-        """A result line: from the ``-data`` file, or (before schema 7) the row."""
-        if at is None or size is None:
-            return bytes(data)
-        return self._data.read(at, size, seq)
 
     def result_lines(self, *, order: str = "input") -> Iterator[bytes]:
         """Every final result line, in ``order``, read page by page."""
@@ -719,8 +714,7 @@ class JournalFile:
         completion order): at most ``lines``, and no more once they make ``size``
         bytes."""
         column = "seq" if order == "input" else "n"
-        found: list[bytes | None] = []  # None: in the -data file, at spans[...]
-        spans: list[tuple[int, int, int]] = []
+        located: list[Located] = []
         held = 0
         last = -1
         rows = self._db.execute(
@@ -730,22 +724,14 @@ class JournalFile:
         )
         try:
             for cursor, seq, data, at, length in rows:
-                if at is None:
-                    found.append(bytes(data))
-                    held += len(data) + 1
-                else:
-                    found.append(None)
-                    spans.append((at, length, seq))
-                    held += length + 1
+                located.append((data, at, length, seq))
                 last = int(cursor)
+                held += (len(data) if at is None else length) + 1
                 if held >= size:
                     break
         finally:
             rows.close()
-        if not spans:
-            return Page([line for line in found if line is not None], last)
-        read = iter(self._data.read_many(spans))
-        return Page([next(read) if line is None else line for line in found], last)
+        return Page(self._data.lines(located), last)
 
     def counts(self) -> JournalCounts:
         """The figures of a report, read in one go."""
@@ -843,7 +829,7 @@ class JournalFile:
                 batch_id=bid,
                 attempts=int(att),
                 request=bytes(request),
-                result=self._line(seq, result, at, size),
+                result=self._data.lines([(result, at, size, seq)])[0],
             )
 
     def tokens_by_model(self) -> dict[str, ModelTokens]:

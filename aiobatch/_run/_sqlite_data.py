@@ -23,7 +23,10 @@ from collections.abc import Sequence
 
 from ..errors import JournalError
 
-__all__ = ["DATA_SUFFIX", "ResultData"]
+__all__ = ["DATA_SUFFIX", "Located", "ResultData"]
+
+#: A row of ``results`` as its line is found: ``(data, data_at, data_size, seq)``.
+Located = tuple[bytes, "int | None", "int | None", int]
 
 #: The suffix of the result file's name after the journal's.
 DATA_SUFFIX = "-data"
@@ -158,29 +161,34 @@ class ResultData:
             )
         return data
 
-    def read_many(self, spans: Sequence[tuple[int, int, int]]) -> list[bytes]:
-        """The lines at ``spans`` (``(at, size, seq)`` each), in their order: lines that
-        follow each other in the file (results read in completion order) are read
-        together.
+    def lines(self, rows: Sequence[Located]) -> list[bytes]:
+        """The result lines of ``rows``, in their order. A row written before schema 7
+        (no place in the file) has its line in its ``data``; lines that follow each
+        other in the file (results read in completion order) are read together.
 
         Raises:
             JournalError: the file is missing or shorter than the journal says.
         """
         lines: list[bytes] = []
         start = 0
-        while start < len(spans):
-            at, size, seq = spans[start]
+        while start < len(rows):
+            data, at, size, seq = rows[start]
+            if at is None or size is None:
+                lines.append(bytes(data))
+                start += 1
+                continue
             end = start + 1
             stop = at + size
-            while end < len(spans) and spans[end][0] == stop:
-                stop += spans[end][1]
+            while end < len(rows) and rows[end][1] == stop:
+                stop += rows[end][2] or 0
                 end += 1
             if end == start + 1:
                 lines.append(self.read(at, size, seq))
             else:
                 run = memoryview(self.read(at, stop - at, seq))
                 offset = 0
-                for _at, length, _seq in spans[start:end]:
+                for _data, _at, length, _seq in rows[start:end]:
+                    length = length or 0
                     lines.append(bytes(run[offset : offset + length]))
                     offset += length
             start = end

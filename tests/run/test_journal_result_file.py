@@ -179,7 +179,8 @@ def test_a_chunk_is_written_whole_whatever_the_system_writes_at_once(
     try:
         data.write(0, [b"xyz"])
         data.write(3, [b"abc", b"defg", b"h"])
-        assert data.read_many([(3, 3, 0), (6, 4, 1), (10, 1, 2)]) == [b"abc", b"defg", b"h"]
+        located = [(b"", 3, 3, 0), (b"", 6, 4, 1), (b"", 10, 1, 2)]
+        assert data.lines(located) == [b"abc", b"defg", b"h"]
     finally:
         data.close()
     assert (tmp_path / "run.journal-data").read_bytes() == b"xyzabcdefgh"
