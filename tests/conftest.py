@@ -29,6 +29,7 @@ from aiobatch import (
     FleetConfig,
     RetryPolicy,
     RunConfig,
+    RunProgress,
     RunReport,
     RunResult,
 )
@@ -418,6 +419,19 @@ def is_success(line: Mapping[str, Any]) -> bool:
     """An output line holds a 200 response and no error."""
     response = line.get("response")
     return line.get("error") is None and response is not None and response["status_code"] == 200
+
+
+async def cancelled_at_start(client: BatchClient, source: Path, journal: Path) -> RunReport:
+    """A run of ``source`` cancelled at its first progress report: its journal is
+    unfinished (ingested, nothing submitted)."""
+    holder: list[BatchRun] = []
+
+    def on_progress(_: RunProgress) -> None:
+        holder[0].cancel()
+
+    run = BatchRun(client, source, journal=journal, on_progress=on_progress)
+    holder.append(run)
+    return await run.run()
 
 
 async def run_to_end(run: BatchRun) -> tuple[RunReport, list[RunResult]]:

@@ -23,6 +23,7 @@ import pytest
 from conftest import (
     EXAMPLE,
     batch_ids_in,
+    cancelled_at_start,
     chat_line,
     client_for,
     is_success,
@@ -32,7 +33,7 @@ from conftest import (
     serve,
 )
 
-from aiobatch import BatchRun, RunConfig, RunProgress
+from aiobatch import BatchRun, RunConfig
 from aiobatch._run._sqlite import JournalFile as Journal
 from aiobatch.cli import _run as cli_run
 from aiobatch.cli import main
@@ -85,18 +86,11 @@ async def _cancelled_run(source: Path, journal: Path) -> str:
     returns the journal's state."""
     clock = VirtualClock()
     service = FakeBatchService(clock=clock, config=FakeConfig())
-    holder: list[BatchRun] = []
-
-    def on_progress(_: RunProgress) -> None:
-        holder[0].cancel()
-
     async with (
         client_for(clock, service.transport()) as client,
         clock.auto_advance(),
     ):
-        run = BatchRun(client, source, journal=journal, on_progress=on_progress)
-        holder.append(run)
-        report = await run.run()
+        report = await cancelled_at_start(client, source, journal)
     return report.state
 
 

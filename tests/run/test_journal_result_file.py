@@ -9,9 +9,9 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import client_for, read_output, requests, service_on, write_jsonl
+from conftest import cancelled_at_start, client_for, read_output, requests, service_on, write_jsonl
 
-from aiobatch import BatchRun, RunConfig, RunProgress
+from aiobatch import BatchRun, RunConfig
 from aiobatch._run._records import FinalResult
 from aiobatch._run._sqlite import JournalFile
 from aiobatch._run._sqlite_data import ResultData
@@ -38,14 +38,8 @@ async def _run_unfinished(tmp_path: Path, n: int = 4) -> Path:
     clock = VirtualClock()
     source = write_jsonl(tmp_path / "in.jsonl", requests(n))
     journal = tmp_path / "run.journal"
-    holder: list[BatchRun] = []
-
-    def on_progress(_: RunProgress) -> None:
-        holder[0].cancel()
-
     async with client_for(clock, service_on(clock).transport()) as client, clock.auto_advance():
-        holder.append(BatchRun(client, source, journal=journal, on_progress=on_progress))
-        report = await holder[0].run()
+        report = await cancelled_at_start(client, source, journal)
     assert report.pending == n
     return journal
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from conftest import (
+    cancelled_at_start,
     chat_line,
     client_for,
     config,
@@ -595,18 +596,6 @@ async def test_cancel_keeps_finished_lines_and_resumes(
 # --- 6. journal errors -----------------------------------------------------------------------
 
 
-async def _cancelled_at_start(client: BatchClient, source: Path, journal: Path) -> RunReport:
-    """A run cancelled at its first progress report: its journal is unfinished."""
-    holder: list[BatchRun] = []
-
-    def on_progress(_: RunProgress) -> None:
-        holder[0].cancel()
-
-    run = BatchRun(client, source, journal=journal, on_progress=on_progress)
-    holder.append(run)
-    return await run.run()
-
-
 async def test_journal_of_another_input_is_refused(clock: VirtualClock, tmp_path: Path) -> None:
     """A journal made for another input file raises JournalError, sends nothing, and
     stays usable for its own input."""
@@ -614,7 +603,7 @@ async def test_journal_of_another_input_is_refused(clock: VirtualClock, tmp_path
     other = write_jsonl(tmp_path / "other.jsonl", requests(8, prefix="o"))
     journal = tmp_path / "run.journal"
     async with fake_env(clock) as (service, client):
-        stopped = await _cancelled_at_start(client, source, journal)
+        stopped = await cancelled_at_start(client, source, journal)
         assert stopped.state == "cancelled"
         assert stopped.pending == 8
         sent = len(service.requests)
@@ -694,7 +683,7 @@ async def test_a_journal_of_the_previous_schema_is_upgraded_and_resumed(
     source = write_jsonl(tmp_path / "in.jsonl", requests(8))
     journal = tmp_path / "run.journal"
     async with fake_env(clock) as (_service, client):
-        stopped = await _cancelled_at_start(client, source, journal)
+        stopped = await cancelled_at_start(client, source, journal)
         assert stopped.pending == 8
         db = sqlite3.connect(journal)
         as_schema_6(db, journal)
