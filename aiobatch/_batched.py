@@ -266,7 +266,7 @@ class BatchedOpenAI(_Answering, _Online, _Flushing):
             with journal:
                 # Not skipped once open: the requests of a journal whose results cannot
                 # be read (their -data file lost) would be sent, and paid, again.
-                finals, open_keys = _read_journal(journal, path)
+                finals, open_keys = _read_journal(journal)
             self._known.update(finals)
             if open_keys:
                 unfinished.append((path, open_keys))

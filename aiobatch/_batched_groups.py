@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import sqlite3
 import uuid
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -211,29 +210,16 @@ class _Flushing:
             await sleep_or_set(self._clock, wait, self._wake)
 
 
-def _read_journal(
-    journal: JournalFile, path: str
-) -> tuple[dict[str, tuple[bytes, str | None]], set[str]]:
+def _read_journal(journal: JournalFile) -> tuple[dict[str, tuple[bytes, str | None]], set[str]]:
     """A flush journal's final results by key, and its keys without one.
 
     Raises:
         JournalError: its results cannot be read (their ``-data`` file is missing or
             cut short, the file is damaged).
-        sqlite3.DatabaseError: its requests cannot be read.
     """
     finals: dict[str, tuple[bytes, str | None]] = {}
     after = -1
     while rows := journal.result_rows(order="completion", after=after):
         after = rows[-1].n
         finals.update((row.custom_id, (row.data, row.batch_id)) for row in rows)
-    db = sqlite3.connect(f"file:{os.path.abspath(path)}?mode=ro", uri=True)
-    try:
-        open_keys = {
-            str(key)
-            for (key,) in db.execute(
-                "SELECT custom_id FROM requests WHERE seq NOT IN (SELECT seq FROM results)"
-            )
-        }
-        return finals, open_keys
-    finally:
-        db.close()
+    return finals, journal.ids_without_result()

@@ -700,6 +700,11 @@ class JournalFile:
             for (n, cid, att, bid, kind, *_located, seq), line in zip(rows, lines, strict=True)
         ]
 
+    def ids_without_result(self) -> set[str]:
+        """The ``custom_id`` of every request without a final result."""
+        rows = self._db.execute(f"SELECT custom_id FROM requests WHERE {_NO_RESULT}")
+        return {str(custom_id) for (custom_id,) in rows}
+
     def result_lines(self, *, order: str = "input") -> Iterator[bytes]:
         """Every final result line, in ``order``, read page by page."""
         after = -1
