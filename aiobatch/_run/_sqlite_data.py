@@ -95,17 +95,20 @@ class ResultData:
         try:
             size = os.stat(self.path).st_size
         except OSError as exc:
-            raise JournalError(
-                f"{self.path}: the journal's result lines cannot be opened "
-                f"({exc.strerror or exc}); it must stay beside the journal file (put it "
-                "back, or move the journal away and run again)"
-            ) from exc
+            raise self._unopenable(exc) from exc
         if size < end:
             raise JournalError(
                 f"{self.path}: the journal's result lines are cut short ({size:,} of "
                 f"{end:,} bytes): the file was truncated or replaced; put the original "
                 "back beside the journal, or move the journal away and run again"
             )
+
+    def _unopenable(self, exc: OSError) -> JournalError:
+        return JournalError(
+            f"{self.path}: the journal's result lines cannot be opened "
+            f"({exc.strerror or exc}); it must stay beside the journal file (put it "
+            "back, or move the journal away and run again)"
+        )
 
     def _open(self, *, create: bool = False) -> int:
         """The file, opened on first use (created only by the first write of all: a
@@ -117,10 +120,7 @@ class ResultData:
             try:
                 self._fd = os.open(self.path, flags | getattr(os, "O_CLOEXEC", 0), 0o666)
             except OSError as exc:
-                raise JournalError(
-                    f"{self.path}: the journal's result lines cannot be opened "
-                    f"({exc.strerror or exc}); it must stay beside the journal file"
-                ) from exc
+                raise self._unopenable(exc) from exc
             if create:
                 _sync_directory(self.path)
         return self._fd
