@@ -20,7 +20,7 @@ import uuid
 from collections.abc import AsyncIterable, Iterator
 from typing import Any
 
-from .._clock import Clock
+from .._clock import Clock, SystemClock
 from ..errors import JournalError, PreflightError
 from ._config import RequestSource, RunConfig
 from ._context import logger
@@ -144,7 +144,8 @@ async def ingest(
         custom_id_pattern=custom_id_pattern,
         remember_ids=False,  # the journal finds duplicates
     )
-    async with journal.ingest() as sink:
+    # On the real clock each batch is added in a worker thread (see Journal.ingest).
+    async with journal.ingest(background=isinstance(clock, SystemClock)) as sink:
         batches = _Batches(preflight, sink)
         if is_path:
             digest = hashlib.sha256()

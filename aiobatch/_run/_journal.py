@@ -119,9 +119,11 @@ class Journal(Protocol):
 
     # --- the run -------------------------------------------------------------------------
 
-    def ingest(self) -> AbstractAsyncContextManager[Ingest]:
+    def ingest(self, *, background: bool = False) -> AbstractAsyncContextManager[Ingest]:
         """A block in which a new run's requests and facts are recorded, committed when
-        the block ends and rolled back when it raises."""
+        the block ends and rolled back when it raises. ``background``: the backend may
+        add each batch of requests in another thread (the run passes it only on the
+        real clock, as for :meth:`record`)."""
 
     async def meta(self) -> RunMeta | None:
         """The run's facts; None before a run was recorded."""

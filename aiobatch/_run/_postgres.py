@@ -278,7 +278,7 @@ class PostgresJournal(PgLeases):
         return rid
 
     @contextlib.asynccontextmanager
-    async def ingest(self) -> AsyncIterator[PgIngest]:
+    async def ingest(self, *, background: bool = False) -> AsyncIterator[PgIngest]:
         async with self._tx() as conn:
             try:
                 rid = await conn.fetchval(

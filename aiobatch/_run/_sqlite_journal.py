@@ -96,28 +96,47 @@ async def _in_thread(function: Callable[..., T], *args: Any, **kwargs: Any) -> T
 
 
 class _SQLiteIngest:
-    def __init__(self, file: JournalFile, db: Db) -> None:
+    def __init__(self, file: JournalFile, db: Db, *, background: bool = False) -> None:
         self._file = file
         self._db = db
+        self._background = background
 
     async def add(self, rows: Sequence[RequestRow]) -> bool:
         if not rows:
             return True
+        if self._background:  # a spill of the page cache into the log held the loop ~45 ms
+            return await _in_thread(self._add, rows)
+        if len(rows) <= SLICE_ROWS:
+            return self._add(rows)
         db = self._db
         db.execute("SAVEPOINT new_requests")
         try:
             for part in _slices(rows):
                 self._file.add_requests(db, part)
-                if len(rows) > SLICE_ROWS:
-                    await _turn()
+                await _turn()
         except sqlite3.IntegrityError as exc:
-            if "requests.custom_id" not in str(exc):
-                raise
-            db.execute("ROLLBACK TO new_requests")
-            db.execute("RELEASE new_requests")
-            return False
+            return self._refused(exc)
         db.execute("RELEASE new_requests")
         return True
+
+    def _add(self, rows: Sequence[RequestRow]) -> bool:
+        """:meth:`add` in one statement batch."""
+        db = self._db
+        db.execute("SAVEPOINT new_requests")
+        try:
+            self._file.add_requests(db, rows)
+        except sqlite3.IntegrityError as exc:
+            return self._refused(exc)
+        db.execute("RELEASE new_requests")
+        return True
+
+    def _refused(self, exc: sqlite3.IntegrityError) -> bool:
+        """A batch refused for a ``custom_id`` added before: none of it stays."""
+        if "requests.custom_id" not in str(exc):
+            raise exc
+        self._db.execute("ROLLBACK TO new_requests")
+        self._db.execute("RELEASE new_requests")
+        return False
 
     async def taken(self, custom_ids: Sequence[str]) -> dict[str, int]:
         return self._file.taken(self._db, custom_ids)
@@ -165,10 +184,10 @@ class SQLiteJournal:
         self._lock.release()
 
     @contextlib.asynccontextmanager
-    async def ingest(self) -> AsyncIterator[_SQLiteIngest]:
+    async def ingest(self, *, background: bool = False) -> AsyncIterator[_SQLiteIngest]:
         async with self._turn:
             with self.file.transaction() as db:
-                yield _SQLiteIngest(self.file, db)
+                yield _SQLiteIngest(self.file, db, background=background)
 
     async def meta(self) -> RunMeta | None:
         async with self._turn:

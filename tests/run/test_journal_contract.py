@@ -111,6 +111,30 @@ async def test_ingest_records_requests_and_facts(journal: Journal) -> None:
     assert await journal.pending_groups() == [RequestGroup(URL, "m")]
 
 
+async def test_a_background_ingest_lets_other_tasks_run_and_refuses_a_taken_id(
+    journal: Journal,
+) -> None:
+    """``ingest(background=True)`` (a run's start on the real clock; SQLite spilling its
+    page cache into the log held the loop ~45 ms) lets other tasks run while a batch
+    is added, refuses a batch that reuses an id and keeps none of it, and records the
+    same requests as in the loop."""
+    requests = [_request(seq) for seq in range(4)]
+    async with journal.ingest(background=True) as sink:
+        ticker = await Ticker.start()
+        before = ticker.ticks
+        assert await sink.add([r.row() for r in requests[:3]])
+        during = ticker.ticks - before
+        await ticker.stop()
+        reused = attrs.evolve(requests[3], seq=4, line=5, custom_id="r1")
+        assert not await sink.add([requests[3].row(), reused.row()])
+        assert await sink.taken(["r1", "r3"]) == {"r1": 2}
+        assert await sink.add([requests[3].row()])
+        await sink.start(RunMeta(run_id="run1", started_at=10.0, updated_at=10.0))
+    assert during >= 1
+    assert await journal.pending_count() == 4
+    assert [r.seq async for r in journal.pending_requests(URL, "m")] == [0, 1, 2, 3]
+
+
 async def test_intent_is_recorded_before_upload(journal: Journal) -> None:
     """A shard's intent queues its requests, in order, before anything is sent; its
     lines are the requests' bytes."""
