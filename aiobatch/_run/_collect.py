@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-
-import attrs
+from typing import NamedTuple
 
 from .._clock import SystemClock
 from .._convert import summarize_result
 from .._fleet import BatchDone, DoneReason
 from .._lifecycle import BatchStatus
-from .._models import Batch, ResultSummary
+from .._models import Batch
 from ..errors import AiobatchError, DecodeError, NotFoundError, describe
 from ._context import Next, RunContext, logger
 from ._outcomes import (
@@ -34,7 +33,6 @@ from ._outcomes import (
     Fate,
     classify,
     fate,
-    line_tokens,
     own_error,
     token_limited,
     undecodable,
@@ -47,6 +45,9 @@ __all__ = ["collect", "delete_files"]
 
 #: A result file answered 404 this many times is taken as gone (deleted or expired).
 GONE_AFTER = 3
+
+#: Lines of a chunk read in one turn of the loop (~2-5 ms of decoding).
+_LINES_PER_TURN = 500
 
 _S = ShardState
 
@@ -201,7 +202,13 @@ async def _read_file(ctx: RunContext, shard: Shard, file_id: str, column: str) -
     cancelled_by_run = shard.cancel_reason == "run"
 
     def final(
-        seq: int, kind: str, code: str | None, attempts: int, data: bytes, used: tuple[int, int]
+        seq: int,
+        kind: str,
+        code: str | None,
+        attempts: int,
+        data: bytes,
+        used_in: int,
+        used_out: int,
     ) -> FinalResult:
         return FinalResult(
             seq=seq,
@@ -211,8 +218,8 @@ async def _read_file(ctx: RunContext, shard: Shard, file_id: str, column: str) -
             batch_id=shard.batch_id,
             attempts=attempts,
             data=data,
-            input_tokens=used[0],
-            output_tokens=used[1],
+            input_tokens=used_in,
+            output_tokens=used_out,
         )
 
     # On the real clock a chunk is written in a worker thread while the next one is
@@ -256,7 +263,7 @@ async def _read_file(ctx: RunContext, shard: Shard, file_id: str, column: str) -
             cid = line.custom_id
             member = members.get(cid) if cid is not None else None
             if member is None or not member.queued or cid in decided:
-                if member is None and line.result is not None:
+                if member is None and line.kind is not None:
                     logger.warning(
                         "run %s: batch %s returned custom_id %r, which it was not sent",
                         ctx.run_id,
@@ -267,18 +274,20 @@ async def _read_file(ctx: RunContext, shard: Shard, file_id: str, column: str) -
             assert cid is not None
             decided.add(cid)
             seq, attempts = member.seq, member.attempts
-            result = line.result
-            if result is None:
+            kind = line.kind
+            if kind is None:
                 # The request ran (and was paid) but its line does not decode: end it
                 # with the decode error rather than run it again.
                 why = "undecodable_result"
                 data = own_error(cid, why, line.error)
-                finals.append(final(seq, "error", why, attempts, data, (0, 0)))
+                finals.append(final(seq, "error", why, attempts, data, 0, 0))
                 continue
-            kind, code, retryable = classify(result)
-            free = cancelled_by_run and code in CANCELLED_CODES
+            free = cancelled_by_run and line.code in CANCELLED_CODES
             match fate(
-                attempts=attempts, retryable=retryable, free=free, max_rounds=config.max_rounds
+                attempts=attempts,
+                retryable=line.retryable,
+                free=free,
+                max_rounds=config.max_rounds,
             ):
                 case Fate.AGAIN_FREE:
                     # Our own cancel: the line runs again as if for the first time.
@@ -286,10 +295,12 @@ async def _read_file(ctx: RunContext, shard: Shard, file_id: str, column: str) -
                 case Fate.AGAIN:
                     retries.append(RetryLine(seq, attempts + 1, line.data))
                 case Fate.FINAL:
-                    used = line_tokens(result)
-                    tokens[0] += used[0]
-                    tokens[1] += used[1]
-                    finals.append(final(seq, kind, code, attempts, line.data, used))
+                    used_in, used_out = line.input_tokens, line.output_tokens
+                    tokens[0] += used_in
+                    tokens[1] += used_out
+                    finals.append(
+                        final(seq, kind, line.code, attempts, line.data, used_in, used_out)
+                    )
         chunk.clear()
         step = write(finals, retries, upto, (tokens[0], tokens[1]))
         if background:
@@ -309,26 +320,49 @@ async def _read_file(ctx: RunContext, shard: Shard, file_id: str, column: str) -
                 except DecodeError as exc:
                     logger.warning("run %s: a result line does not decode: %s", ctx.run_id, exc)
                     # Ended with the error when it says which request it is.
-                    chunk.append(_Line(undecodable(raw), None, b"", describe(exc)))
+                    chunk.append(
+                        _Line(undecodable(raw), None, None, False, 0, 0, b"", describe(exc))
+                    )
                 else:
                     held += len(data)
-                    chunk.append(_Line(result.custom_id, result, data))
+                    kind, code, retryable = classify(result)
+                    chunk.append(
+                        _Line(
+                            result.custom_id,
+                            kind,
+                            code,
+                            retryable,
+                            result.input_tokens,
+                            result.output_tokens,
+                            data,
+                        )
+                    )
                 if len(chunk) >= config.collect_chunk or held >= config.collect_chunk_bytes:
                     await commit(number)
                     held = 0
                     await asyncio.sleep(0)  # let the other batches' tasks run
+                elif not len(chunk) % _LINES_PER_TURN:
+                    # Lines already read arrive without a wait: read a chunk in turns.
+                    await asyncio.sleep(0)
         await commit(number)
     finally:
         await written()  # a chunk committed is counted, whatever ended the reading
 
 
-@attrs.frozen(slots=True)
-class _Line:
-    """A result line waiting in a chunk: the request it names (None: none can be told),
-    what it says (None: it does not decode, ``error`` says why) and its bytes."""
+class _Line(NamedTuple):
+    """A result line waiting in a chunk, as :func:`classify` read it: the request it
+    names (None: none can be told), its kind and code (kind None: it does not decode,
+    ``error`` says why), whether that failure may run again, the tokens of a success's
+    ``usage``, and its bytes. (A named tuple of plain values: the garbage collector
+    stops tracking it, so a chunk of 2,000 waiting for its commit does not make a full
+    collection come sooner.)"""
 
     custom_id: str | None
-    result: ResultSummary | None
+    kind: str | None
+    code: str | None
+    retryable: bool
+    input_tokens: int
+    output_tokens: int
     data: bytes
     error: str = ""
 

@@ -26,7 +26,6 @@ __all__ = [
     "classify",
     "describe_errors",
     "dumps_compact",
-    "line_tokens",
     "fate",
     "own_error",
     "token_limited",
@@ -113,11 +112,6 @@ def own_error(custom_id: str, code: str, message: str) -> bytes:
             "error": {"code": code, "message": message},
         }
     )
-
-
-def line_tokens(result: ResultSummary) -> tuple[int, int]:
-    """(input, output) tokens of a result line (a success's ``usage``)."""
-    return result.input_tokens, result.output_tokens
 
 
 def classify(result: ResultSummary) -> tuple[str, str | None, bool]:

@@ -1,4 +1,5 @@
-"""The records a run and its journal trade: frozen attrs classes, never positional tuples.
+"""The records a run and its journal trade: frozen attrs classes or named tuples, never
+bare positional tuples.
 
 - :class:`PreparedRequest`: one accepted request (preflight makes it; the journal keeps
   it; planning reads it back without its bytes); :class:`RequestRow` is the same request
@@ -9,7 +10,9 @@
 - :class:`Member` and :class:`QueuedLine`: a shard's requests, as collection matches
   result lines to them (by ``custom_id``, or by line in the shard's file);
 - :class:`FinalResult` and :class:`RetryLine`: what collection decided for a request: its
-  final result, or another round;
+  final result, or another round (named tuples: one per result line; a tuple of plain
+  values is cheap to make, and the garbage collector stops tracking it, so a chunk of
+  them waiting for its commit adds nothing to a full collection's pause);
 - :class:`ResultRow`: a final result read back for :meth:`BatchRun.results`;
 - :class:`RunMeta` and :class:`JournalCounts`: the run's own facts and its figures.
 """
@@ -240,8 +243,7 @@ class QueuedLine:
     attempts: int
 
 
-@attrs.frozen(slots=True, kw_only=True)
-class FinalResult:
+class FinalResult(NamedTuple):
     """A request's final result, as the journal records it.
 
     Attributes:
@@ -266,8 +268,7 @@ class FinalResult:
     output_tokens: int = 0
 
 
-@attrs.frozen(slots=True)
-class RetryLine:
+class RetryLine(NamedTuple):
     """A request that goes back to pending for another round.
 
     Attributes:

@@ -27,6 +27,7 @@ from conftest import (
     BASE_URL,
     FakeApi,
     Handler,
+    Ticker,
     chat_line,
     client_for,
     config,
@@ -859,9 +860,9 @@ async def test_extra_input_copies_that_cannot_be_deleted_do_not_fail_the_run(
 
 class _CorruptingTransport:
     """Plays a server whose result files hold one line that does not decode (the line
-    for ``custom_id``: its ``status_code`` is a string)."""
+    for ``custom_id``, or every line when it is None: its ``status_code`` is a string)."""
 
-    def __init__(self, inner: Any, custom_id: str) -> None:
+    def __init__(self, inner: Any, custom_id: str | None) -> None:
         self.inner = inner
         self.custom_id = custom_id
 
@@ -870,9 +871,9 @@ class _CorruptingTransport:
         if not (request.method == "GET" and request.url.endswith("/content")):
             return response
         lines = (await response.read()).split(b"\n")
-        marker = json.dumps(self.custom_id).encode()
+        marker = json.dumps(self.custom_id).encode() if self.custom_id else b"custom_id"
         for i, line in enumerate(lines):
-            if marker in line:
+            if line and marker in line:
                 data = json.loads(line)
                 data["response"]["status_code"] = "two hundred"
                 lines[i] = json.dumps(data).encode()
@@ -903,6 +904,44 @@ async def test_a_result_line_that_does_not_decode_ends_its_request_without_a_rer
     out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [line["custom_id"] for line in out] == ["req-0", "req-1", "req-2", "req-3"]
     assert out[2]["error"]["code"] == "undecodable_result"
+
+
+async def test_collection_reads_at_most_500_result_lines_between_turns_of_the_loop(
+    tmp_path: Path, clock: VirtualClock
+) -> None:
+    """Result lines that arrive without a wait (a body already read) are read at most
+    500 between two turns of the loop, even when a chunk holds more (one chunk of
+    2,000 lines held the loop 20-40 ms on the real clock)."""
+    count = 1200
+    service = FakeBatchService(clock=clock, config=FakeConfig(validation_seconds=1.0))
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(chat_requests(count))
+    transport = _CorruptingTransport(service.transport(), None)
+    ticker = await Ticker.start()
+    read_at: list[int] = []
+
+    class AtTick(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "does not decode" in record.getMessage():
+                read_at.append(ticker.ticks)
+
+    handler = AtTick()
+    logger = logging.getLogger("aiobatch")
+    logger.addHandler(handler)
+    try:
+        async with BatchClient(
+            api_key=API_KEY, base_url=BASE_URL, transport=transport, clock=clock
+        ) as client:
+            chunked = RunConfig(collect_chunk=5000)
+            run = BatchRun(client, source, journal=tmp_path / "j", config=chunked)
+            async with clock.auto_advance():
+                report = await run.run()
+    finally:
+        logger.removeHandler(handler)
+        await ticker.stop()
+    assert report.errors == {"undecodable_result": count}
+    assert len(read_at) == count
+    assert max(Counter(read_at).values()) <= 500
 
 
 # --- 9. collection -------------------------------------------------------------------------
