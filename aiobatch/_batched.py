@@ -55,7 +55,8 @@ from ._client import BatchClient
 from ._convert import decode_result_line
 from ._models import ResultError, ResultHTTPError, ResultLine, ResultSuccess
 from ._run import BatchEvent, RunConfig
-from ._run._preflight import Preflight, generated_custom_id
+from ._run._line_checks import generated_custom_id
+from ._run._preflight import Preflight
 from ._run._progress import RunProgress
 from ._run._sqlite import JournalFile
 from .errors import (

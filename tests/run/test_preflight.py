@@ -13,14 +13,8 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from aiobatch._run._preflight import (
-    LineProblem,
-    Preflight,
-    PreparedRequest,
-    count_inputs,
-    estimate_tokens,
-    generated_custom_id,
-)
+from aiobatch._run._line_checks import count_inputs, estimate_tokens, generated_custom_id
+from aiobatch._run._preflight import LineProblem, Preflight, PreparedRequest
 from aiobatch.errors import AiobatchError, InputError, PreflightError
 
 

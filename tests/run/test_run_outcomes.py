@@ -52,7 +52,7 @@ from aiobatch import (
     RunReport,
     RunResult,
 )
-from aiobatch._run._preflight import estimate_tokens as default_estimate_tokens
+from aiobatch._run._line_checks import estimate_tokens as default_estimate_tokens
 from aiobatch._run._report import format_report
 from aiobatch.errors import AiobatchError
 from aiobatch.testing import (
