@@ -7,7 +7,8 @@ thing; see DESIGN.md):
 - ``_states``: the shard lifecycle as data (states, the table of moves);
 - ``_records``: the typed records a run and its journal trade;
 - ``_journal``: the :class:`Journal` protocol; ``_sqlite``: its SQLite file;
-- ``_preflight``, ``_ingest``: checking the source into the journal;
+- ``_preflight`` (with ``_line_checks``, the checks of one line), ``_ingest``: checking
+  the source into the journal;
 - ``_planning``: cutting pending requests into shards;
 - ``_outcomes``: what a result means (final, or another round);
 - ``_context``: what the steps share;

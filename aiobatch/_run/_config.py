@@ -82,7 +82,7 @@ class RunConfig:
             enqueued (in batches not yet ended) at once; shards are also cut to fit.
             Models not listed have no client-side limit.
         token_estimator: estimates a request body's prompt tokens (default
-            :func:`aiobatch._run._preflight.estimate_tokens`, about 4 characters a token).
+            :func:`aiobatch._run._line_checks.estimate_tokens`, about 4 characters a token).
         fleet: how batches are polled (default :class:`FleetConfig` defaults); its
             ``requests_per_second`` paces the fleet's own polls only.
         requests_per_second: the provider account's request budget for every request

@@ -59,7 +59,7 @@ class PreparedRequest:
         url: the line's ``url``, e.g. ``"/v1/chat/completions"``; a batch has one.
         model: the line's ``body.model``; a batch has one.
         tokens: the estimated prompt tokens of the request (see
-            :func:`~aiobatch._run._preflight.estimate_tokens`).
+            :func:`~aiobatch._run._line_checks.estimate_tokens`).
         inputs: the inputs the request counts against a batch's input limit: the
             number of texts (or token arrays) of an embeddings request's ``input``
             list, else 1.
