@@ -190,8 +190,9 @@ async def _with_output(ctx: RunContext, batch: Batch) -> Batch:
 async def _read_file(ctx: RunContext, shard: Shard, file_id: str, column: str) -> None:
     """Stream one result file into the journal, resuming after the lines already
     committed. Lines are read in chunks (``collect_chunk`` lines or
-    ``collect_chunk_bytes``); the requests they name are looked up in the journal, their
-    outcomes decided, and the chunk committed in one transaction with the new line
+    ``collect_chunk_bytes``, shared by the files read at once: with ``n`` of them, each
+    chunk is an ``n``-th of that); the requests they name are looked up in the journal,
+    their outcomes decided, and the chunk committed in one transaction with the new line
     count, so a collection holds one chunk whatever the size of the shard."""
     skip = int(getattr(shard, column))
     number = 0
@@ -308,6 +309,7 @@ async def _read_file(ctx: RunContext, shard: Shard, file_id: str, column: str) -
         else:
             await step
 
+    ctx.reading += 1
     try:
         async with contextlib.aclosing(ctx.client.iter_file_lines(file_id)) as lines:
             async for raw in lines:
@@ -337,7 +339,11 @@ async def _read_file(ctx: RunContext, shard: Shard, file_id: str, column: str) -
                             data,
                         )
                     )
-                if len(chunk) >= config.collect_chunk or held >= config.collect_chunk_bytes:
+                # The files read at once share the chunk's bounds (each its part).
+                share = ctx.reading
+                if len(chunk) * share >= config.collect_chunk or (
+                    held * share >= config.collect_chunk_bytes
+                ):
                     await commit(number)
                     held = 0
                     await asyncio.sleep(0)  # let the other batches' tasks run
@@ -346,6 +352,7 @@ async def _read_file(ctx: RunContext, shard: Shard, file_id: str, column: str) -
                     await asyncio.sleep(0)
         await commit(number)
     finally:
+        ctx.reading -= 1
         await written()  # a chunk committed is counted, whatever ended the reading
 
 

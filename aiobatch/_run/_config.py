@@ -94,10 +94,13 @@ class RunConfig:
             its finished lines (the rest go to a retry round); None for no limit.
         max_submissions: shards uploaded and created at once.
         max_collections: batches whose files are read at once.
-        collect_chunk: result lines committed to the journal per transaction, at most.
-        collect_chunk_bytes: result bytes after which a transaction is committed (so a
-            collection holds about this much, plus one line, however long the lines
-            are).
+        collect_chunk: result lines committed to the journal per transaction, at most,
+            shared by the collections under way (with ``n`` reading at once, each
+            commits after an ``n``-th of it).
+        collect_chunk_bytes: result bytes after which a transaction is committed,
+            shared the same way (so the collections together hold about this much, and
+            the chunk each is writing meanwhile, plus a line each, however long the
+            lines are and however many batches end at once).
         retry_coalesce: how long lines waiting for a retry round gather before they
             are sharded (sooner when nothing else is open).
         token_limit_backoff: the first wait before re-creating a batch that failed with

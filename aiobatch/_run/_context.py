@@ -134,6 +134,9 @@ class RunContext:
     shard_of: dict[str, str] = attrs.field(factory=dict)
     #: result files answered 404, and how many times.
     gone: dict[str, int] = attrs.field(factory=dict)
+    #: result files being read now: each holds its share of ``collect_chunk`` lines and
+    #: ``collect_chunk_bytes`` (see ``_collect``).
+    reading: int = 0
     #: creates of a shard that came to nothing (its file was not found, or a lost create
     #: proved never made) since it last had a batch: they stop the run at
     #: ``max_step_failures`` although each recovery step succeeds.

@@ -12,6 +12,7 @@ the service plays it.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import math
@@ -1020,6 +1021,50 @@ async def test_a_result_file_that_is_gone_does_not_make_the_run_unfinishable(
     assert outcomes[-1].state == "done"
     assert outcomes[-1].pending == 0
     assert outcomes[-1].requests == 4
+
+
+async def test_result_files_read_at_once_share_the_chunk_bounds(
+    clock: VirtualClock, tmp_path: Path
+) -> None:
+    """Two result files read at once each commit chunks of half ``collect_chunk`` (the
+    collections together hold one chunk's worth, however many batches end at once);
+    every request gets its result."""
+    lines, chunk = 3000, 250
+    service = service_on(clock, lines_per_second=1000.0)
+    source = write_jsonl(tmp_path / "in.jsonl", requests(lines))
+    journal = tmp_path / "run.journal"
+    seen: dict[str, list[int]] = {}
+    streaming = asyncio.Event()
+
+    async def noting_downloads(request: Request, handle: Handler) -> Response:
+        if request.method == "GET" and path_of(request).endswith("/content"):
+            streaming.set()
+        return await handle(request)
+
+    async def heartbeat() -> None:
+        await streaming.wait()
+        while True:
+            rows = shard_rows(journal)
+            for row in rows:
+                done = seen.setdefault(row["key"], [0])
+                if int(row["output_done"]) != done[-1]:
+                    done.append(int(row["output_done"]))
+            if len(rows) == 2 and all(row["state"] == "collected" for row in rows):
+                return
+            await asyncio.sleep(0)
+
+    transport = in_front(service, noting_downloads)
+    async with client_for(clock, transport) as client, clock.auto_advance():
+        settings = config(collect_chunk=chunk, max_lines=lines // 2, max_collections=2)
+        run = BatchRun(client, source, journal=journal, config=settings)
+        beat = asyncio.ensure_future(heartbeat())
+        report: RunReport = await run.run()
+        await beat
+    assert report.succeeded == lines
+    assert len(seen) == 2
+    steps = [b - a for done in seen.values() for a, b in itertools.pairwise(done)]
+    assert steps and min(steps) <= chunk // 2, seen
+    assert all(done[-1] == lines // 2 for done in seen.values())
 
 
 async def test_collecting_a_long_result_file_lets_other_tasks_run_between_chunks(
