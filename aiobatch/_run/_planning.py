@@ -223,8 +223,10 @@ async def plan(ctx: RunContext) -> list[Shard]:
         )
         try:
             pending = journal.pending_requests(group.url, group.model, background=background)
+            add = cutter.add
             async for request in pending:
-                await record(cutter.add(request))
+                if closed := add(request):  # most requests close no shard
+                    await record(closed)
             await record(cutter.finish())
         except TooManyBatchesError as exc:
             exc.args = (f"run {ctx.run_id}: {exc}",)
