@@ -16,7 +16,8 @@ Everything a run knows is here, written before it acts on it:
   batch id, its status, and how many lines of its output and error files are collected.
 - ``results``: the final result of each request, at most one (``seq`` is unique); the
   row order is the completion order. The result line itself is in the journal's
-  ``-data`` file beside it, written once (see :mod:`._sqlite_data`).
+  ``-data`` file beside it, written once (see :mod:`._sqlite_data`). The results are
+  recorded and read back by :mod:`._sqlite_results`.
 
 The run writes through one connection, from the event loop's thread (a chunk of
 results on the real clock: from a worker thread, one statement at a time all the
@@ -42,23 +43,18 @@ from ..errors import JournalError, ShardMoveError
 from ._journal import too_many_batches
 from ._records import (
     SHARD_FIELDS,
-    FailedRequest,
-    FinalResult,
-    JournalCounts,
     Member,
-    ModelTokens,
     PreparedRequest,
     QueuedLine,
     RequestGroup,
     RequestRow,
-    ResultRow,
-    RetryLine,
     RunMeta,
     Shard,
     ShardPlan,
 )
-from ._sqlite_data import Located, ResultData
+from ._sqlite_data import ResultData
 from ._sqlite_db import PAGE_BYTES, PAGE_LINES, Checkpointer, Db, Page, SeqRun, seq_runs
+from ._sqlite_results import _NO_RESULT, JournalResults
 from ._sqlite_schema import PAGE_SIZE, READABLE_VERSIONS, SCHEMA, SCHEMA_VERSION, UPGRADES
 from ._states import ShardState, allowed
 
@@ -82,8 +78,6 @@ _IDS_PER_QUERY = 500
 _CHECKPOINT_BYTES = 40 * 1024 * 1024
 #: Seconds between two copies of the log by :meth:`JournalFile.checkpoint_in_thread`.
 _CHECKPOINT_EVERY = 0.25
-#: A request (a row of ``requests``) without its result.
-_NO_RESULT = "NOT EXISTS (SELECT 1 FROM results WHERE results.seq = requests.seq)"
 _META_FLOATS = ("started_at", "updated_at")
 
 
@@ -102,11 +96,13 @@ def _check_move(key: str, source: ShardState, target: ShardState) -> None:
         )
 
 
-class JournalFile:
+class JournalFile(JournalResults):
     """A run's journal file, read and written synchronously (see the module notes).
 
     :class:`SQLiteJournal` puts the run's :class:`~aiobatch._run._journal.Journal`
-    interface over it; ``aiobatch status`` and tests read it directly.
+    interface over it; ``aiobatch status`` and tests read it directly. Its results half
+    (recording final results and retries, reading them back) is
+    :class:`~aiobatch._run._sqlite_results.JournalResults`.
 
     Args:
         path: the SQLite file.
@@ -597,268 +593,6 @@ class JournalFile:
             with self.transaction() as db:
                 self.set_fields(db, key, fields)
 
-    # --- results -------------------------------------------------------------------------
-
-    def record_rows(
-        self,
-        db: Db,
-        finals: Sequence[FinalResult],
-        retries: Sequence[RetryLine],
-    ) -> None:
-        """Final results and requests back to pending (see :meth:`record`), inside the
-        caller's transaction. A request that already has its result keeps it. The
-        result lines are appended to the ``-data`` file first (a line whose request
-        had its result already is written, and never read)."""
-        if finals:
-            row = db.execute("SELECT value FROM meta WHERE key = 'data_end'").fetchone()
-            end = int(row[0]) if row is not None else 0
-            self._data.write(end, [f.data for f in finals])
-            located = []
-            for f in finals:
-                size = len(f.data)
-                located.append(
-                    (
-                        f.seq,
-                        f.kind,
-                        f.code,
-                        f.shard,
-                        f.batch_id,
-                        f.attempts,
-                        f.input_tokens,
-                        f.output_tokens,
-                        end,
-                        size,
-                    )
-                )
-                end += size
-            db.executemany(
-                "INSERT OR IGNORE INTO results (seq, kind, code, shard, batch_id, attempts, "
-                "input_tokens, output_tokens, data, data_at, data_size) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, X'', ?, ?)",
-                located,
-            )
-            self.put_meta(db, {"data_end": str(end)})
-        # A request with a result is done: it goes back to pending no more.
-        db.executemany(
-            "UPDATE requests SET state = 'pending', attempts = ?, last_error = ? "
-            f"WHERE seq = ? AND {_NO_RESULT}",
-            ((r.attempts, r.last_error, r.seq) for r in retries),
-        )
-
-    def record(
-        self,
-        key: str | None,
-        finals: Sequence[FinalResult],
-        retries: Sequence[RetryLine] = (),
-        **fields: Any,
-    ) -> None:
-        """In one transaction: final results (their requests are done), requests back to
-        ``pending`` for another round, and fields of shard ``key``."""
-        with self.transaction() as db:
-            self.record_rows(db, finals, retries)
-            if key is not None and fields:
-                self.set_fields(db, key, fields)
-
-    def settle(
-        self,
-        key: str,
-        finals: Sequence[FinalResult],
-        retries: Sequence[RetryLine],
-        **fields: Any,
-    ) -> Shard:
-        """:meth:`record` and the shard's move to ``collected``, in one transaction."""
-        with self.transaction() as db:
-            self.record_rows(db, finals, retries)
-            self.move_in(db, key, ShardState.COLLECTED, fields)
-        return self.shard(key)
-
-    def result_rows(
-        self, *, order: str = "input", after: int = -1, limit: int = 1000
-    ) -> list[ResultRow]:
-        """Final results past a cursor: ``order="input"`` walks ``seq`` (``after`` is a
-        seq), ``"completion"`` walks the completion counter ``n`` (``after`` is an
-        ``n``)."""
-        column = "r.seq" if order == "input" else "r.n"
-        rows = self._db.execute(
-            "SELECT r.n, q.custom_id, r.attempts, r.batch_id, r.kind, "
-            f"r.data, {self._line_at}, r.seq "
-            f"FROM results r JOIN requests q ON q.seq = r.seq WHERE {column} > ? "
-            f"ORDER BY {column} LIMIT ?",
-            (after, limit),
-        ).fetchall()  # read whole: a line that cannot be read leaves no statement open
-        lines = self._data.lines([row[5:] for row in rows])  # (data, at, size, seq)
-        return [
-            ResultRow(
-                n=int(n),
-                seq=int(seq),
-                custom_id=str(cid),
-                attempts=int(att),
-                batch_id=bid,
-                data=line,
-                kind=str(kind),
-            )
-            for (n, cid, att, bid, kind, *_located, seq), line in zip(rows, lines, strict=True)
-        ]
-
-    def ids_without_result(self) -> set[str]:
-        """The ``custom_id`` of every request without a final result."""
-        rows = self._db.execute(f"SELECT custom_id FROM requests WHERE {_NO_RESULT}")
-        return {str(custom_id) for (custom_id,) in rows}
-
-    def result_lines(self, *, order: str = "input") -> Iterator[bytes]:
-        """Every final result line, in ``order``, read page by page."""
-        after = -1
-        while page := self.result_page(order=order, after=after):
-            after = page.last
-            yield from page.lines
-
-    def result_page(
-        self, *, order: str, after: int, lines: int = PAGE_LINES, size: int = PAGE_BYTES
-    ) -> Page:
-        """Final result lines past a cursor (a ``seq`` in input order, an ``n`` in
-        completion order): at most ``lines``, and no more once they make ``size``
-        bytes."""
-        column = "seq" if order == "input" else "n"
-        located: list[Located] = []
-        held = 0
-        last = -1
-        rows = self._db.execute(
-            f"SELECT {column}, seq, data, {self._line_at} FROM results WHERE {column} > ? "
-            f"ORDER BY {column} LIMIT ?",
-            (after, lines),
-        )
-        try:
-            for cursor, seq, data, at, length in rows:
-                located.append((data, at, length, seq))
-                last = int(cursor)
-                held += (len(data) if at is None else length) + 1
-                if held >= size:
-                    break
-        finally:
-            rows.close()
-        return Page(self._data.lines(located), last)
-
-    def counts(self) -> JournalCounts:
-        """The figures of a report, read in one go."""
-        db = self._db
-        # Done: with a result (a pending request never has one); queued: the others.
-        total, pending, done = db.execute(
-            "SELECT (SELECT count(*) FROM requests), (SELECT count(*) FROM requests WHERE "
-            "state = 'pending'), (SELECT count(*) FROM results)"
-        ).fetchone()
-        requests = {"pending": pending, "queued": total - pending - done, "done": done}
-        requests = {k: v for k, v in requests.items() if v}
-        # One pass over the results, summed here: SQLite's GROUP BY would sort them
-        # (its sorter takes 16 MiB with 64 KiB pages, which the process keeps), and an
-        # index to group them by doubled the cost of recording a result.
-        # So SQLite sums the successes and the tokens, and the failures (usually few) are
-        # grouped here.
-        succeeded, used_in, used_out = db.execute(
-            "SELECT count(*), coalesce(sum(input_tokens), 0), coalesce(sum(output_tokens), 0) "
-            "FROM results WHERE kind = 'success'"
-        ).fetchone()
-        tokens = [int(used_in), int(used_out)]
-        kinds: dict[str, int] = {"success": int(succeeded)} if succeeded else {}
-        codes: dict[str, int] = {}
-        for kind, code, used_in, used_out in db.execute(
-            "SELECT kind, code, input_tokens, output_tokens FROM results WHERE kind != 'success'"
-        ):
-            kinds[kind] = kinds.get(kind, 0) + 1
-            name = kind if code is None else code
-            codes[name] = codes.get(name, 0) + 1
-            tokens[0] += used_in
-            tokens[1] += used_out
-        # Re-submitted: a retryable failure, and sent again (or ended) since; a request
-        # still waiting for its retry round is not re-submitted yet.
-        # ``aiobatch status`` (read-only) reads every request row for it, so that damage
-        # anywhere in them shows now rather than when the run resumes; the run counts
-        # through the index of the few requests that failed.
-        scan = " NOT INDEXED" if self.readonly else ""
-        attempts = db.execute(
-            f"SELECT count(*) FROM requests{scan} WHERE attempts > 0 AND state != 'pending'"
-        ).fetchone()
-        shard_states = dict(
-            db.execute("SELECT state, count(*) FROM shards GROUP BY state").fetchall()
-        )
-        statuses = dict(
-            db.execute(
-                "SELECT coalesce(status, state), count(*) FROM shards "
-                "GROUP BY coalesce(status, state)"
-            ).fetchall()
-        )
-        # creates counts a shard's batches that failed with token_limit_exceeded (each
-        # was made); the re-create of the last of them is not made yet while the shard
-        # has no batch.
-        batches = db.execute(
-            "SELECT count(batch_id) + coalesce(sum(creates), 0), coalesce(sum(creates), 0) "
-            "- coalesce(sum(creates > 0 AND batch_id IS NULL), 0) FROM shards"
-        ).fetchone()
-        rounds = db.execute("SELECT coalesce(max(round), 0) FROM shards").fetchone()[0]
-        # The latest step a shard recorded (planned, upload or create started).
-        last_step = db.execute(
-            "SELECT coalesce(max(max(planned_at, coalesce(upload_started_at, 0), "
-            "coalesce(create_started_at, 0))), 0) FROM shards"
-        ).fetchone()[0]
-        return JournalCounts(
-            requests={str(k): int(v) for k, v in requests.items()},
-            kinds={str(k): int(v) for k, v in kinds.items()},
-            codes={str(k): int(v) for k, v in codes.items()},
-            input_tokens=int(tokens[0]),
-            output_tokens=int(tokens[1]),
-            retried=int(attempts[0]),
-            shard_states={str(k): int(v) for k, v in shard_states.items()},
-            statuses={str(k): int(v) for k, v in statuses.items()},
-            batches=int(batches[0]),
-            recreated=int(batches[1]),
-            rounds=int(rounds),
-            last_step=float(last_step),
-        )
-
     def open_batches(self) -> list[Shard]:
         """Every shard whose batch is being tracked."""
         return [s for s in self.shards(ShardState.OPEN) if s.batch_id is not None]
-
-    def failed_requests(self) -> Iterator[FailedRequest]:
-        """Every request whose final result is an error, in input order, with its
-        request line (streamed; no write may happen on this connection meanwhile)."""
-        for seq, cid, kind, code, bid, att, request, result, at, size in self._db.execute(
-            "SELECT r.seq, q.custom_id, r.kind, r.code, r.batch_id, r.attempts, q.data, "
-            f"r.data, {self._line_at} FROM results r JOIN requests q ON q.seq = r.seq "
-            "WHERE r.kind != 'success' ORDER BY r.seq"
-        ):
-            yield FailedRequest(
-                seq=int(seq),
-                custom_id=str(cid),
-                kind=str(kind),
-                code=code,
-                batch_id=bid,
-                attempts=int(att),
-                request=bytes(request),
-                result=self._data.lines([(result, at, size, seq)])[0],
-            )
-
-    def tokens_by_model(self) -> dict[str, ModelTokens]:
-        """Prompt and completion tokens of the final results, by the model of the shard
-        that produced them (each result counted once; ``""`` for results of no shard or
-        a shard without a model)."""
-        # Summed by shard here in one pass (no sort of the results: see counts()), then
-        # by model over those few sums.
-        by_shard: dict[str | None, list[int]] = {}
-        for shard, used_in, used_out in self._db.execute(
-            "SELECT shard, input_tokens, output_tokens FROM results"
-        ):
-            sums = by_shard.get(shard)
-            if sums is None:
-                by_shard[shard] = [used_in, used_out]
-            else:
-                sums[0] += used_in
-                sums[1] += used_out
-        shards = self._db.execute("SELECT key, model FROM shards")
-        models = {str(key): str(model or "") for key, model in shards}
-        totals: dict[str, list[int]] = {}
-        for shard, (used_in, used_out) in by_shard.items():
-            # A result of no shard (or of a shard without a model) counts under "".
-            total = totals.setdefault(models.get(shard, "") if shard else "", [0, 0])
-            total[0] += used_in
-            total[1] += used_out
-        return {model: ModelTokens(i, o) for model, (i, o) in totals.items() if i or o}
