@@ -1067,6 +1067,52 @@ async def test_result_files_read_at_once_share_the_chunk_bounds(
     assert all(done[-1] == lines // 2 for done in seen.values())
 
 
+async def test_a_result_file_read_again_after_a_404_keeps_the_whole_chunk(
+    clock: VirtualClock, tmp_path: Path
+) -> None:
+    """A result file that answered 404 once (its reading ended with the error) no
+    longer counts as read: the file read again alone commits whole ``collect_chunk``
+    chunks, not a share of them."""
+    lines, chunk = 1500, 250
+    service = service_on(clock, lines_per_second=1000.0)
+    source = write_jsonl(tmp_path / "in.jsonl", requests(lines))
+    journal = tmp_path / "run.journal"
+    done: list[int] = [0]
+    missed: list[str] = []
+    streaming = asyncio.Event()
+
+    async def a_404_first(request: Request, handle: Handler) -> Response:
+        path = path_of(request)
+        if request.method == "GET" and path.endswith("/content"):
+            if not missed:
+                missed.append(path)
+                return error_response(404, "No such File object")
+            streaming.set()
+        return await handle(request)
+
+    async def heartbeat() -> None:
+        await streaming.wait()
+        while True:
+            (row,) = shard_rows(journal)
+            if int(row["output_done"]) != done[-1]:
+                done.append(int(row["output_done"]))
+            if row["state"] == "collected":
+                return
+            await asyncio.sleep(0)
+
+    transport = in_front(service, a_404_first)
+    async with client_for(clock, transport) as client, clock.auto_advance():
+        settings = config(collect_chunk=chunk, step_backoff=1.0, max_step_failures=3)
+        run = BatchRun(client, source, journal=journal, config=settings)
+        beat = asyncio.ensure_future(heartbeat())
+        report: RunReport = await run.run()
+        await beat
+    assert report.succeeded == lines
+    assert missed
+    steps = [b - a for a, b in itertools.pairwise(done)]
+    assert steps and min(steps) == chunk, done
+
+
 async def test_collecting_a_long_result_file_lets_other_tasks_run_between_chunks(
     clock: VirtualClock, tmp_path: Path
 ) -> None:
