@@ -46,7 +46,7 @@ __all__ = ["collect", "delete_files"]
 #: A result file answered 404 this many times is taken as gone (deleted or expired).
 GONE_AFTER = 3
 
-#: Lines of a chunk read in one turn of the loop (~2-5 ms of decoding).
+#: Lines of a result file read in one turn of the loop (~2-5 ms of decoding).
 _LINES_PER_TURN = 500
 
 _S = ShardState
@@ -314,6 +314,10 @@ async def _read_file(ctx: RunContext, shard: Shard, file_id: str, column: str) -
         async with contextlib.aclosing(ctx.client.iter_file_lines(file_id)) as lines:
             async for raw in lines:
                 number += 1
+                if not number % _LINES_PER_TURN:
+                    # Lines already received arrive without a wait (and lines committed
+                    # before a resume are skipped): read them in turns of the loop.
+                    await asyncio.sleep(0)
                 if number <= skip or not raw.strip():
                     continue
                 try:
@@ -347,9 +351,6 @@ async def _read_file(ctx: RunContext, shard: Shard, file_id: str, column: str) -
                     await commit(number)
                     held = 0
                     await asyncio.sleep(0)  # let the other batches' tasks run
-                elif not len(chunk) % _LINES_PER_TURN:
-                    # Lines already read arrive without a wait: read a chunk in turns.
-                    await asyncio.sleep(0)
         await commit(number)
     finally:
         ctx.reading -= 1
