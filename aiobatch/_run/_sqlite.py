@@ -180,6 +180,7 @@ class JournalFile(JournalResults):
                 )
             # Where a result line is (a journal before schema 7, read only, has no -data).
             columns = {row[1] for row in self._db.execute("PRAGMA table_info(results)")}
+            self._data.expect(self.get_meta("data_id"))
             if not readonly:  # a run resumes from here: its result lines must all be there
                 self._data.check(int(self.get_meta("data_end") or 0))
         except BaseException:

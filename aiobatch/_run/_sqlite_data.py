@@ -9,6 +9,11 @@ the next append, so they are never read. In the SQLite file itself the line woul
 written twice (the log, then the file) and read back page by page: collecting 200 MB of
 output spent most of its time there (benchmarks/bench_run_collect.py).
 
+The file starts with a line of its own, ``aiobatch result lines <id>``, where ``<id>`` is
+the journal's ``meta.data_id`` (made with the file's first write): a ``-data`` file put
+back beside the wrong journal is a JournalError, not other requests' lines in the output.
+(A file made before ids has no such line, and its journal no ``data_id``.)
+
 Rows of a journal from before schema 7 hold their line in ``results.data``
 (``data_at`` is NULL); they are read from there.
 
@@ -23,7 +28,7 @@ from collections.abc import Sequence
 
 from ..errors import JournalError
 
-__all__ = ["DATA_SUFFIX", "Located", "ResultData"]
+__all__ = ["DATA_SUFFIX", "Located", "ResultData", "header"]
 
 #: A row of ``results`` as its line is found: ``(data, data_at, data_size, seq)``.
 Located = tuple[bytes, "int | None", "int | None", int]
@@ -32,6 +37,15 @@ Located = tuple[bytes, "int | None", "int | None", int]
 DATA_SUFFIX = "-data"
 
 _sync = getattr(os, "fdatasync", os.fsync)
+
+#: The start of a ``-data`` file's first line; the journal's ``data_id`` follows.
+_HEADER = b"aiobatch result lines "
+
+
+def header(data_id: str) -> bytes:
+    """The first line of the ``-data`` file of the journal whose ``meta.data_id`` is
+    ``data_id``."""
+    return _HEADER + data_id.encode() + b"\n"
 
 
 def _sync_directory(path: str) -> None:
@@ -75,12 +89,18 @@ class ResultData:
         readonly: only read it (never create it).
     """
 
-    __slots__ = ("_fd", "_readonly", "path")
+    __slots__ = ("_expected", "_fd", "_readonly", "path")
 
     def __init__(self, journal_path: str, *, readonly: bool) -> None:
         self.path = journal_path + DATA_SUFFIX
         self._readonly = readonly
         self._fd: int | None = None
+        self._expected: bytes | None = None  # the first line the file must have
+
+    def expect(self, data_id: str | None) -> None:
+        """The journal's ``meta.data_id`` (None: a journal from before ids, or one
+        without results yet): the file, when opened, must start with its line."""
+        self._expected = header(data_id) if data_id else None
 
     def check(self, end: int) -> None:
         """Raise unless the file holds the ``end`` bytes that the journal's results use
@@ -102,6 +122,7 @@ class ResultData:
                 f"{end:,} bytes): the file was truncated or replaced; put the original "
                 "back beside the journal, or move the journal away and run again"
             )
+        self._open()  # and it is this journal's
 
     def _unopenable(self, exc: OSError) -> JournalError:
         return JournalError(
@@ -118,19 +139,46 @@ class ResultData:
             if create and not self._readonly:
                 flags |= os.O_CREAT
             try:
-                self._fd = os.open(self.path, flags | getattr(os, "O_CLOEXEC", 0), 0o666)
+                fd = os.open(self.path, flags | getattr(os, "O_CLOEXEC", 0), 0o666)
             except OSError as exc:
                 raise self._unopenable(exc) from exc
             if create:
                 _sync_directory(self.path)
+            elif self._expected is not None:
+                self._check_header(fd, self._expected)
+            self._fd = fd
         return self._fd
 
-    def write(self, at: int, lines: Sequence[bytes]) -> None:
+    def _check_header(self, fd: int, expected: bytes) -> None:
+        """Close ``fd`` and raise unless the file starts with ``expected``.
+
+        Raises:
+            JournalError: it does not (another journal's file), or cannot be read.
+        """
+        try:
+            found = os.pread(fd, len(expected), 0)
+        except OSError as exc:
+            os.close(fd)
+            raise self._unopenable(exc) from exc
+        if found != expected:
+            os.close(fd)
+            raise JournalError(
+                f"{self.path}: these result lines belong to another journal (the file "
+                "does not start with this journal's id): put back the file that was "
+                "beside this journal, or move the journal away and run again"
+            )
+
+    def write(self, at: int, lines: Sequence[bytes], *, data_id: str | None = None) -> None:
         """Write ``lines`` one after another from offset ``at``, and sync them to disk.
+        ``data_id`` (the first write of all, ``at`` 0): the file is made (or written
+        over) and belongs to the journal of that ``meta.data_id`` from now on; ``lines``
+        start with its :func:`header`.
 
         Raises:
             JournalError: the file cannot be written (a full disk...).
         """
+        if data_id is not None:
+            self.expect(data_id)
         fd = self._open(create=at == 0)
         try:
             for start in range(0, len(lines), _IOV_MAX):

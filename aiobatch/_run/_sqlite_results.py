@@ -15,6 +15,7 @@ by page, and sums them for a report without sorting them.
 from __future__ import annotations
 
 import contextlib
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +28,7 @@ from ._records import (
     RetryLine,
     Shard,
 )
-from ._sqlite_data import Located, ResultData
+from ._sqlite_data import Located, ResultData, header
 from ._sqlite_db import PAGE_BYTES, PAGE_LINES, Db, Page
 from ._states import ShardState
 
@@ -73,7 +74,15 @@ class JournalResults:
         if finals:
             row = db.execute("SELECT value FROM meta WHERE key = 'data_end'").fetchone()
             end = int(row[0]) if row is not None else 0
-            self._data.write(end, [f.data for f in finals])
+            lines = [f.data for f in finals]
+            if end == 0:  # the file's first write: its id line first
+                data_id = uuid.uuid4().hex
+                head = header(data_id)
+                self._data.write(0, [head, *lines], data_id=data_id)
+                self.put_meta(db, {"data_id": data_id})
+                end = len(head)
+            else:
+                self._data.write(end, lines)
             located = []
             for f in finals:
                 size = len(f.data)

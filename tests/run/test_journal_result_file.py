@@ -1,11 +1,12 @@
 """The journal's result lines live in its ``-data`` file, written once: a finished run's
 lines are there, a chunk whose transaction rolled back is never read, and a file that is
-missing or cut short is a JournalError naming it and the request."""
+missing, cut short or another journal's is a JournalError naming it."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -62,11 +63,12 @@ def _final(seq: int, data: bytes) -> FinalResult:
 
 
 def test_a_finished_runs_result_lines_are_in_the_data_file_once(tmp_path: Path) -> None:
-    """Every line of the output is in the journal's ``-data`` file, once, and the
-    journal reads them back in input order."""
+    """Every line of the output is in the journal's ``-data`` file, once, after the
+    file's id line, and the journal reads them back in input order."""
     journal, output = _finished(tmp_path)
     lines = output.read_bytes().splitlines()
-    data = Path(f"{journal}-data").read_bytes()
+    head, _, data = Path(f"{journal}-data").read_bytes().partition(b"\n")
+    assert head.startswith(b"aiobatch result lines ")
     assert len(data) == sum(len(line) for line in lines)
     assert all(data.count(line) == 1 for line in lines)
     with JournalFile(journal, readonly=True) as db:
@@ -86,7 +88,7 @@ def test_a_chunk_rolled_back_is_written_over_and_never_read(tmp_path: Path) -> N
         db.record(None, [_final(2, b'{"c":1}'), _final(3, b'{"d":22}')])
         assert list(db.result_lines()) == [b'{"c":1}', b'{"d":22}']
         assert db.counts().requests["done"] == 2
-    assert Path(f"{journal}-data").read_bytes()[:15] == b'{"c":1}{"d":22}'
+    assert Path(f"{journal}-data").read_bytes().partition(b"\n")[2][:15] == b'{"c":1}{"d":22}'
 
 
 def test_a_data_file_cut_short_is_a_journal_error_naming_it(tmp_path: Path) -> None:
@@ -152,6 +154,54 @@ def test_a_run_does_not_resume_over_a_data_file_missing_or_cut_short(
     assert not (tmp_path / "out.jsonl").exists()
     with JournalFile(journal, readonly=True) as db:  # status still reads it
         assert db.counts().requests["done"] == 2
+
+
+def test_another_journals_data_file_is_refused_before_anything_is_sent(tmp_path: Path) -> None:
+    """A ``-data`` file put back beside the wrong journal (another run's, at least as
+    long) is a JournalError saying so, before a resume sends anything, and when
+    ``aiobatch status`` reads results: not other requests' lines in the output."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    journal = asyncio.run(_run_unfinished(tmp_path / "a"))
+    with JournalFile(journal) as db:
+        db.record(None, [_final(0, b'{"a":1}'), _final(1, b'{"b":2}')])
+    other = asyncio.run(_run_unfinished(tmp_path / "b"))
+    with JournalFile(other) as db:
+        db.record(None, [_final(0, b'{"x":111}'), _final(1, b'{"y":222}')])
+    data = Path(f"{journal}-data")
+    data.write_bytes(Path(f"{other}-data").read_bytes())
+    error, sent = asyncio.run(_resume(journal))
+    assert isinstance(error, JournalError)
+    assert f"{data}" in str(error)
+    assert "another journal" in str(error)
+    assert sent == []
+    with JournalFile(journal, readonly=True) as db, pytest.raises(JournalError) as caught:
+        list(db.result_lines())
+    assert "another journal" in str(caught.value)
+
+
+def test_a_data_file_from_before_ids_is_read_and_appended_to(tmp_path: Path) -> None:
+    """A journal whose ``-data`` file was made before files had an id line (no
+    ``meta.data_id``) still resumes: its lines are read back, and new ones appended
+    after them."""
+    journal = asyncio.run(_run_unfinished(tmp_path))
+    with JournalFile(journal) as db:
+        db.record(None, [_final(0, b'{"a":1}'), _final(1, b'{"b":2}')])
+    data = Path(f"{journal}-data")
+    head, _, lines = data.read_bytes().partition(b"\n")
+    data.write_bytes(lines)  # as an earlier aiobatch wrote it
+    cut = len(head) + 1
+    sql = sqlite3.connect(journal)
+    with sql:
+        sql.execute("UPDATE results SET data_at = data_at - ?", (cut,))
+        sql.execute("UPDATE meta SET value = value - ? WHERE key = 'data_end'", (cut,))
+        sql.execute("DELETE FROM meta WHERE key = 'data_id'")
+    sql.close()
+    with JournalFile(journal) as db:
+        assert list(db.result_lines()) == [b'{"a":1}', b'{"b":2}']
+        db.record(None, [_final(2, b'{"c":3}')])
+        assert list(db.result_lines()) == [b'{"a":1}', b'{"b":2}', b'{"c":3}']
+    assert data.read_bytes() == b'{"a":1}{"b":2}{"c":3}'
 
 
 @pytest.mark.parametrize("system", ["short pwritev", "no pwritev"])
