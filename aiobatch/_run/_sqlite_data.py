@@ -160,6 +160,13 @@ class ResultData:
         except OSError as exc:
             os.close(fd)
             raise self._unopenable(exc) from exc
+        if len(found) < len(expected) and expected.startswith(found):
+            os.close(fd)
+            raise JournalError(
+                f"{self.path}: the journal's result lines are cut short ({len(found)} "
+                f"bytes, less than its first line): the file was truncated; put the "
+                "original back beside the journal, or move the journal away and run again"
+            )
         if found != expected:
             os.close(fd)
             raise JournalError(

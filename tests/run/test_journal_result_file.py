@@ -105,10 +105,6 @@ def test_a_data_file_cut_short_is_a_journal_error_naming_it(tmp_path: Path) -> N
     assert "request" in message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="found by review: a -data file cut inside its id line is read as another journal's",
-)
 @pytest.mark.parametrize("kept", [0, 10])
 def test_a_data_file_cut_inside_its_id_line_is_cut_short_not_another_journals(
     tmp_path: Path, kept: int
