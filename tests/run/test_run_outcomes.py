@@ -1023,6 +1023,36 @@ async def test_a_result_file_that_is_gone_does_not_make_the_run_unfinishable(
     assert outcomes[-1].requests == 4
 
 
+def _noting_downloads(started: asyncio.Event) -> Callable[[Request, Handler], Any]:
+    """A middleware (for ``in_front``) that sets ``started`` at the first download of a
+    result file."""
+
+    async def noting(request: Request, handle: Handler) -> Response:
+        if request.method == "GET" and path_of(request).endswith("/content"):
+            started.set()
+        return await handle(request)
+
+    return noting
+
+
+async def _output_done_values(
+    journal: Path, started: asyncio.Event, shards: int
+) -> dict[str, list[int]]:
+    """Every value each shard's ``output_done`` takes (from 0), read from the journal at
+    each turn of the loop from ``started`` until ``shards`` shards are collected."""
+    seen: dict[str, list[int]] = {}
+    await started.wait()
+    while True:
+        rows = shard_rows(journal)
+        for row in rows:
+            done = seen.setdefault(row["key"], [0])
+            if int(row["output_done"]) != done[-1]:
+                done.append(int(row["output_done"]))
+        if len(rows) == shards and all(row["state"] == "collected" for row in rows):
+            return seen
+        await asyncio.sleep(0)
+
+
 async def test_result_files_read_at_once_share_the_chunk_bounds(
     clock: VirtualClock, tmp_path: Path
 ) -> None:
@@ -1033,33 +1063,14 @@ async def test_result_files_read_at_once_share_the_chunk_bounds(
     service = service_on(clock, lines_per_second=1000.0)
     source = write_jsonl(tmp_path / "in.jsonl", requests(lines))
     journal = tmp_path / "run.journal"
-    seen: dict[str, list[int]] = {}
     streaming = asyncio.Event()
-
-    async def noting_downloads(request: Request, handle: Handler) -> Response:
-        if request.method == "GET" and path_of(request).endswith("/content"):
-            streaming.set()
-        return await handle(request)
-
-    async def heartbeat() -> None:
-        await streaming.wait()
-        while True:
-            rows = shard_rows(journal)
-            for row in rows:
-                done = seen.setdefault(row["key"], [0])
-                if int(row["output_done"]) != done[-1]:
-                    done.append(int(row["output_done"]))
-            if len(rows) == 2 and all(row["state"] == "collected" for row in rows):
-                return
-            await asyncio.sleep(0)
-
-    transport = in_front(service, noting_downloads)
+    transport = in_front(service, _noting_downloads(streaming))
     async with client_for(clock, transport) as client, clock.auto_advance():
         settings = config(collect_chunk=chunk, max_lines=lines // 2, max_collections=2)
         run = BatchRun(client, source, journal=journal, config=settings)
-        beat = asyncio.ensure_future(heartbeat())
+        beat = asyncio.ensure_future(_output_done_values(journal, streaming, shards=2))
         report: RunReport = await run.run()
-        await beat
+        seen = await beat
     assert report.succeeded == lines
     assert len(seen) == 2
     steps = [b - a for done in seen.values() for a, b in itertools.pairwise(done)]
@@ -1077,7 +1088,6 @@ async def test_a_result_file_read_again_after_a_404_keeps_the_whole_chunk(
     service = service_on(clock, lines_per_second=1000.0)
     source = write_jsonl(tmp_path / "in.jsonl", requests(lines))
     journal = tmp_path / "run.journal"
-    done: list[int] = [0]
     missed: list[str] = []
     streaming = asyncio.Event()
 
@@ -1090,23 +1100,13 @@ async def test_a_result_file_read_again_after_a_404_keeps_the_whole_chunk(
             streaming.set()
         return await handle(request)
 
-    async def heartbeat() -> None:
-        await streaming.wait()
-        while True:
-            (row,) = shard_rows(journal)
-            if int(row["output_done"]) != done[-1]:
-                done.append(int(row["output_done"]))
-            if row["state"] == "collected":
-                return
-            await asyncio.sleep(0)
-
     transport = in_front(service, a_404_first)
     async with client_for(clock, transport) as client, clock.auto_advance():
         settings = config(collect_chunk=chunk, step_backoff=1.0, max_step_failures=3)
         run = BatchRun(client, source, journal=journal, config=settings)
-        beat = asyncio.ensure_future(heartbeat())
+        beat = asyncio.ensure_future(_output_done_values(journal, streaming, shards=1))
         report: RunReport = await run.run()
-        await beat
+        (done,) = (await beat).values()
     assert report.succeeded == lines
     assert missed
     steps = [b - a for a, b in itertools.pairwise(done)]
@@ -1122,31 +1122,14 @@ async def test_collecting_a_long_result_file_lets_other_tasks_run_between_chunks
     lines = 3000
     service = service_on(clock, lines_per_second=1000.0)
     streaming = asyncio.Event()
-
-    async def noting_downloads(request: Request, handle: Handler) -> Response:
-        if request.method == "GET" and path_of(request).endswith("/content"):
-            streaming.set()
-        return await handle(request)
-
     source = write_jsonl(tmp_path / "in.jsonl", requests(lines))
     journal = tmp_path / "run.journal"
-    seen: set[int] = set()
-
-    async def heartbeat() -> None:
-        await streaming.wait()
-        while True:
-            (row,) = shard_rows(journal)
-            seen.add(int(row["output_done"]))
-            if row["state"] == "collected":
-                return
-            await asyncio.sleep(0)
-
-    transport = in_front(service, noting_downloads)
+    transport = in_front(service, _noting_downloads(streaming))
     async with client_for(clock, transport) as client, clock.auto_advance():
         run = BatchRun(client, source, journal=journal, config=config(collect_chunk=250))
-        beat = asyncio.ensure_future(heartbeat())
+        beat = asyncio.ensure_future(_output_done_values(journal, streaming, shards=1))
         report: RunReport = await run.run()
-        await beat
+        (seen,) = (await beat).values()
     assert report.succeeded == lines
     partway = sorted(n for n in seen if 0 < n < lines)
     assert partway, f"the heartbeat never ran during the collection (saw {sorted(seen)})"
