@@ -21,6 +21,7 @@ import functools
 import os
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from ._journal import PENDING_PAGE
@@ -79,33 +80,58 @@ async def _turn() -> None:
     await asyncio.sleep(0)
 
 
-async def _in_thread(function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """``function`` run in a worker thread, the loop running meanwhile; the caller
-    holds the journal's lock, and keeps it until the thread is done even when it is
-    cancelled (no other statement may use the connection meanwhile)."""
-    future = asyncio.get_running_loop().run_in_executor(
-        None, functools.partial(function, *args, **kwargs)
-    )
-    try:
-        return await asyncio.shield(future)
-    except asyncio.CancelledError:
-        while not future.done():
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait([future])
-        raise
+class _Worker:
+    """The journal's one worker thread, started on first use.
+
+    Its calls hold the journal's lock, so they never run two at a time: one thread is
+    all they need. (The loop's default executor starts several over a run, and each
+    thread that allocates gets its own malloc arena: 3-4 MB more of the process's
+    memory apiece.)
+    """
+
+    __slots__ = ("_pool",)
+
+    def __init__(self) -> None:
+        self._pool: ThreadPoolExecutor | None = None
+
+    async def run(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``function`` run in the worker thread, the loop running meanwhile; the
+        caller holds the journal's lock, and keeps it until the thread is done even
+        when it is cancelled (no other statement may use the connection meanwhile)."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="aiobatch journal")
+        future = asyncio.get_running_loop().run_in_executor(
+            self._pool, functools.partial(function, *args, **kwargs)
+        )
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            while not future.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait([future])
+            raise
+
+    def stop(self) -> None:
+        """End the thread (at once: it has no call left, the lock is held)."""
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
 
 
 class _SQLiteIngest:
-    def __init__(self, file: JournalFile, db: Db, *, background: bool = False) -> None:
+    def __init__(
+        self, file: JournalFile, db: Db, worker: _Worker, *, background: bool = False
+    ) -> None:
         self._file = file
         self._db = db
+        self._worker = worker
         self._background = background
 
     async def add(self, rows: Sequence[RequestRow]) -> bool:
         if not rows:
             return True
         if self._background:  # a spill of the page cache into the log held the loop ~45 ms
-            return await _in_thread(self._add, rows)
+            return await self._worker.run(self._add, rows)
         if len(rows) <= SLICE_ROWS:
             return self._add(rows)
         db = self._db
@@ -165,6 +191,7 @@ class SQLiteJournal:
         self.file.checkpoint_in_thread()  # no commit in the loop copies the log
         self._lock = FileLock(self.file.path)
         self._turn = asyncio.Lock()
+        self._worker = _Worker()
 
     @property
     def location(self) -> str:
@@ -173,8 +200,12 @@ class SQLiteJournal:
     async def close(self, *, background: bool = False) -> None:
         async with self._turn:  # after a chunk being written in a worker thread
             if background:  # SQLite copies the log into the file: 60-90 ms at 100,000 results
-                await _in_thread(self.file.close)
+                try:
+                    await self._worker.run(self.file.close)
+                finally:
+                    self._worker.stop()
             else:
+                self._worker.stop()
                 self.file.close()
 
     async def acquire(self) -> None:
@@ -187,7 +218,7 @@ class SQLiteJournal:
     async def ingest(self, *, background: bool = False) -> AsyncIterator[_SQLiteIngest]:
         async with self._turn:
             with self.file.transaction() as db:
-                yield _SQLiteIngest(self.file, db, background=background)
+                yield _SQLiteIngest(self.file, db, self._worker, background=background)
 
     async def meta(self) -> RunMeta | None:
         async with self._turn:
@@ -251,7 +282,7 @@ class SQLiteJournal:
         while True:
             async with self._turn:
                 if background:
-                    page = await _in_thread(
+                    page = await self._worker.run(
                         self.file.pending_page, url, model, after=after, limit=PENDING_PAGE
                     )
                 else:
@@ -279,13 +310,13 @@ class SQLiteJournal:
     ) -> dict[str, Member]:
         async with self._turn:
             if background:  # a chunk of 2,000 ids: 3 index look-ups each, ~20-40 ms
-                return await _in_thread(self.file.members, key, custom_ids)
+                return await self._worker.run(self.file.members, key, custom_ids)
             return self.file.members(key, custom_ids)
 
     async def queued_at(self, key: str, *, background: bool = False) -> dict[int, QueuedLine]:
         async with self._turn:
             if background:  # a look at every request of the shard: ~120 ms at 50,000
-                return await _in_thread(self.file.queued_at, key)
+                return await self._worker.run(self.file.queued_at, key)
             return self.file.queued_at(key)
 
     async def add_shard(
@@ -299,7 +330,7 @@ class SQLiteJournal:
     ) -> Shard:
         if background:  # its commit alone held the loop 15-60 ms at 50,000 requests
             async with self._turn:
-                return await _in_thread(
+                return await self._worker.run(
                     self.file.add_shard, key, plan, planned_at=planned_at, max_batches=max_batches
                 )
         slices = list(_run_slices(seq_runs(plan.seqs, most=_QUEUE_ROWS), _QUEUE_ROWS))
@@ -362,7 +393,7 @@ class SQLiteJournal:
     ) -> None:
         async with self._turn:
             if background:
-                await _in_thread(self.file.record, key, finals, retries, **fields)
+                await self._worker.run(self.file.record, key, finals, retries, **fields)
                 return
             with self.file.transaction() as db:
                 await self._record(db, finals, retries)
@@ -393,7 +424,7 @@ class SQLiteJournal:
         while True:
             async with self._turn:
                 if background:  # 1024 lines held the loop 30-60 ms on a busy machine
-                    page = await _in_thread(self.file.result_page, order=order, after=after)
+                    page = await self._worker.run(self.file.result_page, order=order, after=after)
                 else:
                     page = self.file.result_page(order=order, after=after)
             if not page:
@@ -405,13 +436,13 @@ class SQLiteJournal:
     async def tokens_by_model(self, *, background: bool = False) -> dict[str, ModelTokens]:
         async with self._turn:
             if background:  # a pass over every result: ~60 ms at 100,000
-                return await _in_thread(self.file.tokens_by_model)
+                return await self._worker.run(self.file.tokens_by_model)
             return self.file.tokens_by_model()
 
     async def counts(self, *, background: bool = False) -> JournalCounts:
         async with self._turn:
             if background:  # a pass over every result: ~60 ms at 100,000
-                return await _in_thread(self.file.counts)
+                return await self._worker.run(self.file.counts)
             return self.file.counts()
 
     async def open_batches(self) -> list[Shard]:

@@ -1,0 +1,70 @@
+"""The threads of a run on the real clock: the SQLite journal's work off the loop runs in
+one thread of its own, which ends with the run."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from conftest import API_KEY, BASE_URL, make_requests
+
+from aiobatch import BatchClient, BatchRun, FleetConfig, RetryPolicy, RunConfig, RunProgress
+from aiobatch.testing import FakeBatchService, FakeConfig
+
+
+def _names() -> set[str]:
+    return {thread.name for thread in threading.enumerate()}
+
+
+async def test_a_real_clock_run_uses_one_journal_thread_that_ends_with_it(
+    tmp_path: Path,
+) -> None:
+    """A run on the real clock does its journal work (ingest, planning, collection, the
+    output) in one thread of its own, starts no thread of the loop's default executor,
+    and leaves no thread behind when it returns."""
+    service = FakeBatchService(
+        config=FakeConfig(
+            validation_seconds=0.0,
+            lines_per_second=100_000.0,
+            finalizing_seconds=0.0,
+            request_log_size=None,
+        )
+    )
+    before = _names()
+    seen: set[str] = set()
+
+    def on_progress(progress: RunProgress) -> None:
+        seen.update(_names() - before)
+
+    fleet = FleetConfig(
+        min_interval=0.01,
+        max_interval=0.05,
+        validating_interval=0.01,
+        finalizing_interval=0.01,
+        cancelling_interval=0.01,
+        in_progress_interval=0.01,
+        jitter=0.0,
+        seed=0,
+    )
+    source = make_requests(tmp_path / "in.jsonl", 300)
+    async with BatchClient(
+        api_key=API_KEY,
+        base_url=BASE_URL,
+        transport=service.transport(),
+        retry=RetryPolicy.for_testing(max_attempts=3),
+    ) as client:
+        run = BatchRun(
+            client,
+            source,
+            journal=tmp_path / "j",
+            output=tmp_path / "out.jsonl",
+            config=RunConfig(fleet=fleet, max_lines=100),
+            on_progress=on_progress,
+        )
+        report = await run.run()
+        left = _names() - before
+    assert (report.succeeded, report.batches) == (300, 3)
+    journal_threads = {name for name in seen if name.startswith("aiobatch journal")}
+    assert len(journal_threads) == 1, seen
+    assert not {name for name in seen | left if name.startswith("asyncio_")}, seen | left
+    assert not {name for name in left if name.startswith("aiobatch journal")}, left
