@@ -684,6 +684,100 @@ async def test_upload_from_a_path_streams_in_constant_memory(
     assert peak[0] < BIG / 5, f"peak {peak[0]:,} bytes for a {BIG:,}-byte upload"
 
 
+async def _file_sha256(request: web.Request) -> tuple[str, int]:
+    """The SHA-256 and size of the file part of an upload, read as it arrives."""
+    received = hashlib.sha256()
+    size = 0
+    reader = await request.multipart()
+    while (part := await reader.next()) is not None:
+        assert isinstance(part, aiohttp.BodyPartReader)
+        if part.filename is None:
+            await part.release()
+            continue
+        while chunk := await part.read_chunk(64 * 1024):
+            received.update(chunk)
+            size += len(chunk)
+    return received.hexdigest(), size
+
+
+def _upload_body(path: Path) -> Multipart:
+    return Multipart(
+        fields=(("purpose", "batch"),), files=(("file", FilePart(path.name, path=path)),)
+    )
+
+
+async def test_an_upload_from_a_path_states_its_length(
+    aiohttp_server: AiohttpServer, transport: AiohttpTransport, tmp_path: Path
+) -> None:
+    """An upload streamed from a path has a Content-Length (not chunked), the body's size."""
+    path = tmp_path / "requests.jsonl"
+    path.write_bytes(_block(0)[: 300 * 1024] + b"tail")  # under the server's 1 MiB limit
+    seen: dict[str, Any] = {}
+
+    async def upload(request: web.Request) -> web.Response:
+        seen["length"] = request.content_length
+        seen["encoding"] = request.headers.get("Transfer-Encoding")
+        seen["body"] = len(await request.read())
+        return web.json_response({"id": "file-1"})
+
+    server = await aiohttp_server(_app(web.post("/v1/files", upload)))
+    url = str(server.make_url("/v1/files"))
+    response = await transport.send(Request("POST", url, body=_upload_body(path)))
+    assert response.status == 200
+    assert seen["encoding"] is None
+    assert seen["length"] == seen["body"] > 300 * 1024
+
+
+async def test_a_followed_redirect_sends_the_uploaded_file_again_whole(
+    aiohttp_server: AiohttpServer, tmp_path: Path
+) -> None:
+    """Behind a 307 the file part is sent again from its first byte, exact."""
+    path = tmp_path / "requests.jsonl"
+    path.write_bytes(b"".join(_block(i) for i in range(3)))
+    expected = hashlib.sha256(path.read_bytes()).hexdigest()
+
+    async def moved(request: web.Request) -> web.Response:
+        await _file_sha256(request)
+        raise web.HTTPTemporaryRedirect("/v1/files2")
+
+    async def upload(request: web.Request) -> web.Response:
+        digest, size = await _file_sha256(request)
+        return web.json_response({"sha256": digest, "bytes": size})
+
+    server = await aiohttp_server(
+        _app(web.post("/v1/files", moved), web.post("/v1/files2", upload))
+    )
+    async with AiohttpTransport(follow_redirects=True) as t:
+        url = str(server.make_url("/v1/files"))
+        response = await t.send(Request("POST", url, body=_upload_body(path)))
+        answer = json.loads(await response.read())
+    assert answer == {"sha256": expected, "bytes": 3 * BLOCK}
+
+
+async def test_a_file_cut_short_while_it_is_uploaded_fails_the_upload(
+    aiohttp_server: AiohttpServer, tmp_path: Path
+) -> None:
+    """A file that gets shorter during its upload ends the request with a TransportError
+    naming the file, rather than leaving the server waiting for the bytes promised."""
+    path = tmp_path / "big.jsonl"
+    with path.open("wb") as fh:
+        for index in range(BIG // BLOCK):
+            fh.write(_block(index))
+
+    async def upload(request: web.Request) -> web.Response:
+        os.truncate(path, BLOCK)  # the client has sent at most what the sockets hold
+        with contextlib.suppress(Exception):
+            await _file_sha256(request)
+        return web.json_response({"id": "file-1"})
+
+    server = await aiohttp_server(_app(web.post("/v1/files", upload)))
+    async with AiohttpTransport(timeout=30) as t:
+        url = str(server.make_url("/v1/files"))
+        with pytest.raises(TransportError, match="got shorter while it was uploaded"):
+            await t.send(Request("POST", url, body=_upload_body(path)))
+    assert _open_fds_for(path) in (0, None), "the uploaded file was left open"
+
+
 async def test_streamed_download_in_constant_memory(aiohttp_server: AiohttpServer) -> None:
     """A 24 MiB download through iter_chunks peaks far below its size; the bytes arrive exact."""
     sent = hashlib.sha256()
