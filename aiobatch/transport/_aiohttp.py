@@ -14,15 +14,22 @@ import io
 import os
 import socket
 import ssl
+import stat
 from collections.abc import Awaitable
 from contextlib import ExitStack
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import aiohttp
 from aiohttp.payload import Payload
 
-from ..errors import ClosedError, ConnectError, TransportError, TransportTimeoutError
+from ..errors import (
+    ClosedError,
+    ConnectError,
+    InputError,
+    TransportError,
+    TransportTimeoutError,
+)
 from ._base import Multipart, Request, Response
 from ._memory import check_upload_files
 
@@ -53,6 +60,10 @@ async def _guarded(awaitable: Awaitable[_T], method: str, url: str) -> _T:
     except TransportError:
         raise
     except Exception as exc:
+        if isinstance(exc.__cause__, _FileCutShort):
+            # The caller's file changed under the upload: not a network failure, and
+            # not worth another attempt (the server never got the whole body).
+            raise InputError(str(exc.__cause__)) from exc.__cause__
         mapped = _translate(exc, method, url)
         if mapped is None:
             raise
@@ -129,8 +140,6 @@ def _connect_reason(exc: aiohttp.ClientConnectorError) -> str | None:
 
 def _detail(exc: BaseException) -> str:
     """A short description of ``exc`` that cannot contain request headers."""
-    if isinstance(exc.__cause__, _FileCutShort):
-        return str(exc.__cause__)
     if isinstance(exc, aiohttp.ClientResponseError):
         # Its str() and repr() carry request_info (URL with query, headers): rebuild the
         # useful part from the status, the message and the redirects followed.
@@ -390,31 +399,49 @@ class _Releaser:
 
 class _FileCutShort(OSError):
     """A file got shorter while it was uploaded (aiohttp reports it as the cause of a
-    ``ClientOSError``; :func:`_detail` says it instead)."""
+    ``ClientOSError``; :func:`_guarded` raises it as an :class:`InputError`)."""
+
+
+def _read_at(file: io.BufferedReader, buffer: bytearray, offset: int) -> int:
+    """Fill ``buffer`` from ``offset`` of ``file``; the bytes read (0 at its end). With
+    ``preadv`` the file's position is not used, so a read left running by a cancelled
+    send cannot move the next send's reads."""
+    if hasattr(os, "preadv"):
+        return os.preadv(file.fileno(), [buffer], offset)
+    file.seek(offset)
+    return file.readinto(buffer)
 
 
 class _FilePayload(Payload):
-    """An uploaded file's content, read ``CHUNK_SIZE`` at a time as it is sent, with its
-    length known from the start (the request has a ``Content-Length``).
+    """An uploaded regular file's content, read ``CHUNK_SIZE`` at a time as it is sent,
+    with its length known from the start (the request has a ``Content-Length``).
 
     As in aiohttp's own file payload, the reads run in the loop's executor; unlike it,
-    each chunk's buffer is allocated in the loop's thread, and the worker only fills it
-    (``readinto``). Chunks allocated by the workers stayed in their malloc arenas, one
-    per thread that ever read: a run uploading six shards at once kept about 7 MB more
-    (``benchmarks/bench_run_100k.py --sizes``).
+    each chunk's buffer is allocated in the loop's thread, and the worker only fills it.
+    Chunks allocated by the workers stayed in their malloc arenas, one per thread that
+    ever read: a run uploading six shards at once kept about 6 MB more
+    (``benchmarks/bench_run_100k.py --sizes``). Each chunk is a new buffer, never
+    changed once written: the socket's transport may keep it rather than copy it.
     """
 
     _autoclose = True  # the file is the transport's: it closes it with the request
 
-    def __init__(self, file: io.BufferedReader, *, filename: str, content_type: str) -> None:
+    def __init__(
+        self, file: io.BufferedReader, size: int, *, filename: str, content_type: str
+    ) -> None:
         super().__init__(file, filename=filename, content_type=content_type)
         self._file = file
-        self._length = os.fstat(file.fileno()).st_size
-        self._size = self._length
+        self._length = size
+        self._size = size
+
+    def _read_all(self) -> bytes:
+        return os.pread(self._file.fileno(), self._length, 0)
 
     def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
-        self._file.seek(0)
-        return self._file.read().decode(encoding, errors)
+        return self._read_all().decode(encoding, errors)
+
+    async def as_bytes(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+        return await asyncio.get_running_loop().run_in_executor(None, self._read_all)
 
     async def write(self, writer: Any) -> None:
         await self.write_with_length(writer, None)
@@ -423,20 +450,19 @@ class _FilePayload(Payload):
         loop = asyncio.get_running_loop()
         file = self._file
         total = self._length if content_length is None else min(self._length, content_length)
-        left = total
-        await loop.run_in_executor(None, file.seek, 0)  # sent again after a redirect
-        while left > 0:
-            buffer = bytearray(min(CHUNK_SIZE, left))
-            got = await loop.run_in_executor(None, file.readinto, buffer)
+        sent = 0  # from the first byte on every send (a redirect sends it again)
+        while sent < total:
+            buffer = bytearray(min(CHUNK_SIZE, total - sent))
+            got = await loop.run_in_executor(None, _read_at, file, buffer, sent)
             if not got:
                 raise _FileCutShort(
                     f"{file.name}: the file got shorter while it was uploaded "
-                    f"({total - left} of {total} bytes sent)"
+                    f"({sent} of {total} bytes sent); nothing was uploaded"
                 )
             if got < len(buffer):
                 del buffer[got:]
             await writer.write(buffer)
-            left -= got
+            sent += got
 
 
 def _form(body: Multipart, files: ExitStack) -> aiohttp.FormData:
@@ -446,10 +472,16 @@ def _form(body: Multipart, files: ExitStack) -> aiohttp.FormData:
     for name, value in body.fields:
         form.add_field(name, value)
     for name, part in body.files:
-        content: bytes | Payload
+        content: bytes | IO[bytes] | Payload
         if part.path is not None:
             file = files.enter_context(open(part.path, "rb"))  # noqa: SIM115
-            content = _FilePayload(file, filename=part.filename, content_type=part.content_type)
+            status = os.fstat(file.fileno())
+            if stat.S_ISREG(status.st_mode):
+                content = _FilePayload(
+                    file, status.st_size, filename=part.filename, content_type=part.content_type
+                )
+            else:  # a pipe...: aiohttp streams it to its end (chunked, no length known)
+                content = file
         else:
             assert part.content is not None
             content = part.content
