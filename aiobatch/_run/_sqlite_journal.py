@@ -192,6 +192,7 @@ class SQLiteJournal:
         self._lock = FileLock(self.file.path)
         self._turn = asyncio.Lock()
         self._worker = _Worker()
+        self._closed = False
 
     @property
     def location(self) -> str:
@@ -199,6 +200,9 @@ class SQLiteJournal:
 
     async def close(self, *, background: bool = False) -> None:
         async with self._turn:  # after a chunk being written in a worker thread
+            if self._closed:
+                return  # (no thread started only to close a closed file)
+            self._closed = True
             if background:  # SQLite copies the log into the file: 60-90 ms at 100,000 results
                 try:
                     await self._worker.run(self.file.close)

@@ -12,8 +12,8 @@ from aiobatch import BatchClient, BatchRun, FleetConfig, RetryPolicy, RunConfig,
 from aiobatch.testing import FakeBatchService, FakeConfig
 
 
-def _names() -> set[str]:
-    return {thread.name for thread in threading.enumerate()}
+def _threads() -> set[threading.Thread]:
+    return set(threading.enumerate())
 
 
 async def test_a_real_clock_run_uses_one_journal_thread_that_ends_with_it(
@@ -30,11 +30,11 @@ async def test_a_real_clock_run_uses_one_journal_thread_that_ends_with_it(
             request_log_size=None,
         )
     )
-    before = _names()
-    seen: set[str] = set()
+    before = _threads()
+    seen: set[threading.Thread] = set()
 
     def on_progress(progress: RunProgress) -> None:
-        seen.update(_names() - before)
+        seen.update(_threads() - before)
 
     fleet = FleetConfig(
         min_interval=0.01,
@@ -62,9 +62,9 @@ async def test_a_real_clock_run_uses_one_journal_thread_that_ends_with_it(
             on_progress=on_progress,
         )
         report = await run.run()
-        left = _names() - before
+        left = {thread.name for thread in _threads() - before}
     assert (report.succeeded, report.batches) == (300, 3)
-    journal_threads = {name for name in seen if name.startswith("aiobatch journal")}
-    assert len(journal_threads) == 1, seen
-    assert not {name for name in seen | left if name.startswith("asyncio_")}, seen | left
-    assert not {name for name in left if name.startswith("aiobatch journal")}, left
+    names = [thread.name for thread in seen]
+    assert len([name for name in names if name.startswith("aiobatch journal")]) == 1, names
+    assert not [name for name in [*names, *left] if name.startswith("asyncio_")], names
+    assert not [name for name in left if name.startswith("aiobatch journal")], left
