@@ -73,9 +73,11 @@ _SHARD_SELECT = f"SELECT {', '.join(SHARD_FIELDS)} FROM shards"
 #: results take random inserts and look-ups, which go to the file when it is too small.
 #: Ingest fills it as soon as the journal outgrows it, so it is most of what a run's
 #: memory grows by from 10,000 requests up: 16 MiB held 8-9 MB more than 8 MiB at
-#: 300,000 requests, for the same times at 100,000 (benchmarks/bench_ingest.py,
-#: bench_run_100k.py). A million requests with random ids took 14% longer to ingest
-#: with 8 MiB (42 s, not 37 s).
+#: 300,000 requests. The price of 8 MiB, measured: ingest of 100,000 requests as fast
+#: (benchmarks/bench_ingest.py), but a run of 100,000 in memory on a virtual clock,
+#: where every statement runs in the loop, spent about 12% more time outside the fake
+#: (bench_run_100k.py --no-http), and a million requests with random ids took 14%
+#: longer to ingest (42 s, not 37 s).
 _CACHE_KIB = 8 * 1024
 #: Ids looked up per statement (SQLite before 3.32 takes at most 999 parameters).
 _IDS_PER_QUERY = 500
