@@ -84,9 +84,9 @@ class _Worker:
     """The journal's one worker thread, started on first use.
 
     Its calls hold the journal's lock, so they never run two at a time: one thread is
-    all they need. (The loop's default executor starts several over a run, and each
-    thread that allocates gets its own malloc arena: 3-4 MB more of the process's
-    memory apiece.)
+    all they need. (The loop's default executor ran them in up to three threads in one
+    collection, and each thread that allocates fills a malloc arena of its own: one
+    thread saved 1-2.5 MB of a run's peak at 10,000 to 300,000 requests.)
     """
 
     __slots__ = ("_pool",)
