@@ -652,44 +652,6 @@ def _traced() -> Iterator[list[int]]:
         tracemalloc.stop()
 
 
-async def test_upload_from_a_path_streams_in_constant_memory(
-    aiohttp_server: AiohttpServer, tmp_path: Path
-) -> None:
-    """A 24 MiB upload from a path peaks far below its size in memory; the bytes arrive exact."""
-    path = tmp_path / "big.jsonl"
-    sent = hashlib.sha256()
-    with path.open("wb") as fh:
-        for index in range(BIG // BLOCK):
-            block = _block(index)
-            sent.update(block)
-            fh.write(block)
-
-    async def sink(request: web.Request) -> web.Response:
-        received = hashlib.sha256()
-        size = 0
-        reader = await request.multipart()
-        while (part := await reader.next()) is not None:
-            assert isinstance(part, aiohttp.BodyPartReader)
-            if part.filename is None:
-                await part.release()
-                continue
-            while chunk := await part.read_chunk(64 * 1024):
-                received.update(chunk)
-                size += len(chunk)
-        return web.json_response({"sha256": received.hexdigest(), "bytes": size})
-
-    server = await aiohttp_server(_app(web.post("/v1/files", sink)))
-    body = Multipart(
-        fields=(("purpose", "batch"),), files=(("file", FilePart("big.jsonl", path=path)),)
-    )
-    async with AiohttpTransport() as t:
-        with _traced() as peak:
-            response = await t.send(Request("POST", str(server.make_url("/v1/files")), body=body))
-            answer = json.loads(await response.read())
-    assert answer == {"sha256": sent.hexdigest(), "bytes": BIG}
-    assert peak[0] < BIG / 5, f"peak {peak[0]:,} bytes for a {BIG:,}-byte upload"
-
-
 async def _file_sha256(request: web.Request) -> tuple[str, int]:
     """The SHA-256 and size of the file part of an upload, read as it arrives."""
     received = hashlib.sha256()
@@ -710,6 +672,32 @@ def _upload_body(path: Path) -> Multipart:
     return Multipart(
         fields=(("purpose", "batch"),), files=(("file", FilePart(path.name, path=path)),)
     )
+
+
+async def test_upload_from_a_path_streams_in_constant_memory(
+    aiohttp_server: AiohttpServer, tmp_path: Path
+) -> None:
+    """A 24 MiB upload from a path peaks far below its size in memory; the bytes arrive exact."""
+    path = tmp_path / "big.jsonl"
+    sent = hashlib.sha256()
+    with path.open("wb") as fh:
+        for index in range(BIG // BLOCK):
+            block = _block(index)
+            sent.update(block)
+            fh.write(block)
+
+    async def sink(request: web.Request) -> web.Response:
+        digest, size = await _file_sha256(request)
+        return web.json_response({"sha256": digest, "bytes": size})
+
+    server = await aiohttp_server(_app(web.post("/v1/files", sink)))
+    body = _upload_body(path)
+    async with AiohttpTransport() as t:
+        with _traced() as peak:
+            response = await t.send(Request("POST", str(server.make_url("/v1/files")), body=body))
+            answer = json.loads(await response.read())
+    assert answer == {"sha256": sent.hexdigest(), "bytes": BIG}
+    assert peak[0] < BIG / 5, f"peak {peak[0]:,} bytes for a {BIG:,}-byte upload"
 
 
 async def test_an_upload_from_a_path_states_its_length(
