@@ -156,24 +156,25 @@ class ResultData:
             JournalError: it does not (another journal's file), or cannot be read.
         """
         try:
-            found = os.pread(fd, len(expected), 0)
-        except OSError as exc:
+            try:
+                found = os.pread(fd, len(expected), 0)
+            except OSError as exc:
+                raise self._unopenable(exc) from exc
+            if len(found) < len(expected) and expected.startswith(found):
+                raise JournalError(
+                    f"{self.path}: the journal's result lines are cut short ({len(found)} "
+                    f"bytes, less than its first line): the file was truncated; put the "
+                    "original back beside the journal, or move the journal away and run again"
+                )
+            if found != expected:
+                raise JournalError(
+                    f"{self.path}: these result lines belong to another journal (the file "
+                    "does not start with this journal's id): put back the file that was "
+                    "beside this journal, or move the journal away and run again"
+                )
+        except JournalError:
             os.close(fd)
-            raise self._unopenable(exc) from exc
-        if len(found) < len(expected) and expected.startswith(found):
-            os.close(fd)
-            raise JournalError(
-                f"{self.path}: the journal's result lines are cut short ({len(found)} "
-                f"bytes, less than its first line): the file was truncated; put the "
-                "original back beside the journal, or move the journal away and run again"
-            )
-        if found != expected:
-            os.close(fd)
-            raise JournalError(
-                f"{self.path}: these result lines belong to another journal (the file "
-                "does not start with this journal's id): put back the file that was "
-                "beside this journal, or move the journal away and run again"
-            )
+            raise
 
     def write(self, at: int, lines: Sequence[bytes], *, data_id: str | None = None) -> None:
         """Write ``lines`` one after another from offset ``at``, and sync them to disk.
