@@ -1,22 +1,62 @@
-"""``aiobatch watch`` against the fake over HTTP (the plugin's ``aiobatch_server``): it
-follows the batches named, or every open one, until each has ended, and its exit status
-says how they ended."""
+"""``aiobatch watch`` against the fake over HTTP: it follows the batches named, or every
+open one, until each has ended, and its exit status says how they ended."""
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import AsyncIterator
 
+import attrs
 import pytest
 from conftest import Cli, create
 
 from aiobatch import BatchClient
-from aiobatch.testing import LineErrorRule
+from aiobatch.testing import (
+    FakeBatchService,
+    FakeConfig,
+    LineErrorRule,
+    VirtualClock,
+    run_fake_server,
+)
+from aiobatch.testing.pytest_plugin import FakeServer
+from aiobatch.transport import Request, Response
 
-#: Batches take a few tenths of a second: they are open when the watch starts.
+#: A batch of 3 lines takes 0.3 s of the service's time: open when the watch starts.
 STEADY = {"validation_seconds": 0.0, "lines_per_second": 10.0}
 #: Polls fast enough for those batches.
 FAST_POLLS = ("--poll-min", "0.05s", "--poll-max", "0.1s")
+#: How far the service's clock moves after each GET it answers.
+STEP = 0.1
+
+
+class TimeMovesOnReads:
+    """The service, its clock moved ``STEP`` on after each GET it answers: a batch stands
+    still until the watch has read it, whatever the machine's speed, then moves as it polls."""
+
+    def __init__(self, service: FakeBatchService, clock: VirtualClock) -> None:
+        self.service = service
+        self.clock = clock
+
+    async def handle(self, request: Request) -> Response:
+        """Answer as the service does, then move its clock if the request read."""
+        response = await self.service.handle(request)
+        if request.method == "GET":
+            self.clock.advance(STEP)
+        return response
+
+
+@pytest.fixture
+async def aiobatch_server(request: pytest.FixtureRequest) -> AsyncIterator[FakeServer]:
+    """The fake over HTTP, configured by the test's ``aiobatch`` marker, on a virtual
+    clock that moves only when the service answers a read (``TimeMovesOnReads``)."""
+    marker = request.node.get_closest_marker("aiobatch")
+    settings = dict(marker.kwargs) if marker else {}
+    clock = VirtualClock()
+    config = attrs.evolve(FakeConfig(finalizing_seconds=0.0), **settings)
+    service = FakeBatchService(clock=clock, config=config)
+    async with run_fake_server(TimeMovesOnReads(service, clock)) as base_url:
+        yield FakeServer(base_url, "sk-watch-test", service)
 
 
 @pytest.mark.aiobatch(**STEADY)
