@@ -454,8 +454,9 @@ class JournalFile(JournalResults):
             marks = ", ".join("?" * len(part))
             for cid, seq, attempts, queued in self._db.execute(
                 f"SELECT custom_id, seq, attempts, state = 'queued' AND {_NO_RESULT} "
-                # By the ids' index (``+``: not by the shard's, which has every row of it).
-                f"FROM requests WHERE custom_id IN ({marks}) AND +shard = ?",
+                # From the index alone (the shard's own index would read every row).
+                f"FROM requests INDEXED BY requests_members "
+                f"WHERE custom_id IN ({marks}) AND shard = ?",
                 (*part, key),
             ):
                 found[cid] = Member(seq, attempts, bool(queued))

@@ -50,6 +50,12 @@ CREATE INDEX IF NOT EXISTS requests_pending ON requests (url, model, seq)
     WHERE state = 'pending';
 CREATE INDEX IF NOT EXISTS requests_shard ON requests (shard, seq) WHERE shard IS NOT NULL;
 CREATE INDEX IF NOT EXISTS requests_retried ON requests (seq) WHERE attempts > 0;
+-- What collection asks of a result line's custom_id, answered from the index alone:
+-- without it, each line cost a read of its request's row (request bytes included) in
+-- random order, 0.8-0.9 s of look-ups for 100,000 lines against 0.3 s with it. Made on
+-- open when missing (journals of schema 7 written before it).
+CREATE INDEX IF NOT EXISTS requests_members ON requests (custom_id, shard, state, attempts)
+    WHERE shard IS NOT NULL;
 CREATE TABLE IF NOT EXISTS shards (
     key TEXT PRIMARY KEY,
     round INTEGER NOT NULL,

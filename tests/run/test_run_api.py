@@ -734,6 +734,33 @@ async def test_a_schema_5_journal_with_results_is_upgraded_and_resumed(
     assert journal_meta(journal)["schema_version"] == str(SCHEMA_VERSION)
 
 
+async def test_a_journal_without_the_members_index_is_resumed(
+    clock: VirtualClock, tmp_path: Path
+) -> None:
+    """A journal written before the index of shard members (schema 7 without it), stopped
+    with a shard open, is resumed: its results are collected, each request ends once."""
+    source = write_jsonl(tmp_path / "in.jsonl", requests(8))
+    journal = tmp_path / "run.journal"
+    output = tmp_path / "out.jsonl"
+    async with fake_env(clock) as (service, client):
+        await BatchRun(client, source, journal=journal, config=RunConfig(max_lines=4)).run()
+        db = sqlite3.connect(journal)
+        db.execute("DROP INDEX requests_members")
+        db.execute("DELETE FROM results WHERE shard = 's000001'")
+        db.execute(
+            "UPDATE shards SET state = 'open', status = 'in_progress', output_done = 0, "
+            "error_done = 0, input_tokens = 0, output_tokens = 0 WHERE key = 's000001'"
+        )
+        db.execute("UPDATE meta SET value = 'stopped' WHERE key = 'state'")
+        db.commit()
+        db.close()
+        report = await BatchRun(client, source, journal=journal, output=output).run()
+        batches = len(service.batch_ids)
+    assert (report.state, report.succeeded, report.pending) == ("done", 8, 0)
+    assert [line["custom_id"] for line in read_output(output)] == [f"r-{n}" for n in range(8)]
+    assert batches == 2
+
+
 # --- 7. request_cancel -----------------------------------------------------------------------
 
 
