@@ -111,6 +111,18 @@ def as_schema_6(db: sqlite3.Connection, journal: Path) -> None:
     data.unlink(missing_ok=True)
 
 
+def reopen_shard(db: sqlite3.Connection, key: str) -> None:
+    """Make a finished run's journal look stopped with shard ``key`` still open: its
+    results gone, its batch in progress."""
+    db.execute("DELETE FROM results WHERE shard = ?", (key,))
+    db.execute(
+        "UPDATE shards SET state = 'open', status = 'in_progress', output_done = 0, "
+        "error_done = 0, input_tokens = 0, output_tokens = 0 WHERE key = ?",
+        (key,),
+    )
+    db.execute("UPDATE meta SET value = 'stopped' WHERE key = 'state'")
+
+
 def journal_meta(path: Path) -> dict[str, str]:
     """The journal's meta values."""
     with Journal(path, readonly=True) as journal:
@@ -700,28 +712,36 @@ async def test_a_journal_of_the_previous_schema_is_upgraded_and_resumed(
     assert journal_meta(journal)["schema_version"] == str(SCHEMA_VERSION)
 
 
-async def test_a_schema_5_journal_with_results_is_upgraded_and_resumed(
-    clock: VirtualClock, tmp_path: Path
+def as_schema_5(db: sqlite3.Connection, journal: Path) -> None:
+    """Make a journal look as aiobatch with schema 5 wrote it: as schema 6, and each
+    request with a result marked ``done``."""
+    as_schema_6(db, journal)
+    db.execute("UPDATE requests SET state = 'done' WHERE seq IN (SELECT seq FROM results)")
+    db.execute("UPDATE meta SET value = '5' WHERE key = 'schema_version'")
+
+
+def without_members_index(db: sqlite3.Connection, journal: Path) -> None:
+    """Make a journal look as aiobatch with schema 7 wrote it before the index of shard
+    members."""
+    db.execute("DROP INDEX requests_members")
+
+
+@pytest.mark.parametrize("made_older", [as_schema_5, without_members_index])
+async def test_an_older_journal_stopped_with_a_shard_open_is_resumed(
+    clock: VirtualClock, tmp_path: Path, made_older: Callable[[sqlite3.Connection, Path], None]
 ) -> None:
-    """A journal written by aiobatch with schema 5 (which marked each request with a
-    result ``done``) is read by ``status`` and resumed in place: the requests that had
-    their results keep them, the others are collected, each request ends once."""
+    """A journal written by an earlier aiobatch (schema 5, or schema 7 before the index
+    of shard members), stopped with one shard collected and the other open, is read by
+    ``status`` and resumed in place: the results it had stay, the others are collected,
+    each request ends once."""
     source = write_jsonl(tmp_path / "in.jsonl", requests(8))
     journal = tmp_path / "run.journal"
     output = tmp_path / "out.jsonl"
     async with fake_env(clock) as (service, client):
         await BatchRun(client, source, journal=journal, config=RunConfig(max_lines=4)).run()
-        # As schema 5 left it when stopped with one shard collected, the other open.
         db = sqlite3.connect(journal)
-        as_schema_6(db, journal)
-        db.execute("DELETE FROM results WHERE shard = 's000001'")
-        db.execute(
-            "UPDATE shards SET state = 'open', status = 'in_progress', output_done = 0, "
-            "error_done = 0, input_tokens = 0, output_tokens = 0 WHERE key = 's000001'"
-        )
-        db.execute("UPDATE requests SET state = 'done' WHERE seq IN (SELECT seq FROM results)")
-        db.execute("UPDATE meta SET value = 'stopped' WHERE key = 'state'")
-        db.execute("UPDATE meta SET value = '5' WHERE key = 'schema_version'")
+        reopen_shard(db, "s000001")
+        made_older(db, journal)
         db.commit()
         db.close()
         assert journal_report(journal).pending == 4
@@ -732,33 +752,6 @@ async def test_a_schema_5_journal_with_results_is_upgraded_and_resumed(
     assert ids == [f"r-{n}" for n in range(8)]
     assert batches == 2
     assert journal_meta(journal)["schema_version"] == str(SCHEMA_VERSION)
-
-
-async def test_a_journal_without_the_members_index_is_resumed(
-    clock: VirtualClock, tmp_path: Path
-) -> None:
-    """A journal written before the index of shard members (schema 7 without it), stopped
-    with a shard open, is resumed: its results are collected, each request ends once."""
-    source = write_jsonl(tmp_path / "in.jsonl", requests(8))
-    journal = tmp_path / "run.journal"
-    output = tmp_path / "out.jsonl"
-    async with fake_env(clock) as (service, client):
-        await BatchRun(client, source, journal=journal, config=RunConfig(max_lines=4)).run()
-        db = sqlite3.connect(journal)
-        db.execute("DROP INDEX requests_members")
-        db.execute("DELETE FROM results WHERE shard = 's000001'")
-        db.execute(
-            "UPDATE shards SET state = 'open', status = 'in_progress', output_done = 0, "
-            "error_done = 0, input_tokens = 0, output_tokens = 0 WHERE key = 's000001'"
-        )
-        db.execute("UPDATE meta SET value = 'stopped' WHERE key = 'state'")
-        db.commit()
-        db.close()
-        report = await BatchRun(client, source, journal=journal, output=output).run()
-        batches = len(service.batch_ids)
-    assert (report.state, report.succeeded, report.pending) == ("done", 8, 0)
-    assert [line["custom_id"] for line in read_output(output)] == [f"r-{n}" for n in range(8)]
-    assert batches == 2
 
 
 # --- 7. request_cancel -----------------------------------------------------------------------
