@@ -449,7 +449,6 @@ class Watched:
 
 @pytest.mark.parametrize("act_after_delay", [False, True])
 async def test_create_that_times_out_takes_effect_on_the_server(
-    aiohttp_server: AiohttpServer,
     service: FakeBatchService,
     clock: VirtualClock,
     transport: AiohttpTransport,
@@ -458,33 +457,35 @@ async def test_create_that_times_out_takes_effect_on_the_server(
 ) -> None:
     """A slow create the client gave up on still makes its batch: on arrival, or after the delay."""
     watched = Watched(service)
-    server = await aiohttp_server(make_app(watched))
-    api = Api(transport, str(server.make_url("/v1")))
-    uploaded = await api.upload(chat_requests(1), tmp_path)
-    watched.arrived.clear()
-    watched.finished.clear()
-    service.faults.add(
-        Fault.slow(60, act_after_delay=act_after_delay, method="POST", path="/batches")
-    )
-    body = json.dumps(
-        {
-            "input_file_id": uploaded["id"],
-            "endpoint": "/v1/chat/completions",
-            "completion_window": "24h",
-        }
-    ).encode()
-    start = clock.now()
-    send = asyncio.ensure_future(
-        transport.send(
-            Request("POST", f"{api.base_url}/batches", headers=AUTH, body=body, timeout=0.05)
+    # Served as run_fake_server serves (a handler outlives its client), not by
+    # aiohttp_server, whose handler a hang-up cancels when the loop sees it first.
+    async with run_fake_server(watched) as base_url:
+        api = Api(transport, base_url)
+        uploaded = await api.upload(chat_requests(1), tmp_path)
+        watched.arrived.clear()
+        watched.finished.clear()
+        service.faults.add(
+            Fault.slow(60, act_after_delay=act_after_delay, method="POST", path="/batches")
         )
-    )
-    await watched.arrived.wait()  # the service now sleeps on the virtual clock
-    with pytest.raises(TransportTimeoutError):
-        await send
-    assert len(service.batch_ids) == (0 if act_after_delay else 1)
-    clock.advance(60)
-    await watched.finished.wait()
+        body = json.dumps(
+            {
+                "input_file_id": uploaded["id"],
+                "endpoint": "/v1/chat/completions",
+                "completion_window": "24h",
+            }
+        ).encode()
+        start = clock.now()
+        send = asyncio.ensure_future(
+            transport.send(
+                Request("POST", f"{base_url}/batches", headers=AUTH, body=body, timeout=0.05)
+            )
+        )
+        await watched.arrived.wait()  # the service now sleeps on the virtual clock
+        with pytest.raises(TransportTimeoutError):
+            await send
+        assert len(service.batch_ids) == (0 if act_after_delay else 1)
+        clock.advance(60)
+        await watched.finished.wait()
     (batch_id,) = service.batch_ids
     batch = await service.get_batch(batch_id)
     assert batch.created_at == int(start + 60 if act_after_delay else start)

@@ -35,6 +35,11 @@ from aiobatch.transport import (
 )
 
 SECRET = "sk-very-secret-key"
+#: A read timeout that must not fire before the server's first bytes: it outlasts a loaded
+#: machine's stall between the request and the answer (0.05 s did not: a process stopped
+#: for 10-150 ms at random moments timed out before ``first`` arrived), and the test
+#: then waits it out once.
+STREAM_TIMEOUT = 1.0
 
 
 def _app(*routes: web.RouteDef) -> web.Application:
@@ -396,7 +401,7 @@ async def test_stalled_stream_times_out_while_iterating(
 
     server = await aiohttp_server(_app(web.get("/f", stall_midway)))
     response = await transport.send(
-        Request("GET", str(server.make_url("/f")), timeout=0.05), stream=True
+        Request("GET", str(server.make_url("/f")), timeout=STREAM_TIMEOUT), stream=True
     )
     chunks = cast(AsyncGenerator[bytes, None], response.iter_chunks())
     try:
