@@ -477,10 +477,12 @@ async def test_create_that_times_out_takes_effect_on_the_server(
         start = clock.now()
         send = asyncio.ensure_future(
             transport.send(
-                Request("POST", f"{base_url}/batches", headers=AUTH, body=body, timeout=0.05)
+                Request("POST", f"{base_url}/batches", headers=AUTH, body=body, timeout=1.0)
             )
         )
-        await watched.arrived.wait()  # the service now sleeps on the virtual clock
+        # The service now sleeps on the virtual clock. (The timeout is a second, not less:
+        # a stalled machine must not see it fire before the request is even written.)
+        await watched.arrived.wait()
         with pytest.raises(TransportTimeoutError):
             await send
         assert len(service.batch_ids) == (0 if act_after_delay else 1)
