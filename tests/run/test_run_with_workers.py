@@ -415,7 +415,7 @@ async def test_a_worker_whose_database_stalls_for_less_than_the_lease_carries_on
         ):
             worker = Worker(
                 fake.client, journal=link.url(url), config=config(max_lines=10),
-                lease_seconds=4.0,
+                lease_seconds=6.0,
             )  # fmt: skip
             task = asyncio.ensure_future(worker.run())
             for _ in range(10_000):
@@ -423,7 +423,9 @@ async def test_a_worker_whose_database_stalls_for_less_than_the_lease_carries_on
                     break
                 await asyncio.sleep(0.01)
             link.freeze()
-            await asyncio.sleep(2.5)  # real time: the leases run on the database's clock
+            # Real time: the leases run on the database's clock. Past half the lease, and
+            # about 2.5 s short of the whole of it (a stalled machine takes some of that).
+            await asyncio.sleep(3.5)
             link.thaw()
             report = await asyncio.wait_for(task, 60)
     finally:
