@@ -52,8 +52,10 @@ CREATE INDEX IF NOT EXISTS requests_shard ON requests (shard, seq) WHERE shard I
 CREATE INDEX IF NOT EXISTS requests_retried ON requests (seq) WHERE attempts > 0;
 -- What collection asks of a result line's custom_id, answered from the index alone:
 -- without it, each line cost a read of its request's row (request bytes included) in
--- random order, 0.8-0.9 s of look-ups for 100,000 lines against 0.3 s with it. Made on
--- open when missing (journals of schema 7 written before it).
+-- random order, 0.8-0.9 s of look-ups for 100,000 lines against 0.2-0.3 s with it. The
+-- price is paid when requests are queued in a shard: 0.03-0.3 s more per 100,000 (more
+-- with random ids and small shards). Made on open when missing (journals of schema 7
+-- written before it), under the write lock: about 0.1 s per 100,000 requests.
 CREATE INDEX IF NOT EXISTS requests_members ON requests (custom_id, shard, state, attempts)
     WHERE shard IS NOT NULL;
 CREATE TABLE IF NOT EXISTS shards (

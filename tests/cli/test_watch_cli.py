@@ -50,8 +50,9 @@ class TimeMovesOnReads:
 async def aiobatch_server(request: pytest.FixtureRequest) -> AsyncIterator[FakeServer]:
     """The fake over HTTP, configured by the test's ``aiobatch`` marker, on a virtual
     clock that moves only when the service answers a read (``TimeMovesOnReads``)."""
-    marker = request.node.get_closest_marker("aiobatch")
-    settings = dict(marker.kwargs) if marker else {}
+    settings: dict[str, object] = {}
+    for marker in reversed(list(request.node.iter_markers("aiobatch"))):
+        settings.update(marker.kwargs)  # FakeConfig fields only: others are a TypeError
     clock = VirtualClock()
     config = attrs.evolve(FakeConfig(finalizing_seconds=0.0), **settings)
     service = FakeBatchService(clock=clock, config=config)

@@ -482,7 +482,11 @@ async def test_create_that_times_out_takes_effect_on_the_server(
         )
         # The service now sleeps on the virtual clock. (The timeout is a second, not less:
         # a stalled machine must not see it fire before the request is even written.)
-        await watched.arrived.wait()
+        arrival = asyncio.ensure_future(watched.arrived.wait())
+        await asyncio.wait([arrival, send], return_when=asyncio.FIRST_COMPLETED)
+        if not arrival.done():
+            arrival.cancel()
+            pytest.fail("the client timed out before its request reached the server")
         with pytest.raises(TransportTimeoutError):
             await send
         assert len(service.batch_ids) == (0 if act_after_delay else 1)

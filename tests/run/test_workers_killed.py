@@ -130,18 +130,20 @@ async def test_a_worker_killed_at_a_named_point_loses_nothing_and_doubles_nothin
     schema = url.split("schema=")[1].split("&")[0]
     nth = 1 if point == "after_claim" else random.Random(f"{point}-{trial}").randint(1, 3)
     stalls = LoopStalls()
-    async with serve(make_app(service)) as base_url:
-        # The doomed worker starts first and takes the shards it plans (alone, all of
-        # them); the others join, and adopt them once its leases lapse.
-        workers = [await _worker(url, base_url, f"{point}:{nth}")]
-        for _ in range(3000):  # at most a minute
-            if workers[0].returncode is not None or await _leased(schema):
-                break
-            await asyncio.sleep(0.02)
-        workers += [await _worker(url, base_url, None) for _ in range(2)]
-        codes = [await asyncio.wait_for(w.wait(), 240) for w in workers]
-        errors = [(await w.stderr.read()).decode()[-2000:] for w in workers]  # type: ignore[union-attr]
-    await stalls.stop()
+    try:
+        async with serve(make_app(service)) as base_url:
+            # The doomed worker starts first and takes the shards it plans (alone, all of
+            # them); the others join, and adopt them once its leases lapse.
+            workers = [await _worker(url, base_url, f"{point}:{nth}")]
+            for _ in range(3000):  # at most a minute
+                if workers[0].returncode is not None or await _leased(schema):
+                    break
+                await asyncio.sleep(0.02)
+            workers += [await _worker(url, base_url, None) for _ in range(2)]
+            codes = [await asyncio.wait_for(w.wait(), 240) for w in workers]
+            errors = [(await w.stderr.read()).decode()[-2000:] for w in workers]  # type: ignore[union-attr]
+    finally:
+        await stalls.stop()
     assert codes == [-signal.SIGKILL, 0, 0], errors
     got = pg_server().psql(f"SELECT count(*), count(DISTINCT seq) FROM {schema}.aiobatch_results")
     assert got.strip() == f"{REQUESTS}|{REQUESTS}"
