@@ -7,19 +7,12 @@ import json
 import logging
 from collections.abc import AsyncIterator
 
-import attrs
 import pytest
 from conftest import Cli, create
 
 from aiobatch import BatchClient
-from aiobatch.testing import (
-    FakeBatchService,
-    FakeConfig,
-    LineErrorRule,
-    VirtualClock,
-    run_fake_server,
-)
-from aiobatch.testing.pytest_plugin import FakeServer
+from aiobatch.testing import FakeBatchService, LineErrorRule, VirtualClock, run_fake_server
+from aiobatch.testing.pytest_plugin import DEFAULT_API_KEY, FakeServer, _marker_options, _service
 from aiobatch.transport import Request, Response
 
 #: A batch of 3 lines takes 0.3 s of the service's time: open when the watch starts.
@@ -50,14 +43,11 @@ class TimeMovesOnReads:
 async def aiobatch_server(request: pytest.FixtureRequest) -> AsyncIterator[FakeServer]:
     """The fake over HTTP, configured by the test's ``aiobatch`` marker, on a virtual
     clock that moves only when the service answers a read (``TimeMovesOnReads``)."""
-    settings: dict[str, object] = {}
-    for marker in reversed(list(request.node.iter_markers("aiobatch"))):
-        settings.update(marker.kwargs)  # FakeConfig fields only: others are a TypeError
+    options = _marker_options(request)
     clock = VirtualClock()
-    config = attrs.evolve(FakeConfig(finalizing_seconds=0.0), **settings)
-    service = FakeBatchService(clock=clock, config=config)
+    service = _service(options, {"finalizing_seconds": 0.0}, clock)
     async with run_fake_server(TimeMovesOnReads(service, clock)) as base_url:
-        yield FakeServer(base_url, "sk-watch-test", service)
+        yield FakeServer(base_url, options.get("api_key") or DEFAULT_API_KEY, service)
 
 
 @pytest.mark.aiobatch(**STEADY)
