@@ -37,7 +37,7 @@ from ._outcomes import (
     token_limited,
     undecodable,
 )
-from ._records import FinalResult, RetryLine, Shard
+from ._records import FinalResult, Member, NamedResult, RetryLine, Shard
 from ._settle import settle, settle_batch
 from ._states import ShardState
 
@@ -193,7 +193,11 @@ async def _read_file(ctx: RunContext, shard: Shard, file_id: str, column: str) -
     ``collect_chunk_bytes``, shared by the files read at once: with ``n`` of them, each
     chunk is an ``n``-th of that); the requests they name are looked up in the journal,
     their outcomes decided, and the chunk committed in one transaction with the new line
-    count, so a collection holds one chunk whatever the size of the shard."""
+    count, so a collection holds one chunk whatever the size of the shard. A chunk whose
+    lines are each final whatever their request's attempts (successes, failures never
+    retried: most chunks) goes to the journal as it is, which finds the requests as it
+    writes them (:meth:`Journal.record_named`); when one line is not the first outcome of
+    a request of the shard, the chunk is decided line by line."""
     skip = int(getattr(shard, column))
     number = 0
     tokens = [shard.input_tokens, shard.output_tokens]
@@ -251,16 +255,14 @@ async def _read_file(ctx: RunContext, shard: Shard, file_id: str, column: str) -
         ctx.counted(finals, retries)
         ctx.results_changed.set()
 
-    async def commit(upto: int) -> None:
-        nonlocal writing
-        await written()
-        ids = [line.custom_id for line in chunk if line.custom_id is not None]
-        members = await ctx.journal.members(shard.key, ids, background=background) if ids else {}
-        await asyncio.sleep(0)  # the look-up and the commit are two turns of the loop
+    def decide(lines: list[_Line], members: dict[str, Member]) -> _Decided:
+        """Each line's outcome, from its request's state (a line that names no request
+        of the shard waiting for an outcome, or one named earlier in the chunk, has
+        none); the shard's token totals count the final ones."""
         finals: list[FinalResult] = []
         retries: list[RetryLine] = []
         decided: set[str] = set()  # requests given an outcome in this chunk
-        for line in chunk:
+        for line in lines:
             cid = line.custom_id
             member = members.get(cid) if cid is not None else None
             if member is None or not member.queued or cid in decided:
@@ -302,8 +304,53 @@ async def _read_file(ctx: RunContext, shard: Shard, file_id: str, column: str) -
                     finals.append(
                         final(seq, kind, line.code, attempts, line.data, used_in, used_out)
                     )
+        return finals, retries
+
+    async def look_up_and_write(lines: list[_Line], upto: int) -> None:
+        """Look the lines' requests up, decide each line, and write the chunk."""
+        ids = [line.custom_id for line in lines if line.custom_id is not None]
+        members = await ctx.journal.members(shard.key, ids, background=background) if ids else {}
+        await asyncio.sleep(0)  # the look-up and the commit are two turns of the loop
+        finals, retries = decide(lines, members)
+        await write(finals, retries, upto, (tokens[0], tokens[1]))
+
+    async def write_named(named: list[NamedResult], lines: list[_Line], upto: int) -> None:
+        """Write a chunk of final lines that the journal matches to their requests
+        itself; when one of them is not the first outcome of a request of the shard
+        (an unknown or repeated ``custom_id``, a request retried before...), decide
+        line by line instead."""
+        used = (
+            tokens[0] + sum(line.input_tokens for line in named),
+            tokens[1] + sum(line.output_tokens for line in named),
+        )
+        if await ctx.journal.record_named(
+            shard.key,
+            shard.batch_id,
+            named,
+            background=background,
+            **{column: upto},
+            input_tokens=used[0],
+            output_tokens=used[1],
+        ):
+            tokens[0], tokens[1] = used
+            ctx.counted_first(named)
+            ctx.results_changed.set()
+        else:
+            await look_up_and_write(lines, upto)
+
+    async def commit(upto: int) -> None:
+        nonlocal writing
+        await written()  # the next chunk's look-up sees the results of this one
+        lines = chunk[:]
         chunk.clear()
-        step = write(finals, retries, upto, (tokens[0], tokens[1]))
+        # A chunk of lines that are each final whatever their request's attempts
+        # (successes, failures never retried): the journal finds their requests as it
+        # writes them.
+        named = _final_whatever_attempts(lines)
+        if named is not None:
+            step = write_named(named, lines, upto)
+        else:
+            step = look_up_and_write(lines, upto)
         if background:
             writing = asyncio.ensure_future(step)
         else:
@@ -355,6 +402,21 @@ async def _read_file(ctx: RunContext, shard: Shard, file_id: str, column: str) -
     finally:
         ctx.reading -= 1
         await written()  # a chunk committed is counted, whatever ended the reading
+
+
+def _final_whatever_attempts(lines: list[_Line]) -> list[NamedResult] | None:
+    """A chunk's lines as :class:`NamedResult`, when each decodes and is final whatever
+    its request's attempts (a success, or a failure never retried); else None."""
+    named: list[NamedResult] = []
+    for cid, kind, code, retryable, used_in, used_out, data, _error in lines:
+        if kind is None or cid is None or retryable:
+            return None
+        named.append(NamedResult(cid, kind, code, used_in, used_out, data))
+    return named or None
+
+
+#: What a chunk's lines came to: final results, and requests for another round.
+_Decided = tuple[list[FinalResult], list[RetryLine]]
 
 
 class _Line(NamedTuple):

@@ -25,7 +25,7 @@ from ..errors import RunError
 from ._config import RunConfig
 from ._journal import Journal
 from ._progress import RunProgress
-from ._records import FinalResult, RetryLine, Shard
+from ._records import FinalResult, NamedResult, RetryLine, Shard
 from ._states import ShardState
 
 __all__ = ["Next", "RunContext", "Stop", "TokenBudget", "logger"]
@@ -215,6 +215,13 @@ class RunContext:
             if retry.attempts == 1:
                 counts["retrying"] += 1
         counts["retrying"] = max(0, counts["retrying"])
+
+    def counted_first(self, lines: Sequence[NamedResult]) -> None:
+        """Count the final outcomes of requests that had no retryable failure before,
+        for the progress display."""
+        succeeded = sum(1 for line in lines if line.kind == "success")
+        self.counts["succeeded"] += succeeded
+        self.counts["failed"] += len(lines) - succeeded
 
     # --- waits and failures --------------------------------------------------------------
 

@@ -39,6 +39,7 @@ from ._records import (
     JournalCounts,
     Member,
     ModelTokens,
+    NamedResult,
     PreparedRequest,
     QueuedLine,
     RequestGroup,
@@ -246,6 +247,25 @@ class Journal(Protocol):
         pending, and fields of shard ``key``. ``background``: the backend may do the
         write in another thread (the run passes it only on the real clock: a
         VirtualClock's auto_advance takes a wait on a thread for idleness)."""
+
+    async def record_named(
+        self,
+        key: str,
+        batch_id: str | None,
+        lines: Sequence[NamedResult],
+        *,
+        background: bool = False,
+        **fields: Any,
+    ) -> bool:
+        """Record ``lines`` (result lines of batch ``batch_id``, each final whatever its
+        request's attempts) and fields of shard ``key`` at once, when each names, by its
+        ``custom_id``, a request of the shard that waits for its first outcome: queued
+        in the shard, without a result, never failed in a retryable way (``attempts``
+        0; the result is recorded with 0), and no two lines name the same request. The
+        common chunk of a collection: a look-up and a write in one, with no decision
+        left to the caller. True when recorded; else False, and nothing is written
+        (the caller then looks the requests up with :meth:`members` and decides line
+        by line). ``background`` as in :meth:`record`."""
 
     async def settle(
         self,

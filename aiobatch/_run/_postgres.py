@@ -50,6 +50,7 @@ from ._records import (
     JournalCounts,
     Member,
     ModelTokens,
+    NamedResult,
     PreparedRequest,
     QueuedLine,
     RequestGroup,
@@ -653,6 +654,47 @@ class PostgresJournal(PgLeases):
             await self._record(conn, rid, finals, retries)
             if key is not None and fields:
                 await self._set(conn, rid, key, fields)
+
+    async def record_named(
+        self,
+        key: str,
+        batch_id: str | None,
+        lines: Sequence[NamedResult],
+        *,
+        background: bool = False,  # the server writes: nothing holds the loop
+        **fields: Any,
+    ) -> bool:
+        rid = await self._write_rid()
+        async with self._tx() as conn:
+            await self._fence(conn, rid, key)
+            # A request with its result is 'done' here; the shard's row is locked.
+            rows = await conn.fetch(
+                "SELECT custom_id, seq FROM aiobatch_requests WHERE rid = $1 AND shard = $2 "
+                "AND state = 'queued' AND attempts = 0 AND custom_id = ANY($3::text[])",
+                rid,
+                key,
+                [line.custom_id for line in lines],
+            )
+            seqs = {str(r[0]): int(r[1]) for r in rows}
+            if len(seqs) != len(lines) or len({line.custom_id for line in lines}) != len(lines):
+                return False
+            finals = [
+                FinalResult(
+                    seq=seqs[line.custom_id],
+                    kind=line.kind,
+                    code=line.code,
+                    shard=key,
+                    batch_id=batch_id,
+                    attempts=0,
+                    data=line.data,
+                    input_tokens=line.input_tokens,
+                    output_tokens=line.output_tokens,
+                )
+                for line in lines
+            ]
+            await self._record(conn, rid, finals, ())
+            await self._set(conn, rid, key, fields)
+        return True
 
     async def settle(
         self,

@@ -13,6 +13,8 @@ bare positional tuples.
   final result, or another round (named tuples: one per result line; a tuple of plain
   values is cheap to make, and the garbage collector stops tracking it, so a chunk of
   them waiting for its commit adds nothing to a full collection's pause);
+  :class:`NamedResult`: a final result line as collection read it, named by its
+  ``custom_id`` (the journal finds its request as it records it);
 - :class:`ResultRow`: a final result read back for :meth:`BatchRun.results`;
 - :class:`RunMeta` and :class:`JournalCounts`: the run's own facts and its figures.
 """
@@ -33,6 +35,7 @@ __all__ = [
     "JournalCounts",
     "ModelTokens",
     "Member",
+    "NamedResult",
     "PreparedRequest",
     "QueuedLine",
     "RequestGroup",
@@ -266,6 +269,27 @@ class FinalResult(NamedTuple):
     data: bytes
     input_tokens: int = 0
     output_tokens: int = 0
+
+
+class NamedResult(NamedTuple):
+    """A result line that ends its request whatever the request's attempts (a success,
+    or a failure that is never retried), named by the ``custom_id`` it gives: see
+    :meth:`Journal.record_named <aiobatch._run._journal.Journal.record_named>`.
+
+    Attributes:
+        custom_id: the request it names.
+        kind: ``success``, ``http_error`` or ``error``.
+        code: the error code (None for a success).
+        input_tokens, output_tokens: the tokens its ``usage`` gives.
+        data: the result line (JSON), as written to the output file.
+    """
+
+    custom_id: str
+    kind: str
+    code: str | None
+    input_tokens: int
+    output_tokens: int
+    data: bytes
 
 
 class RetryLine(NamedTuple):

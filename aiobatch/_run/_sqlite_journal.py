@@ -30,6 +30,7 @@ from ._records import (
     JournalCounts,
     Member,
     ModelTokens,
+    NamedResult,
     PreparedRequest,
     QueuedLine,
     RequestGroup,
@@ -403,6 +404,24 @@ class SQLiteJournal:
                 await self._record(db, finals, retries)
                 if key is not None and fields:
                     self.file.set_fields(db, key, fields)
+
+    async def record_named(
+        self,
+        key: str,
+        batch_id: str | None,
+        lines: Sequence[NamedResult],
+        *,
+        background: bool = False,
+        **fields: Any,
+    ) -> bool:
+        # One statement batch: a chunk of a collection is at most ``collect_chunk``
+        # lines, and on the real clock it is written in the worker thread.
+        async with self._turn:
+            if background:
+                return await self._worker.run(
+                    self.file.record_named, key, batch_id, lines, **fields
+                )
+            return self.file.record_named(key, batch_id, lines, **fields)
 
     async def settle(
         self,

@@ -7,7 +7,10 @@ the row order is the completion order. A chunk of results is recorded in one
 transaction: its result lines are appended to the journal's ``-data`` file first (see
 :mod:`._sqlite_data`), then their rows inserted, and ``meta.data_end`` moved past them;
 the requests put back for another round go back to ``pending``, and the shard's fields
-(or its move to ``collected``) are written, in the same transaction.
+(or its move to ``collected``) are written, in the same transaction. A chunk of lines
+named by ``custom_id`` (:meth:`JournalResults.record_named`) finds its requests and
+writes its rows in one statement, then appends its lines: the rows go back (a savepoint)
+when one line names no request waiting for its first outcome.
 Reading walks the results by input order (``seq``) or completion order (``n``), page
 by page, and sums them for a report without sorting them.
 """
@@ -24,6 +27,7 @@ from ._records import (
     FinalResult,
     JournalCounts,
     ModelTokens,
+    NamedResult,
     ResultRow,
     RetryLine,
     Shard,
@@ -36,6 +40,15 @@ __all__ = ["JournalResults"]
 
 #: A request (a row of ``requests``) without its result.
 _NO_RESULT = "NOT EXISTS (SELECT 1 FROM results WHERE results.seq = requests.seq)"
+
+#: A result line's row, for the request of the shard it names by ``custom_id`` that
+#: waits for its first outcome (found from the members index alone).
+_INSERT_NAMED = (
+    "INSERT OR IGNORE INTO results (seq, kind, code, shard, batch_id, attempts, "
+    "input_tokens, output_tokens, data, data_at, data_size) "
+    "SELECT seq, ?, ?, shard, ?, 0, ?, ?, X'', ?, ? FROM requests INDEXED BY requests_members "
+    "WHERE custom_id = ? AND shard = ? AND state = 'queued' AND attempts = 0"
+)
 
 
 class JournalResults:
@@ -72,18 +85,10 @@ class JournalResults:
         result lines are appended to the ``-data`` file first (a line whose request
         had its result already is written, and never read)."""
         if finals:
-            row = db.execute("SELECT value FROM meta WHERE key = 'data_end'").fetchone()
-            end = int(row[0]) if row is not None else 0
-            lines = [f.data for f in finals]
-            if end == 0:  # the file's first write: its id line first
-                data_id = uuid.uuid4().hex
-                head = header(data_id)
-                self._data.write(0, [head, *lines], data_id=data_id)
-                self.put_meta(db, {"data_id": data_id})
-                end = len(head)
-            else:
-                self._data.write(end, lines)
+            start, data_id = self._data_start(db)
+            self._write_data(db, start, data_id, [f.data for f in finals])
             located = []
+            at = start
             for f in finals:
                 size = len(f.data)
                 located.append(
@@ -96,24 +101,96 @@ class JournalResults:
                         f.attempts,
                         f.input_tokens,
                         f.output_tokens,
-                        end,
+                        at,
                         size,
                     )
                 )
-                end += size
+                at += size
             db.executemany(
                 "INSERT OR IGNORE INTO results (seq, kind, code, shard, batch_id, attempts, "
                 "input_tokens, output_tokens, data, data_at, data_size) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, X'', ?, ?)",
                 located,
             )
-            self.put_meta(db, {"data_end": str(end)})
         # A request with a result is done: it goes back to pending no more.
         db.executemany(
             "UPDATE requests SET state = 'pending', attempts = ?, last_error = ? "
             f"WHERE seq = ? AND {_NO_RESULT}",
             ((r.attempts, r.last_error, r.seq) for r in retries),
         )
+
+    def _data_start(self, db: Db) -> tuple[int, str | None]:
+        """Where the next result line goes in the ``-data`` file, and, when it is the
+        file's first write, the id the file is made with (else None)."""
+        row = db.execute("SELECT value FROM meta WHERE key = 'data_end'").fetchone()
+        end = int(row[0]) if row is not None else 0
+        if end:
+            return end, None
+        data_id = uuid.uuid4().hex
+        return len(header(data_id)), data_id
+
+    def _write_data(self, db: Db, start: int, data_id: str | None, lines: list[bytes]) -> None:
+        """``lines`` written one after another from ``start`` and synced (the file made
+        first, with its id line, when ``data_id`` is given); ``meta.data_end`` moved
+        past them."""
+        if data_id is not None:
+            self._data.write(0, [header(data_id), *lines], data_id=data_id)
+            self.put_meta(db, {"data_id": data_id})
+        else:
+            self._data.write(start, lines)
+        self.put_meta(db, {"data_end": str(start + sum(map(len, lines)))})
+
+    def record_named_rows(
+        self, db: Db, key: str, batch_id: str | None, lines: Sequence[NamedResult]
+    ) -> bool:
+        """:meth:`record_named` inside the caller's transaction: False when a line names
+        no request of shard ``key`` that waits for its first outcome, or one named
+        before (then nothing is written). Each line's request is found and its result
+        row written in one statement; the lines go to the ``-data`` file once every row
+        is in."""
+        start, data_id = self._data_start(db)
+        located = []
+        at = start
+        for line in lines:
+            size = len(line.data)
+            located.append(
+                (
+                    line.kind,
+                    line.code,
+                    batch_id,
+                    line.input_tokens,
+                    line.output_tokens,
+                    at,
+                    size,
+                    line.custom_id,
+                    key,
+                )
+            )
+            at += size
+        db.execute("SAVEPOINT named_results")
+        # A request with its result already, or named twice, is not written again.
+        added = db.executemany(_INSERT_NAMED, located).rowcount
+        if added != len(lines):
+            db.execute("ROLLBACK TO named_results")
+            db.execute("RELEASE named_results")
+            return False
+        db.execute("RELEASE named_results")
+        self._write_data(db, start, data_id, [line.data for line in lines])
+        return True
+
+    def record_named(
+        self, key: str, batch_id: str | None, lines: Sequence[NamedResult], **fields: Any
+    ) -> bool:
+        """In one transaction: final results named by ``custom_id`` and fields of shard
+        ``key``, when every line names a request of the shard that waits for its first
+        outcome (see :meth:`Journal.record_named
+        <aiobatch._run._journal.Journal.record_named>`); else nothing, and False."""
+        with self.transaction() as db:
+            if not self.record_named_rows(db, key, batch_id, lines):
+                return False
+            if fields:
+                self.set_fields(db, key, fields)
+        return True
 
     def record(
         self,

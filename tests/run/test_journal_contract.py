@@ -20,6 +20,7 @@ from aiobatch._run._journal import CHUNK_BYTES, Journal
 from aiobatch._run._records import (
     FinalResult,
     ModelTokens,
+    NamedResult,
     PreparedRequest,
     RequestGroup,
     RetryLine,
@@ -84,6 +85,17 @@ def _final(seq: int, body: bytes = b'{"ok":1}') -> FinalResult:
     return FinalResult(
         seq=seq, kind="success", code=None, shard="s0", batch_id="b1", attempts=0, data=body
     )
+
+
+def _named(
+    seq: int,
+    body: bytes = b'{"ok":1}',
+    *,
+    kind: str = "success",
+    code: str | None = None,
+    used: tuple[int, int] = (0, 0),
+) -> NamedResult:
+    return NamedResult(f"r{seq}", kind, code, used[0], used[1], body)
 
 
 async def test_ingest_is_all_or_nothing(journal: Journal) -> None:
@@ -246,6 +258,71 @@ async def test_a_background_record_is_a_record(journal: Journal) -> None:
     shard = await journal.shard("s0")
     assert (shard.output_done, shard.input_tokens) == (3, 7)
     assert await journal.pending_count() == 1
+
+
+@pytest.mark.parametrize("background", [False, True], ids=["in_the_loop", "background"])
+async def test_named_results_are_recorded_for_the_requests_they_name(
+    journal: Journal, background: bool
+) -> None:
+    """``record_named`` writes each line as the result of the shard's request it names
+    (with its batch, no attempts and its tokens) and the shard's fields, at once."""
+    requests = await _ingest(journal, 3)
+    await journal.add_shard("s0", _plan(requests), planned_at=11.0)
+    lines = [_named(2, b'{"two":1}', used=(3, 4)), _named(0, kind="error", code="bad")]
+    ticker = await Ticker.start()
+    recorded = await journal.record_named(
+        "s0", "b1", lines, background=background, output_done=2, input_tokens=3
+    )
+    await ticker.stop()
+    assert recorded
+    if background:  # a write in a thread, or on a server, lets the loop run meanwhile
+        assert ticker.ticks >= 1
+    rows = await journal.result_rows(order="input", after=-1, limit=10)
+    assert [(r.seq, r.custom_id, r.kind, r.attempts, r.batch_id, r.data) for r in rows] == [
+        (0, "r0", "error", 0, "b1", b'{"ok":1}'),
+        (2, "r2", "success", 0, "b1", b'{"two":1}'),
+    ]
+    done = [line async for chunk in journal.result_lines(order="completion") for line in chunk]
+    assert done == [b'{"two":1}', b'{"ok":1}']
+    shard = await journal.shard("s0")
+    assert (shard.output_done, shard.input_tokens) == (2, 3)
+    counts = await journal.counts()
+    assert (counts.codes, counts.input_tokens, counts.output_tokens) == ({"bad": 1}, 3, 4)
+    members = await journal.members("s0", ["r0", "r1", "r2"])
+    assert {cid: m.queued for cid, m in members.items()} == {"r0": False, "r1": True, "r2": False}
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["unknown", "named_twice", "with_a_result", "of_another_shard", "back_to_pending", "retried"],
+)
+async def test_named_results_are_all_or_nothing(journal: Journal, case: str) -> None:
+    """``record_named`` writes nothing, and says so, when a line names a request that
+    is not the shard's waiting for its first outcome; the journal takes the next
+    record whole."""
+    requests = await _ingest(journal, 4)
+    await journal.add_shard("s0", _plan(requests[:3]), planned_at=11.0)
+    await journal.add_shard("s1", _plan(requests[3:]), planned_at=11.0)
+    await journal.record("s0", [_final(2)], output_done=1)  # r2 has its result
+    if case in ("back_to_pending", "retried"):
+        await journal.record("s0", [], [RetryLine(1, 1, b'{"error":1}')])
+    if case == "retried":  # r1 in a shard of the next round, after one failure
+        await journal.add_shard("s2", _plan(requests[1:2]), planned_at=12.0)
+    key, lines = {
+        "unknown": ("s0", [_named(0), NamedResult("elsewhere", "success", None, 0, 0, b"{}")]),
+        "named_twice": ("s0", [_named(0), _named(0)]),
+        "with_a_result": ("s0", [_named(0), _named(2)]),
+        "of_another_shard": ("s0", [_named(0), _named(3)]),
+        "back_to_pending": ("s0", [_named(0), _named(1)]),
+        "retried": ("s2", [_named(1, b'{"again":1}')]),
+    }[case]
+    assert not await journal.record_named(key, "b2", lines, output_done=9)
+    rows = await journal.result_rows(order="input", after=-1, limit=10)
+    assert [(r.seq, r.batch_id) for r in rows] == [(2, "b1")]
+    assert (await journal.shard(key)).output_done == (1 if key == "s0" else 0)
+    assert await journal.record_named("s1", "b3", [_named(3, b'{"three":1}')], output_done=1)
+    rows = await journal.result_rows(order="input", after=-1, limit=10)
+    assert [(r.seq, r.data) for r in rows] == [(2, b'{"ok":1}'), (3, b'{"three":1}')]
 
 
 async def test_a_cancelled_background_record_leaves_the_journal_whole(journal: Journal) -> None:

@@ -859,29 +859,77 @@ async def test_extra_input_copies_that_cannot_be_deleted_do_not_fail_the_run(
     assert len(logged) == 2
 
 
-class _CorruptingTransport:
-    """Plays a server whose result files hold one line that does not decode (the line
-    for ``custom_id``, or every line when it is None: its ``status_code`` is a string)."""
+class _EditedResultFiles:
+    """Plays a server whose result files are the fake's, passed through ``edit`` (their
+    lines, without newlines)."""
 
-    def __init__(self, inner: Any, custom_id: str | None) -> None:
+    def __init__(self, inner: Any, edit: Callable[[list[bytes]], list[bytes]]) -> None:
         self.inner = inner
-        self.custom_id = custom_id
+        self.edit = edit
 
     async def send(self, request: Any, *, stream: bool = False) -> Any:
         response = await self.inner.send(request, stream=stream)
         if not (request.method == "GET" and request.url.endswith("/content")):
             return response
-        lines = (await response.read()).split(b"\n")
-        marker = json.dumps(self.custom_id).encode() if self.custom_id else b"custom_id"
+        lines = self.edit((await response.read()).split(b"\n"))
+        return Response(response.status, dict(response.headers), b"\n".join(lines))
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def _corrupting(inner: Any, custom_id: str | None) -> _EditedResultFiles:
+    """Plays a server whose result files hold one line that does not decode (the line
+    for ``custom_id``, or every line when it is None: its ``status_code`` is a string)."""
+    marker = json.dumps(custom_id).encode() if custom_id else b"custom_id"
+
+    def corrupt(lines: list[bytes]) -> list[bytes]:
         for i, line in enumerate(lines):
             if line and marker in line:
                 data = json.loads(line)
                 data["response"]["status_code"] = "two hundred"
                 lines[i] = json.dumps(data).encode()
-        return Response(response.status, dict(response.headers), b"\n".join(lines))
+        return lines
 
-    async def aclose(self) -> None:
-        await self.inner.aclose()
+    return _EditedResultFiles(inner, corrupt)
+
+
+@pytest.mark.parametrize("chunk", [1, 2000], ids=["a_line_per_chunk", "one_chunk"])
+async def test_a_repeated_line_and_a_stranger_in_a_result_file_change_no_outcome(
+    tmp_path: Path, clock: VirtualClock, caplog: pytest.LogCaptureFixture, chunk: int
+) -> None:
+    """A result file that repeats a line and names a request it was not sent gives each
+    request its one result, counts each line's tokens once, and logs the stranger."""
+    service = FakeBatchService(clock=clock, config=FakeConfig(validation_seconds=1.0))
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(chat_requests(6))
+
+    def repeat_and_add(lines: list[bytes]) -> list[bytes]:
+        stranger = json.loads(lines[1])
+        stranger["custom_id"] = "req-elsewhere"
+        return [*lines[:3], lines[1], json.dumps(stranger).encode(), *lines[3:]]
+
+    transport = _EditedResultFiles(service.transport(), repeat_and_add)
+    async with BatchClient(
+        api_key=API_KEY, base_url=BASE_URL, transport=transport, clock=clock
+    ) as client:
+        run = BatchRun(
+            client,
+            source,
+            journal=tmp_path / "j",
+            output=tmp_path / "out.jsonl",
+            config=RunConfig(collect_chunk=chunk),
+        )
+        async with clock.auto_advance():
+            report = await run.run()
+    out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [line["custom_id"] for line in out] == ids("req", 6)
+    assert (report.succeeded, report.failed) == (6, 0)
+    used = sum(line["response"]["body"]["usage"]["prompt_tokens"] for line in out)
+    assert report.input_tokens == used
+    assert [row["input_tokens"] for row in shard_rows(tmp_path / "j")] == [used]
+    strangers = [r for r in caplog.records if "'req-elsewhere'" in r.getMessage()]
+    assert len(strangers) == 1
 
 
 async def test_a_result_line_that_does_not_decode_ends_its_request_without_a_rerun(
@@ -892,7 +940,7 @@ async def test_a_result_line_that_does_not_decode_ends_its_request_without_a_rer
     service = FakeBatchService(clock=clock, config=FakeConfig(validation_seconds=1.0))
     source = tmp_path / "in.jsonl"
     source.write_bytes(chat_requests(4))
-    transport = _CorruptingTransport(service.transport(), "req-2")
+    transport = _corrupting(service.transport(), "req-2")
     async with BatchClient(
         api_key=API_KEY, base_url=BASE_URL, transport=transport, clock=clock
     ) as client:
@@ -917,7 +965,7 @@ async def test_collection_reads_at_most_500_result_lines_between_turns_of_the_lo
     service = FakeBatchService(clock=clock, config=FakeConfig(validation_seconds=1.0))
     source = tmp_path / "in.jsonl"
     source.write_bytes(chat_requests(count))
-    transport = _CorruptingTransport(service.transport(), None)
+    transport = _corrupting(service.transport(), None)
     ticker = await Ticker.start()
     read_at: list[int] = []
 
