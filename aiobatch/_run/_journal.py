@@ -40,7 +40,7 @@ from ._records import (
     Member,
     ModelTokens,
     NamedResult,
-    PreparedRequest,
+    PendingRequest,
     QueuedLine,
     RequestGroup,
     RequestRow,
@@ -171,7 +171,7 @@ class Journal(Protocol):
 
     def pending_requests(
         self, url: str, model: str | None, *, background: bool = False
-    ) -> AsyncIterator[PreparedRequest]:
+    ) -> AsyncIterator[PendingRequest]:
         """The pending requests of one group, in input order, without their bytes; the
         loop runs other tasks at least every :data:`PENDING_PAGE` of them.
         ``background``: the backend may read each page in another thread (the run

@@ -23,7 +23,7 @@ import attrs
 
 from .._clock import SystemClock
 from ..errors import TooManyBatchesError
-from ._records import PreparedRequest, Shard, ShardPlan
+from ._records import PendingRequest, PreparedRequest, Shard, ShardPlan
 
 if TYPE_CHECKING:
     from ._context import RunContext
@@ -126,7 +126,7 @@ class ShardCutter:
         self._max_inputs = max_inputs
         self._open: dict[tuple[str, str | None], _OpenShard] = {}
 
-    def add(self, item: PreparedRequest) -> list[ShardPlan]:
+    def add(self, item: PreparedRequest | PendingRequest) -> list[ShardPlan]:
         """Put a request in its group's open shard; returns the shards it closed."""
         if item.size < 1:
             raise ValueError(f"item {item.seq}: size must be >= 1 (it counts the newline)")

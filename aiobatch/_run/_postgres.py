@@ -51,7 +51,7 @@ from ._records import (
     Member,
     ModelTokens,
     NamedResult,
-    PreparedRequest,
+    PendingRequest,
     QueuedLine,
     RequestGroup,
     ResultRow,
@@ -385,7 +385,7 @@ class PostgresJournal(PgLeases):
         *,
         chunk: int = PENDING_PAGE,
         background: bool = False,  # the server reads: nothing holds the loop
-    ) -> AsyncIterator[PreparedRequest]:
+    ) -> AsyncIterator[PendingRequest]:
         rid = await self.rid()
         after = -1
         while True:
@@ -403,9 +403,7 @@ class PostgresJournal(PgLeases):
             if not rows:
                 return
             for seq, size, tokens, inputs in rows:
-                yield PreparedRequest(
-                    seq=seq, url=url, model=model, size=size, tokens=tokens, inputs=inputs
-                )
+                yield PendingRequest(seq, size, tokens, inputs, url, model)
             after = int(rows[-1][0])
 
     async def shard_lines(self, key: str, *, chunk: int = 2000) -> AsyncIterator[Sequence[bytes]]:

@@ -44,7 +44,7 @@ from ._journal import too_many_batches
 from ._records import (
     SHARD_FIELDS,
     Member,
-    PreparedRequest,
+    PendingRequest,
     QueuedLine,
     RequestGroup,
     RequestRow,
@@ -395,37 +395,18 @@ class JournalFile(JournalResults):
             )
         ]
 
-    def pending_requests(
-        self, url: str, model: str | None, *, chunk: int = 10_000
-    ) -> Iterator[PreparedRequest]:
-        """The pending requests of one (url, model), in input order, read in chunks and
-        without their bytes (a request recorded in a shard meanwhile is not read again)."""
-        after = -1
-        while page := self.pending_page(url, model, after=after, limit=chunk):
-            after = page[-1].seq
-            yield from page
-
     def pending_page(
         self, url: str, model: str | None, *, after: int, limit: int
-    ) -> list[PreparedRequest]:
+    ) -> list[PendingRequest]:
         """The next ``limit`` pending requests of one (url, model) past the request
         ``after`` (a seq), in input order, without their bytes."""
-        return [
-            PreparedRequest(
-                seq=int(seq),
-                url=url,
-                model=model,
-                size=int(size),
-                tokens=int(tokens),
-                inputs=int(inputs),
-            )
-            for seq, size, tokens, inputs in self._db.execute(
-                "SELECT seq, length(data) + 1, tokens, inputs FROM requests "
-                "WHERE state = 'pending' AND url = ? AND model IS ? AND seq > ? "
-                "ORDER BY seq LIMIT ?",
-                (url, model, after, limit),
-            ).fetchall()
-        ]
+        rows = self._db.execute(
+            "SELECT seq, length(data) + 1, tokens, inputs, url, model FROM requests "
+            "WHERE state = 'pending' AND url = ? AND model IS ? AND seq > ? "
+            "ORDER BY seq LIMIT ?",
+            (url, model, after, limit),
+        ).fetchall()
+        return list(map(PendingRequest._make, rows))
 
     def shard_lines(self, key: str) -> Iterator[bytes]:
         """The request lines of a shard, in input order, without newlines."""

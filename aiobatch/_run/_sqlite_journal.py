@@ -31,7 +31,7 @@ from ._records import (
     Member,
     ModelTokens,
     NamedResult,
-    PreparedRequest,
+    PendingRequest,
     QueuedLine,
     RequestGroup,
     RequestRow,
@@ -282,7 +282,7 @@ class SQLiteJournal:
 
     async def pending_requests(
         self, url: str, model: str | None, *, background: bool = False
-    ) -> AsyncIterator[PreparedRequest]:
+    ) -> AsyncIterator[PendingRequest]:
         after = -1
         while True:
             async with self._turn:
