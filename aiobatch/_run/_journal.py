@@ -265,7 +265,9 @@ class Journal(Protocol):
         common chunk of a collection: a look-up and a write in one, with no decision
         left to the caller. True when recorded; else False, and nothing is written
         (the caller then looks the requests up with :meth:`members` and decides line
-        by line). ``background`` as in :meth:`record`."""
+        by line); a backend may also decline a chunk it would write in one go while
+        holding the loop (more than a slice of rows when not ``background``).
+        ``background`` as in :meth:`record`."""
 
     async def settle(
         self,

@@ -69,11 +69,11 @@ class PreparedRequest:
             number of texts (or token arrays) of an embeddings request's ``input``
             list, else 1.
         line: 1-based line number in the source (for an iterable source, the 1-based
-            index of the item); 0 when read back from the journal for planning.
-        custom_id: the line's ``custom_id``, given or generated ('' when read back for
-            planning).
-        data: the JSONL line to upload, without its newline (empty when read back for
-            planning, which needs only its size). It is the input line's bytes unchanged
+            index of the item); 0 when not known.
+        custom_id: the line's ``custom_id``, given or generated ('' when not known).
+        data: the JSONL line to upload, without its newline (may be left empty when
+            only its ``size`` matters, as in :func:`plan_shards
+            <aiobatch._run._planning.plan_shards>`). It is the input line's bytes unchanged
             when the line had a ``custom_id`` and a ``method``; otherwise the request
             re-encoded as compact JSON.
         size: the bytes the line takes in a shard file, newline included (>= 1).

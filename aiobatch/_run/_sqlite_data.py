@@ -1,7 +1,8 @@
 """The file of a journal's result lines: ``<journal>-data``, beside the SQLite file.
 
 A result line is written once. The transaction that records a chunk of results appends
-their lines to this file (one write, then ``fdatasync``) before it inserts their rows;
+their lines to this file (one write, then ``fdatasync``) before it commits (before it
+inserts their rows, or, for lines named by ``custom_id``, once every row is in);
 each row of ``results`` keeps where its line is (``data_at``, ``data_size``), and
 ``meta.data_end`` the end of the bytes that committed rows use. Bytes past ``data_end``
 (a transaction rolled back, a process killed before its commit) are written over by

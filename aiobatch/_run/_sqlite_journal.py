@@ -414,8 +414,10 @@ class SQLiteJournal:
         background: bool = False,
         **fields: Any,
     ) -> bool:
-        # One statement batch: a chunk of a collection is at most ``collect_chunk``
-        # lines, and on the real clock it is written in the worker thread.
+        # One statement batch: in the loop at most a slice of rows (a bigger chunk is
+        # declined, and recorded by record() in slices); in the worker thread any.
+        if not background and len(lines) > SLICE_ROWS:
+            return False
         async with self._turn:
             if background:
                 return await self._worker.run(

@@ -292,11 +292,53 @@ async def test_named_results_are_recorded_for_the_requests_they_name(
     assert {cid: m.queued for cid, m in members.items()} == {"r0": False, "r1": True, "r2": False}
 
 
+async def test_a_request_run_again_after_its_own_cancel_takes_a_named_result(
+    journal: Journal,
+) -> None:
+    """A request sent back by the run's own cancel (no failure counted) and queued in a
+    shard again waits for its first outcome: ``record_named`` takes its line."""
+    requests = await _ingest(journal, 2)
+    await journal.add_shard("s0", _plan(requests), planned_at=11.0)
+    await journal.record("s0", [_final(0)], [RetryLine(1, 0, None)], output_done=2)
+    await journal.add_shard("s1", _plan(requests[1:]), planned_at=12.0)
+    assert await journal.record_named("s1", "b2", [_named(1, b'{"later":1}')], output_done=1)
+    rows = await journal.result_rows(order="input", after=-1, limit=10)
+    assert [(r.seq, r.attempts, r.batch_id, r.data) for r in rows] == [
+        (0, 0, "b1", b'{"ok":1}'),
+        (1, 0, "b2", b'{"later":1}'),
+    ]
+
+
+async def test_a_cancelled_background_named_record_leaves_the_journal_whole(
+    journal: Journal,
+) -> None:
+    """A background ``record_named`` cancelled while it writes is all or nothing, and
+    the journal takes the next statement at once."""
+    requests = await _ingest(journal, 2000)
+    await journal.add_shard("s0", _plan(requests), planned_at=11.0)
+    lines = [_named(r.seq, b"x" * 2000) for r in requests]
+    task = asyncio.ensure_future(
+        journal.record_named("s0", "b1", lines, background=True, output_done=len(lines))
+    )
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    done = len(await journal.result_rows(order="input", after=-1, limit=5000))
+    assert done in (0, len(lines))
+    assert (await journal.shard("s0")).output_done == (len(lines) if done else 0)
+    await journal.record("s0", [], output_done=1)
+    assert (await journal.shard("s0")).output_done == 1
+
+
+@pytest.mark.parametrize("background", [False, True], ids=["in_the_loop", "background"])
 @pytest.mark.parametrize(
     "case",
     ["unknown", "named_twice", "with_a_result", "of_another_shard", "back_to_pending", "retried"],
 )
-async def test_named_results_are_all_or_nothing(journal: Journal, case: str) -> None:
+async def test_named_results_are_all_or_nothing(
+    journal: Journal, case: str, background: bool
+) -> None:
     """``record_named`` writes nothing, and says so, when a line names a request that
     is not the shard's waiting for its first outcome; the journal takes the next
     record whole."""
@@ -316,7 +358,7 @@ async def test_named_results_are_all_or_nothing(journal: Journal, case: str) -> 
         "back_to_pending": ("s0", [_named(0), _named(1)]),
         "retried": ("s2", [_named(1, b'{"again":1}')]),
     }[case]
-    assert not await journal.record_named(key, "b2", lines, output_done=9)
+    assert not await journal.record_named(key, "b2", lines, background=background, output_done=9)
     rows = await journal.result_rows(order="input", after=-1, limit=10)
     assert [(r.seq, r.batch_id) for r in rows] == [(2, "b1")]
     assert (await journal.shard(key)).output_done == (1 if key == "s0" else 0)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from conftest import Ticker
 
-from aiobatch._run._records import FinalResult, PreparedRequest, RunMeta, ShardPlan
-from aiobatch._run._sqlite_journal import SQLiteJournal
+from aiobatch._run._records import FinalResult, NamedResult, PreparedRequest, RunMeta, ShardPlan
+from aiobatch._run._sqlite_journal import SLICE_ROWS, SQLiteJournal
 
 URL = "/v1/chat/completions"
 
@@ -104,3 +104,18 @@ async def test_a_close_during_a_background_record_waits_for_it(tmp_path: Path) -
     rows = await again.result_rows(order="input", after=-1, limit=2 * count)
     await again.close()
     assert len(rows) == count
+
+
+async def test_named_results_of_more_than_a_slice_are_declined_in_the_loop(
+    tmp_path: Path,
+) -> None:
+    """``record_named`` in the loop declines a chunk of more than a slice of rows (it
+    would write it in one go), writing nothing, and takes it in the worker thread."""
+    count = SLICE_ROWS + 1
+    journal, _finals = await _journal_with_a_shard(tmp_path / "run.journal", count)
+    lines = [NamedResult(f"r{seq}", "success", None, 0, 0, b"%d" % seq) for seq in range(count)]
+    assert not await journal.record_named("s0", "b", lines, output_done=count)
+    assert await journal.result_rows(order="input", after=-1, limit=5) == []
+    assert await journal.record_named("s0", "b", lines, background=True, output_done=count)
+    assert (await journal.counts()).requests == {"done": count}
+    await journal.close()

@@ -50,6 +50,7 @@ from aiobatch import (
     BatchStatus,
     RetryPolicy,
     RunConfig,
+    RunProgress,
     RunReport,
     RunResult,
 )
@@ -898,8 +899,9 @@ def _corrupting(inner: Any, custom_id: str | None) -> _EditedResultFiles:
 async def test_a_repeated_line_and_a_stranger_in_a_result_file_change_no_outcome(
     tmp_path: Path, clock: VirtualClock, caplog: pytest.LogCaptureFixture, chunk: int
 ) -> None:
-    """A result file that repeats a line and names a request it was not sent gives each
-    request its one result, counts each line's tokens once, and logs the stranger."""
+    """A result file that repeats a line (with other tokens) and names a request it was
+    not sent gives each request its first line's result and tokens, and logs the
+    stranger."""
     service = FakeBatchService(clock=clock, config=FakeConfig(validation_seconds=1.0))
     source = tmp_path / "in.jsonl"
     source.write_bytes(chat_requests(6))
@@ -907,7 +909,11 @@ async def test_a_repeated_line_and_a_stranger_in_a_result_file_change_no_outcome
     def repeat_and_add(lines: list[bytes]) -> list[bytes]:
         stranger = json.loads(lines[1])
         stranger["custom_id"] = "req-elsewhere"
-        return [*lines[:3], lines[1], json.dumps(stranger).encode(), *lines[3:]]
+        again = json.loads(lines[1])
+        again["response"]["body"]["usage"]["prompt_tokens"] += 1000
+        again["response"]["body"]["id"] = "a-second-answer"
+        lines = [*lines[:3], json.dumps(again).encode(), json.dumps(stranger).encode(), *lines[3:]]
+        return lines
 
     transport = _EditedResultFiles(service.transport(), repeat_and_add)
     async with BatchClient(
@@ -924,12 +930,54 @@ async def test_a_repeated_line_and_a_stranger_in_a_result_file_change_no_outcome
             report = await run.run()
     out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [line["custom_id"] for line in out] == ids("req", 6)
+    assert "a-second-answer" not in (tmp_path / "out.jsonl").read_text()
     assert (report.succeeded, report.failed) == (6, 0)
     used = sum(line["response"]["body"]["usage"]["prompt_tokens"] for line in out)
+    assert used < 1000
     assert report.input_tokens == used
     assert [row["input_tokens"] for row in shard_rows(tmp_path / "j")] == [used]
     strangers = [r for r in caplog.records if "'req-elsewhere'" in r.getMessage()]
     assert len(strangers) == 1
+
+
+async def test_the_progress_counts_each_final_outcome_once(
+    tmp_path: Path, clock: VirtualClock
+) -> None:
+    """The run's progress counts every final success and failure once as results come,
+    those of a first round (never retried) and those of a retry round alike."""
+    flaky = {"req-2"}
+
+    def fails_once(custom_id: str) -> bool:
+        if custom_id in flaky:
+            flaky.discard(custom_id)
+            return True
+        return False
+
+    line_errors = [
+        LineErrorRule(status=400, custom_ids={"req-1", "req-4"}),
+        LineErrorRule(status=500, predicate=fails_once),
+    ]
+    service = FakeBatchService(
+        clock=clock, config=FakeConfig(validation_seconds=1.0, line_errors=line_errors)
+    )
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(chat_requests(6))
+    seen: list[RunProgress] = []
+    async with BatchClient(
+        api_key=API_KEY, base_url=BASE_URL, transport=service.transport(), clock=clock
+    ) as client:
+        # A line a chunk: the final failures are chunks of their own, apart from the 500.
+        single = RunConfig(collect_chunk=1)
+        run = BatchRun(
+            client, source, journal=tmp_path / "j", config=single, on_progress=seen.append
+        )
+        async with clock.auto_advance():
+            report = await run.run()
+    assert (report.succeeded, report.failed, report.retried) == (4, 2, 1)
+    # The running figures are counted as results come (the last, the report's).
+    running = [(p.succeeded, p.failed, p.retrying) for p in seen if p.state == "running"]
+    assert running[-1] == (4, 2, 0)
+    assert max(retrying for _ok, _failed, retrying in running) == 1
 
 
 async def test_a_result_line_that_does_not_decode_ends_its_request_without_a_rerun(
