@@ -345,9 +345,8 @@ async def _read_file(ctx: RunContext, shard: Shard, file_id: str, column: str) -
         chunk.clear()
         # A chunk of lines that are each final whatever their request's attempts
         # (successes, failures never retried): the journal finds their requests as it
-        # writes them.
-        # A shard of a later round holds requests that failed before (its round is the
-        # most failures any of them had): the journal would refuse their chunks.
+        # writes them. Not in a shard of a later round: its requests failed before (its
+        # round is the most failures any of them had), and the journal would refuse them.
         named = _final_whatever_attempts(lines) if shard.round == 0 else None
         if named is not None:
             step = write_named(named, lines, upto)
