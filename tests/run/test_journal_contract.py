@@ -309,28 +309,6 @@ async def test_a_request_run_again_after_its_own_cancel_takes_a_named_result(
     ]
 
 
-async def test_a_cancelled_background_named_record_leaves_the_journal_whole(
-    journal: Journal,
-) -> None:
-    """A background ``record_named`` cancelled while it writes is all or nothing, and
-    the journal takes the next statement at once."""
-    requests = await _ingest(journal, 2000)
-    await journal.add_shard("s0", _plan(requests), planned_at=11.0)
-    lines = [_named(r.seq, b"x" * 2000) for r in requests]
-    task = asyncio.ensure_future(
-        journal.record_named("s0", "b1", lines, background=True, output_done=len(lines))
-    )
-    await asyncio.sleep(0)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    done = len(await journal.result_rows(order="input", after=-1, limit=5000))
-    assert done in (0, len(lines))
-    assert (await journal.shard("s0")).output_done == (len(lines) if done else 0)
-    await journal.record("s0", [], output_done=1)
-    assert (await journal.shard("s0")).output_done == 1
-
-
 @pytest.mark.parametrize("background", [False, True], ids=["in_the_loop", "background"])
 @pytest.mark.parametrize(
     "case",
@@ -367,22 +345,30 @@ async def test_named_results_are_all_or_nothing(
     assert [(r.seq, r.data) for r in rows] == [(2, b'{"ok":1}'), (3, b'{"three":1}')]
 
 
-async def test_a_cancelled_background_record_leaves_the_journal_whole(journal: Journal) -> None:
-    """A background record cancelled while it writes is all or nothing, and the
-    journal takes the next statement at once (the write never overlaps it)."""
+@pytest.mark.parametrize("named", [False, True], ids=["record", "record_named"])
+async def test_a_cancelled_background_record_leaves_the_journal_whole(
+    journal: Journal, named: bool
+) -> None:
+    """A background record (by seq, or by name) cancelled while it writes is all or
+    nothing, and the journal takes the next statement at once (the write never
+    overlaps it)."""
     requests = await _ingest(journal, 2000)
     await journal.add_shard("s0", _plan(requests), planned_at=11.0)
-    finals = [_final(r.seq, b"x" * 2000) for r in requests]
-    task = asyncio.ensure_future(
-        journal.record("s0", finals, background=True, output_done=len(finals))
-    )
+    count = len(requests)
+    if named:
+        lines = [_named(r.seq, b"x" * 2000) for r in requests]
+        write = journal.record_named("s0", "b1", lines, background=True, output_done=count)
+    else:
+        finals = [_final(r.seq, b"x" * 2000) for r in requests]
+        write = journal.record("s0", finals, background=True, output_done=count)
+    task = asyncio.ensure_future(write)
     await asyncio.sleep(0)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
     done = len(await journal.result_rows(order="input", after=-1, limit=5000))
-    assert done in (0, len(finals))
-    assert (await journal.shard("s0")).output_done == (len(finals) if done else 0)
+    assert done in (0, count)
+    assert (await journal.shard("s0")).output_done == (count if done else 0)
     await journal.record("s0", [], output_done=1)
     assert (await journal.shard("s0")).output_done == 1
 
