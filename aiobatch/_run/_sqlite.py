@@ -54,7 +54,7 @@ from ._records import (
 )
 from ._sqlite_data import ResultData
 from ._sqlite_db import PAGE_BYTES, PAGE_LINES, Checkpointer, Db, Page, SeqRun, seq_runs
-from ._sqlite_results import _NO_RESULT, JournalResults
+from ._sqlite_results import _NO_RESULT, JournalResults, has_json
 from ._sqlite_schema import PAGE_SIZE, READABLE_VERSIONS, SCHEMA, SCHEMA_VERSION, UPGRADES
 from ._states import ShardState, allowed
 
@@ -195,6 +195,7 @@ class JournalFile(JournalResults):
             raise
         self.created = not exists
         self._line_at = "data_at, data_size" if "data_at" in columns else "NULL, NULL"
+        self._json_rows = has_json(self._db)
 
     def _upgrade(self) -> None:
         """Bring a journal of an earlier schema to this one, in place, in one transaction.

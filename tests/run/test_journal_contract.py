@@ -47,7 +47,19 @@ async def _postgres(folder: Path) -> Journal:
     return await PostgresJournal.open(pg_url(str(folder), run="contract"))
 
 
-BACKENDS: dict[str, Factory] = {"sqlite": _sqlite, "postgres": _postgres}
+async def _sqlite_rows(folder: Path) -> Journal:
+    # As on a SQLite without its JSON functions (built in only since 3.38): a chunk
+    # named by custom_id is then written a statement a row.
+    journal = SQLiteJournal(folder / "run.journal", create=True)
+    journal.file._json_rows = False
+    return journal
+
+
+BACKENDS: dict[str, Factory] = {
+    "sqlite": _sqlite,
+    "sqlite-rows": _sqlite_rows,
+    "postgres": _postgres,
+}
 
 
 @pytest.fixture(params=sorted(BACKENDS))
@@ -290,6 +302,31 @@ async def test_named_results_are_recorded_for_the_requests_they_name(
     assert (counts.codes, counts.input_tokens, counts.output_tokens) == ({"bad": 1}, 3, 4)
     members = await journal.members("s0", ["r0", "r1", "r2"])
     assert {cid: m.queued for cid, m in members.items()} == {"r0": False, "r1": True, "r2": False}
+
+
+async def test_named_results_find_requests_whatever_their_custom_id(journal: Journal) -> None:
+    """``record_named`` finds requests by any custom_id: quotes, escapes, non-ASCII, "007"."""
+    ids = ['say "hi"', "back\\slash\\n", "tab\tnew\nline", "café-日本", "🎉x", "007", "[1]", ""]
+    requests = [
+        PreparedRequest(
+            seq=seq, url=URL, model="m", tokens=5, line=seq + 1, custom_id=cid, data=b"{}"
+        )
+        for seq, cid in enumerate(ids)
+    ]
+    async with journal.ingest() as sink:
+        await sink.add([r.row() for r in requests])
+        await sink.start(RunMeta(run_id="run1", started_at=10.0, updated_at=10.0))
+    await journal.add_shard("s0", _plan(requests), planned_at=11.0)
+    lines = [
+        NamedResult(cid, "success", None, seq, 1, b"line %d" % seq)
+        for seq, cid in reversed(list(enumerate(ids)))
+    ]
+    assert await journal.record_named("s0", "b1", lines, background=False)
+    rows = await journal.result_rows(order="input", after=-1, limit=20)
+    assert [(r.custom_id, r.data) for r in rows] == [
+        (cid, b"line %d" % seq) for seq, cid in enumerate(ids)
+    ]
+    assert (await journal.counts()).input_tokens == sum(range(len(ids)))
 
 
 async def test_a_request_run_again_after_its_own_cancel_takes_a_named_result(
