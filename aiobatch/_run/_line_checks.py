@@ -43,6 +43,15 @@ _LINE_BREAKS = (
 
 #: A whitespace character (what ``str.isspace`` says is one).
 _SPACE = re.compile(r"\s")
+#: A UTF-16 surrogate left unpaired by a JSON escape (``"\\ud800"``): no Unicode text.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_UNPAIRED = "has an unpaired surrogate escape (\\ud800-\\udfff): it is not Unicode text"
+
+
+def is_text(value: str) -> bool:
+    """Whether ``value`` is Unicode text (it has no unpaired surrogate, which JSON's
+    ``\\u`` escapes can make and UTF-8 cannot hold)."""
+    return value.isascii() or _SURROGATE.search(value) is None
 
 
 def count_inputs(url: str, body: Mapping[str, Any]) -> int:
@@ -164,6 +173,8 @@ def check_fields(
             found.append((None, "custom_id", "invalid_type", message))
         elif not custom_id:
             found.append((None, "custom_id", "invalid_value", "must not be empty"))
+        elif not is_text(custom_id):
+            found.append((None, "custom_id", "invalid_value", _UNPAIRED))
         elif id_pattern is not None and not id_pattern.fullmatch(custom_id):
             message = f"must match {id_pattern.pattern} (the provider's custom_id rule)"
             found.append((custom_id, "custom_id", "invalid_value", message))
@@ -191,6 +202,8 @@ def check_fields(
     elif _SPACE.search(url):
         message = f"must not contain whitespace: {_cut(url)!r}"
         found.append((problem_id, "url", "invalid_value", message))
+    elif not is_text(url):
+        found.append((problem_id, "url", "invalid_value", _UNPAIRED))
 
     model: str | None = None
     if body is None:
@@ -208,6 +221,8 @@ def check_fields(
             found.append((problem_id, "body.model", "invalid_type", message))
         elif not model_value:
             found.append((problem_id, "body.model", "invalid_value", "must not be empty"))
+        elif not is_text(model_value):
+            found.append((problem_id, "body.model", "invalid_value", _UNPAIRED))
         else:
             model = model_value
         if body.get("stream") is True:

@@ -108,6 +108,12 @@ BAD_LINES = [
     pytest.param(bad({"model": 4}), ID, "body.model", "invalid_type", id="model-int"),
     pytest.param(bad({"model": ""}), ID, "body.model", "invalid_value", id="model-empty"),
     pytest.param(bad({"stream": True}), ID, "body.stream", "stream_not_supported", id="stream"),
+    # JSON escapes of a lone UTF-16 surrogate: no Unicode text (the journal, the server).
+    pytest.param(bad(custom_id="a\ud800b"), None, "custom_id", "invalid_value", id="id-surrogate"),
+    pytest.param(
+        bad({"model": "m\udc00"}), ID, "body.model", "invalid_value", id="model-surrogate"
+    ),
+    pytest.param(bad(url="/v1/\ud800"), ID, "url", "invalid_value", id="url-surrogate"),
 ]
 
 
@@ -365,6 +371,14 @@ def test_clean_source_finishes_quietly() -> None:
     preflight.finish()
     assert preflight.problems == ()
     assert len(accepted) == 1
+
+
+def test_a_surrogate_pair_escape_is_text() -> None:
+    """A custom_id and model written with a surrogate pair escape (an emoji) are accepted."""
+    raw = b'{"custom_id": "a\\ud83d\\ude00", "method": "POST", "url": "/v1/chat/completions", '
+    raw += b'"body": {"model": "m\\ud83d\\ude00"}}'
+    _, accepted = check_all([raw])
+    assert [(p.custom_id, p.model, p.data) for p in accepted] == [("a😀", "m😀", raw)]
 
 
 def test_valid_line_is_uploaded_byte_for_byte() -> None:
