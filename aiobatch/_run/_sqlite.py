@@ -32,6 +32,7 @@ bytes to megabytes each).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sqlite3
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -101,6 +102,21 @@ def _check_move(key: str, source: ShardState, target: ShardState) -> None:
             source=source.value,
             target=target.value,
         )
+
+
+#: Requests inserted in one statement: their fields as one JSON array of ``[seq,
+#: custom_id, line, url, model, tokens, inputs, start, size]``, their lines as one blob
+#: (each one's bytes at ``start``, counted from 1). One statement keeps Python's GIL
+#: away for the whole batch, where ``executemany`` takes it back for every row: from
+#: the journal's worker thread beside a busy event loop, each of those waits up to the
+#: interpreter's switch interval (see ``_sqlite_results._INSERT_NAMED_JSON``).
+_INSERT_REQUESTS_JSON = (
+    "INSERT INTO requests (seq, custom_id, line, url, model, tokens, inputs, data) "
+    "SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), "
+    "json_extract(value, '$[2]'), json_extract(value, '$[3]'), json_extract(value, '$[4]'), "
+    "json_extract(value, '$[5]'), json_extract(value, '$[6]'), "
+    "substr(?2, json_extract(value, '$[7]'), json_extract(value, '$[8]')) FROM json_each(?1)"
+)
 
 
 class JournalFile(JournalResults):
@@ -329,13 +345,27 @@ class JournalFile(JournalResults):
 
     # --- requests ------------------------------------------------------------------------
 
-    def add_requests(self, db: Db, rows: Iterable[RequestRow]) -> None:
-        """Insert accepted requests inside the caller's transaction."""
-        db.executemany(
-            "INSERT INTO requests (seq, custom_id, line, url, model, tokens, inputs, data) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            rows,
-        )
+    def add_requests(
+        self, db: Db, rows: Sequence[RequestRow], *, one_statement: bool = False
+    ) -> None:
+        """Insert accepted requests inside the caller's transaction. ``one_statement``
+        (from the journal's worker thread): all in one statement, where SQLite has its
+        JSON functions (see ``_INSERT_REQUESTS_JSON``); else a statement a row, which
+        costs less (0.51 s against 0.60 s per 100,000 in the loop's own thread)."""
+        if not (one_statement and self._json_rows):
+            db.executemany(
+                "INSERT INTO requests (seq, custom_id, line, url, model, tokens, inputs, data) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+            return
+        fields = []
+        at = 1  # substr counts from 1
+        for seq, custom_id, line, url, model, tokens, inputs, data in rows:
+            fields.append((seq, custom_id, line, url, model, tokens, inputs, at, len(data)))
+            at += len(data)
+        text = json.dumps(fields, ensure_ascii=False, separators=(",", ":"))
+        db.execute(_INSERT_REQUESTS_JSON, (text, b"".join(row.data for row in rows)))
 
     @staticmethod
     def taken(db: Db, custom_ids: Sequence[str]) -> dict[str, int]:

@@ -132,7 +132,7 @@ class _SQLiteIngest:
         if not rows:
             return True
         if self._background:  # a spill of the page cache into the log held the loop ~45 ms
-            return await self._worker.run(self._add, rows)
+            return await self._worker.run(self._add, rows, one_statement=True)
         if len(rows) <= SLICE_ROWS:
             return self._add(rows)
         db = self._db
@@ -146,12 +146,13 @@ class _SQLiteIngest:
         db.execute("RELEASE new_requests")
         return True
 
-    def _add(self, rows: Sequence[RequestRow]) -> bool:
-        """:meth:`add` in one statement batch."""
+    def _add(self, rows: Sequence[RequestRow], *, one_statement: bool = False) -> bool:
+        """:meth:`add` in one statement batch (``one_statement``: in the worker thread,
+        see :meth:`JournalFile.add_requests`)."""
         db = self._db
         db.execute("SAVEPOINT new_requests")
         try:
-            self._file.add_requests(db, rows)
+            self._file.add_requests(db, rows, one_statement=one_statement)
         except sqlite3.IntegrityError as exc:
             return self._refused(exc)
         db.execute("RELEASE new_requests")
@@ -421,7 +422,7 @@ class SQLiteJournal:
         async with self._turn:
             if background:
                 return await self._worker.run(
-                    self.file.record_named, key, batch_id, lines, **fields
+                    self.file.record_named, key, batch_id, lines, one_statement=True, **fields
                 )
             return self.file.record_named(key, batch_id, lines, **fields)
 

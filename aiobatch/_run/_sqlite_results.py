@@ -175,13 +175,20 @@ class JournalResults:
         self.put_meta(db, {"data_end": str(start + sum(map(len, lines)))})
 
     def record_named_rows(
-        self, db: Db, key: str, batch_id: str | None, lines: Sequence[NamedResult]
+        self,
+        db: Db,
+        key: str,
+        batch_id: str | None,
+        lines: Sequence[NamedResult],
+        *,
+        one_statement: bool = False,
     ) -> bool:
         """:meth:`record_named` inside the caller's transaction: False when a line names
         no request of shard ``key`` that waits for its first outcome, or one named
         before (then nothing is written). Each line's request is found and its result
-        row written in one statement; the lines go to the ``-data`` file once every row
-        is in."""
+        row written in one statement (``one_statement``, from the journal's worker
+        thread: the whole chunk in one, see ``_INSERT_NAMED_JSON``); the lines go to the
+        ``-data`` file once every row is in."""
         start, data_id = self._data_start(db)
         located = []
         at = start
@@ -201,7 +208,7 @@ class JournalResults:
             at += size
         db.execute("SAVEPOINT named_results")
         # A request with its result already, or named twice, is not written again.
-        if self._json_rows:
+        if one_statement and self._json_rows:
             text = json.dumps(located, ensure_ascii=False, separators=(",", ":"))
             added = db.execute(_INSERT_NAMED_JSON, (batch_id, text, key)).rowcount
         else:
@@ -218,14 +225,20 @@ class JournalResults:
         return True
 
     def record_named(
-        self, key: str, batch_id: str | None, lines: Sequence[NamedResult], **fields: Any
+        self,
+        key: str,
+        batch_id: str | None,
+        lines: Sequence[NamedResult],
+        *,
+        one_statement: bool = False,
+        **fields: Any,
     ) -> bool:
         """In one transaction: final results named by ``custom_id`` and fields of shard
         ``key``, when every line names a request of the shard that waits for its first
         outcome (see :meth:`Journal.record_named
         <aiobatch._run._journal.Journal.record_named>`); else nothing, and False."""
         with self.transaction() as db:
-            if not self.record_named_rows(db, key, batch_id, lines):
+            if not self.record_named_rows(db, key, batch_id, lines, one_statement=one_statement):
                 return False
             if fields:
                 self.set_fields(db, key, fields)

@@ -21,8 +21,10 @@ from aiobatch._run._records import (
     FinalResult,
     ModelTokens,
     NamedResult,
+    PendingRequest,
     PreparedRequest,
     RequestGroup,
+    RequestRow,
     RetryLine,
     RunMeta,
     ShardPlan,
@@ -157,6 +159,32 @@ async def test_a_background_ingest_lets_other_tasks_run_and_refuses_a_taken_id(
     assert during >= 1
     assert await journal.pending_count() == 4
     assert [r.seq async for r in journal.pending_requests(URL, "m")] == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("background", [False, True], ids=["in_the_loop", "background"])
+async def test_ingested_requests_read_back_exactly(journal: Journal, background: bool) -> None:
+    """Each request an ingest adds is read back with its own id, fields and bytes."""
+    ids = ['say "hi"', "back\\slash", "tab\tnew\nline", "café-日本", "🎉", "007", "[1]", "r"]
+    rows = [
+        RequestRow(seq, cid, seq + 3, URL, None if seq == 2 else f"m{seq}", seq * 7, seq + 1, data)
+        for seq, (cid, data) in enumerate(
+            zip(ids, [b"{}", b"\x00\xff", b'{"a":"\xc3\xa9"}', b"x" * 5000] * 2, strict=True)
+        )
+    ]
+    async with journal.ingest(background=background) as sink:
+        assert await sink.add(rows)
+        await sink.start(RunMeta(run_id="run1", started_at=10.0, updated_at=10.0))
+    pending = [r for model in ("m0", None) async for r in journal.pending_requests(URL, model)]
+    assert pending == [
+        PendingRequest(r.seq, len(r.data) + 1, r.tokens, r.inputs, URL, r.model)
+        for r in (rows[0], rows[2])
+    ]
+    plan = ShardPlan(URL, "m", tuple(r.seq for r in rows), sum(len(r.data) + 1 for r in rows), 0)
+    await journal.add_shard("s0", plan, planned_at=11.0)
+    lines = [line async for chunk in journal.shard_lines("s0") for line in chunk]
+    assert lines == [r.data for r in rows]
+    queued = await journal.queued_at("s0")
+    assert [q.custom_id for q in queued.values()] == ids
 
 
 async def test_intent_is_recorded_before_upload(journal: Journal) -> None:
