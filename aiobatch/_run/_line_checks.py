@@ -45,13 +45,17 @@ _LINE_BREAKS = (
 _SPACE = re.compile(r"\s")
 #: A UTF-16 surrogate left unpaired by a JSON escape (``"\\ud800"``): no Unicode text.
 _SURROGATE = re.compile("[\ud800-\udfff]")
-_UNPAIRED = "has an unpaired surrogate escape (\\ud800-\\udfff): it is not Unicode text"
 
 
-def is_text(value: str) -> bool:
-    """Whether ``value`` is Unicode text (it has no unpaired surrogate, which JSON's
-    ``\\u`` escapes can make and UTF-8 cannot hold)."""
-    return value.isascii() or _SURROGATE.search(value) is None
+def text_problem(value: str) -> str | None:
+    """What keeps ``value`` (an id, a url, a model) from being stored as text, if
+    anything: an unpaired surrogate (which JSON's ``\\u`` escapes can make and UTF-8
+    cannot hold), or the character NUL (which PostgreSQL's text cannot hold)."""
+    if "\x00" in value:
+        return "contains the character NUL (\\u0000), which a journal cannot store"
+    if not value.isascii() and _SURROGATE.search(value) is not None:
+        return "has an unpaired surrogate escape (\\ud800-\\udfff): it is not Unicode text"
+    return None
 
 
 def count_inputs(url: str, body: Mapping[str, Any]) -> int:
@@ -173,8 +177,8 @@ def check_fields(
             found.append((None, "custom_id", "invalid_type", message))
         elif not custom_id:
             found.append((None, "custom_id", "invalid_value", "must not be empty"))
-        elif not is_text(custom_id):
-            found.append((None, "custom_id", "invalid_value", _UNPAIRED))
+        elif (why := text_problem(custom_id)) is not None:
+            found.append((None, "custom_id", "invalid_value", why))
         elif id_pattern is not None and not id_pattern.fullmatch(custom_id):
             message = f"must match {id_pattern.pattern} (the provider's custom_id rule)"
             found.append((custom_id, "custom_id", "invalid_value", message))
@@ -202,8 +206,8 @@ def check_fields(
     elif _SPACE.search(url):
         message = f"must not contain whitespace: {_cut(url)!r}"
         found.append((problem_id, "url", "invalid_value", message))
-    elif not is_text(url):
-        found.append((problem_id, "url", "invalid_value", _UNPAIRED))
+    elif (why := text_problem(url)) is not None:
+        found.append((problem_id, "url", "invalid_value", why))
 
     model: str | None = None
     if body is None:
@@ -221,8 +225,8 @@ def check_fields(
             found.append((problem_id, "body.model", "invalid_type", message))
         elif not model_value:
             found.append((problem_id, "body.model", "invalid_value", "must not be empty"))
-        elif not is_text(model_value):
-            found.append((problem_id, "body.model", "invalid_value", _UNPAIRED))
+        elif (why := text_problem(model_value)) is not None:
+            found.append((problem_id, "body.model", "invalid_value", why))
         else:
             model = model_value
         if body.get("stream") is True:

@@ -56,7 +56,7 @@ from ._line_checks import (
     count_inputs,
     estimate_tokens,
     generated_custom_id,
-    is_text,
+    text_problem,
 )
 from ._records import PreparedRequest, RequestRow
 
@@ -536,12 +536,12 @@ class Preflight:
             embeddings is not None
             and type(custom_id) is str
             and custom_id
-            and is_text(custom_id)
+            and text_problem(custom_id) is None
             and method == "POST"
             and type(body) is dict
             and type(model := body.get("model")) is str
             and model
-            and is_text(model)
+            and text_problem(model) is None
             and body.get("stream") is not True
             and (id_pattern is None or id_pattern.fullmatch(custom_id))
         ):

@@ -108,12 +108,16 @@ BAD_LINES = [
     pytest.param(bad({"model": 4}), ID, "body.model", "invalid_type", id="model-int"),
     pytest.param(bad({"model": ""}), ID, "body.model", "invalid_value", id="model-empty"),
     pytest.param(bad({"stream": True}), ID, "body.stream", "stream_not_supported", id="stream"),
-    # JSON escapes of a lone UTF-16 surrogate: no Unicode text (the journal, the server).
+    # JSON escapes of a lone UTF-16 surrogate: no Unicode text (for the journal, the server).
     pytest.param(bad(custom_id="a\ud800b"), None, "custom_id", "invalid_value", id="id-surrogate"),
     pytest.param(
         bad({"model": "m\udc00"}), ID, "body.model", "invalid_value", id="model-surrogate"
     ),
     pytest.param(bad(url="/v1/\ud800"), ID, "url", "invalid_value", id="url-surrogate"),
+    # NUL: PostgreSQL's text cannot hold it.
+    pytest.param(bad(custom_id="a\x00b"), None, "custom_id", "invalid_value", id="id-nul"),
+    pytest.param(bad({"model": "m\x00"}), ID, "body.model", "invalid_value", id="model-nul"),
+    pytest.param(bad(url="/v1/\x00"), ID, "url", "invalid_value", id="url-nul"),
 ]
 
 
