@@ -55,7 +55,7 @@ from ._records import (
 )
 from ._sqlite_data import ResultData
 from ._sqlite_db import PAGE_BYTES, PAGE_LINES, Checkpointer, Db, Page, SeqRun, seq_runs
-from ._sqlite_results import _NO_RESULT, JournalResults, has_json
+from ._sqlite_results import _NO_RESULT, _NUL, JournalResults, has_json
 from ._sqlite_schema import PAGE_SIZE, READABLE_VERSIONS, SCHEMA, SCHEMA_VERSION, UPGRADES
 from ._states import ShardState, allowed
 
@@ -365,7 +365,11 @@ class JournalFile(JournalResults):
             fields.append((seq, custom_id, line, url, model, tokens, inputs, at, len(data)))
             at += len(data)
         text = json.dumps(fields, ensure_ascii=False, separators=(",", ":"))
-        db.execute(_INSERT_REQUESTS_JSON, (text, b"".join(row.data for row in rows)))
+        blob = b"".join(row.data for row in rows)
+        if _NUL in text or not blob:  # see _NUL; substr of an empty blob is NULL
+            self.add_requests(db, rows)
+            return
+        db.execute(_INSERT_REQUESTS_JSON, (text, blob))
 
     @staticmethod
     def taken(db: Db, custom_ids: Sequence[str]) -> dict[str, int]:

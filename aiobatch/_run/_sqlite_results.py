@@ -72,6 +72,12 @@ _INSERT_NAMED_JSON = (
 )
 
 
+#: How ``json.dumps`` writes the character NUL, where SQLite's JSON functions end a
+#: string (``json_extract('["a\\u0000b"]', '$[0]')`` is ``'a'``): a chunk with one in
+#: its text goes a statement a row.
+_NUL = "\\u0000"
+
+
 def has_json(db: Db) -> bool:
     """Whether this SQLite has its JSON functions (built in since 3.38, an extension
     most builds enable before)."""
@@ -208,8 +214,10 @@ class JournalResults:
             at += size
         db.execute("SAVEPOINT named_results")
         # A request with its result already, or named twice, is not written again.
+        text = ""
         if one_statement and self._json_rows:
             text = json.dumps(located, ensure_ascii=False, separators=(",", ":"))
+        if text and _NUL not in text:
             added = db.execute(_INSERT_NAMED_JSON, (batch_id, text, key)).rowcount
         else:
             added = db.executemany(

@@ -165,10 +165,15 @@ async def test_a_background_ingest_lets_other_tasks_run_and_refuses_a_taken_id(
 async def test_ingested_requests_read_back_exactly(journal: Journal, background: bool) -> None:
     """Each request an ingest adds is read back with its own id, fields and bytes."""
     ids = ['say "hi"', "back\\slash", "tab\tnew\nline", "café-日本", "🎉", "007", "[1]", "r"]
+    ids += ["\\u0000", "a\\u0000b"]
     rows = [
         RequestRow(seq, cid, seq + 3, URL, None if seq == 2 else f"m{seq}", seq * 7, seq + 1, data)
         for seq, (cid, data) in enumerate(
-            zip(ids, [b"{}", b"\x00\xff", b'{"a":"\xc3\xa9"}', b"x" * 5000] * 2, strict=True)
+            zip(
+                ids,
+                [b"{}", b"\x00\xff", b'{"a":"\xc3\xa9"}', b"x" * 5000] * 2 + [b"{}", b"{}"],
+                strict=True,
+            )
         )
     ]
     async with journal.ingest(background=background) as sink:
@@ -332,9 +337,13 @@ async def test_named_results_are_recorded_for_the_requests_they_name(
     assert {cid: m.queued for cid, m in members.items()} == {"r0": False, "r1": True, "r2": False}
 
 
-async def test_named_results_find_requests_whatever_their_custom_id(journal: Journal) -> None:
+@pytest.mark.parametrize("background", [False, True], ids=["in_the_loop", "background"])
+async def test_named_results_find_requests_whatever_their_custom_id(
+    journal: Journal, background: bool
+) -> None:
     """``record_named`` finds requests by any custom_id: quotes, escapes, non-ASCII, "007"."""
     ids = ['say "hi"', "back\\slash\\n", "tab\tnew\nline", "café-日本", "🎉x", "007", "[1]", ""]
+    ids += ["\\u0000", "a\\u0000b"]
     requests = [
         PreparedRequest(
             seq=seq, url=URL, model="m", tokens=5, line=seq + 1, custom_id=cid, data=b"{}"
@@ -349,7 +358,7 @@ async def test_named_results_find_requests_whatever_their_custom_id(journal: Jou
         NamedResult(cid, "success", None, seq, 1, b"line %d" % seq)
         for seq, cid in reversed(list(enumerate(ids)))
     ]
-    assert await journal.record_named("s0", "b1", lines, background=False)
+    assert await journal.record_named("s0", "b1", lines, background=background)
     rows = await journal.result_rows(order="input", after=-1, limit=20)
     assert [(r.custom_id, r.data) for r in rows] == [
         (cid, b"line %d" % seq) for seq, cid in enumerate(ids)

@@ -1,5 +1,6 @@
-"""The SQLite journal runs its statements in the event loop's thread: reading many lines
-from it (the output file, a shard's file) gives the loop back often."""
+"""The SQLite journal's statements: in the event loop's thread, reading many lines from
+it (the output file, a shard's file) gives the loop back often; from its worker thread,
+a batch goes in as one statement, exactly."""
 
 from __future__ import annotations
 
@@ -119,3 +120,26 @@ async def test_named_results_of_more_than_a_slice_are_declined_in_the_loop(
     assert await journal.record_named("s0", "b", lines, background=True, output_done=count)
     assert (await journal.counts()).requests == {"done": count}
     await journal.close()
+
+
+async def test_text_with_nul_is_kept_exactly_by_the_worker_thread(tmp_path: Path) -> None:
+    """Requests and results named by ids with NUL characters (which SQLite's JSON
+    functions cut short) are written exactly from the worker thread."""
+    journal = SQLiteJournal(tmp_path / "run.journal", create=True)
+    ids = ["a\x00b", "a\x00c", "a", "\x00"]
+    requests = [
+        PreparedRequest(
+            seq=s, url=URL, model="m\x00", tokens=1, line=s + 1, custom_id=c, data=b"{}"
+        )
+        for s, c in enumerate(ids)
+    ]
+    async with journal.ingest(background=True) as sink:
+        assert await sink.add([r.row() for r in requests])
+        await sink.start(RunMeta(run_id="run1", started_at=1.0, updated_at=1.0))
+    plan = ShardPlan(URL, "m\x00", tuple(range(len(ids))), 3 * len(ids), 0)
+    await journal.add_shard("s0", plan, planned_at=2.0)
+    lines = [NamedResult(c, "success", None, 1, 1, b"line %d" % s) for s, c in enumerate(ids)]
+    assert await journal.record_named("s0", "b1", lines, background=True)
+    rows = await journal.result_rows(order="input", after=-1, limit=10)
+    await journal.close()
+    assert [(r.custom_id, r.data) for r in rows] == [(c, b"line %d" % s) for s, c in enumerate(ids)]
