@@ -135,7 +135,10 @@ async def ingest(
             valid line at all.
     """
     is_path = isinstance(source, str | os.PathLike)
-    name = os.fspath(source) if is_path else "<requests>"  # type: ignore[arg-type]
+    path = os.fspath(source) if is_path else "<requests>"  # type: ignore[arg-type]
+    # The name shown (and kept in the journal as text): a file name that is not UTF-8
+    # (its bytes are unpaired surrogates in Python) is shown with those escaped.
+    name = path.encode("utf-8", "backslashreplace").decode("utf-8")
     preflight = Preflight(
         source=name,
         max_line_bytes=max_line_bytes,
@@ -151,7 +154,7 @@ async def ingest(
             digest = hashlib.sha256()
             inspect = preflight.inspect_line
             hold = batches.hold
-            for number, raw in enumerate(_file_lines(name, digest), start=1):
+            for number, raw in enumerate(_file_lines(path, digest), start=1):
                 if hold(inspect(raw, number)):
                     await batches.flush()
             print_ = f"sha256:{digest.hexdigest()}"

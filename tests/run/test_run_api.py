@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import sqlite3
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
@@ -285,6 +286,31 @@ async def test_skip_invalid_runs_the_good_lines_and_counts_the_skipped(
     assert [line["custom_id"] for line in lines] == ["a", "b"]
     assert all(is_success(line) for line in lines)
     assert len(service.batch_ids) == 1
+
+
+async def test_a_source_file_name_that_is_not_utf8_runs_and_is_shown_escaped(
+    clock: VirtualClock, tmp_path: Path
+) -> None:
+    """A source file whose name is not UTF-8 runs (with a bad line skipped) and its name
+    is kept in the journal with the odd byte escaped."""
+    source = tmp_path / os.fsdecode(b"in-\xff.jsonl")
+    lines = [json.dumps(chat_line("a")), '{"custom_id": 3}']
+    source.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    async with fake_env(clock) as (_service, client):
+        run = BatchRun(
+            client,
+            source,
+            journal=tmp_path / "run.journal",
+            output=tmp_path / "out.jsonl",
+            config=RunConfig(skip_invalid=True),
+        )
+        report = await run.run()
+    assert (report.state, report.succeeded, report.skipped) == ("done", 1, 1)
+    with Journal(tmp_path / "run.journal", readonly=True) as db:
+        meta = db.meta()
+    assert meta is not None
+    assert meta.source.endswith("in-\\udcff.jsonl")
+    assert "in-\\udcff.jsonl:2" in meta.problems
 
 
 async def test_skip_invalid_with_no_valid_line_says_what_was_wrong(
