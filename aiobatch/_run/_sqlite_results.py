@@ -97,8 +97,8 @@ class JournalResults:
     _data: ResultData
     #: the columns of a result row that say where its line is (see ``JournalFile``)
     _line_at: str
-    #: whether a chunk named by ``custom_id`` goes in as one statement (SQLite's JSON
-    #: functions are there), else one statement a row
+    #: whether SQLite's JSON functions are there, for the writes of the worker thread
+    #: that go in as one statement (else they go a statement a row)
     _json_rows: bool
 
     if TYPE_CHECKING:
@@ -196,6 +196,43 @@ class JournalResults:
         thread: the whole chunk in one, see ``_INSERT_NAMED_JSON``); the lines go to the
         ``-data`` file once every row is in."""
         start, data_id = self._data_start(db)
+        db.execute("SAVEPOINT named_results")
+        # A request with its result already, or named twice, is not written again.
+        text = self._named_json(lines, start) if one_statement and self._json_rows else None
+        if text is not None:
+            added = db.execute(_INSERT_NAMED_JSON, (batch_id, text, key)).rowcount
+        else:
+            located = []
+            at = start
+            for line in lines:
+                size = len(line.data)
+                located.append(
+                    (
+                        line.kind,
+                        line.code,
+                        batch_id,
+                        line.input_tokens,
+                        line.output_tokens,
+                        at,
+                        size,
+                        line.custom_id,
+                        key,
+                    )
+                )
+                at += size
+            added = db.executemany(_INSERT_NAMED, located).rowcount
+        if added != len(lines):
+            db.execute("ROLLBACK TO named_results")
+            db.execute("RELEASE named_results")
+            return False
+        db.execute("RELEASE named_results")
+        self._write_data(db, start, data_id, [line.data for line in lines])
+        return True
+
+    @staticmethod
+    def _named_json(lines: Sequence[NamedResult], start: int) -> str | None:
+        """The JSON array ``_INSERT_NAMED_JSON`` takes for ``lines`` written from
+        ``start`` in the ``-data`` file; None when it holds a NUL (see ``_NUL``)."""
         located = []
         at = start
         for line in lines:
@@ -212,25 +249,8 @@ class JournalResults:
                 )
             )
             at += size
-        db.execute("SAVEPOINT named_results")
-        # A request with its result already, or named twice, is not written again.
-        text = ""
-        if one_statement and self._json_rows:
-            text = json.dumps(located, ensure_ascii=False, separators=(",", ":"))
-        if text and _NUL not in text:
-            added = db.execute(_INSERT_NAMED_JSON, (batch_id, text, key)).rowcount
-        else:
-            added = db.executemany(
-                _INSERT_NAMED,
-                [(k, c, batch_id, i, o, a, n, cid, key) for k, c, i, o, a, n, cid in located],
-            ).rowcount
-        if added != len(lines):
-            db.execute("ROLLBACK TO named_results")
-            db.execute("RELEASE named_results")
-            return False
-        db.execute("RELEASE named_results")
-        self._write_data(db, start, data_id, [line.data for line in lines])
-        return True
+        text = json.dumps(located, ensure_ascii=False, separators=(",", ":"))
+        return None if _NUL in text else text
 
     def record_named(
         self,
