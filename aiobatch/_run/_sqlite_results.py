@@ -58,8 +58,9 @@ _INSERT_NAMED = (
 #: in their order (a CROSS JOIN makes the array the outer loop). One statement
 #: runs without Python's GIL from start to end: ``executemany`` takes the GIL back for
 #: every row, and from a worker thread beside a busy event loop each of those waits up
-#: to the interpreter's switch interval (5 ms), so that 640 rows took 13 ms rather than
-#: 1-2 (benchmarks/bench_run_collect.py).
+#: to the interpreter's switch interval (5 ms). 20,000 rows into an indexed table took
+#: 0.035 s alone and 11 s beside a thread looping in Python; in one statement, 0.064 s
+#: and 0.108 s.
 _INSERT_NAMED_JSON = (
     "INSERT OR IGNORE INTO results (seq, kind, code, shard, batch_id, attempts, "
     "input_tokens, output_tokens, data, data_at, data_size) "
