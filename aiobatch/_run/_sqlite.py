@@ -53,7 +53,7 @@ from ._records import (
     Shard,
     ShardPlan,
 )
-from ._sqlite_data import ResultData
+from ._sqlite_data import ResultData, placed
 from ._sqlite_db import PAGE_BYTES, PAGE_LINES, Checkpointer, Db, Page, SeqRun, seq_runs
 from ._sqlite_results import _NO_RESULT, _NUL, JournalResults, has_json
 from ._sqlite_schema import PAGE_SIZE, READABLE_VERSIONS, SCHEMA, SCHEMA_VERSION, UPGRADES
@@ -359,11 +359,11 @@ class JournalFile(JournalResults):
                 rows,
             )
             return
-        fields = []
-        at = 1  # substr counts from 1
-        for seq, custom_id, line, url, model, tokens, inputs, data in rows:
-            fields.append((seq, custom_id, line, url, model, tokens, inputs, at, len(data)))
-            at += len(data)
+        fields = [
+            (seq, custom_id, line, url, model, tokens, inputs, at, len(data))
+            # substr counts from 1
+            for (seq, custom_id, line, url, model, tokens, inputs, data), at in placed(rows, 1)
+        ]
         text = json.dumps(fields, ensure_ascii=False, separators=(",", ":"))
         blob = b"".join(row.data for row in rows)
         if _NUL in text or not blob:  # see _NUL; substr of an empty blob is NULL

@@ -25,11 +25,14 @@ cancel`` never write results.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from itertools import accumulate
+from operator import attrgetter
+from typing import Protocol, TypeVar
 
 from ..errors import JournalError
 
-__all__ = ["DATA_SUFFIX", "Located", "ResultData", "header"]
+__all__ = ["DATA_SUFFIX", "Located", "ResultData", "header", "placed"]
 
 #: A row of ``results`` as its line is found: ``(data, data_at, data_size, seq)``.
 Located = tuple[bytes, "int | None", "int | None", int]
@@ -47,6 +50,21 @@ def header(data_id: str) -> bytes:
     """The first line of the ``-data`` file of the journal whose ``meta.data_id`` is
     ``data_id``."""
     return _HEADER + data_id.encode() + b"\n"
+
+
+class _WithData(Protocol):
+    @property
+    def data(self) -> bytes: ...
+
+
+_Item = TypeVar("_Item", bound=_WithData)
+_data = attrgetter("data")
+
+
+def placed(items: Sequence[_Item], start: int) -> Iterator[tuple[_Item, int]]:
+    """Each of ``items`` with where its ``data`` starts when they are written one after
+    another from ``start``."""
+    return zip(items, accumulate(map(len, map(_data, items)), initial=start), strict=False)
 
 
 def _sync_directory(path: str) -> None:

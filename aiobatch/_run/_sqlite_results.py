@@ -35,7 +35,7 @@ from ._records import (
     RetryLine,
     Shard,
 )
-from ._sqlite_data import Located, ResultData, header
+from ._sqlite_data import Located, ResultData, header, placed
 from ._sqlite_db import PAGE_BYTES, PAGE_LINES, Db, Page
 from ._states import ShardState
 
@@ -128,25 +128,21 @@ class JournalResults:
         if finals:
             start, data_id = self._data_start(db)
             self._write_data(db, start, data_id, [f.data for f in finals])
-            located = []
-            at = start
-            for f in finals:
-                size = len(f.data)
-                located.append(
-                    (
-                        f.seq,
-                        f.kind,
-                        f.code,
-                        f.shard,
-                        f.batch_id,
-                        f.attempts,
-                        f.input_tokens,
-                        f.output_tokens,
-                        at,
-                        size,
-                    )
+            located = [
+                (
+                    f.seq,
+                    f.kind,
+                    f.code,
+                    f.shard,
+                    f.batch_id,
+                    f.attempts,
+                    f.input_tokens,
+                    f.output_tokens,
+                    at,
+                    len(f.data),
                 )
-                at += size
+                for f, at in placed(finals, start)
+            ]
             db.executemany(
                 "INSERT OR IGNORE INTO results (seq, kind, code, shard, batch_id, attempts, "
                 "input_tokens, output_tokens, data, data_at, data_size) "
@@ -203,24 +199,20 @@ class JournalResults:
         if text is not None:
             added = db.execute(_INSERT_NAMED_JSON, (batch_id, text, key)).rowcount
         else:
-            located = []
-            at = start
-            for line in lines:
-                size = len(line.data)
-                located.append(
-                    (
-                        line.kind,
-                        line.code,
-                        batch_id,
-                        line.input_tokens,
-                        line.output_tokens,
-                        at,
-                        size,
-                        line.custom_id,
-                        key,
-                    )
+            located = [
+                (
+                    line.kind,
+                    line.code,
+                    batch_id,
+                    line.input_tokens,
+                    line.output_tokens,
+                    at,
+                    len(line.data),
+                    line.custom_id,
+                    key,
                 )
-                at += size
+                for line, at in placed(lines, start)
+            ]
             added = db.executemany(_INSERT_NAMED, located).rowcount
         if added != len(lines):
             db.execute("ROLLBACK TO named_results")
@@ -234,22 +226,18 @@ class JournalResults:
     def _named_json(lines: Sequence[NamedResult], start: int) -> str | None:
         """The JSON array ``_INSERT_NAMED_JSON`` takes for ``lines`` written from
         ``start`` in the ``-data`` file; None when it holds a NUL (see ``_NUL``)."""
-        located = []
-        at = start
-        for line in lines:
-            size = len(line.data)
-            located.append(
-                (
-                    line.kind,
-                    line.code,
-                    line.input_tokens,
-                    line.output_tokens,
-                    at,
-                    size,
-                    line.custom_id,
-                )
+        located = [
+            (
+                line.kind,
+                line.code,
+                line.input_tokens,
+                line.output_tokens,
+                at,
+                len(line.data),
+                line.custom_id,
             )
-            at += size
+            for line, at in placed(lines, start)
+        ]
         text = json.dumps(located, ensure_ascii=False, separators=(",", ":"))
         return None if _NUL in text else text
 
