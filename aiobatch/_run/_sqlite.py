@@ -435,6 +435,22 @@ class JournalFile(JournalResults):
     ) -> list[PendingRequest]:
         """The next ``limit`` pending requests of one (url, model) past the request
         ``after`` (a seq), in input order, without their bytes."""
+        if self._json_rows:
+            # In one step (see JournalResults._result_page_json); the aggregate's order
+            # is not promised, so the page is sorted.
+            (text,) = self._db.execute(
+                "SELECT json_group_array(json_array(seq, size, tokens, inputs)) "
+                "FROM (SELECT seq, length(data) + 1 AS size, tokens, inputs FROM requests "
+                "WHERE state = 'pending' AND url = ? AND model IS ? AND seq > ? "
+                "ORDER BY seq LIMIT ?)",
+                (url, model, after, limit),
+            ).fetchone()
+            found: list[list[int]] = json.loads(text)
+            found.sort()
+            return [
+                PendingRequest(seq, size, tokens, inputs, url, model)
+                for seq, size, tokens, inputs in found
+            ]
         rows = self._db.execute(
             "SELECT seq, length(data) + 1, tokens, inputs, url, model FROM requests "
             "WHERE state = 'pending' AND url = ? AND model IS ? AND seq > ? "
@@ -465,16 +481,28 @@ class JournalFile(JournalResults):
     def members(self, key: str, custom_ids: Sequence[str]) -> dict[str, Member]:
         """The requests of a shard (queued or resolved) among ``custom_ids``, by id."""
         found: dict[str, Member] = {}
+        # The rows of a part in one step (see JournalResults._result_page_json); text
+        # with NUL comes out of json_array whole (only reading JSON ends a string there).
+        one_step = self._json_rows
         for start in range(0, len(custom_ids), _IDS_PER_QUERY):
             part = custom_ids[start : start + _IDS_PER_QUERY]
             marks = ", ".join("?" * len(part))
-            for cid, seq, attempts, queued in self._db.execute(
-                f"SELECT custom_id, seq, attempts, state = 'queued' AND {_NO_RESULT} "
+            query = (
+                f"SELECT custom_id, seq, attempts, state = 'queued' AND {_NO_RESULT} AS queued "
                 # From the index alone (the shard's own index would read every row).
                 f"FROM requests INDEXED BY requests_members "
-                f"WHERE custom_id IN ({marks}) AND shard = ?",
-                (*part, key),
-            ):
+                f"WHERE custom_id IN ({marks}) AND shard = ?"
+            )
+            if one_step:
+                (text,) = self._db.execute(
+                    "SELECT json_group_array(json_array(custom_id, seq, attempts, queued)) "
+                    f"FROM ({query})",
+                    (*part, key),
+                ).fetchone()
+                rows = json.loads(text)
+            else:
+                rows = self._db.execute(query, (*part, key))
+            for cid, seq, attempts, queued in rows:
                 found[cid] = Member(seq, attempts, bool(queued))
         return found
 

@@ -366,6 +366,31 @@ async def test_named_results_find_requests_whatever_their_custom_id(
     assert (await journal.counts()).input_tokens == sum(range(len(ids)))
 
 
+@pytest.mark.parametrize("background", [False, True], ids=["in_the_loop", "background"])
+async def test_members_are_found_whatever_their_custom_id(
+    journal: Journal, background: bool
+) -> None:
+    """``members`` finds a shard's requests by any custom_id (quotes, escapes, non-ASCII,
+    "007", the empty id) and tells which wait for an outcome."""
+    ids = ['say "hi"', "back\\slash\\n", "tab\tnew\nline", "café-日本", "🎉x", "007", "[1]", ""]
+    ids += ["\\u0000", "a\\u0000b"]
+    requests = [
+        PreparedRequest(
+            seq=seq, url=URL, model="m", tokens=5, line=seq + 1, custom_id=cid, data=b"{}"
+        )
+        for seq, cid in enumerate(ids)
+    ]
+    async with journal.ingest() as sink:
+        await sink.add([r.row() for r in requests])
+        await sink.start(RunMeta(run_id="run1", started_at=10.0, updated_at=10.0))
+    await journal.add_shard("s0", _plan(requests), planned_at=11.0)
+    await journal.record("s0", [_final(1)])
+    found = await journal.members("s0", [*reversed(ids), "7", "elsewhere"], background=background)
+    assert {cid: (m.seq, m.queued) for cid, m in found.items()} == {
+        cid: (seq, seq != 1) for seq, cid in enumerate(ids)
+    }
+
+
 async def test_a_request_run_again_after_its_own_cancel_takes_a_named_result(
     journal: Journal,
 ) -> None:

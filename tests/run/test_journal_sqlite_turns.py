@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
 from conftest import Ticker
 
 from aiobatch._run._records import FinalResult, NamedResult, PreparedRequest, RunMeta, ShardPlan
@@ -143,3 +144,24 @@ async def test_text_with_nul_is_kept_exactly_by_the_worker_thread(tmp_path: Path
     rows = await journal.result_rows(order="input", after=-1, limit=10)
     await journal.close()
     assert [(r.custom_id, r.data) for r in rows] == [(c, b"line %d" % s) for s, c in enumerate(ids)]
+
+
+@pytest.mark.parametrize("background", [False, True], ids=["in_the_loop", "background"])
+async def test_members_with_nul_in_their_ids_are_found_exactly(
+    tmp_path: Path, background: bool
+) -> None:
+    """A shard's requests whose ids differ only after a NUL character (where SQLite's
+    JSON functions cut text short) are each found by their own id."""
+    journal = SQLiteJournal(tmp_path / "run.journal", create=True)
+    ids = ["a\x00b", "a\x00c", "a", "\x00"]
+    requests = [
+        PreparedRequest(seq=s, url=URL, model="m", tokens=1, line=s + 1, custom_id=c, data=b"{}")
+        for s, c in enumerate(ids)
+    ]
+    async with journal.ingest() as sink:
+        assert await sink.add([r.row() for r in requests])
+        await sink.start(RunMeta(run_id="run1", started_at=1.0, updated_at=1.0))
+    await journal.add_shard("s0", ShardPlan(URL, "m", (0, 1, 2, 3), 12, 0), planned_at=2.0)
+    found = await journal.members("s0", ["a\x00c", "\x00", "a\x00"], background=background)
+    await journal.close()
+    assert {cid: m.seq for cid, m in found.items()} == {"a\x00c": 1, "\x00": 3}
