@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequenc
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from .._aio import in_thread
 from ._journal import PENDING_PAGE
 from ._records import (
     FinalResult,
@@ -101,9 +102,7 @@ class _Worker:
         when it is cancelled (no other statement may use the connection meanwhile)."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="aiobatch journal")
-        future = asyncio.get_running_loop().run_in_executor(
-            self._pool, functools.partial(function, *args, **kwargs)
-        )
+        future = in_thread(self._pool, functools.partial(function, *args, **kwargs))
         try:
             return await asyncio.shield(future)
         except asyncio.CancelledError:

@@ -23,6 +23,7 @@ from typing import IO, Any, TypeVar
 import aiohttp
 from aiohttp.payload import Payload
 
+from .._aio import in_thread
 from ..errors import (
     ClosedError,
     ConnectError,
@@ -441,19 +442,18 @@ class _FilePayload(Payload):
         return self._read_all().decode(encoding, errors)
 
     async def as_bytes(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:
-        return await asyncio.get_running_loop().run_in_executor(None, self._read_all)
+        return await in_thread(None, self._read_all)
 
     async def write(self, writer: Any) -> None:
         await self.write_with_length(writer, None)
 
     async def write_with_length(self, writer: Any, content_length: int | None) -> None:
-        loop = asyncio.get_running_loop()
         file = self._file
         total = self._length if content_length is None else min(self._length, content_length)
         sent = 0  # from the first byte on every send (a redirect sends it again)
         while sent < total:
             buffer = bytearray(min(CHUNK_SIZE, total - sent))
-            got = await loop.run_in_executor(None, _read_at, file, buffer, sent)
+            got = await in_thread(None, _read_at, file, buffer, sent)
             if not got:
                 raise _FileCutShort(
                     f"{file.name}: the file got shorter while it was uploaded "
