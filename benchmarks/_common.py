@@ -19,6 +19,7 @@ import random
 import re
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -201,6 +202,13 @@ def percentile(values: Sequence[float], q: float) -> float:
     ordered = sorted(values)
     rank = max(1, math.ceil(q / 100 * len(ordered)))
     return ordered[rank - 1]
+
+
+def ratio_spread(values: Sequence[float]) -> str:
+    """``median (min-max)`` of ratios."""
+    if not values:
+        return "n/a"
+    return f"{statistics.median(values):.2f}x ({min(values):.2f}x-{max(values):.2f}x)"
 
 
 def delays_line(delays: Sequence[float]) -> str:

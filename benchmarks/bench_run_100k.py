@@ -76,7 +76,6 @@ import os
 import pstats
 import re
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -520,13 +519,6 @@ def clean(folder: Path) -> None:
                 path.unlink()
 
 
-def spread(values: list[float]) -> str:
-    """``median (min-max)`` of ratios."""
-    if not values:
-        return "n/a"
-    return f"{statistics.median(values):.2f}x ({min(values):.2f}x-{max(values):.2f}x)"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command")
@@ -670,9 +662,10 @@ def in_memory(
     pairs = list(zip(runners, naives, strict=True))
     walls = [one["seconds"] / other["seconds"] for one, other in pairs]
     outs = [outside(one) / outside(other) for one, other in pairs]
+    walls_text, outs_text = _common.ratio_spread(walls), _common.ratio_spread(outs)
     print(
-        f"ratio BatchRun / naive, median (min-max) of {len(pairs)} pairs: wall {spread(walls)}, "
-        f"outside the fake {spread(outs)}; goal: wall within 1.2x"
+        f"ratio BatchRun / naive, median (min-max) of {len(pairs)} pairs: wall {walls_text}, "
+        f"outside the fake {outs_text}; goal: wall within 1.2x"
     )
     if floor is not None:
         print(
