@@ -211,7 +211,9 @@ class JournalFile(JournalResults):
             raise
         self.created = not exists
         self._line_at = "data_at, data_size" if "data_at" in columns else "NULL, NULL"
-        self._json_rows = has_json(self._db)
+        # (A journal without the -data columns is one before schema 7, read only.)
+        self._json_rows = has_json(self._db) and "data_at" in columns
+        self._page_rows = {}
 
     def _upgrade(self) -> None:
         """Bring a journal of an earlier schema to this one, in place, in one transaction.

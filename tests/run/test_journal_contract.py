@@ -370,8 +370,7 @@ async def test_named_results_find_requests_whatever_their_custom_id(
 async def test_members_are_found_whatever_their_custom_id(
     journal: Journal, background: bool
 ) -> None:
-    """``members`` finds a shard's requests by any custom_id (quotes, escapes, non-ASCII,
-    "007", the empty id) and tells which wait for an outcome."""
+    """members finds a shard's requests by any custom_id and says which wait for one."""
     ids = ['say "hi"', "back\\slash\\n", "tab\tnew\nline", "café-日本", "🎉x", "007", "[1]", ""]
     ids += ["\\u0000", "a\\u0000b"]
     requests = [
