@@ -102,9 +102,10 @@ def in_thread(
     long (a task that does some work, then ``await asyncio.sleep(0)``: an eval harness
     that scores in the loop), the loop's thread lets the GIL go at each turn (in its
     ``select``) but mostly takes it back before the waiting thread wakes up, so the
-    thread can wait seconds each time. ``benchmarks/bench_busy_loop.py``, 1,000
-    requests beside such a task: 1.1 s to 29.5 s before, 0.92 s after (0.80 s with a
-    calm loop)."""
+    thread can wait seconds each time (as in python/cpython#90204).
+    ``benchmarks/bench_busy_loop.py``, 1,000 requests beside such a task: 172-236 s
+    before on an otherwise idle machine (1.1-29.5 s in runs made while other programs
+    ran on it), 0.91-0.96 s after, 0.80 s with a calm loop."""
     loop = asyncio.get_running_loop()
     future = loop.run_in_executor(executor, function, *args)
     hand_over = _HAND_OVERS.get(loop)
