@@ -378,9 +378,16 @@ class BatchRun:
         # On the real clock its figures are read in a worker thread (a pass over every
         # result); a VirtualClock's auto_advance would take that wait for idleness.
         background = isinstance(self._clock, SystemClock)
-        report = await final_report(journal, self._config.prices, background=background)
+        report = self._as_ended(
+            await final_report(journal, self._config.prices, background=background)
+        )
         self._final = report
         self._emit_progress()
+        return report
+
+    def _as_ended(self, report: RunReport) -> RunReport:
+        """The report as this process ended the run (a shared run's process may see
+        another's state: see :class:`~aiobatch._run._worker.Worker`)."""
         return report
 
     # --- supervision ---------------------------------------------------------------------

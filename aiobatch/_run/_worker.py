@@ -52,6 +52,8 @@ import uuid
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
+import attrs
+
 from .._aio import sleep_or_set
 from .._budget import RequestBudget
 from .._client import BatchClient
@@ -199,6 +201,14 @@ class _Leased(BatchRun):
             ctx.shard_of[shard.batch_id] = shard.key
             ctx.put_status(shard.key, shard.status or "collecting")
             self._start_collect(ctx, shard.key, None)
+
+    def _as_ended(self, report: RunReport) -> RunReport:
+        # Another process still winding its batches down after the same cancel may have
+        # recorded the run as cancelling again between this one's "cancelled" and its
+        # report: this process is done cancelling.
+        if self._state == "cancelled" and report.state == "cancelling":
+            return attrs.evolve(report, state="cancelled")
+        return report
 
     async def _within(self, call: Awaitable[T], what: str) -> T:
         """``call``'s answer, or JournalError when the database gives none within a third

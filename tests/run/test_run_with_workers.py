@@ -20,6 +20,7 @@ from pg import FrozenLink, own_pg_server, pg_server, pg_url
 
 from aiobatch import BatchClient, BatchRun, RetryPolicy, RunConfig
 from aiobatch._run._ingest import ingest
+from aiobatch._run._journal import Journal
 from aiobatch._run._postgres import PostgresJournal
 from aiobatch._run._records import ShardPlan
 from aiobatch._run._shared_budget import SharedBudget
@@ -143,6 +144,43 @@ async def test_a_cancel_by_url_stops_every_worker_and_cancels_their_batches(
     await journal.close()
     assert [r.state for r in reports] == ["cancelled", "cancelled"]
     assert {b.status.value for b in batches} == {"cancelled"}
+
+
+async def test_a_worker_done_cancelling_reports_cancelled_though_another_is_still_cancelling(
+    tmp_path: Path,
+) -> None:
+    """A cancelled worker's report says cancelled though another set the run cancelling since."""
+    url = pg_url(str(tmp_path), run="shared")
+    journal = await _ingested(url, 10)
+    clock = VirtualClock()
+    service = service_on(clock, lines_per_second=0.0001)  # the batches stay in progress
+
+    class AnotherStillCancelling(Worker):
+        """After its "cancelled", another worker (later to see the cancel) records "cancelling"."""
+
+        async def _record_state(self, own: Journal, state: str) -> None:
+            await super()._record_state(own, state)
+            if state == "cancelled":
+                await journal.set_state("cancelling", at=clock.now())
+
+    async with (
+        fake_client(service=service, clock=clock, retry=RetryPolicy.for_testing()) as fake,
+        clock.auto_advance(),
+    ):
+        worker = AnotherStillCancelling(
+            fake.client, journal=url, config=config(max_lines=5), lease_seconds=3.0
+        )
+        task = asyncio.ensure_future(worker.run())
+        for _ in range(10_000):
+            if len(service.batch_ids) == 2:
+                break
+            await asyncio.sleep(0.01)
+        await journal.request_cancel(clock.now())
+        report = await task
+    recorded = await journal.meta()
+    await journal.close()
+    assert recorded is not None
+    assert (report.state, recorded.state) == ("cancelled", "cancelling")
 
 
 async def test_status_by_url_shows_one_run_of_many_in_a_database(tmp_path: Path) -> None:
