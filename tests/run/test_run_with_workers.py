@@ -174,7 +174,7 @@ async def test_a_worker_done_cancelling_reports_cancelled_though_another_is_stil
         for _ in range(10_000):
             if len(service.batch_ids) == 2:
                 break
-            await asyncio.sleep(0.01)
+            await clock.sleep(0.1)
         await journal.request_cancel(clock.now())
         report = await task
     recorded = await journal.meta()
