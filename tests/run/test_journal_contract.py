@@ -337,23 +337,32 @@ async def test_named_results_are_recorded_for_the_requests_they_name(
     assert {cid: m.queued for cid, m in members.items()} == {"r0": False, "r1": True, "r2": False}
 
 
-@pytest.mark.parametrize("background", [False, True], ids=["in_the_loop", "background"])
-async def test_named_results_find_requests_whatever_their_custom_id(
-    journal: Journal, background: bool
-) -> None:
-    """``record_named`` finds requests by any custom_id: quotes, escapes, non-ASCII, "007"."""
-    ids = ['say "hi"', "back\\slash\\n", "tab\tnew\nline", "café-日本", "🎉x", "007", "[1]", ""]
-    ids += ["\\u0000", "a\\u0000b"]
+#: custom_ids of every shape: quotes, escapes, control characters, non-ASCII, "007".
+_ODD_IDS = ['say "hi"', "back\\slash\\n", "tab\tnew\nline", "café-日本", "🎉x", "007", "[1]", ""]
+_ODD_IDS += ["\\u0000", "a\\u0000b"]
+
+
+async def _odd_ids_in_a_shard(journal: Journal) -> list[str]:
+    """Ingest a request for each of ``_ODD_IDS`` (seq: its index), all in shard s0."""
     requests = [
         PreparedRequest(
             seq=seq, url=URL, model="m", tokens=5, line=seq + 1, custom_id=cid, data=b"{}"
         )
-        for seq, cid in enumerate(ids)
+        for seq, cid in enumerate(_ODD_IDS)
     ]
     async with journal.ingest() as sink:
         await sink.add([r.row() for r in requests])
         await sink.start(RunMeta(run_id="run1", started_at=10.0, updated_at=10.0))
     await journal.add_shard("s0", _plan(requests), planned_at=11.0)
+    return list(_ODD_IDS)
+
+
+@pytest.mark.parametrize("background", [False, True], ids=["in_the_loop", "background"])
+async def test_named_results_find_requests_whatever_their_custom_id(
+    journal: Journal, background: bool
+) -> None:
+    """``record_named`` finds requests by any custom_id: quotes, escapes, non-ASCII, "007"."""
+    ids = await _odd_ids_in_a_shard(journal)
     lines = [
         NamedResult(cid, "success", None, seq, 1, b"line %d" % seq)
         for seq, cid in reversed(list(enumerate(ids)))
@@ -371,18 +380,7 @@ async def test_members_are_found_whatever_their_custom_id(
     journal: Journal, background: bool
 ) -> None:
     """members finds a shard's requests by any custom_id and says which wait for one."""
-    ids = ['say "hi"', "back\\slash\\n", "tab\tnew\nline", "café-日本", "🎉x", "007", "[1]", ""]
-    ids += ["\\u0000", "a\\u0000b"]
-    requests = [
-        PreparedRequest(
-            seq=seq, url=URL, model="m", tokens=5, line=seq + 1, custom_id=cid, data=b"{}"
-        )
-        for seq, cid in enumerate(ids)
-    ]
-    async with journal.ingest() as sink:
-        await sink.add([r.row() for r in requests])
-        await sink.start(RunMeta(run_id="run1", started_at=10.0, updated_at=10.0))
-    await journal.add_shard("s0", _plan(requests), planned_at=11.0)
+    ids = await _odd_ids_in_a_shard(journal)
     await journal.record("s0", [_final(1)])
     found = await journal.members("s0", [*reversed(ids), "7", "elsewhere"], background=background)
     assert {cid: (m.seq, m.queued) for cid, m in found.items()} == {
