@@ -26,7 +26,7 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from aiobatch import Batch, BatchClient, RetryPolicy
+from aiobatch import Batch, BatchClient, FleetConfig, RetryPolicy
 from aiobatch.testing import (
     FakeBatchService,
     FakeConfig,
@@ -202,6 +202,18 @@ def percentile(values: Sequence[float], q: float) -> float:
     ordered = sorted(values)
     rank = max(1, math.ceil(q / 100 * len(ordered)))
     return ordered[rank - 1]
+
+
+def quick_fleet() -> FleetConfig:
+    """Polling for quick fake batches (seconds on the real clock)."""
+    return FleetConfig(
+        min_interval=0.1,
+        max_interval=0.5,
+        validating_interval=0.2,
+        in_progress_interval=0.5,
+        finalizing_interval=0.2,
+        seed=0,
+    )
 
 
 def ratio_spread(values: Sequence[float]) -> str:

@@ -38,7 +38,7 @@ from typing import Any
 
 import _common
 
-from aiobatch import BatchClient, BatchRun, FleetConfig, RetryPolicy, RunConfig
+from aiobatch import BatchClient, BatchRun, RetryPolicy, RunConfig
 from aiobatch.testing import FakeBatchService, FakeConfig
 
 ENDPOINT = "/v1/chat/completions"
@@ -95,14 +95,7 @@ async def child_run(folder: Path, requests: int, max_lines: int, busy: bool) -> 
         transport=service.transport(),
         retry=RetryPolicy(max_attempts=3),
     )
-    fleet = FleetConfig(
-        min_interval=0.1,
-        max_interval=0.5,
-        validating_interval=0.2,
-        in_progress_interval=0.5,
-        finalizing_interval=0.2,
-        seed=0,
-    )
+    fleet = _common.quick_fleet()
     stop = False
     turns = 0
 

@@ -89,7 +89,6 @@ from aiobatch import (
     BatchClient,
     BatchRun,
     Fleet,
-    FleetConfig,
     RetryPolicy,
     RunConfig,
     RunProgress,
@@ -312,14 +311,7 @@ async def run_over_http(
     """
     source, journal, output = (folder / name for name in FILES)
     transport = AiohttpTransport()
-    fleet = FleetConfig(
-        min_interval=0.1,
-        max_interval=0.5,
-        validating_interval=0.2,
-        in_progress_interval=0.5,
-        finalizing_interval=0.2,
-        seed=0,
-    )
+    fleet = _common.quick_fleet()
     probe = LagProbe() if lag else None
     tasks: list[asyncio.Task[None]] = []
     async with BatchClient(

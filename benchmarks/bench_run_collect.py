@@ -74,7 +74,6 @@ from aiobatch import (
     BatchClient,
     BatchRequest,
     BatchRun,
-    FleetConfig,
     RetryPolicy,
     RunConfig,
     RunProgress,
@@ -199,17 +198,6 @@ class Marking:
         await self.inner.aclose()
 
 
-def quick_fleet() -> FleetConfig:
-    return FleetConfig(
-        min_interval=0.1,
-        max_interval=0.5,
-        validating_interval=0.2,
-        in_progress_interval=0.5,
-        finalizing_interval=0.2,
-        seed=0,
-    )
-
-
 async def child_run(args: argparse.Namespace) -> dict[str, Any]:
     folder = Path(args.dir)
     source, journal, output = (folder / name for name in FILES)
@@ -240,7 +228,7 @@ async def child_run(args: argparse.Namespace) -> dict[str, Any]:
     async with BatchClient(
         api_key=KEY, base_url=args.base, transport=transport, retry=RetryPolicy(max_attempts=5)
     ) as client:
-        config = RunConfig(fleet=quick_fleet(), collect_chunk=args.collect_chunk)
+        config = RunConfig(fleet=_common.quick_fleet(), collect_chunk=args.collect_chunk)
         run = BatchRun(
             client, source, journal=journal, output=output, config=config, on_progress=on_progress
         )
