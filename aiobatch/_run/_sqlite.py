@@ -483,9 +483,6 @@ class JournalFile(JournalResults):
     def members(self, key: str, custom_ids: Sequence[str]) -> dict[str, Member]:
         """The requests of a shard (queued or resolved) among ``custom_ids``, by id."""
         found: dict[str, Member] = {}
-        # The rows of a part in one step (see JournalResults._result_page_json); text
-        # with NUL comes out of json_array whole (only reading JSON ends a string there).
-        one_step = self._json_rows
         for start in range(0, len(custom_ids), _IDS_PER_QUERY):
             part = custom_ids[start : start + _IDS_PER_QUERY]
             marks = ", ".join("?" * len(part))
@@ -495,7 +492,10 @@ class JournalFile(JournalResults):
                 f"FROM requests INDEXED BY requests_members "
                 f"WHERE custom_id IN ({marks}) AND shard = ?"
             )
-            if one_step:
+            if self._json_rows:
+                # The part's rows in one step (see JournalResults._result_page_json);
+                # text with NUL comes out of json_array whole (only reading JSON ends a
+                # string there).
                 (text,) = self._db.execute(
                     "SELECT json_group_array(json_array(custom_id, seq, attempts, queued)) "
                     f"FROM ({query})",
