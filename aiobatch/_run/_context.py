@@ -24,6 +24,7 @@ from .._retry import RetryPolicy
 from ..errors import RunError
 from ._config import RunConfig
 from ._journal import Journal
+from ._planning import ShardLimits
 from ._progress import RunProgress
 from ._records import FinalResult, NamedResult, RetryLine, Shard
 from ._states import ShardState
@@ -110,9 +111,8 @@ class RunContext:
     emit: Callable[[], None]
     #: ends the run (``"cancelled"`` or ``"stopped"``), from a step
     stop: Callable[[str], None]
-    max_lines: int
-    max_bytes: int
-    max_inputs: int | None
+    #: how big its shards may be
+    shard_limits: ShardLimits
     work_dir: str
     stopping: asyncio.Event = attrs.field(factory=asyncio.Event)
     changed: asyncio.Event = attrs.field(factory=asyncio.Event)

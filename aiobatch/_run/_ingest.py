@@ -9,6 +9,10 @@ Lines are checked in batches (at most :data:`_BATCH_LINES` lines or
 unique index on ``custom_id`` finds the duplicates (no id of an accepted request is held
 in memory; when the journal refuses a batch, its ids are looked up and the batch is
 checked again), and the loop runs other tasks before the next batch.
+
+The requests are planned as they are added (:class:`~aiobatch._run._planning.IngestPlanner`):
+each goes into the journal queued in its shard, and the shards are recorded with the
+run's facts, so a new run has its shards when the ingest commits.
 """
 
 from __future__ import annotations
@@ -25,8 +29,9 @@ from ..errors import JournalError, PreflightError
 from ._config import RequestSource, RunConfig
 from ._context import logger
 from ._journal import Ingest, Journal
+from ._planning import IngestPlanner, ShardLimits
 from ._preflight import Inspected, LineProblem, Preflight
-from ._records import RunMeta
+from ._records import NewShard, RequestRow, RunMeta
 
 __all__ = ["check_source", "ingest"]
 
@@ -83,9 +88,10 @@ async def fingerprint(path: str) -> str:
 class _Batches:
     """Inspected lines on their way into the journal, a batch at a time."""
 
-    def __init__(self, preflight: Preflight, sink: Ingest) -> None:
+    def __init__(self, preflight: Preflight, sink: Ingest, planner: IngestPlanner | None) -> None:
         self._preflight = preflight
         self._sink = sink
+        self._planner = planner
         self._items: list[Inspected] = []
         self._bytes = 0
 
@@ -104,19 +110,30 @@ class _Batches:
         if items:
             self._items = []
             self._bytes = 0
-            preflight, sink = self._preflight, self._sink
+            preflight, sink, planner = self._preflight, self._sink, self._planner
             # Only the ids of lines rejected anyway are looked up first (their problems
             # name the line that used the id before); the journal refuses the requests
             # when another id was used before, and then every id is looked up.
             mark = preflight.mark()
+            planned = planner.mark() if planner is not None else None
             rejected = preflight.claims(items, rejected=True)
             rows = preflight.resolve_rows(items, await sink.taken(rejected) if rejected else {})
-            if not await sink.add(rows):
+            if not await sink.add(self._queued(rows)):
                 preflight.undo(mark)
+                if planner is not None and planned is not None:
+                    planner.undo(planned)
                 rows = preflight.resolve_rows(items, await sink.taken(preflight.claims(items)))
-                if not await sink.add(rows):  # pragma: no cover - every id was looked up
-                    raise AssertionError("a custom_id was taken twice")
+                if not await sink.add(self._queued(rows)):  # pragma: no cover
+                    raise AssertionError("a custom_id was taken twice")  # all were looked up
             await asyncio.sleep(0)
+
+    def _queued(self, rows: list[RequestRow]) -> list[RequestRow]:
+        """``rows`` queued in their shards, when the ingest plans."""
+        return rows if self._planner is None else self._planner.place(rows)
+
+    def shards(self) -> list[NewShard]:
+        """Every shard the requests were queued in (none when not planned)."""
+        return self._planner.finish() if self._planner else []
 
 
 async def ingest(
@@ -126,9 +143,11 @@ async def ingest(
     config: RunConfig,
     clock: Clock,
     max_line_bytes: int,
+    plan: ShardLimits | None = None,
     custom_id_pattern: str | None = None,
 ) -> None:
-    """Preflight the source into the journal: all or nothing.
+    """Preflight the source into the journal: all or nothing. ``plan``: the requests
+    go in queued in shards cut within these limits; None: they are left pending.
 
     Raises:
         PreflightError: the source has bad lines (and ``skip_invalid`` is off), or no
@@ -149,7 +168,8 @@ async def ingest(
     )
     # On the real clock each batch is added in a worker thread (see Journal.ingest).
     async with journal.ingest(background=isinstance(clock, SystemClock)) as sink:
-        batches = _Batches(preflight, sink)
+        planner = IngestPlanner(plan) if plan is not None else None
+        batches = _Batches(preflight, sink, planner)
         if is_path:
             digest = hashlib.sha256()
             inspect = preflight.inspect_line
@@ -185,9 +205,11 @@ async def ingest(
         if is_path and preflight.accepted == 0 and preflight.problem_count == 0:
             raise _empty_input(name)
         now = clock.now()
+        run_id = uuid.uuid4().hex[:16]
+        shards = batches.shards()
         await sink.start(
             RunMeta(
-                run_id=uuid.uuid4().hex[:16],
+                run_id=run_id,
                 source=name,
                 fingerprint=print_,
                 started_at=now,
@@ -196,8 +218,11 @@ async def ingest(
                 skipped=preflight.rejected,
                 problems="\n".join(str(p) for p in preflight.problems[:100]),
                 order=config.order,
-            )
+            ),
+            shards,
         )
+    if shards:
+        logger.info("run %s: planned %d batch(es)", run_id, len(shards))
     for problem in preflight.problems[:20]:
         logger.warning("skipped invalid input line: %s", problem)
     if preflight.problem_count > 20:

@@ -3,9 +3,10 @@
 A run writes everything it knows to its journal *before* it acts on it, so a run killed
 at any point continues where it stopped when started again:
 
-- the requests and the run's facts, in one go, before any shard is planned
-  (:meth:`Journal.ingest`);
-- each shard's intent (its requests) before its upload (:meth:`Journal.add_shard`);
+- the requests and the run's facts, in one go (:meth:`Journal.ingest`), a new run's
+  requests already queued in the shards it cut for them, with those shards' intents;
+- each later shard's intent (its requests, pending until then) before its upload
+  (:meth:`Journal.add_shard`);
 - its file id as soon as it is known, its create key before the create is sent, its
   batch id, its status (:meth:`Journal.move`, :meth:`Journal.update`);
 - its results in chunks, each chunk with the count of lines read
@@ -40,6 +41,7 @@ from ._records import (
     Member,
     ModelTokens,
     NamedResult,
+    NewShard,
     PendingRequest,
     QueuedLine,
     RequestGroup,
@@ -85,14 +87,18 @@ class Ingest(Protocol):
     async def add(self, rows: Sequence[RequestRow]) -> bool:
         """Add accepted requests (in input order); when the custom_id of one of them
         is used by a request added before, add none and return False (the caller
-        finds which with :meth:`taken`)."""
+        finds which with :meth:`taken`). A row with a ``shard`` is queued in it, at line
+        ``pos`` of its file, in its first batch (see :meth:`start`); a row without one
+        is pending."""
 
     async def taken(self, custom_ids: Sequence[str]) -> dict[str, int]:
         """Which of ``custom_ids`` the requests added so far use, each with the input
         line of its request (how preflight finds duplicates without holding every id)."""
 
-    async def start(self, meta: RunMeta) -> None:
-        """Record the run's facts; the ingest commits when its block ends."""
+    async def start(self, meta: RunMeta, shards: Sequence[NewShard] = ()) -> None:
+        """Record the run's facts, and the ``shards`` its requests were queued in
+        (``planned`` at ``meta.started_at``, round 0); the ingest commits when its block
+        ends."""
 
 
 class Journal(Protocol):

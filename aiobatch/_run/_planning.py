@@ -10,25 +10,54 @@ It streams: it holds only the currently open shard of each group, yields a shard
 soon as it is closed, and yields the shards still open when the input ends, ordered by
 the ``seq`` of their first request.
 
-:func:`plan` is the run's planning step: it cuts the journal's pending requests and
-records each shard's intent as soon as it is cut.
+:class:`IngestPlanner` cuts a new run's requests as the ingest adds them, so that they
+go into the journal already queued in their shards (one write of each request, not a
+write and then an update). :func:`plan` is the run's planning step for the requests
+pending after that (put back for another round): it cuts the journal's pending
+requests and records each shard's intent as soon as it is cut.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import attrs
 
 from .._clock import SystemClock
 from ..errors import TooManyBatchesError
-from ._records import PendingRequest, PreparedRequest, Shard, ShardPlan
+from ._records import NewShard, PendingRequest, PreparedRequest, RequestRow, Shard, ShardPlan
 
 if TYPE_CHECKING:
     from ._context import RunContext
 
-__all__ = ["ShardCutter", "plan", "plan_shards"]
+__all__ = ["IngestPlanner", "ShardCutter", "ShardLimits", "plan", "plan_shards"]
+
+
+@attrs.frozen(slots=True)
+class ShardLimits:
+    """How big a run's shards may be: ``max_lines`` lines and ``max_bytes`` bytes each;
+    ``max_inputs`` inputs for an embeddings endpoint; at most ``token_limits[model]``
+    estimated tokens for a model named there."""
+
+    max_lines: int
+    max_bytes: int
+    max_inputs: int | None = None
+    token_limits: Mapping[str, int] = attrs.field(factory=dict)
+
+    def cutter(
+        self, url: str, model: str | None, *, name: Callable[[], str] | None = None
+    ) -> ShardCutter:
+        """A cutter for the requests of one (url, model) (``name``: see
+        :class:`ShardCutter`)."""
+        embeddings = url.rstrip("/").endswith("/embeddings")
+        return ShardCutter(
+            max_lines=self.max_lines,
+            max_bytes=self.max_bytes,
+            max_tokens=self.token_limits.get(model) if model is not None else None,
+            max_inputs=self.max_inputs if embeddings else None,
+            name=name,
+        )
 
 
 @attrs.define(slots=True)
@@ -39,11 +68,22 @@ class _OpenShard:
     size: int
     tokens: int
     inputs: int
+    key: str | None = None
 
     def plan(self) -> ShardPlan:
         return ShardPlan(
-            self.url, self.model, tuple(self.seqs), self.size, self.tokens, self.inputs
+            self.url, self.model, tuple(self.seqs), self.size, self.tokens, self.inputs, self.key
         )
+
+
+#: What :meth:`ShardCutter.mark` notes of each open shard: it, and its lines, size,
+#: tokens and inputs then.
+_Noted = tuple[_OpenShard, int, int, int, int]
+#: What :meth:`ShardCutter.mark` returns.
+_CutterMark = dict[tuple[str, str | None], _Noted]
+#: What :meth:`IngestPlanner.mark` returns: the shards named, the shards closed, and
+#: each group's cutter mark.
+_PlannerMark = tuple[int, int, dict[tuple[str, str | None], _CutterMark]]
 
 
 def plan_shards(
@@ -104,7 +144,11 @@ def _plan(items: Iterable[PreparedRequest], cutter: ShardCutter) -> Iterator[Sha
 class ShardCutter:
     """The cutting of :func:`plan_shards`, one request at a time (for requests read
     from an async source): :meth:`add` returns the shards the request closed,
-    :meth:`finish` those still open."""
+    :meth:`finish` those still open.
+
+    ``name``, when given, names each shard as it opens (:attr:`placed` then says where
+    each request went), and :meth:`mark` and :meth:`undo` take requests back out.
+    """
 
     def __init__(
         self,
@@ -113,6 +157,7 @@ class ShardCutter:
         max_bytes: int,
         max_tokens: int | None = None,
         max_inputs: int | None = None,
+        name: Callable[[], str] | None = None,
     ) -> None:
         _check_limit("max_lines", max_lines)
         _check_limit("max_bytes", max_bytes)
@@ -125,36 +170,46 @@ class ShardCutter:
         self._max_tokens = max_tokens
         self._max_inputs = max_inputs
         self._open: dict[tuple[str, str | None], _OpenShard] = {}
+        self._name = name
+        #: the key of the shard the last request went into, and its line there
+        #: (1-based); with ``name`` only
+        self.placed: tuple[str, int] = ("", 0)
 
-    def add(self, item: PreparedRequest | PendingRequest) -> list[ShardPlan]:
+    def add(self, item: PreparedRequest | PendingRequest) -> Sequence[ShardPlan]:
         """Put a request in its group's open shard; returns the shards it closed."""
-        if item.size < 1:
-            raise ValueError(f"item {item.seq}: size must be >= 1 (it counts the newline)")
-        if item.tokens < 0:
-            raise ValueError(f"item {item.seq}: tokens must be >= 0, got {item.tokens}")
+        return self.put(item.url, item.model, item.seq, item.size, item.tokens, item.inputs)
+
+    def put(
+        self, url: str, model: str | None, seq: int, size: int, tokens: int, inputs: int
+    ) -> Sequence[ShardPlan]:
+        """:meth:`add` of a request given by its fields."""
+        if size < 1:
+            raise ValueError(f"item {seq}: size must be >= 1 (it counts the newline)")
+        if tokens < 0:
+            raise ValueError(f"item {seq}: tokens must be >= 0, got {tokens}")
         max_lines, max_bytes = self._max_lines, self._max_bytes
         max_tokens, max_inputs = self._max_tokens, self._max_inputs
-        closed: list[ShardPlan] = []
-        key = (item.url, item.model)
+        closed: Sequence[ShardPlan] = ()
+        key = (url, model)
         shard = self._open.get(key)
         if shard is not None and (
             len(shard.seqs) + 1 > max_lines
-            or shard.size + item.size > max_bytes
-            or (max_tokens is not None and shard.tokens + item.tokens > max_tokens)
-            or (max_inputs is not None and shard.inputs + item.inputs > max_inputs)
+            or shard.size + size > max_bytes
+            or (max_tokens is not None and shard.tokens + tokens > max_tokens)
+            or (max_inputs is not None and shard.inputs + inputs > max_inputs)
         ):
             del self._open[key]
-            closed.append(shard.plan())
+            closed = [shard.plan()]
             shard = None
         if shard is None:
-            shard = _OpenShard(
-                item.url, item.model, [item.seq], item.size, item.tokens, item.inputs
-            )
+            shard = self._open[key] = _OpenShard(url, model, [seq], size, tokens, inputs)
+            if self._name is not None:
+                shard.key = self._name()
         else:
-            shard.seqs.append(item.seq)
-            shard.size += item.size
-            shard.tokens += item.tokens
-            shard.inputs += item.inputs
+            shard.seqs.append(seq)
+            shard.size += size
+            shard.tokens += tokens
+            shard.inputs += inputs
         # Closed at once when no further request can fit (every one has size >= 1);
         # a shard at exactly the token limit stays open for requests of 0 tokens.
         if (
@@ -163,17 +218,92 @@ class ShardCutter:
             or (max_tokens is not None and shard.tokens > max_tokens)
             or (max_inputs is not None and shard.inputs >= max_inputs)
         ):
-            self._open.pop(key, None)
-            closed.append(shard.plan())
-        else:
-            self._open[key] = shard
+            del self._open[key]
+            closed = [*closed, shard.plan()]
+        if shard.key is not None:
+            self.placed = (shard.key, len(shard.seqs))
         return closed
+
+    def mark(self) -> _CutterMark:
+        """Where the open shards stand, for :meth:`undo`."""
+        return {
+            key: (shard, len(shard.seqs), shard.size, shard.tokens, shard.inputs)
+            for key, shard in self._open.items()
+        }
+
+    def undo(self, mark: _CutterMark) -> None:
+        """Take back every request added since :meth:`mark`: the open shards are
+        those of then, as they were (the shards closed since are forgotten)."""
+        self._open = {}
+        for key, (shard, lines, size, tokens, inputs) in mark.items():
+            del shard.seqs[lines:]
+            shard.size, shard.tokens, shard.inputs = size, tokens, inputs
+            self._open[key] = shard
 
     def finish(self) -> list[ShardPlan]:
         """The shards still open, by the ``seq`` of their first request."""
         shards = sorted(self._open.values(), key=lambda s: s.seqs[0])
         self._open.clear()
         return [shard.plan() for shard in shards]
+
+
+class IngestPlanner:
+    """Cuts a new run's requests into shards as its ingest adds them (as :func:`plan`
+    would cut them once added): :meth:`place` queues each request in its shard, and
+    :meth:`finish` gives every shard.
+
+    A shard is named (``s000000`` on) as it opens, so each request knows its shard
+    before the shard is complete. :meth:`mark` and :meth:`undo` take back the requests
+    of a batch that the journal refused.
+    """
+
+    def __init__(self, limits: ShardLimits) -> None:
+        self._limits = limits
+        self._cutters: dict[tuple[str, str | None], ShardCutter] = {}
+        self._closed: list[ShardPlan] = []
+        self._count = 0
+
+    def _name(self) -> str:
+        key = f"s{self._count:06d}"
+        self._count += 1
+        return key
+
+    def place(self, rows: Sequence[RequestRow]) -> list[RequestRow]:
+        """``rows`` (in input order) queued in their shards."""
+        cutters, closed = self._cutters, self._closed
+        queued: list[RequestRow] = []
+        for seq, cid, line, url, model, tokens, inputs, data, _, _ in rows:
+            cutter = cutters.get((url, model))
+            if cutter is None:
+                cutter = cutters[url, model] = self._limits.cutter(url, model, name=self._name)
+            if done := cutter.put(url, model, seq, len(data) + 1, tokens, inputs):
+                closed.extend(done)
+            key, pos = cutter.placed
+            queued.append(RequestRow(seq, cid, line, url, model, tokens, inputs, data, key, pos))
+        return queued
+
+    def mark(self) -> _PlannerMark:
+        """Where the planning stands, for :meth:`undo`."""
+        cutters = {group: cutter.mark() for group, cutter in self._cutters.items()}
+        return self._count, len(self._closed), cutters
+
+    def undo(self, mark: _PlannerMark) -> None:
+        """Take back every request placed since :meth:`mark`."""
+        self._count, closed, marks = mark
+        del self._closed[closed:]
+        for group in list(self._cutters):
+            if group in marks:
+                self._cutters[group].undo(marks[group])
+            else:
+                del self._cutters[group]
+
+    def finish(self) -> list[NewShard]:
+        """Every shard, by key (the requests placed so far fill them)."""
+        plans = self._closed + [p for cutter in self._cutters.values() for p in cutter.finish()]
+        self._closed, self._cutters = [], {}
+        return sorted(
+            NewShard(p.key or "", p.url, p.model, len(p.seqs), p.size, p.tokens) for p in plans
+        )
 
 
 async def plan(ctx: RunContext) -> list[Shard]:
@@ -190,7 +320,6 @@ async def plan(ctx: RunContext) -> list[Shard]:
             pending, for a run with a higher limit).
     """
     journal = ctx.journal
-    limits = ctx.config.enqueued_token_limits
     now = ctx.clock.now()
     # On the real clock the pages are read and each intent is written in a worker
     # thread (a VirtualClock's auto_advance would take that wait for idleness).
@@ -198,7 +327,7 @@ async def plan(ctx: RunContext) -> list[Shard]:
     index = await journal.shard_count()
     shards: list[Shard] = []
 
-    async def record(plans: list[ShardPlan]) -> None:
+    async def record(plans: Sequence[ShardPlan]) -> None:
         nonlocal index
         for planned in plans:
             key = f"s{index:06d}"
@@ -214,13 +343,7 @@ async def plan(ctx: RunContext) -> list[Shard]:
             )
 
     for group in await journal.pending_groups():
-        embeddings = group.url.rstrip("/").endswith("/embeddings")
-        cutter = ShardCutter(
-            max_lines=ctx.max_lines,
-            max_bytes=ctx.max_bytes,
-            max_tokens=limits.get(group.model) if group.model is not None else None,
-            max_inputs=ctx.max_inputs if embeddings else None,
-        )
+        cutter = ctx.shard_limits.cutter(group.url, group.model)
         try:
             pending = journal.pending_requests(group.url, group.model, background=background)
             add = cutter.add

@@ -9,11 +9,38 @@ from typing import Any
 
 import asyncpg
 
-from ._records import RequestRow, RunMeta
+from ._records import NewShard, RequestRow, RunMeta
+from ._states import ShardState
 
 __all__ = ["PgIngest"]
 
-_COLUMNS = ["rid", "seq", "custom_id", "line", "url", "model", "tokens", "inputs", "data"]
+_COLUMNS = [
+    "rid",
+    "seq",
+    "custom_id",
+    "line",
+    "url",
+    "model",
+    "tokens",
+    "inputs",
+    "data",
+    "shard",
+    "pos",
+    "state",
+    "batches",
+]
+_SHARD_COLUMNS = [
+    "rid",
+    "key",
+    "round",
+    "url",
+    "model",
+    "lines",
+    "bytes",
+    "tokens",
+    "state",
+    "planned_at",
+]
 #: The unique constraint of a run's custom_ids (its name as PostgreSQL makes it).
 _ID_CONSTRAINT = "aiobatch_requests_rid_custom_id_key"
 
@@ -33,7 +60,11 @@ class PgIngest:
             async with self._conn.transaction():  # a savepoint: the ingest's goes on
                 await self._conn.copy_records_to_table(
                     "aiobatch_requests",
-                    records=[(rid, *row) for row in rows],
+                    # a row with a shard is queued in it, in its first batch
+                    records=[
+                        (rid, *row, "pending", 0) if row.shard is None else (rid, *row, "queued", 1)
+                        for row in rows
+                    ],
                     columns=_COLUMNS,
                 )
         except asyncpg.UniqueViolationError as exc:
@@ -51,7 +82,18 @@ class PgIngest:
         )
         return {str(row[0]): int(row[1]) for row in rows}
 
-    async def start(self, meta: RunMeta) -> None:
+    async def start(self, meta: RunMeta, shards: Sequence[NewShard] = ()) -> None:
+        if shards:
+            planned, at = ShardState.PLANNED.value, meta.started_at
+            # A new shard is leased to nobody: whichever worker claims it acts on it.
+            await self._conn.copy_records_to_table(
+                "aiobatch_shards",
+                records=[
+                    (self._rid, s.key, 0, s.url, s.model, s.lines, s.size, s.tokens, planned, at)
+                    for s in shards
+                ],
+                columns=_SHARD_COLUMNS,
+            )
         await self._conn.execute(
             "UPDATE aiobatch_runs SET run_id = $2, source = $3, fingerprint = $4, "
             "started_at = $5, updated_at = $6, state = $7, skipped = $8, problems = $9, "

@@ -37,6 +37,7 @@ __all__ = [
     "ModelTokens",
     "Member",
     "NamedResult",
+    "NewShard",
     "PendingRequest",
     "PreparedRequest",
     "QueuedLine",
@@ -107,7 +108,11 @@ class PreparedRequest:
 
 class RequestRow(NamedTuple):
     """An accepted request as an ingest writes it into the journal (the fields of
-    :class:`PreparedRequest` that the journal keeps, in the order of its columns)."""
+    :class:`PreparedRequest` that the journal keeps, in the order of its columns).
+
+    ``shard`` and ``pos``: the shard it is queued in and its line in the shard's file
+    (1-based), when the ingest planned it (see :class:`NewShard`); None: it is pending,
+    for the run's planning step."""
 
     seq: int
     custom_id: str
@@ -117,6 +122,30 @@ class RequestRow(NamedTuple):
     tokens: int
     inputs: int
     data: bytes
+    shard: str | None = None
+    pos: int | None = None
+
+
+class NewShard(NamedTuple):
+    """A shard planned by the ingest of a new run, recorded with its requests: its row
+    (``planned``, round 0) in the journal. Its requests are the rows queued in it,
+    each in its first batch.
+
+    Attributes:
+        key: its key (``s000042``), unique in the run.
+        url: the endpoint of every request in it.
+        model: the model of every request in it.
+        lines: how many requests it holds.
+        size: the bytes of its input file.
+        tokens: the estimated prompt tokens of its requests.
+    """
+
+    key: str
+    url: str
+    model: str | None
+    lines: int
+    size: int
+    tokens: int
 
 
 class PendingRequest(NamedTuple):
@@ -157,6 +186,8 @@ class ShardPlan:
         size: the bytes of its input file.
         tokens: the estimated prompt tokens of its requests.
         inputs: the inputs of its requests (see :attr:`PreparedRequest.inputs`).
+        key: its key, when it was named as it opened (see :class:`IngestPlanner
+            <aiobatch._run._planning.IngestPlanner>`).
     """
 
     url: str
@@ -165,6 +196,7 @@ class ShardPlan:
     size: int
     tokens: int
     inputs: int = 0
+    key: str | None = None
 
 
 @attrs.frozen(slots=True, kw_only=True)

@@ -6,7 +6,8 @@ Everything a run knows is here, written before it acts on it:
   ``aiobatch cancel`` sets from another process.
 - ``requests``: every accepted request line (its bytes, to build shard files and retry
   rounds from), where it is (``pending``: in no shard, waiting to be planned;
-  ``queued``: put in shard ``shard``, as line ``pos`` of its file), its retryable
+  ``queued``: put in shard ``shard``, as line ``pos`` of its file: a new run's requests
+  are written queued, cut into shards as they are ingested), its retryable
   failures so far (``attempts``) and the last of them (``last_error``). A request is
   *done* when it has its row in ``results``: that row is the one record of it (schema 6;
   schema 5 and earlier also wrote ``state = 'done'``, one update per result, which cost
@@ -45,6 +46,7 @@ from ._journal import too_many_batches
 from ._records import (
     SHARD_FIELDS,
     Member,
+    NewShard,
     PendingRequest,
     QueuedLine,
     RequestGroup,
@@ -111,11 +113,26 @@ def _check_move(key: str, source: ShardState, target: ShardState) -> None:
 #: the journal's worker thread beside a busy event loop, each of those waits up to the
 #: interpreter's switch interval (see ``_sqlite_results._INSERT_NAMED_JSON``).
 _INSERT_REQUESTS_JSON = (
-    "INSERT INTO requests (seq, custom_id, line, url, model, tokens, inputs, data) "
+    "INSERT INTO requests (seq, custom_id, line, url, model, tokens, inputs, data, shard, "
+    "pos, state, batches) "
     "SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), "
     "json_extract(value, '$[2]'), json_extract(value, '$[3]'), json_extract(value, '$[4]'), "
     "json_extract(value, '$[5]'), json_extract(value, '$[6]'), "
-    "substr(?2, json_extract(value, '$[7]'), json_extract(value, '$[8]')) FROM json_each(?1)"
+    "substr(?2, json_extract(value, '$[7]'), json_extract(value, '$[8]')), "
+    "json_extract(value, '$[9]'), json_extract(value, '$[10]'), "
+    "CASE WHEN json_extract(value, '$[9]') IS NULL THEN 'pending' ELSE 'queued' END, "
+    "json_extract(value, '$[9]') IS NOT NULL FROM json_each(?1)"
+)
+#: A statement a row: the columns of :class:`RequestRow`; a request given a shard is
+#: queued in it, in its first batch.
+_INSERT_REQUEST = (
+    "INSERT INTO requests (seq, custom_id, line, url, model, tokens, inputs, data, shard, "
+    "pos, state, batches) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, "
+    "CASE WHEN ?9 IS NULL THEN 'pending' ELSE 'queued' END, ?9 IS NOT NULL)"
+)
+_INSERT_SHARD = (
+    "INSERT INTO shards (key, round, url, model, lines, bytes, tokens, state, planned_at) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 
@@ -322,8 +339,18 @@ class JournalFile(JournalResults):
                 fields[name] = int(fields[name])
         return RunMeta(**fields)
 
-    def start(self, db: Db, meta: RunMeta) -> None:
-        """Record a new run's facts inside the caller's transaction (the ingest's)."""
+    def start(self, db: Db, meta: RunMeta, shards: Sequence[NewShard] = ()) -> None:
+        """Record a new run's facts inside the caller's transaction (the ingest's), and
+        the shards its requests were queued in (see :meth:`Ingest.start
+        <aiobatch._run._journal.Ingest.start>`)."""
+        planned = ShardState.PLANNED.value
+        db.executemany(
+            _INSERT_SHARD,
+            [
+                (s.key, 0, s.url, s.model, s.lines, s.size, s.tokens, planned, meta.started_at)
+                for s in shards
+            ],
+        )
         self.put_meta(
             db,
             {
@@ -355,16 +382,15 @@ class JournalFile(JournalResults):
         JSON functions (see ``_INSERT_REQUESTS_JSON``); else a statement a row, which
         costs less (0.51 s against 0.60 s per 100,000 in the loop's own thread)."""
         if not (one_statement and self._json_rows):
-            db.executemany(
-                "INSERT INTO requests (seq, custom_id, line, url, model, tokens, inputs, data) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                rows,
-            )
+            db.executemany(_INSERT_REQUEST, rows)
             return
         fields = [
-            (seq, custom_id, line, url, model, tokens, inputs, at, len(data))
+            (seq, custom_id, line, url, model, tokens, inputs, at, len(data), shard, pos)
             # substr counts from 1
-            for (seq, custom_id, line, url, model, tokens, inputs, data), at in placed(rows, 1)
+            for (
+                (seq, custom_id, line, url, model, tokens, inputs, data, shard, pos),
+                at,
+            ) in placed(rows, 1)
         ]
         text = json.dumps(fields, ensure_ascii=False, separators=(",", ":"))
         blob = b"".join(row.data for row in rows)
@@ -579,8 +605,7 @@ class JournalFile(JournalResults):
             ).fetchone()
             raise too_many_batches(str(cid), int(batches), max_batches)
         db.execute(
-            "INSERT INTO shards (key, round, url, model, lines, bytes, tokens, state, "
-            "planned_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            _INSERT_SHARD,
             (
                 key,
                 int(round_),

@@ -32,6 +32,7 @@ from ._records import (
     Member,
     ModelTokens,
     NamedResult,
+    NewShard,
     PendingRequest,
     QueuedLine,
     RequestGroup,
@@ -168,8 +169,8 @@ class _SQLiteIngest:
     async def taken(self, custom_ids: Sequence[str]) -> dict[str, int]:
         return self._file.taken(self._db, custom_ids)
 
-    async def start(self, meta: RunMeta) -> None:
-        self._file.start(self._db, meta)
+    async def start(self, meta: RunMeta, shards: Sequence[NewShard] = ()) -> None:
+        self._file.start(self._db, meta, shards)
 
 
 class SQLiteJournal:

@@ -19,9 +19,16 @@ from ._config import RequestSource, RunConfig
 from ._context import RunContext
 from ._ingest import check_source, ingest
 from ._journal import Journal
+from ._planning import ShardLimits
 from ._sqlite_db import remove_journal
 
-__all__ = ["check_output", "default_work_dir", "ingest_or_check", "run_context"]
+__all__ = [
+    "check_output",
+    "default_work_dir",
+    "ingest_or_check",
+    "run_context",
+    "shard_limits",
+]
 
 
 def check_output(output: str | None) -> None:
@@ -55,6 +62,7 @@ async def ingest_or_check(
                 config=config,
                 clock=client.clock,
                 max_line_bytes=config.max_bytes or client.provider.limits.max_bytes,
+                plan=shard_limits(config, client),
                 custom_id_pattern=client.provider.limits.custom_id_pattern,
             )
         except BaseException:
@@ -65,6 +73,17 @@ async def ingest_or_check(
         return False
     await check_source(journal, meta, source)
     return True
+
+
+def shard_limits(config: RunConfig, client: BatchClient) -> ShardLimits:
+    """How big the run's shards may be: the run's limits, else the provider's."""
+    limits = client.provider.limits
+    return ShardLimits(
+        max_lines=config.max_lines or limits.max_lines,
+        max_bytes=config.max_bytes or limits.max_bytes,
+        max_inputs=limits.max_embedding_inputs,
+        token_limits=config.enqueued_token_limits,
+    )
 
 
 def default_work_dir(
@@ -110,7 +129,6 @@ def run_context(
 ) -> RunContext:
     """The context a run's steps share, with the fleet that tracks its batches
     (``webhooks``: a receiver feeds it, so it polls seldom)."""
-    limits = client.provider.limits
     return RunContext(
         client=client,
         config=config,
@@ -123,9 +141,7 @@ def run_context(
         ),
         emit=emit,
         stop=stop,
-        max_lines=config.max_lines or limits.max_lines,
-        max_bytes=config.max_bytes or limits.max_bytes,
-        max_inputs=limits.max_embedding_inputs,
+        shard_limits=shard_limits(config, client),
         work_dir=work_dir,
         stopping=stopping,
         changed=changed,

@@ -21,6 +21,7 @@ from aiobatch._run._records import (
     FinalResult,
     ModelTokens,
     NamedResult,
+    NewShard,
     PendingRequest,
     PreparedRequest,
     RequestGroup,
@@ -190,6 +191,65 @@ async def test_ingested_requests_read_back_exactly(journal: Journal, background:
     assert lines == [r.data for r in rows]
     queued = await journal.queued_at("s0")
     assert [q.custom_id for q in queued.values()] == ids
+
+
+@pytest.mark.parametrize("background", [False, True], ids=["in_the_loop", "background"])
+async def test_requests_queued_at_ingest_are_in_their_shards(
+    journal: Journal, background: bool
+) -> None:
+    """Rows an ingest queues in shards, and the shards it records with the run, read back
+    as a planned shard would: in line order, in their first batch, nothing pending; a
+    refused batch leaves none of its rows."""
+    data = [b'{"a":1}', b'{"b":22}', b"\x00\xff", b"x" * 5000, b"{}"]
+    shard_of = [("s000000", 1), ("s000001", 1), ("s000000", 2), ("s000000", 3), ("s000001", 2)]
+    rows = [
+        RequestRow(
+            seq, f"r{seq}", seq + 1, URL, "m" if key == "s000000" else "n", seq, 1, body
+        )._replace(shard=key, pos=pos)
+        for seq, (body, (key, pos)) in enumerate(zip(data, shard_of, strict=True))
+    ]
+    new_shards = [
+        NewShard(
+            key,
+            URL,
+            model,
+            len(part),
+            sum(len(r.data) + 1 for r in part),
+            sum(r.tokens for r in part),
+        )
+        for key, model in (("s000000", "m"), ("s000001", "n"))
+        for part in [[r for r in rows if r.shard == key]]
+    ]
+    async with journal.ingest(background=background) as sink:
+        assert await sink.add(rows[:3])
+        reused = RequestRow(5, "r0", 6, URL, "m", 5, 1, b"{}", "s000000", 4)
+        assert not await sink.add([rows[3], reused])
+        assert await sink.add(rows[3:])
+        await sink.start(RunMeta(run_id="run1", started_at=10.0, updated_at=10.0), new_shards)
+    assert await journal.pending_count() == 0
+    assert await journal.not_done_count() == 5
+    shards = await journal.shards(_S.PLANNED)
+    assert [
+        (s.key, s.model, s.lines, s.bytes, s.tokens, s.round, s.planned_at) for s in shards
+    ] == [(n.key, n.model, n.lines, n.size, n.tokens, 0, 10.0) for n in new_shards]
+    lines = [line async for chunk in journal.shard_lines("s000000") for line in chunk]
+    assert lines == [data[0], data[2], data[3]]
+    queued = await journal.queued_at("s000001")
+    assert {pos: (q.seq, q.custom_id, q.attempts) for pos, q in queued.items()} == {
+        1: (1, "r1", 0),
+        2: (4, "r4", 0),
+    }
+    members = await journal.members("s000000", ["r0", "r2", "r3", "r1"])
+    assert {cid: (m.seq, m.queued) for cid, m in members.items()} == {
+        "r0": (0, True),
+        "r2": (2, True),
+        "r3": (3, True),
+    }
+    # Each counts one batch already: back to pending, a second batch is over a limit of one.
+    await journal.record(None, [], [RetryLine(1, 1, b"{}")])
+    plan = ShardPlan(URL, "n", (1,), len(data[1]) + 1, 1)
+    with pytest.raises(TooManyBatchesError):
+        await journal.add_shard("s000002", plan, planned_at=12.0, max_batches=1)
 
 
 async def test_intent_is_recorded_before_upload(journal: Journal) -> None:

@@ -224,8 +224,8 @@ async def test_skipped_duplicates_far_apart_leave_the_first_use_of_each_id(
     backend: str, clock: VirtualClock, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """With skip_invalid, ids used again hundreds of lines later (by good lines, twice in
-    a row, or by a line bad for another reason too) are skipped naming the first use, and
-    the run answers every other line once, in order, on either journal."""
+    a row, or by a line bad for another reason too) are skipped naming the first use, the
+    run answers every other line once, in order, in full batches, on either journal."""
     lines: list[Mapping[str, Any] | str] = [chat_line(f"r-{n}") for n in range(1300)]
     lines[799] = chat_line("r-5", "again")  # line 800
     lines[800] = chat_line("r-5", "and again")  # line 801
@@ -236,12 +236,22 @@ async def test_skipped_duplicates_far_apart_leave_the_first_use_of_each_id(
     if backend == "postgres":
         journal = pg_url(str(tmp_path))
     output = tmp_path / "out.jsonl"
-    async with fake_env(clock, validation_seconds=1.0, lines_per_second=1000.0) as (_, client):
+    async with fake_env(clock, validation_seconds=1.0, lines_per_second=1000.0) as (
+        service,
+        client,
+    ):
         run = BatchRun(
-            client, source, journal=journal, output=output, config=config(skip_invalid=True)
+            client,
+            source,
+            journal=journal,
+            output=output,
+            config=config(skip_invalid=True, max_lines=300),
         )
         with caplog.at_level(logging.WARNING):
             report = await run.run()
+        batches = [await service.get_batch(b) for b in service.batch_ids]
+    totals = sorted(b.request_counts.total for b in batches if b.request_counts)
+    assert totals == [96, 300, 300, 300, 300]
     prefix = f"skipped invalid input line: {source}:"
     skipped = [
         r.getMessage().removeprefix(prefix) for r in caplog.records if prefix in r.getMessage()

@@ -1,4 +1,5 @@
-"""plan_shards: requests grouped by (url, model) and cut into batches within every limit."""
+"""plan_shards and IngestPlanner: requests grouped by (url, model) and cut into batches within
+every limit."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aiobatch._run._planning import plan_shards
-from aiobatch._run._records import PreparedRequest, ShardPlan
+from aiobatch._run._planning import IngestPlanner, ShardLimits, plan_shards
+from aiobatch._run._records import PreparedRequest, RequestRow, ShardPlan
 
 
 def shard_item(
@@ -310,3 +311,76 @@ def test_plan_shards_properties(
                 or current.size + nxt.size > max_bytes
                 or (max_tokens is not None and current.tokens + nxt.tokens > max_tokens)
             )
+
+
+def _rows(lines: list[PreparedRequest]) -> list[RequestRow]:
+    """The items as an ingest's rows (``data`` of ``size - 1`` bytes)."""
+    return [
+        RequestRow(i.seq, f"r{i.seq}", i.seq + 1, i.url, i.model, i.tokens, 1, b"x" * (i.size - 1))
+        for i in lines
+    ]
+
+
+@settings(max_examples=200)
+@given(
+    shard_items,
+    st.integers(1, 6),
+    st.integers(1, 40),
+    st.none() | st.integers(1, 30),
+    st.lists(st.integers(1, 8), max_size=10),
+    st.sets(st.integers(0, 60)),
+)
+def test_an_ingest_planner_cuts_as_planning_would_whatever_was_taken_back(
+    lines: list[PreparedRequest],
+    max_lines: int,
+    max_bytes: int,
+    max_tokens: int | None,
+    cuts: list[int],
+    refused: set[int],
+) -> None:
+    """Requests placed batch by batch (some batches taken back and placed again) land in
+    the shards plan_shards cuts, at lines 1..n, the shards named in the order they open."""
+    limits = ShardLimits(max_lines, max_bytes, token_limits={"a": max_tokens} if max_tokens else {})
+    planner = IngestPlanner(limits)
+    rows = _rows(lines)
+    placed: list[RequestRow] = []
+    start = 0
+    for number, size in enumerate([*cuts, len(rows)]):
+        batch = rows[start : start + size]
+        start += len(batch)
+        if number in refused:  # the journal refused the batch: placed again after
+            mark = planner.mark()
+            planner.place(batch)
+            planner.undo(mark)
+        placed += planner.place(batch)
+    shards = planner.finish()
+
+    def limited(model: str | None) -> int | None:
+        return max_tokens if model == "a" else None
+
+    expected = [
+        plan
+        for group in GROUPS
+        for plan in plan_shards(
+            [i for i in lines if (i.url, i.model) == group],
+            max_lines=max_lines,
+            max_bytes=max_bytes,
+            max_tokens=limited(group[1]),
+        )
+    ]
+    by_key = {
+        key: [row for row in placed if row.shard == key] for key in {row.shard for row in placed}
+    }
+    got = [
+        (s.url, s.model, tuple(r.seq for r in by_key[s.key]), s.size, s.tokens, s.lines)
+        for s in shards
+    ]
+    by_seqs = {p.seqs: (p.url, p.model, p.seqs, p.size, p.tokens, len(p.seqs)) for p in expected}
+    assert sorted(got, key=lambda shard: shard[2]) == [by_seqs[k] for k in sorted(by_seqs)]
+    assert all([r.pos for r in by_key[s.key]] == list(range(1, s.lines + 1)) for s in shards)
+    assert [s.key for s in shards] == [f"s{n:06d}" for n in range(len(shards))]
+    first_seq = {s.key: by_key[s.key][0].seq for s in shards}
+    assert sorted(first_seq, key=first_seq.__getitem__) == [s.key for s in shards]
+    assert [(r.seq, r.custom_id, r.data) for r in placed] == [
+        (r.seq, r.custom_id, r.data) for r in rows
+    ]
