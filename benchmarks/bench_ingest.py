@@ -3,8 +3,9 @@
 The first phase of every run (``aiobatch._run._ingest.ingest``): each line of
 ``--requests`` chat requests (``aiobatch.testing.chat_requests``, the input of
 ``bench_run_100k.py``) is read, hashed, decoded and checked, its prompt tokens
-estimated, and the accepted requests written to a fresh journal in one transaction
-(duplicate ``custom_id`` found by the journal's unique index).
+estimated, and the accepted requests cut into shards of 50,000 lines (OpenAI's limits)
+and written, queued in them, to a fresh journal in one transaction (duplicate
+``custom_id`` found by the journal's unique index).
 
 Beside it, the floor of the naive peer in ``bench_run_100k.py``: the same file read
 whole, split into lines and ``json.loads`` of each for its ``custom_id``.
@@ -34,6 +35,7 @@ from pathlib import Path
 
 from aiobatch import RunConfig
 from aiobatch._run._ingest import ingest
+from aiobatch._run._planning import ShardLimits
 from aiobatch._run._preflight import DEFAULT_MAX_LINE_BYTES
 from aiobatch._run._sqlite_journal import SQLiteJournal
 from aiobatch.testing import VirtualClock, chat_requests
@@ -48,6 +50,7 @@ async def _ingest(source: Path, journal: Path) -> None:
             config=RunConfig(),
             clock=VirtualClock(),
             max_line_bytes=DEFAULT_MAX_LINE_BYTES,
+            plan=ShardLimits(max_lines=50_000, max_bytes=DEFAULT_MAX_LINE_BYTES),
         )
     finally:
         await store.close()
