@@ -157,11 +157,12 @@ class Journal(Protocol):
     # --- requests ------------------------------------------------------------------------
 
     async def pending_count(self) -> int:
-        """Requests in no open shard (new, or waiting for a retry round)."""
+        """Requests in no open shard: waiting for a retry round, put back by the run's
+        own cancel, or new in a journal ingested without planning."""
 
     async def has_fresh_pending(self) -> bool:
-        """Whether a pending request never failed (new, or put back by the run's own
-        cancel)."""
+        """Whether a pending request never failed (put back by the run's own cancel, or
+        new in a journal ingested without planning)."""
 
     async def not_done_count(self) -> int:
         """Requests without their final result."""

@@ -19,8 +19,8 @@ requests and records each shard's intent as soon as it is cut.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, NamedTuple
 
 import attrs
 
@@ -34,30 +34,79 @@ if TYPE_CHECKING:
 __all__ = ["IngestPlanner", "ShardCutter", "ShardLimits", "plan", "plan_shards"]
 
 
+class _Bounds(NamedTuple):
+    """The limits of one group's shards (see :func:`plan_shards`)."""
+
+    max_lines: int
+    max_bytes: int
+    max_tokens: int | None
+    max_inputs: int | None
+
+
+def _overflows(
+    bounds: _Bounds, lines: int, size: int, tokens: int, inputs: int, item: tuple[int, int, int]
+) -> bool:
+    """Whether a request of ``item`` (size, tokens, inputs) does not fit in an open shard
+    of ``lines`` lines, ``size`` bytes, ``tokens`` tokens and ``inputs`` inputs."""
+    max_lines, max_bytes, max_tokens, max_inputs = bounds
+    return (
+        lines + 1 > max_lines
+        or size + item[0] > max_bytes
+        or (max_tokens is not None and tokens + item[1] > max_tokens)
+        or (max_inputs is not None and inputs + item[2] > max_inputs)
+    )
+
+
+def _full(bounds: _Bounds, lines: int, size: int, tokens: int, inputs: int) -> bool:
+    """Whether a shard of these totals is closed at once: no further request can fit
+    (every one has size >= 1); a shard at exactly the token limit stays open for
+    requests of 0 tokens."""
+    max_lines, max_bytes, max_tokens, max_inputs = bounds
+    return (
+        lines >= max_lines
+        or size >= max_bytes
+        or (max_tokens is not None and tokens > max_tokens)
+        or (max_inputs is not None and inputs >= max_inputs)
+    )
+
+
 @attrs.frozen(slots=True)
 class ShardLimits:
     """How big a run's shards may be: ``max_lines`` lines and ``max_bytes`` bytes each;
     ``max_inputs`` inputs for an embeddings endpoint; at most ``token_limits[model]``
-    estimated tokens for a model named there."""
+    estimated tokens for a model named there.
+
+    Raises:
+        ValueError: a limit is not a positive int.
+    """
 
     max_lines: int
     max_bytes: int
     max_inputs: int | None = None
     token_limits: Mapping[str, int] = attrs.field(factory=dict)
 
-    def cutter(
-        self, url: str, model: str | None, *, name: Callable[[], str] | None = None
-    ) -> ShardCutter:
-        """A cutter for the requests of one (url, model) (``name``: see
-        :class:`ShardCutter`)."""
+    def __attrs_post_init__(self) -> None:
+        self.bounds("/v1/embeddings", None)  # checks the limits every group has
+        for model in self.token_limits:
+            self.bounds("", model)
+
+    def bounds(self, url: str, model: str | None) -> _Bounds:
+        """The limits of the shards of one (url, model)."""
         embeddings = url.rstrip("/").endswith("/embeddings")
-        return ShardCutter(
-            max_lines=self.max_lines,
-            max_bytes=self.max_bytes,
-            max_tokens=self.token_limits.get(model) if model is not None else None,
-            max_inputs=self.max_inputs if embeddings else None,
-            name=name,
+        bounds = _Bounds(
+            self.max_lines,
+            self.max_bytes,
+            self.token_limits.get(model) if model is not None else None,
+            self.max_inputs if embeddings else None,
         )
+        for name, value in bounds._asdict().items():
+            if value is not None:
+                _check_limit(name, value)
+        return bounds
+
+    def cutter(self, url: str, model: str | None) -> ShardCutter:
+        """A cutter for the requests of one (url, model)."""
+        return ShardCutter(**self.bounds(url, model)._asdict())
 
 
 @attrs.define(slots=True)
@@ -68,22 +117,11 @@ class _OpenShard:
     size: int
     tokens: int
     inputs: int
-    key: str | None = None
 
     def plan(self) -> ShardPlan:
         return ShardPlan(
-            self.url, self.model, tuple(self.seqs), self.size, self.tokens, self.inputs, self.key
+            self.url, self.model, tuple(self.seqs), self.size, self.tokens, self.inputs
         )
-
-
-#: What :meth:`ShardCutter.mark` notes of each open shard: it, and its lines, size,
-#: tokens and inputs then.
-_Noted = tuple[_OpenShard, int, int, int, int]
-#: What :meth:`ShardCutter.mark` returns.
-_CutterMark = dict[tuple[str, str | None], _Noted]
-#: What :meth:`IngestPlanner.mark` returns: the shards named, the shards closed, and
-#: each group's cutter mark.
-_PlannerMark = tuple[int, int, dict[tuple[str, str | None], _CutterMark]]
 
 
 def plan_shards(
@@ -144,11 +182,7 @@ def _plan(items: Iterable[PreparedRequest], cutter: ShardCutter) -> Iterator[Sha
 class ShardCutter:
     """The cutting of :func:`plan_shards`, one request at a time (for requests read
     from an async source): :meth:`add` returns the shards the request closed,
-    :meth:`finish` those still open.
-
-    ``name``, when given, names each shard as it opens (:attr:`placed` then says where
-    each request went), and :meth:`mark` and :meth:`undo` take requests back out.
-    """
+    :meth:`finish` those still open."""
 
     def __init__(
         self,
@@ -157,7 +191,6 @@ class ShardCutter:
         max_bytes: int,
         max_tokens: int | None = None,
         max_inputs: int | None = None,
-        name: Callable[[], str] | None = None,
     ) -> None:
         _check_limit("max_lines", max_lines)
         _check_limit("max_bytes", max_bytes)
@@ -165,80 +198,45 @@ class ShardCutter:
             _check_limit("max_tokens", max_tokens)
         if max_inputs is not None:
             _check_limit("max_inputs", max_inputs)
-        self._max_lines = max_lines
-        self._max_bytes = max_bytes
-        self._max_tokens = max_tokens
-        self._max_inputs = max_inputs
+        self._bounds = _Bounds(max_lines, max_bytes, max_tokens, max_inputs)
         self._open: dict[tuple[str, str | None], _OpenShard] = {}
-        self._name = name
-        #: the key of the shard the last request went into, and its line there
-        #: (1-based); with ``name`` only
-        self.placed: tuple[str, int] = ("", 0)
 
-    def add(self, item: PreparedRequest | PendingRequest) -> Sequence[ShardPlan]:
+    def add(self, item: PreparedRequest | PendingRequest) -> list[ShardPlan]:
         """Put a request in its group's open shard; returns the shards it closed."""
-        return self.put(item.url, item.model, item.seq, item.size, item.tokens, item.inputs)
-
-    def put(
-        self, url: str, model: str | None, seq: int, size: int, tokens: int, inputs: int
-    ) -> Sequence[ShardPlan]:
-        """:meth:`add` of a request given by its fields."""
-        if size < 1:
-            raise ValueError(f"item {seq}: size must be >= 1 (it counts the newline)")
-        if tokens < 0:
-            raise ValueError(f"item {seq}: tokens must be >= 0, got {tokens}")
-        max_lines, max_bytes = self._max_lines, self._max_bytes
-        max_tokens, max_inputs = self._max_tokens, self._max_inputs
-        closed: Sequence[ShardPlan] = ()
-        key = (url, model)
+        if item.size < 1:
+            raise ValueError(f"item {item.seq}: size must be >= 1 (it counts the newline)")
+        if item.tokens < 0:
+            raise ValueError(f"item {item.seq}: tokens must be >= 0, got {item.tokens}")
+        bounds = self._bounds
+        closed: list[ShardPlan] = []
+        key = (item.url, item.model)
         shard = self._open.get(key)
-        if shard is not None and (
-            len(shard.seqs) + 1 > max_lines
-            or shard.size + size > max_bytes
-            or (max_tokens is not None and shard.tokens + tokens > max_tokens)
-            or (max_inputs is not None and shard.inputs + inputs > max_inputs)
+        if shard is not None and _overflows(
+            bounds,
+            len(shard.seqs),
+            shard.size,
+            shard.tokens,
+            shard.inputs,
+            (item.size, item.tokens, item.inputs),
         ):
             del self._open[key]
-            closed = [shard.plan()]
+            closed.append(shard.plan())
             shard = None
         if shard is None:
-            shard = self._open[key] = _OpenShard(url, model, [seq], size, tokens, inputs)
-            if self._name is not None:
-                shard.key = self._name()
+            shard = _OpenShard(
+                item.url, item.model, [item.seq], item.size, item.tokens, item.inputs
+            )
         else:
-            shard.seqs.append(seq)
-            shard.size += size
-            shard.tokens += tokens
-            shard.inputs += inputs
-        # Closed at once when no further request can fit (every one has size >= 1);
-        # a shard at exactly the token limit stays open for requests of 0 tokens.
-        if (
-            len(shard.seqs) >= max_lines
-            or shard.size >= max_bytes
-            or (max_tokens is not None and shard.tokens > max_tokens)
-            or (max_inputs is not None and shard.inputs >= max_inputs)
-        ):
-            del self._open[key]
-            closed = [*closed, shard.plan()]
-        if shard.key is not None:
-            self.placed = (shard.key, len(shard.seqs))
-        return closed
-
-    def mark(self) -> _CutterMark:
-        """Where the open shards stand, for :meth:`undo`."""
-        return {
-            key: (shard, len(shard.seqs), shard.size, shard.tokens, shard.inputs)
-            for key, shard in self._open.items()
-        }
-
-    def undo(self, mark: _CutterMark) -> None:
-        """Take back every request added since :meth:`mark`: the open shards are
-        those of then, as they were (the shards closed since are forgotten)."""
-        self._open = {}
-        for key, (shard, lines, size, tokens, inputs) in mark.items():
-            del shard.seqs[lines:]
-            shard.size, shard.tokens, shard.inputs = size, tokens, inputs
+            shard.seqs.append(item.seq)
+            shard.size += item.size
+            shard.tokens += item.tokens
+            shard.inputs += item.inputs
+        if _full(bounds, len(shard.seqs), shard.size, shard.tokens, shard.inputs):
+            self._open.pop(key, None)
+            closed.append(shard.plan())
+        else:
             self._open[key] = shard
+        return closed
 
     def finish(self) -> list[ShardPlan]:
         """The shards still open, by the ``seq`` of their first request."""
@@ -247,63 +245,109 @@ class ShardCutter:
         return [shard.plan() for shard in shards]
 
 
+@attrs.define(slots=True)
+class _Filling:
+    """A shard an ingest is filling: its key, group and totals so far (no seqs: each
+    request is written with its shard and line)."""
+
+    key: str
+    url: str
+    model: str | None
+    lines: int = 0
+    size: int = 0
+    tokens: int = 0
+    inputs: int = 0
+
+    def done(self) -> NewShard:
+        return NewShard(self.key, self.url, self.model, self.lines, self.size, self.tokens)
+
+
+#: What :meth:`IngestPlanner.mark` returns: the shards named so far, the shards
+#: complete, and each open shard with its lines, size, tokens and inputs.
+_PlannerMark = tuple[int, int, dict[tuple[str, str | None], tuple[_Filling, int, int, int, int]]]
+
+
 class IngestPlanner:
-    """Cuts a new run's requests into shards as its ingest adds them (as :func:`plan`
-    would cut them once added): :meth:`place` queues each request in its shard, and
+    """Cuts a new run's requests into shards as its ingest adds them, as :func:`plan`
+    would cut them once added (the same limits, :class:`ShardLimits`, greedily, each
+    group in input order): :meth:`place` queues each request in its shard, and
     :meth:`finish` gives every shard.
 
-    A shard is named (``s000000`` on) as it opens, so each request knows its shard
-    before the shard is complete. :meth:`mark` and :meth:`undo` take back the requests
-    of a batch that the journal refused.
+    A shard is named (``s000000`` on) as it opens, so each request knows its shard and
+    line before the shard is complete. It holds the open shard of each group and the
+    totals of the complete ones, not the requests. :meth:`mark` and :meth:`undo` take
+    back the requests of a batch that the journal refused.
     """
 
     def __init__(self, limits: ShardLimits) -> None:
         self._limits = limits
-        self._cutters: dict[tuple[str, str | None], ShardCutter] = {}
-        self._closed: list[ShardPlan] = []
+        self._bounds: dict[tuple[str, str | None], _Bounds] = {}
+        self._open: dict[tuple[str, str | None], _Filling] = {}
+        self._closed: list[NewShard] = []
         self._count = 0
 
-    def _name(self) -> str:
-        key = f"s{self._count:06d}"
-        self._count += 1
-        return key
-
     def place(self, rows: Sequence[RequestRow]) -> list[RequestRow]:
-        """``rows`` (in input order) queued in their shards."""
-        cutters, closed = self._cutters, self._closed
+        """``rows`` (in input order, their tokens checked by preflight) queued in their
+        shards."""
+        bounds_of, opened, closed = self._bounds, self._open, self._closed
         queued: list[RequestRow] = []
         for seq, cid, line, url, model, tokens, inputs, data, _, _ in rows:
-            cutter = cutters.get((url, model))
-            if cutter is None:
-                cutter = cutters[url, model] = self._limits.cutter(url, model, name=self._name)
-            if done := cutter.put(url, model, seq, len(data) + 1, tokens, inputs):
-                closed.extend(done)
-            key, pos = cutter.placed
-            queued.append(RequestRow(seq, cid, line, url, model, tokens, inputs, data, key, pos))
+            group = (url, model)
+            bounds = bounds_of.get(group)
+            if bounds is None:
+                bounds = bounds_of[group] = self._limits.bounds(url, model)
+            size = len(data) + 1
+            shard = opened.get(group)
+            if shard is not None and _overflows(
+                bounds,
+                shard.lines,
+                shard.size,
+                shard.tokens,
+                shard.inputs,
+                (size, tokens, inputs),
+            ):
+                del opened[group]
+                closed.append(shard.done())
+                shard = None
+            if shard is None:
+                shard = opened[group] = _Filling(f"s{self._count:06d}", url, model)
+                self._count += 1
+            shard.lines += 1
+            shard.size += size
+            shard.tokens += tokens
+            shard.inputs += inputs
+            queued.append(
+                RequestRow(seq, cid, line, url, model, tokens, inputs, data, shard.key, shard.lines)
+            )
+            if _full(bounds, shard.lines, shard.size, shard.tokens, shard.inputs):
+                del opened[group]
+                closed.append(shard.done())
         return queued
 
     def mark(self) -> _PlannerMark:
         """Where the planning stands, for :meth:`undo`."""
-        cutters = {group: cutter.mark() for group, cutter in self._cutters.items()}
-        return self._count, len(self._closed), cutters
+        noted = {
+            group: (shard, shard.lines, shard.size, shard.tokens, shard.inputs)
+            for group, shard in self._open.items()
+        }
+        return self._count, len(self._closed), noted
 
     def undo(self, mark: _PlannerMark) -> None:
-        """Take back every request placed since :meth:`mark`."""
-        self._count, closed, marks = mark
+        """Take back every request placed since :meth:`mark`: the open shards are those
+        of then, as they were (the shards opened since are forgotten, their names
+        given again)."""
+        self._count, closed, noted = mark
         del self._closed[closed:]
-        for group in list(self._cutters):
-            if group in marks:
-                self._cutters[group].undo(marks[group])
-            else:
-                del self._cutters[group]
+        self._open = {}
+        for group, (shard, lines, size, tokens, inputs) in noted.items():
+            shard.lines, shard.size, shard.tokens, shard.inputs = lines, size, tokens, inputs
+            self._open[group] = shard
 
     def finish(self) -> list[NewShard]:
         """Every shard, by key (the requests placed so far fill them)."""
-        plans = self._closed + [p for cutter in self._cutters.values() for p in cutter.finish()]
-        self._closed, self._cutters = [], {}
-        return sorted(
-            NewShard(p.key or "", p.url, p.model, len(p.seqs), p.size, p.tokens) for p in plans
-        )
+        shards = self._closed + [shard.done() for shard in self._open.values()]
+        self._closed, self._open = [], {}
+        return sorted(shards)
 
 
 async def plan(ctx: RunContext) -> list[Shard]:

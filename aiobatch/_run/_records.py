@@ -186,8 +186,6 @@ class ShardPlan:
         size: the bytes of its input file.
         tokens: the estimated prompt tokens of its requests.
         inputs: the inputs of its requests (see :attr:`PreparedRequest.inputs`).
-        key: its key, when it was named as it opened (see :class:`IngestPlanner
-            <aiobatch._run._planning.IngestPlanner>`).
     """
 
     url: str
@@ -196,7 +194,6 @@ class ShardPlan:
     size: int
     tokens: int
     inputs: int = 0
-    key: str | None = None
 
 
 @attrs.frozen(slots=True, kw_only=True)

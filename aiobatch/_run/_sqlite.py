@@ -417,13 +417,14 @@ class JournalFile(JournalResults):
         return int(self._db.execute("SELECT count(*) FROM requests").fetchone()[0])
 
     def pending_count(self) -> int:
-        """How many requests are in no open shard (new, or waiting for a retry round)."""
+        """How many requests are in no open shard (see :meth:`Journal.pending_count
+        <aiobatch._run._journal.Journal.pending_count>`)."""
         query = "SELECT count(*) FROM requests WHERE state = 'pending'"
         return int(self._db.execute(query).fetchone()[0])
 
     def has_fresh_pending(self) -> bool:
-        """Whether a pending request never failed (new input, or put back by a cancel
-        of the run's own)."""
+        """Whether a pending request never failed (put back by a cancel of the run's own,
+        or new in a journal ingested without planning)."""
         query = "SELECT 1 FROM requests WHERE state = 'pending' AND last_error IS NULL LIMIT 1"
         return self._db.execute(query).fetchone() is not None
 

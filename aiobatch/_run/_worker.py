@@ -8,8 +8,10 @@ run together. Each acts only on the shards it holds a *lease* on (``lease_owner`
   (``UPDATE ... FROM (SELECT ... FOR UPDATE SKIP LOCKED)``), and carries each on from its
   recorded state exactly as a resumed run does (a lost upload or a lost create is looked
   up the same way, so an adopted shard never gets a second batch);
-- it *plans* only while it holds the run's planner lease; the shards it plans are
-  leased to nobody, and every worker claims at most its fair share of the unfinished
+- it *plans* (the requests pending: a retry round, or a run ingested without its
+  shards) only while it holds the run's planner lease (a new run's first shards are
+  planned by its ingest, with its requests); the shards it plans are leased to nobody,
+  and every worker claims at most its fair share of the unfinished
   shards (their number over the live workers, each of which renews a row of
   ``aiobatch_workers`` with its leases); at each heartbeat it lets go of the shards
   beyond its share that it has not started (nothing sent for them), so that a worker

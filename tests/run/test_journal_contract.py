@@ -193,38 +193,46 @@ async def test_ingested_requests_read_back_exactly(journal: Journal, background:
     assert [q.custom_id for q in queued.values()] == ids
 
 
-@pytest.mark.parametrize("background", [False, True], ids=["in_the_loop", "background"])
-async def test_requests_queued_at_ingest_are_in_their_shards(
-    journal: Journal, background: bool
-) -> None:
-    """Rows an ingest queues in shards, and the shards it records with the run, read back
-    as a planned shard would: in line order, in their first batch, nothing pending; a
-    refused batch leaves none of its rows."""
-    data = [b'{"a":1}', b'{"b":22}', b"\x00\xff", b"x" * 5000, b"{}"]
-    shard_of = [("s000000", 1), ("s000001", 1), ("s000000", 2), ("s000000", 3), ("s000001", 2)]
-    rows = [
+def _queued_rows(data: list[bytes], shard_of: list[tuple[str, int]]) -> list[RequestRow]:
+    """Rows queued at ingest: row ``n`` in shard ``shard_of[n]`` (model "m" in s000000,
+    else "n"), ``seq`` tokens each."""
+    return [
         RequestRow(
             seq, f"r{seq}", seq + 1, URL, "m" if key == "s000000" else "n", seq, 1, body
         )._replace(shard=key, pos=pos)
         for seq, (body, (key, pos)) in enumerate(zip(data, shard_of, strict=True))
     ]
-    new_shards = [
+
+
+def _new_shards(rows: list[RequestRow]) -> list[NewShard]:
+    """The shards the rows are queued in, by key."""
+    return [
         NewShard(
             key,
             URL,
-            model,
+            part[0].model,
             len(part),
             sum(len(r.data) + 1 for r in part),
             sum(r.tokens for r in part),
         )
-        for key, model in (("s000000", "m"), ("s000001", "n"))
+        for key in sorted({str(r.shard) for r in rows})
         for part in [[r for r in rows if r.shard == key]]
     ]
+
+
+@pytest.mark.parametrize("background", [False, True], ids=["in_the_loop", "background"])
+async def test_requests_queued_at_ingest_read_back_as_planned_shards(
+    journal: Journal, background: bool
+) -> None:
+    """Rows an ingest queues in shards, with the shards it records, read back as planned
+    shards: their rows in line order, each in its first batch, none pending."""
+    data = [b'{"a":1}', b'{"b":22}', b"\x00\xff", b"x" * 5000, b"{}"]
+    shard_of = [("s000000", 1), ("s000001", 1), ("s000000", 2), ("s000000", 3), ("s000001", 2)]
+    rows = _queued_rows(data, shard_of)
+    new_shards = _new_shards(rows)
     async with journal.ingest(background=background) as sink:
-        assert await sink.add(rows[:3])
-        reused = RequestRow(5, "r0", 6, URL, "m", 5, 1, b"{}", "s000000", 4)
-        assert not await sink.add([rows[3], reused])
-        assert await sink.add(rows[3:])
+        assert await sink.add(rows[:2])
+        assert await sink.add(rows[2:])
         await sink.start(RunMeta(run_id="run1", started_at=10.0, updated_at=10.0), new_shards)
     assert await journal.pending_count() == 0
     assert await journal.not_done_count() == 5
@@ -245,11 +253,31 @@ async def test_requests_queued_at_ingest_are_in_their_shards(
         "r2": (2, True),
         "r3": (3, True),
     }
-    # Each counts one batch already: back to pending, a second batch is over a limit of one.
+    # In its first batch: back to pending, a second batch is over a limit of one.
     await journal.record(None, [], [RetryLine(1, 1, b"{}")])
     plan = ShardPlan(URL, "n", (1,), len(data[1]) + 1, 1)
     with pytest.raises(TooManyBatchesError):
         await journal.add_shard("s000002", plan, planned_at=12.0, max_batches=1)
+
+
+@pytest.mark.parametrize("background", [False, True], ids=["in_the_loop", "background"])
+async def test_a_refused_batch_of_queued_requests_leaves_none_of_them(
+    journal: Journal, background: bool
+) -> None:
+    """A batch of queued rows refused for a custom_id used before adds none of its rows."""
+    rows = _queued_rows([b"{}", b"{}", b"{}"], [("s000000", 1), ("s000000", 2), ("s000001", 1)])
+    reused = RequestRow(3, "r0", 4, URL, "n", 3, 1, b"{}", "s000001", 2)
+    async with journal.ingest(background=background) as sink:
+        assert await sink.add(rows[:1])
+        assert not await sink.add([*rows[1:], reused])
+        assert await sink.add(rows[1:2])
+        await sink.start(
+            RunMeta(run_id="run1", started_at=10.0, updated_at=10.0), _new_shards(rows[:2])
+        )
+    assert await journal.not_done_count() == 2
+    queued = await journal.queued_at("s000000")
+    assert [(pos, q.custom_id) for pos, q in sorted(queued.items())] == [(1, "r0"), (2, "r1")]
+    assert await journal.queued_at("s000001") == {}
 
 
 async def test_intent_is_recorded_before_upload(journal: Journal) -> None:

@@ -43,6 +43,7 @@ from aiobatch import (
 )
 from aiobatch._run._sqlite import SCHEMA_VERSION
 from aiobatch._run._sqlite import JournalFile as Journal
+from aiobatch._run._states import ShardState
 from aiobatch.errors import AiobatchError, JournalError, PreflightError
 from aiobatch.testing import FakeBatchService, FakeConfig, LineErrorRule, VirtualClock
 
@@ -266,6 +267,43 @@ async def test_skipped_duplicates_far_apart_leave_the_first_use_of_each_id(
     assert (report.requests, report.succeeded, report.skipped) == (1296, 1296, 4)
     expected = [f"r-{n}" for n in range(1300) if n not in {799, 800, 801, 1199}]
     assert [line["custom_id"] for line in read_output(output)] == expected
+
+
+async def test_a_new_run_has_every_request_in_a_planned_batch_once_its_input_is_in(
+    clock: VirtualClock, tmp_path: Path
+) -> None:
+    """Once a new run has taken its input in, no request waits to be planned: each is in a
+    planned batch of its model, the batches numbered in the order their first request comes."""
+    models = ["a", "b", "a", "c", "b", "a", "a", "b", "a", "a"]
+    source = write_jsonl(
+        tmp_path / "in.jsonl", [chat_line(f"r-{n}", model=m) for n, m in enumerate(models)]
+    )
+    journal = tmp_path / "run.journal"
+    async with fake_env(clock) as (_, client):
+        run = BatchRun(client, source, journal=journal, config=config(max_lines=2))
+        run._on_progress = lambda _: run.stop()
+        assert (await run.run()).state == "stopped"
+    with Journal(journal, readonly=True) as db:
+        assert db.pending_count() == 0
+        shards = [
+            (
+                s.key,
+                s.state,
+                s.round,
+                s.model,
+                [q.custom_id for _, q in sorted(db.queued_at(s.key).items())],
+            )
+            for s in db.shards()
+        ]
+    planned = ShardState.PLANNED
+    assert shards == [
+        ("s000000", planned, 0, "a", ["r-0", "r-2"]),
+        ("s000001", planned, 0, "b", ["r-1", "r-4"]),
+        ("s000002", planned, 0, "c", ["r-3"]),
+        ("s000003", planned, 0, "a", ["r-5", "r-6"]),
+        ("s000004", planned, 0, "b", ["r-7"]),
+        ("s000005", planned, 0, "a", ["r-8", "r-9"]),
+    ]
 
 
 async def test_skip_invalid_runs_the_good_lines_and_counts_the_skipped(

@@ -313,64 +313,74 @@ def test_plan_shards_properties(
             )
 
 
-def _rows(lines: list[PreparedRequest]) -> list[RequestRow]:
-    """The items as an ingest's rows (``data`` of ``size - 1`` bytes)."""
-    return [
-        RequestRow(i.seq, f"r{i.seq}", i.seq + 1, i.url, i.model, i.tokens, 1, b"x" * (i.size - 1))
-        for i in lines
+ingest_items = st.lists(
+    st.tuples(st.sampled_from(GROUPS), st.integers(1, 12), st.integers(0, 10), st.integers(1, 4)),
+    max_size=60,
+).map(
+    lambda rows: [
+        PreparedRequest(
+            seq=seq, url=url, model=model, size=size, tokens=tokens, inputs=inputs, line=seq + 1
+        )
+        for seq, ((url, model), size, tokens, inputs) in enumerate(rows)
     ]
+)
 
 
-@settings(max_examples=200)
+def _row(item: PreparedRequest, seq: int) -> RequestRow:
+    """An item as an ingest's row numbered ``seq`` (``data`` of ``size - 1`` bytes)."""
+    data = b"x" * (item.size - 1)
+    return RequestRow(
+        seq, f"r{item.line}", item.line, item.url, item.model, item.tokens, item.inputs, data
+    )
+
+
+@settings(max_examples=300)
 @given(
-    shard_items,
+    ingest_items,
     st.integers(1, 6),
     st.integers(1, 40),
     st.none() | st.integers(1, 30),
-    st.lists(st.integers(1, 8), max_size=10),
-    st.sets(st.integers(0, 60)),
+    st.none() | st.integers(1, 8),
+    st.lists(st.tuples(st.integers(1, 8), st.lists(st.integers(0, 59), max_size=4)), max_size=10),
 )
 def test_an_ingest_planner_cuts_as_planning_would_whatever_was_taken_back(
     lines: list[PreparedRequest],
     max_lines: int,
     max_bytes: int,
     max_tokens: int | None,
-    cuts: list[int],
-    refused: set[int],
+    max_inputs: int | None,
+    batches: list[tuple[int, list[int]]],
 ) -> None:
-    """Requests placed batch by batch (some batches taken back and placed again) land in
-    the shards plan_shards cuts, at lines 1..n, the shards named in the order they open."""
-    limits = ShardLimits(max_lines, max_bytes, token_limits={"a": max_tokens} if max_tokens else {})
-    planner = IngestPlanner(limits)
-    rows = _rows(lines)
+    """Requests placed batch by batch land in the shards plan_shards cuts, at lines 1..n,
+    the shards named in the order they open, though a batch was first placed with more
+    requests (found duplicates later) and taken back."""
+    tokens = {"a": max_tokens} if max_tokens else {}
+    planner = IngestPlanner(ShardLimits(max_lines, max_bytes, max_inputs, tokens))
     placed: list[RequestRow] = []
     start = 0
-    for number, size in enumerate([*cuts, len(rows)]):
-        batch = rows[start : start + size]
-        start += len(batch)
-        if number in refused:  # the journal refused the batch: placed again after
+    for size, extra in [*batches, (len(lines), [])]:
+        batch = lines[start : start + size]
+        if extra and batch:  # refused with more lines in it, then placed as accepted
+            tried = batch + [lines[n % len(lines)] for n in extra]
             mark = planner.mark()
-            planner.place(batch)
+            planner.place([_row(item, start + n) for n, item in enumerate(tried)])
             planner.undo(mark)
-        placed += planner.place(batch)
+        placed += planner.place([_row(item, start + n) for n, item in enumerate(batch)])
+        start += len(batch)
     shards = planner.finish()
-
-    def limited(model: str | None) -> int | None:
-        return max_tokens if model == "a" else None
 
     expected = [
         plan
-        for group in GROUPS
+        for url, model in GROUPS
         for plan in plan_shards(
-            [i for i in lines if (i.url, i.model) == group],
+            [i for i in lines if (i.url, i.model) == (url, model)],
             max_lines=max_lines,
             max_bytes=max_bytes,
-            max_tokens=limited(group[1]),
+            max_tokens=max_tokens if model == "a" else None,
+            max_inputs=max_inputs if url == EMBED else None,
         )
     ]
-    by_key = {
-        key: [row for row in placed if row.shard == key] for key in {row.shard for row in placed}
-    }
+    by_key = {s.key: [row for row in placed if row.shard == s.key] for s in shards}
     got = [
         (s.url, s.model, tuple(r.seq for r in by_key[s.key]), s.size, s.tokens, s.lines)
         for s in shards
@@ -379,8 +389,7 @@ def test_an_ingest_planner_cuts_as_planning_would_whatever_was_taken_back(
     assert sorted(got, key=lambda shard: shard[2]) == [by_seqs[k] for k in sorted(by_seqs)]
     assert all([r.pos for r in by_key[s.key]] == list(range(1, s.lines + 1)) for s in shards)
     assert [s.key for s in shards] == [f"s{n:06d}" for n in range(len(shards))]
-    first_seq = {s.key: by_key[s.key][0].seq for s in shards}
-    assert sorted(first_seq, key=first_seq.__getitem__) == [s.key for s in shards]
+    assert [rows[0].seq for rows in by_key.values()] == sorted(r[0].seq for r in by_key.values())
     assert [(r.seq, r.custom_id, r.data) for r in placed] == [
-        (r.seq, r.custom_id, r.data) for r in rows
+        (r.seq, r.custom_id, r.data) for r in (_row(item, item.seq) for item in lines)
     ]
