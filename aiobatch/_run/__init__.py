@@ -9,7 +9,8 @@ thing; see DESIGN.md):
 - ``_journal``: the :class:`Journal` protocol; ``_sqlite``: its SQLite file;
 - ``_preflight`` (with ``_line_checks``, the checks of one line), ``_ingest``: checking
   the source into the journal;
-- ``_planning``: cutting pending requests into shards;
+- ``_planning``: cutting requests into shards (a new run's as its ingest adds them,
+  pending ones for a retry round);
 - ``_outcomes``: what a result means (final, or another round);
 - ``_context``: what the steps share;
 - ``_start``: what a run settles before its first step (output check, ingest or

@@ -6,7 +6,8 @@ bare positional tuples.
   :class:`PendingRequest` what planning reads back of it (named tuples: one per input
   line, so they must be cheap);
 - :class:`RequestGroup`: the requests that may share a batch (endpoint, model);
-- :class:`ShardPlan`: one batch-to-be, as planning cut it;
+- :class:`ShardPlan`: one batch-to-be, as planning cut it; :class:`NewShard`: one cut
+  by the ingest of a new run;
 - :class:`Shard`: a shard's journal row (its state is a :class:`ShardState`);
 - :class:`Member` and :class:`QueuedLine`: a shard's requests, as collection matches
   result lines to them (by ``custom_id``, or by line in the shard's file);
