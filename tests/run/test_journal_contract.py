@@ -224,8 +224,7 @@ def _new_shards(rows: list[RequestRow]) -> list[NewShard]:
 async def test_requests_queued_at_ingest_read_back_as_planned_shards(
     journal: Journal, background: bool
 ) -> None:
-    """Rows an ingest queues in shards, with the shards it records, read back as planned
-    shards: their rows in line order, each in its first batch, none pending."""
+    """Rows an ingest queues in shards read back as planned shards' rows in their first batch."""
     data = [b'{"a":1}', b'{"b":22}', b"\x00\xff", b"x" * 5000, b"{}"]
     shard_of = [("s000000", 1), ("s000001", 1), ("s000000", 2), ("s000000", 3), ("s000001", 2)]
     rows = _queued_rows(data, shard_of)

@@ -272,8 +272,7 @@ async def test_skipped_duplicates_far_apart_leave_the_first_use_of_each_id(
 async def test_a_new_run_has_every_request_in_a_planned_batch_once_its_input_is_in(
     clock: VirtualClock, tmp_path: Path
 ) -> None:
-    """Once a new run has taken its input in, no request waits to be planned: each is in a
-    planned batch of its model, the batches numbered in the order their first request comes."""
+    """A new run's ingest puts every request in a planned batch, numbered as they open."""
     models = ["a", "b", "a", "c", "b", "a", "a", "b", "a", "a"]
     source = write_jsonl(
         tmp_path / "in.jsonl", [chat_line(f"r-{n}", model=m) for n, m in enumerate(models)]

@@ -1,5 +1,4 @@
-"""plan_shards and IngestPlanner: requests grouped by (url, model) and cut into batches within
-every limit."""
+"""plan_shards and IngestPlanner: requests grouped by (url, model), cut within every limit."""
 
 from __future__ import annotations
 
@@ -351,9 +350,7 @@ def test_an_ingest_planner_cuts_as_planning_would_whatever_was_taken_back(
     max_inputs: int | None,
     batches: list[tuple[int, list[int]]],
 ) -> None:
-    """Requests placed batch by batch land in the shards plan_shards cuts, at lines 1..n,
-    the shards named in the order they open, though a batch was first placed with more
-    requests (found duplicates later) and taken back."""
+    """Batches placed (some first with more rows, taken back) land as plan_shards cuts."""
     tokens = {"a": max_tokens} if max_tokens else {}
     planner = IngestPlanner(ShardLimits(max_lines, max_bytes, max_inputs, tokens))
     placed: list[RequestRow] = []
