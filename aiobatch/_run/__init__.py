@@ -19,7 +19,8 @@ thing; see DESIGN.md):
   state;
 - ``_dispatch``: a shard's tasks (its submission and collection loops, the fleet's
   events, resume, tracking);
-- ``_supervise``: the loop that plans pending requests until every one has its result;
+- ``_supervise``: the loop that plans pending requests until every one has its result
+  (:func:`plan_pending`, the planning step);
 - ``_cancel``: a cancel from inside the run (:func:`wind_down`); ``_control``: cancel,
   liveness, from outside the run's process;
 - ``_report``, ``_progress``: what a run did, and a live display of it; ``_follow``:

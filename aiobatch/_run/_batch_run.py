@@ -41,14 +41,13 @@ from ._follow import follow_results
 from ._journal import Journal
 from ._open import is_postgres_url, open_journal, pg_run_name, shared_run_class
 from ._output import write_output
-from ._planning import plan
 from ._progress import RunProgress
 from ._records import Shard
 from ._report import RunReport, final_report, load_counts, run_progress
 from ._start import check_output, default_work_dir, ingest_or_check, run_context
 from ._states import SUBMITTING, ShardState
 from ._submit import Step, submission_steps
-from ._supervise import supervise
+from ._supervise import plan_pending, supervise
 
 __all__ = ["BatchRun"]
 
@@ -414,7 +413,7 @@ class BatchRun:
     async def _plan(self, ctx: RunContext) -> None:
         """Plan shards for the pending requests and start their submission."""
         try:
-            shards = await plan(ctx)
+            shards = await plan_pending(ctx)
         except TooManyBatchesError as exc:
             self._failure = exc
             self._stopping.set()

@@ -12,26 +12,21 @@ the ``seq`` of their first request.
 
 :class:`IngestPlanner` cuts a new run's requests as the ingest adds them, so that they
 go into the journal already queued in their shards (one write of each request, not a
-write and then an update). :func:`plan` is the run's planning step for the requests
-pending after that (put back for another round): it cuts the journal's pending
-requests and records each shard's intent as soon as it is cut.
+write and then an update). The run's planning step for the requests pending after that
+(put back for another round) cuts them with :class:`ShardCutter`
+(:func:`aiobatch._run._supervise.plan_pending`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import attrs
 
-from .._clock import SystemClock
-from ..errors import TooManyBatchesError
-from ._records import NewShard, PendingRequest, PreparedRequest, RequestRow, Shard, ShardPlan
+from ._records import NewShard, PendingRequest, PreparedRequest, RequestRow, ShardPlan
 
-if TYPE_CHECKING:
-    from ._context import RunContext
-
-__all__ = ["IngestPlanner", "ShardCutter", "ShardLimits", "plan", "plan_shards"]
+__all__ = ["IngestPlanner", "ShardCutter", "ShardLimits", "plan_shards"]
 
 
 class _Bounds(NamedTuple):
@@ -268,8 +263,8 @@ _PlannerMark = tuple[int, int, dict[tuple[str, str | None], tuple[_Filling, int,
 
 
 class IngestPlanner:
-    """Cuts a new run's requests into shards as its ingest adds them, as :func:`plan`
-    would cut them once added (the same limits, :class:`ShardLimits`, greedily, each
+    """Cuts a new run's requests into shards as its ingest adds them, as the planning
+    step would cut them once added (the same limits, :class:`ShardLimits`, greedily, each
     group in input order): :meth:`place` queues each request in its shard, and
     :meth:`finish` gives every shard.
 
@@ -348,54 +343,3 @@ class IngestPlanner:
         shards = self._closed + [shard.done() for shard in self._open.values()]
         self._closed, self._open = [], {}
         return sorted(shards)
-
-
-async def plan(ctx: RunContext) -> list[Shard]:
-    """Shard every pending request (by url and model, within the limits) and record
-    each shard's intent before anything is uploaded; returns the new shards.
-
-    Requests are read group by group in chunks, and each shard is recorded as soon as
-    it is cut, so planning holds one chunk and the open shard, however many requests
-    are pending.
-
-    Raises:
-        TooManyBatchesError: a shard would put a request in more batches than
-            ``max_batches_per_request`` (that shard is not recorded: its requests stay
-            pending, for a run with a higher limit).
-    """
-    journal = ctx.journal
-    now = ctx.clock.now()
-    # On the real clock the pages are read and each intent is written in a worker
-    # thread (a VirtualClock's auto_advance would take that wait for idleness).
-    background = isinstance(ctx.clock, SystemClock)
-    index = await journal.shard_count()
-    shards: list[Shard] = []
-
-    async def record(plans: Sequence[ShardPlan]) -> None:
-        nonlocal index
-        for planned in plans:
-            key = f"s{index:06d}"
-            index += 1
-            shards.append(
-                await journal.add_shard(
-                    key,
-                    planned,
-                    planned_at=now,
-                    max_batches=ctx.config.batch_limit,
-                    background=background,
-                )
-            )
-
-    for group in await journal.pending_groups():
-        cutter = ctx.shard_limits.cutter(group.url, group.model)
-        try:
-            pending = journal.pending_requests(group.url, group.model, background=background)
-            add = cutter.add
-            async for request in pending:
-                if closed := add(request):  # most requests close no shard
-                    await record(closed)
-            await record(cutter.finish())
-        except TooManyBatchesError as exc:
-            exc.args = (f"run {ctx.run_id}: {exc}",)
-            raise
-    return shards

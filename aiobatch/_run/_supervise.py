@@ -4,18 +4,20 @@ It plans shards while requests are pending (their retries gathered for
 ``retry_coalesce`` seconds while the run is busy), notes every ``cancel_poll_interval``
 that the run is alive and whether ``aiobatch cancel`` flagged it, and ends once every
 request has its final result. The shards themselves are carried by their tasks
-(:mod:`._dispatch`).
+(:mod:`._dispatch`). :func:`plan_pending` is the planning step it runs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 from .._aio import sleep_or_set
-from ..errors import RunError
+from .._clock import SystemClock
+from ..errors import RunError, TooManyBatchesError
 from ._context import RunContext, logger
+from ._records import Shard, ShardPlan
 
-__all__ = ["supervise"]
+__all__ = ["plan_pending", "supervise"]
 
 
 async def supervise(
@@ -82,3 +84,54 @@ async def _requeue_orphans(ctx: RunContext) -> bool:
             moved,
         )
     return moved > 0
+
+
+async def plan_pending(ctx: RunContext) -> list[Shard]:
+    """Shard every pending request (by url and model, within the limits) and record
+    each shard's intent before anything is uploaded; returns the new shards.
+
+    Requests are read group by group in chunks, and each shard is recorded as soon as
+    it is cut, so planning holds one chunk and the open shard, however many requests
+    are pending.
+
+    Raises:
+        TooManyBatchesError: a shard would put a request in more batches than
+            ``max_batches_per_request`` (that shard is not recorded: its requests stay
+            pending, for a run with a higher limit).
+    """
+    journal = ctx.journal
+    now = ctx.clock.now()
+    # On the real clock the pages are read and each intent is written in a worker
+    # thread (a VirtualClock's auto_advance would take that wait for idleness).
+    background = isinstance(ctx.clock, SystemClock)
+    index = await journal.shard_count()
+    shards: list[Shard] = []
+
+    async def record(plans: Sequence[ShardPlan]) -> None:
+        nonlocal index
+        for planned in plans:
+            key = f"s{index:06d}"
+            index += 1
+            shards.append(
+                await journal.add_shard(
+                    key,
+                    planned,
+                    planned_at=now,
+                    max_batches=ctx.config.batch_limit,
+                    background=background,
+                )
+            )
+
+    for group in await journal.pending_groups():
+        cutter = ctx.shard_limits.cutter(group.url, group.model)
+        try:
+            pending = journal.pending_requests(group.url, group.model, background=background)
+            add = cutter.add
+            async for request in pending:
+                if closed := add(request):  # most requests close no shard
+                    await record(closed)
+            await record(cutter.finish())
+        except TooManyBatchesError as exc:
+            exc.args = (f"run {ctx.run_id}: {exc}",)
+            raise
+    return shards
