@@ -7,6 +7,7 @@ import os
 
 from .._convert import decode_result_line
 from ._config import RunResult
+from ._disk import write_in_pieces
 from ._journal import Journal
 
 __all__ = ["next_results", "write_output"]
@@ -48,7 +49,7 @@ async def write_output(
     temp = f"{target}.{os.getpid()}.part"
     with open(temp, "wb") as fh:  # noqa: ASYNC230 - written a chunk at a time
         async for lines in journal.result_lines(order=order, background=background):
-            fh.write(b"\n".join(lines))
+            write_in_pieces(fh, b"\n".join(lines))
             fh.write(b"\n")
         fh.flush()
         os.fsync(fh.fileno())

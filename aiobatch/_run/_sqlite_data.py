@@ -1,14 +1,15 @@
 """The file of a journal's result lines: ``<journal>-data``, beside the SQLite file.
 
 A result line is written once. The transaction that records a chunk of results appends
-their lines to this file (one write, then ``fdatasync``) before it commits (before it
-inserts their rows, or, for lines named by ``custom_id``, once every row is in);
-each row of ``results`` keeps where its line is (``data_at``, ``data_size``), and
-``meta.data_end`` the end of the bytes that committed rows use. Bytes past ``data_end``
-(a transaction rolled back, a process killed before its commit) are written over by
-the next append, so they are never read. In the SQLite file itself the line would be
-written twice (the log, then the file) and read back page by page: collecting 200 MB of
-output spent most of its time there (benchmarks/bench_run_collect.py).
+their lines to this file (vectored writes of at most 1 MiB each, see :mod:`._disk`, then
+``fdatasync``) before it commits (before it inserts their rows, or, for lines named by
+``custom_id``, once every row is in); each row of ``results`` keeps where its line is
+(``data_at``, ``data_size``), and ``meta.data_end`` the end of the bytes that committed
+rows use. Bytes past ``data_end`` (a transaction rolled back, a process killed before
+its commit) are written over by the next append, so they are never read. In the SQLite
+file itself the line would be written twice (the log, then the file) and read back page
+by page: collecting 200 MB of output spent most of its time there
+(benchmarks/bench_run_collect.py).
 
 The file starts with a line of its own, ``aiobatch result lines <id>``, where ``<id>`` is
 the journal's ``meta.data_id`` (made with the file's first write): a ``-data`` file put
@@ -31,6 +32,7 @@ from operator import attrgetter
 from typing import Protocol, TypeVar
 
 from ..errors import JournalError
+from ._disk import groups
 
 __all__ = ["DATA_SUFFIX", "Located", "ResultData", "header", "placed"]
 
@@ -81,14 +83,10 @@ def _sync_directory(path: str) -> None:
         os.close(fd)
 
 
-#: Buffers per vectored write (Linux takes at most 1024).
-_IOV_MAX = 1024
-
-
-def _write_at(fd: int, lines: Sequence[bytes], at: int) -> int:
-    """Write ``lines`` from offset ``at`` (from the lines themselves where the system
-    has ``pwritev``: a chunk of megabytes is not copied into one first); the offset
-    after them."""
+def _write_at(fd: int, lines: Sequence[bytes | memoryview], at: int) -> int:
+    """Write ``lines`` (one of :func:`groups`) from offset ``at`` (from the lines
+    themselves where the system has ``pwritev``: they are not copied into one first);
+    the offset after them."""
     total = sum(map(len, lines))
     written = os.pwritev(fd, lines, at) if hasattr(os, "pwritev") else 0
     if written < total:  # no pwritev, or a short write: the rest in one piece
@@ -208,8 +206,8 @@ class ResultData:
             self.expect(data_id)
         fd = self._open(create=at == 0)
         try:
-            for start in range(0, len(lines), _IOV_MAX):
-                at = _write_at(fd, lines[start : start + _IOV_MAX], at)
+            for group in groups(lines):
+                at = _write_at(fd, group, at)
             _sync(fd)
         except OSError as exc:
             raise JournalError(

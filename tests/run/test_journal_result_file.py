@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
+from itertools import accumulate
 from pathlib import Path
 
 import pytest
@@ -244,3 +245,31 @@ def test_a_chunk_is_written_whole_whatever_the_system_writes_at_once(
     finally:
         data.close()
     assert (tmp_path / "run.journal-data").read_bytes() == b"xyzabcdefgh"
+
+
+def test_a_chunk_of_megabytes_goes_to_the_data_file_in_calls_under_2_mib(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lines longer than 2 MiB, and many short ones, are written whole at their
+    offsets, no write call taking 2 MiB or more."""
+    calls: list[int] = []
+    real = os.pwritev
+
+    def counted(fd: int, buffers: list[bytes], offset: int) -> int:
+        calls.append(sum(map(len, buffers)))
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "pwritev", counted)
+    lines = [b"a" * 5000, b"b" * (5 * 1024 * 1024 + 7), *(b"%06d" % n for n in range(3000))]
+    data = ResultData(str(tmp_path / "run.journal"), readonly=False)
+    try:
+        data.write(0, lines)
+        starts = accumulate(map(len, lines), initial=0)
+        located = [
+            (b"", at, len(line), n) for n, (line, at) in enumerate(zip(lines, starts, strict=False))
+        ]
+        assert data.lines(located) == lines
+    finally:
+        data.close()
+    assert sum(calls) == sum(map(len, lines))
+    assert max(calls) < 2 * 1024 * 1024
