@@ -3,13 +3,13 @@
 On this project's machines (Linux 6.18, ext4), a write call of 2 MiB or more into pages
 new to the file took about ten times the CPU of the same bytes in smaller calls: 200 MB
 in calls of 2 MiB to 8 MB took 0.42-0.56 s of CPU, in calls of 64 KiB to 1 MiB
-0.04-0.05 s, and 2,097,151 bytes a call was as fast as 1 MiB. (Written over pages the
-file already had, 8 MB calls took 0.03 s.) The journal's result lines (a chunk of up to
-``RunConfig.collect_chunk_bytes``) and the output file (a page of up to 4 MiB) are
-written in chunks of megabytes, so they are written through here: collecting a 200 MB
-output file, the journal's thread spent 0.39 s of the collection's 0.7 s writing before,
-0.13-0.14 s after (benchmarks/bench_run_collect.py). Where large calls cost no more, calls
-of 1 MiB cost a few more system calls per chunk.
+0.04-0.06 s (once 0.15 s), and 2,097,151 bytes a call was as fast as 1 MiB. (Written
+over pages the file already had, 8 MB calls took 0.03 s.) The journal's result lines (a
+chunk of about ``RunConfig.collect_chunk_bytes``, shared by the collections under way)
+and the output file (a page of about 4 MiB, or one longer line) are written in chunks of
+megabytes, so they are written through here: collecting a 200 MB output file, the
+journal's thread spent 0.38-0.44 s of the collection's 0.70-0.77 s writing before,
+0.13-0.14 s after (benchmarks/bench_run_collect.py).
 """
 
 from __future__ import annotations
@@ -30,12 +30,14 @@ def groups(
     lines: Sequence[bytes], *, most: int = WRITE_BYTES, buffers: int = IOV_MAX
 ) -> Iterator[list[bytes | memoryview]]:
     """``lines`` as the buffers of successive vectored writes: each group at most
-    ``buffers`` buffers and ``most`` bytes, a longer line cut in pieces. The groups,
-    one after another, hold the bytes of ``lines`` in order."""
+    ``buffers`` buffers and ``most`` bytes, a longer line cut in pieces (an empty line
+    is no buffer). The groups, one after another, hold the bytes of ``lines`` in order."""
     group: list[bytes | memoryview] = []
     size = 0
     for line in lines:
         n = len(line)
+        if not n:
+            continue
         if group and (size + n > most or len(group) == buffers):
             yield group
             group, size = [], 0

@@ -5,18 +5,23 @@ missing, cut short or another journal's is a JournalError naming it."""
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import sqlite3
 from itertools import accumulate
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import cancelled_at_start, client_for, read_output, requests, service_on, write_jsonl
 
 from aiobatch import BatchRun, RunConfig
+from aiobatch._run._disk import WRITE_BYTES
+from aiobatch._run._output import write_output
 from aiobatch._run._records import FinalResult
 from aiobatch._run._sqlite import JournalFile
 from aiobatch._run._sqlite_data import ResultData
+from aiobatch._run._sqlite_journal import SQLiteJournal
 from aiobatch.errors import JournalError
 from aiobatch.testing import VirtualClock
 
@@ -236,22 +241,23 @@ def test_a_chunk_is_written_whole_whatever_the_system_writes_at_once(
             return real(fd, buffers[:1], offset)
 
         monkeypatch.setattr(os, "pwritev", first_only)
+    long = b"L" * (WRITE_BYTES + 3)  # cut in two pieces
     data = ResultData(str(tmp_path / "run.journal"), readonly=False)
     try:
         data.write(0, [b"xyz"])
-        data.write(3, [b"abc", b"defg", b"h"])
-        located = [(b"", 3, 3, 0), (b"", 6, 4, 1), (b"", 10, 1, 2)]
-        assert data.lines(located) == [b"abc", b"defg", b"h"]
+        data.write(3, [b"abc", b"defg", b"h", long, b"ij"])
+        located = [(b"", 3, 3, 0), (b"", 6, 4, 1), (b"", 10, 1, 2), (b"", 11, len(long), 3)]
+        located.append((b"", 11 + len(long), 2, 4))
+        assert data.lines(located) == [b"abc", b"defg", b"h", long, b"ij"]
     finally:
         data.close()
-    assert (tmp_path / "run.journal-data").read_bytes() == b"xyzabcdefgh"
+    assert (tmp_path / "run.journal-data").read_bytes() == b"xyzabcdefgh" + long + b"ij"
 
 
 def test_a_chunk_of_megabytes_goes_to_the_data_file_in_calls_under_2_mib(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Lines longer than 2 MiB, and many short ones, are written whole at their
-    offsets, no write call taking 2 MiB or more."""
+    """A chunk with a 5 MiB line is written whole at its offsets, in calls under 2 MiB."""
     calls: list[int] = []
     real = os.pwritev
 
@@ -273,3 +279,39 @@ def test_a_chunk_of_megabytes_goes_to_the_data_file_in_calls_under_2_mib(
         data.close()
     assert sum(calls) == sum(map(len, lines))
     assert max(calls) < 2 * 1024 * 1024
+
+
+def test_the_output_file_goes_to_disk_in_calls_under_2_mib(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An output page with a 3 MiB line is written whole, in calls under 2 MiB."""
+    journal = asyncio.run(_run_unfinished(tmp_path))
+    big = b'{"custom_id":"r-0","x":"' + b"y" * (3 * 1024 * 1024) + b'"}'
+    with JournalFile(journal) as db:
+        db.record(None, [_final(0, big), _final(1, b'{"b":1}')])
+    sizes: list[int] = []
+
+    class Counted(io.FileIO):
+        """A file that keeps the size of each write the system is asked for."""
+
+        def write(self, data: Any) -> int:
+            sizes.append(len(memoryview(data).cast("B")))
+            return super().write(data)
+
+    def counted_open(path: str, mode: str = "r") -> io.BufferedWriter:
+        assert mode == "wb"
+        return io.BufferedWriter(Counted(path, "w"))
+
+    monkeypatch.setattr("aiobatch._run._output.open", counted_open, raising=False)
+
+    async def write() -> None:
+        opened = SQLiteJournal(journal)
+        try:
+            await write_output(opened, str(tmp_path / "out.jsonl"), order="input")
+        finally:
+            await opened.close()
+
+    asyncio.run(write())
+    assert (tmp_path / "out.jsonl").read_bytes() == big + b'\n{"b":1}\n'
+    assert sum(sizes) == len(big) + 9
+    assert max(sizes) < 2 * 1024 * 1024
