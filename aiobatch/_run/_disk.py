@@ -9,7 +9,7 @@ chunk of about ``RunConfig.collect_chunk_bytes``, shared by the collections unde
 and the output file (a page of about 4 MiB, or one longer line) are written in chunks of
 megabytes, so they are written through here: collecting a 200 MB output file, the
 journal's thread spent 0.38-0.44 s of the collection's 0.70-0.77 s writing before,
-0.13-0.14 s after (benchmarks/bench_run_collect.py).
+0.11-0.14 s after (benchmarks/bench_run_collect.py).
 """
 
 from __future__ import annotations
