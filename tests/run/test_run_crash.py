@@ -30,9 +30,16 @@ import pytest
 from aiohttp import web
 from conftest import serve
 
-from aiobatch import read_report
+from aiobatch import BatchRequest, read_report
+from aiobatch._run._disk import WRITE_BYTES
 from aiobatch._run._sqlite import JournalFile as Journal
-from aiobatch.testing import FakeBatchService, FakeConfig, make_app
+from aiobatch.testing import (
+    DefaultResponder,
+    FakeBatchService,
+    FakeConfig,
+    ResponderResult,
+    make_app,
+)
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
@@ -331,10 +338,9 @@ async def _server_files(base_url: str) -> list[dict[str, Any]]:
         return data
 
 
-@pytest.mark.parametrize("where", list(KILL_POINTS))
-async def test_killed_run_resumes_without_duplicates(where: str, tmp_path: Path) -> None:
-    """SIGKILLed here, then resumed: one batch and one upload per shard, one result per id."""
-    service = FakeBatchService(
+def _service(**kwargs: Any) -> FakeBatchService:
+    """The fake service of these tests: every step at once."""
+    return FakeBatchService(
         config=FakeConfig(
             validation_seconds=0.0,
             lines_per_second=100_000.0,
@@ -342,7 +348,14 @@ async def test_killed_run_resumes_without_duplicates(where: str, tmp_path: Path)
             request_log_size=None,
         ),
         api_key=API_KEY,
+        **kwargs,
     )
+
+
+@pytest.mark.parametrize("where", list(KILL_POINTS))
+async def test_killed_run_resumes_without_duplicates(where: str, tmp_path: Path) -> None:
+    """SIGKILLed here, then resumed: one batch and one upload per shard, one result per id."""
+    service = _service()
     point = KILL_POINTS[where]
     app = make_app(service)
     killer = Killer(point, tmp_path / "run.journal", service)
@@ -353,6 +366,41 @@ async def test_killed_run_resumes_without_duplicates(where: str, tmp_path: Path)
             await _kill_and_resume(where, killer, service, child, base_url)
         finally:
             await child.close()
+
+
+class _LongReplies:
+    """The default answers, every third with a reply longer than a write call takes."""
+
+    def __init__(self) -> None:
+        self._default = DefaultResponder()
+
+    def __call__(self, request: BatchRequest) -> ResponderResult:
+        status, body = self._default(request)
+        if int(request.custom_id.rsplit("-", 1)[1]) % 3 == 0:
+            body["choices"][0]["message"]["content"] += "x" * (WRITE_BYTES + 1000)
+        return status, body
+
+
+async def test_killed_mid_collection_of_long_lines_resumes_with_every_byte(tmp_path: Path) -> None:
+    """Killed while lines of over 1 MiB are collected, then resumed: each line is the server's."""
+    service = _service(responder=_LongReplies())
+    app = make_app(service)
+    killer = Killer(KILL_POINTS["mid-collection"], tmp_path / "run.journal", service)
+    app.middlewares.append(killer.middleware)
+    async with serve(app) as base_url:
+        child = Child(tmp_path, base_url)
+        try:
+            await _kill_and_resume("mid-collection", killer, service, child, base_url)
+        finally:
+            await child.close()
+    served = set()
+    for batch_id in service.batch_ids:
+        output_file_id = (await service.get_batch(batch_id)).output_file_id
+        assert output_file_id is not None
+        served.update(service.file_content(output_file_id).splitlines())
+    lines = child.output.read_bytes().splitlines()
+    assert set(lines) == served
+    assert sum(len(line) > WRITE_BYTES for line in lines) == REQUESTS // 3
 
 
 async def _kill_and_resume(
