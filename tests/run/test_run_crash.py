@@ -355,10 +355,14 @@ def _service(**kwargs: Any) -> FakeBatchService:
 @pytest.mark.parametrize("where", list(KILL_POINTS))
 async def test_killed_run_resumes_without_duplicates(where: str, tmp_path: Path) -> None:
     """SIGKILLed here, then resumed: one batch and one upload per shard, one result per id."""
-    service = _service()
-    point = KILL_POINTS[where]
+    await _killed_and_resumed(where, _service(), tmp_path)
+
+
+async def _killed_and_resumed(where: str, service: FakeBatchService, tmp_path: Path) -> Child:
+    """The command line run against ``service``, SIGKILLed at ``where``, run again and
+    checked (:func:`_kill_and_resume`); the child, done."""
     app = make_app(service)
-    killer = Killer(point, tmp_path / "run.journal", service)
+    killer = Killer(KILL_POINTS[where], tmp_path / "run.journal", service)
     app.middlewares.append(killer.middleware)
     async with serve(app) as base_url:
         child = Child(tmp_path, base_url)
@@ -366,6 +370,7 @@ async def test_killed_run_resumes_without_duplicates(where: str, tmp_path: Path)
             await _kill_and_resume(where, killer, service, child, base_url)
         finally:
             await child.close()
+    return child
 
 
 class _LongReplies:
@@ -384,15 +389,7 @@ class _LongReplies:
 async def test_killed_mid_collection_of_long_lines_resumes_with_every_byte(tmp_path: Path) -> None:
     """Killed while lines of over 1 MiB are collected, then resumed: each line is the server's."""
     service = _service(responder=_LongReplies())
-    app = make_app(service)
-    killer = Killer(KILL_POINTS["mid-collection"], tmp_path / "run.journal", service)
-    app.middlewares.append(killer.middleware)
-    async with serve(app) as base_url:
-        child = Child(tmp_path, base_url)
-        try:
-            await _kill_and_resume("mid-collection", killer, service, child, base_url)
-        finally:
-            await child.close()
+    child = await _killed_and_resumed("mid-collection", service, tmp_path)
     served = set()
     for batch_id in service.batch_ids:
         output_file_id = (await service.get_batch(batch_id)).output_file_id
