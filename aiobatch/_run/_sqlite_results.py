@@ -413,7 +413,7 @@ class JournalResults:
         requests = {"pending": pending, "queued": total - pending - done, "done": done}
         requests = {k: v for k, v in requests.items() if v}
         # One pass over the results, summed here: SQLite's GROUP BY would sort them
-        # (its sorter takes 16 MiB with 64 KiB pages, which the process keeps), and an
+        # (its sorter took 16 MiB with 64 KiB pages, which the process keeps), and an
         # index to group them by doubled the cost of recording a result.
         # So SQLite sums the successes and the tokens, and the failures (usually few) are
         # grouped here.

@@ -63,7 +63,7 @@ def damage_page(path: Path, page: int) -> None:
 
 @pytest.fixture
 def small_pages(monkeypatch: pytest.MonkeyPatch) -> None:
-    """New journals get 4 KiB pages (not 64 KiB), so that a small run's rows spread
+    """New journals get 4 KiB pages (not 32 KiB), so that a small run's rows spread
     over several pages and a damaged page or a cut log hits some of them only."""
     monkeypatch.setattr(_sqlite, "PAGE_SIZE", 4096)
 

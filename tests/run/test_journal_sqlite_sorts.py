@@ -1,6 +1,6 @@
 """The SQLite journal's statements over every result read them without sorting them in
-memory (SQLite's sorter takes up to 16 MiB with the journal's 64 KiB pages, and the
-process keeps what it took)."""
+memory (SQLite's sorter took up to 16 MiB with 64 KiB pages, and the process keeps what it
+took)."""
 
 from __future__ import annotations
 
