@@ -57,14 +57,7 @@ from ._records import (
 from ._sqlite_data import ResultData, placed
 from ._sqlite_db import PAGE_BYTES, PAGE_LINES, Checkpointer, Db, Page, SeqRun, seq_runs
 from ._sqlite_results import _NO_RESULT, _NUL, JournalResults, has_json
-from ._sqlite_schema import (
-    PAGE_SIZE,
-    READABLE_VERSIONS,
-    REQUEST_INDEXES,
-    SCHEMA,
-    SCHEMA_VERSION,
-    UPGRADES,
-)
+from ._sqlite_schema import PAGE_SIZE, READABLE_VERSIONS, SCHEMA, SCHEMA_VERSION, UPGRADES
 from ._states import ShardState, allowed
 
 __all__ = [
@@ -380,27 +373,6 @@ class JournalFile(JournalResults):
             self.put_meta(db, {"extra_uploads_deleted": str(total)})
 
     # --- requests ------------------------------------------------------------------------
-
-    def drop_request_indexes(self, db: Db) -> bool:
-        """Inside the caller's transaction (a new run's ingest), when ``requests`` is
-        empty: drop its indexes but the ``custom_id``'s (which finds duplicates), so that
-        :meth:`make_request_indexes` builds them once the requests are in. True when
-        they were dropped. (A rollback puts them back.)
-
-        Built at the end, from the rows sorted once, rather than entry by entry: the
-        inserts of 100,000 requests queued in two shards took 0.22-0.24 s and the build
-        0.074-0.076 s, against 0.36 s (300,000: 0.71-0.74 s and 0.22 s, against 1.07 s)."""
-        if db.execute("SELECT 1 FROM requests LIMIT 1").fetchone() is not None:
-            return False
-        for name in REQUEST_INDEXES:
-            db.execute(f"DROP INDEX IF EXISTS {name}")
-        return True
-
-    @staticmethod
-    def make_request_indexes(db: Db) -> None:
-        """Build the indexes :meth:`drop_request_indexes` dropped (in its transaction)."""
-        for statement in REQUEST_INDEXES.values():
-            db.execute(statement)
 
     def add_requests(
         self, db: Db, rows: Sequence[RequestRow], *, one_statement: bool = False

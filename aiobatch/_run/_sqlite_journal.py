@@ -224,13 +224,7 @@ class SQLiteJournal:
     async def ingest(self, *, background: bool = False) -> AsyncIterator[_SQLiteIngest]:
         async with self._turn:
             with self.file.transaction() as db:
-                # The indexes of a new run's requests are built once they are all in.
-                bulk = self.file.drop_request_indexes(db)
                 yield _SQLiteIngest(self.file, db, self._worker, background=background)
-                if bulk and background:  # ~0.08 s per 100,000 requests
-                    await self._worker.run(self.file.make_request_indexes, db)
-                elif bulk:
-                    self.file.make_request_indexes(db)
 
     async def meta(self) -> RunMeta | None:
         async with self._turn:

@@ -7,14 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from types import MappingProxyType
 
-__all__ = [
-    "PAGE_SIZE",
-    "READABLE_VERSIONS",
-    "REQUEST_INDEXES",
-    "SCHEMA",
-    "SCHEMA_VERSION",
-    "UPGRADES",
-]
+__all__ = ["PAGE_SIZE", "READABLE_VERSIONS", "SCHEMA", "SCHEMA_VERSION", "UPGRADES"]
 
 SCHEMA_VERSION = 7
 
@@ -26,45 +19,22 @@ READABLE_VERSIONS = frozenset({"4", "5", "6", str(SCHEMA_VERSION)})
 #: - 64 KiB, SQLite's largest, until result lines moved to the ``-data`` file (schema
 #:   7): with 4 KiB pages a line was a chain of overflow pages, and collecting 200 MB of
 #:   output took 40% longer (benchmarks/bench_run_collect.py).
-#: - Since then each commit of collected results writes its pages whole to the log, and
-#:   at 300,000 requests there are 500 of them: 32 KiB pages took 7.83-8.18 s outside the
-#:   fake and 16 KiB 7.82-8.01 s, against 8.31-8.70 s for 64 KiB (5 runs each,
-#:   benchmarks/bench_run_100k.py). At 100,000 no difference showed.
+#: - Since then, at 300,000 requests (500 commits of collected results), 32 KiB pages
+#:   took 7.83-8.18 s outside the fake and 16 KiB 7.82-8.01 s, against 8.31-8.70 s for
+#:   64 KiB (5 runs each, benchmarks/bench_run_100k.py). At 100,000 no difference
+#:   showed, and the runner's peak memory at 1,000,000 was the same (22.7 MB of growth).
 #: - Requests stay in the file: the ingest of 5,000 requests of 20 KB or 50,000 of 2 KB
 #:   took as long with 32 KiB as with 64 KiB pages, and 8% longer with 16 KiB.
 #:
 #: The price of large pages: a damaged page loses more rows.
 PAGE_SIZE = 32768
 
-#: The indexes of ``requests`` other than its ``custom_id``'s, by name. Ingest builds
-#: them once its requests are in (see :meth:`JournalFile.ingest_indexes
-#: <aiobatch._run._sqlite.JournalFile.ingest_indexes>`).
-#:
-#: ``requests_members`` is what collection asks of a result line's ``custom_id``,
-#: answered from the index alone: without it, each line cost a read of its request's
-#: row (request bytes included) in random order, 0.8-0.9 s of look-ups for 100,000 lines
-#: against 0.2-0.3 s with it. Made on open when missing (journals of schema 7 written
-#: before it), under the write lock: about 0.1 s per 100,000 requests.
-REQUEST_INDEXES: Mapping[str, str] = MappingProxyType(
-    {
-        "requests_pending": "CREATE INDEX IF NOT EXISTS requests_pending "
-        "ON requests (url, model, seq) WHERE state = 'pending';",
-        "requests_shard": "CREATE INDEX IF NOT EXISTS requests_shard "
-        "ON requests (shard, seq) WHERE shard IS NOT NULL;",
-        "requests_retried": "CREATE INDEX IF NOT EXISTS requests_retried "
-        "ON requests (seq) WHERE attempts > 0;",
-        "requests_members": "CREATE INDEX IF NOT EXISTS requests_members "
-        "ON requests (custom_id, shard, state, attempts) WHERE shard IS NOT NULL;",
-    }
-)
-
 #: ``results``: since schema 7 a result line is in the journal's ``-data`` file, at
 #: ``data_at`` (``data_size`` bytes), and ``data`` is empty; a row written before holds
 #: its line in ``data`` (``data_at`` NULL). ``n``, the completion order, is the rowid:
 #: results are never deleted, so each new row takes a higher one (journals before
 #: schema 7 say ``AUTOINCREMENT``, which costs a write of ``sqlite_sequence`` per row).
-SCHEMA = (
-    """
+SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -85,9 +55,18 @@ CREATE TABLE IF NOT EXISTS requests (
     last_error BLOB,
     batches INTEGER NOT NULL DEFAULT 0
 );
-"""
-    + "\n".join(REQUEST_INDEXES.values())
-    + """
+CREATE INDEX IF NOT EXISTS requests_pending ON requests (url, model, seq)
+    WHERE state = 'pending';
+CREATE INDEX IF NOT EXISTS requests_shard ON requests (shard, seq) WHERE shard IS NOT NULL;
+CREATE INDEX IF NOT EXISTS requests_retried ON requests (seq) WHERE attempts > 0;
+-- What collection asks of a result line's custom_id, answered from the index alone:
+-- without it, each line cost a read of its request's row (request bytes included) in
+-- random order, 0.8-0.9 s of look-ups for 100,000 lines against 0.2-0.3 s with it. The
+-- price is paid when requests are queued in a shard: 0.03-0.3 s more per 100,000 (more
+-- with random ids and small shards). Made on open when missing (journals of schema 7
+-- written before it), under the write lock: about 0.1 s per 100,000 requests.
+CREATE INDEX IF NOT EXISTS requests_members ON requests (custom_id, shard, state, attempts)
+    WHERE shard IS NOT NULL;
 CREATE TABLE IF NOT EXISTS shards (
     key TEXT PRIMARY KEY,
     round INTEGER NOT NULL,
@@ -132,7 +111,6 @@ CREATE TABLE IF NOT EXISTS results (
     data_size INTEGER
 );
 """
-)
 
 #: Version -> the statements that bring a journal of the version before to it.
 UPGRADES: Mapping[int, tuple[str, ...]] = MappingProxyType(
