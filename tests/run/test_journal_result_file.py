@@ -97,14 +97,16 @@ def test_a_chunk_rolled_back_is_written_over_and_never_read(tmp_path: Path) -> N
     assert Path(f"{journal}-data").read_bytes().partition(b"\n")[2][:15] == b'{"c":1}{"d":22}'
 
 
-def test_a_data_file_cut_short_is_a_journal_error_naming_it(tmp_path: Path) -> None:
-    """Reading results whose lines are past the end of a truncated ``-data`` file raises
-    JournalError naming the file and the request, not a short or empty line."""
+@pytest.mark.parametrize("order", ["completion", "input"])
+def test_a_data_file_cut_short_is_a_journal_error_naming_it(tmp_path: Path, order: str) -> None:
+    """Reading results (in either order) whose lines are past the end of a truncated
+    ``-data`` file raises JournalError naming the file and the request, not a short or
+    empty line."""
     journal, _output = _finished(tmp_path)
     data = Path(f"{journal}-data")
     data.write_bytes(data.read_bytes()[:-10])
     with JournalFile(journal, readonly=True) as db, pytest.raises(JournalError) as caught:
-        list(db.result_lines(order="completion"))
+        list(db.result_lines(order=order))
     message = str(caught.value)
     assert f"{data}" in message
     assert "cut short" in message

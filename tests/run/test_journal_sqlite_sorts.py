@@ -13,7 +13,10 @@ from aiobatch._run._records import (
     FinalResult,
     JournalCounts,
     ModelTokens,
+    NamedResult,
+    NewShard,
     PreparedRequest,
+    RequestRow,
     RunMeta,
     ShardPlan,
 )
@@ -124,3 +127,42 @@ async def test_the_report_reads_the_results_without_sorting_them(tmp_path: Path)
     assert _sorts_of_results(path, statements) == []
     assert counts.kinds == {"success": 3, "error": 3}
     assert tokens == {"a": ModelTokens(60, 6), "b": ModelTokens(150, 15)}
+
+
+async def test_a_shards_queued_requests_are_read_without_a_sort(tmp_path: Path) -> None:
+    """Reading a shard's requests without a result walks the shard in order, sorting
+    nothing (a failed batch of 50,000 lines would be sorted in memory), and finds them."""
+    path = tmp_path / "run.journal"
+    journal = SQLiteJournal(path, create=True)
+    rows = [
+        RequestRow(seq, f"r{seq}", seq + 1, URL, "a", 1, 1, b"{}", "s0", seq + 1)
+        for seq in range(6)
+    ]
+    async with journal.ingest() as sink:
+        await sink.add(rows)
+        await sink.start(
+            RunMeta(run_id="run1", started_at=1.0, updated_at=1.0),
+            [NewShard("s0", URL, "a", 6, 18, 6)],
+        )
+    done = [NamedResult(f"r{seq}", "success", None, 0, 0, b"{}") for seq in (0, 3, 4)]
+    assert await journal.record_named("s0", "b0", done)
+    statements: list[str] = []
+    journal.file._db._connection.set_trace_callback(statements.append)
+    queued = await journal.queued_at("s0")
+    journal.file._db._connection.set_trace_callback(None)
+    await journal.close()
+    assert [(pos, line.seq, line.custom_id) for pos, line in queued.items()] == [
+        (2, 1, "r1"),
+        (3, 2, "r2"),
+        (6, 5, "r5"),
+    ]
+    db = sqlite3.connect(path)
+    plans = [
+        detail
+        for sql in statements
+        if sql.startswith("SELECT")
+        for *_ids, detail in db.execute("EXPLAIN QUERY PLAN " + sql)
+    ]
+    db.close()
+    assert plans
+    assert not [detail for detail in plans if "TEMP B-TREE" in detail]
