@@ -491,6 +491,15 @@ def shard_rows(journal: Path) -> list[dict[str, Any]]:
         db.close()
 
 
+def page_size(path: Path) -> int:
+    """The SQLite page size of a database file (read-only)."""
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return int(db.execute("PRAGMA page_size").fetchone()[0])
+    finally:
+        db.close()
+
+
 @asynccontextmanager
 async def serve(app: web.Application) -> AsyncIterator[str]:
     """Serve ``app`` on loopback as a real server does (a handler keeps running when its

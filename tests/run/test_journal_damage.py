@@ -19,6 +19,7 @@ from conftest import (
     client_for,
     in_front,
     make_requests,
+    page_size,
     run_argv,
     service_on,
 )
@@ -30,15 +31,6 @@ from aiobatch.cli import main
 from aiobatch.errors import JournalError
 from aiobatch.testing import VirtualClock
 from aiobatch.transport import Request, Response
-
-
-def page_size(path: Path) -> int:
-    """The SQLite page size of a database file."""
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        return int(db.execute("PRAGMA page_size").fetchone()[0])
-    finally:
-        db.close()
 
 
 def root_page(path: Path, table: str) -> int:

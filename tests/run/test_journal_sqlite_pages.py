@@ -3,10 +3,10 @@ pages keeps them."""
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 
 import pytest
+from conftest import page_size
 
 from aiobatch._run import _sqlite
 from aiobatch._run._records import RequestRow, RunMeta
@@ -27,18 +27,10 @@ async def _made(path: Path) -> None:
     await journal.close()
 
 
-def _page_size(path: Path) -> int:
-    db = sqlite3.connect(path)
-    try:
-        return int(db.execute("PRAGMA page_size").fetchone()[0])
-    finally:
-        db.close()
-
-
 async def test_a_new_journal_has_32_kib_pages(tmp_path: Path) -> None:
     """A journal made now has pages of 32 KiB."""
     await _made(tmp_path / "new.journal")
-    assert _page_size(tmp_path / "new.journal") == 32768
+    assert page_size(tmp_path / "new.journal") == 32768
 
 
 async def test_a_journal_made_with_64_kib_pages_keeps_them_and_reads_back(
@@ -60,4 +52,4 @@ async def test_a_journal_made_with_64_kib_pages_keeps_them_and_reads_back(
         assert await journal.not_done_count() == 4
     finally:
         await journal.close()
-    assert _page_size(path) == 65536
+    assert page_size(path) == 65536
