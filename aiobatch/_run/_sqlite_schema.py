@@ -22,7 +22,8 @@ READABLE_VERSIONS = frozenset({"4", "5", "6", str(SCHEMA_VERSION)})
 #: - Since then, at 300,000 requests (500 commits of collected results), 32 KiB pages
 #:   took 7.83-8.18 s outside the fake and 16 KiB 7.82-8.01 s, against 8.31-8.70 s for
 #:   64 KiB (5 runs each, benchmarks/bench_run_100k.py). At 100,000 no difference
-#:   showed, and the runner's peak memory at 1,000,000 was the same (22.7 MB of growth).
+#:   showed; the runner's peak memory growth at 1,000,000 was 22.7 MB (22.5 MB when
+#:   measured before with 64 KiB pages).
 #: - Requests stay in the file: the ingest of 5,000 requests of 20 KB or 50,000 of 2 KB
 #:   took as long with 32 KiB as with 64 KiB pages, and 8% longer with 16 KiB.
 #:
