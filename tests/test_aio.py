@@ -164,13 +164,15 @@ async def test_in_thread_keeps_no_result_once_the_caller_drops_it(
 async def test_the_loop_hands_the_gil_over_once_a_turn_however_many_calls_are_pending(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """While calls to in_thread are pending, the loop's thread sleeps once per hand-over."""
+    """Each in_thread call hands the GIL over once; while calls wait, once a turn, not per call."""
     sleeps: list[float] = []
     monkeypatch.setattr(_aio, "_HAND_OVER_EVERY", 0.0)  # a hand-over at every turn
     monkeypatch.setattr(_aio, "time", SimpleNamespace(sleep=sleeps.append))
     release = threading.Event()
     with ThreadPoolExecutor(10) as pool:
         futures = [in_thread(pool, release.wait) for _ in range(10)]
+        assert sleeps == [_aio._HAND_OVER_FOR] * 10
+        sleeps.clear()
         await _turns(5)
         during = len(sleeps)
         release.set()
