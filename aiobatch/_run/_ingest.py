@@ -92,7 +92,7 @@ class _Batches:
     A batch goes in while the next one is inspected: on the real clock the journal adds
     it in its worker thread, and the lines read meanwhile are checked in the loop's. One
     after the other, an ingest of 300,000 requests spent 1.9 s adding in the thread and
-    0.9 s inspecting; side by side it took 2.9-3.1 s in all, against 3.5-3.9 s. A batch
+    0.9 s inspecting; side by side it took 2.9-3.1 s in all, against 3.5-4.1 s. A batch
     is resolved against the journal only once the one before it is in, so it sees every
     id used before."""
 
