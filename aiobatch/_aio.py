@@ -121,7 +121,7 @@ def in_thread(
     # the loop's thread next waits: a new run's ingest inspects a batch of lines in the
     # loop while the one before goes into the journal in its thread, and without this
     # the thread began only as the loop waited for it (300,000 requests: 2.9-3.1 s
-    # with it, 3.5-4.1 s without).
+    # with it, 3.7-4.2 s without).
     time.sleep(_HAND_OVER_FOR)
     return future
 
