@@ -95,12 +95,13 @@ async def run_bounded(jobs: Sequence[Callable[[], Awaitable[None]]], limit: int)
 
 
 def in_thread(
-    executor: Executor | None, function: Callable[..., T], *args: Any
+    executor: Executor | None, function: Callable[..., T], *args: Any, start_now: bool = False
 ) -> asyncio.Future[T]:
     """``function(*args)`` in a thread of ``executor`` (None: the loop's default one), as
-    a future of the running loop; the loop's thread lets Python's GIL go at once, and
-    until it is done now and then (it asks for a sleep of ``_HAND_OVER_FOR`` seconds every
-    ``_HAND_OVER_EVERY``, once for all the calls pending on the loop).
+    a future of the running loop; until it is done, the loop's thread lets Python's GIL
+    go now and then (it asks for a sleep of ``_HAND_OVER_FOR`` seconds every
+    ``_HAND_OVER_EVERY``, once for all the calls pending on the loop). ``start_now``: it
+    also lets it go once at once, so that the thread starts before the loop next waits.
 
     Why: the thread lets the GIL go at each step of a SQLite statement and each read or
     write of a file, and must take it back to go on. Beside a loop that never waits
@@ -117,12 +118,14 @@ def in_thread(
     if hand_over is None:
         hand_over = _HAND_OVERS[loop] = _HandOver()
     hand_over.wait_for(loop, future)
-    # And once now, so that the thread takes the GIL and starts at once, rather than when
-    # the loop's thread next waits: a new run's ingest inspects a batch of lines in the
-    # loop while the one before goes into the journal in its thread, and without this
-    # the thread began only as the loop waited for it (300,000 requests: 2.9-3.1 s
-    # with it, 3.7-4.2 s without).
-    time.sleep(_HAND_OVER_FOR)
+    if start_now:
+        # The journal's calls: a new run's ingest inspects a batch of lines in the loop
+        # while the one before goes into the journal in its thread, and without this the
+        # thread began only as the loop waited for it (300,000 requests: 2.9-3.2 s with
+        # it, 3.7-4.2 s without). Not for every call: an upload reads its file a chunk a
+        # call, and 800 reads of 64 KiB one after the other took 0.18-0.19 s so, against
+        # 0.10-0.11 s.
+        time.sleep(_HAND_OVER_FOR)
     return future
 
 

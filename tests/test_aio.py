@@ -164,15 +164,14 @@ async def test_in_thread_keeps_no_result_once_the_caller_drops_it(
 async def test_the_loop_hands_the_gil_over_once_a_turn_however_many_calls_are_pending(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Each in_thread call hands the GIL over once; while calls wait, once a turn, not per call."""
+    """While calls to in_thread are pending, the loop's thread sleeps once per hand-over."""
     sleeps: list[float] = []
     monkeypatch.setattr(_aio, "_HAND_OVER_EVERY", 0.0)  # a hand-over at every turn
     monkeypatch.setattr(_aio, "time", SimpleNamespace(sleep=sleeps.append))
     release = threading.Event()
     with ThreadPoolExecutor(10) as pool:
         futures = [in_thread(pool, release.wait) for _ in range(10)]
-        assert sleeps == [_aio._HAND_OVER_FOR] * 10
-        sleeps.clear()
+        assert sleeps == []  # none at the calls themselves
         await _turns(5)
         during = len(sleeps)
         release.set()
@@ -181,3 +180,16 @@ async def test_the_loop_hands_the_gil_over_once_a_turn_however_many_calls_are_pe
         await _turns(5)
     assert 1 <= during <= 6
     assert sleeps == []
+
+
+async def test_a_call_that_starts_now_hands_the_gil_over_as_it_is_made(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An in_thread call with start_now lets the GIL go once as it is made, before any turn."""
+    sleeps: list[float] = []
+    monkeypatch.setattr(_aio, "time", SimpleNamespace(sleep=sleeps.append))
+    with ThreadPoolExecutor(2) as pool:
+        first = in_thread(pool, int, "1", start_now=True)
+        second = in_thread(pool, int, "2", start_now=True)
+        assert sleeps == [_aio._HAND_OVER_FOR] * 2
+        assert await asyncio.gather(first, second) == [1, 2]

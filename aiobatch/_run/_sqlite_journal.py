@@ -103,7 +103,7 @@ class _Worker:
         when it is cancelled (no other statement may use the connection meanwhile)."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="aiobatch journal")
-        future = in_thread(self._pool, functools.partial(function, *args, **kwargs))
+        future = in_thread(self._pool, functools.partial(function, *args, **kwargs), start_now=True)
         try:
             return await asyncio.shield(future)
         except asyncio.CancelledError:
@@ -321,7 +321,7 @@ class SQLiteJournal:
 
     async def queued_at(self, key: str, *, background: bool = False) -> dict[int, QueuedLine]:
         async with self._turn:
-            if background:  # a look at every request of the shard: ~120 ms at 50,000
+            if background:  # a walk over the shard: 44-50 ms at 50,000 without results
                 return await self._worker.run(self.file.queued_at, key)
             return self.file.queued_at(key)
 

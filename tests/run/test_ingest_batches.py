@@ -4,6 +4,7 @@ found across batches on either clock, naming the line of their first use."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import sqlite3
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -20,7 +21,7 @@ from aiobatch._run._journal import Ingest
 from aiobatch._run._preflight import DEFAULT_MAX_LINE_BYTES
 from aiobatch._run._records import RequestRow
 from aiobatch._run._sqlite_journal import SQLiteJournal
-from aiobatch.errors import PreflightError
+from aiobatch.errors import JournalError, PreflightError
 from aiobatch.testing import VirtualClock
 
 
@@ -136,8 +137,103 @@ async def test_ids_used_again_across_batches_name_their_first_use(
         max_line_bytes=DEFAULT_MAX_LINE_BYTES,
     )
     await kept.close()
-    db = sqlite3.connect(tmp_path / "kept.journal")
-    ids = [str(cid) for (cid,) in db.execute("SELECT custom_id FROM requests ORDER BY seq")]
-    db.close()
+    with contextlib.closing(sqlite3.connect(tmp_path / "kept.journal")) as db:
+        rows = db.execute("SELECT custom_id FROM requests ORDER BY seq")
+        ids = [str(cid) for (cid,) in rows]
     skipped = {1, 500, 1000, 1001, 1500}
     assert ids == [f"r-{n}" for n in range(1600) if n not in skipped]
+
+
+class _Broken(Exception):
+    """The source's own error."""
+
+
+async def _failing_source(lines: int, failure: BaseException | None) -> AsyncIterator[Any]:
+    """``lines`` chat requests, then ``failure`` raised (None: a cancel of the task that
+    reads it)."""
+    for n in range(lines):
+        yield chat_line(f"r-{n}")
+    if failure is None:
+        task = asyncio.current_task()
+        assert task is not None
+        task.cancel()
+        await asyncio.sleep(0)
+    else:
+        raise failure
+
+
+@pytest.mark.parametrize("failure", [_Broken("the source broke"), None], ids=["error", "cancel"])
+async def test_an_ingest_that_fails_with_a_batch_going_in_keeps_nothing(
+    failure: BaseException | None, tmp_path: Path
+) -> None:
+    """A source that fails (or a cancel) while a batch goes in on the real clock ends the
+    ingest with that failure, keeps no request, and the journal takes a new ingest after."""
+    journal = SQLiteJournal(tmp_path / "run.journal", create=True)
+    expected: type[BaseException] = _Broken if failure is not None else asyncio.CancelledError
+    with pytest.raises(expected):
+        await ingest(
+            journal,
+            _failing_source(700, failure),
+            config=RunConfig(),
+            clock=SystemClock(),
+            max_line_bytes=DEFAULT_MAX_LINE_BYTES,
+        )
+    assert await journal.meta() is None
+    assert await journal.pending_count() == 0
+    await ingest(
+        journal,
+        [chat_line(f"r-{n}") for n in range(3)],
+        config=RunConfig(),
+        clock=SystemClock(),
+        max_line_bytes=DEFAULT_MAX_LINE_BYTES,
+    )
+    assert await journal.pending_count() == 3
+    await journal.close()
+
+
+class _FailingJournal(SQLiteJournal):
+    """The SQLite journal, whose ingest fails to add its first batch."""
+
+    @contextlib.asynccontextmanager
+    async def ingest(self, *, background: bool = False) -> AsyncIterator[Any]:
+        async with super().ingest(background=background) as sink:
+            yield _FailingIngest(sink)
+
+
+class _FailingIngest:
+    def __init__(self, sink: Ingest) -> None:
+        self._sink = sink
+
+    async def add(self, rows: Sequence[RequestRow]) -> bool:
+        raise JournalError("the disk is full")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sink, name)
+
+
+async def test_a_batch_that_fails_to_go_in_stops_the_reading_at_the_next_line(
+    tmp_path: Path,
+) -> None:
+    """When a batch fails to go into the journal, the ingest raises that error at the
+    next line it reads, not after a whole batch more."""
+    pulled = 0
+
+    async def source() -> AsyncIterator[Any]:
+        nonlocal pulled
+        for n in range(5000):
+            pulled += 1
+            yield chat_line(f"r-{n}")
+            await asyncio.sleep(0)  # a source that waits now and then
+
+    journal = _FailingJournal(tmp_path / "run.journal", create=True)
+    with pytest.raises(JournalError, match="the disk is full"):
+        await ingest(
+            journal,
+            source(),
+            config=RunConfig(),
+            clock=VirtualClock(),
+            max_line_bytes=DEFAULT_MAX_LINE_BYTES,
+        )
+    assert pulled == 501
+    assert await journal.meta() is None
+    await journal.close()

@@ -10,6 +10,7 @@ from conftest import page_size
 
 from aiobatch._run import _sqlite
 from aiobatch._run._records import RequestRow, RunMeta
+from aiobatch._run._sqlite import JournalFile
 from aiobatch._run._sqlite_journal import SQLiteJournal
 
 URL = "/v1/chat/completions"
@@ -53,3 +54,17 @@ async def test_a_journal_made_with_64_kib_pages_keeps_them_and_reads_back(
     finally:
         await journal.close()
     assert page_size(path) == 65536
+
+
+def test_a_journal_file_checkpoints_its_log_every_40_mib_whatever_its_pages(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A journal file, made with 32 KiB or with 64 KiB pages, checkpoints its log every 40 MiB."""
+    with monkeypatch.context() as patch:
+        patch.setattr(_sqlite, "PAGE_SIZE", 65536)
+        JournalFile(tmp_path / "old.journal", create=True).close()
+    JournalFile(tmp_path / "new.journal", create=True).close()
+    for name, size in (("old.journal", 65536), ("new.journal", 32768)):
+        with JournalFile(tmp_path / name) as db:
+            pages = int(db._db.execute("PRAGMA wal_autocheckpoint").fetchone()[0])
+        assert pages * size == 40 * 1024 * 1024
