@@ -101,7 +101,8 @@ def in_thread(
     a future of the running loop; until it is done, the loop's thread lets Python's GIL
     go now and then (it asks for a sleep of ``_HAND_OVER_FOR`` seconds every
     ``_HAND_OVER_EVERY``, once for all the calls pending on the loop). ``start_now``: it
-    also lets it go once at once, so that the thread starts before the loop next waits.
+    also lets the GIL go once right away, so that the thread starts before the loop next
+    waits.
 
     Why: the thread lets the GIL go at each step of a SQLite statement and each read or
     write of a file, and must take it back to go on. Beside a loop that never waits
