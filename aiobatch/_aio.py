@@ -55,6 +55,20 @@ async def cancel_and_wait(tasks: Iterable[asyncio.Future[Any]]) -> None:
             task.exception()  # retrieved: not logged as "never retrieved"
 
 
+async def wait_out(future: asyncio.Future[Any]) -> None:
+    """Wait until ``future`` is done, however often this wait is cancelled meanwhile
+    (work in a thread cannot be stopped, and what it uses must stay held until it
+    ends); a cancel that came meanwhile is raised once it is done."""
+    cancelled = False
+    while not future.done():
+        try:
+            await asyncio.wait([future])
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+
+
 async def sleep_or_set(clock: Clock, seconds: float | None, *events: asyncio.Event) -> None:
     """Wait ``seconds`` on ``clock`` (None: no time limit) or until one of ``events`` is
     set, whichever comes first."""

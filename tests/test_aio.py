@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 
 from aiobatch import _aio
-from aiobatch._aio import cancel_and_wait, first_of, in_thread
+from aiobatch._aio import cancel_and_wait, first_of, in_thread, wait_out
 
 
 def _slow_to_end(release: asyncio.Event) -> asyncio.Task[None]:
@@ -193,3 +193,19 @@ async def test_a_call_that_starts_now_hands_the_gil_over_as_it_is_made(
         second = in_thread(pool, int, "2", start_now=True)
         assert sleeps == [_aio._HAND_OVER_FOR] * 2
         assert await asyncio.gather(first, second) == [1, 2]
+
+
+async def test_wait_out_waits_through_cancels_and_then_raises_one() -> None:
+    """wait_out cancelled twice still waits until its future is done, then raises the cancel."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[int] = loop.create_future()
+    waiting = asyncio.ensure_future(wait_out(future))
+    for _ in range(2):
+        await asyncio.sleep(0)
+        waiting.cancel()
+        await asyncio.sleep(0)
+        assert not waiting.done()
+    future.set_result(1)
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert future.result() == 1

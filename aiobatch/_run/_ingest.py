@@ -24,6 +24,7 @@ import uuid
 from collections.abc import AsyncIterable, Iterator
 from typing import Any
 
+from .._aio import wait_out
 from .._clock import Clock, SystemClock
 from ..errors import JournalError, PreflightError
 from ._config import RequestSource, RunConfig
@@ -145,16 +146,11 @@ class _Batches:
             return
         adding, self._adding = self._adding, None
         adding.cancel()
-        cancelled = False
-        while not adding.done():
-            try:
-                await asyncio.wait([adding])
-            except asyncio.CancelledError:
-                cancelled = True
-        if not adding.cancelled():
-            adding.exception()  # seen: the ingest's own error is the one raised
-        if cancelled:
-            raise asyncio.CancelledError
+        try:
+            await wait_out(adding)
+        finally:
+            if not adding.cancelled():
+                adding.exception()  # seen: the ingest's own error is the one raised
 
     async def _add(self, items: list[Inspected]) -> None:
         """Settle ``items`` into the journal."""

@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequenc
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from .._aio import in_thread
+from .._aio import in_thread, wait_out
 from ._journal import PENDING_PAGE
 from ._records import (
     FinalResult,
@@ -107,9 +107,7 @@ class _Worker:
         try:
             return await asyncio.shield(future)
         except asyncio.CancelledError:
-            while not future.done():
-                with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.wait([future])
+            await wait_out(future)
             raise
 
     def stop(self) -> None:
