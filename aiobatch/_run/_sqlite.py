@@ -56,7 +56,7 @@ from ._records import (
 )
 from ._sqlite_data import ResultData, placed
 from ._sqlite_db import PAGE_BYTES, PAGE_LINES, Checkpointer, Db, Page, SeqRun, seq_runs
-from ._sqlite_results import _NO_RESULT, _NUL, JournalResults, has_json
+from ._sqlite_results import _NO_RESULT, _NUL, JournalResults, has_json, no_result
 from ._sqlite_schema import PAGE_SIZE, READABLE_VERSIONS, SCHEMA, SCHEMA_VERSION, UPGRADES
 from ._states import ShardState, allowed
 
@@ -548,8 +548,7 @@ class JournalFile(JournalResults):
                 "SELECT r.pos, r.seq, r.custom_id, r.attempts "
                 "FROM requests AS s INDEXED BY requests_shard "
                 "CROSS JOIN requests AS r ON r.seq = s.seq "
-                "WHERE s.shard = ? AND r.state = 'queued' "
-                "AND NOT EXISTS (SELECT 1 FROM results WHERE results.seq = s.seq) ORDER BY s.seq",
+                f"WHERE s.shard = ? AND r.state = 'queued' AND {no_result('s')} ORDER BY s.seq",
                 (key,),
             )
         }

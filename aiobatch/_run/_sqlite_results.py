@@ -41,8 +41,14 @@ from ._states import ShardState
 
 __all__ = ["JournalResults"]
 
+
+def no_result(requests: str) -> str:
+    """A request without its result: a row of ``requests`` (the table, or its alias)."""
+    return f"NOT EXISTS (SELECT 1 FROM results WHERE results.seq = {requests}.seq)"
+
+
 #: A request (a row of ``requests``) without its result.
-_NO_RESULT = "NOT EXISTS (SELECT 1 FROM results WHERE results.seq = requests.seq)"
+_NO_RESULT = no_result("requests")
 
 #: A result line's row, for the request of the shard it names by ``custom_id`` that
 #: waits for its first outcome (found from the members index alone).
