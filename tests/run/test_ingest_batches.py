@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +36,22 @@ class _Inspections:
         return 1
 
 
-class _WatchedIngest:
+class _Sink:
+    """An ingest sink in front of the journal's own (what it does not change, it passes on)."""
+
+    def __init__(self, sink: Ingest) -> None:
+        self._sink = sink
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sink, name)
+
+
+class _WatchedIngest(_Sink):
     """An ingest sink that notes, for each batch added, how many lines had been
     inspected when the add began and when it ended."""
 
     def __init__(self, sink: Ingest, inspections: _Inspections) -> None:
-        self._sink = sink
+        super().__init__(sink)
         self._inspections = inspections
         self.adds: list[tuple[int, int]] = []
 
@@ -51,23 +61,27 @@ class _WatchedIngest:
         self.adds.append((began, self._inspections.count))
         return added
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._sink, name)
+
+class _FailingIngest(_Sink):
+    """An ingest sink that fails to add any batch."""
+
+    async def add(self, rows: Sequence[RequestRow]) -> bool:
+        raise JournalError("the disk is full")
 
 
-class _WatchedJournal(SQLiteJournal):
-    """The SQLite journal, its ingest sink watched."""
+class _SinkJournal(SQLiteJournal):
+    """The SQLite journal, its ingest sinks put behind ``sink`` (each kept in ``sinks``)."""
 
-    def __init__(self, path: Path, inspections: _Inspections) -> None:
+    def __init__(self, path: Path, sink: Callable[[Ingest], _Sink]) -> None:
         super().__init__(path, create=True)
-        self._inspections = inspections
-        self.watched: _WatchedIngest | None = None
+        self._sink = sink
+        self.sinks: list[_Sink] = []
 
     @contextlib.asynccontextmanager
     async def ingest(self, *, background: bool = False) -> AsyncIterator[Any]:
         async with super().ingest(background=background) as sink:
-            self.watched = _WatchedIngest(sink, self._inspections)
-            yield self.watched
+            self.sinks.append(self._sink(sink))
+            yield self.sinks[-1]
 
 
 async def test_on_the_real_clock_a_batch_goes_in_while_the_next_is_inspected(
@@ -77,7 +91,7 @@ async def test_on_the_real_clock_a_batch_goes_in_while_the_next_is_inspected(
     of the next batch are inspected; every request is in the journal after."""
     source = write_jsonl(tmp_path / "in.jsonl", [chat_line(f"r-{n}") for n in range(1700)])
     inspections = _Inspections()
-    journal = _WatchedJournal(tmp_path / "run.journal", inspections)
+    journal = _SinkJournal(tmp_path / "run.journal", lambda sink: _WatchedIngest(sink, inspections))
     await ingest(
         journal,
         str(source),
@@ -85,8 +99,9 @@ async def test_on_the_real_clock_a_batch_goes_in_while_the_next_is_inspected(
         clock=SystemClock(),
         max_line_bytes=DEFAULT_MAX_LINE_BYTES,
     )
-    assert journal.watched is not None
-    adds = journal.watched.adds
+    (watched,) = journal.sinks
+    assert isinstance(watched, _WatchedIngest)
+    adds = watched.adds
     assert [began for began, _ended in adds] == [500, 1000, 1500, 1700]
     assert [ended - began for began, ended in adds[:-1]] == [500, 500, 200]
     assert await journal.pending_count() == 1700
@@ -191,26 +206,6 @@ async def test_an_ingest_that_fails_with_a_batch_going_in_keeps_nothing(
     await journal.close()
 
 
-class _FailingJournal(SQLiteJournal):
-    """The SQLite journal, whose ingest fails to add its first batch."""
-
-    @contextlib.asynccontextmanager
-    async def ingest(self, *, background: bool = False) -> AsyncIterator[Any]:
-        async with super().ingest(background=background) as sink:
-            yield _FailingIngest(sink)
-
-
-class _FailingIngest:
-    def __init__(self, sink: Ingest) -> None:
-        self._sink = sink
-
-    async def add(self, rows: Sequence[RequestRow]) -> bool:
-        raise JournalError("the disk is full")
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._sink, name)
-
-
 async def test_a_batch_that_fails_to_go_in_stops_the_reading_at_the_next_line(
     tmp_path: Path,
 ) -> None:
@@ -225,7 +220,7 @@ async def test_a_batch_that_fails_to_go_in_stops_the_reading_at_the_next_line(
             yield chat_line(f"r-{n}")
             await asyncio.sleep(0)  # a source that waits now and then
 
-    journal = _FailingJournal(tmp_path / "run.journal", create=True)
+    journal = _SinkJournal(tmp_path / "run.journal", _FailingIngest)
     with pytest.raises(JournalError, match="the disk is full"):
         await ingest(
             journal,
