@@ -425,7 +425,7 @@ class _Line(NamedTuple):
     names (None: none can be told), its kind and code (kind None: it does not decode,
     ``error`` says why), whether that failure may run again, the tokens of a success's
     ``usage``, and its bytes. (A named tuple of plain values: the garbage collector
-    stops tracking it, so a chunk of 2,000 waiting for its commit does not make a full
+    stops tracking it, so a chunk of 4,000 waiting for its commit does not make a full
     collection come sooner.)"""
 
     custom_id: str | None

@@ -211,7 +211,7 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
     how.add_argument(
         "--collect-chunk",
         type=count,
-        default=2000,
+        default=RunConfig().collect_chunk,
         help="result lines committed to the journal per transaction",
     )
     show = parser.add_argument_group("display")
