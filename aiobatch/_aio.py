@@ -13,7 +13,15 @@ from typing import Any, TypeVar
 
 from ._clock import Clock
 
-__all__ = ["cancel_and_wait", "first_of", "in_thread", "run_all", "run_bounded", "sleep_or_set"]
+__all__ = [
+    "cancel_and_wait",
+    "first_of",
+    "in_thread",
+    "run_all",
+    "run_bounded",
+    "sleep_or_set",
+    "threads_done",
+]
 
 T = TypeVar("T")
 
@@ -155,11 +163,12 @@ class _HandOver:
     ``_HAND_OVERS``). One timer serves every pending call: a timer per call slowed the
     loop with each more call."""
 
-    __slots__ = ("_handle", "_pending")
+    __slots__ = ("_handle", "_idle", "_pending")
 
     def __init__(self) -> None:
         self._pending = 0
         self._handle: asyncio.TimerHandle | None = None
+        self._idle: asyncio.Future[None] | None = None
 
     def wait_for(self, loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any]) -> None:
         """Hand over until ``future`` is done (and the others pending)."""
@@ -174,9 +183,35 @@ class _HandOver:
 
     def _done(self, _future: asyncio.Future[Any]) -> None:
         self._pending -= 1
-        if not self._pending and self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
+        if not self._pending:
+            if self._handle is not None:
+                self._handle.cancel()
+                self._handle = None
+            if self._idle is not None:
+                if not self._idle.done():
+                    self._idle.set_result(None)
+                self._idle = None
+
+    def idle(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[None] | None:
+        """A future done once no call is pending; None when none is."""
+        if not self._pending:
+            return None
+        if self._idle is None:
+            self._idle = loop.create_future()
+        return self._idle
+
+
+async def threads_done() -> bool:
+    """Wait until no :func:`in_thread` call of the running loop is pending; whether one
+    was. (A :class:`~aiobatch.testing.VirtualClock` moves time only once the loop is idle
+    and this is done: the loop waits for that work, as it would for work of its own.)"""
+    loop = asyncio.get_running_loop()
+    hand_over = _HAND_OVERS.get(loop)
+    idle = hand_over.idle(loop) if hand_over is not None else None
+    if idle is None:
+        return False
+    await asyncio.shield(idle)
+    return True
 
 
 #: Each running loop's hand-over (it goes with its loop).

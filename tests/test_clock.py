@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
+from aiobatch._aio import in_thread
 from aiobatch._clock import Clock, SystemClock
 from aiobatch.testing import VirtualClock
 
@@ -68,6 +70,58 @@ async def test_auto_advance_runs_many_sleepers_without_wall_time() -> None:
         ends = await asyncio.gather(*(nap(i) for i in range(1000)))
     assert ends == [i % 10 + 61 for i in range(1000)]
     assert clock.now() == 70
+
+
+#: Turns of the loop the tests below spin while a thread call is pending: three times
+#: the rounds after which the clock's settling stops waiting for the loop to be idle.
+_SPINS = 30_000
+
+
+def _held_call(clock: VirtualClock, release: threading.Event) -> asyncio.Future[float]:
+    """An in_thread call that waits for ``release``, then reads the virtual time."""
+
+    def work() -> float:
+        release.wait()
+        return clock.now()
+
+    return in_thread(None, work)
+
+
+async def test_auto_advance_waits_for_work_in_a_thread() -> None:
+    """Inside auto_advance, time does not move while an in_thread call is pending."""
+    clock = VirtualClock(start=0.0)
+    release = threading.Event()
+    async with clock.auto_advance():
+        sleeper = asyncio.ensure_future(clock.sleep(5))
+        call = _held_call(clock, release)
+        try:
+            for _ in range(_SPINS):
+                await asyncio.sleep(0)
+            moved = (clock.now(), sleeper.done())
+        finally:
+            release.set()
+        assert moved == (0.0, False)
+        assert await call == 0.0
+        await sleeper
+    assert clock.now() == 5.0
+
+
+async def test_run_for_waits_for_work_in_a_thread() -> None:
+    """run_for() moves time only once a pending in_thread call is done."""
+    clock = VirtualClock(start=0.0)
+    release = threading.Event()
+    call = _held_call(clock, release)
+    runner = asyncio.ensure_future(clock.run_for(5))
+    try:
+        for _ in range(_SPINS):
+            await asyncio.sleep(0)
+        moved = (clock.now(), runner.done())
+    finally:
+        release.set()
+    assert moved == (0.0, False)
+    assert await call == 0.0
+    await runner
+    assert clock.now() == 5.0
 
 
 async def test_time_never_goes_backwards() -> None:

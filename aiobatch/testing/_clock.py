@@ -8,7 +8,7 @@ import itertools
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from .._aio import cancel_and_wait
+from .._aio import cancel_and_wait, threads_done
 
 __all__ = ["VirtualClock"]
 
@@ -19,7 +19,9 @@ class VirtualClock:
     ``sleep`` parks the caller until virtual time reaches its wake-up time. Time moves
     with :meth:`advance` / :meth:`advance_to`, or by itself inside :meth:`auto_advance`,
     which jumps to the next wake-up whenever the event loop has nothing else to run;
-    that way thousands of concurrent sleepers wake in the right order, instantly.
+    that way thousands of concurrent sleepers wake in the right order, instantly. Work
+    that aiobatch hands to a thread and waits for (its journal's worker, an upload's
+    reads) counts as the loop's own: time moves only once it is done.
 
     Args:
         start: the initial time, in Unix seconds.
@@ -86,8 +88,9 @@ class VirtualClock:
     async def auto_advance(self) -> AsyncIterator[VirtualClock]:
         """Inside this block, time jumps to the next wake-up whenever the loop is idle.
 
-        Meant for code that waits only on this clock and on in-memory transports:
-        a wait on real IO looks idle too, and time would jump past it.
+        Meant for code that waits only on this clock, on in-memory transports and on
+        aiobatch's own work in threads: a wait on real IO looks idle too, and time would
+        jump past it.
         """
         driver = asyncio.ensure_future(self._drive())
         try:
@@ -110,6 +113,15 @@ class VirtualClock:
 
 
 async def _settle(max_rounds: int = 10_000) -> None:
+    """Yield to the event loop until it has nothing else ready to run and no work it
+    waits for in a thread."""
+    while True:
+        await _settle_loop(max_rounds)
+        if not await threads_done():
+            return
+
+
+async def _settle_loop(max_rounds: int) -> None:
     """Yield to the event loop until it has nothing else ready to run."""
     loop = asyncio.get_running_loop()
     ready = getattr(loop, "_ready", None)
