@@ -23,7 +23,6 @@ from typing import Any
 
 from .._aio import cancel_and_wait
 from .._client import BatchClient
-from .._clock import SystemClock
 from .._fleet import BatchDone
 from .._models import Batch
 from ..errors import (
@@ -260,8 +259,8 @@ class BatchRun:
                 self._results_changed.set()
                 await journal.release()
         finally:
-            # On the real clock in a worker thread (SQLite copies the log into the file).
-            await journal.close(background=isinstance(self._clock, SystemClock))
+            # In the journal's worker thread (SQLite copies the log into the file).
+            await journal.close(background=True)
 
     async def _open(self, journal: Journal) -> bool:
         """Ingest the source into a new journal, or check it against the journal's;
@@ -374,12 +373,8 @@ class BatchRun:
     async def _final_report(self, journal: Journal) -> RunReport:
         """The report of the run as it ends, shown once more as its last progress
         snapshot (with the report's figures, so that the two agree)."""
-        # On the real clock its figures are read in a worker thread (a pass over every
-        # result); a VirtualClock's auto_advance would take that wait for idleness.
-        background = isinstance(self._clock, SystemClock)
-        report = self._as_ended(
-            await final_report(journal, self._config.prices, background=background)
-        )
+        # Its figures are read in the journal's worker thread (a pass over every result).
+        report = self._as_ended(await final_report(journal, self._config.prices, background=True))
         self._final = report
         self._emit_progress()
         return report
@@ -534,7 +529,4 @@ class BatchRun:
     async def _write_output(self, journal: Journal) -> None:
         """Write every final result to the output file, atomically, in order."""
         if self._output is not None:
-            background = isinstance(self._clock, SystemClock)  # see _final_report
-            await write_output(
-                journal, self._output, order=self._config.order, background=background
-            )
+            await write_output(journal, self._output, order=self._config.order, background=True)

@@ -5,8 +5,8 @@ fleet reported ended and returns its next state:
 
 - ``collected``: its output and error files were streamed into the journal (in chunks,
   each committed with the count of lines read, so a collection cut short resumes after
-  the last committed line and no result is recorded twice; on the real clock a chunk is
-  written in a worker thread while the next one is read) and every request without a
+  the last committed line and no result is recorded twice; a chunk is written in the
+  journal's worker thread while the next one is read) and every request without a
   result line was settled;
 - ``uploaded``: the batch failed with ``token_limit_exceeded`` and is created again from
   the same file, after a backoff;
@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 from typing import NamedTuple
 
-from .._clock import SystemClock
 from .._convert import summarize_result
 from .._fleet import BatchDone, DoneReason
 from .._lifecycle import BatchStatus
@@ -227,9 +226,7 @@ async def _read_file(ctx: RunContext, shard: Shard, file_id: str, column: str) -
             output_tokens=used_out,
         )
 
-    # On the real clock a chunk is written in a worker thread while the next one is
-    # read (a VirtualClock's auto_advance would take that wait for idleness).
-    background = isinstance(ctx.clock, SystemClock)
+    # A chunk is written in the journal's worker thread while the next one is read.
     writing: asyncio.Future[None] | None = None  # the chunk being written
 
     async def written() -> None:
@@ -247,7 +244,7 @@ async def _read_file(ctx: RunContext, shard: Shard, file_id: str, column: str) -
             shard.key,
             finals,
             retries,
-            background=background,
+            background=True,
             **{column: upto},
             input_tokens=used[0],
             output_tokens=used[1],
@@ -309,7 +306,7 @@ async def _read_file(ctx: RunContext, shard: Shard, file_id: str, column: str) -
     async def look_up_and_write(lines: list[_Line], upto: int) -> None:
         """Look the lines' requests up, decide each line, and write the chunk."""
         ids = [line.custom_id for line in lines if line.custom_id is not None]
-        members = await ctx.journal.members(shard.key, ids, background=background) if ids else {}
+        members = await ctx.journal.members(shard.key, ids, background=True) if ids else {}
         await asyncio.sleep(0)  # the look-up and the commit are two turns of the loop
         finals, retries = decide(lines, members)
         await write(finals, retries, upto, (tokens[0], tokens[1]))
@@ -327,7 +324,7 @@ async def _read_file(ctx: RunContext, shard: Shard, file_id: str, column: str) -
             shard.key,
             shard.batch_id,
             named,
-            background=background,
+            background=True,
             **{column: upto},
             input_tokens=used[0],
             output_tokens=used[1],
@@ -352,10 +349,7 @@ async def _read_file(ctx: RunContext, shard: Shard, file_id: str, column: str) -
             step = write_named(named, lines, upto)
         else:
             step = look_up_and_write(lines, upto)
-        if background:
-            writing = asyncio.ensure_future(step)
-        else:
-            await step
+        writing = asyncio.ensure_future(step)
 
     ctx.reading += 1
     try:

@@ -16,10 +16,11 @@ at any point continues where it stopped when started again:
 Every method is a coroutine, so that a networked backend never blocks the event loop;
 the SQLite backend (:class:`~aiobatch._run._sqlite_journal.SQLiteJournal`) runs its
 statements in the loop's thread and cuts work on many rows into slices, between which
-the loop runs other tasks. On the real clock the run passes ``background=True`` to the
-methods that read or write many rows at once (a shard's intent, a chunk of results,
-planning's pages, a shard's queued lines, the output's lines, the report's figures,
-the close): the SQLite backend runs those in a worker thread. Lines read in chunks
+the loop runs other tasks. The run passes ``background=True`` to the methods that
+read or write many rows at once (a new run's requests, a shard's intent, a chunk of
+results, planning's pages, a shard's queued lines, the output's lines, the report's
+figures, the close): the SQLite backend runs those in a worker thread (a
+:class:`~aiobatch.testing.VirtualClock` moves time only once they are done). Lines read in chunks
 (:meth:`Journal.shard_lines`, :meth:`Journal.result_lines`) come at most
 :data:`CHUNK_BYTES` at a time (or one line, when a line is longer), so reading them
 holds bounded memory however many there are. A request is done once it has its final
@@ -110,7 +111,7 @@ class Journal(Protocol):
 
     async def close(self, *, background: bool = False) -> None:
         """Close it (safe to call twice). ``background``: the backend may close it in
-        another thread (the run passes it only on the real clock, as for :meth:`record`)."""
+        another thread (the run passes it, as for :meth:`record`)."""
 
     # --- ownership -----------------------------------------------------------------------
 
@@ -129,8 +130,8 @@ class Journal(Protocol):
     def ingest(self, *, background: bool = False) -> AbstractAsyncContextManager[Ingest]:
         """A block in which a new run's requests and facts are recorded, committed when
         the block ends and rolled back when it raises. ``background``: the backend may
-        add each batch of requests in another thread (the run passes it only on the
-        real clock, as for :meth:`record`)."""
+        add each batch of requests in another thread (the run passes it, as
+        for :meth:`record`)."""
 
     async def meta(self) -> RunMeta | None:
         """The run's facts; None before a run was recorded."""
@@ -182,7 +183,7 @@ class Journal(Protocol):
         """The pending requests of one group, in input order, without their bytes; the
         loop runs other tasks at least every :data:`PENDING_PAGE` of them.
         ``background``: the backend may read each page in another thread (the run
-        passes it only on the real clock, as for :meth:`record`)."""
+        passes it, as for :meth:`record`)."""
 
     def shard_lines(self, key: str) -> AsyncIterator[Sequence[bytes]]:
         """A shard's request lines (without newlines), in input order, in chunks of at
@@ -197,8 +198,8 @@ class Journal(Protocol):
 
     async def queued_at(self, key: str, *, background: bool = False) -> dict[int, QueuedLine]:
         """A shard's requests without an outcome, by their 1-based line in its file.
-        ``background``: the backend may read them in another thread (the run passes it
-        only on the real clock, as for :meth:`record`)."""
+        ``background``: the backend may read them in another thread (the run passes it,
+        as for :meth:`record`)."""
 
     # --- shards --------------------------------------------------------------------------
 
@@ -213,7 +214,7 @@ class Journal(Protocol):
     ) -> Shard:
         """Record a shard's intent: its row (``planned``) and its requests queued in it,
         each counting one more batch. ``background``: the backend may do the write in
-        another thread (the run passes it only on the real clock, as for :meth:`record`).
+        another thread (the run passes it, as for :meth:`record`).
 
         Raises:
             TooManyBatchesError: a request would go into more than ``max_batches``
@@ -252,8 +253,7 @@ class Journal(Protocol):
     ) -> None:
         """At once: final results (a request that has one keeps it), requests back to
         pending, and fields of shard ``key``. ``background``: the backend may do the
-        write in another thread (the run passes it only on the real clock: a
-        VirtualClock's auto_advance takes a wait on a thread for idleness)."""
+        write in another thread (the run always passes it)."""
 
     async def record_named(
         self,
@@ -294,11 +294,11 @@ class Journal(Protocol):
     ) -> AsyncIterator[Iterable[bytes]]:
         """Every final result line, in ``order``, in chunks of at most
         :data:`CHUNK_BYTES`. ``background``: the backend may read each chunk in another
-        thread (the run passes it only on the real clock, as for :meth:`record`)."""
+        thread (the run passes it, as for :meth:`record`)."""
 
     async def counts(self, *, background: bool = False) -> JournalCounts:
         """The run's figures. ``background``: the backend may read them in another
-        thread (the run passes it only on the real clock, as for :meth:`record`)."""
+        thread (the run passes it, as for :meth:`record`)."""
 
     async def tokens_by_model(self, *, background: bool = False) -> dict[str, ModelTokens]:
         """Prompt and completion tokens of the final results by the model of the shard

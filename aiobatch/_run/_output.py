@@ -42,9 +42,7 @@ async def write_output(
     """Write every final result to ``target``, atomically, in ``order``.
 
     A chunk of lines at a time (at most a few MB), the loop running in between (with
-    ``background``, on the real clock: each chunk read in a worker thread). The
-    flush to disk stays in the loop's thread: a wait on a thread looks idle to a
-    VirtualClock's auto_advance, which would jump time meanwhile.
+    ``background``: each chunk read in the journal's worker thread).
     """
     temp = f"{target}.{os.getpid()}.part"
     with open(temp, "wb") as fh:  # noqa: ASYNC230 - written a chunk at a time

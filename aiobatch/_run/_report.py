@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING
 
 import attrs
 
-from .._clock import SystemClock
 from ._progress import BATCH_STATUS_ORDER, RunProgress, _elapsed_text
 from ._records import JournalCounts, RunMeta, token_pairs
 
@@ -210,8 +209,8 @@ async def final_report(
 
 async def load_counts(ctx: RunContext) -> None:
     """Start a run's progress figures from what its journal already holds (read in
-    another thread on the real clock: a resumed run may have many results)."""
-    report = await journal_report(ctx.journal, background=isinstance(ctx.clock, SystemClock))
+    the journal's worker thread: a resumed run may have many results)."""
+    report = await journal_report(ctx.journal, background=True)
     ctx.counts.update(
         total=report.requests,
         succeeded=report.succeeded,

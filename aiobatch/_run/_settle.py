@@ -9,7 +9,6 @@ be (the create was refused, the batch is gone) is settled here, by the rules of
 
 from __future__ import annotations
 
-from .._clock import SystemClock
 from .._lifecycle import BatchStatus
 from .._models import Batch
 from ._context import RunContext, logger
@@ -48,10 +47,8 @@ async def settle(
     max_rounds = ctx.config.max_rounds
     finals: list[FinalResult] = []
     retries: list[RetryLine] = []
-    # On the real clock read in a worker thread (a VirtualClock's auto_advance would
-    # take that wait for idleness).
-    background = isinstance(ctx.clock, SystemClock)
-    for line in (await ctx.journal.queued_at(shard.key, background=background)).values():
+    # Read in the journal's worker thread.
+    for line in (await ctx.journal.queued_at(shard.key, background=True)).values():
         data = own_error(line.custom_id, code, message)
         match fate(attempts=line.attempts, retryable=retryable, free=free, max_rounds=max_rounds):
             case Fate.AGAIN_FREE:
@@ -96,7 +93,7 @@ async def _fail_lines(ctx: RunContext, shard: Shard, batch: Batch) -> None:
     for error in batch.errors.data:
         if error.line is not None:
             by_line.setdefault(error.line, (error.code or "batch_failed", error.message or ""))
-    queued = await ctx.journal.queued_at(shard.key, background=isinstance(ctx.clock, SystemClock))
+    queued = await ctx.journal.queued_at(shard.key, background=True)
     finals = []
     for number, (code, message) in by_line.items():
         line = queued.get(number)

@@ -20,9 +20,9 @@ Everything a run knows is here, written before it acts on it:
   ``-data`` file beside it, written once (see :mod:`._sqlite_data`). The results are
   recorded and read back by :mod:`._sqlite_results`.
 
-The run writes through one connection, from the event loop's thread (a chunk of
-results on the real clock: from a worker thread, one statement at a time all the
-same); each write is a short transaction (``BEGIN IMMEDIATE``), so another process
+The run writes through one connection, from the event loop's thread or the journal's
+worker thread (a chunk of results, among others), one statement at a time all the
+same; each write is a short transaction (``BEGIN IMMEDIATE``), so another process
 (``aiobatch status`` or ``aiobatch cancel``) can read and flag the journal while a run
 goes on. WAL mode with ``synchronous=NORMAL`` keeps every committed transaction through
 a killed process (only a power loss may lose the last ones). A new file has 32 KiB

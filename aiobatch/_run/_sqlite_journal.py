@@ -1,8 +1,9 @@
 """The run's :class:`~aiobatch._run._journal.Journal` on a SQLite file: :class:`SQLiteJournal`.
 
-Its statements run in the event loop's thread (on the real clock planning's pages and
-intents, a chunk of results, a shard's queued lines, the output's lines, the report's
-figures and the close: in a worker thread, see :meth:`SQLiteJournal.record`), through
+Its statements run in the event loop's thread (those a run passes ``background`` to:
+planning's pages and intents, a new run's requests, a chunk of results, a shard's queued
+lines, the output's lines, the report's figures and the close, in a worker thread, see
+:meth:`SQLiteJournal.record`), through
 :class:`~aiobatch._run._sqlite.JournalFile`, one coroutine at a time (an
 :class:`asyncio.Lock`); the file's own lock (``JOURNAL.lock``) keeps it to one process.
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 
 from .._aio import sleep_or_set
-from .._clock import SystemClock
 from ..errors import RunError, TooManyBatchesError
 from ._context import RunContext, logger
 from ._records import Shard, ShardPlan
@@ -101,9 +100,7 @@ async def plan_pending(ctx: RunContext) -> list[Shard]:
     """
     journal = ctx.journal
     now = ctx.clock.now()
-    # On the real clock the pages are read and each intent is written in a worker
-    # thread (a VirtualClock's auto_advance would take that wait for idleness).
-    background = isinstance(ctx.clock, SystemClock)
+    # The pages are read and each intent is written in the journal's worker thread.
     index = await journal.shard_count()
     shards: list[Shard] = []
 
@@ -118,14 +115,14 @@ async def plan_pending(ctx: RunContext) -> list[Shard]:
                     planned,
                     planned_at=now,
                     max_batches=ctx.config.batch_limit,
-                    background=background,
+                    background=True,
                 )
             )
 
     for group in await journal.pending_groups():
         cutter = ctx.shard_limits.cutter(group.url, group.model)
         try:
-            pending = journal.pending_requests(group.url, group.model, background=background)
+            pending = journal.pending_requests(group.url, group.model, background=True)
             add = cutter.add
             async for request in pending:
                 if closed := add(request):  # most requests close no shard

@@ -1,15 +1,17 @@
-"""The threads of a run on the real clock: the SQLite journal's work off the loop runs in
-one thread of its own, which ends with the run."""
+"""The threads of a run: the SQLite journal's work off the loop runs in one thread of its
+own, which ends with the run; on a virtual clock, time waits for it."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from pathlib import Path
 
 from conftest import API_KEY, BASE_URL, make_requests
 
 from aiobatch import BatchClient, BatchRun, FleetConfig, RetryPolicy, RunConfig, RunProgress
-from aiobatch.testing import FakeBatchService, FakeConfig
+from aiobatch._run._sqlite import JournalFile
+from aiobatch.testing import FakeBatchService, FakeConfig, VirtualClock
 
 
 def _threads() -> set[threading.Thread]:
@@ -68,3 +70,35 @@ async def test_a_real_clock_run_uses_one_journal_thread_that_ends_with_it(
     assert len([name for name in names if name.startswith("aiobatch journal")]) == 1, names
     assert not [name for name in [*names, *left] if name.startswith("asyncio_")], names
     assert not [name for name in left if name.startswith("aiobatch journal")], left
+
+
+async def test_a_virtual_clock_run_starts_when_its_ingest_started(tmp_path: Path) -> None:
+    """On an auto-advancing VirtualClock, with another task sleeping a second at a time,
+    no time passes while the run's requests go into the journal (in its thread)."""
+    clock = VirtualClock(start=1_000.0)
+    service = FakeBatchService(clock=clock)
+    source = make_requests(tmp_path / "in.jsonl", 3_000)
+
+    async def tick() -> None:
+        while True:
+            await clock.sleep(1.0)
+
+    async with (
+        clock.auto_advance(),
+        BatchClient(
+            api_key=API_KEY,
+            base_url=BASE_URL,
+            transport=service.transport(),
+            clock=clock,
+            retry=RetryPolicy.for_testing(max_attempts=3),
+        ) as client,
+    ):
+        ticker = asyncio.ensure_future(tick())
+        try:
+            report = await BatchRun(client, source, journal=tmp_path / "j").run()
+        finally:
+            ticker.cancel()
+    assert report.succeeded == 3_000
+    with JournalFile(tmp_path / "j", readonly=True) as journal:
+        meta = journal.meta()
+    assert meta is not None and meta.started_at == 1_000.0
