@@ -418,10 +418,12 @@ class SQLiteJournal:
         # declined, and recorded by record() in slices); in the worker thread any.
         if not background and len(lines) > SLICE_ROWS:
             return False
+        # Made before the turn: meanwhile the thread may write the chunk before.
+        text = self.file.named_json(lines) if background else None
         async with self._turn:
             if background:
                 return await self._worker.run(
-                    self.file.record_named, key, batch_id, lines, one_statement=True, **fields
+                    self.file.record_named, key, batch_id, lines, text=text, **fields
                 )
             return self.file.record_named(key, batch_id, lines, **fields)
 
