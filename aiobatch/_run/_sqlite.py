@@ -40,6 +40,7 @@ from typing import Any
 
 import attrs
 
+from .. import _json
 from ..errors import JournalError, ShardMoveError
 from ._journal import too_many_batches
 from ._records import (
@@ -393,7 +394,10 @@ class JournalFile(JournalResults):
                 at,
             ) in placed(rows, 1)
         ]
-        text = json.dumps(fields, ensure_ascii=False, separators=(",", ":"))
+        try:
+            text = _json.dumps(fields)
+        except ValueError:  # text that is not Unicode: the row-by-row way decides
+            text = _NUL
         blob = b"".join(row.data for row in rows)
         if _NUL in text or not blob:  # see _NUL; substr of an empty blob is NULL
             self.add_requests(db, rows)

@@ -24,6 +24,7 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from .. import _json
 from ..errors import JournalError
 from ._records import (
     FailedRequest,
@@ -81,9 +82,9 @@ _INSERT_NAMED_JSON = (
 )
 
 
-#: How ``json.dumps`` writes the character NUL, where SQLite's JSON functions end a
-#: string (``json_extract('["a\\u0000b"]', '$[0]')`` is ``'a'``): a chunk with one in
-#: its text goes a statement a row.
+#: How ``json.dumps`` (and :func:`aiobatch._json.dumps`) writes the character NUL, where
+#: SQLite's JSON functions end a string (``json_extract('["a\\u0000b"]', '$[0]')`` is
+#: ``'a'``): a chunk with one in its text goes a statement a row.
 _NUL = "\\u0000"
 
 
@@ -235,9 +236,10 @@ class JournalResults:
 
     def named_json(self, lines: Sequence[NamedResult]) -> str | None:
         """The JSON array ``_INSERT_NAMED_JSON`` takes for ``lines``; None when SQLite
-        has no JSON functions, or it holds a NUL (see ``_NUL``). It needs no transaction:
-        the journal's worker makes it in the loop's thread while it writes the chunk
-        before (300,000 requests: made in its thread, the chunks took 2.6 s there)."""
+        has no JSON functions, or it holds a NUL (see ``_NUL``) or text that is not
+        Unicode. It needs no transaction: the journal's worker makes it in the loop's
+        thread while it writes the chunk before (300,000 requests: made in its thread,
+        the chunks took 2.6 s there)."""
         if not self._json_rows:
             return None
         located = [
@@ -252,7 +254,10 @@ class JournalResults:
             )
             for line, at in placed(lines, 0)
         ]
-        text = json.dumps(located, ensure_ascii=False, separators=(",", ":"))
+        try:
+            text = _json.dumps(located)
+        except ValueError:  # a custom_id that is not Unicode: the row-by-row way decides
+            return None
         return None if _NUL in text else text
 
     def record_named(

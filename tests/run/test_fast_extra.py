@@ -12,6 +12,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from aiobatch import _json
 
 #: A small run on the in-memory fake, with bad input lines (skipped), HTTP errors
 #: (final, and retried then final) and results in every shape; it prints what it got.
@@ -88,3 +92,19 @@ def test_a_run_without_msgspec_ends_as_one_with_it(tmp_path: Path) -> None:
         pytest.skip("msgspec is not installed: only the run without it was made")
     assert with_it["report"] == without["report"]
     assert with_it["output"] == without["output"]
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.text(st.characters(blacklist_categories=("Cs",))),
+            st.integers(-(2**63), 2**63 - 1),
+            st.none() | st.booleans() | st.text(),
+        ).map(list)
+        | st.tuples(st.integers(), st.none())
+    )
+)
+def test_rows_are_written_as_json_dumps_writes_them(rows: list[object]) -> None:
+    """The journal's rows for SQLite's JSON functions are the text json.dumps gives
+    (compact, non-ASCII as it is), with msgspec as without it."""
+    assert _json.dumps(rows) == json.dumps(rows, ensure_ascii=False, separators=(",", ":"))
