@@ -26,6 +26,7 @@ from .._lifecycle import BatchStatus
 from .._models import Batch
 from ..errors import AiobatchError, DecodeError, NotFoundError, describe
 from ._context import Next, RunContext, logger
+from ._line_checks import text_problem
 from ._outcomes import (
     CANCELLED_CODES,
     TOKEN_LIMIT_CODE,
@@ -305,7 +306,7 @@ async def _read_file(ctx: RunContext, shard: Shard, file_id: str, column: str) -
 
     async def look_up_and_write(lines: list[_Line], upto: int) -> None:
         """Look the lines' requests up, decide each line, and write the chunk."""
-        ids = [line.custom_id for line in lines if line.custom_id is not None]
+        ids = [cid for line in lines if (cid := line.custom_id) is not None and _can_name(cid)]
         members = await ctx.journal.members(shard.key, ids, background=True) if ids else {}
         await asyncio.sleep(0)  # the look-up and the commit are two turns of the loop
         finals, retries = decide(lines, members)
@@ -404,10 +405,17 @@ def _final_whatever_attempts(lines: list[_Line]) -> list[NamedResult] | None:
     its request's attempts (a success, or a failure never retried); else None."""
     named: list[NamedResult] = []
     for cid, kind, code, retryable, used_in, used_out, data, _error in lines:
-        if kind is None or cid is None or retryable:
+        if kind is None or cid is None or retryable or not _can_name(cid):
             return None
         named.append(NamedResult(cid, kind, code, used_in, used_out, data))
     return named or None
+
+
+def _can_name(custom_id: str) -> bool:
+    """Whether a result line's ``custom_id`` can name a request: one that preflight
+    refuses (a lone surrogate escape, which is not Unicode text and cannot even be looked
+    up, or a NUL) never does; its line is logged as a stranger's."""
+    return custom_id.isascii() or text_problem(custom_id) is None
 
 
 #: What a chunk's lines came to: final results, and requests for another round.

@@ -896,8 +896,15 @@ def _corrupting(inner: Any, custom_id: str | None) -> _EditedResultFiles:
 
 
 @pytest.mark.parametrize("chunk", [1, 2000], ids=["a_line_per_chunk", "one_chunk"])
+@pytest.mark.parametrize(
+    "stranger_id", ["req-elsewhere", "req-\ud800"], ids=["an_id", "an_id_that_is_not_unicode"]
+)
 async def test_a_repeated_line_and_a_stranger_in_a_result_file_change_no_outcome(
-    tmp_path: Path, clock: VirtualClock, caplog: pytest.LogCaptureFixture, chunk: int
+    tmp_path: Path,
+    clock: VirtualClock,
+    caplog: pytest.LogCaptureFixture,
+    chunk: int,
+    stranger_id: str,
 ) -> None:
     """A result file that repeats a line (with other tokens) and names a request it was
     not sent gives each request its first line's result and tokens, and logs the
@@ -908,7 +915,7 @@ async def test_a_repeated_line_and_a_stranger_in_a_result_file_change_no_outcome
 
     def repeat_and_add(lines: list[bytes]) -> list[bytes]:
         stranger = json.loads(lines[1])
-        stranger["custom_id"] = "req-elsewhere"
+        stranger["custom_id"] = stranger_id
         again = json.loads(lines[1])
         again["response"]["body"]["usage"]["prompt_tokens"] += 1000
         again["response"]["body"]["id"] = "a-second-answer"
@@ -936,7 +943,7 @@ async def test_a_repeated_line_and_a_stranger_in_a_result_file_change_no_outcome
     assert used < 1000
     assert report.input_tokens == used
     assert [row["input_tokens"] for row in shard_rows(tmp_path / "j")] == [used]
-    strangers = [r for r in caplog.records if "'req-elsewhere'" in r.getMessage()]
+    strangers = [r for r in caplog.records if repr(stranger_id) in r.getMessage()]
     assert len(strangers) == 1
 
 
