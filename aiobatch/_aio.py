@@ -159,9 +159,9 @@ class _HandOver:
     It holds no reference to the futures: a closure over one (and its timer over the
     closure) kept the results of finished calls for the cyclic garbage collector, and
     the runner's peak memory at 100,000 requests rose from 20 MB to 33 MB. Nor to the
-    loop, but through its timer while calls are pending (the loop is the key of
-    ``_HAND_OVERS``). One timer serves every pending call: a timer per call slowed the
-    loop with each more call."""
+    loop, but through its timer and its ``idle`` future (for :func:`threads_done`)
+    while calls are pending (the loop is the key of ``_HAND_OVERS``). One timer serves
+    every pending call: a timer per call slowed the loop with each more call."""
 
     __slots__ = ("_handle", "_idle", "_pending")
 

@@ -31,7 +31,7 @@ nor an earlier measurement's freed memory is in the measured process:
    ``json.loads`` of every line into a dict by ``custom_id``.
 
 The memory held while collecting is bounded by ``RunConfig.collect_chunk`` (lines per
-journal transaction, 2,000 by default, ``--collect-chunk`` here) and by
+journal transaction, 4,000 by default, ``--collect-chunk`` here) and by
 ``RunConfig.collect_chunk_bytes`` (8 MB by default), whichever comes first; ``--requests
 2000`` makes 100 KB lines of the same 200 MB.
 
@@ -363,11 +363,16 @@ def main() -> None:
     child_cmd.add_argument("--file-id")
     child_cmd.add_argument("--requests", type=int)
     child_cmd.add_argument("--max-tokens", type=int)
-    child_cmd.add_argument("--collect-chunk", type=int, default=2000)
+    child_cmd.add_argument("--collect-chunk", type=int, default=RunConfig().collect_chunk)
     child_cmd.add_argument("--tracemalloc", action="store_true")
     parser.add_argument("--megabytes", type=float, default=200.0, help="output file size, MB")
     parser.add_argument("--requests", type=int, default=16_000, help="lines in the batch")
-    parser.add_argument("--collect-chunk", type=int, default=2000, help="RunConfig.collect_chunk")
+    parser.add_argument(
+        "--collect-chunk",
+        type=int,
+        default=RunConfig().collect_chunk,
+        help="RunConfig.collect_chunk",
+    )
     parser.add_argument("--work-dir", default=None, help="where the files go (default: a temp dir)")
     parser.add_argument("--skip-read-all", action="store_true", help="skip the in-memory peer")
     parser.add_argument(

@@ -396,7 +396,7 @@ class JournalFile(JournalResults):
         ]
         try:
             text = _json.dumps(fields)
-        except ValueError:  # text that is not Unicode: the row-by-row way decides
+        except ValueError:  # with msgspec, text that is not Unicode: a statement a row
             text = _NUL
         blob = b"".join(row.data for row in rows)
         if _NUL in text or not blob:  # see _NUL; substr of an empty blob is NULL

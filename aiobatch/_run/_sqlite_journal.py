@@ -314,7 +314,7 @@ class SQLiteJournal:
         self, key: str, custom_ids: Sequence[str], *, background: bool = False
     ) -> dict[str, Member]:
         async with self._turn:
-            if background:  # a chunk of 2,000 ids: 3 index look-ups each, ~20-40 ms
+            if background:  # 2,000 ids of a chunk: 3 index look-ups each, ~20-40 ms
                 return await self._worker.run(self.file.members, key, custom_ids)
             return self.file.members(key, custom_ids)
 

@@ -236,10 +236,12 @@ class JournalResults:
 
     def named_json(self, lines: Sequence[NamedResult]) -> str | None:
         """The JSON array ``_INSERT_NAMED_JSON`` takes for ``lines``; None when SQLite
-        has no JSON functions, or it holds a NUL (see ``_NUL``) or text that is not
-        Unicode. It needs no transaction: the journal's worker makes it in the loop's
-        thread while it writes the chunk before (300,000 requests: made in its thread,
-        the chunks took 2.6 s there)."""
+        has no JSON functions, or it holds a NUL (see ``_NUL``), or (with msgspec) text
+        that is not Unicode: the chunk then goes a statement a row. It needs no
+        transaction: :meth:`SQLiteJournal.record_named
+        <aiobatch._run._sqlite_journal.SQLiteJournal.record_named>` makes it in the
+        loop's thread while the worker writes the chunk before (300,000 requests: made in
+        the worker, the chunks took 2.6 s there)."""
         if not self._json_rows:
             return None
         located = [
@@ -256,7 +258,7 @@ class JournalResults:
         ]
         try:
             text = _json.dumps(located)
-        except ValueError:  # a custom_id that is not Unicode: the row-by-row way decides
+        except ValueError:  # with msgspec, a custom_id that is not Unicode
             return None
         return None if _NUL in text else text
 

@@ -21,7 +21,8 @@ class VirtualClock:
     which jumps to the next wake-up whenever the event loop has nothing else to run;
     that way thousands of concurrent sleepers wake in the right order, instantly. Work
     that aiobatch hands to a thread and waits for (its journal's worker, an upload's
-    reads) counts as the loop's own: time moves only once it is done.
+    reads) counts as the loop's own: :meth:`auto_advance` and :meth:`run_for` move time
+    only once it is done (:meth:`advance` and :meth:`advance_to` move it at once).
 
     Args:
         start: the initial time, in Unix seconds.

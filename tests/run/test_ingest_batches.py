@@ -1,6 +1,6 @@
-"""A new run's ingest, a batch of lines at a time: on the real clock a batch goes into the
-journal (in its worker thread) while the next one is inspected, and ids used again are
-found across batches on either clock, naming the line of their first use."""
+"""A new run's ingest, a batch of lines at a time: a batch goes into the journal (in its
+worker thread) while the next one is inspected, and ids used again are found across
+batches on either clock, naming the line of their first use."""
 
 from __future__ import annotations
 

@@ -141,7 +141,7 @@ async def test_ingest_records_requests_and_facts(journal: Journal) -> None:
 async def test_a_background_ingest_lets_other_tasks_run_and_refuses_a_taken_id(
     journal: Journal,
 ) -> None:
-    """``ingest(background=True)`` (a run's start on the real clock; SQLite spilling its
+    """``ingest(background=True)`` (a run's start; SQLite spilling its
     page cache into the log held the loop ~45 ms) lets other tasks run while a batch
     is added, refuses a batch that reuses an id and keeps none of it, and records the
     same requests as in the loop."""
@@ -297,7 +297,7 @@ async def test_intent_is_recorded_before_upload(journal: Journal) -> None:
 async def test_a_background_queued_at_lets_other_tasks_run_and_is_the_same(
     journal: Journal,
 ) -> None:
-    """``queued_at(key, background=True)`` (settling a batch on the real clock; a
+    """``queued_at(key, background=True)`` (settling a batch; a
     50,000-request shard's look-up held the loop ~120 ms on a busy machine) lets other
     tasks run while it reads, and gives the same lines as in the loop."""
     requests = await _ingest(journal, 4)
@@ -371,7 +371,7 @@ async def test_one_final_result_per_request(journal: Journal) -> None:
 
 
 async def test_a_background_record_is_a_record(journal: Journal) -> None:
-    """``record(background=True)`` (collection on the real clock) writes the same
+    """``record(background=True)`` (collection) writes the same
     results, line count and tokens as a record in the loop, and the first result of a
     request still stands."""
     requests = await _ingest(journal, 3)
@@ -558,7 +558,7 @@ async def test_a_cancelled_background_record_leaves_the_journal_whole(
 
 async def test_background_figures_let_other_tasks_run_and_are_the_same(journal: Journal) -> None:
     """``counts(background=True)`` and ``tokens_by_model(background=True)`` (the run's
-    report on the real clock) let other tasks run while they are read (over 100,000
+    report) let other tasks run while they are read (over 100,000
     results each held the loop ~60 ms), and give the same figures as in the loop."""
     requests = await _ingest(journal, 50)
     await journal.add_shard("s0", _plan(requests), planned_at=11.0)
@@ -596,7 +596,7 @@ async def test_background_figures_let_other_tasks_run_and_are_the_same(journal: 
 async def test_a_background_close_lets_other_tasks_run_and_keeps_everything(
     journal: Journal, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
-    """``close(background=True)`` (a run's end on the real clock; the SQLite file's last
+    """``close(background=True)`` (a run's end; the SQLite file's last
     copy of its log held the loop 60-90 ms after 100,000 results) lets other tasks run
     while the journal closes, and the journal opened again holds what was written."""
     requests = await _ingest(journal, 3)
@@ -672,7 +672,7 @@ async def test_a_request_goes_into_a_bounded_number_of_batches(journal: Journal)
 
 
 async def test_a_background_intent_lets_other_tasks_run_and_is_an_intent(journal: Journal) -> None:
-    """``add_shard(background=True)`` (planning on the real clock; the commit of a
+    """``add_shard(background=True)`` (planning; the commit of a
     50,000-request intent held the loop 60 ms on a busy machine) lets other tasks run
     while it records the shard, records the same intent as in the loop, and refuses a
     shard past ``max_batches`` the same way, recording nothing of it."""
@@ -788,7 +788,7 @@ async def test_lines_come_in_chunks_of_bounded_bytes(journal: Journal) -> None:
 async def test_background_result_lines_let_other_tasks_run_while_each_chunk_is_read(
     journal: Journal,
 ) -> None:
-    """``result_lines(background=True)`` (the output file on the real clock; a chunk of
+    """``result_lines(background=True)`` (the output file; a chunk of
     1024 lines held the loop 30-60 ms on a busy machine) lets other tasks run while
     each chunk is read, and gives the same lines as in the loop."""
     requests = [_big_request(seq, 300_000) for seq in range(30)]
@@ -847,7 +847,7 @@ async def test_pending_requests_come_at_most_2048_between_turns_of_the_loop(
 async def test_background_pending_requests_let_other_tasks_run_while_each_page_is_read(
     journal: Journal,
 ) -> None:
-    """``pending_requests(background=True)`` (planning on the real clock) lets other
+    """``pending_requests(background=True)`` (planning) lets other
     tasks run while each page of requests is read, and gives the same requests as in
     the loop."""
     count = 5000

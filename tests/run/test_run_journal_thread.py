@@ -10,6 +10,7 @@ from pathlib import Path
 from conftest import API_KEY, BASE_URL, make_requests
 
 from aiobatch import BatchClient, BatchRun, FleetConfig, RetryPolicy, RunConfig, RunProgress
+from aiobatch._aio import cancel_and_wait
 from aiobatch._run._sqlite import JournalFile
 from aiobatch.testing import FakeBatchService, FakeConfig, VirtualClock
 
@@ -72,14 +73,20 @@ async def test_a_real_clock_run_uses_one_journal_thread_that_ends_with_it(
     assert not [name for name in left if name.startswith("aiobatch journal")], left
 
 
-async def test_a_virtual_clock_run_starts_when_its_ingest_started(tmp_path: Path) -> None:
-    """On an auto-advancing VirtualClock, with another task sleeping a second at a time,
-    no time passes while the run's requests go into the journal (in its thread)."""
+async def test_a_virtual_clock_run_uses_the_journal_thread_and_time_waits_for_it(
+    tmp_path: Path,
+) -> None:
+    """A VirtualClock run works in its journal thread, and no virtual time passes meanwhile."""
     clock = VirtualClock(start=1_000.0)
     service = FakeBatchService(clock=clock)
     source = make_requests(tmp_path / "in.jsonl", 3_000)
+    before = _threads()
+    seen: set[threading.Thread] = set()
 
-    async def tick() -> None:
+    def on_progress(progress: RunProgress) -> None:
+        seen.update(_threads() - before)
+
+    async def tick() -> None:  # another task sleeping a second at a time
         while True:
             await clock.sleep(1.0)
 
@@ -95,10 +102,12 @@ async def test_a_virtual_clock_run_starts_when_its_ingest_started(tmp_path: Path
     ):
         ticker = asyncio.ensure_future(tick())
         try:
-            report = await BatchRun(client, source, journal=tmp_path / "j").run()
+            run = BatchRun(client, source, journal=tmp_path / "j", on_progress=on_progress)
+            report = await run.run()
         finally:
-            ticker.cancel()
+            await cancel_and_wait([ticker])
     assert report.succeeded == 3_000
+    assert [t.name for t in seen if t.name.startswith("aiobatch journal")], seen
     with JournalFile(tmp_path / "j", readonly=True) as journal:
         meta = journal.meta()
-    assert meta is not None and meta.started_at == 1_000.0
+    assert meta is not None and meta.started_at == 1_000.0  # the ingest took no virtual time

@@ -351,6 +351,35 @@ def test_an_ingest_planner_cuts_as_planning_would_whatever_was_taken_back(
     batches: list[tuple[int, list[int]]],
 ) -> None:
     """Batches placed (some first with more rows, taken back) land as plan_shards cuts."""
+    _assert_placed_as_planned(lines, max_lines, max_bytes, max_tokens, max_inputs, batches)
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3, 100])
+def test_an_ingest_planner_cuts_each_group_as_planning_would_when_rows_alternate(
+    batch: int,
+) -> None:
+    """Rows of two groups in turn, near their input and token limits, land as plan_shards
+    cuts each group, in batches of any size."""
+    pattern = [(EMBED, "a", 3, 1, 3), (CHAT, "a", 2, 6, 1), (EMBED, "a", 2, 0, 2)]
+    lines = [
+        PreparedRequest(
+            seq=seq, url=url, model=model, size=size, tokens=tokens, inputs=inputs, line=seq + 1
+        )
+        for seq, (url, model, size, tokens, inputs) in enumerate(pattern * 7)
+    ]
+    _assert_placed_as_planned(lines, 5, 12, 10, 8, [(batch, [])] * (len(lines) // batch))
+
+
+def _assert_placed_as_planned(
+    lines: list[PreparedRequest],
+    max_lines: int,
+    max_bytes: int,
+    max_tokens: int | None,
+    max_inputs: int | None,
+    batches: list[tuple[int, list[int]]],
+) -> None:
+    """``lines`` placed by an IngestPlanner in ``batches`` (a size, and the lines to try
+    with it first and take back) land in the shards plan_shards cuts for each group."""
     tokens = {"a": max_tokens} if max_tokens else {}
     planner = IngestPlanner(ShardLimits(max_lines, max_bytes, max_inputs, tokens))
     placed: list[RequestRow] = []
