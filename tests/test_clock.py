@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from typing import Any
 
 from aiobatch._aio import in_thread
 from aiobatch._clock import Clock, SystemClock
@@ -77,6 +78,19 @@ async def test_auto_advance_runs_many_sleepers_without_wall_time() -> None:
 _SPINS = 30_000
 
 
+async def _spin_then_release(
+    release: threading.Event, clock: VirtualClock, waiter: asyncio.Future[Any]
+) -> tuple[float, bool]:
+    """Spin the loop ``_SPINS`` turns, then release the held call (also on failure); the
+    clock's time and whether ``waiter`` was done by then."""
+    try:
+        for _ in range(_SPINS):
+            await asyncio.sleep(0)
+        return clock.now(), waiter.done()
+    finally:
+        release.set()
+
+
 def _held_call(clock: VirtualClock, release: threading.Event) -> asyncio.Future[float]:
     """An in_thread call that waits for ``release``, then reads the virtual time."""
 
@@ -94,13 +108,7 @@ async def test_auto_advance_waits_for_work_in_a_thread() -> None:
     async with clock.auto_advance():
         sleeper = asyncio.ensure_future(clock.sleep(5))
         call = _held_call(clock, release)
-        try:
-            for _ in range(_SPINS):
-                await asyncio.sleep(0)
-            moved = (clock.now(), sleeper.done())
-        finally:
-            release.set()
-        assert moved == (0.0, False)
+        assert await _spin_then_release(release, clock, sleeper) == (0.0, False)
         assert await call == 0.0
         await sleeper
     assert clock.now() == 5.0
@@ -112,13 +120,7 @@ async def test_run_for_waits_for_work_in_a_thread() -> None:
     release = threading.Event()
     call = _held_call(clock, release)
     runner = asyncio.ensure_future(clock.run_for(5))
-    try:
-        for _ in range(_SPINS):
-            await asyncio.sleep(0)
-        moved = (clock.now(), runner.done())
-    finally:
-        release.set()
-    assert moved == (0.0, False)
+    assert await _spin_then_release(release, clock, runner) == (0.0, False)
     assert await call == 0.0
     await runner
     assert clock.now() == 5.0

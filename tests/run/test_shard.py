@@ -312,17 +312,20 @@ def test_plan_shards_properties(
             )
 
 
-ingest_items = st.lists(
-    st.tuples(st.sampled_from(GROUPS), st.integers(1, 12), st.integers(0, 10), st.integers(1, 4)),
-    max_size=60,
-).map(
-    lambda rows: [
+def _prepared(rows: list[tuple[tuple[str, str | None], int, int, int]]) -> list[PreparedRequest]:
+    """Requests of these ``((url, model), size, tokens, inputs)``, numbered from 0."""
+    return [
         PreparedRequest(
             seq=seq, url=url, model=model, size=size, tokens=tokens, inputs=inputs, line=seq + 1
         )
         for seq, ((url, model), size, tokens, inputs) in enumerate(rows)
     ]
-)
+
+
+ingest_items = st.lists(
+    st.tuples(st.sampled_from(GROUPS), st.integers(1, 12), st.integers(0, 10), st.integers(1, 4)),
+    max_size=60,
+).map(_prepared)
 
 
 def _row(item: PreparedRequest, seq: int) -> RequestRow:
@@ -360,13 +363,8 @@ def test_an_ingest_planner_cuts_each_group_as_planning_would_when_rows_alternate
 ) -> None:
     """Rows of two groups in turn, near their input and token limits, land as plan_shards
     cuts each group, in batches of any size."""
-    pattern = [(EMBED, "a", 3, 1, 3), (CHAT, "a", 2, 6, 1), (EMBED, "a", 2, 0, 2)]
-    lines = [
-        PreparedRequest(
-            seq=seq, url=url, model=model, size=size, tokens=tokens, inputs=inputs, line=seq + 1
-        )
-        for seq, (url, model, size, tokens, inputs) in enumerate(pattern * 7)
-    ]
+    pattern = [((EMBED, "a"), 3, 1, 3), ((CHAT, "a"), 2, 6, 1), ((EMBED, "a"), 2, 0, 2)]
+    lines = _prepared(pattern * 7)
     _assert_placed_as_planned(lines, 5, 12, 10, 8, [(batch, [])] * (len(lines) // batch))
 
 
