@@ -412,9 +412,9 @@ def _final_whatever_attempts(lines: list[_Line]) -> list[NamedResult] | None:
 
 
 def _can_name(custom_id: str) -> bool:
-    """Whether a result line's ``custom_id`` can name a request: one that preflight
-    refuses (a lone surrogate escape, which is not Unicode text and cannot even be looked
-    up, or a NUL) never does; its line is logged as a stranger's."""
+    """Whether a result line's ``custom_id`` can be looked up as a request's: one with a
+    lone surrogate escape (not Unicode text) cannot, and names no request (preflight
+    refuses such ids, and those with a NUL); its line is logged as a stranger's."""
     return custom_id.isascii() or text_problem(custom_id) is None
 
 
