@@ -373,8 +373,7 @@ class BatchRun:
     async def _final_report(self, journal: Journal) -> RunReport:
         """The report of the run as it ends, shown once more as its last progress
         snapshot (with the report's figures, so that the two agree)."""
-        # Its figures are read in the journal's worker thread (a pass over every result).
-        report = self._as_ended(await final_report(journal, self._config.prices, background=True))
+        report = self._as_ended(await final_report(journal, self._config.prices))
         self._final = report
         self._emit_progress()
         return report
@@ -529,4 +528,4 @@ class BatchRun:
     async def _write_output(self, journal: Journal) -> None:
         """Write every final result to the output file, atomically, in order."""
         if self._output is not None:
-            await write_output(journal, self._output, order=self._config.order, background=True)
+            await write_output(journal, self._output, order=self._config.order)

@@ -36,17 +36,15 @@ async def next_results(
     return results, cursor
 
 
-async def write_output(
-    journal: Journal, target: str, *, order: str, background: bool = False
-) -> None:
+async def write_output(journal: Journal, target: str, *, order: str) -> None:
     """Write every final result to ``target``, atomically, in ``order``.
 
-    A chunk of lines at a time (at most a few MB), the loop running in between (with
-    ``background``: each chunk read in the journal's worker thread).
+    A chunk of lines at a time (at most a few MB), each read in the journal's worker
+    thread, the loop running in between.
     """
     temp = f"{target}.{os.getpid()}.part"
     with open(temp, "wb") as fh:  # noqa: ASYNC230 - written a chunk at a time
-        async for lines in journal.result_lines(order=order, background=background):
+        async for lines in journal.result_lines(order=order, background=True):
             write_in_pieces(fh, b"\n".join(lines))
             fh.write(b"\n")
         fh.flush()

@@ -185,19 +185,18 @@ def build_report(
     )
 
 
-async def journal_report(journal: Journal, *, background: bool = False) -> RunReport:
-    """The report of the run a :class:`~._journal.Journal` holds (``background``: its
-    figures may be read in another thread, see :meth:`~._journal.Journal.counts`)."""
-    return build_report(await journal.meta(), await journal.counts(background=background))
+async def journal_report(journal: Journal) -> RunReport:
+    """The report of the run a :class:`~._journal.Journal` holds (its figures read in the
+    journal's worker thread, see :meth:`~._journal.Journal.counts`: a pass over every
+    result)."""
+    return build_report(await journal.meta(), await journal.counts(background=True))
 
 
-async def final_report(
-    journal: Journal, prices: Mapping[str, Price], *, background: bool = False
-) -> RunReport:
+async def final_report(journal: Journal, prices: Mapping[str, Price]) -> RunReport:
     """The report a run returns as it ends: with its tokens, and their cost for the
-    models ``prices`` has (``background``: as for :func:`journal_report`)."""
-    report = await journal_report(journal, background=background)
-    tokens = await journal.tokens_by_model(background=background)
+    models ``prices`` has (read as for :func:`journal_report`)."""
+    report = await journal_report(journal)
+    tokens = await journal.tokens_by_model(background=True)
     return attrs.evolve(
         report,
         tokens_by_model=token_pairs(tokens),
@@ -208,9 +207,9 @@ async def final_report(
 
 
 async def load_counts(ctx: RunContext) -> None:
-    """Start a run's progress figures from what its journal already holds (read in
-    the journal's worker thread: a resumed run may have many results)."""
-    report = await journal_report(ctx.journal, background=True)
+    """Start a run's progress figures from what its journal already holds (read as for
+    :func:`journal_report`: a resumed run may have many results)."""
+    report = await journal_report(ctx.journal)
     ctx.counts.update(
         total=report.requests,
         succeeded=report.succeeded,
