@@ -40,7 +40,6 @@ from typing import Any
 
 import attrs
 
-from .. import _json
 from ..errors import JournalError, ShardMoveError
 from ._journal import too_many_batches
 from ._records import (
@@ -57,7 +56,7 @@ from ._records import (
 )
 from ._sqlite_data import ResultData, placed
 from ._sqlite_db import PAGE_BYTES, PAGE_LINES, Checkpointer, Db, Page, SeqRun, seq_runs
-from ._sqlite_results import _NO_RESULT, _NUL, JournalResults, has_json, no_result
+from ._sqlite_results import _NO_RESULT, JournalResults, has_json, no_result, rows_json
 from ._sqlite_schema import PAGE_SIZE, READABLE_VERSIONS, SCHEMA, SCHEMA_VERSION, UPGRADES
 from ._states import ShardState, allowed
 
@@ -394,12 +393,9 @@ class JournalFile(JournalResults):
                 at,
             ) in placed(rows, 1)
         ]
-        try:
-            text = _json.dumps(fields)
-        except ValueError:  # with msgspec, text that is not Unicode: a statement a row
-            text = _NUL
+        text = rows_json(fields)
         blob = b"".join(row.data for row in rows)
-        if _NUL in text or not blob:  # see _NUL; substr of an empty blob is NULL
+        if text is None or not blob:  # substr of an empty blob is NULL
             self.add_requests(db, rows)
             return
         db.execute(_INSERT_REQUESTS_JSON, (text, blob))

@@ -88,6 +88,17 @@ _INSERT_NAMED_JSON = (
 _NUL = "\\u0000"
 
 
+def rows_json(rows: Sequence[Sequence[object]]) -> str | None:
+    """``rows`` (of str, int and None) as the JSON array a statement over ``json_each``
+    takes; None when that text would not hold them: a NUL in it (see ``_NUL``), or (with
+    msgspec) text that is not Unicode. The rows then go a statement a row."""
+    try:
+        text = _json.dumps(rows)
+    except ValueError:  # with msgspec: a lone surrogate
+        return None
+    return None if _NUL in text else text
+
+
 def has_json(db: Db) -> bool:
     """Whether this SQLite has its JSON functions (built in since 3.38, an extension
     most builds enable before)."""
@@ -236,31 +247,28 @@ class JournalResults:
 
     def named_json(self, lines: Sequence[NamedResult]) -> str | None:
         """The JSON array ``_INSERT_NAMED_JSON`` takes for ``lines``; None when SQLite
-        has no JSON functions, or it holds a NUL (see ``_NUL``), or (with msgspec) text
-        that is not Unicode: the chunk then goes a statement a row. It needs no
+        has no JSON functions or :func:`rows_json` gives none: the chunk then goes a
+        statement a row. It needs no
         transaction: :meth:`SQLiteJournal.record_named
         <aiobatch._run._sqlite_journal.SQLiteJournal.record_named>` makes it in the
         loop's thread while the worker writes the chunk before (300,000 requests: made in
         the worker, the chunks took 2.6 s there)."""
         if not self._json_rows:
             return None
-        located = [
-            (
-                line.kind,
-                line.code,
-                line.input_tokens,
-                line.output_tokens,
-                at,
-                len(line.data),
-                line.custom_id,
-            )
-            for line, at in placed(lines, 0)
-        ]
-        try:
-            text = _json.dumps(located)
-        except ValueError:  # with msgspec, a custom_id that is not Unicode
-            return None
-        return None if _NUL in text else text
+        return rows_json(
+            [
+                (
+                    line.kind,
+                    line.code,
+                    line.input_tokens,
+                    line.output_tokens,
+                    at,
+                    len(line.data),
+                    line.custom_id,
+                )
+                for line, at in placed(lines, 0)
+            ]
+        )
 
     def record_named(
         self,
